@@ -1,0 +1,154 @@
+//! One error type for the whole engine. Every variant has a stable `code()` that the
+//! binding exposes as `err.code`; messages name the offending value and the limit.
+
+use std::fmt;
+
+/// Which side of a transfer a block id belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Local,
+    Remote,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Local => "local",
+            Side::Remote => "remote",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{side}BlockIds[{index}] = {id} is out of range: the {side} cache has blockNumber {limit} (valid ids 0..{limit})")]
+    BlockIdOutOfRange { side: Side, index: usize, id: u32, limit: u32 },
+    #[error("{side}BlockIds[{index}] = {value} is not a valid block id: ids must be integers in 0..{limit}")]
+    InvalidBlockId { side: Side, index: usize, value: f64, limit: u32 },
+    #[error("localBlockIds has {local} entries but remoteBlockIds has {remote}: they must have the same length")]
+    BlockCountMismatch { local: usize, remote: usize },
+    #[error("layerIdx {layer} is out of range: the cache has {layers} layers (valid 0..{layers})")]
+    LayerOutOfRange { layer: f64, layers: u32 },
+    #[error("layout mismatch with peer {peer}: {what} is {local} here but {remote} on the peer")]
+    LayoutMismatch { peer: String, what: &'static str, local: u64, remote: u64 },
+    #[error("region size overflow: {what}")]
+    RegionOverflow { what: String },
+    #[error("invalid {name}: {reason}")]
+    InvalidArgument { name: &'static str, reason: String },
+    #[error("peer {peer} is not connected: call connect('{peer}') first")]
+    NotConnected { peer: String },
+    #[error("the communicator is closed")]
+    Closed,
+    #[error("protocol error from {peer}: {reason}")]
+    Protocol { peer: String, reason: String },
+    #[error("I/O error with {peer} during {during}: {source}")]
+    Io { peer: String, during: &'static str, #[source] source: std::io::Error },
+    #[error("peer {peer} disconnected: {reason}")]
+    PeerDisconnected { peer: String, reason: String },
+    #[error("RDMA is not available: {reason}")]
+    RdmaUnavailable { reason: String },
+    #[error("RDMA {op} failed: {reason}")]
+    Rdma { op: &'static str, reason: String },
+    #[error("RDMA work completion with {peer} failed: {status} (status {status_code}, vendor error {vendor_err:#x}); the connection is marked broken")]
+    RdmaCompletion { peer: String, status: String, status_code: u32, vendor_err: u32 },
+    #[error("timed out after {ms} ms: {what}")]
+    Timeout { ms: u64, what: String },
+    #[error("the operation was aborted")]
+    Aborted,
+    #[error("authentication with {peer} failed: {reason}")]
+    Auth { peer: String, reason: String },
+}
+
+impl Error {
+    /// Stable, documented error code (`err.code` in JavaScript).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::BlockIdOutOfRange { .. } => "ERR_BLOCK_ID_OUT_OF_RANGE",
+            Error::InvalidBlockId { .. } => "ERR_INVALID_BLOCK_ID",
+            Error::BlockCountMismatch { .. } => "ERR_BLOCK_COUNT_MISMATCH",
+            Error::LayerOutOfRange { .. } => "ERR_LAYER_OUT_OF_RANGE",
+            Error::LayoutMismatch { .. } => "ERR_LAYOUT_MISMATCH",
+            Error::RegionOverflow { .. } => "ERR_REGION_OVERFLOW",
+            Error::InvalidArgument { .. } => "ERR_INVALID_ARGUMENT",
+            Error::NotConnected { .. } => "ERR_NOT_CONNECTED",
+            Error::Closed => "ERR_CLOSED",
+            Error::Protocol { .. } => "ERR_PROTOCOL",
+            Error::Io { .. } => "ERR_IO",
+            Error::PeerDisconnected { .. } => "ERR_PEER_DISCONNECTED",
+            Error::RdmaUnavailable { .. } => "ERR_RDMA_UNAVAILABLE",
+            Error::Rdma { .. } => "ERR_RDMA",
+            Error::RdmaCompletion { .. } => "ERR_RDMA_COMPLETION",
+            Error::Timeout { .. } => "ERR_TIMEOUT",
+            Error::Aborted => "ERR_ABORTED",
+            Error::Auth { .. } => "ERR_AUTH",
+        }
+    }
+
+    pub fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument { name, reason: reason.into() }
+    }
+
+    pub fn protocol(peer: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Protocol { peer: peer.into(), reason: reason.into() }
+    }
+
+    pub fn io(peer: impl Into<String>, during: &'static str, source: std::io::Error) -> Self {
+        Error::Io { peer: peer.into(), during, source }
+    }
+
+    /// A copy suitable for failing several pending calls with the same cause.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Error::Io { peer, during, source } => Error::Io {
+                peer: peer.clone(),
+                during,
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::BlockIdOutOfRange { side, index, id, limit } => {
+                Error::BlockIdOutOfRange { side: *side, index: *index, id: *id, limit: *limit }
+            }
+            Error::InvalidBlockId { side, index, value, limit } => {
+                Error::InvalidBlockId { side: *side, index: *index, value: *value, limit: *limit }
+            }
+            Error::BlockCountMismatch { local, remote } => {
+                Error::BlockCountMismatch { local: *local, remote: *remote }
+            }
+            Error::LayerOutOfRange { layer, layers } => {
+                Error::LayerOutOfRange { layer: *layer, layers: *layers }
+            }
+            Error::LayoutMismatch { peer, what, local, remote } => Error::LayoutMismatch {
+                peer: peer.clone(),
+                what,
+                local: *local,
+                remote: *remote,
+            },
+            Error::RegionOverflow { what } => Error::RegionOverflow { what: what.clone() },
+            Error::InvalidArgument { name, reason } => {
+                Error::InvalidArgument { name, reason: reason.clone() }
+            }
+            Error::NotConnected { peer } => Error::NotConnected { peer: peer.clone() },
+            Error::Closed => Error::Closed,
+            Error::Protocol { peer, reason } => {
+                Error::Protocol { peer: peer.clone(), reason: reason.clone() }
+            }
+            Error::PeerDisconnected { peer, reason } => {
+                Error::PeerDisconnected { peer: peer.clone(), reason: reason.clone() }
+            }
+            Error::RdmaUnavailable { reason } => Error::RdmaUnavailable { reason: reason.clone() },
+            Error::Rdma { op, reason } => Error::Rdma { op, reason: reason.clone() },
+            Error::RdmaCompletion { peer, status, status_code, vendor_err } => {
+                Error::RdmaCompletion {
+                    peer: peer.clone(),
+                    status: status.clone(),
+                    status_code: *status_code,
+                    vendor_err: *vendor_err,
+                }
+            }
+            Error::Timeout { ms, what } => Error::Timeout { ms: *ms, what: what.clone() },
+            Error::Aborted => Error::Aborted,
+            Error::Auth { peer, reason } => Error::Auth { peer: peer.clone(), reason: reason.clone() },
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

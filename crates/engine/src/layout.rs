@@ -1,0 +1,183 @@
+//! Cache layout: `layers` × {K, V?} regions of `block_number × block_bytes` bytes each.
+//! Block `b` of a region starts at `base + b × block_bytes`.
+
+use crate::error::{Error, Result};
+
+/// Upper bound on layers, so that descriptors and region tables stay small and bounded.
+pub const MAX_LAYERS: u32 = 4096;
+
+/// Key or value half of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheKind {
+    Key = 0,
+    Value = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheLayout {
+    pub layers: u32,
+    pub has_value: bool,
+    pub block_number: u32,
+    pub block_bytes: u64,
+}
+
+impl CacheLayout {
+    pub fn new(layers: u32, has_value: bool, block_number: u32, block_bytes: u64) -> Result<Self> {
+        if layers == 0 || layers > MAX_LAYERS {
+            return Err(Error::invalid(
+                "localKeyCache",
+                format!("{layers} layers given; between 1 and {MAX_LAYERS} regions are required"),
+            ));
+        }
+        if block_number == 0 {
+            return Err(Error::invalid("blockNumber", "0 given; it must be at least 1"));
+        }
+        if block_bytes == 0 {
+            return Err(Error::invalid("blockBytes", "0 given; it must be at least 1"));
+        }
+        let layout = CacheLayout { layers, has_value, block_number, block_bytes };
+        layout.region_bytes_checked()?;
+        Ok(layout)
+    }
+
+    fn region_bytes_checked(&self) -> Result<u64> {
+        let limit = isize::MAX as u64;
+        match u64::from(self.block_number).checked_mul(self.block_bytes) {
+            Some(bytes) if bytes <= limit => Ok(bytes),
+            _ => Err(Error::RegionOverflow {
+                what: format!(
+                    "blockNumber {} × blockBytes {} exceeds the largest region size {limit}",
+                    self.block_number, self.block_bytes
+                ),
+            }),
+        }
+    }
+
+    /// Bytes per region (checked at construction).
+    pub fn region_bytes(&self) -> u64 {
+        u64::from(self.block_number) * self.block_bytes
+    }
+
+    pub fn kinds(&self) -> u32 {
+        if self.has_value {
+            2
+        } else {
+            1
+        }
+    }
+
+    pub fn region_count(&self) -> u32 {
+        self.layers * self.kinds()
+    }
+
+    /// Index of a region in the flat region table (layer-major, K before V).
+    pub fn region_index(&self, layer: u32, kind: CacheKind) -> u32 {
+        layer * self.kinds() + kind as u32
+    }
+
+    /// Checks a layer index given by a caller (any number) against this layout.
+    pub fn check_layer(&self, layer: f64) -> Result<u32> {
+        if layer.fract() == 0.0 && layer >= 0.0 && layer < f64::from(self.layers) {
+            Ok(layer as u32)
+        } else {
+            Err(Error::LayerOutOfRange { layer, layers: self.layers })
+        }
+    }
+}
+
+/// One registered region: where it starts and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// The regions of one communicator, in `CacheLayout::region_index` order.
+#[derive(Debug, Clone)]
+pub struct RegionTable {
+    pub layout: CacheLayout,
+    regions: Vec<Region>,
+}
+
+impl RegionTable {
+    /// `keys[l]`, `values[l]` are base addresses; `values` is empty for key-only caches.
+    pub fn new(keys: &[u64], values: &[u64], block_number: u32, block_bytes: u64) -> Result<Self> {
+        if !values.is_empty() && values.len() != keys.len() {
+            return Err(Error::invalid(
+                "localValueCache",
+                format!(
+                    "{} regions given but localKeyCache has {}; pass one per layer or [] for key-only caches",
+                    values.len(),
+                    keys.len()
+                ),
+            ));
+        }
+        let layers = u32::try_from(keys.len()).unwrap_or(u32::MAX);
+        let layout = CacheLayout::new(layers, !values.is_empty(), block_number, block_bytes)?;
+        let len = layout.region_bytes();
+        let mut regions = Vec::with_capacity(layout.region_count() as usize);
+        for (layer, &key) in keys.iter().enumerate() {
+            regions.push(Self::checked_region("localKeyCache", layer, key, len)?);
+            if let Some(&value) = values.get(layer) {
+                regions.push(Self::checked_region("localValueCache", layer, value, len)?);
+            }
+        }
+        Ok(RegionTable { layout, regions })
+    }
+
+    fn checked_region(name: &'static str, layer: usize, addr: u64, len: u64) -> Result<Region> {
+        if addr == 0 {
+            return Err(Error::invalid(name, format!("region {layer} has address 0")));
+        }
+        if addr.checked_add(len).is_none_or(|end| end > isize::MAX as u64) {
+            return Err(Error::RegionOverflow {
+                what: format!("{name}[{layer}] at {addr:#x} + {len} bytes passes the end of the address space"),
+            });
+        }
+        Ok(Region { addr, len })
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    pub fn get(&self, index: u32) -> Option<Region> {
+        self.regions.get(index as usize).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_overflowing_regions() {
+        let err = CacheLayout::new(1, true, u32::MAX, u64::MAX / 2).unwrap_err();
+        assert_eq!(err.code(), "ERR_REGION_OVERFLOW");
+        assert!(err.to_string().contains("blockNumber 4294967295"));
+        let err = RegionTable::new(&[u64::MAX - 10], &[], 4, 8).unwrap_err();
+        assert_eq!(err.code(), "ERR_REGION_OVERFLOW");
+    }
+
+    #[test]
+    fn indexes_key_and_value_regions() {
+        let table = RegionTable::new(&[0x1000, 0x3000], &[0x2000, 0x4000], 4, 1024).unwrap();
+        let layout = table.layout;
+        assert_eq!(layout.region_count(), 4);
+        assert_eq!(table.get(layout.region_index(1, CacheKind::Value)).unwrap().addr, 0x4000);
+        assert_eq!(table.get(layout.region_index(1, CacheKind::Key)).unwrap().addr, 0x3000);
+        let key_only = RegionTable::new(&[0x1000, 0x3000], &[], 4, 1024).unwrap();
+        assert_eq!(key_only.layout.region_index(1, CacheKind::Key), 1);
+    }
+
+    #[test]
+    fn rejects_bad_layers_and_mismatched_values() {
+        assert_eq!(RegionTable::new(&[], &[], 4, 8).unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        assert_eq!(RegionTable::new(&[1, 2], &[3], 4, 8).unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        let layout = CacheLayout::new(3, true, 4, 8).unwrap();
+        assert_eq!(layout.check_layer(2.0).unwrap(), 2);
+        for bad in [3.0, -1.0, 0.5, f64::NAN] {
+            assert_eq!(layout.check_layer(bad).unwrap_err().code(), "ERR_LAYER_OUT_OF_RANGE");
+        }
+    }
+}

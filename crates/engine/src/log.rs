@@ -1,0 +1,81 @@
+//! Logging as the seed describes: `KVCACHE_DEBUG` turns on debug lines (to
+//! `KVCACHE_DEBUG_FILE` when set, else stderr); errors always go to `KVCACHE_ERROR_FILE`
+//! when set, else stderr.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+struct Sinks {
+    debug_enabled: bool,
+    debug_file: Option<Mutex<File>>,
+    error_file: Option<Mutex<File>>,
+}
+
+fn open_append(var: &str) -> Option<Mutex<File>> {
+    let path = std::env::var_os(var)?;
+    OpenOptions::new().create(true).append(true).open(path).ok().map(Mutex::new)
+}
+
+fn sinks() -> &'static Sinks {
+    static SINKS: OnceLock<Sinks> = OnceLock::new();
+    SINKS.get_or_init(|| Sinks {
+        debug_enabled: crate::config::env_flag("KVCACHE_DEBUG"),
+        debug_file: open_append("KVCACHE_DEBUG_FILE"),
+        error_file: open_append("KVCACHE_ERROR_FILE"),
+    })
+}
+
+pub fn debug_enabled() -> bool {
+    sinks().debug_enabled
+}
+
+fn emit(file: Option<&Mutex<File>>, level: &str, message: std::fmt::Arguments<'_>) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let line = format!(
+        "[kvtransfer {level} {}.{:06} pid={}] {message}\n",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id()
+    );
+    match file {
+        Some(file) => {
+            if let Ok(mut file) = file.lock() {
+                let _ = file.write_all(line.as_bytes());
+            }
+        }
+        None => {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+}
+
+pub fn debug(message: std::fmt::Arguments<'_>) {
+    let sinks = sinks();
+    if sinks.debug_enabled {
+        emit(sinks.debug_file.as_ref(), "debug", message);
+    }
+}
+
+pub fn error(message: std::fmt::Arguments<'_>) {
+    let sinks = sinks();
+    emit(sinks.error_file.as_ref(), "error", message);
+}
+
+/// `debug!("...", args)`: formats only when KVCACHE_DEBUG is on.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => {
+        if $crate::log::debug_enabled() {
+            $crate::log::debug(format_args!($($arg)*));
+        }
+    };
+}
+
+#[macro_export]
+macro_rules! log_error {
+    ($($arg:tt)*) => {
+        $crate::log::error(format_args!($($arg)*))
+    };
+}

@@ -1,0 +1,1 @@
+//! Safe verbs layer (in progress).
