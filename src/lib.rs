@@ -1,1 +1,267 @@
-//! placeholder
+//! Thin napi-rs binding over `kvtransfer-engine`: argument conversion, Promises and one
+//! error map. No transfer logic lives here.
+
+use futures_channel::oneshot;
+use kvtransfer_engine::plan::BlockIds;
+use kvtransfer_engine::{Arrival, Engine, EngineOptions, Role};
+use napi::bindgen_prelude::*;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi_derive::napi;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The one error map: engine errors become JS errors whose message starts with the stable
+/// code in brackets; the TypeScript layer lifts it into `err.code`.
+fn to_js_error(error: kvtransfer_engine::Error) -> napi::Error {
+    napi::Error::new(Status::GenericFailure, format!("[{}] {error}", error.code()))
+}
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> napi::Error {
+    to_js_error(kvtransfer_engine::Error::invalid(name, reason))
+}
+
+/// A cache region: a native or device address owned by the caller, or bytes owned by JS
+/// (kept alive by this communicator until it is dropped).
+type RegionInput = Either<BigInt, Uint8Array>;
+
+/// Block ids as accepted from JavaScript.
+type BlockIdInput = Either3<Uint32Array, Int32Array, Float64Array>;
+
+fn block_ids(input: &BlockIdInput) -> BlockIds<'_> {
+    match input {
+        Either3::A(ids) => BlockIds::U32(ids),
+        Either3::B(ids) => BlockIds::I32(ids),
+        Either3::C(ids) => BlockIds::F64(ids),
+    }
+}
+
+#[napi(object)]
+pub struct NativeOptions {
+    /// "prefill" or "decode".
+    pub role: String,
+    pub gpu_idx: u32,
+    /// This side's name as reported to peers with arrival notices.
+    pub name: String,
+    pub local_key_cache: Vec<Either<BigInt, Uint8Array>>,
+    pub local_value_cache: Vec<Either<BigInt, Uint8Array>>,
+    pub block_number: u32,
+    pub block_bytes: f64,
+    /// "auto" | "rdma" | "tcp"; absent: `KVCACHE_TRANSPORT`, else "auto".
+    pub transport: Option<String>,
+    /// Milliseconds the data connection may take to open (default 10000).
+    pub connect_timeout_ms: Option<u32>,
+}
+
+/// An arrival notice: every byte of a tagged `writeCache` call is in this side's memory.
+#[napi(object)]
+pub struct ArrivalNotice {
+    pub peer: String,
+    pub tag: Buffer,
+    pub layer_idx: u32,
+    pub blocks: u32,
+}
+
+type ArrivalCallback = ThreadsafeFunction<ArrivalNotice, (), ArrivalNotice, Status, false, true>;
+
+fn region_address(
+    name: &'static str,
+    index: usize,
+    region: &RegionInput,
+    region_bytes: u64,
+) -> Result<u64> {
+    match region {
+        Either::A(address) => {
+            let (negative, value, lossless) = address.get_u64();
+            if negative || !lossless || value == 0 {
+                return Err(invalid(
+                    name,
+                    format!("region {index}: the bigint address must be a positive 64-bit value"),
+                ));
+            }
+            Ok(value)
+        }
+        Either::B(bytes) => {
+            if (bytes.len() as u64) < region_bytes {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "region {index} has {} bytes but blockNumber × blockBytes = {region_bytes}",
+                        bytes.len()
+                    ),
+                ));
+            }
+            Ok(bytes.as_ptr() as u64)
+        }
+    }
+}
+
+/// The native half of `RDMACommunicator`; use the TypeScript class instead.
+#[napi]
+pub struct NativeCommunicator {
+    engine: Engine,
+    /// JS-owned regions, held so that their memory outlives every transfer.
+    _regions: Vec<RegionInput>,
+}
+
+#[napi]
+impl NativeCommunicator {
+    #[napi(constructor)]
+    pub fn new(options: NativeOptions, on_arrival: Option<Function<ArrivalNotice, ()>>) -> Result<Self> {
+        let role = Role::parse(&options.role).ok_or_else(|| {
+            invalid("role", format!("'{}' is not 'prefill' or 'decode'", options.role))
+        })?;
+        if !(options.block_bytes.fract() == 0.0 && options.block_bytes >= 1.0 && options.block_bytes <= 9.007_199_254_740_991e15) {
+            return Err(invalid("blockBytes", format!("{} is not a positive integer", options.block_bytes)));
+        }
+        let block_bytes = options.block_bytes as u64;
+        let region_bytes = u64::from(options.block_number).saturating_mul(block_bytes);
+        let keys = options
+            .local_key_cache
+            .iter()
+            .enumerate()
+            .map(|(i, r)| region_address("localKeyCache", i, r, region_bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let values = options
+            .local_value_cache
+            .iter()
+            .enumerate()
+            .map(|(i, r)| region_address("localValueCache", i, r, region_bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let arrivals = match on_arrival {
+            Some(callback) => {
+                let tsfn: Arc<ArrivalCallback> = Arc::new(
+                    callback.build_threadsafe_function().weak::<true>().callee_handled::<false>().build()?,
+                );
+                let sink: kvtransfer_engine::ArrivalSink = Arc::new(move |arrival: Arrival| {
+                    let notice = ArrivalNotice {
+                        peer: arrival.peer,
+                        tag: arrival.tag.into(),
+                        layer_idx: arrival.layer,
+                        blocks: arrival.blocks,
+                    };
+                    tsfn.call(notice, ThreadsafeFunctionCallMode::NonBlocking);
+                });
+                Some(sink)
+            }
+            None => None,
+        };
+        let engine = Engine::new(EngineOptions {
+            role,
+            gpu_idx: options.gpu_idx,
+            name: options.name,
+            keys,
+            values,
+            block_number: options.block_number,
+            block_bytes,
+            transport: options.transport,
+            arrivals,
+            connect_timeout: Duration::from_millis(u64::from(options.connect_timeout_ms.unwrap_or(10_000))),
+        })
+        .map_err(to_js_error)?;
+        let mut regions = options.local_key_cache;
+        regions.extend(options.local_value_cache);
+        Ok(NativeCommunicator { engine, _regions: regions })
+    }
+
+    /// "tcp" or "rdma": the transport this side offers.
+    #[napi(getter)]
+    pub fn transport(&self) -> &'static str {
+        self.engine.transport_name()
+    }
+
+    /// First handshake message (this side's descriptor).
+    #[napi]
+    pub fn hello(&self) -> Result<Buffer> {
+        self.engine.hello().map(Buffer::from).map_err(to_js_error)
+    }
+
+    /// Answers a peer's hello with this side's descriptor, or throws why it is refused.
+    #[napi]
+    pub fn accept(&self, hello: Buffer) -> Result<Buffer> {
+        self.engine.accept(&hello).map(Buffer::from).map_err(to_js_error)
+    }
+
+    /// Opens the data path to the peer that sent `reply`; resolves when usable.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn finish_connect<'env>(
+        &self,
+        env: &'env Env,
+        peer_key: String,
+        host: String,
+        reply: Buffer,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let engine = self.engine.clone();
+        let reply = reply.to_vec();
+        let (done, completion) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("kvt-connect".into())
+            .spawn(move || {
+                let _ = done.send(engine.finish_connect(&peer_key, &host, &reply));
+            })
+            .map_err(|e| napi::Error::from_reason(format!("[ERR_IO] cannot start a connect thread: {e}")))?;
+        env.spawn_future(async move {
+            match completion.await {
+                Ok(result) => result.map_err(to_js_error),
+                Err(_) => Err(to_js_error(kvtransfer_engine::Error::Closed)),
+            }
+        })
+    }
+
+    #[napi]
+    pub fn is_connected(&self, peer_key: String) -> bool {
+        self.engine.is_connected(&peer_key)
+    }
+
+    /// The transport used with a connected peer, or null.
+    #[napi]
+    pub fn peer_transport(&self, peer_key: String) -> Option<&'static str> {
+        self.engine.peer_info(&peer_key).map(|info| info.transport)
+    }
+
+    /// Validates synchronously (throws, nothing sent) and resolves when the peer has every byte.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn write_cache<'env>(
+        &self,
+        env: &'env Env,
+        peer_key: String,
+        local_block_ids: Either3<Uint32Array, Int32Array, Float64Array>,
+        remote_block_ids: Either3<Uint32Array, Int32Array, Float64Array>,
+        layer_idx: f64,
+        tag: Option<Buffer>,
+    ) -> Result<PromiseRaw<'env, ()>> {
+        let completion = self
+            .engine
+            .write_cache(
+                &peer_key,
+                block_ids(&local_block_ids),
+                block_ids(&remote_block_ids),
+                layer_idx,
+                tag.map(|t| t.to_vec()),
+            )
+            .map_err(to_js_error)?;
+        env.spawn_future(async move {
+            match completion.await {
+                Ok(result) => result.map_err(to_js_error),
+                Err(_) => Err(to_js_error(kvtransfer_engine::Error::Closed)),
+            }
+        })
+    }
+
+    /// Closes all links; afterwards no engine thread touches the regions.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        let engine = self.engine.clone();
+        let (done, completion) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("kvt-close".into())
+            .spawn(move || {
+                engine.close();
+                let _ = done.send(());
+            })
+            .map_err(|e| napi::Error::from_reason(format!("[ERR_IO] cannot start a close thread: {e}")))?;
+        env.spawn_future(async move {
+            let _ = completion.await;
+            Ok(())
+        })
+    }
+}

@@ -61,7 +61,7 @@ pub enum VerbsError {
         /// Port number (1-based).
         port: u8,
         /// GID table index.
-        index: u32,
+        index: u8,
         /// Why it is unusable.
         reason: String,
     },

@@ -1,0 +1,137 @@
+/**
+ * Control plane over ZeroMQ: each communicator binds a ROUTER on its port; `connect`
+ * sends its descriptor from a DEALER and waits for the peer's answer. Descriptors are
+ * produced and checked by the native engine (versioned, length-checked); this layer only
+ * frames and routes them.
+ */
+import * as zmq from 'zeromq'
+import { KvTransferError } from './errors'
+
+/** First frame of every control message: protocol name and version. */
+export const CONTROL_PROTOCOL = 'KVT1'
+const MAX_CONTROL_FRAME_BYTES = 256 * 1024
+
+/** What the acceptor does with a hello: return the reply descriptor or throw a KvTransferError. */
+export type HelloHandler = (hello: Buffer) => Buffer
+
+export class ControlServer {
+  private readonly router: zmq.Router
+  private closed = false
+  private loop: Promise<void> | undefined
+  /** Resolves with the bound port once listening. */
+  readonly ready: Promise<number>
+
+  constructor(host: string, port: number, private readonly onHello: HelloHandler) {
+    this.router = new zmq.Router({ linger: 0, maxMessageSize: MAX_CONTROL_FRAME_BYTES })
+    const endpoint = `tcp://${host}:${port === 0 ? '*' : port}`
+    this.ready = this.router.bind(endpoint).then(
+      () => {
+        this.loop = this.serve()
+        const bound = /:(\d+)$/.exec(this.router.lastEndpoint ?? '')
+        return bound ? Number(bound[1]) : port
+      },
+      (error: unknown) => {
+        throw new KvTransferError(
+          'ERR_IO',
+          `cannot listen on ${endpoint}: ${error instanceof Error ? error.message : String(error)} (is the port in use?)`,
+        )
+      },
+    )
+    // The error is reported by every later call that awaits `ready`.
+    this.ready.catch(() => undefined)
+  }
+
+  private async serve(): Promise<void> {
+    while (!this.closed) {
+      let frames: Buffer[]
+      try {
+        frames = await this.router.receive()
+      } catch {
+        return // closed
+      }
+      const [identity, protocol, kind, body] = frames
+      let reply: Buffer[]
+      if (frames.length !== 4 || protocol.toString() !== CONTROL_PROTOCOL || kind.toString() !== 'hello') {
+        reply = refusal('ERR_PROTOCOL', `expected [${CONTROL_PROTOCOL}, hello, descriptor], got ${frames.length - 1} frames`)
+      } else {
+        try {
+          reply = [Buffer.from(CONTROL_PROTOCOL), Buffer.from('welcome'), this.onHello(body)]
+        } catch (error) {
+          const e = error instanceof KvTransferError ? error : new KvTransferError('ERR_PROTOCOL', String(error))
+          reply = refusal(e.code, e.message)
+        }
+      }
+      try {
+        await this.router.send([identity, ...reply])
+      } catch {
+        // The connecting side went away; nothing to answer.
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true
+    this.router.close()
+    await this.loop
+  }
+}
+
+function refusal(code: string, message: string): Buffer[] {
+  return [Buffer.from(CONTROL_PROTOCOL), Buffer.from('refused'), Buffer.from(code), Buffer.from(message)]
+}
+
+/**
+ * Sends `hello` to the communicator listening on `host:port` and returns its reply
+ * descriptor. Waits up to `timeoutMs` for the peer, which may start later.
+ */
+export async function exchangeHello(
+  host: string,
+  port: number,
+  hello: Buffer,
+  timeoutMs: number,
+  signal?: AbortSignal,
+): Promise<Buffer> {
+  const peer = `${host}:${port}`
+  const dealer = new zmq.Dealer({
+    linger: 0,
+    receiveTimeout: timeoutMs,
+    sendTimeout: timeoutMs,
+    maxMessageSize: MAX_CONTROL_FRAME_BYTES,
+    reconnectInterval: 100,
+    reconnectMaxInterval: 1000,
+  })
+  const onAbort = () => dealer.close()
+  signal?.addEventListener('abort', onAbort, { once: true })
+  try {
+    if (signal?.aborted) throw new KvTransferError('ERR_ABORTED', `connect to ${peer} was aborted`)
+    dealer.connect(`tcp://${host}:${port}`)
+    let frames: Buffer[]
+    try {
+      await dealer.send([Buffer.from(CONTROL_PROTOCOL), Buffer.from('hello'), hello])
+      frames = await dealer.receive()
+    } catch (error) {
+      if (signal?.aborted) throw new KvTransferError('ERR_ABORTED', `connect to ${peer} was aborted`)
+      const code = (error as { code?: string }).code
+      if (code === 'EAGAIN') {
+        throw new KvTransferError(
+          'ERR_TIMEOUT',
+          `timed out after ${timeoutMs} ms: no answer from a kvtransfer communicator at ${peer} (is it running and listening on port ${port}?)`,
+        )
+      }
+      throw new KvTransferError('ERR_IO', `control connection to ${peer} failed: ${(error as Error).message}`)
+    }
+    const [protocol, kind, ...rest] = frames
+    if (protocol?.toString() !== CONTROL_PROTOCOL) {
+      throw new KvTransferError('ERR_PROTOCOL', `${peer} does not speak ${CONTROL_PROTOCOL}`)
+    }
+    if (kind?.toString() === 'welcome' && rest.length === 1) return rest[0]
+    if (kind?.toString() === 'refused' && rest.length === 2) {
+      const code = rest[0].toString() as KvTransferError['code']
+      throw new KvTransferError(code, `${peer} refused the connection: ${rest[1].toString()}`)
+    }
+    throw new KvTransferError('ERR_PROTOCOL', `unexpected answer '${kind?.toString()}' from ${peer}`)
+  } finally {
+    signal?.removeEventListener('abort', onAbort)
+    if (!dealer.closed) dealer.close()
+  }
+}
