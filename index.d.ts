@@ -14,8 +14,8 @@ export declare class NativeCommunicator {
   constructor(options: NativeOptions, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
   /** "tcp" or "rdma": the transport this side offers. */
   get transport(): string
-  /** First handshake message (this side's descriptor). */
-  hello(): Buffer
+  /** First handshake message to the peer `peer_key` (this side's descriptor). */
+  hello(peerKey: string): Buffer
   /** Answers a peer's hello with this side's descriptor, or throws why it is refused. */
   accept(hello: Buffer): Buffer
   /** Opens the data path to the peer that sent `reply`; resolves when usable. */

@@ -13,7 +13,10 @@ use std::time::Duration;
 /// The one error map: engine errors become JS errors whose message starts with the stable
 /// code in brackets; the TypeScript layer lifts it into `err.code`.
 fn to_js_error(error: kvtransfer_engine::Error) -> napi::Error {
-    napi::Error::new(Status::GenericFailure, format!("[{}] {error}", error.code()))
+    napi::Error::new(
+        Status::GenericFailure,
+        format!("[{}] {error}", error.code()),
+    )
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> napi::Error {
@@ -106,15 +109,36 @@ pub struct NativeCommunicator {
 #[napi]
 impl NativeCommunicator {
     #[napi(constructor)]
-    pub fn new(options: NativeOptions, on_arrival: Option<Function<ArrivalNotice, ()>>) -> Result<Self> {
+    pub fn new(
+        options: NativeOptions,
+        on_arrival: Option<Function<ArrivalNotice, ()>>,
+    ) -> Result<Self> {
         let role = Role::parse(&options.role).ok_or_else(|| {
-            invalid("role", format!("'{}' is not 'prefill' or 'decode'", options.role))
+            invalid(
+                "role",
+                format!("'{}' is not 'prefill' or 'decode'", options.role),
+            )
         })?;
-        if !(options.block_bytes.fract() == 0.0 && options.block_bytes >= 1.0 && options.block_bytes <= 9.007_199_254_740_991e15) {
-            return Err(invalid("blockBytes", format!("{} is not a positive integer", options.block_bytes)));
+        if !(options.block_bytes.fract() == 0.0
+            && options.block_bytes >= 1.0
+            && options.block_bytes <= 9.007_199_254_740_991e15)
+        {
+            return Err(invalid(
+                "blockBytes",
+                format!("{} is not a positive integer", options.block_bytes),
+            ));
         }
         let block_bytes = options.block_bytes as u64;
-        let region_bytes = u64::from(options.block_number).saturating_mul(block_bytes);
+        let region_bytes = u64::from(options.block_number)
+            .checked_mul(block_bytes)
+            .ok_or_else(|| {
+                to_js_error(kvtransfer_engine::Error::RegionOverflow {
+                    what: format!(
+                        "blockNumber {} × blockBytes {block_bytes} does not fit in 64 bits",
+                        options.block_number
+                    ),
+                })
+            })?;
         let keys = options
             .local_key_cache
             .iter()
@@ -130,7 +154,11 @@ impl NativeCommunicator {
         let arrivals = match on_arrival {
             Some(callback) => {
                 let tsfn: Arc<ArrivalCallback> = Arc::new(
-                    callback.build_threadsafe_function().weak::<true>().callee_handled::<false>().build()?,
+                    callback
+                        .build_threadsafe_function()
+                        .weak::<true>()
+                        .callee_handled::<false>()
+                        .build()?,
                 );
                 let sink: kvtransfer_engine::ArrivalSink = Arc::new(move |arrival: Arrival| {
                     let notice = ArrivalNotice {
@@ -155,12 +183,18 @@ impl NativeCommunicator {
             block_bytes,
             transport: options.transport,
             arrivals,
-            connect_timeout: Duration::from_millis(u64::from(options.connect_timeout_ms.unwrap_or(10_000))),
+            connect_timeout: Duration::from_millis(u64::from(
+                options.connect_timeout_ms.unwrap_or(10_000),
+            )),
+            rdma_settings: None,
         })
         .map_err(to_js_error)?;
         let mut regions = options.local_key_cache;
         regions.extend(options.local_value_cache);
-        Ok(NativeCommunicator { engine, _regions: regions })
+        Ok(NativeCommunicator {
+            engine,
+            _regions: regions,
+        })
     }
 
     /// "tcp" or "rdma": the transport this side offers.
@@ -169,16 +203,22 @@ impl NativeCommunicator {
         self.engine.transport_name()
     }
 
-    /// First handshake message (this side's descriptor).
+    /// First handshake message to the peer `peer_key` (this side's descriptor).
     #[napi]
-    pub fn hello(&self) -> Result<Buffer> {
-        self.engine.hello().map(Buffer::from).map_err(to_js_error)
+    pub fn hello(&self, peer_key: String) -> Result<Buffer> {
+        self.engine
+            .hello(&peer_key)
+            .map(Buffer::from)
+            .map_err(to_js_error)
     }
 
     /// Answers a peer's hello with this side's descriptor, or throws why it is refused.
     #[napi]
     pub fn accept(&self, hello: Buffer) -> Result<Buffer> {
-        self.engine.accept(&hello).map(Buffer::from).map_err(to_js_error)
+        self.engine
+            .accept(&hello)
+            .map(Buffer::from)
+            .map_err(to_js_error)
     }
 
     /// Opens the data path to the peer that sent `reply`; resolves when usable.
@@ -198,7 +238,9 @@ impl NativeCommunicator {
             .spawn(move || {
                 let _ = done.send(engine.finish_connect(&peer_key, &host, &reply));
             })
-            .map_err(|e| napi::Error::from_reason(format!("[ERR_IO] cannot start a connect thread: {e}")))?;
+            .map_err(|e| {
+                napi::Error::from_reason(format!("[ERR_IO] cannot start a connect thread: {e}"))
+            })?;
         env.spawn_future(async move {
             match completion.await {
                 Ok(result) => result.map_err(to_js_error),
@@ -258,7 +300,9 @@ impl NativeCommunicator {
                 engine.close();
                 let _ = done.send(());
             })
-            .map_err(|e| napi::Error::from_reason(format!("[ERR_IO] cannot start a close thread: {e}")))?;
+            .map_err(|e| {
+                napi::Error::from_reason(format!("[ERR_IO] cannot start a close thread: {e}"))
+            })?;
         env.spawn_future(async move {
             let _ = completion.await;
             Ok(())

@@ -264,9 +264,10 @@ export class RDMACommunicator extends EventEmitter {
     if (typeof ip !== 'string' || ip.length === 0) throw invalidArgument('ip', `${JSON.stringify(ip)} is not a host name or address`)
     await this.ready
     const timeoutMs = options.timeoutMs ?? this.connectTimeoutMs
-    const reply = await exchangeHello(ip, peerPort, native(() => this.native.hello()), timeoutMs, options.signal)
+    const key = `${ip}:${peerPort}`
+    const reply = await exchangeHello(ip, peerPort, native(() => this.native.hello(key)), timeoutMs, options.signal)
     if (options.signal?.aborted) throw abortError(`connect to ${ip}:${peerPort}`)
-    await nativeAsync(this.native.finishConnect(`${ip}:${peerPort}`, ip, reply))
+    await nativeAsync(this.native.finishConnect(key, ip, reply))
     return true
   }
 

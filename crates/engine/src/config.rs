@@ -6,7 +6,12 @@ use std::net::{IpAddr, Ipv4Addr};
 /// `1`, `true`, `yes`, `on` (any case) are true; anything else, or unset, is false.
 pub fn env_flag(name: &str) -> bool {
     std::env::var(name)
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -23,7 +28,10 @@ impl TransportChoice {
             "auto" | "" => Ok(TransportChoice::Auto),
             "rdma" => Ok(TransportChoice::Rdma),
             "tcp" => Ok(TransportChoice::Tcp),
-            other => Err(Error::invalid(origin, format!("'{other}' is not one of 'auto', 'rdma', 'tcp'"))),
+            other => Err(Error::invalid(
+                origin,
+                format!("'{other}' is not one of 'auto', 'rdma', 'tcp'"),
+            )),
         }
     }
 
@@ -54,17 +62,26 @@ pub struct RdmaSettings {
 pub const DEFAULT_GID_INDEX: u8 = 3;
 pub const DEFAULT_IB_TIMEOUT: u8 = 18;
 
-fn parse_number<T: std::str::FromStr>(name: &'static str, range: std::ops::RangeInclusive<u32>) -> Result<Option<T>>
+fn parse_number<T: std::str::FromStr>(
+    name: &'static str,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<Option<T>>
 where
     T: TryFrom<u32>,
 {
-    let Ok(text) = std::env::var(name) else { return Ok(None) };
+    let Ok(text) = std::env::var(name) else {
+        return Ok(None);
+    };
     let text = text.trim();
     match text.parse::<u32>() {
         Ok(v) if range.contains(&v) => Ok(T::try_from(v).ok()),
         _ => Err(Error::invalid(
             name,
-            format!("'{text}' is not an integer in {}..={}", range.start(), range.end()),
+            format!(
+                "'{text}' is not an integer in {}..={}",
+                range.start(),
+                range.end()
+            ),
         )),
     }
 }
@@ -72,12 +89,19 @@ where
 impl RdmaSettings {
     pub fn from_env() -> Result<Self> {
         let nics = std::env::var("KVCACHE_RDMA_NICS")
-            .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(RdmaSettings {
             nics,
             gid_index: parse_number::<u8>("KVCACHE_RDMA_GID_INDEX", 0..=255)?,
-            ib_timeout: parse_number::<u8>("KVCACHE_IB_TIMEOUT", 14..=31)?.unwrap_or(DEFAULT_IB_TIMEOUT),
+            ib_timeout: parse_number::<u8>("KVCACHE_IB_TIMEOUT", 14..=31)?
+                .unwrap_or(DEFAULT_IB_TIMEOUT),
             relaxed_ordering: env_flag("KVCACHE_RELAX_ORDERING"),
             gdr_flush: env_flag("KVCACHE_GDRCOPY_FLUSH_ENABLE"),
             qps_per_peer: parse_number::<u16>("KVCACHE_RDMA_QPS_PER_PEER", 1..=64)?.unwrap_or(1),
@@ -100,7 +124,13 @@ pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(Error::invalid("KVCACHE_SOCKET_IFNAME", format!("cannot list interfaces: {}", std::io::Error::last_os_error())));
+        return Err(Error::invalid(
+            "KVCACHE_SOCKET_IFNAME",
+            format!(
+                "cannot list interfaces: {}",
+                std::io::Error::last_os_error()
+            ),
+        ));
     }
     let mut answer = None;
     let mut cursor = head;
@@ -108,7 +138,9 @@ pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
         // SAFETY: cursor is a node of the list returned by getifaddrs, not yet freed.
         let entry = unsafe { &*cursor };
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let entry_name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }.to_string_lossy().into_owned();
+        let entry_name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         if !entry.ifa_addr.is_null() {
             // SAFETY: ifa_addr points to a sockaddr whose family field is always readable.
             let family = unsafe { (*entry.ifa_addr).sa_family };
@@ -131,7 +163,10 @@ pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
         found.dedup();
         Error::invalid(
             "KVCACHE_SOCKET_IFNAME",
-            format!("interface '{name}' has no IPv4 address; interfaces with one: {}", found.join(", ")),
+            format!(
+                "interface '{name}' has no IPv4 address; interfaces with one: {}",
+                found.join(", ")
+            ),
         )
     })
 }
@@ -149,7 +184,15 @@ mod tests {
 
     #[test]
     fn transport_choice_parses() {
-        assert_eq!(TransportChoice::parse("tcp", "transport").unwrap(), TransportChoice::Tcp);
-        assert_eq!(TransportChoice::parse("ib", "transport").unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        assert_eq!(
+            TransportChoice::parse("tcp", "transport").unwrap(),
+            TransportChoice::Tcp
+        );
+        assert_eq!(
+            TransportChoice::parse("ib", "transport")
+                .unwrap_err()
+                .code(),
+            "ERR_INVALID_ARGUMENT"
+        );
     }
 }

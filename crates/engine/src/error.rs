@@ -22,15 +22,31 @@ impl fmt::Display for Side {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{side}BlockIds[{index}] = {id} is out of range: the {side} cache has blockNumber {limit} (valid ids 0..{limit})")]
-    BlockIdOutOfRange { side: Side, index: usize, id: u32, limit: u32 },
+    BlockIdOutOfRange {
+        side: Side,
+        index: usize,
+        id: u32,
+        limit: u32,
+    },
     #[error("{side}BlockIds[{index}] = {value} is not a valid block id: ids must be integers in 0..{limit}")]
-    InvalidBlockId { side: Side, index: usize, value: f64, limit: u32 },
+    InvalidBlockId {
+        side: Side,
+        index: usize,
+        value: f64,
+        limit: u32,
+    },
     #[error("localBlockIds has {local} entries but remoteBlockIds has {remote}: they must have the same length")]
     BlockCountMismatch { local: usize, remote: usize },
     #[error("layerIdx {layer} is out of range: the cache has {layers} layers (valid 0..{layers})")]
     LayerOutOfRange { layer: f64, layers: u32 },
-    #[error("layout mismatch with peer {peer}: {what} is {local} here but {remote} on the peer")]
-    LayoutMismatch { peer: String, what: &'static str, local: u64, remote: u64 },
+    #[error("layout mismatch between {here} and {peer}: {what} is {local} on {here} but {remote} on {peer}")]
+    LayoutMismatch {
+        here: String,
+        peer: String,
+        what: &'static str,
+        local: u64,
+        remote: u64,
+    },
     #[error("region size overflow: {what}")]
     RegionOverflow { what: String },
     #[error("invalid {name}: {reason}")]
@@ -42,7 +58,12 @@ pub enum Error {
     #[error("protocol error from {peer}: {reason}")]
     Protocol { peer: String, reason: String },
     #[error("I/O error with {peer} during {during}: {source}")]
-    Io { peer: String, during: &'static str, #[source] source: std::io::Error },
+    Io {
+        peer: String,
+        during: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("peer {peer} disconnected: {reason}")]
     PeerDisconnected { peer: String, reason: String },
     #[error("RDMA is not available: {reason}")]
@@ -50,7 +71,12 @@ pub enum Error {
     #[error("RDMA {op} failed: {reason}")]
     Rdma { op: &'static str, reason: String },
     #[error("RDMA work completion with {peer} failed: {status} (status {status_code}, vendor error {vendor_err:#x}); the connection is marked broken")]
-    RdmaCompletion { peer: String, status: String, status_code: u32, vendor_err: u32 },
+    RdmaCompletion {
+        peer: String,
+        status: String,
+        status_code: u32,
+        vendor_err: u32,
+    },
     #[error("timed out after {ms} ms: {what}")]
     Timeout { ms: u64, what: String },
     #[error("the operation was aborted")]
@@ -85,68 +111,124 @@ impl Error {
     }
 
     pub fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { name, reason: reason.into() }
+        Error::InvalidArgument {
+            name,
+            reason: reason.into(),
+        }
     }
 
     pub fn protocol(peer: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Protocol { peer: peer.into(), reason: reason.into() }
+        Error::Protocol {
+            peer: peer.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn io(peer: impl Into<String>, during: &'static str, source: std::io::Error) -> Self {
-        Error::Io { peer: peer.into(), during, source }
+        Error::Io {
+            peer: peer.into(),
+            during,
+            source,
+        }
     }
 
     /// A copy suitable for failing several pending calls with the same cause.
     pub fn duplicate(&self) -> Self {
         match self {
-            Error::Io { peer, during, source } => Error::Io {
+            Error::Io {
+                peer,
+                during,
+                source,
+            } => Error::Io {
                 peer: peer.clone(),
                 during,
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
-            Error::BlockIdOutOfRange { side, index, id, limit } => {
-                Error::BlockIdOutOfRange { side: *side, index: *index, id: *id, limit: *limit }
-            }
-            Error::InvalidBlockId { side, index, value, limit } => {
-                Error::InvalidBlockId { side: *side, index: *index, value: *value, limit: *limit }
-            }
-            Error::BlockCountMismatch { local, remote } => {
-                Error::BlockCountMismatch { local: *local, remote: *remote }
-            }
-            Error::LayerOutOfRange { layer, layers } => {
-                Error::LayerOutOfRange { layer: *layer, layers: *layers }
-            }
-            Error::LayoutMismatch { peer, what, local, remote } => Error::LayoutMismatch {
+            Error::BlockIdOutOfRange {
+                side,
+                index,
+                id,
+                limit,
+            } => Error::BlockIdOutOfRange {
+                side: *side,
+                index: *index,
+                id: *id,
+                limit: *limit,
+            },
+            Error::InvalidBlockId {
+                side,
+                index,
+                value,
+                limit,
+            } => Error::InvalidBlockId {
+                side: *side,
+                index: *index,
+                value: *value,
+                limit: *limit,
+            },
+            Error::BlockCountMismatch { local, remote } => Error::BlockCountMismatch {
+                local: *local,
+                remote: *remote,
+            },
+            Error::LayerOutOfRange { layer, layers } => Error::LayerOutOfRange {
+                layer: *layer,
+                layers: *layers,
+            },
+            Error::LayoutMismatch {
+                here,
+                peer,
+                what,
+                local,
+                remote,
+            } => Error::LayoutMismatch {
+                here: here.clone(),
                 peer: peer.clone(),
                 what,
                 local: *local,
                 remote: *remote,
             },
             Error::RegionOverflow { what } => Error::RegionOverflow { what: what.clone() },
-            Error::InvalidArgument { name, reason } => {
-                Error::InvalidArgument { name, reason: reason.clone() }
-            }
+            Error::InvalidArgument { name, reason } => Error::InvalidArgument {
+                name,
+                reason: reason.clone(),
+            },
             Error::NotConnected { peer } => Error::NotConnected { peer: peer.clone() },
             Error::Closed => Error::Closed,
-            Error::Protocol { peer, reason } => {
-                Error::Protocol { peer: peer.clone(), reason: reason.clone() }
-            }
-            Error::PeerDisconnected { peer, reason } => {
-                Error::PeerDisconnected { peer: peer.clone(), reason: reason.clone() }
-            }
-            Error::RdmaUnavailable { reason } => Error::RdmaUnavailable { reason: reason.clone() },
-            Error::Rdma { op, reason } => Error::Rdma { op, reason: reason.clone() },
-            Error::RdmaCompletion { peer, status, status_code, vendor_err } => {
-                Error::RdmaCompletion {
-                    peer: peer.clone(),
-                    status: status.clone(),
-                    status_code: *status_code,
-                    vendor_err: *vendor_err,
-                }
-            }
-            Error::Timeout { ms, what } => Error::Timeout { ms: *ms, what: what.clone() },
+            Error::Protocol { peer, reason } => Error::Protocol {
+                peer: peer.clone(),
+                reason: reason.clone(),
+            },
+            Error::PeerDisconnected { peer, reason } => Error::PeerDisconnected {
+                peer: peer.clone(),
+                reason: reason.clone(),
+            },
+            Error::RdmaUnavailable { reason } => Error::RdmaUnavailable {
+                reason: reason.clone(),
+            },
+            Error::Rdma { op, reason } => Error::Rdma {
+                op,
+                reason: reason.clone(),
+            },
+            Error::RdmaCompletion {
+                peer,
+                status,
+                status_code,
+                vendor_err,
+            } => Error::RdmaCompletion {
+                peer: peer.clone(),
+                status: status.clone(),
+                status_code: *status_code,
+                vendor_err: *vendor_err,
+            },
+            Error::Timeout { ms, what } => Error::Timeout {
+                ms: *ms,
+                what: what.clone(),
+            },
             Error::Aborted => Error::Aborted,
-            Error::Auth { peer, reason } => Error::Auth { peer: peer.clone(), reason: reason.clone() },
+            Error::Auth { peer, reason } => Error::Auth {
+                peer: peer.clone(),
+                reason: reason.clone(),
+            },
         }
     }
 }

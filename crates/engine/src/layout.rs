@@ -30,12 +30,23 @@ impl CacheLayout {
             ));
         }
         if block_number == 0 {
-            return Err(Error::invalid("blockNumber", "0 given; it must be at least 1"));
+            return Err(Error::invalid(
+                "blockNumber",
+                "0 given; it must be at least 1",
+            ));
         }
         if block_bytes == 0 {
-            return Err(Error::invalid("blockBytes", "0 given; it must be at least 1"));
+            return Err(Error::invalid(
+                "blockBytes",
+                "0 given; it must be at least 1",
+            ));
         }
-        let layout = CacheLayout { layers, has_value, block_number, block_bytes };
+        let layout = CacheLayout {
+            layers,
+            has_value,
+            block_number,
+            block_bytes,
+        };
         layout.region_bytes_checked()?;
         Ok(layout)
     }
@@ -80,7 +91,10 @@ impl CacheLayout {
         if layer.fract() == 0.0 && layer >= 0.0 && layer < f64::from(self.layers) {
             Ok(layer as u32)
         } else {
-            Err(Error::LayerOutOfRange { layer, layers: self.layers })
+            Err(Error::LayerOutOfRange {
+                layer,
+                layers: self.layers,
+            })
         }
     }
 }
@@ -127,9 +141,15 @@ impl RegionTable {
 
     fn checked_region(name: &'static str, layer: usize, addr: u64, len: u64) -> Result<Region> {
         if addr == 0 {
-            return Err(Error::invalid(name, format!("region {layer} has address 0")));
+            return Err(Error::invalid(
+                name,
+                format!("region {layer} has address 0"),
+            ));
         }
-        if addr.checked_add(len).is_none_or(|end| end > isize::MAX as u64) {
+        if addr
+            .checked_add(len)
+            .is_none_or(|end| end > isize::MAX as u64)
+        {
             return Err(Error::RegionOverflow {
                 what: format!("{name}[{layer}] at {addr:#x} + {len} bytes passes the end of the address space"),
             });
@@ -164,20 +184,41 @@ mod tests {
         let table = RegionTable::new(&[0x1000, 0x3000], &[0x2000, 0x4000], 4, 1024).unwrap();
         let layout = table.layout;
         assert_eq!(layout.region_count(), 4);
-        assert_eq!(table.get(layout.region_index(1, CacheKind::Value)).unwrap().addr, 0x4000);
-        assert_eq!(table.get(layout.region_index(1, CacheKind::Key)).unwrap().addr, 0x3000);
+        assert_eq!(
+            table
+                .get(layout.region_index(1, CacheKind::Value))
+                .unwrap()
+                .addr,
+            0x4000
+        );
+        assert_eq!(
+            table
+                .get(layout.region_index(1, CacheKind::Key))
+                .unwrap()
+                .addr,
+            0x3000
+        );
         let key_only = RegionTable::new(&[0x1000, 0x3000], &[], 4, 1024).unwrap();
         assert_eq!(key_only.layout.region_index(1, CacheKind::Key), 1);
     }
 
     #[test]
     fn rejects_bad_layers_and_mismatched_values() {
-        assert_eq!(RegionTable::new(&[], &[], 4, 8).unwrap_err().code(), "ERR_INVALID_ARGUMENT");
-        assert_eq!(RegionTable::new(&[1, 2], &[3], 4, 8).unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        assert_eq!(
+            RegionTable::new(&[], &[], 4, 8).unwrap_err().code(),
+            "ERR_INVALID_ARGUMENT"
+        );
+        assert_eq!(
+            RegionTable::new(&[1, 2], &[3], 4, 8).unwrap_err().code(),
+            "ERR_INVALID_ARGUMENT"
+        );
         let layout = CacheLayout::new(3, true, 4, 8).unwrap();
         assert_eq!(layout.check_layer(2.0).unwrap(), 2);
         for bad in [3.0, -1.0, 0.5, f64::NAN] {
-            assert_eq!(layout.check_layer(bad).unwrap_err().code(), "ERR_LAYER_OUT_OF_RANGE");
+            assert_eq!(
+                layout.check_layer(bad).unwrap_err().code(),
+                "ERR_LAYER_OUT_OF_RANGE"
+            );
         }
     }
 }

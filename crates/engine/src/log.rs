@@ -15,7 +15,12 @@ struct Sinks {
 
 fn open_append(var: &str) -> Option<Mutex<File>> {
     let path = std::env::var_os(var)?;
-    OpenOptions::new().create(true).append(true).open(path).ok().map(Mutex::new)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .ok()
+        .map(Mutex::new)
 }
 
 fn sinks() -> &'static Sinks {
@@ -32,7 +37,9 @@ pub fn debug_enabled() -> bool {
 }
 
 fn emit(file: Option<&Mutex<File>>, level: &str, message: std::fmt::Arguments<'_>) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let line = format!(
         "[kvtransfer {level} {}.{:06} pid={}] {message}\n",
         now.as_secs(),

@@ -61,26 +61,54 @@ pub struct PlanLimits {
 
 impl PlanLimits {
     /// Limits for `block_bytes`-sized blocks with at most `max_run_bytes` per run.
-    pub fn new(local_blocks: u32, remote_blocks: u32, block_bytes: u64, max_run_bytes: u64) -> Self {
-        let max_run_blocks = (max_run_bytes / block_bytes.max(1)).clamp(1, u64::from(u32::MAX)) as u32;
-        PlanLimits { local_blocks, remote_blocks, max_run_blocks }
+    pub fn new(
+        local_blocks: u32,
+        remote_blocks: u32,
+        block_bytes: u64,
+        max_run_bytes: u64,
+    ) -> Self {
+        let max_run_blocks =
+            (max_run_bytes / block_bytes.max(1)).clamp(1, u64::from(u32::MAX)) as u32;
+        PlanLimits {
+            local_blocks,
+            remote_blocks,
+            max_run_blocks,
+        }
     }
 }
 
 fn checked_id(ids: BlockIds<'_>, index: usize, side: Side, limit: u32) -> Result<u32> {
     match ids.get(index) {
         Ok(id) if id < limit => Ok(id),
-        Ok(id) => Err(Error::BlockIdOutOfRange { side, index, id, limit }),
-        Err(value) => Err(Error::InvalidBlockId { side, index, value, limit }),
+        Ok(id) => Err(Error::BlockIdOutOfRange {
+            side,
+            index,
+            id,
+            limit,
+        }),
+        Err(value) => Err(Error::InvalidBlockId {
+            side,
+            index,
+            value,
+            limit,
+        }),
     }
 }
 
 /// Validates every id, then fills `out` (cleared first; its capacity is reused, so a
 /// steady stream of calls does not allocate) with coalesced runs in caller order.
-pub fn plan_runs(local: BlockIds<'_>, remote: BlockIds<'_>, limits: PlanLimits, out: &mut Vec<Run>) -> Result<()> {
+pub fn plan_runs(
+    local: BlockIds<'_>,
+    remote: BlockIds<'_>,
+    limits: PlanLimits,
+    out: &mut Vec<Run>,
+) -> Result<()> {
     out.clear();
     if local.len() != remote.len() {
-        return Err(Error::BlockCountMismatch { local: local.len(), remote: remote.len() });
+        return Err(Error::BlockCountMismatch {
+            local: local.len(),
+            remote: remote.len(),
+        });
     }
     for index in 0..local.len() {
         let local_block = checked_id(local, index, Side::Local, limits.local_blocks)?;
@@ -94,7 +122,11 @@ pub fn plan_runs(local: BlockIds<'_>, remote: BlockIds<'_>, limits: PlanLimits, 
                 continue;
             }
         }
-        out.push(Run { local_block, remote_block, blocks: 1 });
+        out.push(Run {
+            local_block,
+            remote_block,
+            blocks: 1,
+        });
     }
     Ok(())
 }
@@ -105,8 +137,18 @@ mod tests {
 
     fn plan(local: &[u32], remote: &[u32], max_run_blocks: u32) -> Vec<Run> {
         let mut out = Vec::new();
-        let limits = PlanLimits { local_blocks: 100, remote_blocks: 50, max_run_blocks };
-        plan_runs(BlockIds::U32(local), BlockIds::U32(remote), limits, &mut out).unwrap();
+        let limits = PlanLimits {
+            local_blocks: 100,
+            remote_blocks: 50,
+            max_run_blocks,
+        };
+        plan_runs(
+            BlockIds::U32(local),
+            BlockIds::U32(remote),
+            limits,
+            &mut out,
+        )
+        .unwrap();
         out
     }
 
@@ -116,9 +158,21 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                Run { local_block: 1, remote_block: 10, blocks: 3 },
-                Run { local_block: 7, remote_block: 20, blocks: 1 },
-                Run { local_block: 8, remote_block: 22, blocks: 2 },
+                Run {
+                    local_block: 1,
+                    remote_block: 10,
+                    blocks: 3
+                },
+                Run {
+                    local_block: 7,
+                    remote_block: 20,
+                    blocks: 1
+                },
+                Run {
+                    local_block: 8,
+                    remote_block: 22,
+                    blocks: 2
+                },
             ]
         );
     }
@@ -127,7 +181,10 @@ mod tests {
     fn splits_runs_at_the_size_limit() {
         let ids: Vec<u32> = (0..10).collect();
         let runs = plan(&ids, &ids, 4);
-        assert_eq!(runs.iter().map(|r| r.blocks).collect::<Vec<_>>(), vec![4, 4, 2]);
+        assert_eq!(
+            runs.iter().map(|r| r.blocks).collect::<Vec<_>>(),
+            vec![4, 4, 2]
+        );
     }
 
     #[test]
@@ -137,28 +194,60 @@ mod tests {
 
     #[test]
     fn rejects_bad_ids_with_position_value_and_limit() {
-        let limits = PlanLimits { local_blocks: 100, remote_blocks: 50, max_run_blocks: 8 };
-        let mut out = vec![Run { local_block: 0, remote_block: 0, blocks: 1 }];
-        let err = plan_runs(BlockIds::U32(&[1, 2]), BlockIds::U32(&[3, 50]), limits, &mut out).unwrap_err();
+        let limits = PlanLimits {
+            local_blocks: 100,
+            remote_blocks: 50,
+            max_run_blocks: 8,
+        };
+        let mut out = vec![Run {
+            local_block: 0,
+            remote_block: 0,
+            blocks: 1,
+        }];
+        let err = plan_runs(
+            BlockIds::U32(&[1, 2]),
+            BlockIds::U32(&[3, 50]),
+            limits,
+            &mut out,
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "ERR_BLOCK_ID_OUT_OF_RANGE");
         assert_eq!(
             err.to_string(),
             "remoteBlockIds[1] = 50 is out of range: the remote cache has blockNumber 50 (valid ids 0..50)"
         );
-        let err = plan_runs(BlockIds::I32(&[-1]), BlockIds::U32(&[3]), limits, &mut out).unwrap_err();
+        let err =
+            plan_runs(BlockIds::I32(&[-1]), BlockIds::U32(&[3]), limits, &mut out).unwrap_err();
         assert_eq!(err.code(), "ERR_INVALID_BLOCK_ID");
         assert!(err.to_string().contains("localBlockIds[0] = -1"));
-        let err = plan_runs(BlockIds::F64(&[1.5]), BlockIds::U32(&[3]), limits, &mut out).unwrap_err();
+        let err =
+            plan_runs(BlockIds::F64(&[1.5]), BlockIds::U32(&[3]), limits, &mut out).unwrap_err();
         assert_eq!(err.code(), "ERR_INVALID_BLOCK_ID");
-        let err = plan_runs(BlockIds::F64(&[1.0]), BlockIds::U32(&[3, 4]), limits, &mut out).unwrap_err();
+        let err = plan_runs(
+            BlockIds::F64(&[1.0]),
+            BlockIds::U32(&[3, 4]),
+            limits,
+            &mut out,
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "ERR_BLOCK_COUNT_MISMATCH");
-        let err = plan_runs(BlockIds::F64(&[100.0]), BlockIds::U32(&[3]), limits, &mut out).unwrap_err();
+        let err = plan_runs(
+            BlockIds::F64(&[100.0]),
+            BlockIds::U32(&[3]),
+            limits,
+            &mut out,
+        )
+        .unwrap_err();
         assert_eq!(err.code(), "ERR_BLOCK_ID_OUT_OF_RANGE");
     }
 
     #[test]
     fn reuses_capacity() {
-        let limits = PlanLimits { local_blocks: 4096, remote_blocks: 4096, max_run_blocks: 8 };
+        let limits = PlanLimits {
+            local_blocks: 4096,
+            remote_blocks: 4096,
+            max_run_blocks: 8,
+        };
         let ids: Vec<u32> = (0..1538).map(|i| i * 2).collect();
         let mut out = Vec::new();
         plan_runs(BlockIds::U32(&ids), BlockIds::U32(&ids), limits, &mut out).unwrap();

@@ -11,6 +11,7 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 pub const MAX_QPS_PER_PEER: usize = 64;
 pub const MAX_NAME_BYTES: usize = 255;
+pub const MAX_NOTICE_SLOTS: u32 = 1 << 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -54,6 +55,9 @@ pub struct RdmaEndpoint {
     pub qps: Vec<QpEndpoint>,
     /// (address, rkey) of every region, in region-table order.
     pub regions: Vec<(u64, u32)>,
+    /// The acceptor's arrival-notice ring for this peer: address, rkey, slot count
+    /// (all zero in a connector's hello).
+    pub notice_ring: (u64, u32, u32),
 }
 
 /// What one side tells the other during `connect`.
@@ -90,9 +94,17 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
-        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or_else(|| {
-            DecodeError(format!("truncated descriptor: {what} needs {n} bytes at offset {}, {} left", self.at, self.bytes.len() - self.at))
-        })?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| {
+                DecodeError(format!(
+                    "truncated descriptor: {what} needs {n} bytes at offset {}, {} left",
+                    self.at,
+                    self.bytes.len() - self.at
+                ))
+            })?;
         let slice = &self.bytes[self.at..end];
         self.at = end;
         Ok(slice)
@@ -158,6 +170,9 @@ impl Descriptor {
                     out.extend_from_slice(&addr.to_le_bytes());
                     out.extend_from_slice(&rkey.to_le_bytes());
                 }
+                out.extend_from_slice(&rdma.notice_ring.0.to_le_bytes());
+                out.extend_from_slice(&rdma.notice_ring.1.to_le_bytes());
+                out.extend_from_slice(&rdma.notice_ring.2.to_le_bytes());
             }
         }
         let total = out.len() as u32;
@@ -167,11 +182,16 @@ impl Descriptor {
 
     pub fn decode(bytes: &[u8]) -> Result<Descriptor, DecodeError> {
         if bytes.len() > MAX_DESCRIPTOR_BYTES {
-            return Err(DecodeError(format!("descriptor of {} bytes exceeds the limit of {MAX_DESCRIPTOR_BYTES}", bytes.len())));
+            return Err(DecodeError(format!(
+                "descriptor of {} bytes exceeds the limit of {MAX_DESCRIPTOR_BYTES}",
+                bytes.len()
+            )));
         }
         let mut r = Reader { bytes, at: 0 };
         if r.array::<4>("magic")? != DESCRIPTOR_MAGIC {
-            return Err(DecodeError("not a kvtransfer descriptor (bad magic)".into()));
+            return Err(DecodeError(
+                "not a kvtransfer descriptor (bad magic)".into(),
+            ));
         }
         let version = r.u16("version")?;
         if version != PROTOCOL_VERSION {
@@ -179,7 +199,10 @@ impl Descriptor {
         }
         let total = r.u32("length")? as usize;
         if total != bytes.len() {
-            return Err(DecodeError(format!("descriptor length field says {total} bytes but {} arrived", bytes.len())));
+            return Err(DecodeError(format!(
+                "descriptor length field says {total} bytes but {} arrived",
+                bytes.len()
+            )));
         }
         let role = match r.u8("role")? {
             0 => Role::Prefill,
@@ -189,13 +212,17 @@ impl Descriptor {
         let instance_id = r.u64("instance id")?;
         let layers = r.u32("layers")?;
         if layers == 0 || layers > MAX_LAYERS {
-            return Err(DecodeError(format!("layer count {layers} outside 1..={MAX_LAYERS}")));
+            return Err(DecodeError(format!(
+                "layer count {layers} outside 1..={MAX_LAYERS}"
+            )));
         }
         let has_value = r.bool("value flag")?;
         let block_number = r.u32("blockNumber")?;
         let block_bytes = r.u64("blockBytes")?;
         if block_number == 0 || block_bytes == 0 {
-            return Err(DecodeError("blockNumber and blockBytes must be positive".into()));
+            return Err(DecodeError(
+                "blockNumber and blockBytes must be positive".into(),
+            ));
         }
         let name_len = r.u8("name length")? as usize;
         let name = String::from_utf8(r.take(name_len, "name")?.to_vec())
@@ -212,29 +239,69 @@ impl Descriptor {
             let infiniband = r.bool("link layer")?;
             let qp_count = r.u16("qp count")? as usize;
             if qp_count == 0 || qp_count > MAX_QPS_PER_PEER {
-                return Err(DecodeError(format!("qp count {qp_count} outside 1..={MAX_QPS_PER_PEER}")));
+                return Err(DecodeError(format!(
+                    "qp count {qp_count} outside 1..={MAX_QPS_PER_PEER}"
+                )));
             }
             let mut qps = Vec::with_capacity(qp_count);
             for _ in 0..qp_count {
-                qps.push(QpEndpoint { qp_num: r.u32("qp number")?, psn: r.u32("psn")? & 0x00ff_ffff });
+                qps.push(QpEndpoint {
+                    qp_num: r.u32("qp number")?,
+                    psn: r.u32("psn")? & 0x00ff_ffff,
+                });
             }
             let region_count = r.u32("region count")? as usize;
             let expected = layers as usize * if has_value { 2 } else { 1 };
             if region_count != expected {
-                return Err(DecodeError(format!("{region_count} regions announced but the layout has {expected}")));
+                return Err(DecodeError(format!(
+                    "{region_count} regions announced but the layout has {expected}"
+                )));
             }
             let mut regions = Vec::with_capacity(region_count);
             for _ in 0..region_count {
                 regions.push((r.u64("region address")?, r.u32("rkey")?));
             }
-            Some(RdmaEndpoint { lid, gid, mtu, infiniband, qps, regions })
+            let notice_ring = (
+                r.u64("notice ring address")?,
+                r.u32("notice ring rkey")?,
+                r.u32("notice ring slots")?,
+            );
+            if notice_ring.2 > MAX_NOTICE_SLOTS {
+                return Err(DecodeError(format!(
+                    "{} notice slots exceed {MAX_NOTICE_SLOTS}",
+                    notice_ring.2
+                )));
+            }
+            Some(RdmaEndpoint {
+                lid,
+                gid,
+                mtu,
+                infiniband,
+                qps,
+                regions,
+                notice_ring,
+            })
         } else {
             None
         };
         if r.at != bytes.len() {
-            return Err(DecodeError(format!("{} trailing bytes after the descriptor", bytes.len() - r.at)));
+            return Err(DecodeError(format!(
+                "{} trailing bytes after the descriptor",
+                bytes.len() - r.at
+            )));
         }
-        Ok(Descriptor { role, instance_id, layers, has_value, block_number, block_bytes, name, tcp_port, session, rdma })
+        Ok(Descriptor {
+            role,
+            instance_id,
+            layers,
+            has_value,
+            block_number,
+            block_bytes,
+            name,
+            tcp_port,
+            session,
+            rdma,
+        })
     }
 }
 
@@ -287,7 +354,8 @@ pub mod frame {
                 flags: bytes[1],
                 region: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
                 offset: u64::from_le_bytes([
-                    bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
+                    bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14],
+                    bytes[15],
                 ]),
                 len: u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]),
                 aux: u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]),
@@ -314,13 +382,19 @@ pub mod frame {
 
     pub fn decode_hello(bytes: &[u8; HELLO_BYTES]) -> Result<u64, super::DecodeError> {
         if bytes[..4] != HELLO_MAGIC {
-            return Err(super::DecodeError("data connection did not start with the kvtransfer hello".into()));
+            return Err(super::DecodeError(
+                "data connection did not start with the kvtransfer hello".into(),
+            ));
         }
         let version = u16::from_le_bytes([bytes[4], bytes[5]]);
         if version != super::PROTOCOL_VERSION {
-            return Err(super::DecodeError(format!("data protocol version {version} is not supported")));
+            return Err(super::DecodeError(format!(
+                "data protocol version {version} is not supported"
+            )));
         }
-        Ok(u64::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15]]))
+        Ok(u64::from_le_bytes([
+            bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
+        ]))
     }
 }
 
@@ -344,8 +418,12 @@ mod tests {
                 gid: [7; 16],
                 mtu: 3,
                 infiniband: false,
-                qps: vec![QpEndpoint { qp_num: 17, psn: 0x123456 }],
+                qps: vec![QpEndpoint {
+                    qp_num: 17,
+                    psn: 0x123456,
+                }],
                 regions: vec![(0x1000, 1), (0x2000, 2), (0x3000, 3), (0x4000, 4)],
+                notice_ring: (0x9000, 5, 256),
             }),
         }
     }
@@ -366,7 +444,10 @@ mod tests {
         }
         let mut bad = bytes.clone();
         bad[4] = 9;
-        assert!(Descriptor::decode(&bad).unwrap_err().0.contains("version 9"));
+        assert!(Descriptor::decode(&bad)
+            .unwrap_err()
+            .0
+            .contains("version 9"));
         let mut long = bytes.clone();
         long.push(0);
         assert!(Descriptor::decode(&long).is_err());
@@ -374,12 +455,23 @@ mod tests {
 
     #[test]
     fn frame_headers_round_trip_and_reject_garbage() {
-        let h = frame::Header { kind: frame::WRITE, flags: 0, region: 3, offset: 1 << 40, len: 4096, aux: 0 };
+        let h = frame::Header {
+            kind: frame::WRITE,
+            flags: 0,
+            region: 3,
+            offset: 1 << 40,
+            len: 4096,
+            aux: 0,
+        };
         assert_eq!(frame::Header::decode(&h.encode()).unwrap(), h);
         let mut bad = h.encode();
         bad[0] = 77;
         assert!(frame::Header::decode(&bad).is_err());
-        let big = frame::Header { kind: frame::COMMIT, len: frame::MAX_DETAIL_BYTES + 1, ..h };
+        let big = frame::Header {
+            kind: frame::COMMIT,
+            len: frame::MAX_DETAIL_BYTES + 1,
+            ..h
+        };
         assert!(frame::Header::decode(&big.encode()).is_err());
         assert_eq!(frame::decode_hello(&frame::encode_hello(5)).unwrap(), 5);
     }

@@ -2,54 +2,26 @@
 
 use futures_executor::block_on;
 use kvtransfer_engine::plan::BlockIds;
-use kvtransfer_engine::{Arrival, Engine, EngineOptions, Role};
+use kvtransfer_engine::{Arrival, Role};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-struct Side {
-    engine: Engine,
-    keys: Vec<Vec<u8>>,
-    values: Vec<Vec<u8>>,
-}
+mod common;
+use common::{assert_written, connect, Side, SideSpec};
 
-fn pattern(layer: usize, kind: u8, block: usize, block_bytes: usize) -> Vec<u8> {
-    (0..block_bytes).map(|i| (i as u64 * 31 + block as u64 * 7 + layer as u64 * 131 + u64::from(kind) * 17 + 1) as u8).collect()
-}
-
-fn side(role: Role, layers: usize, block_number: usize, block_bytes: usize, fill: bool, arrivals: Option<kvtransfer_engine::ArrivalSink>) -> Side {
-    let make = |kind: u8| -> Vec<Vec<u8>> {
-        (0..layers)
-            .map(|layer| {
-                if fill {
-                    (0..block_number).flat_map(|b| pattern(layer, kind, b, block_bytes)).collect()
-                } else {
-                    vec![0u8; block_number * block_bytes]
-                }
-            })
-            .collect()
-    };
-    let mut keys = make(0);
-    let mut values = make(1);
-    let engine = Engine::new(EngineOptions {
-        role,
-        gpu_idx: 0,
-        name: format!("{}-test", role.as_str()),
-        keys: keys.iter_mut().map(|r| r.as_mut_ptr() as u64).collect(),
-        values: values.iter_mut().map(|r| r.as_mut_ptr() as u64).collect(),
-        block_number: block_number as u32,
-        block_bytes: block_bytes as u64,
-        transport: Some("tcp".into()),
+fn side(
+    role: Role,
+    layers: usize,
+    block_number: usize,
+    block_bytes: usize,
+    fill: bool,
+    arrivals: Option<kvtransfer_engine::ArrivalSink>,
+) -> Side {
+    SideSpec {
+        fill,
         arrivals,
-        connect_timeout: Duration::from_secs(5),
-    })
-    .unwrap();
-    Side { engine, keys, values }
-}
-
-fn connect(prefill: &Side, decode: &Side, key: &str) {
-    let hello = prefill.engine.hello().unwrap();
-    let reply = decode.engine.accept(&hello).unwrap();
-    prefill.engine.finish_connect(key, "127.0.0.1", &reply).unwrap();
+        ..SideSpec::new(role, layers, block_number, block_bytes)
+    }
+    .build()
 }
 
 #[test]
@@ -58,7 +30,14 @@ fn writes_exact_bytes_and_leaves_other_blocks_untouched() {
     let sink_log: Arc<Mutex<Vec<Arrival>>> = Arc::default();
     let log = sink_log.clone();
     let prefill = side(Role::Prefill, 3, 64, block_bytes, true, None);
-    let decode = side(Role::Decode, 3, 32, block_bytes, false, Some(Arc::new(move |a| log.lock().unwrap().push(a))));
+    let decode = side(
+        Role::Decode,
+        3,
+        32,
+        block_bytes,
+        false,
+        Some(Arc::new(move |a| log.lock().unwrap().push(a))),
+    );
     connect(&prefill, &decode, "decode:1");
     assert!(prefill.engine.is_connected("decode:1"));
     let local = [5u32, 6, 7, 40, 2];
@@ -67,29 +46,32 @@ fn writes_exact_bytes_and_leaves_other_blocks_untouched() {
         block_on(
             prefill
                 .engine
-                .write_cache("decode:1", BlockIds::U32(&local), BlockIds::U32(&remote), layer as f64, Some(b"req-1".to_vec()))
+                .write_cache(
+                    "decode:1",
+                    BlockIds::U32(&local),
+                    BlockIds::U32(&remote),
+                    layer as f64,
+                    Some(b"req-1".to_vec()),
+                )
                 .unwrap(),
         )
         .unwrap()
         .unwrap();
     }
     for layer in 0..3 {
-        for (region, src, kind) in [(&decode.keys[layer], &prefill.keys[layer], 0u8), (&decode.values[layer], &prefill.values[layer], 1u8)] {
-            for block in 0..32usize {
-                let got = &region[block * block_bytes..(block + 1) * block_bytes];
-                match remote.iter().position(|&r| r as usize == block) {
-                    Some(i) => {
-                        let l = local[i] as usize;
-                        assert_eq!(got, &src[l * block_bytes..(l + 1) * block_bytes], "layer {layer} kind {kind} block {block}");
-                    }
-                    None => assert!(got.iter().all(|&b| b == 0), "untouched block {block} was written"),
-                }
-            }
-        }
+        assert_written(&prefill, &decode, layer, &local, &remote);
     }
     let arrivals = sink_log.lock().unwrap().clone();
     assert_eq!(arrivals.len(), 3);
-    assert_eq!(arrivals[2], Arrival { peer: "prefill-test".into(), tag: b"req-1".to_vec(), layer: 2, blocks: 5 });
+    assert_eq!(
+        arrivals[2],
+        Arrival {
+            peer: "prefill-test".into(),
+            tag: b"req-1".to_vec(),
+            layer: 2,
+            blocks: 5
+        }
+    );
     prefill.engine.close();
     decode.engine.close();
 }
@@ -123,12 +105,32 @@ fn refused_calls_write_nothing() {
         ]
     );
     // A valid call afterwards proves the link is intact, and nothing else landed.
-    block_on(e.write_cache("d", BlockIds::U32(&[3]), BlockIds::U32(&[4]), 1.0, None).unwrap()).unwrap().unwrap();
-    let written: usize = decode.keys.iter().chain(&decode.values).map(|r| r.iter().filter(|&&b| b != 0).count()).sum();
-    let expected = prefill.keys[1][3 * 256..4 * 256].iter().chain(&prefill.values[1][3 * 256..4 * 256]).filter(|&&b| b != 0).count();
+    block_on(
+        e.write_cache("d", BlockIds::U32(&[3]), BlockIds::U32(&[4]), 1.0, None)
+            .unwrap(),
+    )
+    .unwrap()
+    .unwrap();
+    let written: usize = decode
+        .keys
+        .iter()
+        .chain(&decode.values)
+        .map(|r| r.iter().filter(|&&b| b != 0).count())
+        .sum();
+    let expected = prefill.keys[1][3 * 256..4 * 256]
+        .iter()
+        .chain(&prefill.values[1][3 * 256..4 * 256])
+        .filter(|&&b| b != 0)
+        .count();
     assert_eq!(written, expected);
     prefill.engine.close();
-    assert_eq!(e.write_cache("d", BlockIds::U32(&[1]), BlockIds::U32(&[1]), 0.0, None).err().unwrap().code(), "ERR_CLOSED");
+    assert_eq!(
+        e.write_cache("d", BlockIds::U32(&[1]), BlockIds::U32(&[1]), 0.0, None)
+            .err()
+            .unwrap()
+            .code(),
+        "ERR_CLOSED"
+    );
     decode.engine.close();
 }
 
@@ -136,11 +138,21 @@ fn refused_calls_write_nothing() {
 fn layout_mismatch_is_refused_at_handshake() {
     let prefill = side(Role::Prefill, 2, 16, 256, true, None);
     let decode = side(Role::Decode, 3, 8, 256, false, None);
-    let err = decode.engine.accept(&prefill.engine.hello().unwrap()).unwrap_err();
+    let err = decode
+        .engine
+        .accept(&prefill.engine.hello("d").unwrap())
+        .unwrap_err();
     assert_eq!(err.code(), "ERR_LAYOUT_MISMATCH");
-    assert!(err.to_string().contains("layer count is 3 here but 2 on the peer"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("layer count is 3 on decode-test but 2 on prefill-test"),
+        "{err}"
+    );
     let other = side(Role::Decode, 2, 8, 512, false, None);
-    let err = other.engine.accept(&prefill.engine.hello().unwrap()).unwrap_err();
+    let err = other
+        .engine
+        .accept(&prefill.engine.hello("d").unwrap())
+        .unwrap_err();
     assert!(err.to_string().contains("blockBytes"), "{err}");
 }
 
@@ -152,7 +164,12 @@ fn many_pipelined_calls_and_large_blocks() {
     connect(&prefill, &decode, "d");
     let ids: Vec<u32> = (0..24).rev().collect();
     let pending: Vec<_> = (0..8)
-        .map(|_| prefill.engine.write_cache("d", BlockIds::U32(&ids), BlockIds::U32(&ids), 0.0, None).unwrap())
+        .map(|_| {
+            prefill
+                .engine
+                .write_cache("d", BlockIds::U32(&ids), BlockIds::U32(&ids), 0.0, None)
+                .unwrap()
+        })
         .collect();
     for p in pending {
         block_on(p).unwrap().unwrap();
@@ -170,7 +187,10 @@ fn peer_close_fails_pending_and_marks_disconnected() {
     let ids: Vec<u32> = (0..64).collect();
     let mut failures = 0;
     for _ in 0..20 {
-        match prefill.engine.write_cache("d", BlockIds::U32(&ids), BlockIds::U32(&ids), 0.0, None) {
+        match prefill
+            .engine
+            .write_cache("d", BlockIds::U32(&ids), BlockIds::U32(&ids), 0.0, None)
+        {
             Ok(c) => {
                 if block_on(c).unwrap().is_err() {
                     failures += 1;

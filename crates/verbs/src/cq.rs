@@ -173,7 +173,9 @@ impl WorkCompletion {
             imm_data: if with_imm {
                 // SAFETY: both union members are plain u32; with IBV_WC_WITH_IMM
                 // the provider stored the immediate (network byte order).
-                Some(u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data }))
+                Some(u32::from_be(unsafe {
+                    wc.imm_data_invalidated_rkey_union.imm_data
+                }))
             } else {
                 None
             },
@@ -185,7 +187,7 @@ impl WorkCompletion {
 
 /// The strings of rdma-core's `ibv_wc_status_str` (fixed by the IB spec).
 pub fn wc_status_text(status: u32) -> &'static str {
-    const S: [&str; 23] = [
+    const S: [&str; 24] = [
         "success",
         "local length error",
         "local QP operation error",
@@ -209,6 +211,7 @@ pub fn wc_status_text(status: u32) -> &'static str {
         "response timeout error",
         "general error",
         "TM error",
+        "TM software rendezvous",
     ];
     S.get(status as usize).copied().unwrap_or("unknown")
 }
@@ -284,7 +287,7 @@ impl CompletionQueue {
     /// Moves up to `out.len()` completions into `out`; returns how many.
     pub fn poll(&self, out: &mut [WorkCompletion]) -> Result<usize> {
         const CHUNK: usize = 32;
-        let mut raw = [MaybeUninit::<ibv_wc>::uninit(); CHUNK];
+        let mut raw = [const { MaybeUninit::<ibv_wc>::uninit() }; CHUNK];
         let mut done = 0;
         while done < out.len() {
             let want = (out.len() - done).min(CHUNK);

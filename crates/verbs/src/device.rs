@@ -25,7 +25,8 @@ pub struct DeviceInfo {
     pub guid: u64,
 }
 
-/// The RDMA devices present on this host (empty when there are none).
+/// The RDMA devices present on this host (empty when there are none, including
+/// when the kernel has no RDMA support).
 pub fn list_devices(lib: &Library) -> Result<Vec<DeviceInfo>> {
     let list = DeviceList::get(lib)?;
     Ok(list
@@ -42,7 +43,8 @@ pub fn list_devices(lib: &Library) -> Result<Vec<DeviceInfo>> {
 /// Owner of an `ibv_get_device_list` array; frees it on drop.
 struct DeviceList<'a> {
     lib: &'a Library,
-    list: NonNull<*mut ibv_device>,
+    /// `None` when the kernel has no RDMA support (`ENOSYS`): no devices.
+    list: Option<NonNull<*mut ibv_device>>,
     len: usize,
 }
 
@@ -51,7 +53,12 @@ impl<'a> DeviceList<'a> {
         let mut n: c_int = 0;
         // SAFETY: `n` is a valid out-pointer; the returned array is freed in Drop.
         let p = unsafe { (lib.f.get_device_list)(&mut n) };
-        let list = NonNull::new(p).ok_or_else(|| errno_err("ibv_get_device_list"))?;
+        let list = match NonNull::new(p) {
+            Some(l) => Some(l),
+            // No uverbs support in the kernel (e.g. no RDMA modules): no devices.
+            None if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) => None,
+            None => return Err(errno_err("ibv_get_device_list")),
+        };
         Ok(DeviceList {
             lib,
             list,
@@ -60,16 +67,21 @@ impl<'a> DeviceList<'a> {
     }
 
     fn devices(&self) -> &[*mut ibv_device] {
+        let Some(list) = self.list else {
+            return &[];
+        };
         // SAFETY: libibverbs returns an array of `len` device pointers (plus a
         // NULL terminator) that stays valid until ibv_free_device_list.
-        unsafe { std::slice::from_raw_parts(self.list.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts(list.as_ptr(), self.len) }
     }
 }
 
 impl Drop for DeviceList<'_> {
     fn drop(&mut self) {
-        // SAFETY: the array came from ibv_get_device_list and is freed once.
-        unsafe { (self.lib.f.free_device_list)(self.list.as_ptr()) }
+        if let Some(list) = self.list {
+            // SAFETY: the array came from ibv_get_device_list and is freed once.
+            unsafe { (self.lib.f.free_device_list)(list.as_ptr()) }
+        }
     }
 }
 

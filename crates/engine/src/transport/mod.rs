@@ -2,6 +2,7 @@
 //! a `Link` per connected peer that accepts batched one-sided write jobs and completes each
 //! job exactly once, after the peer has every byte (or with the error that stopped it).
 
+pub mod rdma;
 pub mod tcp;
 
 use crate::error::{Error, Result};
@@ -63,22 +64,28 @@ pub struct CopyOp {
     pub len: u64,
 }
 
+/// The copy of `run` for `kind` (0 = K, 1 = V) of `layer`. Offsets are in bounds because
+/// the planner checked ids against both sides' block counts.
+#[inline]
+pub fn copy_op(table: &RegionTable, layer: u32, kind: u32, run: &Run) -> CopyOp {
+    let layout = table.layout;
+    let region = layer * layout.kinds() + kind;
+    let block_bytes = layout.block_bytes;
+    CopyOp {
+        region,
+        local_addr: table.regions()[region as usize].addr
+            + u64::from(run.local_block) * block_bytes,
+        remote_offset: u64::from(run.remote_block) * block_bytes,
+        len: u64::from(run.blocks) * block_bytes,
+    }
+}
+
 /// Expands runs of one layer into copy operations: K for every run, then V when present.
-/// Offsets are in bounds because the planner checked ids against both sides' block counts.
 #[inline]
 pub fn for_each_copy(table: &RegionTable, layer: u32, runs: &[Run], mut visit: impl FnMut(CopyOp)) {
-    let layout = table.layout;
-    let block_bytes = layout.block_bytes;
-    for kind in 0..layout.kinds() {
-        let region = layer * layout.kinds() + kind;
-        let base = table.regions()[region as usize].addr;
+    for kind in 0..table.layout.kinds() {
         for run in runs {
-            visit(CopyOp {
-                region,
-                local_addr: base + u64::from(run.local_block) * block_bytes,
-                remote_offset: u64::from(run.remote_block) * block_bytes,
-                len: u64::from(run.blocks) * block_bytes,
-            });
+            visit(copy_op(table, layer, kind, run));
         }
     }
 }
@@ -95,14 +102,28 @@ mod tests {
     #[test]
     fn expands_key_then_value() {
         let table = RegionTable::new(&[0x10000, 0x30000], &[0x20000, 0x40000], 8, 256).unwrap();
-        let runs = [Run { local_block: 1, remote_block: 3, blocks: 2 }];
+        let runs = [Run {
+            local_block: 1,
+            remote_block: 3,
+            blocks: 2,
+        }];
         let mut ops = Vec::new();
         for_each_copy(&table, 1, &runs, |op| ops.push(op));
         assert_eq!(
             ops,
             vec![
-                CopyOp { region: 2, local_addr: 0x30100, remote_offset: 768, len: 512 },
-                CopyOp { region: 3, local_addr: 0x40100, remote_offset: 768, len: 512 },
+                CopyOp {
+                    region: 2,
+                    local_addr: 0x30100,
+                    remote_offset: 768,
+                    len: 512
+                },
+                CopyOp {
+                    region: 3,
+                    local_addr: 0x40100,
+                    remote_offset: 768,
+                    len: 512
+                },
             ]
         );
     }

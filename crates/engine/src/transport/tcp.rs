@@ -10,6 +10,7 @@
 use super::{fail, for_each_copy, Arrival, ArrivalSink, Done, Link, WriteJob};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
+use crate::plan::Run;
 use crate::wire::frame::{self, Header};
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -20,7 +21,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Bytes of the receiver's staging buffer; payloads larger than half of it bypass it.
+/// Bytes of the receiver's staging buffer (payloads of `DIRECT_READ_MIN` or more bypass it).
 const RECEIVE_BUFFER_BYTES: usize = 1 << 20;
 /// Largest single frame payload (runs longer than this are split into several frames).
 pub const MAX_FRAME_PAYLOAD: u64 = 1 << 30;
@@ -31,7 +32,9 @@ const IOV_MAX: usize = 1024;
 const SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn set_socket_options(stream: &TcpStream) {
@@ -108,7 +111,11 @@ impl LinkState {
             pending.drain(..).collect()
         };
         if !drained.is_empty() {
-            crate::log_error!("tcp link to {} broken with {} pending calls: {error}", self.peer, drained.len());
+            crate::log_error!(
+                "tcp link to {} broken with {} pending calls: {error}",
+                self.peer,
+                drained.len()
+            );
         }
         for (_, done) in drained {
             fail(done, error.duplicate());
@@ -116,7 +123,10 @@ impl LinkState {
     }
 
     fn disconnected(&self, reason: impl Into<String>) -> Error {
-        Error::PeerDisconnected { peer: self.peer.clone(), reason: reason.into() }
+        Error::PeerDisconnected {
+            peer: self.peer.clone(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -130,10 +140,19 @@ pub struct TcpLink {
 
 impl TcpLink {
     /// Connects to the peer's data listener and presents `session`.
-    pub fn connect(peer: &str, addr: SocketAddr, session: u64, table: Arc<RegionTable>, timeout: Duration) -> Result<TcpLink> {
-        let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::io(peer, "data connect", e))?;
+    pub fn connect(
+        peer: &str,
+        addr: SocketAddr,
+        session: u64,
+        table: Arc<RegionTable>,
+        timeout: Duration,
+    ) -> Result<TcpLink> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| Error::io(peer, "data connect", e))?;
         set_socket_options(&stream);
-        (&stream).write_all(&frame::encode_hello(session)).map_err(|e| Error::io(peer, "data hello", e))?;
+        (&stream)
+            .write_all(&frame::encode_hello(session))
+            .map_err(|e| Error::io(peer, "data hello", e))?;
         let state = Arc::new(LinkState {
             peer: peer.to_string(),
             alive: AtomicBool::new(true),
@@ -142,7 +161,9 @@ impl TcpLink {
         let (tx, rx) = mpsc::channel::<WriteJob>();
         let writer = {
             let state = state.clone();
-            let stream = stream.try_clone().map_err(|e| Error::io(peer, "socket clone", e))?;
+            let stream = stream
+                .try_clone()
+                .map_err(|e| Error::io(peer, "socket clone", e))?;
             std::thread::Builder::new()
                 .name("kvt-tcp-writer".into())
                 .spawn(move || run_writer(&state, &stream, &table, rx))
@@ -150,20 +171,31 @@ impl TcpLink {
         };
         let reader = {
             let state = state.clone();
-            let stream = stream.try_clone().map_err(|e| Error::io(peer, "socket clone", e))?;
+            let stream = stream
+                .try_clone()
+                .map_err(|e| Error::io(peer, "socket clone", e))?;
             std::thread::Builder::new()
                 .name("kvt-tcp-acks".into())
                 .spawn(move || run_ack_reader(&state, stream))
                 .map_err(|e| Error::io(peer, "thread spawn", e))?
         };
-        Ok(TcpLink { state, stream, jobs: Mutex::new(Some(tx)), threads: Mutex::new(vec![writer, reader]) })
+        Ok(TcpLink {
+            state,
+            stream,
+            jobs: Mutex::new(Some(tx)),
+            threads: Mutex::new(vec![writer, reader]),
+        })
     }
 }
 
 impl Link for TcpLink {
     fn submit(&self, job: WriteJob) {
         if !self.state.alive.load(Ordering::SeqCst) {
-            return fail(job.done, self.state.disconnected("the connection is broken; connect again"));
+            return fail(
+                job.done,
+                self.state
+                    .disconnected("the connection is broken; connect again"),
+            );
         }
         let jobs = lock(&self.jobs);
         match jobs.as_ref() {
@@ -195,24 +227,62 @@ impl Link for TcpLink {
 }
 
 /// Reused per-link scratch: frame headers and the iovecs that point at them.
-struct FrameBatch {
+///
+/// Public (but hidden) so that `benches/planning.rs` and `tests/alloc_free.rs` can measure
+/// the per-block cost of frame construction and prove it does not allocate once warm.
+#[doc(hidden)]
+pub struct FrameBatch {
     headers: Vec<[u8; frame::HEADER_BYTES]>,
-    payloads: Vec<(u64, u64)>,
     iovecs: Vec<libc::iovec>,
 }
 
+impl Default for FrameBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FrameBatch {
-    fn new() -> Self {
-        FrameBatch { headers: Vec::new(), payloads: Vec::new(), iovecs: Vec::new() }
+    pub fn new() -> Self {
+        FrameBatch {
+            headers: Vec::new(),
+            iovecs: Vec::new(),
+        }
     }
 
-    /// Fills headers and payload ranges for a job (no allocation once capacities settle).
-    pub(crate) fn build(&mut self, table: &RegionTable, job: &WriteJob, call_id: u64) {
+    /// Fills headers and iovecs for a job (no allocation once capacities settle).
+    pub fn build(&mut self, table: &RegionTable, job: &WriteJob, call_id: u64) {
+        self.build_frames(
+            table,
+            job.layer,
+            &job.runs,
+            job.blocks,
+            job.tag.as_deref(),
+            call_id,
+        );
+    }
+
+    /// [`FrameBatch::build`] from the job's parts: `WRITE` frames for every run of `layer`
+    /// (K, then V), then the `COMMIT` frame carrying `call_id` and the optional tag.
+    pub fn build_frames(
+        &mut self,
+        table: &RegionTable,
+        layer: u32,
+        runs: &[Run],
+        blocks: u32,
+        tag: Option<&[u8]>,
+        call_id: u64,
+    ) {
         self.headers.clear();
-        self.payloads.clear();
-        for_each_copy(table, job.layer, &job.runs, |op| {
+        self.iovecs.clear();
+        // One pass: headers and iovecs together; header iovecs get their address in a
+        // second, cheap pass below because `headers` may still grow (and move) here.
+        for_each_copy(table, layer, runs, |op| {
+            if op.len == 0 {
+                return;
+            }
             let mut done = 0;
-            while done < op.len {
+            loop {
                 let len = (op.len - done).min(MAX_FRAME_PAYLOAD);
                 let header = Header {
                     kind: frame::WRITE,
@@ -223,35 +293,63 @@ impl FrameBatch {
                     aux: 0,
                 };
                 self.headers.push(header.encode());
-                self.payloads.push((op.local_addr + done, len));
+                self.iovecs.push(libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: frame::HEADER_BYTES,
+                });
+                self.iovecs.push(libc::iovec {
+                    iov_base: (op.local_addr + done) as usize as *mut libc::c_void,
+                    iov_len: len as usize,
+                });
                 done += len;
+                if done >= op.len {
+                    break;
+                }
             }
         });
-        let tag_len = job.tag.as_ref().map_or(0, |t| t.len());
+        let tag_len = tag.map_or(0, <[u8]>::len);
         let commit = Header {
             kind: frame::COMMIT,
-            flags: u8::from(job.tag.is_some()),
-            region: job.blocks,
+            flags: u8::from(tag.is_some()),
+            region: blocks,
             offset: call_id,
             len: tag_len as u32,
-            aux: job.layer,
+            aux: layer,
         };
         self.headers.push(commit.encode());
-        // iovecs last: `headers` no longer moves.
-        self.iovecs.clear();
-        for (header, &(addr, len)) in self.headers.iter().zip(&self.payloads) {
-            self.iovecs.push(libc::iovec { iov_base: header.as_ptr() as *mut libc::c_void, iov_len: header.len() });
-            self.iovecs.push(libc::iovec { iov_base: addr as usize as *mut libc::c_void, iov_len: len as usize });
+        self.iovecs.push(libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: frame::HEADER_BYTES,
+        });
+        if let Some(tag) = tag {
+            self.iovecs.push(libc::iovec {
+                iov_base: tag.as_ptr() as *mut libc::c_void,
+                iov_len: tag.len(),
+            });
         }
-        let commit = self.headers.last().expect("commit header pushed above");
-        self.iovecs.push(libc::iovec { iov_base: commit.as_ptr() as *mut libc::c_void, iov_len: commit.len() });
-        if let Some(tag) = &job.tag {
-            self.iovecs.push(libc::iovec { iov_base: tag.as_ptr() as *mut libc::c_void, iov_len: tag.len() });
+        // `headers` no longer moves: point every header iovec (even slots) at its header.
+        for (iov, header) in self.iovecs.iter_mut().step_by(2).zip(&self.headers) {
+            iov.iov_base = header.as_ptr() as *mut libc::c_void;
         }
+    }
+
+    /// The iovecs of the last build: header, payload, header, payload, ..., commit[, tag].
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.iovecs
+    }
+
+    /// Frames (WRITE and COMMIT) of the last build.
+    pub fn frames(&self) -> usize {
+        self.headers.len()
     }
 }
 
-fn run_writer(state: &LinkState, stream: &TcpStream, table: &RegionTable, jobs: mpsc::Receiver<WriteJob>) {
+fn run_writer(
+    state: &LinkState,
+    stream: &TcpStream,
+    table: &RegionTable,
+    jobs: mpsc::Receiver<WriteJob>,
+) {
     let mut batch = FrameBatch::new();
     let mut call_id = 0u64;
     for job in jobs {
@@ -261,7 +359,10 @@ fn run_writer(state: &LinkState, stream: &TcpStream, table: &RegionTable, jobs: 
             let mut pending = lock(&state.pending);
             if !state.alive.load(Ordering::SeqCst) {
                 drop(pending);
-                fail(job.done, state.disconnected("the connection is broken; connect again"));
+                fail(
+                    job.done,
+                    state.disconnected("the connection is broken; connect again"),
+                );
                 continue;
             }
             pending.push_back((call_id, job.done));
@@ -292,8 +393,14 @@ fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
             break Error::protocol(state.peer.clone(), "acknowledgement for no pending call");
         };
         if call_id != header.offset && header.kind != frame::NACK {
-            fail(done, Error::protocol(state.peer.clone(), "acknowledgements out of order"));
-            break Error::protocol(state.peer.clone(), format!("expected ack {call_id}, got {}", header.offset));
+            fail(
+                done,
+                Error::protocol(state.peer.clone(), "acknowledgements out of order"),
+            );
+            break Error::protocol(
+                state.peer.clone(),
+                format!("expected ack {call_id}, got {}", header.offset),
+            );
         }
         match header.kind {
             frame::ACK => {
@@ -301,10 +408,24 @@ fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
             }
             frame::NACK => {
                 let reason = String::from_utf8_lossy(&detail).into_owned();
-                fail(done, Error::protocol(state.peer.clone(), format!("the peer refused the write: {reason}")));
-                break Error::protocol(state.peer.clone(), format!("the peer refused a write: {reason}"));
+                fail(
+                    done,
+                    Error::protocol(
+                        state.peer.clone(),
+                        format!("the peer refused the write: {reason}"),
+                    ),
+                );
+                break Error::protocol(
+                    state.peer.clone(),
+                    format!("the peer refused a write: {reason}"),
+                );
             }
-            other => break Error::protocol(state.peer.clone(), format!("unexpected frame type {other} from receiver")),
+            other => {
+                break Error::protocol(
+                    state.peer.clone(),
+                    format!("unexpected frame type {other} from receiver"),
+                )
+            }
         }
     };
     state.break_link(&error);
@@ -337,9 +458,17 @@ pub struct TcpServer {
 }
 
 impl TcpServer {
-    pub fn bind(ip: IpAddr, table: Arc<RegionTable>, arrivals: Option<ArrivalSink>) -> Result<TcpServer> {
-        let listener = TcpListener::bind((ip, 0)).map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
-        let port = listener.local_addr().map_err(|e| Error::io(format!("{ip}"), "data listen", e))?.port();
+    pub fn bind(
+        ip: IpAddr,
+        table: Arc<RegionTable>,
+        arrivals: Option<ArrivalSink>,
+    ) -> Result<TcpServer> {
+        let listener =
+            TcpListener::bind((ip, 0)).map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::io(format!("{ip}"), "data listen", e))?
+            .port();
         let state = Arc::new(ServerState {
             table,
             admissions: Mutex::new(HashMap::new()),
@@ -349,13 +478,20 @@ impl TcpServer {
         });
         let accept_thread = {
             let state = state.clone();
-            let listener = listener.try_clone().map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
+            let listener = listener
+                .try_clone()
+                .map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
             std::thread::Builder::new()
                 .name("kvt-tcp-accept".into())
                 .spawn(move || run_acceptor(&state, &listener))
                 .map_err(|e| Error::io(format!("{ip}"), "thread spawn", e))?
         };
-        Ok(TcpServer { state, listener, port, accept_thread: Mutex::new(Some(accept_thread)) })
+        Ok(TcpServer {
+            state,
+            listener,
+            port,
+            accept_thread: Mutex::new(Some(accept_thread)),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -368,7 +504,12 @@ impl TcpServer {
         loop {
             let session = crate::random_u64();
             if session != 0 && !admissions.contains_key(&session) {
-                admissions.insert(session, Admission { peer_name: peer_name.to_string() });
+                admissions.insert(
+                    session,
+                    Admission {
+                        peer_name: peer_name.to_string(),
+                    },
+                );
                 return session;
             }
         }
@@ -409,7 +550,9 @@ fn run_acceptor(state: &Arc<ServerState>, listener: &TcpListener) {
             return;
         }
         set_socket_options(&stream);
-        let Ok(handle_stream) = stream.try_clone() else { continue };
+        let Ok(handle_stream) = stream.try_clone() else {
+            continue;
+        };
         let worker_state = state.clone();
         let spawned = std::thread::Builder::new()
             .name("kvt-tcp-recv".into())
@@ -423,20 +566,51 @@ fn run_acceptor(state: &Arc<ServerState>, listener: &TcpListener) {
 }
 
 /// Buffered reads from the data socket that can land payloads directly in region memory.
+///
+/// Small frames (headers, payloads under [`DIRECT_READ_MIN`]) are served from a staging
+/// buffer filled by large reads, so that a stream of 1 KiB blocks costs one syscall per
+/// ~1 MiB. Larger payloads are read straight into their destination with a `readv` whose
+/// second iovec picks up the next frame header into the staging buffer, so a stream of
+/// 64 KiB blocks costs one syscall and one copy (the kernel's) per frame.
 struct FrameReader {
     stream: TcpStream,
     buffer: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The last payload went direct: keep read-ahead small so that the next large payload
+    /// is not pulled through the staging buffer (an extra copy).
+    direct: bool,
 }
 
+/// Payloads of at least this many bytes bypass the staging buffer.
+const DIRECT_READ_MIN: usize = 16 * 1024;
+/// Read-ahead into the staging buffer while a payload lands directly: one frame header.
+const DIRECT_READ_AHEAD: usize = frame::HEADER_BYTES;
+
 impl FrameReader {
-    fn fill(&mut self) -> std::io::Result<()> {
+    fn new(stream: TcpStream) -> Self {
+        FrameReader {
+            stream,
+            buffer: vec![0u8; RECEIVE_BUFFER_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            direct: false,
+        }
+    }
+
+    /// Reads more bytes behind `end` (at least one, or an error): up to the whole free
+    /// buffer, or only `want` bytes after a direct payload.
+    fn fill(&mut self, want: usize) -> std::io::Result<()> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
-        let n = self.stream.read(&mut self.buffer[self.end..])?;
+        let limit = if self.direct {
+            (self.end + want.max(DIRECT_READ_AHEAD)).min(self.buffer.len())
+        } else {
+            self.buffer.len()
+        };
+        let n = self.stream.read(&mut self.buffer[self.end..limit])?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -448,7 +622,7 @@ impl FrameReader {
         let mut done = 0;
         while done < out.len() {
             if self.start == self.end {
-                self.fill()?;
+                self.fill(out.len() - done)?;
             }
             let n = (self.end - self.start).min(out.len() - done);
             out[done..done + n].copy_from_slice(&self.buffer[self.start..self.start + n]);
@@ -458,7 +632,7 @@ impl FrameReader {
         Ok(())
     }
 
-    /// Makes room so that at least `want` more bytes fit behind `end`.
+    /// Moves unread bytes to the front of the buffer.
     fn compact(&mut self) {
         if self.start > 0 {
             self.buffer.copy_within(self.start..self.end, 0);
@@ -472,21 +646,41 @@ impl FrameReader {
     /// # Safety
     /// `dst..dst+len` must be writable memory that no Rust reference aliases.
     unsafe fn read_into(&mut self, dst: *mut u8, len: usize) -> std::io::Result<()> {
+        let direct = len >= DIRECT_READ_MIN;
+        self.direct = direct;
         let mut done = 0;
         while done < len {
             if self.start < self.end {
                 let n = (self.end - self.start).min(len - done);
                 // SAFETY: source is initialized buffer bytes; destination is inside the
                 // caller's range (done + n <= len); the two never overlap (the buffer is ours).
-                unsafe { std::ptr::copy_nonoverlapping(self.buffer.as_ptr().add(self.start), dst.add(done), n) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.buffer.as_ptr().add(self.start),
+                        dst.add(done),
+                        n,
+                    )
+                };
                 self.start += n;
                 done += n;
-            } else if len - done >= self.buffer.len() / 2 {
-                // Large remainder: read straight into place, skipping a copy.
-                // SAFETY: fd is our open socket; dst+done..dst+len is writable per the contract.
-                let n = unsafe {
-                    libc::recv(self.stream.as_raw_fd(), dst.add(done).cast(), len - done, 0)
-                };
+            } else if direct {
+                // Staging is empty: land the rest in place and read ahead one header.
+                self.start = 0;
+                self.end = 0;
+                let iovecs = [
+                    // SAFETY: dst+done..dst+len lies inside the caller's writable range.
+                    libc::iovec {
+                        iov_base: unsafe { dst.add(done) }.cast(),
+                        iov_len: len - done,
+                    },
+                    libc::iovec {
+                        iov_base: self.buffer.as_mut_ptr().cast(),
+                        iov_len: DIRECT_READ_AHEAD,
+                    },
+                ];
+                // SAFETY: fd is our open socket; both iovecs describe writable memory (the
+                // caller's range per the contract, and the start of our own buffer).
+                let n = unsafe { libc::readv(self.stream.as_raw_fd(), iovecs.as_ptr(), 2) };
                 if n < 0 {
                     let err = std::io::Error::last_os_error();
                     if err.kind() == std::io::ErrorKind::Interrupted {
@@ -497,10 +691,13 @@ impl FrameReader {
                 if n == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
-                done += n as usize;
+                let n = n as usize;
+                let into_dst = n.min(len - done);
+                done += into_dst;
+                self.end = n - into_dst;
             } else {
                 self.compact();
-                self.fill()?;
+                self.fill(len - done)?;
             }
         }
         Ok(())
@@ -515,7 +712,9 @@ fn run_receiver(state: &ServerState, stream: TcpStream, remote: SocketAddr) {
         .map_err(|e| format!("no hello: {e}"))
         .and_then(|()| frame::decode_hello(&hello).map_err(|e| e.0))
         .and_then(|session| {
-            lock(&state.admissions).remove(&session).ok_or_else(|| "unknown or already used session token".to_string())
+            lock(&state.admissions)
+                .remove(&session)
+                .ok_or_else(|| "unknown or already used session token".to_string())
         });
     let admission = match admission {
         Ok(admission) => admission,
@@ -526,20 +725,38 @@ fn run_receiver(state: &ServerState, stream: TcpStream, remote: SocketAddr) {
         }
     };
     let _ = stream.set_read_timeout(None);
-    crate::debug!("tcp data connection from {remote} admitted for peer {}", admission.peer_name);
-    let Ok(ack_stream) = stream.try_clone() else { return };
-    let mut reader =
-        FrameReader { stream, buffer: vec![0u8; RECEIVE_BUFFER_BYTES].into_boxed_slice(), start: 0, end: 0 };
+    crate::debug!(
+        "tcp data connection from {remote} admitted for peer {}",
+        admission.peer_name
+    );
+    let Ok(ack_stream) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = FrameReader::new(stream);
     if let Err(reason) = receive_frames(state, &mut reader, &ack_stream, &admission) {
         if !state.closed.load(Ordering::SeqCst) {
-            crate::debug!("tcp data connection from {} ({remote}) ended: {reason}", admission.peer_name);
+            crate::debug!(
+                "tcp data connection from {} ({remote}) ended: {reason}",
+                admission.peer_name
+            );
         }
     }
     let _ = ack_stream.shutdown(Shutdown::Both);
 }
 
 fn send_reply(stream: &TcpStream, kind: u8, call_id: u64, detail: &[u8]) -> std::io::Result<()> {
-    let header = Header { kind, flags: 0, region: 0, offset: call_id, len: detail.len() as u32, aux: 0 };
+    let header = Header {
+        kind,
+        flags: 0,
+        region: 0,
+        offset: call_id,
+        len: detail.len() as u32,
+        aux: 0,
+    };
+    if detail.is_empty() {
+        // The steady-state ACK: no allocation.
+        return (&*stream).write_all(&header.encode());
+    }
     let mut out = Vec::with_capacity(frame::HEADER_BYTES + detail.len());
     out.extend_from_slice(&header.encode());
     out.extend_from_slice(detail);
@@ -575,17 +792,24 @@ fn receive_frames(
                 };
                 // SAFETY: the range was checked to lie inside a registered region, which the
                 // engine keeps valid until this thread has been joined at close.
-                unsafe { reader.read_into(addr as usize as *mut u8, header.len as usize) }.map_err(|e| e.to_string())?;
+                unsafe { reader.read_into(addr as usize as *mut u8, header.len as usize) }
+                    .map_err(|e| e.to_string())?;
             }
             frame::COMMIT => {
                 let mut tag = vec![0u8; header.len as usize];
                 reader.read_exact(&mut tag).map_err(|e| e.to_string())?;
                 if header.flags & 1 != 0 {
                     if let Some(sink) = &state.arrivals {
-                        sink(Arrival { peer: admission.peer_name.clone(), tag, layer: header.aux, blocks: header.region });
+                        sink(Arrival {
+                            peer: admission.peer_name.clone(),
+                            tag,
+                            layer: header.aux,
+                            blocks: header.region,
+                        });
                     }
                 }
-                send_reply(ack_stream, frame::ACK, header.offset, &[]).map_err(|e| e.to_string())?;
+                send_reply(ack_stream, frame::ACK, header.offset, &[])
+                    .map_err(|e| e.to_string())?;
             }
             other => return Err(format!("unexpected frame type {other} from writer")),
         }

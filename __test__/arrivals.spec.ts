@@ -1,0 +1,140 @@
+/**
+ * Arrival notices across processes: the decode child waits with waitForArrival and
+ * reports what it got plus the digests of its memory at that moment.
+ */
+import test, { type ExecutionContext } from 'ava'
+import { HOST, Mirror, connect, differences, eventually, makePrefill, ms, spawnPeer, sleep, type Arrival } from './helpers.js'
+
+const LAYERS = 3
+const BLOCK_BYTES = 8192
+const BLOCKS = 16
+
+async function setup(t: ExecutionContext) {
+  const peer = await spawnPeer(t, { layers: LAYERS, blockNumber: BLOCKS, blockBytes: BLOCK_BYTES })
+  const prefill = makePrefill(t, { layers: LAYERS, blockNumber: BLOCKS, blockBytes: BLOCK_BYTES, name: 'prefill-arrivals' })
+  const mirror = new Mirror(prefill, BLOCKS)
+  await connect(t, prefill, peer)
+  return { peer, prefill, mirror }
+}
+
+const byLayer = (a: Arrival, b: Arrival) => a.layerIdx - b.layerIdx
+
+test.serial('bigint tag: waitForArrival (registered first) resolves once all layers landed, bytes already there', async (t) => {
+  const { peer, prefill, mirror } = await setup(t)
+  const tag = 0xffff_ffff_ffff_fffen
+  const wait = await peer.startWait(tag, { layers: [0, 1, 2], timeoutMs: ms(60_000) })
+  const local = [3, 4, 5, 9]
+  const remote = [0, 1, 2, 15]
+  for (let layer = 0; layer < LAYERS; layer++) {
+    await prefill.comm.writeCache(HOST, peer.port, local, remote, layer, { tag })
+    mirror.apply(layer, local, remote)
+  }
+  const outcome = await wait.finish()
+  t.true(outcome.ok, outcome.error?.message)
+  const arrivals = [...outcome.arrivals!].sort(byLayer)
+  t.deepEqual(arrivals, [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 4 })))
+  t.is(typeof arrivals[0].tag, 'bigint')
+  t.deepEqual(differences(outcome.digests!, mirror.digests()), [], 'every byte is in place when the wait resolves')
+})
+
+test.serial('waitForArrival resolves only when every requested layer arrived', async (t) => {
+  const { peer, prefill, mirror } = await setup(t)
+  const tag = 'partial'
+  const wait = await peer.startWait(tag, { layers: LAYERS, timeoutMs: ms(60_000) })
+  await prefill.comm.writeCache(HOST, peer.port, [1], [1], 0, { tag })
+  await prefill.comm.writeCache(HOST, peer.port, [2], [2], 2, { tag })
+  mirror.apply(0, [1], [1])
+  mirror.apply(2, [2], [2])
+  let done = false
+  const finishing = wait.finish().then((o) => {
+    done = true
+    return o
+  })
+  await sleep(ms(500))
+  t.false(done, 'layer 1 has not arrived yet')
+  await prefill.comm.writeCache(HOST, peer.port, [3, 4], [3, 4], 1, { tag })
+  mirror.apply(1, [3, 4], [3, 4])
+  const outcome = await finishing
+  t.true(outcome.ok, outcome.error?.message)
+  t.deepEqual(
+    outcome.arrivals!.map((a) => [a.layerIdx, a.blocks]).sort((a, b) => a[0] - b[0]),
+    [
+      [0, 1],
+      [1, 2],
+      [2, 1],
+    ],
+  )
+  t.deepEqual(differences(outcome.digests!, mirror.digests()), [])
+})
+
+test.serial('string tag: notices that arrive before the wait are kept', async (t) => {
+  const { peer, prefill, mirror } = await setup(t)
+  const tag = 'req-αβγ-42'
+  for (let layer = 0; layer < LAYERS; layer++) {
+    await prefill.comm.writeCache(HOST, peer.port, Uint32Array.from([7, 8]), Uint32Array.from([10, 11]), layer, { tag })
+    mirror.apply(layer, [7, 8], [10, 11])
+  }
+  // Let the notices reach the child's JS thread before it starts waiting.
+  t.true(await eventually(async () => (await peer.events()).length === LAYERS, ms(10_000)))
+  const wait = await peer.startWait(tag, { layers: [2, 0, 1], timeoutMs: ms(5_000) })
+  const outcome = await wait.finish()
+  t.true(outcome.ok, outcome.error?.message)
+  t.deepEqual([...outcome.arrivals!].sort(byLayer), [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 2 })))
+  t.deepEqual(differences(outcome.digests!, mirror.digests()), [])
+  // A string tag and a bigint tag with the same digits are different tags.
+  const other = await peer.startWait('42', { timeoutMs: 200 })
+  t.is((await other.finish()).error?.code, 'ERR_TIMEOUT')
+})
+
+test.serial('waitForArrival for a tag never sent times out with ERR_TIMEOUT', async (t) => {
+  const { peer, prefill } = await setup(t)
+  await prefill.comm.writeCache(HOST, peer.port, [0], [0], 0, { tag: 'some-other-tag' })
+  await prefill.comm.writeCache(HOST, peer.port, [0], [0], 1, { tag: 7n })
+  const wait = await peer.startWait('never-sent', { layers: 2, timeoutMs: 300 })
+  const outcome = await wait.finish()
+  t.false(outcome.ok)
+  t.true(outcome.error!.isKvTransferError)
+  t.is(outcome.error!.code, 'ERR_TIMEOUT')
+  t.regex(outcome.error!.message, /300 ms/)
+  t.regex(outcome.error!.message, /never-sent/)
+  t.regex(outcome.error!.message, /layers 0, 1/)
+  t.true(outcome.elapsedMs >= 250 && outcome.elapsedMs < 300 + ms(5000), `elapsed ${outcome.elapsedMs} ms`)
+  // Only layer 1 of 7n arrived: waiting for 0 and 1 names the missing layer.
+  const partial = await peer.startWait(7n, { layers: [0, 1], timeoutMs: 200 })
+  const p = await partial.finish()
+  t.is(p.error?.code, 'ERR_TIMEOUT')
+  t.regex(p.error!.message, /layers 0 have not arrived/)
+})
+
+test.serial('waitForArrival aborted by an AbortSignal: ERR_ABORTED', async (t) => {
+  const { peer } = await setup(t)
+  const wait = await peer.startWait('aborted', { timeoutMs: ms(60_000), abortAfterMs: 200 })
+  const outcome = await wait.finish()
+  t.is(outcome.error?.code, 'ERR_ABORTED')
+  t.true(outcome.elapsedMs < ms(5000))
+})
+
+test.serial("'arrival' events fire exactly once per tagged call, none for untagged calls", async (t) => {
+  const { peer, prefill } = await setup(t)
+  const calls: Array<{ layer: number; tag: bigint | string; blocks: number[] }> = [
+    { layer: 0, tag: 1n, blocks: [0] },
+    { layer: 1, tag: 1n, blocks: [1, 2] },
+    { layer: 2, tag: 1n, blocks: [3, 4, 5] },
+    { layer: 0, tag: 'b', blocks: [6] },
+    { layer: 0, tag: 'b', blocks: [7] }, // the same layer twice: two events
+    { layer: 1, tag: 0n, blocks: [] }, // an empty tagged call still reports
+  ]
+  await Promise.all(calls.map((c) => prefill.comm.writeCache(HOST, peer.port, c.blocks, c.blocks, c.layer, { tag: c.tag })))
+  // Untagged calls: no events.
+  await prefill.comm.writeCache(HOST, peer.port, [8, 9], [8, 9], 2)
+  await prefill.comm.writeCache(HOST, peer.port, [10], [10], 0, {})
+  t.true(await eventually(async () => (await peer.events()).length >= calls.length, ms(10_000)), 'all events arrive')
+  await sleep(ms(500)) // room for duplicates to show up
+  const events = await peer.events()
+  const key = (e: { layer: number; tag: bigint | string; blocks: number }) => `${typeof e.tag}:${String(e.tag)}:${e.layer}:${e.blocks}`
+  t.deepEqual(
+    events.map((e) => key({ layer: e.layerIdx, tag: e.tag, blocks: e.blocks })).sort(),
+    calls.map((c) => key({ layer: c.layer, tag: c.tag, blocks: c.blocks.length })).sort(),
+  )
+  t.true(events.every((e) => e.peer === 'prefill-arrivals'))
+})

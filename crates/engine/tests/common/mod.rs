@@ -1,0 +1,134 @@
+//! Shared fixtures of the engine's integration tests: two engines with patterned or zeroed
+//! regions, connected through the same handshake calls the control plane makes.
+#![allow(dead_code)]
+
+use kvtransfer_engine::config::RdmaSettings;
+use kvtransfer_engine::{ArrivalSink, Engine, EngineOptions, Role};
+use std::time::Duration;
+
+pub struct Side {
+    pub engine: Engine,
+    pub keys: Vec<Vec<u8>>,
+    pub values: Vec<Vec<u8>>,
+    pub block_bytes: usize,
+}
+
+/// Deterministic content of a prefill block, distinct per layer, kind and block.
+pub fn pattern(layer: usize, kind: u8, block: usize, block_bytes: usize) -> Vec<u8> {
+    (0..block_bytes)
+        .map(|i| {
+            (i as u64 * 31 + block as u64 * 7 + layer as u64 * 131 + u64::from(kind) * 17 + 1) as u8
+        })
+        .collect()
+}
+
+pub struct SideSpec {
+    pub role: Role,
+    pub layers: usize,
+    pub block_number: usize,
+    pub block_bytes: usize,
+    pub fill: bool,
+    pub with_values: bool,
+    pub transport: &'static str,
+    pub rdma: Option<RdmaSettings>,
+    pub arrivals: Option<ArrivalSink>,
+}
+
+impl SideSpec {
+    pub fn new(role: Role, layers: usize, block_number: usize, block_bytes: usize) -> SideSpec {
+        SideSpec {
+            role,
+            layers,
+            block_number,
+            block_bytes,
+            fill: role == Role::Prefill,
+            with_values: true,
+            transport: "tcp",
+            rdma: None,
+            arrivals: None,
+        }
+    }
+
+    pub fn build(self) -> Side {
+        self.try_build().unwrap()
+    }
+
+    pub fn try_build(self) -> kvtransfer_engine::Result<Side> {
+        let make = |kind: u8| -> Vec<Vec<u8>> {
+            (0..self.layers)
+                .map(|layer| {
+                    if self.fill {
+                        (0..self.block_number)
+                            .flat_map(|b| pattern(layer, kind, b, self.block_bytes))
+                            .collect()
+                    } else {
+                        vec![0u8; self.block_number * self.block_bytes]
+                    }
+                })
+                .collect()
+        };
+        let mut keys = make(0);
+        let mut values = if self.with_values {
+            make(1)
+        } else {
+            Vec::new()
+        };
+        let engine = Engine::new(EngineOptions {
+            role: self.role,
+            gpu_idx: 0,
+            name: format!("{}-test", self.role.as_str()),
+            keys: keys.iter_mut().map(|r| r.as_mut_ptr() as u64).collect(),
+            values: values.iter_mut().map(|r| r.as_mut_ptr() as u64).collect(),
+            block_number: self.block_number as u32,
+            block_bytes: self.block_bytes as u64,
+            transport: Some(self.transport.into()),
+            arrivals: self.arrivals,
+            connect_timeout: Duration::from_secs(10),
+            rdma_settings: self.rdma,
+        })?;
+        Ok(Side {
+            engine,
+            keys,
+            values,
+            block_bytes: self.block_bytes,
+        })
+    }
+}
+
+/// The handshake of `connect`: hello → accept → finish.
+pub fn connect(prefill: &Side, decode: &Side, key: &str) {
+    let hello = prefill.engine.hello(key).unwrap();
+    let reply = decode.engine.accept(&hello).unwrap();
+    prefill
+        .engine
+        .finish_connect(key, "127.0.0.1", &reply)
+        .unwrap();
+}
+
+/// Asserts that decode block `remote[i]` equals prefill block `local[i]` (K and V) for the
+/// layer, and that every other decode block of the layer is still zero.
+pub fn assert_written(prefill: &Side, decode: &Side, layer: usize, local: &[u32], remote: &[u32]) {
+    let bb = decode.block_bytes;
+    let pairs: Vec<(&Vec<u8>, &Vec<u8>)> =
+        std::iter::once((&decode.keys[layer], &prefill.keys[layer]))
+            .chain(decode.values.get(layer).zip(prefill.values.get(layer)))
+            .collect();
+    for (kind, (dst, src)) in pairs.into_iter().enumerate() {
+        for block in 0..dst.len() / bb {
+            let got = &dst[block * bb..(block + 1) * bb];
+            match remote.iter().rposition(|&r| r as usize == block) {
+                Some(i) => {
+                    let l = local[i] as usize;
+                    assert!(
+                        got == &src[l * bb..(l + 1) * bb],
+                        "layer {layer} kind {kind} block {block} differs from local block {l}"
+                    );
+                }
+                None => assert!(
+                    got.iter().all(|&b| b == 0),
+                    "layer {layer} kind {kind}: unlisted block {block} was written"
+                ),
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# run-rdma-tests.sh - build the RDMA test binaries on the host, then run them
+# (plus optional hooks) in ONE boot of the Soft-RoCE VM (run-in-rxe-vm.sh).
+#
+# Usage:  scripts/rxe-vm/run-rdma-tests.sh [GUEST_CMD...]
+#   Each GUEST_CMD is an extra shell command run in the guest after the tests
+#   (from the repository root), like the hooks below.
+#
+# In the guest (scripts/rxe-vm/guest-tests.sh):
+#   1. every test binary of the packages runs (cwd = its package directory),
+#      with KVTRANSFER_RDMA_DEVICE=rxe0, KVTRANSFER_GID_INDEX (1 on rxe) and
+#      KVTRANSFER_RDMA_IP=10.77.0.1 set: tests in tests/rdma_*.rs skip without
+#      these variables and fail on any problem with them;
+#   2. every executable scripts/rxe-vm/guest.d/*.sh, in name order;
+#   3. every line of the file named by RDMA_EXTRA_CMDS, then each GUEST_CMD.
+#   It prints `rdma: N passed, N failed` and fails if anything failed.
+#
+# Env:  RDMA_TEST_PACKAGES  cargo -p list (default "kvtransfer-verbs kvtransfer-engine")
+#       RDMA_TEST_BINS      regex on test binary names to run (default: all)
+#       RDMA_TEST_TIMEOUT   seconds per test binary in the guest   (default 900)
+#       RDMA_HOOK_TIMEOUT   seconds per hook / extra command        (default 1800)
+#       RDMA_EXTRA_CMDS     file of extra guest commands, one per line
+#       RXE_VM_TIMEOUT      whole VM run (default here 3600); other RXE_VM_* pass through
+#       KVTRANSFER_ALLOW_RDMA_SKIP=1  exit 0 with "SKIP: reason" when the VM
+#                           cannot run here (not root, no qemu); otherwise exit 1.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cd "$root"
+
+unavailable() {
+  if [[ ${KVTRANSFER_ALLOW_RDMA_SKIP:-0} == 1 ]]; then echo "SKIP: RDMA tests not run: $*"; exit 0; fi
+  echo "FAIL: RDMA tests cannot run: $* (set KVTRANSFER_ALLOW_RDMA_SKIP=1 to skip instead)" >&2
+  exit 1
+}
+[[ $(id -u) == 0 ]] || unavailable "not root (the Soft-RoCE VM needs root)"
+command -v qemu-system-x86_64 >/dev/null || command -v apt-get >/dev/null \
+  || unavailable "qemu-system-x86_64 is missing and apt-get is unavailable to install it"
+
+out=$root/target/rxe-vm
+mkdir -p "$out"
+list=$out/tests.list
+extra=$out/extra-cmds
+read -r -a pkgs <<< "${RDMA_TEST_PACKAGES:-kvtransfer-verbs kvtransfer-engine}"
+pargs=()
+for p in "${pkgs[@]}"; do pargs+=(-p "$p"); done
+
+echo "[rdma] building test binaries: ${pkgs[*]}" >&2
+cargo test --release "${pargs[@]}" --no-run --message-format=json > "$out/build.json"
+python3 - "$out/build.json" "${RDMA_TEST_BINS:-}" > "$list" <<'PY'
+import json, os, re, sys
+path, pat = sys.argv[1], sys.argv[2]
+seen = set()
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("profile", {}).get("test"):
+        continue
+    exe = m.get("executable")
+    if not exe or exe in seen:
+        continue
+    seen.add(exe)
+    name = m["target"]["name"]
+    if pat and not re.search(pat, name):
+        continue
+    print(f"{name}\t{os.path.dirname(m['manifest_path'])}\t{exe}")
+PY
+[[ -s $list ]] || { echo "FAIL: no test binaries found (RDMA_TEST_BINS=${RDMA_TEST_BINS:-})" >&2; exit 1; }
+echo "[rdma] $(wc -l < "$list") test binaries" >&2
+
+: > "$extra"
+for c in "$@"; do printf '%s\n' "$c" >> "$extra"; done
+
+export RXE_VM_TIMEOUT=${RXE_VM_TIMEOUT:-3600}
+rc=0
+"$here/run-in-rxe-vm.sh" bash "$here/guest-tests.sh" "$list" "$extra" || rc=$?
+if [[ $rc == 125 ]] && ! command -v qemu-system-x86_64 >/dev/null; then
+  unavailable "qemu-system-x86_64 could not be installed"
+fi
+case $rc in
+  0) ;;
+  124) echo "FAIL: the RDMA VM timed out after ${RXE_VM_TIMEOUT}s" >&2 ;;
+  125) echo "FAIL: the RDMA VM failed before running the tests (see [rxe-vm] lines above)" >&2 ;;
+  *) echo "FAIL: RDMA tests failed (guest exit $rc)" >&2 ;;
+esac
+((rc == 0)) || exit 1

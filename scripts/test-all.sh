@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The whole test suite: lints, generated-file check, Rust tests, the ava suite across real
+# processes, the Soft-RoCE VM suite, the packaging check. Ends with `N passed, N failed`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=${KVTRANSFER_TEST_LOG:-$(mktemp -d /tmp/kvtransfer-test.XXXXXX)}
+mkdir -p "$LOG"
+passed=0 failed=0 skipped=0
+step() { echo; echo "=== $* ==="; }
+ok() { passed=$((passed + ${2:-1})); echo "ok: $1"; }
+bad() { failed=$((failed + ${2:-1})); echo "FAILED: $1"; }
+
+# Counts `test result: ok. N passed; M failed` lines of cargo test output.
+cargo_counts() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+       END { print p + 0, f + 0 }' "$1"
+}
+
+step "format and lints"
+if cargo fmt --all --check >"$LOG/fmt.log" 2>&1; then ok "cargo fmt"; else cat "$LOG/fmt.log"; bad "cargo fmt --check"; fi
+if cargo clippy --workspace --all-targets -- -D warnings >"$LOG/clippy.log" 2>&1; then ok "cargo clippy"; else tail -50 "$LOG/clippy.log"; bad "cargo clippy"; fi
+
+step "native build (napi) and generated files"
+if npx napi build --platform --release --js index.js --dts index.d.ts >"$LOG/napi.log" 2>&1; then
+  ok "napi build"
+  if git diff --quiet -- index.js index.d.ts 2>/dev/null; then ok "index.js / index.d.ts up to date"
+  else git --no-pager diff --stat -- index.js index.d.ts; bad "generated index.js / index.d.ts are stale: rebuild and commit them"; fi
+else tail -40 "$LOG/napi.log"; bad "napi build"; fi
+if readelf -d kvtransfer.linux-x64-gnu.node | grep -E 'NEEDED.*(ibverbs|rdmacm)'; then bad "the addon links rdma-core"; else ok "no NEEDED rdma-core entry in the addon"; fi
+
+step "TypeScript"
+if npx tsc -p tsconfig.json >"$LOG/tsc.log" 2>&1 && npx tsc -p __test__/tsconfig.json --noEmit >>"$LOG/tsc.log" 2>&1; then ok "tsc (package and tests)"
+else cat "$LOG/tsc.log"; bad "tsc"; fi
+
+step "cargo test"
+cargo test --workspace --release 2>&1 | tee "$LOG/cargo-test.log" | grep -E '^test result|FAILED|panicked' || true
+read -r p f < <(cargo_counts "$LOG/cargo-test.log")
+passed=$((passed + p)); failed=$((failed + f))
+if ! grep -q '^test result' "$LOG/cargo-test.log"; then tail -30 "$LOG/cargo-test.log"; bad "cargo test did not run"; fi
+
+step "ava (two real processes, transport ${KVTRANSFER_TEST_TRANSPORT:-tcp})"
+npx ava --tap 2>&1 | tee "$LOG/ava.tap" | grep -E '^(not ok|# )' || true
+p=$(awk '/^# pass/ {print $3}' "$LOG/ava.tap"); f=$(awk '/^# fail/ {print $3}' "$LOG/ava.tap")
+passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
+[[ -n ${p:-} ]] || { tail -30 "$LOG/ava.tap"; bad "ava did not report"; }
+
+step "Soft-RoCE VM: RDMA tests"
+if [[ -x scripts/rxe-vm/run-rdma-tests.sh ]]; then
+  scripts/rxe-vm/run-rdma-tests.sh 2>&1 | tee "$LOG/rdma.log"
+  rc=${PIPESTATUS[0]}
+  line=$(grep -E '^rdma: [0-9]+ passed, [0-9]+ failed' "$LOG/rdma.log" | tail -1)
+  if [[ -n $line ]]; then
+    p=$(sed -E 's/^rdma: ([0-9]+) passed, ([0-9]+) failed.*/\1/' <<<"$line"); f=$(sed -E 's/^rdma: ([0-9]+) passed, ([0-9]+) failed.*/\2/' <<<"$line")
+    passed=$((passed + p)); failed=$((failed + f))
+    [[ $rc == 0 || $f != 0 ]] || bad "RDMA VM run exited $rc"
+  elif grep -q '^SKIP' "$LOG/rdma.log" && [[ $rc == 0 ]]; then skipped=$((skipped + 1))
+  else bad "RDMA VM run (exit $rc)"; fi
+else
+  bad "scripts/rxe-vm/run-rdma-tests.sh is missing"
+fi
+
+if [[ -x scripts/pack-test.sh ]]; then
+  step "packaging: install the packed tarballs into a fresh project and run the demo"
+  if scripts/pack-test.sh >"$LOG/pack.log" 2>&1; then ok "pack-test"; else tail -40 "$LOG/pack.log"; bad "pack-test"; fi
+fi
+
+echo
+echo "logs: $LOG"
+if ((skipped)); then echo "$passed passed, $failed failed, $skipped skipped"; else echo "$passed passed, $failed failed"; fi
+((failed == 0))
