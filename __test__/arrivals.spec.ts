@@ -3,7 +3,7 @@
  * reports what it got plus the digests of its memory at that moment.
  */
 import test, { type ExecutionContext } from 'ava'
-import { HOST, Mirror, connect, differences, eventually, makePrefill, ms, spawnPeer, sleep, type Arrival } from './helpers.js'
+import { HOST, Mirror, assertPeerMatches, connect, differences, eventually, makePrefill, ms, spawnPeer, sleep, type Arrival } from './helpers.js'
 
 const LAYERS = 3
 const BLOCK_BYTES = 8192
@@ -137,4 +137,53 @@ test.serial("'arrival' events fire exactly once per tagged call, none for untagg
     calls.map((c) => key({ layer: c.layer, tag: c.tag, blocks: c.blocks.length })).sort(),
   )
   t.true(events.every((e) => e.peer === 'prefill-arrivals'))
+})
+
+test.serial('60 layers, tags interleaved from two prefill peers into one decode: each notice once, after its bytes', async (t) => {
+  const layers = 60
+  const blocks = 16
+  const blockBytes = 1024
+  const peer = await spawnPeer(t, { layers, blockNumber: blocks, blockBytes })
+  const a = makePrefill(t, { layers, blockNumber: blocks, blockBytes, name: 'prefill-a' })
+  const b = makePrefill(t, { layers, blockNumber: blocks, blockBytes, name: 'prefill-b' })
+  await connect(t, a, peer)
+  await connect(t, b, peer)
+  const mirrorA = new Mirror(a, blocks)
+  const mirrorB = new Mirror(b, blocks)
+  const tags = { a: ['a-0', 'a-1'], b: [7n, 8n] }
+  const waits = await Promise.all([...tags.a, ...tags.b].map((tag) => peer.startWait(tag, { layers, timeoutMs: ms(120_000) })))
+  // Peer a writes remote blocks 0..7 (tag a-0 even layers' ids 0..3, a-1 ids 4..7), peer b 8..15.
+  const calls: Promise<void>[] = []
+  for (let layer = 0; layer < layers; layer++) {
+    for (let i = 0; i < 2; i++) {
+      const localA = [i * 4, i * 4 + 1, i * 4 + 2, i * 4 + 3]
+      const localB = [15 - i * 4, 14 - i * 4, 13 - i * 4, 12 - i * 4]
+      const remoteA = localA
+      const remoteB = [8 + i * 4, 9 + i * 4, 10 + i * 4, 11 + i * 4]
+      calls.push(a.comm.writeCache(HOST, peer.port, localA, remoteA, layer, { tag: tags.a[i] }))
+      calls.push(b.comm.writeCache(HOST, peer.port, localB, remoteB, layer, { tag: tags.b[i] }))
+      mirrorA.apply(layer, localA, remoteA)
+      mirrorB.apply(layer, localB, remoteB)
+    }
+  }
+  await Promise.all(calls)
+  for (let layer = 0; layer < layers; layer++) {
+    mirrorB.keys[layer].copy(mirrorA.keys[layer], 8 * blockBytes, 8 * blockBytes)
+    mirrorB.values[layer].copy(mirrorA.values[layer], 8 * blockBytes, 8 * blockBytes)
+  }
+  for (const wait of waits) {
+    const outcome = await wait.finish()
+    t.true(outcome.ok, outcome.error?.message)
+    t.is(outcome.arrivals!.length, layers)
+    t.deepEqual(
+      outcome.arrivals!.map((x) => x.layerIdx).sort((x, y) => x - y),
+      Array.from({ length: layers }, (_, i) => i),
+    )
+  }
+  t.true(await eventually(async () => (await peer.events()).length === layers * 4, ms(10_000)))
+  const events = await peer.events()
+  const seen = new Set(events.map((e) => `${e.peer}|${String(e.tag)}|${e.layerIdx}`))
+  t.is(seen.size, layers * 4, 'every (peer, tag, layer) notice exactly once')
+  t.true(events.every((e) => (e.peer === 'prefill-a') === (typeof e.tag === 'string') && e.blocks === 4))
+  await assertPeerMatches(t, peer, mirrorA)
 })

@@ -564,11 +564,15 @@ fn select_gid(
     let gid = context
         .query_gid(port, index)
         .map_err(|e| rdma_err("ibv_query_gid", e))?;
-    crate::log::error(format_args!(
-        "rdma: GID index {} is not a RoCE v2 IPv4 GID on {} port {port}; using index {index} (set KVCACHE_RDMA_GID_INDEX to choose)",
-        crate::config::DEFAULT_GID_INDEX,
-        context.name()
-    ));
+    // Logged once per process: every communicator of a process makes the same choice.
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| {
+        crate::log::error(format_args!(
+            "rdma: GID index {} is not a RoCE v2 IPv4 GID on {} port {port}; using index {index} (set KVCACHE_RDMA_GID_INDEX to choose)",
+            crate::config::DEFAULT_GID_INDEX,
+            context.name()
+        ))
+    });
     Ok((index, gid))
 }
 
