@@ -14,8 +14,12 @@ export declare class NativeCommunicator {
   constructor(options: NativeOptions, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
   /** "tcp" or "rdma": the transport this side offers. */
   get transport(): string
-  /** First handshake message to the peer `peer_key` (this side's descriptor). */
-  hello(peerKey: string): Buffer
+  /** First handshake message to the peer `peer_key`: this side's nonce. */
+  authChallenge(peerKey: string): Buffer
+  /** Answers a connecting peer's challenge (this side's nonce and proof), or throws. */
+  authRespond(challenge: Buffer): Buffer
+  /** Checks the acceptor's `response`, then returns this side's descriptor envelope. */
+  hello(peerKey: string, response: Buffer): Buffer
   /** Answers a peer's hello with this side's descriptor, or throws why it is refused. */
   accept(hello: Buffer): Buffer
   /** Opens the data path to the peer that sent `reply`; resolves when usable. */
@@ -24,7 +28,15 @@ export declare class NativeCommunicator {
   /** The transport used with a connected peer, or null. */
   peerTransport(peerKey: string): string | null
   /** Validates synchronously (throws, nothing sent) and resolves when the peer has every byte. */
-  writeCache(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null): Promise<void>
+  writeCache(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): Promise<void>
+  /**
+   * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
+   * whether a link existed, once no byte of its calls can land any more and every
+   * pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`).
+   */
+  cancelPeer(peerKey: string, reason: string, timeoutMs?: number | undefined | null): Promise<boolean>
+  /** Live resources of the engine (peers, links, receivers, regions, threads). */
+  stats(): NativeStats
   /** Closes all links; afterwards no engine thread touches the regions. */
   close(): Promise<void>
 }
@@ -51,4 +63,17 @@ export interface NativeOptions {
   transport?: string
   /** Milliseconds the data connection may take to open (default 10000). */
   connectTimeoutMs?: number
+  /** Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none. */
+  authToken?: string
+}
+
+/** Live resources of the native engine (leak checks). */
+export interface NativeStats {
+  peers: number
+  liveLinks: number
+  tcpReceivers: number
+  registeredRegions: number
+  pendingChallenges: number
+  timedCalls: number
+  processThreads: number
 }

@@ -228,7 +228,15 @@ export interface Prefill {
 /** A prefill communicator in this process with random K (and V) regions; closed after the test. */
 export function makePrefill(
   t: ExecutionContext | undefined,
-  options: { layers: number; blockNumber: number; blockBytes: number; keyOnly?: boolean; name?: string },
+  options: {
+    layers: number
+    blockNumber: number
+    blockBytes: number
+    keyOnly?: boolean
+    name?: string
+    authToken?: string
+    writeTimeoutMs?: number
+  },
 ): Prefill {
   const { layers, blockNumber, blockBytes } = options
   const fill = () => randomFillSync(Buffer.alloc(blockNumber * blockBytes))
@@ -244,6 +252,8 @@ export function makePrefill(
     blockBytes,
     transport: TRANSPORT,
     name: options.name ?? 'prefill-test',
+    authToken: options.authToken ?? '',
+    writeTimeoutMs: options.writeTimeoutMs,
   })
   t?.teardown(() => comm.close())
   return {

@@ -38,6 +38,35 @@ read -r p f < <(cargo_counts "$LOG/cargo-test.log")
 passed=$((passed + p)); failed=$((failed + f))
 if ! grep -q '^test result' "$LOG/cargo-test.log"; then tail -30 "$LOG/cargo-test.log"; bad "cargo test did not run"; fi
 
+step "fuzzing (cargo fuzz, ${KVTRANSFER_FUZZ_SECONDS:-20} s per target)"
+# Needs a nightly toolchain; installs cargo-fuzz when missing. docs/fuzzing.md: long runs.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  if ! command -v cargo-fuzz >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked >"$LOG/cargo-fuzz-install.log" 2>&1 || { tail -20 "$LOG/cargo-fuzz-install.log"; bad "cargo install cargo-fuzz"; }
+  fi
+  if cargo fuzz --version >/dev/null 2>&1; then
+    if (cd fuzz && cargo +nightly fuzz build) >"$LOG/fuzz-build.log" 2>&1; then
+      for target in $(cd fuzz && cargo +nightly fuzz list); do
+        if (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="${KVTRANSFER_FUZZ_SECONDS:-20}" -rss_limit_mb=1024) >"$LOG/fuzz-$target.log" 2>&1; then
+          ok "fuzz $target ($(grep -oE '#[0-9]+' "$LOG/fuzz-$target.log" | tail -1 | tr -d '#') runs)"
+        else tail -30 "$LOG/fuzz-$target.log"; bad "fuzz $target (artifacts in fuzz/artifacts/$target)"; fi
+      done
+    else tail -30 "$LOG/fuzz-build.log"; bad "cargo fuzz build"; fi
+  fi
+else
+  skipped=$((skipped + 1)); echo "SKIP: no nightly toolchain (rustup toolchain install nightly) - fuzz targets not run"
+fi
+
+step "TCP liveness with a silently vanished peer host (network namespaces, root)"
+if [[ $(id -u) == 0 ]] && command -v ip >/dev/null; then
+  # Already part of cargo test; run it once more, required, to report the measured times.
+  if KVTRANSFER_REQUIRE_NETNS=1 cargo test --release -p kvtransfer-engine --test netns_silent_peer -- --nocapture >"$LOG/netns.log" 2>&1; then
+    ok "netns silent peer: $(grep -o 'pending call rejected after [^ ]*' "$LOG/netns.log"), $(grep -o 'idle link disconnected after [^ ]*' "$LOG/netns.log")"
+  else tail -30 "$LOG/netns.log"; bad "netns silent peer"; fi
+else
+  skipped=$((skipped + 1)); echo "SKIP: not root - the network-namespace liveness test was not run"
+fi
+
 step "ava (two real processes, transport ${KVTRANSFER_TEST_TRANSPORT:-tcp})"
 npx ava --tap 2>&1 | tee "$LOG/ava.tap" | grep -E '^(not ok|# )' || true
 p=$(awk '/^# pass/ {print $3}' "$LOG/ava.tap"); f=$(awk '/^# fail/ {print $3}' "$LOG/ava.tap")

@@ -53,6 +53,20 @@ pub struct NativeOptions {
     pub transport: Option<String>,
     /// Milliseconds the data connection may take to open (default 10000).
     pub connect_timeout_ms: Option<u32>,
+    /// Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none.
+    pub auth_token: Option<String>,
+}
+
+/// Live resources of the native engine (leak checks).
+#[napi(object)]
+pub struct NativeStats {
+    pub peers: u32,
+    pub live_links: u32,
+    pub tcp_receivers: u32,
+    pub registered_regions: u32,
+    pub pending_challenges: u32,
+    pub timed_calls: u32,
+    pub process_threads: u32,
 }
 
 /// An arrival notice: every byte of a tagged `writeCache` call is in this side's memory.
@@ -104,7 +118,12 @@ pub struct NativeCommunicator {
     engine: Engine,
     /// JS-owned regions, held so that their memory outlives every transfer.
     _regions: Vec<RegionInput>,
+    /// The arrival callback; dropped at close so that the JS function it holds (which
+    /// refers back to the communicator) no longer keeps the communicator alive.
+    arrival_fn: ArrivalSlot,
 }
+
+type ArrivalSlot = Arc<std::sync::Mutex<Option<Arc<ArrivalCallback>>>>;
 
 #[napi]
 impl NativeCommunicator {
@@ -151,6 +170,7 @@ impl NativeCommunicator {
             .enumerate()
             .map(|(i, r)| region_address("localValueCache", i, r, region_bytes))
             .collect::<Result<Vec<_>>>()?;
+        let arrival_fn: ArrivalSlot = Arc::default();
         let arrivals = match on_arrival {
             Some(callback) => {
                 let tsfn: Arc<ArrivalCallback> = Arc::new(
@@ -160,7 +180,12 @@ impl NativeCommunicator {
                         .callee_handled::<false>()
                         .build()?,
                 );
+                *arrival_fn.lock().unwrap_or_else(|p| p.into_inner()) = Some(tsfn);
+                let slot = arrival_fn.clone();
                 let sink: kvtransfer_engine::ArrivalSink = Arc::new(move |arrival: Arrival| {
+                    let Some(tsfn) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+                        return;
+                    };
                     let notice = ArrivalNotice {
                         peer: arrival.peer,
                         tag: arrival.tag.into(),
@@ -173,7 +198,18 @@ impl NativeCommunicator {
             }
             None => None,
         };
-        let engine = Engine::new(EngineOptions {
+        // JS buffers are host memory by construction: CUDA is asked only about bigints.
+        let js_buffers: Vec<u64> = options
+            .local_key_cache
+            .iter()
+            .chain(&options.local_value_cache)
+            .filter_map(|r| match r {
+                Either::B(bytes) => Some(bytes.as_ptr() as u64),
+                Either::A(_) => None,
+            })
+            .collect();
+        let known_host = |addr: u64| js_buffers.contains(&addr);
+        let engine_options = EngineOptions {
             role,
             gpu_idx: options.gpu_idx,
             name: options.name,
@@ -187,13 +223,15 @@ impl NativeCommunicator {
                 options.connect_timeout_ms.unwrap_or(10_000),
             )),
             rdma_settings: None,
-        })
-        .map_err(to_js_error)?;
+            auth_token: options.auth_token.map(String::into_bytes),
+        };
+        let engine = Engine::with_known_host(engine_options, &known_host).map_err(to_js_error)?;
         let mut regions = options.local_key_cache;
         regions.extend(options.local_value_cache);
         Ok(NativeCommunicator {
             engine,
             _regions: regions,
+            arrival_fn,
         })
     }
 
@@ -203,11 +241,29 @@ impl NativeCommunicator {
         self.engine.transport_name()
     }
 
-    /// First handshake message to the peer `peer_key` (this side's descriptor).
+    /// First handshake message to the peer `peer_key`: this side's nonce.
     #[napi]
-    pub fn hello(&self, peer_key: String) -> Result<Buffer> {
+    pub fn auth_challenge(&self, peer_key: String) -> Result<Buffer> {
         self.engine
-            .hello(&peer_key)
+            .auth_challenge(&peer_key)
+            .map(Buffer::from)
+            .map_err(to_js_error)
+    }
+
+    /// Answers a connecting peer's challenge (this side's nonce and proof), or throws.
+    #[napi]
+    pub fn auth_respond(&self, challenge: Buffer) -> Result<Buffer> {
+        self.engine
+            .auth_respond(&challenge)
+            .map(Buffer::from)
+            .map_err(to_js_error)
+    }
+
+    /// Checks the acceptor's `response`, then returns this side's descriptor envelope.
+    #[napi]
+    pub fn hello(&self, peer_key: String, response: Buffer) -> Result<Buffer> {
+        self.engine
+            .hello(&peer_key, &response)
             .map(Buffer::from)
             .map_err(to_js_error)
     }
@@ -262,6 +318,7 @@ impl NativeCommunicator {
 
     /// Validates synchronously (throws, nothing sent) and resolves when the peer has every byte.
     #[napi(ts_return_type = "Promise<void>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn write_cache<'env>(
         &self,
         env: &'env Env,
@@ -270,15 +327,23 @@ impl NativeCommunicator {
         remote_block_ids: Either3<Uint32Array, Int32Array, Float64Array>,
         layer_idx: f64,
         tag: Option<Buffer>,
+        timeout_ms: Option<f64>,
     ) -> Result<PromiseRaw<'env, ()>> {
+        let deadline = match timeout_ms {
+            Some(ms) if ms.is_finite() && ms > 0.0 => {
+                Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
+            }
+            _ => None,
+        };
         let completion = self
             .engine
-            .write_cache(
+            .write_cache_until(
                 &peer_key,
                 block_ids(&local_block_ids),
                 block_ids(&remote_block_ids),
                 layer_idx,
                 tag.map(|t| t.to_vec()),
+                deadline,
             )
             .map_err(to_js_error)?;
         env.spawn_future(async move {
@@ -289,15 +354,70 @@ impl NativeCommunicator {
         })
     }
 
+    /// Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
+    /// whether a link existed, once no byte of its calls can land any more and every
+    /// pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`).
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn cancel_peer<'env>(
+        &self,
+        env: &'env Env,
+        peer_key: String,
+        reason: String,
+        timeout_ms: Option<f64>,
+    ) -> Result<PromiseRaw<'env, bool>> {
+        let error = match reason.as_str() {
+            "abort" => kvtransfer_engine::Error::Aborted,
+            "timeout" => kvtransfer_engine::Error::Timeout {
+                ms: timeout_ms.unwrap_or(0.0).max(0.0) as u64,
+                what: format!("a call to {peer_key}; the connection was torn down first"),
+            },
+            other => {
+                return Err(invalid(
+                    "reason",
+                    format!("'{other}' is not 'abort' or 'timeout'"),
+                ))
+            }
+        };
+        let engine = self.engine.clone();
+        let (done, completion) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("kvt-cancel".into())
+            .spawn(move || {
+                let _ = done.send(engine.cancel_peer(&peer_key, error));
+            })
+            .map_err(|e| {
+                napi::Error::from_reason(format!("[ERR_IO] cannot start a cancel thread: {e}"))
+            })?;
+        env.spawn_future(async move { Ok(completion.await.unwrap_or(false)) })
+    }
+
+    /// Live resources of the engine (peers, links, receivers, regions, threads).
+    #[napi]
+    pub fn stats(&self) -> NativeStats {
+        let s = self.engine.stats();
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        NativeStats {
+            peers: n(s.peers),
+            live_links: n(s.live_links),
+            tcp_receivers: n(s.tcp_receivers),
+            registered_regions: n(s.registered_regions),
+            pending_challenges: n(s.pending_challenges),
+            timed_calls: n(s.timed_calls),
+            process_threads: n(s.process_threads),
+        }
+    }
+
     /// Closes all links; afterwards no engine thread touches the regions.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
         let engine = self.engine.clone();
+        let arrival_fn = self.arrival_fn.clone();
         let (done, completion) = oneshot::channel();
         std::thread::Builder::new()
             .name("kvt-close".into())
             .spawn(move || {
                 engine.close();
+                arrival_fn.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let _ = done.send(());
             })
             .map_err(|e| {

@@ -14,6 +14,18 @@ const MAX_CONTROL_FRAME_BYTES = 256 * 1024
 /** What the acceptor does with a hello: return the reply descriptor or throw a KvTransferError. */
 export type HelloHandler = (hello: Buffer) => Buffer
 
+/**
+ * The acceptor's handlers, one per request kind:
+ * - `challenge` (connector's nonce) → `nonce` (acceptor's nonce and proof of the shared secret)
+ * - `hello` (authenticated descriptor envelope) → `welcome` (reply envelope)
+ */
+export interface ControlHandlers {
+  challenge: HelloHandler
+  hello: HelloHandler
+}
+
+const ANSWERS: Record<keyof ControlHandlers, string> = { challenge: 'nonce', hello: 'welcome' }
+
 export class ControlServer {
   private readonly router: zmq.Router
   private closed = false
@@ -21,7 +33,7 @@ export class ControlServer {
   /** Resolves with the bound port once listening. */
   readonly ready: Promise<number>
 
-  constructor(host: string, port: number, private readonly onHello: HelloHandler) {
+  constructor(host: string, port: number, private readonly handlers: ControlHandlers) {
     this.router = new zmq.Router({ linger: 0, maxMessageSize: MAX_CONTROL_FRAME_BYTES })
     const endpoint = `tcp://${host}:${port === 0 ? '*' : port}`
     this.ready = this.router.bind(endpoint).then(
@@ -50,12 +62,13 @@ export class ControlServer {
         return // closed
       }
       const [identity, protocol, kind, body] = frames
+      const request = kind?.toString() as keyof ControlHandlers
       let reply: Buffer[]
-      if (frames.length !== 4 || protocol.toString() !== CONTROL_PROTOCOL || kind.toString() !== 'hello') {
-        reply = refusal('ERR_PROTOCOL', `expected [${CONTROL_PROTOCOL}, hello, descriptor], got ${frames.length - 1} frames`)
+      if (frames.length !== 4 || protocol.toString() !== CONTROL_PROTOCOL || (request !== 'hello' && request !== 'challenge')) {
+        reply = refusal('ERR_PROTOCOL', `expected [${CONTROL_PROTOCOL}, challenge|hello, body], got ${frames.length - 1} frames`)
       } else {
         try {
-          reply = [Buffer.from(CONTROL_PROTOCOL), Buffer.from('welcome'), this.onHello(body)]
+          reply = [Buffer.from(CONTROL_PROTOCOL), Buffer.from(ANSWERS[request]), this.handlers[request](body)]
         } catch (error) {
           const e = error instanceof KvTransferError ? error : new KvTransferError('ERR_PROTOCOL', String(error))
           reply = refusal(e.code, e.message)
@@ -81,13 +94,14 @@ function refusal(code: string, message: string): Buffer[] {
 }
 
 /**
- * Sends `hello` to the communicator listening on `host:port` and returns its reply
- * descriptor. Waits up to `timeoutMs` for the peer, which may start later.
+ * Sends one request (`challenge` or `hello`) to the communicator listening on `host:port`
+ * and returns its answer's body. Waits up to `timeoutMs` for the peer, which may start later.
  */
-export async function exchangeHello(
+export async function exchange(
   host: string,
   port: number,
-  hello: Buffer,
+  request: keyof ControlHandlers,
+  body: Buffer,
   timeoutMs: number,
   signal?: AbortSignal,
 ): Promise<Buffer> {
@@ -107,7 +121,7 @@ export async function exchangeHello(
     dealer.connect(`tcp://${host}:${port}`)
     let frames: Buffer[]
     try {
-      await dealer.send([Buffer.from(CONTROL_PROTOCOL), Buffer.from('hello'), hello])
+      await dealer.send([Buffer.from(CONTROL_PROTOCOL), Buffer.from(request), body])
       frames = await dealer.receive()
     } catch (error) {
       if (signal?.aborted) throw new KvTransferError('ERR_ABORTED', `connect to ${peer} was aborted`)
@@ -124,7 +138,7 @@ export async function exchangeHello(
     if (protocol?.toString() !== CONTROL_PROTOCOL) {
       throw new KvTransferError('ERR_PROTOCOL', `${peer} does not speak ${CONTROL_PROTOCOL}`)
     }
-    if (kind?.toString() === 'welcome' && rest.length === 1) return rest[0]
+    if (kind?.toString() === ANSWERS[request] && rest.length === 1) return rest[0]
     if (kind?.toString() === 'refused' && rest.length === 2) {
       const code = rest[0].toString() as KvTransferError['code']
       throw new KvTransferError(code, `${peer} refused the connection: ${rest[1].toString()}`)

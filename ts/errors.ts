@@ -18,6 +18,7 @@ export type KvTransferErrorCode =
   | 'ERR_RDMA_UNAVAILABLE'
   | 'ERR_RDMA'
   | 'ERR_RDMA_COMPLETION'
+  | 'ERR_CUDA'
   | 'ERR_TIMEOUT'
   | 'ERR_ABORTED'
   | 'ERR_AUTH'
@@ -28,6 +29,11 @@ export class KvTransferError extends Error {
   /** Stable machine-readable code. */
   readonly code: KvTransferErrorCode
 
+  /**
+   * @param code - the stable code
+   * @param message - what was wrong: the value and the limit
+   * @param options - `cause`: the underlying error, if any
+   */
   constructor(code: KvTransferErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options)
     this.name = 'KvTransferError'
@@ -64,6 +70,7 @@ export async function nativeAsync<T>(promise: Promise<T>): Promise<T> {
   }
 }
 
+/** Builds the `ERR_INVALID_ARGUMENT` error for argument `name`: `invalid <name>: <reason>`. */
 export function invalidArgument(name: string, reason: string): KvTransferError {
   return new KvTransferError('ERR_INVALID_ARGUMENT', `invalid ${name}: ${reason}`)
 }

@@ -6,7 +6,7 @@
 import { EventEmitter } from 'node:events'
 import * as os from 'node:os'
 import { NativeCommunicator, ArrivalNotice } from '../index.js'
-import { ControlServer, exchangeHello } from './control'
+import { ControlServer, exchange } from './control'
 import { KvTransferError, fromNative, invalidArgument, native, nativeAsync } from './errors'
 
 export { KvTransferError } from './errors'
@@ -29,6 +29,7 @@ export type RequestTag = bigint | string
 
 /** Options of {@link RDMACommunicator}. */
 export interface CommunicatorOptions {
+  /** `'prefill'` (writes blocks to peers) or `'decode'` (receives them). */
   role: Role
   /** GPU index; also selects the RDMA NIC by modulo over `KVCACHE_RDMA_NICS`. */
   gpuIdx: number
@@ -38,7 +39,9 @@ export interface CommunicatorOptions {
   localKeyCache: CacheRegion[]
   /** One region per layer, or `[]` for key-only caches (e.g. MLA). */
   localValueCache: CacheRegion[]
+  /** Number of blocks in every region (block ids are `0..blockNumber-1`). */
   blockNumber: number
+  /** Bytes per block; each region is `blockNumber × blockBytes` bytes. Must match the peer's. */
   blockBytes: number
   /** Default: `KVCACHE_TRANSPORT`, else `'auto'`. */
   transport?: Transport
@@ -48,6 +51,16 @@ export interface CommunicatorOptions {
   name?: string
   /** Default timeout of `connect` in milliseconds (default 30000). */
   connectTimeoutMs?: number
+  /**
+   * Default timeout of `writeCache` in milliseconds (default 30000; 0: none). A call that
+   * times out tears the connection to its peer down before it rejects with `ERR_TIMEOUT`.
+   */
+  writeTimeoutMs?: number
+  /**
+   * Shared secret of the connection handshake (default: `KVCACHE_AUTH_TOKEN`; `''`: none).
+   * Both sides must have the same token, or neither; see README "Security".
+   */
+  authToken?: string
   /** Most arrival notices kept for tags nobody waits for yet (default 65536). */
   maxPendingArrivals?: number
 }
@@ -56,6 +69,7 @@ export interface CommunicatorOptions {
 export interface ConnectOptions {
   /** How long to wait for the peer to answer (it may start later). */
   timeoutMs?: number
+  /** Aborts the attempt; the promise rejects with `ERR_ABORTED`. */
   signal?: AbortSignal
 }
 
@@ -63,13 +77,46 @@ export interface ConnectOptions {
 export interface WriteOptions {
   /** Tag the call: the receiving side gets an `'arrival'` event after all its bytes landed. */
   tag?: RequestTag
+  /**
+   * Milliseconds until the call fails with `ERR_TIMEOUT` (default: the communicator's
+   * `writeTimeoutMs`, 30000; 0: none). Before it rejects, the connection to the peer is
+   * torn down, so none of its bytes can land later; other pending calls to that peer fail
+   * with `ERR_PEER_DISCONNECTED`; `connect` again to continue.
+   */
+  timeoutMs?: number
+  /**
+   * Aborting tears the connection to the peer down (as a timeout does) and rejects this
+   * call and every other pending call to that peer with `ERR_ABORTED`.
+   */
+  signal?: AbortSignal
+}
+
+/** Options of {@link RDMACommunicator.close}. */
+export interface CloseOptions {
+  /** Reject with `ERR_TIMEOUT` when the teardown takes longer (it still completes). */
+  timeoutMs?: number
+  /** Reject with `ERR_ABORTED` on abort (the teardown still completes). */
+  signal?: AbortSignal
+}
+
+/** Live native resources (leak checks). */
+export interface CommunicatorStats {
+  peers: number
+  liveLinks: number
+  tcpReceivers: number
+  registeredRegions: number
+  pendingChallenges: number
+  timedCalls: number
+  processThreads: number
 }
 
 /** Delivered on the receiving side after every byte of a tagged call is in its memory. */
 export interface Arrival {
   /** The writer's name (its `name` option). */
   peer: string
+  /** The tag the writer passed to `writeCache` (a bigint stays a bigint). */
   tag: RequestTag
+  /** The layer the call wrote. */
   layerIdx: number
   /** Number of blocks written by the call. */
   blocks: number
@@ -79,7 +126,9 @@ export interface Arrival {
 export interface WaitOptions {
   /** Layers to wait for (default: `[0]`). A number `n` means layers `0..n-1`. */
   layers?: number | readonly number[]
+  /** Rejects with `ERR_TIMEOUT` after this many milliseconds (default: wait forever). */
   timeoutMs?: number
+  /** Aborts the wait; the promise rejects with `ERR_ABORTED`. */
   signal?: AbortSignal
 }
 
@@ -160,15 +209,20 @@ interface Waiter {
  * Events: `'arrival'` ({@link Arrival}) on the receiving side for every tagged call.
  */
 export class RDMACommunicator extends EventEmitter {
+  /** The side this communicator plays (the `role` option). */
   readonly role: Role
+  /** The `gpuIdx` option. */
   readonly gpuIdx: number
+  /** Number of blocks in every local region. */
   readonly blockNumber: number
+  /** Bytes per block. */
   readonly blockBytes: number
   /** Resolves once the control plane listens; rejects with why it cannot. */
   readonly ready: Promise<void>
   private readonly native: NativeCommunicator
   private readonly control: ControlServer
   private readonly connectTimeoutMs: number
+  private readonly writeTimeoutMs: number
   private readonly maxPendingArrivals: number
   private readonly arrived = new Map<string, Arrival[]>()
   private arrivedCount = 0
@@ -187,6 +241,10 @@ export class RDMACommunicator extends EventEmitter {
     blockBytes: number,
     extra?: Partial<CommunicatorOptions>,
   )
+  /**
+   * Creates a communicator and starts listening on `options.port` (await `ready`).
+   * Throws a {@link KvTransferError} (`ERR_INVALID_ARGUMENT`, ...) for invalid options.
+   */
   constructor(options: CommunicatorOptions)
   constructor(...args: unknown[]) {
     super()
@@ -214,6 +272,7 @@ export class RDMACommunicator extends EventEmitter {
     if (!Array.isArray(options.localKeyCache)) throw invalidArgument('localKeyCache', 'expected an array of regions')
     if (!Array.isArray(options.localValueCache)) throw invalidArgument('localValueCache', 'expected an array of regions ([] for key-only)')
     this.connectTimeoutMs = options.connectTimeoutMs ?? 30_000
+    this.writeTimeoutMs = checkNonNegativeInteger('writeTimeoutMs', options.writeTimeoutMs ?? 30_000, 0x7fff_ffff)
     this.maxPendingArrivals = options.maxPendingArrivals ?? 65_536
     this.boundPort = port
     this.native = native(
@@ -228,11 +287,15 @@ export class RDMACommunicator extends EventEmitter {
             blockNumber: this.blockNumber,
             blockBytes: this.blockBytes,
             transport: options.transport,
+            authToken: options.authToken,
           },
           (notice) => this.onArrival(notice),
         ),
     )
-    this.control = new ControlServer(options.host ?? '0.0.0.0', port, (hello) => native(() => this.native.accept(hello)))
+    this.control = new ControlServer(options.host ?? '0.0.0.0', port, {
+      challenge: (challenge) => native(() => this.native.authRespond(challenge)),
+      hello: (hello) => native(() => this.native.accept(hello)),
+    })
     this.ready = this.control.ready.then((bound) => {
       this.boundPort = bound
     })
@@ -264,10 +327,37 @@ export class RDMACommunicator extends EventEmitter {
     if (typeof ip !== 'string' || ip.length === 0) throw invalidArgument('ip', `${JSON.stringify(ip)} is not a host name or address`)
     await this.ready
     const timeoutMs = options.timeoutMs ?? this.connectTimeoutMs
+    const started = Date.now()
+    const left = () => Math.max(1, timeoutMs - (Date.now() - started))
     const key = `${ip}:${peerPort}`
-    const reply = await exchangeHello(ip, peerPort, native(() => this.native.hello(key)), timeoutMs, options.signal)
-    if (options.signal?.aborted) throw abortError(`connect to ${ip}:${peerPort}`)
-    await nativeAsync(this.native.finishConnect(key, ip, reply))
+    const what = `connect to ${ip}:${peerPort}`
+    // challenge → nonce (the acceptor proves the shared secret), then hello → welcome.
+    const response = await exchange(ip, peerPort, 'challenge', native(() => this.native.authChallenge(key)), left(), options.signal)
+    if (options.signal?.aborted) throw abortError(what)
+    const hello = native(() => this.native.hello(key, response))
+    const reply = await exchange(ip, peerPort, 'hello', hello, left(), options.signal)
+    if (options.signal?.aborted) throw abortError(what)
+    let timer: NodeJS.Timeout | undefined
+    let cancelled: 'abort' | 'timeout' | undefined
+    const cancel = (reason: 'abort' | 'timeout') => {
+      cancelled ??= reason
+    }
+    const onAbort = () => cancel('abort')
+    options.signal?.addEventListener('abort', onAbort, { once: true })
+    timer = setTimeout(() => cancel('timeout'), left())
+    try {
+      await nativeAsync(this.native.finishConnect(key, ip, reply))
+    } finally {
+      clearTimeout(timer)
+      timer = undefined
+      options.signal?.removeEventListener('abort', onAbort)
+    }
+    if (cancelled) {
+      // The data path opened after the deadline or abort: tear it down before rejecting.
+      await this.native.cancelPeer(key, cancelled, timeoutMs)
+      if (cancelled === 'abort') throw abortError(what)
+      throw new KvTransferError('ERR_TIMEOUT', `timed out after ${timeoutMs} ms: ${what}`)
+    }
     return true
   }
 
@@ -296,7 +386,34 @@ export class RDMACommunicator extends EventEmitter {
     const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
     if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
     const tag = options.tag === undefined ? undefined : encodeTag(options.tag)
-    await nativeAsync(native(() => this.native.writeCache(key, local, remote, layerIdx, tag)))
+    const timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
+    const signal = options.signal
+    if (signal?.aborted) throw abortError(`writeCache to ${key}`)
+    const pending = native(() => this.native.writeCache(key, local, remote, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs))
+    if (!signal) return nativeAsync(pending)
+    // Abort: the native cancel resets the link; this call then rejects with ERR_ABORTED
+    // from the engine, after the teardown.
+    const onAbort = () => void this.native.cancelPeer(key, 'abort').catch(() => undefined)
+    signal.addEventListener('abort', onAbort, { once: true })
+    try {
+      await nativeAsync(pending)
+    } finally {
+      signal.removeEventListener('abort', onAbort)
+    }
+  }
+
+  /**
+   * Tears the connection to `ip:port` down and rejects its pending calls with
+   * `ERR_ABORTED`; resolves (with whether a connection existed) once none of their bytes
+   * can land any more.
+   */
+  async abortPeer(ip: string, port: number | string): Promise<boolean> {
+    return nativeAsync(this.native.cancelPeer(`${ip}:${toPort('port', port)}`, 'abort'))
+  }
+
+  /** Live native resources: peers, links, receiving connections, regions, threads. */
+  stats(): CommunicatorStats {
+    return { ...this.native.stats() }
   }
 
   private onArrival(notice: ArrivalNotice): void {
@@ -391,8 +508,46 @@ export class RDMACommunicator extends EventEmitter {
     this.arrived.delete(key)
   }
 
-  /** Closes the control plane and every link; JS buffers are released afterwards. */
-  close(): Promise<void> {
+  /**
+   * Closes the control plane and every link; JS buffers are released afterwards. With a
+   * timeout or signal the returned promise may reject (`ERR_TIMEOUT` / `ERR_ABORTED`)
+   * before the teardown ends; the teardown still completes and the communicator is closed.
+   */
+  close(options: CloseOptions = {}): Promise<void> {
+    const closing = this.startClose()
+    if (options.timeoutMs === undefined && !options.signal) return closing
+    return new Promise<void>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined
+      const done = () => {
+        if (timer) clearTimeout(timer)
+        options.signal?.removeEventListener('abort', onAbort)
+      }
+      const onAbort = () => {
+        done()
+        reject(abortError('close'))
+      }
+      if (options.signal?.aborted) return onAbort()
+      options.signal?.addEventListener('abort', onAbort, { once: true })
+      if (options.timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          done()
+          reject(new KvTransferError('ERR_TIMEOUT', `timed out after ${options.timeoutMs} ms: close (the teardown continues)`))
+        }, options.timeoutMs)
+      }
+      closing.then(
+        () => {
+          done()
+          resolve()
+        },
+        (error: unknown) => {
+          done()
+          reject(error)
+        },
+      )
+    })
+  }
+
+  private startClose(): Promise<void> {
     if (!this.closing) {
       for (const set of this.waiters.values()) {
         for (const waiter of [...set]) waiter.reject(new KvTransferError('ERR_CLOSED', 'the communicator was closed'))

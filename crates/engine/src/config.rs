@@ -62,13 +62,10 @@ pub struct RdmaSettings {
 pub const DEFAULT_GID_INDEX: u8 = 3;
 pub const DEFAULT_IB_TIMEOUT: u8 = 18;
 
-fn parse_number<T: std::str::FromStr>(
+fn parse_number<T: TryFrom<u32>>(
     name: &'static str,
     range: std::ops::RangeInclusive<u32>,
-) -> Result<Option<T>>
-where
-    T: TryFrom<u32>,
-{
+) -> Result<Option<T>> {
     let Ok(text) = std::env::var(name) else {
         return Ok(None);
     };

@@ -77,6 +77,8 @@ pub enum Error {
         status_code: u32,
         vendor_err: u32,
     },
+    #[error("CUDA {op} failed: {reason}")]
+    Cuda { op: &'static str, reason: String },
     #[error("timed out after {ms} ms: {what}")]
     Timeout { ms: u64, what: String },
     #[error("the operation was aborted")]
@@ -104,6 +106,7 @@ impl Error {
             Error::RdmaUnavailable { .. } => "ERR_RDMA_UNAVAILABLE",
             Error::Rdma { .. } => "ERR_RDMA",
             Error::RdmaCompletion { .. } => "ERR_RDMA_COMPLETION",
+            Error::Cuda { .. } => "ERR_CUDA",
             Error::Timeout { .. } => "ERR_TIMEOUT",
             Error::Aborted => "ERR_ABORTED",
             Error::Auth { .. } => "ERR_AUTH",
@@ -219,6 +222,10 @@ impl Error {
                 status: status.clone(),
                 status_code: *status_code,
                 vendor_err: *vendor_err,
+            },
+            Error::Cuda { op, reason } => Error::Cuda {
+                op,
+                reason: reason.clone(),
             },
             Error::Timeout { ms, what } => Error::Timeout {
                 ms: *ms,

@@ -106,11 +106,31 @@ pub struct Region {
     pub len: u64,
 }
 
+/// Where a region's bytes live (see `cuda::detect_region_memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryKind {
+    /// Memory the CPU can read and write (pageable, pinned or managed).
+    #[default]
+    Host,
+    /// GPU memory of CUDA device `ordinal`.
+    Device { ordinal: u32 },
+}
+
+impl MemoryKind {
+    pub fn is_device(self) -> bool {
+        matches!(self, MemoryKind::Device { .. })
+    }
+}
+
 /// The regions of one communicator, in `CacheLayout::region_index` order.
 #[derive(Debug, Clone)]
 pub struct RegionTable {
     pub layout: CacheLayout,
     regions: Vec<Region>,
+    /// Per region; all `Host` until `set_memory`.
+    memory: Vec<MemoryKind>,
+    /// The CUDA device (gpuIdx) whose context moves device regions, when any region is one.
+    gpu: Option<u32>,
 }
 
 impl RegionTable {
@@ -136,7 +156,13 @@ impl RegionTable {
                 regions.push(Self::checked_region("localValueCache", layer, value, len)?);
             }
         }
-        Ok(RegionTable { layout, regions })
+        let memory = vec![MemoryKind::Host; regions.len()];
+        Ok(RegionTable {
+            layout,
+            regions,
+            memory,
+            gpu: None,
+        })
     }
 
     fn checked_region(name: &'static str, layer: usize, addr: u64, len: u64) -> Result<Region> {
@@ -163,6 +189,34 @@ impl RegionTable {
 
     pub fn get(&self, index: u32) -> Option<Region> {
         self.regions.get(index as usize).copied()
+    }
+
+    /// Records each region's memory kind (one per region) and the GPU that serves them.
+    pub fn set_memory(&mut self, kinds: Vec<MemoryKind>, gpu: u32) {
+        assert_eq!(
+            kinds.len(),
+            self.regions.len(),
+            "one memory kind per region"
+        );
+        self.gpu = kinds.iter().any(|k| k.is_device()).then_some(gpu);
+        self.memory = kinds;
+    }
+
+    /// The memory kind of region `index` (`Host` for an index out of range).
+    #[inline]
+    pub fn memory(&self, index: u32) -> MemoryKind {
+        self.memory.get(index as usize).copied().unwrap_or_default()
+    }
+
+    /// Every region's memory kind, in region order.
+    pub fn memory_kinds(&self) -> &[MemoryKind] {
+        &self.memory
+    }
+
+    /// The CUDA device whose context copies device regions; `None` when all are host memory.
+    #[inline]
+    pub fn gpu(&self) -> Option<u32> {
+        self.gpu
     }
 }
 

@@ -4,7 +4,9 @@
 //! The control plane (who talks to whom) lives above this crate: it carries the opaque
 //! descriptors produced by [`Engine::hello`] and [`Engine::accept`] between the two sides.
 
+pub mod auth;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod layout;
 pub mod log;
@@ -12,18 +14,21 @@ pub mod plan;
 pub mod transport;
 pub mod wire;
 
+use auth::{Challenge, Envelope, Nonce, Response};
 use config::TransportChoice;
 pub use error::{Error, Result};
 use layout::{CacheLayout, RegionTable};
 use plan::{BlockIds, PlanLimits, Run};
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 use transport::rdma::{PendingQps, RdmaDevice};
 use transport::tcp::{TcpLink, TcpServer, MAX_FRAME_PAYLOAD};
-pub use transport::{Arrival, ArrivalSink, Completion, Link, WriteJob, MAX_TAG_BYTES};
+use transport::DoneSlot;
+pub use transport::{Arrival, ArrivalSink, Completion, Done, Link, WriteJob, MAX_TAG_BYTES};
 pub use wire::Role;
 use wire::{Descriptor, MAX_NAME_BYTES};
 
@@ -63,6 +68,83 @@ pub struct EngineOptions {
     pub connect_timeout: Duration,
     /// RDMA settings; `None` reads them from the `KVCACHE_*` environment variables.
     pub rdma_settings: Option<config::RdmaSettings>,
+    /// Shared secret both sides of a connection must know; `None` reads
+    /// `KVCACHE_AUTH_TOKEN`; `Some(empty)` means no token regardless of the environment.
+    pub auth_token: Option<Vec<u8>>,
+}
+
+/// Challenges handed out and not yet used, at most (oldest dropped first).
+const MAX_PENDING_CHALLENGES: usize = 1024;
+/// How long a challenge stays usable.
+const CHALLENGE_LIFETIME: Duration = Duration::from_secs(60);
+
+/// A connect in progress on the connecting side: its nonce, then the acceptor's.
+struct ConnectAuth {
+    nonce_c: Nonce,
+    nonce_a: Option<Nonce>,
+}
+
+/// Live resources of an engine, for leak checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Connected peers (links this side writes through).
+    pub peers: usize,
+    /// Of those, links still usable.
+    pub live_links: usize,
+    /// TCP data connections this side receives on.
+    pub tcp_receivers: usize,
+    /// Registered regions (per engine: layers × kinds).
+    pub registered_regions: usize,
+    /// Challenges issued to connecting peers and not yet used.
+    pub pending_challenges: usize,
+    /// Calls with a deadline the watchdog still tracks (completed ones are swept lazily).
+    pub timed_calls: usize,
+    /// Threads of the whole process.
+    pub process_threads: usize,
+}
+
+/// A call with a deadline, watched by the engine's watchdog thread.
+struct Timed {
+    deadline: Instant,
+    seq: u64,
+    peer_key: String,
+    peer: Weak<Peer>,
+    call: Weak<DoneSlot>,
+    ms: u64,
+}
+
+impl PartialEq for Timed {
+    fn eq(&self, other: &Self) -> bool {
+        (self.deadline, self.seq) == (other.deadline, other.seq)
+    }
+}
+impl Eq for Timed {}
+impl PartialOrd for Timed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Timed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.deadline, self.seq).cmp(&(other.deadline, other.seq))
+    }
+}
+
+#[derive(Default)]
+struct WatchState {
+    heap: BinaryHeap<Reverse<Timed>>,
+    next_seq: u64,
+    next_sweep: usize,
+    stop: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Fails calls whose deadline passed: first tears their link down (no byte of them can
+/// land afterwards), then reports `ERR_TIMEOUT`.
+#[derive(Default)]
+struct Watchdog {
+    state: Mutex<WatchState>,
+    wake: Condvar,
 }
 
 struct Peer {
@@ -84,6 +166,12 @@ struct EngineInner {
     closed: AtomicBool,
     close_lock: Mutex<()>,
     connect_timeout: Duration,
+    auth_token: Option<Vec<u8>>,
+    /// Connecting side: handshake nonces per peer key.
+    connecting: Mutex<HashMap<String, ConnectAuth>>,
+    /// Accepting side: nonce_a → (nonce_c, issued at), single use.
+    challenges: Mutex<HashMap<Nonce, (Nonce, Instant)>>,
+    watchdog: Arc<Watchdog>,
 }
 
 /// One communicator's engine. Cheap to clone (shared state).
@@ -106,6 +194,17 @@ impl Engine {
     /// The memory at every key/value address must stay valid, readable and writable for
     /// `block_number × block_bytes` bytes until [`Engine::close`] has returned.
     pub fn new(options: EngineOptions) -> Result<Engine> {
+        Self::with_known_host(options, &|_| false)
+    }
+
+    /// [`Engine::new`], where `known_host(addr)` is true for region addresses the caller
+    /// knows are host memory (JavaScript buffers): CUDA is not asked about those. Every
+    /// other region is looked up with CUDA, when the driver loads, and recorded as host or
+    /// device memory (see [`cuda::detect_region_memory`]).
+    pub fn with_known_host(
+        options: EngineOptions,
+        known_host: &dyn Fn(u64) -> bool,
+    ) -> Result<Engine> {
         let choice = TransportChoice::resolve(options.transport.as_deref())?;
         if options.name.len() > MAX_NAME_BYTES {
             return Err(Error::invalid(
@@ -116,12 +215,14 @@ impl Engine {
                 ),
             ));
         }
-        let table = Arc::new(RegionTable::new(
+        let mut table = RegionTable::new(
             &options.keys,
             &options.values,
             options.block_number,
             options.block_bytes,
-        )?);
+        )?;
+        cuda::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
+        let table = Arc::new(table);
         let settings = || {
             options
                 .rdma_settings
@@ -153,6 +254,25 @@ impl Engine {
                 }
             }
         };
+        let auth_token = match options.auth_token {
+            Some(token) => Some(token),
+            None => std::env::var("KVCACHE_AUTH_TOKEN")
+                .ok()
+                .map(String::into_bytes),
+        }
+        .filter(|token| !token.is_empty());
+        if let Some(token) = &auth_token {
+            if token.len() > auth::MAX_TOKEN_BYTES {
+                return Err(Error::invalid(
+                    "authToken",
+                    format!(
+                        "{} bytes given; at most {}",
+                        token.len(),
+                        auth::MAX_TOKEN_BYTES
+                    ),
+                ));
+            }
+        }
         let tcp = TcpServer::bind(config::bind_address()?, table.clone(), options.arrivals)?;
         debug!(
             "engine {} ({}) ready: {} layers, blockNumber {}, blockBytes {}, data port {}",
@@ -177,12 +297,21 @@ impl Engine {
                 closed: AtomicBool::new(false),
                 close_lock: Mutex::new(()),
                 connect_timeout: options.connect_timeout,
+                auth_token,
+                connecting: Mutex::new(HashMap::new()),
+                challenges: Mutex::new(HashMap::new()),
+                watchdog: Arc::default(),
             }),
         })
     }
 
     pub fn layout(&self) -> CacheLayout {
         self.inner.table.layout
+    }
+
+    /// Where each region lives (host or GPU memory), in region order (layer-major, K then V).
+    pub fn memory_kinds(&self) -> Vec<layout::MemoryKind> {
+        self.inner.table.memory_kinds().to_vec()
     }
 
     pub fn role(&self) -> Role {
@@ -269,10 +398,138 @@ impl Engine {
         )
     }
 
-    /// First handshake message of `connect(peer_key)`: this side's descriptor, with fresh
-    /// queue pairs for the peer when RDMA is available.
-    pub fn hello(&self, peer_key: &str) -> Result<Vec<u8>> {
+    /// Whether this engine requires the shared-secret handshake.
+    pub fn has_auth_token(&self) -> bool {
+        self.inner.auth_token.is_some()
+    }
+
+    /// First handshake message of `connect(peer_key)`: this side's nonce (nothing else is
+    /// revealed before the acceptor proved it knows the shared secret).
+    pub fn auth_challenge(&self, peer_key: &str) -> Result<Vec<u8>> {
         self.check_open()?;
+        let nonce_c = auth::random_nonce();
+        self.inner
+            .connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                peer_key.to_string(),
+                ConnectAuth {
+                    nonce_c,
+                    nonce_a: None,
+                },
+            );
+        Ok(Challenge {
+            has_token: self.has_auth_token(),
+            nonce_c,
+        }
+        .encode())
+    }
+
+    /// Accepting side, first message: answers a challenge with this side's nonce and its
+    /// proof of the shared secret. Refuses (`ERR_AUTH`) when only one side has a token.
+    pub fn auth_respond(&self, challenge: &[u8]) -> Result<Vec<u8>> {
+        self.check_open()?;
+        let challenge =
+            Challenge::decode(challenge).map_err(|e| Error::protocol("connecting peer", e.0))?;
+        let token = self.inner.auth_token.as_deref();
+        match (token, challenge.has_token) {
+            (Some(_), false) => {
+                return Err(self.refuse_auth(
+                    "the connecting peer has no auth token but this side requires one (KVCACHE_AUTH_TOKEN / authToken)",
+                ))
+            }
+            (None, true) => {
+                return Err(self.refuse_auth(
+                    "the connecting peer uses an auth token but this side has none (KVCACHE_AUTH_TOKEN / authToken)",
+                ))
+            }
+            _ => {}
+        }
+        let nonce_a = auth::random_nonce();
+        let proof = match token {
+            Some(token) => {
+                let now = Instant::now();
+                let mut challenges = self
+                    .inner
+                    .challenges
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                challenges.retain(|_, (_, at)| now.duration_since(*at) < CHALLENGE_LIFETIME);
+                if challenges.len() >= MAX_PENDING_CHALLENGES {
+                    if let Some(oldest) = challenges
+                        .iter()
+                        .min_by_key(|(_, (_, at))| *at)
+                        .map(|(k, _)| *k)
+                    {
+                        challenges.remove(&oldest);
+                    }
+                }
+                challenges.insert(nonce_a, (challenge.nonce_c, now));
+                auth::mac(token, auth::LABEL_ACCEPTOR, &[&challenge.nonce_c, &nonce_a])
+            }
+            None => [0; auth::MAC_BYTES],
+        };
+        Ok(Response {
+            has_token: token.is_some(),
+            nonce_a,
+            proof,
+        }
+        .encode())
+    }
+
+    fn refuse_auth(&self, reason: &str) -> Error {
+        crate::log_error!(
+            "engine {}: refused a connecting peer: authentication failed: {reason}",
+            self.inner.name
+        );
+        Error::Auth {
+            peer: "connecting peer".into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Second message of `connect(peer_key)`, after the acceptor's `response`: checks the
+    /// acceptor's proof (when a token is set), then returns this side's descriptor (with
+    /// fresh queue pairs for the peer when RDMA is available) in an authenticated envelope.
+    pub fn hello(&self, peer_key: &str, response: &[u8]) -> Result<Vec<u8>> {
+        self.check_open()?;
+        let response = Response::decode(response).map_err(|e| Error::protocol(peer_key, e.0))?;
+        let nonce_c = {
+            let mut connecting = self
+                .inner
+                .connecting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let state = connecting.get_mut(peer_key).ok_or_else(|| {
+                Error::protocol(
+                    peer_key,
+                    "no challenge was sent to this peer (call auth_challenge first)",
+                )
+            })?;
+            state.nonce_a = Some(response.nonce_a);
+            state.nonce_c
+        };
+        let auth_error = |reason: &str| Error::Auth {
+            peer: peer_key.to_string(),
+            reason: reason.to_string(),
+        };
+        let token = self.inner.auth_token.as_deref();
+        match (token, response.has_token) {
+            (Some(_), false) => return Err(auth_error("the peer has no auth token but this side requires one (KVCACHE_AUTH_TOKEN / authToken); nothing was sent")),
+            (None, true) => return Err(auth_error("the peer requires an auth token but this side has none (set KVCACHE_AUTH_TOKEN or the authToken option)")),
+            (Some(token), true) => {
+                if !auth::verify(
+                    token,
+                    auth::LABEL_ACCEPTOR,
+                    &[&nonce_c, &response.nonce_a],
+                    &response.proof,
+                ) {
+                    return Err(auth_error("the peer's proof of the shared secret does not match: the two sides have different auth tokens; nothing was sent"));
+                }
+            }
+            (None, false) => {}
+        }
         let mut descriptor = self.descriptor(0);
         if let Some(device) = &self.inner.rdma {
             let pending = device.create_qps()?;
@@ -283,15 +540,73 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(peer_key.to_string(), pending);
         }
-        Ok(descriptor.encode())
+        let descriptor = descriptor.encode();
+        let mac = token.map_or([0; auth::MAC_BYTES], |token| {
+            auth::mac(
+                token,
+                auth::LABEL_HELLO,
+                &[&nonce_c, &response.nonce_a, &descriptor],
+            )
+        });
+        Ok(Envelope {
+            has_token: token.is_some(),
+            nonce_c,
+            nonce_a: response.nonce_a,
+            mac,
+            descriptor,
+        }
+        .encode())
     }
 
     /// Answers a peer's hello: checks its layout and admits its data connection (RDMA
     /// queue pairs connected to the peer's when both sides have RDMA, else a TCP session).
     pub fn accept(&self, hello: &[u8]) -> Result<Vec<u8>> {
         self.check_open()?;
-        let remote =
-            Descriptor::decode(hello).map_err(|e| Error::protocol("connecting peer", e.0))?;
+        let envelope =
+            Envelope::decode(hello).map_err(|e| Error::protocol("connecting peer", e.0))?;
+        let token = self.inner.auth_token.as_deref();
+        match (token, envelope.has_token) {
+            (Some(_), false) => {
+                return Err(self.refuse_auth(
+                    "the connecting peer did not authenticate but this side requires an auth token",
+                ))
+            }
+            (None, true) => {
+                return Err(self.refuse_auth(
+                    "the connecting peer authenticates but this side has no auth token",
+                ))
+            }
+            (Some(token), true) => {
+                let issued = self
+                    .inner
+                    .challenges
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&envelope.nonce_a);
+                match issued {
+                    Some((nonce_c, at))
+                        if nonce_c == envelope.nonce_c && at.elapsed() < CHALLENGE_LIFETIME => {}
+                    _ => {
+                        return Err(self.refuse_auth(
+                            "the hello answers no challenge this side issued (unknown, used or expired nonce)",
+                        ))
+                    }
+                }
+                if !auth::verify(
+                    token,
+                    auth::LABEL_HELLO,
+                    &[&envelope.nonce_c, &envelope.nonce_a, &envelope.descriptor],
+                    &envelope.mac,
+                ) {
+                    return Err(self.refuse_auth(
+                        "the hello's MAC does not match: the connecting peer does not know this side's auth token",
+                    ));
+                }
+            }
+            (None, false) => {}
+        }
+        let remote = Descriptor::decode(&envelope.descriptor)
+            .map_err(|e| Error::protocol("connecting peer", e.0))?;
         let peer_name = if remote.name.is_empty() {
             format!("{:016x}", remote.instance_id)
         } else {
@@ -317,14 +632,61 @@ impl Engine {
             remote.role.as_str(),
             if reply.rdma.is_some() { "rdma" } else { "tcp" }
         );
-        Ok(reply.encode())
+        let reply = reply.encode();
+        let mac = token.map_or([0; auth::MAC_BYTES], |token| {
+            auth::mac(
+                token,
+                auth::LABEL_REPLY,
+                &[&envelope.nonce_c, &envelope.nonce_a, &reply],
+            )
+        });
+        Ok(Envelope {
+            has_token: token.is_some(),
+            nonce_c: envelope.nonce_c,
+            nonce_a: envelope.nonce_a,
+            mac,
+            descriptor: reply,
+        }
+        .encode())
     }
 
     /// Completes `connect(host, port)` with the acceptor's reply: opens the data path and
     /// registers the peer under `peer_key` (replacing an earlier connection).
     pub fn finish_connect(&self, peer_key: &str, host: &str, reply: &[u8]) -> Result<()> {
         self.check_open()?;
-        let remote = Descriptor::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
+        let envelope = Envelope::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
+        let state = self
+            .inner
+            .connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer_key);
+        if let Some(token) = self.inner.auth_token.as_deref() {
+            let matches = state.is_some_and(|state| {
+                state.nonce_c == envelope.nonce_c && state.nonce_a == Some(envelope.nonce_a)
+            });
+            if !envelope.has_token
+                || !matches
+                || !auth::verify(
+                    token,
+                    auth::LABEL_REPLY,
+                    &[&envelope.nonce_c, &envelope.nonce_a, &envelope.descriptor],
+                    &envelope.mac,
+                )
+            {
+                self.inner
+                    .pending_qps
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(peer_key);
+                return Err(Error::Auth {
+                    peer: peer_key.to_string(),
+                    reason: "the peer's reply is not authenticated by the shared secret".into(),
+                });
+            }
+        }
+        let remote =
+            Descriptor::decode(&envelope.descriptor).map_err(|e| Error::protocol(peer_key, e.0))?;
         let remote_layout = self.check_compatible(peer_key, &remote)?;
         let pending = self
             .inner
@@ -410,6 +772,22 @@ impl Engine {
         layer: f64,
         tag: Option<Vec<u8>>,
     ) -> Result<Completion> {
+        self.write_cache_until(peer_key, local, remote, layer, tag, None)
+    }
+
+    /// [`Engine::write_cache`] with a deadline: when the call has not completed by then,
+    /// the link to the peer is torn down (TCP: reset, writer stopped; RDMA: queue pairs
+    /// destroyed) and only then does the call fail with `ERR_TIMEOUT`; the link's other
+    /// pending calls fail with `ERR_PEER_DISCONNECTED`. Other peers are unaffected.
+    pub fn write_cache_until(
+        &self,
+        peer_key: &str,
+        local: BlockIds<'_>,
+        remote: BlockIds<'_>,
+        layer: f64,
+        tag: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+    ) -> Result<Completion> {
         self.check_open()?;
         let layout = self.inner.table.layout;
         let layer = layout.check_layer(layer)?;
@@ -444,11 +822,14 @@ impl Engine {
         );
         let mut runs: Vec<Run> = Vec::new();
         plan::plan_runs(local, remote, limits, &mut runs)?;
-        let (done, completion) = futures_channel::oneshot::channel();
+        let (done, completion) = Done::new();
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
         if runs.is_empty() && tag.is_none() {
             let _ = done.send(Ok(()));
             return Ok(completion);
+        }
+        if let Some(deadline) = deadline {
+            self.watch(peer_key, &peer, &done, deadline);
         }
         peer.link.submit(WriteJob {
             runs,
@@ -460,11 +841,171 @@ impl Engine {
         Ok(completion)
     }
 
+    fn watch(&self, peer_key: &str, peer: &Arc<Peer>, done: &Done, deadline: Instant) {
+        let watchdog = &self.inner.watchdog;
+        let mut state = watchdog.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.stop {
+            return;
+        }
+        if state.thread.is_none() {
+            let engine = Arc::downgrade(&self.inner);
+            let dog = watchdog.clone();
+            match std::thread::Builder::new()
+                .name("kvt-deadline".into())
+                .spawn(move || run_watchdog(&dog, &engine))
+            {
+                Ok(thread) => state.thread = Some(thread),
+                Err(e) => crate::log_error!("cannot start the deadline thread: {e}"),
+            }
+        }
+        if state.heap.len() >= state.next_sweep.max(1024) {
+            state
+                .heap
+                .retain(|Reverse(t)| t.call.upgrade().is_some_and(|c| c.is_pending()));
+            state.next_sweep = state.heap.len() * 2;
+        }
+        state.next_seq += 1;
+        let seq = state.next_seq;
+        let ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX);
+        state.heap.push(Reverse(Timed {
+            deadline,
+            seq,
+            peer_key: peer_key.to_string(),
+            peer: Arc::downgrade(peer),
+            call: done.watch(),
+            ms,
+        }));
+        drop(state);
+        watchdog.wake.notify_one();
+    }
+
+    /// Tears down the link to `peer_key` because of `error` (a timeout or an abort): when
+    /// this returns no byte of any of its calls can land any more, and every pending call
+    /// failed with `error`. Returns whether a link existed. Other peers are unaffected; a
+    /// later `connect` makes a new link.
+    pub fn cancel_peer(&self, peer_key: &str, error: Error) -> bool {
+        let peer = self
+            .inner
+            .peers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer_key);
+        match peer {
+            Some(peer) => {
+                crate::debug!("cancelling the link to {peer_key}: {error}");
+                peer.link.cancel(error);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Live resources (for leak checks and monitoring).
+    pub fn stats(&self) -> EngineStats {
+        let peers = self.inner.peers.read().unwrap_or_else(|p| p.into_inner());
+        EngineStats {
+            peers: peers.len(),
+            live_links: peers.values().filter(|p| p.link.is_alive()).count(),
+            tcp_receivers: self.inner.tcp.connections(),
+            registered_regions: self.inner.table.regions().len(),
+            pending_challenges: self
+                .inner
+                .challenges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+            timed_calls: self
+                .inner
+                .watchdog
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .heap
+                .len(),
+            process_threads: std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()),
+        }
+    }
+
     /// Closes every link and the listener. When it returns, no engine thread reads or
     /// writes the registered regions any more. Idempotent.
     pub fn close(&self) {
         self.inner.close();
     }
+}
+
+fn run_watchdog(dog: &Watchdog, engine: &Weak<EngineInner>) {
+    let mut state = dog.state.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if state.stop {
+            return;
+        }
+        let now = Instant::now();
+        let wait = match state.heap.peek() {
+            None => None,
+            Some(Reverse(top)) if top.deadline > now => Some(top.deadline - now),
+            Some(_) => {
+                let Some(Reverse(timed)) = state.heap.pop() else {
+                    continue;
+                };
+                drop(state);
+                expire(&timed, engine);
+                state = dog.state.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+        };
+        state = match wait {
+            None => dog.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+            Some(wait) => {
+                dog.wake
+                    .wait_timeout(state, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+        };
+    }
+}
+
+/// A call's deadline passed: tear its link down, then fail it with `ERR_TIMEOUT`.
+fn expire(timed: &Timed, engine: &Weak<EngineInner>) {
+    let Some(call) = timed.call.upgrade() else {
+        return;
+    };
+    if !call.is_pending() {
+        return;
+    }
+    let peer_key = &timed.peer_key;
+    let timeout = || {
+        Error::Timeout {
+        ms: timed.ms,
+        what: format!("writeCache to {peer_key} was not acknowledged; the connection was torn down first, so none of its bytes can land any more"),
+    }
+    };
+    call.override_failure(timeout());
+    if let Some(peer) = timed.peer.upgrade() {
+        if let Some(inner) = engine.upgrade() {
+            let mut peers = inner.peers.write().unwrap_or_else(|p| p.into_inner());
+            if peers.get(peer_key).is_some_and(|p| Arc::ptr_eq(p, &peer)) {
+                peers.remove(peer_key);
+            }
+        }
+        crate::log_error!(
+            "writeCache to {peer_key} timed out after {} ms: tearing the connection down",
+            timed.ms
+        );
+        peer.link.cancel(Error::PeerDisconnected {
+            peer: peer_key.clone(),
+            reason: format!(
+                "the connection was torn down because a call to this peer timed out after {} ms; connect again",
+                timed.ms
+            ),
+        });
+    }
+    // Normally already failed by the teardown; covers a link that was closed meanwhile.
+    call.complete(Err(timeout()));
 }
 
 impl EngineInner {
@@ -484,6 +1025,26 @@ impl EngineInner {
         for peer in peers {
             peer.link.shutdown();
         }
+        let watchdog_thread = {
+            let mut state = self
+                .watchdog
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            state.stop = true;
+            state.heap.clear();
+            state.thread.take()
+        };
+        self.watchdog.wake.notify_all();
+        if let Some(thread) = watchdog_thread {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+        self.connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.pending_qps
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -6,6 +6,7 @@ mod common;
 
 use common::{assert_written, connect, Side, SideSpec};
 use futures_executor::block_on;
+use kvtransfer_engine::auth::Envelope;
 use kvtransfer_engine::config::RdmaSettings;
 use kvtransfer_engine::plan::BlockIds;
 use kvtransfer_engine::wire::Descriptor;
@@ -166,14 +167,16 @@ fn rdma_remote_access_error_fails_the_call_and_breaks_the_link() {
     };
     let prefill = rdma_side(Role::Prefill, 1, 16, 1024, settings(&dev)).build();
     let decode = rdma_side(Role::Decode, 1, 16, 1024, settings(&dev)).build();
-    let hello = prefill.engine.hello("decode").unwrap();
-    let mut reply = Descriptor::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
+    let hello = common::hello(&prefill, &decode, "decode").unwrap();
+    let mut envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
+    let mut reply = Descriptor::decode(&envelope.descriptor).unwrap();
     // Point the key region past the peer's registration: the NIC must refuse the write.
     let rdma = reply.rdma.as_mut().unwrap();
     rdma.regions[0].0 += 1 << 20;
+    envelope.descriptor = reply.encode();
     prefill
         .engine
-        .finish_connect("decode", "127.0.0.1", &reply.encode())
+        .finish_connect("decode", "127.0.0.1", &envelope.encode())
         .unwrap();
     let err = write(&prefill, &[1, 2], &[3, 4], 0, None).unwrap_err();
     assert_eq!(err.code(), "ERR_RDMA_COMPLETION", "{err}");
@@ -253,10 +256,10 @@ fn rdma_arrival_notices_follow_the_data() {
             // Verify on receipt: the block of this layer must already be in memory.
             if let Some((base, layer_bytes)) = *checked.lock().unwrap() {
                 let layer = a.layer as usize;
-                // SAFETY (test): the region is alive (the decode side outlives the engine
+                let address = base as usize + layer * layer_bytes + 5 * 1024;
+                // SAFETY: (test) the region is alive (the decode side outlives the engine
                 // threads) and this block is not written again.
-                let first =
-                    unsafe { *((base as usize + layer * layer_bytes + 5 * 1024) as *const u8) };
+                let first = unsafe { *(address as *const u8) };
                 if first != common::pattern(layer, 0, 9, 1024)[0] {
                     *bad.lock().unwrap() += 1;
                 }

@@ -6,7 +6,7 @@ use kvtransfer_engine::{Arrival, Role};
 use std::sync::{Arc, Mutex};
 
 mod common;
-use common::{assert_written, connect, Side, SideSpec};
+use common::{assert_written, connect, hello, Side, SideSpec};
 
 fn side(
     role: Role,
@@ -91,7 +91,7 @@ fn refused_calls_write_nothing() {
         e.write_cache("other", BlockIds::U32(&[1]), BlockIds::U32(&[1]), 0.0, None),
     ]
     .into_iter()
-    .map(|r| r.err().expect("refused").code())
+    .map(|r| r.expect_err("refused").code())
     .collect();
     assert_eq!(
         codes,
@@ -140,7 +140,7 @@ fn layout_mismatch_is_refused_at_handshake() {
     let decode = side(Role::Decode, 3, 8, 256, false, None);
     let err = decode
         .engine
-        .accept(&prefill.engine.hello("d").unwrap())
+        .accept(&hello(&prefill, &decode, "d").unwrap())
         .unwrap_err();
     assert_eq!(err.code(), "ERR_LAYOUT_MISMATCH");
     assert!(
@@ -151,7 +151,7 @@ fn layout_mismatch_is_refused_at_handshake() {
     let other = side(Role::Decode, 2, 8, 512, false, None);
     let err = other
         .engine
-        .accept(&prefill.engine.hello("d").unwrap())
+        .accept(&hello(&prefill, &other, "d").unwrap())
         .unwrap_err();
     assert!(err.to_string().contains("blockBytes"), "{err}");
 }

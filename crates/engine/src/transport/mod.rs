@@ -2,7 +2,10 @@
 //! a `Link` per connected peer that accepts batched one-sided write jobs and completes each
 //! job exactly once, after the peer has every byte (or with the error that stopped it).
 
+pub mod gpu_mr;
 pub mod rdma;
+pub mod sockopt;
+pub mod staging;
 pub mod tcp;
 
 use crate::error::{Error, Result};
@@ -12,8 +15,91 @@ use futures_channel::oneshot;
 
 /// Resolves when a job's bytes are in the peer's memory.
 pub type Completion = oneshot::Receiver<Result<()>>;
-/// The sending half of a `Completion`.
-pub type Done = oneshot::Sender<Result<()>>;
+
+/// The completing half of a `Completion`, shared between the transport (which completes
+/// it) and the engine's deadline watchdog (which only watches it, and may set the error a
+/// failure is reported with). The first `send` wins.
+pub struct Done {
+    slot: std::sync::Arc<DoneSlot>,
+}
+
+#[derive(Default)]
+pub struct DoneSlot {
+    sender: std::sync::Mutex<Option<oneshot::Sender<Result<()>>>>,
+    /// When set, a failure is reported with this error instead (the call timed out and
+    /// its link was torn down because of it).
+    failure_override: std::sync::Mutex<Option<Error>>,
+}
+
+impl DoneSlot {
+    /// Whether the call has not completed yet.
+    pub fn is_pending(&self) -> bool {
+        self.sender
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Makes a later failure report `error` (the transport's own error is dropped).
+    pub fn override_failure(&self, error: Error) {
+        *self
+            .failure_override
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+
+    /// Completes the call unless it already completed; returns whether this call did.
+    pub fn complete(&self, result: Result<()>) -> bool {
+        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(sender) = sender else {
+            return false;
+        };
+        let result = match result {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self
+                .failure_override
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or(error)),
+        };
+        let _ = sender.send(result);
+        true
+    }
+}
+
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Done")
+    }
+}
+
+impl Done {
+    /// A fresh call: the transport's half and the caller's `Completion`.
+    pub fn new() -> (Done, Completion) {
+        let (sender, completion) = oneshot::channel();
+        let slot = std::sync::Arc::new(DoneSlot {
+            sender: std::sync::Mutex::new(Some(sender)),
+            failure_override: std::sync::Mutex::new(None),
+        });
+        (Done { slot }, completion)
+    }
+
+    /// A handle for watching the call without owning its completion.
+    pub fn watch(&self) -> std::sync::Weak<DoneSlot> {
+        std::sync::Arc::downgrade(&self.slot)
+    }
+
+    /// Completes the call (same shape as `oneshot::Sender::send`).
+    #[allow(clippy::result_unit_err)]
+    pub fn send(self, result: Result<()>) -> std::result::Result<(), ()> {
+        if self.slot.complete(result) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
 
 /// Largest request tag carried with an arrival notice.
 pub const MAX_TAG_BYTES: usize = 255;
@@ -51,6 +137,11 @@ pub trait Link: Send + Sync {
     /// Stops the link: pending jobs fail with `Closed`, and once this returns the link
     /// reads no more local memory.
     fn shutdown(&self);
+    /// Tears the connection down because of `error` (a timeout or an abort): when this
+    /// returns, no byte of any pending job can still be sent (TCP: the connection was reset
+    /// and the writer stopped; RDMA: the queue pairs are destroyed), and every pending job
+    /// has failed with `error`.
+    fn cancel(&self, error: Error);
     /// "tcp" or "rdma".
     fn transport_name(&self) -> &'static str;
 }

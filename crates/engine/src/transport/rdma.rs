@@ -24,7 +24,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 use verbs::{
     Access, CompletionChannel, CompletionQueue, Context, Dest, LocalBuf, MemoryRegion,
     ProtectionDomain, QpCaps, QueuePair, RemoteBuf, RtrParams, RtsParams, SendBatch,
@@ -46,6 +45,10 @@ const NOTICE_SLOT_BYTES: usize = 512;
 const NOTICE_STAGING_SLOTS: usize = 128;
 /// Largest RDMA WRITE per work request (runs are split to this).
 pub const MAX_WRITE_BYTES: u64 = 1 << 30;
+/// Transport retries before a request fails with RETRY_EXC_ERR. Not 7: Soft-RoCE treats 7
+/// as "retry forever", so a dead peer would never be detected. A dead peer is reported
+/// after about 4.096 µs × 2^KVCACHE_IB_TIMEOUT × (1 + retries).
+pub const TRANSPORT_RETRY_COUNT: u8 = 6;
 /// Idle polls before blocking on the completion channel.
 const IDLE_SPINS: u32 = 64;
 
@@ -125,7 +128,9 @@ enum Command {
     AddSender(Box<SenderLink>),
     AddReceiver(Box<ReceiverLink>),
     Submit(u64, WriteJob),
-    RemoveSender(u64, mpsc::Sender<()>),
+    /// Moves the link's queue pairs to the error state, destroys them and fails its jobs
+    /// with the error (or `Closed`), then answers.
+    RemoveSender(u64, Option<Error>, mpsc::Sender<()>),
     Shutdown,
 }
 
@@ -210,29 +215,10 @@ impl RdmaDevice {
         let pd = ProtectionDomain::new(&context).map_err(|e| rdma_err("ibv_alloc_pd", e))?;
         let mut access = Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ;
         if settings.relaxed_ordering {
-            access = access | Access::RELAXED_ORDERING;
+            access |= Access::RELAXED_ORDERING;
         }
-        let mut region_mrs = Vec::with_capacity(table.regions().len());
-        for (index, region) in table.regions().iter().enumerate() {
-            // SAFETY: the engine's contract: every region stays valid until the engine is
-            // closed, and the device (with these MRs) is dropped at close.
-            let mr = unsafe {
-                MemoryRegion::register(
-                    &pd,
-                    region.addr as usize as *mut u8,
-                    region.len as usize,
-                    access,
-                )
-            }
-            .map_err(|e| Error::Rdma {
-                op: "ibv_reg_mr",
-                reason: format!(
-                    "region {index} ({} bytes at {:#x}): {e}",
-                    region.len, region.addr
-                ),
-            })?;
-            region_mrs.push(mr);
-        }
+        // Host regions: ibv_reg_mr; GPU regions: dma-buf, else nvidia-peermem (gpu_mr.rs).
+        let region_mrs = super::gpu_mr::register_regions(&pd, &table, access)?;
         let attrs = *context.attrs();
         let channel =
             CompletionChannel::new(&context).map_err(|e| rdma_err("ibv_create_comp_channel", e))?;
@@ -393,7 +379,7 @@ impl RdmaDevice {
             qp.to_rts(&RtsParams {
                 psn: *psn,
                 timeout: shared.settings.ib_timeout,
-                retry_cnt: 7,
+                retry_cnt: TRANSPORT_RETRY_COUNT,
                 rnr_retry: 7,
                 max_rd_atomic: init_rd_atomic,
             })
@@ -484,7 +470,7 @@ impl RdmaDevice {
             peer: peer.to_string(),
             shared: self.shared.clone(),
             alive,
-            removed: AtomicBool::new(false),
+            removed: Mutex::new(false),
         })
     }
 
@@ -582,7 +568,27 @@ pub struct RdmaLink {
     peer: String,
     shared: Arc<Shared>,
     alive: Arc<AtomicBool>,
-    removed: AtomicBool,
+    /// Held for the whole removal, so that a concurrent `shutdown`/`cancel` returns only
+    /// once the queue pairs are destroyed too.
+    removed: Mutex<bool>,
+}
+
+impl RdmaLink {
+    fn remove(&self, error: Option<Error>) {
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        if *removed {
+            return;
+        }
+        *removed = true;
+        self.alive.store(false, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        self.shared.send(Command::RemoveSender(self.id, error, tx));
+        // The progress thread answers once the queue pairs are destroyed (no DMA can follow)
+        // and the jobs failed; if it already stopped (engine shutdown), the sender is
+        // dropped and recv returns at once. Waits without bound: a caller that reports a
+        // timeout must not do so while a write may still land.
+        let _ = rx.recv();
+    }
 }
 
 impl Link for RdmaLink {
@@ -604,15 +610,11 @@ impl Link for RdmaLink {
     }
 
     fn shutdown(&self) {
-        if self.removed.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let (tx, rx) = mpsc::channel();
-        self.shared.send(Command::RemoveSender(self.id, tx));
-        // The progress thread answers once the queue pairs are destroyed; if it already
-        // stopped (engine shutdown), the sender is dropped and recv returns at once.
-        let _ = rx.recv_timeout(Duration::from_secs(30));
-        self.alive.store(false, Ordering::SeqCst);
+        self.remove(None);
+    }
+
+    fn cancel(&self, error: Error) {
+        self.remove(Some(error));
     }
 
     fn transport_name(&self) -> &'static str {
@@ -842,17 +844,23 @@ impl Worker {
                 ),
                 None => fail(job.done, Error::Closed),
             },
-            Command::RemoveSender(id, done) => {
+            Command::RemoveSender(id, error, done) => {
                 if let Some(mut link) = self.senders.remove(&id) {
                     for state in &link.qps {
                         let _ = state.qp.to_error();
                         self.send_qps.remove(&state.qp.qp_num());
                     }
-                    for active in link.jobs.drain(..) {
-                        fail(active.job.done, Error::Closed);
-                    }
                     link.alive.store(false, Ordering::SeqCst);
-                    // Dropping the link destroys its queue pairs: no DMA after this.
+                    let jobs: Vec<ActiveJob> = link.jobs.drain(..).collect();
+                    // Dropping the link destroys its queue pairs: no DMA after this, so
+                    // only now may its jobs fail.
+                    drop(link);
+                    for active in jobs {
+                        fail(
+                            active.job.done,
+                            error.as_ref().map_or(Error::Closed, Error::duplicate),
+                        );
+                    }
                 }
                 let _ = done.send(());
             }
@@ -883,7 +891,7 @@ impl Worker {
         for command in rest {
             match command {
                 Command::Submit(_, job) => fail(job.done, Error::Closed),
-                Command::RemoveSender(_, done) => {
+                Command::RemoveSender(_, _, done) => {
                     let _ = done.send(());
                 }
                 _ => {}
@@ -1238,14 +1246,15 @@ fn fill_chain(
     let (mut kind, mut run_index, mut offset) = active.cursor;
     let mut finished = false;
     while batch.len() < limit {
-        if run_index >= runs.len() {
+        // `while`, not `if`: a call with no runs (an empty tagged call) skips every kind.
+        while run_index >= runs.len() && kind < kinds {
             kind += 1;
             run_index = 0;
             offset = 0;
-            if kind >= kinds {
-                finished = true;
-                break;
-            }
+        }
+        if kind >= kinds {
+            finished = true;
+            break;
         }
         let op = copy_op(table, active.job.layer, kind, &runs[run_index]);
         let len = (op.len - offset).min(MAX_WRITE_BYTES);

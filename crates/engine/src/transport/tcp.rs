@@ -39,6 +39,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn set_socket_options(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
+    super::sockopt::set_liveness(stream);
     let fd = stream.as_raw_fd();
     for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
         // SAFETY: fd is an open socket owned by `stream`; the option value is a c_int that
@@ -100,11 +101,23 @@ struct LinkState {
     alive: AtomicBool,
     /// Jobs written and awaiting their ACK, in stream order.
     pending: Mutex<VecDeque<(u64, Done)>>,
+    /// Set by `cancel`: the link's threads only mark it dead; the canceller fails the
+    /// pending jobs once the writer has stopped.
+    cancelling: Mutex<Option<Error>>,
 }
 
 impl LinkState {
-    /// Marks the link broken and fails every pending job with `error`.
+    /// Marks the link broken and fails every pending job with `error` (unless a cancel
+    /// is tearing it down: then the canceller fails them, after the teardown).
     fn break_link(&self, error: &Error) {
+        if lock(&self.cancelling).is_some() {
+            self.alive.store(false, Ordering::SeqCst);
+            return;
+        }
+        self.fail_pending(error);
+    }
+
+    fn fail_pending(&self, error: &Error) {
         let drained: Vec<(u64, Done)> = {
             let mut pending = lock(&self.pending);
             self.alive.store(false, Ordering::SeqCst);
@@ -157,6 +170,7 @@ impl TcpLink {
             peer: peer.to_string(),
             alive: AtomicBool::new(true),
             pending: Mutex::new(VecDeque::new()),
+            cancelling: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel::<WriteJob>();
         let writer = {
@@ -219,6 +233,23 @@ impl Link for TcpLink {
             let _ = thread.join();
         }
         self.state.break_link(&Error::Closed);
+    }
+
+    fn cancel(&self, error: Error) {
+        *lock(&self.state.cancelling) = Some(error.duplicate());
+        self.state.alive.store(false, Ordering::SeqCst);
+        lock(&self.jobs).take();
+        // Reset the connection: unsent bytes in the send queue are discarded and the peer
+        // gets an RST (its receiver checks for it before every WRITE frame it applies).
+        if super::sockopt::reset(&self.stream).is_err() {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        for thread in lock(&self.threads).drain(..) {
+            let _ = thread.join();
+        }
+        // The writer has stopped: nothing of any pending job can be sent any more.
+        let _ = super::sockopt::reset(&self.stream);
+        self.state.fail_pending(&error);
     }
 
     fn transport_name(&self) -> &'static str {
@@ -351,23 +382,48 @@ fn run_writer(
     jobs: mpsc::Receiver<WriteJob>,
 ) {
     let mut batch = FrameBatch::new();
+    let mut device = super::staging::SendStaging::new();
     let mut call_id = 0u64;
     for job in jobs {
         call_id += 1;
-        batch.build(table, &job, call_id);
+        // GPU regions go through pinned staging (staging.rs); host-only jobs are unchanged.
+        let staged = super::staging::layer_has_device(table, job.layer);
+        if !staged {
+            batch.build(table, &job, call_id);
+        }
         {
             let mut pending = lock(&state.pending);
             if !state.alive.load(Ordering::SeqCst) {
                 drop(pending);
-                fail(
-                    job.done,
-                    state.disconnected("the connection is broken; connect again"),
-                );
+                let error = lock(&state.cancelling)
+                    .as_ref()
+                    .map(Error::duplicate)
+                    .unwrap_or_else(|| {
+                        state.disconnected("the connection is broken; connect again")
+                    });
+                fail(job.done, error);
                 continue;
             }
             pending.push_back((call_id, job.done));
         }
-        if let Err(e) = writev_all(stream, &mut batch.iovecs) {
+        if staged {
+            let (runs, tag) = (&job.runs, job.tag.as_deref());
+            let write = &mut |iovecs: &mut [libc::iovec]| writev_all(stream, iovecs);
+            let sent = device.send(
+                table,
+                job.layer,
+                runs,
+                job.blocks,
+                tag,
+                call_id,
+                write,
+                &state.peer,
+            );
+            if let Err(e) = sent {
+                state.break_link(&e);
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        } else if let Err(e) = writev_all(stream, &mut batch.iovecs) {
             state.break_link(&Error::io(state.peer.clone(), "data write", e));
             let _ = stream.shutdown(Shutdown::Both);
         }
@@ -384,6 +440,14 @@ fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
             Ok(h) => h,
             Err(e) => break Error::protocol(state.peer.clone(), e.0),
         };
+        // Only ACK/NACK come back (their detail is bounded by the decoder): a hostile
+        // receiver announcing a WRITE-sized detail must not make us allocate it.
+        if header.kind != frame::ACK && header.kind != frame::NACK {
+            break Error::protocol(
+                state.peer.clone(),
+                format!("unexpected frame type {} from receiver", header.kind),
+            );
+        }
         let mut detail = vec![0u8; header.len as usize];
         if let Err(e) = stream.read_exact(&mut detail) {
             break state.disconnected(format!("connection lost: {e}"));
@@ -447,6 +511,8 @@ struct ServerState {
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
     closed: AtomicBool,
     arrivals: Option<ArrivalSink>,
+    /// Started by the first admission: faults the regions in ahead of the first writes.
+    prefault: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Listens for data connections and writes admitted peers' frames into local regions.
@@ -475,6 +541,7 @@ impl TcpServer {
             connections: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             arrivals,
+            prefault: Mutex::new(None),
         });
         let accept_thread = {
             let state = state.clone();
@@ -498,8 +565,35 @@ impl TcpServer {
         self.port
     }
 
+    /// Data connections being received on now.
+    pub fn connections(&self) -> usize {
+        let mut connections = lock(&self.state.connections);
+        connections.retain(|(_, t)| !t.is_finished());
+        connections.len()
+    }
+
+    /// Starts faulting the regions in on a background thread (once; no-op when running or
+    /// done, or with `KVCACHE_TCP_PREFAULT=0`). Called by the first [`TcpServer::admit`];
+    /// an engine that knows it will receive over TCP may call it earlier (at construction)
+    /// to take page faults off the first transfer entirely.
+    pub fn start_prefault(&self) {
+        let mut prefault = lock(&self.state.prefault);
+        if prefault.is_none() && prefault_enabled() {
+            let state = self.state.clone();
+            *prefault = std::thread::Builder::new()
+                .name("kvt-tcp-prefault".into())
+                .spawn(move || prefault_regions(&state.table, &state.closed))
+                .ok();
+        }
+    }
+
     /// Issues a single-use token for the data connection of peer `peer_name`.
+    ///
+    /// The first admission also starts faulting in the regions in the background (see
+    /// [`prefault_regions`]): this engine is about to receive over TCP, so its regions are
+    /// host memory that the receiver thread would otherwise fault in page by page.
     pub fn admit(&self, peer_name: &str) -> u64 {
+        self.start_prefault();
         let mut admissions = lock(&self.state.admissions);
         loop {
             let session = crate::random_u64();
@@ -525,12 +619,77 @@ impl TcpServer {
         if let Some(thread) = lock(&self.accept_thread).take() {
             let _ = thread.join();
         }
+        if let Some(thread) = lock(&self.state.prefault).take() {
+            let _ = thread.join();
+        }
         let connections: Vec<_> = lock(&self.state.connections).drain(..).collect();
         for (stream, _) in &connections {
             let _ = stream.shutdown(Shutdown::Both);
         }
         for (_, thread) in connections {
             let _ = thread.join();
+        }
+    }
+}
+
+/// `KVCACHE_TCP_PREFAULT=0` (or false/off/no) turns the background prefault off.
+fn prefault_enabled() -> bool {
+    std::env::var("KVCACHE_TCP_PREFAULT")
+        .map(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "0" | "false" | "off" | "no"
+            )
+        })
+        .unwrap_or(true)
+}
+
+/// Bytes populated per `madvise` call (so that `shutdown` waits at most one chunk).
+const PREFAULT_CHUNK: u64 = 64 << 20;
+
+/// Faults every page of the regions in, writable, with `MADV_POPULATE_WRITE` (Linux 5.14+).
+///
+/// Why: a decode cache freshly allocated by the application (e.g. `Buffer.alloc`) is not
+/// backed by pages yet; the receiver thread then pays a page fault plus a page clear for
+/// every 4 KiB it lands, which measured at ~80% of its time for 384 MiB written into fresh
+/// buffers on a 2-core VM (see docs/performance.md). RDMA pays this once at memory
+/// registration; this is the TCP transport's equivalent, off the transfer's critical path.
+/// Populating never changes the bytes of a mapping; failures (old kernels, memory that is
+/// not ordinary host memory) are ignored, and the receiver faults pages in as before.
+fn prefault_regions(table: &RegionTable, closed: &AtomicBool) {
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .unwrap_or(4096)
+        .max(1);
+    for (index, region) in table.regions().iter().enumerate() {
+        if table.memory(index as u32).is_device() {
+            continue; // GPU memory is not the CPU's to fault in
+        }
+        let mut at = region.addr / page * page;
+        let end = region.addr + region.len;
+        while at < end {
+            if closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let len = (end - at).min(PREFAULT_CHUNK);
+            // SAFETY: madvise only inspects the address range; MADV_POPULATE_WRITE faults in
+            // pages of existing mappings without changing their contents, and fails (ignored)
+            // for ranges that are unmapped or cannot be populated.
+            let rc = unsafe {
+                libc::madvise(
+                    at as usize as *mut libc::c_void,
+                    len as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                crate::debug!(
+                    "tcp prefault of {len} bytes at {at:#x} stopped: {}",
+                    std::io::Error::last_os_error()
+                );
+                break;
+            }
+            at += len;
         }
     }
 }
@@ -664,13 +823,15 @@ impl FrameReader {
                 self.start += n;
                 done += n;
             } else if direct {
+                super::sockopt::check_not_reset(self.stream.as_raw_fd())?;
                 // Staging is empty: land the rest in place and read ahead one header.
                 self.start = 0;
                 self.end = 0;
+                // SAFETY: done < len, so dst+done stays inside the caller's writable range.
+                let rest = unsafe { dst.add(done) };
                 let iovecs = [
-                    // SAFETY: dst+done..dst+len lies inside the caller's writable range.
                     libc::iovec {
-                        iov_base: unsafe { dst.add(done) }.cast(),
+                        iov_base: rest.cast(),
                         iov_len: len - done,
                     },
                     libc::iovec {
@@ -770,11 +931,16 @@ fn receive_frames(
     admission: &Admission,
 ) -> std::result::Result<(), String> {
     let mut bytes = [0u8; frame::HEADER_BYTES];
+    let mut device = super::staging::RecvStaging::new();
     loop {
         reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
         let header = Header::decode(&bytes).map_err(|e| e.0)?;
         match header.kind {
             frame::WRITE => {
+                // A writer that timed out or was aborted resets the connection before it
+                // reports the failure: bytes of it still queued here must not land.
+                super::sockopt::check_not_reset(reader.stream.as_raw_fd())
+                    .map_err(|e| format!("the writer reset the connection: {e}"))?;
                 let target = state.table.get(header.region).and_then(|region| {
                     let end = header.offset.checked_add(u64::from(header.len))?;
                     (end <= region.len).then_some(region.addr + header.offset)
@@ -790,6 +956,21 @@ fn receive_frames(
                     );
                     return refuse(ack_stream, reason);
                 };
+                if state.table.memory(header.region).is_device() {
+                    // GPU region: socket → pinned staging → async copy (staging.rs).
+                    // SAFETY: read_into's destination is the staging slot given; the
+                    // device range was checked to lie inside the registered region.
+                    let read = &mut |dst: *mut u8, n| unsafe { reader.read_into(dst, n) };
+                    let len = header.len as usize;
+                    // SAFETY: addr..addr+len lies inside a registered device region.
+                    match unsafe { device.receive(&state.table, addr, len, read) } {
+                        Ok(()) => continue,
+                        Err(super::staging::RecvError::Io(e)) => return Err(e.to_string()),
+                        Err(super::staging::RecvError::Gpu(reason)) => {
+                            return refuse(ack_stream, reason)
+                        }
+                    }
+                }
                 // SAFETY: the range was checked to lie inside a registered region, which the
                 // engine keeps valid until this thread has been joined at close.
                 unsafe { reader.read_into(addr as usize as *mut u8, header.len as usize) }
@@ -798,6 +979,10 @@ fn receive_frames(
             frame::COMMIT => {
                 let mut tag = vec![0u8; header.len as usize];
                 reader.read_exact(&mut tag).map_err(|e| e.to_string())?;
+                // Staged GPU copies land before the notice and the ACK (no-op for hosts).
+                if let Err(super::staging::RecvError::Gpu(reason)) = device.flush() {
+                    return refuse(ack_stream, reason);
+                }
                 if header.flags & 1 != 0 {
                     if let Some(sink) = &state.arrivals {
                         sink(Arrival {

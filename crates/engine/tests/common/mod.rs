@@ -32,6 +32,8 @@ pub struct SideSpec {
     pub transport: &'static str,
     pub rdma: Option<RdmaSettings>,
     pub arrivals: Option<ArrivalSink>,
+    /// `None`: no token (the environment is ignored).
+    pub auth_token: Option<&'static str>,
 }
 
 impl SideSpec {
@@ -46,6 +48,7 @@ impl SideSpec {
             transport: "tcp",
             rdma: None,
             arrivals: None,
+            auth_token: None,
         }
     }
 
@@ -85,6 +88,7 @@ impl SideSpec {
             arrivals: self.arrivals,
             connect_timeout: Duration::from_secs(10),
             rdma_settings: self.rdma,
+            auth_token: Some(self.auth_token.unwrap_or("").as_bytes().to_vec()),
         })?;
         Ok(Side {
             engine,
@@ -95,14 +99,23 @@ impl SideSpec {
     }
 }
 
-/// The handshake of `connect`: hello → accept → finish.
+/// The handshake of `connect`: challenge → response → hello → accept → finish.
 pub fn connect(prefill: &Side, decode: &Side, key: &str) {
-    let hello = prefill.engine.hello(key).unwrap();
-    let reply = decode.engine.accept(&hello).unwrap();
-    prefill
-        .engine
-        .finish_connect(key, "127.0.0.1", &reply)
-        .unwrap();
+    try_connect(prefill, decode, key).unwrap();
+}
+
+/// The handshake's first three steps: the hello `decode` would be sent.
+pub fn hello(prefill: &Side, decode: &Side, key: &str) -> kvtransfer_engine::Result<Vec<u8>> {
+    let challenge = prefill.engine.auth_challenge(key)?;
+    let response = decode.engine.auth_respond(&challenge)?;
+    prefill.engine.hello(key, &response)
+}
+
+/// The whole handshake, returning the first error.
+pub fn try_connect(prefill: &Side, decode: &Side, key: &str) -> kvtransfer_engine::Result<()> {
+    let hello = hello(prefill, decode, key)?;
+    let reply = decode.engine.accept(&hello)?;
+    prefill.engine.finish_connect(key, "127.0.0.1", &reply)
 }
 
 /// Asserts that decode block `remote[i]` equals prefill block `local[i]` (K and V) for the

@@ -1,0 +1,571 @@
+//! TCP for GPU regions: payloads move through pinned host staging buffers, with the PCIe
+//! copies overlapped with the socket.
+//!
+//! Sender ([`SendStaging`]): a job whose layer has a device region is cut into chunks of at
+//! most [`CHUNK_BYTES`] of device payload. The device→pinned copies of a chunk are queued
+//! on a stream with one driver call (`cuMemcpyBatchAsync`, CUDA 12.8+ drivers; else one
+//! `cuMemcpyAsync` per block) and followed by an event; up to [`SLOTS`] chunks are in
+//! flight, so while chunk i is written to the socket (`writev`), chunks i+1.. are being
+//! copied by the DMA engine. Frames are the ordinary `WRITE`/`COMMIT` frames: the receiver
+//! cannot tell. Host regions of the same job go straight from their memory.
+//!
+//! Receiver ([`RecvStaging`]): payloads for device regions are read from the socket into
+//! the current pinned slot, one after the other; when the slot is full its host→device
+//! copies are queued (one batch) and the socket is read into the next slot while they
+//! run. A slot is reused only after its event has completed. [`RecvStaging::flush`] waits for every copy: the
+//! receiver calls it before acknowledging a `COMMIT` (and before the arrival notice), so an
+//! ACK still means "every byte is in the destination memory".
+//!
+//! Nothing here runs for host-only engines: the TCP transport calls in only for regions
+//! the table marks as device memory, and CUDA resources are made on first use.
+
+use super::for_each_copy;
+use super::tcp::MAX_FRAME_PAYLOAD;
+use crate::cuda::{CopyKernel, Cuda, CudaError, Event, Gpu, PinnedBuffer, Stream};
+use crate::error::{Error, Result};
+use crate::layout::RegionTable;
+use crate::plan::Run;
+use crate::wire::frame::{self, Header};
+use std::sync::Arc;
+
+/// Bytes of device payload per staging slot.
+pub const CHUNK_BYTES: usize = 4 << 20;
+/// Staging slots per direction and connection (so `SLOTS × CHUNK_BYTES` pinned bytes each).
+pub const SLOTS: usize = 4;
+/// Frames per chunk at most (two iovecs each, under IOV_MAX with the commit).
+const MAX_FRAMES_PER_CHUNK: usize = 500;
+/// Copies per slot at most (the receiver closes a slot early when it has this many).
+const MAX_COPIES_PER_SLOT: usize = 8192;
+/// Batches whose copies average fewer bytes than this go through the copy kernel (one
+/// launch; SMs move the bytes) rather than the copy engines, which pay ~1 µs per copy.
+const KERNEL_BELOW_AVERAGE_BYTES: usize = 32 << 10;
+
+/// `KVCACHE_CUDA_COPY_KERNEL=0` (or false/off/no) keeps every copy on the copy engines.
+fn copy_kernel_enabled() -> bool {
+    std::env::var("KVCACHE_CUDA_COPY_KERNEL")
+        .map_or(true, |v| !matches!(v.trim(), "0" | "false" | "off" | "no"))
+}
+
+/// Whether a job of `layer` touches device memory (then it goes through [`SendStaging`]).
+#[inline]
+pub fn layer_has_device(table: &RegionTable, layer: u32) -> bool {
+    if table.gpu().is_none() {
+        return false;
+    }
+    let kinds = table.layout.kinds();
+    (0..kinds).any(|kind| table.memory(layer * kinds + kind).is_device())
+}
+
+/// One pinned slot and the event that marks the end of its copies.
+struct Slot {
+    buf: PinnedBuffer,
+    /// The copy kernel's descriptors (dsts, srcs, sizes: `MAX_COPIES_PER_SLOT` u64 each).
+    desc: PinnedBuffer,
+    event: Event,
+    /// Copies were queued since the slot was last waited for.
+    busy: bool,
+}
+
+/// Stream and slots of one direction of one connection, on gpuIdx's context.
+struct Pipe {
+    // Field order: slots (pinned memory, events) and the stream drop before the context.
+    slots: Vec<Slot>,
+    kernel: Option<CopyKernel>,
+    stream: Stream,
+    gpu: Arc<Gpu>,
+    /// Copies gathered for one submission (reused).
+    batch: CopyBatch,
+}
+
+/// Copies queued with one driver call (see `Stream::copy_batch_async`).
+#[derive(Default)]
+struct CopyBatch {
+    dsts: Vec<u64>,
+    srcs: Vec<u64>,
+    sizes: Vec<usize>,
+}
+
+impl CopyBatch {
+    fn push(&mut self, dst: u64, src: u64, len: usize) {
+        self.dsts.push(dst);
+        self.srcs.push(src);
+        self.sizes.push(len);
+    }
+
+    fn len(&self) -> usize {
+        self.dsts.len()
+    }
+
+    /// Queues the gathered copies on `stream` and empties the batch: small copies with
+    /// one launch of `kernel` (descriptors written to `desc`), others with the copy
+    /// engines (`cuMemcpyBatchAsync`).
+    ///
+    /// # Safety
+    /// As `Stream::copy_batch_async` for every gathered copy; `desc` must not be in use by
+    /// an earlier launch still queued (it is the slot's, guarded by the slot's event).
+    unsafe fn submit(
+        &mut self,
+        stream: &Stream,
+        kernel: Option<&CopyKernel>,
+        desc: &mut PinnedBuffer,
+    ) -> std::result::Result<(), CudaError> {
+        let n = self.len();
+        let total: usize = self.sizes.iter().sum();
+        let result = match kernel {
+            Some(kernel)
+                if n > 1 && n <= MAX_COPIES_PER_SLOT && total / n < KERNEL_BELOW_AVERAGE_BYTES =>
+            {
+                let base = desc.as_mut_ptr().cast::<u64>();
+                // SAFETY: `desc` holds 3 × MAX_COPIES_PER_SLOT u64 (allocated so, 8-byte
+                // aligned pinned memory) and n <= MAX_COPIES_PER_SLOT; no launch reads it
+                // now (caller's contract).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.dsts.as_ptr(), base, n);
+                    std::ptr::copy_nonoverlapping(
+                        self.srcs.as_ptr(),
+                        base.add(MAX_COPIES_PER_SLOT),
+                        n,
+                    );
+                    for (i, &size) in self.sizes.iter().enumerate() {
+                        *base.add(2 * MAX_COPIES_PER_SLOT + i) = size as u64;
+                    }
+                }
+                let at = base as u64;
+                let step = (MAX_COPIES_PER_SLOT * 8) as u64;
+                // SAFETY: descriptors of n copies in mapped pinned memory, untouched until
+                // the slot's event; the copies' memory contract is the caller's.
+                unsafe { kernel.launch(stream, at, at + step, at + 2 * step, n as u32) }
+            }
+            // SAFETY: forwarded to the caller.
+            _ => unsafe {
+                stream.copy_batch_async(&mut self.dsts, &mut self.srcs, &mut self.sizes)
+            },
+        };
+        self.dsts.clear();
+        self.srcs.clear();
+        self.sizes.clear();
+        result
+    }
+}
+
+impl Pipe {
+    fn new(table: &RegionTable) -> std::result::Result<Pipe, CudaError> {
+        let ordinal = table.gpu().unwrap_or(0);
+        let cuda = Cuda::get().map_err(|reason| CudaError {
+            op: "cuInit",
+            code: 0,
+            name: reason.to_string(),
+        })?;
+        let gpu = cuda.gpu(ordinal)?;
+        gpu.bind()?;
+        let stream = gpu.stream()?;
+        let mut slots = Vec::with_capacity(SLOTS);
+        for _ in 0..SLOTS {
+            slots.push(Slot {
+                buf: gpu.pinned(CHUNK_BYTES)?,
+                desc: gpu.pinned(3 * 8 * MAX_COPIES_PER_SLOT)?,
+                event: gpu.event()?,
+                busy: false,
+            });
+        }
+        let kernel = if copy_kernel_enabled() {
+            match gpu.copy_kernel() {
+                Ok(kernel) => Some(kernel),
+                Err(e) => {
+                    crate::debug!("tcp staging: no copy kernel ({e}); copy engines only");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        crate::debug!("tcp staging: {SLOTS} pinned slots of {CHUNK_BYTES} bytes on GPU {ordinal}");
+        crate::debug!(
+            "tcp staging: copies {}",
+            match (&kernel, stream.batched()) {
+                (Some(_), true) => "of small blocks by kernel, others cuMemcpyBatchAsync",
+                (Some(_), false) => "of small blocks by kernel, others one cuMemcpyAsync each",
+                (None, true) => "batched with cuMemcpyBatchAsync",
+                (None, false) => "issued one cuMemcpyAsync each",
+            }
+        );
+        Ok(Pipe {
+            slots,
+            kernel,
+            stream,
+            gpu,
+            batch: CopyBatch::default(),
+        })
+    }
+
+    /// Waits for every queued copy (used on every exit path that may leave copies queued).
+    fn drain(&mut self) -> std::result::Result<(), CudaError> {
+        self.stream.synchronize()?;
+        for slot in &mut self.slots {
+            slot.busy = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        // No copy may touch a region or a slot after the connection's thread is gone.
+        let _ = self.gpu.bind();
+        let _ = self.stream.synchronize();
+    }
+}
+
+/// Where one `WRITE` frame's payload comes from.
+#[derive(Clone, Copy)]
+enum Source {
+    /// Device memory, copied into the chunk's slot at `at`.
+    Device { addr: u64, at: usize },
+    /// Host memory, sent in place.
+    Host { addr: u64 },
+}
+
+#[derive(Clone, Copy)]
+struct Segment {
+    header: [u8; frame::HEADER_BYTES],
+    source: Source,
+    len: usize,
+}
+
+/// Sender side of the staging path; one per TCP link (lives on its writer thread).
+#[derive(Default)]
+pub struct SendStaging {
+    pipe: Option<Pipe>,
+    segments: Vec<Segment>,
+    /// `segments` index where each chunk ends (exclusive).
+    chunk_ends: Vec<usize>,
+    commit: [u8; frame::HEADER_BYTES],
+    iovecs: Vec<libc::iovec>,
+}
+
+// SAFETY: the raw pointers in `iovecs` are scratch rebuilt for every write and point into
+// memory owned by this value, the regions, or the job (tag); the value moves with the
+// writer thread that owns it.
+unsafe impl Send for SendStaging {}
+
+impl SendStaging {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cuts a job into chunks: WRITE segments (device pieces of at most `CHUNK_BYTES`)
+    /// grouped so that each chunk's device bytes fit one slot.
+    fn plan(&mut self, table: &RegionTable, layer: u32, runs: &[Run]) {
+        self.segments.clear();
+        self.chunk_ends.clear();
+        let mut staged = 0usize;
+        let mut frames = 0usize;
+        let segments = &mut self.segments;
+        let chunk_ends = &mut self.chunk_ends;
+        for_each_copy(table, layer, runs, |op| {
+            let device = table.memory(op.region).is_device();
+            let max_piece = if device {
+                CHUNK_BYTES as u64
+            } else {
+                MAX_FRAME_PAYLOAD
+            };
+            let mut done = 0u64;
+            while done < op.len {
+                let len = (op.len - done).min(max_piece) as usize;
+                if frames == MAX_FRAMES_PER_CHUNK || (device && staged + len > CHUNK_BYTES) {
+                    chunk_ends.push(segments.len());
+                    staged = 0;
+                    frames = 0;
+                }
+                let header = Header {
+                    kind: frame::WRITE,
+                    flags: 0,
+                    region: op.region,
+                    offset: op.remote_offset + done,
+                    len: len as u32,
+                    aux: 0,
+                }
+                .encode();
+                let source = if device {
+                    let at = staged;
+                    staged += len;
+                    Source::Device {
+                        addr: op.local_addr + done,
+                        at,
+                    }
+                } else {
+                    Source::Host {
+                        addr: op.local_addr + done,
+                    }
+                };
+                segments.push(Segment {
+                    header,
+                    source,
+                    len,
+                });
+                frames += 1;
+                done += len as u64;
+            }
+        });
+        if chunk_ends.last() != Some(&segments.len()) {
+            chunk_ends.push(segments.len());
+        }
+    }
+
+    /// Queues the device→pinned copies of chunk `chunk` into its slot.
+    fn issue(&mut self, chunk: usize) -> std::result::Result<(), CudaError> {
+        let start = if chunk == 0 {
+            0
+        } else {
+            self.chunk_ends[chunk - 1]
+        };
+        let end = self.chunk_ends[chunk];
+        let Some(pipe) = self.pipe.as_mut() else {
+            return Ok(());
+        };
+        let slot = &mut pipe.slots[chunk % SLOTS];
+        if slot.busy {
+            slot.event.synchronize()?;
+        }
+        let base = slot.buf.as_mut_ptr() as u64;
+        for segment in &self.segments[start..end] {
+            if let Source::Device { addr, at } = segment.source {
+                pipe.batch.push(base + at as u64, addr, segment.len);
+            }
+        }
+        // SAFETY: each source lies in a registered device region (planned from the region
+        // table, in bounds by the planner), valid until the engine closes; `at + len <=
+        // CHUNK_BYTES` by construction of the plan, so each destination lies in this
+        // pinned slot, which is not read before its event below has completed.
+        unsafe {
+            pipe.batch
+                .submit(&pipe.stream, pipe.kernel.as_ref(), &mut slot.desc)?
+        };
+        slot.event.record(&pipe.stream)?;
+        slot.busy = true;
+        Ok(())
+    }
+
+    /// Writes one job's frames (`WRITE`s then `COMMIT`) through `write`, which must write
+    /// every byte its iovecs describe. Device payloads are staged; host ones go in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &mut self,
+        table: &RegionTable,
+        layer: u32,
+        runs: &[Run],
+        blocks: u32,
+        tag: Option<&[u8]>,
+        call_id: u64,
+        write: &mut dyn FnMut(&mut [libc::iovec]) -> std::io::Result<()>,
+        peer: &str,
+    ) -> Result<()> {
+        if self.pipe.is_none() {
+            self.pipe = Some(Pipe::new(table)?);
+        }
+        if let Some(pipe) = &self.pipe {
+            pipe.gpu.bind()?;
+        }
+        self.plan(table, layer, runs);
+        self.commit = Header {
+            kind: frame::COMMIT,
+            flags: u8::from(tag.is_some()),
+            region: blocks,
+            offset: call_id,
+            len: tag.map_or(0, <[u8]>::len) as u32,
+            aux: layer,
+        }
+        .encode();
+        let result = self.pump(tag, write, peer);
+        if result.is_err() {
+            if let Some(pipe) = self.pipe.as_mut() {
+                let _ = pipe.drain();
+            }
+        }
+        result
+    }
+
+    fn pump(
+        &mut self,
+        tag: Option<&[u8]>,
+        write: &mut dyn FnMut(&mut [libc::iovec]) -> std::io::Result<()>,
+        peer: &str,
+    ) -> Result<()> {
+        let chunks = self.chunk_ends.len();
+        for chunk in 0..chunks.min(SLOTS) {
+            self.issue(chunk)?;
+        }
+        for chunk in 0..chunks {
+            let start = if chunk == 0 {
+                0
+            } else {
+                self.chunk_ends[chunk - 1]
+            };
+            let end = self.chunk_ends[chunk];
+            let Some(pipe) = self.pipe.as_mut() else {
+                return Ok(());
+            };
+            let slot = &mut pipe.slots[chunk % SLOTS];
+            slot.event.synchronize()?;
+            slot.busy = false;
+            let base = slot.buf.as_ptr();
+            self.iovecs.clear();
+            for segment in &self.segments[start..end] {
+                self.iovecs.push(libc::iovec {
+                    iov_base: segment.header.as_ptr() as *mut libc::c_void,
+                    iov_len: frame::HEADER_BYTES,
+                });
+                let payload = match segment.source {
+                    // SAFETY: `at + len <= CHUNK_BYTES`: inside the slot.
+                    Source::Device { at, .. } => unsafe { base.add(at) },
+                    Source::Host { addr } => addr as usize as *const u8,
+                };
+                self.iovecs.push(libc::iovec {
+                    iov_base: payload as *mut libc::c_void,
+                    iov_len: segment.len,
+                });
+            }
+            if chunk + 1 == chunks {
+                self.push_commit(tag);
+            }
+            write(&mut self.iovecs).map_err(|e| Error::io(peer, "data write", e))?;
+            // The slot's bytes are in the socket: refill it with chunk + SLOTS.
+            if chunk + SLOTS < chunks {
+                self.issue(chunk + SLOTS)?;
+            }
+        }
+        if chunks == 0 {
+            self.iovecs.clear();
+            self.push_commit(tag);
+            write(&mut self.iovecs).map_err(|e| Error::io(peer, "data write", e))?;
+        }
+        Ok(())
+    }
+
+    fn push_commit(&mut self, tag: Option<&[u8]>) {
+        self.iovecs.push(libc::iovec {
+            iov_base: self.commit.as_ptr() as *mut libc::c_void,
+            iov_len: frame::HEADER_BYTES,
+        });
+        if let Some(tag) = tag.filter(|t| !t.is_empty()) {
+            self.iovecs.push(libc::iovec {
+                iov_base: tag.as_ptr() as *mut libc::c_void,
+                iov_len: tag.len(),
+            });
+        }
+    }
+}
+
+/// Why a staged receive stopped.
+#[derive(Debug)]
+pub enum RecvError {
+    /// Reading the socket failed: the connection is over.
+    Io(std::io::Error),
+    /// A CUDA call failed: the write cannot complete (the receiver refuses it).
+    Gpu(String),
+}
+
+impl From<CudaError> for RecvError {
+    fn from(e: CudaError) -> Self {
+        RecvError::Gpu(format!("GPU staging on the receiver: {e}"))
+    }
+}
+
+/// Receiver side of the staging path; one per data connection (lives on its thread).
+#[derive(Default)]
+pub struct RecvStaging {
+    pipe: Option<Pipe>,
+    /// Slot being filled and the bytes used in it.
+    current: usize,
+    used: usize,
+    /// Copies queued since the last flush.
+    dirty: bool,
+}
+
+impl RecvStaging {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lands `len` payload bytes, read by `read(dst, n)` (which must fill `dst..dst+n`
+    /// from the socket), in device memory at `dst`: socket → pinned slot → async copy.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must lie inside a registered device region.
+    pub unsafe fn receive(
+        &mut self,
+        table: &RegionTable,
+        dst: u64,
+        len: usize,
+        read: &mut dyn FnMut(*mut u8, usize) -> std::io::Result<()>,
+    ) -> std::result::Result<(), RecvError> {
+        if self.pipe.is_none() {
+            self.pipe = Some(Pipe::new(table)?);
+            self.current = 0;
+            self.used = 0;
+        }
+        let Some(pipe) = self.pipe.as_mut() else {
+            return Ok(());
+        };
+        if !self.dirty {
+            pipe.gpu.bind()?;
+        }
+        let mut done = 0;
+        while done < len {
+            if self.used == CHUNK_BYTES || pipe.batch.len() == MAX_COPIES_PER_SLOT {
+                // Close the slot (queue its copies) and move to the next one, waiting for
+                // that one's earlier copies.
+                let slot = &mut pipe.slots[self.current];
+                // SAFETY: gathered copies go from this pinned slot (filled, not touched
+                // again before its event) into device regions (the caller's contract);
+                // the slot's descriptors are free (its last use was waited for).
+                unsafe {
+                    pipe.batch
+                        .submit(&pipe.stream, pipe.kernel.as_ref(), &mut slot.desc)?
+                };
+                slot.event.record(&pipe.stream)?;
+                slot.busy = true;
+                self.current = (self.current + 1) % SLOTS;
+                let next = &mut pipe.slots[self.current];
+                if next.busy {
+                    next.event.synchronize()?;
+                    next.busy = false;
+                }
+                self.used = 0;
+            }
+            let n = (len - done).min(CHUNK_BYTES - self.used);
+            let slot = &mut pipe.slots[self.current];
+            // SAFETY: used + n <= CHUNK_BYTES: inside the slot, whose earlier copies out of
+            // this range have completed (a slot is reused only after its event).
+            let staging = unsafe { slot.buf.as_mut_ptr().add(self.used) };
+            read(staging, n).map_err(RecvError::Io)?;
+            // Queued with the slot's other copies when it closes, or at the flush.
+            pipe.batch.push(dst + done as u64, staging as u64, n);
+            self.dirty = true;
+            self.used += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued copy has landed in device memory (before an ACK).
+    /// Free when nothing was staged since the last flush.
+    pub fn flush(&mut self) -> std::result::Result<(), RecvError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if let Some(pipe) = self.pipe.as_mut() {
+            let slot = &mut pipe.slots[self.current];
+            // SAFETY: as at a slot's close: pinned sources untouched until the drain, and
+            // the slot's descriptors are free (every earlier launch was drained or closed
+            // the slot, whose event is waited for before the slot is used again).
+            unsafe {
+                pipe.batch
+                    .submit(&pipe.stream, pipe.kernel.as_ref(), &mut slot.desc)?
+            };
+            pipe.drain()?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+}

@@ -1,0 +1,192 @@
+//! Every decoder of network bytes, fed random and mutated input without nightly or
+//! cargo-fuzz (the libFuzzer targets in `fuzz/` go further): errors only, never a panic,
+//! and whatever decodes re-encodes to the same bytes.
+
+use kvtransfer_engine::auth::{Challenge, Envelope, Response};
+use kvtransfer_engine::transport::rdma::decode_notice;
+use kvtransfer_engine::wire::{frame, Descriptor, QpEndpoint, RdmaEndpoint, Role};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// A random mutation of `seed`: flips, overwrites with edge values, truncation,
+/// extension, duplication of a slice.
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut out = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        match rng.below(6) {
+            0 if !out.is_empty() => {
+                let i = rng.below(out.len());
+                out[i] ^= 1 << rng.below(8);
+            }
+            1 if !out.is_empty() => {
+                let i = rng.below(out.len());
+                out[i] = [0x00, 0xff, 0x7f, 0x80][rng.below(4)];
+            }
+            2 => out.truncate(rng.below(out.len() + 1)),
+            3 => {
+                let len = rng.below(64);
+                let extra = rng.bytes(len);
+                out.extend_from_slice(&extra);
+            }
+            4 if out.len() >= 4 => {
+                // A 32-bit field set to an extreme value (lengths, counts).
+                let i = rng.below(out.len() - 3);
+                let value = [u32::MAX, 0x8000_0000, 0, 65, 257][rng.below(5)];
+                out[i..i + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            _ if !out.is_empty() => {
+                let a = rng.below(out.len());
+                let b = a + rng.below(out.len() - a);
+                let piece = out[a..b].to_vec();
+                let at = rng.below(out.len());
+                out.splice(at..at, piece);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn descriptors() -> Vec<Vec<u8>> {
+    let mut plain = Descriptor {
+        role: Role::Prefill,
+        instance_id: 42,
+        layers: 3,
+        has_value: true,
+        block_number: 100,
+        block_bytes: 4096,
+        name: "prefill-7:5000".into(),
+        tcp_port: 4000,
+        session: 77,
+        rdma: None,
+    };
+    let a = plain.encode();
+    plain.rdma = Some(RdmaEndpoint {
+        lid: 1,
+        gid: [3; 16],
+        mtu: 3,
+        infiniband: false,
+        qps: vec![QpEndpoint { qp_num: 5, psn: 6 }; 2],
+        regions: vec![(0x1000, 9); 6],
+        notice_ring: (0x2000, 1, 256),
+    });
+    vec![a, plain.encode()]
+}
+
+fn check_all(data: &[u8]) {
+    if let Ok(d) = Descriptor::decode(data) {
+        // Not always byte-identical (PSNs are masked to 24 bits), but stable.
+        assert_eq!(Descriptor::decode(&d.encode()).unwrap(), d);
+    }
+    if let Ok(c) = Challenge::decode(data) {
+        assert_eq!(c.encode(), data);
+    }
+    if let Ok(r) = Response::decode(data) {
+        assert_eq!(r.encode(), data);
+    }
+    if let Ok(e) = Envelope::decode(data) {
+        assert_eq!(e.encode(), data);
+    }
+    if let Some((_, _, tag)) = decode_notice(data) {
+        assert!(9 + tag.len() <= data.len());
+    }
+    for chunk in data.chunks_exact(frame::HEADER_BYTES) {
+        let bytes: &[u8; frame::HEADER_BYTES] = chunk.try_into().unwrap();
+        if let Ok(h) = frame::Header::decode(bytes) {
+            assert!(h.kind == frame::WRITE || h.len <= frame::MAX_DETAIL_BYTES);
+        }
+    }
+    if let Some(bytes) = data.get(..frame::HELLO_BYTES) {
+        let _ = frame::decode_hello(bytes.try_into().unwrap());
+    }
+}
+
+#[test]
+fn random_bytes_never_panic_any_decoder() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for _ in 0..20_000 {
+        let len = rng.below(700);
+        let data = rng.bytes(len);
+        check_all(&data);
+    }
+}
+
+#[test]
+fn mutated_valid_messages_never_panic_any_decoder() {
+    let mut rng = Rng(0x0bad_5eed_0bad_5eed);
+    let mut seeds = descriptors();
+    seeds.push(
+        Challenge {
+            has_token: true,
+            nonce_c: [1; 32],
+        }
+        .encode(),
+    );
+    seeds.push(
+        Response {
+            has_token: true,
+            nonce_a: [2; 32],
+            proof: [3; 32],
+        }
+        .encode(),
+    );
+    seeds.push(
+        Envelope {
+            has_token: false,
+            nonce_c: [4; 32],
+            nonce_a: [5; 32],
+            mac: [6; 32],
+            descriptor: descriptors().remove(1),
+        }
+        .encode(),
+    );
+    seeds.push(
+        frame::Header {
+            kind: frame::COMMIT,
+            flags: 1,
+            region: 3,
+            offset: 9,
+            len: 12,
+            aux: 1,
+        }
+        .encode()
+        .to_vec(),
+    );
+    seeds.push(frame::encode_hello(99).to_vec());
+    let mut notice = vec![0u8; 512];
+    notice[8] = 20;
+    seeds.push(notice);
+    for seed in &seeds {
+        check_all(seed);
+        for _ in 0..5_000 {
+            check_all(&mutate(&mut rng, seed));
+        }
+    }
+}
+
+#[test]
+fn descriptor_count_fields_cannot_force_big_allocations() {
+    // A descriptor claiming 2^32-1 regions or 65535 queue pairs within a small message
+    // must be refused by the length checks, not by an allocation failure.
+    let bytes = descriptors().remove(1);
+    for at in 0..bytes.len().saturating_sub(4) {
+        let mut evil = bytes.clone();
+        evil[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let _ = Descriptor::decode(&evil);
+    }
+}

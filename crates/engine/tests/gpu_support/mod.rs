@@ -1,0 +1,197 @@
+//! Shared fixtures of the GPU tests (`gpu_*.rs`): the skip rule, regions in host or device
+//! memory, and two engines over loopback TCP.
+//!
+//! Skip rule: no `libcuda.so.1`, or `cuInit` fails, or no device → the test prints `SKIP`
+//! and passes. With a GPU present every problem fails the test.
+#![allow(dead_code)]
+
+use kvtransfer_engine::cuda::{Cuda, DeviceBuffer, Gpu};
+use kvtransfer_engine::{Engine, EngineOptions, Role};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Printed past the test harness's capture, so a skip is visible in every run.
+pub fn note(message: &str) {
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+/// GPU 0, or `None` (after printing why) where there is none.
+pub fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
+    let cuda = match Cuda::get() {
+        Ok(cuda) => cuda,
+        Err(reason) => {
+            note(&format!("SKIP {test}: no GPU here ({reason})"));
+            return None;
+        }
+    };
+    let count = cuda
+        .device_count()
+        .expect("cuDeviceGetCount after a successful cuInit");
+    if count == 0 {
+        note(&format!("SKIP {test}: the CUDA driver sees no device"));
+        return None;
+    }
+    Some(cuda.gpu(0).expect("retain GPU 0's primary context"))
+}
+
+/// Deterministic content, distinct per region and offset.
+pub fn pattern(region: usize, len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed ^ (region as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes()[..(len - out.len()).min(8)]);
+    }
+    out
+}
+
+/// A region in host or device memory.
+pub enum Mem {
+    Host(Vec<u8>),
+    Device(DeviceBuffer),
+}
+
+impl Mem {
+    pub fn new(gpu: Option<&Arc<Gpu>>, content: Vec<u8>) -> Mem {
+        match gpu {
+            None => Mem::Host(content),
+            Some(gpu) => {
+                let buf = gpu.alloc(content.len()).expect("cuMemAlloc");
+                buf.copy_from_host(&content).expect("cuMemcpyHtoD");
+                Mem::Device(buf)
+            }
+        }
+    }
+
+    pub fn addr(&mut self) -> u64 {
+        match self {
+            Mem::Host(v) => v.as_mut_ptr() as u64,
+            Mem::Device(d) => d.ptr(),
+        }
+    }
+
+    pub fn read(&self) -> Vec<u8> {
+        match self {
+            Mem::Host(v) => v.clone(),
+            Mem::Device(d) => {
+                let mut out = vec![0u8; d.len()];
+                d.copy_to_host(&mut out).expect("cuMemcpyDtoH");
+                out
+            }
+        }
+    }
+}
+
+pub struct Side {
+    pub engine: Engine,
+    /// Layer-major, K then V (region order).
+    pub regions: Vec<Mem>,
+    /// What each region held when the side was made.
+    pub initial: Vec<Vec<u8>>,
+}
+
+/// A side of `layers` × (K, V) regions of `blocks × block_bytes`; patterned (prefill) or
+/// zeroed (decode); on `gpu` when given.
+pub fn side(
+    role: Role,
+    gpu: Option<&Arc<Gpu>>,
+    layers: usize,
+    blocks: usize,
+    block_bytes: usize,
+    seed: u64,
+) -> Side {
+    let len = blocks * block_bytes;
+    let initial: Vec<Vec<u8>> = (0..layers * 2)
+        .map(|r| {
+            if role == Role::Prefill {
+                pattern(r, len, seed)
+            } else {
+                vec![0u8; len]
+            }
+        })
+        .collect();
+    let mut regions: Vec<Mem> = initial.iter().map(|c| Mem::new(gpu, c.clone())).collect();
+    let addrs: Vec<u64> = regions.iter_mut().map(Mem::addr).collect();
+    let engine = Engine::new(EngineOptions {
+        role,
+        gpu_idx: 0,
+        name: format!("{}-gpu-test", role.as_str()),
+        keys: addrs.iter().step_by(2).copied().collect(),
+        values: addrs.iter().skip(1).step_by(2).copied().collect(),
+        block_number: blocks as u32,
+        block_bytes: block_bytes as u64,
+        transport: Some("tcp".into()),
+        arrivals: None,
+        connect_timeout: Duration::from_secs(10),
+        rdma_settings: None,
+        auth_token: None,
+    })
+    .expect("engine");
+    Side {
+        engine,
+        regions,
+        initial,
+    }
+}
+
+pub fn connect(prefill: &Side, decode: &Side, key: &str) {
+    let challenge = prefill.engine.auth_challenge(key).unwrap();
+    let response = decode.engine.auth_respond(&challenge).unwrap();
+    let hello = prefill.engine.hello(key, &response).unwrap();
+    let reply = decode.engine.accept(&hello).unwrap();
+    prefill
+        .engine
+        .finish_connect(key, "127.0.0.1", &reply)
+        .unwrap();
+}
+
+/// A permutation of `0..n` (xorshift Fisher–Yates).
+pub fn permutation(n: usize, seed: u64) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..n as u32).collect();
+    let mut x = seed | 1;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ids.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    ids
+}
+
+/// Every decode region equals its initial content with `remote[i]` replaced by prefill
+/// block `local[i]` of the same region, byte for byte; applied per call in order.
+pub fn expect_regions(
+    prefill: &Side,
+    decode: &Side,
+    block_bytes: usize,
+    calls: &[(usize, Vec<u32>, Vec<u32>)],
+) {
+    let mut expected = decode.initial.clone();
+    for (layer, local, remote) in calls {
+        for kind in 0..2 {
+            let r = layer * 2 + kind;
+            let src = &prefill.initial[r];
+            for (l, m) in local.iter().zip(remote) {
+                let (l, m) = (*l as usize * block_bytes, *m as usize * block_bytes);
+                expected[r][m..m + block_bytes].copy_from_slice(&src[l..l + block_bytes]);
+            }
+        }
+    }
+    for (r, want) in expected.iter().enumerate() {
+        let got = decode.regions[r].read();
+        if &got != want {
+            let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+            panic!(
+                "region {r} (layer {}, {}) differs first at byte {at} (block {}): got {:#04x}, want {:#04x}",
+                r / 2,
+                if r % 2 == 0 { "K" } else { "V" },
+                at / block_bytes,
+                got[at],
+                want[at]
+            );
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The RDMA arrival-notice record decoder: never reads past the record.
+#![no_main]
+use kvtransfer_engine::transport::rdma::decode_notice;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some((_, _, tag)) = decode_notice(data) {
+        assert!(tag.len() + 9 <= data.len());
+    }
+});

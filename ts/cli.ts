@@ -1,0 +1,199 @@
+#!/usr/bin/env node
+/**
+ * The `kvtransfer` command line. Subcommands: `bench` (see `kvtransfer bench --help`).
+ */
+import * as fs from 'node:fs'
+import { parseArgs } from 'node:util'
+import {
+  BenchOptions,
+  DEFAULT_SIZES,
+  formatOverhead,
+  formatSize,
+  formatTable,
+  parseSizes,
+  renderSvg,
+  runAgent,
+  runBench,
+  runOverhead,
+} from './bench'
+
+const BENCH_HELP = `Usage: kvtransfer bench [options]
+
+Measures writeCache throughput and call latency between two processes: this one (prefill)
+and a decode agent, forked on loopback unless --connect is given.
+
+Grid:
+  --batch N            block ids per call, = blocks per region (default 1538)
+  --sizes LIST         block sizes: 1K-256K (powers of two), 4K,64K, 65536 (default 1K-256K)
+  --concurrency N      calls in flight (default 1)
+  --layers N           layers, each with K and V regions (default 2)
+  --transport T        tcp | rdma (default tcp)
+  --pattern P          scattered (random permutations) | contiguous (default scattered)
+  --contiguous         same as --pattern contiguous
+  --duration SECONDS   timed run per size (default 2)
+  --iterations N       timed calls per size (overrides --duration)
+  --warmup N           extra untimed calls per size (default 2; every layer is written once anyway)
+  --verify MODE        sample | full: digest compare at the end of each size (default sample)
+  --samples N          blocks compared per size with --verify sample (default 512)
+
+Reference:
+  --stream-ms MS       plain TCP stream between the same processes (default 2000; 0 skips)
+  --rdma-dev DEV       RDMA device for ib_write_bw (default: first of KVCACHE_RDMA_NICS)
+  --gid-index N        GID index for ib_write_bw (default KVCACHE_RDMA_GID_INDEX, else 3)
+  --perftest-iters N   ib_write_bw -n (default 5000)
+  --perftest-port N    ib_write_bw -p (default 18515)
+
+Two hosts:
+  --listen PORT        run the decode agent on PORT (on the decode host)
+  --connect HOST:PORT  drive an agent started with --listen (on the prefill host)
+
+Other modes:
+  --overhead           JS → native cost of one writeCache call with --batch ids
+
+Output:
+  --json FILE          write the report as JSON
+  --svg FILE           draw GB/s against block size
+  --quiet              no progress line on stderr
+
+Exit status: 0 when every size verified, 1 on a data mismatch, 2 on a usage or setup error.
+`
+
+function integer(name: string, text: string | undefined, fallback: number, min = 1): number {
+  if (text === undefined) return fallback
+  const value = Number(text)
+  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} expects an integer ≥ ${min}, got '${text}'`)
+  return value
+}
+
+class UsageError extends Error {}
+
+async function bench(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      batch: { type: 'string' },
+      sizes: { type: 'string' },
+      concurrency: { type: 'string' },
+      layers: { type: 'string' },
+      transport: { type: 'string' },
+      pattern: { type: 'string' },
+      contiguous: { type: 'boolean' },
+      duration: { type: 'string' },
+      iterations: { type: 'string' },
+      warmup: { type: 'string' },
+      verify: { type: 'string' },
+      samples: { type: 'string' },
+      'stream-ms': { type: 'string' },
+      'rdma-dev': { type: 'string' },
+      'gid-index': { type: 'string' },
+      'perftest-iters': { type: 'string' },
+      'perftest-port': { type: 'string' },
+      listen: { type: 'string' },
+      connect: { type: 'string' },
+      'agent-ipc': { type: 'boolean' },
+      overhead: { type: 'boolean' },
+      json: { type: 'string' },
+      svg: { type: 'string' },
+      quiet: { type: 'boolean', short: 'q' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  })
+  if (values.help) {
+    process.stdout.write(BENCH_HELP)
+    return 0
+  }
+  if (values.listen !== undefined) {
+    await runAgent(integer('listen', values.listen, 0, 0), values['agent-ipc'] === true)
+    return 0
+  }
+  const transport = values.transport ?? 'tcp'
+  if (transport !== 'tcp' && transport !== 'rdma') throw new UsageError(`--transport expects tcp or rdma, got '${transport}'`)
+  const pattern = values.contiguous ? 'contiguous' : (values.pattern ?? 'scattered')
+  if (pattern !== 'scattered' && pattern !== 'contiguous') throw new UsageError(`--pattern expects scattered or contiguous, got '${pattern}'`)
+  const verify = values.verify ?? 'sample'
+  if (verify !== 'sample' && verify !== 'full') throw new UsageError(`--verify expects sample or full, got '${verify}'`)
+  let sizes = DEFAULT_SIZES
+  try {
+    if (values.sizes !== undefined) sizes = parseSizes(values.sizes)
+  } catch (error) {
+    throw new UsageError(`--sizes: ${(error as Error).message}`)
+  }
+  const duration = values.duration === undefined ? 2 : Number(values.duration)
+  if (!(duration > 0)) throw new UsageError(`--duration expects seconds > 0, got '${values.duration}'`)
+  const options: BenchOptions = {
+    batch: integer('batch', values.batch, 1538),
+    sizes,
+    concurrency: integer('concurrency', values.concurrency, 1),
+    layers: integer('layers', values.layers, 2),
+    transport,
+    pattern,
+    iterations: values.iterations === undefined ? undefined : integer('iterations', values.iterations, 1),
+    durationMs: duration * 1000,
+    warmup: integer('warmup', values.warmup, 2, 0),
+    verify,
+    samples: integer('samples', values.samples, 512),
+    streamMs: integer('stream-ms', values['stream-ms'], 2000, 0),
+    json: values.json,
+    svg: values.svg,
+    connect: values.connect,
+    rdmaDevice: values['rdma-dev'],
+    gidIndex: values['gid-index'] === undefined ? undefined : integer('gid-index', values['gid-index'], 3, 0),
+    perftestIterations: integer('perftest-iters', values['perftest-iters'], 5000),
+    perftestPort: integer('perftest-port', values['perftest-port'], 18515),
+    progress: !values.quiet,
+  }
+  const maxBytes = options.batch * Math.max(...sizes)
+  if (maxBytes > 2 ** 32) throw new UsageError(`--batch × largest size = ${maxBytes} bytes per region; at most 4 GiB`)
+
+  if (values.overhead) {
+    const report = await runOverhead(options)
+    console.log(`writeCache call overhead: ${report.batch} ids per call, ${report.machine.cpu} × ${report.machine.cores}`)
+    console.log(formatOverhead(report))
+    if (options.json) fs.writeFileSync(options.json, `${JSON.stringify(report, null, 2)}\n`)
+    return 0
+  }
+
+  const report = await runBench(options)
+  const m = report.machine
+  console.log(
+    `kvtransfer bench: ${options.transport}, batch ${options.batch} ${options.pattern} ids, ${options.layers} layers × K+V, ` +
+      `${options.concurrency} in flight; ${report.peer}`,
+  )
+  console.log(`machine: ${m.cpu} × ${m.cores} cores, ${m.memoryGiB} GiB, ${m.kernel}, node ${m.node}`)
+  const { stream, streamHot } = report.reference
+  if (streamHot) console.log(`reference: plain TCP stream, hot 4 MiB buffers:             ${streamHot.gbps.toFixed(2)} GB/s`)
+  if (stream) console.log(`reference: plain TCP stream walking the cache regions:     ${stream.gbps.toFixed(2)} GB/s (the ratio's reference)`)
+  if (report.reference.skipped) console.log(`reference: ${report.reference.skipped}`)
+  console.log(formatTable(report))
+  for (const r of report.results) {
+    if (r.verified.mismatches > 0) console.log(`MISMATCH at ${formatSize(r.blockBytes)}: ${r.verified.detail.join('; ')}`)
+  }
+  if (options.json) fs.writeFileSync(options.json, `${JSON.stringify(report, null, 2)}\n`)
+  if (options.svg) fs.writeFileSync(options.svg, renderSvg(report))
+  return report.ok ? 0 : 1
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv
+  if (command === 'bench') return bench(rest)
+  if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
+    process.stdout.write(`Usage: kvtransfer <command>\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n`)
+    return command === undefined ? 2 : 0
+  }
+  process.stderr.write(`kvtransfer: unknown command '${command}' (try 'kvtransfer bench --help')\n`)
+  return 2
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code
+  },
+  (error: unknown) => {
+    const usage = error instanceof UsageError || (error as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')
+    process.stderr.write(`kvtransfer: ${error instanceof Error ? error.message : String(error)}\n`)
+    process.exitCode = 2
+    if (!usage && process.env.KVCACHE_DEBUG) process.stderr.write(`${(error as Error).stack}\n`)
+  },
+)
