@@ -31,4 +31,11 @@ fi
 rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 echo "[setup] npm ci"
-npm ci --no-audit --no-fund --loglevel=error
+# A registry mirror that serves only this platform's optional packages cannot satisfy a
+# lock file's full optional-dependency list; `npm install` then installs the same pinned
+# versions from the lock file and skips the unavailable platforms.
+if ! npm ci --no-audit --no-fund --loglevel=error 2>/tmp/kvtransfer-npm-ci.log; then
+  grep -q 'Missing: .* from lock file' /tmp/kvtransfer-npm-ci.log || { cat /tmp/kvtransfer-npm-ci.log >&2; exit 1; }
+  echo "[setup] npm ci: the registry lacks other platforms' optional packages; using npm install"
+  npm install --no-audit --no-fund --loglevel=error
+fi

@@ -191,6 +191,15 @@ function checkNonNegativeInteger(name: string, value: unknown, max: number): num
   return value
 }
 
+/**
+ * The control plane listens on `KVCACHE_SOCKET_IFNAME`'s address when set (ZeroMQ takes an
+ * interface name in place of an address), else on all interfaces.
+ */
+function defaultControlHost(): string {
+  const ifname = process.env.KVCACHE_SOCKET_IFNAME?.trim()
+  return ifname ? ifname : '0.0.0.0'
+}
+
 function abortError(what: string): KvTransferError {
   return new KvTransferError('ERR_ABORTED', `${what} was aborted`)
 }
@@ -292,7 +301,7 @@ export class RDMACommunicator extends EventEmitter {
           (notice) => this.onArrival(notice),
         ),
     )
-    this.control = new ControlServer(options.host ?? '0.0.0.0', port, {
+    this.control = new ControlServer(options.host ?? defaultControlHost(), port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
       hello: (hello) => native(() => this.native.accept(hello)),
     })
