@@ -27,10 +27,13 @@ fn invalid(name: &'static str, reason: impl Into<String>) -> napi::Error {
 /// (kept alive by this communicator until it is dropped).
 type RegionInput = Either<BigInt, Uint8Array>;
 
-/// Block ids as accepted from JavaScript.
-type BlockIdInput = Either3<Uint32Array, Int32Array, Float64Array>;
+/// Block ids as accepted from JavaScript, borrowed for the duration of the synchronous
+/// call: no napi reference is created or deleted per typed array (the engine copies what it
+/// needs into its runs before the call returns).
+type BlockIdSlices<'env> =
+    Either3<Uint32ArraySlice<'env>, Int32ArraySlice<'env>, Float64ArraySlice<'env>>;
 
-fn block_ids(input: &BlockIdInput) -> BlockIds<'_> {
+fn block_id_slices<'a>(input: &'a BlockIdSlices<'_>) -> BlockIds<'a> {
     match input {
         Either3::A(ids) => BlockIds::U32(ids),
         Either3::B(ids) => BlockIds::I32(ids),
@@ -323,8 +326,16 @@ impl NativeCommunicator {
         &self,
         env: &'env Env,
         peer_key: String,
-        local_block_ids: Either3<Uint32Array, Int32Array, Float64Array>,
-        remote_block_ids: Either3<Uint32Array, Int32Array, Float64Array>,
+        local_block_ids: Either3<
+            Uint32ArraySlice<'env>,
+            Int32ArraySlice<'env>,
+            Float64ArraySlice<'env>,
+        >,
+        remote_block_ids: Either3<
+            Uint32ArraySlice<'env>,
+            Int32ArraySlice<'env>,
+            Float64ArraySlice<'env>,
+        >,
         layer_idx: f64,
         tag: Option<Buffer>,
         timeout_ms: Option<f64>,
@@ -339,8 +350,8 @@ impl NativeCommunicator {
             .engine
             .write_cache_until(
                 &peer_key,
-                block_ids(&local_block_ids),
-                block_ids(&remote_block_ids),
+                block_id_slices(&local_block_ids),
+                block_id_slices(&remote_block_ids),
                 layer_idx,
                 tag.map(|t| t.to_vec()),
                 deadline,

@@ -89,7 +89,8 @@ export interface BenchReport {
     stream?: { gbps: number; bytes: number; seconds: number; chunkBytes: number; note: string }
     /** The same stream between hot 4 MiB buffers (the loopback ceiling, like iperf3). */
     streamHot?: { gbps: number; bytes: number; seconds: number; chunkBytes: number; note: string }
-    perftest?: Array<{ size: number; gbps?: number; skipped?: string }>
+    /** ib_write_bw per size; `raw`: the header and data row parsed (or why not). */
+    perftest?: Array<{ size: number; gbps?: number; raw?: string; skipped?: string }>
     skipped?: string
   }
   results: SizeResult[]
@@ -261,22 +262,28 @@ function perftestArgs(s: PerftestSettings): string[] {
 
 /**
  * The `BW average[MB/sec]` figure of an `ib_write_bw` report, in GB/s (perftest's MB is
- * 2^20 bytes). Undefined when the report has no such table.
+ * 2^20 bytes). Undefined when the report has no such table or the figure is not a positive
+ * number (`raw` then holds the line it looked at, for the report).
  */
 export function parsePerftestBandwidth(output: string): number | undefined {
+  return parsePerftestReport(output).gbps
+}
+
+export function parsePerftestReport(output: string): { gbps?: number; raw: string } {
   const lines = output.split('\n')
   const at = lines.findIndex((l) => l.includes('BW average[MB/sec]'))
-  if (at < 0) return undefined
+  if (at < 0) return { raw: lines.map((l) => l.trim()).filter(Boolean).slice(-3).join(' | ') }
   const columns = lines[at].trim().split(/\s{2,}/)
   const column = columns.findIndex((c) => c.includes('BW average'))
   for (const line of lines.slice(at + 1)) {
     const fields = line.trim().split(/\s+/)
     if (fields.length >= columns.length && /^\d+$/.test(fields[0])) {
       const mbps = Number(fields[column])
-      return Number.isFinite(mbps) ? (mbps * 2 ** 20) / 1e9 : undefined
+      const raw = `${lines[at].trim()} / ${line.trim()}`
+      return Number.isFinite(mbps) && mbps > 0 ? { gbps: (mbps * 2 ** 20) / 1e9, raw } : { raw }
     }
   }
-  return undefined
+  return { raw: `${lines[at].trim()} / (no data row)` }
 }
 
 function runProcess(binary: string, args: string[], timeoutMs: number): Promise<{ code: number | null; output: string }> {
@@ -297,23 +304,79 @@ function runProcess(binary: string, args: string[], timeoutMs: number): Promise<
   })
 }
 
-/** Starts an `ib_write_bw` server; resolves once it waits for its client (or after 1.5 s). */
-function startPerftestServer(binary: string, settings: PerftestSettings): Promise<ChildProcess> {
+/** Whether a TCP socket listens on `port` (Linux: /proc/net/tcp{,6}); undefined elsewhere. */
+function tcpListening(port: number): boolean | undefined {
+  const hex = `:${port.toString(16).toUpperCase().padStart(4, '0')}`
+  let known = false
+  for (const file of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    let text: string
+    try {
+      text = fs.readFileSync(file, 'utf8')
+    } catch {
+      continue
+    }
+    known = true
+    // local_address rem_address st: LISTEN is state 0A.
+    for (const line of text.split('\n')) {
+      const fields = line.trim().split(/\s+/)
+      if (fields[1]?.endsWith(hex) && fields[3] === '0A') return true
+    }
+  }
+  return known ? false : undefined
+}
+
+interface PerftestServer {
+  child: ChildProcess
+  output: () => string
+  exited: Promise<void>
+}
+
+/**
+ * Starts an `ib_write_bw` server and resolves once it listens on its port (polled in
+ * /proc/net/tcp: its "Waiting for client" banner sits in a block-buffered pipe), or it
+ * exited, or after 20 s. Under TCG the server takes 0.3–2.5 s to listen; a fixed wait
+ * let the client connect too early.
+ */
+function startPerftestServer(binary: string, settings: PerftestSettings): Promise<PerftestServer> {
   return new Promise((resolve) => {
     const child = spawn(binary, perftestArgs(settings), { stdio: ['ignore', 'pipe', 'pipe'] })
-    const timer = setTimeout(() => resolve(child), 1500)
-    child.stdout.on('data', (d: Buffer) => {
-      if (d.toString().includes('Waiting for client')) {
-        clearTimeout(timer)
-        resolve(child)
-      }
-    })
-    child.on('error', () => {
+    let output = ''
+    let done = false
+    child.stdout?.on('data', (d: Buffer) => (output += d.toString()))
+    child.stderr?.on('data', (d: Buffer) => (output += d.toString()))
+    const exited = new Promise<void>((r) => child.once('close', () => r()))
+    const server: PerftestServer = { child, output: () => output, exited }
+    const finish = () => {
+      if (done) return
+      done = true
+      clearInterval(poll)
       clearTimeout(timer)
-      resolve(child)
-    })
-    setTimeout(() => child.kill('SIGKILL'), 120_000).unref()
+      resolve(server)
+    }
+    const started = Date.now()
+    const poll = setInterval(() => {
+      const listening = tcpListening(settings.port)
+      if (listening === true || output.includes('Waiting for client') || (listening === undefined && Date.now() - started > 1500)) finish()
+    }, 50)
+    const timer = setTimeout(finish, 20_000)
+    void exited.then(finish)
+    child.on('error', finish)
+    setTimeout(() => child.kill('SIGKILL'), 180_000).unref()
   })
+}
+
+/** Stops a perftest server (if still running) and waits for it to exit. */
+async function stopPerftestServer(server: PerftestServer | undefined): Promise<string> {
+  if (!server) return ''
+  if (server.child.exitCode === null && server.child.signalCode === null) {
+    const timer = setTimeout(() => server.child.kill('SIGKILL'), 5000)
+    // A server whose client finished exits by itself; give it a moment first.
+    await Promise.race([server.exited, new Promise((r) => setTimeout(r, 3000))])
+    server.child.kill()
+    await server.exited
+    clearTimeout(timer)
+  }
+  return server.output()
 }
 
 function rdmaDevice(options: { rdmaDevice?: string }): string | undefined {
@@ -334,7 +397,7 @@ interface AgentState {
   values: Buffer[]
   comm?: RDMACommunicator
   blockBytes: number
-  perftest?: ChildProcess
+  perftest?: PerftestServer
 }
 
 async function handleAgentRequest(state: AgentState, message: Json, channel: Channel): Promise<Json> {
@@ -422,8 +485,19 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
     case 'perftest-server': {
       const binary = findOnPath('ib_write_bw')
       if (!binary) return { ok: false, skipped: 'ib_write_bw is not installed on the decode host' }
+      // The previous size's server must be gone (it could still hold its port or its QP).
+      await stopPerftestServer(state.perftest)
       state.perftest = await startPerftestServer(binary, message.settings as PerftestSettings)
+      if (state.perftest.child.exitCode !== null) {
+        const output = state.perftest.output().trim().split('\n').slice(-2).join(' | ')
+        return { ok: false, skipped: `ib_write_bw server exited (${state.perftest.child.exitCode}): ${output}` }
+      }
       return { ok: true }
+    }
+    case 'perftest-stop': {
+      const output = await stopPerftestServer(state.perftest)
+      state.perftest = undefined
+      return { ok: true, output: output.slice(-4000) }
     }
     case 'close': {
       await state.comm?.close()
@@ -454,7 +528,7 @@ async function serveDriver(socket: net.Socket): Promise<void> {
     // The driver went away.
   } finally {
     await state.comm?.close().catch(() => undefined)
-    state.perftest?.kill()
+    state.perftest?.child.kill()
     socket.end()
   }
 }
@@ -590,29 +664,55 @@ async function referenceStream(agent: Agent, ms: number, progress: Progress, pre
   }
 }
 
-async function perftestReference(agent: Agent, options: BenchOptions, progress: Progress): Promise<BenchReport['reference']['perftest']> {
+/**
+ * ib_write_bw at each of `sizes` (default: all of the grid). `runBench` measures each size
+ * right before the transfer at that size, so a shared host's drifting load hits both
+ * alike (Soft-RoCE under TCG varies ±20 % over minutes).
+ */
+async function perftestReference(
+  agent: Agent,
+  options: BenchOptions,
+  progress: Progress,
+  sizes: number[] = options.sizes,
+): Promise<BenchReport['reference']['perftest']> {
   const binary = findOnPath('ib_write_bw')
   const device = rdmaDevice(options)
-  if (!binary) return options.sizes.map((size) => ({ size, skipped: 'ib_write_bw (perftest) is not installed' }))
-  if (!device) return options.sizes.map((size) => ({ size, skipped: 'no RDMA device: pass --rdma-dev or set KVCACHE_RDMA_NICS' }))
+  if (!binary) return sizes.map((size) => ({ size, skipped: 'ib_write_bw (perftest) is not installed' }))
+  if (!device) return sizes.map((size) => ({ size, skipped: 'no RDMA device: pass --rdma-dev or set KVCACHE_RDMA_NICS' }))
+  if (options.perftestIterations === 0) return sizes.map((size) => ({ size, skipped: 'disabled (--perftest-iters 0)' }))
   const out: NonNullable<BenchReport['reference']['perftest']> = []
-  for (const size of options.sizes) {
-    progress.update(`[reference] ib_write_bw -s ${size}`, true)
-    const settings: PerftestSettings = {
-      device,
-      gidIndex: gidIndex(options),
-      size,
-      iterations: options.perftestIterations,
-      port: options.perftestPort,
+  for (const size of sizes) {
+    const index = Math.max(0, options.sizes.indexOf(size))
+    // One port per size (and per attempt): a port is never reused while the previous
+    // server's socket may linger.
+    let entry: NonNullable<BenchReport['reference']['perftest']>[number] | undefined
+    for (let attempt = 0; attempt < 2 && !entry?.gbps; attempt++) {
+      progress.update(`[reference] ib_write_bw -s ${size}${attempt > 0 ? ' (retry)' : ''}`, true)
+      const settings: PerftestSettings = {
+        device,
+        gidIndex: gidIndex(options),
+        size,
+        iterations: options.perftestIterations,
+        port: options.perftestPort + 2 * index + attempt,
+      }
+      const server = (await agent.channel.call({ op: 'perftest-server', settings })) as { ok: boolean; skipped?: string }
+      if (!server.ok) {
+        entry = { size, skipped: server.skipped ?? 'the agent could not start ib_write_bw' }
+        continue
+      }
+      const client = await runProcess(binary, [...perftestArgs(settings), agent.host], 120_000)
+      const stopped = (await agent.channel.call({ op: 'perftest-stop' }).catch(() => ({}))) as { output?: string }
+      const parsed = parsePerftestReport(client.output)
+      if (parsed.gbps !== undefined) {
+        entry = { size, gbps: parsed.gbps, raw: parsed.raw }
+      } else {
+        const serverTail = (stopped.output ?? '').trim().split('\n').slice(-2).join(' | ')
+        entry = { size, skipped: `ib_write_bw gave no bandwidth (client exit ${client.code}): ${parsed.raw}${serverTail ? ` [server: ${serverTail}]` : ''}` }
+        progress.clear()
+        console.error(`ib_write_bw -s ${size}, attempt ${attempt + 1}: unparsable report: ${parsed.raw}`)
+      }
     }
-    const server = (await agent.channel.call({ op: 'perftest-server', settings })) as { ok: boolean; skipped?: string }
-    if (!server.ok) {
-      out.push({ size, skipped: server.skipped ?? 'the agent could not start ib_write_bw' })
-      continue
-    }
-    const client = await runProcess(binary, [...perftestArgs(settings), agent.host], 120_000)
-    const gbps = parsePerftestBandwidth(client.output)
-    out.push(gbps === undefined ? { size, skipped: `ib_write_bw failed (exit ${client.code}): ${client.output.trim().split('\n').slice(-2).join(' | ')}` } : { size, gbps })
+    if (entry) out.push(entry)
   }
   progress.clear()
   return out
@@ -828,17 +928,21 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       }
       else report.reference.skipped = 'reference stream disabled (--stream-ms 0)'
     } else {
-      report.reference.perftest = await perftestReference(agent, options, progress)
-      const skipped = report.reference.perftest?.find((p) => p.skipped)
-      if (skipped) report.reference.skipped = `ib_write_bw reference skipped: ${skipped.skipped}`
+      report.reference.perftest = []
     }
     for (const blockBytes of options.sizes) {
+      if (options.transport === 'rdma') {
+        // Reference and transfer back to back, per size.
+        const [entry] = (await perftestReference(agent, options, progress, [blockBytes])) ?? []
+        if (entry) report.reference.perftest?.push(entry)
+        if (entry?.skipped && !report.reference.skipped) report.reference.skipped = `ib_write_bw reference skipped: ${entry.skipped}`
+      }
       const result = await benchSize(agent, options, prefill, blockBytes, progress)
       const ref =
         options.transport === 'tcp'
           ? report.reference.stream?.gbps
           : report.reference.perftest?.find((p) => p.size === blockBytes)?.gbps
-      if (ref !== undefined) {
+      if (ref !== undefined && ref > 0) {
         result.referenceGbps = ref
         result.ratio = result.gbps / ref
       }

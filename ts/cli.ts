@@ -40,7 +40,7 @@ Reference:
   --stream-ms MS       plain TCP stream between the same processes (default 2000; 0 skips)
   --rdma-dev DEV       RDMA device for ib_write_bw (default: first of KVCACHE_RDMA_NICS)
   --gid-index N        GID index for ib_write_bw (default KVCACHE_RDMA_GID_INDEX, else 3)
-  --perftest-iters N   ib_write_bw -n (default 5000)
+  --perftest-iters N   ib_write_bw -n (default 5000; 0: no ib_write_bw reference)
   --perftest-port N    ib_write_bw -p (default 18515)
 
 Two hosts:
@@ -140,7 +140,7 @@ async function bench(argv: string[]): Promise<number> {
     connect: values.connect,
     rdmaDevice: values['rdma-dev'],
     gidIndex: values['gid-index'] === undefined ? undefined : integer('gid-index', values['gid-index'], 3, 0),
-    perftestIterations: integer('perftest-iters', values['perftest-iters'], 5000),
+    perftestIterations: integer('perftest-iters', values['perftest-iters'], 5000, 0),
     perftestPort: integer('perftest-port', values['perftest-port'], 18515),
     progress: !values.quiet,
   }
@@ -166,6 +166,12 @@ async function bench(argv: string[]): Promise<number> {
   if (streamHot) console.log(`reference: plain TCP stream, hot 4 MiB buffers:             ${streamHot.gbps.toFixed(2)} GB/s`)
   if (stream) console.log(`reference: plain TCP stream walking the cache regions:     ${stream.gbps.toFixed(2)} GB/s (the ratio's reference)`)
   if (report.reference.skipped) console.log(`reference: ${report.reference.skipped}`)
+  for (const p of report.reference.perftest ?? []) {
+    if (p.gbps !== undefined) console.log(`reference: ib_write_bw -s ${p.size}: ${(p.gbps * 1000).toFixed(1)} MB/s  [${p.raw ?? ''}]`)
+    else console.log(`reference: ib_write_bw -s ${p.size}: ${p.skipped ?? 'no figure'}`)
+  }
+  const env = Object.entries(process.env).filter(([k]) => k.startsWith('KVCACHE_RDMA') || k.startsWith('KVCACHE_BENCH'))
+  if (env.length > 0) console.log(`env: ${env.map(([k, v]) => `${k}=${v}`).join(' ')}`)
   console.log(formatTable(report))
   for (const r of report.results) {
     if (r.verified.mismatches > 0) console.log(`MISMATCH at ${formatSize(r.blockBytes)}: ${r.verified.detail.join('; ')}`)

@@ -104,6 +104,8 @@ export async function exchange(
   body: Buffer,
   timeoutMs: number,
   signal?: AbortSignal,
+  /** The caller's whole timeout, named in the error (`timeoutMs` may be what is left of it). */
+  reportedTimeoutMs = timeoutMs,
 ): Promise<Buffer> {
   const peer = `${host}:${port}`
   const dealer = new zmq.Dealer({
@@ -129,7 +131,7 @@ export async function exchange(
       if (code === 'EAGAIN') {
         throw new KvTransferError(
           'ERR_TIMEOUT',
-          `timed out after ${timeoutMs} ms: no answer from a kvtransfer communicator at ${peer} (is it running and listening on port ${port}?)`,
+          `timed out after ${reportedTimeoutMs} ms: no answer from a kvtransfer communicator at ${peer} (is it running and listening on port ${port}?)`,
         )
       }
       throw new KvTransferError('ERR_IO', `control connection to ${peer} failed: ${(error as Error).message}`)

@@ -341,10 +341,10 @@ export class RDMACommunicator extends EventEmitter {
     const key = `${ip}:${peerPort}`
     const what = `connect to ${ip}:${peerPort}`
     // challenge → nonce (the acceptor proves the shared secret), then hello → welcome.
-    const response = await exchange(ip, peerPort, 'challenge', native(() => this.native.authChallenge(key)), left(), options.signal)
+    const response = await exchange(ip, peerPort, 'challenge', native(() => this.native.authChallenge(key)), left(), options.signal, timeoutMs)
     if (options.signal?.aborted) throw abortError(what)
     const hello = native(() => this.native.hello(key, response))
-    const reply = await exchange(ip, peerPort, 'hello', hello, left(), options.signal)
+    const reply = await exchange(ip, peerPort, 'hello', hello, left(), options.signal, timeoutMs)
     if (options.signal?.aborted) throw abortError(what)
     let timer: NodeJS.Timeout | undefined
     let cancelled: 'abort' | 'timeout' | undefined

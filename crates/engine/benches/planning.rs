@@ -5,14 +5,54 @@
 //! Run: `cargo bench -p kvtransfer-engine --bench planning`. Budget: ≤ 20 ns per block for
 //! 1538 scattered ids (plan + K/V frames), see docs/performance.md.
 //!
-//! RDMA hook: when the RDMA transport lands, add a `rdma_chain` group here that builds the
-//! work-request chain (SGEs + `ibv_send_wr` list) of the same 1538-id call with its batch
-//! builder, next to `tcp_frames`, so both transports' per-block costs sit in one report.
+//! RDMA: `rdma_chain` builds the work-request chains of the same call with the transport's
+//! own builder (`fill_write_chain`: one SGE + one `ibv_send_wr` per run and kind, pushed
+//! into a `SendBatch` of `CHAIN_WRS` requests, tail signaled, then `link()` as
+//! `ibv_post_send` would get it), without posting; `plan+rdma_chain` adds the planning.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvtransfer_engine::layout::RegionTable;
 use kvtransfer_engine::plan::{plan_runs, BlockIds, PlanLimits, Run};
+use kvtransfer_engine::transport::rdma::{fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES};
 use kvtransfer_engine::transport::tcp::{FrameBatch, MAX_FRAME_PAYLOAD};
+use kvtransfer_verbs::SendBatch;
+
+/// Every chain of one call, as the progress thread builds them (chains of the configured
+/// length, `KVCACHE_RDMA_TUNING=chain=N` to compare), linked but not posted. Returns the
+/// work requests built.
+fn rdma_chains(
+    table: &RegionTable,
+    runs: &[Run],
+    remote_regions: &[(u64, u32)],
+    batch: &mut SendBatch,
+) -> usize {
+    let mut cursor: ChainCursor = (0, 0, 0);
+    let mut last_write = (0, 0, 0);
+    let mut chain_id = 0;
+    let mut wrs = 0;
+    loop {
+        chain_id += 1;
+        batch.clear();
+        let limit = batch.capacity();
+        let finished = fill_write_chain(
+            table,
+            1,
+            runs,
+            |region| 0x100 + region as u32,
+            remote_regions,
+            &mut cursor,
+            &mut last_write,
+            batch,
+            chain_id,
+            limit,
+        );
+        wrs += batch.len();
+        black_box(batch.link());
+        if finished {
+            return wrs;
+        }
+    }
+}
 
 const BATCH: u32 = 1538;
 const LAYERS: usize = 2;
@@ -74,6 +114,31 @@ fn bench(c: &mut Criterion) {
                     call_id += 1;
                     batch.build_frames(&table, 1, black_box(&runs), BATCH, None, call_id);
                     black_box(batch.iovecs().len())
+                })
+            });
+            let remote_regions: Vec<(u64, u32)> = (0..table.regions().len() as u64)
+                .map(|r| (0x7000_0000_0000 + r * 0x1_0000_0000, 0x200 + r as u32))
+                .collect();
+            let mut send_batch = SendBatch::with_capacity(tuning().chain_wrs);
+            assert_eq!(
+                rdma_chains(&table, &runs, &remote_regions, &mut send_batch),
+                2 * runs.len(),
+                "one WRITE per run and kind ({MAX_WRITE_BYTES} bytes max each)"
+            );
+            group.bench_function(BenchmarkId::new("rdma_chain", name), |b| {
+                b.iter(|| {
+                    black_box(rdma_chains(
+                        &table,
+                        black_box(&runs),
+                        &remote_regions,
+                        &mut send_batch,
+                    ))
+                })
+            });
+            group.bench_function(BenchmarkId::new("plan+rdma_chain", name), |b| {
+                b.iter(|| {
+                    plan_runs(black_box(local), black_box(remote), limits, &mut runs).unwrap();
+                    black_box(rdma_chains(&table, &runs, &remote_regions, &mut send_batch))
                 })
             });
             group.bench_function(BenchmarkId::new("plan+tcp_frames", name), |b| {

@@ -433,19 +433,7 @@ impl Engine {
         let challenge =
             Challenge::decode(challenge).map_err(|e| Error::protocol("connecting peer", e.0))?;
         let token = self.inner.auth_token.as_deref();
-        match (token, challenge.has_token) {
-            (Some(_), false) => {
-                return Err(self.refuse_auth(
-                    "the connecting peer has no auth token but this side requires one (KVCACHE_AUTH_TOKEN / authToken)",
-                ))
-            }
-            (None, true) => {
-                return Err(self.refuse_auth(
-                    "the connecting peer uses an auth token but this side has none (KVCACHE_AUTH_TOKEN / authToken)",
-                ))
-            }
-            _ => {}
-        }
+        self.check_token_presence(challenge.has_token)?;
         let nonce_a = auth::random_nonce();
         let proof = match token {
             Some(token) => {
@@ -476,6 +464,19 @@ impl Engine {
             proof,
         }
         .encode())
+    }
+
+    /// A token on one side only is refused before anything else is looked at.
+    fn check_token_presence(&self, peer_has_token: bool) -> Result<()> {
+        match (self.inner.auth_token.is_some(), peer_has_token) {
+            (true, false) => Err(self.refuse_auth(
+                "the connecting peer has no auth token but this side requires one (KVCACHE_AUTH_TOKEN / authToken)",
+            )),
+            (false, true) => Err(self.refuse_auth(
+                "the connecting peer uses an auth token but this side has none (KVCACHE_AUTH_TOKEN / authToken)",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn refuse_auth(&self, reason: &str) -> Error {
@@ -565,25 +566,16 @@ impl Engine {
         let envelope =
             Envelope::decode(hello).map_err(|e| Error::protocol("connecting peer", e.0))?;
         let token = self.inner.auth_token.as_deref();
-        match (token, envelope.has_token) {
-            (Some(_), false) => {
-                return Err(self.refuse_auth(
-                    "the connecting peer did not authenticate but this side requires an auth token",
-                ))
-            }
-            (None, true) => {
-                return Err(self.refuse_auth(
-                    "the connecting peer authenticates but this side has no auth token",
-                ))
-            }
-            (Some(token), true) => {
-                let issued = self
-                    .inner
-                    .challenges
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&envelope.nonce_a);
-                match issued {
+        self.check_token_presence(envelope.has_token)?;
+        // Both sides have a token here (presence was checked above).
+        if let Some(token) = token {
+            let issued = self
+                .inner
+                .challenges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&envelope.nonce_a);
+            match issued {
                     Some((nonce_c, at))
                         if nonce_c == envelope.nonce_c && at.elapsed() < CHALLENGE_LIFETIME => {}
                     _ => {
@@ -592,18 +584,16 @@ impl Engine {
                         ))
                     }
                 }
-                if !auth::verify(
-                    token,
-                    auth::LABEL_HELLO,
-                    &[&envelope.nonce_c, &envelope.nonce_a, &envelope.descriptor],
-                    &envelope.mac,
-                ) {
-                    return Err(self.refuse_auth(
+            if !auth::verify(
+                token,
+                auth::LABEL_HELLO,
+                &[&envelope.nonce_c, &envelope.nonce_a, &envelope.descriptor],
+                &envelope.mac,
+            ) {
+                return Err(self.refuse_auth(
                         "the hello's MAC does not match: the connecting peer does not know this side's auth token",
                     ));
-                }
             }
-            (None, false) => {}
         }
         let remote = Descriptor::decode(&envelope.descriptor)
             .map_err(|e| Error::protocol("connecting peer", e.0))?;
@@ -820,7 +810,9 @@ impl Engine {
             layout.block_bytes,
             MAX_FRAME_PAYLOAD,
         );
-        let mut runs: Vec<Run> = Vec::new();
+        // One allocation of the right size (growing by doubling cost ~10 reallocations for
+        // 1538 scattered ids); the Vec moves to the transport with the job.
+        let mut runs: Vec<Run> = Vec::with_capacity(local.len().min(4096));
         plan::plan_runs(local, remote, limits, &mut runs)?;
         let (done, completion) = Done::new();
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
@@ -879,8 +871,13 @@ impl Engine {
             call: done.watch(),
             ms,
         }));
+        // The deadline thread sleeps until the earliest deadline: wake it only when this
+        // one is the new earliest (a futex wake per call cost ~1 µs of the call's overhead).
+        let earliest = state.heap.peek().is_some_and(|Reverse(top)| top.seq == seq);
         drop(state);
-        watchdog.wake.notify_one();
+        if earliest {
+            watchdog.wake.notify_one();
+        }
     }
 
     /// Tears down the link to `peer_key` because of `error` (a timeout or an abort): when

@@ -52,6 +52,43 @@ pub const TRANSPORT_RETRY_COUNT: u8 = 6;
 /// Idle polls before blocking on the completion channel.
 const IDLE_SPINS: u32 = 64;
 
+/// Data-path tuning (chain length, send-queue depth, idle polls). The defaults are the
+/// constants above; `KVCACHE_RDMA_TUNING="chain=N,sq=N,spins=N"` overrides them for
+/// side-by-side measurements (`kvtransfer bench`, docs/performance.md). Read once.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub chain_wrs: usize,
+    pub send_queue_depth: u32,
+    pub idle_spins: u32,
+}
+
+#[doc(hidden)]
+pub fn tuning() -> Tuning {
+    static TUNING: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
+    *TUNING.get_or_init(|| {
+        let mut t = Tuning {
+            chain_wrs: CHAIN_WRS,
+            send_queue_depth: SEND_QUEUE_DEPTH,
+            idle_spins: IDLE_SPINS,
+        };
+        let text = std::env::var("KVCACHE_RDMA_TUNING").unwrap_or_default();
+        for item in text.split(',').filter(|s| !s.trim().is_empty()) {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            let Ok(value) = value.trim().parse::<u32>() else {
+                continue;
+            };
+            match key.trim() {
+                "chain" => t.chain_wrs = value.clamp(1, 4096) as usize,
+                "sq" => t.send_queue_depth = value.clamp(16, 1 << 16),
+                "spins" => t.idle_spins = value,
+                _ => {}
+            }
+        }
+        t
+    })
+}
+
 fn rdma_err(op: &'static str, e: impl std::fmt::Display) -> Error {
     Error::Rdma {
         op,
@@ -293,7 +330,7 @@ impl RdmaDevice {
         let shared = &self.shared;
         let attrs = shared.context.attrs();
         let caps = QpCaps {
-            max_send_wr: SEND_QUEUE_DEPTH.min(attrs.max_qp_wr),
+            max_send_wr: tuning().send_queue_depth.min(attrs.max_qp_wr),
             max_recv_wr: 0,
             max_send_sge: 1,
             max_inline: 0,
@@ -714,7 +751,7 @@ impl Worker {
             receivers: Vec::new(),
             send_qps: HashMap::new(),
             recv_qps: HashMap::new(),
-            batch: SendBatch::with_capacity(CHAIN_WRS),
+            batch: SendBatch::with_capacity(tuning().chain_wrs),
             completions: vec![WorkCompletion::default(); 64],
         }
     }
@@ -744,7 +781,7 @@ impl Worker {
                 continue;
             }
             idle += 1;
-            if idle < IDLE_SPINS {
+            if idle < tuning().idle_spins {
                 std::thread::yield_now();
                 continue;
             }
@@ -911,12 +948,24 @@ impl Worker {
     }
 
     fn poll_send(&mut self) -> bool {
+        let cq = self.shared.send_cq.clone();
+        self.drain(&cq, "send", Self::on_send_completion)
+    }
+
+    /// Polls `cq` until it is empty, handing every completion to `handle`. Returns whether
+    /// there was any.
+    fn drain(
+        &mut self,
+        cq: &CompletionQueue,
+        which: &str,
+        handle: fn(&mut Self, &WorkCompletion),
+    ) -> bool {
         let mut any = false;
         loop {
-            let n = match self.shared.send_cq.poll(&mut self.completions) {
+            let n = match cq.poll(&mut self.completions) {
                 Ok(n) => n,
                 Err(e) => {
-                    crate::log_error!("rdma: ibv_poll_cq failed: {e}");
+                    crate::log_error!("rdma: ibv_poll_cq ({which}) failed: {e}");
                     return any;
                 }
             };
@@ -926,7 +975,7 @@ impl Worker {
             any = true;
             for i in 0..n {
                 let wc = self.completions[i];
-                self.on_send_completion(&wc);
+                handle(self, &wc);
             }
         }
     }
@@ -987,24 +1036,8 @@ impl Worker {
     }
 
     fn poll_recv(&mut self) -> bool {
-        let mut any = false;
-        loop {
-            let n = match self.shared.recv_cq.poll(&mut self.completions) {
-                Ok(n) => n,
-                Err(e) => {
-                    crate::log_error!("rdma: ibv_poll_cq (receive) failed: {e}");
-                    return any;
-                }
-            };
-            if n == 0 {
-                return any;
-            }
-            any = true;
-            for i in 0..n {
-                let wc = self.completions[i];
-                self.on_recv_completion(&wc);
-            }
-        }
+        let cq = self.shared.recv_cq.clone();
+        self.drain(&cq, "receive", Self::on_recv_completion)
     }
 
     fn on_recv_completion(&mut self, wc: &WorkCompletion) {
@@ -1240,10 +1273,47 @@ fn fill_chain(
     chain_id: u64,
     limit: usize,
 ) -> bool {
+    fill_write_chain(
+        table,
+        active.job.layer,
+        &active.job.runs,
+        |region| mrs[region].lkey(),
+        remote_regions,
+        &mut active.cursor,
+        &mut active.last_write,
+        batch,
+        chain_id,
+        limit,
+    )
+}
+
+/// Where the next WRITE of a call starts: (kind, run index, byte offset inside the run).
+#[doc(hidden)]
+pub type ChainCursor = (u32, usize, u64);
+
+/// The device-free core of [`fill_chain`] (also used by the `rdma_chain` criterion bench):
+/// appends up to `limit` WRITE requests for `runs` of `layer` from `cursor` (the local key
+/// of region `r` is `lkey(r)`, the peer's region `r` is `remote_regions[r]` = (address,
+/// rkey)), signals the last one, and records the last written remote range in
+/// `last_write`. Returns true when no data is left to post.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn fill_write_chain(
+    table: &RegionTable,
+    layer: u32,
+    runs: &[crate::plan::Run],
+    lkey: impl Fn(usize) -> u32,
+    remote_regions: &[(u64, u32)],
+    cursor: &mut ChainCursor,
+    last_write: &mut (u64, u32, u64),
+    batch: &mut SendBatch,
+    chain_id: u64,
+    limit: usize,
+) -> bool {
     let layout = table.layout;
     let kinds = layout.kinds();
-    let runs = &active.job.runs;
-    let (mut kind, mut run_index, mut offset) = active.cursor;
+    let (mut kind, mut run_index, mut offset) = *cursor;
     let mut finished = false;
     while batch.len() < limit {
         // `while`, not `if`: a call with no runs (an empty tagged call) skips every kind.
@@ -1256,14 +1326,14 @@ fn fill_chain(
             finished = true;
             break;
         }
-        let op = copy_op(table, active.job.layer, kind, &runs[run_index]);
+        let op = copy_op(table, layer, kind, &runs[run_index]);
         let len = (op.len - offset).min(MAX_WRITE_BYTES);
         let (remote_base, rkey) = remote_regions[op.region as usize];
         let remote_addr = remote_base + op.remote_offset + offset;
         let local = LocalBuf {
             addr: op.local_addr + offset,
             len: len as u32,
-            lkey: mrs[op.region as usize].lkey(),
+            lkey: lkey(op.region as usize),
         };
         let remote = RemoteBuf {
             addr: remote_addr,
@@ -1272,7 +1342,7 @@ fn fill_chain(
         if batch.push_write(chain_id, local, remote, false).is_err() {
             break;
         }
-        active.last_write = (remote_addr, rkey, len);
+        *last_write = (remote_addr, rkey, len);
         offset += len;
         if offset >= op.len {
             run_index += 1;
@@ -1282,7 +1352,7 @@ fn fill_chain(
     if !finished && run_index >= runs.len() && kind + 1 >= kinds {
         finished = true;
     }
-    active.cursor = (kind, run_index, offset);
+    *cursor = (kind, run_index, offset);
     batch.signal_last();
     finished
 }
