@@ -4,8 +4,8 @@
 # flight, each size right after its ib_write_bw reference. Outputs: bench-out/rdma-vm*.
 # Build first (npx napi build --platform --release ... && npx tsc -p tsconfig.json).
 # Extra env for side-by-side runs: KVCACHE_RDMA_TUNING="chain=N,sq=N,spins=N",
-# KVCACHE_RDMA_QPS_PER_PEER=N (passed into the VM by the runner's shared environment file
-# below).
+# KVCACHE_RDMA_QPS_PER_PEER=N (written into the generated guest script below: the guest
+# does not inherit this shell's environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench-out
