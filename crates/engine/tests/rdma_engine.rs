@@ -58,7 +58,9 @@ fn pair(layers: usize, blocks: usize, block_bytes: usize, rdma: RdmaSettings) ->
 /// A scattered permutation-like id list (deterministic).
 fn scattered(count: usize, modulo: usize, seed: usize) -> Vec<u32> {
     let mut ids: Vec<u32> = (0..modulo as u32).collect();
-    let mut state = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+    let mut state = (seed as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(1);
     for i in (1..ids.len()).rev() {
         state ^= state << 13;
         state ^= state >> 7;

@@ -73,17 +73,22 @@ impl SharedReceiveQueue {
     /// An incoming SEND with payload to it completes with a local length error;
     /// posting more than [`max_wr`](Self::max_wr) outstanding receives fails with `ENOMEM`.
     pub fn post_recv(&self, wr_id: u64) -> Result<(), PostError> {
-        let mut wr = ibv_recv_wr {
-            wr_id,
-            next: std::ptr::null_mut(),
-            sg_list: std::ptr::null_mut(),
-            num_sge: 0,
-        };
+        let mut wr = zero_byte_recv(wr_id);
         let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: live SRQ; the WR references no memory and is copied by the
         // provider before returning.
         let rc = unsafe { ibv_post_srq_recv(self.srq.as_ptr(), &mut wr, &mut bad) };
         post_result("ibv_post_srq_recv", rc, 0, 1)
+    }
+}
+
+/// A receive work request with no scatter/gather entries (it references no memory).
+fn zero_byte_recv(wr_id: u64) -> ibv_recv_wr {
+    ibv_recv_wr {
+        wr_id,
+        next: std::ptr::null_mut(),
+        sg_list: std::ptr::null_mut(),
+        num_sge: 0,
     }
 }
 
@@ -433,12 +438,7 @@ impl QueuePair {
                 source: std::io::Error::from_raw_os_error(libc::EINVAL),
             });
         }
-        let mut wr = ibv_recv_wr {
-            wr_id,
-            next: std::ptr::null_mut(),
-            sg_list: std::ptr::null_mut(),
-            num_sge: 0,
-        };
+        let mut wr = zero_byte_recv(wr_id);
         let mut bad: *mut ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: live QP; the WR references no memory.
         let rc = unsafe { ibv_post_recv(self.qp.as_ptr(), &mut wr, &mut bad) };

@@ -172,6 +172,15 @@ enum Command {
 }
 
 impl Shared {
+    /// Takes every queued command, oldest first.
+    fn take_commands(&self) -> Vec<Command> {
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+
     fn send(&self, command: Command) {
         self.commands
             .lock()
@@ -759,13 +768,7 @@ impl Worker {
     fn run(mut self) {
         let mut idle = 0u32;
         loop {
-            let commands: Vec<Command> = self
-                .shared
-                .commands
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-                .collect();
+            let commands = self.shared.take_commands();
             let mut progressed = !commands.is_empty();
             for command in commands {
                 if !self.handle(command) {
@@ -918,13 +921,7 @@ impl Worker {
         }
         self.receivers.clear();
         // Fail commands that raced with the shutdown.
-        let rest: Vec<Command> = self
-            .shared
-            .commands
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
+        let rest = self.shared.take_commands();
         for command in rest {
             match command {
                 Command::Submit(_, job) => fail(job.done, Error::Closed),
