@@ -335,6 +335,19 @@ pub mod frame {
     pub const MAX_DETAIL_BYTES: u32 = 4096;
 
     impl Header {
+        /// The header of a `WRITE` frame of `len` payload bytes at `offset` of `region`.
+        #[inline]
+        pub fn write(region: u32, offset: u64, len: u32) -> Header {
+            Header {
+                kind: WRITE,
+                flags: 0,
+                region,
+                offset,
+                len,
+                aux: 0,
+            }
+        }
+
         #[inline]
         pub fn encode(&self) -> [u8; HEADER_BYTES] {
             let mut out = [0u8; HEADER_BYTES];

@@ -277,15 +277,7 @@ impl SendStaging {
                     staged = 0;
                     frames = 0;
                 }
-                let header = Header {
-                    kind: frame::WRITE,
-                    flags: 0,
-                    region: op.region,
-                    offset: op.remote_offset + done,
-                    len: len as u32,
-                    aux: 0,
-                }
-                .encode();
+                let header = Header::write(op.region, op.remote_offset + done, len as u32).encode();
                 let source = if device {
                     let at = staged;
                     staged += len;

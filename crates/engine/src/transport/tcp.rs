@@ -315,14 +315,7 @@ impl FrameBatch {
             let mut done = 0;
             loop {
                 let len = (op.len - done).min(MAX_FRAME_PAYLOAD);
-                let header = Header {
-                    kind: frame::WRITE,
-                    flags: 0,
-                    region: op.region,
-                    offset: op.remote_offset + done,
-                    len: len as u32,
-                    aux: 0,
-                };
+                let header = Header::write(op.region, op.remote_offset + done, len as u32);
                 self.headers.push(header.encode());
                 self.iovecs.push(libc::iovec {
                     iov_base: std::ptr::null_mut(),
