@@ -18,7 +18,7 @@ use auth::{Challenge, Envelope, Nonce, Response};
 use config::TransportChoice;
 pub use error::{Error, Result};
 use layout::{CacheLayout, RegionTable};
-use plan::{BlockIds, PlanLimits, Run};
+use plan::{BlockIds, PlanLimits};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -153,6 +153,8 @@ struct Peer {
 }
 
 struct EngineInner {
+    /// Recycled buffers for planned runs.
+    run_pool: Arc<transport::RunPool>,
     role: Role,
     name: String,
     instance_id: u64,
@@ -285,6 +287,7 @@ impl Engine {
         );
         Ok(Engine {
             inner: Arc::new(EngineInner {
+                run_pool: Arc::default(),
                 role: options.role,
                 name: options.name,
                 instance_id: random_u64(),
@@ -810,10 +813,11 @@ impl Engine {
             layout.block_bytes,
             MAX_FRAME_PAYLOAD,
         );
-        // One allocation of the right size (growing by doubling cost ~10 reallocations for
-        // 1538 scattered ids); the Vec moves to the transport with the job.
-        let mut runs: Vec<Run> = Vec::with_capacity(local.len().min(4096));
+        // A recycled buffer: it moves to the transport with the job and comes back to the
+        // pool when the transport is done with it, so steady traffic does not allocate here.
+        let mut runs = self.inner.run_pool.take();
         plan::plan_runs(local, remote, limits, &mut runs)?;
+        let runs = self.inner.run_pool.pooled(runs);
         let (done, completion) = Done::new();
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
         if runs.is_empty() && tag.is_none() {

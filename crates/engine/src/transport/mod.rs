@@ -101,13 +101,84 @@ impl Done {
     }
 }
 
+/// Run buffers kept for reuse, so that a steady stream of calls plans into recycled
+/// buffers instead of allocating one per call.
+#[derive(Debug, Default)]
+pub struct RunPool {
+    free: std::sync::Mutex<Vec<Vec<Run>>>,
+}
+
+impl RunPool {
+    /// Buffers kept at most (one per call in flight is enough).
+    const MAX_KEPT: usize = 256;
+
+    /// An empty buffer, recycled when one is free.
+    pub fn take(&self) -> Vec<Run> {
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Wraps planned runs so that they return here when the job drops them.
+    pub fn pooled(self: &std::sync::Arc<Self>, runs: Vec<Run>) -> PooledRuns {
+        PooledRuns {
+            runs,
+            pool: Some(self.clone()),
+        }
+    }
+
+    fn put(&self, mut runs: Vec<Run>) {
+        runs.clear();
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < Self::MAX_KEPT {
+            free.push(runs);
+        }
+    }
+}
+
+/// A job's planned runs; the buffer goes back to its `RunPool` when dropped.
+pub struct PooledRuns {
+    runs: Vec<Run>,
+    pool: Option<std::sync::Arc<RunPool>>,
+}
+
+impl From<Vec<Run>> for PooledRuns {
+    fn from(runs: Vec<Run>) -> Self {
+        PooledRuns { runs, pool: None }
+    }
+}
+
+impl std::ops::Deref for PooledRuns {
+    type Target = [Run];
+
+    fn deref(&self) -> &[Run] {
+        &self.runs
+    }
+}
+
+impl std::fmt::Debug for PooledRuns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.runs.fmt(f)
+    }
+}
+
+impl Drop for PooledRuns {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.put(std::mem::take(&mut self.runs));
+        }
+    }
+}
+
 /// Largest request tag carried with an arrival notice.
 pub const MAX_TAG_BYTES: usize = 255;
 
 /// One `writeCache` call, planned and owned by the transport until it completes.
 #[derive(Debug)]
 pub struct WriteJob {
-    pub runs: Vec<Run>,
+    pub runs: PooledRuns,
     pub layer: u32,
     /// Blocks in the call (before coalescing), reported with the arrival notice.
     pub blocks: u32,
@@ -189,6 +260,25 @@ pub fn fail(done: Done, error: Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_buffers_are_recycled_when_a_job_drops_them() {
+        let pool = std::sync::Arc::new(RunPool::default());
+        let mut runs = pool.take();
+        runs.extend((0..1538).map(|i| Run {
+            local_block: i,
+            remote_block: i,
+            blocks: 1,
+        }));
+        let (ptr, capacity) = (runs.as_ptr(), runs.capacity());
+        drop(pool.pooled(runs));
+        let again = pool.take();
+        assert_eq!(
+            (again.as_ptr(), again.capacity(), again.len()),
+            (ptr, capacity, 0)
+        );
+        assert!(pool.take().is_empty(), "a second take gets a fresh buffer");
+    }
 
     #[test]
     fn expands_key_then_value() {
