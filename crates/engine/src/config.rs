@@ -61,6 +61,9 @@ pub struct RdmaSettings {
 
 pub const DEFAULT_GID_INDEX: u8 = 3;
 pub const DEFAULT_IB_TIMEOUT: u8 = 18;
+/// Two RC queue pairs per peer (as Mooncake's default): chains alternate between them, and
+/// on software providers each gets its own posting thread (`transport/doorbell.rs`).
+pub const DEFAULT_QPS_PER_PEER: u16 = 2;
 
 fn parse_number<T: TryFrom<u32>>(
     name: &'static str,
@@ -101,7 +104,8 @@ impl RdmaSettings {
                 .unwrap_or(DEFAULT_IB_TIMEOUT),
             relaxed_ordering: env_flag("KVCACHE_RELAX_ORDERING"),
             gdr_flush: env_flag("KVCACHE_GDRCOPY_FLUSH_ENABLE"),
-            qps_per_peer: parse_number::<u16>("KVCACHE_RDMA_QPS_PER_PEER", 1..=64)?.unwrap_or(1),
+            qps_per_peer: parse_number::<u16>("KVCACHE_RDMA_QPS_PER_PEER", 1..=64)?
+                .unwrap_or(DEFAULT_QPS_PER_PEER),
         })
     }
 }

@@ -167,35 +167,42 @@ fn rdma_remote_access_error_fails_the_call_and_breaks_the_link() {
     let Some(dev) = device("rdma_remote_access_error_fails_the_call_and_breaks_the_link") else {
         return;
     };
-    let prefill = rdma_side(Role::Prefill, 1, 16, 1024, settings(&dev)).build();
-    let decode = rdma_side(Role::Decode, 1, 16, 1024, settings(&dev)).build();
-    let hello = common::hello(&prefill, &decode, "decode").unwrap();
-    let mut envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
-    let mut reply = Descriptor::decode(&envelope.descriptor).unwrap();
-    // Point the key region past the peer's registration: the NIC must refuse the write.
-    let rdma = reply.rdma.as_mut().unwrap();
-    rdma.regions[0].0 += 1 << 20;
-    envelope.descriptor = reply.encode();
-    prefill
-        .engine
-        .finish_connect("decode", "127.0.0.1", &envelope.encode())
-        .unwrap();
-    let err = write(&prefill, &[1, 2], &[3, 4], 0, None).unwrap_err();
-    assert_eq!(err.code(), "ERR_RDMA_COMPLETION", "{err}");
-    assert!(err.to_string().contains("remote access error"), "{err}");
-    assert!(!prefill.engine.is_connected("decode"));
-    let again = prefill
-        .engine
-        .write_cache(
-            "decode",
-            BlockIds::U32(&[1]),
-            BlockIds::U32(&[1]),
-            0.0,
-            None,
-        )
-        .unwrap_err();
-    assert_eq!(again.code(), "ERR_PEER_DISCONNECTED");
-    assert!(decode.keys[0].iter().all(|&b| b == 0), "nothing may land");
+    // One queue pair posts inline; two post through posting threads on Soft-RoCE.
+    for qps in [1, 2] {
+        let rdma = RdmaSettings {
+            qps_per_peer: qps,
+            ..settings(&dev)
+        };
+        let prefill = rdma_side(Role::Prefill, 1, 16, 1024, rdma.clone()).build();
+        let decode = rdma_side(Role::Decode, 1, 16, 1024, rdma.clone()).build();
+        let hello = common::hello(&prefill, &decode, "decode").unwrap();
+        let mut envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
+        let mut reply = Descriptor::decode(&envelope.descriptor).unwrap();
+        // Point the key region past the peer's registration: the NIC must refuse the write.
+        let rdma = reply.rdma.as_mut().unwrap();
+        rdma.regions[0].0 += 1 << 20;
+        envelope.descriptor = reply.encode();
+        prefill
+            .engine
+            .finish_connect("decode", "127.0.0.1", &envelope.encode())
+            .unwrap();
+        let err = write(&prefill, &[1, 2], &[3, 4], 0, None).unwrap_err();
+        assert_eq!(err.code(), "ERR_RDMA_COMPLETION", "{err}");
+        assert!(err.to_string().contains("remote access error"), "{err}");
+        assert!(!prefill.engine.is_connected("decode"));
+        let again = prefill
+            .engine
+            .write_cache(
+                "decode",
+                BlockIds::U32(&[1]),
+                BlockIds::U32(&[1]),
+                0.0,
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(again.code(), "ERR_PEER_DISCONNECTED");
+        assert!(decode.keys[0].iter().all(|&b| b == 0), "nothing may land");
+    }
 }
 
 #[test]

@@ -34,7 +34,8 @@ fn side(role: Role, device: &str, token: Option<&'static str>) -> Side {
             ib_timeout: IB_TIMEOUT,
             relaxed_ordering: false,
             gdr_flush: false,
-            qps_per_peer: 1,
+            // The default: on Soft-RoCE, chains go through posting threads.
+            qps_per_peer: kvtransfer_engine::config::DEFAULT_QPS_PER_PEER,
         }),
         auth_token: token,
         ..SideSpec::new(role, 1, 32, 64 * 1024)

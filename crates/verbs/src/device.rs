@@ -115,6 +115,22 @@ pub struct DeviceAttrs {
     pub max_mr_size: u64,
     /// Number of physical ports (ports are numbered from 1).
     pub phys_port_cnt: u8,
+    /// IEEE vendor id (`ibv_device_attr::vendor_id`).
+    pub vendor_id: u32,
+}
+
+/// Vendor id the Soft-RoCE driver reports (`RXE_VENDOR_ID` in the kernel).
+const RXE_VENDOR_ID: u32 = 0x00ff_ffff;
+/// Vendor id the soft-iWARP driver reports (`SIW_VENDOR_ID`: "bmt").
+const SIW_VENDOR_ID: u32 = 0x0062_6d74;
+
+impl DeviceAttrs {
+    /// Whether the device is a software provider (Soft-RoCE or soft-iWARP): there
+    /// `ibv_post_send` runs the transport protocol on the calling thread instead of
+    /// ringing a NIC's doorbell.
+    pub fn is_software_provider(&self) -> bool {
+        self.vendor_id == RXE_VENDOR_ID || self.vendor_id == SIW_VENDOR_ID
+    }
 }
 
 /// Port state and addressing (`ibv_query_port`).
@@ -213,6 +229,7 @@ impl Context {
                 max_srq_wr: 0,
                 max_mr_size: 0,
                 phys_port_cnt: 0,
+                vendor_id: 0,
             },
         };
         let mut a = MaybeUninit::<ibv_device_attr>::zeroed();
@@ -233,6 +250,7 @@ impl Context {
             max_srq_wr: u(a.max_srq_wr),
             max_mr_size: a.max_mr_size,
             phys_port_cnt: a.phys_port_cnt,
+            vendor_id: a.vendor_id,
         };
         Ok(Arc::new(this))
     }

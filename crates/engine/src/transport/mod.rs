@@ -2,6 +2,7 @@
 //! a `Link` per connected peer that accepts batched one-sided write jobs and completes each
 //! job exactly once, after the peer has every byte (or with the error that stopped it).
 
+mod doorbell;
 pub mod gpu_mr;
 pub mod rdma;
 pub mod sockopt;

@@ -14,6 +14,7 @@
 //! that puts the arrival notice into the peer's notice ring and raises a receive
 //! completion there. The progress thread blocks on the completion channel when idle.
 
+use super::doorbell::{Doorbell, PostingThreads};
 use super::{copy_op, fail, Arrival, ArrivalSink, Link, WriteJob};
 use crate::config::RdmaSettings;
 use crate::error::{Error, Result};
@@ -61,6 +62,9 @@ pub struct Tuning {
     pub chain_wrs: usize,
     pub send_queue_depth: u32,
     pub idle_spins: u32,
+    /// Posting threads (`None`: one per queue pair of a peer on software providers, none
+    /// on NICs; see `doorbell.rs`).
+    pub post_threads: Option<u32>,
 }
 
 #[doc(hidden)]
@@ -71,6 +75,7 @@ pub fn tuning() -> Tuning {
             chain_wrs: CHAIN_WRS,
             send_queue_depth: SEND_QUEUE_DEPTH,
             idle_spins: IDLE_SPINS,
+            post_threads: None,
         };
         let text = std::env::var("KVCACHE_RDMA_TUNING").unwrap_or_default();
         for item in text.split(',').filter(|s| !s.trim().is_empty()) {
@@ -82,6 +87,7 @@ pub fn tuning() -> Tuning {
                 "chain" => t.chain_wrs = value.clamp(1, 4096) as usize,
                 "sq" => t.send_queue_depth = value.clamp(16, 1 << 16),
                 "spins" => t.idle_spins = value,
+                "posters" => t.post_threads = Some(value.min(64)),
                 _ => {}
             }
         }
@@ -89,7 +95,7 @@ pub fn tuning() -> Tuning {
     })
 }
 
-fn rdma_err(op: &'static str, e: impl std::fmt::Display) -> Error {
+pub(super) fn rdma_err(op: &'static str, e: impl std::fmt::Display) -> Error {
     Error::Rdma {
         op,
         reason: e.to_string(),
@@ -313,11 +319,30 @@ impl RdmaDevice {
             next_link: AtomicU64::new(1),
             arrivals,
         });
+        let qps_per_peer = u32::from(shared.settings.qps_per_peer.max(1));
+        let post_threads =
+            tuning()
+                .post_threads
+                .unwrap_or(if attrs.is_software_provider() && qps_per_peer > 1 {
+                    qps_per_peer
+                } else {
+                    0
+                });
+        let doorbell = if post_threads == 0 {
+            Doorbell::Inline
+        } else {
+            crate::debug!("rdma: {post_threads} posting threads (software provider)");
+            Doorbell::Threads(PostingThreads::start(
+                post_threads as usize,
+                tuning().chain_wrs,
+                shared.wake_fd,
+            )?)
+        };
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("kvt-rdma-progress".into())
-                .spawn(move || Worker::new(shared).run())
+                .spawn(move || Worker::new(shared, doorbell).run())
                 .map_err(|e| rdma_err("thread spawn", e))?
         };
         Ok(RdmaDevice {
@@ -488,7 +513,7 @@ impl RdmaDevice {
             .qps
             .into_iter()
             .map(|(qp, _)| QpState {
-                qp,
+                qp: Arc::new(qp),
                 outstanding: 0,
                 chains: VecDeque::new(),
             })
@@ -672,7 +697,8 @@ impl Link for RdmaLink {
 // Progress-thread state
 
 struct QpState {
-    qp: QueuePair,
+    /// Shared with a posting thread while one of its chains waits there.
+    qp: Arc<QueuePair>,
     /// Work requests posted and not yet covered by a completion.
     outstanding: u32,
     /// Posted chains in order: (chain id = wr_id of all its requests, requests, job seq).
@@ -750,10 +776,13 @@ struct Worker {
     recv_qps: HashMap<u32, usize>,
     batch: SendBatch,
     completions: Vec<WorkCompletion>,
+    /// Dropped after the senders (field order): the posting threads are joined while the
+    /// eventfd in `shared` is still open.
+    doorbell: Doorbell,
 }
 
 impl Worker {
-    fn new(shared: Arc<Shared>) -> Worker {
+    fn new(shared: Arc<Shared>, doorbell: Doorbell) -> Worker {
         Worker {
             shared,
             senders: HashMap::new(),
@@ -762,6 +791,7 @@ impl Worker {
             recv_qps: HashMap::new(),
             batch: SendBatch::with_capacity(tuning().chain_wrs),
             completions: vec![WorkCompletion::default(); 64],
+            doorbell,
         }
     }
 
@@ -776,6 +806,7 @@ impl Worker {
                     return;
                 }
             }
+            progressed |= self.break_failed_posts();
             progressed |= self.post_all();
             progressed |= self.poll_send();
             progressed |= self.poll_recv();
@@ -893,7 +924,8 @@ impl Worker {
                     link.alive.store(false, Ordering::SeqCst);
                     let jobs: Vec<ActiveJob> = link.jobs.drain(..).collect();
                     // Dropping the link destroys its queue pairs: no DMA after this, so
-                    // only now may its jobs fail.
+                    // only now may its jobs fail (once no posting thread holds them).
+                    self.doorbell.quiesce();
                     drop(link);
                     for active in jobs {
                         fail(
@@ -910,10 +942,13 @@ impl Worker {
     }
 
     fn stop(&mut self) {
-        for (_, mut link) in self.senders.drain() {
+        for link in self.senders.values() {
             for state in &link.qps {
                 let _ = state.qp.to_error();
             }
+        }
+        self.doorbell.quiesce();
+        for (_, mut link) in self.senders.drain() {
             for active in link.jobs.drain(..) {
                 fail(active.job.done, Error::Closed);
             }
@@ -933,13 +968,25 @@ impl Worker {
         }
     }
 
+    /// Breaks the links whose chains a posting thread failed to post.
+    fn break_failed_posts(&mut self) -> bool {
+        let failures = self.doorbell.take_failures();
+        let any = !failures.is_empty();
+        for (link_id, job, error) in failures {
+            if let Some(link) = self.senders.get_mut(&link_id) {
+                if link.broken.is_none() {
+                    let status = error.to_string();
+                    break_link(&self.doorbell, link, Some(job), error, &status);
+                }
+            }
+        }
+        any
+    }
+
     fn post_all(&mut self) -> bool {
         let mut progressed = false;
-        let ids: Vec<u64> = self.senders.keys().copied().collect();
-        for id in ids {
-            if let Some(link) = self.senders.get_mut(&id) {
-                progressed |= post_link(&self.shared, link, &mut self.batch);
-            }
+        for link in self.senders.values_mut() {
+            progressed |= post_link(&self.shared, &self.doorbell, link, &mut self.batch);
         }
         progressed
     }
@@ -1002,14 +1049,14 @@ impl Worker {
                 .iter()
                 .find(|c| c.id == wc.wr_id)
                 .map(|c| c.job);
-            break_link(link, failing_job, error, &status);
+            break_link(&self.doorbell, link, failing_job, error, &status);
             return;
         }
         let qp = &mut link.qps[qp_index];
         let Some(chain) = qp.chains.pop_front() else {
             let reason = "completion for no posted chain".to_string();
             let error = Error::protocol(link.peer.clone(), reason.clone());
-            break_link(link, None, error, &reason);
+            break_link(&self.doorbell, link, None, error, &reason);
             return;
         };
         if chain.id != wc.wr_id {
@@ -1018,7 +1065,7 @@ impl Worker {
                 wc.wr_id, chain.id
             );
             let error = Error::protocol(link.peer.clone(), reason.clone());
-            break_link(link, None, error, &reason);
+            break_link(&self.doorbell, link, None, error, &reason);
             return;
         }
         qp.outstanding -= chain.wrs;
@@ -1127,13 +1174,22 @@ fn finish_phase(link: &mut SenderLink, position: usize, gdr_flush: bool) {
 
 /// Fails every job of a broken link: the one whose request failed with `error`, the rest
 /// as disconnected; moves its queue pairs to the error state.
-fn break_link(link: &mut SenderLink, failing_job: Option<u64>, error: Error, status: &str) {
+fn break_link(
+    doorbell: &Doorbell,
+    link: &mut SenderLink,
+    failing_job: Option<u64>,
+    error: Error,
+    status: &str,
+) {
     let reason = format!("the RDMA connection broke: {status}; connect again");
     link.broken = Some(reason.clone());
     link.alive.store(false, Ordering::SeqCst);
     for state in &link.qps {
         let _ = state.qp.to_error();
     }
+    // A chain still waiting in a posting thread must not read a buffer its failed caller
+    // may free.
+    doorbell.quiesce();
     let mut error = Some(error);
     for active in link.jobs.drain(..) {
         let this = if Some(active.seq) == failing_job || failing_job.is_none() {
@@ -1173,21 +1229,26 @@ pub fn decode_notice(record: &[u8]) -> Option<(u32, u32, &[u8])> {
 }
 
 /// Posts what fits of a link's pending work. Returns whether anything was posted.
-fn post_link(shared: &Shared, link: &mut SenderLink, batch: &mut SendBatch) -> bool {
+fn post_link(
+    shared: &Shared,
+    doorbell: &Doorbell,
+    link: &mut SenderLink,
+    batch: &mut SendBatch,
+) -> bool {
     if link.broken.is_some() {
         return false;
     }
     let mut progressed = false;
     // Flush reads and notices first: they finish calls whose data already landed.
     while let Some(&seq) = link.control.front() {
-        match post_control(link, seq, batch) {
+        match post_control(doorbell, link, seq, batch) {
             Ok(true) => {
                 link.control.pop_front();
                 progressed = true;
             }
             Ok(false) => break,
             Err((job, error, status)) => {
-                break_link(link, Some(job), error, &status);
+                break_link(doorbell, link, Some(job), error, &status);
                 return true;
             }
         }
@@ -1233,13 +1294,14 @@ fn post_link(shared: &Shared, link: &mut SenderLink, batch: &mut SendBatch) -> b
         let count = batch.len() as u32;
         let seq = active.seq;
         // SAFETY: every request reads a registered local region (lkey of its MR) that
-        // stays valid until the engine closes; remote ranges were bounds-checked by the
-        // planner against the peer's layout; `room` keeps outstanding ≤ max_send_wr.
-        let posted = unsafe { link.qps[qp_index].qp.post_send(batch) };
-        if let Err(e) = posted {
-            let error = rdma_err("ibv_post_send", e);
+        // stays valid until the engine closes (and its posting threads are joined); remote
+        // ranges were bounds-checked by the planner against the peer's layout; `room` keeps
+        // outstanding ≤ max_send_wr, counted from the hand-off on.
+        let posted =
+            unsafe { doorbell.ring(link.id, seq, qp_index, &link.qps[qp_index].qp, batch) };
+        if let Err(error) = posted {
             let status = error.to_string();
-            break_link(link, Some(seq), error, &status);
+            break_link(doorbell, link, Some(seq), error, &status);
             return true;
         }
         let active = &mut link.jobs[job_index];
@@ -1356,6 +1418,7 @@ pub fn fill_write_chain(
 
 /// Posts the flush read or the notice of job `seq`. Ok(false): no send-queue room yet.
 fn post_control(
+    doorbell: &Doorbell,
     link: &mut SenderLink,
     seq: u64,
     batch: &mut SendBatch,
@@ -1428,12 +1491,11 @@ fn post_control(
     };
     link.next_chain += 1;
     // SAFETY: the scratch and staging buffers are registered and owned by the link, which
-    // outlives its queue pairs' requests (dropped together, after the QPs are destroyed);
-    // the remote range is the tail of a range just written, or a notice slot of the ring
-    // the peer announced; room was checked above.
-    let posted = unsafe { link.qps[qp_index].qp.post_send(batch) };
-    if let Err(e) = posted {
-        let error = rdma_err("ibv_post_send", e);
+    // outlives its queue pairs' requests (dropped together, after the QPs are destroyed
+    // and the posting threads quiesced); the remote range is the tail of a range just
+    // written, or a notice slot of the ring the peer announced; room was checked above.
+    let posted = unsafe { doorbell.ring(link.id, seq, qp_index, &link.qps[qp_index].qp, batch) };
+    if let Err(error) = posted {
         let status = error.to_string();
         return Err((seq, error, status));
     }
