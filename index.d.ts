@@ -11,7 +11,7 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** The native half of `RDMACommunicator`; use the TypeScript class instead. */
 export declare class NativeCommunicator {
-  constructor(options: NativeOptions, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
+  constructor(options: NativeOptions, onCallSettled: (arg0: number, arg1?: string | undefined | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
   /** "tcp" or "rdma": the transport this side offers. */
   get transport(): string
   /** First handshake message to the peer `peer_key`: this side's nonce. */
@@ -27,8 +27,12 @@ export declare class NativeCommunicator {
   isConnected(peerKey: string): boolean
   /** The transport used with a connected peer, or null. */
   peerTransport(peerKey: string): string | null
-  /** Validates synchronously (throws, nothing sent) and resolves when the peer has every byte. */
-  writeCache(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): Promise<void>
+  /**
+   * Validates synchronously (throws, nothing sent); once the peer has every byte, or the
+   * call failed, `onCallSettled(callId, error)` is called (exactly once when this
+   * returns without throwing).
+   */
+  writeCache(callId: number, peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
   /**
    * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
    * whether a link existed, once no byte of its calls can land any more and every

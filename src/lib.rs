@@ -13,10 +13,12 @@ use std::time::Duration;
 /// The one error map: engine errors become JS errors whose message starts with the stable
 /// code in brackets; the TypeScript layer lifts it into `err.code`.
 fn to_js_error(error: kvtransfer_engine::Error) -> napi::Error {
-    napi::Error::new(
-        Status::GenericFailure,
-        format!("[{}] {error}", error.code()),
-    )
+    napi::Error::new(Status::GenericFailure, native_message(&error))
+}
+
+/// An engine error as the message the TypeScript layer parses: `[CODE] text`.
+fn native_message(error: &kvtransfer_engine::Error) -> String {
+    format!("[{}] {error}", error.code())
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> napi::Error {
@@ -83,6 +85,15 @@ pub struct ArrivalNotice {
 
 type ArrivalCallback = ThreadsafeFunction<ArrivalNotice, (), ArrivalNotice, Status, false, true>;
 
+/// `(callId, error)`: a `writeCache` call settled; `error` is null on success, else the
+/// `[CODE] text` message of its failure.
+type CallSettled = FnArgs<(u32, Option<String>)>;
+
+/// The one threadsafe function of a communicator that reports settled `writeCache` calls
+/// (one per call would cost a threadsafe function and a task per call). Weak: the
+/// TypeScript layer holds the process open while calls are pending.
+type SettledCallback = ThreadsafeFunction<CallSettled, (), CallSettled, Status, false, true>;
+
 fn region_address(
     name: &'static str,
     index: usize,
@@ -124,6 +135,9 @@ pub struct NativeCommunicator {
     /// The arrival callback; dropped at close so that the JS function it holds (which
     /// refers back to the communicator) no longer keeps the communicator alive.
     arrival_fn: ArrivalSlot,
+    /// Reports settled `writeCache` calls; taken at close (pending calls hold their own
+    /// reference until the engine fails them, then it is released).
+    settled_fn: std::sync::Mutex<Option<Arc<SettledCallback>>>,
 }
 
 type ArrivalSlot = Arc<std::sync::Mutex<Option<Arc<ArrivalCallback>>>>;
@@ -133,6 +147,8 @@ impl NativeCommunicator {
     #[napi(constructor)]
     pub fn new(
         options: NativeOptions,
+        // Spelled out (not `CallSettled`): the TypeScript generator does not resolve aliases.
+        on_call_settled: Function<FnArgs<(u32, Option<String>)>, ()>,
         on_arrival: Option<Function<ArrivalNotice, ()>>,
     ) -> Result<Self> {
         let role = Role::parse(&options.role).ok_or_else(|| {
@@ -228,6 +244,13 @@ impl NativeCommunicator {
             rdma_settings: None,
             auth_token: options.auth_token.map(String::into_bytes),
         };
+        let settled_fn: Arc<SettledCallback> = Arc::new(
+            on_call_settled
+                .build_threadsafe_function()
+                .weak::<true>()
+                .callee_handled::<false>()
+                .build()?,
+        );
         let engine = Engine::with_known_host(engine_options, &known_host).map_err(to_js_error)?;
         let mut regions = options.local_key_cache;
         regions.extend(options.local_value_cache);
@@ -235,6 +258,7 @@ impl NativeCommunicator {
             engine,
             _regions: regions,
             arrival_fn,
+            settled_fn: std::sync::Mutex::new(Some(settled_fn)),
         })
     }
 
@@ -319,12 +343,14 @@ impl NativeCommunicator {
         self.engine.peer_info(&peer_key).map(|info| info.transport)
     }
 
-    /// Validates synchronously (throws, nothing sent) and resolves when the peer has every byte.
-    #[napi(ts_return_type = "Promise<void>")]
+    /// Validates synchronously (throws, nothing sent); once the peer has every byte, or the
+    /// call failed, `onCallSettled(callId, error)` is called (exactly once when this
+    /// returns without throwing).
+    #[napi]
     #[allow(clippy::too_many_arguments)]
     pub fn write_cache<'env>(
         &self,
-        env: &'env Env,
+        call_id: u32,
         peer_key: String,
         local_block_ids: Either3<
             Uint32ArraySlice<'env>,
@@ -339,30 +365,37 @@ impl NativeCommunicator {
         layer_idx: f64,
         tag: Option<Buffer>,
         timeout_ms: Option<f64>,
-    ) -> Result<PromiseRaw<'env, ()>> {
+    ) -> Result<()> {
         let deadline = match timeout_ms {
             Some(ms) if ms.is_finite() && ms > 0.0 => {
                 Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
             }
             _ => None,
         };
-        let completion = self
-            .engine
-            .write_cache_until(
+        let settled_fn = self
+            .settled_fn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| to_js_error(kvtransfer_engine::Error::Closed))?;
+        let on_done = Box::new(move |result: kvtransfer_engine::Result<()>| {
+            let error = result.err().map(|error| native_message(&error));
+            settled_fn.call(
+                (call_id, error).into(),
+                ThreadsafeFunctionCallMode::NonBlocking,
+            );
+        });
+        self.engine
+            .write_cache_with_callback(
                 &peer_key,
                 block_id_slices(&local_block_ids),
                 block_id_slices(&remote_block_ids),
                 layer_idx,
                 tag.map(|t| t.to_vec()),
                 deadline,
+                on_done,
             )
-            .map_err(to_js_error)?;
-        env.spawn_future(async move {
-            match completion.await {
-                Ok(result) => result.map_err(to_js_error),
-                Err(_) => Err(to_js_error(kvtransfer_engine::Error::Closed)),
-            }
-        })
+            .map_err(to_js_error)
     }
 
     /// Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
@@ -421,6 +454,10 @@ impl NativeCommunicator {
     /// Closes all links; afterwards no engine thread touches the regions.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>> {
+        self.settled_fn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let engine = self.engine.clone();
         let arrival_fn = self.arrival_fn.clone();
         let (done, completion) = oneshot::channel();

@@ -204,6 +204,17 @@ function abortError(what: string): KvTransferError {
   return new KvTransferError('ERR_ABORTED', `${what} was aborted`)
 }
 
+/** A `writeCache` call handed to the engine, settled by `onCallSettled`. */
+interface PendingCall {
+  resolve: () => void
+  reject: (error: KvTransferError) => void
+}
+
+/** Never fires in practice: the interval only holds the event loop open while referenced. */
+const KEEP_ALIVE_INTERVAL_MS = 0x7fff_ffff
+
+function keepAliveTick(): void {}
+
 interface Waiter {
   layers: Set<number>
   resolve: (arrivals: Arrival[]) => void
@@ -236,6 +247,15 @@ export class RDMACommunicator extends EventEmitter {
   private readonly arrived = new Map<string, Arrival[]>()
   private arrivedCount = 0
   private readonly waiters = new Map<string, Set<Waiter>>()
+  private readonly pendingCalls = new Map<number, PendingCall>()
+  private nextCallId = 0
+  private lastPeerKey: { ip: string; port: number | string; key: string } | undefined
+  /**
+   * Referenced exactly while `writeCache` calls are pending: the native function that
+   * settles them is weak (shared by all calls), so an idle communicator lets the process
+   * exit while a pending call keeps it running.
+   */
+  private readonly keepAlive: NodeJS.Timeout
   private boundPort: number
   private closing: Promise<void> | undefined
 
@@ -298,9 +318,11 @@ export class RDMACommunicator extends EventEmitter {
             transport: options.transport,
             authToken: options.authToken,
           },
+          (callId, error) => this.onCallSettled(callId, error),
           (notice) => this.onArrival(notice),
         ),
     )
+    this.keepAlive = setInterval(keepAliveTick, KEEP_ALIVE_INTERVAL_MS).unref()
     this.control = new ControlServer(options.host ?? defaultControlHost(), port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
       hello: (hello) => native(() => this.native.accept(hello)),
@@ -381,7 +403,7 @@ export class RDMACommunicator extends EventEmitter {
    * `remoteBlockIds[i]` of layer `layerIdx`. Resolves when every byte is in the peer's
    * memory. Invalid input rejects with a typed error and nothing is written.
    */
-  async writeCache(
+  writeCache(
     ip: string,
     port: number | string,
     localBlockIds: BlockIds,
@@ -389,8 +411,24 @@ export class RDMACommunicator extends EventEmitter {
     layerIdx: number,
     options: WriteOptions = {},
   ): Promise<void> {
+    // Not `async`: that would add a Promise and a resolution step to every call.
+    try {
+      return this.startWrite(ip, port, localBlockIds, remoteBlockIds, layerIdx, options)
+    } catch (error) {
+      return Promise.reject(error)
+    }
+  }
+
+  private startWrite(
+    ip: string,
+    port: number | string,
+    localBlockIds: BlockIds,
+    remoteBlockIds: BlockIds,
+    layerIdx: number,
+    options: WriteOptions,
+  ): Promise<void> {
     this.checkOpen()
-    const key = `${ip}:${toPort('port', port)}`
+    const key = this.peerKey(ip, port)
     const local = toBlockIds('localBlockIds', localBlockIds)
     const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
     if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
@@ -398,17 +436,47 @@ export class RDMACommunicator extends EventEmitter {
     const timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
     const signal = options.signal
     if (signal?.aborted) throw abortError(`writeCache to ${key}`)
-    const pending = native(() => this.native.writeCache(key, local, remote, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs))
-    if (!signal) return nativeAsync(pending)
+    const callId = this.nextCallId
+    this.nextCallId = (callId + 1) >>> 0
+    native(() => this.native.writeCache(callId, key, local, remote, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs))
+    // The engine settles the call asynchronously (through the event loop), so registering
+    // it after the native call returns cannot miss its outcome.
+    const settled = new Promise<void>((resolve, reject) => {
+      this.pendingCalls.set(callId, { resolve, reject })
+    })
+    if (this.pendingCalls.size === 1) this.keepAlive.ref()
+    if (!signal) return settled
     // Abort: the native cancel resets the link; this call then rejects with ERR_ABORTED
     // from the engine, after the teardown.
     const onAbort = () => void this.native.cancelPeer(key, 'abort').catch(() => undefined)
     signal.addEventListener('abort', onAbort, { once: true })
-    try {
-      await nativeAsync(pending)
-    } finally {
-      signal.removeEventListener('abort', onAbort)
+    return settled.finally(() => signal.removeEventListener('abort', onAbort))
+  }
+
+  /**
+   * `ip:port`, reusing the last key built: calls mostly go to one peer, and a fresh string
+   * costs the binding a flatten and a conversion on every call (~0.2 µs).
+   */
+  private peerKey(ip: string, port: number | string): string {
+    const last = this.lastPeerKey
+    if (last && ip === last.ip && port === last.port) return last.key
+    const key = `${ip}:${toPort('port', port)}`
+    this.lastPeerKey = { ip, port, key }
+    return key
+  }
+
+  /** The engine's outcome of call `callId`: `error` is its `[CODE] text` message. */
+  private onCallSettled(callId: number, error?: string | null): void {
+    const call = this.pendingCalls.get(callId)
+    if (!call) return
+    this.pendingCalls.delete(callId)
+    if (this.pendingCalls.size === 0) {
+      // Closing: no call can start any more, so the keep-alive is done for good.
+      if (this.closing) clearInterval(this.keepAlive)
+      else this.keepAlive.unref()
     }
+    if (error == null) call.resolve()
+    else call.reject(fromNative(error))
   }
 
   /**
@@ -565,6 +633,7 @@ export class RDMACommunicator extends EventEmitter {
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()
+      if (this.pendingCalls.size === 0) clearInterval(this.keepAlive)
     }
     return this.closing
   }

@@ -27,8 +27,10 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 use transport::rdma::{PendingQps, RdmaDevice};
 use transport::tcp::{TcpLink, TcpServer, MAX_FRAME_PAYLOAD};
-use transport::DoneSlot;
-pub use transport::{Arrival, ArrivalSink, Completion, Done, Link, WriteJob, MAX_TAG_BYTES};
+pub use transport::{
+    Arrival, ArrivalSink, Completion, CompletionCallback, Done, Link, WriteJob, MAX_TAG_BYTES,
+};
+use transport::{DoneSlot, PooledRuns};
 pub use wire::Role;
 use wire::{Descriptor, MAX_NAME_BYTES};
 
@@ -101,6 +103,15 @@ pub struct EngineStats {
     pub timed_calls: usize,
     /// Threads of the whole process.
     pub process_threads: usize,
+}
+
+/// A validated and planned `writeCache` call, not yet handed to its link.
+struct PreparedWrite {
+    peer: Arc<Peer>,
+    runs: PooledRuns,
+    layer: u32,
+    blocks: u32,
+    tag: Option<Vec<u8>>,
 }
 
 /// A call with a deadline, watched by the engine's watchdog thread.
@@ -781,6 +792,40 @@ impl Engine {
         tag: Option<Vec<u8>>,
         deadline: Option<Instant>,
     ) -> Result<Completion> {
+        let write = self.prepare_write(peer_key, local, remote, layer, tag)?;
+        let (done, completion) = Done::new();
+        self.submit_write(peer_key, write, done, deadline);
+        Ok(completion)
+    }
+
+    /// [`Engine::write_cache_until`] that passes the outcome to `on_done` instead of
+    /// returning a `Completion`. `on_done` is called exactly once when this returns `Ok`
+    /// (possibly before it returns), and never when it returns an error.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_cache_with_callback(
+        &self,
+        peer_key: &str,
+        local: BlockIds<'_>,
+        remote: BlockIds<'_>,
+        layer: f64,
+        tag: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+        on_done: CompletionCallback,
+    ) -> Result<()> {
+        let write = self.prepare_write(peer_key, local, remote, layer, tag)?;
+        self.submit_write(peer_key, write, Done::with_callback(on_done), deadline);
+        Ok(())
+    }
+
+    /// Validates and plans one call; errors here mean nothing was sent.
+    fn prepare_write(
+        &self,
+        peer_key: &str,
+        local: BlockIds<'_>,
+        remote: BlockIds<'_>,
+        layer: f64,
+        tag: Option<Vec<u8>>,
+    ) -> Result<PreparedWrite> {
         self.check_open()?;
         let layout = self.inner.table.layout;
         let layer = layout.check_layer(layer)?;
@@ -818,11 +863,35 @@ impl Engine {
         let mut runs = self.inner.run_pool.take();
         plan::plan_runs(local, remote, limits, &mut runs)?;
         let runs = self.inner.run_pool.pooled(runs);
-        let (done, completion) = Done::new();
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
+        Ok(PreparedWrite {
+            peer,
+            runs,
+            layer,
+            blocks,
+            tag,
+        })
+    }
+
+    /// Hands a prepared call to its link (or completes it at once when it has nothing to
+    /// send), watching its deadline.
+    fn submit_write(
+        &self,
+        peer_key: &str,
+        write: PreparedWrite,
+        done: Done,
+        deadline: Option<Instant>,
+    ) {
+        let PreparedWrite {
+            peer,
+            runs,
+            layer,
+            blocks,
+            tag,
+        } = write;
         if runs.is_empty() && tag.is_none() {
             let _ = done.send(Ok(()));
-            return Ok(completion);
+            return;
         }
         if let Some(deadline) = deadline {
             self.watch(peer_key, &peer, &done, deadline);
@@ -834,7 +903,6 @@ impl Engine {
             tag,
             done,
         });
-        Ok(completion)
     }
 
     fn watch(&self, peer_key: &str, peer: &Arc<Peer>, done: &Done, deadline: Instant) {

@@ -136,6 +136,56 @@ fn a_timed_out_call_resets_its_link_first_and_other_peers_keep_working() {
 }
 
 #[test]
+fn callback_calls_report_what_completions_report() {
+    let block_bytes = 256 * 1024;
+    let prefill = side(Role::Prefill, 1, 32, block_bytes);
+    let decode = side(Role::Decode, 1, 32, block_bytes);
+    let healthy = side(Role::Decode, 1, 32, block_bytes);
+    let stalled = connect_stalled(&prefill, &decode, "stalled");
+    connect(&prefill, &healthy, "healthy");
+    let (_server, _) = stalled.accept().unwrap();
+    let ids = all(32);
+    let (sender, outcomes) = std::sync::mpsc::channel();
+    let call = |key: &'static str, remote: &[u32], deadline: Option<Instant>| {
+        let sender = sender.clone();
+        prefill.engine.write_cache_with_callback(
+            key,
+            BlockIds::U32(&ids),
+            BlockIds::U32(remote),
+            0.0,
+            None,
+            deadline,
+            Box::new(move |result| {
+                let _ = sender.send((key, result));
+            }),
+        )
+    };
+    call("healthy", &ids, None).unwrap();
+    let (key, result) = outcomes.recv().unwrap();
+    assert_eq!(key, "healthy");
+    result.unwrap();
+    assert_written(&prefill, &healthy, 0, &ids, &ids);
+    // A refused call returns its error and never calls back (its callback is dropped).
+    let mut out_of_range = ids.clone();
+    out_of_range[31] = 32;
+    let err = call("healthy", &out_of_range, None).unwrap_err();
+    assert_eq!(err.code(), "ERR_BLOCK_ID_OUT_OF_RANGE", "{err}");
+    // A timed-out call reports the timeout, not the teardown's own error.
+    call(
+        "stalled",
+        &ids,
+        Some(Instant::now() + Duration::from_millis(300)),
+    )
+    .unwrap();
+    let (key, result) = outcomes.recv().unwrap();
+    assert_eq!(key, "stalled");
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), "ERR_TIMEOUT", "{err}");
+    drop(sender);
+    assert!(outcomes.recv().is_err(), "no other call was reported");
+}
+
+#[test]
 fn cancel_peer_aborts_every_pending_call_after_the_teardown() {
     let block_bytes = 256 * 1024;
     let prefill = side(Role::Prefill, 1, 32, block_bytes);

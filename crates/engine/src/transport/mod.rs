@@ -17,16 +17,37 @@ use futures_channel::oneshot;
 /// Resolves when a job's bytes are in the peer's memory.
 pub type Completion = oneshot::Receiver<Result<()>>;
 
-/// The completing half of a `Completion`, shared between the transport (which completes
-/// it) and the engine's deadline watchdog (which only watches it, and may set the error a
-/// failure is reported with). The first `send` wins.
+/// Receives a call's outcome once, on whichever thread completes the call (a transport
+/// thread, the deadline thread, or the caller's when it fails or finishes at once).
+pub type CompletionCallback = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Where a call's outcome goes: a `Completion` to await, or a callback (no task or
+/// channel per call for callers that have their own dispatch, like the Node binding).
+enum Outcome {
+    Channel(oneshot::Sender<Result<()>>),
+    Callback(CompletionCallback),
+}
+
+impl Outcome {
+    fn deliver(self, result: Result<()>) {
+        match self {
+            Outcome::Channel(sender) => {
+                let _ = sender.send(result);
+            }
+            Outcome::Callback(callback) => callback(result),
+        }
+    }
+}
+
+/// The completing half of a call, shared between the transport (which completes it) and
+/// the engine's deadline watchdog (which only watches it, and may set the error a failure
+/// is reported with). The first completion wins.
 pub struct Done {
     slot: std::sync::Arc<DoneSlot>,
 }
 
-#[derive(Default)]
 pub struct DoneSlot {
-    sender: std::sync::Mutex<Option<oneshot::Sender<Result<()>>>>,
+    outcome: std::sync::Mutex<Option<Outcome>>,
     /// When set, a failure is reported with this error instead (the call timed out and
     /// its link was torn down because of it).
     failure_override: std::sync::Mutex<Option<Error>>,
@@ -35,7 +56,7 @@ pub struct DoneSlot {
 impl DoneSlot {
     /// Whether the call has not completed yet.
     pub fn is_pending(&self) -> bool {
-        self.sender
+        self.outcome
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
@@ -51,8 +72,12 @@ impl DoneSlot {
 
     /// Completes the call unless it already completed; returns whether this call did.
     pub fn complete(&self, result: Result<()>) -> bool {
-        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(sender) = sender else {
+        let outcome = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(outcome) = outcome else {
             return false;
         };
         let result = match result {
@@ -64,8 +89,16 @@ impl DoneSlot {
                 .take()
                 .unwrap_or(error)),
         };
-        let _ = sender.send(result);
+        outcome.deliver(result);
         true
+    }
+}
+
+impl Drop for DoneSlot {
+    /// A call dropped without completing fails with `Closed`: a callback is never lost
+    /// (its caller may be holding a promise, and the process open, for it).
+    fn drop(&mut self) {
+        self.complete(Err(Error::Closed));
     }
 }
 
@@ -79,11 +112,20 @@ impl Done {
     /// A fresh call: the transport's half and the caller's `Completion`.
     pub fn new() -> (Done, Completion) {
         let (sender, completion) = oneshot::channel();
+        (Done::delivering(Outcome::Channel(sender)), completion)
+    }
+
+    /// A fresh call whose outcome is passed to `callback`.
+    pub fn with_callback(callback: CompletionCallback) -> Done {
+        Done::delivering(Outcome::Callback(callback))
+    }
+
+    fn delivering(outcome: Outcome) -> Done {
         let slot = std::sync::Arc::new(DoneSlot {
-            sender: std::sync::Mutex::new(Some(sender)),
+            outcome: std::sync::Mutex::new(Some(outcome)),
             failure_override: std::sync::Mutex::new(None),
         });
-        (Done { slot }, completion)
+        Done { slot }
     }
 
     /// A handle for watching the call without owning its completion.
@@ -261,6 +303,25 @@ pub fn fail(done: Done, error: Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_callback_gets_the_overridden_failure_once_and_a_dropped_call_fails_closed() {
+        let (sender, outcomes) = std::sync::mpsc::channel();
+        let report = |sender: std::sync::mpsc::Sender<Result<()>>| -> CompletionCallback {
+            Box::new(move |result| {
+                let _ = sender.send(result);
+            })
+        };
+        let done = Done::with_callback(report(sender.clone()));
+        let watched = done.watch().upgrade().unwrap();
+        watched.override_failure(Error::Aborted);
+        assert!(done.send(Err(Error::Closed)).is_ok());
+        assert!(!watched.complete(Ok(())), "a call completes once");
+        drop(watched);
+        drop(Done::with_callback(report(sender)));
+        let codes: Vec<_> = outcomes.iter().map(|r| r.unwrap_err().code()).collect();
+        assert_eq!(codes, ["ERR_ABORTED", "ERR_CLOSED"]);
+    }
 
     #[test]
     fn run_buffers_are_recycled_when_a_job_drops_them() {
