@@ -29,6 +29,11 @@ pub const MAX_FRAME_PAYLOAD: u64 = 1 << 30;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most iovecs handed to one writev (Linux IOV_MAX).
 const IOV_MAX: usize = 1024;
+/// Most payload bytes handed to one writev. One huge writev (up to 128 MiB of 256 KiB
+/// frames) keeps the socket busy in one `tcp_sendmsg` for its whole length and halved
+/// loopback throughput at 256 KiB blocks; ~1 MiB per call matches the stream reference
+/// (docs/performance.md, "Changes to the TCP transport").
+const WRITEV_MAX_BYTES: usize = 1 << 20;
 const SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,7 +66,13 @@ fn writev_all(stream: &TcpStream, iovecs: &mut [libc::iovec]) -> std::io::Result
     let fd = stream.as_raw_fd();
     let mut first = 0;
     while first < iovecs.len() {
-        let count = (iovecs.len() - first).min(IOV_MAX);
+        // At least one iovec, then more while under both limits.
+        let mut count = 1;
+        let mut bytes = iovecs[first].iov_len;
+        while first + count < iovecs.len() && count < IOV_MAX && bytes < WRITEV_MAX_BYTES {
+            bytes += iovecs[first + count].iov_len;
+            count += 1;
+        }
         // SAFETY: fd is an open socket; iovecs[first..first+count] describe readable memory:
         // frame headers owned by the caller and payload ranges inside registered regions,
         // which stay valid while the link is open (the engine's region contract).
