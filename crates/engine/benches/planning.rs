@@ -120,10 +120,14 @@ fn bench(c: &mut Criterion) {
                 .map(|r| (0x7000_0000_0000 + r * 0x1_0000_0000, 0x200 + r as u32))
                 .collect();
             let mut send_batch = SendBatch::with_capacity(tuning().chain_wrs);
+            let writes_per_kind: u64 = runs
+                .iter()
+                .map(|run| (u64::from(run.blocks) * block_bytes).div_ceil(MAX_WRITE_BYTES))
+                .sum();
             assert_eq!(
-                rdma_chains(&table, &runs, &remote_regions, &mut send_batch),
-                2 * runs.len(),
-                "one WRITE per run and kind ({MAX_WRITE_BYTES} bytes max each)"
+                rdma_chains(&table, &runs, &remote_regions, &mut send_batch) as u64,
+                2 * writes_per_kind,
+                "one WRITE per run and kind, split at {MAX_WRITE_BYTES} bytes"
             );
             group.bench_function(BenchmarkId::new("rdma_chain", name), |b| {
                 b.iter(|| {

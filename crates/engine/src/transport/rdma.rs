@@ -44,8 +44,12 @@ pub const NOTICE_SLOTS: u32 = NOTICE_RECEIVES;
 const NOTICE_SLOT_BYTES: usize = 512;
 /// Notices a sender keeps in flight (bounded by its staging slots).
 const NOTICE_STAGING_SLOTS: usize = 128;
-/// Largest RDMA WRITE per work request (runs are split to this).
-pub const MAX_WRITE_BYTES: u64 = 1 << 30;
+/// Largest RDMA WRITE per work request: longer runs are split, so that one large run can be
+/// spread over a peer's queue pairs (256 KiB WRITEs still run at line rate on a NIC).
+pub const MAX_WRITE_BYTES: u64 = 256 << 10;
+/// A chain ends once it carries this many bytes (or `CHAIN_WRS` requests), so that a call
+/// of a few large runs still alternates between the peer's queue pairs.
+pub const CHAIN_BYTES: u64 = 1 << 20;
 /// Transport retries before a request fails with RETRY_EXC_ERR. Not 7: Soft-RoCE treats 7
 /// as "retry forever", so a dead peer would never be detected. A dead peer is reported
 /// after about 4.096 µs × 2^KVCACHE_IB_TIMEOUT × (1 + retries).
@@ -1374,7 +1378,8 @@ pub fn fill_write_chain(
     let kinds = layout.kinds();
     let (mut kind, mut run_index, mut offset) = *cursor;
     let mut finished = false;
-    while batch.len() < limit {
+    let mut chain_bytes = 0;
+    while batch.len() < limit && chain_bytes < CHAIN_BYTES {
         // `while`, not `if`: a call with no runs (an empty tagged call) skips every kind.
         while run_index >= runs.len() && kind < kinds {
             kind += 1;
@@ -1402,6 +1407,7 @@ pub fn fill_write_chain(
             break;
         }
         *last_write = (remote_addr, rkey, len);
+        chain_bytes += len;
         offset += len;
         if offset >= op.len {
             run_index += 1;
