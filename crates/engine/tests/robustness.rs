@@ -69,9 +69,10 @@ fn connect_stalled(prefill: &Side, decode: &Side, key: &str) -> TcpListener {
     stalled
 }
 
-#[test]
-fn a_timed_out_call_resets_its_link_first_and_other_peers_keep_working() {
-    // 32 blocks × 256 KiB × K+V = 16 MiB per call: far more than the socket buffers hold.
+/// A prefill side connected to "stalled" (a listener that accepts and never reads; its
+/// accepted socket is returned) and to "healthy"; also the real decode side behind
+/// "stalled". 32 blocks × 256 KiB × K+V = 16 MiB per call: far more than socket buffers hold.
+fn stalled_and_healthy_peers() -> (Side, Side, Side, std::net::TcpStream) {
     let block_bytes = 256 * 1024;
     let prefill = side(Role::Prefill, 1, 32, block_bytes);
     let decode = side(Role::Decode, 1, 32, block_bytes);
@@ -79,6 +80,12 @@ fn a_timed_out_call_resets_its_link_first_and_other_peers_keep_working() {
     let stalled = connect_stalled(&prefill, &decode, "stalled");
     connect(&prefill, &healthy, "healthy");
     let (server, _) = stalled.accept().unwrap();
+    (prefill, decode, healthy, server)
+}
+
+#[test]
+fn a_timed_out_call_resets_its_link_first_and_other_peers_keep_working() {
+    let (prefill, decode, healthy, server) = stalled_and_healthy_peers();
     let ids = all(32);
     let started = Instant::now();
     let timed = submit(
@@ -137,13 +144,7 @@ fn a_timed_out_call_resets_its_link_first_and_other_peers_keep_working() {
 
 #[test]
 fn callback_calls_report_what_completions_report() {
-    let block_bytes = 256 * 1024;
-    let prefill = side(Role::Prefill, 1, 32, block_bytes);
-    let decode = side(Role::Decode, 1, 32, block_bytes);
-    let healthy = side(Role::Decode, 1, 32, block_bytes);
-    let stalled = connect_stalled(&prefill, &decode, "stalled");
-    connect(&prefill, &healthy, "healthy");
-    let (_server, _) = stalled.accept().unwrap();
+    let (prefill, _decode, healthy, _server) = stalled_and_healthy_peers();
     let ids = all(32);
     let (sender, outcomes) = std::sync::mpsc::channel();
     let call = |key: &'static str, remote: &[u32], deadline: Option<Instant>| {
