@@ -77,7 +77,7 @@ export interface NativeStats {
   liveLinks: number
   tcpReceivers: number
   registeredRegions: number
-  pendingChallenges: number
+  rememberedHellos: number
   timedCalls: number
   processThreads: number
 }

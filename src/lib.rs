@@ -69,7 +69,7 @@ pub struct NativeStats {
     pub live_links: u32,
     pub tcp_receivers: u32,
     pub registered_regions: u32,
-    pub pending_challenges: u32,
+    pub remembered_hellos: u32,
     pub timed_calls: u32,
     pub process_threads: u32,
 }
@@ -445,7 +445,7 @@ impl NativeCommunicator {
             live_links: n(s.live_links),
             tcp_receivers: n(s.tcp_receivers),
             registered_regions: n(s.registered_regions),
-            pending_challenges: n(s.pending_challenges),
+            remembered_hellos: n(s.remembered_hellos),
             timed_calls: n(s.timed_calls),
             process_threads: n(s.process_threads),
         }

@@ -105,7 +105,7 @@ export interface CommunicatorStats {
   liveLinks: number
   tcpReceivers: number
   registeredRegions: number
-  pendingChallenges: number
+  rememberedHellos: number
   timedCalls: number
   processThreads: number
 }

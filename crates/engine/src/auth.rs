@@ -65,6 +65,32 @@ pub fn verify(token: &[u8], label: &str, parts: &[&[u8]], tag: &[u8]) -> bool {
     hmac.verify_slice(tag).is_ok()
 }
 
+/// The acceptor's nonce is self-authenticating, so that issuing one keeps no state (a
+/// flood of challenges cannot evict a genuine one): random (8 bytes) ‖ issued at (u64 LE,
+/// milliseconds on the acceptor's clock) ‖ the first 16 bytes of
+/// HMAC(acceptor key, "kvt-challenge" ‖ nonce_c ‖ random ‖ issued at).
+pub fn issue_nonce(acceptor_key: &[u8], nonce_c: &Nonce, issued_ms: u64) -> Nonce {
+    let mut nonce = [0u8; NONCE_BYTES];
+    nonce[..8].copy_from_slice(&crate::random_u64().to_le_bytes());
+    nonce[8..16].copy_from_slice(&issued_ms.to_le_bytes());
+    let tag = mac(acceptor_key, LABEL_CHALLENGE, &[nonce_c, &nonce[..16]]);
+    nonce[16..].copy_from_slice(&tag[..NONCE_BYTES - 16]);
+    nonce
+}
+
+/// When `nonce_a` was issued by [`issue_nonce`] under `acceptor_key` for `nonce_c`: its
+/// issue time (checked in constant time); else `None`.
+pub fn nonce_issued_at(acceptor_key: &[u8], nonce_c: &Nonce, nonce_a: &Nonce) -> Option<u64> {
+    let mut hmac = <Hmac<Sha256> as Mac>::new_from_slice(acceptor_key)
+        .expect("HMAC accepts keys of any length");
+    hmac.update(LABEL_CHALLENGE.as_bytes());
+    hmac.update(nonce_c);
+    hmac.update(&nonce_a[..16]);
+    hmac.verify_truncated_left(&nonce_a[16..]).ok()?;
+    Some(u64::from_le_bytes(nonce_a[8..16].try_into().ok()?))
+}
+
+const LABEL_CHALLENGE: &str = "kvt-challenge";
 pub const LABEL_ACCEPTOR: &str = "kvt-acceptor";
 pub const LABEL_HELLO: &str = "kvt-hello";
 pub const LABEL_REPLY: &str = "kvt-reply";

@@ -75,8 +75,6 @@ pub struct EngineOptions {
     pub auth_token: Option<Vec<u8>>,
 }
 
-/// Challenges handed out and not yet used, at most (oldest dropped first).
-const MAX_PENDING_CHALLENGES: usize = 1024;
 /// How long a challenge stays usable.
 const CHALLENGE_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -97,8 +95,8 @@ pub struct EngineStats {
     pub tcp_receivers: usize,
     /// Registered regions (per engine: layers × kinds).
     pub registered_regions: usize,
-    /// Challenges issued to connecting peers and not yet used.
-    pub pending_challenges: usize,
+    /// Hellos accepted within the challenge lifetime, remembered to refuse replays.
+    pub remembered_hellos: usize,
     /// Calls with a deadline the watchdog still tracks (completed ones are swept lazily).
     pub timed_calls: usize,
     /// Threads of the whole process.
@@ -182,8 +180,13 @@ struct EngineInner {
     auth_token: Option<Vec<u8>>,
     /// Connecting side: handshake nonces per peer key.
     connecting: Mutex<HashMap<String, ConnectAuth>>,
-    /// Accepting side: nonce_a → (nonce_c, issued at), single use.
-    challenges: Mutex<HashMap<Nonce, (Nonce, Instant)>>,
+    /// Accepting side: the key its nonces are authenticated with (`auth::issue_nonce`),
+    /// and the clock their issue times count from.
+    challenge_key: Nonce,
+    started: Instant,
+    /// Accepting side: nonce_a of every hello accepted within the challenge lifetime
+    /// (single use). Only hellos with a valid MAC get here, so only token holders fill it.
+    used_nonces: Mutex<HashMap<Nonce, Instant>>,
     watchdog: Arc<Watchdog>,
 }
 
@@ -313,7 +316,9 @@ impl Engine {
                 connect_timeout: options.connect_timeout,
                 auth_token,
                 connecting: Mutex::new(HashMap::new()),
-                challenges: Mutex::new(HashMap::new()),
+                challenge_key: auth::random_nonce(),
+                started: Instant::now(),
+                used_nonces: Mutex::new(HashMap::new()),
                 watchdog: Arc::default(),
             }),
         })
@@ -448,36 +453,25 @@ impl Engine {
             Challenge::decode(challenge).map_err(|e| Error::protocol("connecting peer", e.0))?;
         let token = self.inner.auth_token.as_deref();
         self.check_token_presence(challenge.has_token)?;
-        let nonce_a = auth::random_nonce();
-        let proof = match token {
-            Some(token) => {
-                let now = Instant::now();
-                let mut challenges = self
-                    .inner
-                    .challenges
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                challenges.retain(|_, (_, at)| now.duration_since(*at) < CHALLENGE_LIFETIME);
-                if challenges.len() >= MAX_PENDING_CHALLENGES {
-                    if let Some(oldest) = challenges
-                        .iter()
-                        .min_by_key(|(_, (_, at))| *at)
-                        .map(|(k, _)| *k)
-                    {
-                        challenges.remove(&oldest);
-                    }
-                }
-                challenges.insert(nonce_a, (challenge.nonce_c, now));
-                auth::mac(token, auth::LABEL_ACCEPTOR, &[&challenge.nonce_c, &nonce_a])
-            }
-            None => [0; auth::MAC_BYTES],
-        };
+        let nonce_a = auth::issue_nonce(
+            &self.inner.challenge_key,
+            &challenge.nonce_c,
+            self.clock_ms(),
+        );
+        let proof = token.map_or([0; auth::MAC_BYTES], |token| {
+            auth::mac(token, auth::LABEL_ACCEPTOR, &[&challenge.nonce_c, &nonce_a])
+        });
         Ok(Response {
             has_token: token.is_some(),
             nonce_a,
             proof,
         }
         .encode())
+    }
+
+    /// Milliseconds since this engine started: the clock of its challenge nonces.
+    fn clock_ms(&self) -> u64 {
+        self.inner.started.elapsed().as_millis() as u64
     }
 
     /// A token on one side only is refused before anything else is looked at.
@@ -583,21 +577,19 @@ impl Engine {
         self.check_token_presence(envelope.has_token)?;
         // Both sides have a token here (presence was checked above).
         if let Some(token) = token {
-            let issued = self
-                .inner
-                .challenges
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&envelope.nonce_a);
-            match issued {
-                    Some((nonce_c, at))
-                        if nonce_c == envelope.nonce_c && at.elapsed() < CHALLENGE_LIFETIME => {}
-                    _ => {
-                        return Err(self.refuse_auth(
-                            "the hello answers no challenge this side issued (unknown, used or expired nonce)",
-                        ))
-                    }
-                }
+            let issued_ms = auth::nonce_issued_at(
+                &self.inner.challenge_key,
+                &envelope.nonce_c,
+                &envelope.nonce_a,
+            );
+            let lifetime_ms = CHALLENGE_LIFETIME.as_millis() as u64;
+            let expired_or_foreign =
+                issued_ms.is_none_or(|ms| self.clock_ms().saturating_sub(ms) >= lifetime_ms);
+            if expired_or_foreign {
+                return Err(self.refuse_auth(
+                    "the hello answers no challenge this side issued (unknown or expired nonce)",
+                ));
+            }
             if !auth::verify(
                 token,
                 auth::LABEL_HELLO,
@@ -607,6 +599,17 @@ impl Engine {
                 return Err(self.refuse_auth(
                         "the hello's MAC does not match: the connecting peer does not know this side's auth token",
                     ));
+            }
+            let mut used = self
+                .inner
+                .used_nonces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            used.retain(|_, at| at.elapsed() < CHALLENGE_LIFETIME);
+            if used.insert(envelope.nonce_a, Instant::now()).is_some() {
+                return Err(self.refuse_auth(
+                    "the hello answers a challenge that was already used (a replayed hello)",
+                ));
             }
         }
         let remote = Descriptor::decode(&envelope.descriptor)
@@ -981,9 +984,9 @@ impl Engine {
             live_links: peers.values().filter(|p| p.link.is_alive()).count(),
             tcp_receivers: self.inner.tcp.connections(),
             registered_regions: self.inner.table.regions().len(),
-            pending_challenges: self
+            remembered_hellos: self
                 .inner
-                .challenges
+                .used_nonces
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .len(),

@@ -280,9 +280,19 @@ fn an_acceptor_refuses_forged_replayed_and_unsolicited_hellos() {
     forged.mac[0] ^= 1;
     let err = decode.engine.accept(&forged.encode()).unwrap_err();
     assert_eq!(err.code(), "ERR_AUTH", "{err}");
-    // The forged attempt consumed the challenge: the genuine hello is now a replay.
+    // A forgery does not use up the challenge; the genuine hello is accepted once, and its
+    // replay is refused.
+    decode.engine.accept(&good).unwrap();
     let err = decode.engine.accept(&good).unwrap_err();
     assert_eq!(err.code(), "ERR_AUTH", "{err}");
+    assert!(err.to_string().contains("already used"), "{err}");
+    assert_eq!(decode.engine.stats().remembered_hellos, 1);
+    // A nonce issued for another challenge does not fit this one.
+    let other = hello(&prefill, &decode, "d").unwrap();
+    let mut swapped = Envelope::decode(&other).unwrap();
+    swapped.nonce_c = Envelope::decode(&good).unwrap().nonce_c;
+    let err = decode.engine.accept(&swapped.encode()).unwrap_err();
+    assert!(err.to_string().contains("no challenge"), "{err}");
     // A modified descriptor under a valid challenge fails the MAC.
     let good = hello(&prefill, &decode, "d").unwrap();
     let mut tampered = Envelope::decode(&good).unwrap();
@@ -491,4 +501,31 @@ fn a_hostile_receiver_cannot_make_the_writer_allocate_or_hang() {
         "{err}"
     );
     assert!(!prefill.engine.is_connected("evil"));
+}
+
+#[test]
+fn a_flood_of_challenges_does_not_crowd_out_a_genuine_connect() {
+    let prefill = authed(Role::Prefill, Some("k"));
+    let decode = authed(Role::Decode, Some("k"));
+    // A genuine connect gets its challenge answered first...
+    let challenge = prefill.engine.auth_challenge("d").unwrap();
+    let response = decode.engine.auth_respond(&challenge).unwrap();
+    // ...then someone without the token asks for many more before the hello arrives.
+    let intruder = authed(Role::Prefill, Some("a guess"));
+    for _ in 0..5000 {
+        let flood = intruder.engine.auth_challenge("x").unwrap();
+        decode.engine.auth_respond(&flood).unwrap();
+    }
+    assert_eq!(
+        decode.engine.stats().remembered_hellos,
+        0,
+        "challenges keep no state"
+    );
+    let hello = prefill.engine.hello("d", &response).unwrap();
+    let reply = decode.engine.accept(&hello).unwrap();
+    prefill
+        .engine
+        .finish_connect("d", "127.0.0.1", &reply)
+        .unwrap();
+    assert!(prefill.engine.is_connected("d"));
 }
