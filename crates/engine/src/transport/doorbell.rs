@@ -48,7 +48,16 @@ impl Doorbell {
                 posted.map_err(|e| rdma_err("ibv_post_send", e))
             }
             Doorbell::Threads(threads) => {
-                threads.hand_off(link, job, qp_index, qp, batch);
+                let batch = std::mem::replace(batch, threads.spare_batch());
+                threads.hand_off(
+                    qp_index,
+                    Item::Post {
+                        link,
+                        job,
+                        qp: qp.clone(),
+                        batch,
+                    },
+                );
                 Ok(())
             }
         }
@@ -132,28 +141,18 @@ impl PostingThreads {
         })
     }
 
-    fn hand_off(
-        &self,
-        link: u64,
-        job: u64,
-        qp_index: usize,
-        qp: &Arc<QueuePair>,
-        batch: &mut SendBatch,
-    ) {
-        let spare = self
-            .returns
+    /// An empty batch for the next chain: a posted one handed back, else a new one.
+    fn spare_batch(&self) -> SendBatch {
+        self.returns
             .batches
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop()
-            .unwrap_or_else(|| SendBatch::with_capacity(self.chain_capacity));
-        let batch = std::mem::replace(batch, spare);
-        let item = Item::Post {
-            link,
-            job,
-            qp: qp.clone(),
-            batch,
-        };
+            .unwrap_or_else(|| SendBatch::with_capacity(self.chain_capacity))
+    }
+
+    /// Queues `item` for queue-pair index `qp_index`'s posting thread.
+    fn hand_off(&self, qp_index: usize, item: Item) {
         if let Err(mpsc::SendError(Item::Post { link, job, .. })) =
             self.queues[qp_index % self.queues.len()].send(item)
         {

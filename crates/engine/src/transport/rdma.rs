@@ -57,9 +57,10 @@ pub const TRANSPORT_RETRY_COUNT: u8 = 6;
 /// Idle polls before blocking on the completion channel.
 const IDLE_SPINS: u32 = 64;
 
-/// Data-path tuning (chain length, send-queue depth, idle polls). The defaults are the
-/// constants above; `KVCACHE_RDMA_TUNING="chain=N,sq=N,spins=N"` overrides them for
-/// side-by-side measurements (`kvtransfer bench`, docs/performance.md). Read once.
+/// Data-path tuning (chain length, send-queue depth, idle polls, posting threads). The
+/// defaults are the constants above; `KVCACHE_RDMA_TUNING="chain=N,sq=N,spins=N,posters=N"`
+/// overrides them for side-by-side measurements (`kvtransfer bench`,
+/// docs/performance.md). Read once.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy)]
 pub struct Tuning {
