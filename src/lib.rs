@@ -2,7 +2,7 @@
 //! error map. No transfer logic lives here.
 
 use futures_channel::oneshot;
-use kvtransfer_engine::plan::BlockIds;
+use kvtransfer_engine::BlockIds;
 use kvtransfer_engine::{Arrival, Engine, EngineOptions, Role};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -340,7 +340,9 @@ impl NativeCommunicator {
     /// The transport used with a connected peer, or null.
     #[napi]
     pub fn peer_transport(&self, peer_key: String) -> Option<&'static str> {
-        self.engine.peer_info(&peer_key).map(|info| info.transport)
+        self.engine
+            .peer_info(&peer_key)
+            .map(|info| info.transport.name())
     }
 
     /// Validates synchronously (throws, nothing sent); once the peer has every byte, or the

@@ -1,7 +1,7 @@
 //! Authentication messages (challenge, response, envelope) and an acceptor fed hostile
 //! handshake messages: errors only, never a panic.
 #![no_main]
-use kvtransfer_engine::auth::{Challenge, Envelope, Response};
+use kvtransfer_engine::internals::{Challenge, Envelope, Response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

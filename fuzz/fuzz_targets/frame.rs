@@ -1,6 +1,6 @@
 //! TCP data-plane decoders: the 24-byte frame header and the 16-byte connection hello.
 #![no_main]
-use kvtransfer_engine::wire::frame;
+use kvtransfer_engine::internals::frame;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! The RDMA arrival-notice record decoder: never reads past the record.
 #![no_main]
-use kvtransfer_engine::transport::rdma::decode_notice;
+use kvtransfer_engine::internals::decode_notice;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -11,10 +11,11 @@
 //! `ibv_post_send` would get it), without posting; `plan+rdma_chain` adds the planning.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kvtransfer_engine::layout::RegionTable;
-use kvtransfer_engine::plan::{plan_runs, BlockIds, PlanLimits, Run};
-use kvtransfer_engine::transport::rdma::{fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES};
-use kvtransfer_engine::transport::tcp::{FrameBatch, MAX_FRAME_PAYLOAD};
+use kvtransfer_engine::internals::RegionTable;
+use kvtransfer_engine::internals::{fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES};
+use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
+use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
+use kvtransfer_engine::BlockIds;
 use kvtransfer_verbs::SendBatch;
 
 /// Every chain of one call, as the progress thread builds them (chains of the configured

@@ -38,7 +38,7 @@ pub type Tag = [u8; MAC_BYTES];
 pub fn random_nonce() -> Nonce {
     let mut nonce = [0u8; NONCE_BYTES];
     for chunk in nonce.chunks_mut(8) {
-        chunk.copy_from_slice(&crate::random_u64().to_le_bytes());
+        chunk.copy_from_slice(&crate::util::random_u64().to_le_bytes());
     }
     nonce
 }
@@ -71,7 +71,7 @@ pub fn verify(token: &[u8], label: &str, parts: &[&[u8]], tag: &[u8]) -> bool {
 /// HMAC(acceptor key, "kvt-challenge" ‖ nonce_c ‖ random ‖ issued at).
 pub fn issue_nonce(acceptor_key: &[u8], nonce_c: &Nonce, issued_ms: u64) -> Nonce {
     let mut nonce = [0u8; NONCE_BYTES];
-    nonce[..8].copy_from_slice(&crate::random_u64().to_le_bytes());
+    nonce[..8].copy_from_slice(&crate::util::random_u64().to_le_bytes());
     nonce[8..16].copy_from_slice(&issued_ms.to_le_bytes());
     let tag = mac(acceptor_key, LABEL_CHALLENGE, &[nonce_c, &nonce[..16]]);
     nonce[16..].copy_from_slice(&tag[..NONCE_BYTES - 16]);

@@ -1,37 +1,39 @@
-//! Settings read from the seed's environment variables, each parsed once with a clear error.
+//! Every `KVCACHE_*` environment variable, read and validated here and nowhere else. A
+//! malformed value is a typed error (`ERR_INVALID_ARGUMENT`) naming the variable, the value
+//! and what is allowed; [`Settings::from_env`] runs at engine construction, so a bad value
+//! is refused there, never silently ignored. Values the data path reads on every call are
+//! kept once per process (`process()`), from the same parsers.
 
 use crate::error::{Error, Result};
+use crate::transport::TransportKind;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::OnceLock;
 
-/// `1`, `true`, `yes`, `on` (any case) are true; anything else, or unset, is false.
-pub fn env_flag(name: &str) -> bool {
-    std::env::var(name)
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
-}
-
+/// What `transport` / `KVCACHE_TRANSPORT` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportChoice {
+    /// The first transport, in order of preference, that both sides can use.
     Auto,
-    Rdma,
-    Tcp,
+    /// Exactly this one, or a typed error saying why it cannot be had.
+    Only(TransportKind),
 }
 
 impl TransportChoice {
     pub fn parse(text: &str, origin: &'static str) -> Result<Self> {
-        match text {
+        match text.trim() {
             "auto" | "" => Ok(TransportChoice::Auto),
-            "rdma" => Ok(TransportChoice::Rdma),
-            "tcp" => Ok(TransportChoice::Tcp),
-            other => Err(Error::invalid(
-                origin,
-                format!("'{other}' is not one of 'auto', 'rdma', 'tcp'"),
-            )),
+            other => TransportKind::parse(other)
+                .map(TransportChoice::Only)
+                .ok_or_else(|| {
+                    let names: Vec<String> = TransportKind::PREFERENCE
+                        .iter()
+                        .map(|k| format!("'{}'", k.name()))
+                        .collect();
+                    Error::invalid(
+                        origin,
+                        format!("'{other}' is not one of 'auto', {}", names.join(", ")),
+                    )
+                }),
         }
     }
 
@@ -39,9 +41,9 @@ impl TransportChoice {
     pub fn resolve(explicit: Option<&str>) -> Result<Self> {
         match explicit {
             Some(text) => Self::parse(text, "transport"),
-            None => match std::env::var("KVCACHE_TRANSPORT") {
-                Ok(text) => Self::parse(text.trim(), "KVCACHE_TRANSPORT"),
-                Err(_) => Ok(TransportChoice::Auto),
+            None => match var("KVCACHE_TRANSPORT") {
+                Some(text) => Self::parse(&text, "KVCACHE_TRANSPORT"),
+                None => Ok(TransportChoice::Auto),
             },
         }
     }
@@ -62,17 +64,212 @@ pub struct RdmaSettings {
 pub const DEFAULT_GID_INDEX: u8 = 3;
 pub const DEFAULT_IB_TIMEOUT: u8 = 18;
 /// Two RC queue pairs per peer (as Mooncake's default): chains alternate between them, and
-/// on software providers each gets its own posting thread (`transport/doorbell.rs`).
+/// on software providers each gets its own posting thread (`transport/rdma/doorbell.rs`).
 pub const DEFAULT_QPS_PER_PEER: u16 = 2;
+/// Default bound on how long sent TCP data may stay unacknowledged (and keepalive probes
+/// unanswered) before the kernel drops the connection.
+pub const DEFAULT_TCP_USER_TIMEOUT_MS: u32 = 2500;
 
-fn parse_number<T: TryFrom<u32>>(
+impl RdmaSettings {
+    pub fn from_env() -> Result<Self> {
+        let nics = var("KVCACHE_RDMA_NICS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(RdmaSettings {
+            nics,
+            gid_index: number::<u8>("KVCACHE_RDMA_GID_INDEX", 0..=255)?,
+            ib_timeout: number::<u8>("KVCACHE_IB_TIMEOUT", 14..=31)?.unwrap_or(DEFAULT_IB_TIMEOUT),
+            relaxed_ordering: flag("KVCACHE_RELAX_ORDERING")?.unwrap_or(false),
+            gdr_flush: flag("KVCACHE_GDRCOPY_FLUSH_ENABLE")?.unwrap_or(false),
+            qps_per_peer: number::<u16>("KVCACHE_RDMA_QPS_PER_PEER", 1..=64)?
+                .unwrap_or(DEFAULT_QPS_PER_PEER),
+        })
+    }
+}
+
+/// RDMA data-path tuning (chain length, send-queue depth, idle polls, posting threads),
+/// from `KVCACHE_RDMA_TUNING="chain=N,sq=N,spins=N,posters=N"`, for side-by-side
+/// measurements (`kvtransfer bench`, docs/performance.md). Unset keys keep the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaTuning {
+    pub chain_wrs: Option<usize>,
+    pub send_queue_depth: Option<u32>,
+    pub idle_spins: Option<u32>,
+    pub post_threads: Option<u32>,
+}
+
+impl RdmaTuning {
+    fn from_env() -> Result<Self> {
+        const NAME: &str = "KVCACHE_RDMA_TUNING";
+        let mut t = RdmaTuning {
+            chain_wrs: None,
+            send_queue_depth: None,
+            idle_spins: None,
+            post_threads: None,
+        };
+        let text = var(NAME).unwrap_or_default();
+        for item in text.split(',').filter(|s| !s.trim().is_empty()) {
+            let bad = |why: &str| {
+                Error::invalid(
+                    NAME,
+                    format!("'{item}' in '{text}' {why}: expected comma-separated chain=1..4096, sq=16..65536, spins=N, posters=0..64"),
+                )
+            };
+            let (key, value) = item.split_once('=').ok_or_else(|| bad("has no '='"))?;
+            let value: u32 = value
+                .trim()
+                .parse()
+                .map_err(|_| bad("is not a whole number"))?;
+            let in_range = |range: std::ops::RangeInclusive<u32>| {
+                range
+                    .contains(&value)
+                    .then_some(value)
+                    .ok_or_else(|| bad("is out of range"))
+            };
+            match key.trim() {
+                "chain" => t.chain_wrs = Some(in_range(1..=4096)? as usize),
+                "sq" => t.send_queue_depth = Some(in_range(16..=1 << 16)?),
+                "spins" => t.idle_spins = Some(value),
+                "posters" => t.post_threads = Some(in_range(0..=64)?),
+                _ => return Err(bad("names no tuning key")),
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Settings the data path reads on every call: one copy per process, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSettings {
+    pub rdma_tuning: RdmaTuning,
+    /// `KVCACHE_TCP_USER_TIMEOUT_MS` (0: no user timeout, no keepalive tuning).
+    pub tcp_user_timeout_ms: u32,
+    /// `KVCACHE_TCP_PREFAULT`: touch receiving regions in the background on first connect.
+    pub tcp_prefault: bool,
+    /// `KVCACHE_CUDA_COPY_KERNEL`: small GPU copies through the copy kernel.
+    pub cuda_copy_kernel: bool,
+    /// `KVCACHE_CUDA_BATCH_COPY`: `cuMemcpyBatchAsync` where the driver has it.
+    pub cuda_batch_copy: bool,
+}
+
+impl ProcessSettings {
+    fn from_env() -> Result<Self> {
+        Ok(ProcessSettings {
+            rdma_tuning: RdmaTuning::from_env()?,
+            tcp_user_timeout_ms: number::<u32>("KVCACHE_TCP_USER_TIMEOUT_MS", 0..=3_600_000)?
+                .unwrap_or(DEFAULT_TCP_USER_TIMEOUT_MS),
+            tcp_prefault: flag("KVCACHE_TCP_PREFAULT")?.unwrap_or(true),
+            cuda_copy_kernel: flag("KVCACHE_CUDA_COPY_KERNEL")?.unwrap_or(true),
+            cuda_batch_copy: flag("KVCACHE_CUDA_BATCH_COPY")?.unwrap_or(true),
+        })
+    }
+}
+
+/// The process's data-path settings. [`Settings::from_env`] has validated them before any
+/// engine exists; should the environment have changed to something malformed since, the
+/// values read first stay in force.
+pub fn process() -> &'static ProcessSettings {
+    static PROCESS: OnceLock<ProcessSettings> = OnceLock::new();
+    PROCESS.get_or_init(|| {
+        ProcessSettings::from_env().unwrap_or(ProcessSettings {
+            rdma_tuning: RdmaTuning {
+                chain_wrs: None,
+                send_queue_depth: None,
+                idle_spins: None,
+                post_threads: None,
+            },
+            tcp_user_timeout_ms: DEFAULT_TCP_USER_TIMEOUT_MS,
+            tcp_prefault: true,
+            cuda_copy_kernel: true,
+            cuda_batch_copy: true,
+        })
+    })
+}
+
+/// Logging: `KVCACHE_DEBUG` (a flag), `KVCACHE_DEBUG_FILE`, `KVCACHE_ERROR_FILE` (paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub debug: bool,
+    pub debug_file: Option<std::ffi::OsString>,
+    pub error_file: Option<std::ffi::OsString>,
+}
+
+impl LogSettings {
+    pub fn from_env() -> Result<Self> {
+        Ok(LogSettings {
+            debug: flag("KVCACHE_DEBUG")?.unwrap_or(false),
+            debug_file: std::env::var_os("KVCACHE_DEBUG_FILE").filter(|v| !v.is_empty()),
+            error_file: std::env::var_os("KVCACHE_ERROR_FILE").filter(|v| !v.is_empty()),
+        })
+    }
+}
+
+/// Everything an engine reads from the environment, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub transport: TransportChoice,
+    /// `KVCACHE_AUTH_TOKEN` (empty: none).
+    pub auth_token: Option<Vec<u8>>,
+    /// `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces.
+    pub bind_address: IpAddr,
+    pub rdma: RdmaSettings,
+    pub process: ProcessSettings,
+    pub log: LogSettings,
+}
+
+impl Settings {
+    /// Reads and validates every `KVCACHE_*` variable; the first malformed one is the error.
+    pub fn from_env() -> Result<Self> {
+        Ok(Settings {
+            transport: TransportChoice::resolve(None)?,
+            auth_token: std::env::var_os("KVCACHE_AUTH_TOKEN")
+                .map(std::os::unix::ffi::OsStringExt::into_vec)
+                .filter(|v| !v.is_empty()),
+            bind_address: bind_address()?,
+            rdma: RdmaSettings::from_env()?,
+            process: ProcessSettings::from_env()?,
+            log: LogSettings::from_env()?,
+        })
+    }
+}
+
+/// A set, non-empty variable (surrounding blanks trimmed).
+fn var(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// A yes/no variable: `1 true yes on` or `0 false no off` (any case); unset or empty is
+/// `None`; anything else is an error naming the variable.
+pub fn flag(name: &'static str) -> Result<Option<bool>> {
+    let Some(text) = var(name) else {
+        return Ok(None);
+    };
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(Some(true)),
+        "0" | "false" | "no" | "off" => Ok(Some(false)),
+        _ => Err(Error::invalid(
+            name,
+            format!("'{text}' is not a yes/no value: use 1, true, yes, on or 0, false, no, off"),
+        )),
+    }
+}
+
+fn number<T: TryFrom<u32>>(
     name: &'static str,
     range: std::ops::RangeInclusive<u32>,
 ) -> Result<Option<T>> {
-    let Ok(text) = std::env::var(name) else {
+    let Some(text) = var(name) else {
         return Ok(None);
     };
-    let text = text.trim();
     match text.parse::<u32>() {
         Ok(v) if range.contains(&v) => Ok(T::try_from(v).ok()),
         _ => Err(Error::invalid(
@@ -86,36 +283,12 @@ fn parse_number<T: TryFrom<u32>>(
     }
 }
 
-impl RdmaSettings {
-    pub fn from_env() -> Result<Self> {
-        let nics = std::env::var("KVCACHE_RDMA_NICS")
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(RdmaSettings {
-            nics,
-            gid_index: parse_number::<u8>("KVCACHE_RDMA_GID_INDEX", 0..=255)?,
-            ib_timeout: parse_number::<u8>("KVCACHE_IB_TIMEOUT", 14..=31)?
-                .unwrap_or(DEFAULT_IB_TIMEOUT),
-            relaxed_ordering: env_flag("KVCACHE_RELAX_ORDERING"),
-            gdr_flush: env_flag("KVCACHE_GDRCOPY_FLUSH_ENABLE"),
-            qps_per_peer: parse_number::<u16>("KVCACHE_RDMA_QPS_PER_PEER", 1..=64)?
-                .unwrap_or(DEFAULT_QPS_PER_PEER),
-        })
-    }
-}
-
 /// Address the data listener binds to: the IPv4 address of `KVCACHE_SOCKET_IFNAME` when
 /// set, else all interfaces.
-pub fn bind_address() -> Result<IpAddr> {
-    match std::env::var("KVCACHE_SOCKET_IFNAME") {
-        Ok(name) if !name.trim().is_empty() => interface_ipv4(name.trim()).map(IpAddr::V4),
-        _ => Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+fn bind_address() -> Result<IpAddr> {
+    match var("KVCACHE_SOCKET_IFNAME") {
+        Some(name) => interface_ipv4(&name).map(IpAddr::V4),
+        None => Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
     }
 }
 
@@ -187,13 +360,58 @@ mod tests {
     fn transport_choice_parses() {
         assert_eq!(
             TransportChoice::parse("tcp", "transport").unwrap(),
-            TransportChoice::Tcp
+            TransportChoice::Only(TransportKind::Tcp)
         );
         assert_eq!(
-            TransportChoice::parse("ib", "transport")
-                .unwrap_err()
-                .code(),
-            "ERR_INVALID_ARGUMENT"
+            TransportChoice::parse(" auto ", "transport").unwrap(),
+            TransportChoice::Auto
         );
+        let err = TransportChoice::parse("ib", "transport").unwrap_err();
+        assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
+        assert!(err.to_string().contains("'ib'") && err.to_string().contains("'rdma'"));
+    }
+
+    /// Each malformed value names the variable, the value and what is allowed. Run in a
+    /// child process per case: the environment is process-wide.
+    #[test]
+    fn malformed_variables_are_refused_by_name() {
+        let cases = [
+            ("KVCACHE_IB_TIMEOUT", "99", "14..=31"),
+            ("KVCACHE_RELAX_ORDERING", "maybe", "yes/no"),
+            ("KVCACHE_RDMA_GID_INDEX", "x", "0..=255"),
+            ("KVCACHE_TCP_USER_TIMEOUT_MS", "soon", "0..=3600000"),
+            ("KVCACHE_RDMA_TUNING", "chain=0", "out of range"),
+            ("KVCACHE_RDMA_TUNING", "speed=3", "names no tuning key"),
+            ("KVCACHE_CUDA_COPY_KERNEL", "2", "yes/no"),
+            ("KVCACHE_TRANSPORT", "ib", "'auto'"),
+            ("KVCACHE_DEBUG", "verbose", "yes/no"),
+        ];
+        if let Ok(case) = std::env::var("KVT_CONFIG_CASE") {
+            let (name, value, allowed) = cases[case.parse::<usize>().unwrap()];
+            let err = Settings::from_env().unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
+            assert!(
+                text.contains(name) && text.contains(value) && text.contains(allowed),
+                "{text}"
+            );
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        for (i, (name, value, _)) in cases.iter().enumerate() {
+            let status = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "config::tests::malformed_variables_are_refused_by_name",
+                    "--quiet",
+                ])
+                .env("KVT_CONFIG_CASE", i.to_string())
+                .env(name, value)
+                // The child's own result line must not count as a test of this run.
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "{name}={value} was not refused by name");
+        }
     }
 }

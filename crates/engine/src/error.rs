@@ -19,7 +19,7 @@ impl fmt::Display for Side {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{side}BlockIds[{index}] = {id} is out of range: the {side} cache has blockNumber {limit} (valid ids 0..{limit})")]
     BlockIdOutOfRange {
@@ -61,13 +61,19 @@ pub enum Error {
     Io {
         peer: String,
         during: &'static str,
+        /// Shared so that one cause can fail several pending calls.
         #[source]
-        source: std::io::Error,
+        source: std::sync::Arc<std::io::Error>,
     },
     #[error("peer {peer} disconnected: {reason}")]
     PeerDisconnected { peer: String, reason: String },
     #[error("RDMA is not available: {reason}")]
     RdmaUnavailable { reason: String },
+    #[error("transport '{transport}' cannot be used: {reason}")]
+    TransportUnavailable {
+        transport: &'static str,
+        reason: String,
+    },
     #[error("RDMA {op} failed: {reason}")]
     Rdma { op: &'static str, reason: String },
     #[error("RDMA work completion with {peer} failed: {status} (status {status_code}, vendor error {vendor_err:#x}); the connection is marked broken")]
@@ -104,6 +110,7 @@ impl Error {
             Error::Io { .. } => "ERR_IO",
             Error::PeerDisconnected { .. } => "ERR_PEER_DISCONNECTED",
             Error::RdmaUnavailable { .. } => "ERR_RDMA_UNAVAILABLE",
+            Error::TransportUnavailable { .. } => "ERR_TRANSPORT_UNAVAILABLE",
             Error::Rdma { .. } => "ERR_RDMA",
             Error::RdmaCompletion { .. } => "ERR_RDMA_COMPLETION",
             Error::Cuda { .. } => "ERR_CUDA",
@@ -131,111 +138,7 @@ impl Error {
         Error::Io {
             peer: peer.into(),
             during,
-            source,
-        }
-    }
-
-    /// A copy suitable for failing several pending calls with the same cause.
-    pub fn duplicate(&self) -> Self {
-        match self {
-            Error::Io {
-                peer,
-                during,
-                source,
-            } => Error::Io {
-                peer: peer.clone(),
-                during,
-                source: std::io::Error::new(source.kind(), source.to_string()),
-            },
-            Error::BlockIdOutOfRange {
-                side,
-                index,
-                id,
-                limit,
-            } => Error::BlockIdOutOfRange {
-                side: *side,
-                index: *index,
-                id: *id,
-                limit: *limit,
-            },
-            Error::InvalidBlockId {
-                side,
-                index,
-                value,
-                limit,
-            } => Error::InvalidBlockId {
-                side: *side,
-                index: *index,
-                value: *value,
-                limit: *limit,
-            },
-            Error::BlockCountMismatch { local, remote } => Error::BlockCountMismatch {
-                local: *local,
-                remote: *remote,
-            },
-            Error::LayerOutOfRange { layer, layers } => Error::LayerOutOfRange {
-                layer: *layer,
-                layers: *layers,
-            },
-            Error::LayoutMismatch {
-                here,
-                peer,
-                what,
-                local,
-                remote,
-            } => Error::LayoutMismatch {
-                here: here.clone(),
-                peer: peer.clone(),
-                what,
-                local: *local,
-                remote: *remote,
-            },
-            Error::RegionOverflow { what } => Error::RegionOverflow { what: what.clone() },
-            Error::InvalidArgument { name, reason } => Error::InvalidArgument {
-                name,
-                reason: reason.clone(),
-            },
-            Error::NotConnected { peer } => Error::NotConnected { peer: peer.clone() },
-            Error::Closed => Error::Closed,
-            Error::Protocol { peer, reason } => Error::Protocol {
-                peer: peer.clone(),
-                reason: reason.clone(),
-            },
-            Error::PeerDisconnected { peer, reason } => Error::PeerDisconnected {
-                peer: peer.clone(),
-                reason: reason.clone(),
-            },
-            Error::RdmaUnavailable { reason } => Error::RdmaUnavailable {
-                reason: reason.clone(),
-            },
-            Error::Rdma { op, reason } => Error::Rdma {
-                op,
-                reason: reason.clone(),
-            },
-            Error::RdmaCompletion {
-                peer,
-                status,
-                status_code,
-                vendor_err,
-            } => Error::RdmaCompletion {
-                peer: peer.clone(),
-                status: status.clone(),
-                status_code: *status_code,
-                vendor_err: *vendor_err,
-            },
-            Error::Cuda { op, reason } => Error::Cuda {
-                op,
-                reason: reason.clone(),
-            },
-            Error::Timeout { ms, what } => Error::Timeout {
-                ms: *ms,
-                what: what.clone(),
-            },
-            Error::Aborted => Error::Aborted,
-            Error::Auth { peer, reason } => Error::Auth {
-                peer: peer.clone(),
-                reason: reason.clone(),
-            },
+            source: std::sync::Arc::new(source),
         }
     }
 }

@@ -13,22 +13,31 @@ struct Sinks {
     error_file: Option<Mutex<File>>,
 }
 
-fn open_append(var: &str) -> Option<Mutex<File>> {
-    let path = std::env::var_os(var)?;
+fn open_append(path: Option<&std::ffi::OsStr>) -> Option<Mutex<File>> {
     OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)
+        .open(path?)
         .ok()
         .map(Mutex::new)
 }
 
 fn sinks() -> &'static Sinks {
     static SINKS: OnceLock<Sinks> = OnceLock::new();
-    SINKS.get_or_init(|| Sinks {
-        debug_enabled: crate::config::env_flag("KVCACHE_DEBUG"),
-        debug_file: open_append("KVCACHE_DEBUG_FILE"),
-        error_file: open_append("KVCACHE_ERROR_FILE"),
+    SINKS.get_or_init(|| {
+        // Validated by `Settings::from_env` when an engine is built; a malformed value
+        // here (logging before any engine) means no debug lines.
+        let settings =
+            crate::config::LogSettings::from_env().unwrap_or(crate::config::LogSettings {
+                debug: false,
+                debug_file: None,
+                error_file: None,
+            });
+        Sinks {
+            debug_enabled: settings.debug,
+            debug_file: open_append(settings.debug_file.as_deref()),
+            error_file: open_append(settings.error_file.as_deref()),
+        }
     })
 }
 

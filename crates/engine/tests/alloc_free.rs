@@ -5,9 +5,10 @@
 //! A counting global allocator counts allocations made by the current thread only (the
 //! test harness runs other tests on other threads at the same time).
 
-use kvtransfer_engine::layout::RegionTable;
-use kvtransfer_engine::plan::{plan_runs, BlockIds, PlanLimits, Run};
-use kvtransfer_engine::transport::tcp::{FrameBatch, MAX_FRAME_PAYLOAD};
+use kvtransfer_engine::internals::RegionTable;
+use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
+use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
+use kvtransfer_engine::BlockIds;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 

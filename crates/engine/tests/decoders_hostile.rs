@@ -2,9 +2,11 @@
 //! cargo-fuzz (the libFuzzer targets in `fuzz/` go further): errors only, never a panic,
 //! and whatever decodes re-encodes to the same bytes.
 
-use kvtransfer_engine::auth::{Challenge, Envelope, Response};
-use kvtransfer_engine::transport::rdma::decode_notice;
-use kvtransfer_engine::wire::{frame, Descriptor, QpEndpoint, RdmaEndpoint, Role};
+use kvtransfer_engine::internals::{
+    decode_notice, frame, Descriptor, Endpoint, QpEndpoint, RdmaEndpoint, TcpEndpoint,
+};
+use kvtransfer_engine::internals::{Challenge, Envelope, Response};
+use kvtransfer_engine::{Role, TransportKind};
 
 struct Rng(u64);
 
@@ -71,12 +73,17 @@ fn descriptors() -> Vec<Vec<u8>> {
         block_number: 100,
         block_bytes: 4096,
         name: "prefill-7:5000".into(),
-        tcp_port: 4000,
-        session: 77,
-        rdma: None,
+        endpoints: vec![Endpoint {
+            kind: TransportKind::Tcp.code(),
+            bytes: TcpEndpoint {
+                port: 4000,
+                session: 77,
+            }
+            .encode(),
+        }],
     };
     let a = plain.encode();
-    plain.rdma = Some(RdmaEndpoint {
+    let rdma = RdmaEndpoint {
         lid: 1,
         gid: [3; 16],
         mtu: 3,
@@ -84,15 +91,36 @@ fn descriptors() -> Vec<Vec<u8>> {
         qps: vec![QpEndpoint { qp_num: 5, psn: 6 }; 2],
         regions: vec![(0x1000, 9); 6],
         notice_ring: (0x2000, 1, 256),
-    });
-    vec![a, plain.encode()]
+    };
+    plain.endpoints.insert(
+        0,
+        Endpoint {
+            kind: TransportKind::Rdma.code(),
+            bytes: rdma.encode(),
+        },
+    );
+    vec![a, plain.encode(), rdma.encode()]
+}
+
+/// Every transport's endpoint codec: decodes or refuses, and what decodes re-encodes stably.
+fn check_endpoint(data: &[u8]) {
+    if let Ok(e) = RdmaEndpoint::decode(data) {
+        assert_eq!(RdmaEndpoint::decode(&e.encode()).unwrap(), e);
+    }
+    if let Ok(e) = TcpEndpoint::decode(data) {
+        assert_eq!(e.encode(), data);
+    }
 }
 
 fn check_all(data: &[u8]) {
     if let Ok(d) = Descriptor::decode(data) {
         // Not always byte-identical (PSNs are masked to 24 bits), but stable.
         assert_eq!(Descriptor::decode(&d.encode()).unwrap(), d);
+        for endpoint in &d.endpoints {
+            check_endpoint(&endpoint.bytes);
+        }
     }
+    check_endpoint(data);
     if let Ok(c) = Challenge::decode(data) {
         assert_eq!(c.encode(), data);
     }
@@ -183,10 +211,12 @@ fn mutated_valid_messages_never_panic_any_decoder() {
 fn descriptor_count_fields_cannot_force_big_allocations() {
     // A descriptor claiming 2^32-1 regions or 65535 queue pairs within a small message
     // must be refused by the length checks, not by an allocation failure.
-    let bytes = descriptors().remove(1);
-    for at in 0..bytes.len().saturating_sub(4) {
-        let mut evil = bytes.clone();
-        evil[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        let _ = Descriptor::decode(&evil);
+    for bytes in descriptors().into_iter().skip(1) {
+        for at in 0..bytes.len().saturating_sub(4) {
+            let mut evil = bytes.clone();
+            evil[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            let _ = Descriptor::decode(&evil);
+            let _ = RdmaEndpoint::decode(&evil);
+        }
     }
 }

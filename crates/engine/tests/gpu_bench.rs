@@ -3,7 +3,7 @@
 //! where there is no GPU. Writes a markdown table to stderr and to `$KVT_GPU_BENCH_OUT`.
 
 use futures_executor::block_on;
-use kvtransfer_engine::plan::BlockIds;
+use kvtransfer_engine::BlockIds;
 use kvtransfer_engine::Role;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ const MEASURE: Duration = Duration::from_millis(1500);
 
 /// GB/s (1e9 bytes/s, K and V counted) of scattered `batch`-block calls.
 fn measure(
-    gpu: &std::sync::Arc<kvtransfer_engine::cuda::Gpu>,
+    gpu: &std::sync::Arc<kvtransfer_engine::internals::cuda::Gpu>,
     from_gpu: bool,
     to_gpu: bool,
     block_bytes: usize,

@@ -8,10 +8,8 @@
 //! Only addresses inside the two namespaces it creates are used; they are deleted at the end.
 
 use futures_executor::block_on;
-use kvtransfer_engine::auth::Envelope;
-use kvtransfer_engine::plan::BlockIds;
-use kvtransfer_engine::wire::Descriptor;
-use kvtransfer_engine::Role;
+use kvtransfer_engine::internals::{Descriptor, Envelope, TcpEndpoint};
+use kvtransfer_engine::{BlockIds, Role, TransportKind};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -142,9 +140,11 @@ fn connect_from(ns: &str, prefill: &Side, decode: &Side, key: &'static str) {
     let reply = decode.engine.accept(&hello).unwrap();
     // The data connection must be opened from inside namespace a.
     let engine = prefill.engine.clone();
-    let port = Descriptor::decode(&Envelope::decode(&reply).unwrap().descriptor)
-        .unwrap()
-        .tcp_port;
+    let descriptor = Descriptor::decode(&Envelope::decode(&reply).unwrap().descriptor).unwrap();
+    let tcp = descriptor
+        .endpoint(TransportKind::Tcp.code())
+        .expect("the reply chose TCP");
+    let port = TcpEndpoint::decode(tcp).unwrap().port;
     assert_ne!(port, 0);
     in_netns(ns, move || engine.finish_connect(key, "10.250.0.2", &reply)).unwrap();
 }

@@ -6,11 +6,8 @@ mod common;
 
 use common::{assert_written, connect, Side, SideSpec};
 use futures_executor::block_on;
-use kvtransfer_engine::auth::Envelope;
-use kvtransfer_engine::config::RdmaSettings;
-use kvtransfer_engine::plan::BlockIds;
-use kvtransfer_engine::wire::Descriptor;
-use kvtransfer_engine::{Arrival, Role};
+use kvtransfer_engine::internals::{Descriptor, Envelope, RdmaEndpoint};
+use kvtransfer_engine::{Arrival, BlockIds, RdmaSettings, Role, TransportKind};
 use std::sync::{Arc, Mutex};
 
 fn device(test: &str) -> Option<String> {
@@ -104,7 +101,7 @@ fn rdma_writes_exact_bytes_from_1k_to_256k_blocks() {
         assert_eq!(prefill.engine.transport_name(), "rdma");
         assert_eq!(
             prefill.engine.peer_info("decode").unwrap().transport,
-            "rdma"
+            TransportKind::Rdma
         );
         let local = scattered(batch, batch + 8, block_bytes);
         let remote = scattered(batch, batch + 11, block_bytes + 1);
@@ -179,8 +176,12 @@ fn rdma_remote_access_error_fails_the_call_and_breaks_the_link() {
         let mut envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
         let mut reply = Descriptor::decode(&envelope.descriptor).unwrap();
         // Point the key region past the peer's registration: the NIC must refuse the write.
-        let rdma = reply.rdma.as_mut().unwrap();
+        assert_eq!(reply.endpoints.len(), 1, "the reply names one transport");
+        let chosen = &mut reply.endpoints[0];
+        assert_eq!(chosen.kind, TransportKind::Rdma.code());
+        let mut rdma = RdmaEndpoint::decode(&chosen.bytes).unwrap();
         rdma.regions[0].0 += 1 << 20;
+        chosen.bytes = rdma.encode();
         envelope.descriptor = reply.encode();
         prefill
             .engine

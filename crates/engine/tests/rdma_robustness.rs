@@ -6,14 +6,14 @@ mod common;
 
 use common::{assert_written, connect, try_connect, Side, SideSpec};
 use futures_executor::block_on;
-use kvtransfer_engine::config::RdmaSettings;
-use kvtransfer_engine::plan::BlockIds;
+use kvtransfer_engine::BlockIds;
+use kvtransfer_engine::RdmaSettings;
 use kvtransfer_engine::{Completion, Error, Role};
 use std::time::{Duration, Instant};
 
 /// `KVCACHE_IB_TIMEOUT` used here and the retry count the engine sets.
 const IB_TIMEOUT: u8 = 14;
-const RETRY_CNT: u32 = kvtransfer_engine::transport::rdma::TRANSPORT_RETRY_COUNT as u32;
+const RETRY_CNT: u32 = kvtransfer_engine::internals::TRANSPORT_RETRY_COUNT as u32;
 
 fn device(test: &str) -> Option<String> {
     match std::env::var("KVTRANSFER_RDMA_DEVICE") {
@@ -35,7 +35,7 @@ fn side(role: Role, device: &str, token: Option<&'static str>) -> Side {
             relaxed_ordering: false,
             gdr_flush: false,
             // The default: on Soft-RoCE, chains go through posting threads.
-            qps_per_peer: kvtransfer_engine::config::DEFAULT_QPS_PER_PEER,
+            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
         }),
         auth_token: token,
         ..SideSpec::new(role, 1, 32, 64 * 1024)

@@ -1,10 +1,8 @@
 //! Timeouts and cancellation, authentication, hostile peers and concurrency, over TCP.
 
 use futures_executor::block_on;
-use kvtransfer_engine::auth::Envelope;
-use kvtransfer_engine::plan::BlockIds;
-use kvtransfer_engine::wire::{frame, Descriptor};
-use kvtransfer_engine::{Completion, Role};
+use kvtransfer_engine::internals::{frame, Descriptor, Envelope, TcpEndpoint};
+use kvtransfer_engine::{BlockIds, Completion, Role, TransportKind};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -60,7 +58,11 @@ fn connect_stalled(prefill: &Side, decode: &Side, key: &str) -> TcpListener {
     let hello = hello(prefill, decode, key).unwrap();
     let mut envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
     let mut reply = Descriptor::decode(&envelope.descriptor).unwrap();
-    reply.tcp_port = stalled.local_addr().unwrap().port();
+    let chosen = &mut reply.endpoints[0];
+    assert_eq!(chosen.kind, TransportKind::Tcp.code());
+    let mut tcp = TcpEndpoint::decode(&chosen.bytes).unwrap();
+    tcp.port = stalled.local_addr().unwrap().port();
+    chosen.bytes = tcp.encode();
     envelope.descriptor = reply.encode();
     prefill
         .engine
@@ -105,7 +107,7 @@ fn a_timed_out_call_resets_its_link_first_and_other_peers_keep_working() {
         "{elapsed:?}"
     );
     // The reset happened before the rejection: the receiving socket already sees it.
-    let reset = kvtransfer_engine::transport::sockopt::check_not_reset(server.as_raw_fd());
+    let reset = kvtransfer_engine::internals::check_not_reset(server.as_raw_fd());
     assert!(
         reset.is_err(),
         "the connection must be reset before the call is rejected"
@@ -201,7 +203,7 @@ fn cancel_peer_aborts_every_pending_call_after_the_teardown() {
     assert!(prefill
         .engine
         .cancel_peer("p", kvtransfer_engine::Error::Aborted));
-    assert!(kvtransfer_engine::transport::sockopt::check_not_reset(server.as_raw_fd()).is_err());
+    assert!(kvtransfer_engine::internals::check_not_reset(server.as_raw_fd()).is_err());
     for call in calls {
         assert_eq!(settle(call).unwrap_err().code(), "ERR_ABORTED");
     }
@@ -335,10 +337,9 @@ fn raw_data_connection(decode: &Side) -> TcpStream {
     let hello = hello(&prefill, decode, "d").unwrap();
     let envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
     let reply = Descriptor::decode(&envelope.descriptor).unwrap();
-    let mut stream = TcpStream::connect(("127.0.0.1", reply.tcp_port)).unwrap();
-    stream
-        .write_all(&frame::encode_hello(reply.session))
-        .unwrap();
+    let tcp = TcpEndpoint::decode(reply.endpoint(TransportKind::Tcp.code()).unwrap()).unwrap();
+    let mut stream = TcpStream::connect(("127.0.0.1", tcp.port)).unwrap();
+    stream.write_all(&frame::encode_hello(tcp.session)).unwrap();
     stream
 }
 

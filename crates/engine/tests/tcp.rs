@@ -1,7 +1,7 @@
 //! Two engines in one process, connected over loopback TCP.
 
 use futures_executor::block_on;
-use kvtransfer_engine::plan::BlockIds;
+use kvtransfer_engine::BlockIds;
 use kvtransfer_engine::{Arrival, Role};
 use std::sync::{Arc, Mutex};
 

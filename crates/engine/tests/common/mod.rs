@@ -2,7 +2,7 @@
 //! regions, connected through the same handshake calls the control plane makes.
 #![allow(dead_code)]
 
-use kvtransfer_engine::config::RdmaSettings;
+use kvtransfer_engine::RdmaSettings;
 use kvtransfer_engine::{ArrivalSink, Engine, EngineOptions, Role};
 use std::time::Duration;
 

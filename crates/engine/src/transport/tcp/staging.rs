@@ -19,13 +19,13 @@
 //! Nothing here runs for host-only engines: the TCP transport calls in only for regions
 //! the table marks as device memory, and CUDA resources are made on first use.
 
-use super::for_each_copy;
-use super::tcp::MAX_FRAME_PAYLOAD;
+use super::super::for_each_copy;
+use super::frame::{self, Header};
+use super::MAX_FRAME_PAYLOAD;
 use crate::cuda::{CopyKernel, Cuda, CudaError, Event, Gpu, PinnedBuffer, Stream};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
 use crate::plan::Run;
-use crate::wire::frame::{self, Header};
 use std::sync::Arc;
 
 /// Bytes of device payload per staging slot.
@@ -42,8 +42,7 @@ const KERNEL_BELOW_AVERAGE_BYTES: usize = 32 << 10;
 
 /// `KVCACHE_CUDA_COPY_KERNEL=0` (or false/off/no) keeps every copy on the copy engines.
 fn copy_kernel_enabled() -> bool {
-    std::env::var("KVCACHE_CUDA_COPY_KERNEL")
-        .map_or(true, |v| !matches!(v.trim(), "0" | "false" | "off" | "no"))
+    crate::config::process().cuda_copy_kernel
 }
 
 /// Whether a job of `layer` touches device memory (then it goes through [`SendStaging`]).

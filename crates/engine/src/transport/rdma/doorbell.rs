@@ -7,7 +7,7 @@
 //! posting thread caps the rate at one CPU. There, one posting thread per queue-pair index
 //! lets the queue pairs of a peer progress on separate CPUs.
 
-use super::rdma::rdma_err;
+use super::rdma_err;
 use crate::error::Error;
 use kvtransfer_verbs::{QueuePair, SendBatch};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -6,11 +6,6 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::OnceLock;
 
-/// Default bound on how long sent data may stay unacknowledged (and how long keepalive
-/// probes may go unanswered) before the kernel drops the connection: a peer host that
-/// vanishes silently fails pending calls after about this long.
-pub const DEFAULT_USER_TIMEOUT_MS: u32 = 2500;
-
 /// Liveness settings of data sockets, from `KVCACHE_TCP_USER_TIMEOUT_MS` (default 2500,
 /// 0 disables both the user timeout and keepalive tuning).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,13 +28,7 @@ impl Liveness {
 
 pub fn liveness() -> Liveness {
     static LIVENESS: OnceLock<Liveness> = OnceLock::new();
-    *LIVENESS.get_or_init(|| {
-        let ms = std::env::var("KVCACHE_TCP_USER_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(DEFAULT_USER_TIMEOUT_MS);
-        Liveness::for_timeout(ms)
-    })
+    *LIVENESS.get_or_init(|| Liveness::for_timeout(crate::config::process().tcp_user_timeout_ms))
 }
 
 fn set_int(fd: libc::c_int, level: libc::c_int, option: libc::c_int, value: libc::c_int) {

@@ -1,0 +1,365 @@
+//! One communicator's engine: its registered regions, its transports in order of
+//! preference, its peers. The handshake (`handshake.rs`), the write path (`write.rs`), the
+//! deadline watchdog (`watchdog.rs`) and the peer registry (`peers.rs`) are its parts.
+
+mod handshake;
+mod peers;
+mod watchdog;
+mod write;
+
+use crate::auth::{self, Nonce};
+use crate::config::{RdmaSettings, Settings, TransportChoice};
+use crate::cuda as gpu;
+use crate::debug;
+use crate::error::{Error, Result};
+use crate::layout::{self, CacheLayout, RegionTable};
+use crate::transport::{
+    open_transports, ArrivalSink, OpenContext, RunPool, Transport, TransportKind,
+};
+use crate::wire::{Role, MAX_NAME_BYTES};
+use peers::PeerRegistry;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use watchdog::Watchdog;
+
+/// How to build an engine.
+pub struct EngineOptions {
+    pub role: Role,
+    pub gpu_idx: u32,
+    /// This side's name, reported to peers with its arrival notices (at most 255 bytes).
+    pub name: String,
+    /// Base address of each layer's key region.
+    pub keys: Vec<u64>,
+    /// Base address of each layer's value region, or empty for key-only caches.
+    pub values: Vec<u64>,
+    pub block_number: u32,
+    pub block_bytes: u64,
+    /// "auto" or a transport's name; `None` reads `KVCACHE_TRANSPORT`.
+    pub transport: Option<String>,
+    /// Receives arrival notices of tagged calls written into this engine's regions.
+    pub arrivals: Option<ArrivalSink>,
+    /// How long `finish_connect` may take to open the data connection.
+    pub connect_timeout: Duration,
+    /// RDMA settings; `None` reads them from the `KVCACHE_*` environment variables.
+    pub rdma_settings: Option<RdmaSettings>,
+    /// Shared secret both sides of a connection must know; `None` reads
+    /// `KVCACHE_AUTH_TOKEN`; `Some(empty)` means no token regardless of the environment.
+    pub auth_token: Option<Vec<u8>>,
+}
+
+/// A connect in progress on the connecting side: its nonce, then the acceptor's.
+struct ConnectAuth {
+    nonce_c: Nonce,
+    nonce_a: Option<Nonce>,
+}
+
+/// Live resources of an engine, for leak checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Connected peers (links this side writes through).
+    pub peers: usize,
+    /// Of those, links still usable.
+    pub live_links: usize,
+    /// TCP data connections this side receives on.
+    pub tcp_receivers: usize,
+    /// Registered regions (per engine: layers × kinds).
+    pub registered_regions: usize,
+    /// Hellos accepted within the challenge lifetime, remembered to refuse replays.
+    pub remembered_hellos: usize,
+    /// Calls with a deadline the watchdog still tracks (completed ones are swept lazily).
+    pub timed_calls: usize,
+    /// Threads of the whole process.
+    pub process_threads: usize,
+}
+
+/// How a connected peer is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub transport: TransportKind,
+    pub alive: bool,
+    pub remote_block_number: u32,
+}
+
+struct EngineInner {
+    /// Recycled buffers for planned runs.
+    run_pool: Arc<RunPool>,
+    role: Role,
+    name: String,
+    instance_id: u64,
+    table: Arc<RegionTable>,
+    choice: TransportChoice,
+    /// Most preferred first.
+    transports: Vec<Box<dyn Transport>>,
+    /// Transports `auto` could not open on this side, with the reason.
+    unusable: Vec<(TransportKind, String)>,
+    peers: PeerRegistry,
+    closed: AtomicBool,
+    close_lock: Mutex<()>,
+    connect_timeout: Duration,
+    auth_token: Option<Vec<u8>>,
+    /// Connecting side: handshake nonces per peer key.
+    connecting: Mutex<HashMap<String, ConnectAuth>>,
+    /// Accepting side: the key its nonces are authenticated with (`auth::issue_nonce`),
+    /// and the clock their issue times count from.
+    challenge_key: Nonce,
+    started: Instant,
+    /// Accepting side: nonce_a of every hello accepted within the challenge lifetime
+    /// (single use). Only hellos with a valid MAC get here, so only token holders fill it.
+    used_nonces: Mutex<HashMap<Nonce, Instant>>,
+    watchdog: Arc<Watchdog>,
+}
+
+/// One communicator's engine. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+impl Engine {
+    /// Checks the layout and the environment, and opens the transports.
+    ///
+    /// The memory at every key/value address must stay valid, readable and writable for
+    /// `block_number × block_bytes` bytes until [`Engine::close`] has returned.
+    pub fn new(options: EngineOptions) -> Result<Engine> {
+        Self::with_known_host(options, &|_| false)
+    }
+
+    /// [`Engine::new`], where `known_host(addr)` is true for region addresses the caller
+    /// knows are host memory (JavaScript buffers): CUDA is not asked about those. Every
+    /// other region is looked up with CUDA, when the driver loads, and recorded as host or
+    /// device memory.
+    pub fn with_known_host(
+        options: EngineOptions,
+        known_host: &dyn Fn(u64) -> bool,
+    ) -> Result<Engine> {
+        // Every KVCACHE_* variable is validated here, whether or not an option overrides it.
+        let settings = Settings::from_env()?;
+        let choice = match options.transport.as_deref() {
+            Some(text) => TransportChoice::parse(text, "transport")?,
+            None => settings.transport,
+        };
+        if options.name.len() > MAX_NAME_BYTES {
+            return Err(Error::invalid(
+                "name",
+                format!(
+                    "{} bytes given; at most {MAX_NAME_BYTES}",
+                    options.name.len()
+                ),
+            ));
+        }
+        let auth_token = match options.auth_token {
+            Some(token) => Some(token),
+            None => settings.auth_token.clone(),
+        }
+        .filter(|token| !token.is_empty());
+        if let Some(token) = &auth_token {
+            if token.len() > auth::MAX_TOKEN_BYTES {
+                return Err(Error::invalid(
+                    "authToken",
+                    format!(
+                        "{} bytes given; at most {}",
+                        token.len(),
+                        auth::MAX_TOKEN_BYTES
+                    ),
+                ));
+            }
+        }
+        let mut table = RegionTable::new(
+            &options.keys,
+            &options.values,
+            options.block_number,
+            options.block_bytes,
+        )?;
+        gpu::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
+        let table = Arc::new(table);
+        let rdma = options.rdma_settings.unwrap_or(settings.rdma);
+        let opened = open_transports(
+            choice,
+            &OpenContext {
+                table: &table,
+                arrivals: &options.arrivals,
+                gpu_idx: options.gpu_idx,
+                bind_address: settings.bind_address,
+                rdma: &rdma,
+            },
+        )?;
+        let inner = EngineInner {
+            run_pool: Arc::default(),
+            role: options.role,
+            name: options.name,
+            instance_id: crate::util::random_u64(),
+            table,
+            choice,
+            transports: opened.usable,
+            unusable: opened.unusable,
+            peers: PeerRegistry::default(),
+            closed: AtomicBool::new(false),
+            close_lock: Mutex::new(()),
+            connect_timeout: options.connect_timeout,
+            auth_token,
+            connecting: Mutex::new(HashMap::new()),
+            challenge_key: auth::random_nonce(),
+            started: Instant::now(),
+            used_nonces: Mutex::new(HashMap::new()),
+            watchdog: Arc::default(),
+        };
+        let engine = Engine {
+            inner: Arc::new(inner),
+        };
+        debug!(
+            "engine {} ({}) ready: {} layers, blockNumber {}, blockBytes {}, transports {}",
+            engine.inner.name,
+            engine.inner.role.as_str(),
+            engine.inner.table.layout.layers,
+            engine.inner.table.layout.block_number,
+            engine.inner.table.layout.block_bytes,
+            engine.transport_names().join(", ")
+        );
+        Ok(engine)
+    }
+
+    pub fn layout(&self) -> CacheLayout {
+        self.inner.table.layout
+    }
+
+    /// Where each region lives (host or GPU memory), in region order (layer-major, K then V).
+    pub fn memory_kinds(&self) -> Vec<layout::MemoryKind> {
+        self.inner.table.memory_kinds().to_vec()
+    }
+
+    pub fn role(&self) -> Role {
+        self.inner.role
+    }
+
+    /// The transports this engine has, most preferred first.
+    pub fn transports(&self) -> Vec<TransportKind> {
+        self.inner.transports.iter().map(|t| t.kind()).collect()
+    }
+
+    fn transport_names(&self) -> Vec<&'static str> {
+        self.inner
+            .transports
+            .iter()
+            .map(|t| t.kind().name())
+            .collect()
+    }
+
+    /// The transport this engine prefers (the one `auto` picks with a peer that has it).
+    pub fn transport_name(&self) -> &'static str {
+        self.transport_names().first().copied().unwrap_or("none")
+    }
+
+    /// What a transport of this engine uses (device, port, GID, ...), when it is open.
+    pub fn transport_details(&self, kind: TransportKind) -> Option<Vec<(&'static str, String)>> {
+        self.inner
+            .transports
+            .iter()
+            .find(|t| t.kind() == kind)
+            .map(|t| t.details())
+    }
+
+    /// The RDMA device and GID index in use, when RDMA is.
+    pub fn rdma_device(&self) -> Option<(String, u8)> {
+        let details = self.transport_details(TransportKind::Rdma)?;
+        let get = |key| {
+            details
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.clone())
+        };
+        Some((get("device")?, get("gidIndex")?.parse().ok()?))
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn peer_info(&self, peer_key: &str) -> Option<PeerInfo> {
+        self.inner.peers.get(peer_key).map(|peer| PeerInfo {
+            transport: peer.link.kind(),
+            alive: peer.link.is_alive(),
+            remote_block_number: peer.remote.block_number,
+        })
+    }
+
+    pub fn is_connected(&self, peer_key: &str) -> bool {
+        !self.inner.closed.load(Ordering::SeqCst)
+            && self.peer_info(peer_key).is_some_and(|info| info.alive)
+    }
+
+    /// Tears down the link to `peer_key` because of `error` (a timeout or an abort): when
+    /// this returns no byte of any of its calls can land any more, and every pending call
+    /// failed with `error`. Returns whether a link existed. Other peers are unaffected; a
+    /// later `connect` makes a new link.
+    pub fn cancel_peer(&self, peer_key: &str, error: Error) -> bool {
+        match self.inner.peers.remove(peer_key) {
+            Some(peer) => {
+                debug!("cancelling the link to {peer_key}: {error}");
+                peer.link.cancel(error);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Live resources (for leak checks and monitoring).
+    pub fn stats(&self) -> EngineStats {
+        let (peers, live_links) = self.inner.peers.counts();
+        EngineStats {
+            peers,
+            live_links,
+            tcp_receivers: self.inner.transports.iter().map(|t| t.receivers()).sum(),
+            registered_regions: self.inner.table.regions().len(),
+            remembered_hellos: self
+                .inner
+                .used_nonces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+            timed_calls: self.inner.watchdog.tracked(),
+            process_threads: std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()),
+        }
+    }
+
+    /// Closes every link and the listener. When it returns, no engine thread reads or
+    /// writes the registered regions any more. Idempotent.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}
+
+impl EngineInner {
+    fn close(&self) {
+        let peers = {
+            let _guard = self.close_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if self.closed.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            self.peers.drain()
+        };
+        for peer in peers {
+            peer.link.shutdown();
+        }
+        self.watchdog.stop();
+        self.connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for transport in &self.transports {
+            transport.shutdown();
+        }
+        debug!("engine {} closed", self.name);
+    }
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

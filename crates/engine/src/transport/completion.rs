@@ -1,0 +1,251 @@
+//! A call's completion: delivered exactly once, to a `Completion` future or a callback,
+//! and the recycled buffers its planned runs live in.
+
+use crate::error::{Error, Result};
+use crate::plan::Run;
+use futures_channel::oneshot;
+
+/// Resolves when a job's bytes are in the peer's memory.
+pub type Completion = oneshot::Receiver<Result<()>>;
+
+/// Receives a call's outcome once, on whichever thread completes the call (a transport
+/// thread, the deadline thread, or the caller's when it fails or finishes at once).
+pub type CompletionCallback = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Where a call's outcome goes: a `Completion` to await, or a callback (no task or
+/// channel per call for callers that have their own dispatch, like the Node binding).
+enum Outcome {
+    Channel(oneshot::Sender<Result<()>>),
+    Callback(CompletionCallback),
+}
+
+impl Outcome {
+    fn deliver(self, result: Result<()>) {
+        match self {
+            Outcome::Channel(sender) => {
+                let _ = sender.send(result);
+            }
+            Outcome::Callback(callback) => callback(result),
+        }
+    }
+}
+
+/// The completing half of a call, shared between the transport (which completes it) and
+/// the engine's deadline watchdog (which only watches it, and may set the error a failure
+/// is reported with). The first completion wins.
+pub struct Done {
+    slot: std::sync::Arc<DoneSlot>,
+}
+
+pub struct DoneSlot {
+    outcome: std::sync::Mutex<Option<Outcome>>,
+    /// When set, a failure is reported with this error instead (the call timed out and
+    /// its link was torn down because of it).
+    failure_override: std::sync::Mutex<Option<Error>>,
+}
+
+impl DoneSlot {
+    /// Whether the call has not completed yet.
+    pub fn is_pending(&self) -> bool {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Makes a later failure report `error` (the transport's own error is dropped).
+    pub fn override_failure(&self, error: Error) {
+        *self
+            .failure_override
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+
+    /// Completes the call unless it already completed; returns whether this call did.
+    pub fn complete(&self, result: Result<()>) -> bool {
+        let outcome = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(outcome) = outcome else {
+            return false;
+        };
+        let result = match result {
+            Ok(()) => Ok(()),
+            Err(error) => Err(self
+                .failure_override
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or(error)),
+        };
+        outcome.deliver(result);
+        true
+    }
+}
+
+impl Drop for DoneSlot {
+    /// A call dropped without completing fails with `Closed`: a callback is never lost
+    /// (its caller may be holding a promise, and the process open, for it).
+    fn drop(&mut self) {
+        self.complete(Err(Error::Closed));
+    }
+}
+
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Done")
+    }
+}
+
+impl Done {
+    /// A fresh call: the transport's half and the caller's `Completion`.
+    pub fn new() -> (Done, Completion) {
+        let (sender, completion) = oneshot::channel();
+        (Done::delivering(Outcome::Channel(sender)), completion)
+    }
+
+    /// A fresh call whose outcome is passed to `callback`.
+    pub fn with_callback(callback: CompletionCallback) -> Done {
+        Done::delivering(Outcome::Callback(callback))
+    }
+
+    fn delivering(outcome: Outcome) -> Done {
+        let slot = std::sync::Arc::new(DoneSlot {
+            outcome: std::sync::Mutex::new(Some(outcome)),
+            failure_override: std::sync::Mutex::new(None),
+        });
+        Done { slot }
+    }
+
+    /// A handle for watching the call without owning its completion.
+    pub fn watch(&self) -> std::sync::Weak<DoneSlot> {
+        std::sync::Arc::downgrade(&self.slot)
+    }
+
+    /// Completes the call (same shape as `oneshot::Sender::send`).
+    #[allow(clippy::result_unit_err)]
+    pub fn send(self, result: Result<()>) -> std::result::Result<(), ()> {
+        if self.slot.complete(result) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}
+
+/// Run buffers kept for reuse, so that a steady stream of calls plans into recycled
+/// buffers instead of allocating one per call.
+#[derive(Debug, Default)]
+pub struct RunPool {
+    free: std::sync::Mutex<Vec<Vec<Run>>>,
+}
+
+impl RunPool {
+    /// Buffers kept at most (one per call in flight is enough).
+    const MAX_KEPT: usize = 256;
+
+    /// An empty buffer, recycled when one is free.
+    pub fn take(&self) -> Vec<Run> {
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Wraps planned runs so that they return here when the job drops them.
+    pub fn pooled(self: &std::sync::Arc<Self>, runs: Vec<Run>) -> PooledRuns {
+        PooledRuns {
+            runs,
+            pool: Some(self.clone()),
+        }
+    }
+
+    fn put(&self, mut runs: Vec<Run>) {
+        runs.clear();
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < Self::MAX_KEPT {
+            free.push(runs);
+        }
+    }
+}
+
+/// A job's planned runs; the buffer goes back to its `RunPool` when dropped.
+pub struct PooledRuns {
+    runs: Vec<Run>,
+    pool: Option<std::sync::Arc<RunPool>>,
+}
+
+impl From<Vec<Run>> for PooledRuns {
+    fn from(runs: Vec<Run>) -> Self {
+        PooledRuns { runs, pool: None }
+    }
+}
+
+impl std::ops::Deref for PooledRuns {
+    type Target = [Run];
+
+    fn deref(&self) -> &[Run] {
+        &self.runs
+    }
+}
+
+impl std::fmt::Debug for PooledRuns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.runs.fmt(f)
+    }
+}
+
+impl Drop for PooledRuns {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.put(std::mem::take(&mut self.runs));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Run;
+
+    #[test]
+    fn a_callback_gets_the_overridden_failure_once_and_a_dropped_call_fails_closed() {
+        let (sender, outcomes) = std::sync::mpsc::channel();
+        let report = |sender: std::sync::mpsc::Sender<Result<()>>| -> CompletionCallback {
+            Box::new(move |result| {
+                let _ = sender.send(result);
+            })
+        };
+        let done = Done::with_callback(report(sender.clone()));
+        let watched = done.watch().upgrade().unwrap();
+        watched.override_failure(Error::Aborted);
+        assert!(done.send(Err(Error::Closed)).is_ok());
+        assert!(!watched.complete(Ok(())), "a call completes once");
+        drop(watched);
+        drop(Done::with_callback(report(sender)));
+        let codes: Vec<_> = outcomes.iter().map(|r| r.unwrap_err().code()).collect();
+        assert_eq!(codes, ["ERR_ABORTED", "ERR_CLOSED"]);
+    }
+
+    #[test]
+    fn run_buffers_are_recycled_when_a_job_drops_them() {
+        let pool = std::sync::Arc::new(RunPool::default());
+        let mut runs = pool.take();
+        runs.extend((0..1538).map(|i| Run {
+            local_block: i,
+            remote_block: i,
+            blocks: 1,
+        }));
+        let (ptr, capacity) = (runs.as_ptr(), runs.capacity());
+        drop(pool.pooled(runs));
+        let again = pool.take();
+        assert_eq!(
+            (again.as_ptr(), again.capacity(), again.len()),
+            (ptr, capacity, 0)
+        );
+        assert!(pool.take().is_empty(), "a second take gets a fresh buffer");
+    }
+}

@@ -1,0 +1,350 @@
+//! Building and posting chains of work requests: WRITE data, the GDR flush READ, the
+//! arrival notice; and failing a link on a bad completion or post.
+
+use super::*;
+
+/// Moves a job whose posted requests all completed to its next phase: flush read, then
+/// notice, then done.
+pub(super) fn finish_phase(link: &mut SenderLink, position: usize, gdr_flush: bool) {
+    let active = &mut link.jobs[position];
+    if active.chains_outstanding > 0 || !active.posted_all {
+        return;
+    }
+    let next = match active.phase {
+        Phase::Data if gdr_flush => Some(Phase::Flush),
+        Phase::Data | Phase::Flush if active.job.tag.is_some() => Some(Phase::Notice),
+        _ => None,
+    };
+    match next {
+        Some(phase) => {
+            active.phase = phase;
+            link.control.push_back(active.seq);
+        }
+        None => {
+            if let Some(done) = link.jobs.remove(position) {
+                let _ = done.job.done.send(Ok(()));
+            }
+        }
+    }
+}
+
+/// Fails every job of a broken link: the one whose request failed with `error`, the rest
+/// as disconnected; moves its queue pairs to the error state.
+pub(super) fn break_link(
+    doorbell: &Doorbell,
+    link: &mut SenderLink,
+    failing_job: Option<u64>,
+    error: Error,
+    status: &str,
+) {
+    let reason = format!("the RDMA connection broke: {status}; connect again");
+    link.broken = Some(reason.clone());
+    link.alive.store(false, Ordering::SeqCst);
+    for state in &link.qps {
+        let _ = state.qp.to_error();
+    }
+    // A chain still waiting in a posting thread must not read a buffer its failed caller
+    // may free.
+    doorbell.quiesce();
+    let mut error = Some(error);
+    for active in link.jobs.drain(..) {
+        let this = if Some(active.seq) == failing_job || failing_job.is_none() {
+            error.take().unwrap_or_else(|| Error::PeerDisconnected {
+                peer: link.peer.clone(),
+                reason: reason.clone(),
+            })
+        } else {
+            Error::PeerDisconnected {
+                peer: link.peer.clone(),
+                reason: reason.clone(),
+            }
+        };
+        fail(active.job.done, this);
+    }
+    link.control.clear();
+}
+
+/// Posts what fits of a link's pending work. Returns whether anything was posted.
+pub(super) fn post_link(
+    shared: &Shared,
+    doorbell: &Doorbell,
+    link: &mut SenderLink,
+    batch: &mut SendBatch,
+) -> bool {
+    if link.broken.is_some() {
+        return false;
+    }
+    let mut progressed = false;
+    // Flush reads and notices first: they finish calls whose data already landed.
+    while let Some(&seq) = link.control.front() {
+        match post_control(doorbell, link, seq, batch) {
+            Ok(true) => {
+                link.control.pop_front();
+                progressed = true;
+            }
+            Ok(false) => break,
+            Err((job, error, status)) => {
+                break_link(doorbell, link, Some(job), error, &status);
+                return true;
+            }
+        }
+    }
+    let table = &shared.table;
+    let mut job_index = 0;
+    while job_index < link.jobs.len() {
+        if link.jobs[job_index].posted_all {
+            job_index += 1;
+            continue;
+        }
+        // Pick a queue pair with room, round robin.
+        let qp_count = link.qps.len();
+        let Some(qp_index) = (0..qp_count)
+            .map(|k| (link.next_qp + k) % qp_count)
+            .find(|&i| link.qps[i].outstanding < link.qps[i].qp.caps().max_send_wr)
+        else {
+            break;
+        };
+        let room =
+            (link.qps[qp_index].qp.caps().max_send_wr - link.qps[qp_index].outstanding) as usize;
+        let chain_id = link.next_chain;
+        link.next_chain += 1;
+        batch.clear();
+        let limit = room.min(batch.capacity());
+        let active = &mut link.jobs[job_index];
+        let finished = fill_chain(
+            table,
+            &shared.region_mrs,
+            &link.remote_regions,
+            active,
+            batch,
+            chain_id,
+            limit,
+        );
+        if batch.is_empty() {
+            // Nothing (more) to write: e.g. a notice-only call.
+            active.posted_all = true;
+            finish_phase(link, job_index, shared.settings.gdr_flush);
+            progressed = true;
+            continue;
+        }
+        let count = batch.len() as u32;
+        let seq = active.seq;
+        // SAFETY: every request reads a registered local region (lkey of its MR) that
+        // stays valid until the engine closes (and its posting threads are joined); remote
+        // ranges were bounds-checked by the planner against the peer's layout; `room` keeps
+        // outstanding ≤ max_send_wr, counted from the hand-off on.
+        let posted =
+            unsafe { doorbell.ring(link.id, seq, qp_index, &link.qps[qp_index].qp, batch) };
+        if let Err(error) = posted {
+            let status = error.to_string();
+            break_link(doorbell, link, Some(seq), error, &status);
+            return true;
+        }
+        let active = &mut link.jobs[job_index];
+        active.chains_outstanding += 1;
+        active.posted_all = finished;
+        let qp = &mut link.qps[qp_index];
+        qp.outstanding += count;
+        qp.chains.push_back(Chain {
+            id: chain_id,
+            wrs: count,
+            job: seq,
+            kind: ChainKind::Data,
+        });
+        link.next_qp = (qp_index + 1) % qp_count;
+        progressed = true;
+    }
+    progressed
+}
+
+/// Fills `batch` with up to `limit` WRITE requests of `active` from its cursor; the last
+/// one is signaled. Returns true when the job has no more data to post.
+pub(super) fn fill_chain(
+    table: &RegionTable,
+    mrs: &[MemoryRegion],
+    remote_regions: &[(u64, u32)],
+    active: &mut ActiveJob,
+    batch: &mut SendBatch,
+    chain_id: u64,
+    limit: usize,
+) -> bool {
+    fill_write_chain(
+        table,
+        active.job.layer,
+        &active.job.runs,
+        |region| mrs[region].lkey(),
+        remote_regions,
+        &mut active.cursor,
+        &mut active.last_write,
+        batch,
+        chain_id,
+        limit,
+    )
+}
+
+/// Where the next WRITE of a call starts: (kind, run index, byte offset inside the run).
+#[doc(hidden)]
+pub type ChainCursor = (u32, usize, u64);
+
+/// The device-free core of [`fill_chain`] (also used by the `rdma_chain` criterion bench):
+/// appends up to `limit` WRITE requests for `runs` of `layer` from `cursor` (the local key
+/// of region `r` is `lkey(r)`, the peer's region `r` is `remote_regions[r]` = (address,
+/// rkey)), signals the last one, and records the last written remote range in
+/// `last_write`. Returns true when no data is left to post.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn fill_write_chain(
+    table: &RegionTable,
+    layer: u32,
+    runs: &[crate::plan::Run],
+    lkey: impl Fn(usize) -> u32,
+    remote_regions: &[(u64, u32)],
+    cursor: &mut ChainCursor,
+    last_write: &mut (u64, u32, u64),
+    batch: &mut SendBatch,
+    chain_id: u64,
+    limit: usize,
+) -> bool {
+    let layout = table.layout;
+    let kinds = layout.kinds();
+    let (mut kind, mut run_index, mut offset) = *cursor;
+    let mut finished = false;
+    let mut chain_bytes = 0;
+    while batch.len() < limit && chain_bytes < CHAIN_BYTES {
+        // `while`, not `if`: a call with no runs (an empty tagged call) skips every kind.
+        while run_index >= runs.len() && kind < kinds {
+            kind += 1;
+            run_index = 0;
+            offset = 0;
+        }
+        if kind >= kinds {
+            finished = true;
+            break;
+        }
+        let op = copy_op(table, layer, kind, &runs[run_index]);
+        let len = (op.len - offset).min(MAX_WRITE_BYTES);
+        let (remote_base, rkey) = remote_regions[op.region as usize];
+        let remote_addr = remote_base + op.remote_offset + offset;
+        let local = LocalBuf {
+            addr: op.local_addr + offset,
+            len: len as u32,
+            lkey: lkey(op.region as usize),
+        };
+        let remote = RemoteBuf {
+            addr: remote_addr,
+            rkey,
+        };
+        if batch.push_write(chain_id, local, remote, false).is_err() {
+            break;
+        }
+        *last_write = (remote_addr, rkey, len);
+        chain_bytes += len;
+        offset += len;
+        if offset >= op.len {
+            run_index += 1;
+            offset = 0;
+        }
+    }
+    if !finished && run_index >= runs.len() && kind + 1 >= kinds {
+        finished = true;
+    }
+    *cursor = (kind, run_index, offset);
+    batch.signal_last();
+    finished
+}
+
+/// Posts the flush read or the notice of job `seq`. Ok(false): no send-queue room yet.
+pub(super) fn post_control(
+    doorbell: &Doorbell,
+    link: &mut SenderLink,
+    seq: u64,
+    batch: &mut SendBatch,
+) -> std::result::Result<bool, (u64, Error, String)> {
+    let Some(position) = link.jobs.iter().position(|j| j.seq == seq) else {
+        return Ok(true);
+    };
+    // Flush and notice go on queue pair 0 (ordering with data is given by waiting for it).
+    let qp_index = 0;
+    if link.qps[qp_index].outstanding >= link.qps[qp_index].qp.caps().max_send_wr {
+        return Ok(false);
+    }
+    let phase = link.jobs[position].phase;
+    let chain_id = link.next_chain;
+    batch.clear();
+    let kind = match phase {
+        Phase::Flush => {
+            let (remote_addr, rkey, len) = link.jobs[position].last_write;
+            let read_len = len.min(8);
+            let local = LocalBuf {
+                addr: link.scratch.addr(),
+                len: read_len as u32,
+                lkey: link.scratch.mr.lkey(),
+            };
+            let remote = RemoteBuf {
+                addr: remote_addr + len - read_len,
+                rkey,
+            };
+            let _ = batch.push_read(chain_id, local, remote, true);
+            ChainKind::Flush
+        }
+        Phase::Notice => {
+            if link.notice_ring.2 == 0 {
+                // A peer without a notice ring cannot be told; the data is there: finish.
+                if let Some(active) = link.jobs.remove(position) {
+                    let _ = active.job.done.send(Ok(()));
+                }
+                return Ok(true);
+            }
+            if link.notices_in_flight >= NOTICE_STAGING_SLOTS {
+                return Ok(false);
+            }
+            let notice = link.next_notice;
+            link.next_notice += 1;
+            let staging_slot = (notice % NOTICE_STAGING_SLOTS as u64) as usize;
+            let remote_slot = (notice % u64::from(link.notice_ring.2)) as u32;
+            let active = &link.jobs[position];
+            let tag = active.job.tag.as_deref().unwrap_or(&[]);
+            let start = staging_slot * NOTICE_SLOT_BYTES;
+            let len = encode_notice(
+                &mut link.staging.bytes[start..start + NOTICE_SLOT_BYTES],
+                active.job.layer,
+                active.job.blocks,
+                tag,
+            );
+            let local = LocalBuf {
+                addr: link.staging.addr() + start as u64,
+                len: len as u32,
+                lkey: link.staging.mr.lkey(),
+            };
+            let remote = RemoteBuf {
+                addr: link.notice_ring.0 + u64::from(remote_slot) * NOTICE_SLOT_BYTES as u64,
+                rkey: link.notice_ring.1,
+            };
+            let _ = batch.push_write_with_imm(chain_id, local, remote, remote_slot, true);
+            link.notices_in_flight += 1;
+            ChainKind::Notice { staging_slot }
+        }
+        Phase::Data => return Ok(true),
+    };
+    link.next_chain += 1;
+    // SAFETY: the scratch and staging buffers are registered and owned by the link, which
+    // outlives its queue pairs' requests (dropped together, after the QPs are destroyed
+    // and the posting threads quiesced); the remote range is the tail of a range just
+    // written, or a notice slot of the ring the peer announced; room was checked above.
+    let posted = unsafe { doorbell.ring(link.id, seq, qp_index, &link.qps[qp_index].qp, batch) };
+    if let Err(error) = posted {
+        let status = error.to_string();
+        return Err((seq, error, status));
+    }
+    let qp = &mut link.qps[qp_index];
+    qp.outstanding += 1;
+    qp.chains.push_back(Chain {
+        id: chain_id,
+        wrs: 1,
+        job: seq,
+        kind,
+    });
+    link.jobs[position].chains_outstanding += 1;
+    Ok(true)
+}

@@ -1,0 +1,63 @@
+//! The engine-facing handle of a sending connection.
+
+use super::*;
+
+/// Engine-facing handle of a sending connection; the progress thread holds its state.
+pub(crate) struct RdmaLink {
+    pub(super) id: u64,
+    pub(super) peer: String,
+    pub(super) shared: Arc<Shared>,
+    pub(super) alive: Arc<AtomicBool>,
+    /// Held for the whole removal, so that a concurrent `shutdown`/`cancel` returns only
+    /// once the queue pairs are destroyed too.
+    pub(super) removed: Mutex<bool>,
+}
+
+impl RdmaLink {
+    fn remove(&self, error: Option<Error>) {
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        if *removed {
+            return;
+        }
+        *removed = true;
+        self.alive.store(false, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel();
+        self.shared.send(Command::RemoveSender(self.id, error, tx));
+        // The progress thread answers once the queue pairs are destroyed (no DMA can follow)
+        // and the jobs failed; if it already stopped (engine shutdown), the sender is
+        // dropped and recv returns at once. Waits without bound: a caller that reports a
+        // timeout must not do so while a write may still land.
+        let _ = rx.recv();
+    }
+}
+
+impl Link for RdmaLink {
+    fn submit(&self, job: WriteJob) {
+        if !self.alive.load(Ordering::SeqCst) {
+            return fail(
+                job.done,
+                Error::PeerDisconnected {
+                    peer: self.peer.clone(),
+                    reason: "the RDMA connection is broken; connect again".into(),
+                },
+            );
+        }
+        self.shared.send(Command::Submit(self.id, job));
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    fn shutdown(&self) {
+        self.remove(None);
+    }
+
+    fn cancel(&self, error: Error) {
+        self.remove(Some(error));
+    }
+
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+}

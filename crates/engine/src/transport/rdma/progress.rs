@@ -1,0 +1,384 @@
+//! The progress thread: takes commands, posts chains, reaps completions, delivers notices.
+
+use super::*;
+
+pub(super) struct Worker {
+    shared: Arc<Shared>,
+    senders: HashMap<u64, SenderLink>,
+    receivers: Vec<ReceiverLink>,
+    /// qp_num → sender link id and queue-pair index.
+    send_qps: HashMap<u32, (u64, usize)>,
+    /// qp_num → index into `receivers`.
+    recv_qps: HashMap<u32, usize>,
+    batch: SendBatch,
+    completions: Vec<WorkCompletion>,
+    /// Dropped after the senders (field order): the posting threads are joined while the
+    /// eventfd in `shared` is still open.
+    doorbell: Doorbell,
+}
+
+impl Worker {
+    pub(super) fn new(shared: Arc<Shared>, doorbell: Doorbell) -> Worker {
+        Worker {
+            shared,
+            senders: HashMap::new(),
+            receivers: Vec::new(),
+            send_qps: HashMap::new(),
+            recv_qps: HashMap::new(),
+            batch: SendBatch::with_capacity(tuning().chain_wrs),
+            completions: vec![WorkCompletion::default(); 64],
+            doorbell,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut idle = 0u32;
+        loop {
+            let commands = self.shared.take_commands();
+            let mut progressed = !commands.is_empty();
+            for command in commands {
+                if !self.handle(command) {
+                    self.stop();
+                    return;
+                }
+            }
+            progressed |= self.break_failed_posts();
+            progressed |= self.post_all();
+            progressed |= self.poll_send();
+            progressed |= self.poll_recv();
+            if progressed {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < tuning().idle_spins {
+                std::thread::yield_now();
+                continue;
+            }
+            self.block();
+            idle = 0;
+        }
+    }
+
+    /// Arms both CQs, re-polls, then sleeps until a completion or a command arrives.
+    fn block(&mut self) {
+        let armed = self
+            .shared
+            .send_cq
+            .request_notify()
+            .and_then(|()| self.shared.recv_cq.request_notify());
+        if let Err(e) = armed {
+            crate::log_error!("rdma: cannot arm completion queues: {e}");
+        }
+        if self.poll_send() | self.poll_recv() {
+            return;
+        }
+        if !self
+            .shared
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: self.shared.wake_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.shared.channel.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+        let mut counter = 0u64;
+        // SAFETY: reading 8 bytes into a live u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.shared.wake_fd, (&mut counter as *mut u64).cast(), 8) };
+        while let Ok(Some(_)) = self.shared.channel.get_event() {}
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::AddSender(link) => {
+                for (index, state) in link.qps.iter().enumerate() {
+                    self.send_qps.insert(state.qp.qp_num(), (link.id, index));
+                }
+                self.senders.insert(link.id, *link);
+            }
+            Command::AddReceiver(link) => {
+                // A peer that reconnects replaces its previous queue pairs and ring.
+                if let Some(old) = self
+                    .receivers
+                    .iter()
+                    .position(|r| r.instance == link.instance)
+                {
+                    self.receivers.swap_remove(old);
+                }
+                self.receivers.push(*link);
+                self.recv_qps.clear();
+                for (index, receiver) in self.receivers.iter().enumerate() {
+                    for qp in &receiver.qps {
+                        self.recv_qps.insert(qp.qp_num(), index);
+                    }
+                }
+            }
+            Command::Submit(id, job) => match self.senders.get_mut(&id) {
+                Some(link) if link.broken.is_none() => {
+                    let seq = link.next_job;
+                    link.next_job += 1;
+                    link.jobs.push_back(ActiveJob {
+                        seq,
+                        job,
+                        cursor: (0, 0, 0),
+                        posted_all: false,
+                        chains_outstanding: 0,
+                        phase: Phase::Data,
+                        last_write: (0, 0, 0),
+                    });
+                }
+                Some(link) => fail(
+                    job.done,
+                    Error::PeerDisconnected {
+                        peer: link.peer.clone(),
+                        reason: link.broken.clone().unwrap_or_default(),
+                    },
+                ),
+                None => fail(job.done, Error::Closed),
+            },
+            Command::RemoveSender(id, error, done) => {
+                if let Some(mut link) = self.senders.remove(&id) {
+                    for state in &link.qps {
+                        let _ = state.qp.to_error();
+                        self.send_qps.remove(&state.qp.qp_num());
+                    }
+                    link.alive.store(false, Ordering::SeqCst);
+                    let jobs: Vec<ActiveJob> = link.jobs.drain(..).collect();
+                    // Dropping the link destroys its queue pairs: no DMA after this, so
+                    // only now may its jobs fail (once no posting thread holds them).
+                    self.doorbell.quiesce();
+                    drop(link);
+                    for active in jobs {
+                        fail(
+                            active.job.done,
+                            error.as_ref().map_or(Error::Closed, Error::clone),
+                        );
+                    }
+                }
+                let _ = done.send(());
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn stop(&mut self) {
+        for link in self.senders.values() {
+            for state in &link.qps {
+                let _ = state.qp.to_error();
+            }
+        }
+        self.doorbell.quiesce();
+        for (_, mut link) in self.senders.drain() {
+            for active in link.jobs.drain(..) {
+                fail(active.job.done, Error::Closed);
+            }
+            link.alive.store(false, Ordering::SeqCst);
+        }
+        self.receivers.clear();
+        // Fail commands that raced with the shutdown.
+        let rest = self.shared.take_commands();
+        for command in rest {
+            match command {
+                Command::Submit(_, job) => fail(job.done, Error::Closed),
+                Command::RemoveSender(_, _, done) => {
+                    let _ = done.send(());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Breaks the links whose chains a posting thread failed to post.
+    fn break_failed_posts(&mut self) -> bool {
+        let failures = self.doorbell.take_failures();
+        let any = !failures.is_empty();
+        for (link_id, job, error) in failures {
+            if let Some(link) = self.senders.get_mut(&link_id) {
+                if link.broken.is_none() {
+                    let status = error.to_string();
+                    break_link(&self.doorbell, link, Some(job), error, &status);
+                }
+            }
+        }
+        any
+    }
+
+    fn post_all(&mut self) -> bool {
+        let mut progressed = false;
+        for link in self.senders.values_mut() {
+            progressed |= post_link(&self.shared, &self.doorbell, link, &mut self.batch);
+        }
+        progressed
+    }
+
+    fn poll_send(&mut self) -> bool {
+        let cq = self.shared.send_cq.clone();
+        self.drain(&cq, "send", Self::on_send_completion)
+    }
+
+    /// Polls `cq` until it is empty, handing every completion to `handle`. Returns whether
+    /// there was any.
+    fn drain(
+        &mut self,
+        cq: &CompletionQueue,
+        which: &str,
+        handle: fn(&mut Self, &WorkCompletion),
+    ) -> bool {
+        let mut any = false;
+        loop {
+            let n = match cq.poll(&mut self.completions) {
+                Ok(n) => n,
+                Err(e) => {
+                    crate::log_error!("rdma: ibv_poll_cq ({which}) failed: {e}");
+                    return any;
+                }
+            };
+            if n == 0 {
+                return any;
+            }
+            any = true;
+            for i in 0..n {
+                let wc = self.completions[i];
+                handle(self, &wc);
+            }
+        }
+    }
+
+    fn on_send_completion(&mut self, wc: &WorkCompletion) {
+        let Some(&(link_id, qp_index)) = self.send_qps.get(&wc.qp_num) else {
+            return;
+        };
+        let Some(link) = self.senders.get_mut(&link_id) else {
+            return;
+        };
+        if link.broken.is_some() {
+            return; // every job already failed
+        }
+        if !wc.is_success() {
+            let status = verbs::wc_status_text(wc.status).to_string();
+            let error = Error::RdmaCompletion {
+                peer: link.peer.clone(),
+                status: status.clone(),
+                status_code: wc.status,
+                vendor_err: wc.vendor_err,
+            };
+            crate::log_error!("{error}");
+            // The failing request's chain names the call it belongs to.
+            let failing_job = link.qps[qp_index]
+                .chains
+                .iter()
+                .find(|c| c.id == wc.wr_id)
+                .map(|c| c.job);
+            break_link(&self.doorbell, link, failing_job, error, &status);
+            return;
+        }
+        let qp = &mut link.qps[qp_index];
+        let Some(chain) = qp.chains.pop_front() else {
+            let reason = "completion for no posted chain".to_string();
+            let error = Error::protocol(link.peer.clone(), reason.clone());
+            break_link(&self.doorbell, link, None, error, &reason);
+            return;
+        };
+        if chain.id != wc.wr_id {
+            let reason = format!(
+                "completion {} out of order (expected {})",
+                wc.wr_id, chain.id
+            );
+            let error = Error::protocol(link.peer.clone(), reason.clone());
+            break_link(&self.doorbell, link, None, error, &reason);
+            return;
+        }
+        qp.outstanding -= chain.wrs;
+        if let ChainKind::Notice { .. } = chain.kind {
+            link.notices_in_flight -= 1;
+        }
+        let Some(position) = link.jobs.iter().position(|j| j.seq == chain.job) else {
+            return;
+        };
+        link.jobs[position].chains_outstanding -= 1;
+        finish_phase(link, position, self.shared.settings.gdr_flush);
+    }
+
+    fn poll_recv(&mut self) -> bool {
+        let cq = self.shared.recv_cq.clone();
+        self.drain(&cq, "receive", Self::on_recv_completion)
+    }
+
+    fn on_recv_completion(&mut self, wc: &WorkCompletion) {
+        if wc.status == verbs::WC_STATUS_WR_FLUSH_ERR {
+            return; // a receive queue being torn down
+        }
+        if wc.is_success() {
+            self.deliver_notice(wc);
+        } else {
+            crate::log_error!(
+                "rdma: notice receive failed: {} (status {})",
+                verbs::wc_status_text(wc.status),
+                wc.status
+            );
+        }
+        // Repost only after the slot was read: until then the sender cannot reuse it.
+        if let Err(e) = self.shared.srq.post_recv(wc.wr_id) {
+            crate::log_error!("rdma: cannot repost a notice receive: {e}");
+        }
+    }
+
+    fn deliver_notice(&self, wc: &WorkCompletion) {
+        let Some(&index) = self.recv_qps.get(&wc.qp_num) else {
+            return;
+        };
+        let Some(slot) = wc.imm_data else { return };
+        let receiver = &self.receivers[index];
+        if slot >= NOTICE_SLOTS {
+            crate::log_error!(
+                "rdma: notice from {} names slot {slot} outside its ring",
+                receiver.peer_name
+            );
+            return;
+        }
+        let mut record = [0u8; NOTICE_SLOT_BYTES];
+        // SAFETY: the slot lies inside the ring (slot < NOTICE_SLOTS); the NIC finished
+        // writing it before raising this completion and cannot write it again until the
+        // receive is reposted, so copying it through a raw pointer races with nothing.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                receiver
+                    .ring
+                    .bytes
+                    .as_ptr()
+                    .add(slot as usize * NOTICE_SLOT_BYTES),
+                record.as_mut_ptr(),
+                NOTICE_SLOT_BYTES,
+            )
+        };
+        match decode_notice(&record) {
+            Some((layer, blocks, tag)) => {
+                if let Some(sink) = &self.shared.arrivals {
+                    sink(Arrival {
+                        peer: receiver.peer_name.clone(),
+                        tag: tag.to_vec(),
+                        layer,
+                        blocks,
+                    });
+                }
+            }
+            None => crate::log_error!("rdma: malformed notice from {}", receiver.peer_name),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The one place that names the concrete transports: which ones an engine opens, in which
+//! order, and why the others are not there.
+
+use super::rdma::RdmaTransport;
+use super::tcp::TcpTransport;
+use super::{ArrivalSink, Transport, TransportKind};
+use crate::config::{RdmaSettings, TransportChoice};
+use crate::error::Result;
+use crate::layout::RegionTable;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// What opening a transport needs.
+pub(crate) struct OpenContext<'a> {
+    pub table: &'a Arc<RegionTable>,
+    pub arrivals: &'a Option<ArrivalSink>,
+    pub gpu_idx: u32,
+    pub bind_address: IpAddr,
+    pub rdma: &'a RdmaSettings,
+}
+
+/// An engine's transports, most preferred first, and the ones it could not open with why.
+pub(crate) struct Transports {
+    pub usable: Vec<Box<dyn Transport>>,
+    pub unusable: Vec<(TransportKind, String)>,
+}
+
+fn open_one(kind: TransportKind, cx: &OpenContext<'_>) -> Result<Box<dyn Transport>> {
+    Ok(match kind {
+        TransportKind::Tcp => Box::new(TcpTransport::open(
+            cx.bind_address,
+            Arc::clone(cx.table),
+            cx.arrivals.clone(),
+        )?),
+        TransportKind::Rdma => Box::new(RdmaTransport::open(
+            cx.rdma.clone(),
+            cx.gpu_idx,
+            Arc::clone(cx.table),
+            cx.arrivals.clone(),
+        )?),
+    })
+}
+
+/// `Only(kind)`: that transport or its error. `Auto`: every transport that opens, in order
+/// of preference; TCP's failure is an error (it is the one that works anywhere).
+pub(crate) fn open_transports(choice: TransportChoice, cx: &OpenContext<'_>) -> Result<Transports> {
+    let mut transports = Transports {
+        usable: Vec::new(),
+        unusable: Vec::new(),
+    };
+    match choice {
+        TransportChoice::Only(kind) => transports.usable.push(open_one(kind, cx)?),
+        TransportChoice::Auto => {
+            for kind in TransportKind::PREFERENCE {
+                match open_one(kind, cx) {
+                    Ok(transport) => transports.usable.push(transport),
+                    Err(e) if kind != TransportKind::Tcp => {
+                        crate::debug!("transport 'auto': {} not usable ({e})", kind.name());
+                        transports.unusable.push((kind, e.to_string()));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(transports)
+}

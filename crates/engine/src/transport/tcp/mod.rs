@@ -1,0 +1,185 @@
+//! TCP transport: framed one-sided writes over a stream socket.
+//!
+//! Sender: one writer thread per link turns each job into `WRITE` frames (24-byte header +
+//! payload gathered straight from the local regions with `writev`) followed by a `COMMIT`
+//! frame; a reader thread completes jobs in order as the receiver's `ACK`s come back.
+//! Receiver: one thread per data connection checks every frame against the registered
+//! regions before copying its payload into place, and acknowledges a `COMMIT` only after
+//! every earlier frame of the stream has been written to memory.
+
+pub mod frame;
+mod io;
+mod link;
+mod receiver;
+mod server;
+pub(crate) mod sockopt;
+pub(crate) mod staging;
+
+pub use link::FrameBatch;
+
+use super::{AcceptingPeer, ConnectTarget, Link, Transport, TransportKind};
+use crate::error::{Error, Result};
+use crate::layout::RegionTable;
+use crate::transport::ArrivalSink;
+use crate::wire::{DecodeError, Reader};
+use link::TcpLink;
+use server::TcpServer;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Bytes of the receiver's staging buffer (payloads of `DIRECT_READ_MIN` or more bypass it).
+const RECEIVE_BUFFER_BYTES: usize = 1 << 20;
+/// Largest single frame payload (runs longer than this are split into several frames).
+pub const MAX_FRAME_PAYLOAD: u64 = 1 << 30;
+/// How long a new data connection may take to present its session token.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most iovecs handed to one writev (Linux IOV_MAX).
+const IOV_MAX: usize = 1024;
+/// Most payload bytes handed to one writev. One huge writev (up to 128 MiB of 256 KiB
+/// frames) keeps the socket busy in one `tcp_sendmsg` for its whole length and halved
+/// loopback throughput at 256 KiB blocks; ~1 MiB per call matches the stream reference
+/// (docs/performance.md, "Changes to the TCP transport").
+const WRITEV_MAX_BYTES: usize = 1 << 20;
+const SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// Poison-tolerant lock: a panicked holder leaves plain data behind, never a broken
+/// invariant that a later holder could trip over.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The TCP endpoint: the data listener's port and, in an acceptor's reply, the session
+/// token that admits one data connection (0 in a connector's offer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpEndpoint {
+    pub port: u16,
+    pub session: u64,
+}
+
+impl TcpEndpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(10);
+        out.extend_from_slice(&self.port.to_le_bytes());
+        out.extend_from_slice(&self.session.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> std::result::Result<TcpEndpoint, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let endpoint = TcpEndpoint {
+            port: r.u16("tcp port")?,
+            session: r.u64("session")?,
+        };
+        r.finish("TCP endpoint")?;
+        Ok(endpoint)
+    }
+}
+
+/// Works on any machine: the data listener of this engine, and links that connect to the
+/// peers' listeners.
+pub(crate) struct TcpTransport {
+    server: TcpServer,
+    table: Arc<RegionTable>,
+}
+
+impl TcpTransport {
+    pub fn open(
+        bind: IpAddr,
+        table: Arc<RegionTable>,
+        arrivals: Option<ArrivalSink>,
+    ) -> Result<TcpTransport> {
+        Ok(TcpTransport {
+            server: TcpServer::bind(bind, Arc::clone(&table), arrivals)?,
+            table,
+        })
+    }
+}
+
+impl Transport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn offer(&self, _peer_key: &str) -> Result<Vec<u8>> {
+        Ok(TcpEndpoint {
+            port: self.server.port(),
+            session: 0,
+        }
+        .encode())
+    }
+
+    fn check_peer(&self, theirs: &[u8]) -> std::result::Result<(), String> {
+        TcpEndpoint::decode(theirs)
+            .map(drop)
+            .map_err(|e| format!("the peer's TCP endpoint is malformed: {e}"))
+    }
+
+    fn accept(&self, peer: AcceptingPeer<'_>, _theirs: &[u8]) -> Result<Vec<u8>> {
+        Ok(TcpEndpoint {
+            port: self.server.port(),
+            session: self.server.admit(peer.name),
+        }
+        .encode())
+    }
+
+    fn connect(&self, target: ConnectTarget<'_>, theirs: &[u8]) -> Result<Box<dyn Link>> {
+        let peer = target.peer_key;
+        let theirs = TcpEndpoint::decode(theirs).map_err(|e| Error::protocol(peer, e.0))?;
+        if theirs.session == 0 || theirs.port == 0 {
+            return Err(Error::protocol(
+                peer,
+                "the reply carries no data-connection admission",
+            ));
+        }
+        let addr =
+            resolve(target.host, theirs.port).map_err(|e| Error::io(peer, "resolve host", e))?;
+        Ok(Box::new(TcpLink::connect(
+            peer,
+            addr,
+            theirs.session,
+            Arc::clone(&self.table),
+            target.timeout,
+        )?))
+    }
+
+    fn forget(&self, _peer_key: &str) {}
+
+    fn receivers(&self) -> usize {
+        self.server.connections()
+    }
+
+    fn shutdown(&self) {
+        self.server.shutdown();
+    }
+}
+
+fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no address for host '{host}'"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_round_trips_and_rejects_truncation() {
+        let endpoint = TcpEndpoint {
+            port: 40000,
+            session: 99,
+        };
+        let bytes = endpoint.encode();
+        assert_eq!(TcpEndpoint::decode(&bytes).unwrap(), endpoint);
+        for cut in 0..bytes.len() {
+            assert!(TcpEndpoint::decode(&bytes[..cut]).is_err());
+        }
+    }
+}

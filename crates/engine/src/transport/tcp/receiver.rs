@@ -1,0 +1,295 @@
+//! Receiving side, per connection: every frame is checked against the registered regions
+//! before its payload is copied into place; a `COMMIT` is acknowledged only after every
+//! earlier frame of the stream is in memory.
+
+use super::frame::{self, Header};
+use super::server::{Admission, ServerState};
+use super::{lock, sockopt, staging, HELLO_TIMEOUT, RECEIVE_BUFFER_BYTES};
+use crate::transport::Arrival;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+
+/// Buffered reads from the data socket that can land payloads directly in region memory.
+///
+/// Small frames (headers, payloads under [`DIRECT_READ_MIN`]) are served from a staging
+/// buffer filled by large reads, so that a stream of 1 KiB blocks costs one syscall per
+/// ~1 MiB. Larger payloads are read straight into their destination with a `readv` whose
+/// second iovec picks up the next frame header into the staging buffer, so a stream of
+/// 64 KiB blocks costs one syscall and one copy (the kernel's) per frame.
+struct FrameReader {
+    stream: TcpStream,
+    buffer: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// The last payload went direct: keep read-ahead small so that the next large payload
+    /// is not pulled through the staging buffer (an extra copy).
+    direct: bool,
+}
+
+/// Payloads of at least this many bytes bypass the staging buffer.
+const DIRECT_READ_MIN: usize = 16 * 1024;
+/// Read-ahead into the staging buffer while a payload lands directly: one frame header.
+const DIRECT_READ_AHEAD: usize = frame::HEADER_BYTES;
+
+impl FrameReader {
+    fn new(stream: TcpStream) -> Self {
+        FrameReader {
+            stream,
+            buffer: vec![0u8; RECEIVE_BUFFER_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            direct: false,
+        }
+    }
+
+    /// Reads more bytes behind `end` (at least one, or an error): up to the whole free
+    /// buffer, or only `want` bytes after a direct payload.
+    fn fill(&mut self, want: usize) -> std::io::Result<()> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        let limit = if self.direct {
+            (self.end + want.max(DIRECT_READ_AHEAD)).min(self.buffer.len())
+        } else {
+            self.buffer.len()
+        };
+        let n = self.stream.read(&mut self.buffer[self.end..limit])?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    fn read_exact(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < out.len() {
+            if self.start == self.end {
+                self.fill(out.len() - done)?;
+            }
+            let n = (self.end - self.start).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&self.buffer[self.start..self.start + n]);
+            self.start += n;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Moves unread bytes to the front of the buffer.
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buffer.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+    }
+
+    /// Reads `len` bytes into raw memory at `dst`.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must be writable memory that no Rust reference aliases.
+    unsafe fn read_into(&mut self, dst: *mut u8, len: usize) -> std::io::Result<()> {
+        let direct = len >= DIRECT_READ_MIN;
+        self.direct = direct;
+        let mut done = 0;
+        while done < len {
+            if self.start < self.end {
+                let n = (self.end - self.start).min(len - done);
+                // SAFETY: source is initialized buffer bytes; destination is inside the
+                // caller's range (done + n <= len); the two never overlap (the buffer is ours).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.buffer.as_ptr().add(self.start),
+                        dst.add(done),
+                        n,
+                    )
+                };
+                self.start += n;
+                done += n;
+            } else if direct {
+                sockopt::check_not_reset(self.stream.as_raw_fd())?;
+                // Staging is empty: land the rest in place and read ahead one header.
+                self.start = 0;
+                self.end = 0;
+                // SAFETY: done < len, so dst+done stays inside the caller's writable range.
+                let rest = unsafe { dst.add(done) };
+                let iovecs = [
+                    libc::iovec {
+                        iov_base: rest.cast(),
+                        iov_len: len - done,
+                    },
+                    libc::iovec {
+                        iov_base: self.buffer.as_mut_ptr().cast(),
+                        iov_len: DIRECT_READ_AHEAD,
+                    },
+                ];
+                // SAFETY: fd is our open socket; both iovecs describe writable memory (the
+                // caller's range per the contract, and the start of our own buffer).
+                let n = unsafe { libc::readv(self.stream.as_raw_fd(), iovecs.as_ptr(), 2) };
+                if n < 0 {
+                    let err = std::io::Error::last_os_error();
+                    if err.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(err);
+                }
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                let n = n as usize;
+                let into_dst = n.min(len - done);
+                done += into_dst;
+                self.end = n - into_dst;
+            } else {
+                self.compact();
+                self.fill(len - done)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn run_receiver(state: &ServerState, stream: TcpStream, remote: SocketAddr) {
+    let mut hello = [0u8; frame::HELLO_BYTES];
+    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+    let admission = (&stream)
+        .read_exact(&mut hello)
+        .map_err(|e| format!("no hello: {e}"))
+        .and_then(|()| frame::decode_hello(&hello).map_err(|e| e.0))
+        .and_then(|session| {
+            lock(&state.admissions)
+                .remove(&session)
+                .ok_or_else(|| "unknown or already used session token".to_string())
+        });
+    let admission = match admission {
+        Ok(admission) => admission,
+        Err(reason) => {
+            crate::log_error!("tcp data connection from {remote} refused: {reason}");
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    let _ = stream.set_read_timeout(None);
+    crate::debug!(
+        "tcp data connection from {remote} admitted for peer {}",
+        admission.peer_name
+    );
+    let Ok(ack_stream) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = FrameReader::new(stream);
+    if let Err(reason) = receive_frames(state, &mut reader, &ack_stream, &admission) {
+        if !state.closed.load(Ordering::SeqCst) {
+            crate::debug!(
+                "tcp data connection from {} ({remote}) ended: {reason}",
+                admission.peer_name
+            );
+        }
+    }
+    let _ = ack_stream.shutdown(Shutdown::Both);
+}
+
+fn send_reply(stream: &TcpStream, kind: u8, call_id: u64, detail: &[u8]) -> std::io::Result<()> {
+    let header = Header {
+        kind,
+        flags: 0,
+        region: 0,
+        offset: call_id,
+        len: detail.len() as u32,
+        aux: 0,
+    };
+    if detail.is_empty() {
+        // The steady-state ACK: no allocation.
+        return (&*stream).write_all(&header.encode());
+    }
+    let mut out = Vec::with_capacity(frame::HEADER_BYTES + detail.len());
+    out.extend_from_slice(&header.encode());
+    out.extend_from_slice(detail);
+    (&*stream).write_all(&out)
+}
+
+fn receive_frames(
+    state: &ServerState,
+    reader: &mut FrameReader,
+    ack_stream: &TcpStream,
+    admission: &Admission,
+) -> std::result::Result<(), String> {
+    let mut bytes = [0u8; frame::HEADER_BYTES];
+    let mut device = staging::RecvStaging::new();
+    loop {
+        reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
+        let header = Header::decode(&bytes).map_err(|e| e.0)?;
+        match header.kind {
+            frame::WRITE => {
+                // A writer that timed out or was aborted resets the connection before it
+                // reports the failure: bytes of it still queued here must not land.
+                sockopt::check_not_reset(reader.stream.as_raw_fd())
+                    .map_err(|e| format!("the writer reset the connection: {e}"))?;
+                let target = state.table.get(header.region).and_then(|region| {
+                    let end = header.offset.checked_add(u64::from(header.len))?;
+                    (end <= region.len).then_some(region.addr + header.offset)
+                });
+                let Some(addr) = target else {
+                    let reason = format!(
+                        "write of {} bytes at offset {} of region {} is outside the registered regions ({} regions of {} bytes)",
+                        header.len,
+                        header.offset,
+                        header.region,
+                        state.table.regions().len(),
+                        state.table.layout.region_bytes()
+                    );
+                    return refuse(ack_stream, reason);
+                };
+                if state.table.memory(header.region).is_device() {
+                    // GPU region: socket → pinned staging → async copy (staging.rs).
+                    // SAFETY: read_into's destination is the staging slot given; the
+                    // device range was checked to lie inside the registered region.
+                    let read = &mut |dst: *mut u8, n| unsafe { reader.read_into(dst, n) };
+                    let len = header.len as usize;
+                    // SAFETY: addr..addr+len lies inside a registered device region.
+                    match unsafe { device.receive(&state.table, addr, len, read) } {
+                        Ok(()) => continue,
+                        Err(staging::RecvError::Io(e)) => return Err(e.to_string()),
+                        Err(staging::RecvError::Gpu(reason)) => return refuse(ack_stream, reason),
+                    }
+                }
+                // SAFETY: the range was checked to lie inside a registered region, which the
+                // engine keeps valid until this thread has been joined at close.
+                unsafe { reader.read_into(addr as usize as *mut u8, header.len as usize) }
+                    .map_err(|e| e.to_string())?;
+            }
+            frame::COMMIT => {
+                let mut tag = vec![0u8; header.len as usize];
+                reader.read_exact(&mut tag).map_err(|e| e.to_string())?;
+                // Staged GPU copies land before the notice and the ACK (no-op for hosts).
+                if let Err(staging::RecvError::Gpu(reason)) = device.flush() {
+                    return refuse(ack_stream, reason);
+                }
+                if header.flags & 1 != 0 {
+                    if let Some(sink) = &state.arrivals {
+                        sink(Arrival {
+                            peer: admission.peer_name.clone(),
+                            tag,
+                            layer: header.aux,
+                            blocks: header.region,
+                        });
+                    }
+                }
+                send_reply(ack_stream, frame::ACK, header.offset, &[])
+                    .map_err(|e| e.to_string())?;
+            }
+            other => return Err(format!("unexpected frame type {other} from writer")),
+        }
+    }
+}
+
+/// A frame outside the regions: nothing of it is written; a NACK fails the oldest pending
+/// call and the connection is closed, since the rest of the stream cannot be trusted.
+fn refuse(ack_stream: &TcpStream, reason: String) -> std::result::Result<(), String> {
+    crate::log_error!("tcp receiver refused a frame: {reason}");
+    let _ = send_reply(ack_stream, frame::NACK, 0, reason.as_bytes());
+    Err(reason)
+}

@@ -1,0 +1,211 @@
+//! The handshake descriptor: the cache layout and identity of one side, and the endpoint of
+//! every transport it offers, in its order of preference. The engine reads the layout;
+//! each endpoint is opaque bytes that only its transport encodes and decodes.
+
+use super::{
+    DecodeError, Reader, Role, DESCRIPTOR_MAGIC, MAX_DESCRIPTOR_BYTES, MAX_ENDPOINTS,
+    MAX_NAME_BYTES, PROTOCOL_VERSION,
+};
+use crate::layout::MAX_LAYERS;
+
+/// One transport's endpoint: its kind code (`TransportKind::code`) and its own bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub kind: u8,
+    pub bytes: Vec<u8>,
+}
+
+/// What one side tells the other during `connect`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub role: Role,
+    pub instance_id: u64,
+    pub layers: u32,
+    pub has_value: bool,
+    pub block_number: u32,
+    pub block_bytes: u64,
+    /// The sender's self-chosen name, reported with its arrival notices (at most 255 bytes).
+    pub name: String,
+    /// Connector: every transport it can use, most preferred first. Acceptor's reply: the
+    /// one transport it chose. Kinds are unique; kinds this build does not know are kept
+    /// (and never chosen), so a newer peer may offer more.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Descriptor {
+    /// The endpoint offered for `kind`, if any.
+    pub fn endpoint(&self, kind: u8) -> Option<&[u8]> {
+        self.endpoints
+            .iter()
+            .find(|e| e.kind == kind)
+            .map(|e| e.bytes.as_slice())
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&DESCRIPTOR_MAGIC);
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]); // total length, patched below
+        out.push(self.role as u8);
+        out.extend_from_slice(&self.instance_id.to_le_bytes());
+        out.extend_from_slice(&self.layers.to_le_bytes());
+        out.push(u8::from(self.has_value));
+        out.extend_from_slice(&self.block_number.to_le_bytes());
+        out.extend_from_slice(&self.block_bytes.to_le_bytes());
+        let name = &self.name.as_bytes()[..self.name.len().min(MAX_NAME_BYTES)];
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        let endpoints = &self.endpoints[..self.endpoints.len().min(MAX_ENDPOINTS)];
+        out.push(endpoints.len() as u8);
+        for endpoint in endpoints {
+            out.push(endpoint.kind);
+            out.extend_from_slice(&(endpoint.bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(&endpoint.bytes);
+        }
+        let total = out.len() as u32;
+        out[6..10].copy_from_slice(&total.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Descriptor, DecodeError> {
+        if bytes.len() > MAX_DESCRIPTOR_BYTES {
+            return Err(DecodeError(format!(
+                "descriptor of {} bytes exceeds the limit of {MAX_DESCRIPTOR_BYTES}",
+                bytes.len()
+            )));
+        }
+        let mut r = Reader::new(bytes);
+        if r.array::<4>("magic")? != DESCRIPTOR_MAGIC {
+            return Err(DecodeError(
+                "not a kvtransfer descriptor (bad magic)".into(),
+            ));
+        }
+        let version = r.u16("version")?;
+        if version != PROTOCOL_VERSION {
+            return Err(DecodeError(format!("protocol version {version} is not supported (this build speaks {PROTOCOL_VERSION}): both sides must run the same kvtransfer protocol")));
+        }
+        let total = r.u32("length")? as usize;
+        if total != bytes.len() {
+            return Err(DecodeError(format!(
+                "descriptor length field says {total} bytes but {} arrived",
+                bytes.len()
+            )));
+        }
+        let role = match r.u8("role")? {
+            0 => Role::Prefill,
+            1 => Role::Decode,
+            other => return Err(DecodeError(format!("unknown role {other}"))),
+        };
+        let instance_id = r.u64("instance id")?;
+        let layers = r.u32("layers")?;
+        if layers == 0 || layers > MAX_LAYERS {
+            return Err(DecodeError(format!(
+                "layer count {layers} outside 1..={MAX_LAYERS}"
+            )));
+        }
+        let has_value = r.bool("value flag")?;
+        let block_number = r.u32("blockNumber")?;
+        let block_bytes = r.u64("blockBytes")?;
+        if block_number == 0 || block_bytes == 0 {
+            return Err(DecodeError(
+                "blockNumber and blockBytes must be positive".into(),
+            ));
+        }
+        let name_len = r.u8("name length")? as usize;
+        let name = String::from_utf8(r.take(name_len, "name")?.to_vec())
+            .map_err(|_| DecodeError("peer name is not UTF-8".into()))?;
+        let count = r.u8("endpoint count")? as usize;
+        if count > MAX_ENDPOINTS {
+            return Err(DecodeError(format!(
+                "{count} endpoints offered; at most {MAX_ENDPOINTS}"
+            )));
+        }
+        let mut endpoints: Vec<Endpoint> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let kind = r.u8("endpoint kind")?;
+            if endpoints.iter().any(|e| e.kind == kind) {
+                return Err(DecodeError(format!(
+                    "transport kind {kind} is offered twice"
+                )));
+            }
+            // Bounded by the descriptor's own length, checked above.
+            let len = r.u32("endpoint length")? as usize;
+            let bytes = r.take(len, "endpoint")?.to_vec();
+            endpoints.push(Endpoint { kind, bytes });
+        }
+        r.finish("descriptor")?;
+        Ok(Descriptor {
+            role,
+            instance_id,
+            layers,
+            has_value,
+            block_number,
+            block_bytes,
+            name,
+            endpoints,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(endpoints: usize) -> Descriptor {
+        Descriptor {
+            role: Role::Decode,
+            instance_id: 0x1122_3344_5566_7788,
+            layers: 2,
+            has_value: true,
+            block_number: 1024,
+            block_bytes: 4096,
+            name: "prefill-0:5000".into(),
+            endpoints: (0..endpoints)
+                .map(|i| Endpoint {
+                    kind: i as u8 + 1,
+                    bytes: vec![i as u8; 3 + i],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_trips_with_any_number_of_endpoints() {
+        for n in [0, 1, 2, MAX_ENDPOINTS] {
+            let d = sample(n);
+            assert_eq!(Descriptor::decode(&d.encode()).unwrap(), d);
+        }
+        assert_eq!(sample(2).endpoint(2), Some(&[1u8; 4][..]));
+        assert_eq!(sample(2).endpoint(7), None);
+    }
+
+    #[test]
+    fn rejects_every_truncation_and_corruption() {
+        let bytes = sample(2).encode();
+        for cut in 0..bytes.len() {
+            assert!(Descriptor::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = bytes.clone();
+        bad[4] = 9;
+        assert!(Descriptor::decode(&bad)
+            .unwrap_err()
+            .0
+            .contains("version 9"));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(Descriptor::decode(&long).is_err());
+    }
+
+    #[test]
+    fn refuses_duplicate_kinds_and_too_many_endpoints() {
+        let mut twice = sample(2);
+        twice.endpoints[1].kind = twice.endpoints[0].kind;
+        let err = Descriptor::decode(&twice.encode()).unwrap_err();
+        assert!(err.0.contains("offered twice"), "{err}");
+        let mut bytes = sample(0).encode();
+        let count_at = bytes.len() - 1;
+        bytes[count_at] = MAX_ENDPOINTS as u8 + 1;
+        let err = Descriptor::decode(&bytes).unwrap_err();
+        assert!(err.0.contains("at most"), "{err}");
+    }
+}

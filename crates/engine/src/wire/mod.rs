@@ -1,0 +1,115 @@
+//! Wire formats shared by the engine and its transports: the handshake descriptor exchanged
+//! on the control plane and a bounded reader for every decoder. Every decoder is
+//! length-checked: malformed input is an error, never a panic or an unbounded allocation.
+//! Each transport encodes its own endpoint (`transport/*/endpoint.rs`).
+
+mod descriptor;
+
+pub use descriptor::{Descriptor, Endpoint};
+
+/// Magic + version at the start of every descriptor.
+pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
+/// 2: a list of (transport kind, endpoint) instead of fixed per-transport fields.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
+pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
+/// Endpoints one descriptor may offer (one per transport kind).
+pub const MAX_ENDPOINTS: usize = 8;
+pub const MAX_NAME_BYTES: usize = 255;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Prefill = 0,
+    Decode = 1,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "prefill" => Some(Role::Prefill),
+            "decode" => Some(Role::Decode),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError(pub String);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Reads little-endian fields, naming the field when the input is too short.
+pub(crate) struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, at: 0 }
+    }
+
+    /// Fails unless every byte was consumed.
+    pub(crate) fn finish(&self, what: &str) -> Result<(), DecodeError> {
+        if self.at == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(DecodeError(format!(
+                "{} trailing bytes after the {what}",
+                self.bytes.len() - self.at
+            )))
+        }
+    }
+
+    pub(crate) fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| {
+                DecodeError(format!(
+                    "truncated message: {what} needs {n} bytes at offset {}, {} left",
+                    self.at,
+                    self.bytes.len() - self.at
+                ))
+            })?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    pub(crate) fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+    pub(crate) fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    pub(crate) fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+    pub(crate) fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    pub(crate) fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+    pub(crate) fn bool(&mut self, what: &str) -> Result<bool, DecodeError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(DecodeError(format!("{what} must be 0 or 1, got {other}"))),
+        }
+    }
+}
