@@ -125,7 +125,6 @@ impl Done {
     }
 
     /// Completes the call (same shape as `oneshot::Sender::send`).
-    #[allow(clippy::result_unit_err)]
     pub fn send(self, result: Result<()>) -> std::result::Result<(), ()> {
         if self.slot.complete(result) {
             Ok(())

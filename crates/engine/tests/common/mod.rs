@@ -1,6 +1,9 @@
 //! Shared fixtures of the engine's integration tests: two engines with patterned or zeroed
 //! regions, connected through the same handshake calls the control plane makes.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the shared fixtures"
+)]
 
 use kvtransfer_engine::RdmaSettings;
 use kvtransfer_engine::{ArrivalSink, Engine, EngineOptions, Role};

@@ -183,9 +183,8 @@ impl Link for TcpLink {
 
 /// Reused per-link scratch: frame headers and the iovecs that point at them.
 ///
-/// Public (but hidden) so that `benches/planning.rs` and `tests/alloc_free.rs` can measure
-/// the per-block cost of frame construction and prove it does not allocate once warm.
-#[doc(hidden)]
+/// Exported through `internals` so that `benches/planning.rs` and `tests/alloc_free.rs` can
+/// measure the per-block cost of frame construction and prove it does not allocate once warm.
 pub struct FrameBatch {
     headers: Vec<[u8; frame::HEADER_BYTES]>,
     iovecs: Vec<libc::iovec>,
