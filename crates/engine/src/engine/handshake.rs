@@ -421,14 +421,12 @@ impl Engine {
             "engine {}: refused a connecting peer: {reason}",
             self.inner.name
         );
-        // The error names the transport that was insisted on: this side's explicit
-        // choice, else the connector's only offer.
-        let insisted = match self.inner.choice {
-            TransportChoice::Only(kind) => Some(kind),
-            TransportChoice::Auto => match offered.as_slice() {
-                [only] => crate::transport::TransportKind::parse(only),
-                _ => None,
-            },
+        // The error names the transport that was insisted on: the connector's only offer
+        // (its user chose it), else this side's explicit choice.
+        let insisted = match (offered.as_slice(), self.inner.choice) {
+            ([only], _) => crate::transport::TransportKind::parse(only),
+            (_, TransportChoice::Only(kind)) => Some(kind),
+            (_, TransportChoice::Auto) => None,
         };
         Err(match insisted {
             Some(kind) => kind.unavailable(reason),

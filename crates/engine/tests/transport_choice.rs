@@ -1,0 +1,184 @@
+//! The transport choice in the handshake, on a host with only TCP: the acceptor takes the
+//! first of its transports the connector offered and can serve; otherwise the refusal is
+//! typed and says, per transport, why not. Hellos are edited on the wire to play a peer
+//! with other transports than this host has.
+
+mod common;
+
+use common::{connect, hello, SideSpec};
+use kvtransfer_engine::internals::{Descriptor, Endpoint, Envelope, QpEndpoint, RdmaEndpoint};
+use kvtransfer_engine::{Role, TransportKind};
+
+fn side(role: Role) -> common::Side {
+    SideSpec::new(role, 2, 16, 256).build()
+}
+
+/// `transport: 'auto'` on this host: TCP, and RDMA only where a device is up.
+fn auto_side(role: Role) -> common::Side {
+    let mut spec = SideSpec::new(role, 2, 16, 256);
+    spec.transport = "auto";
+    spec.build()
+}
+
+/// The hello of `prefill` to `decode` with its endpoint list replaced.
+fn hello_offering(
+    prefill: &common::Side,
+    decode: &common::Side,
+    endpoints: Vec<Endpoint>,
+) -> Vec<u8> {
+    let mut envelope = Envelope::decode(&hello(prefill, decode, "d").unwrap()).unwrap();
+    let mut descriptor = Descriptor::decode(&envelope.descriptor).unwrap();
+    descriptor.endpoints = endpoints;
+    envelope.descriptor = descriptor.encode();
+    envelope.encode()
+}
+
+fn rdma_endpoint() -> Endpoint {
+    Endpoint {
+        kind: TransportKind::Rdma.code(),
+        bytes: RdmaEndpoint {
+            lid: 0,
+            gid: [1; 16],
+            mtu: 3,
+            infiniband: false,
+            qps: vec![QpEndpoint { qp_num: 1, psn: 1 }],
+            regions: vec![(0x1000, 1); 4],
+            notice_ring: (0, 0, 0),
+        }
+        .encode(),
+    }
+}
+
+#[test]
+fn the_hello_offers_every_transport_and_the_reply_names_the_chosen_one() {
+    let prefill = side(Role::Prefill);
+    let decode = side(Role::Decode);
+    assert_eq!(prefill.engine.transports(), [TransportKind::Tcp]);
+    let offered = Envelope::decode(&hello(&prefill, &decode, "d").unwrap()).unwrap();
+    let offered = Descriptor::decode(&offered.descriptor).unwrap();
+    let kinds: Vec<u8> = offered.endpoints.iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [TransportKind::Tcp.code()]);
+    connect(&prefill, &decode, "d");
+    let info = prefill.engine.peer_info("d").unwrap();
+    assert_eq!(info.transport, TransportKind::Tcp);
+}
+
+#[test]
+fn an_offer_of_rdma_only_to_a_tcp_acceptor_is_refused_with_the_reason_per_transport() {
+    let prefill = side(Role::Prefill);
+    let decode = auto_side(Role::Decode);
+    if decode.engine.transports().contains(&TransportKind::Rdma) {
+        // An RDMA device is up here: the fake endpoint would be tried for real.
+        return;
+    }
+    let hello = hello_offering(&prefill, &decode, vec![rdma_endpoint()]);
+    let err = decode.engine.accept(&hello).unwrap_err();
+    assert_eq!(err.code(), "ERR_RDMA_UNAVAILABLE", "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("the peer offers rdma; this side has tcp")
+            && text.contains("tcp: the peer offers no tcp endpoint")
+            && text.contains("rdma: not usable on this side"),
+        "{text}"
+    );
+}
+
+#[test]
+fn unknown_kinds_are_skipped_and_the_known_one_is_chosen() {
+    let prefill = side(Role::Prefill);
+    let decode = side(Role::Decode);
+    let mut envelope = Envelope::decode(&hello(&prefill, &decode, "d").unwrap()).unwrap();
+    let mut descriptor = Descriptor::decode(&envelope.descriptor).unwrap();
+    // A newer peer's transport this build does not know, offered first.
+    descriptor.endpoints.insert(
+        0,
+        Endpoint {
+            kind: 200,
+            bytes: vec![1, 2, 3],
+        },
+    );
+    envelope.descriptor = descriptor.encode();
+    let reply = decode.engine.accept(&envelope.encode()).unwrap();
+    prefill
+        .engine
+        .finish_connect("d", "127.0.0.1", &reply)
+        .unwrap();
+    assert!(prefill.engine.is_connected("d"));
+}
+
+#[test]
+fn nothing_usable_offered_is_a_typed_refusal_and_nothing_is_admitted() {
+    let prefill = side(Role::Prefill);
+    let decode = side(Role::Decode);
+    let hello = hello_offering(
+        &prefill,
+        &decode,
+        vec![Endpoint {
+            kind: 200,
+            bytes: vec![],
+        }],
+    );
+    let err = decode.engine.accept(&hello).unwrap_err();
+    assert_eq!(err.code(), "ERR_TRANSPORT_UNAVAILABLE", "{err}");
+    assert!(err.to_string().contains("the peer offers none"), "{err}");
+    // A malformed TCP endpoint is the peer's fault, said as such.
+    let hello = hello_offering(
+        &prefill,
+        &decode,
+        vec![Endpoint {
+            kind: TransportKind::Tcp.code(),
+            bytes: vec![1],
+        }],
+    );
+    let err = decode.engine.accept(&hello).unwrap_err();
+    assert!(
+        err.to_string().contains("the peer's TCP endpoint is malformed"),
+        "{err}"
+    );
+    assert_eq!(decode.engine.stats().tcp_receivers, 0);
+}
+
+#[test]
+fn a_reply_choosing_a_transport_that_was_not_offered_is_a_protocol_error() {
+    let prefill = side(Role::Prefill);
+    let decode = side(Role::Decode);
+    let hello = hello(&prefill, &decode, "d").unwrap();
+    let mut envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
+    let mut reply = Descriptor::decode(&envelope.descriptor).unwrap();
+    reply.endpoints = vec![rdma_endpoint()];
+    envelope.descriptor = reply.encode();
+    let err = prefill
+        .engine
+        .finish_connect("d", "127.0.0.1", &envelope.encode())
+        .unwrap_err();
+    assert_eq!(err.code(), "ERR_PROTOCOL", "{err}");
+    assert!(err.to_string().contains("did not offer"), "{err}");
+    assert!(!prefill.engine.is_connected("d"));
+}
+
+#[test]
+fn malformed_settings_are_refused_at_construction_naming_the_variable() {
+    // The environment is process-wide: run the case in a child process.
+    if std::env::var("KVT_CHOICE_CHILD").is_ok() {
+        let err = SideSpec::new(Role::Decode, 1, 4, 64)
+            .try_build()
+            .err()
+            .expect("a malformed KVCACHE_IB_TIMEOUT must be refused");
+        assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
+        assert!(err.to_string().contains("KVCACHE_IB_TIMEOUT"), "{err}");
+        assert!(err.to_string().contains("'99'"), "{err}");
+        return;
+    }
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "malformed_settings_are_refused_at_construction_naming_the_variable",
+            "--quiet",
+        ])
+        .env("KVT_CHOICE_CHILD", "1")
+        .env("KVCACHE_IB_TIMEOUT", "99")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the engine took KVCACHE_IB_TIMEOUT=99");
+}
