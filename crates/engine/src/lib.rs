@@ -6,8 +6,8 @@
 
 pub mod auth;
 pub mod config;
-pub mod cuda;
 pub mod error;
+pub mod gpu;
 pub mod layout;
 pub mod log;
 pub mod plan;
@@ -237,7 +237,7 @@ impl Engine {
             options.block_number,
             options.block_bytes,
         )?;
-        cuda::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
+        gpu::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
         let table = Arc::new(table);
         let settings = || {
             options

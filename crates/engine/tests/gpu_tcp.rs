@@ -3,7 +3,7 @@
 //! any problem where there is one. Run: `scripts/gpu-tests.sh`.
 
 use futures_executor::block_on;
-use kvtransfer_engine::cuda::PointerInfo;
+use kvtransfer_cuda::PointerInfo;
 use kvtransfer_engine::layout::MemoryKind;
 use kvtransfer_engine::plan::BlockIds;
 use kvtransfer_engine::transport::staging::CHUNK_BYTES;
@@ -218,7 +218,7 @@ fn registration_detects_device_and_host_memory() {
     // Lookups work on a thread with no current context (detection creates none).
     let ptr = device.ptr();
     let info = std::thread::spawn(move || {
-        kvtransfer_engine::cuda::Cuda::get()
+        kvtransfer_cuda::Cuda::get()
             .unwrap()
             .pointer_info(ptr)
             .unwrap()
