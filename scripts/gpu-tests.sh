@@ -10,7 +10,8 @@
 # The GPU machine needs no Rust, CUDA toolkit or Node.js: only the NVIDIA driver
 # (libcuda.so.1), which the engine loads at run time. Copy target/gpu-bin/ there (it is
 # under target/, so git ignores it; ~5 MiB) and run `scripts/gpu-tests.sh --run --no-build`
-# from the repository root.
+# from the repository root. The binaries land in target/gpu-bin/ of this checkout whatever
+# CARGO_TARGET_DIR says (cargo reports where it built them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/gpu-bin

@@ -11,9 +11,9 @@
 
 mod auth;
 mod config;
-pub mod cuda;
 mod engine;
 mod error;
+mod gpu;
 mod layout;
 pub mod log;
 mod plan;
@@ -36,7 +36,6 @@ pub use wire::Role;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::auth::{Challenge, Envelope, Response};
-    pub use crate::cuda;
     pub use crate::layout::RegionTable;
     pub use crate::plan::{plan_runs, PlanLimits, Run};
     pub use crate::transport::rdma::{

@@ -17,7 +17,7 @@ const MEASURE: Duration = Duration::from_millis(1500);
 
 /// GB/s (1e9 bytes/s, K and V counted) of scattered `batch`-block calls.
 fn measure(
-    gpu: &std::sync::Arc<kvtransfer_engine::internals::cuda::Gpu>,
+    gpu: &std::sync::Arc<kvtransfer_cuda::Gpu>,
     from_gpu: bool,
     to_gpu: bool,
     block_bytes: usize,

@@ -3,10 +3,9 @@
 //! any problem where there is one. Run: `scripts/gpu-tests.sh`.
 
 use futures_executor::block_on;
-use kvtransfer_engine::internals::cuda::PointerInfo;
+use kvtransfer_cuda::PointerInfo;
 use kvtransfer_engine::internals::CHUNK_BYTES;
-use kvtransfer_engine::BlockIds;
-use kvtransfer_engine::MemoryKind;
+use kvtransfer_engine::{BlockIds, MemoryKind};
 use kvtransfer_engine::{Engine, EngineOptions, Role};
 use std::time::Duration;
 
@@ -218,7 +217,7 @@ fn registration_detects_device_and_host_memory() {
     // Lookups work on a thread with no current context (detection creates none).
     let ptr = device.ptr();
     let info = std::thread::spawn(move || {
-        kvtransfer_engine::internals::cuda::Cuda::get()
+        kvtransfer_cuda::Cuda::get()
             .unwrap()
             .pointer_info(ptr)
             .unwrap()

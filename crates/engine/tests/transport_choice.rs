@@ -132,7 +132,8 @@ fn nothing_usable_offered_is_a_typed_refusal_and_nothing_is_admitted() {
     );
     let err = decode.engine.accept(&hello).unwrap_err();
     assert!(
-        err.to_string().contains("the peer's TCP endpoint is malformed"),
+        err.to_string()
+            .contains("the peer's TCP endpoint is malformed"),
         "{err}"
     );
     assert_eq!(decode.engine.stats().tcp_receivers, 0);

@@ -9,9 +9,9 @@ mod write;
 
 use crate::auth::{self, Nonce};
 use crate::config::{RdmaSettings, Settings, TransportChoice};
-use crate::cuda as gpu;
 use crate::debug;
 use crate::error::{Error, Result};
+use crate::gpu;
 use crate::layout::{self, CacheLayout, RegionTable};
 use crate::transport::{
     open_transports, ArrivalSink, OpenContext, RunPool, Transport, TransportKind,

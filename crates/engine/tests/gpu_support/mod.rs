@@ -5,7 +5,7 @@
 //! and passes. With a GPU present every problem fails the test.
 #![allow(dead_code)]
 
-use kvtransfer_engine::internals::cuda::{Cuda, DeviceBuffer, Gpu};
+use kvtransfer_cuda::{Cuda, DeviceBuffer, Gpu};
 use kvtransfer_engine::{Engine, EngineOptions, Role};
 use std::io::Write;
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! RDMA registration of the cache regions, GPU memory included.
 //!
-//! Host regions: `ibv_reg_mr`, as always. Device regions (see `cuda::detect_region_memory`):
+//! Host regions: `ibv_reg_mr`, as always. Device regions (see `gpu::detect_region_memory`):
 //! 1. dma-buf: `cuMemGetHandleForAddressRange` exports the page-aligned range around the
 //!    region as a dma-buf fd, and `ibv_reg_dmabuf_mr` registers the region inside it with
 //!    `iova` = the device address (so peers address it exactly like a host region);
@@ -11,9 +11,9 @@
 //! The decision is written against the [`Registrar`] trait so that it can be tested without
 //! a GPU or an RDMA device (no machine here has both).
 
-use crate::cuda::Cuda;
 use crate::error::{Error, Result};
 use crate::layout::{MemoryKind, Region, RegionTable};
+use kvtransfer_cuda::Cuda;
 use kvtransfer_verbs::{Access, MemoryRegion, ProtectionDomain};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -118,7 +118,7 @@ impl Registrar for VerbsRegistrar<'_> {
     }
 
     fn export_dmabuf(&self, start: u64, len: u64) -> std::result::Result<OwnedFd, String> {
-        let cuda = Cuda::get().map_err(str::to_string)?;
+        let cuda = Cuda::get().map_err(|e| e.to_string())?;
         let gpu = cuda
             .gpu(self.gpu_idx.unwrap_or(0))
             .map_err(|e| e.to_string())?;

@@ -3,18 +3,18 @@
 //!
 //! Sender ([`SendStaging`]): a job whose layer has a device region is cut into chunks of at
 //! most [`CHUNK_BYTES`] of device payload. The device→pinned copies of a chunk are queued
-//! on a stream with one driver call (`cuMemcpyBatchAsync`, CUDA 12.8+ drivers; else one
-//! `cuMemcpyAsync` per block) and followed by an event; up to [`SLOTS`] chunks are in
-//! flight, so while chunk i is written to the socket (`writev`), chunks i+1.. are being
-//! copied by the DMA engine. Frames are the ordinary `WRITE`/`COMMIT` frames: the receiver
+//! on a stream with one submission ([`crate::gpu::copy`]: the copy kernel for small
+//! blocks, else `cuMemcpyBatchAsync` or one `cuMemcpyAsync` per block) and followed by an
+//! event; up to [`SLOTS`] chunks are in flight, so while chunk i is written to the socket
+//! (`writev`), chunks i+1.. are being copied. Frames are the ordinary `WRITE`/`COMMIT` frames: the receiver
 //! cannot tell. Host regions of the same job go straight from their memory.
 //!
 //! Receiver ([`RecvStaging`]): payloads for device regions are read from the socket into
 //! the current pinned slot, one after the other; when the slot is full its host→device
 //! copies are queued (one batch) and the socket is read into the next slot while they
-//! run. A slot is reused only after its event has completed. [`RecvStaging::flush`] waits for every copy: the
-//! receiver calls it before acknowledging a `COMMIT` (and before the arrival notice), so an
-//! ACK still means "every byte is in the destination memory".
+//! run. A slot is reused only after its event has completed. [`RecvStaging::flush`] waits
+//! for every copy: the receiver calls it before acknowledging a `COMMIT` (and before the
+//! arrival notice), so an ACK still means "every byte is in the destination memory".
 //!
 //! Nothing here runs for host-only engines: the TCP transport calls in only for regions
 //! the table marks as device memory, and CUDA resources are made on first use.
@@ -22,11 +22,11 @@
 use super::super::for_each_copy;
 use super::frame::{self, Header};
 use super::MAX_FRAME_PAYLOAD;
-use crate::cuda::{CopyKernel, Cuda, CudaError, Event, Gpu, PinnedBuffer, Stream};
 use crate::error::{Error, Result};
+use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors, MAX_COPIES_PER_SUBMIT};
 use crate::layout::RegionTable;
 use crate::plan::Run;
-use std::sync::Arc;
+use kvtransfer_cuda::{CudaError, Event, PinnedBuffer};
 
 /// Bytes of device payload per staging slot.
 pub const CHUNK_BYTES: usize = 4 << 20;
@@ -34,16 +34,9 @@ pub const CHUNK_BYTES: usize = 4 << 20;
 pub const SLOTS: usize = 4;
 /// Frames per chunk at most (two iovecs each, under IOV_MAX with the commit).
 const MAX_FRAMES_PER_CHUNK: usize = 500;
-/// Copies per slot at most (the receiver closes a slot early when it has this many).
-const MAX_COPIES_PER_SLOT: usize = 8192;
-/// Batches whose copies average fewer bytes than this go through the copy kernel (one
-/// launch; SMs move the bytes) rather than the copy engines, which pay ~1 µs per copy.
-const KERNEL_BELOW_AVERAGE_BYTES: usize = 32 << 10;
-
-/// `KVCACHE_CUDA_COPY_KERNEL=0` (or false/off/no) keeps every copy on the copy engines.
-fn copy_kernel_enabled() -> bool {
-    crate::config::process().cuda_copy_kernel
-}
+/// Copies per slot at most (the receiver closes a slot early when it has this many), so
+/// that a slot's copies fit one copy-kernel launch.
+const MAX_COPIES_PER_SLOT: usize = MAX_COPIES_PER_SUBMIT;
 
 /// Whether a job of `layer` touches device memory (then it goes through [`SendStaging`]).
 #[inline]
@@ -58,148 +51,43 @@ pub fn layer_has_device(table: &RegionTable, layer: u32) -> bool {
 /// One pinned slot and the event that marks the end of its copies.
 struct Slot {
     buf: PinnedBuffer,
-    /// The copy kernel's descriptors (dsts, srcs, sizes: `MAX_COPIES_PER_SLOT` u64 each).
-    desc: PinnedBuffer,
+    /// The copy kernel's descriptors for this slot's submission.
+    desc: Descriptors,
     event: Event,
     /// Copies were queued since the slot was last waited for.
     busy: bool,
 }
 
-/// Stream and slots of one direction of one connection, on gpuIdx's context.
+/// Copy queue and slots of one direction of one connection, on gpuIdx's context.
 struct Pipe {
-    // Field order: slots (pinned memory, events) and the stream drop before the context.
+    // Field order: slots (pinned memory, events) drop before the queue (stream, context).
     slots: Vec<Slot>,
-    kernel: Option<CopyKernel>,
-    stream: Stream,
-    gpu: Arc<Gpu>,
-    /// Copies gathered for one submission (reused).
-    batch: CopyBatch,
-}
-
-/// Copies queued with one driver call (see `Stream::copy_batch_async`).
-#[derive(Default)]
-struct CopyBatch {
-    dsts: Vec<u64>,
-    srcs: Vec<u64>,
-    sizes: Vec<usize>,
-}
-
-impl CopyBatch {
-    fn push(&mut self, dst: u64, src: u64, len: usize) {
-        self.dsts.push(dst);
-        self.srcs.push(src);
-        self.sizes.push(len);
-    }
-
-    fn len(&self) -> usize {
-        self.dsts.len()
-    }
-
-    /// Queues the gathered copies on `stream` and empties the batch: small copies with
-    /// one launch of `kernel` (descriptors written to `desc`), others with the copy
-    /// engines (`cuMemcpyBatchAsync`).
-    ///
-    /// # Safety
-    /// As `Stream::copy_batch_async` for every gathered copy; `desc` must not be in use by
-    /// an earlier launch still queued (it is the slot's, guarded by the slot's event).
-    unsafe fn submit(
-        &mut self,
-        stream: &Stream,
-        kernel: Option<&CopyKernel>,
-        desc: &mut PinnedBuffer,
-    ) -> std::result::Result<(), CudaError> {
-        let n = self.len();
-        let total: usize = self.sizes.iter().sum();
-        let result = match kernel {
-            Some(kernel)
-                if n > 1 && n <= MAX_COPIES_PER_SLOT && total / n < KERNEL_BELOW_AVERAGE_BYTES =>
-            {
-                let base = desc.as_mut_ptr().cast::<u64>();
-                // SAFETY: `desc` holds 3 × MAX_COPIES_PER_SLOT u64 (allocated so, 8-byte
-                // aligned pinned memory) and n <= MAX_COPIES_PER_SLOT; no launch reads it
-                // now (caller's contract).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(self.dsts.as_ptr(), base, n);
-                    std::ptr::copy_nonoverlapping(
-                        self.srcs.as_ptr(),
-                        base.add(MAX_COPIES_PER_SLOT),
-                        n,
-                    );
-                    for (i, &size) in self.sizes.iter().enumerate() {
-                        *base.add(2 * MAX_COPIES_PER_SLOT + i) = size as u64;
-                    }
-                }
-                let at = base as u64;
-                let step = (MAX_COPIES_PER_SLOT * 8) as u64;
-                // SAFETY: descriptors of n copies in mapped pinned memory, untouched until
-                // the slot's event; the copies' memory contract is the caller's.
-                unsafe { kernel.launch(stream, at, at + step, at + 2 * step, n as u32) }
-            }
-            // SAFETY: forwarded to the caller.
-            _ => unsafe {
-                stream.copy_batch_async(&mut self.dsts, &mut self.srcs, &mut self.sizes)
-            },
-        };
-        self.dsts.clear();
-        self.srcs.clear();
-        self.sizes.clear();
-        result
-    }
+    copies: CopyQueue,
 }
 
 impl Pipe {
     fn new(table: &RegionTable) -> std::result::Result<Pipe, CudaError> {
         let ordinal = table.gpu().unwrap_or(0);
-        let cuda = Cuda::get().map_err(|reason| CudaError {
-            op: "cuInit",
-            code: 0,
-            name: reason.to_string(),
-        })?;
-        let gpu = cuda.gpu(ordinal)?;
-        gpu.bind()?;
-        let stream = gpu.stream()?;
+        let gpu = crate::gpu::driver()?.gpu(ordinal)?;
+        let copies = CopyQueue::new(gpu, CopySettings::from_env())?;
+        let gpu = copies.gpu();
         let mut slots = Vec::with_capacity(SLOTS);
         for _ in 0..SLOTS {
             slots.push(Slot {
                 buf: gpu.pinned(CHUNK_BYTES)?,
-                desc: gpu.pinned(3 * 8 * MAX_COPIES_PER_SLOT)?,
+                desc: copies.descriptors()?,
                 event: gpu.event()?,
                 busy: false,
             });
         }
-        let kernel = if copy_kernel_enabled() {
-            match gpu.copy_kernel() {
-                Ok(kernel) => Some(kernel),
-                Err(e) => {
-                    crate::debug!("tcp staging: no copy kernel ({e}); copy engines only");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         crate::debug!("tcp staging: {SLOTS} pinned slots of {CHUNK_BYTES} bytes on GPU {ordinal}");
-        crate::debug!(
-            "tcp staging: copies {}",
-            match (&kernel, stream.batched()) {
-                (Some(_), true) => "of small blocks by kernel, others cuMemcpyBatchAsync",
-                (Some(_), false) => "of small blocks by kernel, others one cuMemcpyAsync each",
-                (None, true) => "batched with cuMemcpyBatchAsync",
-                (None, false) => "issued one cuMemcpyAsync each",
-            }
-        );
-        Ok(Pipe {
-            slots,
-            kernel,
-            stream,
-            gpu,
-            batch: CopyBatch::default(),
-        })
+        crate::debug!("tcp staging: copies {}", copies.describe());
+        Ok(Pipe { slots, copies })
     }
 
     /// Waits for every queued copy (used on every exit path that may leave copies queued).
     fn drain(&mut self) -> std::result::Result<(), CudaError> {
-        self.stream.synchronize()?;
+        self.copies.synchronize()?;
         for slot in &mut self.slots {
             slot.busy = false;
         }
@@ -210,8 +98,8 @@ impl Pipe {
 impl Drop for Pipe {
     fn drop(&mut self) {
         // No copy may touch a region or a slot after the connection's thread is gone.
-        let _ = self.gpu.bind();
-        let _ = self.stream.synchronize();
+        let _ = self.copies.gpu().bind();
+        let _ = self.copies.synchronize();
     }
 }
 
@@ -321,18 +209,15 @@ impl SendStaging {
         let base = slot.buf.as_mut_ptr() as u64;
         for segment in &self.segments[start..end] {
             if let Source::Device { addr, at } = segment.source {
-                pipe.batch.push(base + at as u64, addr, segment.len);
+                pipe.copies.push(base + at as u64, addr, segment.len);
             }
         }
         // SAFETY: each source lies in a registered device region (planned from the region
         // table, in bounds by the planner), valid until the engine closes; `at + len <=
         // CHUNK_BYTES` by construction of the plan, so each destination lies in this
         // pinned slot, which is not read before its event below has completed.
-        unsafe {
-            pipe.batch
-                .submit(&pipe.stream, pipe.kernel.as_ref(), &mut slot.desc)?
-        };
-        slot.event.record(&pipe.stream)?;
+        unsafe { pipe.copies.submit(&mut slot.desc)? };
+        pipe.copies.record(&slot.event)?;
         slot.busy = true;
         Ok(())
     }
@@ -355,7 +240,7 @@ impl SendStaging {
             self.pipe = Some(Pipe::new(table)?);
         }
         if let Some(pipe) = &self.pipe {
-            pipe.gpu.bind()?;
+            pipe.copies.gpu().bind()?;
         }
         self.plan(table, layer, runs);
         self.commit = Header {
@@ -499,22 +384,19 @@ impl RecvStaging {
             return Ok(());
         };
         if !self.dirty {
-            pipe.gpu.bind()?;
+            pipe.copies.gpu().bind()?;
         }
         let mut done = 0;
         while done < len {
-            if self.used == CHUNK_BYTES || pipe.batch.len() == MAX_COPIES_PER_SLOT {
+            if self.used == CHUNK_BYTES || pipe.copies.pending() == MAX_COPIES_PER_SLOT {
                 // Close the slot (queue its copies) and move to the next one, waiting for
                 // that one's earlier copies.
                 let slot = &mut pipe.slots[self.current];
                 // SAFETY: gathered copies go from this pinned slot (filled, not touched
                 // again before its event) into device regions (the caller's contract);
                 // the slot's descriptors are free (its last use was waited for).
-                unsafe {
-                    pipe.batch
-                        .submit(&pipe.stream, pipe.kernel.as_ref(), &mut slot.desc)?
-                };
-                slot.event.record(&pipe.stream)?;
+                unsafe { pipe.copies.submit(&mut slot.desc)? };
+                pipe.copies.record(&slot.event)?;
                 slot.busy = true;
                 self.current = (self.current + 1) % SLOTS;
                 let next = &mut pipe.slots[self.current];
@@ -531,7 +413,7 @@ impl RecvStaging {
             let staging = unsafe { slot.buf.as_mut_ptr().add(self.used) };
             read(staging, n).map_err(RecvError::Io)?;
             // Queued with the slot's other copies when it closes, or at the flush.
-            pipe.batch.push(dst + done as u64, staging as u64, n);
+            pipe.copies.push(dst + done as u64, staging as u64, n);
             self.dirty = true;
             self.used += n;
             done += n;
@@ -550,10 +432,7 @@ impl RecvStaging {
             // SAFETY: as at a slot's close: pinned sources untouched until the drain, and
             // the slot's descriptors are free (every earlier launch was drained or closed
             // the slot, whose event is waited for before the slot is used again).
-            unsafe {
-                pipe.batch
-                    .submit(&pipe.stream, pipe.kernel.as_ref(), &mut slot.desc)?
-            };
+            unsafe { pipe.copies.submit(&mut slot.desc)? };
             pipe.drain()?;
         }
         self.dirty = false;

@@ -1,0 +1,127 @@
+//! The segment-copy kernel ([`CopyKernel`]): hand-written PTX (`copy_segments.ptx`),
+//! JIT-compiled by the driver, that moves many small segments in one launch.
+
+use crate::context::Gpu;
+use crate::error::CudaError;
+use crate::stream::Stream;
+use crate::sys::{CUfunction, CUmodule};
+use std::os::raw::{c_uint, c_void};
+use std::sync::Arc;
+
+/// The kernel's PTX, NUL-terminated for `cuModuleLoadData`.
+static PTX: &str = concat!(include_str!("copy_segments.ptx"), "\0");
+
+/// Threads per block of the copy kernel.
+const COPY_THREADS: c_uint = 128;
+/// Most blocks per launch (the kernel strides over further segments).
+const COPY_MAX_BLOCKS: c_uint = 8192;
+
+impl Gpu {
+    /// Loads the segment-copy kernel (`copy_segments.ptx`, JIT-compiled by the driver for
+    /// this GPU) into this GPU's primary context, which it makes current on the calling
+    /// thread.
+    pub fn copy_kernel(self: &Arc<Self>) -> Result<CopyKernel, CudaError> {
+        self.bind()?;
+        let mut module: CUmodule = std::ptr::null_mut();
+        // SAFETY: a NUL-terminated PTX image; valid out-pointer; a context is current.
+        self.cuda.check("cuModuleLoadData", unsafe {
+            (self.cuda.api.module_load_data)(&mut module, PTX.as_ptr().cast())
+        })?;
+        let mut function: CUfunction = std::ptr::null_mut();
+        // SAFETY: a loaded module and a NUL-terminated name.
+        let rc = unsafe {
+            (self.cuda.api.module_get_function)(
+                &mut function,
+                module,
+                c"kvt_copy_segments".as_ptr(),
+            )
+        };
+        // Made before the check so that the module is unloaded on failure too.
+        let kernel = CopyKernel {
+            gpu: self.clone(),
+            module,
+            function,
+        };
+        self.cuda.check("cuModuleGetFunction", rc)?;
+        Ok(kernel)
+    }
+}
+
+/// The segment-copy kernel loaded in a GPU's context; unloaded on drop.
+pub struct CopyKernel {
+    gpu: Arc<Gpu>,
+    module: CUmodule,
+    function: CUfunction,
+}
+
+// SAFETY: module and function handles may be used from any thread with the context current.
+unsafe impl Send for CopyKernel {}
+
+impl CopyKernel {
+    /// Queues one launch that copies `n` segments: `sizes[i]` bytes from `srcs[i]` to
+    /// `dsts[i]`, where `dsts`, `srcs` and `sizes` are arrays of `n` u64 in memory the
+    /// GPU can read (mapped pinned memory).
+    ///
+    /// # Safety
+    /// The three arrays must hold `n` entries and stay unmodified, and every segment's
+    /// source and destination (device memory or mapped pinned host memory) stay valid,
+    /// until the stream (or a later event) has been synchronized; segments must not
+    /// overlap. The stream must belong to this kernel's context, which must be current.
+    pub unsafe fn launch(
+        &self,
+        stream: &Stream,
+        dsts: u64,
+        srcs: u64,
+        sizes: u64,
+        n: u32,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (mut dsts, mut srcs, mut sizes, mut n) = (dsts, srcs, sizes, n);
+        let mut params: [*mut c_void; 4] = [
+            (&mut dsts as *mut u64).cast(),
+            (&mut srcs as *mut u64).cast(),
+            (&mut sizes as *mut u64).cast(),
+            (&mut n as *mut u32).cast(),
+        ];
+        // SAFETY: `params` points at four live values matching the kernel's parameters
+        // (u64, u64, u64, u32), read during the call; the memory contract is the caller's.
+        self.gpu.cuda.check("cuLaunchKernel", unsafe {
+            (self.gpu.cuda.api.launch_kernel)(
+                self.function,
+                n.min(COPY_MAX_BLOCKS),
+                1,
+                1,
+                COPY_THREADS,
+                1,
+                1,
+                0,
+                stream.raw,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+impl Drop for CopyKernel {
+    fn drop(&mut self) {
+        let _current = self.gpu.scoped();
+        // SAFETY: loaded by cuModuleLoadData, unloaded once (launches were synchronized by
+        // the owner's stream drop first).
+        unsafe { (self.gpu.cuda.api.module_unload)(self.module) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PTX;
+
+    #[test]
+    fn ptx_is_one_nul_terminated_image_with_the_entry() {
+        assert!(PTX.ends_with('\0'));
+        assert_eq!(PTX.matches('\0').count(), 1);
+        assert!(PTX.contains(".visible .entry kvt_copy_segments("));
+    }
+}

@@ -1,0 +1,33 @@
+//! GPU memory in the engine, on top of the CUDA driver crate (`kvtransfer-cuda`):
+//! - [`regions`]: which registered regions are device memory ([`detect_region_memory`]);
+//! - [`copy`]: queues of host↔device copies on a stream, batched, by the copy kernel or
+//!   the copy engines, for any transport (TCP staging uses them).
+//!
+//! The driver crate knows nothing of the engine; its errors become [`Error::Cuda`] here.
+
+pub mod copy;
+pub mod regions;
+
+pub use regions::detect_region_memory;
+
+use crate::error::Error;
+use kvtransfer_cuda::{Cuda, CudaError};
+
+impl From<CudaError> for Error {
+    fn from(e: CudaError) -> Error {
+        Error::Cuda {
+            op: e.op,
+            reason: format!("{} ({})", e.name, e.code),
+        }
+    }
+}
+
+/// The process-wide driver, or why there is none as a [`CudaError`] of `cuInit` (for
+/// paths that only run once a region was found to be device memory).
+pub fn driver() -> Result<&'static Cuda, CudaError> {
+    Cuda::get().map_err(|reason| CudaError {
+        op: "cuInit",
+        code: 0,
+        name: reason.to_string(),
+    })
+}
