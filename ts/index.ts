@@ -477,8 +477,8 @@ export class RDMACommunicator extends EventEmitter {
     return key
   }
 
-  /** The engine's outcome of call `callId`: `error` is its `[CODE] text` message. */
-  private onCallSettled(callId: number, error?: string | null): void {
+  /** The engine's outcome of call `callId`: `error` (with its `code`) when it failed. */
+  private onCallSettled(callId: number, error?: Error | null): void {
     const call = this.pendingCalls.get(callId)
     if (!call) return
     this.pendingCalls.delete(callId)
