@@ -236,6 +236,7 @@ export function makePrefill(
     name?: string
     authToken?: string
     writeTimeoutMs?: number
+    connectTimeoutMs?: number
   },
 ): Prefill {
   const { layers, blockNumber, blockBytes } = options
@@ -254,6 +255,7 @@ export function makePrefill(
     name: options.name ?? 'prefill-test',
     authToken: options.authToken ?? '',
     writeTimeoutMs: options.writeTimeoutMs,
+    connectTimeoutMs: options.connectTimeoutMs,
   })
   t?.teardown(() => comm.close())
   return {

@@ -7,6 +7,7 @@ import { EventEmitter } from 'node:events'
 import * as os from 'node:os'
 import { NativeCommunicator, ArrivalNotice } from '../index.js'
 import { ControlServer, exchange } from './control'
+import { type Expiry, withDeadline } from './deadline'
 import { KvTransferError, fromNative, invalidArgument, native, nativeAsync } from './errors'
 
 export { KvTransferError } from './errors'
@@ -49,7 +50,10 @@ export interface CommunicatorOptions {
   host?: string
   /** Name reported to peers in arrival notices (default `hostname:port`). */
   name?: string
-  /** Default timeout of `connect` in milliseconds (default 30000). */
+  /**
+   * Default timeout of `connect` in milliseconds (default 30000); also bounds how long the
+   * engine waits for the data connection to open.
+   */
   connectTimeoutMs?: number
   /**
    * Default timeout of `writeCache` in milliseconds (default 30000; 0: none). A call that
@@ -196,6 +200,14 @@ function toPort(name: string, port: unknown): number {
   return value
 }
 
+/** A timeout: a number of milliseconds in 0..2^31-1 (what Node's timers take). */
+function checkMilliseconds(name: string, value: unknown): number {
+  if (typeof value !== 'number' || !(value >= 0 && value <= 0x7fff_ffff)) {
+    throw invalidArgument(name, `${String(value)} is not a number of milliseconds in 0..${0x7fff_ffff}`)
+  }
+  return value
+}
+
 function checkNonNegativeInteger(name: string, value: unknown, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > max) {
     throw invalidArgument(name, `${String(value)} is not an integer in 0..${max}`)
@@ -260,6 +272,12 @@ export class RDMACommunicator extends EventEmitter {
   private arrivedCount = 0
   private readonly waiters = new Map<string, Set<Waiter>>()
   private readonly pendingCalls = new Map<number, PendingCall>()
+  /**
+   * Data connections that a `connect` gave up on at its deadline while the engine was still
+   * opening them: each settles once that attempt ended and, if it opened, was torn down. A
+   * later `connect` to the same peer waits for it first.
+   */
+  private readonly abandoned = new Map<string, Promise<void>>()
   private nextCallId = 0
   private lastPeerKey: { ip: string; port: number | string; key: string } | undefined
   /**
@@ -312,7 +330,7 @@ export class RDMACommunicator extends EventEmitter {
     this.blockBytes = checkNonNegativeInteger('blockBytes', options.blockBytes, Number.MAX_SAFE_INTEGER)
     if (!Array.isArray(options.localKeyCache)) throw invalidArgument('localKeyCache', 'expected an array of regions')
     if (!Array.isArray(options.localValueCache)) throw invalidArgument('localValueCache', 'expected an array of regions ([] for key-only)')
-    this.connectTimeoutMs = options.connectTimeoutMs ?? 30_000
+    this.connectTimeoutMs = checkMilliseconds('connectTimeoutMs', options.connectTimeoutMs ?? 30_000)
     this.writeTimeoutMs = checkNonNegativeInteger('writeTimeoutMs', options.writeTimeoutMs ?? 30_000, 0x7fff_ffff)
     this.maxPendingArrivals = options.maxPendingArrivals ?? 65_536
     this.boundPort = port
@@ -328,6 +346,8 @@ export class RDMACommunicator extends EventEmitter {
             blockNumber: this.blockNumber,
             blockBytes: this.blockBytes,
             transport: options.transport,
+            // The engine's bound on opening the data connection (a whole millisecond, at least 1).
+            connectTimeoutMs: Math.max(1, Math.ceil(this.connectTimeoutMs)),
             authToken: options.authToken,
           },
           (callId, error) => this.onCallSettled(callId, error),
@@ -374,34 +394,50 @@ export class RDMACommunicator extends EventEmitter {
     const left = () => Math.max(1, timeoutMs - (Date.now() - started))
     const key = `${ip}:${peerPort}`
     const what = `connect to ${ip}:${peerPort}`
+    const deadline = () => ({ timeoutMs: left(), signal: options.signal })
+    const expired = {
+      timeout: (cause?: unknown) =>
+        new KvTransferError('ERR_TIMEOUT', `timed out after ${timeoutMs} ms: ${what}`, { cause }),
+      abort: () => abortError(what),
+    }
+    const earlier = this.abandoned.get(key)
+    if (earlier) await withDeadline(earlier, deadline(), expired)
     // challenge → nonce (the acceptor proves the shared secret), then hello → welcome.
-    const response = await exchange(ip, peerPort, 'challenge', native(() => this.native.authChallenge(key)), left(), options.signal, timeoutMs)
+    const challenge = native(() => this.native.authChallenge(key))
+    const response = await exchange(ip, peerPort, 'challenge', challenge, left(), options.signal, timeoutMs)
     if (options.signal?.aborted) throw abortError(what)
     const hello = native(() => this.native.hello(key, response))
     const reply = await exchange(ip, peerPort, 'hello', hello, left(), options.signal, timeoutMs)
     if (options.signal?.aborted) throw abortError(what)
-    let timer: NodeJS.Timeout | undefined
-    let cancelled: 'abort' | 'timeout' | undefined
-    const cancel = (reason: 'abort' | 'timeout') => {
-      cancelled ??= reason
-    }
-    const onAbort = () => cancel('abort')
-    options.signal?.addEventListener('abort', onAbort, { once: true })
-    timer = setTimeout(() => cancel('timeout'), left())
-    try {
-      await nativeAsync(this.native.finishConnect(key, ip, reply))
-    } finally {
-      clearTimeout(timer)
-      timer = undefined
-      options.signal?.removeEventListener('abort', onAbort)
-    }
-    if (cancelled) {
-      // The data path opened after the deadline or abort: tear it down before rejecting.
-      await this.native.cancelPeer(key, cancelled, timeoutMs)
-      if (cancelled === 'abort') throw abortError(what)
-      throw new KvTransferError('ERR_TIMEOUT', `timed out after ${timeoutMs} ms: ${what}`)
-    }
+    // The engine bounds opening the data path by `connectTimeoutMs`; this call's deadline
+    // may end the wait earlier, and then the attempt is torn down once it ends.
+    const opening = nativeAsync(this.native.finishConnect(key, ip, reply))
+    const outcome = opening.catch((error: unknown) => {
+      // The engine's bound and this call's deadline ended together: report the deadline.
+      throw Date.now() - started >= timeoutMs ? expired.timeout(error) : error
+    })
+    await withDeadline(outcome, deadline(), {
+      ...expired,
+      abandon: (reason) => this.abandon(key, opening, reason, timeoutMs),
+    })
     return true
+  }
+
+  /** Tears the data path that `opening` opens down as soon as it opened (see `abandoned`). */
+  private abandon(key: string, opening: Promise<void>, reason: Expiry, timeoutMs: number): void {
+    const ended: Promise<void> = opening
+      .then(
+        () => this.native.cancelPeer(key, reason, timeoutMs),
+        () => undefined,
+      )
+      .then(
+        () => undefined,
+        () => undefined,
+      )
+      .finally(() => {
+        if (this.abandoned.get(key) === ended) this.abandoned.delete(key)
+      })
+    this.abandoned.set(key, ended)
   }
 
   /** Whether a usable connection to `ip:port` exists. */
