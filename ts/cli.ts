@@ -15,7 +15,7 @@ import {
   runAgent,
   runBench,
   runOverhead,
-} from './bench'
+} from './bench/index'
 
 const BENCH_HELP = `Usage: kvtransfer bench [options]
 
