@@ -29,7 +29,7 @@ else tail -40 "$LOG/napi.log"; bad "napi build"; fi
 if readelf -d kvtransfer.linux-x64-gnu.node | grep -E 'NEEDED.*(ibverbs|rdmacm)'; then bad "the addon links rdma-core"; else ok "no NEEDED rdma-core entry in the addon"; fi
 
 step "TypeScript"
-if npx tsc -p tsconfig.json >"$LOG/tsc.log" 2>&1 && npx tsc -p __test__/tsconfig.json --noEmit >>"$LOG/tsc.log" 2>&1; then ok "tsc (package and tests)"
+if npx tsc -p tsconfig.json >"$LOG/tsc.log" 2>&1 && npx tsc -p __test__/tsconfig.json --noEmit >>"$LOG/tsc.log" 2>&1; then ok "tsc (package, tests and scripts)"
 else cat "$LOG/tsc.log"; bad "tsc"; fi
 
 step "cargo test"
