@@ -89,7 +89,10 @@ function withDataPort(envelope: Buffer, port: number): Buffer {
 async function controlProxy(t: ExecutionContext, target: number) {
   const router = new zmq.Router({ linger: 0 })
   await router.bind(`tcp://${LOOPBACK}:0`)
-  const state = { port: Number(/:(\d+)$/.exec(router.lastEndpoint ?? '')?.[1]), dataPort: undefined as number | undefined }
+  const state = {
+    port: Number(/:(\d+)$/.exec(router.lastEndpoint ?? '')?.[1]),
+    dataPort: undefined as number | undefined,
+  }
   const serve = async () => {
     for await (const [identity, ...request] of router) {
       const dealer = new zmq.Dealer({ linger: 0, receiveTimeout: 10_000 })
@@ -115,7 +118,12 @@ async function controlProxy(t: ExecutionContext, target: number) {
 }
 
 /** Connects for real (the proxy no longer redirects), writes one block, checks it landed. */
-async function connectAndWrite(t: ExecutionContext, prefill: ReturnType<typeof makePrefill>, port: number, keys: Buffer[]) {
+async function connectAndWrite(
+  t: ExecutionContext,
+  prefill: ReturnType<typeof makePrefill>,
+  port: number,
+  keys: Buffer[],
+) {
   const started = Date.now()
   t.true(await prefill.comm.connect(LOOPBACK, port, { timeoutMs: ms(30_000) }))
   const took = Date.now() - started

@@ -60,7 +60,8 @@ export function fromNative(error: unknown): KvTransferError {
   if (error instanceof KvTransferError) return error
   const code = (error as { code?: unknown } | null | undefined)?.code
   const message = error instanceof Error ? error.message : String(error)
-  if (typeof code === 'string' && KNOWN_CODES.has(code)) return new KvTransferError(code as KvTransferErrorCode, message)
+  if (typeof code === 'string' && KNOWN_CODES.has(code))
+    return new KvTransferError(code as KvTransferErrorCode, message)
   return new KvTransferError('ERR_IO', message, { cause: error })
 }
 

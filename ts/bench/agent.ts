@@ -79,7 +79,11 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
       // memory footprint: cold destination pages); else into one hot 4 MiB buffer.
       const chunk = 4 * 2 ** 20
       const hot = Buffer.allocUnsafe(chunk)
-      const slices = message.walk ? [...state.keys, ...state.values].flatMap((r) => Array.from({ length: Math.floor(r.length / chunk) }, (_, i) => r.subarray(i * chunk, (i + 1) * chunk))) : []
+      const slices = message.walk
+        ? [...state.keys, ...state.values].flatMap((r) =>
+            Array.from({ length: Math.floor(r.length / chunk) }, (_, i) => r.subarray(i * chunk, (i + 1) * chunk)),
+          )
+        : []
       let next = 0
       const socket = net.connect({
         host,
@@ -168,7 +172,9 @@ export async function runAgent(port: number, ipc: boolean): Promise<void> {
     process.disconnect?.()
     return
   }
-  console.error(`kvtransfer bench agent: listening on port ${bound}; run 'kvtransfer bench --connect <this-host>:${bound}' on the prefill host`)
+  console.error(
+    `kvtransfer bench agent: listening on port ${bound}; run 'kvtransfer bench --connect <this-host>:${bound}' on the prefill host`,
+  )
   let busy = Promise.resolve()
   server.on('connection', (socket) => {
     console.error(`kvtransfer bench agent: driver ${socket.remoteAddress}:${socket.remotePort} connected`)

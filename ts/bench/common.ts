@@ -81,7 +81,8 @@ export interface BenchReport {
 }
 
 export function errorText(error: unknown): string {
-  if (error instanceof Error) return (error as { code?: string }).code ? `${(error as { code?: string }).code}: ${error.message}` : error.message
+  if (error instanceof Error)
+    return (error as { code?: string }).code ? `${(error as { code?: string }).code}: ${error.message}` : error.message
   return String(error)
 }
 
@@ -119,7 +120,10 @@ export function parseSize(text: string): number {
 /** `1K-256K` (powers of two in between), `1K,64K`, or a mix. */
 export function parseSizes(text: string): number[] {
   const out: number[] = []
-  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+  for (const part of text
+    .split(',')
+    .map((p) => p.trim())
+    .filter(Boolean)) {
     const range = /^(.+?)-(.+)$/.exec(part)
     if (range) {
       const [lo, hi] = [parseSize(range[1]), parseSize(range[2])]
@@ -128,7 +132,8 @@ export function parseSizes(text: string): number[] {
       out.push(parseSize(part))
     }
   }
-  if (out.length === 0 || out.some((s) => !Number.isInteger(s) || s < 1)) throw new Error(`'${text}' selects no block sizes`)
+  if (out.length === 0 || out.some((s) => !Number.isInteger(s) || s < 1))
+    throw new Error(`'${text}' selects no block sizes`)
   return [...new Set(out)].sort((a, b) => a - b)
 }
 
@@ -189,4 +194,3 @@ export class Progress {
     if (this.enabled) process.stderr.write(`\r${' '.repeat(78)}\r`)
   }
 }
-

@@ -52,7 +52,12 @@ export async function startAgent(options: BenchOptions): Promise<Agent> {
     child.once('exit', (code) => reject(new Error(`the bench agent exited with code ${code} before listening`)))
   })
   const socket = await connectSocket('127.0.0.1', port)
-  return { channel: new Channel(socket), host: '127.0.0.1', child, describe: `forked agent (pid ${child.pid}) on loopback` }
+  return {
+    channel: new Channel(socket),
+    host: '127.0.0.1',
+    child,
+    describe: `forked agent (pid ${child.pid}) on loopback`,
+  }
 }
 
 /**
@@ -70,7 +75,11 @@ async function referenceStream(agent: Agent, ms: number, progress: Progress, pre
   server.close()
   socket.setNoDelay(true)
   const slices = walk
-    ? [...prefill.keys, ...prefill.values].flatMap((r) => Array.from({ length: Math.floor(r.length / chunkBytes) }, (_, i) => r.subarray(i * chunkBytes, (i + 1) * chunkBytes)))
+    ? [...prefill.keys, ...prefill.values].flatMap((r) =>
+        Array.from({ length: Math.floor(r.length / chunkBytes) }, (_, i) =>
+          r.subarray(i * chunkBytes, (i + 1) * chunkBytes),
+        ),
+      )
     : []
   if (slices.length === 0) slices.push(randomFillSync(Buffer.allocUnsafe(chunkBytes)))
   const start = process.hrtime.bigint()
@@ -98,13 +107,18 @@ async function referenceStream(agent: Agent, ms: number, progress: Progress, pre
   }
 }
 
-
 interface Prefill {
   keys: Buffer[]
   values: Buffer[]
 }
 
-async function benchSize(agent: Agent, options: BenchOptions, prefill: Prefill, blockBytes: number, progress: Progress): Promise<SizeResult> {
+async function benchSize(
+  agent: Agent,
+  options: BenchOptions,
+  prefill: Prefill,
+  blockBytes: number,
+  progress: Progress,
+): Promise<SizeResult> {
   const label = formatSize(blockBytes).padStart(7)
   const setup = (await agent.channel.call({
     op: 'setup',
@@ -124,7 +138,10 @@ async function benchSize(agent: Agent, options: BenchOptions, prefill: Prefill, 
   })
   try {
     await comm.connect(agent.host, setup.port)
-    const local = options.pattern === 'scattered' ? permutation(options.batch) : Uint32Array.from({ length: options.batch }, (_, i) => i)
+    const local =
+      options.pattern === 'scattered'
+        ? permutation(options.batch)
+        : Uint32Array.from({ length: options.batch }, (_, i) => i)
     const remote = options.pattern === 'scattered' ? permutation(options.batch) : local
     const call = (layer: number) => comm.writeCache(agent.host, setup.port, local, remote, layer)
     // Warm-up: every layer once (so every block verified below was written), plus extra calls.
@@ -147,7 +164,9 @@ async function benchSize(agent: Agent, options: BenchOptions, prefill: Prefill, 
         latencies.push(Number(process.hrtime.bigint() - t0) / 1e6)
         finished++
         const seconds = Number(process.hrtime.bigint() - start) / 1e9
-        progress.update(`[${label}] ${finished} calls  ${((finished * bytesPerCall) / seconds / 1e9).toFixed(2)} GB/s  ${seconds.toFixed(1)} s`)
+        progress.update(
+          `[${label}] ${finished} calls  ${((finished * bytesPerCall) / seconds / 1e9).toFixed(2)} GB/s  ${seconds.toFixed(1)} s`,
+        )
       }
     }
     await Promise.all(Array.from({ length: options.concurrency }, lane))
@@ -166,9 +185,18 @@ async function benchSize(agent: Agent, options: BenchOptions, prefill: Prefill, 
       const kind = Math.floor(index / options.batch) % 2
       const i = index % options.batch
       const region = (kind === 0 ? prefill.keys : prefill.values)[layer]
-      samples.push([layer, kind, remote[i], digest(region.subarray(local[i] * blockBytes, (local[i] + 1) * blockBytes))])
+      samples.push([
+        layer,
+        kind,
+        remote[i],
+        digest(region.subarray(local[i] * blockBytes, (local[i] + 1) * blockBytes)),
+      ])
     }
-    const verdict = (await agent.channel.call({ op: 'verify', samples })) as { checked: number; mismatches: number; detail: string[] }
+    const verdict = (await agent.channel.call({ op: 'verify', samples })) as {
+      checked: number
+      mismatches: number
+      detail: string[]
+    }
     progress.clear()
     latencies.sort((a, b) => a - b)
     const bytes = finished * bytesPerCall
@@ -196,7 +224,12 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   try {
     const maxBlockBytes = Math.max(...options.sizes)
     progress.update('[setup] allocating regions', true)
-    const init = (await agent.channel.call({ op: 'init', layers: options.layers, blocks: options.batch, maxBlockBytes })) as { host: string }
+    const init = (await agent.channel.call({
+      op: 'init',
+      layers: options.layers,
+      blocks: options.batch,
+      maxBlockBytes,
+    })) as { host: string }
     const bytes = options.batch * maxBlockBytes
     const prefill: Prefill = {
       keys: Array.from({ length: options.layers }, () => randomFillSync(Buffer.allocUnsafe(bytes))),
@@ -217,8 +250,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       if (options.streamMs > 0) {
         report.reference.streamHot = await referenceStream(agent, options.streamMs, progress, prefill, false)
         report.reference.stream = await referenceStream(agent, options.streamMs, progress, prefill, true)
-      }
-      else report.reference.skipped = 'reference stream disabled (--stream-ms 0)'
+      } else report.reference.skipped = 'reference stream disabled (--stream-ms 0)'
     } else {
       report.reference.perftest = []
     }
@@ -227,7 +259,8 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
         // Reference and transfer back to back, per size.
         const [entry] = (await perftestReference(agent, options, progress, [blockBytes])) ?? []
         if (entry) report.reference.perftest?.push(entry)
-        if (entry?.skipped && !report.reference.skipped) report.reference.skipped = `ib_write_bw reference skipped: ${entry.skipped}`
+        if (entry?.skipped && !report.reference.skipped)
+          report.reference.skipped = `ib_write_bw reference skipped: ${entry.skipped}`
       }
       const result = await benchSize(agent, options, prefill, blockBytes, progress)
       const ref =

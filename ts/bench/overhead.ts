@@ -41,9 +41,13 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
   const rows: OverheadRow[] = []
   try {
     await agent.channel.call({ op: 'init', layers: options.layers, blocks: options.batch, maxBlockBytes: blockBytes })
-    const setup = (await agent.channel.call({ op: 'setup', blockBytes, transport: options.transport })) as { port: number }
+    const setup = (await agent.channel.call({ op: 'setup', blockBytes, transport: options.transport })) as {
+      port: number
+    }
     const keys = Array.from({ length: options.layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
-    const values = Array.from({ length: options.layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
+    const values = Array.from({ length: options.layers }, () =>
+      randomFillSync(Buffer.alloc(options.batch * blockBytes)),
+    )
     const comm = new RDMACommunicator({
       role: 'prefill',
       gpuIdx: 0,
@@ -76,17 +80,31 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
           progress.update(`[overhead] ${name} ${round}/${rounds + 10}`)
         }
         perCall.sort((a, b) => a - b)
-        rows.push({ case: name, medianUs: percentile(perCall, 50), p99Us: percentile(perCall, 99), calls: rounds * burst, note })
+        rows.push({
+          case: name,
+          medianUs: percentile(perCall, 50),
+          p99Us: percentile(perCall, 99),
+          calls: rounds * burst,
+          note,
+        })
       }
-      await measure('Uint32Array, scattered ids', 'sync part: wrapper + napi + validate + plan + hand-off + Promise', () =>
-        comm.writeCache(host, port, scattered[0], scattered[1], 0),
+      await measure(
+        'Uint32Array, scattered ids',
+        'sync part: wrapper + napi + validate + plan + hand-off + Promise',
+        () => comm.writeCache(host, port, scattered[0], scattered[1], 0),
       )
-      await measure('Uint32Array, contiguous ids', 'same, ids coalesce into one run', () => comm.writeCache(host, port, contiguous, contiguous, 0))
-      await measure('number[] (local), Uint32Array (remote)', 'plain arrays are converted to Float64Array in TS first', () =>
-        comm.writeCache(host, port, plainArray, scattered[1], 0),
+      await measure('Uint32Array, contiguous ids', 'same, ids coalesce into one run', () =>
+        comm.writeCache(host, port, contiguous, contiguous, 0),
       )
-      await measure('refused after validating all ids', 'last remote id out of range: includes building the error', () =>
-        comm.writeCache(host, port, scattered[0], badRemote, 0).catch(() => undefined),
+      await measure(
+        'number[] (local), Uint32Array (remote)',
+        'plain arrays are converted to Float64Array in TS first',
+        () => comm.writeCache(host, port, plainArray, scattered[1], 0),
+      )
+      await measure(
+        'refused after validating all ids',
+        'last remote id out of range: includes building the error',
+        () => comm.writeCache(host, port, scattered[0], badRemote, 0).catch(() => undefined),
       )
       // One call at a time, awaited: the whole round trip of 1538 one-byte blocks.
       const rtts: number[] = []
@@ -112,13 +130,21 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
     progress.clear()
     agent.channel.socket.end()
   }
-  return { tool: 'kvtransfer bench --overhead', date: new Date().toISOString(), machine: machineInfo(), batch: options.batch, blockBytes, rows }
+  return {
+    tool: 'kvtransfer bench --overhead',
+    date: new Date().toISOString(),
+    machine: machineInfo(),
+    batch: options.batch,
+    blockBytes,
+    rows,
+  }
 }
 
 export function formatOverhead(report: OverheadReport): string {
   const header = ['case', 'median µs/call', 'p99 µs/call', 'calls']
   const rows = report.rows.map((r) => [r.case, r.medianUs.toFixed(2), r.p99Us.toFixed(2), String(r.calls)])
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)))
-  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ')
+  const line = (cells: string[]) =>
+    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ')
   return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n')
 }

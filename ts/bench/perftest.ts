@@ -16,7 +16,19 @@ export interface PerftestSettings {
 }
 
 export function perftestArgs(s: PerftestSettings): string[] {
-  return ['-d', s.device, '-x', String(s.gidIndex), '-s', String(s.size), '-n', String(s.iterations), '-F', '-p', String(s.port)]
+  return [
+    '-d',
+    s.device,
+    '-x',
+    String(s.gidIndex),
+    '-s',
+    String(s.size),
+    '-n',
+    String(s.iterations),
+    '-F',
+    '-p',
+    String(s.port),
+  ]
 }
 
 /**
@@ -31,7 +43,14 @@ export function parsePerftestBandwidth(output: string): number | undefined {
 export function parsePerftestReport(output: string): { gbps?: number; raw: string } {
   const lines = output.split('\n')
   const at = lines.findIndex((l) => l.includes('BW average[MB/sec]'))
-  if (at < 0) return { raw: lines.map((l) => l.trim()).filter(Boolean).slice(-3).join(' | ') }
+  if (at < 0)
+    return {
+      raw: lines
+        .map((l) => l.trim())
+        .filter(Boolean)
+        .slice(-3)
+        .join(' | '),
+    }
   const columns = lines[at].trim().split(/\s{2,}/)
   const column = columns.findIndex((c) => c.includes('BW average'))
   for (const line of lines.slice(at + 1)) {
@@ -45,7 +64,11 @@ export function parsePerftestReport(output: string): { gbps?: number; raw: strin
   return { raw: `${lines[at].trim()} / (no data row)` }
 }
 
-export function runProcess(binary: string, args: string[], timeoutMs: number): Promise<{ code: number | null; output: string }> {
+export function runProcess(
+  binary: string,
+  args: string[],
+  timeoutMs: number,
+): Promise<{ code: number | null; output: string }> {
   return new Promise((resolve) => {
     const child = spawn(binary, args, { stdio: ['ignore', 'pipe', 'pipe'] })
     let output = ''
@@ -115,7 +138,12 @@ export function startPerftestServer(binary: string, settings: PerftestSettings):
     const started = Date.now()
     const poll = setInterval(() => {
       const listening = tcpListening(settings.port)
-      if (listening === true || output.includes('Waiting for client') || (listening === undefined && Date.now() - started > 1500)) finish()
+      if (
+        listening === true ||
+        output.includes('Waiting for client') ||
+        (listening === undefined && Date.now() - started > 1500)
+      )
+        finish()
     }, 50)
     const timer = setTimeout(finish, 20_000)
     void exited.then(finish)
@@ -139,7 +167,13 @@ export async function stopPerftestServer(server: PerftestServer | undefined): Pr
 }
 
 export function rdmaDevice(options: { rdmaDevice?: string }): string | undefined {
-  return options.rdmaDevice ?? (process.env.KVCACHE_RDMA_NICS ?? '').split(',').map((s) => s.trim()).find(Boolean)
+  return (
+    options.rdmaDevice ??
+    (process.env.KVCACHE_RDMA_NICS ?? '')
+      .split(',')
+      .map((s) => s.trim())
+      .find(Boolean)
+  )
 }
 
 export function gidIndex(options: { gidIndex?: number }): number {
@@ -160,7 +194,8 @@ export async function perftestReference(
   const binary = findOnPath('ib_write_bw')
   const device = rdmaDevice(options)
   if (!binary) return sizes.map((size) => ({ size, skipped: 'ib_write_bw (perftest) is not installed' }))
-  if (!device) return sizes.map((size) => ({ size, skipped: 'no RDMA device: pass --rdma-dev or set KVCACHE_RDMA_NICS' }))
+  if (!device)
+    return sizes.map((size) => ({ size, skipped: 'no RDMA device: pass --rdma-dev or set KVCACHE_RDMA_NICS' }))
   if (options.perftestIterations === 0) return sizes.map((size) => ({ size, skipped: 'disabled (--perftest-iters 0)' }))
   const out: NonNullable<BenchReport['reference']['perftest']> = []
   for (const size of sizes) {
@@ -177,7 +212,10 @@ export async function perftestReference(
         iterations: options.perftestIterations,
         port: options.perftestPort + 2 * index + attempt,
       }
-      const server = (await agent.channel.call({ op: 'perftest-server', settings })) as { ok: boolean; skipped?: string }
+      const server = (await agent.channel.call({ op: 'perftest-server', settings })) as {
+        ok: boolean
+        skipped?: string
+      }
       if (!server.ok) {
         entry = { size, skipped: server.skipped ?? 'the agent could not start ib_write_bw' }
         continue
@@ -189,7 +227,10 @@ export async function perftestReference(
         entry = { size, gbps: parsed.gbps, raw: parsed.raw }
       } else {
         const serverTail = (stopped.output ?? '').trim().split('\n').slice(-2).join(' | ')
-        entry = { size, skipped: `ib_write_bw gave no bandwidth (client exit ${client.code}): ${parsed.raw}${serverTail ? ` [server: ${serverTail}]` : ''}` }
+        entry = {
+          size,
+          skipped: `ib_write_bw gave no bandwidth (client exit ${client.code}): ${parsed.raw}${serverTail ? ` [server: ${serverTail}]` : ''}`,
+        }
         progress.clear()
         console.error(`ib_write_bw -s ${size}, attempt ${attempt + 1}: unparsable report: ${parsed.raw}`)
       }
