@@ -11,7 +11,7 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** The native half of `RDMACommunicator`; use the TypeScript class instead. */
 export declare class NativeCommunicator {
-  constructor(options: NativeOptions, onCallSettled: (arg0: number, arg1?: string | undefined | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
+  constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
   /** "tcp" or "rdma": the transport this side offers. */
   get transport(): string
   /** First handshake message to the peer `peer_key`: this side's nonce. */
@@ -52,6 +52,12 @@ export interface ArrivalNotice {
   layerIdx: number
   blocks: number
 }
+
+/**
+ * Every code an engine error can have (`err.code` of every error this addon throws or
+ * rejects with), from the engine's one list.
+ */
+export declare function errorCodes(): Array<string>
 
 export interface NativeOptions {
   /** "prefill" or "decode". */

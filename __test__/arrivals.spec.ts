@@ -3,7 +3,19 @@
  * reports what it got plus the digests of its memory at that moment.
  */
 import test, { type ExecutionContext } from 'ava'
-import { HOST, Mirror, assertPeerMatches, connect, differences, eventually, makePrefill, ms, spawnPeer, sleep, type Arrival } from './helpers.js'
+import {
+  HOST,
+  Mirror,
+  assertPeerMatches,
+  connect,
+  differences,
+  eventually,
+  makePrefill,
+  ms,
+  spawnPeer,
+  sleep,
+  type Arrival,
+} from './helpers.js'
 
 const LAYERS = 3
 const BLOCK_BYTES = 8192
@@ -11,7 +23,12 @@ const BLOCKS = 16
 
 async function setup(t: ExecutionContext) {
   const peer = await spawnPeer(t, { layers: LAYERS, blockNumber: BLOCKS, blockBytes: BLOCK_BYTES })
-  const prefill = makePrefill(t, { layers: LAYERS, blockNumber: BLOCKS, blockBytes: BLOCK_BYTES, name: 'prefill-arrivals' })
+  const prefill = makePrefill(t, {
+    layers: LAYERS,
+    blockNumber: BLOCKS,
+    blockBytes: BLOCK_BYTES,
+    name: 'prefill-arrivals',
+  })
   const mirror = new Mirror(prefill, BLOCKS)
   await connect(t, prefill, peer)
   return { peer, prefill, mirror }
@@ -19,23 +36,29 @@ async function setup(t: ExecutionContext) {
 
 const byLayer = (a: Arrival, b: Arrival) => a.layerIdx - b.layerIdx
 
-test.serial('bigint tag: waitForArrival (registered first) resolves once all layers landed, bytes already there', async (t) => {
-  const { peer, prefill, mirror } = await setup(t)
-  const tag = 0xffff_ffff_ffff_fffen
-  const wait = await peer.startWait(tag, { layers: [0, 1, 2], timeoutMs: ms(60_000) })
-  const local = [3, 4, 5, 9]
-  const remote = [0, 1, 2, 15]
-  for (let layer = 0; layer < LAYERS; layer++) {
-    await prefill.comm.writeCache(HOST, peer.port, local, remote, layer, { tag })
-    mirror.apply(layer, local, remote)
-  }
-  const outcome = await wait.finish()
-  t.true(outcome.ok, outcome.error?.message)
-  const arrivals = [...outcome.arrivals!].sort(byLayer)
-  t.deepEqual(arrivals, [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 4 })))
-  t.is(typeof arrivals[0].tag, 'bigint')
-  t.deepEqual(differences(outcome.digests!, mirror.digests()), [], 'every byte is in place when the wait resolves')
-})
+test.serial(
+  'bigint tag: waitForArrival (registered first) resolves once all layers landed, bytes already there',
+  async (t) => {
+    const { peer, prefill, mirror } = await setup(t)
+    const tag = 0xffff_ffff_ffff_fffen
+    const wait = await peer.startWait(tag, { layers: [0, 1, 2], timeoutMs: ms(60_000) })
+    const local = [3, 4, 5, 9]
+    const remote = [0, 1, 2, 15]
+    for (let layer = 0; layer < LAYERS; layer++) {
+      await prefill.comm.writeCache(HOST, peer.port, local, remote, layer, { tag })
+      mirror.apply(layer, local, remote)
+    }
+    const outcome = await wait.finish()
+    t.true(outcome.ok, outcome.error?.message)
+    const arrivals = [...outcome.arrivals!].sort(byLayer)
+    t.deepEqual(
+      arrivals,
+      [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 4 })),
+    )
+    t.is(typeof arrivals[0].tag, 'bigint')
+    t.deepEqual(differences(outcome.digests!, mirror.digests()), [], 'every byte is in place when the wait resolves')
+  },
+)
 
 test.serial('waitForArrival resolves only when every requested layer arrived', async (t) => {
   const { peer, prefill, mirror } = await setup(t)
@@ -79,7 +102,10 @@ test.serial('string tag: notices that arrive before the wait are kept', async (t
   const wait = await peer.startWait(tag, { layers: [2, 0, 1], timeoutMs: ms(5_000) })
   const outcome = await wait.finish()
   t.true(outcome.ok, outcome.error?.message)
-  t.deepEqual([...outcome.arrivals!].sort(byLayer), [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 2 })))
+  t.deepEqual(
+    [...outcome.arrivals!].sort(byLayer),
+    [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 2 })),
+  )
   t.deepEqual(differences(outcome.digests!, mirror.digests()), [])
   // A string tag and a bigint tag with the same digits are different tags.
   const other = await peer.startWait('42', { timeoutMs: 200 })
@@ -124,14 +150,17 @@ test.serial("'arrival' events fire exactly once per tagged call, none for untagg
     { layer: 0, tag: 'b', blocks: [7] }, // the same layer twice: two events
     { layer: 1, tag: 0n, blocks: [] }, // an empty tagged call still reports
   ]
-  await Promise.all(calls.map((c) => prefill.comm.writeCache(HOST, peer.port, c.blocks, c.blocks, c.layer, { tag: c.tag })))
+  await Promise.all(
+    calls.map((c) => prefill.comm.writeCache(HOST, peer.port, c.blocks, c.blocks, c.layer, { tag: c.tag })),
+  )
   // Untagged calls: no events.
   await prefill.comm.writeCache(HOST, peer.port, [8, 9], [8, 9], 2)
   await prefill.comm.writeCache(HOST, peer.port, [10], [10], 0, {})
   t.true(await eventually(async () => (await peer.events()).length >= calls.length, ms(10_000)), 'all events arrive')
   await sleep(ms(500)) // room for duplicates to show up
   const events = await peer.events()
-  const key = (e: { layer: number; tag: bigint | string; blocks: number }) => `${typeof e.tag}:${String(e.tag)}:${e.layer}:${e.blocks}`
+  const key = (e: { layer: number; tag: bigint | string; blocks: number }) =>
+    `${typeof e.tag}:${String(e.tag)}:${e.layer}:${e.blocks}`
   t.deepEqual(
     events.map((e) => key({ layer: e.layerIdx, tag: e.tag, blocks: e.blocks })).sort(),
     calls.map((c) => key({ layer: c.layer, tag: c.tag, blocks: c.blocks.length })).sort(),
@@ -139,51 +168,56 @@ test.serial("'arrival' events fire exactly once per tagged call, none for untagg
   t.true(events.every((e) => e.peer === 'prefill-arrivals'))
 })
 
-test.serial('60 layers, tags interleaved from two prefill peers into one decode: each notice once, after its bytes', async (t) => {
-  const layers = 60
-  const blocks = 16
-  const blockBytes = 1024
-  const peer = await spawnPeer(t, { layers, blockNumber: blocks, blockBytes })
-  const a = makePrefill(t, { layers, blockNumber: blocks, blockBytes, name: 'prefill-a' })
-  const b = makePrefill(t, { layers, blockNumber: blocks, blockBytes, name: 'prefill-b' })
-  await connect(t, a, peer)
-  await connect(t, b, peer)
-  const mirrorA = new Mirror(a, blocks)
-  const mirrorB = new Mirror(b, blocks)
-  const tags = { a: ['a-0', 'a-1'], b: [7n, 8n] }
-  const waits = await Promise.all([...tags.a, ...tags.b].map((tag) => peer.startWait(tag, { layers, timeoutMs: ms(120_000) })))
-  // Peer a writes remote blocks 0..7 (tag a-0 even layers' ids 0..3, a-1 ids 4..7), peer b 8..15.
-  const calls: Promise<void>[] = []
-  for (let layer = 0; layer < layers; layer++) {
-    for (let i = 0; i < 2; i++) {
-      const localA = [i * 4, i * 4 + 1, i * 4 + 2, i * 4 + 3]
-      const localB = [15 - i * 4, 14 - i * 4, 13 - i * 4, 12 - i * 4]
-      const remoteA = localA
-      const remoteB = [8 + i * 4, 9 + i * 4, 10 + i * 4, 11 + i * 4]
-      calls.push(a.comm.writeCache(HOST, peer.port, localA, remoteA, layer, { tag: tags.a[i] }))
-      calls.push(b.comm.writeCache(HOST, peer.port, localB, remoteB, layer, { tag: tags.b[i] }))
-      mirrorA.apply(layer, localA, remoteA)
-      mirrorB.apply(layer, localB, remoteB)
-    }
-  }
-  await Promise.all(calls)
-  for (let layer = 0; layer < layers; layer++) {
-    mirrorB.keys[layer].copy(mirrorA.keys[layer], 8 * blockBytes, 8 * blockBytes)
-    mirrorB.values[layer].copy(mirrorA.values[layer], 8 * blockBytes, 8 * blockBytes)
-  }
-  for (const wait of waits) {
-    const outcome = await wait.finish()
-    t.true(outcome.ok, outcome.error?.message)
-    t.is(outcome.arrivals!.length, layers)
-    t.deepEqual(
-      outcome.arrivals!.map((x) => x.layerIdx).sort((x, y) => x - y),
-      Array.from({ length: layers }, (_, i) => i),
+test.serial(
+  '60 layers, tags interleaved from two prefill peers into one decode: each notice once, after its bytes',
+  async (t) => {
+    const layers = 60
+    const blocks = 16
+    const blockBytes = 1024
+    const peer = await spawnPeer(t, { layers, blockNumber: blocks, blockBytes })
+    const a = makePrefill(t, { layers, blockNumber: blocks, blockBytes, name: 'prefill-a' })
+    const b = makePrefill(t, { layers, blockNumber: blocks, blockBytes, name: 'prefill-b' })
+    await connect(t, a, peer)
+    await connect(t, b, peer)
+    const mirrorA = new Mirror(a, blocks)
+    const mirrorB = new Mirror(b, blocks)
+    const tags = { a: ['a-0', 'a-1'], b: [7n, 8n] }
+    const waits = await Promise.all(
+      [...tags.a, ...tags.b].map((tag) => peer.startWait(tag, { layers, timeoutMs: ms(120_000) })),
     )
-  }
-  t.true(await eventually(async () => (await peer.events()).length === layers * 4, ms(10_000)))
-  const events = await peer.events()
-  const seen = new Set(events.map((e) => `${e.peer}|${String(e.tag)}|${e.layerIdx}`))
-  t.is(seen.size, layers * 4, 'every (peer, tag, layer) notice exactly once')
-  t.true(events.every((e) => (e.peer === 'prefill-a') === (typeof e.tag === 'string') && e.blocks === 4))
-  await assertPeerMatches(t, peer, mirrorA)
-})
+    // Peer a writes remote blocks 0..7 (tag a-0 even layers' ids 0..3, a-1 ids 4..7), peer b 8..15.
+    const calls: Promise<void>[] = []
+    for (let layer = 0; layer < layers; layer++) {
+      for (let i = 0; i < 2; i++) {
+        const localA = [i * 4, i * 4 + 1, i * 4 + 2, i * 4 + 3]
+        const localB = [15 - i * 4, 14 - i * 4, 13 - i * 4, 12 - i * 4]
+        const remoteA = localA
+        const remoteB = [8 + i * 4, 9 + i * 4, 10 + i * 4, 11 + i * 4]
+        calls.push(a.comm.writeCache(HOST, peer.port, localA, remoteA, layer, { tag: tags.a[i] }))
+        calls.push(b.comm.writeCache(HOST, peer.port, localB, remoteB, layer, { tag: tags.b[i] }))
+        mirrorA.apply(layer, localA, remoteA)
+        mirrorB.apply(layer, localB, remoteB)
+      }
+    }
+    await Promise.all(calls)
+    for (let layer = 0; layer < layers; layer++) {
+      mirrorB.keys[layer].copy(mirrorA.keys[layer], 8 * blockBytes, 8 * blockBytes)
+      mirrorB.values[layer].copy(mirrorA.values[layer], 8 * blockBytes, 8 * blockBytes)
+    }
+    for (const wait of waits) {
+      const outcome = await wait.finish()
+      t.true(outcome.ok, outcome.error?.message)
+      t.is(outcome.arrivals!.length, layers)
+      t.deepEqual(
+        outcome.arrivals!.map((x) => x.layerIdx).sort((x, y) => x - y),
+        Array.from({ length: layers }, (_, i) => i),
+      )
+    }
+    t.true(await eventually(async () => (await peer.events()).length === layers * 4, ms(10_000)))
+    const events = await peer.events()
+    const seen = new Set(events.map((e) => `${e.peer}|${String(e.tag)}|${e.layerIdx}`))
+    t.is(seen.size, layers * 4, 'every (peer, tag, layer) notice exactly once')
+    t.true(events.every((e) => (e.peer === 'prefill-a') === (typeof e.tag === 'string') && e.blocks === 4))
+    await assertPeerMatches(t, peer, mirrorA)
+  },
+)

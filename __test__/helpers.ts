@@ -85,7 +85,10 @@ export class DecodePeer {
   transport = ''
   readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
   private nextId = 1
-  private readonly pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; op: string }>()
+  private readonly pending = new Map<
+    number,
+    { resolve: (v: unknown) => void; reject: (e: Error) => void; op: string }
+  >()
   private output = ''
 
   constructor(
@@ -97,18 +100,26 @@ export class DecodePeer {
     }
     child.stdout?.on('data', collect)
     child.stderr?.on('data', collect)
-    child.on('message', (message: { kind: string; id?: number; ok?: boolean; result?: unknown; error?: SerializedError }) => {
-      if (message.kind !== 'reply' || message.id === undefined) return
-      const entry = this.pending.get(message.id)
-      if (!entry) return
-      this.pending.delete(message.id)
-      if (message.ok) entry.resolve(message.result)
-      else entry.reject(new Error(`decode peer failed ${entry.op}: [${message.error?.code}] ${message.error?.message}`))
-    })
+    child.on(
+      'message',
+      (message: { kind: string; id?: number; ok?: boolean; result?: unknown; error?: SerializedError }) => {
+        if (message.kind !== 'reply' || message.id === undefined) return
+        const entry = this.pending.get(message.id)
+        if (!entry) return
+        this.pending.delete(message.id)
+        if (message.ok) entry.resolve(message.result)
+        else
+          entry.reject(new Error(`decode peer failed ${entry.op}: [${message.error?.code}] ${message.error?.message}`))
+      },
+    )
     this.exited = new Promise((resolve) => {
       child.once('exit', (code, signal) => {
         for (const entry of this.pending.values()) {
-          entry.reject(new Error(`decode peer exited (code ${code}, signal ${signal}) during ${entry.op}; output:\n${this.output}`))
+          entry.reject(
+            new Error(
+              `decode peer exited (code ${code}, signal ${signal}) during ${entry.op}; output:\n${this.output}`,
+            ),
+          )
         }
         this.pending.clear()
         resolve({ code, signal })
@@ -143,7 +154,10 @@ export class DecodePeer {
   }
 
   /** Registers a waitForArrival in the child; resolves once it is registered. */
-  async startWait(tag: bigint | string, options: { layers?: number | number[]; timeoutMs?: number; abortAfterMs?: number } = {}) {
+  async startWait(
+    tag: bigint | string,
+    options: { layers?: number | number[]; timeoutMs?: number; abortAfterMs?: number } = {},
+  ) {
     const waitId = await this.request<number>('startWait', { tag, ...options })
     return { finish: () => this.request<WaitOutcome>('finishWait', { waitId }) }
   }
@@ -236,6 +250,7 @@ export function makePrefill(
     name?: string
     authToken?: string
     writeTimeoutMs?: number
+    connectTimeoutMs?: number
   },
 ): Prefill {
   const { layers, blockNumber, blockBytes } = options
@@ -254,6 +269,7 @@ export function makePrefill(
     name: options.name ?? 'prefill-test',
     authToken: options.authToken ?? '',
     writeTimeoutMs: options.writeTimeoutMs,
+    connectTimeoutMs: options.connectTimeoutMs,
   })
   t?.teardown(() => comm.close())
   return {
@@ -321,7 +337,12 @@ export function differences(actual: Digests, expected: Digests): string[] {
 }
 
 /** Compares the decode peer's memory with the mirror, block by block. */
-export async function assertPeerMatches(t: ExecutionContext, peer: DecodePeer, mirror: Mirror, what = 'decode memory'): Promise<void> {
+export async function assertPeerMatches(
+  t: ExecutionContext,
+  peer: DecodePeer,
+  mirror: Mirror,
+  what = 'decode memory',
+): Promise<void> {
   const diff = differences(await peer.digests(), mirror.digests())
   t.deepEqual(diff.slice(0, 20), [], `${what}: ${diff.length} blocks differ`)
 }
@@ -358,14 +379,19 @@ export async function expectKvError(
   const codes: readonly string[] = typeof code === 'string' ? [code] : code
   t.true(codes.includes(e.code), `code ${e.code} (message: ${e.message}) should be ${codes.join(' or ')}`)
   for (const pattern of patterns) {
-    if (typeof pattern === 'string') t.true(e.message.includes(pattern), `message ${JSON.stringify(e.message)} should name ${JSON.stringify(pattern)}`)
+    if (typeof pattern === 'string')
+      t.true(e.message.includes(pattern), `message ${JSON.stringify(e.message)} should name ${JSON.stringify(pattern)}`)
     else t.regex(e.message, pattern)
   }
   return e
 }
 
 /** Polls `check` until it returns true or `timeoutMs` passes; returns the last result. */
-export async function eventually(check: () => boolean | Promise<boolean>, timeoutMs: number, stepMs = 50): Promise<boolean> {
+export async function eventually(
+  check: () => boolean | Promise<boolean>,
+  timeoutMs: number,
+  stepMs = 50,
+): Promise<boolean> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
     if (await check()) return true

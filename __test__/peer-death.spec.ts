@@ -9,11 +9,7 @@ import type { KvTransferErrorCode } from './helpers.js'
 /** Documented codes for a broken link (ERR_RDMA_COMPLETION: the RDMA flavour). */
 const BROKEN: KvTransferErrorCode[] = ['ERR_PEER_DISCONNECTED', 'ERR_IO', 'ERR_RDMA_COMPLETION']
 
-async function writeUntilRejected(
-  t: ExecutionContext,
-  write: () => Promise<void>,
-  boundMs: number,
-): Promise<unknown> {
+async function writeUntilRejected(t: ExecutionContext, write: () => Promise<void>, boundMs: number): Promise<unknown> {
   const deadline = Date.now() + boundMs
   for (let attempt = 0; Date.now() < deadline; attempt++) {
     try {
@@ -28,29 +24,36 @@ async function writeUntilRejected(
   return undefined
 }
 
-test.serial('SIGKILL of the decode process: writeCache rejects with a documented code, isConnected turns false', async (t) => {
-  const blockBytes = 16 * 1024
-  const peer = await spawnPeer(t, { layers: 2, blockNumber: 32, blockBytes })
-  const prefill = makePrefill(t, { layers: 2, blockNumber: 32, blockBytes })
-  await connect(t, prefill, peer)
-  await prefill.comm.writeCache(HOST, peer.port, [0, 1], [0, 1], 0)
-  await peer.kill('SIGKILL')
-  const started = Date.now()
-  const error = await writeUntilRejected(t, () => prefill.comm.writeCache(HOST, peer.port, [2, 3], [2, 3], 1), ms(15_000))
-  await expectKvError(t, () => Promise.reject(error), BROKEN, [`${HOST}:${peer.port}`])
-  t.log(`noticed after ${Date.now() - started} ms`)
-  t.true(await eventually(() => !prefill.comm.isConnected(HOST, peer.port), ms(10_000)), 'isConnected turns false')
-  // Later calls fail at once with the same family of codes and do not hang.
-  const next = await within(
-    prefill.comm.writeCache(HOST, peer.port, [4], [4], 0).then(
-      () => undefined,
-      (e: unknown) => e,
-    ),
-    ms(5_000),
-    'a write on a broken link',
-  )
-  await expectKvError(t, () => Promise.reject(next ?? new Error('resolved')), BROKEN)
-})
+test.serial(
+  'SIGKILL of the decode process: writeCache rejects with a documented code, isConnected turns false',
+  async (t) => {
+    const blockBytes = 16 * 1024
+    const peer = await spawnPeer(t, { layers: 2, blockNumber: 32, blockBytes })
+    const prefill = makePrefill(t, { layers: 2, blockNumber: 32, blockBytes })
+    await connect(t, prefill, peer)
+    await prefill.comm.writeCache(HOST, peer.port, [0, 1], [0, 1], 0)
+    await peer.kill('SIGKILL')
+    const started = Date.now()
+    const error = await writeUntilRejected(
+      t,
+      () => prefill.comm.writeCache(HOST, peer.port, [2, 3], [2, 3], 1),
+      ms(15_000),
+    )
+    await expectKvError(t, () => Promise.reject(error), BROKEN, [`${HOST}:${peer.port}`])
+    t.log(`noticed after ${Date.now() - started} ms`)
+    t.true(await eventually(() => !prefill.comm.isConnected(HOST, peer.port), ms(10_000)), 'isConnected turns false')
+    // Later calls fail at once with the same family of codes and do not hang.
+    const next = await within(
+      prefill.comm.writeCache(HOST, peer.port, [4], [4], 0).then(
+        () => undefined,
+        (e: unknown) => e,
+      ),
+      ms(5_000),
+      'a write on a broken link',
+    )
+    await expectKvError(t, () => Promise.reject(next ?? new Error('resolved')), BROKEN)
+  },
+)
 
 test.serial('writes in flight when the decode process dies all settle (none hangs)', async (t) => {
   const blockBytes = 64 * 1024
@@ -62,7 +65,12 @@ test.serial('writes in flight when the decode process dies all settle (none hang
   const inflight: Array<Promise<unknown>> = []
   for (let round = 0; round < 8; round++) {
     for (let layer = 0; layer < 4; layer++) {
-      inflight.push(prefill.comm.writeCache(HOST, peer.port, ids, ids, layer).then(() => 'ok', (e: unknown) => e))
+      inflight.push(
+        prefill.comm.writeCache(HOST, peer.port, ids, ids, layer).then(
+          () => 'ok',
+          (e: unknown) => e,
+        ),
+      )
     }
   }
   await sleep(5)

@@ -29,32 +29,37 @@ const tcpOnly = TRANSPORT === 'tcp' ? test.serial : test.serial.skip
 const BIG = { layers: 1, blockNumber: 64, blockBytes: 256 * 1024 }
 const ALL = Array.from({ length: 64 }, (_, i) => i)
 
-tcpOnly('a writeCache that times out rejects with ERR_TIMEOUT after the link is torn down; none of its bytes land later', async (t) => {
-  const peer = await spawnPeer(t, BIG)
-  const other = await spawnPeer(t, { layers: 1, blockNumber: 8, blockBytes: BIG.blockBytes })
-  const prefill = makePrefill(t, { ...BIG, writeTimeoutMs: 1000 })
-  await connect(t, prefill, peer)
-  await prefill.comm.connect(HOST, other.port, { timeoutMs: ms(30_000) })
-  peer.child.kill('SIGSTOP')
-  t.teardown(() => peer.child.kill('SIGCONT'))
-  const started = Date.now()
-  const error = await expectKvError(t, () => prefill.comm.writeCache(HOST, peer.port, ALL, ALL, 0), 'ERR_TIMEOUT', ['torn down'])
-  const took = Date.now() - started
-  t.log(`rejected after ${took} ms: ${error?.message}`)
-  t.true(took >= 1000 && took < ms(5000), `took ${took} ms`)
-  t.false(prefill.comm.isConnected(HOST, peer.port))
-  // Another peer keeps working meanwhile.
-  await prefill.comm.writeCache(HOST, other.port, [1], [2], 0)
-  // The stalled peer resumes: whatever of the call reached its socket must not be applied.
-  peer.child.kill('SIGCONT')
-  await sleep(ms(1000))
-  const zero = new Mirror(prefill, BIG.blockNumber)
-  await assertPeerMatches(t, peer, zero, 'memory of the peer after the timed-out call')
-  // Reconnecting works and writes land again.
-  await connect(t, prefill, peer)
-  await prefill.comm.writeCache(HOST, peer.port, [3], [4], 0)
-  t.true((await peer.bytes(0, 'K', 4)).equals(prefill.block(0, 'K', 3)))
-})
+tcpOnly(
+  'a writeCache that times out rejects with ERR_TIMEOUT after the link is torn down; none of its bytes land later',
+  async (t) => {
+    const peer = await spawnPeer(t, BIG)
+    const other = await spawnPeer(t, { layers: 1, blockNumber: 8, blockBytes: BIG.blockBytes })
+    const prefill = makePrefill(t, { ...BIG, writeTimeoutMs: 1000 })
+    await connect(t, prefill, peer)
+    await prefill.comm.connect(HOST, other.port, { timeoutMs: ms(30_000) })
+    peer.child.kill('SIGSTOP')
+    t.teardown(() => peer.child.kill('SIGCONT'))
+    const started = Date.now()
+    const error = await expectKvError(t, () => prefill.comm.writeCache(HOST, peer.port, ALL, ALL, 0), 'ERR_TIMEOUT', [
+      'torn down',
+    ])
+    const took = Date.now() - started
+    t.log(`rejected after ${took} ms: ${error?.message}`)
+    t.true(took >= 1000 && took < ms(5000), `took ${took} ms`)
+    t.false(prefill.comm.isConnected(HOST, peer.port))
+    // Another peer keeps working meanwhile.
+    await prefill.comm.writeCache(HOST, other.port, [1], [2], 0)
+    // The stalled peer resumes: whatever of the call reached its socket must not be applied.
+    peer.child.kill('SIGCONT')
+    await sleep(ms(1000))
+    const zero = new Mirror(prefill, BIG.blockNumber)
+    await assertPeerMatches(t, peer, zero, 'memory of the peer after the timed-out call')
+    // Reconnecting works and writes land again.
+    await connect(t, prefill, peer)
+    await prefill.comm.writeCache(HOST, peer.port, [3], [4], 0)
+    t.true((await peer.bytes(0, 'K', 4)).equals(prefill.block(0, 'K', 3)))
+  },
+)
 
 tcpOnly('aborting a writeCache (AbortSignal) rejects every pending call of that peer with ERR_ABORTED', async (t) => {
   const peer = await spawnPeer(t, BIG)
@@ -71,7 +76,11 @@ tcpOnly('aborting a writeCache (AbortSignal) rejects every pending call of that 
   await expectKvError(t, () => within(second, ms(5000), 'other write of the aborted link'), 'ERR_ABORTED')
   t.false(prefill.comm.isConnected(HOST, peer.port))
   // An already-aborted signal: nothing is sent.
-  await expectKvError(t, () => prefill.comm.writeCache(HOST, peer.port, [0], [0], 0, { signal: controller.signal }), 'ERR_ABORTED')
+  await expectKvError(
+    t,
+    () => prefill.comm.writeCache(HOST, peer.port, [0], [0], 0, { signal: controller.signal }),
+    'ERR_ABORTED',
+  )
   peer.child.kill('SIGCONT')
   await sleep(ms(500))
   await assertPeerMatches(t, peer, new Mirror(prefill, BIG.blockNumber), 'memory of the peer after the abort')
@@ -83,7 +92,10 @@ test.serial('connect and close take timeoutMs and signal', async (t) => {
   const aborted = AbortSignal.abort()
   await expectKvError(t, () => prefill.comm.connect(HOST, peer.port, { signal: aborted }), 'ERR_ABORTED')
   await prefill.comm.connect(HOST, peer.port, { timeoutMs: ms(30_000), signal: new AbortController().signal })
-  await prefill.comm.writeCache(HOST, peer.port, [1], [1], 0, { timeoutMs: ms(10_000), signal: new AbortController().signal })
+  await prefill.comm.writeCache(HOST, peer.port, [1], [1], 0, {
+    timeoutMs: ms(10_000),
+    signal: new AbortController().signal,
+  })
   // Nothing listens on a fresh port: the connect times out.
   const { freePort } = await import('./helpers.js')
   const silent = await freePort()
@@ -102,9 +114,13 @@ test.serial('auth: the same token connects; a missing or different token is refu
   await good.comm.writeCache(HOST, peer.port, [1], [2], 0)
   t.true((await peer.bytes(0, 'K', 2)).equals(good.block(0, 'K', 1)))
   const none = makePrefill(t, shape)
-  await expectKvError(t, () => none.comm.connect(HOST, peer.port, { timeoutMs: ms(10_000) }), 'ERR_AUTH', ['auth token'])
+  await expectKvError(t, () => none.comm.connect(HOST, peer.port, { timeoutMs: ms(10_000) }), 'ERR_AUTH', [
+    'auth token',
+  ])
   const wrong = makePrefill(t, { ...shape, authToken: 'open barley' })
-  await expectKvError(t, () => wrong.comm.connect(HOST, peer.port, { timeoutMs: ms(10_000) }), 'ERR_AUTH', ['different auth tokens'])
+  await expectKvError(t, () => wrong.comm.connect(HOST, peer.port, { timeoutMs: ms(10_000) }), 'ERR_AUTH', [
+    'different auth tokens',
+  ])
   t.false(wrong.comm.isConnected(HOST, peer.port))
   // A token only on the connecting side.
   const open = await spawnPeer(t, shape)
@@ -140,8 +156,12 @@ test.serial('soak (reduced): RSS, file descriptors and threads stay bounded', as
   const calls = process.env.KVTRANSFER_SOAK_CALLS ?? '20000'
   const cycles = process.env.KVTRANSFER_SOAK_CYCLES ?? '20'
   const output = await new Promise<string>((resolve, reject) => {
-    execFile('bash', ['scripts/soak.sh', '--calls', calls, '--cycles', cycles], { cwd: REPO_ROOT, timeout: ms(120_000) }, (error, stdout, stderr) =>
-      error ? reject(new Error(`${error.message}\n${stdout}\n${stderr}`)) : resolve(stdout),
+    execFile(
+      'bash',
+      ['scripts/soak.sh', '--calls', calls, '--cycles', cycles],
+      { cwd: REPO_ROOT, timeout: ms(120_000) },
+      (error, stdout, stderr) =>
+        error ? reject(new Error(`${error.message}\n${stdout}\n${stderr}`)) : resolve(stdout),
     )
   })
   const line = output.split('\n').find((l) => l.startsWith('soak: '))
@@ -153,38 +173,57 @@ test.serial('soak (reduced): RSS, file descriptors and threads stay bounded', as
   t.true(await eventually(() => true, 1))
 })
 
-test.serial('SIGKILL mid-batch: pending calls reject within the configured timeout, other peers keep working, the restarted peer reconnects', async (t) => {
-  const shape = { layers: 2, blockNumber: 64, blockBytes: 64 * 1024 }
-  const victim = await spawnPeer(t, shape)
-  const survivor = await spawnPeer(t, shape)
-  const writeTimeoutMs = ms(3000)
-  const prefill = makePrefill(t, { ...shape, writeTimeoutMs })
-  await connect(t, prefill, victim)
-  await connect(t, prefill, survivor)
-  const ids = Array.from({ length: shape.blockNumber }, (_, i) => i)
-  const inflight: Array<Promise<unknown>> = []
-  for (let round = 0; round < 8; round++) {
-    for (const layer of [0, 1]) inflight.push(prefill.comm.writeCache(HOST, victim.port, ids, ids, layer).then(() => 'ok', (e: unknown) => e))
-  }
-  await victim.kill('SIGKILL')
-  const killed = Date.now()
-  const results = await within(Promise.all(inflight), writeTimeoutMs + ms(2000), 'calls pending at the SIGKILL')
-  const took = Date.now() - killed
-  const failures = results.filter((r) => r !== 'ok')
-  t.log(`${results.length - failures.length} resolved before the death, ${failures.length} rejected; all settled ${took} ms after the kill`)
-  for (const failure of failures) {
-    await expectKvError(t, () => Promise.reject(failure), ['ERR_PEER_DISCONNECTED', 'ERR_IO', 'ERR_RDMA_COMPLETION', 'ERR_TIMEOUT'])
-  }
-  t.true(await eventually(() => !prefill.comm.isConnected(HOST, victim.port), writeTimeoutMs + ms(2000)), 'isConnected turns false')
-  // The surviving peer is served throughout.
-  const mirror = new Mirror(prefill, shape.blockNumber)
-  await prefill.comm.writeCache(HOST, survivor.port, [1, 2], [3, 4], 1)
-  mirror.apply(1, [1, 2], [3, 4])
-  await assertPeerMatches(t, survivor, mirror, 'surviving peer')
-  t.true(prefill.comm.isConnected(HOST, survivor.port))
-  // The restarted peer (same port) accepts a new connection.
-  const again = await spawnPeer(t, { ...shape, port: victim.port })
-  await connect(t, prefill, again)
-  await prefill.comm.writeCache(HOST, again.port, [5], [6], 0)
-  t.true((await again.bytes(0, 'K', 6)).equals(prefill.block(0, 'K', 5)))
-})
+test.serial(
+  'SIGKILL mid-batch: pending calls reject within the configured timeout, other peers keep working, the restarted peer reconnects',
+  async (t) => {
+    const shape = { layers: 2, blockNumber: 64, blockBytes: 64 * 1024 }
+    const victim = await spawnPeer(t, shape)
+    const survivor = await spawnPeer(t, shape)
+    const writeTimeoutMs = ms(3000)
+    const prefill = makePrefill(t, { ...shape, writeTimeoutMs })
+    await connect(t, prefill, victim)
+    await connect(t, prefill, survivor)
+    const ids = Array.from({ length: shape.blockNumber }, (_, i) => i)
+    const inflight: Array<Promise<unknown>> = []
+    for (let round = 0; round < 8; round++) {
+      for (const layer of [0, 1])
+        inflight.push(
+          prefill.comm.writeCache(HOST, victim.port, ids, ids, layer).then(
+            () => 'ok',
+            (e: unknown) => e,
+          ),
+        )
+    }
+    await victim.kill('SIGKILL')
+    const killed = Date.now()
+    const results = await within(Promise.all(inflight), writeTimeoutMs + ms(2000), 'calls pending at the SIGKILL')
+    const took = Date.now() - killed
+    const failures = results.filter((r) => r !== 'ok')
+    t.log(
+      `${results.length - failures.length} resolved before the death, ${failures.length} rejected; all settled ${took} ms after the kill`,
+    )
+    for (const failure of failures) {
+      await expectKvError(t, () => Promise.reject(failure), [
+        'ERR_PEER_DISCONNECTED',
+        'ERR_IO',
+        'ERR_RDMA_COMPLETION',
+        'ERR_TIMEOUT',
+      ])
+    }
+    t.true(
+      await eventually(() => !prefill.comm.isConnected(HOST, victim.port), writeTimeoutMs + ms(2000)),
+      'isConnected turns false',
+    )
+    // The surviving peer is served throughout.
+    const mirror = new Mirror(prefill, shape.blockNumber)
+    await prefill.comm.writeCache(HOST, survivor.port, [1, 2], [3, 4], 1)
+    mirror.apply(1, [1, 2], [3, 4])
+    await assertPeerMatches(t, survivor, mirror, 'surviving peer')
+    t.true(prefill.comm.isConnected(HOST, survivor.port))
+    // The restarted peer (same port) accepts a new connection.
+    const again = await spawnPeer(t, { ...shape, port: victim.port })
+    await connect(t, prefill, again)
+    await prefill.comm.writeCache(HOST, again.port, [5], [6], 0)
+    t.true((await again.bytes(0, 'K', 6)).equals(prefill.block(0, 'K', 5)))
+  },
+)

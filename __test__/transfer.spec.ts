@@ -26,42 +26,56 @@ const PREFILL_BLOCKS = 32
 const DECODE_BLOCKS = 48
 
 for (const blockBytes of [1024, 64 * 1024]) {
-  test.serial(`K+V blocks of ${blockBytes / 1024} KiB arrive byte for byte (scattered and contiguous; number[], Uint32Array, Int32Array)`, async (t) => {
-    const peer = await spawnPeer(t, { layers: LAYERS, blockNumber: DECODE_BLOCKS, blockBytes })
-    t.is(peer.transport, TRANSPORT === 'auto' ? peer.transport : TRANSPORT)
-    const prefill = makePrefill(t, { layers: LAYERS, blockNumber: PREFILL_BLOCKS, blockBytes })
-    const mirror = new Mirror(prefill, DECODE_BLOCKS)
-    await connect(t, prefill, peer)
+  test.serial(
+    `K+V blocks of ${blockBytes / 1024} KiB arrive byte for byte (scattered and contiguous; number[], Uint32Array, Int32Array)`,
+    async (t) => {
+      const peer = await spawnPeer(t, { layers: LAYERS, blockNumber: DECODE_BLOCKS, blockBytes })
+      t.is(peer.transport, TRANSPORT === 'auto' ? peer.transport : TRANSPORT)
+      const prefill = makePrefill(t, { layers: LAYERS, blockNumber: PREFILL_BLOCKS, blockBytes })
+      const mirror = new Mirror(prefill, DECODE_BLOCKS)
+      await connect(t, prefill, peer)
 
-    // Nothing written yet: all zero.
-    await assertPeerMatches(t, peer, mirror, 'before any write')
+      // Nothing written yet: all zero.
+      await assertPeerMatches(t, peer, mirror, 'before any write')
 
-    const calls: Array<{ layer: number; local: number[] | Uint32Array | Int32Array; remote: number[] | Uint32Array | Int32Array }> = [
-      // scattered ids as number[]
-      { layer: 0, local: [5, 17, 2, 30, 31], remote: [40, 3, 11, 25, 47] },
-      // contiguous on both sides as Uint32Array (coalesced into one run)
-      { layer: 1, local: Uint32Array.from({ length: 8 }, (_, i) => 8 + i), remote: Uint32Array.from({ length: 8 }, (_, i) => 16 + i) },
-      // partly contiguous, partly scattered, as Int32Array
-      { layer: 2, local: Int32Array.from([0, 1, 2, 20, 9, 9]), remote: Int32Array.from([44, 45, 46, 0, 31, 32]) },
-      // contiguous locally but reversed remotely, number[]
-      { layer: 0, local: [10, 11, 12, 13], remote: [9, 8, 7, 6] },
-      // random selection, Uint32Array
-      { layer: 2, local: Uint32Array.from(pick(PREFILL_BLOCKS, 6)), remote: Uint32Array.from([1, 2, 3, 12, 13, 14]) },
-    ]
-    for (const call of calls) {
-      await prefill.comm.writeCache(HOST, peer.port, call.local, call.remote, call.layer)
-      mirror.apply(call.layer, call.local, call.remote)
-    }
-    // An empty call is a no-op that resolves.
-    await prefill.comm.writeCache(HOST, peer.port, [], [], 1)
+      const calls: Array<{
+        layer: number
+        local: number[] | Uint32Array | Int32Array
+        remote: number[] | Uint32Array | Int32Array
+      }> = [
+        // scattered ids as number[]
+        { layer: 0, local: [5, 17, 2, 30, 31], remote: [40, 3, 11, 25, 47] },
+        // contiguous on both sides as Uint32Array (coalesced into one run)
+        {
+          layer: 1,
+          local: Uint32Array.from({ length: 8 }, (_, i) => 8 + i),
+          remote: Uint32Array.from({ length: 8 }, (_, i) => 16 + i),
+        },
+        // partly contiguous, partly scattered, as Int32Array
+        { layer: 2, local: Int32Array.from([0, 1, 2, 20, 9, 9]), remote: Int32Array.from([44, 45, 46, 0, 31, 32]) },
+        // contiguous locally but reversed remotely, number[]
+        { layer: 0, local: [10, 11, 12, 13], remote: [9, 8, 7, 6] },
+        // random selection, Uint32Array
+        { layer: 2, local: Uint32Array.from(pick(PREFILL_BLOCKS, 6)), remote: Uint32Array.from([1, 2, 3, 12, 13, 14]) },
+      ]
+      for (const call of calls) {
+        await prefill.comm.writeCache(HOST, peer.port, call.local, call.remote, call.layer)
+        mirror.apply(call.layer, call.local, call.remote)
+      }
+      // An empty call is a no-op that resolves.
+      await prefill.comm.writeCache(HOST, peer.port, [], [], 1)
 
-    await assertPeerMatches(t, peer, mirror, 'after the writes')
-    // Raw bytes of a few blocks, too.
-    t.true((await peer.bytes(0, 'K', 40)).equals(prefill.block(0, 'K', 5)))
-    t.true((await peer.bytes(0, 'V', 47)).equals(prefill.block(0, 'V', 31)))
-    t.true((await peer.bytes(2, 'V', 32)).equals(prefill.block(2, 'V', 9)))
-    t.true((await peer.bytes(1, 'K', 15)).equals(Buffer.alloc(blockBytes)), 'block 15 of layer 1 was not written and stays zero')
-  })
+      await assertPeerMatches(t, peer, mirror, 'after the writes')
+      // Raw bytes of a few blocks, too.
+      t.true((await peer.bytes(0, 'K', 40)).equals(prefill.block(0, 'K', 5)))
+      t.true((await peer.bytes(0, 'V', 47)).equals(prefill.block(0, 'V', 31)))
+      t.true((await peer.bytes(2, 'V', 32)).equals(prefill.block(2, 'V', 9)))
+      t.true(
+        (await peer.bytes(1, 'K', 15)).equals(Buffer.alloc(blockBytes)),
+        'block 15 of layer 1 was not written and stays zero',
+      )
+    },
+  )
 }
 
 test.serial('a block rewritten later holds the latest bytes', async (t) => {
@@ -99,8 +113,14 @@ test.serial("the seed's positional constructor form connects and writes", async 
   const peer = await spawnPeer(t, { layers: 2, blockNumber: 8, blockBytes })
   const keys = [Buffer.alloc(8 * blockBytes, 0x11), Buffer.alloc(8 * blockBytes, 0x22)]
   // ArrayBuffer and a typed array that is not a Uint8Array are accepted regions, too.
-  const values = [new Uint32Array(2 * blockBytes).fill(0x33333333), Buffer.alloc(8 * blockBytes, 0x44).buffer.slice(0, 8 * blockBytes)]
-  const comm = new RDMACommunicator('prefill', 0, '0', keys, values, 8, blockBytes, { transport: TRANSPORT, name: 'positional' })
+  const values = [
+    new Uint32Array(2 * blockBytes).fill(0x33333333),
+    Buffer.alloc(8 * blockBytes, 0x44).buffer.slice(0, 8 * blockBytes),
+  ]
+  const comm = new RDMACommunicator('prefill', 0, '0', keys, values, 8, blockBytes, {
+    transport: TRANSPORT,
+    name: 'positional',
+  })
   t.teardown(() => comm.close())
   t.is(comm.role, 'prefill')
   t.is(comm.blockNumber, 8)
@@ -165,10 +185,16 @@ test.serial('64 concurrent writeCache calls across layers all resolve and land e
   // Interleave layers so that calls of all layers are in flight together.
   calls.sort((a, b) => a.remote[0] - b.remote[0])
   t.is(calls.length, 64)
-  const kinds = [(ids: number[]) => ids, (ids: number[]) => Uint32Array.from(ids), (ids: number[]) => Int32Array.from(ids)]
+  const kinds = [
+    (ids: number[]) => ids,
+    (ids: number[]) => Uint32Array.from(ids),
+    (ids: number[]) => Int32Array.from(ids),
+  ]
   const results = await within(
     Promise.allSettled(
-      calls.map((call, i) => prefill.comm.writeCache(HOST, peer.port, kinds[i % 3](call.local), kinds[(i + 1) % 3](call.remote), call.layer)),
+      calls.map((call, i) =>
+        prefill.comm.writeCache(HOST, peer.port, kinds[i % 3](call.local), kinds[(i + 1) % 3](call.remote), call.layer),
+      ),
     ),
     ms(120_000),
     '64 writes',

@@ -29,7 +29,11 @@ const BLOCK_BYTES = 1024
 function sample() {
   const status = readFileSync('/proc/self/status', 'utf8')
   const kb = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0)
-  return { rssMiB: Math.round(kb('VmRSS') / 102.4) / 10, fds: readdirSync('/proc/self/fd').length, threads: kb('Threads') }
+  return {
+    rssMiB: Math.round(kb('VmRSS') / 102.4) / 10,
+    fds: readdirSync('/proc/self/fd').length,
+    threads: kb('Threads'),
+  }
 }
 
 function communicator(role: 'prefill' | 'decode', name: string): RDMACommunicator {
@@ -86,7 +90,11 @@ async function main(): Promise<void> {
     seconds: (Date.now() - started) / 1000,
     before,
     after,
-    growth: { rssMiB: after.rssMiB - before.rssMiB, fds: after.fds - before.fds, threads: after.threads - before.threads },
+    growth: {
+      rssMiB: after.rssMiB - before.rssMiB,
+      fds: after.fds - before.fds,
+      threads: after.threads - before.threads,
+    },
   }
   console.log(`soak: ${JSON.stringify(report)}`)
   const problems: string[] = []

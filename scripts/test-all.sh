@@ -19,6 +19,7 @@ cargo_counts() {
 step "format and lints"
 if cargo fmt --all --check >"$LOG/fmt.log" 2>&1; then ok "cargo fmt"; else cat "$LOG/fmt.log"; bad "cargo fmt --check"; fi
 if cargo clippy --workspace --all-targets -- -D warnings >"$LOG/clippy.log" 2>&1; then ok "cargo clippy"; else tail -50 "$LOG/clippy.log"; bad "cargo clippy"; fi
+if npx --no-install prettier --check ts __test__ 'scripts/*.ts' >"$LOG/prettier.log" 2>&1; then ok "prettier --check"; else cat "$LOG/prettier.log"; bad "prettier --check (fix: npm run format)"; fi
 
 step "native build (napi) and generated files"
 if npx napi build --platform --release --js index.js --dts index.d.ts >"$LOG/napi.log" 2>&1; then
@@ -29,7 +30,7 @@ else tail -40 "$LOG/napi.log"; bad "napi build"; fi
 if readelf -d kvtransfer.linux-x64-gnu.node | grep -E 'NEEDED.*(ibverbs|rdmacm)'; then bad "the addon links rdma-core"; else ok "no NEEDED rdma-core entry in the addon"; fi
 
 step "TypeScript"
-if npx tsc -p tsconfig.json >"$LOG/tsc.log" 2>&1 && npx tsc -p __test__/tsconfig.json --noEmit >>"$LOG/tsc.log" 2>&1; then ok "tsc (package and tests)"
+if npx tsc -p tsconfig.json >"$LOG/tsc.log" 2>&1 && npx tsc -p __test__/tsconfig.json --noEmit >>"$LOG/tsc.log" 2>&1; then ok "tsc (package, tests and scripts)"
 else cat "$LOG/tsc.log"; bad "tsc"; fi
 
 step "cargo test"

@@ -15,7 +15,7 @@ import {
   runAgent,
   runBench,
   runOverhead,
-} from './bench'
+} from './bench/index'
 
 const BENCH_HELP = `Usage: kvtransfer bench [options]
 
@@ -61,7 +61,8 @@ Exit status: 0 when every size verified, 1 on a data mismatch, 2 on a usage or s
 function integer(name: string, text: string | undefined, fallback: number, min = 1): number {
   if (text === undefined) return fallback
   const value = Number(text)
-  if (!Number.isInteger(value) || value < min) throw new UsageError(`--${name} expects an integer ≥ ${min}, got '${text}'`)
+  if (!Number.isInteger(value) || value < min)
+    throw new UsageError(`--${name} expects an integer ≥ ${min}, got '${text}'`)
   return value
 }
 
@@ -109,9 +110,11 @@ async function bench(argv: string[]): Promise<number> {
     return 0
   }
   const transport = values.transport ?? 'tcp'
-  if (transport !== 'tcp' && transport !== 'rdma') throw new UsageError(`--transport expects tcp or rdma, got '${transport}'`)
+  if (transport !== 'tcp' && transport !== 'rdma')
+    throw new UsageError(`--transport expects tcp or rdma, got '${transport}'`)
   const pattern = values.contiguous ? 'contiguous' : (values.pattern ?? 'scattered')
-  if (pattern !== 'scattered' && pattern !== 'contiguous') throw new UsageError(`--pattern expects scattered or contiguous, got '${pattern}'`)
+  if (pattern !== 'scattered' && pattern !== 'contiguous')
+    throw new UsageError(`--pattern expects scattered or contiguous, got '${pattern}'`)
   const verify = values.verify ?? 'sample'
   if (verify !== 'sample' && verify !== 'full') throw new UsageError(`--verify expects sample or full, got '${verify}'`)
   let sizes = DEFAULT_SIZES
@@ -149,7 +152,9 @@ async function bench(argv: string[]): Promise<number> {
 
   if (values.overhead) {
     const report = await runOverhead(options)
-    console.log(`writeCache call overhead: ${report.batch} ids per call, ${report.machine.cpu} × ${report.machine.cores}`)
+    console.log(
+      `writeCache call overhead: ${report.batch} ids per call, ${report.machine.cpu} × ${report.machine.cores}`,
+    )
     console.log(formatOverhead(report))
     if (options.json) fs.writeFileSync(options.json, `${JSON.stringify(report, null, 2)}\n`)
     return 0
@@ -163,18 +168,24 @@ async function bench(argv: string[]): Promise<number> {
   )
   console.log(`machine: ${m.cpu} × ${m.cores} cores, ${m.memoryGiB} GiB, ${m.kernel}, node ${m.node}`)
   const { stream, streamHot } = report.reference
-  if (streamHot) console.log(`reference: plain TCP stream, hot 4 MiB buffers:             ${streamHot.gbps.toFixed(2)} GB/s`)
-  if (stream) console.log(`reference: plain TCP stream walking the cache regions:     ${stream.gbps.toFixed(2)} GB/s (the ratio's reference)`)
+  if (streamHot)
+    console.log(`reference: plain TCP stream, hot 4 MiB buffers:             ${streamHot.gbps.toFixed(2)} GB/s`)
+  if (stream)
+    console.log(
+      `reference: plain TCP stream walking the cache regions:     ${stream.gbps.toFixed(2)} GB/s (the ratio's reference)`,
+    )
   if (report.reference.skipped) console.log(`reference: ${report.reference.skipped}`)
   for (const p of report.reference.perftest ?? []) {
-    if (p.gbps !== undefined) console.log(`reference: ib_write_bw -s ${p.size}: ${(p.gbps * 1000).toFixed(1)} MB/s  [${p.raw ?? ''}]`)
+    if (p.gbps !== undefined)
+      console.log(`reference: ib_write_bw -s ${p.size}: ${(p.gbps * 1000).toFixed(1)} MB/s  [${p.raw ?? ''}]`)
     else console.log(`reference: ib_write_bw -s ${p.size}: ${p.skipped ?? 'no figure'}`)
   }
   const env = Object.entries(process.env).filter(([k]) => k.startsWith('KVCACHE_RDMA') || k.startsWith('KVCACHE_BENCH'))
   if (env.length > 0) console.log(`env: ${env.map(([k, v]) => `${k}=${v}`).join(' ')}`)
   console.log(formatTable(report))
   for (const r of report.results) {
-    if (r.verified.mismatches > 0) console.log(`MISMATCH at ${formatSize(r.blockBytes)}: ${r.verified.detail.join('; ')}`)
+    if (r.verified.mismatches > 0)
+      console.log(`MISMATCH at ${formatSize(r.blockBytes)}: ${r.verified.detail.join('; ')}`)
   }
   if (options.json) fs.writeFileSync(options.json, `${JSON.stringify(report, null, 2)}\n`)
   if (options.svg) fs.writeFileSync(options.svg, renderSvg(report))
@@ -185,7 +196,9 @@ async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
   if (command === 'bench') return bench(rest)
   if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
-    process.stdout.write(`Usage: kvtransfer <command>\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n`)
+    process.stdout.write(
+      `Usage: kvtransfer <command>\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n`,
+    )
     return command === undefined ? 2 : 0
   }
   process.stderr.write(`kvtransfer: unknown command '${command}' (try 'kvtransfer bench --help')\n`)

@@ -33,7 +33,11 @@ export class ControlServer {
   /** Resolves with the bound port once listening. */
   readonly ready: Promise<number>
 
-  constructor(host: string, port: number, private readonly handlers: ControlHandlers) {
+  constructor(
+    host: string,
+    port: number,
+    private readonly handlers: ControlHandlers,
+  ) {
     this.router = new zmq.Router({ linger: 0, maxMessageSize: MAX_CONTROL_FRAME_BYTES })
     const endpoint = `tcp://${host}:${port === 0 ? '*' : port}`
     this.ready = this.router.bind(endpoint).then(
@@ -64,8 +68,15 @@ export class ControlServer {
       const [identity, protocol, kind, body] = frames
       const request = kind?.toString() as keyof ControlHandlers
       let reply: Buffer[]
-      if (frames.length !== 4 || protocol.toString() !== CONTROL_PROTOCOL || (request !== 'hello' && request !== 'challenge')) {
-        reply = refusal('ERR_PROTOCOL', `expected [${CONTROL_PROTOCOL}, challenge|hello, body], got ${frames.length - 1} frames`)
+      if (
+        frames.length !== 4 ||
+        protocol.toString() !== CONTROL_PROTOCOL ||
+        (request !== 'hello' && request !== 'challenge')
+      ) {
+        reply = refusal(
+          'ERR_PROTOCOL',
+          `expected [${CONTROL_PROTOCOL}, challenge|hello, body], got ${frames.length - 1} frames`,
+        )
       } else {
         try {
           reply = [Buffer.from(CONTROL_PROTOCOL), Buffer.from(ANSWERS[request]), this.handlers[request](body)]

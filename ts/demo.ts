@@ -81,7 +81,8 @@ async function decodeMain(): Promise<void> {
         const bytes = region.subarray(block * BLOCK_BYTES, (block + 1) * BLOCK_BYTES)
         const i = written.get(block)
         if (i === undefined) {
-          if (bytes.some((b) => b !== 0)) problems.push(`layer ${layer} ${kind} block ${block} was not listed but changed`)
+          if (bytes.some((b) => b !== 0))
+            problems.push(`layer ${layer} ${kind} block ${block} was not listed but changed`)
         } else if (digest(bytes) !== plan.digests[(layer * 2 + (kind === 'K' ? 0 : 1)) * plan.local.length + i]) {
           problems.push(`layer ${layer} ${kind} block ${block} differs from prefill block ${plan.local[i]}`)
         }
@@ -91,7 +92,10 @@ async function decodeMain(): Promise<void> {
   send({
     kind: 'result',
     ok: problems.length === 0,
-    detail: problems.length === 0 ? `verified ${LAYERS} layers × ${DECODE_BLOCKS} blocks × K+V` : problems.slice(0, 5).join('; '),
+    detail:
+      problems.length === 0
+        ? `verified ${LAYERS} layers × ${DECODE_BLOCKS} blocks × K+V`
+        : problems.slice(0, 5).join('; '),
   })
   await comm.close()
 }
@@ -132,7 +136,9 @@ async function prefillMain(decodePort: number): Promise<void> {
   const start = process.hrtime.bigint()
   // Layer-wise streaming: every layer is issued without waiting for the previous one.
   await Promise.all(
-    Array.from({ length: LAYERS }, (_, layer) => comm.writeCache('127.0.0.1', decodePort, localIds, remoteIds, layer, { tag: TAG })),
+    Array.from({ length: LAYERS }, (_, layer) =>
+      comm.writeCache('127.0.0.1', decodePort, localIds, remoteIds, layer, { tag: TAG }),
+    ),
   )
   const seconds = Number(process.hrtime.bigint() - start) / 1e9
   send({ kind: 'written', seconds, bytes: LAYERS * 2 * BATCH * BLOCK_BYTES, transport: comm.transport })
@@ -143,7 +149,10 @@ function child(role: 'decode' | 'prefill', args: string[] = []) {
   return fork(__filename, [role, ...args], { stdio: 'inherit' })
 }
 
-function once<K extends Message['kind']>(proc: ReturnType<typeof fork>, kind: K): Promise<Extract<Message, { kind: K }>> {
+function once<K extends Message['kind']>(
+  proc: ReturnType<typeof fork>,
+  kind: K,
+): Promise<Extract<Message, { kind: K }>> {
   return new Promise((resolve, reject) => {
     proc.on('message', (message: Message) => {
       if (message.kind === kind) resolve(message as Extract<Message, { kind: K }>)

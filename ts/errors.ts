@@ -1,28 +1,38 @@
 /**
+ * Stable error codes of kvtransfer: exactly the engine's list (`ERROR_CODES` in
+ * crates/engine/src/error.rs, exported by the addon as `errorCodes()`; a test checks that
+ * the two are equal).
+ */
+export const KV_TRANSFER_ERROR_CODES = [
+  'ERR_BLOCK_ID_OUT_OF_RANGE',
+  'ERR_INVALID_BLOCK_ID',
+  'ERR_BLOCK_COUNT_MISMATCH',
+  'ERR_LAYER_OUT_OF_RANGE',
+  'ERR_LAYOUT_MISMATCH',
+  'ERR_REGION_OVERFLOW',
+  'ERR_INVALID_ARGUMENT',
+  'ERR_NOT_CONNECTED',
+  'ERR_CLOSED',
+  'ERR_PROTOCOL',
+  'ERR_IO',
+  'ERR_PEER_DISCONNECTED',
+  'ERR_RDMA_UNAVAILABLE',
+  'ERR_TRANSPORT_UNAVAILABLE',
+  'ERR_RDMA',
+  'ERR_RDMA_COMPLETION',
+  'ERR_CUDA',
+  'ERR_TIMEOUT',
+  'ERR_ABORTED',
+  'ERR_AUTH',
+] as const
+
+/**
  * Stable error codes of kvtransfer. Every error thrown or rejected by this package is a
  * {@link KvTransferError} whose `code` is one of these.
  */
-export type KvTransferErrorCode =
-  | 'ERR_BLOCK_ID_OUT_OF_RANGE'
-  | 'ERR_INVALID_BLOCK_ID'
-  | 'ERR_BLOCK_COUNT_MISMATCH'
-  | 'ERR_LAYER_OUT_OF_RANGE'
-  | 'ERR_LAYOUT_MISMATCH'
-  | 'ERR_REGION_OVERFLOW'
-  | 'ERR_INVALID_ARGUMENT'
-  | 'ERR_NOT_CONNECTED'
-  | 'ERR_CLOSED'
-  | 'ERR_PROTOCOL'
-  | 'ERR_IO'
-  | 'ERR_PEER_DISCONNECTED'
-  | 'ERR_RDMA_UNAVAILABLE'
-  | 'ERR_RDMA'
-  | 'ERR_RDMA_COMPLETION'
-  | 'ERR_CUDA'
-  | 'ERR_TIMEOUT'
-  | 'ERR_ABORTED'
-  | 'ERR_AUTH'
-  | 'ERR_CONNECT_REFUSED'
+export type KvTransferErrorCode = (typeof KV_TRANSFER_ERROR_CODES)[number]
+
+const KNOWN_CODES: ReadonlySet<string> = new Set(KV_TRANSFER_ERROR_CODES)
 
 /** An error from kvtransfer: `code` is stable, `message` names the value and the limit. */
 export class KvTransferError extends Error {
@@ -41,14 +51,18 @@ export class KvTransferError extends Error {
   }
 }
 
-const NATIVE_MESSAGE = /^\[(ERR_[A-Z_]+)\] ([\s\S]*)$/
-
-/** Lifts an error thrown by the native addon (message `[CODE] text`) into a KvTransferError. */
+/**
+ * Lifts an error thrown or reported by the native addon into a KvTransferError: the addon
+ * sets `code` (one of {@link KV_TRANSFER_ERROR_CODES}) and `message`. Anything else (a
+ * failure of napi itself, e.g. an argument of the wrong type) becomes `ERR_IO` with the
+ * original error as `cause`.
+ */
 export function fromNative(error: unknown): KvTransferError {
   if (error instanceof KvTransferError) return error
+  const code = (error as { code?: unknown } | null | undefined)?.code
   const message = error instanceof Error ? error.message : String(error)
-  const match = NATIVE_MESSAGE.exec(message)
-  if (match) return new KvTransferError(match[1] as KvTransferErrorCode, match[2])
+  if (typeof code === 'string' && KNOWN_CODES.has(code))
+    return new KvTransferError(code as KvTransferErrorCode, message)
   return new KvTransferError('ERR_IO', message, { cause: error })
 }
 
@@ -73,4 +87,9 @@ export async function nativeAsync<T>(promise: Promise<T>): Promise<T> {
 /** Builds the `ERR_INVALID_ARGUMENT` error for argument `name`: `invalid <name>: <reason>`. */
 export function invalidArgument(name: string, reason: string): KvTransferError {
   return new KvTransferError('ERR_INVALID_ARGUMENT', `invalid ${name}: ${reason}`)
+}
+
+/** `ERR_ABORTED`: `<what> was aborted`. */
+export function abortError(what: string): KvTransferError {
+  return new KvTransferError('ERR_ABORTED', `${what} was aborted`)
 }

@@ -143,4 +143,145 @@ impl Error {
     }
 }
 
+/// Every code that [`Error::code`] returns, in declaration order: the one list that the
+/// binding exports (`errorCodes()`) and the TypeScript `KvTransferErrorCode` is checked against.
+pub const ERROR_CODES: &[&str] = &[
+    "ERR_BLOCK_ID_OUT_OF_RANGE",
+    "ERR_INVALID_BLOCK_ID",
+    "ERR_BLOCK_COUNT_MISMATCH",
+    "ERR_LAYER_OUT_OF_RANGE",
+    "ERR_LAYOUT_MISMATCH",
+    "ERR_REGION_OVERFLOW",
+    "ERR_INVALID_ARGUMENT",
+    "ERR_NOT_CONNECTED",
+    "ERR_CLOSED",
+    "ERR_PROTOCOL",
+    "ERR_IO",
+    "ERR_PEER_DISCONNECTED",
+    "ERR_RDMA_UNAVAILABLE",
+    "ERR_TRANSPORT_UNAVAILABLE",
+    "ERR_RDMA",
+    "ERR_RDMA_COMPLETION",
+    "ERR_CUDA",
+    "ERR_TIMEOUT",
+    "ERR_ABORTED",
+    "ERR_AUTH",
+];
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod error_codes_tests {
+    use super::*;
+
+    /// One value of every variant, in declaration order, built as a chain: each arm of the
+    /// `match` names a variant and builds a value of the next one. The `match` has no
+    /// wildcard arm, so a new variant of `Error` does not compile until it has an arm here;
+    /// link it into the chain (the last variant's arm ends it) and add its code to
+    /// `ERROR_CODES`, or the tests below fail.
+    fn one_of_each() -> Vec<Error> {
+        let text = String::new;
+        let mut all = vec![Error::BlockIdOutOfRange {
+            side: Side::Local,
+            index: 0,
+            id: 0,
+            limit: 0,
+        }];
+        loop {
+            let next = match all.last().expect("seeded") {
+                Error::BlockIdOutOfRange { .. } => Error::InvalidBlockId {
+                    side: Side::Remote,
+                    index: 0,
+                    value: 0.5,
+                    limit: 0,
+                },
+                Error::InvalidBlockId { .. } => Error::BlockCountMismatch {
+                    local: 1,
+                    remote: 2,
+                },
+                Error::BlockCountMismatch { .. } => Error::LayerOutOfRange {
+                    layer: 1.0,
+                    layers: 1,
+                },
+                Error::LayerOutOfRange { .. } => Error::LayoutMismatch {
+                    here: text(),
+                    peer: text(),
+                    what: "layer count",
+                    local: 1,
+                    remote: 2,
+                },
+                Error::LayoutMismatch { .. } => Error::RegionOverflow { what: text() },
+                Error::RegionOverflow { .. } => Error::invalid("name", "reason"),
+                Error::InvalidArgument { .. } => Error::NotConnected { peer: text() },
+                Error::NotConnected { .. } => Error::Closed,
+                Error::Closed => Error::protocol("peer", "reason"),
+                Error::Protocol { .. } => Error::io("peer", "test", std::io::Error::other("test")),
+                Error::Io { .. } => Error::PeerDisconnected {
+                    peer: text(),
+                    reason: text(),
+                },
+                Error::PeerDisconnected { .. } => Error::RdmaUnavailable { reason: text() },
+                Error::RdmaUnavailable { .. } => Error::TransportUnavailable {
+                    transport: "tcp",
+                    reason: text(),
+                },
+                Error::TransportUnavailable { .. } => Error::Rdma {
+                    op: "op",
+                    reason: text(),
+                },
+                Error::Rdma { .. } => Error::RdmaCompletion {
+                    peer: text(),
+                    status: text(),
+                    status_code: 0,
+                    vendor_err: 0,
+                },
+                Error::RdmaCompletion { .. } => Error::Cuda {
+                    op: "op",
+                    reason: text(),
+                },
+                Error::Cuda { .. } => Error::Timeout {
+                    ms: 0,
+                    what: text(),
+                },
+                Error::Timeout { .. } => Error::Aborted,
+                Error::Aborted => Error::Auth {
+                    peer: text(),
+                    reason: text(),
+                },
+                Error::Auth { .. } => break,
+            };
+            all.push(next);
+        }
+        all
+    }
+
+    #[test]
+    fn every_variant_code_is_listed_and_nothing_else() {
+        let codes: Vec<&str> = one_of_each().iter().map(Error::code).collect();
+        for code in &codes {
+            assert!(
+                ERROR_CODES.contains(code),
+                "{code} is missing from ERROR_CODES"
+            );
+        }
+        for code in ERROR_CODES {
+            assert!(
+                codes.contains(code),
+                "ERROR_CODES lists {code}, which no variant has"
+            );
+            assert!(code.starts_with("ERR_"), "{code} does not start with ERR_");
+        }
+        let mut unique = ERROR_CODES.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            ERROR_CODES.len(),
+            "ERROR_CODES has duplicates"
+        );
+        assert_eq!(
+            codes, ERROR_CODES,
+            "one code per variant, in declaration order"
+        );
+    }
+}

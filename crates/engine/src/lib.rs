@@ -23,7 +23,7 @@ mod wire;
 
 pub use config::{RdmaSettings, DEFAULT_QPS_PER_PEER};
 pub use engine::{Engine, EngineOptions, EngineStats, PeerInfo};
-pub use error::{Error, Result, Side};
+pub use error::{Error, Result, Side, ERROR_CODES};
 pub use layout::{CacheLayout, MemoryKind};
 pub use plan::BlockIds;
 pub use transport::{

@@ -1,0 +1,130 @@
+/**
+ * Arrival notices on the receiving side: kept per tag (up to a bound) for waiters that come
+ * later, and handed to the waiters of their tag.
+ */
+import { withDeadline } from './deadline'
+import { KvTransferError, abortError } from './errors'
+import { type RequestTag, tagKey } from './tags'
+
+/** Delivered on the receiving side after every byte of a tagged call is in its memory. */
+export interface Arrival {
+  /** The writer's name (its `name` option). */
+  peer: string
+  /** The tag the writer passed to `writeCache` (a bigint stays a bigint). */
+  tag: RequestTag
+  /** The layer the call wrote. */
+  layerIdx: number
+  /** Number of blocks written by the call. */
+  blocks: number
+}
+
+/** Options of {@link RDMACommunicator.waitForArrival}. */
+export interface WaitOptions {
+  /** Layers to wait for (default: `[0]`). A number `n` means layers `0..n-1`. */
+  layers?: number | readonly number[]
+  /** Rejects with `ERR_TIMEOUT` after this many milliseconds (default: wait forever). */
+  timeoutMs?: number
+  /** Aborts the wait; the promise rejects with `ERR_ABORTED`. */
+  signal?: AbortSignal
+}
+
+interface Waiter {
+  layers: Set<number>
+  resolve: (arrivals: Arrival[]) => void
+  reject: (error: KvTransferError) => void
+}
+
+/** The layers `waitForArrival` waits for: `n` means `0..n-1`; default `[0]`. */
+export function layerSet(layers: WaitOptions['layers']): Set<number> {
+  return new Set<number>(typeof layers === 'number' ? Array.from({ length: layers }, (_, i) => i) : (layers ?? [0]))
+}
+
+/** Arrival notices kept per tag (oldest tag dropped first beyond `maxPending`) and their waiters. */
+export class Arrivals {
+  private readonly arrived = new Map<string, Arrival[]>()
+  private count = 0
+  private readonly waiters = new Map<string, Set<Waiter>>()
+
+  constructor(private readonly maxPending: number) {}
+
+  /** Keeps `arrival` and settles the waiters of its tag that it completes. */
+  add(arrival: Arrival): void {
+    const key = tagKey(arrival.tag)
+    let list = this.arrived.get(key)
+    if (!list) this.arrived.set(key, (list = []))
+    list.push(arrival)
+    this.count++
+    while (this.count > this.maxPending) {
+      // Oldest tag first: Map iteration order is insertion order.
+      const [oldest, entries] = this.arrived.entries().next().value as [string, Arrival[]]
+      this.arrived.delete(oldest)
+      this.count -= entries.length
+    }
+    for (const waiter of this.waiters.get(key) ?? []) this.settle(key, waiter)
+  }
+
+  /**
+   * Resolves when every layer of `layers` has arrived for `tag` (kept notices count);
+   * rejects with `ERR_TIMEOUT` or `ERR_ABORTED` (`options`).
+   */
+  wait(tag: RequestTag, layers: Set<number>, options: WaitOptions): Promise<Arrival[]> {
+    const key = tagKey(tag)
+    let resolve!: Waiter['resolve']
+    let reject!: Waiter['reject']
+    const landed = new Promise<Arrival[]>((res, rej) => {
+      resolve = res
+      reject = rej
+    })
+    const waiter: Waiter = { layers, resolve, reject }
+    let set = this.waiters.get(key)
+    if (!set) this.waiters.set(key, (set = new Set()))
+    set.add(waiter)
+    this.settle(key, waiter)
+    return withDeadline(landed, options, {
+      timeout: () => {
+        const got = new Set((this.arrived.get(key) ?? []).map((a) => a.layerIdx))
+        const missing = [...layers].filter((l) => !got.has(l))
+        return new KvTransferError(
+          'ERR_TIMEOUT',
+          `timed out after ${options.timeoutMs} ms waiting for tag ${String(tag)}: layers ${missing.join(', ')} have not arrived`,
+        )
+      },
+      abort: () => abortError(`waitForArrival(${String(tag)})`),
+      abandon: () => this.remove(key, waiter),
+    })
+  }
+
+  /** Forgets the kept notices of `tag`. */
+  forget(tag: RequestTag): void {
+    const key = tagKey(tag)
+    this.count -= this.arrived.get(key)?.length ?? 0
+    this.arrived.delete(key)
+  }
+
+  /** Rejects every waiter with `error` (the communicator closes). */
+  rejectAll(error: KvTransferError): void {
+    for (const [key, set] of [...this.waiters]) {
+      for (const waiter of [...set]) {
+        this.remove(key, waiter)
+        waiter.reject(error)
+      }
+    }
+  }
+
+  /** Resolves `waiter` if all its layers arrived; returns whether it did. */
+  private settle(key: string, waiter: Waiter): boolean {
+    const list = this.arrived.get(key) ?? []
+    const landed = new Set(list.map((a) => a.layerIdx))
+    for (const layer of waiter.layers) if (!landed.has(layer)) return false
+    this.remove(key, waiter)
+    waiter.resolve(list.filter((a) => waiter.layers.has(a.layerIdx)))
+    return true
+  }
+
+  private remove(key: string, waiter: Waiter): void {
+    const set = this.waiters.get(key)
+    if (!set) return
+    set.delete(waiter)
+    if (set.size === 0) this.waiters.delete(key)
+  }
+}

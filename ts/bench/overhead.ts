@@ -1,0 +1,150 @@
+/**
+ * `kvtransfer bench --overhead`: the JS → native cost of one writeCache call.
+ */
+import { randomFillSync } from 'node:crypto'
+import { RDMACommunicator } from '../index'
+import { type BenchOptions, Progress, machineInfo, percentile, permutation } from './common'
+import { startAgent } from './driver'
+
+export interface OverheadRow {
+  case: string
+  /** Microseconds per call: median and p99 over bursts (each burst's mean). */
+  medianUs: number
+  p99Us: number
+  calls: number
+  note: string
+}
+
+export interface OverheadReport {
+  tool: 'kvtransfer bench --overhead'
+  date: string
+  machine: ReturnType<typeof machineInfo>
+  batch: number
+  blockBytes: number
+  rows: OverheadRow[]
+}
+
+/**
+ * Measures the synchronous part of `writeCache` (TS wrapper, napi argument conversion,
+ * validation of every id, planning, handing the job to the writer thread, creating the
+ * Promise) for `batch` ids: the time from the call until it returns its Promise. Calls are
+ * issued in bursts of 32 and then awaited, so the transfer (1-byte blocks, tiny) runs
+ * outside the timed section. Also: calls refused after validating every id (the last id is
+ * out of range), and the full round trip of one call at a time.
+ */
+export async function runOverhead(options: BenchOptions): Promise<OverheadReport> {
+  const progress = new Progress(options.progress)
+  const agent = await startAgent(options)
+  const blockBytes = 1
+  const burst = 32
+  const rounds = options.iterations ?? 300
+  const rows: OverheadRow[] = []
+  try {
+    await agent.channel.call({ op: 'init', layers: options.layers, blocks: options.batch, maxBlockBytes: blockBytes })
+    const setup = (await agent.channel.call({ op: 'setup', blockBytes, transport: options.transport })) as {
+      port: number
+    }
+    const keys = Array.from({ length: options.layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
+    const values = Array.from({ length: options.layers }, () =>
+      randomFillSync(Buffer.alloc(options.batch * blockBytes)),
+    )
+    const comm = new RDMACommunicator({
+      role: 'prefill',
+      gpuIdx: 0,
+      port: 0,
+      localKeyCache: keys,
+      localValueCache: values,
+      blockNumber: options.batch,
+      blockBytes,
+      transport: options.transport,
+    })
+    try {
+      await comm.connect(agent.host, setup.port)
+      const host = agent.host
+      const port = setup.port
+      const scattered = [permutation(options.batch), permutation(options.batch)]
+      const contiguous = Uint32Array.from({ length: options.batch }, (_, i) => i)
+      const badRemote = Uint32Array.from(scattered[1])
+      badRemote[badRemote.length - 1] = options.batch // out of range: refused after checking all
+      const plainArray = Array.from(scattered[0])
+
+      const measure = async (name: string, note: string, issue: () => Promise<void>) => {
+        const perCall: number[] = []
+        for (let round = 0; round < rounds + 10; round++) {
+          const pending: Promise<void>[] = new Array(burst)
+          const t0 = process.hrtime.bigint()
+          for (let i = 0; i < burst; i++) pending[i] = issue()
+          const t1 = process.hrtime.bigint()
+          await Promise.allSettled(pending)
+          if (round >= 10) perCall.push(Number(t1 - t0) / 1e3 / burst)
+          progress.update(`[overhead] ${name} ${round}/${rounds + 10}`)
+        }
+        perCall.sort((a, b) => a - b)
+        rows.push({
+          case: name,
+          medianUs: percentile(perCall, 50),
+          p99Us: percentile(perCall, 99),
+          calls: rounds * burst,
+          note,
+        })
+      }
+      await measure(
+        'Uint32Array, scattered ids',
+        'sync part: wrapper + napi + validate + plan + hand-off + Promise',
+        () => comm.writeCache(host, port, scattered[0], scattered[1], 0),
+      )
+      await measure('Uint32Array, contiguous ids', 'same, ids coalesce into one run', () =>
+        comm.writeCache(host, port, contiguous, contiguous, 0),
+      )
+      await measure(
+        'number[] (local), Uint32Array (remote)',
+        'plain arrays are converted to Float64Array in TS first',
+        () => comm.writeCache(host, port, plainArray, scattered[1], 0),
+      )
+      await measure(
+        'refused after validating all ids',
+        'last remote id out of range: includes building the error',
+        () => comm.writeCache(host, port, scattered[0], badRemote, 0).catch(() => undefined),
+      )
+      // One call at a time, awaited: the whole round trip of 1538 one-byte blocks.
+      const rtts: number[] = []
+      for (let i = 0; i < rounds; i++) {
+        const t0 = process.hrtime.bigint()
+        await comm.writeCache(host, port, scattered[0], scattered[1], 0)
+        rtts.push(Number(process.hrtime.bigint() - t0) / 1e3)
+        progress.update(`[overhead] round trip ${i}/${rounds}`)
+      }
+      rtts.sort((a, b) => a - b)
+      rows.push({
+        case: 'round trip, 1 in flight',
+        medianUs: percentile(rtts, 50),
+        p99Us: percentile(rtts, 99),
+        calls: rounds,
+        note: 'call → Promise resolved: includes the (tiny) transfer, the ACK and thread wake-ups',
+      })
+    } finally {
+      await comm.close()
+    }
+    await agent.channel.call({ op: 'close' }).catch(() => undefined)
+  } finally {
+    progress.clear()
+    agent.channel.socket.end()
+  }
+  return {
+    tool: 'kvtransfer bench --overhead',
+    date: new Date().toISOString(),
+    machine: machineInfo(),
+    batch: options.batch,
+    blockBytes,
+    rows,
+  }
+}
+
+export function formatOverhead(report: OverheadReport): string {
+  const header = ['case', 'median µs/call', 'p99 µs/call', 'calls']
+  const rows = report.rows.map((r) => [r.case, r.medianUs.toFixed(2), r.p99Us.toFixed(2), String(r.calls)])
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)))
+  const line = (cells: string[]) =>
+    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ')
+  return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n')
+}

@@ -1,0 +1,241 @@
+/**
+ * Options of the public API and their validation: every invalid value is refused with
+ * `ERR_INVALID_ARGUMENT` naming it, before anything reaches the engine.
+ */
+import * as os from 'node:os'
+import type { NativeOptions } from '../index.js'
+import { invalidArgument } from './errors'
+import type { RequestTag } from './tags'
+
+/** Which side of disaggregated serving a communicator plays. */
+export type Role = 'prefill' | 'decode'
+/** `'auto'` picks RDMA when a usable RDMA port exists on both sides, else TCP. */
+export type Transport = 'auto' | 'rdma' | 'tcp'
+/**
+ * One layer's key or value region of `blockNumber × blockBytes` bytes: a native or device
+ * address as a bigint (owned by the caller, who keeps it valid until `close()`), or a
+ * JavaScript buffer (kept alive by the communicator until `close()`).
+ */
+export type CacheRegion = bigint | ArrayBufferView | ArrayBuffer
+/** Block ids: typed arrays pass to the engine without copying. */
+export type BlockIds = readonly number[] | Int32Array | Uint32Array
+
+/** Options of {@link RDMACommunicator}. */
+export interface CommunicatorOptions {
+  /** `'prefill'` (writes blocks to peers) or `'decode'` (receives them). */
+  role: Role
+  /** GPU index; also selects the RDMA NIC by modulo over `KVCACHE_RDMA_NICS`. */
+  gpuIdx: number
+  /** Control-plane port this communicator listens on (0: any free port, see `port`). */
+  port: number | string
+  /** One region per layer. */
+  localKeyCache: CacheRegion[]
+  /** One region per layer, or `[]` for key-only caches (e.g. MLA). */
+  localValueCache: CacheRegion[]
+  /** Number of blocks in every region (block ids are `0..blockNumber-1`). */
+  blockNumber: number
+  /** Bytes per block; each region is `blockNumber × blockBytes` bytes. Must match the peer's. */
+  blockBytes: number
+  /** Default: `KVCACHE_TRANSPORT`, else `'auto'`. */
+  transport?: Transport
+  /** Address the control plane binds to (default: all interfaces). */
+  host?: string
+  /** Name reported to peers in arrival notices (default `hostname:port`). */
+  name?: string
+  /**
+   * Default timeout of `connect` in milliseconds (default 30000); also bounds how long the
+   * engine waits for the data connection to open.
+   */
+  connectTimeoutMs?: number
+  /**
+   * Default timeout of `writeCache` in milliseconds (default 30000; 0: none). A call that
+   * times out tears the connection to its peer down before it rejects with `ERR_TIMEOUT`.
+   */
+  writeTimeoutMs?: number
+  /**
+   * Shared secret of the connection handshake (default: `KVCACHE_AUTH_TOKEN`; `''`: none).
+   * Both sides must have the same token, or neither; see README "Security".
+   */
+  authToken?: string
+  /** Most arrival notices kept for tags nobody waits for yet (default 65536). */
+  maxPendingArrivals?: number
+}
+
+/** Options of {@link RDMACommunicator.connect}. */
+export interface ConnectOptions {
+  /** How long to wait for the peer to answer (it may start later). */
+  timeoutMs?: number
+  /** Aborts the attempt; the promise rejects with `ERR_ABORTED`. */
+  signal?: AbortSignal
+}
+
+/** Options of {@link RDMACommunicator.writeCache}. */
+export interface WriteOptions {
+  /** Tag the call: the receiving side gets an `'arrival'` event after all its bytes landed. */
+  tag?: RequestTag
+  /**
+   * Milliseconds until the call fails with `ERR_TIMEOUT` (default: the communicator's
+   * `writeTimeoutMs`, 30000; 0: none). Before it rejects, the connection to the peer is
+   * torn down, so none of its bytes can land later; other pending calls to that peer fail
+   * with `ERR_PEER_DISCONNECTED`; `connect` again to continue.
+   */
+  timeoutMs?: number
+  /**
+   * Aborting tears the connection to the peer down (as a timeout does) and rejects this
+   * call and every other pending call to that peer with `ERR_ABORTED`.
+   */
+  signal?: AbortSignal
+}
+
+/** Options of {@link RDMACommunicator.close}. */
+export interface CloseOptions {
+  /** Reject with `ERR_TIMEOUT` when the teardown takes longer (it still completes). */
+  timeoutMs?: number
+  /** Reject with `ERR_ABORTED` on abort (the teardown still completes). */
+  signal?: AbortSignal
+}
+
+/** Live native resources (leak checks). */
+export interface CommunicatorStats {
+  peers: number
+  liveLinks: number
+  tcpReceivers: number
+  registeredRegions: number
+  rememberedHellos: number
+  timedCalls: number
+  processThreads: number
+}
+
+/** The largest timeout Node's timers take (ms). */
+const MAX_TIMEOUT_MS = 0x7fff_ffff
+
+/** The constructor's options, validated, with what the native side takes. */
+export interface Settings {
+  role: Role
+  port: number
+  gpuIdx: number
+  blockNumber: number
+  blockBytes: number
+  host: string
+  connectTimeoutMs: number
+  writeTimeoutMs: number
+  maxPendingArrivals: number
+  native: NativeOptions
+}
+
+/**
+ * Validates the constructor's arguments: an options object, or the seed's positional form
+ * `(role, gpuIdx, port, localKeyCache, localValueCache, blockNumber, blockBytes, extra?)`.
+ */
+export function parseSettings(args: unknown[]): Settings {
+  const options: CommunicatorOptions =
+    typeof args[0] === 'object' && args[0] !== null
+      ? (args[0] as CommunicatorOptions)
+      : {
+          ...(args[7] as Partial<CommunicatorOptions> | undefined),
+          role: args[0] as Role,
+          gpuIdx: args[1] as number,
+          port: args[2] as number | string,
+          localKeyCache: args[3] as CacheRegion[],
+          localValueCache: args[4] as CacheRegion[],
+          blockNumber: args[5] as number,
+          blockBytes: args[6] as number,
+        }
+  if (options.role !== 'prefill' && options.role !== 'decode') {
+    throw invalidArgument('role', `${JSON.stringify(options.role)} is not 'prefill' or 'decode'`)
+  }
+  const port = toPort('port', options.port)
+  const gpuIdx = checkNonNegativeInteger('gpuIdx', options.gpuIdx, 0xffff_ffff)
+  const blockNumber = checkNonNegativeInteger('blockNumber', options.blockNumber, 0xffff_ffff)
+  const blockBytes = checkNonNegativeInteger('blockBytes', options.blockBytes, Number.MAX_SAFE_INTEGER)
+  if (!Array.isArray(options.localKeyCache)) throw invalidArgument('localKeyCache', 'expected an array of regions')
+  if (!Array.isArray(options.localValueCache)) {
+    throw invalidArgument('localValueCache', 'expected an array of regions ([] for key-only)')
+  }
+  const connectTimeoutMs = checkMilliseconds('connectTimeoutMs', options.connectTimeoutMs ?? 30_000)
+  const writeTimeoutMs = checkNonNegativeInteger('writeTimeoutMs', options.writeTimeoutMs ?? 30_000, MAX_TIMEOUT_MS)
+  return {
+    role: options.role,
+    port,
+    gpuIdx,
+    blockNumber,
+    blockBytes,
+    host: options.host ?? defaultControlHost(),
+    connectTimeoutMs,
+    writeTimeoutMs,
+    maxPendingArrivals: options.maxPendingArrivals ?? 65_536,
+    native: {
+      role: options.role,
+      gpuIdx,
+      name: options.name ?? `${os.hostname()}:${port}`,
+      localKeyCache: options.localKeyCache.map((r, i) => toRegion('localKeyCache', i, r)),
+      localValueCache: options.localValueCache.map((r, i) => toRegion('localValueCache', i, r)),
+      blockNumber,
+      blockBytes,
+      transport: options.transport,
+      // The engine's bound on opening the data connection (a whole millisecond, at least 1).
+      connectTimeoutMs: Math.max(1, Math.ceil(connectTimeoutMs)),
+      authToken: options.authToken,
+    },
+  }
+}
+
+export function toRegion(name: string, index: number, region: unknown): bigint | Uint8Array {
+  if (typeof region === 'bigint') return region
+  if (region instanceof ArrayBuffer || region instanceof SharedArrayBuffer) return new Uint8Array(region)
+  if (ArrayBuffer.isView(region)) return new Uint8Array(region.buffer, region.byteOffset, region.byteLength)
+  throw invalidArgument(
+    name,
+    `region ${index} must be a bigint address, an ArrayBuffer or a typed array; got ${typeof region}`,
+  )
+}
+
+export function toBlockIds(name: string, ids: unknown): Uint32Array | Int32Array | Float64Array {
+  if (ids instanceof Uint32Array || ids instanceof Int32Array) return ids
+  if (Array.isArray(ids)) return numbersToFloat64(ids)
+  throw invalidArgument(name, `expected number[], Int32Array or Uint32Array; got ${ids === null ? 'null' : typeof ids}`)
+}
+
+/** Copies a plain array for the native side; a non-number becomes NaN, which the engine
+ *  refuses naming its index (no coercion of "3" or null). A plain loop: `Float64Array.from`
+ *  with a mapping callback cost ~45 ns per id. */
+function numbersToFloat64(ids: unknown[]): Float64Array {
+  const out = new Float64Array(ids.length)
+  for (let i = 0; i < ids.length; i++) {
+    const value = ids[i]
+    out[i] = typeof value === 'number' ? value : Number.NaN
+  }
+  return out
+}
+
+export function toPort(name: string, port: unknown): number {
+  const value = typeof port === 'string' && port.trim() !== '' ? Number(port) : port
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 65535) {
+    throw invalidArgument(name, `${JSON.stringify(port)} is not a port number in 0..65535`)
+  }
+  return value
+}
+
+export function checkNonNegativeInteger(name: string, value: unknown, max: number): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > max) {
+    throw invalidArgument(name, `${String(value)} is not an integer in 0..${max}`)
+  }
+  return value
+}
+
+/** A timeout: a number of milliseconds in 0..2^31-1 (what Node's timers take). */
+function checkMilliseconds(name: string, value: unknown): number {
+  if (typeof value !== 'number' || !(value >= 0 && value <= MAX_TIMEOUT_MS)) {
+    throw invalidArgument(name, `${String(value)} is not a number of milliseconds in 0..${MAX_TIMEOUT_MS}`)
+  }
+  return value
+}
+
+/**
+ * The control plane listens on `KVCACHE_SOCKET_IFNAME`'s address when set (ZeroMQ takes an
+ * interface name in place of an address), else on all interfaces.
+ */
+function defaultControlHost(): string {
+  const ifname = process.env.KVCACHE_SOCKET_IFNAME?.trim()
+  return ifname ? ifname : '0.0.0.0'
+}
