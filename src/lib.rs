@@ -276,7 +276,7 @@ impl NativeCommunicator {
                         .map_err(napi_failure)?,
                 );
                 *arrival_fn.lock().unwrap_or_else(|p| p.into_inner()) = Some(tsfn);
-                let slot = arrival_fn.clone();
+                let slot = Arc::clone(&arrival_fn);
                 let sink: kvtransfer_engine::ArrivalSink = Arc::new(move |arrival: Arrival| {
                     let Some(tsfn) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
                         return;
@@ -530,7 +530,7 @@ impl NativeCommunicator {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let engine = self.engine.clone();
-        let arrival_fn = self.arrival_fn.clone();
+        let arrival_fn = Arc::clone(&self.arrival_fn);
         on_thread(env, "kvt-close", "this communicator".into(), move || {
             engine.close();
             arrival_fn.lock().unwrap_or_else(|p| p.into_inner()).take();

@@ -38,7 +38,7 @@ impl Gpu {
         };
         // Made before the check so that the module is unloaded on failure too.
         let kernel = CopyKernel {
-            gpu: self.clone(),
+            gpu: Arc::clone(self),
             module,
             function,
         };

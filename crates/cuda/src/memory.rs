@@ -18,7 +18,7 @@ impl Gpu {
             (self.cuda.api.mem_alloc)(&mut ptr, len.max(1))
         })?;
         Ok(DeviceBuffer {
-            gpu: self.clone(),
+            gpu: Arc::clone(self),
             ptr,
             len,
         })
@@ -40,7 +40,7 @@ impl Gpu {
             )
         })?;
         Ok(PinnedBuffer {
-            gpu: self.clone(),
+            gpu: Arc::clone(self),
             ptr: ptr.cast(),
             len,
         })

@@ -21,7 +21,7 @@ impl Gpu {
             (self.cuda.api.stream_create)(&mut raw, CU_STREAM_NON_BLOCKING)
         })?;
         Ok(Stream {
-            gpu: self.clone(),
+            gpu: Arc::clone(self),
             raw,
         })
     }
@@ -36,7 +36,7 @@ impl Gpu {
             (self.cuda.api.event_create)(&mut raw, CU_EVENT_DISABLE_TIMING)
         })?;
         Ok(Event {
-            gpu: self.clone(),
+            gpu: Arc::clone(self),
             raw,
         })
     }

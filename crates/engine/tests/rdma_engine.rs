@@ -255,11 +255,11 @@ fn rdma_arrival_notices_follow_the_data() {
         return;
     };
     let seen: Arc<Mutex<Vec<Arrival>>> = Arc::default();
-    let log = seen.clone();
+    let log = Arc::clone(&seen);
     let decode_keys: Arc<Mutex<Option<(u64, usize)>>> = Arc::default();
-    let checked = decode_keys.clone();
+    let checked = Arc::clone(&decode_keys);
     let mismatches = Arc::new(Mutex::new(0usize));
-    let bad = mismatches.clone();
+    let bad = Arc::clone(&mismatches);
     let prefill = rdma_side(Role::Prefill, 60, 64, 1024, settings(&dev)).build();
     let decode = SideSpec {
         arrivals: Some(Arc::new(move |a: Arrival| {

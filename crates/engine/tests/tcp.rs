@@ -28,7 +28,7 @@ fn side(
 fn writes_exact_bytes_and_leaves_other_blocks_untouched() {
     let block_bytes = 1024;
     let sink_log: Arc<Mutex<Vec<Arrival>>> = Arc::default();
-    let log = sink_log.clone();
+    let log = Arc::clone(&sink_log);
     let prefill = side(Role::Prefill, 3, 64, block_bytes, true, None);
     let decode = side(
         Role::Decode,

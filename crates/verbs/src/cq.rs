@@ -56,7 +56,7 @@ impl CompletionChannel {
         let p = unsafe { (ctx.lib().f.create_comp_channel)(ctx.as_ptr()) };
         let ch = NonNull::new(p).ok_or_else(|| errno_err("ibv_create_comp_channel"))?;
         let this = CompletionChannel {
-            ctx: ctx.clone(),
+            ctx: Arc::clone(ctx),
             ch,
         };
         let fd = this.fd();
@@ -258,7 +258,7 @@ impl CompletionQueue {
         // SAFETY: freshly created CQ; `cqe` holds the actual size.
         let actual = unsafe { cq.as_ref() }.cqe;
         Ok(Arc::new(CompletionQueue {
-            ctx: ctx.clone(),
+            ctx: Arc::clone(ctx),
             channel: channel.cloned(),
             cq,
             cqe: u32::try_from(actual).unwrap_or(cqe),

@@ -217,7 +217,7 @@ impl Context {
         drop(list);
         let ctx = NonNull::new(p).ok_or_else(|| errno_err("ibv_open_device"))?;
         let mut this = Context {
-            lib: lib.clone(),
+            lib: Arc::clone(lib),
             ctx,
             name: name.to_owned(),
             attrs: DeviceAttrs {
@@ -403,7 +403,7 @@ impl ProtectionDomain {
         let p = unsafe { (ctx.lib.f.alloc_pd)(ctx.as_ptr()) };
         let pd = NonNull::new(p).ok_or_else(|| errno_err("ibv_alloc_pd"))?;
         Ok(Arc::new(ProtectionDomain {
-            ctx: ctx.clone(),
+            ctx: Arc::clone(ctx),
             pd,
         }))
     }

@@ -180,7 +180,7 @@ impl MemoryRegion {
         // SAFETY: a successfully registered ibv_mr; its fields are immutable.
         let m = unsafe { mr.as_ref() };
         Ok(MemoryRegion {
-            pd: pd.clone(),
+            pd: Arc::clone(pd),
             mr,
             addr: m.addr as u64,
             len: m.length,

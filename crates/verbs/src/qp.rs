@@ -56,7 +56,7 @@ impl SharedReceiveQueue {
         let p = unsafe { (pd.context().lib().f.create_srq)(pd.as_ptr(), &mut init) };
         let srq = NonNull::new(p).ok_or_else(|| errno_err("ibv_create_srq"))?;
         Ok(Arc::new(SharedReceiveQueue {
-            pd: pd.clone(),
+            pd: Arc::clone(pd),
             srq,
             max_wr: init.attr.max_wr.max(max_wr),
         }))
@@ -234,9 +234,9 @@ impl QueuePair {
         let p = unsafe { (pd.context().lib().f.create_qp)(pd.as_ptr(), &mut init) };
         let qp = NonNull::new(p).ok_or_else(|| errno_err("ibv_create_qp"))?;
         Ok(QueuePair {
-            pd: pd.clone(),
-            send_cq: send_cq.clone(),
-            recv_cq: recv_cq.clone(),
+            pd: Arc::clone(pd),
+            send_cq: Arc::clone(send_cq),
+            recv_cq: Arc::clone(recv_cq),
             srq: srq.cloned(),
             qp,
             caps: QpCaps {

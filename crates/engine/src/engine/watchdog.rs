@@ -73,7 +73,7 @@ impl Watchdog {
         }
         if state.thread.is_none() {
             let engine = Arc::downgrade(engine);
-            let dog = watchdog.clone();
+            let dog = Arc::clone(watchdog);
             match std::thread::Builder::new()
                 .name("kvt-deadline".into())
                 .spawn(move || run_watchdog(&dog, &engine))

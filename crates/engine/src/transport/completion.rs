@@ -158,7 +158,7 @@ impl RunPool {
     pub fn pooled(self: &std::sync::Arc<Self>, runs: Vec<Run>) -> PooledRuns {
         PooledRuns {
             runs,
-            pool: Some(self.clone()),
+            pool: Some(std::sync::Arc::clone(self)),
         }
     }
 

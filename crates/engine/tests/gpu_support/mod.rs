@@ -3,7 +3,10 @@
 //!
 //! Skip rule: no `libcuda.so.1`, or `cuInit` fails, or no device → the test prints `SKIP`
 //! and passes. With a GPU present every problem fails the test.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each GPU test binary uses a different part of the shared fixtures"
+)]
 
 use kvtransfer_cuda::{Cuda, DeviceBuffer, Gpu};
 use kvtransfer_engine::{Engine, EngineOptions, Role};

@@ -139,7 +139,7 @@ impl RdmaDevice {
             )?)
         };
         let thread = {
-            let shared = shared.clone();
+            let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("kvt-rdma-progress".into())
                 .spawn(move || Worker::new(shared, doorbell).run())
@@ -364,13 +364,13 @@ impl RdmaDevice {
             next_job: 1,
             next_chain: 1,
             control: VecDeque::new(),
-            alive: alive.clone(),
+            alive: Arc::clone(&alive),
             broken: None,
         })));
         Ok(RdmaLink {
             id,
             peer: peer.to_string(),
-            shared: self.shared.clone(),
+            shared: Arc::clone(&self.shared),
             alive,
             removed: Mutex::new(false),
         })

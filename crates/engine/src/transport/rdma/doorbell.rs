@@ -54,7 +54,7 @@ impl Doorbell {
                     Item::Post {
                         link,
                         job,
-                        qp: qp.clone(),
+                        qp: Arc::clone(qp),
                         batch,
                     },
                 );
@@ -125,7 +125,7 @@ impl PostingThreads {
         let mut threads = Vec::with_capacity(count);
         for index in 0..count {
             let (queue, items) = mpsc::channel();
-            let returns = returns.clone();
+            let returns = Arc::clone(&returns);
             let thread = std::thread::Builder::new()
                 .name(format!("kvt-rdma-post{index}"))
                 .spawn(move || post_items(items, &returns))

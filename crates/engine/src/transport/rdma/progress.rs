@@ -228,7 +228,7 @@ impl Worker {
     }
 
     fn poll_send(&mut self) -> bool {
-        let cq = self.shared.send_cq.clone();
+        let cq = Arc::clone(&self.shared.send_cq);
         self.drain(&cq, "send", Self::on_send_completion)
     }
 
@@ -316,7 +316,7 @@ impl Worker {
     }
 
     fn poll_recv(&mut self) -> bool {
-        let cq = self.shared.recv_cq.clone();
+        let cq = Arc::clone(&self.shared.recv_cq);
         self.drain(&cq, "receive", Self::on_recv_completion)
     }
 

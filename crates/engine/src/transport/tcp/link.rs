@@ -94,7 +94,7 @@ impl TcpLink {
         });
         let (tx, rx) = mpsc::channel::<WriteJob>();
         let writer = {
-            let state = state.clone();
+            let state = Arc::clone(&state);
             let stream = stream
                 .try_clone()
                 .map_err(|e| Error::io(peer, "socket clone", e))?;
@@ -104,7 +104,7 @@ impl TcpLink {
                 .map_err(|e| Error::io(peer, "thread spawn", e))?
         };
         let reader = {
-            let state = state.clone();
+            let state = Arc::clone(&state);
             let stream = stream
                 .try_clone()
                 .map_err(|e| Error::io(peer, "socket clone", e))?;

@@ -60,7 +60,7 @@ impl TcpServer {
             prefault: Mutex::new(None),
         });
         let accept_thread = {
-            let state = state.clone();
+            let state = Arc::clone(&state);
             let listener = listener
                 .try_clone()
                 .map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
@@ -95,7 +95,7 @@ impl TcpServer {
     pub fn start_prefault(&self) {
         let mut prefault = lock(&self.state.prefault);
         if prefault.is_none() && prefault_enabled() {
-            let state = self.state.clone();
+            let state = Arc::clone(&self.state);
             *prefault = std::thread::Builder::new()
                 .name("kvt-tcp-prefault".into())
                 .spawn(move || prefault_regions(&state.table, &state.closed))
@@ -221,7 +221,7 @@ fn run_acceptor(state: &Arc<ServerState>, listener: &TcpListener) {
         let Ok(handle_stream) = stream.try_clone() else {
             continue;
         };
-        let worker_state = state.clone();
+        let worker_state = Arc::clone(state);
         let spawned = std::thread::Builder::new()
             .name("kvt-tcp-recv".into())
             .spawn(move || run_receiver(&worker_state, handle_stream, remote));
