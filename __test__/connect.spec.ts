@@ -19,7 +19,7 @@ const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url))
 const BLACKHOLE = fileURLToPath(new URL('./fixtures/blackhole.ts', import.meta.url))
 /** Bytes before the descriptor in a handshake envelope: magic, version, flags, 2 nonces, MAC (crates/engine/src/auth.rs). */
 const ENVELOPE_HEADER_BYTES = 4 + 2 + 1 + 2 * 32 + 32
-/** Offset of the name length in a descriptor (crates/engine/src/wire.rs): magic, version, length, role, instance id, layers, has-value, blockNumber, blockBytes. */
+/** Offset of the name length in a descriptor (crates/engine/src/wire/descriptor.rs): magic, version, length, role, instance id, layers, has-value, blockNumber, blockBytes. */
 const NAME_LENGTH_AT = 4 + 2 + 4 + 1 + 8 + 4 + 1 + 4 + 8
 const LAYOUT = { layers: 1, blockNumber: 4, blockBytes: 1024 }
 
@@ -78,7 +78,11 @@ function withDataPort(envelope: Buffer, port: number): Buffer {
   const at = ENVELOPE_HEADER_BYTES
   if (out.toString('latin1', at, at + 4) !== 'KVTX') throw new Error('unexpected handshake envelope layout')
   const nameLength = out[at + NAME_LENGTH_AT]
-  out.writeUInt16LE(port, at + NAME_LENGTH_AT + 1 + nameLength)
+  // After the name: the endpoint count, then (kind u8, length u32, bytes) per endpoint. A
+  // reply names one transport; TCP's endpoint (kind 1) starts with the data port.
+  const endpoints = at + NAME_LENGTH_AT + 1 + nameLength
+  if (out[endpoints] !== 1 || out[endpoints + 1] !== 1) throw new Error('the reply does not name the TCP transport')
+  out.writeUInt16LE(port, endpoints + 1 + 1 + 4)
   return out
 }
 
