@@ -23,6 +23,26 @@ cargo_counts() {
 step "format and lints"
 if cargo fmt --all --check >"$LOG/fmt.log" 2>&1; then ok "cargo fmt"; else cat "$LOG/fmt.log"; bad "cargo fmt --check"; fi
 if cargo clippy --workspace --all-targets -- -D warnings >"$LOG/clippy.log" 2>&1; then ok "cargo clippy"; else tail -50 "$LOG/clippy.log"; bad "cargo clippy"; fi
+# Supply chain (deny.toml): licenses, sources (crates.io only), bans, for this workspace and
+# fuzz/ (its own workspace); advisories where the RustSec database can be fetched.
+if cargo deny --version >/dev/null 2>&1; then
+  deny() { cargo deny --locked --workspace --manifest-path "$1/Cargo.toml" --config deny.toml "${@:2}"; }
+  for ws in . fuzz; do
+    if deny "$ws" check licenses sources bans >"$LOG/deny-${ws/./main}.log" 2>&1; then ok "cargo deny check licenses sources bans ($ws)"
+    else grep -vE '^\s*[│├└]' "$LOG/deny-${ws/./main}.log" | tail -40; bad "cargo deny check licenses sources bans ($ws)"; fi
+  done
+  if timeout 120 cargo deny fetch db >"$LOG/deny-fetch.log" 2>&1; then
+    for ws in . fuzz; do
+      if deny "$ws" --offline check advisories >"$LOG/deny-advisories-${ws/./main}.log" 2>&1; then ok "cargo deny check advisories ($ws)"
+      else grep -vE '^\s*[│├└]' "$LOG/deny-advisories-${ws/./main}.log" | tail -40; bad "cargo deny check advisories ($ws)"; fi
+    done
+  else
+    skipped=$((skipped + 1))
+    echo "SKIP: cargo deny check advisories - the RustSec advisory database cannot be fetched here ($(grep -m1 -oE 'fatal: .*|Could not resolve host: [^ ]*' "$LOG/deny-fetch.log" || tail -1 "$LOG/deny-fetch.log"))"
+  fi
+else
+  bad "cargo-deny is not installed (bash scripts/setup-debian.sh installs it)"
+fi
 
 step "native build (napi) and generated files"
 if npx napi build --platform --release --js index.js --dts index.d.ts >"$LOG/napi.log" 2>&1; then
