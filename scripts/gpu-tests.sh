@@ -6,7 +6,8 @@
 #                                  print how to run them on a GPU machine
 #   scripts/gpu-tests.sh --run     build (unless --no-build) and run them here
 #
-# On a machine without a GPU the tests print SKIP and pass; with a GPU any problem fails.
+# The GPU tests are #[ignore]d (a plain `cargo test` reports them as ignored); --run runs them
+# with --ignored, and then any problem fails them, a missing GPU or driver included.
 # The GPU machine needs no Rust, CUDA toolkit or Node.js: only the NVIDIA driver
 # (libcuda.so.1), which the engine loads at run time. Copy target/gpu-bin/ there (it is
 # under target/, so git ignores it; ~5 MiB) and run `scripts/gpu-tests.sh --run --no-build`
@@ -63,10 +64,10 @@ fi
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 export KVT_GPU_BENCH_OUT="${KVT_GPU_BENCH_OUT:-${OUT:-/tmp}/gpu-bench.md}"
-timeout 300 "$out/gpu_tcp" --nocapture --test-threads=1
+timeout 300 "$out/gpu_tcp" --ignored --nocapture --test-threads=1
 # The same checks on the copy engines alone (no copy kernel), and one copy per block.
-KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_tcp" --test-threads=1 -q
-KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 timeout 300 "$out/gpu_tcp" --test-threads=1 -q
+KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_tcp" --ignored --test-threads=1 -q
+KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 timeout 300 "$out/gpu_tcp" --ignored --test-threads=1 -q
 timeout 120 "$out/tcp" --test-threads=2
 timeout 300 "$out/gpu_bench" --ignored --nocapture --test-threads=1
 echo "throughput table: $KVT_GPU_BENCH_OUT"

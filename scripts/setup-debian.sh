@@ -29,6 +29,11 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 rustup component add clippy rustfmt >/dev/null 2>&1 || true
+# Supply-chain checks of scripts/test-all.sh (deny.toml). Compiles from crates.io: minutes.
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "[setup] cargo install cargo-deny --locked (compiles, a few minutes)"
+  cargo install cargo-deny --locked
+fi
 
 echo "[setup] npm ci"
 # A registry mirror that serves only this platform's optional packages cannot satisfy a

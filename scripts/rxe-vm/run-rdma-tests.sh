@@ -9,14 +9,18 @@
 # In the guest (scripts/rxe-vm/guest-tests.sh):
 #   1. every test binary of the packages runs (cwd = its package directory),
 #      with KVTRANSFER_RDMA_DEVICE=rxe0, KVTRANSFER_GID_INDEX (1 on rxe) and
-#      KVTRANSFER_RDMA_IP=10.77.0.1 set: tests in tests/rdma_*.rs skip without
-#      these variables and fail on any problem with them;
+#      KVTRANSFER_RDMA_IP=10.77.0.1 set; the rdma_* binaries (RDMA_IGNORED_BINS)
+#      with --include-ignored: their tests are #[ignore]d on hosts without a
+#      device and here fail on any problem;
 #   2. every executable scripts/rxe-vm/guest.d/*.sh, in name order;
 #   3. every line of the file named by RDMA_EXTRA_CMDS, then each GUEST_CMD.
-#   It prints `rdma: N passed, N failed` and fails if anything failed.
+#   It prints `rdma: N passed, N failed, N skipped` and fails if anything failed
+#   (skipped: tests still ignored there, e.g. the GPU ones).
 #
 # Env:  RDMA_TEST_PACKAGES  cargo -p list (default "kvtransfer-verbs kvtransfer-engine")
 #       RDMA_TEST_BINS      regex on test binary names to run (default: all)
+#       RDMA_IGNORED_BINS   regex on test binary names run with --include-ignored
+#                           (default ^rdma_)
 #       RDMA_TEST_TIMEOUT   seconds per test binary in the guest   (default 900)
 #       RDMA_HOOK_TIMEOUT   seconds per hook / extra command        (default 1800)
 #       RDMA_EXTRA_CMDS     file of extra guest commands, one per line

@@ -1,5 +1,5 @@
 //! Throughput of GPU regions over TCP loopback against host regions, same grid, same
-//! process. `#[ignore]`d: run with `--ignored --nocapture` (scripts/gpu-tests.sh). SKIPs
+//! process. `#[ignore]`d: run with `--ignored --nocapture` (scripts/gpu-tests.sh); fails
 //! where there is no GPU. Writes a markdown table to stderr and to `$KVT_GPU_BENCH_OUT`.
 
 use futures_executor::block_on;
@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 mod gpu_support;
-use gpu_support::{connect, expect_regions, gpu_or_skip, note, permutation, side};
+use gpu_support::{connect, expect_regions, note, permutation, require_gpu, side};
 
 const SIZES: [usize; 5] = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10];
 const IN_FLIGHT: usize = 4;
@@ -86,11 +86,9 @@ fn measure(
 }
 
 #[test]
-#[ignore = "GPU throughput measurement: run with --ignored (scripts/gpu-tests.sh)"]
+#[ignore = "GPU throughput measurement, needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
 fn tcp_loopback_throughput_device_vs_host() {
-    let Some(gpu) = gpu_or_skip("tcp_loopback_throughput_device_vs_host") else {
-        return;
-    };
+    let gpu = require_gpu("tcp_loopback_throughput_device_vs_host");
     let modes = [(false, false), (true, true), (false, true), (true, false)];
     let mut table = String::from(
         "| block | batch | host→host GB/s | device→device GB/s | host→device GB/s | device→host GB/s | device→device / host→host |\n|---:|---:|---:|---:|---:|---:|---:|\n",

@@ -1,6 +1,7 @@
 //! GPU regions over the TCP transport (pinned staging), registration-time detection and
-//! dma-buf export. Each test SKIPs (prints why, passes) where there is no GPU, and fails on
-//! any problem where there is one. Run: `scripts/gpu-tests.sh`.
+//! dma-buf export. The tests are `#[ignore]`d (reported as ignored where there is no GPU);
+//! run with `--ignored` they fail on any problem, a missing GPU included. Run:
+//! `scripts/gpu-tests.sh --run` on a GPU machine.
 
 use futures_executor::block_on;
 use kvtransfer_cuda::PointerInfo;
@@ -10,7 +11,7 @@ use kvtransfer_engine::{Engine, EngineOptions, Role};
 use std::time::Duration;
 
 mod gpu_support;
-use gpu_support::{connect, expect_regions, gpu_or_skip, note, permutation, side, Side};
+use gpu_support::{connect, expect_regions, note, permutation, require_gpu, side, Side};
 
 const SIZES: [usize; 5] = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10];
 
@@ -68,10 +69,9 @@ fn transfer_and_verify(
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
 fn device_to_device_every_block_size() {
-    let Some(gpu) = gpu_or_skip("device_to_device_every_block_size") else {
-        return;
-    };
+    let gpu = require_gpu("device_to_device_every_block_size");
     // Plus sizes that are not multiples of 16 (the copy kernel's byte path).
     for block_bytes in SIZES.into_iter().chain([1000, 4100]) {
         let blocks = (24 << 20) / block_bytes / 2;
@@ -90,10 +90,9 @@ fn device_to_device_every_block_size() {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
 fn host_to_device_and_device_to_host() {
-    let Some(gpu) = gpu_or_skip("host_to_device_and_device_to_host") else {
-        return;
-    };
+    let gpu = require_gpu("host_to_device_and_device_to_host");
     for block_bytes in [1 << 10, 64 << 10, 256 << 10] {
         let blocks = ((24 << 20) / block_bytes / 2).clamp(16, 1538);
         for (from_gpu, to_gpu) in [(false, true), (true, false)] {
@@ -149,10 +148,9 @@ fn options(
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
 fn registration_detects_device_and_host_memory() {
-    let Some(gpu) = gpu_or_skip("registration_detects_device_and_host_memory") else {
-        return;
-    };
+    let gpu = require_gpu("registration_detects_device_and_host_memory");
     let device = gpu.alloc(1 << 20).unwrap();
     let mut host = vec![0u8; 1 << 20];
     let pinned = gpu.pinned(1 << 20).unwrap();
@@ -233,10 +231,9 @@ fn registration_detects_device_and_host_memory() {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
 fn dmabuf_export_of_device_memory() {
-    let Some(gpu) = gpu_or_skip("dmabuf_export_of_device_memory") else {
-        return;
-    };
+    let gpu = require_gpu("dmabuf_export_of_device_memory");
     let device = gpu.alloc(4 << 20).unwrap();
     let start = device.ptr().div_ceil(1 << 16) << 16;
     match gpu.dmabuf_fd(start, 2 << 20) {

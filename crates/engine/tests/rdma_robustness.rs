@@ -1,6 +1,6 @@
 //! RDMA: timeouts, cancellation, peer death and authentication on a real device (Soft-RoCE
-//! in the VM). Skips when `KVTRANSFER_RDMA_DEVICE` is unset. Run with
-//! `bash scripts/rxe-vm/run-rdma-tests.sh`.
+//! in the VM). `#[ignore]`d where there is no device; run with `--ignored` they need
+//! `KVTRANSFER_RDMA_DEVICE`. Run with `bash scripts/rxe-vm/run-rdma-tests.sh`.
 
 mod common;
 
@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 const IB_TIMEOUT: u8 = 14;
 const RETRY_CNT: u32 = kvtransfer_engine::internals::TRANSPORT_RETRY_COUNT as u32;
 
-fn device(test: &str) -> Option<String> {
-    match std::env::var("KVTRANSFER_RDMA_DEVICE") {
-        Ok(device) => Some(device),
-        Err(_) => {
-            eprintln!("SKIP {test}: KVTRANSFER_RDMA_DEVICE is unset (run scripts/rxe-vm/run-rdma-tests.sh)");
-            None
-        }
-    }
+/// The RDMA device named by `KVTRANSFER_RDMA_DEVICE`. The tests that need one are
+/// `#[ignore]`d; run explicitly (`--ignored`) without a device they fail, never pass.
+fn device(test: &str) -> String {
+    std::env::var("KVTRANSFER_RDMA_DEVICE").unwrap_or_else(|_| {
+        panic!(
+            "{test} needs an RDMA device but KVTRANSFER_RDMA_DEVICE is unset \
+             (run scripts/rxe-vm/run-rdma-tests.sh)"
+        )
+    })
 }
 
 fn side(role: Role, device: &str, token: Option<&'static str>) -> Side {
@@ -67,11 +68,9 @@ fn detection_bound() -> Duration {
 }
 
 #[test]
+#[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_peer_death_fails_pending_calls_within_the_configured_timeout() {
-    let Some(dev) = device("rdma_peer_death_fails_pending_calls_within_the_configured_timeout")
-    else {
-        return;
-    };
+    let dev = device("rdma_peer_death_fails_pending_calls_within_the_configured_timeout");
     let prefill = side(Role::Prefill, &dev, None);
     let decode = side(Role::Decode, &dev, None);
     connect(&prefill, &decode, "decode");
@@ -110,10 +109,9 @@ fn rdma_peer_death_fails_pending_calls_within_the_configured_timeout() {
 }
 
 #[test]
+#[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_a_timed_out_call_destroys_the_queue_pairs_first() {
-    let Some(dev) = device("rdma_a_timed_out_call_destroys_the_queue_pairs_first") else {
-        return;
-    };
+    let dev = device("rdma_a_timed_out_call_destroys_the_queue_pairs_first");
     let prefill = side(Role::Prefill, &dev, None);
     let decode = side(Role::Decode, &dev, None);
     connect(&prefill, &decode, "decode");
@@ -147,10 +145,9 @@ fn rdma_a_timed_out_call_destroys_the_queue_pairs_first() {
 }
 
 #[test]
+#[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_cancel_peer_fails_pending_calls_with_aborted() {
-    let Some(dev) = device("rdma_cancel_peer_fails_pending_calls_with_aborted") else {
-        return;
-    };
+    let dev = device("rdma_cancel_peer_fails_pending_calls_with_aborted");
     let prefill = side(Role::Prefill, &dev, None);
     let decode = side(Role::Decode, &dev, None);
     connect(&prefill, &decode, "decode");
@@ -165,10 +162,9 @@ fn rdma_cancel_peer_fails_pending_calls_with_aborted() {
 }
 
 #[test]
+#[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_auth_token_checks() {
-    let Some(dev) = device("rdma_auth_token_checks") else {
-        return;
-    };
+    let dev = device("rdma_auth_token_checks");
     let prefill = side(Role::Prefill, &dev, Some("k1"));
     let decode = side(Role::Decode, &dev, Some("k1"));
     connect(&prefill, &decode, "decode");

@@ -1,8 +1,9 @@
-//! Shared fixtures of the GPU tests (`gpu_*.rs`): the skip rule, regions in host or device
-//! memory, and two engines over loopback TCP.
+//! Shared fixtures of the GPU tests (`gpu_*.rs`): the GPU requirement, regions in host or
+//! device memory, and two engines over loopback TCP.
 //!
-//! Skip rule: no `libcuda.so.1`, or `cuInit` fails, or no device → the test prints `SKIP`
-//! and passes. With a GPU present every problem fails the test.
+//! The GPU tests are `#[ignore]`d, so a host without a GPU reports them as ignored, never
+//! as passed. Run with `--ignored` (scripts/gpu-tests.sh --run) they need GPU 0: no
+//! `libcuda.so.1`, a failing `cuInit` or no device fails the test, like any other problem.
 #![allow(
     dead_code,
     reason = "each GPU test binary uses a different part of the shared fixtures"
@@ -19,23 +20,17 @@ pub fn note(message: &str) {
     let _ = writeln!(std::io::stderr(), "{message}");
 }
 
-/// GPU 0, or `None` (after printing why) where there is none.
-pub fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
-    let cuda = match Cuda::get() {
-        Ok(cuda) => cuda,
-        Err(reason) => {
-            note(&format!("SKIP {test}: no GPU here ({reason})"));
-            return None;
-        }
-    };
+/// GPU 0; panics (the test fails) where there is none.
+pub fn require_gpu(test: &str) -> Arc<Gpu> {
+    let cuda = Cuda::get().unwrap_or_else(|reason| panic!("{test} needs a GPU: {reason}"));
     let count = cuda
         .device_count()
         .expect("cuDeviceGetCount after a successful cuInit");
-    if count == 0 {
-        note(&format!("SKIP {test}: the CUDA driver sees no device"));
-        return None;
-    }
-    Some(cuda.gpu(0).expect("retain GPU 0's primary context"))
+    assert!(
+        count > 0,
+        "{test} needs a GPU: the CUDA driver sees no device"
+    );
+    cuda.gpu(0).expect("retain GPU 0's primary context")
 }
 
 /// Deterministic content, distinct per region and offset.
