@@ -11,6 +11,10 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** The native half of `RDMACommunicator`; use the TypeScript class instead. */
 export declare class NativeCommunicator {
+  /** Counters since construction: totals and per peer. */
+  metrics(): NativeMetrics
+  /** Counts a `writeCache` call the TypeScript layer refused before the engine saw it. */
+  countRefusedCall(peerKey: string, code: string): void
   constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
   /** "tcp" or "rdma": the transport this side offers. */
   get transport(): string
@@ -59,6 +63,34 @@ export interface ArrivalNotice {
  */
 export declare function errorCodes(): Array<string>
 
+/** One set of counters (JS numbers: exact below 2^53). */
+export interface NativeCounters {
+  bytesWritten: number
+  bytesReceived: number
+  blocksWritten: number
+  callsSucceeded: number
+  callsFailed: number
+  /** Error code → calls that failed with it (codes with a non-zero count). */
+  failuresByCode: Record<string, number>
+  /** Succeeded calls per latency bucket (bounds in `latencyBucketUpperUs`). */
+  latencyBuckets: Array<number>
+  latencySumUs: number
+  latencyP50Ms: number
+  latencyP99Ms: number
+  noticesSent: number
+  noticesReceived: number
+  noticesDropped: number
+  reconnects: number
+}
+
+export interface NativeMetrics {
+  role: string
+  total: NativeCounters
+  peers: Array<NativePeerCounters>
+  /** Upper bound (µs) of each latency bucket; the last is +Infinity. */
+  latencyBucketUpperUs: Array<number>
+}
+
 export interface NativeOptions {
   /** "prefill" or "decode". */
   role: string
@@ -75,6 +107,12 @@ export interface NativeOptions {
   connectTimeoutMs?: number
   /** Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none. */
   authToken?: string
+}
+
+export interface NativePeerCounters {
+  peer: string
+  transport?: string
+  counters: NativeCounters
 }
 
 /** Live resources of the native engine (leak checks). */

@@ -10,6 +10,8 @@ use napi_derive::napi;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod metrics;
+
 /// A JavaScript error that carries its stable code: JS sees `err.code === 'ERR_…'` and
 /// `err.message` (the engine's text, no prefix).
 /// (`napi::Result<T, Code>` is `Result<T, napi::Error<Code>>`; #[napi] functions must spell

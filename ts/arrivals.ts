@@ -45,7 +45,11 @@ export class Arrivals {
   private count = 0
   private readonly waiters = new Map<string, Set<Waiter>>()
 
-  constructor(private readonly maxPending: number) {}
+  constructor(
+    private readonly maxPending: number,
+    /** Called for each notice evicted beyond `maxPending`. */
+    private readonly onDrop: (arrival: Arrival) => void = () => undefined,
+  ) {}
 
   /** Keeps `arrival` and settles the waiters of its tag that it completes. */
   add(arrival: Arrival): void {
@@ -59,6 +63,7 @@ export class Arrivals {
       const [oldest, entries] = this.arrived.entries().next().value as [string, Arrival[]]
       this.arrived.delete(oldest)
       this.count -= entries.length
+      for (const dropped of entries) this.onDrop(dropped)
     }
     for (const waiter of this.waiters.get(key) ?? []) this.settle(key, waiter)
   }

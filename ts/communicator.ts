@@ -22,7 +22,18 @@ import {
   toBlockIds,
   toPort,
 } from './options'
+import {
+  type DroppedNotices,
+  type Metrics,
+  METRICS_SOURCE,
+  type MetricsSource,
+  metricsText,
+  toMetrics,
+} from './metrics'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
+
+/** Errors the engine threw (it counted them already); other refusals are counted here. */
+const countedByEngine = new WeakSet<object>()
 
 /** A `writeCache` call handed to the engine, settled by `onCallSettled`. */
 interface PendingCall {
@@ -59,6 +70,8 @@ export class RDMACommunicator extends EventEmitter {
   private readonly writeTimeoutMs: number
   private readonly arrivals: Arrivals
   private readonly pendingCalls = new Map<number, PendingCall>()
+  /** Arrival notices evicted unconsumed (beyond `maxPendingArrivals`), per writer. */
+  private readonly droppedNotices: DroppedNotices = new Map()
   /**
    * Data connections that a `connect` gave up on at its deadline while the engine was still
    * opening them: each settles once that attempt ended and, if it opened, was torn down. A
@@ -101,7 +114,9 @@ export class RDMACommunicator extends EventEmitter {
     this.blockBytes = settings.blockBytes
     this.connectTimeoutMs = settings.connectTimeoutMs
     this.writeTimeoutMs = settings.writeTimeoutMs
-    this.arrivals = new Arrivals(settings.maxPendingArrivals)
+    this.arrivals = new Arrivals(settings.maxPendingArrivals, (arrival) =>
+      this.droppedNotices.set(arrival.peer, (this.droppedNotices.get(arrival.peer) ?? 0) + 1),
+    )
     this.boundPort = settings.port
     this.native = native(
       () =>
@@ -222,7 +237,18 @@ export class RDMACommunicator extends EventEmitter {
     try {
       return this.startWrite(ip, port, localBlockIds, remoteBlockIds, layerIdx, options)
     } catch (error) {
+      if (!(error instanceof Object && countedByEngine.has(error))) this.countRefused(ip, port, error)
       return Promise.reject(error)
+    }
+  }
+
+  /** Counts a `writeCache` refused before it reached the engine, under its code. */
+  private countRefused(ip: unknown, port: unknown, error: unknown): void {
+    const code = error instanceof KvTransferError ? error.code : 'ERR_INVALID_ARGUMENT'
+    try {
+      this.native.countRefusedCall(`${String(ip)}:${String(port)}`, code)
+    } catch {
+      // Counting must never turn a refusal into another error.
     }
   }
 
@@ -245,9 +271,14 @@ export class RDMACommunicator extends EventEmitter {
     if (signal?.aborted) throw abortError(`writeCache to ${key}`)
     const callId = this.nextCallId
     this.nextCallId = (callId + 1) >>> 0
-    native(() =>
-      this.native.writeCache(callId, key, local, remote, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs),
-    )
+    try {
+      native(() =>
+        this.native.writeCache(callId, key, local, remote, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs),
+      )
+    } catch (error) {
+      if (error instanceof Object) countedByEngine.add(error)
+      throw error
+    }
     // The engine settles the call asynchronously (through the event loop), so registering
     // it after the native call returns cannot miss its outcome.
     const settled = new Promise<void>((resolve, reject) => {
@@ -300,6 +331,25 @@ export class RDMACommunicator extends EventEmitter {
   /** Live native resources: peers, links, receiving connections, regions, threads. */
   stats(): CommunicatorStats {
     return { ...this.native.stats() }
+  }
+
+  /**
+   * Counters since construction, totals and per peer: bytes, blocks, calls succeeded and
+   * failed (by code, refused calls included), latency of succeeded calls, arrival notices,
+   * reconnects. Writing side peers are `ip:port`; receiving side peers are writers' names.
+   */
+  metrics(): Metrics {
+    return toMetrics(this.native.metrics(), this.droppedNotices)
+  }
+
+  /** {@link metrics} in the Prometheus text exposition format (`kvtransfer_*`). */
+  metricsText(): string {
+    return metricsText([this])
+  }
+
+  /** @internal What {@link metricsText} renders. */
+  [METRICS_SOURCE](): MetricsSource {
+    return { native: this.native.metrics(), dropped: this.droppedNotices }
   }
 
   private onArrival(notice: ArrivalNotice): void {

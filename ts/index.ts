@@ -19,3 +19,5 @@ export type {
 } from './options'
 export type { RequestTag } from './tags'
 export type { Arrival, WaitOptions } from './arrivals'
+export { METRICS_CONTENT_TYPE, metricsHandler, metricsText } from './metrics'
+export type { Counters, LatencySummary, Metrics, PeerMetrics } from './metrics'

@@ -16,15 +16,17 @@ mod error;
 mod gpu;
 mod layout;
 pub mod log;
+mod metrics;
 mod plan;
 mod transport;
 mod util;
 mod wire;
 
 pub use config::{RdmaSettings, DEFAULT_QPS_PER_PEER};
-pub use engine::{Engine, EngineOptions, EngineStats, PeerInfo};
+pub use engine::{Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics};
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use layout::{CacheLayout, MemoryKind};
+pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
 pub use transport::{
     Arrival, ArrivalSink, Completion, CompletionCallback, TransportKind, MAX_TAG_BYTES,

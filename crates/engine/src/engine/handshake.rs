@@ -300,9 +300,11 @@ impl Engine {
         self.forget_offers(peer_key);
         let (remote_layout, link) = link?;
         let transport = link.kind().name();
+        let counters = self.inner.metrics.connected(peer_key, link.kind().code());
         let peer = Arc::new(Peer {
             remote: remote_layout,
             link,
+            counters,
         });
         let replaced = {
             let _guard = self

@@ -13,6 +13,7 @@ use crate::debug;
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::layout::{self, CacheLayout, RegionTable};
+use crate::metrics::{Metrics, Snapshot};
 use crate::transport::{
     open_transports, ArrivalSink, OpenContext, RunPool, Transport, TransportKind,
 };
@@ -74,6 +75,16 @@ pub struct EngineStats {
     pub process_threads: usize,
 }
 
+/// One peer's counters: the writing side keys peers by `host:port`, the receiving side by
+/// the writer's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerMetrics {
+    pub peer: String,
+    /// The transport of the last link (none for a peer that only had refused calls).
+    pub transport: Option<TransportKind>,
+    pub counters: Snapshot,
+}
+
 /// How a connected peer is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -109,6 +120,7 @@ struct EngineInner {
     /// (single use). Only hellos with a valid MAC get here, so only token holders fill it.
     used_nonces: Mutex<HashMap<Nonce, Instant>>,
     watchdog: Arc<Watchdog>,
+    metrics: Arc<Metrics>,
 }
 
 /// One communicator's engine. Cheap to clone (shared state).
@@ -175,6 +187,7 @@ impl Engine {
         gpu::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
         let table = Arc::new(table);
         let rdma = options.rdma_settings.unwrap_or(settings.rdma);
+        let metrics = Arc::new(Metrics::default());
         let opened = open_transports(
             choice,
             &OpenContext {
@@ -183,6 +196,7 @@ impl Engine {
                 gpu_idx: options.gpu_idx,
                 bind_address: settings.bind_address,
                 rdma: &rdma,
+                metrics: &metrics,
             },
         )?;
         let inner = EngineInner {
@@ -204,6 +218,7 @@ impl Engine {
             started: Instant::now(),
             used_nonces: Mutex::new(HashMap::new()),
             watchdog: Arc::default(),
+            metrics,
         };
         let engine = Engine {
             inner: Arc::new(inner),
@@ -306,6 +321,27 @@ impl Engine {
             }
             None => false,
         }
+    }
+
+    /// Counters since the engine was built: totals and per peer (see `metrics.rs` for what
+    /// is counted where).
+    pub fn metrics(&self) -> (Snapshot, Vec<PeerMetrics>) {
+        let (total, peers) = self.inner.metrics.snapshot();
+        let peers = peers
+            .into_iter()
+            .map(|(peer, code, counters)| PeerMetrics {
+                peer,
+                transport: TransportKind::from_code(code),
+                counters,
+            })
+            .collect();
+        (total, peers)
+    }
+
+    /// Counts a `writeCache` call to `peer_key` that the caller refused before it reached
+    /// the engine (argument checks above it), with its error code.
+    pub fn count_refused_call(&self, peer_key: &str, code: &str) {
+        self.inner.metrics.peer(peer_key).failed_code(code);
     }
 
     /// Live resources (for leak checks and monitoring).

@@ -1,6 +1,7 @@
 //! The peer registry: the links this engine writes through, by `host:port` key.
 
 use crate::layout::CacheLayout;
+use crate::metrics::CallCounters;
 use crate::transport::Link;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -9,6 +10,8 @@ use std::sync::{Arc, RwLock};
 pub(super) struct Peer {
     pub remote: CacheLayout,
     pub link: Box<dyn Link>,
+    /// Where its calls are counted (the peer's counters outlive reconnects).
+    pub counters: CallCounters,
 }
 
 #[derive(Default)]

@@ -9,12 +9,31 @@ use crate::transport::{Completion, CompletionCallback, Done, PooledRuns, WriteJo
 use std::sync::Arc;
 use std::time::Instant;
 
+/// A completion that counts the call's outcome in its peer's counters (bytes: K and V of
+/// every block; latency from here to the outcome) before passing it to `deliver`.
+fn counted_done(write: &PreparedWrite, deliver: CompletionCallback) -> Done {
+    let counters = write.peer.counters.clone();
+    let blocks = u64::from(write.blocks);
+    let bytes = blocks * write.bytes_per_block;
+    let tagged = write.tag.is_some();
+    let started = Instant::now();
+    Done::with_callback(Box::new(move |result| {
+        match &result {
+            Ok(()) => counters.succeeded(bytes, blocks, started.elapsed(), tagged),
+            Err(error) => counters.failed(error),
+        }
+        deliver(result);
+    }))
+}
+
 /// A validated and planned `writeCache` call, not yet handed to its link.
 struct PreparedWrite {
     peer: Arc<Peer>,
     runs: PooledRuns,
     layer: u32,
     blocks: u32,
+    /// Bytes one block moves: blockBytes for K, and as much for V when present.
+    bytes_per_block: u64,
     tag: Option<Vec<u8>>,
 }
 
@@ -44,8 +63,17 @@ impl Engine {
         tag: Option<Vec<u8>>,
         deadline: Option<Instant>,
     ) -> Result<Completion> {
-        let write = self.prepare_write(peer_key, local, remote, layer, tag)?;
-        let (done, completion) = Done::new();
+        let write = self.counted(
+            peer_key,
+            self.prepare_write(peer_key, local, remote, layer, tag),
+        )?;
+        let (sender, completion) = futures_channel::oneshot::channel();
+        let done = counted_done(
+            &write,
+            Box::new(move |result| {
+                let _ = sender.send(result);
+            }),
+        );
         self.submit_write(peer_key, write, done, deadline);
         Ok(completion)
     }
@@ -67,9 +95,21 @@ impl Engine {
         deadline: Option<Instant>,
         on_done: CompletionCallback,
     ) -> Result<()> {
-        let write = self.prepare_write(peer_key, local, remote, layer, tag)?;
-        self.submit_write(peer_key, write, Done::with_callback(on_done), deadline);
+        let write = self.counted(
+            peer_key,
+            self.prepare_write(peer_key, local, remote, layer, tag),
+        )?;
+        let done = counted_done(&write, on_done);
+        self.submit_write(peer_key, write, done, deadline);
         Ok(())
+    }
+
+    /// Counts a call refused while preparing it.
+    fn counted(&self, peer_key: &str, prepared: Result<PreparedWrite>) -> Result<PreparedWrite> {
+        if let Err(error) = &prepared {
+            self.inner.metrics.peer(peer_key).failed(error);
+        }
+        prepared
     }
 
     /// Validates and plans one call; errors here mean nothing was sent.
@@ -123,6 +163,7 @@ impl Engine {
             runs,
             layer,
             blocks,
+            bytes_per_block: layout.block_bytes * u64::from(layout.kinds()),
             tag,
         })
     }
@@ -142,6 +183,7 @@ impl Engine {
             layer,
             blocks,
             tag,
+            ..
         } = write;
         if runs.is_empty() && tag.is_none() {
             let _ = done.send(Ok(()));

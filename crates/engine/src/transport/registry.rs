@@ -3,10 +3,11 @@
 
 use super::rdma::RdmaTransport;
 use super::tcp::TcpTransport;
-use super::{ArrivalSink, Transport, TransportKind};
+use super::{Arrival, ArrivalSink, Transport, TransportKind};
 use crate::config::{RdmaSettings, TransportChoice};
 use crate::error::Result;
 use crate::layout::RegionTable;
+use crate::metrics::Metrics;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -17,6 +18,32 @@ pub(crate) struct OpenContext<'a> {
     pub gpu_idx: u32,
     pub bind_address: IpAddr,
     pub rdma: &'a RdmaSettings,
+    pub metrics: &'a Arc<Metrics>,
+}
+
+/// The arrival sink a transport is given: counts each notice (received, or dropped when no
+/// one listens) under the writer's name, and for a one-sided transport (RDMA) the bytes the
+/// notice announces (`bytes_per_block` × blocks), then passes it on.
+fn counting_sink(
+    cx: &OpenContext<'_>,
+    kind: TransportKind,
+    bytes_per_block: Option<u64>,
+) -> Option<ArrivalSink> {
+    let inner = cx.arrivals.clone();
+    let metrics = Arc::clone(cx.metrics);
+    Some(Arc::new(move |arrival: Arrival| {
+        let counters = metrics.connected_receiver(&arrival.peer, kind.code());
+        if let Some(bytes) = bytes_per_block {
+            counters.received(u64::from(arrival.blocks) * bytes);
+        }
+        match &inner {
+            Some(sink) => {
+                counters.notice_received();
+                sink(arrival);
+            }
+            None => counters.notice_dropped(),
+        }
+    }))
 }
 
 /// An engine's transports, most preferred first, and the ones it could not open with why.
@@ -30,13 +57,18 @@ fn open_one(kind: TransportKind, cx: &OpenContext<'_>) -> Result<Box<dyn Transpo
         TransportKind::Tcp => Box::new(TcpTransport::open(
             cx.bind_address,
             Arc::clone(cx.table),
-            cx.arrivals.clone(),
+            counting_sink(cx, kind, None),
+            Arc::clone(cx.metrics),
         )?),
         TransportKind::Rdma => Box::new(RdmaTransport::open(
             cx.rdma.clone(),
             cx.gpu_idx,
             Arc::clone(cx.table),
-            cx.arrivals.clone(),
+            counting_sink(
+                cx,
+                kind,
+                Some(cx.table.layout.block_bytes * u64::from(cx.table.layout.kinds())),
+            ),
         )?),
     })
 }

@@ -88,9 +88,10 @@ impl TcpTransport {
         bind: IpAddr,
         table: Arc<RegionTable>,
         arrivals: Option<ArrivalSink>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<TcpTransport> {
         Ok(TcpTransport {
-            server: TcpServer::bind(bind, Arc::clone(&table), arrivals)?,
+            server: TcpServer::bind(bind, Arc::clone(&table), arrivals, metrics)?,
             table,
         })
     }

@@ -219,6 +219,10 @@ fn receive_frames(
 ) -> std::result::Result<(), String> {
     let mut bytes = [0u8; frame::HEADER_BYTES];
     let mut device = staging::RecvStaging::new();
+    let counters = state.metrics.connected_receiver(
+        &admission.peer_name,
+        crate::transport::TransportKind::Tcp.code(),
+    );
     loop {
         reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
         let header = Header::decode(&bytes).map_err(|e| e.0)?;
@@ -251,7 +255,10 @@ fn receive_frames(
                     let len = header.len as usize;
                     // SAFETY: addr..addr+len lies inside a registered device region.
                     match unsafe { device.receive(&state.table, addr, len, read) } {
-                        Ok(()) => continue,
+                        Ok(()) => {
+                            counters.received(u64::from(header.len));
+                            continue;
+                        }
                         Err(staging::RecvError::Io(e)) => return Err(e.to_string()),
                         Err(staging::RecvError::Gpu(reason)) => return refuse(ack_stream, reason),
                     }
@@ -260,6 +267,7 @@ fn receive_frames(
                 // engine keeps valid until this thread has been joined at close.
                 unsafe { reader.read_into(addr as usize as *mut u8, header.len as usize) }
                     .map_err(|e| e.to_string())?;
+                counters.received(u64::from(header.len));
             }
             frame::COMMIT => {
                 let mut tag = vec![0u8; header.len as usize];

@@ -27,6 +27,8 @@ pub(super) struct ServerState {
     pub(super) connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
     pub(super) closed: AtomicBool,
     pub(super) arrivals: Option<ArrivalSink>,
+    /// Counts received payload bytes per writer (by name).
+    pub(super) metrics: Arc<crate::metrics::Metrics>,
     /// Started by the first admission: faults the regions in ahead of the first writes.
     pub(super) prefault: Mutex<Option<JoinHandle<()>>>,
 }
@@ -44,6 +46,7 @@ impl TcpServer {
         ip: IpAddr,
         table: Arc<RegionTable>,
         arrivals: Option<ArrivalSink>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<TcpServer> {
         let listener =
             TcpListener::bind((ip, 0)).map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
@@ -57,6 +60,7 @@ impl TcpServer {
             connections: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             arrivals,
+            metrics,
             prefault: Mutex::new(None),
         });
         let accept_thread = {

@@ -1,0 +1,100 @@
+//! `metrics()` and the refusal counter of `NativeCommunicator` (counters kept by the
+//! engine; see `crates/engine/src/metrics.rs` for what is counted where).
+
+use crate::NativeCommunicator;
+use kvtransfer_engine::{MetricsSnapshot, LATENCY_BUCKETS};
+use napi_derive::napi;
+use std::collections::HashMap;
+
+/// One set of counters (JS numbers: exact below 2^53).
+#[napi(object)]
+pub struct NativeCounters {
+    pub bytes_written: f64,
+    pub bytes_received: f64,
+    pub blocks_written: f64,
+    pub calls_succeeded: f64,
+    pub calls_failed: f64,
+    /// Error code → calls that failed with it (codes with a non-zero count).
+    pub failures_by_code: HashMap<String, f64>,
+    /// Succeeded calls per latency bucket (bounds in `latencyBucketUpperUs`).
+    pub latency_buckets: Vec<f64>,
+    pub latency_sum_us: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub notices_sent: f64,
+    pub notices_received: f64,
+    pub notices_dropped: f64,
+    pub reconnects: f64,
+}
+
+#[napi(object)]
+pub struct NativePeerCounters {
+    pub peer: String,
+    pub transport: Option<String>,
+    pub counters: NativeCounters,
+}
+
+#[napi(object)]
+pub struct NativeMetrics {
+    pub role: String,
+    pub total: NativeCounters,
+    pub peers: Vec<NativePeerCounters>,
+    /// Upper bound (µs) of each latency bucket; the last is +Infinity.
+    pub latency_bucket_upper_us: Vec<f64>,
+}
+
+fn counters(s: &MetricsSnapshot) -> NativeCounters {
+    let n = |v: u64| v as f64;
+    NativeCounters {
+        bytes_written: n(s.bytes_written),
+        bytes_received: n(s.bytes_received),
+        blocks_written: n(s.blocks_written),
+        calls_succeeded: n(s.calls_succeeded),
+        calls_failed: n(s.calls_failed),
+        failures_by_code: s
+            .failures_by_code
+            .iter()
+            .map(|(code, count)| ((*code).to_string(), n(*count)))
+            .collect(),
+        latency_buckets: s.latency_buckets.iter().map(|v| n(*v)).collect(),
+        latency_sum_us: n(s.latency_sum_us),
+        latency_p50_ms: s.latency_quantile_ms(0.5),
+        latency_p99_ms: s.latency_quantile_ms(0.99),
+        notices_sent: n(s.notices_sent),
+        notices_received: n(s.notices_received),
+        notices_dropped: n(s.notices_dropped),
+        reconnects: n(s.reconnects),
+    }
+}
+
+#[napi]
+impl NativeCommunicator {
+    /// Counters since construction: totals and per peer.
+    #[napi]
+    pub fn metrics(&self) -> NativeMetrics {
+        let (total, peers) = self.engine.metrics();
+        NativeMetrics {
+            role: self.engine.role().as_str().to_string(),
+            total: counters(&total),
+            peers: peers
+                .iter()
+                .map(|p| NativePeerCounters {
+                    peer: p.peer.clone(),
+                    transport: p.transport.map(|t| t.name().to_string()),
+                    counters: counters(&p.counters),
+                })
+                .collect(),
+            latency_bucket_upper_us: (0..LATENCY_BUCKETS)
+                .map(|i| {
+                    kvtransfer_engine::bucket_upper_us(i).map_or(f64::INFINITY, |us| us as f64)
+                })
+                .collect(),
+        }
+    }
+
+    /// Counts a `writeCache` call the TypeScript layer refused before the engine saw it.
+    #[napi]
+    pub fn count_refused_call(&self, peer_key: String, code: String) {
+        self.engine.count_refused_call(&peer_key, &code);
+    }
+}
