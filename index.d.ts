@@ -13,6 +13,8 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 export declare class NativeCommunicator {
   /** Counters since construction: totals and per peer. */
   metrics(): NativeMetrics
+  /** Sets this side's name once (the default `hostname:port`, once the port is bound). */
+  setName(name: string): void
   /** Counts a `writeCache` call the TypeScript layer refused before the engine saw it. */
   countRefusedCall(peerKey: string, code: string): void
   constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)

@@ -57,7 +57,7 @@ elif grep -E '(ibverbs|rdmacm|libcuda)' <<<"$needed"; then bad "the addon links 
 else ok "no NEEDED rdma-core or libcuda entry in the addon"; fi
 
 step "TypeScript"
-if npx tsc -p tsconfig.json >"$LOG/tsc.log" 2>&1 && npx tsc -p __test__/tsconfig.json --noEmit >>"$LOG/tsc.log" 2>&1; then ok "tsc (package, tests and scripts)"
+if npm run -s build:ts >"$LOG/tsc.log" 2>&1 && npx tsc -p __test__/tsconfig.json --noEmit >>"$LOG/tsc.log" 2>&1; then ok "tsc (package, tests and scripts)"
 else cat "$LOG/tsc.log"; bad "tsc"; fi
 
 step "cargo test"

@@ -1,8 +1,9 @@
 //! `metrics()` and the refusal counter of `NativeCommunicator` (counters kept by the
 //! engine; see `crates/engine/src/metrics.rs` for what is counted where).
 
-use crate::NativeCommunicator;
+use crate::{Code, NativeCommunicator};
 use kvtransfer_engine::{MetricsSnapshot, LATENCY_BUCKETS};
+use napi::bindgen_prelude::Result;
 use napi_derive::napi;
 use std::collections::HashMap;
 
@@ -90,6 +91,12 @@ impl NativeCommunicator {
                 })
                 .collect(),
         }
+    }
+
+    /// Sets this side's name once (the default `hostname:port`, once the port is bound).
+    #[napi]
+    pub fn set_name(&self, name: String) -> Result<(), Code> {
+        self.engine.set_name(&name).map_err(crate::to_js_error)
     }
 
     /// Counts a `writeCache` call the TypeScript layer refused before the engine saw it.

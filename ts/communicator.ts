@@ -3,6 +3,7 @@
  * control plane (handshakes).
  */
 import { EventEmitter } from 'node:events'
+import * as os from 'node:os'
 import { NativeCommunicator, type ArrivalNotice } from '../index.js'
 import { type Arrival, Arrivals, type WaitOptions, layerSet } from './arrivals'
 import { ControlServer, exchange } from './control'
@@ -133,6 +134,9 @@ export class RDMACommunicator extends EventEmitter {
     })
     this.ready = this.control.ready.then((bound) => {
       this.boundPort = bound
+      // Peers see the name in arrival notices: with port 0 the default must carry the bound port.
+      if (settings.defaultName && bound !== settings.port)
+        native(() => this.native.setName(`${os.hostname()}:${bound}`))
     })
     this.ready.catch(() => undefined)
   }

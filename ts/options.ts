@@ -40,7 +40,7 @@ export interface CommunicatorOptions {
   transport?: Transport
   /** Address the control plane binds to (default: all interfaces). */
   host?: string
-  /** Name reported to peers in arrival notices (default `hostname:port`). */
+  /** Name reported to peers in arrival notices (default `hostname:port`, with the bound port when `port` is 0). */
   name?: string
   /**
    * Default timeout of `connect` in milliseconds (default 30000); also bounds how long the
@@ -120,6 +120,8 @@ export interface Settings {
   connectTimeoutMs: number
   writeTimeoutMs: number
   maxPendingArrivals: number
+  /** No `name` was given: the default `hostname:port` is set once the port is bound. */
+  defaultName: boolean
   native: NativeOptions
 }
 
@@ -164,6 +166,7 @@ export function parseSettings(args: unknown[]): Settings {
     connectTimeoutMs,
     writeTimeoutMs,
     maxPendingArrivals: options.maxPendingArrivals ?? 65_536,
+    defaultName: options.name === undefined,
     native: {
       role: options.role,
       gpuIdx,

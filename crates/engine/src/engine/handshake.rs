@@ -97,7 +97,7 @@ impl Engine {
     fn refuse_auth(&self, reason: &str) -> Error {
         crate::log_error!(
             "engine {}: refused a connecting peer: authentication failed: {reason}",
-            self.inner.name
+            self.inner.name()
         );
         Error::Auth {
             peer: "connecting peer".into(),
@@ -335,7 +335,7 @@ impl Engine {
             has_value: layout.has_value,
             block_number: layout.block_number,
             block_bytes: layout.block_bytes,
-            name: self.inner.name.clone(),
+            name: self.inner.name().to_string(),
             endpoints,
         }
     }
@@ -344,7 +344,7 @@ impl Engine {
     fn check_compatible(&self, peer: &str, remote: &Descriptor) -> Result<CacheLayout> {
         let local = self.inner.table.layout;
         let mismatch = |what, local: u64, remote: u64| Error::LayoutMismatch {
-            here: self.inner.name.clone(),
+            here: self.inner.name().to_string(),
             peer: peer.to_string(),
             what,
             local,
@@ -414,14 +414,14 @@ impl Engine {
             .collect();
         let reason = format!(
             "no transport both {} and {peer_name} can use (the peer offers {}; this side has {}): {}",
-            self.inner.name,
+            self.inner.name(),
             if offered.is_empty() { "none".to_string() } else { offered.join(", ") },
             self.transport_names().join(", "),
             reasons.join("; ")
         );
         crate::log_error!(
             "engine {}: refused a connecting peer: {reason}",
-            self.inner.name
+            self.inner.name()
         );
         // The error names the transport that was insisted on: the connector's only offer
         // (its user chose it), else this side's explicit choice.

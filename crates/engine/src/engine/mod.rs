@@ -97,7 +97,11 @@ struct EngineInner {
     /// Recycled buffers for planned runs.
     run_pool: Arc<RunPool>,
     role: Role,
+    /// The name given at construction; see `name()`.
     name: String,
+    /// The name set once afterwards (`set_name`: the default `hostname:port` once the
+    /// control port is bound); it replaces `name`.
+    late_name: std::sync::OnceLock<String>,
     instance_id: u64,
     table: Arc<RegionTable>,
     choice: TransportChoice,
@@ -203,6 +207,7 @@ impl Engine {
             run_pool: Arc::default(),
             role: options.role,
             name: options.name,
+            late_name: std::sync::OnceLock::new(),
             instance_id: crate::util::random_u64(),
             table,
             choice,
@@ -225,7 +230,7 @@ impl Engine {
         };
         debug!(
             "engine {} ({}) ready: {} layers, blockNumber {}, blockBytes {}, transports {}",
-            engine.inner.name,
+            engine.inner.name(),
             engine.inner.role.as_str(),
             engine.inner.table.layout.layers,
             engine.inner.table.layout.block_number,
@@ -344,6 +349,26 @@ impl Engine {
         self.inner.metrics.peer(peer_key).failed_code(code);
     }
 
+    /// This side's name (what peers see in arrival notices).
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// Sets this side's name once, before any connection (the default `hostname:port`
+    /// becomes known only when the control port is bound). At most 255 bytes.
+    pub fn set_name(&self, name: &str) -> Result<()> {
+        if name.len() > MAX_NAME_BYTES {
+            return Err(Error::invalid(
+                "name",
+                format!("{} bytes given; at most {MAX_NAME_BYTES}", name.len()),
+            ));
+        }
+        self.inner
+            .late_name
+            .set(name.to_string())
+            .map_err(|_| Error::invalid("name", "the name was already set"))
+    }
+
     /// Live resources (for leak checks and monitoring).
     pub fn stats(&self) -> EngineStats {
         let (peers, live_links) = self.inner.peers.counts();
@@ -371,6 +396,11 @@ impl Engine {
 }
 
 impl EngineInner {
+    /// This side's name, as peers see it in arrival notices.
+    fn name(&self) -> &str {
+        self.late_name.get().unwrap_or(&self.name)
+    }
+
     fn close(&self) {
         let peers = {
             let _guard = self.close_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -390,7 +420,7 @@ impl EngineInner {
         for transport in &self.transports {
             transport.shutdown();
         }
-        debug!("engine {} closed", self.name);
+        debug!("engine {} closed", self.name());
     }
 }
 
