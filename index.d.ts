@@ -11,6 +11,8 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** The native half of `RDMACommunicator`; use the TypeScript class instead. */
 export declare class NativeCommunicator {
+  /** The transport of a peer this side connected to, and why; null for others. */
+  peerDecision(peerKey: string): NativePeerDecision | null
   /** Counters since construction: totals and per peer. */
   metrics(): NativeMetrics
   /** Sets this side's name once (the default `hostname:port`, once the port is bound). */
@@ -115,6 +117,16 @@ export interface NativePeerCounters {
   peer: string
   transport?: string
   counters: NativeCounters
+}
+
+/** Why a connected peer is reached over its transport. */
+export interface NativePeerDecision {
+  transport: string
+  reason: string
+  /** What the transport uses on this side (RDMA: device, port, gidIndex, gid, mtu, ...). */
+  details: Record<string, string>
+  /** Whether the link is still usable. */
+  alive: boolean
 }
 
 /** Live resources of the native engine (leak checks). */

@@ -68,8 +68,35 @@ fn counters(s: &MetricsSnapshot) -> NativeCounters {
     }
 }
 
+/// Why a connected peer is reached over its transport.
+#[napi(object)]
+pub struct NativePeerDecision {
+    pub transport: String,
+    pub reason: String,
+    /// What the transport uses on this side (RDMA: device, port, gidIndex, gid, mtu, ...).
+    pub details: HashMap<String, String>,
+    /// Whether the link is still usable.
+    pub alive: bool,
+}
+
 #[napi]
 impl NativeCommunicator {
+    /// The transport of a peer this side connected to, and why; null for others.
+    #[napi]
+    pub fn peer_decision(&self, peer_key: String) -> Option<NativePeerDecision> {
+        let decision = self.engine.transport_decision(&peer_key)?;
+        Some(NativePeerDecision {
+            transport: decision.transport.name().to_string(),
+            reason: decision.reason,
+            details: decision
+                .details
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            alive: self.engine.is_connected(&peer_key),
+        })
+    }
+
     /// Counters since construction: totals and per peer.
     #[napi]
     pub fn metrics(&self) -> NativeMetrics {

@@ -16,7 +16,9 @@ import {
   type CommunicatorOptions,
   type CommunicatorStats,
   type ConnectOptions,
+  type PeerInfo,
   type Role,
+  type Transport,
   type WriteOptions,
   checkNonNegativeInteger,
   parseSettings,
@@ -335,6 +337,22 @@ export class RDMACommunicator extends EventEmitter {
   /** Live native resources: peers, links, receiving connections, regions, threads. */
   stats(): CommunicatorStats {
     return { ...this.native.stats() }
+  }
+
+  /**
+   * The transport used with `ip:port` (a peer this side connected to) and a sentence saying
+   * why, with what it uses on this side (`details`: RDMA device, port, GID index and
+   * address, MTU, QPs per peer); `null` when this side never connected to it.
+   */
+  peerInfo(ip: string, port: number | string): PeerInfo | null {
+    const decision = this.native.peerDecision(`${ip}:${toPort('port', port)}`)
+    if (!decision) return null
+    return {
+      transport: decision.transport as Transport,
+      reason: decision.reason,
+      details: { ...decision.details },
+      connected: decision.alive,
+    }
   }
 
   /**

@@ -13,6 +13,7 @@ export type {
   CommunicatorOptions,
   CommunicatorStats,
   ConnectOptions,
+  PeerInfo,
   Role,
   Transport,
   WriteOptions,

@@ -96,6 +96,17 @@ export interface CloseOptions {
 }
 
 /** Live native resources (leak checks). */
+/** `comm.peerInfo(ip, port)`: the transport used with a peer and why. */
+export interface PeerInfo {
+  transport: Transport
+  /** One sentence starting with the transport's name, e.g. `"tcp: RDMA is not usable on this side (...)"`. */
+  reason: string
+  /** What the transport uses on this side (RDMA: device, port, linkLayer, gidIndex, gid, mtu, qpsPerPeer). */
+  details: Record<string, string>
+  /** Whether the link is still usable. */
+  connected: boolean
+}
+
 export interface CommunicatorStats {
   peers: number
   liveLinks: number

@@ -1,6 +1,7 @@
 //! Logging as the seed describes: `KVCACHE_DEBUG` turns on debug lines (to
 //! `KVCACHE_DEBUG_FILE` when set, else stderr); errors always go to `KVCACHE_ERROR_FILE`
-//! when set, else stderr.
+//! when set, else stderr. Info lines (the transport `auto` chose with each peer, once per
+//! peer) are always printed, where debug lines go.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -79,6 +80,13 @@ pub fn error(message: std::fmt::Arguments<'_>) {
     emit(sinks.error_file.as_ref(), "error", message);
 }
 
+/// Decisions an operator wants without `KVCACHE_DEBUG` (the transport chosen with each
+/// peer): to `KVCACHE_DEBUG_FILE` when set, else stderr.
+pub fn info(message: std::fmt::Arguments<'_>) {
+    let sinks = sinks();
+    emit(sinks.debug_file.as_ref(), "info", message);
+}
+
 /// `debug!("...", args)`: formats only when KVCACHE_DEBUG is on.
 #[macro_export]
 macro_rules! debug {
@@ -93,5 +101,13 @@ macro_rules! debug {
 macro_rules! log_error {
     ($($arg:tt)*) => {
         $crate::log::error(format_args!($($arg)*))
+    };
+}
+
+/// `log_info!("...", args)`: always printed (see [`info`]).
+#[macro_export]
+macro_rules! log_info {
+    ($($arg:tt)*) => {
+        $crate::log::info(format_args!($($arg)*))
     };
 }

@@ -301,6 +301,7 @@ impl Engine {
         let (remote_layout, link) = link?;
         let transport = link.kind().name();
         let counters = self.inner.metrics.connected(peer_key, link.kind().code());
+        self.record_decision(peer_key, link.kind());
         let peer = Arc::new(Peer {
             remote: remote_layout,
             link,

@@ -2,6 +2,7 @@
 //! preference, its peers. The handshake (`handshake.rs`), the write path (`write.rs`), the
 //! deadline watchdog (`watchdog.rs`) and the peer registry (`peers.rs`) are its parts.
 
+mod explain;
 mod handshake;
 mod peers;
 mod watchdog;
@@ -18,6 +19,7 @@ use crate::transport::{
     open_transports, ArrivalSink, OpenContext, RunPool, Transport, TransportKind,
 };
 use crate::wire::{Role, MAX_NAME_BYTES};
+pub use explain::TransportDecision;
 use peers::PeerRegistry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -125,6 +127,8 @@ struct EngineInner {
     used_nonces: Mutex<HashMap<Nonce, Instant>>,
     watchdog: Arc<Watchdog>,
     metrics: Arc<Metrics>,
+    /// Connecting side: why each peer is reached over its transport.
+    decisions: Mutex<HashMap<String, TransportDecision>>,
 }
 
 /// One communicator's engine. Cheap to clone (shared state).
@@ -224,6 +228,7 @@ impl Engine {
             used_nonces: Mutex::new(HashMap::new()),
             watchdog: Arc::default(),
             metrics,
+            decisions: Mutex::new(HashMap::new()),
         };
         let engine = Engine {
             inner: Arc::new(inner),

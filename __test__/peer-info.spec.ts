@@ -1,0 +1,75 @@
+/**
+ * comm.peerInfo(ip, port): the transport chosen with a peer and why; `auto` logs the
+ * decision once per peer at info level (without KVCACHE_DEBUG).
+ */
+import test from 'ava'
+import { mkdtempSync, readFileSync, existsSync } from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
+import { HOST, RDMACommunicator, TRANSPORT, ms } from './helpers.js'
+import type { Transport } from '../lib/index.js'
+
+// Read by the engine at its first log line (after this module ran): info lines land here.
+const LOG = path.join(mkdtempSync(path.join(os.tmpdir(), 'kvt-info-')), 'info.log')
+process.env.KVCACHE_DEBUG_FILE = LOG
+delete process.env.KVCACHE_DEBUG
+
+function make(role: 'prefill' | 'decode', transport: Transport) {
+  return new RDMACommunicator({
+    role,
+    gpuIdx: 0,
+    port: 0,
+    localKeyCache: [Buffer.alloc(4 * 1024)],
+    localValueCache: [],
+    blockNumber: 4,
+    blockBytes: 1024,
+    transport,
+    name: `${role}-info`,
+    authToken: '',
+  })
+}
+
+test.serial('auto: peerInfo says which transport and why; the decision is logged once per peer', async (t) => {
+  const decode = make('decode', 'auto')
+  const prefill = make('prefill', 'auto')
+  t.teardown(() => Promise.all([decode.close(), prefill.close()]))
+  await Promise.all([decode.ready, prefill.ready])
+  t.is(prefill.peerInfo(HOST, decode.port), null, 'not connected yet')
+  t.true(await prefill.connect(HOST, decode.port, { timeoutMs: ms(30_000) }))
+  const info = prefill.peerInfo(HOST, decode.port)!
+  t.truthy(info)
+  t.true(info.connected)
+  t.true(info.reason.startsWith(`${info.transport}: `), info.reason)
+  if (info.transport === 'tcp') {
+    t.regex(info.reason, /RDMA is not usable on this side \(.+\)|offered RDMA .* but the peer did not take it/)
+  } else {
+    t.regex(info.reason, /both sides offered RDMA.*GID index \d+ .*MTU \d+, \d+ QPs/)
+    t.truthy(info.details.device)
+    t.truthy(info.details.gidIndex)
+  }
+  t.true(await prefill.connect(HOST, decode.port, { timeoutMs: ms(30_000) }))
+  const key = `${HOST}:${decode.port}`
+  const lines = existsSync(LOG)
+    ? readFileSync(LOG, 'utf8')
+        .split('\n')
+        .filter((l) => l.includes(' info ') && l.includes(key))
+    : []
+  t.is(lines.length, 1, `one info line for ${key} after two connects: ${JSON.stringify(lines)}`)
+  t.true(lines[0].includes(info.reason))
+})
+
+test.serial('an explicit transport says it was chosen explicitly, and is not logged', async (t) => {
+  const decode = make('decode', TRANSPORT)
+  const prefill = make('prefill', TRANSPORT)
+  t.teardown(() => Promise.all([decode.close(), prefill.close()]))
+  await Promise.all([decode.ready, prefill.ready])
+  t.true(await prefill.connect(HOST, decode.port, { timeoutMs: ms(30_000) }))
+  const info = prefill.peerInfo(HOST, decode.port)!
+  t.is(info.transport, TRANSPORT)
+  t.regex(info.reason, new RegExp(`^${TRANSPORT}: chosen explicitly`))
+  const key = `${HOST}:${decode.port}`
+  const logged = existsSync(LOG) && readFileSync(LOG, 'utf8').includes(key)
+  t.false(logged)
+  await prefill.abortPeer(HOST, decode.port)
+  t.false(prefill.peerInfo(HOST, decode.port)!.connected)
+})

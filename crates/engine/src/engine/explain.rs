@@ -1,0 +1,110 @@
+//! Why a peer is reached over its transport: a sentence built on the connecting side from
+//! what this side offered and what the acceptor chose, plus the details of that transport
+//! (device, port, GID, MTU, QPs for RDMA). `auto` logs it once per peer at info level.
+
+use super::Engine;
+use crate::config::TransportChoice;
+use crate::transport::TransportKind;
+
+/// The transport chosen with a peer and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportDecision {
+    pub transport: TransportKind,
+    /// One sentence, starting with the transport's name.
+    pub reason: String,
+    /// What the transport uses on this side (device, port, gidIndex, gid, mtu, ...).
+    pub details: Vec<(&'static str, String)>,
+}
+
+/// `device rxe0 port 1, GID index 1 (RoCE, 10.77.0.1), MTU 1024, 2 QPs` from RDMA details.
+fn rdma_summary(details: &[(&'static str, String)]) -> String {
+    let get = |key: &str| {
+        details
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or("?", |(_, v)| v.as_str())
+    };
+    format!(
+        "{} port {}, GID index {} ({}, {}), MTU {}, {} QPs",
+        get("device"),
+        get("port"),
+        get("gidIndex"),
+        get("linkLayer"),
+        get("gid"),
+        get("mtu"),
+        get("qpsPerPeer")
+    )
+}
+
+impl Engine {
+    /// Connecting side: records (and under `auto`, logs once) why `peer_key` is reached
+    /// over `chosen`.
+    pub(super) fn record_decision(&self, peer_key: &str, chosen: TransportKind) {
+        let details = self.transport_details(chosen).unwrap_or_default();
+        let auto = self.inner.choice == TransportChoice::Auto;
+        let rdma_here = self.transport_details(TransportKind::Rdma).is_some();
+        let rdma_unusable = self
+            .inner
+            .unusable
+            .iter()
+            .find(|(kind, _)| *kind == TransportKind::Rdma)
+            .map(|(_, reason)| reason.as_str());
+        let reason = match (chosen, auto) {
+            (TransportKind::Rdma, true) => format!(
+                "rdma: both sides offered RDMA and the peer accepted this side's endpoint; {}",
+                rdma_summary(&details)
+            ),
+            (TransportKind::Rdma, false) => format!(
+                "rdma: chosen explicitly (the transport option or KVCACHE_TRANSPORT; no fallback); {}",
+                rdma_summary(&details)
+            ),
+            (other, false) => format!(
+                "{}: chosen explicitly (the transport option or KVCACHE_TRANSPORT; no fallback)",
+                other.name()
+            ),
+            (other, true) if rdma_here => format!(
+                "{}: this side offered RDMA ({}) but the peer did not take it: it has no usable RDMA device, or cannot serve this side's endpoint (run `kvtransfer doctor` there; its log names the reason)",
+                other.name(),
+                rdma_summary(&self.transport_details(TransportKind::Rdma).unwrap_or_default())
+            ),
+            (other, true) => format!(
+                "{}: RDMA is not usable on this side ({})",
+                other.name(),
+                rdma_unusable.unwrap_or("not opened")
+            ),
+        };
+        let first = {
+            let mut decisions = self
+                .inner
+                .decisions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let first = !decisions.contains_key(peer_key);
+            decisions.insert(
+                peer_key.to_string(),
+                TransportDecision {
+                    transport: chosen,
+                    reason: reason.clone(),
+                    details,
+                },
+            );
+            first
+        };
+        if auto && first {
+            crate::log_info!(
+                "engine {}: transport with {peer_key}: {reason}",
+                self.inner.name()
+            );
+        }
+    }
+
+    /// Why `peer_key` (a peer this side connected to) is reached over its transport.
+    pub fn transport_decision(&self, peer_key: &str) -> Option<TransportDecision> {
+        self.inner
+            .decisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer_key)
+            .cloned()
+    }
+}
