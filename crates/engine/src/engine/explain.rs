@@ -63,7 +63,7 @@ impl Engine {
                 other.name()
             ),
             (other, true) if rdma_here => format!(
-                "{}: this side offered RDMA ({}) but the peer did not take it: it has no usable RDMA device, or cannot serve this side's endpoint (run `kvtransfer doctor` there; its log names the reason)",
+                "{}: this side offered RDMA ({}) but the peer did not take it: it has no usable RDMA device, or its RDMA cannot serve this side's endpoint (KVCACHE_DEBUG=1 on the peer logs why)",
                 other.name(),
                 rdma_summary(&self.transport_details(TransportKind::Rdma).unwrap_or_default())
             ),
