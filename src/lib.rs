@@ -441,25 +441,8 @@ impl NativeCommunicator {
         tag: Option<Buffer>,
         timeout_ms: Option<f64>,
     ) -> Result<(), Code> {
-        let deadline = match timeout_ms {
-            Some(ms) if ms.is_finite() && ms > 0.0 => {
-                Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
-            }
-            _ => None,
-        };
-        let settled_fn = self
-            .settled_fn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| to_js_error(kvtransfer_engine::Error::Closed))?;
-        let on_done = Box::new(move |result: kvtransfer_engine::Result<()>| {
-            let error = result.err().map(to_js_error);
-            settled_fn.call(
-                (call_id, error).into(),
-                ThreadsafeFunctionCallMode::NonBlocking,
-            );
-        });
+        let deadline = deadline_after(timeout_ms);
+        let on_done = self.on_settled(call_id)?;
         self.engine
             .write_cache_with_callback(
                 &peer_key,
@@ -471,6 +454,112 @@ impl NativeCommunicator {
                 on_done,
             )
             .map_err(to_js_error)
+    }
+}
+
+#[napi]
+impl NativeCommunicator {
+    /// Validates and plans a block list once for `peer_key` (throws, typed, when an id is
+    /// bad or the peer is not connected).
+    #[napi]
+    pub fn prepare_blocks<'env>(
+        &self,
+        peer_key: String,
+        local_block_ids: BlockIdSlices<'env>,
+        remote_block_ids: BlockIdSlices<'env>,
+    ) -> Result<NativePreparedBlocks, Code> {
+        let prepared = self
+            .engine
+            .prepare_blocks(
+                &peer_key,
+                block_id_slices(&local_block_ids),
+                block_id_slices(&remote_block_ids),
+            )
+            .map_err(to_js_error)?;
+        Ok(NativePreparedBlocks {
+            inner: Arc::new(prepared),
+        })
+    }
+
+    /// `writeCache` of a prepared block list: no id is validated or planned again.
+    #[napi]
+    pub fn write_prepared(
+        &self,
+        call_id: u32,
+        peer_key: String,
+        prepared: &NativePreparedBlocks,
+        layer_idx: f64,
+        tag: Option<Buffer>,
+        timeout_ms: Option<f64>,
+    ) -> Result<(), Code> {
+        let deadline = deadline_after(timeout_ms);
+        let on_done = self.on_settled(call_id)?;
+        self.engine
+            .write_prepared_with_callback(
+                &peer_key,
+                &prepared.inner,
+                layer_idx,
+                tag.map(|t| t.to_vec()),
+                deadline,
+                on_done,
+            )
+            .map_err(to_js_error)
+    }
+}
+
+impl NativeCommunicator {
+    /// The completion callback of call `call_id`: reports it through `onCallSettled`.
+    fn on_settled(&self, call_id: u32) -> Result<kvtransfer_engine::CompletionCallback, Code> {
+        let settled_fn = self
+            .settled_fn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| to_js_error(kvtransfer_engine::Error::Closed))?;
+        Ok(Box::new(move |result: kvtransfer_engine::Result<()>| {
+            let error = result.err().map(to_js_error);
+            settled_fn.call(
+                (call_id, error).into(),
+                ThreadsafeFunctionCallMode::NonBlocking,
+            );
+        }))
+    }
+}
+
+/// The deadline of a call with `timeout_ms` (absent, 0 or not finite: none).
+fn deadline_after(timeout_ms: Option<f64>) -> Option<std::time::Instant> {
+    match timeout_ms {
+        Some(ms) if ms.is_finite() && ms > 0.0 => {
+            Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
+        }
+        _ => None,
+    }
+}
+
+/// A block list validated and planned once for one peer (`prepareBlocks`).
+#[napi]
+pub struct NativePreparedBlocks {
+    inner: Arc<kvtransfer_engine::PreparedBlocks>,
+}
+
+#[napi]
+impl NativePreparedBlocks {
+    /// The peer (`host:port`) the list was prepared for.
+    #[napi(getter)]
+    pub fn peer(&self) -> String {
+        self.inner.peer_key().to_string()
+    }
+
+    /// Block ids in the list.
+    #[napi(getter)]
+    pub fn blocks(&self) -> u32 {
+        self.inner.blocks()
+    }
+
+    /// Coalesced runs (copies per region and layer).
+    #[napi(getter)]
+    pub fn runs(&self) -> u32 {
+        u32::try_from(self.inner.runs()).unwrap_or(u32::MAX)
     }
 }
 

@@ -22,7 +22,7 @@ mod util;
 mod wire;
 
 pub use config::{RdmaSettings, DEFAULT_QPS_PER_PEER};
-pub use engine::{Engine, EngineOptions, EngineStats, PeerInfo};
+pub use engine::{Engine, EngineOptions, EngineStats, PeerInfo, PreparedBlocks};
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use layout::{CacheLayout, MemoryKind};
 pub use plan::BlockIds;

@@ -7,6 +7,8 @@ mod peers;
 mod watchdog;
 mod write;
 
+pub use write::PreparedBlocks;
+
 use crate::auth::{self, Nonce};
 use crate::config::{RdmaSettings, Settings, TransportChoice};
 use crate::debug;
