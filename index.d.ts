@@ -84,8 +84,13 @@ export interface NativeOptions {
   name: string
   localKeyCache: Array<bigint | Uint8Array>
   localValueCache: Array<bigint | Uint8Array>
+  /** fp8 scale regions (one per layer; empty: none). */
+  keyScaleCache?: Array<bigint | Uint8Array>
+  valueScaleCache?: Array<bigint | Uint8Array>
   blockNumber: number
   blockBytes: number
+  /** Bytes per scale block (0: no scale regions). */
+  scaleBlockBytes?: number
   /** "auto" | "rdma" | "tcp"; absent: `KVCACHE_TRANSPORT`, else "auto". */
   transport?: string
   /** Milliseconds the data connection may take to open (default 10000). */

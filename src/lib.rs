@@ -126,8 +126,13 @@ pub struct NativeOptions {
     pub name: String,
     pub local_key_cache: Vec<Either<BigInt, Uint8Array>>,
     pub local_value_cache: Vec<Either<BigInt, Uint8Array>>,
+    /// fp8 scale regions (one per layer; empty: none).
+    pub key_scale_cache: Option<Vec<Either<BigInt, Uint8Array>>>,
+    pub value_scale_cache: Option<Vec<Either<BigInt, Uint8Array>>>,
     pub block_number: u32,
     pub block_bytes: f64,
+    /// Bytes per scale block (0: no scale regions).
+    pub scale_block_bytes: Option<f64>,
     /// "auto" | "rdma" | "tcp"; absent: `KVCACHE_TRANSPORT`, else "auto".
     pub transport: Option<String>,
     /// Milliseconds the data connection may take to open (default 10000).
@@ -190,8 +195,13 @@ fn region_address(
                 return Err(invalid(
                     name,
                     format!(
-                        "region {index} has {} bytes but blockNumber × blockBytes = {region_bytes}",
-                        bytes.len()
+                        "region {index} has {} bytes but blockNumber × {} = {region_bytes}",
+                        bytes.len(),
+                        if name.ends_with("ScaleCache") {
+                            "scaleBlockBytes"
+                        } else {
+                            "blockBytes"
+                        }
                     ),
                 ));
             }
@@ -242,6 +252,29 @@ impl NativeCommunicator {
             ));
         }
         let block_bytes = options.block_bytes as u64;
+        let scale_block_bytes = options.scale_block_bytes.unwrap_or(0.0);
+        if !(scale_block_bytes.fract() == 0.0
+            && scale_block_bytes >= 0.0
+            && scale_block_bytes <= 9.007_199_254_740_991e15)
+        {
+            return Err(invalid(
+                "scaleBlockBytes",
+                format!("{scale_block_bytes} is not a non-negative integer"),
+            ));
+        }
+        let scale_block_bytes = scale_block_bytes as u64;
+        let key_scale_cache = options.key_scale_cache.unwrap_or_default();
+        let value_scale_cache = options.value_scale_cache.unwrap_or_default();
+        let scale_region_bytes = u64::from(options.block_number)
+            .checked_mul(scale_block_bytes)
+            .ok_or_else(|| {
+                to_js_error(kvtransfer_engine::Error::RegionOverflow {
+                    what: format!(
+                        "blockNumber {} × scaleBlockBytes {scale_block_bytes} does not fit in 64 bits",
+                        options.block_number
+                    ),
+                })
+            })?;
         let region_bytes = u64::from(options.block_number)
             .checked_mul(block_bytes)
             .ok_or_else(|| {
@@ -263,6 +296,16 @@ impl NativeCommunicator {
             .iter()
             .enumerate()
             .map(|(i, r)| region_address("localValueCache", i, r, region_bytes))
+            .collect::<Result<Vec<_>, Code>>()?;
+        let key_scales = key_scale_cache
+            .iter()
+            .enumerate()
+            .map(|(i, r)| region_address("keyScaleCache", i, r, scale_region_bytes))
+            .collect::<Result<Vec<_>, Code>>()?;
+        let value_scales = value_scale_cache
+            .iter()
+            .enumerate()
+            .map(|(i, r)| region_address("valueScaleCache", i, r, scale_region_bytes))
             .collect::<Result<Vec<_>, Code>>()?;
         let arrival_fn: ArrivalSlot = Arc::default();
         let arrivals = match on_arrival {
@@ -298,6 +341,8 @@ impl NativeCommunicator {
             .local_key_cache
             .iter()
             .chain(&options.local_value_cache)
+            .chain(&key_scale_cache)
+            .chain(&value_scale_cache)
             .filter_map(|r| match r {
                 Either::B(bytes) => Some(bytes.as_ptr() as u64),
                 Either::A(_) => None,
@@ -310,8 +355,11 @@ impl NativeCommunicator {
             name: options.name,
             keys,
             values,
+            key_scales,
+            value_scales,
             block_number: options.block_number,
             block_bytes,
+            scale_block_bytes,
             transport: options.transport,
             arrivals,
             connect_timeout: Duration::from_millis(u64::from(
@@ -331,6 +379,8 @@ impl NativeCommunicator {
         let engine = Engine::with_known_host(engine_options, &known_host).map_err(to_js_error)?;
         let mut regions = options.local_key_cache;
         regions.extend(options.local_value_cache);
+        regions.extend(key_scale_cache);
+        regions.extend(value_scale_cache);
         Ok(NativeCommunicator {
             engine,
             _regions: regions,

@@ -89,6 +89,26 @@ export class RDMACommunicator extends EventEmitter {
     extra?: Partial<CommunicatorOptions>,
   )
   /**
+   * FastDeploy's positional form: `(role, gpuIdx, port, keyCachePtrs, valueCachePtrs,
+   * blockNumber, blockBytes, keyScalePtrs = [], valueScalePtrs = [], scaleBlockBytes = 0,
+   * prefillTpSize = 1, prefillTpIdx = 0, extra?)`.
+   */
+  constructor(
+    role: Role,
+    gpuIdx: number,
+    port: number | string,
+    localKeyCache: CacheRegion[],
+    localValueCache: CacheRegion[],
+    blockNumber: number,
+    blockBytes: number,
+    keyScaleCache: CacheRegion[],
+    valueScaleCache?: CacheRegion[],
+    scaleBlockBytes?: number,
+    prefillTpSize?: number,
+    prefillTpIdx?: number,
+    extra?: Partial<CommunicatorOptions>,
+  )
+  /**
    * Creates a communicator and starts listening on `options.port` (await `ready`).
    * Throws a {@link KvTransferError} (`ERR_INVALID_ARGUMENT`, ...) for invalid options.
    */
