@@ -254,8 +254,7 @@ impl NativeCommunicator {
         let block_bytes = options.block_bytes as u64;
         let scale_block_bytes = options.scale_block_bytes.unwrap_or(0.0);
         if !(scale_block_bytes.fract() == 0.0
-            && scale_block_bytes >= 0.0
-            && scale_block_bytes <= 9.007_199_254_740_991e15)
+            && (0.0..=9.007_199_254_740_991e15).contains(&scale_block_bytes))
         {
             return Err(invalid(
                 "scaleBlockBytes",
