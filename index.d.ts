@@ -42,6 +42,13 @@ export declare class NativeCommunicator {
    */
   writeCache(callId: number, peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
   /**
+   * Validates and plans a block list once for `peer_key` (throws, typed, when an id is
+   * bad or the peer is not connected).
+   */
+  prepareBlocks(peerKey: string, localBlockIds: BlockIdSlices, remoteBlockIds: BlockIdSlices): NativePreparedBlocks
+  /** `writeCache` of a prepared block list: no id is validated or planned again. */
+  writePrepared(callId: number, peerKey: string, prepared: NativePreparedBlocks, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
+  /**
    * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
    * whether a link existed, once no byte of its calls can land any more and every
    * pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`).
@@ -51,6 +58,16 @@ export declare class NativeCommunicator {
   stats(): NativeStats
   /** Closes all links; afterwards no engine thread touches the regions. */
   close(): Promise<void>
+}
+
+/** A block list validated and planned once for one peer (`prepareBlocks`). */
+export declare class NativePreparedBlocks {
+  /** The peer (`host:port`) the list was prepared for. */
+  get peer(): string
+  /** Block ids in the list. */
+  get blocks(): number
+  /** Coalesced runs (copies per region and layer). */
+  get runs(): number
 }
 
 /** An arrival notice: every byte of a tagged `writeCache` call is in this side's memory. */
@@ -103,8 +120,13 @@ export interface NativeOptions {
   name: string
   localKeyCache: Array<bigint | Uint8Array>
   localValueCache: Array<bigint | Uint8Array>
+  /** fp8 scale regions (one per layer; empty: none). */
+  keyScaleCache?: Array<bigint | Uint8Array>
+  valueScaleCache?: Array<bigint | Uint8Array>
   blockNumber: number
   blockBytes: number
+  /** Bytes per scale block (0: no scale regions). */
+  scaleBlockBytes?: number
   /** "auto" | "rdma" | "tcp"; absent: `KVCACHE_TRANSPORT`, else "auto". */
   transport?: string
   /** Milliseconds the data connection may take to open (default 10000). */

@@ -836,4 +836,5 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeCommunicator = nativeBinding.NativeCommunicator
+module.exports.NativePreparedBlocks = nativeBinding.NativePreparedBlocks
 module.exports.errorCodes = nativeBinding.errorCodes

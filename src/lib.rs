@@ -128,8 +128,13 @@ pub struct NativeOptions {
     pub name: String,
     pub local_key_cache: Vec<Either<BigInt, Uint8Array>>,
     pub local_value_cache: Vec<Either<BigInt, Uint8Array>>,
+    /// fp8 scale regions (one per layer; empty: none).
+    pub key_scale_cache: Option<Vec<Either<BigInt, Uint8Array>>>,
+    pub value_scale_cache: Option<Vec<Either<BigInt, Uint8Array>>>,
     pub block_number: u32,
     pub block_bytes: f64,
+    /// Bytes per scale block (0: no scale regions).
+    pub scale_block_bytes: Option<f64>,
     /// "auto" | "rdma" | "tcp"; absent: `KVCACHE_TRANSPORT`, else "auto".
     pub transport: Option<String>,
     /// Milliseconds the data connection may take to open (default 10000).
@@ -192,8 +197,13 @@ fn region_address(
                 return Err(invalid(
                     name,
                     format!(
-                        "region {index} has {} bytes but blockNumber × blockBytes = {region_bytes}",
-                        bytes.len()
+                        "region {index} has {} bytes but blockNumber × {} = {region_bytes}",
+                        bytes.len(),
+                        if name.ends_with("ScaleCache") {
+                            "scaleBlockBytes"
+                        } else {
+                            "blockBytes"
+                        }
                     ),
                 ));
             }
@@ -244,6 +254,28 @@ impl NativeCommunicator {
             ));
         }
         let block_bytes = options.block_bytes as u64;
+        let scale_block_bytes = options.scale_block_bytes.unwrap_or(0.0);
+        if !(scale_block_bytes.fract() == 0.0
+            && (0.0..=9.007_199_254_740_991e15).contains(&scale_block_bytes))
+        {
+            return Err(invalid(
+                "scaleBlockBytes",
+                format!("{scale_block_bytes} is not a non-negative integer"),
+            ));
+        }
+        let scale_block_bytes = scale_block_bytes as u64;
+        let key_scale_cache = options.key_scale_cache.unwrap_or_default();
+        let value_scale_cache = options.value_scale_cache.unwrap_or_default();
+        let scale_region_bytes = u64::from(options.block_number)
+            .checked_mul(scale_block_bytes)
+            .ok_or_else(|| {
+                to_js_error(kvtransfer_engine::Error::RegionOverflow {
+                    what: format!(
+                        "blockNumber {} × scaleBlockBytes {scale_block_bytes} does not fit in 64 bits",
+                        options.block_number
+                    ),
+                })
+            })?;
         let region_bytes = u64::from(options.block_number)
             .checked_mul(block_bytes)
             .ok_or_else(|| {
@@ -265,6 +297,16 @@ impl NativeCommunicator {
             .iter()
             .enumerate()
             .map(|(i, r)| region_address("localValueCache", i, r, region_bytes))
+            .collect::<Result<Vec<_>, Code>>()?;
+        let key_scales = key_scale_cache
+            .iter()
+            .enumerate()
+            .map(|(i, r)| region_address("keyScaleCache", i, r, scale_region_bytes))
+            .collect::<Result<Vec<_>, Code>>()?;
+        let value_scales = value_scale_cache
+            .iter()
+            .enumerate()
+            .map(|(i, r)| region_address("valueScaleCache", i, r, scale_region_bytes))
             .collect::<Result<Vec<_>, Code>>()?;
         let arrival_fn: ArrivalSlot = Arc::default();
         let arrivals = match on_arrival {
@@ -300,6 +342,8 @@ impl NativeCommunicator {
             .local_key_cache
             .iter()
             .chain(&options.local_value_cache)
+            .chain(&key_scale_cache)
+            .chain(&value_scale_cache)
             .filter_map(|r| match r {
                 Either::B(bytes) => Some(bytes.as_ptr() as u64),
                 Either::A(_) => None,
@@ -312,8 +356,11 @@ impl NativeCommunicator {
             name: options.name,
             keys,
             values,
+            key_scales,
+            value_scales,
             block_number: options.block_number,
             block_bytes,
+            scale_block_bytes,
             transport: options.transport,
             arrivals,
             connect_timeout: Duration::from_millis(u64::from(
@@ -333,6 +380,8 @@ impl NativeCommunicator {
         let engine = Engine::with_known_host(engine_options, &known_host).map_err(to_js_error)?;
         let mut regions = options.local_key_cache;
         regions.extend(options.local_value_cache);
+        regions.extend(key_scale_cache);
+        regions.extend(value_scale_cache);
         Ok(NativeCommunicator {
             engine,
             _regions: regions,
@@ -443,25 +492,8 @@ impl NativeCommunicator {
         tag: Option<Buffer>,
         timeout_ms: Option<f64>,
     ) -> Result<(), Code> {
-        let deadline = match timeout_ms {
-            Some(ms) if ms.is_finite() && ms > 0.0 => {
-                Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
-            }
-            _ => None,
-        };
-        let settled_fn = self
-            .settled_fn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| to_js_error(kvtransfer_engine::Error::Closed))?;
-        let on_done = Box::new(move |result: kvtransfer_engine::Result<()>| {
-            let error = result.err().map(to_js_error);
-            settled_fn.call(
-                (call_id, error).into(),
-                ThreadsafeFunctionCallMode::NonBlocking,
-            );
-        });
+        let deadline = deadline_after(timeout_ms);
+        let on_done = self.on_settled(call_id)?;
         self.engine
             .write_cache_with_callback(
                 &peer_key,
@@ -473,6 +505,112 @@ impl NativeCommunicator {
                 on_done,
             )
             .map_err(to_js_error)
+    }
+}
+
+#[napi]
+impl NativeCommunicator {
+    /// Validates and plans a block list once for `peer_key` (throws, typed, when an id is
+    /// bad or the peer is not connected).
+    #[napi]
+    pub fn prepare_blocks<'env>(
+        &self,
+        peer_key: String,
+        local_block_ids: BlockIdSlices<'env>,
+        remote_block_ids: BlockIdSlices<'env>,
+    ) -> Result<NativePreparedBlocks, Code> {
+        let prepared = self
+            .engine
+            .prepare_blocks(
+                &peer_key,
+                block_id_slices(&local_block_ids),
+                block_id_slices(&remote_block_ids),
+            )
+            .map_err(to_js_error)?;
+        Ok(NativePreparedBlocks {
+            inner: Arc::new(prepared),
+        })
+    }
+
+    /// `writeCache` of a prepared block list: no id is validated or planned again.
+    #[napi]
+    pub fn write_prepared(
+        &self,
+        call_id: u32,
+        peer_key: String,
+        prepared: &NativePreparedBlocks,
+        layer_idx: f64,
+        tag: Option<Buffer>,
+        timeout_ms: Option<f64>,
+    ) -> Result<(), Code> {
+        let deadline = deadline_after(timeout_ms);
+        let on_done = self.on_settled(call_id)?;
+        self.engine
+            .write_prepared_with_callback(
+                &peer_key,
+                &prepared.inner,
+                layer_idx,
+                tag.map(|t| t.to_vec()),
+                deadline,
+                on_done,
+            )
+            .map_err(to_js_error)
+    }
+}
+
+impl NativeCommunicator {
+    /// The completion callback of call `call_id`: reports it through `onCallSettled`.
+    fn on_settled(&self, call_id: u32) -> Result<kvtransfer_engine::CompletionCallback, Code> {
+        let settled_fn = self
+            .settled_fn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| to_js_error(kvtransfer_engine::Error::Closed))?;
+        Ok(Box::new(move |result: kvtransfer_engine::Result<()>| {
+            let error = result.err().map(to_js_error);
+            settled_fn.call(
+                (call_id, error).into(),
+                ThreadsafeFunctionCallMode::NonBlocking,
+            );
+        }))
+    }
+}
+
+/// The deadline of a call with `timeout_ms` (absent, 0 or not finite: none).
+fn deadline_after(timeout_ms: Option<f64>) -> Option<std::time::Instant> {
+    match timeout_ms {
+        Some(ms) if ms.is_finite() && ms > 0.0 => {
+            Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
+        }
+        _ => None,
+    }
+}
+
+/// A block list validated and planned once for one peer (`prepareBlocks`).
+#[napi]
+pub struct NativePreparedBlocks {
+    inner: Arc<kvtransfer_engine::PreparedBlocks>,
+}
+
+#[napi]
+impl NativePreparedBlocks {
+    /// The peer (`host:port`) the list was prepared for.
+    #[napi(getter)]
+    pub fn peer(&self) -> String {
+        self.inner.peer_key().to_string()
+    }
+
+    /// Block ids in the list.
+    #[napi(getter)]
+    pub fn blocks(&self) -> u32 {
+        self.inner.blocks()
+    }
+
+    /// Coalesced runs (copies per region and layer).
+    #[napi(getter)]
+    pub fn runs(&self) -> u32 {
+        u32::try_from(self.inner.runs()).unwrap_or(u32::MAX)
     }
 }
 

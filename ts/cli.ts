@@ -27,6 +27,8 @@ Grid:
   --sizes LIST         block sizes: 1K-256K (powers of two), 4K,64K, 65536 (default 1K-256K)
   --concurrency N      calls in flight (default 1)
   --layers N           layers, each with K and V regions (default 2)
+  --scales BYTES       fp8 scale caches: K-scale and V-scale regions of BYTES per block (default 0: none);
+                       GB/s counts K+V+scale bytes
   --transport T        tcp | rdma (default tcp)
   --pattern P          scattered (random permutations) | contiguous (default scattered)
   --contiguous         same as --pattern contiguous
@@ -78,6 +80,7 @@ async function bench(argv: string[]): Promise<number> {
       sizes: { type: 'string' },
       concurrency: { type: 'string' },
       layers: { type: 'string' },
+      scales: { type: 'string' },
       transport: { type: 'string' },
       pattern: { type: 'string' },
       contiguous: { type: 'boolean' },
@@ -130,6 +133,7 @@ async function bench(argv: string[]): Promise<number> {
     sizes,
     concurrency: integer('concurrency', values.concurrency, 1),
     layers: integer('layers', values.layers, 2),
+    scales: integer('scales', values.scales, 0, 0),
     transport,
     pattern,
     iterations: values.iterations === undefined ? undefined : integer('iterations', values.iterations, 1),

@@ -33,6 +33,7 @@ import {
   metricsText,
   toMetrics,
 } from './metrics'
+import { PreparedBlocks } from './prepared'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
 
 /** Errors the engine threw (it counted them already); other refusals are counted here. */
@@ -101,6 +102,26 @@ export class RDMACommunicator extends EventEmitter {
     localValueCache: CacheRegion[],
     blockNumber: number,
     blockBytes: number,
+    extra?: Partial<CommunicatorOptions>,
+  )
+  /**
+   * FastDeploy's positional form: `(role, gpuIdx, port, keyCachePtrs, valueCachePtrs,
+   * blockNumber, blockBytes, keyScalePtrs = [], valueScalePtrs = [], scaleBlockBytes = 0,
+   * prefillTpSize = 1, prefillTpIdx = 0, extra?)`.
+   */
+  constructor(
+    role: Role,
+    gpuIdx: number,
+    port: number | string,
+    localKeyCache: CacheRegion[],
+    localValueCache: CacheRegion[],
+    blockNumber: number,
+    blockBytes: number,
+    keyScaleCache: CacheRegion[],
+    valueScaleCache?: CacheRegion[],
+    scaleBlockBytes?: number,
+    prefillTpSize?: number,
+    prefillTpIdx?: number,
     extra?: Partial<CommunicatorOptions>,
   )
   /**
@@ -227,6 +248,19 @@ export class RDMACommunicator extends EventEmitter {
   }
 
   /**
+   * Validates and plans `localBlockIds[i] → remoteBlockIds[i]` once for the connected peer
+   * `ip:port`; pass the result to `writeCache(ip, port, prepared, layerIdx, options)` for
+   * every layer. Bad ids throw here (typed, like `writeCache`).
+   */
+  prepareBlocks(ip: string, port: number | string, localBlockIds: BlockIds, remoteBlockIds: BlockIds): PreparedBlocks {
+    this.checkOpen()
+    const key = this.peerKey(ip, port)
+    const local = toBlockIds('localBlockIds', localBlockIds)
+    const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
+    return new PreparedBlocks(native(() => this.native.prepareBlocks(key, local, remote)))
+  }
+
+  /**
    * Writes K (and V, when present) of `localBlockIds[i]` into the peer's
    * `remoteBlockIds[i]` of layer `layerIdx`. Resolves when every byte is in the peer's
    * memory. Invalid input rejects with a typed error and nothing is written.
@@ -237,11 +271,35 @@ export class RDMACommunicator extends EventEmitter {
     localBlockIds: BlockIds,
     remoteBlockIds: BlockIds,
     layerIdx: number,
-    options: WriteOptions = {},
+    options?: WriteOptions,
+  ): Promise<void>
+  /**
+   * Writes a block list prepared with `prepareBlocks` for layer `layerIdx`: nothing is
+   * validated or planned again. Refused (nothing written) when `ip:port` is not the peer
+   * it was prepared for (`ERR_INVALID_ARGUMENT`) or that peer reconnected with another
+   * blockNumber (`ERR_LAYOUT_MISMATCH`).
+   */
+  writeCache(
+    ip: string,
+    port: number | string,
+    prepared: PreparedBlocks,
+    layerIdx: number,
+    options?: WriteOptions,
+  ): Promise<void>
+  writeCache(
+    ip: string,
+    port: number | string,
+    blocks: BlockIds | PreparedBlocks,
+    remoteOrLayer: BlockIds | number,
+    layerOrOptions?: number | WriteOptions,
+    options?: WriteOptions,
   ): Promise<void> {
     // Not `async`: that would add a Promise and a resolution step to every call.
     try {
-      return this.startWrite(ip, port, localBlockIds, remoteBlockIds, layerIdx, options)
+      if (blocks instanceof PreparedBlocks) {
+        return this.startPrepared(ip, port, blocks, remoteOrLayer as number, (layerOrOptions ?? {}) as WriteOptions)
+      }
+      return this.startWrite(ip, port, blocks, remoteOrLayer as BlockIds, layerOrOptions as number, options ?? {})
     } catch (error) {
       if (!(error instanceof Object && countedByEngine.has(error))) this.countRefused(ip, port, error)
       return Promise.reject(error)
@@ -285,6 +343,38 @@ export class RDMACommunicator extends EventEmitter {
       if (error instanceof Object) countedByEngine.add(error)
       throw error
     }
+    return this.pending(callId, key, signal)
+  }
+
+  private startPrepared(
+    ip: string,
+    port: number | string,
+    prepared: PreparedBlocks,
+    layerIdx: number,
+    options: WriteOptions,
+  ): Promise<void> {
+    this.checkOpen()
+    const key = this.peerKey(ip, port)
+    if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
+    const tag = options.tag === undefined ? undefined : encodeTag(options.tag)
+    const timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
+    const signal = options.signal
+    if (signal?.aborted) throw abortError(`writeCache to ${key}`)
+    const callId = this.nextCallId
+    this.nextCallId = (callId + 1) >>> 0
+    try {
+      native(() =>
+        this.native.writePrepared(callId, key, prepared.native, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs),
+      )
+    } catch (error) {
+      if (error instanceof Object) countedByEngine.add(error)
+      throw error
+    }
+    return this.pending(callId, key, signal)
+  }
+
+  /** The Promise of call `callId`, handed to the engine (settled by `onCallSettled`). */
+  private pending(callId: number, key: string, signal: AbortSignal | undefined): Promise<void> {
     // The engine settles the call asynchronously (through the event loop), so registering
     // it after the native call returns cannot miss its outcome.
     const settled = new Promise<void>((resolve, reject) => {

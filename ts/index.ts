@@ -5,6 +5,7 @@
  */
 export { RDMACommunicator } from './communicator'
 export { KvTransferError } from './errors'
+export { PreparedBlocks } from './prepared'
 export type { KvTransferErrorCode } from './errors'
 export type {
   BlockIds,

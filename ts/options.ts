@@ -36,6 +36,15 @@ export interface CommunicatorOptions {
   blockNumber: number
   /** Bytes per block; each region is `blockNumber × blockBytes` bytes. Must match the peer's. */
   blockBytes: number
+  /**
+   * fp8 scale caches: one key-scale region per layer of `blockNumber × scaleBlockBytes`
+   * bytes (default `[]`: none). `writeCache` moves block `b`'s scales with its K/V.
+   */
+  keyScaleCache?: CacheRegion[]
+  /** One value-scale region per layer (per `localValueCache` region; `[]` when key-only). */
+  valueScaleCache?: CacheRegion[]
+  /** Bytes per block of the scale regions (default 0: no scale regions). Must match the peer's. */
+  scaleBlockBytes?: number
   /** Default: `KVCACHE_TRANSPORT`, else `'auto'`. */
   transport?: Transport
   /** Address the control plane binds to (default: all interfaces). */
@@ -136,16 +145,48 @@ export interface Settings {
   native: NativeOptions
 }
 
+/** An options object (not an array, not a region). */
+function isOptionsObject(value: unknown): value is Partial<CommunicatorOptions> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value) && !ArrayBuffer.isView(value)
+}
+
+/**
+ * FastDeploy's positional arguments after `blockBytes`: `key_scale_ptrs=[],
+ * value_scale_ptrs=[], scale_block_bytes=0, prefill_tp_size=1, prefill_tp_idx=0`, then
+ * optionally an options object; or (the seed's form) an options object right away.
+ */
+function positionalExtras(rest: unknown[]): Partial<CommunicatorOptions> {
+  if (rest.length === 0 || isOptionsObject(rest[0])) return { ...(rest[0] as Partial<CommunicatorOptions>) }
+  const [keyScales, valueScales, scaleBlockBytes, tpSize, tpRank, extra] = rest
+  if (tpSize !== undefined && tpSize !== 1) {
+    throw invalidArgument(
+      'prefill_tp_size',
+      `${String(tpSize)} given; tensor-parallel shards are not supported yet (1)`,
+    )
+  }
+  if (tpRank !== undefined && tpRank !== 0) {
+    throw invalidArgument('prefill_tp_idx', `${String(tpRank)} given; tensor-parallel shards are not supported yet (0)`)
+  }
+  return {
+    ...(isOptionsObject(extra) ? extra : {}),
+    keyScaleCache: (keyScales ?? []) as CacheRegion[],
+    valueScaleCache: (valueScales ?? []) as CacheRegion[],
+    scaleBlockBytes: (scaleBlockBytes ?? 0) as number,
+  }
+}
+
 /**
  * Validates the constructor's arguments: an options object, or the seed's positional form
- * `(role, gpuIdx, port, localKeyCache, localValueCache, blockNumber, blockBytes, extra?)`.
+ * `(role, gpuIdx, port, localKeyCache, localValueCache, blockNumber, blockBytes, extra?)`,
+ * or FastDeploy's `(…, blockBytes, keyScalePtrs, valueScalePtrs, scaleBlockBytes,
+ * prefillTpSize, prefillTpIdx, extra?)`.
  */
 export function parseSettings(args: unknown[]): Settings {
   const options: CommunicatorOptions =
     typeof args[0] === 'object' && args[0] !== null
       ? (args[0] as CommunicatorOptions)
       : {
-          ...(args[7] as Partial<CommunicatorOptions> | undefined),
+          ...positionalExtras(args.slice(7)),
           role: args[0] as Role,
           gpuIdx: args[1] as number,
           port: args[2] as number | string,
@@ -165,6 +206,15 @@ export function parseSettings(args: unknown[]): Settings {
   if (!Array.isArray(options.localValueCache)) {
     throw invalidArgument('localValueCache', 'expected an array of regions ([] for key-only)')
   }
+  const keyScaleCache = options.keyScaleCache ?? []
+  const valueScaleCache = options.valueScaleCache ?? []
+  if (!Array.isArray(keyScaleCache)) throw invalidArgument('keyScaleCache', 'expected an array of regions')
+  if (!Array.isArray(valueScaleCache)) throw invalidArgument('valueScaleCache', 'expected an array of regions')
+  const scaleBlockBytes = checkNonNegativeInteger(
+    'scaleBlockBytes',
+    options.scaleBlockBytes ?? 0,
+    Number.MAX_SAFE_INTEGER,
+  )
   const connectTimeoutMs = checkMilliseconds('connectTimeoutMs', options.connectTimeoutMs ?? 30_000)
   const writeTimeoutMs = checkNonNegativeInteger('writeTimeoutMs', options.writeTimeoutMs ?? 30_000, MAX_TIMEOUT_MS)
   return {
@@ -184,8 +234,11 @@ export function parseSettings(args: unknown[]): Settings {
       name: options.name ?? `${os.hostname()}:${port}`,
       localKeyCache: options.localKeyCache.map((r, i) => toRegion('localKeyCache', i, r)),
       localValueCache: options.localValueCache.map((r, i) => toRegion('localValueCache', i, r)),
+      keyScaleCache: keyScaleCache.map((r, i) => toRegion('keyScaleCache', i, r)),
+      valueScaleCache: valueScaleCache.map((r, i) => toRegion('valueScaleCache', i, r)),
       blockNumber,
       blockBytes,
+      scaleBlockBytes,
       transport: options.transport,
       // The engine's bound on opening the data connection (a whole millisecond, at least 1).
       connectTimeoutMs: Math.max(1, Math.ceil(connectTimeoutMs)),

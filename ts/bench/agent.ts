@@ -39,12 +39,18 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
       const used = state.blocks * blockBytes
       // Zero the part in use so that stale bytes from an earlier size cannot pass verification.
       for (const region of [...state.keys, ...state.values]) region.fill(0, 0, used)
+      const scaleBlockBytes = Number(message.scaleBlockBytes ?? 0)
+      const scaleRegions = () =>
+        scaleBlockBytes > 0 ? state.keys.map(() => Buffer.alloc(state.blocks * scaleBlockBytes)) : []
       const comm = new RDMACommunicator({
         role: 'decode',
         gpuIdx: 0,
         port: 0,
         localKeyCache: state.keys.map((r) => r.subarray(0, used)),
         localValueCache: state.values.map((r) => r.subarray(0, used)),
+        keyScaleCache: scaleRegions(),
+        valueScaleCache: scaleRegions(),
+        scaleBlockBytes,
         blockNumber: state.blocks,
         blockBytes,
         transport: message.transport as BenchTransport,

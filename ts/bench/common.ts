@@ -19,6 +19,8 @@ export interface BenchOptions {
   /** `writeCache` calls kept in flight. */
   concurrency: number
   layers: number
+  /** Bytes per fp8 scale block (K-scale and V-scale regions per layer); 0: none. */
+  scales: number
   transport: BenchTransport
   pattern: IdPattern
   /** Timed calls per size; when absent, `durationMs` decides. */

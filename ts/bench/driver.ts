@@ -123,8 +123,11 @@ async function benchSize(
   const setup = (await agent.channel.call({
     op: 'setup',
     blockBytes,
+    scaleBlockBytes: options.scales,
     transport: options.transport,
   })) as { port: number; transport: string }
+  const scaleRegions = () =>
+    options.scales > 0 ? prefill.keys.map(() => Buffer.alloc(options.batch * options.scales, 0x5a)) : []
   const used = options.batch * blockBytes
   const comm = new RDMACommunicator({
     role: 'prefill',
@@ -132,6 +135,9 @@ async function benchSize(
     port: 0,
     localKeyCache: prefill.keys.map((r) => r.subarray(0, used)),
     localValueCache: prefill.values.map((r) => r.subarray(0, used)),
+    keyScaleCache: scaleRegions(),
+    valueScaleCache: scaleRegions(),
+    scaleBlockBytes: options.scales,
     blockNumber: options.batch,
     blockBytes,
     transport: options.transport,
@@ -148,7 +154,8 @@ async function benchSize(
     for (let layer = 0; layer < options.layers; layer++) await call(layer)
     for (let i = 0; i < options.warmup; i++) await call(i % options.layers)
 
-    const bytesPerCall = options.batch * blockBytes * 2
+    // K and V, plus K-scale and V-scale with --scales.
+    const bytesPerCall = options.batch * (blockBytes + options.scales) * 2
     const latencies: number[] = []
     let issued = 0
     let finished = 0

@@ -21,6 +21,8 @@ export interface OverheadReport {
   machine: ReturnType<typeof machineInfo>
   batch: number
   blockBytes: number
+  /** Layers per request in the plain-vs-prepared rows. */
+  requestLayers: number
   rows: OverheadRow[]
 }
 
@@ -30,8 +32,13 @@ export interface OverheadReport {
  * Promise) for `batch` ids: the time from the call until it returns its Promise. Calls are
  * issued in bursts of 32 and then awaited, so the transfer (1-byte blocks, tiny) runs
  * outside the timed section. Also: calls refused after validating every id (the last id is
- * out of range), and the full round trip of one call at a time.
+ * out of range), the full round trip of one call at a time, and a request of
+ * `REQUEST_LAYERS` layers (the same ids for every layer, one call per layer, like
+ * FastDeploy's cache messager) with plain calls vs one `prepareBlocks` and prepared calls.
  */
+/** Layers of one request in the plain-vs-prepared rows. */
+const REQUEST_LAYERS = 60
+
 export async function runOverhead(options: BenchOptions): Promise<OverheadReport> {
   const progress = new Progress(options.progress)
   const agent = await startAgent(options)
@@ -39,15 +46,14 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
   const burst = 32
   const rounds = options.iterations ?? 300
   const rows: OverheadRow[] = []
+  const layers = Math.max(options.layers, REQUEST_LAYERS)
   try {
-    await agent.channel.call({ op: 'init', layers: options.layers, blocks: options.batch, maxBlockBytes: blockBytes })
+    await agent.channel.call({ op: 'init', layers, blocks: options.batch, maxBlockBytes: blockBytes })
     const setup = (await agent.channel.call({ op: 'setup', blockBytes, transport: options.transport })) as {
       port: number
     }
-    const keys = Array.from({ length: options.layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
-    const values = Array.from({ length: options.layers }, () =>
-      randomFillSync(Buffer.alloc(options.batch * blockBytes)),
-    )
+    const keys = Array.from({ length: layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
+    const values = Array.from({ length: layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
     const comm = new RDMACommunicator({
       role: 'prefill',
       gpuIdx: 0,
@@ -106,6 +112,58 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
         'last remote id out of range: includes building the error',
         () => comm.writeCache(host, port, scattered[0], badRemote, 0).catch(() => undefined),
       )
+      // A request: the same ids for every layer, one call per layer; per layer call.
+      const request = async (name: string, note: string, issue: (layer: number) => Promise<void>) => {
+        const perCall: number[] = []
+        for (let round = 0; round < rounds + 10; round++) {
+          const pending: Promise<void>[] = new Array(REQUEST_LAYERS)
+          const t0 = process.hrtime.bigint()
+          for (let layer = 0; layer < REQUEST_LAYERS; layer++) pending[layer] = issue(layer)
+          const t1 = process.hrtime.bigint()
+          await Promise.allSettled(pending)
+          if (round >= 10) perCall.push(Number(t1 - t0) / 1e3 / REQUEST_LAYERS)
+          progress.update(`[overhead] ${name} ${round}/${rounds + 10}`)
+        }
+        perCall.sort((a, b) => a - b)
+        rows.push({
+          case: name,
+          medianUs: percentile(perCall, 50),
+          p99Us: percentile(perCall, 99),
+          calls: rounds * REQUEST_LAYERS,
+          note,
+        })
+      }
+      await request(
+        `${REQUEST_LAYERS} layers, plain (per layer call)`,
+        'the same scattered Uint32Array ids for every layer: validated and planned on every call',
+        (layer) => comm.writeCache(host, port, scattered[0], scattered[1], layer),
+      )
+      const prepared = comm.prepareBlocks(host, port, scattered[0], scattered[1])
+      await request(
+        `${REQUEST_LAYERS} layers, prepared (per layer call)`,
+        'prepareBlocks once (not timed here), then writeCache(ip, port, prepared, layer)',
+        (layer) => comm.writeCache(host, port, prepared, layer),
+      )
+      const preparedContiguous = comm.prepareBlocks(host, port, contiguous, contiguous)
+      await request(
+        `${REQUEST_LAYERS} layers, prepared contiguous ids (per layer call)`,
+        'one run per call: the transfer threads barely compete with the issuing thread for CPU',
+        (layer) => comm.writeCache(host, port, preparedContiguous, layer),
+      )
+      const prepares: number[] = []
+      for (let i = 0; i < rounds; i++) {
+        const t0 = process.hrtime.bigint()
+        comm.prepareBlocks(host, port, scattered[0], scattered[1])
+        prepares.push(Number(process.hrtime.bigint() - t0) / 1e3)
+      }
+      prepares.sort((a, b) => a - b)
+      rows.push({
+        case: 'prepareBlocks (once per request)',
+        medianUs: percentile(prepares, 50),
+        p99Us: percentile(prepares, 99),
+        calls: rounds,
+        note: "validate + plan the scattered ids once; amortized over the request's layers",
+      })
       // One call at a time, awaited: the whole round trip of 1538 one-byte blocks.
       const rtts: number[] = []
       for (let i = 0; i < rounds; i++) {
@@ -136,6 +194,7 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
     machine: machineInfo(),
     batch: options.batch,
     blockBytes,
+    requestLayers: REQUEST_LAYERS,
     rows,
   }
 }

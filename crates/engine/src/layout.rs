@@ -1,5 +1,7 @@
-//! Cache layout: `layers` × {K, V?} regions of `block_number × block_bytes` bytes each.
-//! Block `b` of a region starts at `base + b × block_bytes`.
+//! Cache layout: `layers` × {K, V?} regions of `block_number × block_bytes` bytes each,
+//! plus, with fp8 scale caches, {K-scale, V-scale?} regions of `block_number ×
+//! scale_block_bytes` bytes. Block `b` of a region starts at `base + b × (its block bytes)`.
+//! Per layer the regions are K, V, K-scale, V-scale (those present, in that order).
 
 use crate::error::{Error, Result};
 
@@ -19,6 +21,8 @@ pub struct CacheLayout {
     pub has_value: bool,
     pub block_number: u32,
     pub block_bytes: u64,
+    /// Bytes of one block of a scale region; 0: no scale caches.
+    pub scale_block_bytes: u64,
 }
 
 impl CacheLayout {
@@ -46,9 +50,63 @@ impl CacheLayout {
             has_value,
             block_number,
             block_bytes,
+            scale_block_bytes: 0,
         };
         layout.region_bytes_checked()?;
         Ok(layout)
+    }
+
+    /// This layout with scale regions of `scale_block_bytes` per block (0: none).
+    pub fn with_scales(mut self, scale_block_bytes: u64) -> Result<Self> {
+        self.scale_block_bytes = scale_block_bytes;
+        if u64::from(self.block_number)
+            .checked_mul(scale_block_bytes)
+            .is_none_or(|bytes| bytes > isize::MAX as u64)
+        {
+            return Err(Error::RegionOverflow {
+                what: format!(
+                    "blockNumber {} × scaleBlockBytes {scale_block_bytes} exceeds the largest region size {}",
+                    self.block_number,
+                    isize::MAX
+                ),
+            });
+        }
+        Ok(self)
+    }
+
+    pub fn has_scales(&self) -> bool {
+        self.scale_block_bytes > 0
+    }
+
+    /// K/V kinds per layer (1 or 2), without the scales.
+    #[inline]
+    pub fn cache_kinds(&self) -> u32 {
+        if self.has_value {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Bytes of one block of kind `kind` (K, V, then the scales).
+    #[inline]
+    pub fn kind_block_bytes(&self, kind: u32) -> u64 {
+        if kind < self.cache_kinds() {
+            self.block_bytes
+        } else {
+            self.scale_block_bytes
+        }
+    }
+
+    /// What kind `kind` of a layer is called in the API.
+    pub fn kind_name(&self, kind: u32) -> &'static str {
+        let cache = self.cache_kinds();
+        match (kind >= cache, kind % cache) {
+            (false, 0) => "localKeyCache",
+            (false, _) => "localValueCache",
+            (true, 0) => "keyScaleCache",
+            (true, _) => "valueScaleCache",
+        }
     }
 
     fn region_bytes_checked(&self) -> Result<u64> {
@@ -69,12 +127,10 @@ impl CacheLayout {
         u64::from(self.block_number) * self.block_bytes
     }
 
+    /// Regions per layer: K, V when present, and their scales when present.
+    #[inline]
     pub fn kinds(&self) -> u32 {
-        if self.has_value {
-            2
-        } else {
-            1
-        }
+        self.cache_kinds() * if self.has_scales() { 2 } else { 1 }
     }
 
     pub fn region_count(&self) -> u32 {
@@ -136,6 +192,21 @@ pub struct RegionTable {
 impl RegionTable {
     /// `keys[l]`, `values[l]` are base addresses; `values` is empty for key-only caches.
     pub fn new(keys: &[u64], values: &[u64], block_number: u32, block_bytes: u64) -> Result<Self> {
+        Self::with_scales(keys, values, &[], &[], block_number, block_bytes, 0)
+    }
+
+    /// [`RegionTable::new`] with fp8 scale regions: `key_scales[l]` (and `value_scales[l]`
+    /// when values are present) of `block_number × scale_block_bytes` bytes each; all
+    /// empty with `scale_block_bytes` 0.
+    pub fn with_scales(
+        keys: &[u64],
+        values: &[u64],
+        key_scales: &[u64],
+        value_scales: &[u64],
+        block_number: u32,
+        block_bytes: u64,
+        scale_block_bytes: u64,
+    ) -> Result<Self> {
         if !values.is_empty() && values.len() != keys.len() {
             return Err(Error::invalid(
                 "localValueCache",
@@ -147,13 +218,32 @@ impl RegionTable {
             ));
         }
         let layers = u32::try_from(keys.len()).unwrap_or(u32::MAX);
-        let layout = CacheLayout::new(layers, !values.is_empty(), block_number, block_bytes)?;
+        let layout = CacheLayout::new(layers, !values.is_empty(), block_number, block_bytes)?
+            .with_scales(scale_block_bytes)?;
+        check_scales(keys, values, key_scales, value_scales, scale_block_bytes)?;
         let len = layout.region_bytes();
+        let scale_len = u64::from(block_number) * scale_block_bytes;
         let mut regions = Vec::with_capacity(layout.region_count() as usize);
         for (layer, &key) in keys.iter().enumerate() {
             regions.push(Self::checked_region("localKeyCache", layer, key, len)?);
             if let Some(&value) = values.get(layer) {
                 regions.push(Self::checked_region("localValueCache", layer, value, len)?);
+            }
+            if let Some(&scale) = key_scales.get(layer) {
+                regions.push(Self::checked_region(
+                    "keyScaleCache",
+                    layer,
+                    scale,
+                    scale_len,
+                )?);
+            }
+            if let Some(&scale) = value_scales.get(layer) {
+                regions.push(Self::checked_region(
+                    "valueScaleCache",
+                    layer,
+                    scale,
+                    scale_len,
+                )?);
             }
         }
         let memory = vec![MemoryKind::Host; regions.len()];
@@ -220,6 +310,54 @@ impl RegionTable {
     }
 }
 
+/// Scale regions: one per layer for K (and for V when present) exactly when
+/// `scale_block_bytes` > 0, none otherwise.
+fn check_scales(
+    keys: &[u64],
+    values: &[u64],
+    key_scales: &[u64],
+    value_scales: &[u64],
+    scale_block_bytes: u64,
+) -> Result<()> {
+    if scale_block_bytes == 0 {
+        for (name, given) in [
+            ("keyScaleCache", key_scales),
+            ("valueScaleCache", value_scales),
+        ] {
+            if !given.is_empty() {
+                return Err(Error::invalid(
+                    name,
+                    format!(
+                        "{} regions given but scaleBlockBytes is 0; give scaleBlockBytes > 0 or no scale regions",
+                        given.len()
+                    ),
+                ));
+            }
+        }
+        return Ok(());
+    }
+    for (name, given, wanted, of) in [
+        ("keyScaleCache", key_scales, keys.len(), "localKeyCache"),
+        (
+            "valueScaleCache",
+            value_scales,
+            values.len(),
+            "localValueCache",
+        ),
+    ] {
+        if given.len() != wanted {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "{} regions given but {of} has {wanted}; with scaleBlockBytes {scale_block_bytes} give one scale region per {of} region",
+                    given.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +392,38 @@ mod tests {
         );
         let key_only = RegionTable::new(&[0x1000, 0x3000], &[], 4, 1024).unwrap();
         assert_eq!(key_only.layout.region_index(1, CacheKind::Key), 1);
+    }
+
+    #[test]
+    fn orders_scale_regions_after_key_and_value() {
+        let table = RegionTable::with_scales(
+            &[0x1000, 0x3000],
+            &[0x2000, 0x4000],
+            &[0x5000, 0x6000],
+            &[0x7000, 0x8000],
+            4,
+            1024,
+            16,
+        )
+        .unwrap();
+        let layout = table.layout;
+        assert_eq!((layout.kinds(), layout.region_count()), (4, 8));
+        let addrs: Vec<u64> = table.regions().iter().map(|r| r.addr).collect();
+        assert_eq!(
+            addrs,
+            [0x1000, 0x2000, 0x5000, 0x7000, 0x3000, 0x4000, 0x6000, 0x8000]
+        );
+        assert_eq!(table.regions()[2].len, 64);
+        assert_eq!(layout.kind_block_bytes(3), 16);
+        assert_eq!(layout.kind_name(3), "valueScaleCache");
+        let err = RegionTable::with_scales(&[1, 2], &[3, 4], &[5], &[6, 7], 4, 8, 2).unwrap_err();
+        assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
+        assert!(err.to_string().contains("keyScaleCache"), "{err}");
+        let err = RegionTable::with_scales(&[1], &[], &[5], &[], 4, 8, 0).unwrap_err();
+        assert!(err.to_string().contains("scaleBlockBytes is 0"), "{err}");
+        let key_only = RegionTable::with_scales(&[0x1000], &[], &[0x2000], &[], 4, 8, 2).unwrap();
+        assert_eq!(key_only.layout.kinds(), 2);
+        assert_eq!(key_only.layout.kind_name(1), "keyScaleCache");
     }
 
     #[test]

@@ -23,7 +23,9 @@ mod util;
 mod wire;
 
 pub use config::{RdmaSettings, DEFAULT_QPS_PER_PEER};
-pub use engine::{Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics, TransportDecision};
+pub use engine::{
+    Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics, PreparedBlocks, TransportDecision,
+};
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};

@@ -72,6 +72,7 @@ fn descriptors() -> Vec<Vec<u8>> {
         has_value: true,
         block_number: 100,
         block_bytes: 4096,
+        scale_block_bytes: 0,
         name: "prefill-7:5000".into(),
         endpoints: vec![Endpoint {
             kind: TransportKind::Tcp.code(),

@@ -336,12 +336,14 @@ impl Engine {
             has_value: layout.has_value,
             block_number: layout.block_number,
             block_bytes: layout.block_bytes,
+            scale_block_bytes: layout.scale_block_bytes,
             name: self.inner.name().to_string(),
             endpoints,
         }
     }
 
-    /// Layer count, K/V presence and blockBytes must match; blockNumber may differ.
+    /// Layer count, K/V presence, blockBytes and the scale regions (presence,
+    /// scaleBlockBytes) must match; blockNumber may differ.
     fn check_compatible(&self, peer: &str, remote: &Descriptor) -> Result<CacheLayout> {
         let local = self.inner.table.layout;
         let mismatch = |what, local: u64, remote: u64| Error::LayoutMismatch {
@@ -372,12 +374,25 @@ impl Engine {
                 remote.has_value.into(),
             ));
         }
+        if remote.scale_block_bytes != local.scale_block_bytes {
+            let what = if (remote.scale_block_bytes == 0) != (local.scale_block_bytes == 0) {
+                "scale cache regions (keyScaleCache/valueScaleCache) present; scaleBlockBytes"
+            } else {
+                "scaleBlockBytes"
+            };
+            return Err(mismatch(
+                what,
+                local.scale_block_bytes,
+                remote.scale_block_bytes,
+            ));
+        }
         CacheLayout::new(
             remote.layers,
             remote.has_value,
             remote.block_number,
             remote.block_bytes,
-        )
+        )?
+        .with_scales(remote.scale_block_bytes)
     }
 
     /// Accepting side: the first of this side's transports, in order of preference, that

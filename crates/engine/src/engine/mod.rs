@@ -8,6 +8,8 @@ mod peers;
 mod watchdog;
 mod write;
 
+pub use write::PreparedBlocks;
+
 use crate::auth::{self, Nonce};
 use crate::config::{RdmaSettings, Settings, TransportChoice};
 use crate::debug;
@@ -37,8 +39,15 @@ pub struct EngineOptions {
     pub keys: Vec<u64>,
     /// Base address of each layer's value region, or empty for key-only caches.
     pub values: Vec<u64>,
+    /// Base address of each layer's fp8 key-scale region (empty: none; then
+    /// `scale_block_bytes` is 0).
+    pub key_scales: Vec<u64>,
+    /// Base address of each layer's value-scale region (one per value region, or empty).
+    pub value_scales: Vec<u64>,
     pub block_number: u32,
     pub block_bytes: u64,
+    /// Bytes per block of the scale regions; 0: no scale regions.
+    pub scale_block_bytes: u64,
     /// "auto" or a transport's name; `None` reads `KVCACHE_TRANSPORT`.
     pub transport: Option<String>,
     /// Receives arrival notices of tagged calls written into this engine's regions.
@@ -186,11 +195,14 @@ impl Engine {
                 ));
             }
         }
-        let mut table = RegionTable::new(
+        let mut table = RegionTable::with_scales(
             &options.keys,
             &options.values,
+            &options.key_scales,
+            &options.value_scales,
             options.block_number,
             options.block_bytes,
+            options.scale_block_bytes,
         )?;
         gpu::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
         let table = Arc::new(table);

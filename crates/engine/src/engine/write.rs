@@ -4,13 +4,57 @@
 use super::peers::Peer;
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::plan::{self, BlockIds, PlanLimits};
+use crate::plan::{self, BlockIds, PlanLimits, Run};
 use crate::transport::{Completion, CompletionCallback, Done, PooledRuns, WriteJob, MAX_TAG_BYTES};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// A completion that counts the call's outcome in its peer's counters (bytes: K and V of
-/// every block; latency from here to the outcome) before passing it to `deliver`.
+/// A block list validated and planned once ([`Engine::prepare_blocks`]) for one peer, to
+/// be written for any layer with [`Engine::write_prepared_with_callback`] without being
+/// validated or planned again. Runs do not depend on the layer.
+#[derive(Debug, Clone)]
+pub struct PreparedBlocks {
+    peer_key: String,
+    /// The peer's blockNumber the remote ids were checked against.
+    remote_block_number: u32,
+    /// This side's blockNumber the local ids were checked against.
+    local_block_number: u32,
+    /// The longest run the plan made (in blocks); a link taking shorter runs refuses it.
+    longest_run: u32,
+    runs: Arc<[Run]>,
+    blocks: u32,
+}
+
+impl PreparedBlocks {
+    /// The peer (`host:port`) this list was prepared for.
+    pub fn peer_key(&self) -> &str {
+        &self.peer_key
+    }
+
+    /// Block ids in the list (before coalescing).
+    pub fn blocks(&self) -> u32 {
+        self.blocks
+    }
+
+    /// Coalesced runs: copies per region and layer.
+    pub fn runs(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+/// A validated and planned `writeCache` call, not yet handed to its link.
+struct PreparedWrite {
+    peer: Arc<Peer>,
+    runs: PooledRuns,
+    layer: u32,
+    blocks: u32,
+    /// Bytes one block moves: every kind's block (K, V, scales when present).
+    bytes_per_block: u64,
+    tag: Option<Vec<u8>>,
+}
+
+/// A completion that counts the call's outcome in its peer's counters (bytes: every kind
+/// of every block; latency from here to the outcome) before passing it to `deliver`.
 fn counted_done(write: &PreparedWrite, deliver: CompletionCallback) -> Done {
     let counters = write.peer.counters.clone();
     let blocks = u64::from(write.blocks);
@@ -26,15 +70,11 @@ fn counted_done(write: &PreparedWrite, deliver: CompletionCallback) -> Done {
     }))
 }
 
-/// A validated and planned `writeCache` call, not yet handed to its link.
-struct PreparedWrite {
-    peer: Arc<Peer>,
-    runs: PooledRuns,
-    layer: u32,
-    blocks: u32,
-    /// Bytes one block moves: blockBytes for K, and as much for V when present.
-    bytes_per_block: u64,
-    tag: Option<Vec<u8>>,
+/// Bytes one block moves in `layout`: every kind's block.
+fn bytes_per_block(layout: &crate::layout::CacheLayout) -> u64 {
+    (0..layout.kinds())
+        .map(|kind| layout.kind_block_bytes(kind))
+        .sum()
 }
 
 impl Engine {
@@ -112,6 +152,142 @@ impl Engine {
         prepared
     }
 
+    /// Validates and plans a block list once for `peer_key`; errors here mean nothing
+    /// was planned. The list is written per layer with
+    /// [`Engine::write_prepared_with_callback`].
+    pub fn prepare_blocks(
+        &self,
+        peer_key: &str,
+        local: BlockIds<'_>,
+        remote: BlockIds<'_>,
+    ) -> Result<PreparedBlocks> {
+        self.check_open()?;
+        let layout = self.inner.table.layout;
+        let peer = self.live_peer(peer_key)?;
+        let limits = PlanLimits::new(
+            layout.block_number,
+            peer.remote.block_number,
+            layout.block_bytes,
+            peer.link.max_run_bytes(),
+        );
+        let mut runs = Vec::new();
+        plan::plan_runs(local, remote, limits, &mut runs)?;
+        Ok(PreparedBlocks {
+            peer_key: peer_key.to_string(),
+            remote_block_number: peer.remote.block_number,
+            local_block_number: layout.block_number,
+            longest_run: runs.iter().map(|r| r.blocks).max().unwrap_or(0),
+            runs: runs.into(),
+            blocks: u32::try_from(local.len()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Writes a prepared block list for `layer`: like
+    /// [`Engine::write_cache_with_callback`], without validating or planning the ids
+    /// again. Refused (typed, nothing sent) when `peer_key` is not the peer the list was
+    /// prepared for, or that peer reconnected with a layout the plan does not fit.
+    pub fn write_prepared_with_callback(
+        &self,
+        peer_key: &str,
+        prepared: &PreparedBlocks,
+        layer: f64,
+        tag: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+        on_done: CompletionCallback,
+    ) -> Result<()> {
+        let write = self.counted(
+            peer_key,
+            self.reuse_prepared(peer_key, prepared, layer, tag),
+        )?;
+        let done = counted_done(&write, on_done);
+        self.submit_write(peer_key, write, done, deadline);
+        Ok(())
+    }
+
+    /// Checks that a prepared list still fits its peer and makes the call for `layer`.
+    fn reuse_prepared(
+        &self,
+        peer_key: &str,
+        prepared: &PreparedBlocks,
+        layer: f64,
+        tag: Option<Vec<u8>>,
+    ) -> Result<PreparedWrite> {
+        self.check_open()?;
+        let layout = self.inner.table.layout;
+        let layer = layout.check_layer(layer)?;
+        check_tag(&tag)?;
+        if prepared.peer_key != peer_key {
+            return Err(Error::invalid(
+                "prepared",
+                format!(
+                    "the block list was prepared for peer {}, not {peer_key}; call prepareBlocks for {peer_key}",
+                    prepared.peer_key
+                ),
+            ));
+        }
+        if prepared.local_block_number != layout.block_number {
+            return Err(Error::invalid(
+                "prepared",
+                format!(
+                    "the block list was prepared by a communicator with blockNumber {}, this one has {}",
+                    prepared.local_block_number, layout.block_number
+                ),
+            ));
+        }
+        let peer = self.live_peer(peer_key)?;
+        if peer.remote.block_number != prepared.remote_block_number {
+            return Err(Error::LayoutMismatch {
+                here: format!("the block list prepared for {peer_key}"),
+                peer: format!("{peer_key} now"),
+                what: "the remote blockNumber",
+                local: prepared.remote_block_number.into(),
+                remote: peer.remote.block_number.into(),
+            });
+        }
+        let max_run_blocks = PlanLimits::new(
+            layout.block_number,
+            peer.remote.block_number,
+            layout.block_bytes,
+            peer.link.max_run_bytes(),
+        )
+        .max_run_blocks;
+        if prepared.longest_run > max_run_blocks {
+            return Err(Error::invalid(
+                "prepared",
+                format!(
+                    "a run of {} blocks was planned but the connection to {peer_key} takes at most {max_run_blocks}; call prepareBlocks again",
+                    prepared.longest_run
+                ),
+            ));
+        }
+        Ok(PreparedWrite {
+            peer,
+            runs: PooledRuns::from(Arc::clone(&prepared.runs)),
+            layer,
+            blocks: prepared.blocks,
+            bytes_per_block: bytes_per_block(&layout),
+            tag,
+        })
+    }
+
+    /// The peer registered under `peer_key`, when its link is usable.
+    fn live_peer(&self, peer_key: &str) -> Result<Arc<Peer>> {
+        let peer = self
+            .inner
+            .peers
+            .get(peer_key)
+            .ok_or_else(|| Error::NotConnected {
+                peer: peer_key.to_string(),
+            })?;
+        if !peer.link.is_alive() {
+            return Err(Error::PeerDisconnected {
+                peer: peer_key.to_string(),
+                reason: "the connection broke; connect again".into(),
+            });
+        }
+        Ok(peer)
+    }
+
     /// Validates and plans one call; errors here mean nothing was sent.
     fn prepare_write(
         &self,
@@ -124,28 +300,8 @@ impl Engine {
         self.check_open()?;
         let layout = self.inner.table.layout;
         let layer = layout.check_layer(layer)?;
-        if let Some(tag) = &tag {
-            if tag.len() > MAX_TAG_BYTES {
-                return Err(Error::invalid(
-                    "tag",
-                    format!("{} bytes given; at most {MAX_TAG_BYTES}", tag.len()),
-                ));
-            }
-        }
-        let peer = {
-            self.inner
-                .peers
-                .get(peer_key)
-                .ok_or_else(|| Error::NotConnected {
-                    peer: peer_key.to_string(),
-                })?
-        };
-        if !peer.link.is_alive() {
-            return Err(Error::PeerDisconnected {
-                peer: peer_key.to_string(),
-                reason: "the connection broke; connect again".into(),
-            });
-        }
+        check_tag(&tag)?;
+        let peer = self.live_peer(peer_key)?;
         let limits = PlanLimits::new(
             layout.block_number,
             peer.remote.block_number,
@@ -163,7 +319,7 @@ impl Engine {
             runs,
             layer,
             blocks,
-            bytes_per_block: layout.block_bytes * u64::from(layout.kinds()),
+            bytes_per_block: bytes_per_block(&layout),
             tag,
         })
     }
@@ -201,5 +357,15 @@ impl Engine {
             tag,
             done,
         });
+    }
+}
+
+fn check_tag(tag: &Option<Vec<u8>>) -> Result<()> {
+    match tag {
+        Some(tag) if tag.len() > MAX_TAG_BYTES => Err(Error::invalid(
+            "tag",
+            format!("{} bytes given; at most {MAX_TAG_BYTES}", tag.len()),
+        )),
+        _ => Ok(()),
     }
 }

@@ -34,13 +34,9 @@ pub fn detect_region_memory(
     let mut scoped: Option<(CurrentGuard, Arc<Gpu>)> = None;
     let gpu_count = cuda.device_count()?;
     let names = |index: usize| {
-        let layer = index / table.layout.kinds() as usize;
-        let name = if table.layout.has_value && index % 2 == 1 {
-            "localValueCache"
-        } else {
-            "localKeyCache"
-        };
-        (name, layer)
+        let kinds = table.layout.kinds() as usize;
+        let name = table.layout.kind_name((index % kinds) as u32);
+        (name, index / kinds)
     };
     let mut kinds = Vec::with_capacity(regions.len());
     for (index, &(addr, len)) in regions.iter().enumerate() {

@@ -159,6 +159,7 @@ impl RunPool {
         PooledRuns {
             runs,
             pool: Some(std::sync::Arc::clone(self)),
+            shared: None,
         }
     }
 
@@ -171,29 +172,49 @@ impl RunPool {
     }
 }
 
-/// A job's planned runs; the buffer goes back to its `RunPool` when dropped.
+/// A job's planned runs: a buffer that goes back to its `RunPool` when dropped, or the
+/// shared runs of a prepared block list (reused by every layer's call, never copied).
 pub struct PooledRuns {
     runs: Vec<Run>,
     pool: Option<std::sync::Arc<RunPool>>,
+    shared: Option<std::sync::Arc<[Run]>>,
 }
 
 impl From<Vec<Run>> for PooledRuns {
     fn from(runs: Vec<Run>) -> Self {
-        PooledRuns { runs, pool: None }
+        PooledRuns {
+            runs,
+            pool: None,
+            shared: None,
+        }
+    }
+}
+
+impl From<std::sync::Arc<[Run]>> for PooledRuns {
+    fn from(runs: std::sync::Arc<[Run]>) -> Self {
+        PooledRuns {
+            runs: Vec::new(),
+            pool: None,
+            shared: Some(runs),
+        }
     }
 }
 
 impl std::ops::Deref for PooledRuns {
     type Target = [Run];
 
+    #[inline]
     fn deref(&self) -> &[Run] {
-        &self.runs
+        match &self.shared {
+            Some(shared) => shared,
+            None => &self.runs,
+        }
     }
 }
 
 impl std::fmt::Debug for PooledRuns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.runs.fmt(f)
+        (**self).fmt(f)
     }
 }
 

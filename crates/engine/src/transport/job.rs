@@ -42,13 +42,14 @@ pub struct CopyOp {
     pub len: u64,
 }
 
-/// The copy of `run` for `kind` (0 = K, 1 = V) of `layer`. Offsets are in bounds because
+/// The copy of `run` for `kind` (K, V, K-scale, V-scale: those present, in that order) of
+/// `layer`. Offsets are in bounds because
 /// the planner checked ids against both sides' block counts.
 #[inline]
 pub fn copy_op(table: &RegionTable, layer: u32, kind: u32, run: &Run) -> CopyOp {
     let layout = table.layout;
     let region = layer * layout.kinds() + kind;
-    let block_bytes = layout.block_bytes;
+    let block_bytes = layout.kind_block_bytes(kind);
     CopyOp {
         region,
         local_addr: table.regions()[region as usize].addr
@@ -58,7 +59,8 @@ pub fn copy_op(table: &RegionTable, layer: u32, kind: u32, run: &Run) -> CopyOp 
     }
 }
 
-/// Expands runs of one layer into copy operations: K for every run, then V when present.
+/// Expands runs of one layer into copy operations: K for every run, then V, K-scale and
+/// V-scale when present (one posted stream; the last copy is the last scale's).
 #[inline]
 pub fn for_each_copy(table: &RegionTable, layer: u32, runs: &[Run], mut visit: impl FnMut(CopyOp)) {
     for kind in 0..table.layout.kinds() {

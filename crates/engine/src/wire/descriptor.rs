@@ -24,6 +24,8 @@ pub struct Descriptor {
     pub has_value: bool,
     pub block_number: u32,
     pub block_bytes: u64,
+    /// Bytes per block of the fp8 scale regions (K-scale, V-scale); 0: none.
+    pub scale_block_bytes: u64,
     /// The sender's self-chosen name, reported with its arrival notices (at most 255 bytes).
     pub name: String,
     /// Connector: every transport it can use, most preferred first. Acceptor's reply: the
@@ -52,6 +54,7 @@ impl Descriptor {
         out.push(u8::from(self.has_value));
         out.extend_from_slice(&self.block_number.to_le_bytes());
         out.extend_from_slice(&self.block_bytes.to_le_bytes());
+        out.extend_from_slice(&self.scale_block_bytes.to_le_bytes());
         let name = &self.name.as_bytes()[..self.name.len().min(MAX_NAME_BYTES)];
         out.push(name.len() as u8);
         out.extend_from_slice(name);
@@ -106,6 +109,7 @@ impl Descriptor {
         let has_value = r.bool("value flag")?;
         let block_number = r.u32("blockNumber")?;
         let block_bytes = r.u64("blockBytes")?;
+        let scale_block_bytes = r.u64("scaleBlockBytes")?;
         if block_number == 0 || block_bytes == 0 {
             return Err(DecodeError(
                 "blockNumber and blockBytes must be positive".into(),
@@ -141,6 +145,7 @@ impl Descriptor {
             has_value,
             block_number,
             block_bytes,
+            scale_block_bytes,
             name,
             endpoints,
         })
@@ -159,6 +164,7 @@ mod tests {
             has_value: true,
             block_number: 1024,
             block_bytes: 4096,
+            scale_block_bytes: 64,
             name: "prefill-0:5000".into(),
             endpoints: (0..endpoints)
                 .map(|i| Endpoint {

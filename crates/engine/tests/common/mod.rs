@@ -13,7 +13,11 @@ pub struct Side {
     pub engine: Engine,
     pub keys: Vec<Vec<u8>>,
     pub values: Vec<Vec<u8>>,
+    /// fp8 scale regions (empty without scales).
+    pub key_scales: Vec<Vec<u8>>,
+    pub value_scales: Vec<Vec<u8>>,
     pub block_bytes: usize,
+    pub scale_block_bytes: usize,
 }
 
 /// Deterministic content of a prefill block, distinct per layer, kind and block.
@@ -32,6 +36,8 @@ pub struct SideSpec {
     pub block_bytes: usize,
     pub fill: bool,
     pub with_values: bool,
+    /// Bytes per scale block; 0: no scale regions.
+    pub scale_block_bytes: usize,
     pub transport: &'static str,
     pub rdma: Option<RdmaSettings>,
     pub arrivals: Option<ArrivalSink>,
@@ -48,6 +54,7 @@ impl SideSpec {
             block_bytes,
             fill: role == Role::Prefill,
             with_values: true,
+            scale_block_bytes: 0,
             transport: "tcp",
             rdma: None,
             arrivals: None,
@@ -60,33 +67,46 @@ impl SideSpec {
     }
 
     pub fn try_build(self) -> kvtransfer_engine::Result<Side> {
-        let make = |kind: u8| -> Vec<Vec<u8>> {
+        let make = |kind: u8, bb: usize| -> Vec<Vec<u8>> {
             (0..self.layers)
                 .map(|layer| {
                     if self.fill {
                         (0..self.block_number)
-                            .flat_map(|b| pattern(layer, kind, b, self.block_bytes))
+                            .flat_map(|b| pattern(layer, kind, b, bb))
                             .collect()
                     } else {
-                        vec![0u8; self.block_number * self.block_bytes]
+                        vec![0u8; self.block_number * bb]
                     }
                 })
                 .collect()
         };
-        let mut keys = make(0);
+        let (bb, sbb) = (self.block_bytes, self.scale_block_bytes);
+        let mut keys = make(0, bb);
         let mut values = if self.with_values {
-            make(1)
+            make(1, bb)
         } else {
             Vec::new()
+        };
+        let mut key_scales = if sbb > 0 { make(2, sbb) } else { Vec::new() };
+        let mut value_scales = if sbb > 0 && self.with_values {
+            make(3, sbb)
+        } else {
+            Vec::new()
+        };
+        let addrs = |regions: &mut Vec<Vec<u8>>| -> Vec<u64> {
+            regions.iter_mut().map(|r| r.as_mut_ptr() as u64).collect()
         };
         let engine = Engine::new(EngineOptions {
             role: self.role,
             gpu_idx: 0,
             name: format!("{}-test", self.role.as_str()),
-            keys: keys.iter_mut().map(|r| r.as_mut_ptr() as u64).collect(),
-            values: values.iter_mut().map(|r| r.as_mut_ptr() as u64).collect(),
+            keys: addrs(&mut keys),
+            values: addrs(&mut values),
+            key_scales: addrs(&mut key_scales),
+            value_scales: addrs(&mut value_scales),
             block_number: self.block_number as u32,
             block_bytes: self.block_bytes as u64,
+            scale_block_bytes: sbb as u64,
             transport: Some(self.transport.into()),
             arrivals: self.arrivals,
             connect_timeout: Duration::from_secs(10),
@@ -97,7 +117,10 @@ impl SideSpec {
             engine,
             keys,
             values,
+            key_scales,
+            value_scales,
             block_bytes: self.block_bytes,
+            scale_block_bytes: sbb,
         })
     }
 }
@@ -121,15 +144,36 @@ pub fn try_connect(prefill: &Side, decode: &Side, key: &str) -> kvtransfer_engin
     prefill.engine.finish_connect(key, "127.0.0.1", &reply)
 }
 
-/// Asserts that decode block `remote[i]` equals prefill block `local[i]` (K and V) for the
-/// layer, and that every other decode block of the layer is still zero.
+/// Asserts that decode block `remote[i]` equals prefill block `local[i]` (K, V and their
+/// scales when present) for the layer, and that every other decode block of the layer is
+/// still zero.
 pub fn assert_written(prefill: &Side, decode: &Side, layer: usize, local: &[u32], remote: &[u32]) {
-    let bb = decode.block_bytes;
-    let pairs: Vec<(&Vec<u8>, &Vec<u8>)> =
-        std::iter::once((&decode.keys[layer], &prefill.keys[layer]))
-            .chain(decode.values.get(layer).zip(prefill.values.get(layer)))
+    let (kv, sbb) = (decode.block_bytes, decode.scale_block_bytes);
+    let pairs: Vec<(&Vec<u8>, &Vec<u8>, usize)> =
+        std::iter::once((&decode.keys[layer], &prefill.keys[layer], kv))
+            .chain(
+                decode
+                    .values
+                    .get(layer)
+                    .zip(prefill.values.get(layer))
+                    .map(|(d, s)| (d, s, kv)),
+            )
+            .chain(
+                decode
+                    .key_scales
+                    .get(layer)
+                    .zip(prefill.key_scales.get(layer))
+                    .map(|(d, s)| (d, s, sbb)),
+            )
+            .chain(
+                decode
+                    .value_scales
+                    .get(layer)
+                    .zip(prefill.value_scales.get(layer))
+                    .map(|(d, s)| (d, s, sbb)),
+            )
             .collect();
-    for (kind, (dst, src)) in pairs.into_iter().enumerate() {
+    for (kind, (dst, src, bb)) in pairs.into_iter().enumerate() {
         for block in 0..dst.len() / bb {
             let got = &dst[block * bb..(block + 1) * bb];
             match remote.iter().rposition(|&r| r as usize == block) {

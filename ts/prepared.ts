@@ -1,0 +1,30 @@
+/**
+ * `PreparedBlocks`: a block list validated and planned once (`comm.prepareBlocks`), written
+ * for any layer with `comm.writeCache(ip, port, prepared, layerIdx, options)`.
+ */
+import type { NativePreparedBlocks } from '../index.js'
+
+/**
+ * A block list validated and planned once for one peer. Pass it to `writeCache` in place
+ * of the two id lists: no id is validated or coalesced again, whatever the layer. Using it
+ * with another peer (`ERR_INVALID_ARGUMENT`), or after that peer reconnected with a
+ * different blockNumber (`ERR_LAYOUT_MISMATCH`), is refused and writes nothing.
+ */
+export class PreparedBlocks {
+  /** @internal */
+  readonly native: NativePreparedBlocks
+  /** The peer (`host:port`) the list was prepared for. */
+  readonly peer: string
+  /** Block ids in the list. */
+  readonly blocks: number
+  /** Coalesced runs: copies per region and layer. */
+  readonly runs: number
+
+  /** @internal */
+  constructor(native: NativePreparedBlocks) {
+    this.native = native
+    this.peer = native.peer
+    this.blocks = native.blocks
+    this.runs = native.runs
+  }
+}
