@@ -328,22 +328,9 @@ export class RDMACommunicator extends EventEmitter {
     const key = this.peerKey(ip, port)
     const local = toBlockIds('localBlockIds', localBlockIds)
     const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
-    if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
-    const tag = options.tag === undefined ? undefined : encodeTag(options.tag)
-    const timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
-    const signal = options.signal
-    if (signal?.aborted) throw abortError(`writeCache to ${key}`)
-    const callId = this.nextCallId
-    this.nextCallId = (callId + 1) >>> 0
-    try {
-      native(() =>
-        this.native.writeCache(callId, key, local, remote, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs),
-      )
-    } catch (error) {
-      if (error instanceof Object) countedByEngine.add(error)
-      throw error
-    }
-    return this.pending(callId, key, signal)
+    return this.submit(key, layerIdx, options, (callId, tag, timeoutMs) =>
+      this.native.writeCache(callId, key, local, remote, layerIdx, tag, timeoutMs),
+    )
   }
 
   private startPrepared(
@@ -355,6 +342,21 @@ export class RDMACommunicator extends EventEmitter {
   ): Promise<void> {
     this.checkOpen()
     const key = this.peerKey(ip, port)
+    return this.submit(key, layerIdx, options, (callId, tag, timeoutMs) =>
+      this.native.writePrepared(callId, key, prepared.native, layerIdx, tag, timeoutMs),
+    )
+  }
+
+  /**
+   * What every `writeCache` form shares: the layer, tag, timeout and signal checks, a call
+   * id, the native call (whose refusals the engine has counted), and the call's Promise.
+   */
+  private submit(
+    key: string,
+    layerIdx: number,
+    options: WriteOptions,
+    call: (callId: number, tag: ReturnType<typeof encodeTag> | undefined, timeoutMs: number | undefined) => void,
+  ): Promise<void> {
     if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
     const tag = options.tag === undefined ? undefined : encodeTag(options.tag)
     const timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
@@ -363,9 +365,7 @@ export class RDMACommunicator extends EventEmitter {
     const callId = this.nextCallId
     this.nextCallId = (callId + 1) >>> 0
     try {
-      native(() =>
-        this.native.writePrepared(callId, key, prepared.native, layerIdx, tag, timeoutMs === 0 ? undefined : timeoutMs),
-      )
+      native(() => call(callId, tag, timeoutMs === 0 ? undefined : timeoutMs))
     } catch (error) {
       if (error instanceof Object) countedByEngine.add(error)
       throw error
