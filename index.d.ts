@@ -45,7 +45,7 @@ export declare class NativeCommunicator {
    * Validates and plans a block list once for `peer_key` (throws, typed, when an id is
    * bad or the peer is not connected).
    */
-  prepareBlocks(peerKey: string, localBlockIds: BlockIdSlices, remoteBlockIds: BlockIdSlices): NativePreparedBlocks
+  prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
   /** `writeCache` of a prepared block list: no id is validated or planned again. */
   writePrepared(callId: number, peerKey: string, prepared: NativePreparedBlocks, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
   /**

@@ -516,8 +516,17 @@ impl NativeCommunicator {
     pub fn prepare_blocks<'env>(
         &self,
         peer_key: String,
-        local_block_ids: BlockIdSlices<'env>,
-        remote_block_ids: BlockIdSlices<'env>,
+        // Spelled out: napi's type generation does not follow aliases.
+        local_block_ids: Either3<
+            Uint32ArraySlice<'env>,
+            Int32ArraySlice<'env>,
+            Float64ArraySlice<'env>,
+        >,
+        remote_block_ids: Either3<
+            Uint32ArraySlice<'env>,
+            Int32ArraySlice<'env>,
+            Float64ArraySlice<'env>,
+        >,
     ) -> Result<NativePreparedBlocks, Code> {
         let prepared = self
             .engine
