@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU tests of the engine: device regions over TCP (pinned staging), detection at
+# GPU tests of the engine: the NVLink transport between two processes, device regions
+# over TCP (pinned staging), detection at
 # registration, dma-buf export, and the device-vs-host throughput grid.
 #
 #   scripts/gpu-tests.sh           build the x86-64 test binaries into target/gpu-bin/ and
@@ -30,8 +31,10 @@ if [ "$build" = 1 ]; then
   mkdir -p "$out"
   # gpu_tcp, gpu_bench: the GPU suite; tcp: the default host suite, to show a CUDA host
   # keeps its host path.
-  cargo test --release -p kvtransfer-engine --no-run --message-format=json \
-      --test gpu_tcp --test gpu_bench --test tcp \
+  # nvlink_peer: the decode process of the NVLink tests (gpu_nvlink spawns it).
+  { cargo test --release -p kvtransfer-engine --no-run --message-format=json \
+      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink
+    cargo build --release -p kvtransfer-engine --message-format=json --example nvlink_peer; } \
     | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
@@ -39,7 +42,8 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (
+            m["profile"]["test"] or "example" in m["target"]["kind"]):
         name = m["target"]["name"]
         shutil.copy(m["executable"], sys.argv[1] + "/" + name)
         print("built", sys.argv[1] + "/" + name)
@@ -69,6 +73,13 @@ timeout 300 "$out/gpu_tcp" --ignored --nocapture --test-threads=1
 KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_tcp" --ignored --test-threads=1 -q
 KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 timeout 300 "$out/gpu_tcp" --ignored --test-threads=1 -q
 timeout 120 "$out/tcp" --test-threads=2
+# NVLink between two processes (decode on the last GPU: GPU 1 on a 2-GPU host), then
+# its grid: the default copy path, the copy engines alone, and one copy per block.
+timeout 300 "$out/gpu_nvlink" --ignored --nocapture --test-threads=1 --skip nvlink_bench
+timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
+KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
+KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 \
+  timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
 timeout 300 "$out/gpu_bench" --ignored --nocapture --test-threads=1
 echo "throughput table: $KVT_GPU_BENCH_OUT"
 if [ "${GPU_BENCH_AB:-0}" = 1 ]; then

@@ -170,8 +170,8 @@ export class RDMACommunicator extends EventEmitter {
   }
 
   /** `'tcp'` or `'rdma'`: the transport this side offers. */
-  get transport(): 'tcp' | 'rdma' {
-    return this.native.transport as 'tcp' | 'rdma'
+  get transport(): 'tcp' | 'rdma' | 'nvlink' {
+    return this.native.transport as 'tcp' | 'rdma' | 'nvlink'
   }
 
   private checkOpen(): void {

@@ -9,8 +9,8 @@ import type { RequestTag } from './tags'
 
 /** Which side of disaggregated serving a communicator plays. */
 export type Role = 'prefill' | 'decode'
-/** `'auto'` picks RDMA when a usable RDMA port exists on both sides, else TCP. */
-export type Transport = 'auto' | 'rdma' | 'tcp'
+/** `'auto'` picks NVLink when both sides are GPU memory on one host and their GPUs reach each other, else RDMA when a usable RDMA port exists on both sides, else TCP. */
+export type Transport = 'auto' | 'nvlink' | 'rdma' | 'tcp'
 /**
  * One layer's key or value region of `blockNumber × blockBytes` bytes: a native or device
  * address as a bigint (owned by the caller, who keeps it valid until `close()`), or a

@@ -1,7 +1,9 @@
 //! The handshake descriptor decoder and every transport's endpoint decoder: never panic;
 //! what decodes re-encodes stably.
 #![no_main]
-use kvtransfer_engine::internals::{Descriptor, RdmaEndpoint, TcpEndpoint};
+use kvtransfer_engine::internals::{
+    Descriptor, NvlinkEndpoint, NvlinkMemoryTable, RdmaEndpoint, TcpEndpoint,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn endpoint(bytes: &[u8]) {
@@ -11,6 +13,12 @@ fn endpoint(bytes: &[u8]) {
     }
     if let Ok(e) = TcpEndpoint::decode(bytes) {
         assert_eq!(e.encode(), bytes);
+    }
+    if let Ok(e) = NvlinkEndpoint::decode(bytes) {
+        assert_eq!(e.encode(), bytes);
+    }
+    if let Ok(t) = NvlinkMemoryTable::decode(bytes) {
+        assert_eq!(t.encode(), bytes);
     }
 }
 

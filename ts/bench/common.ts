@@ -8,7 +8,7 @@ import type * as net from 'node:net'
 import * as os from 'node:os'
 import * as path from 'node:path'
 
-export type BenchTransport = 'tcp' | 'rdma'
+export type BenchTransport = 'tcp' | 'rdma' | 'nvlink'
 export type IdPattern = 'scattered' | 'contiguous'
 
 export interface BenchOptions {

@@ -84,6 +84,10 @@ impl Gpu {
         self.ordinal
     }
 
+    pub(crate) fn ctx(&self) -> CUcontext {
+        self.ctx
+    }
+
     pub fn cuda(&self) -> &'static Cuda {
         self.cuda
     }

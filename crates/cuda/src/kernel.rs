@@ -1,5 +1,6 @@
-//! The segment-copy kernel ([`CopyKernel`]): hand-written PTX (`copy_segments.ptx`),
-//! JIT-compiled by the driver, that moves many small segments in one launch.
+//! The segment-copy kernel ([`CopyKernel`]): PTX (`copy_segments.ptx`, generated from
+//! `copy_segments.cu` by `scripts/build-ptx.sh`), JIT-compiled by the driver, that moves
+//! many small segments in one launch.
 
 use crate::context::Gpu;
 use crate::error::CudaError;
@@ -11,8 +12,10 @@ use std::sync::Arc;
 /// The kernel's PTX, NUL-terminated for `cuModuleLoadData`.
 static PTX: &str = concat!(include_str!("copy_segments.ptx"), "\0");
 
-/// Threads per block of the copy kernel.
-const COPY_THREADS: c_uint = 128;
+/// Threads per block of the copy kernel (its `__launch_bounds__`).
+const COPY_THREADS: c_uint = 256;
+/// Segments one block takes at a time (8 warps × 4).
+const SEGMENTS_PER_BLOCK: c_uint = 32;
 /// Most blocks per launch (the kernel strides over further segments).
 const COPY_MAX_BLOCKS: c_uint = 8192;
 
@@ -21,11 +24,24 @@ impl Gpu {
     /// this GPU) into this GPU's primary context, which it makes current on the calling
     /// thread.
     pub fn copy_kernel(self: &Arc<Self>) -> Result<CopyKernel, CudaError> {
+        self.copy_kernel_from(PTX, COPY_THREADS, SEGMENTS_PER_BLOCK)
+    }
+
+    /// Loads a `kvt_copy_segments` kernel from other PTX (to measure variants of it):
+    /// `threads` per block, each block taking `segments_per_block` segments at a time.
+    pub fn copy_kernel_from(
+        self: &Arc<Self>,
+        ptx: &str,
+        threads: u32,
+        segments_per_block: u32,
+    ) -> Result<CopyKernel, CudaError> {
         self.bind()?;
+        let image = std::ffi::CString::new(ptx.trim_end_matches('\0'))
+            .map_err(|_| CudaError::other("cuModuleLoadData", "PTX with a NUL byte inside"))?;
         let mut module: CUmodule = std::ptr::null_mut();
         // SAFETY: a NUL-terminated PTX image; valid out-pointer; a context is current.
         self.cuda.check("cuModuleLoadData", unsafe {
-            (self.cuda.api.module_load_data)(&mut module, PTX.as_ptr().cast())
+            (self.cuda.api.module_load_data)(&mut module, image.as_ptr().cast())
         })?;
         let mut function: CUfunction = std::ptr::null_mut();
         // SAFETY: a loaded module and a NUL-terminated name.
@@ -41,6 +57,8 @@ impl Gpu {
             gpu: Arc::clone(self),
             module,
             function,
+            threads: threads.max(1),
+            segments_per_block: segments_per_block.max(1),
         };
         self.cuda.check("cuModuleGetFunction", rc)?;
         Ok(kernel)
@@ -52,6 +70,8 @@ pub struct CopyKernel {
     gpu: Arc<Gpu>,
     module: CUmodule,
     function: CUfunction,
+    threads: c_uint,
+    segments_per_block: c_uint,
 }
 
 // SAFETY: module and function handles may be used from any thread with the context current.
@@ -90,10 +110,10 @@ impl CopyKernel {
         self.gpu.cuda.check("cuLaunchKernel", unsafe {
             (self.gpu.cuda.api.launch_kernel)(
                 self.function,
-                n.min(COPY_MAX_BLOCKS),
+                n.div_ceil(self.segments_per_block).min(COPY_MAX_BLOCKS),
                 1,
                 1,
-                COPY_THREADS,
+                self.threads,
                 1,
                 1,
                 0,

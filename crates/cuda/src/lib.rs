@@ -14,7 +14,9 @@
 //! - [`CopyKernel`] (`kernel.rs`): the segment-copy kernel (hand-written PTX) that moves
 //!   many small segments in one launch;
 //! - [`PointerInfo`] (`pointer.rs`): what the driver knows about an address;
-//! - dma-buf export of device memory (`dmabuf.rs`).
+//! - dma-buf export of device memory (`dmabuf.rs`);
+//! - sharing memory between processes (legacy IPC, `cuMemCreate` allocations as POSIX file
+//!   descriptors), device identity and peer access (`sharing.rs`).
 //!
 //! Every wrapper returns a [`CudaError`] that names the failed call and the `CUresult`
 //! (as `cuGetErrorName` spells it). The crate reads no environment variables and logs
@@ -30,6 +32,7 @@ mod kernel;
 mod library;
 mod memory;
 mod pointer;
+mod sharing;
 mod stream;
 mod sys;
 
@@ -40,6 +43,7 @@ pub use kernel::CopyKernel;
 pub use library::{Cuda, LIBCUDA_SONAME};
 pub use memory::{DeviceBuffer, PinnedBuffer};
 pub use pointer::{PointerInfo, ERROR_INVALID_CONTEXT};
+pub use sharing::{Allocation, IpcMapping, Mapping, ShareableBuffer, IPC_HANDLE_BYTES};
 pub use stream::{Event, Stream};
 
 /// A device address (`CUdeviceptr`); with unified addressing also a pinned host address.

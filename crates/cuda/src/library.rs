@@ -1,7 +1,7 @@
 //! Loading `libcuda.so.1` at run time and `cuInit`: [`Cuda`].
 
 use crate::error::{CudaError, LoadError};
-use crate::sys::{Api, CUresult, CUDA_SUCCESS};
+use crate::sys::{Api, CUresult, SharingApi, CUDA_SUCCESS};
 use libloading::Library;
 use std::ffi::CStr;
 use std::os::raw::c_char;
@@ -46,6 +46,40 @@ unsafe fn symbol<T: Copy>(lib: &Library, soname: &str, names: &[&str]) -> Result
         symbol: last.0,
         reason: last.1,
     })
+}
+
+/// The sharing entry points, all or none.
+///
+/// # Safety
+/// As for [`symbol`]: the signatures in [`SharingApi`] are the driver API's.
+unsafe fn load_sharing(lib: &Library, s: &str) -> Result<SharingApi, LoadError> {
+    // SAFETY: each signature in SharingApi is the driver API's (cuda.h), `_v2` where the
+    // driver has one.
+    unsafe {
+        Ok(SharingApi {
+            driver_get_version: symbol(lib, s, &["cuDriverGetVersion"])?,
+            device_get_uuid: symbol(lib, s, &["cuDeviceGetUuid_v2", "cuDeviceGetUuid"])?,
+            device_get_name: symbol(lib, s, &["cuDeviceGetName"])?,
+            device_get_pci_bus_id: symbol(lib, s, &["cuDeviceGetPCIBusId"])?,
+            device_can_access_peer: symbol(lib, s, &["cuDeviceCanAccessPeer"])?,
+            ctx_enable_peer_access: symbol(lib, s, &["cuCtxEnablePeerAccess"])?,
+            mem_get_address_range: symbol(lib, s, &["cuMemGetAddressRange_v2"])?,
+            ipc_get_mem_handle: symbol(lib, s, &["cuIpcGetMemHandle"])?,
+            ipc_open_mem_handle: symbol(lib, s, &["cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle"])?,
+            ipc_close_mem_handle: symbol(lib, s, &["cuIpcCloseMemHandle"])?,
+            mem_retain_allocation_handle: symbol(lib, s, &["cuMemRetainAllocationHandle"])?,
+            mem_export_to_shareable_handle: symbol(lib, s, &["cuMemExportToShareableHandle"])?,
+            mem_import_from_shareable_handle: symbol(lib, s, &["cuMemImportFromShareableHandle"])?,
+            mem_create: symbol(lib, s, &["cuMemCreate"])?,
+            mem_release: symbol(lib, s, &["cuMemRelease"])?,
+            mem_get_allocation_granularity: symbol(lib, s, &["cuMemGetAllocationGranularity"])?,
+            mem_address_reserve: symbol(lib, s, &["cuMemAddressReserve"])?,
+            mem_address_free: symbol(lib, s, &["cuMemAddressFree"])?,
+            mem_map: symbol(lib, s, &["cuMemMap"])?,
+            mem_unmap: symbol(lib, s, &["cuMemUnmap"])?,
+            mem_set_access: symbol(lib, s, &["cuMemSetAccess"])?,
+        })
+    }
 }
 
 impl Cuda {
@@ -111,6 +145,7 @@ impl Cuda {
                     &["cuMemGetHandleForAddressRange"],
                 )
                 .ok(),
+                sharing: load_sharing(&lib, s),
                 _lib: lib,
             }
         };

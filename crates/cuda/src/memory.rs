@@ -47,6 +47,34 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Synchronous copy of `data` to device address `dst`, in this GPU's context.
+    ///
+    /// # Safety
+    /// `dst..dst + data.len()` must be device memory (or mapped memory) this context can
+    /// write, not in use by queued work.
+    pub(crate) unsafe fn copy_htod(&self, dst: DevicePtr, data: &[u8]) -> Result<(), CudaError> {
+        let _current = self.scoped()?;
+        // SAFETY: the destination is the caller's contract, the source lies inside `data`.
+        self.cuda.check("cuMemcpyHtoD", unsafe {
+            (self.cuda.api.memcpy_htod)(dst, data.as_ptr().cast(), data.len())
+        })
+    }
+
+    /// Synchronous copy of `out.len()` bytes from device address `src` into `out`.
+    ///
+    /// # Safety
+    /// `src..src + out.len()` must be device memory (or mapped memory) this context can
+    /// read.
+    pub(crate) unsafe fn copy_dtoh(&self, out: &mut [u8], src: DevicePtr) -> Result<(), CudaError> {
+        let _current = self.scoped()?;
+        // SAFETY: the source is the caller's contract, the destination lies inside `out`.
+        self.cuda.check("cuMemcpyDtoH", unsafe {
+            (self.cuda.api.memcpy_dtoh)(out.as_mut_ptr().cast(), src, out.len())
+        })
+    }
+}
+
 /// Device memory from `cuMemAlloc` (tests, benchmarks); freed on drop.
 pub struct DeviceBuffer {
     gpu: Arc<Gpu>,
@@ -73,11 +101,8 @@ impl DeviceBuffer {
             data.len() <= self.len,
             "copy past the end of the device buffer"
         );
-        let _current = self.gpu.scoped()?;
-        // SAFETY: the destination lies inside this allocation, the source inside `data`.
-        self.gpu.cuda.check("cuMemcpyHtoD", unsafe {
-            (self.gpu.cuda.api.memcpy_htod)(self.ptr, data.as_ptr().cast(), data.len())
-        })
+        // SAFETY: the destination lies inside this allocation.
+        unsafe { self.gpu.copy_htod(self.ptr, data) }
     }
 
     /// Synchronous copy of the buffer's first `out.len()` bytes into `out`.
@@ -86,11 +111,8 @@ impl DeviceBuffer {
             out.len() <= self.len,
             "copy past the end of the device buffer"
         );
-        let _current = self.gpu.scoped()?;
-        // SAFETY: the source lies inside this allocation, the destination inside `out`.
-        self.gpu.cuda.check("cuMemcpyDtoH", unsafe {
-            (self.gpu.cuda.api.memcpy_dtoh)(out.as_mut_ptr().cast(), self.ptr, out.len())
-        })
+        // SAFETY: the source lies inside this allocation.
+        unsafe { self.gpu.copy_dtoh(out, self.ptr) }
     }
 
     /// Sets every byte to `value` (synchronously).

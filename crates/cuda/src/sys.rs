@@ -75,6 +75,89 @@ pub(crate) type LaunchKernelFn = unsafe extern "C" fn(
 pub(crate) type GetHandleForAddressRangeFn =
     unsafe extern "C" fn(*mut c_void, DevicePtr, usize, c_int, c_ulonglong) -> CUresult;
 
+/// `CUipcMemHandle`: an opaque 64-byte handle, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct IpcMemHandle {
+    pub reserved: [u8; 64],
+}
+
+/// `CUmemLocation`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct MemLocation {
+    pub kind: c_int,
+    pub id: c_int,
+}
+
+/// `CUmemAllocationProp` (CUDA 12+ layout: allocFlags is 8 bytes).
+#[repr(C)]
+pub(crate) struct MemAllocationProp {
+    pub kind: c_int,
+    pub requested_handle_types: c_int,
+    pub location: MemLocation,
+    pub win32_handle_meta_data: *mut c_void,
+    pub compression_type: u8,
+    pub gpu_direct_rdma_capable: u8,
+    pub usage: u16,
+    pub reserved: [u8; 4],
+}
+
+/// `CUmemAccessDesc`.
+#[repr(C)]
+pub(crate) struct MemAccessDesc {
+    pub location: MemLocation,
+    pub flags: c_int,
+}
+
+/// `CUmemGenericAllocationHandle`.
+pub(crate) type MemHandle = c_ulonglong;
+
+pub(crate) const CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: c_uint = 0x1;
+pub(crate) const CU_MEM_ALLOCATION_TYPE_PINNED: c_int = 0x1;
+pub(crate) const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 0x1;
+pub(crate) const CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR: c_int = 0x1;
+pub(crate) const CU_MEM_ACCESS_FLAGS_PROT_READWRITE: c_int = 0x3;
+pub(crate) const CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED: CUresult = 704;
+
+/// Entry points for sharing memory between processes and asking about devices (legacy
+/// CUDA IPC, virtual memory management, device identity and peer access): CUDA 11.4+.
+/// Resolved as a group; a driver without them has no NVLink transport.
+pub(crate) struct SharingApi {
+    pub driver_get_version: unsafe extern "C" fn(*mut c_int) -> CUresult,
+    pub device_get_uuid: unsafe extern "C" fn(*mut [u8; 16], CUdevice) -> CUresult,
+    pub device_get_name: unsafe extern "C" fn(*mut c_char, c_int, CUdevice) -> CUresult,
+    pub device_get_pci_bus_id: unsafe extern "C" fn(*mut c_char, c_int, CUdevice) -> CUresult,
+    pub device_can_access_peer: unsafe extern "C" fn(*mut c_int, CUdevice, CUdevice) -> CUresult,
+    pub ctx_enable_peer_access: unsafe extern "C" fn(CUcontext, c_uint) -> CUresult,
+    pub mem_get_address_range:
+        unsafe extern "C" fn(*mut DevicePtr, *mut usize, DevicePtr) -> CUresult,
+    pub ipc_get_mem_handle: unsafe extern "C" fn(*mut IpcMemHandle, DevicePtr) -> CUresult,
+    pub ipc_open_mem_handle: unsafe extern "C" fn(*mut DevicePtr, IpcMemHandle, c_uint) -> CUresult,
+    pub ipc_close_mem_handle: unsafe extern "C" fn(DevicePtr) -> CUresult,
+    pub mem_retain_allocation_handle: unsafe extern "C" fn(*mut MemHandle, *mut c_void) -> CUresult,
+    pub mem_export_to_shareable_handle:
+        unsafe extern "C" fn(*mut c_void, MemHandle, c_int, c_ulonglong) -> CUresult,
+    pub mem_import_from_shareable_handle:
+        unsafe extern "C" fn(*mut MemHandle, *mut c_void, c_int) -> CUresult,
+    pub mem_create: unsafe extern "C" fn(
+        *mut MemHandle,
+        usize,
+        *const MemAllocationProp,
+        c_ulonglong,
+    ) -> CUresult,
+    pub mem_release: unsafe extern "C" fn(MemHandle) -> CUresult,
+    pub mem_get_allocation_granularity:
+        unsafe extern "C" fn(*mut usize, *const MemAllocationProp, c_int) -> CUresult,
+    pub mem_address_reserve:
+        unsafe extern "C" fn(*mut DevicePtr, usize, usize, DevicePtr, c_ulonglong) -> CUresult,
+    pub mem_address_free: unsafe extern "C" fn(DevicePtr, usize) -> CUresult,
+    pub mem_map: unsafe extern "C" fn(DevicePtr, usize, usize, MemHandle, c_ulonglong) -> CUresult,
+    pub mem_unmap: unsafe extern "C" fn(DevicePtr, usize) -> CUresult,
+    pub mem_set_access:
+        unsafe extern "C" fn(DevicePtr, usize, *const MemAccessDesc, usize) -> CUresult,
+}
+
 /// The driver's entry points (resolved once; the library stays loaded for the process).
 pub(crate) struct Api {
     pub get_error_name: unsafe extern "C" fn(CUresult, *mut *const c_char) -> CUresult,
@@ -116,6 +199,8 @@ pub(crate) struct Api {
     pub launch_kernel: LaunchKernelFn,
     /// CUDA 11.7+; absent on older drivers.
     pub mem_get_handle_for_address_range: Option<GetHandleForAddressRangeFn>,
+    /// Sharing and device identity (see [`SharingApi`]); the missing symbol otherwise.
+    pub sharing: Result<SharingApi, crate::LoadError>,
     /// Keeps the entry points above valid.
     pub _lib: libloading::Library,
 }

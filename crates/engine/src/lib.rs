@@ -42,6 +42,7 @@ pub mod internals {
     pub use crate::auth::{Challenge, Envelope, Response};
     pub use crate::layout::RegionTable;
     pub use crate::plan::{plan_runs, PlanLimits, Run};
+    pub use crate::transport::nvlink::{NvlinkEndpoint, NvlinkMemoryTable};
     pub use crate::transport::rdma::{
         decode_notice, fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES,
         TRANSPORT_RETRY_COUNT,

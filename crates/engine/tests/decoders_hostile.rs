@@ -3,7 +3,8 @@
 //! and whatever decodes re-encodes to the same bytes.
 
 use kvtransfer_engine::internals::{
-    decode_notice, frame, Descriptor, Endpoint, QpEndpoint, RdmaEndpoint, TcpEndpoint,
+    decode_notice, frame, Descriptor, Endpoint, NvlinkEndpoint, NvlinkMemoryTable, QpEndpoint,
+    RdmaEndpoint, TcpEndpoint,
 };
 use kvtransfer_engine::internals::{Challenge, Envelope, Response};
 use kvtransfer_engine::{Role, TransportKind};
@@ -100,7 +101,23 @@ fn descriptors() -> Vec<Vec<u8>> {
             bytes: rdma.encode(),
         },
     );
-    vec![a, plain.encode(), rdma.encode()]
+    let nvlink = NvlinkEndpoint {
+        host: "boot/host".into(),
+        netns: 4026531840,
+        process: 9,
+        gpu: [1; 16],
+        gpus: vec![[1; 16], [2; 16]],
+        socket: "kvtransfer-nvlink-1-2".into(),
+        session: 5,
+    };
+    plain.endpoints.insert(
+        0,
+        Endpoint {
+            kind: TransportKind::Nvlink.code(),
+            bytes: nvlink.encode(),
+        },
+    );
+    vec![a, plain.encode(), rdma.encode(), nvlink.encode()]
 }
 
 /// Every transport's endpoint codec: decodes or refuses, and what decodes re-encodes stably.
@@ -110,6 +127,12 @@ fn check_endpoint(data: &[u8]) {
     }
     if let Ok(e) = TcpEndpoint::decode(data) {
         assert_eq!(e.encode(), data);
+    }
+    if let Ok(e) = NvlinkEndpoint::decode(data) {
+        assert_eq!(e.encode(), data);
+    }
+    if let Ok(t) = NvlinkMemoryTable::decode(data) {
+        assert_eq!(t.encode(), data);
     }
 }
 
@@ -218,6 +241,8 @@ fn descriptor_count_fields_cannot_force_big_allocations() {
             evil[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
             let _ = Descriptor::decode(&evil);
             let _ = RdmaEndpoint::decode(&evil);
+            let _ = NvlinkEndpoint::decode(&evil);
+            let _ = NvlinkMemoryTable::decode(&evil);
         }
     }
 }

@@ -50,6 +50,13 @@ impl Engine {
             .find(|(kind, _)| *kind == TransportKind::Rdma)
             .map(|(_, reason)| reason.as_str());
         let reason = match (chosen, auto) {
+            (TransportKind::Nvlink, true) => format!(
+                "nvlink: both processes run on this host, every region on both sides is GPU memory and the GPUs reach each other; {}",
+                details
+                    .iter()
+                    .find(|(k, _)| *k == "gpu")
+                    .map_or("?", |(_, v)| v.as_str())
+            ),
             (TransportKind::Rdma, true) => format!(
                 "rdma: both sides offered RDMA and the peer accepted this side's endpoint; {}",
                 rdma_summary(&details)

@@ -27,6 +27,8 @@ pub struct CopySettings {
     pub kernel: bool,
     /// `cuMemcpyBatchAsync` where the driver has it (`KVCACHE_CUDA_BATCH_COPY`).
     pub batch_api: bool,
+    /// Submissions whose copies average fewer bytes go through the kernel.
+    pub kernel_below_average_bytes: usize,
 }
 
 impl Default for CopySettings {
@@ -34,6 +36,7 @@ impl Default for CopySettings {
         CopySettings {
             kernel: true,
             batch_api: true,
+            kernel_below_average_bytes: KERNEL_BELOW_AVERAGE_BYTES,
         }
     }
 }
@@ -47,13 +50,23 @@ impl CopySettings {
         CopySettings {
             kernel: process.cuda_copy_kernel,
             batch_api: process.cuda_batch_copy,
+            kernel_below_average_bytes: KERNEL_BELOW_AVERAGE_BYTES,
+        }
+    }
+
+    /// The same paths, with the kernel taking submissions up to `bytes` on average.
+    pub fn kernel_below(self, bytes: usize) -> Self {
+        CopySettings {
+            kernel_below_average_bytes: bytes,
+            ..self
         }
     }
 }
 
-/// Whether `n` copies of `total` bytes go through the kernel (when it is loaded).
-fn by_kernel(n: usize, total: usize) -> bool {
-    n > 1 && n <= MAX_COPIES_PER_SUBMIT && total / n < KERNEL_BELOW_AVERAGE_BYTES
+/// Whether `n` copies of `total` bytes go through the kernel (when it is loaded), given
+/// the average below which it takes them.
+fn by_kernel(n: usize, total: usize, below_average: usize) -> bool {
+    n > 1 && n <= MAX_COPIES_PER_SUBMIT && total / n < below_average
 }
 
 /// The descriptor table of one kernel launch (dsts, srcs, sizes: `MAX_COPIES_PER_SUBMIT`
@@ -71,6 +84,7 @@ pub struct CopyQueue {
     gpu: Arc<Gpu>,
     /// `cuMemcpyBatchAsync` is allowed and the driver has it.
     batch_api: bool,
+    kernel_below_average_bytes: usize,
     dsts: Vec<u64>,
     srcs: Vec<u64>,
     sizes: Vec<usize>,
@@ -99,6 +113,7 @@ impl CopyQueue {
             stream,
             gpu,
             batch_api,
+            kernel_below_average_bytes: settings.kernel_below_average_bytes,
             dsts: Vec::new(),
             srcs: Vec::new(),
             sizes: Vec::new(),
@@ -154,7 +169,7 @@ impl CopyQueue {
         let n = self.pending();
         let total: usize = self.sizes.iter().sum();
         let result = match &self.kernel {
-            Some(kernel) if by_kernel(n, total) => {
+            Some(kernel) if by_kernel(n, total, self.kernel_below_average_bytes) => {
                 let base = desc.buf.as_mut_ptr().cast::<u64>();
                 // SAFETY: `desc` holds 3 × MAX_COPIES_PER_SUBMIT u64 (allocated so, 8-byte
                 // aligned pinned memory) and n <= MAX_COPIES_PER_SUBMIT; no launch reads it
@@ -192,6 +207,53 @@ impl CopyQueue {
         result
     }
 
+    /// Whether `n` copies would go through the kernel as one launch whatever their sizes
+    /// (the kernel is loaded and takes every average, and `n` fits a descriptor table):
+    /// then [`CopyQueue::launch_filled`] can take them without gathering.
+    pub fn takes_directly(&self, n: usize) -> bool {
+        self.kernel.is_some()
+            && self.kernel_below_average_bytes == usize::MAX
+            && n > 1
+            && n <= MAX_COPIES_PER_SUBMIT
+    }
+
+    /// One kernel launch for `n` copies that `fill` writes straight into `desc`'s three
+    /// tables (destinations, sources, sizes; `n` entries each): no gathering, no second
+    /// copy of the descriptors. Only when [`CopyQueue::takes_directly`]`(n)`.
+    ///
+    /// # Safety
+    /// As for [`CopyQueue::submit`], for every copy `fill` writes; `fill` must write all
+    /// `n` entries of the three tables.
+    pub unsafe fn launch_filled(
+        &mut self,
+        desc: &mut Descriptors,
+        n: usize,
+        fill: impl FnOnce(&mut [u64], &mut [u64], &mut [u64]),
+    ) -> Result<(), CudaError> {
+        assert!(self.takes_directly(n), "launch_filled for {n} copies");
+        let base = desc.buf.as_mut_ptr().cast::<u64>();
+        // SAFETY: the table holds 3 × MAX_COPIES_PER_SUBMIT u64 (8-byte aligned pinned
+        // memory), n <= MAX_COPIES_PER_SUBMIT, and no launch reads it now (caller's
+        // contract); the three slices do not overlap.
+        let (dsts, srcs, sizes) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(base, n),
+                std::slice::from_raw_parts_mut(base.add(MAX_COPIES_PER_SUBMIT), n),
+                std::slice::from_raw_parts_mut(base.add(2 * MAX_COPIES_PER_SUBMIT), n),
+            )
+        };
+        fill(dsts, srcs, sizes);
+        let at = base as u64;
+        let step = (MAX_COPIES_PER_SUBMIT * 8) as u64;
+        let kernel = self
+            .kernel
+            .as_ref()
+            .expect("takes_directly checked the kernel");
+        // SAFETY: descriptors of n copies in mapped pinned memory, untouched until the
+        // launch has completed; the copies' memory contract is the caller's.
+        unsafe { kernel.launch(&self.stream, at, at + step, at + 2 * step, n as u32) }
+    }
+
     /// Marks the point after everything submitted so far.
     pub fn record(&self, event: &Event) -> Result<(), CudaError> {
         event.record(&self.stream)
@@ -217,19 +279,26 @@ mod tests {
 
     #[test]
     fn kernel_takes_many_small_copies_only() {
-        assert!(by_kernel(2, 2 * 1024));
-        assert!(by_kernel(1538, 1538 * 16 * 1024));
+        let below = KERNEL_BELOW_AVERAGE_BYTES;
+        assert!(by_kernel(2, 2 * 1024, below));
+        assert!(by_kernel(1538, 1538 * 16 * 1024, below));
         // One copy: the copy engines (no launch for a single segment).
-        assert!(!by_kernel(1, 1024));
-        assert!(!by_kernel(0, 0));
+        assert!(!by_kernel(1, 1024, below));
+        assert!(!by_kernel(0, 0, below));
         // Average at the threshold or above: the copy engines.
-        assert!(!by_kernel(4, 4 * KERNEL_BELOW_AVERAGE_BYTES));
-        assert!(by_kernel(4, 4 * KERNEL_BELOW_AVERAGE_BYTES - 4));
+        assert!(!by_kernel(4, 4 * below, below));
+        assert!(by_kernel(4, 4 * below - 4, below));
+        assert!(by_kernel(4, 4 * below, 2 * below));
         // More than a descriptor table holds.
-        assert!(by_kernel(MAX_COPIES_PER_SUBMIT, MAX_COPIES_PER_SUBMIT));
+        assert!(by_kernel(
+            MAX_COPIES_PER_SUBMIT,
+            MAX_COPIES_PER_SUBMIT,
+            below
+        ));
         assert!(!by_kernel(
             MAX_COPIES_PER_SUBMIT + 1,
-            MAX_COPIES_PER_SUBMIT + 1
+            MAX_COPIES_PER_SUBMIT + 1,
+            below
         ));
     }
 
@@ -239,7 +308,8 @@ mod tests {
             CopySettings::default(),
             CopySettings {
                 kernel: true,
-                batch_api: true
+                batch_api: true,
+                kernel_below_average_bytes: KERNEL_BELOW_AVERAGE_BYTES,
             }
         );
     }

@@ -62,7 +62,28 @@ pub fn detect_region_memory(
                 range_start,
                 range_size,
             } => {
-                if addr + len > range_start + range_size {
+                // cuMemCreate memory may map several allocations back to back (PyTorch's
+                // expandable segments): the region may go on into the next one of the
+                // same GPU (only cuMemCreate memory: cuMemAlloc allocations that happen to
+                // be adjacent stay separate).
+                let mut range_end = range_start + range_size;
+                while addr + len > range_end && cuda.retain_allocation(range_start).is_ok() {
+                    match cuda.pointer_info(range_end)? {
+                        PointerInfo::Device {
+                            ordinal: next,
+                            range_start: start,
+                            range_size: size,
+                        } if next == ordinal
+                            && start == range_end
+                            && size > 0
+                            && cuda.retain_allocation(start).is_ok() =>
+                        {
+                            range_end = start + size;
+                        }
+                        _ => break,
+                    }
+                }
+                if addr + len > range_end {
                     return Err(Error::invalid(
                         name,
                         format!(

@@ -9,6 +9,7 @@
 
 mod completion;
 mod job;
+pub(crate) mod nvlink;
 pub(crate) mod rdma;
 mod registry;
 pub(crate) mod tcp;
@@ -25,17 +26,23 @@ use std::time::Duration;
 pub enum TransportKind {
     Tcp,
     Rdma,
+    Nvlink,
 }
 
 impl TransportKind {
     /// Every kind, in the engine's order of preference for `auto` (fastest first).
-    pub const PREFERENCE: [TransportKind; 2] = [TransportKind::Rdma, TransportKind::Tcp];
+    pub const PREFERENCE: [TransportKind; 3] = [
+        TransportKind::Nvlink,
+        TransportKind::Rdma,
+        TransportKind::Tcp,
+    ];
 
     /// The name users write (`transport: 'rdma'`, `KVCACHE_TRANSPORT=rdma`).
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
             TransportKind::Rdma => "rdma",
+            TransportKind::Nvlink => "nvlink",
         }
     }
 
@@ -44,6 +51,7 @@ impl TransportKind {
         match self {
             TransportKind::Tcp => 1,
             TransportKind::Rdma => 2,
+            TransportKind::Nvlink => 3,
         }
     }
 

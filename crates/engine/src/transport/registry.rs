@@ -1,6 +1,7 @@
 //! The one place that names the concrete transports: which ones an engine opens, in which
 //! order, and why the others are not there.
 
+use super::nvlink::NvlinkTransport;
 use super::rdma::RdmaTransport;
 use super::tcp::TcpTransport;
 use super::{Arrival, ArrivalSink, Transport, TransportKind};
@@ -46,6 +47,15 @@ fn counting_sink(
     }))
 }
 
+/// Bytes one block moves across every kind (K, V and the scales), for one-sided transports
+/// whose receiver learns of a call only from its notice.
+fn bytes_per_block(cx: &OpenContext<'_>) -> u64 {
+    let layout = cx.table.layout;
+    (0..layout.kinds())
+        .map(|kind| layout.kind_block_bytes(kind))
+        .sum()
+}
+
 /// An engine's transports, most preferred first, and the ones it could not open with why.
 pub(crate) struct Transports {
     pub usable: Vec<Box<dyn Transport>>,
@@ -64,11 +74,12 @@ fn open_one(kind: TransportKind, cx: &OpenContext<'_>) -> Result<Box<dyn Transpo
             cx.rdma.clone(),
             cx.gpu_idx,
             Arc::clone(cx.table),
-            counting_sink(
-                cx,
-                kind,
-                Some(cx.table.layout.block_bytes * u64::from(cx.table.layout.kinds())),
-            ),
+            counting_sink(cx, kind, Some(bytes_per_block(cx))),
+        )?),
+        TransportKind::Nvlink => Box::new(NvlinkTransport::open(
+            cx.gpu_idx,
+            Arc::clone(cx.table),
+            counting_sink(cx, kind, Some(bytes_per_block(cx))),
         )?),
     })
 }

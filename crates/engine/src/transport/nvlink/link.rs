@@ -1,0 +1,406 @@
+//! The writer's link: each job becomes one submission on the link's own stream (the copy
+//! kernel for small blocks, else the copy engines; `gpu::copy`) straight into the
+//! acceptor's imported memory, followed by an event. A completion thread waits for the
+//! events in order, sends the arrival notice only after the bytes have landed, and
+//! completes the job. A watch thread reads the side channel: its end means the acceptor's
+//! process is gone, and then pending jobs fail and the imports are released.
+//!
+//! Up to [`SLOTS`] jobs are in flight (one descriptor table and event each), so layer-wise
+//! calls pipeline; a further submit waits for the oldest.
+
+use super::memory::Imports;
+use super::server::encode_notice;
+use super::socket;
+use crate::error::Error;
+use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors};
+use crate::layout::RegionTable;
+use crate::transport::{fail, for_each_copy, Done, Link, TransportKind, WriteJob};
+use kvtransfer_cuda::{Event, Gpu};
+use std::collections::VecDeque;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// Jobs in flight per link at most.
+pub(crate) const SLOTS: usize = 8;
+/// Calls whose copies average fewer bytes go through the copy kernel (one launch, SMs
+/// move the bytes over NVLink), larger ones to the copy engines (one cuMemcpyBatchAsync).
+/// Peer copies reach the link's rate with the kernel at sizes where host↔device
+/// copies do better on the copy engines (docs/performance.md, NVLink).
+const KERNEL_BELOW_AVERAGE_BYTES: usize = usize::MAX;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Slot {
+    desc: Descriptors,
+    event: Event,
+}
+
+struct Pending {
+    slot: Slot,
+    done: Done,
+    tag: Option<Vec<u8>>,
+    layer: u32,
+    blocks: u32,
+}
+
+struct Submitter {
+    copies: CopyQueue,
+    free: Vec<Slot>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Pending>,
+    /// Submitted and not completed yet (queued or being completed).
+    in_flight: usize,
+}
+
+struct Shared {
+    peer: String,
+    table: Arc<RegionTable>,
+    gpu: Arc<Gpu>,
+    bases: Arc<[u64]>,
+    submitter: Mutex<Submitter>,
+    slot_freed: Condvar,
+    queue: Mutex<Queue>,
+    queue_changed: Condvar,
+    /// Set once the link is broken, cancelled or shut: every later completion fails so.
+    failure: Mutex<Option<Error>>,
+    closing: AtomicBool,
+    socket: UnixStream,
+    imports: Mutex<Option<Imports>>,
+}
+
+pub(crate) struct NvlinkLink {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl NvlinkLink {
+    pub fn start(
+        peer: &str,
+        table: Arc<RegionTable>,
+        gpu: Arc<Gpu>,
+        imports: Imports,
+        socket: UnixStream,
+    ) -> crate::error::Result<NvlinkLink> {
+        let _current = gpu.scoped()?;
+        let copies = CopyQueue::new(
+            Arc::clone(&gpu),
+            CopySettings::from_env().kernel_below(KERNEL_BELOW_AVERAGE_BYTES),
+        )?;
+        crate::debug!("nvlink to {peer}: copies {}", copies.describe());
+        let mut free = Vec::with_capacity(SLOTS);
+        for _ in 0..SLOTS {
+            free.push(Slot {
+                desc: copies.descriptors()?,
+                event: gpu.event()?,
+            });
+        }
+        let watch_socket = socket
+            .try_clone()
+            .map_err(|e| Error::io(peer, "clone the side channel", e))?;
+        let shared = Arc::new(Shared {
+            peer: peer.to_string(),
+            table,
+            gpu,
+            bases: Arc::clone(&imports.bases),
+            submitter: Mutex::new(Submitter { copies, free }),
+            slot_freed: Condvar::new(),
+            queue: Mutex::new(Queue::default()),
+            queue_changed: Condvar::new(),
+            failure: Mutex::new(None),
+            closing: AtomicBool::new(false),
+            socket,
+            imports: Mutex::new(Some(imports)),
+        });
+        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(body)
+                .map_err(|e| Error::io(peer, "spawn an nvlink thread", e))
+        };
+        let completer = {
+            let shared = Arc::clone(&shared);
+            spawn("kvt-nvlink-done", Box::new(move || complete_loop(&shared)))?
+        };
+        let watcher = {
+            let shared = Arc::clone(&shared);
+            spawn(
+                "kvt-nvlink-watch",
+                Box::new(move || watch(&shared, watch_socket)),
+            )?
+        };
+        Ok(NvlinkLink {
+            shared,
+            threads: Mutex::new(vec![completer, watcher]),
+        })
+    }
+}
+
+impl Shared {
+    fn failure(&self) -> Option<Error> {
+        lock(&self.failure).clone()
+    }
+
+    /// Marks the link broken with `error` (the first error stays unless `replace`).
+    fn break_with(&self, error: Error, replace: bool) {
+        {
+            let mut failure = lock(&self.failure);
+            if failure.is_none() || replace {
+                *failure = Some(error);
+            }
+        }
+        // Submitters waiting for a slot see the failure.
+        self.slot_freed.notify_all();
+    }
+
+    /// Waits until no job is in flight. Taking the submit lock first means no submission
+    /// is half done: after a failure was set, none can start either.
+    fn drain(&self) {
+        drop(lock(&self.submitter));
+        let mut queue = lock(&self.queue);
+        while queue.in_flight > 0 {
+            queue = self
+                .queue_changed
+                .wait(queue)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Once nothing is in flight any more, unmaps the acceptor's memory.
+    fn release_imports(&self) {
+        self.drain();
+        let imports = lock(&self.imports).take();
+        if imports.is_some() {
+            let _current = self.gpu.scoped();
+            drop(imports);
+            crate::debug!("nvlink to {}: imports released", self.peer);
+        }
+    }
+}
+
+fn complete_loop(shared: &Shared) {
+    let _ = shared.gpu.bind();
+    loop {
+        let pending = {
+            let mut queue = lock(&shared.queue);
+            loop {
+                if let Some(pending) = queue.jobs.pop_front() {
+                    break pending;
+                }
+                if shared.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                queue = shared
+                    .queue_changed
+                    .wait(queue)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let landed = pending.slot.event.synchronize();
+        let outcome = match (landed, shared.failure()) {
+            (_, Some(error)) => Err(error),
+            (Err(e), None) => {
+                let error = Error::from(e);
+                shared.break_with(error.clone(), false);
+                Err(error)
+            }
+            (Ok(()), None) => match &pending.tag {
+                None => Ok(()),
+                Some(tag) => socket::send(
+                    &shared.socket,
+                    &encode_notice(pending.layer, pending.blocks, tag),
+                    &[],
+                )
+                .map_err(|e| {
+                    let error = Error::PeerDisconnected {
+                        peer: shared.peer.clone(),
+                        reason: format!("the arrival notice could not be sent over the NVLink side channel ({e}); the bytes were written"),
+                    };
+                    shared.break_with(error.clone(), false);
+                    error
+                }),
+            },
+        };
+        let Pending { slot, done, .. } = pending;
+        lock(&shared.submitter).free.push(slot);
+        shared.slot_freed.notify_one();
+        match outcome {
+            Ok(()) => {
+                let _ = done.send(Ok(()));
+            }
+            Err(error) => fail(done, error),
+        }
+        lock(&shared.queue).in_flight -= 1;
+        shared.queue_changed.notify_all();
+    }
+}
+
+/// Reads the side channel until it ends: the acceptor sends nothing after its table, so
+/// the end (or an error) means its process is gone (or it closed the connection).
+fn watch(shared: &Shared, mut socket: UnixStream) {
+    let mut byte = [0u8; 1];
+    while let Ok(n) = socket.read(&mut byte) {
+        if n == 0 {
+            break;
+        }
+    }
+    if shared.closing.load(Ordering::SeqCst) {
+        return;
+    }
+    crate::debug!(
+        "nvlink to {}: the peer closed its side channel",
+        shared.peer
+    );
+    shared.break_with(
+        Error::PeerDisconnected {
+            peer: shared.peer.clone(),
+            reason: "the peer's process closed the NVLink side channel (it exited or closed its communicator); its memory is no longer written".into(),
+        },
+        false,
+    );
+    shared.release_imports();
+}
+
+impl Link for NvlinkLink {
+    fn submit(&self, job: WriteJob) {
+        let shared = &self.shared;
+        let mut submitter = lock(&shared.submitter);
+        let mut slot = loop {
+            if let Some(error) = shared.failure() {
+                drop(submitter);
+                return fail(job.done, error);
+            }
+            if let Some(slot) = submitter.free.pop() {
+                break slot;
+            }
+            submitter = shared
+                .slot_freed
+                .wait(submitter)
+                .unwrap_or_else(|p| p.into_inner());
+        };
+        // The copy contract of both paths below: the sources are this engine's registered
+        // device regions (valid while it lives) and the destinations lie in the acceptor's
+        // imported regions (the planner checked every id against both sides' block
+        // counts), which stay mapped until every job in flight has completed
+        // (`release_imports` drains first); sources and destinations do not overlap
+        // (different allocations, or distinct blocks). The slot's table is free: its
+        // previous launch's event completed before the slot was returned. The context is
+        // current.
+        let submitted = (|| {
+            let _current = shared.gpu.scoped()?;
+            let copies = &mut submitter.copies;
+            let table = &shared.table;
+            let kinds = table.layout.kinds();
+            let n = job.runs.len() * kinds as usize;
+            if copies.takes_directly(n) {
+                // The hot path: descriptors written straight into the slot's table, one
+                // tight loop per kind (K, V, scales), then one launch.
+                // SAFETY: the copy contract above; `fill` writes all n entries.
+                unsafe {
+                    copies.launch_filled(&mut slot.desc, n, |dsts, srcs, sizes| {
+                        let mut at = 0;
+                        for kind in 0..kinds {
+                            let region = (job.layer * kinds + kind) as usize;
+                            let local = table.regions()[region].addr;
+                            let remote = shared.bases[region];
+                            let block_bytes = table.layout.kind_block_bytes(kind);
+                            for run in job.runs.iter() {
+                                dsts[at] = remote + u64::from(run.remote_block) * block_bytes;
+                                srcs[at] = local + u64::from(run.local_block) * block_bytes;
+                                sizes[at] = u64::from(run.blocks) * block_bytes;
+                                at += 1;
+                            }
+                        }
+                    })
+                }?;
+            } else {
+                let bases = &shared.bases;
+                for_each_copy(table, job.layer, &job.runs, |op| {
+                    copies.push(
+                        bases[op.region as usize] + op.remote_offset,
+                        op.local_addr,
+                        op.len as usize,
+                    );
+                });
+                // SAFETY: the copy contract above.
+                unsafe { copies.submit(&mut slot.desc) }?;
+            }
+            copies.record(&slot.event)
+        })();
+        match submitted {
+            Ok(()) => {
+                let mut queue = lock(&shared.queue);
+                queue.jobs.push_back(Pending {
+                    slot,
+                    done: job.done,
+                    tag: job.tag,
+                    layer: job.layer,
+                    blocks: job.blocks,
+                });
+                queue.in_flight += 1;
+                drop(queue);
+                shared.queue_changed.notify_all();
+            }
+            Err(e) => {
+                submitter.free.push(slot);
+                drop(submitter);
+                fail(job.done, Error::from(e));
+            }
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        lock(&self.shared.failure).is_none()
+    }
+
+    fn shutdown(&self) {
+        let shared = &self.shared;
+        if shared.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        shared.break_with(Error::Closed, false);
+        shared.drain();
+        let _ = shared.socket.shutdown(std::net::Shutdown::Both);
+        shared.queue_changed.notify_all();
+        for thread in std::mem::take(&mut *lock(&self.threads)) {
+            let _ = thread.join();
+        }
+        shared.release_imports();
+    }
+
+    fn cancel(&self, error: Error) {
+        let shared = &self.shared;
+        shared.break_with(error, true);
+        {
+            // No byte lands after this returns: the stream has finished every queued copy.
+            let submitter = lock(&shared.submitter);
+            let _current = shared.gpu.scoped();
+            let _ = submitter.copies.synchronize();
+        }
+        shared.drain();
+        shared.release_imports();
+        shared.closing.store(true, Ordering::SeqCst);
+        let _ = shared.socket.shutdown(std::net::Shutdown::Both);
+        shared.queue_changed.notify_all();
+    }
+
+    fn kind(&self) -> TransportKind {
+        TransportKind::Nvlink
+    }
+}
+
+impl Drop for NvlinkLink {
+    fn drop(&mut self) {
+        self.shutdown();
+        for thread in std::mem::take(&mut *lock(&self.threads)) {
+            let _ = thread.join();
+        }
+    }
+}

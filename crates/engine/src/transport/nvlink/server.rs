@@ -1,0 +1,226 @@
+//! The acceptor's side channel: an abstract Unix socket that admits one connection per
+//! session the handshake granted, hands the writer the memory table (and the descriptors of
+//! shareable allocations), then receives the writer's arrival notices until it goes away.
+
+use super::memory::Exports;
+use super::socket::{self, MAX_FDS_PER_MESSAGE};
+use crate::transport::{Arrival, ArrivalSink};
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long a new connection may take to present its session.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Shared {
+    /// Session → (peer name, what to share with it).
+    admissions: Mutex<HashMap<u64, (String, Arc<Exports>)>>,
+    /// Open connections (a clone of each stream, to shut it down) and their threads.
+    connections: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
+    closing: AtomicBool,
+    arrivals: Option<ArrivalSink>,
+}
+
+pub(crate) struct NvlinkServer {
+    name: String,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl NvlinkServer {
+    /// Listens on a fresh abstract socket name.
+    pub fn bind(arrivals: Option<ArrivalSink>) -> std::io::Result<NvlinkServer> {
+        let name = format!(
+            "kvtransfer-nvlink-{}-{:016x}",
+            std::process::id(),
+            crate::util::random_u64()
+        );
+        let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
+        let shared = Arc::new(Shared {
+            admissions: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Vec::new()),
+            closing: AtomicBool::new(false),
+            arrivals,
+        });
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("kvt-nvlink-accept".into())
+                .spawn(move || accept_loop(&listener, &shared))?
+        };
+        Ok(NvlinkServer {
+            name,
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A session admitting `peer` once, to be given `exports`.
+    pub fn admit(&self, peer: &str, exports: Arc<Exports>) -> u64 {
+        let session = crate::util::random_u64() | 1;
+        lock(&self.shared.admissions).insert(session, (peer.to_string(), exports));
+        session
+    }
+
+    pub fn connections(&self) -> usize {
+        let mut connections = lock(&self.shared.connections);
+        connections.retain(|(_, thread)| !thread.is_finished());
+        connections.len()
+    }
+
+    pub fn shutdown(&self) {
+        if self.shared.closing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wakes the accept loop, which sees `closing`.
+        if let Ok(addr) = SocketAddr::from_abstract_name(self.name.as_bytes()) {
+            let _ = UnixStream::connect_addr(&addr);
+        }
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+        let connections = std::mem::take(&mut *lock(&self.shared.connections));
+        for (stream, thread) in connections {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for NvlinkServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let Ok(clone) = stream.try_clone() else {
+            continue;
+        };
+        let worker = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name("kvt-nvlink-peer".into())
+            .spawn(move || serve(&stream, &worker));
+        if let Ok(thread) = spawned {
+            lock(&shared.connections).push((clone, thread));
+        }
+    }
+}
+
+/// One writer: its hello, the memory table, then its notices until it closes.
+fn serve(stream: &UnixStream, shared: &Shared) {
+    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+    let Ok(Some((hello, _))) = socket::receive(stream) else {
+        return;
+    };
+    let Some(session) = hello
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    else {
+        return;
+    };
+    let Some((peer, exports)) = lock(&shared.admissions).remove(&session) else {
+        crate::debug!("nvlink: a connection presented an unknown session; closed");
+        return;
+    };
+    if let Err(e) = send_exports(stream, &exports) {
+        crate::debug!("nvlink: sending the memory table to {peer} failed: {e}");
+        return;
+    }
+    let _ = stream.set_read_timeout(None);
+    crate::debug!(
+        "nvlink: {peer} opened {} allocations ({} by descriptor)",
+        exports.table.pieces.len(),
+        exports.fds.len()
+    );
+    loop {
+        match socket::receive(stream) {
+            Ok(Some((notice, _))) => {
+                let Some(arrival) = decode_notice(&peer, &notice) else {
+                    crate::debug!("nvlink: a malformed notice from {peer}; connection closed");
+                    return;
+                };
+                if let Some(sink) = &shared.arrivals {
+                    sink(arrival);
+                }
+            }
+            Ok(None) => {
+                crate::debug!("nvlink: {peer} closed its side channel");
+                return;
+            }
+            Err(e) => {
+                crate::debug!("nvlink: side channel of {peer}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn send_exports(stream: &UnixStream, exports: &Exports) -> std::io::Result<()> {
+    socket::send(stream, &exports.table.encode(), &[])?;
+    for batch in exports.fds.chunks(MAX_FDS_PER_MESSAGE) {
+        let fds: Vec<_> = batch.iter().map(AsFd::as_fd).collect();
+        socket::send(stream, &(fds.len() as u32).to_le_bytes(), &fds)?;
+    }
+    Ok(())
+}
+
+/// A notice: layer, blocks, then the tag.
+pub(crate) fn encode_notice(layer: u32, blocks: u32, tag: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + tag.len());
+    out.extend_from_slice(&layer.to_le_bytes());
+    out.extend_from_slice(&blocks.to_le_bytes());
+    out.extend_from_slice(tag);
+    out
+}
+
+fn decode_notice(peer: &str, bytes: &[u8]) -> Option<Arrival> {
+    if bytes.len() < 8 || bytes.len() - 8 > crate::transport::MAX_TAG_BYTES {
+        return None;
+    }
+    Some(Arrival {
+        peer: peer.to_string(),
+        layer: u32::from_le_bytes(bytes[0..4].try_into().ok()?),
+        blocks: u32::from_le_bytes(bytes[4..8].try_into().ok()?),
+        tag: bytes[8..].to_vec(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_and_bad_ones_are_refused() {
+        let arrival = decode_notice("p", &encode_notice(3, 1538, b"req-7")).unwrap();
+        assert_eq!(
+            arrival,
+            Arrival {
+                peer: "p".into(),
+                tag: b"req-7".to_vec(),
+                layer: 3,
+                blocks: 1538
+            }
+        );
+        assert!(decode_notice("p", &[0; 7]).is_none());
+        assert!(decode_notice("p", &vec![0; 8 + crate::transport::MAX_TAG_BYTES + 1]).is_none());
+    }
+}
