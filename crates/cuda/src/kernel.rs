@@ -52,11 +52,22 @@ impl Gpu {
                 c"kvt_copy_segments".as_ptr(),
             )
         };
+        let mut runs_function: CUfunction = std::ptr::null_mut();
+        // SAFETY: a loaded module (or null when loading failed: then rc above is an error
+        // and the lookup's own result is ignored) and a NUL-terminated name.
+        let runs_rc = unsafe {
+            (self.cuda.api.module_get_function)(
+                &mut runs_function,
+                module,
+                c"kvt_copy_runs".as_ptr(),
+            )
+        };
         // Made before the check so that the module is unloaded on failure too.
         let kernel = CopyKernel {
             gpu: Arc::clone(self),
             module,
             function,
+            runs_function: (runs_rc == 0 && !runs_function.is_null()).then_some(runs_function),
             threads: threads.max(1),
             segments_per_block: segments_per_block.max(1),
         };
@@ -70,6 +81,8 @@ pub struct CopyKernel {
     gpu: Arc<Gpu>,
     module: CUmodule,
     function: CUfunction,
+    /// `kvt_copy_runs`, when the PTX has it.
+    runs_function: Option<CUfunction>,
     threads: c_uint,
     segments_per_block: c_uint,
 }
@@ -125,6 +138,76 @@ impl CopyKernel {
     }
 }
 
+/// Where each kind of a layer is for [`CopyKernel::launch_runs`] (the kernel's `Kinds`):
+/// this side's region, the peer's, and the kind's block size; up to 4 kinds (K, V,
+/// K-scale, V-scale).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunKinds {
+    pub local: [u64; 4],
+    pub remote: [u64; 4],
+    pub block_bytes: [u64; 4],
+}
+
+impl CopyKernel {
+    /// Whether this kernel has the runs entry ([`CopyKernel::launch_runs`]).
+    pub fn has_runs(&self) -> bool {
+        self.runs_function.is_some()
+    }
+
+    /// Queues one launch that copies `nruns` runs for each of `kinds` kinds: run `r`
+    /// (three u32 at `runs + 12r`: local block, remote block, blocks) of kind `k` copies
+    /// `blocks × block_bytes[k]` bytes from `local[k] + local block × block_bytes[k]` to
+    /// `remote[k] + remote block × block_bytes[k]`.
+    ///
+    /// # Safety
+    /// As for [`CopyKernel::launch`]: the runs table (in memory the GPU can read) and every
+    /// range it names stay valid and unmodified until the stream has been synchronized;
+    /// copies must not overlap; `kinds` ≤ 4; the stream is of this kernel's context, which
+    /// is current. Panics if the kernel has no runs entry.
+    pub unsafe fn launch_runs(
+        &self,
+        stream: &Stream,
+        runs: u64,
+        nruns: u32,
+        kinds: u32,
+        places: &RunKinds,
+    ) -> Result<(), CudaError> {
+        let function = self.runs_function.expect("launch_runs needs kvt_copy_runs");
+        let segments = nruns.saturating_mul(kinds);
+        if segments == 0 {
+            return Ok(());
+        }
+        let (mut runs, mut nruns, mut kinds, mut places) = (runs, nruns, kinds, *places);
+        let mut params: [*mut c_void; 4] = [
+            (&mut runs as *mut u64).cast(),
+            (&mut nruns as *mut u32).cast(),
+            (&mut kinds as *mut u32).cast(),
+            (&mut places as *mut RunKinds).cast(),
+        ];
+        // SAFETY: `params` points at four live values matching the kernel's parameters
+        // (u64, u32, u32, the 96-byte Kinds struct), read during the call; the memory
+        // contract is the caller's.
+        self.gpu.cuda.check("cuLaunchKernel", unsafe {
+            (self.gpu.cuda.api.launch_kernel)(
+                function,
+                segments
+                    .div_ceil(self.segments_per_block)
+                    .min(COPY_MAX_BLOCKS),
+                1,
+                1,
+                self.threads,
+                1,
+                1,
+                0,
+                stream.raw,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
 impl Drop for CopyKernel {
     fn drop(&mut self) {
         let _current = self.gpu.scoped();
@@ -143,5 +226,6 @@ mod tests {
         assert!(PTX.ends_with('\0'));
         assert_eq!(PTX.matches('\0').count(), 1);
         assert!(PTX.contains(".visible .entry kvt_copy_segments("));
+        assert!(PTX.contains(".visible .entry kvt_copy_runs("));
     }
 }

@@ -39,7 +39,7 @@ mod sys;
 pub use context::{CurrentGuard, Gpu};
 pub use dmabuf::DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED;
 pub use error::{CudaError, LoadError};
-pub use kernel::CopyKernel;
+pub use kernel::{CopyKernel, RunKinds};
 pub use library::{Cuda, LIBCUDA_SONAME};
 pub use memory::{DeviceBuffer, PinnedBuffer};
 pub use pointer::{PointerInfo, ERROR_INVALID_CONTEXT};

@@ -43,6 +43,8 @@ impl BlockIds<'_> {
 }
 
 /// `blocks` consecutive blocks starting at `local_block` here and `remote_block` on the peer.
+/// `repr(C)`: three u32, as the copy kernel's runs entry reads them.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     pub local_block: u32,

@@ -10,7 +10,8 @@
 //! [`CopySettings`] turns the kernel and the batch API off. Completion is the caller's:
 //! record an [`Event`] after a submission, or [`CopyQueue::synchronize`].
 
-use kvtransfer_cuda::{CopyKernel, CudaError, Event, Gpu, PinnedBuffer, Stream};
+use crate::plan::Run;
+use kvtransfer_cuda::{CopyKernel, CudaError, Event, Gpu, PinnedBuffer, RunKinds, Stream};
 use std::sync::Arc;
 
 /// Copies per submission at most that the kernel takes (a [`Descriptors`] table's size);
@@ -207,51 +208,50 @@ impl CopyQueue {
         result
     }
 
-    /// Whether `n` copies would go through the kernel as one launch whatever their sizes
-    /// (the kernel is loaded and takes every average, and `n` fits a descriptor table):
-    /// then [`CopyQueue::launch_filled`] can take them without gathering.
-    pub fn takes_directly(&self, n: usize) -> bool {
-        self.kernel.is_some()
+    /// Whether `runs` planned runs of `kinds` kinds go through one launch of the kernel's
+    /// runs entry ([`CopyQueue::launch_runs`]): the kernel is loaded with that entry and
+    /// takes every average, and the runs fit a descriptor table.
+    pub fn takes_runs(&self, runs: usize, kinds: u32) -> bool {
+        self.kernel.as_ref().is_some_and(CopyKernel::has_runs)
             && self.kernel_below_average_bytes == usize::MAX
-            && n > 1
-            && n <= MAX_COPIES_PER_SUBMIT
+            && (1..=4).contains(&kinds)
+            && runs * kinds as usize > 1
+            && runs * std::mem::size_of::<Run>() <= 3 * 8 * MAX_COPIES_PER_SUBMIT
     }
 
-    /// One kernel launch for `n` copies that `fill` writes straight into `desc`'s three
-    /// tables (destinations, sources, sizes; `n` entries each): no gathering, no second
-    /// copy of the descriptors. Only when [`CopyQueue::takes_directly`]`(n)`.
+    /// One launch for `runs` of every kind in `places` (`kinds` of them): the runs are
+    /// copied into `desc` as they are (12 bytes each), nothing per kind or per copy is
+    /// built on the host. Only when [`CopyQueue::takes_runs`].
     ///
     /// # Safety
-    /// As for [`CopyQueue::submit`], for every copy `fill` writes; `fill` must write all
-    /// `n` entries of the three tables.
-    pub unsafe fn launch_filled(
+    /// As for [`CopyQueue::submit`], for every copy the runs name.
+    pub unsafe fn launch_runs(
         &mut self,
         desc: &mut Descriptors,
-        n: usize,
-        fill: impl FnOnce(&mut [u64], &mut [u64], &mut [u64]),
+        runs: &[Run],
+        kinds: u32,
+        places: &RunKinds,
     ) -> Result<(), CudaError> {
-        assert!(self.takes_directly(n), "launch_filled for {n} copies");
-        let base = desc.buf.as_mut_ptr().cast::<u64>();
-        // SAFETY: the table holds 3 × MAX_COPIES_PER_SUBMIT u64 (8-byte aligned pinned
-        // memory), n <= MAX_COPIES_PER_SUBMIT, and no launch reads it now (caller's
-        // contract); the three slices do not overlap.
-        let (dsts, srcs, sizes) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(base, n),
-                std::slice::from_raw_parts_mut(base.add(MAX_COPIES_PER_SUBMIT), n),
-                std::slice::from_raw_parts_mut(base.add(2 * MAX_COPIES_PER_SUBMIT), n),
+        assert!(
+            self.takes_runs(runs.len(), kinds),
+            "launch_runs for {} runs",
+            runs.len()
+        );
+        let base = desc.buf.as_mut_ptr();
+        // SAFETY: the table holds 3 × 8 × MAX_COPIES_PER_SUBMIT bytes and the runs fit
+        // (takes_runs); `Run` is repr(C) plain data; no launch reads the table now
+        // (caller's contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                runs.as_ptr().cast::<u8>(),
+                base,
+                std::mem::size_of_val(runs),
             )
         };
-        fill(dsts, srcs, sizes);
-        let at = base as u64;
-        let step = (MAX_COPIES_PER_SUBMIT * 8) as u64;
-        let kernel = self
-            .kernel
-            .as_ref()
-            .expect("takes_directly checked the kernel");
-        // SAFETY: descriptors of n copies in mapped pinned memory, untouched until the
-        // launch has completed; the copies' memory contract is the caller's.
-        unsafe { kernel.launch(&self.stream, at, at + step, at + 2 * step, n as u32) }
+        let kernel = self.kernel.as_ref().expect("takes_runs checked the kernel");
+        // SAFETY: the runs table in mapped pinned memory, untouched until the launch has
+        // completed; the copies' memory contract is the caller's.
+        unsafe { kernel.launch_runs(&self.stream, base as u64, runs.len() as u32, kinds, places) }
     }
 
     /// Marks the point after everything submitted so far.

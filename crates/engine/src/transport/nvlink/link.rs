@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors};
 use crate::layout::RegionTable;
 use crate::transport::{fail, for_each_copy, Done, Link, TransportKind, WriteJob};
-use kvtransfer_cuda::{Event, Gpu};
+use kvtransfer_cuda::{Event, Gpu, RunKinds};
 use std::collections::VecDeque;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -298,28 +298,19 @@ impl Link for NvlinkLink {
             let copies = &mut submitter.copies;
             let table = &shared.table;
             let kinds = table.layout.kinds();
-            let n = job.runs.len() * kinds as usize;
-            if copies.takes_directly(n) {
-                // The hot path: descriptors written straight into the slot's table, one
-                // tight loop per kind (K, V, scales), then one launch.
-                // SAFETY: the copy contract above; `fill` writes all n entries.
-                unsafe {
-                    copies.launch_filled(&mut slot.desc, n, |dsts, srcs, sizes| {
-                        let mut at = 0;
-                        for kind in 0..kinds {
-                            let region = (job.layer * kinds + kind) as usize;
-                            let local = table.regions()[region].addr;
-                            let remote = shared.bases[region];
-                            let block_bytes = table.layout.kind_block_bytes(kind);
-                            for run in job.runs.iter() {
-                                dsts[at] = remote + u64::from(run.remote_block) * block_bytes;
-                                srcs[at] = local + u64::from(run.local_block) * block_bytes;
-                                sizes[at] = u64::from(run.blocks) * block_bytes;
-                                at += 1;
-                            }
-                        }
-                    })
-                }?;
+            if copies.takes_runs(job.runs.len(), kinds) {
+                // The hot path: the planned runs go to the kernel as they are, with where
+                // each kind of this layer is on both sides.
+                let mut places = RunKinds::default();
+                for kind in 0..kinds {
+                    let region = (job.layer * kinds + kind) as usize;
+                    let k = kind as usize;
+                    places.local[k] = table.regions()[region].addr;
+                    places.remote[k] = shared.bases[region];
+                    places.block_bytes[k] = table.layout.kind_block_bytes(kind);
+                }
+                // SAFETY: the copy contract above.
+                unsafe { copies.launch_runs(&mut slot.desc, &job.runs, kinds, &places) }?;
             } else {
                 let bases = &shared.bases;
                 for_each_copy(table, job.layer, &job.runs, |op| {
