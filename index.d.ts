@@ -60,6 +60,25 @@ export declare class NativeCommunicator {
   close(): Promise<void>
 }
 
+/**
+ * GPU memory for demos, benchmarks and tests (`DeviceMemory` in the package): one
+ * allocation, zeroed; `write`/`read` copy synchronously.
+ */
+export declare class NativeDeviceMemory {
+  /** `bytes` of zeroed memory on GPU `gpuIdx` (the CUDA driver is loaded now, not before). */
+  static alloc(gpuIdx: number, bytes: number): NativeDeviceMemory
+  /** The device address (for `localKeyCache` / `localValueCache`). */
+  get address(): bigint
+  get bytes(): number
+  get gpu(): number
+  /** Copies `data` to byte `offset`. */
+  write(offset: number, data: Buffer): void
+  /** `length` bytes from byte `offset`. */
+  read(offset: number, length: number): Buffer
+  /** Frees the memory (again: nothing). */
+  free(): void
+}
+
 /** A block list validated and planned once for one peer (`prepareBlocks`). */
 export declare class NativePreparedBlocks {
   /** The peer (`host:port`) the list was prepared for. */
@@ -161,3 +180,9 @@ export interface NativeStats {
   timedCalls: number
   processThreads: number
 }
+
+/**
+ * GB/s of one large device-to-device copy from GPU `srcGpu` to `dstGpu` (best of `reps`):
+ * the NVLink bench's reference. Runs on a worker thread.
+ */
+export declare function peerCopyGbps(srcGpu: number, dstGpu: number, bytes: number, reps: number): Promise<number>

@@ -836,5 +836,7 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeCommunicator = nativeBinding.NativeCommunicator
+module.exports.NativeDeviceMemory = nativeBinding.NativeDeviceMemory
 module.exports.NativePreparedBlocks = nativeBinding.NativePreparedBlocks
 module.exports.errorCodes = nativeBinding.errorCodes
+module.exports.peerCopyGbps = nativeBinding.peerCopyGbps

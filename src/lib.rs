@@ -687,3 +687,103 @@ impl NativeCommunicator {
         })
     }
 }
+
+/// GPU memory for demos, benchmarks and tests (`DeviceMemory` in the package): one
+/// allocation, zeroed; `write`/`read` copy synchronously.
+#[napi]
+pub struct NativeDeviceMemory {
+    inner: Option<kvtransfer_engine::DeviceMemory>,
+}
+
+#[napi]
+impl NativeDeviceMemory {
+    /// `bytes` of zeroed memory on GPU `gpuIdx` (the CUDA driver is loaded now, not before).
+    #[napi(factory)]
+    pub fn alloc(gpu_idx: u32, bytes: f64) -> Result<NativeDeviceMemory, Code> {
+        if !(bytes.is_finite() && bytes >= 1.0 && bytes.fract() == 0.0 && bytes <= 2f64.powi(53)) {
+            return Err(invalid(
+                "bytes",
+                format!("{bytes} given; a whole number of bytes, at least 1"),
+            ));
+        }
+        let inner =
+            kvtransfer_engine::DeviceMemory::alloc(gpu_idx, bytes as u64).map_err(to_js_error)?;
+        Ok(NativeDeviceMemory { inner: Some(inner) })
+    }
+
+    fn memory(&self) -> Result<&kvtransfer_engine::DeviceMemory, Code> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| invalid("DeviceMemory", "used after free()"))
+    }
+
+    /// The device address (for `localKeyCache` / `localValueCache`).
+    #[napi(getter)]
+    pub fn address(&self) -> Result<BigInt, Code> {
+        Ok(BigInt::from(self.memory()?.address()))
+    }
+
+    #[napi(getter)]
+    pub fn bytes(&self) -> Result<f64, Code> {
+        Ok(self.memory()?.bytes() as f64)
+    }
+
+    #[napi(getter)]
+    pub fn gpu(&self) -> Result<u32, Code> {
+        Ok(self.memory()?.gpu())
+    }
+
+    /// Copies `data` to byte `offset`.
+    #[napi]
+    pub fn write(&self, offset: f64, data: Buffer) -> Result<(), Code> {
+        let offset = byte_offset(offset)?;
+        self.memory()?.write(offset, &data).map_err(to_js_error)
+    }
+
+    /// `length` bytes from byte `offset`.
+    #[napi]
+    pub fn read(&self, offset: f64, length: f64) -> Result<Buffer, Code> {
+        let offset = byte_offset(offset)?;
+        let length = byte_offset(length)?;
+        let length = usize::try_from(length)
+            .map_err(|_| invalid("length", format!("{length} given; too large")))?;
+        Ok(self
+            .memory()?
+            .read(offset, length)
+            .map_err(to_js_error)?
+            .into())
+    }
+
+    /// Frees the memory (again: nothing).
+    #[napi]
+    pub fn free(&mut self) {
+        self.inner = None;
+    }
+}
+
+fn byte_offset(value: f64) -> Result<u64, Code> {
+    if value.is_finite() && value >= 0.0 && value.fract() == 0.0 && value <= 2f64.powi(53) {
+        Ok(value as u64)
+    } else {
+        Err(invalid(
+            "offset",
+            format!("{value} given; a whole number of bytes, 0 or more"),
+        ))
+    }
+}
+
+/// GB/s of one large device-to-device copy from GPU `srcGpu` to `dstGpu` (best of `reps`):
+/// the NVLink bench's reference. Runs on a worker thread.
+#[napi(ts_return_type = "Promise<number>")]
+pub fn peer_copy_gbps<'env>(
+    env: &'env Env,
+    src_gpu: u32,
+    dst_gpu: u32,
+    bytes: f64,
+    reps: u32,
+) -> Result<PromiseRaw<'env, f64>, Code> {
+    let bytes = byte_offset(bytes)?;
+    on_thread(env, "kvt-ceiling", "the link ceiling".into(), move || {
+        kvtransfer_engine::peer_copy_gbps(src_gpu, dst_gpu, bytes, reps)
+    })
+}

@@ -29,7 +29,9 @@ Grid:
   --layers N           layers, each with K and V regions (default 2)
   --scales BYTES       fp8 scale caches: K-scale and V-scale regions of BYTES per block (default 0: none);
                        GB/s counts K+V+scale bytes
-  --transport T        tcp | rdma (default tcp)
+  --transport T        tcp | rdma | nvlink (default tcp)
+  --src-gpu N          prefill regions in GPU N's memory (nvlink: default 0)
+  --dst-gpu N          decode regions in GPU N's memory (nvlink: default 0; 1 for GPU0→GPU1)
   --pattern P          scattered (random permutations) | contiguous (default scattered)
   --contiguous         same as --pattern contiguous
   --duration SECONDS   timed run per size (default 2)
@@ -44,6 +46,7 @@ Reference:
   --gid-index N        GID index for ib_write_bw (default KVCACHE_RDMA_GID_INDEX, else 3)
   --perftest-iters N   ib_write_bw -n (default 5000; 0: no ib_write_bw reference)
   --perftest-port N    ib_write_bw -p (default 18515)
+  (nvlink: the reference is one 512 MiB device-to-device copy between the two GPUs)
 
 Two hosts:
   --listen PORT        run the decode agent on PORT (on the decode host)
@@ -82,6 +85,8 @@ async function bench(argv: string[]): Promise<number> {
       layers: { type: 'string' },
       scales: { type: 'string' },
       transport: { type: 'string' },
+      'src-gpu': { type: 'string' },
+      'dst-gpu': { type: 'string' },
       pattern: { type: 'string' },
       contiguous: { type: 'boolean' },
       duration: { type: 'string' },
@@ -113,8 +118,10 @@ async function bench(argv: string[]): Promise<number> {
     return 0
   }
   const transport = values.transport ?? 'tcp'
-  if (transport !== 'tcp' && transport !== 'rdma')
-    throw new UsageError(`--transport expects tcp or rdma, got '${transport}'`)
+  if (transport !== 'tcp' && transport !== 'rdma' && transport !== 'nvlink')
+    throw new UsageError(`--transport expects tcp, rdma or nvlink, got '${transport}'`)
+  const gpu = (name: 'src-gpu' | 'dst-gpu') =>
+    values[name] === undefined ? (transport === 'nvlink' ? 0 : undefined) : integer(name, values[name], 0, 0)
   const pattern = values.contiguous ? 'contiguous' : (values.pattern ?? 'scattered')
   if (pattern !== 'scattered' && pattern !== 'contiguous')
     throw new UsageError(`--pattern expects scattered or contiguous, got '${pattern}'`)
@@ -149,8 +156,12 @@ async function bench(argv: string[]): Promise<number> {
     gidIndex: values['gid-index'] === undefined ? undefined : integer('gid-index', values['gid-index'], 3, 0),
     perftestIterations: integer('perftest-iters', values['perftest-iters'], 5000, 0),
     perftestPort: integer('perftest-port', values['perftest-port'], 18515),
+    srcGpu: gpu('src-gpu'),
+    dstGpu: gpu('dst-gpu'),
     progress: !values.quiet,
   }
+  if ((options.srcGpu !== undefined || options.dstGpu !== undefined) && options.scales > 0)
+    throw new UsageError('--scales with GPU regions (--src-gpu, --dst-gpu, nvlink) is not supported by the bench')
   const maxBytes = options.batch * Math.max(...sizes)
   if (maxBytes > 2 ** 32) throw new UsageError(`--batch × largest size = ${maxBytes} bytes per region; at most 4 GiB`)
 
@@ -178,13 +189,23 @@ async function bench(argv: string[]): Promise<number> {
     console.log(
       `reference: plain TCP stream walking the cache regions:     ${stream.gbps.toFixed(2)} GB/s (the ratio's reference)`,
     )
+  if (report.reference.link)
+    console.log(
+      `reference: ${report.reference.link.note}: ${report.reference.link.gbps.toFixed(1)} GB/s (the ratio's reference)`,
+    )
+  if (options.srcGpu !== undefined || options.dstGpu !== undefined)
+    console.log(
+      `regions: prefill on GPU ${options.srcGpu ?? '-'}, decode on GPU ${options.dstGpu ?? '-'} (device memory)`,
+    )
   if (report.reference.skipped) console.log(`reference: ${report.reference.skipped}`)
   for (const p of report.reference.perftest ?? []) {
     if (p.gbps !== undefined)
       console.log(`reference: ib_write_bw -s ${p.size}: ${(p.gbps * 1000).toFixed(1)} MB/s  [${p.raw ?? ''}]`)
     else console.log(`reference: ib_write_bw -s ${p.size}: ${p.skipped ?? 'no figure'}`)
   }
-  const env = Object.entries(process.env).filter(([k]) => k.startsWith('KVCACHE_RDMA') || k.startsWith('KVCACHE_BENCH'))
+  const env = Object.entries(process.env).filter(
+    ([k]) => k.startsWith('KVCACHE_RDMA') || k.startsWith('KVCACHE_BENCH') || k.startsWith('KVCACHE_CUDA'),
+  )
   if (env.length > 0) console.log(`env: ${env.map(([k, v]) => `${k}=${v}`).join(' ')}`)
   console.log(formatTable(report))
   for (const r of report.results) {

@@ -6,6 +6,7 @@
 export { RDMACommunicator } from './communicator'
 export { KvTransferError } from './errors'
 export { PreparedBlocks } from './prepared'
+export { DeviceMemory } from './device-memory'
 export type { KvTransferErrorCode } from './errors'
 export type {
   BlockIds,

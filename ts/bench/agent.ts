@@ -7,13 +7,16 @@ import * as os from 'node:os'
 import { RDMACommunicator } from '../index'
 import { Channel, type Json } from './channel'
 import { type BenchTransport, digest, errorText, findOnPath, listen, machineInfo } from './common'
+import { allocRegions, hostBuffers, type Region } from './regions'
 import { type PerftestServer, type PerftestSettings, startPerftestServer, stopPerftestServer } from './perftest'
 
 interface AgentState {
   layers: number
   blocks: number
-  keys: Buffer[]
-  values: Buffer[]
+  /** The GPU of the decode regions (`--dst-gpu`); host memory when absent. */
+  gpu?: number
+  keys: Region[]
+  values: Region[]
   comm?: RDMACommunicator
   blockBytes: number
   perftest?: PerftestServer
@@ -27,9 +30,10 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
       const bytes = state.blocks * Number(message.maxBlockBytes)
       // Touched now (fill), so that neither the reference stream nor the first size pays
       // first-touch page faults that a resident KV cache would not have.
-      const alloc = () => Array.from({ length: state.layers }, () => Buffer.allocUnsafe(bytes).fill(0))
-      state.keys = alloc()
-      state.values = alloc()
+      state.gpu = message.gpu === undefined || message.gpu === null ? undefined : Number(message.gpu)
+      for (const region of [...(state.keys ?? []), ...(state.values ?? [])]) region.free()
+      state.keys = allocRegions(state.layers, bytes, state.gpu, false)
+      state.values = allocRegions(state.layers, bytes, state.gpu, false)
       return { ok: true, host: os.hostname(), machine: machineInfo() }
     }
     case 'setup': {
@@ -38,16 +42,16 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
       const blockBytes = Number(message.blockBytes)
       const used = state.blocks * blockBytes
       // Zero the part in use so that stale bytes from an earlier size cannot pass verification.
-      for (const region of [...state.keys, ...state.values]) region.fill(0, 0, used)
+      for (const region of [...state.keys, ...state.values]) region.zero(used)
       const scaleBlockBytes = Number(message.scaleBlockBytes ?? 0)
       const scaleRegions = () =>
         scaleBlockBytes > 0 ? state.keys.map(() => Buffer.alloc(state.blocks * scaleBlockBytes)) : []
       const comm = new RDMACommunicator({
         role: 'decode',
-        gpuIdx: 0,
+        gpuIdx: state.gpu ?? 0,
         port: 0,
-        localKeyCache: state.keys.map((r) => r.subarray(0, used)),
-        localValueCache: state.values.map((r) => r.subarray(0, used)),
+        localKeyCache: state.keys.map((r) => r.cache(used)),
+        localValueCache: state.values.map((r) => r.cache(used)),
         keyScaleCache: scaleRegions(),
         valueScaleCache: scaleRegions(),
         scaleBlockBytes,
@@ -66,7 +70,7 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
       let bad = 0
       for (const [layer, kind, remote, expected] of samples) {
         const region = (kind === 0 ? state.keys : state.values)[layer]
-        const got = digest(region.subarray(remote * state.blockBytes, (remote + 1) * state.blockBytes))
+        const got = digest(region.bytes(remote * state.blockBytes, state.blockBytes))
         if (got !== expected) {
           bad++
           if (mismatches.length < 5) mismatches.push(`layer ${layer} ${kind === 0 ? 'K' : 'V'} block ${remote}`)
@@ -86,7 +90,7 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
       const chunk = 4 * 2 ** 20
       const hot = Buffer.allocUnsafe(chunk)
       const slices = message.walk
-        ? [...state.keys, ...state.values].flatMap((r) =>
+        ? hostBuffers([...state.keys, ...state.values]).flatMap((r) =>
             Array.from({ length: Math.floor(r.length / chunk) }, (_, i) => r.subarray(i * chunk, (i + 1) * chunk)),
           )
         : []

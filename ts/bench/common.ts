@@ -41,6 +41,10 @@ export interface BenchOptions {
   gidIndex?: number
   perftestIterations: number
   perftestPort: number
+  /** GPU of the prefill regions (device memory; NVLink, or GPU regions over TCP/RDMA). */
+  srcGpu?: number
+  /** GPU of the decode regions. */
+  dstGpu?: number
   progress: boolean
 }
 
@@ -76,6 +80,8 @@ export interface BenchReport {
     streamHot?: { gbps: number; bytes: number; seconds: number; chunkBytes: number; note: string }
     /** ib_write_bw per size; `raw`: the header and data row parsed (or why not). */
     perftest?: Array<{ size: number; gbps?: number; raw?: string; skipped?: string }>
+    /** NVLink: one large device-to-device copy between the two GPUs (the link's ceiling). */
+    link?: { gbps: number; bytes: number; note: string }
     skipped?: string
   }
   results: SizeResult[]

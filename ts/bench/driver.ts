@@ -6,7 +6,10 @@ import { fork } from 'node:child_process'
 import { randomFillSync } from 'node:crypto'
 import * as net from 'node:net'
 import * as path from 'node:path'
+import { peerCopyGbps } from '../../index.js'
 import { RDMACommunicator } from '../index'
+import { nativeAsync } from '../errors'
+import { allocRegions, hostBuffers, type Region } from './regions'
 import { type Agent, Channel } from './channel'
 import {
   type BenchOptions,
@@ -75,7 +78,7 @@ async function referenceStream(agent: Agent, ms: number, progress: Progress, pre
   server.close()
   socket.setNoDelay(true)
   const slices = walk
-    ? [...prefill.keys, ...prefill.values].flatMap((r) =>
+    ? hostBuffers([...prefill.keys, ...prefill.values]).flatMap((r) =>
         Array.from({ length: Math.floor(r.length / chunkBytes) }, (_, i) =>
           r.subarray(i * chunkBytes, (i + 1) * chunkBytes),
         ),
@@ -108,8 +111,8 @@ async function referenceStream(agent: Agent, ms: number, progress: Progress, pre
 }
 
 interface Prefill {
-  keys: Buffer[]
-  values: Buffer[]
+  keys: Region[]
+  values: Region[]
 }
 
 async function benchSize(
@@ -131,10 +134,10 @@ async function benchSize(
   const used = options.batch * blockBytes
   const comm = new RDMACommunicator({
     role: 'prefill',
-    gpuIdx: 0,
+    gpuIdx: options.srcGpu ?? 0,
     port: 0,
-    localKeyCache: prefill.keys.map((r) => r.subarray(0, used)),
-    localValueCache: prefill.values.map((r) => r.subarray(0, used)),
+    localKeyCache: prefill.keys.map((r) => r.cache(used)),
+    localValueCache: prefill.values.map((r) => r.cache(used)),
     keyScaleCache: scaleRegions(),
     valueScaleCache: scaleRegions(),
     scaleBlockBytes: options.scales,
@@ -192,12 +195,7 @@ async function benchSize(
       const kind = Math.floor(index / options.batch) % 2
       const i = index % options.batch
       const region = (kind === 0 ? prefill.keys : prefill.values)[layer]
-      samples.push([
-        layer,
-        kind,
-        remote[i],
-        digest(region.subarray(local[i] * blockBytes, (local[i] + 1) * blockBytes)),
-      ])
+      samples.push([layer, kind, remote[i], digest(region.bytes(local[i] * blockBytes, blockBytes))])
     }
     const verdict = (await agent.channel.call({ op: 'verify', samples })) as {
       checked: number
@@ -236,11 +234,12 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       layers: options.layers,
       blocks: options.batch,
       maxBlockBytes,
+      gpu: options.dstGpu,
     })) as { host: string }
     const bytes = options.batch * maxBlockBytes
     const prefill: Prefill = {
-      keys: Array.from({ length: options.layers }, () => randomFillSync(Buffer.allocUnsafe(bytes))),
-      values: Array.from({ length: options.layers }, () => randomFillSync(Buffer.allocUnsafe(bytes))),
+      keys: allocRegions(options.layers, bytes, options.srcGpu, true),
+      values: allocRegions(options.layers, bytes, options.srcGpu, true),
     }
     const { progress: _progress, ...recorded } = options
     const report: BenchReport = {
@@ -253,7 +252,16 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       results: [],
       ok: true,
     }
-    if (options.transport === 'tcp') {
+    if (options.transport === 'nvlink') {
+      progress.update('[setup] link ceiling (one 512 MiB device-to-device copy)', true)
+      const src = options.srcGpu ?? 0
+      const dst = options.dstGpu ?? 0
+      report.reference.link = {
+        gbps: await nativeAsync(peerCopyGbps(src, dst, 512 * 2 ** 20, 5)),
+        bytes: 512 * 2 ** 20,
+        note: `one cuMemcpyAsync of 512 MiB from GPU ${src} to GPU ${dst} (best of 5): the link's ceiling`,
+      }
+    } else if (options.transport === 'tcp') {
       if (options.streamMs > 0) {
         report.reference.streamHot = await referenceStream(agent, options.streamMs, progress, prefill, false)
         report.reference.stream = await referenceStream(agent, options.streamMs, progress, prefill, true)
@@ -273,7 +281,9 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       const ref =
         options.transport === 'tcp'
           ? report.reference.stream?.gbps
-          : report.reference.perftest?.find((p) => p.size === blockBytes)?.gbps
+          : options.transport === 'nvlink'
+            ? report.reference.link?.gbps
+            : report.reference.perftest?.find((p) => p.size === blockBytes)?.gbps
       if (ref !== undefined && ref > 0) {
         result.referenceGbps = ref
         result.ratio = result.gbps / ref
@@ -282,6 +292,7 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
       report.results.push(result)
     }
     await agent.channel.call({ op: 'close' }).catch(() => undefined)
+    for (const region of [...prefill.keys, ...prefill.values]) region.free()
     return report
   } finally {
     progress.clear()

@@ -97,22 +97,37 @@ impl DeviceBuffer {
 
     /// Synchronous copy of `data` to the start of the buffer.
     pub fn copy_from_host(&self, data: &[u8]) -> Result<(), CudaError> {
+        self.copy_from_host_at(0, data)
+    }
+
+    /// Synchronous copy of `data` to byte `offset` of the buffer (panics past its end).
+    pub fn copy_from_host_at(&self, offset: usize, data: &[u8]) -> Result<(), CudaError> {
         assert!(
-            data.len() <= self.len,
+            offset
+                .checked_add(data.len())
+                .is_some_and(|end| end <= self.len),
             "copy past the end of the device buffer"
         );
         // SAFETY: the destination lies inside this allocation.
-        unsafe { self.gpu.copy_htod(self.ptr, data) }
+        unsafe { self.gpu.copy_htod(self.ptr + offset as u64, data) }
     }
 
     /// Synchronous copy of the buffer's first `out.len()` bytes into `out`.
     pub fn copy_to_host(&self, out: &mut [u8]) -> Result<(), CudaError> {
+        self.copy_to_host_at(0, out)
+    }
+
+    /// Synchronous copy of `out.len()` bytes from byte `offset` of the buffer (panics past
+    /// its end).
+    pub fn copy_to_host_at(&self, offset: usize, out: &mut [u8]) -> Result<(), CudaError> {
         assert!(
-            out.len() <= self.len,
+            offset
+                .checked_add(out.len())
+                .is_some_and(|end| end <= self.len),
             "copy past the end of the device buffer"
         );
         // SAFETY: the source lies inside this allocation.
-        unsafe { self.gpu.copy_dtoh(out, self.ptr) }
+        unsafe { self.gpu.copy_dtoh(out, self.ptr + offset as u64) }
     }
 
     /// Sets every byte to `value` (synchronously).

@@ -27,6 +27,7 @@ pub use engine::{
     Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics, PreparedBlocks, TransportDecision,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
+pub use gpu::{peer_copy_gbps, DeviceMemory};
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;

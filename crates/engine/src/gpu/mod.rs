@@ -1,13 +1,16 @@
 //! GPU memory in the engine, on top of the CUDA driver crate (`kvtransfer-cuda`):
 //! - [`regions`]: which registered regions are device memory ([`detect_region_memory`]);
+//! - [`DeviceMemory`]: GPU memory for demos, benchmarks and tests;
 //! - [`copy`]: queues of host↔device copies on a stream, batched, by the copy kernel or
 //!   the copy engines, for any transport (TCP staging uses them).
 //!
 //! The driver crate knows nothing of the engine; its errors become [`Error::Cuda`] here.
 
 pub mod copy;
+mod memory;
 pub mod regions;
 
+pub use memory::{peer_copy_gbps, DeviceMemory};
 pub use regions::detect_region_memory;
 
 use crate::error::Error;
