@@ -34,6 +34,7 @@ Grid:
   --dst-gpu N          decode regions in GPU N's memory (nvlink: default 0; 1 for GPU0→GPU1)
   --pattern P          scattered (random permutations) | contiguous (default scattered)
   --contiguous         same as --pattern contiguous
+  --prepared           plan the block list once (prepareBlocks) and write it per layer
   --duration SECONDS   timed run per size (default 2)
   --iterations N       timed calls per size (overrides --duration)
   --warmup N           extra untimed calls per size (default 2; every layer is written once anyway)
@@ -86,6 +87,7 @@ async function bench(argv: string[]): Promise<number> {
       scales: { type: 'string' },
       transport: { type: 'string' },
       'src-gpu': { type: 'string' },
+      prepared: { type: 'boolean' },
       'dst-gpu': { type: 'string' },
       pattern: { type: 'string' },
       contiguous: { type: 'boolean' },
@@ -156,6 +158,7 @@ async function bench(argv: string[]): Promise<number> {
     gidIndex: values['gid-index'] === undefined ? undefined : integer('gid-index', values['gid-index'], 3, 0),
     perftestIterations: integer('perftest-iters', values['perftest-iters'], 5000, 0),
     perftestPort: integer('perftest-port', values['perftest-port'], 18515),
+    prepared: values.prepared === true,
     srcGpu: gpu('src-gpu'),
     dstGpu: gpu('dst-gpu'),
     progress: !values.quiet,
@@ -178,7 +181,7 @@ async function bench(argv: string[]): Promise<number> {
   const report = await runBench(options)
   const m = report.machine
   console.log(
-    `kvtransfer bench: ${options.transport}, batch ${options.batch} ${options.pattern} ids, ${options.layers} layers × K+V, ` +
+    `kvtransfer bench: ${options.transport}, batch ${options.batch} ${options.pattern} ids${options.prepared ? ' (prepared)' : ''}, ${options.layers} layers × K+V, ` +
       `${options.concurrency} in flight; ${report.peer}`,
   )
   console.log(`machine: ${m.cpu} × ${m.cores} cores, ${m.memoryGiB} GiB, ${m.kernel}, node ${m.node}`)

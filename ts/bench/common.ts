@@ -41,6 +41,9 @@ export interface BenchOptions {
   gidIndex?: number
   perftestIterations: number
   perftestPort: number
+  /** Calls write a block list prepared once (`prepareBlocks`), as FastDeploy's cache
+   * messager writes the same ids for every layer. */
+  prepared: boolean
   /** GPU of the prefill regions (device memory; NVLink, or GPU regions over TCP/RDMA). */
   srcGpu?: number
   /** GPU of the decode regions. */

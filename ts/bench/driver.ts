@@ -152,7 +152,11 @@ async function benchSize(
         ? permutation(options.batch)
         : Uint32Array.from({ length: options.batch }, (_, i) => i)
     const remote = options.pattern === 'scattered' ? permutation(options.batch) : local
-    const call = (layer: number) => comm.writeCache(agent.host, setup.port, local, remote, layer)
+    const prepared = options.prepared ? comm.prepareBlocks(agent.host, setup.port, local, remote) : undefined
+    const call = (layer: number) =>
+      prepared
+        ? comm.writeCache(agent.host, setup.port, prepared, layer)
+        : comm.writeCache(agent.host, setup.port, local, remote, layer)
     // Warm-up: every layer once (so every block verified below was written), plus extra calls.
     for (let layer = 0; layer < options.layers; layer++) await call(layer)
     for (let i = 0; i < options.warmup; i++) await call(i % options.layers)

@@ -14,7 +14,7 @@ function fmtCount(value: number): string {
 }
 
 export function formatTable(report: BenchReport): string {
-  const refName = report.options.transport === 'rdma' ? 'ib_write_bw' : 'TCP stream'
+  const refName = { rdma: 'ib_write_bw', nvlink: 'link ceiling', tcp: 'TCP stream' }[report.options.transport]
   const header = ['block', 'GB/s', `${refName} GB/s`, 'ratio', 'blocks/s', 'calls/s', 'p50 ms', 'p99 ms', 'verified']
   const rows = report.results.map((r) => [
     formatSize(r.blockBytes),
