@@ -10,11 +10,11 @@
 //! `error <code> <message>`), `dump <path>` (every region, in order, into a file), `arrivals`
 //! (`<count> <tag,tag,...>`), `exit`.
 
+use gpu_support::{hex, unhex};
 use kvtransfer_cuda::{Allocation, Cuda, DeviceBuffer, Mapping, ShareableBuffer};
-use kvtransfer_engine::{Arrival, Engine, EngineOptions, Role};
+use kvtransfer_engine::{Arrival, Engine, Role};
 use std::io::{BufRead, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 #[path = "../tests/gpu_support/mod.rs"]
 mod gpu_support;
@@ -37,16 +37,6 @@ impl Region {
             Region::Split { mapping, .. } => mapping.ptr(),
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len() / 2)
-        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
-        .collect()
 }
 
 fn main() {
@@ -96,24 +86,17 @@ fn main() {
     let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
     let sink = Arc::clone(&arrivals);
     let addrs: Vec<u64> = regions.iter().map(Region::ptr).collect();
-    let engine = Engine::new(EngineOptions {
-        role: Role::Decode,
-        gpu_idx: gpu.ordinal(),
-        name: "nvlink-peer".into(),
-        keys: addrs.iter().step_by(2).copied().collect(),
-        values: addrs.iter().skip(1).step_by(2).copied().collect(),
-        block_number: blocks as u32,
-        block_bytes: block_bytes as u64,
-        key_scales: Vec::new(),
-        value_scales: Vec::new(),
-        scale_block_bytes: 0,
-        transport: std::env::var("KVT_PEER_TRANSPORT").ok(),
-        arrivals: Some(Arc::new(move |a| sink.lock().unwrap().push(a))),
-        connect_timeout: Duration::from_secs(10),
-        rdma_settings: None,
-        auth_token: None,
-    })
-    .expect("engine");
+    let mut options = gpu_support::engine_options(
+        Role::Decode,
+        gpu.ordinal(),
+        "nvlink-peer",
+        &addrs,
+        blocks,
+        block_bytes,
+        std::env::var("KVT_PEER_TRANSPORT").ok().as_deref(),
+    );
+    options.arrivals = Some(Arc::new(move |a| sink.lock().unwrap().push(a)));
+    let engine = Engine::new(options).expect("engine");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     writeln!(out, "ready").unwrap();

@@ -4,14 +4,14 @@
 //! --run), where a missing GPU, driver or peer binary fails them.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, Engine, EngineOptions, Role, TransportKind};
+use kvtransfer_engine::{BlockIds, Engine, Role, TransportKind};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod gpu_support;
-use gpu_support::{note, pattern, permutation, require_gpu, Mem};
+use gpu_support::{engine_options, hex, note, pattern, permutation, require_gpu, unhex, Mem};
 
 const KEY: &str = "decode:0";
 
@@ -37,16 +37,6 @@ fn peer_binary() -> std::path::PathBuf {
         }
     }
     panic!("the NVLink tests need examples/nvlink_peer next to the test binary (scripts/gpu-tests.sh builds it) or KVT_NVLINK_PEER");
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len() / 2)
-        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
-        .collect()
 }
 
 impl Peer {
@@ -153,23 +143,15 @@ fn prefill(
         .map(|c| Mem::new(Some(gpu), c.clone()))
         .collect();
     let addrs: Vec<u64> = regions.iter_mut().map(Mem::addr).collect();
-    let engine = Engine::new(EngineOptions {
-        role: Role::Prefill,
-        gpu_idx: gpu.ordinal(),
-        name: "nvlink-prefill".into(),
-        keys: addrs.iter().step_by(2).copied().collect(),
-        values: addrs.iter().skip(1).step_by(2).copied().collect(),
-        block_number: blocks as u32,
-        block_bytes: block_bytes as u64,
-        key_scales: Vec::new(),
-        value_scales: Vec::new(),
-        scale_block_bytes: 0,
-        transport: Some(transport.into()),
-        arrivals: None,
-        connect_timeout: Duration::from_secs(10),
-        rdma_settings: None,
-        auth_token: None,
-    })
+    let engine = Engine::new(engine_options(
+        Role::Prefill,
+        gpu.ordinal(),
+        "nvlink-prefill",
+        &addrs,
+        blocks,
+        block_bytes,
+        Some(transport),
+    ))
     .expect("prefill engine");
     Prefill {
         engine,
@@ -369,23 +351,15 @@ fn nvlink_two_engines_in_one_process() {
         .map(|c| Mem::new(Some(&decode_gpu), c.clone()))
         .collect();
     let addrs: Vec<u64> = decode_regions.iter_mut().map(Mem::addr).collect();
-    let decode = Engine::new(EngineOptions {
-        role: Role::Decode,
-        gpu_idx: decode_gpu.ordinal(),
-        name: "nvlink-decode".into(),
-        keys: addrs.iter().step_by(2).copied().collect(),
-        values: addrs.iter().skip(1).step_by(2).copied().collect(),
-        block_number: blocks as u32,
-        block_bytes: block_bytes as u64,
-        key_scales: Vec::new(),
-        value_scales: Vec::new(),
-        scale_block_bytes: 0,
-        transport: Some("nvlink".into()),
-        arrivals: None,
-        connect_timeout: Duration::from_secs(10),
-        rdma_settings: None,
-        auth_token: None,
-    })
+    let decode = Engine::new(engine_options(
+        Role::Decode,
+        decode_gpu.ordinal(),
+        "nvlink-decode",
+        &addrs,
+        blocks,
+        block_bytes,
+        Some("nvlink"),
+    ))
     .unwrap();
     let challenge = prefill.engine.auth_challenge(KEY).unwrap();
     let response = decode.auth_respond(&challenge).unwrap();
@@ -495,23 +469,16 @@ fn auto_falls_back_to_tcp_when_a_side_has_host_memory() {
     let (layers, blocks, block_bytes) = (1, 16, 1024);
     let prefill = prefill(&gpu, layers, blocks, block_bytes, "auto");
     let mut host: Vec<Vec<u8>> = vec![vec![0u8; blocks * block_bytes]; 2];
-    let decode = Engine::new(EngineOptions {
-        role: Role::Decode,
-        gpu_idx: 0,
-        name: "host-decode".into(),
-        keys: vec![host[0].as_mut_ptr() as u64],
-        values: vec![host[1].as_mut_ptr() as u64],
-        block_number: blocks as u32,
-        block_bytes: block_bytes as u64,
-        key_scales: Vec::new(),
-        value_scales: Vec::new(),
-        scale_block_bytes: 0,
-        transport: None,
-        arrivals: None,
-        connect_timeout: Duration::from_secs(10),
-        rdma_settings: None,
-        auth_token: None,
-    })
+    let addrs = [host[0].as_mut_ptr() as u64, host[1].as_mut_ptr() as u64];
+    let decode = Engine::new(engine_options(
+        Role::Decode,
+        0,
+        "host-decode",
+        &addrs,
+        blocks,
+        block_bytes,
+        None,
+    ))
     .unwrap();
     assert!(!decode.transports().contains(&TransportKind::Nvlink));
     let challenge = prefill.engine.auth_challenge(KEY).unwrap();
@@ -546,42 +513,31 @@ fn auto_falls_back_to_tcp_when_a_side_has_host_memory() {
     decode.close();
 }
 
-/// GB/s of `bytes_per_call` over calls issued with `depth` in flight, for at least ~0.3 s,
-/// µs per call, and µs per call spent in the synchronous part of `write_cache` (checks,
-/// planning, building and queueing the launch).
+/// Calls issued by `issue(i)` (call i writes layer i % layers), `depth` in flight, for at
+/// least ~0.3 s after 8 untimed ones: GB/s of `bytes_per_call`, µs per call, and µs per
+/// call spent in `issue` itself (the synchronous part: checks, planning, the launch).
 fn measure(
-    prefill: &Engine,
-    local: &[u32],
-    remote: &[u32],
-    layers: usize,
+    issue: impl Fn(usize) -> kvtransfer_engine::Completion,
     depth: usize,
     bytes_per_call: f64,
 ) -> (f64, f64, f64) {
-    let mut pending = std::collections::VecDeque::new();
     let in_call = std::cell::Cell::new(Duration::ZERO);
-    let issue = |i: usize| {
+    let timed = |i: usize| {
         let started = Instant::now();
-        let completion = prefill
-            .write_cache(
-                KEY,
-                BlockIds::U32(local),
-                BlockIds::U32(remote),
-                (i % layers) as f64,
-                None,
-            )
-            .unwrap();
+        let completion = issue(i);
         in_call.set(in_call.get() + started.elapsed());
         completion
     };
     for i in 0..8 {
-        block_on(issue(i)).unwrap().unwrap();
+        block_on(timed(i)).unwrap().unwrap();
     }
     in_call.set(Duration::ZERO);
+    let mut pending = std::collections::VecDeque::new();
     let started = Instant::now();
     let mut calls = 0usize;
     while started.elapsed() < Duration::from_millis(300) || calls < 20 {
         while pending.len() < depth {
-            pending.push_back(issue(calls));
+            pending.push_back(timed(calls));
             calls += 1;
         }
         block_on(pending.pop_front().unwrap()).unwrap().unwrap();
@@ -594,58 +550,6 @@ fn measure(
         calls as f64 * bytes_per_call / seconds / 1e9,
         seconds / calls as f64 * 1e6,
         in_call.get().as_secs_f64() / calls as f64 * 1e6,
-    )
-}
-
-/// [`measure`] with the block list prepared once (`prepare_blocks`) and written per layer,
-/// as FastDeploy's cache messager does (the same ids for every layer of a request).
-fn measure_prepared(
-    prefill: &Engine,
-    local: &[u32],
-    remote: &[u32],
-    layers: usize,
-    depth: usize,
-    bytes_per_call: f64,
-) -> (f64, f64) {
-    let prepared = prefill
-        .prepare_blocks(KEY, BlockIds::U32(local), BlockIds::U32(remote))
-        .unwrap();
-    let issue = |i: usize| {
-        let (sender, completion) = futures_channel::oneshot::channel();
-        prefill
-            .write_prepared_with_callback(
-                KEY,
-                &prepared,
-                (i % layers) as f64,
-                None,
-                None,
-                Box::new(move |result| {
-                    let _ = sender.send(result);
-                }),
-            )
-            .unwrap();
-        completion
-    };
-    let mut pending = std::collections::VecDeque::new();
-    for i in 0..8 {
-        block_on(issue(i)).unwrap().unwrap();
-    }
-    let started = Instant::now();
-    let mut calls = 0usize;
-    while started.elapsed() < Duration::from_millis(300) || calls < 20 {
-        while pending.len() < depth {
-            pending.push_back(issue(calls));
-            calls += 1;
-        }
-        block_on(pending.pop_front().unwrap()).unwrap().unwrap();
-    }
-    for completion in pending {
-        block_on(completion).unwrap().unwrap();
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    (
-        calls as f64 * bytes_per_call / seconds / 1e9,
-        seconds / calls as f64 * 1e6,
     )
 }
 
@@ -702,41 +606,65 @@ fn nvlink_bench_grid() {
             regions.push(buffer);
         }
         let addrs: Vec<u64> = regions.iter().map(|b| b.ptr()).collect();
-        let engine = Engine::new(EngineOptions {
-            role: Role::Prefill,
-            gpu_idx: 0,
-            name: "nvlink-bench".into(),
-            keys: addrs.iter().step_by(2).copied().collect(),
-            values: addrs.iter().skip(1).step_by(2).copied().collect(),
-            block_number: blocks as u32,
-            block_bytes: block_bytes as u64,
-            key_scales: Vec::new(),
-            value_scales: Vec::new(),
-            scale_block_bytes: 0,
-            transport: Some("nvlink".into()),
-            arrivals: None,
-            connect_timeout: Duration::from_secs(10),
-            rdma_settings: None,
-            auth_token: None,
-        })
+        let engine = Engine::new(engine_options(
+            Role::Prefill,
+            0,
+            "nvlink-bench",
+            &addrs,
+            blocks,
+            block_bytes,
+            Some("nvlink"),
+        ))
         .unwrap();
         let mut peer = Peer::spawn(peer_gpu, layers, blocks, block_bytes, "alloc", "zero");
         connect(&engine, &mut peer);
         let local = permutation(blocks, 11);
         let remote = permutation(blocks, 12);
         let bytes = (2 * blocks * block_bytes) as f64;
-        let (one, one_us, one_sync) = measure(&engine, &local, &remote, layers, 1, bytes);
-        let (four, four_us, four_sync) = measure(&engine, &local, &remote, layers, 4, bytes);
-        let (p_one, p_one_us) = measure_prepared(&engine, &local, &remote, layers, 1, bytes);
-        let (p_four, p_four_us) = measure_prepared(&engine, &local, &remote, layers, 4, bytes);
-        prepared.push_str(&format!(
-            "| {} KiB | {p_one:.1} | {p_one_us:.1} | {p_four:.1} | {p_four_us:.1} |\n",
-            block_bytes >> 10
-        ));
+        let plain = |i: usize| {
+            engine
+                .write_cache(
+                    KEY,
+                    BlockIds::U32(&local),
+                    BlockIds::U32(&remote),
+                    (i % layers) as f64,
+                    None,
+                )
+                .unwrap()
+        };
+        // The block list prepared once (`prepare_blocks`) and written per layer, as
+        // FastDeploy's cache messager does (the same ids for every layer of a request).
+        let list = engine
+            .prepare_blocks(KEY, BlockIds::U32(&local), BlockIds::U32(&remote))
+            .unwrap();
+        let prepared_call = |i: usize| {
+            let (sender, completion) = futures_channel::oneshot::channel();
+            engine
+                .write_prepared_with_callback(
+                    KEY,
+                    &list,
+                    (i % layers) as f64,
+                    None,
+                    None,
+                    Box::new(move |result| {
+                        let _ = sender.send(result);
+                    }),
+                )
+                .unwrap();
+            completion
+        };
+        let (one, one_us, one_sync) = measure(plain, 1, bytes);
+        let (four, four_us, four_sync) = measure(plain, 4, bytes);
         table.push_str(&format!(
             "| {} KiB | {one:.1} | {one_us:.1} ({one_sync:.1}) | {four:.1} | {four_us:.1} ({four_sync:.1}) | {:.2} |\n",
             block_bytes >> 10,
             four / ceiling
+        ));
+        let (p_one, p_one_us, _) = measure(prepared_call, 1, bytes);
+        let (p_four, p_four_us, _) = measure(prepared_call, 4, bytes);
+        prepared.push_str(&format!(
+            "| {} KiB | {p_one:.1} | {p_one_us:.1} | {p_four:.1} | {p_four_us:.1} |\n",
+            block_bytes >> 10
         ));
         engine.close();
         peer.exit();

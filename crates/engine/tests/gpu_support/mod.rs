@@ -113,10 +113,37 @@ pub fn side(
         .collect();
     let mut regions: Vec<Mem> = initial.iter().map(|c| Mem::new(gpu, c.clone())).collect();
     let addrs: Vec<u64> = regions.iter_mut().map(Mem::addr).collect();
-    let engine = Engine::new(EngineOptions {
+    let engine = Engine::new(engine_options(
         role,
-        gpu_idx: 0,
-        name: format!("{}-gpu-test", role.as_str()),
+        0,
+        &format!("{}-gpu-test", role.as_str()),
+        &addrs,
+        blocks,
+        block_bytes,
+        Some("tcp"),
+    ))
+    .expect("engine");
+    Side {
+        engine,
+        regions,
+        initial,
+    }
+}
+
+/// Options of an engine over `addrs` (layer-major, K then V), `blocks × block_bytes` each.
+pub fn engine_options(
+    role: Role,
+    gpu_idx: u32,
+    name: &str,
+    addrs: &[u64],
+    blocks: usize,
+    block_bytes: usize,
+    transport: Option<&str>,
+) -> EngineOptions {
+    EngineOptions {
+        role,
+        gpu_idx,
+        name: name.into(),
         keys: addrs.iter().step_by(2).copied().collect(),
         values: addrs.iter().skip(1).step_by(2).copied().collect(),
         block_number: blocks as u32,
@@ -124,18 +151,22 @@ pub fn side(
         key_scales: Vec::new(),
         value_scales: Vec::new(),
         scale_block_bytes: 0,
-        transport: Some("tcp".into()),
+        transport: transport.map(Into::into),
         arrivals: None,
         connect_timeout: Duration::from_secs(10),
         rdma_settings: None,
         auth_token: None,
-    })
-    .expect("engine");
-    Side {
-        engine,
-        regions,
-        initial,
     }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len() / 2)
+        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect()
 }
 
 pub fn connect(prefill: &Side, decode: &Side, key: &str) {
