@@ -138,8 +138,9 @@ pub trait Link: Send + Sync {
     fn shutdown(&self);
     /// Tears the connection down because of `error` (a timeout or an abort): when this
     /// returns, no byte of any pending job can still be sent (TCP: the connection was reset
-    /// and the writer stopped; RDMA: the queue pairs are destroyed), and every pending job
-    /// has failed with `error`.
+    /// and the writer stopped, and the receiver checks for the reset before every copy into
+    /// its regions, so not even a frame it had begun lands afterwards; RDMA: the queue pairs
+    /// are destroyed), and every pending job has failed with `error`.
     fn cancel(&self, error: Error);
     fn kind(&self) -> TransportKind;
     /// Longest run one job may carry (the planner splits longer ones).

@@ -89,6 +89,12 @@ impl FrameReader {
 
     /// Reads `len` bytes into raw memory at `dst`.
     ///
+    /// A writer that timed out or was aborted resets the connection before it reports the
+    /// failure, and none of its bytes may land afterwards, even those of a frame already
+    /// begun or already buffered here: the reset is checked before every copy into `dst`
+    /// (each piece taken from the staging buffer, each `readv` landing in place), so once
+    /// it is visible nothing more of the payload is written.
+    ///
     /// # Safety
     /// `dst..dst+len` must be writable memory that no Rust reference aliases.
     unsafe fn read_into(&mut self, dst: *mut u8, len: usize) -> std::io::Result<()> {
@@ -97,6 +103,7 @@ impl FrameReader {
         let mut done = 0;
         while done < len {
             if self.start < self.end {
+                sockopt::check_not_reset(self.stream.as_raw_fd())?;
                 let n = (self.end - self.start).min(len - done);
                 // SAFETY: source is initialized buffer bytes; destination is inside the
                 // caller's range (done + n <= len); the two never overlap (the buffer is ours).
@@ -229,9 +236,8 @@ fn receive_frames(
         match header.kind {
             frame::WRITE => {
                 // A writer that timed out or was aborted resets the connection before it
-                // reports the failure: bytes of it still queued here must not land.
-                sockopt::check_not_reset(reader.stream.as_raw_fd())
-                    .map_err(|e| format!("the writer reset the connection: {e}"))?;
+                // reports the failure: `read_into` checks for the reset before every copy,
+                // so bytes of it still queued or buffered here do not land.
                 let target = state.table.get(header.region).and_then(|region| {
                     let end = header.offset.checked_add(u64::from(header.len))?;
                     (end <= region.len).then_some(region.addr + header.offset)
@@ -249,12 +255,14 @@ fn receive_frames(
                 };
                 if state.table.memory(header.region).is_device() {
                     // GPU region: socket → pinned staging → async copy (staging.rs).
+                    let fd = reader.stream.as_raw_fd();
                     // SAFETY: read_into's destination is the staging slot given; the
                     // device range was checked to lie inside the registered region.
                     let read = &mut |dst: *mut u8, n| unsafe { reader.read_into(dst, n) };
+                    let still_wanted = &mut || sockopt::check_not_reset(fd);
                     let len = header.len as usize;
                     // SAFETY: addr..addr+len lies inside a registered device region.
-                    match unsafe { device.receive(&state.table, addr, len, read) } {
+                    match unsafe { device.receive(&state.table, addr, len, read, still_wanted) } {
                         Ok(()) => {
                             counters.received(u64::from(header.len));
                             continue;
@@ -272,6 +280,10 @@ fn receive_frames(
             frame::COMMIT => {
                 let mut tag = vec![0u8; header.len as usize];
                 reader.read_exact(&mut tag).map_err(|e| e.to_string())?;
+                // A call whose writer reset the connection is not completed here: its staged
+                // GPU copies are not queued and no arrival notice is delivered for it.
+                sockopt::check_not_reset(reader.stream.as_raw_fd())
+                    .map_err(|e| format!("the writer reset the connection: {e}"))?;
                 // Staged GPU copies land before the notice and the ACK (no-op for hosts).
                 if let Err(staging::RecvError::Gpu(reason)) = device.flush() {
                     return refuse(ack_stream, reason);
@@ -300,4 +312,101 @@ fn refuse(ack_stream: &TcpStream, reason: String) -> std::result::Result<(), Str
     crate::log_error!("tcp receiver refused a frame: {reason}");
     let _ = send_reply(ack_stream, frame::NACK, 0, reason.as_bytes());
     Err(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// A connected pair on loopback: (writer, the receiver's frame reader).
+    fn pair() -> (TcpStream, FrameReader) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (writer, FrameReader::new(server))
+    }
+
+    fn settle() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    /// A WRITE header for `len` payload bytes.
+    fn header(len: usize) -> [u8; frame::HEADER_BYTES] {
+        Header {
+            kind: frame::WRITE,
+            flags: 0,
+            region: 0,
+            offset: 0,
+            len: len as u32,
+            aux: 0,
+        }
+        .encode()
+    }
+
+    /// The writer sends a frame's header and `sent` of its `len` payload bytes (all of them
+    /// arriving before or after the header is read, per `payload_after_header`), then resets
+    /// the connection, as a timed-out call does; the receiver, which began the frame before
+    /// the reset, must write none of the payload afterwards.
+    fn reset_mid_frame(len: usize, sent: usize, payload_after_header: bool) {
+        let (mut writer, mut reader) = pair();
+        writer.write_all(&header(len)).unwrap();
+        if !payload_after_header {
+            writer.write_all(&vec![0xAB; sent]).unwrap();
+        }
+        settle();
+        let mut bytes = [0u8; frame::HEADER_BYTES];
+        // Takes the header, and with it every byte that already arrived, into the buffer.
+        reader.read_exact(&mut bytes).unwrap();
+        assert_eq!(Header::decode(&bytes).unwrap().len as usize, len);
+        if payload_after_header {
+            writer.write_all(&vec![0xAB; sent]).unwrap();
+            settle();
+        }
+        sockopt::reset(&writer).unwrap();
+        settle();
+        let mut region = vec![0u8; len];
+        // SAFETY: `region` is a live, writable buffer of `len` bytes no reference aliases.
+        let result = unsafe { reader.read_into(region.as_mut_ptr(), len) };
+        assert!(result.is_err(), "the reset was not noticed");
+        let landed = region.iter().filter(|&&b| b != 0).count();
+        assert_eq!(
+            landed, 0,
+            "{landed} payload bytes landed after the writer reset the connection"
+        );
+    }
+
+    #[test]
+    fn a_buffered_small_payload_does_not_land_after_a_reset() {
+        reset_mid_frame(8 * 1024, 8 * 1024, false);
+    }
+
+    #[test]
+    fn a_queued_small_payload_does_not_land_after_a_reset() {
+        reset_mid_frame(8 * 1024, 8 * 1024, true);
+    }
+
+    #[test]
+    fn a_partly_buffered_large_payload_does_not_land_after_a_reset() {
+        reset_mid_frame(64 * 1024, 32 * 1024, false);
+    }
+
+    #[test]
+    fn a_queued_large_payload_does_not_land_after_a_reset() {
+        reset_mid_frame(64 * 1024, 64 * 1024, true);
+    }
+
+    #[test]
+    fn without_a_reset_the_payload_lands_whole() {
+        let (mut writer, mut reader) = pair();
+        writer.write_all(&header(8 * 1024)).unwrap();
+        writer.write_all(&vec![0xAB; 8 * 1024]).unwrap();
+        let mut bytes = [0u8; frame::HEADER_BYTES];
+        reader.read_exact(&mut bytes).unwrap();
+        let mut region = vec![0u8; 8 * 1024];
+        // SAFETY: `region` is a live, writable buffer of its length no reference aliases.
+        unsafe { reader.read_into(region.as_mut_ptr(), region.len()) }.unwrap();
+        assert!(region.iter().all(|&b| b == 0xAB));
+    }
 }

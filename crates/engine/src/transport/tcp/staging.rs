@@ -368,6 +368,8 @@ impl RecvStaging {
 
     /// Lands `len` payload bytes, read by `read(dst, n)` (which must fill `dst..dst+n`
     /// from the socket), in device memory at `dst`: socket → pinned slot → async copy.
+    /// `still_wanted()` is asked before a full slot's copies are queued: an error (the
+    /// writer reset the connection) queues nothing more into device memory.
     ///
     /// # Safety
     /// `dst..dst+len` must lie inside a registered device region.
@@ -377,6 +379,7 @@ impl RecvStaging {
         dst: u64,
         len: usize,
         read: &mut dyn FnMut(*mut u8, usize) -> std::io::Result<()>,
+        still_wanted: &mut dyn FnMut() -> std::io::Result<()>,
     ) -> std::result::Result<(), RecvError> {
         if self.pipe.is_none() {
             self.pipe = Some(Pipe::new(table)?);
@@ -392,6 +395,7 @@ impl RecvStaging {
         let mut done = 0;
         while done < len {
             if self.used == CHUNK_BYTES || pipe.copies.pending() == MAX_COPIES_PER_SLOT {
+                still_wanted().map_err(RecvError::Io)?;
                 // Close the slot (queue its copies) and move to the next one, waiting for
                 // that one's earlier copies.
                 let slot = &mut pipe.slots[self.current];
