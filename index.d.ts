@@ -123,6 +123,87 @@ export interface NativeCounters {
   reconnects: number
 }
 
+/**
+ * What this host can do for a communicator with `gpuIdx` (default 0): RDMA devices, GPUs,
+ * `KVCACHE_*` variables, and whether each transport can be used (each is opened and closed
+ * again, as a communicator would).
+ */
+export declare function nativeDoctor(gpuIdx?: number | undefined | null): NativeDoctorReport
+
+export interface NativeDoctorGid {
+  index: number
+  /** `RoCE v2`, `RoCE v1`, `IB` or `unknown`. */
+  kind: string
+  address: string
+}
+
+export interface NativeDoctorGpu {
+  ordinal: number
+  name: string
+  uuid: string
+  pciBusId: string
+  /** Bytes. */
+  totalMemory: number
+  dmabuf: boolean
+}
+
+export interface NativeDoctorGpus {
+  error?: string
+  driverVersion?: string
+  gpus: Array<NativeDoctorGpu>
+  peerAccess: Array<Array<boolean>>
+}
+
+export interface NativeDoctorPort {
+  port: number
+  state: string
+  linkLayer: string
+  /** Bytes (0: unknown). */
+  activeMtu: number
+  lid: number
+  gids: Array<NativeDoctorGid>
+}
+
+export interface NativeDoctorRdma {
+  error?: string
+  devices: Array<NativeDoctorRdmaDevice>
+  dmabufRegistration: boolean
+  relaxedOrderingFlag: boolean
+  peermemModule?: string
+}
+
+export interface NativeDoctorRdmaDevice {
+  name: string
+  software: boolean
+  pcieRelaxedOrdering?: boolean
+  ports: Array<NativeDoctorPort>
+  error?: string
+}
+
+export interface NativeDoctorReport {
+  gpuIdx: number
+  variables: Array<NativeDoctorVariable>
+  settingsError?: string
+  rdma: NativeDoctorRdma
+  gpus: NativeDoctorGpus
+  transports: Array<NativeDoctorTransport>
+}
+
+export interface NativeDoctorTransport {
+  name: string
+  usable: boolean
+  reason: string
+  details: Record<string, string>
+}
+
+export interface NativeDoctorVariable {
+  name: string
+  value: string
+  meaning: string
+  known: boolean
+  error?: string
+}
+
 export interface NativeMetrics {
   role: string
   total: NativeCounters

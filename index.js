@@ -840,3 +840,4 @@ module.exports.NativeDeviceMemory = nativeBinding.NativeDeviceMemory
 module.exports.NativePreparedBlocks = nativeBinding.NativePreparedBlocks
 module.exports.errorCodes = nativeBinding.errorCodes
 module.exports.peerCopyGbps = nativeBinding.peerCopyGbps
+module.exports.nativeDoctor = nativeBinding.nativeDoctor

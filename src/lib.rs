@@ -10,6 +10,8 @@ use napi_derive::napi;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod doctor;
+pub use doctor::native_doctor;
 mod metrics;
 
 /// A JavaScript error that carries its stable code: JS sees `err.code === 'ERR_…'` and

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The `kvtransfer` command line. Subcommands: `bench` (see `kvtransfer bench --help`).
+ * The `kvtransfer` command line. Subcommands: `bench` and `doctor` (see `kvtransfer <command> --help`).
  */
 import * as fs from 'node:fs'
 import { parseArgs } from 'node:util'
@@ -16,6 +16,7 @@ import {
   runBench,
   runOverhead,
 } from './bench/index'
+import { doctor, formatDoctor } from './doctor'
 
 const BENCH_HELP = `Usage: kvtransfer bench [options]
 
@@ -220,12 +221,56 @@ async function bench(argv: string[]): Promise<number> {
   return report.ok ? 0 : 1
 }
 
+const DOCTOR_HELP = `Usage: kvtransfer doctor [--json] [--transport NAME] [--gpu-idx N]
+
+What this host can do: RDMA devices, ports, GIDs (and the one kvtransfer picks), MTU,
+relaxed ordering, dma-buf / peermem; GPUs with their peer-access matrix and the CUDA driver
+version; the KVCACHE_* variables set (malformed ones with the error a communicator gets);
+and every transport with whether it can be used here and why. Each transport is opened and
+closed again exactly as a communicator opens it.
+
+  --json               the report as JSON on stdout
+  --transport NAME     exit status 1 unless NAME (e.g. rdma) can be used here
+  --gpu-idx N          the gpuIdx to open the transports for (selects KVCACHE_RDMA_NICS' entry; default 0)
+
+Exit status: 0; with --transport, 1 when that transport cannot be used; 2 on a usage error.
+`
+
+function runDoctor(argv: string[]): number {
+  const { values } = parseArgs({
+    args: argv,
+    strict: true,
+    allowPositionals: false,
+    options: {
+      json: { type: 'boolean' },
+      transport: { type: 'string' },
+      'gpu-idx': { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  })
+  if (values.help) {
+    process.stdout.write(DOCTOR_HELP)
+    return 0
+  }
+  const report = doctor({ gpuIdx: integer('gpu-idx', values['gpu-idx'], 0, 0) })
+  const wanted = values.transport
+  const names = report.transports.map((t) => t.name)
+  if (wanted !== undefined && !names.includes(wanted))
+    throw new UsageError(`--transport expects one of ${names.join(', ')}, got '${wanted}'`)
+  process.stdout.write(values.json ? `${JSON.stringify(report, null, 2)}\n` : formatDoctor(report))
+  const chosen = report.transports.find((t) => t.name === wanted)
+  if (chosen && !values.json) process.stdout.write(`\n${chosen.usable ? 'OK' : 'NOT USABLE'}: ${chosen.reason}\n`)
+  return chosen && !chosen.usable ? 1 : 0
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
   if (command === 'bench') return bench(rest)
+  if (command === 'doctor') return runDoctor(rest)
   if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
     process.stdout.write(
-      `Usage: kvtransfer <command>\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n`,
+      `Usage: kvtransfer <command>\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n` +
+        `  doctor   what this host can do: RDMA, GPUs, KVCACHE_* variables, usable transports (kvtransfer doctor --help)\n`,
     )
     return command === undefined ? 2 : 0
   }

@@ -24,3 +24,15 @@ export type { RequestTag } from './tags'
 export type { Arrival, WaitOptions } from './arrivals'
 export { METRICS_CONTENT_TYPE, metricsHandler, metricsText } from './metrics'
 export type { Counters, LatencySummary, Metrics, PeerMetrics } from './metrics'
+export { doctor, formatDoctor } from './doctor'
+export type {
+  DoctorGid,
+  DoctorGpu,
+  DoctorGpus,
+  DoctorPort,
+  DoctorRdma,
+  DoctorRdmaDevice,
+  DoctorReport,
+  DoctorTransport,
+  DoctorVariable,
+} from './doctor'

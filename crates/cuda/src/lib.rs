@@ -16,7 +16,8 @@
 //! - [`PointerInfo`] (`pointer.rs`): what the driver knows about an address;
 //! - dma-buf export of device memory (`dmabuf.rs`);
 //! - sharing memory between processes (legacy IPC, `cuMemCreate` allocations as POSIX file
-//!   descriptors), device identity and peer access (`sharing.rs`).
+//!   descriptors), device identity and peer access (`sharing.rs`);
+//! - [`DeviceReport`] (`inventory.rs`): one GPU as a report shows it (`kvtransfer doctor`).
 //!
 //! Every wrapper returns a [`CudaError`] that names the failed call and the `CUresult`
 //! (as `cuGetErrorName` spells it). The crate reads no environment variables and logs
@@ -28,6 +29,7 @@
 mod context;
 mod dmabuf;
 mod error;
+mod inventory;
 mod kernel;
 mod library;
 mod memory;
@@ -39,6 +41,7 @@ mod sys;
 pub use context::{CurrentGuard, Gpu};
 pub use dmabuf::DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED;
 pub use error::{CudaError, LoadError};
+pub use inventory::DeviceReport;
 pub use kernel::{CopyKernel, RunKinds};
 pub use library::{Cuda, LIBCUDA_SONAME};
 pub use memory::{DeviceBuffer, PinnedBuffer};

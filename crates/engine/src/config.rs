@@ -83,14 +83,29 @@ impl RdmaSettings {
             .unwrap_or_default();
         Ok(RdmaSettings {
             nics,
-            gid_index: number::<u8>("KVCACHE_RDMA_GID_INDEX", 0..=255)?,
-            ib_timeout: number::<u8>("KVCACHE_IB_TIMEOUT", 14..=31)?.unwrap_or(DEFAULT_IB_TIMEOUT),
+            gid_index: gid_index()?,
+            ib_timeout: ib_timeout()?.unwrap_or(DEFAULT_IB_TIMEOUT),
             relaxed_ordering: flag("KVCACHE_RELAX_ORDERING")?.unwrap_or(false),
             gdr_flush: flag("KVCACHE_GDRCOPY_FLUSH_ENABLE")?.unwrap_or(false),
-            qps_per_peer: number::<u16>("KVCACHE_RDMA_QPS_PER_PEER", 1..=64)?
-                .unwrap_or(DEFAULT_QPS_PER_PEER),
+            qps_per_peer: qps_per_peer()?.unwrap_or(DEFAULT_QPS_PER_PEER),
         })
     }
+}
+
+fn gid_index() -> Result<Option<u8>> {
+    number::<u8>("KVCACHE_RDMA_GID_INDEX", 0..=255)
+}
+
+fn ib_timeout() -> Result<Option<u8>> {
+    number::<u8>("KVCACHE_IB_TIMEOUT", 14..=31)
+}
+
+fn qps_per_peer() -> Result<Option<u16>> {
+    number::<u16>("KVCACHE_RDMA_QPS_PER_PEER", 1..=64)
+}
+
+fn tcp_user_timeout_ms() -> Result<Option<u32>> {
+    number::<u32>("KVCACHE_TCP_USER_TIMEOUT_MS", 0..=3_600_000)
 }
 
 /// RDMA data-path tuning (chain length, send-queue depth, idle polls, posting threads),
@@ -162,8 +177,7 @@ impl ProcessSettings {
     fn from_env() -> Result<Self> {
         Ok(ProcessSettings {
             rdma_tuning: RdmaTuning::from_env()?,
-            tcp_user_timeout_ms: number::<u32>("KVCACHE_TCP_USER_TIMEOUT_MS", 0..=3_600_000)?
-                .unwrap_or(DEFAULT_TCP_USER_TIMEOUT_MS),
+            tcp_user_timeout_ms: tcp_user_timeout_ms()?.unwrap_or(DEFAULT_TCP_USER_TIMEOUT_MS),
             tcp_prefault: flag("KVCACHE_TCP_PREFAULT")?.unwrap_or(true),
             cuda_copy_kernel: flag("KVCACHE_CUDA_COPY_KERNEL")?.unwrap_or(true),
             cuda_batch_copy: flag("KVCACHE_CUDA_BATCH_COPY")?.unwrap_or(true),
@@ -237,6 +251,139 @@ impl Settings {
             log: LogSettings::from_env()?,
         })
     }
+}
+
+/// One `KVCACHE_*` variable as `kvtransfer doctor` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariableReport {
+    pub name: String,
+    /// What is set (`KVCACHE_AUTH_TOKEN`: only its length).
+    pub value: String,
+    /// What it controls; empty for a `KVCACHE_*` name the engine does not read.
+    pub meaning: &'static str,
+    /// The engine reads this variable.
+    pub known: bool,
+    /// Why construction refuses it: the very message `Settings::from_env` gives.
+    pub error: Option<String>,
+}
+
+type Check = fn() -> Result<()>;
+
+fn valid<T>(parsed: Result<T>) -> Result<()> {
+    parsed.map(drop)
+}
+
+/// Every variable the engine reads, what it controls, and the parser that validates it
+/// (the one [`Settings::from_env`] uses).
+const VARIABLES: &[(&str, &str, Check)] = &[
+    (
+        "KVCACHE_TRANSPORT",
+        "transport when the option is not given: auto, tcp or rdma",
+        || valid(TransportChoice::resolve(None)),
+    ),
+    (
+        "KVCACHE_AUTH_TOKEN",
+        "shared secret of the handshake",
+        || Ok(()),
+    ),
+    (
+        "KVCACHE_SOCKET_IFNAME",
+        "interface whose IPv4 address the data listener binds",
+        || valid(bind_address()),
+    ),
+    (
+        "KVCACHE_RDMA_NICS",
+        "RDMA device per gpuIdx (comma-separated)",
+        || Ok(()),
+    ),
+    (
+        "KVCACHE_RDMA_GID_INDEX",
+        "GID index (default: 3 if RoCE v2 IPv4, else found)",
+        || valid(gid_index()),
+    ),
+    ("KVCACHE_IB_TIMEOUT", "RDMA ACK timeout exponent", || {
+        valid(ib_timeout())
+    }),
+    (
+        "KVCACHE_RELAX_ORDERING",
+        "PCIe relaxed ordering on RDMA regions",
+        || valid(flag("KVCACHE_RELAX_ORDERING")),
+    ),
+    (
+        "KVCACHE_GDRCOPY_FLUSH_ENABLE",
+        "RDMA READ flush after GPU writes",
+        || valid(flag("KVCACHE_GDRCOPY_FLUSH_ENABLE")),
+    ),
+    (
+        "KVCACHE_RDMA_QPS_PER_PEER",
+        "RDMA queue pairs per peer",
+        || valid(qps_per_peer()),
+    ),
+    (
+        "KVCACHE_RDMA_TUNING",
+        "RDMA data-path tuning (chain, sq, spins, posters)",
+        || valid(RdmaTuning::from_env()),
+    ),
+    (
+        "KVCACHE_TCP_USER_TIMEOUT_MS",
+        "TCP user timeout and keepalive (0: off)",
+        || valid(tcp_user_timeout_ms()),
+    ),
+    (
+        "KVCACHE_TCP_PREFAULT",
+        "touch receiving regions on first connect",
+        || valid(flag("KVCACHE_TCP_PREFAULT")),
+    ),
+    (
+        "KVCACHE_CUDA_COPY_KERNEL",
+        "small GPU copies through the copy kernel",
+        || valid(flag("KVCACHE_CUDA_COPY_KERNEL")),
+    ),
+    (
+        "KVCACHE_CUDA_BATCH_COPY",
+        "cuMemcpyBatchAsync where the driver has it",
+        || valid(flag("KVCACHE_CUDA_BATCH_COPY")),
+    ),
+    ("KVCACHE_DEBUG", "debug log", || {
+        valid(flag("KVCACHE_DEBUG"))
+    }),
+    (
+        "KVCACHE_DEBUG_FILE",
+        "file the debug log goes to",
+        || Ok(()),
+    ),
+    ("KVCACHE_ERROR_FILE", "file error lines also go to", || {
+        Ok(())
+    }),
+];
+
+/// Every `KVCACHE_*` variable set in this process, in name order: those the engine reads
+/// with their meaning and, when malformed, the error construction gives; others (typos)
+/// marked unknown.
+pub fn variables() -> Vec<VariableReport> {
+    let mut report: Vec<VariableReport> = std::env::vars_os()
+        .filter_map(|(name, value)| {
+            let name = name.into_string().ok()?;
+            name.starts_with("KVCACHE_").then_some((name, value))
+        })
+        .map(|(name, value)| {
+            let entry = VARIABLES.iter().find(|(known, _, _)| *known == name);
+            let value = if name == "KVCACHE_AUTH_TOKEN" {
+                format!("({} bytes)", value.len())
+            } else {
+                value.to_string_lossy().into_owned()
+            };
+            VariableReport {
+                value,
+                meaning: entry.map_or("", |(_, meaning, _)| meaning),
+                known: entry.is_some(),
+                error: entry.and_then(|(_, _, check)| check().err().map(|e| e.to_string())),
+                name,
+            }
+        })
+        .collect();
+    report.sort_by(|a, b| a.name.cmp(&b.name));
+    report
 }
 
 /// A set, non-empty variable (surrounding blanks trimmed).
@@ -369,6 +516,29 @@ mod tests {
         let err = TransportChoice::parse("ib", "transport").unwrap_err();
         assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
         assert!(err.to_string().contains("'ib'") && err.to_string().contains("'rdma'"));
+    }
+
+    /// The doctor's list (`VARIABLES`) names every variable this file reads.
+    #[test]
+    fn every_variable_read_here_is_in_the_doctors_list() {
+        let source = include_str!("config.rs");
+        let mut names: Vec<&str> = source
+            .match_indices("\"KVCACHE_")
+            .map(|(at, _)| {
+                let rest = &source[at + 1..];
+                &rest[..rest.find('"').unwrap()]
+            })
+            .filter(|name| *name != "KVCACHE_")
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 17, "{names:?}");
+        for name in names {
+            assert!(
+                VARIABLES.iter().any(|(known, _, _)| *known == name),
+                "{name} is read but not in VARIABLES"
+            );
+        }
     }
 
     /// Each malformed value names the variable, the value and what is allowed. Run in a

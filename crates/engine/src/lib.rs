@@ -11,6 +11,7 @@
 
 mod auth;
 mod config;
+mod doctor;
 mod engine;
 mod error;
 mod gpu;
@@ -22,15 +23,19 @@ mod transport;
 mod util;
 mod wire;
 
-pub use config::{RdmaSettings, DEFAULT_QPS_PER_PEER};
+pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
+pub use doctor::{host_report, HostReport, TransportReport};
 pub use engine::{
     Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics, PreparedBlocks, TransportDecision,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
+pub use gpu::inventory::GpuInventory;
 pub use gpu::{peer_copy_gbps, DeviceMemory};
+pub use kvtransfer_cuda::DeviceReport as GpuReport;
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
+pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
 pub use transport::{
     Arrival, ArrivalSink, Completion, CompletionCallback, TransportKind, MAX_TAG_BYTES,
 };

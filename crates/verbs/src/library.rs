@@ -176,6 +176,12 @@ impl Library {
         &self.soname
     }
 
+    /// Whether `ibv_reg_mr_iova2` exists: optional access flags (relaxed ordering) can be
+    /// passed to the device; without it they are dropped.
+    pub fn has_optional_access(&self) -> bool {
+        self.f.reg_mr_iova2.is_some()
+    }
+
     /// Whether `ibv_reg_dmabuf_mr` exists (needed for GPU memory registration).
     pub fn has_dmabuf(&self) -> bool {
         self.f.reg_dmabuf_mr.is_some()

@@ -2,11 +2,13 @@
 //! - [`regions`]: which registered regions are device memory ([`detect_region_memory`]);
 //! - [`DeviceMemory`]: GPU memory for demos, benchmarks and tests;
 //! - [`copy`]: queues of host↔device copies on a stream, batched, by the copy kernel or
-//!   the copy engines, for any transport (TCP staging uses them).
+//!   the copy engines, for any transport (TCP staging uses them);
+//! - [`inventory`]: the driver's view of this host's GPUs, for `kvtransfer doctor`.
 //!
 //! The driver crate knows nothing of the engine; its errors become [`Error::Cuda`] here.
 
 pub mod copy;
+pub mod inventory;
 mod memory;
 pub mod regions;
 

@@ -16,7 +16,7 @@ pub(crate) mod tcp;
 
 pub use completion::{Completion, CompletionCallback, Done, DoneSlot, PooledRuns, RunPool};
 pub use job::{copy_op, fail, for_each_copy, Arrival, ArrivalSink, WriteJob, MAX_TAG_BYTES};
-pub(crate) use registry::{open_transports, OpenContext};
+pub(crate) use registry::{open_transports, probe, OpenContext};
 
 use crate::error::{Error, Result};
 use std::time::Duration;

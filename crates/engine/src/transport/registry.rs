@@ -108,3 +108,38 @@ pub(crate) fn open_transports(choice: TransportChoice, cx: &OpenContext<'_>) -> 
     }
     Ok(transports)
 }
+
+/// Whether `kind` can be used on this host: opened as a communicator opens it (then closed
+/// again), it says what it uses (`details`), or why it cannot be had. `kvtransfer doctor`
+/// asks every kind; a transport whose use depends on more than opening (say, on the memory
+/// of the regions) answers for the host in an arm of its own.
+pub(crate) fn probe(
+    kind: TransportKind,
+    cx: &OpenContext<'_>,
+) -> std::result::Result<Vec<(&'static str, String)>, String> {
+    let opened = |cx: &OpenContext<'_>| {
+        let transport = open_one(kind, cx).map_err(|e| e.to_string())?;
+        let details = transport.details();
+        transport.shutdown();
+        Ok(details)
+    };
+    match kind {
+        TransportKind::Tcp | TransportKind::Rdma => opened(cx),
+        // NVLink serves GPU memory only: opened over one block of K and V in GPU `gpu_idx`.
+        TransportKind::Nvlink => {
+            const BLOCK: u64 = 4096;
+            let memory = crate::gpu::DeviceMemory::alloc(cx.gpu_idx, 2 * BLOCK)
+                .map_err(|e| format!("no GPU memory on GPU {} ({e})", cx.gpu_idx))?;
+            let base = memory.address();
+            let mut table =
+                RegionTable::new(&[base], &[base + BLOCK], 1, BLOCK).map_err(|e| e.to_string())?;
+            crate::gpu::detect_region_memory(&mut table, cx.gpu_idx, &|_| false)
+                .map_err(|e| e.to_string())?;
+            // `memory` outlives the transport, which `opened` has closed again.
+            opened(&OpenContext {
+                table: &Arc::new(table),
+                ..*cx
+            })
+        }
+    }
+}

@@ -19,6 +19,7 @@ mod device;
 mod doorbell;
 mod endpoint;
 mod gpu_mr;
+pub(crate) mod inventory;
 mod link;
 mod notice;
 mod progress;

@@ -81,6 +81,8 @@ impl TcpEndpoint {
 pub(crate) struct TcpTransport {
     server: TcpServer,
     table: Arc<RegionTable>,
+    /// The address the data listener is bound to (`KVCACHE_SOCKET_IFNAME`, else all).
+    bind: IpAddr,
 }
 
 impl TcpTransport {
@@ -93,6 +95,7 @@ impl TcpTransport {
         Ok(TcpTransport {
             server: TcpServer::bind(bind, Arc::clone(&table), arrivals, metrics)?,
             table,
+            bind,
         })
     }
 }
@@ -145,6 +148,10 @@ impl Transport for TcpTransport {
     }
 
     fn forget(&self, _peer_key: &str) {}
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        vec![("bindAddress", self.bind.to_string())]
+    }
 
     fn receivers(&self) -> usize {
         self.server.connections()

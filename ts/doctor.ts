@@ -1,0 +1,202 @@
+/**
+ * `kvtransfer doctor`: what this host can do, for a user setting it up. Everything is probed
+ * by the engine (crates/engine/src/doctor.rs); this file only names the fields and prints
+ * them as a table.
+ */
+import { nativeDoctor } from '../index.js'
+import type { NativeDoctorReport } from '../index.js'
+
+export interface DoctorGid {
+  index: number
+  /** `RoCE v2`, `RoCE v1`, `IB` or `unknown`. */
+  kind: string
+  /** The GID as an IPv6 address (`::ffff:10.77.0.1` for an IPv4-mapped RoCE GID). */
+  address: string
+}
+
+export interface DoctorPort {
+  port: number
+  /** `ACTIVE`, `DOWN`, `INIT`, `ARMED`, ... as ibv_devinfo names them. */
+  state: string
+  /** `RoCE` or `InfiniBand`. */
+  linkLayer: string
+  /** Active MTU in bytes (0: unknown). */
+  activeMtu: number
+  lid: number
+  gids: DoctorGid[]
+}
+
+export interface DoctorRdmaDevice {
+  name: string
+  /** Soft-RoCE / soft-iWARP (the protocol runs on the CPU). */
+  software: boolean
+  /** Relaxed ordering enabled on the device's PCIe function; null: no PCI function or unreadable. */
+  pcieRelaxedOrdering: boolean | null
+  ports: DoctorPort[]
+  error: string | null
+}
+
+export interface DoctorRdma {
+  /** Why libibverbs is unusable or lists no device; null when it lists some. */
+  error: string | null
+  devices: DoctorRdmaDevice[]
+  /** `ibv_reg_dmabuf_mr` exists: GPU memory can be registered through dma-buf. */
+  dmabufRegistration: boolean
+  /** `ibv_reg_mr_iova2` exists: the relaxed-ordering flag (KVCACHE_RELAX_ORDERING) reaches the device. */
+  relaxedOrderingFlag: boolean
+  /** `nvidia_peermem` / `nv_peer_mem` when loaded (GPU memory through plain ibv_reg_mr). */
+  peermemModule: string | null
+}
+
+export interface DoctorGpu {
+  ordinal: number
+  name: string
+  uuid: string
+  pciBusId: string
+  totalMemory: number
+  /** The GPU and driver can export dma-bufs. */
+  dmabuf: boolean
+}
+
+export interface DoctorGpus {
+  /** `no CUDA driver: ...`, `no GPUs`, or the driver call that failed. */
+  error: string | null
+  /** e.g. `12.4`. */
+  driverVersion: string | null
+  gpus: DoctorGpu[]
+  /** `peerAccess[a][b]`: GPU a can access GPU b's memory (`cuDeviceCanAccessPeer`). */
+  peerAccess: boolean[][]
+}
+
+export interface DoctorVariable {
+  name: string
+  /** What is set (KVCACHE_AUTH_TOKEN: only its length). */
+  value: string
+  meaning: string
+  /** False for a `KVCACHE_*` name kvtransfer does not read (a typo?). */
+  known: boolean
+  /** The message a communicator's construction fails with, when malformed. */
+  error: string | null
+}
+
+export interface DoctorTransport {
+  name: string
+  usable: boolean
+  /** A sentence starting with the name: what it uses, or why it cannot be used. */
+  reason: string
+  /** What it uses on this side (device, port, gidIndex, gid, mtu, qpsPerPeer; bindAddress). */
+  details: Record<string, string>
+}
+
+export interface DoctorReport {
+  /** The gpuIdx the transports were opened for (it selects the RDMA NIC). */
+  gpuIdx: number
+  variables: DoctorVariable[]
+  /** The error a communicator created now would fail with (a malformed variable), or null. */
+  settingsError: string | null
+  rdma: DoctorRdma
+  gpus: DoctorGpus
+  /** Every transport, in the order `auto` prefers them. */
+  transports: DoctorTransport[]
+}
+
+/**
+ * What this host can do for a communicator with `gpuIdx`: RDMA devices, GPUs, `KVCACHE_*`
+ * variables, and whether each transport can be used (each is opened and closed again,
+ * exactly as a communicator opens it).
+ */
+export function doctor(options: { gpuIdx?: number } = {}): DoctorReport {
+  const r: NativeDoctorReport = nativeDoctor(options.gpuIdx)
+  return {
+    gpuIdx: r.gpuIdx,
+    variables: r.variables.map((v) => ({ ...v, error: v.error ?? null })),
+    settingsError: r.settingsError ?? null,
+    rdma: {
+      error: r.rdma.error ?? null,
+      devices: r.rdma.devices.map((d) => ({
+        name: d.name,
+        software: d.software,
+        pcieRelaxedOrdering: d.pcieRelaxedOrdering ?? null,
+        ports: d.ports,
+        error: d.error ?? null,
+      })),
+      dmabufRegistration: r.rdma.dmabufRegistration,
+      relaxedOrderingFlag: r.rdma.relaxedOrderingFlag,
+      peermemModule: r.rdma.peermemModule ?? null,
+    },
+    gpus: {
+      error: r.gpus.error ?? null,
+      driverVersion: r.gpus.driverVersion ?? null,
+      gpus: r.gpus.gpus,
+      peerAccess: r.gpus.peerAccess,
+    },
+    transports: r.transports.map((t) => ({ ...t, details: { ...t.details } })),
+  }
+}
+
+const yes = (b: boolean): string => (b ? 'yes' : 'no')
+
+function table(rows: string[][], indent = '  '): string[] {
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)))
+  return rows.map((r) => indent + r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  '))
+}
+
+/** The report as the human-readable table `kvtransfer doctor` prints. */
+export function formatDoctor(report: DoctorReport): string {
+  const out: string[] = [`kvtransfer doctor (gpuIdx ${report.gpuIdx})`, '']
+  out.push('Transports (in the order auto prefers them)')
+  out.push(...table(report.transports.map((t) => [t.name, t.usable ? 'usable' : 'NOT usable', t.reason])))
+  const rdma = report.transports.find((t) => t.name === 'rdma')?.details ?? {}
+
+  out.push('', 'RDMA')
+  out.push(
+    `  libibverbs: dma-buf registration ${yes(report.rdma.dmabufRegistration)}, ` +
+      `relaxed-ordering flag ${yes(report.rdma.relaxedOrderingFlag)}; ` +
+      `peermem module: ${report.rdma.peermemModule ?? 'not loaded'}`,
+  )
+  if (report.rdma.error) out.push(`  ${report.rdma.error}`)
+  for (const d of report.rdma.devices) {
+    const ro = d.pcieRelaxedOrdering === null ? 'n/a' : d.pcieRelaxedOrdering ? 'enabled' : 'disabled'
+    out.push(`  ${d.name}${d.software ? ' (software provider)' : ''}, PCIe relaxed ordering ${ro}`)
+    if (d.error) out.push(`    ${d.error}`)
+    for (const p of d.ports) {
+      out.push(`    port ${p.port}: ${p.state}, ${p.linkLayer}, MTU ${p.activeMtu || '?'}, LID ${p.lid}`)
+      const rows = p.gids.map((g) => {
+        const picked = rdma.device === d.name && rdma.port === String(p.port) && rdma.gidIndex === String(g.index)
+        return [`GID ${g.index}`, g.kind, g.address, picked ? '<- kvtransfer uses this one' : '']
+      })
+      if (rows.length > 0) out.push(...table(rows, '      '))
+    }
+  }
+
+  out.push('', 'GPUs')
+  if (report.gpus.driverVersion) out.push(`  CUDA driver ${report.gpus.driverVersion}`)
+  if (report.gpus.error) out.push(`  ${report.gpus.error}`)
+  if (report.gpus.gpus.length > 0) {
+    out.push(
+      ...table(
+        report.gpus.gpus.map((g) => [
+          String(g.ordinal),
+          g.name,
+          g.uuid,
+          g.pciBusId,
+          `${(g.totalMemory / 2 ** 30).toFixed(1)} GiB`,
+          `dma-buf ${yes(g.dmabuf)}`,
+        ]),
+      ),
+    )
+    out.push('  peer access (row can access column):')
+    const header = ['', ...report.gpus.gpus.map((g) => String(g.ordinal))]
+    const rows = report.gpus.peerAccess.map((row, a) => [String(a), ...row.map((v, b) => (a === b ? '-' : yes(v)))])
+    out.push(...table([header, ...rows], '    '))
+  }
+
+  out.push('', 'KVCACHE_* variables')
+  if (report.variables.length === 0) out.push('  none set')
+  for (const v of report.variables) {
+    const note = v.error ? `MALFORMED: ${v.error}` : v.known ? v.meaning : 'not read by kvtransfer (a typo?)'
+    out.push(`  ${v.name}=${v.value}  ${note}`)
+  }
+  if (report.settingsError) out.push(`  a communicator created now fails with: ${report.settingsError}`)
+  return out.join('\n') + '\n'
+}
