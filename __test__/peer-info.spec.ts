@@ -41,7 +41,7 @@ test.serial('auto: peerInfo says which transport and why; the decision is logged
   t.true(info.connected)
   t.true(info.reason.startsWith(`${info.transport}: `), info.reason)
   if (info.transport === 'tcp') {
-    t.regex(info.reason, /RDMA is not usable on this side \(.+\)|offered RDMA .* but the peer did not take it/)
+    t.regex(info.reason, /RDMA is not usable on this side \(.+\)|offered RDMA .* but the peer declined it/)
   } else {
     t.regex(info.reason, /both sides offered RDMA.*GID index \d+ .*MTU \d+, \d+ QPs/)
     t.truthy(info.details.device)
@@ -72,4 +72,24 @@ test.serial('an explicit transport says it was chosen explicitly, and is not log
   t.false(logged)
   await prefill.abortPeer(HOST, decode.port)
   t.false(prefill.peerInfo(HOST, decode.port)!.connected)
+})
+
+test.serial("auto to a tcp-only acceptor: peerInfo carries the acceptor's reason for declining RDMA", async (t) => {
+  const decode = make('decode', 'tcp')
+  const prefill = make('prefill', 'auto')
+  t.teardown(() => Promise.all([decode.close(), prefill.close()]))
+  await Promise.all([decode.ready, prefill.ready])
+  t.true(await prefill.connect(HOST, decode.port, { timeoutMs: ms(30_000) }))
+  const info = prefill.peerInfo(HOST, decode.port)!
+  t.is(info.transport, 'tcp')
+  if (TRANSPORT === 'rdma') {
+    // This side offered RDMA (the VM has it); the acceptor said why it took TCP instead.
+    t.regex(
+      info.reason,
+      /^tcp: this side offered RDMA \(.+\) but the peer declined it: rdma: the acceptor uses only tcp \(its transport option or KVCACHE_TRANSPORT\)$/,
+    )
+  } else {
+    // No RDMA here: only this side's reason; the acceptor passed nothing over.
+    t.regex(info.reason, /^tcp: RDMA is not usable on this side \(.+\)$/)
+  }
 })

@@ -202,3 +202,43 @@ fn malformed_settings_are_refused_at_construction_naming_the_variable() {
         .unwrap();
     assert!(status.success(), "the engine took KVCACHE_IB_TIMEOUT=99");
 }
+
+#[test]
+fn the_reply_carries_the_acceptors_reason_and_peer_info_names_it() {
+    // The connector offers rdma (edited in: this host may have none) and tcp; the acceptor
+    // uses only tcp, so it declines rdma and says why in its reply.
+    let prefill = side(Role::Prefill);
+    let decode = side(Role::Decode);
+    let mut envelope = Envelope::decode(&hello(&prefill, &decode, "d").unwrap()).unwrap();
+    let mut descriptor = Descriptor::decode(&envelope.descriptor).unwrap();
+    descriptor.endpoints.insert(0, rdma_endpoint());
+    envelope.descriptor = descriptor.encode();
+    let reply = decode.engine.accept(&envelope.encode()).unwrap();
+    let carried = Descriptor::decode(&Envelope::decode(&reply).unwrap().descriptor).unwrap();
+    let note = String::from_utf8(carried.endpoint(0xff).expect("a note").to_vec()).unwrap();
+    assert_eq!(
+        note,
+        "rdma: the acceptor uses only tcp (its transport option or KVCACHE_TRANSPORT)"
+    );
+    prefill
+        .engine
+        .finish_connect("d", "127.0.0.1", &reply)
+        .unwrap();
+    let decision = prefill.engine.transport_decision("d").unwrap();
+    assert_eq!(decision.transport, TransportKind::Tcp);
+    assert!(decision.reason.starts_with("tcp: "), "{}", decision.reason);
+    assert!(decision.reason.contains(&note), "{}", decision.reason);
+}
+
+#[test]
+fn a_reply_with_nothing_passed_over_carries_no_note() {
+    let prefill = side(Role::Prefill);
+    let decode = side(Role::Decode);
+    let reply = decode
+        .engine
+        .accept(&hello(&prefill, &decode, "d").unwrap())
+        .unwrap();
+    let carried = Descriptor::decode(&Envelope::decode(&reply).unwrap().descriptor).unwrap();
+    assert_eq!(carried.endpoints.len(), 1);
+    assert!(carried.endpoint(0xff).is_none());
+}

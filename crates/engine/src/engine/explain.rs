@@ -38,8 +38,14 @@ fn rdma_summary(details: &[(&'static str, String)]) -> String {
 
 impl Engine {
     /// Connecting side: records (and under `auto`, logs once) why `peer_key` is reached
-    /// over `chosen`.
-    pub(super) fn record_decision(&self, peer_key: &str, chosen: TransportKind) {
+    /// over `chosen`; `note` is the acceptor's own account of the offers it passed over
+    /// (sent in its reply).
+    pub(super) fn record_decision(
+        &self,
+        peer_key: &str,
+        chosen: TransportKind,
+        note: Option<String>,
+    ) {
         let details = self.transport_details(chosen).unwrap_or_default();
         let auto = self.inner.choice == TransportChoice::Auto;
         let rdma_here = self.transport_details(TransportKind::Rdma).is_some();
@@ -70,15 +76,21 @@ impl Engine {
                 other.name()
             ),
             (other, true) if rdma_here => format!(
-                "{}: this side offered RDMA ({}) but the peer did not take it: it has no usable RDMA device, or its RDMA cannot serve this side's endpoint (KVCACHE_DEBUG=1 on the peer logs why)",
+                "{}: this side offered RDMA ({}) but the peer declined it: {}",
                 other.name(),
-                rdma_summary(&self.transport_details(TransportKind::Rdma).unwrap_or_default())
+                rdma_summary(&self.transport_details(TransportKind::Rdma).unwrap_or_default()),
+                note.as_deref().unwrap_or("it has no usable RDMA device, or its RDMA cannot serve this side's endpoint (KVCACHE_DEBUG=1 on the peer logs why)")
             ),
             (other, true) => format!(
                 "{}: RDMA is not usable on this side ({})",
                 other.name(),
                 rdma_unusable.unwrap_or("not opened")
             ),
+        };
+        // The acceptor's account, where the sentence above does not carry it already.
+        let reason = match note {
+            Some(note) if !reason.contains(&note) => format!("{reason}; the peer: {note}"),
+            _ => reason,
         };
         let first = {
             let mut decisions = self

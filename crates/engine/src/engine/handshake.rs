@@ -14,8 +14,8 @@ use crate::config::TransportChoice;
 use crate::debug;
 use crate::error::{Error, Result};
 use crate::layout::CacheLayout;
-use crate::transport::{AcceptingPeer, ConnectTarget, Link, Transport};
-use crate::wire::{Descriptor, Endpoint};
+use crate::transport::{AcceptingPeer, ConnectTarget, Link, Transport, TransportKind};
+use crate::wire::{Descriptor, Endpoint, MAX_NOTE_BYTES, NOTE_KIND};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -230,7 +230,7 @@ impl Engine {
             remote.name.clone()
         };
         self.check_compatible(&peer_name, &remote)?;
-        let (transport, theirs) = self.choose_transport(&peer_name, &remote)?;
+        let (transport, theirs, declined) = self.choose_transport(&peer_name, &remote)?;
         let ours = transport.accept(
             AcceptingPeer {
                 name: &peer_name,
@@ -238,10 +238,14 @@ impl Engine {
             },
             theirs,
         )?;
-        let reply = self.descriptor(vec![Endpoint {
+        let mut endpoints = vec![Endpoint {
             kind: transport.kind().code(),
             bytes: ours,
-        }]);
+        }];
+        if let Some(note) = self.declined_note(transport.kind(), &remote, &declined) {
+            endpoints.push(note);
+        }
+        let reply = self.descriptor(endpoints);
         debug!(
             "accepted hello from {peer_name} ({}) over {}",
             remote.role.as_str(),
@@ -298,10 +302,10 @@ impl Engine {
         }
         let link = self.open_link(peer_key, host, &envelope.descriptor);
         self.forget_offers(peer_key);
-        let (remote_layout, link) = link?;
+        let (remote_layout, link, note) = link?;
         let transport = link.kind().name();
         let counters = self.inner.metrics.connected(peer_key, link.kind().code());
-        self.record_decision(peer_key, link.kind());
+        self.record_decision(peer_key, link.kind(), note);
         let peer = Arc::new(Peer {
             remote: remote_layout,
             link,
@@ -397,12 +401,18 @@ impl Engine {
 
     /// Accepting side: the first of this side's transports, in order of preference, that
     /// the connector offered and that can serve it; else a typed error with every reason.
+    /// Also returns why each transport the peer offered was declined before the chosen one.
+    #[expect(
+        clippy::type_complexity,
+        reason = "the chosen transport, its endpoint and the declined offers, used once"
+    )]
     fn choose_transport<'d>(
         &self,
         peer_name: &str,
         remote: &'d Descriptor,
-    ) -> Result<(&dyn Transport, &'d [u8])> {
+    ) -> Result<(&dyn Transport, &'d [u8], Vec<(TransportKind, String)>)> {
         let mut reasons = Vec::new();
+        let mut declined = Vec::new();
         for transport in &self.inner.transports {
             let kind = transport.kind();
             match remote.endpoint(kind.code()) {
@@ -412,8 +422,11 @@ impl Engine {
                     kind.name()
                 )),
                 Some(theirs) => match transport.check_peer(theirs) {
-                    Ok(()) => return Ok((transport.as_ref(), theirs)),
-                    Err(reason) => reasons.push(format!("{}: {reason}", kind.name())),
+                    Ok(()) => return Ok((transport.as_ref(), theirs, declined)),
+                    Err(reason) => {
+                        reasons.push(format!("{}: {reason}", kind.name()));
+                        declined.push((kind, reason));
+                    }
                 },
             }
         }
@@ -461,15 +474,23 @@ impl Engine {
         peer_key: &str,
         host: &str,
         reply: &[u8],
-    ) -> Result<(CacheLayout, Box<dyn Link>)> {
+    ) -> Result<(CacheLayout, Box<dyn Link>, Option<String>)> {
         let remote = Descriptor::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
         let remote_layout = self.check_compatible(peer_key, &remote)?;
-        let [chosen] = remote.endpoints.as_slice() else {
+        let note = remote.endpoint(NOTE_KIND).map(|bytes| {
+            String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_NOTE_BYTES)]).into_owned()
+        });
+        let chosen: Vec<&Endpoint> = remote
+            .endpoints
+            .iter()
+            .filter(|e| e.kind != NOTE_KIND)
+            .collect();
+        let [chosen] = chosen.as_slice() else {
             return Err(Error::protocol(
                 peer_key,
                 format!(
                     "the reply carries {} endpoints; exactly one expected",
-                    remote.endpoints.len()
+                    chosen.len()
                 ),
             ));
         };
@@ -495,7 +516,52 @@ impl Engine {
             },
             &chosen.bytes,
         )?;
-        Ok((remote_layout, link))
+        Ok((remote_layout, link, note))
+    }
+
+    /// Accepting side: the note for the reply, saying why each transport the peer offered
+    /// and prefers over `chosen` was not taken (none: nothing was passed over).
+    fn declined_note(
+        &self,
+        chosen: TransportKind,
+        remote: &Descriptor,
+        declined: &[(TransportKind, String)],
+    ) -> Option<Endpoint> {
+        let passed_over = TransportKind::PREFERENCE
+            .into_iter()
+            .take_while(|kind| *kind != chosen)
+            .filter(|kind| remote.endpoint(kind.code()).is_some());
+        let reasons: Vec<String> = passed_over
+            .map(|kind| {
+                let unusable = self.inner.unusable.iter().find(|(k, _)| *k == kind);
+                match (declined.iter().find(|(k, _)| *k == kind), unusable) {
+                    (Some((_, why)), _) => format!("{}: {why}", kind.name()),
+                    (None, Some((_, why))) => {
+                        format!("{}: not usable on the acceptor ({why})", kind.name())
+                    }
+                    (None, None) => format!(
+                        "{}: the acceptor uses only {} (its transport option or KVCACHE_TRANSPORT)",
+                        kind.name(),
+                        self.transport_names().join(", ")
+                    ),
+                }
+            })
+            .collect();
+        if reasons.is_empty() {
+            return None;
+        }
+        let mut note = reasons.join("; ");
+        if note.len() > MAX_NOTE_BYTES {
+            let mut end = MAX_NOTE_BYTES;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        Some(Endpoint {
+            kind: NOTE_KIND,
+            bytes: note.into_bytes(),
+        })
     }
 
     /// Releases what every transport reserved for `peer_key` in `hello`.

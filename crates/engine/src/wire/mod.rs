@@ -16,6 +16,11 @@ pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).
 pub const MAX_ENDPOINTS: usize = 8;
 pub const MAX_NAME_BYTES: usize = 255;
+/// The kind of the acceptor's note in its reply (beside the chosen endpoint; never a
+/// transport): UTF-8, why it did not take the connector's more preferred offers, so that
+/// the connector can explain its transport (`peerInfo`). At most [`MAX_NOTE_BYTES`].
+pub const NOTE_KIND: u8 = 0xff;
+pub const MAX_NOTE_BYTES: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
