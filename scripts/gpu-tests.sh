@@ -30,10 +30,10 @@ done
 if [ "$build" = 1 ]; then
   mkdir -p "$out"
   # gpu_tcp, gpu_bench: the GPU suite; tcp: the default host suite, to show a CUDA host
-  # keeps its host path.
+  # keeps its host path; doctor: what `kvtransfer doctor` reports of the GPUs.
   # nvlink_peer: the decode process of the NVLink tests (gpu_nvlink spawns it).
   { cargo test --release -p kvtransfer-engine --no-run --message-format=json \
-      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink
+      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink --test doctor
     cargo build --release -p kvtransfer-engine --message-format=json --example nvlink_peer; } \
     | python3 -c '
 import json, sys, shutil
@@ -80,6 +80,8 @@ timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
 KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
 KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 \
   timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
+# kvtransfer doctor's GPU section (driver version, GPUs, peer-access matrix), printed.
+timeout 120 "$out/doctor" --ignored --nocapture --test-threads=1
 timeout 300 "$out/gpu_bench" --ignored --nocapture --test-threads=1
 echo "throughput table: $KVT_GPU_BENCH_OUT"
 if [ "${GPU_BENCH_AB:-0}" = 1 ]; then

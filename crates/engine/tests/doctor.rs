@@ -141,3 +141,39 @@ fn a_malformed_variable_is_reported_with_the_constructors_message() {
         String::from_utf8_lossy(&child.stderr)
     );
 }
+
+#[test]
+#[ignore = "needs a GPU and its driver (scripts/gpu-tests.sh --run)"]
+fn gpus_are_listed_with_the_peer_access_matrix() {
+    let report = host_report(0);
+    eprintln!("{:#?}", report.gpus);
+    eprintln!("{:#?}", report.transports);
+    let gpus = &report.gpus;
+    assert_eq!(gpus.error, None);
+    let version = gpus.driver_version.as_deref().expect("a driver version");
+    assert!(
+        version.split('.').all(|p| p.parse::<u32>().is_ok()),
+        "{version}"
+    );
+    assert!(!gpus.gpus.is_empty());
+    for (i, gpu) in gpus.gpus.iter().enumerate() {
+        assert_eq!(gpu.ordinal as usize, i);
+        assert!(!gpu.name.is_empty());
+        assert!(
+            gpu.uuid.starts_with("GPU-") && gpu.uuid.len() == 40,
+            "{}",
+            gpu.uuid
+        );
+        // domain:bus:device.function, e.g. 0000:19:00.0
+        assert_eq!(gpu.pci_bus_id.matches(':').count(), 2, "{}", gpu.pci_bus_id);
+        assert!(gpu.total_memory > 1 << 30, "{}", gpu.total_memory);
+    }
+    let n = gpus.gpus.len();
+    assert_eq!(gpus.peer_access.len(), n);
+    for (a, row) in gpus.peer_access.iter().enumerate() {
+        assert_eq!(row.len(), n);
+        assert!(row[a]);
+    }
+    // A GPU host still reaches its peers over TCP.
+    assert!(report.transport(TransportKind::Tcp).unwrap().usable);
+}
