@@ -4,27 +4,14 @@
  * them as a table.
  */
 import { nativeDoctor } from '../index.js'
-import type { NativeDoctorReport } from '../index.js'
+import type { NativeDoctorGid, NativeDoctorGpu, NativeDoctorPort, NativeDoctorReport } from '../index.js'
 
-export interface DoctorGid {
-  index: number
-  /** `RoCE v2`, `RoCE v1`, `IB` or `unknown`. */
-  kind: string
-  /** The GID as an IPv6 address (`::ffff:10.77.0.1` for an IPv4-mapped RoCE GID). */
-  address: string
-}
-
-export interface DoctorPort {
-  port: number
-  /** `ACTIVE`, `DOWN`, `INIT`, `ARMED`, ... as ibv_devinfo names them. */
-  state: string
-  /** `RoCE` or `InfiniBand`. */
-  linkLayer: string
-  /** Active MTU in bytes (0: unknown). */
-  activeMtu: number
-  lid: number
-  gids: DoctorGid[]
-}
+/** One GID table entry: index, kind (`RoCE v2`, `RoCE v1`, `IB`, `unknown`), address (IPv6 text). */
+export type DoctorGid = NativeDoctorGid
+/** One port: state (`ACTIVE`, `DOWN`, ... as ibv_devinfo), linkLayer, activeMtu (bytes), lid, gids. */
+export type DoctorPort = NativeDoctorPort
+/** One GPU: ordinal, name, uuid, pciBusId, totalMemory (bytes), dmabuf (the GPU and driver can export dma-bufs). */
+export type DoctorGpu = NativeDoctorGpu
 
 export interface DoctorRdmaDevice {
   name: string
@@ -46,16 +33,6 @@ export interface DoctorRdma {
   relaxedOrderingFlag: boolean
   /** `nvidia_peermem` / `nv_peer_mem` when loaded (GPU memory through plain ibv_reg_mr). */
   peermemModule: string | null
-}
-
-export interface DoctorGpu {
-  ordinal: number
-  name: string
-  uuid: string
-  pciBusId: string
-  totalMemory: number
-  /** The GPU and driver can export dma-bufs. */
-  dmabuf: boolean
 }
 
 export interface DoctorGpus {
