@@ -115,7 +115,9 @@ const yes = (b: boolean): string => (b ? 'yes' : 'no')
 
 function table(rows: string[][], indent = '  '): string[] {
   const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)))
-  return rows.map((r) => indent + r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  '))
+  return rows.map((r) =>
+    (indent + r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).trimEnd(),
+  )
 }
 
 /** The report as the human-readable table `kvtransfer doctor` prints. */
