@@ -1,10 +1,12 @@
 //! Why a peer is reached over its transport: a sentence built on the connecting side from
 //! what this side offered and what the acceptor chose, plus the details of that transport
 //! (device, port, GID, MTU, QPs for RDMA). `auto` logs it once per peer at info level.
+//! The acceptor's side of it: the note its reply carries on the offers it passed over.
 
 use super::Engine;
 use crate::config::TransportChoice;
 use crate::transport::TransportKind;
+use crate::wire::{Descriptor, Endpoint, MAX_NOTE_BYTES, NOTE_KIND};
 
 /// The transport chosen with a peer and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,5 +127,50 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .get(peer_key)
             .cloned()
+    }
+
+    /// Accepting side: the note for the reply, saying why each transport the peer offered
+    /// and prefers over `chosen` was not taken (none: nothing was passed over).
+    pub(super) fn declined_note(
+        &self,
+        chosen: TransportKind,
+        remote: &Descriptor,
+        declined: &[(TransportKind, String)],
+    ) -> Option<Endpoint> {
+        let passed_over = TransportKind::PREFERENCE
+            .into_iter()
+            .take_while(|kind| *kind != chosen)
+            .filter(|kind| remote.endpoint(kind.code()).is_some());
+        let reasons: Vec<String> = passed_over
+            .map(|kind| {
+                let unusable = self.inner.unusable.iter().find(|(k, _)| *k == kind);
+                match (declined.iter().find(|(k, _)| *k == kind), unusable) {
+                    (Some((_, why)), _) => format!("{}: {why}", kind.name()),
+                    (None, Some((_, why))) => {
+                        format!("{}: not usable on the acceptor ({why})", kind.name())
+                    }
+                    (None, None) => format!(
+                        "{}: the acceptor uses only {} (its transport option or KVCACHE_TRANSPORT)",
+                        kind.name(),
+                        self.transport_names().join(", ")
+                    ),
+                }
+            })
+            .collect();
+        if reasons.is_empty() {
+            return None;
+        }
+        let mut note = reasons.join("; ");
+        if note.len() > MAX_NOTE_BYTES {
+            let mut end = MAX_NOTE_BYTES;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+        }
+        Some(Endpoint {
+            kind: NOTE_KIND,
+            bytes: note.into_bytes(),
+        })
     }
 }

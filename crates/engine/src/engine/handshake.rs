@@ -519,51 +519,6 @@ impl Engine {
         Ok((remote_layout, link, note))
     }
 
-    /// Accepting side: the note for the reply, saying why each transport the peer offered
-    /// and prefers over `chosen` was not taken (none: nothing was passed over).
-    fn declined_note(
-        &self,
-        chosen: TransportKind,
-        remote: &Descriptor,
-        declined: &[(TransportKind, String)],
-    ) -> Option<Endpoint> {
-        let passed_over = TransportKind::PREFERENCE
-            .into_iter()
-            .take_while(|kind| *kind != chosen)
-            .filter(|kind| remote.endpoint(kind.code()).is_some());
-        let reasons: Vec<String> = passed_over
-            .map(|kind| {
-                let unusable = self.inner.unusable.iter().find(|(k, _)| *k == kind);
-                match (declined.iter().find(|(k, _)| *k == kind), unusable) {
-                    (Some((_, why)), _) => format!("{}: {why}", kind.name()),
-                    (None, Some((_, why))) => {
-                        format!("{}: not usable on the acceptor ({why})", kind.name())
-                    }
-                    (None, None) => format!(
-                        "{}: the acceptor uses only {} (its transport option or KVCACHE_TRANSPORT)",
-                        kind.name(),
-                        self.transport_names().join(", ")
-                    ),
-                }
-            })
-            .collect();
-        if reasons.is_empty() {
-            return None;
-        }
-        let mut note = reasons.join("; ");
-        if note.len() > MAX_NOTE_BYTES {
-            let mut end = MAX_NOTE_BYTES;
-            while !note.is_char_boundary(end) {
-                end -= 1;
-            }
-            note.truncate(end);
-        }
-        Some(Endpoint {
-            kind: NOTE_KIND,
-            bytes: note.into_bytes(),
-        })
-    }
-
     /// Releases what every transport reserved for `peer_key` in `hello`.
     fn forget_offers(&self, peer_key: &str) {
         for transport in &self.inner.transports {
