@@ -839,5 +839,5 @@ module.exports.NativeCommunicator = nativeBinding.NativeCommunicator
 module.exports.NativeDeviceMemory = nativeBinding.NativeDeviceMemory
 module.exports.NativePreparedBlocks = nativeBinding.NativePreparedBlocks
 module.exports.errorCodes = nativeBinding.errorCodes
-module.exports.peerCopyGbps = nativeBinding.peerCopyGbps
 module.exports.nativeDoctor = nativeBinding.nativeDoctor
+module.exports.peerCopyGbps = nativeBinding.peerCopyGbps

@@ -278,7 +278,7 @@ fn valid<T>(parsed: Result<T>) -> Result<()> {
 const VARIABLES: &[(&str, &str, Check)] = &[
     (
         "KVCACHE_TRANSPORT",
-        "transport when the option is not given: auto, tcp or rdma",
+        "transport when the option is not given: auto or a transport name",
         || valid(TransportChoice::resolve(None)),
     ),
     (
