@@ -26,8 +26,9 @@ pub struct DeviceReport {
 
 type DeviceTotalMemFn = unsafe extern "C" fn(*mut usize, CUdevice) -> CUresult;
 
-/// `GPU-` and the 16 bytes in the 8-4-4-4-12 grouping.
-fn format_uuid(bytes: &[u8; 16]) -> String {
+/// A GPU UUID as `nvidia-smi` prints it: `GPU-` and the 16 bytes in the 8-4-4-4-12
+/// grouping.
+pub fn uuid_text(bytes: &[u8; 16]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "GPU-{}-{}-{}-{}-{}",
@@ -71,7 +72,7 @@ impl Gpu {
         Ok(DeviceReport {
             ordinal: self.ordinal(),
             name: self.name()?,
-            uuid: format_uuid(&self.uuid()?),
+            uuid: uuid_text(&self.uuid()?),
             pci_bus_id: self.pci_bus_id()?,
             total_memory: self.total_memory()?,
             dmabuf: self.dmabuf_supported(),
@@ -90,7 +91,7 @@ mod tests {
             0xcd, 0xef,
         ];
         assert_eq!(
-            format_uuid(&bytes),
+            uuid_text(&bytes),
             "GPU-12345678-9abc-def0-0123-456789abcdef"
         );
     }

@@ -41,7 +41,7 @@ mod sys;
 pub use context::{CurrentGuard, Gpu};
 pub use dmabuf::DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED;
 pub use error::{CudaError, LoadError};
-pub use inventory::DeviceReport;
+pub use inventory::{uuid_text, DeviceReport};
 pub use kernel::{CopyKernel, RunKinds};
 pub use library::{Cuda, LIBCUDA_SONAME};
 pub use memory::{DeviceBuffer, PinnedBuffer};

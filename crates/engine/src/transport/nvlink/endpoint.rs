@@ -122,18 +122,8 @@ pub(crate) fn process_token() -> u64 {
     *TOKEN.get_or_init(crate::util::random_u64)
 }
 
-/// A GPU UUID as `nvidia-smi` prints it (`GPU-xxxxxxxx-xxxx-...`).
-pub(crate) fn uuid_text(uuid: &[u8; 16]) -> String {
-    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "GPU-{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
+// A GPU UUID as `nvidia-smi` prints it (`GPU-xxxxxxxx-xxxx-...`), from crates/cuda.
+pub(crate) use kvtransfer_cuda::uuid_text;
 
 #[cfg(test)]
 mod tests {
