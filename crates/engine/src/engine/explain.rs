@@ -89,6 +89,16 @@ impl Engine {
                 rdma_unusable.unwrap_or("not opened")
             ),
         };
+        // With GPU regions here, why NVLink (preferred over everything) was not taken.
+        let reason = match self.nvlink_passed_over(chosen, auto) {
+            Some(why) => {
+                let rest = reason
+                    .strip_prefix(&format!("{}: ", chosen.name()))
+                    .unwrap_or(&reason);
+                format!("{}: {why}; {rest}", chosen.name())
+            }
+            None => reason,
+        };
         // The acceptor's account, where the sentence above does not carry it already.
         let reason = match note {
             Some(note) if !reason.contains(&note) => format!("{reason}; the peer: {note}"),
@@ -117,6 +127,24 @@ impl Engine {
                 self.inner.name()
             );
         }
+    }
+
+    /// Under `auto`, when this side's regions are GPU memory and another transport was
+    /// chosen: why NVLink was not (unusable here, or offered and declined by the peer,
+    /// whose note then says why). None where NVLink was never in question (host memory).
+    fn nvlink_passed_over(&self, chosen: TransportKind, auto: bool) -> Option<String> {
+        if !auto || chosen == TransportKind::Nvlink || self.inner.table.gpu().is_none() {
+            return None;
+        }
+        let unusable = self
+            .inner
+            .unusable
+            .iter()
+            .find(|(kind, _)| *kind == TransportKind::Nvlink);
+        Some(match unusable {
+            Some((_, reason)) => format!("NVLink is not usable on this side ({reason})"),
+            None => "this side offered NVLink but the peer declined it".to_string(),
+        })
     }
 
     /// Why `peer_key` (a peer this side connected to) is reached over its transport.
