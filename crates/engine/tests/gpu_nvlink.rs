@@ -496,6 +496,15 @@ fn auto_falls_back_to_tcp_when_a_side_has_host_memory() {
         "{}",
         decision.reason
     );
+    // The reason names NVLink and the acceptor's own account of why it declined it.
+    assert!(
+        decision
+            .reason
+            .contains("offered NVLink but the peer declined it")
+            && decision.reason.contains("host memory"),
+        "{}",
+        decision.reason
+    );
     block_on(
         prefill
             .engine
