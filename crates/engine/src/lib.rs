@@ -18,6 +18,7 @@ mod layout;
 pub mod log;
 mod metrics;
 mod plan;
+mod shard;
 mod transport;
 mod util;
 mod wire;
@@ -31,6 +32,7 @@ pub use gpu::{peer_copy_gbps, DeviceMemory};
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
+pub use shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
 pub use transport::{
     Arrival, ArrivalSink, Completion, CompletionCallback, TransportKind, MAX_TAG_BYTES,
 };
@@ -43,6 +45,7 @@ pub mod internals {
     pub use crate::auth::{Challenge, Envelope, Response};
     pub use crate::layout::RegionTable;
     pub use crate::plan::{plan_runs, PlanLimits, Run};
+    pub use crate::shard::{Geometry, Shard};
     pub use crate::transport::nvlink::{NvlinkEndpoint, NvlinkMemoryTable};
     pub use crate::transport::rdma::{
         decode_notice, fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES,

@@ -48,7 +48,8 @@ struct PreparedWrite {
     runs: PooledRuns,
     layer: u32,
     blocks: u32,
-    /// Bytes one block moves: every kind's block (K, V, scales when present).
+    /// Bytes one block moves: every kind's block (K, V, scales when present), or the
+    /// kind's shard with tensor-parallel shards.
     bytes_per_block: u64,
     tag: Option<Vec<u8>>,
 }
@@ -68,13 +69,6 @@ fn counted_done(write: &PreparedWrite, deliver: CompletionCallback) -> Done {
         }
         deliver(result);
     }))
-}
-
-/// Bytes one block moves in `layout`: every kind's block.
-fn bytes_per_block(layout: &crate::layout::CacheLayout) -> u64 {
-    (0..layout.kinds())
-        .map(|kind| layout.kind_block_bytes(kind))
-        .sum()
 }
 
 impl Engine {
@@ -261,11 +255,11 @@ impl Engine {
             ));
         }
         Ok(PreparedWrite {
+            bytes_per_block: peer.shard.bytes_per_block(&layout),
             peer,
             runs: PooledRuns::from(Arc::clone(&prepared.runs)),
             layer,
             blocks: prepared.blocks,
-            bytes_per_block: bytes_per_block(&layout),
             tag,
         })
     }
@@ -315,11 +309,11 @@ impl Engine {
         let runs = self.inner.run_pool.pooled(runs);
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
         Ok(PreparedWrite {
+            bytes_per_block: peer.shard.bytes_per_block(&layout),
             peer,
             runs,
             layer,
             blocks,
-            bytes_per_block: bytes_per_block(&layout),
             tag,
         })
     }
@@ -354,6 +348,7 @@ impl Engine {
             runs,
             layer,
             blocks,
+            shard: peer.shard,
             tag,
             done,
         });
