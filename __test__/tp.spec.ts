@@ -207,6 +207,10 @@ for (const [p, d, order] of [
       const cluster = await makeCluster(t, p, d, order)
       const written = await writeAll(cluster, (i) => pairs(i, p, d))
       check(t, cluster, written, (k) => [k, d])
+      // Metrics count the bytes moved: the shard of K, V and both scales of every block.
+      const blocks = written.reduce((n, [, ids]) => n + ids.length, 0) * pairs(0, p, d).length
+      const shard = (2 * (GLOBAL_BLOCK + GLOBAL_SCALE)) / Math.max(p, d)
+      t.is(cluster.prefill[0].comm.metrics().bytesWritten, blocks * shard)
     },
   )
 }
