@@ -49,8 +49,12 @@ export declare class NativeCommunicator {
    * bad or the peer is not connected).
    */
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
-  /** `writeCache` of a prepared block list: no id is validated or planned again. */
-  writePrepared(callId: number, peerKey: string, prepared: NativePreparedBlocks, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
+  /**
+   * `writeCache` of a prepared block list, to the peer it was prepared for (the caller
+   * checked that it is the one meant): no id is validated or planned again, and no key
+   * string crosses from JavaScript.
+   */
+  writePrepared(callId: number, prepared: NativePreparedBlocks, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
   /**
    * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
    * whether a link existed, once no byte of its calls can land any more and every

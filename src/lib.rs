@@ -557,12 +557,13 @@ impl NativeCommunicator {
         })
     }
 
-    /// `writeCache` of a prepared block list: no id is validated or planned again.
+    /// `writeCache` of a prepared block list, to the peer it was prepared for (the caller
+    /// checked that it is the one meant): no id is validated or planned again, and no key
+    /// string crosses from JavaScript.
     #[napi]
     pub fn write_prepared(
         &self,
         call_id: u32,
-        peer_key: String,
         prepared: &NativePreparedBlocks,
         layer_idx: f64,
         tag: Option<Buffer>,
@@ -572,7 +573,7 @@ impl NativeCommunicator {
         let on_done = self.on_settled(call_id)?;
         self.engine
             .write_prepared_with_callback(
-                &peer_key,
+                prepared.inner.peer_key(),
                 &prepared.inner,
                 layer_idx,
                 tag.map(|t| t.to_vec()),

@@ -347,8 +347,14 @@ export class RDMACommunicator extends EventEmitter {
   ): Promise<void> {
     this.checkOpen()
     const key = this.peerKey(ip, port)
+    if (key !== prepared.peer) {
+      throw invalidArgument(
+        'prepared',
+        `the block list was prepared for peer ${prepared.peer}, not ${key}; call prepareBlocks for ${key}`,
+      )
+    }
     return this.submit(key, layerIdx, options, (callId, tag, timeoutMs) =>
-      this.native.writePrepared(callId, key, prepared.native, layerIdx, tag, timeoutMs),
+      this.native.writePrepared(callId, prepared.native, layerIdx, tag, timeoutMs),
     )
   }
 

@@ -317,6 +317,7 @@ impl Engine {
         let counters = self.inner.metrics.connected(peer_key, link.kind().code());
         self.record_decision(peer_key, link.kind());
         let peer = Arc::new(Peer {
+            key: peer_key.into(),
             remote: remote_layout,
             shard,
             link,

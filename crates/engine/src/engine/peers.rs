@@ -9,6 +9,8 @@ use std::sync::{Arc, RwLock};
 
 /// A connected peer: its cache layout and the link to it.
 pub(super) struct Peer {
+    /// The key it is registered under (`host:port`).
+    pub key: Arc<str>,
     pub remote: CacheLayout,
     /// Which bytes of each block go where in the peer's (tensor-parallel shards).
     pub shard: Shard,

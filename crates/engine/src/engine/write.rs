@@ -108,7 +108,7 @@ impl Engine {
                 let _ = sender.send(result);
             }),
         );
-        self.submit_write(peer_key, write, done, deadline);
+        self.submit_write(write, done, deadline);
         Ok(completion)
     }
 
@@ -134,7 +134,7 @@ impl Engine {
             self.prepare_write(peer_key, local, remote, layer, tag),
         )?;
         let done = counted_done(&write, on_done);
-        self.submit_write(peer_key, write, done, deadline);
+        self.submit_write(write, done, deadline);
         Ok(())
     }
 
@@ -194,7 +194,7 @@ impl Engine {
             self.reuse_prepared(peer_key, prepared, layer, tag),
         )?;
         let done = counted_done(&write, on_done);
-        self.submit_write(peer_key, write, done, deadline);
+        self.submit_write(write, done, deadline);
         Ok(())
     }
 
@@ -320,13 +320,7 @@ impl Engine {
 
     /// Hands a prepared call to its link (or completes it at once when it has nothing to
     /// send), watching its deadline.
-    fn submit_write(
-        &self,
-        peer_key: &str,
-        write: PreparedWrite,
-        done: Done,
-        deadline: Option<Instant>,
-    ) {
+    fn submit_write(&self, write: PreparedWrite, done: Done, deadline: Option<Instant>) {
         let PreparedWrite {
             peer,
             runs,
@@ -342,7 +336,7 @@ impl Engine {
         if let Some(deadline) = deadline {
             self.inner
                 .watchdog
-                .watch(&self.inner, peer_key, &peer, &done, deadline);
+                .watch(&self.inner, &peer, &done, deadline);
         }
         peer.link.submit(WriteJob {
             runs,
