@@ -254,35 +254,44 @@ impl Shard {
                 )));
             }
             None
-        } else if w.size > v.size {
-            let r = Self::ratio(w.size, v.size, &refuse)?;
-            if w.rank / r != v.rank {
-                return Err(refuse(format!(
-                    "writer {w_name} is tpRank {} of tpSize {}, which writes to receiver rank {} (tpRank / {r}), but {v_name} is tpRank {} of tpSize {}",
-                    w.rank, w.size, w.rank / r, v.rank, v.size
-                )));
-            }
-            Some(Cut {
-                local_parts: 1,
-                local_part: 0,
-                remote_parts: r.into(),
-                remote_part: (w.rank % r).into(),
-                rows: 1,
-            })
         } else {
-            let r = Self::ratio(v.size, w.size, &refuse)?;
-            if v.rank / r != w.rank {
+            // The larger side's rank k pairs with the smaller side's rank k / r, as part k mod r.
+            let writer_larger = w.size > v.size;
+            let ((big, big_name), (small, small_name)) = if writer_larger {
+                ((w, w_name), (v, v_name))
+            } else {
+                ((v, v_name), (w, w_name))
+            };
+            let r = Self::ratio(big.size, small.size, &refuse)?;
+            if big.rank / r != small.rank {
+                let pairs_with = if writer_larger {
+                    "writes to receiver rank"
+                } else {
+                    "takes its shard from writer rank"
+                };
                 return Err(refuse(format!(
-                    "receiver {v_name} is tpRank {} of tpSize {}, which takes its shard from writer rank {} (tpRank / {r}), but {w_name} is tpRank {} of tpSize {}",
-                    v.rank, v.size, v.rank / r, w.rank, w.size
+                    "{} {big_name} is tpRank {} of tpSize {}, which {pairs_with} {} (tpRank / {r}), but {small_name} is tpRank {} of tpSize {}",
+                    if writer_larger { "writer" } else { "receiver" },
+                    big.rank, big.size, big.rank / r, small.rank, small.size
                 )));
             }
-            Some(Cut {
-                local_parts: r.into(),
-                local_part: (v.rank % r).into(),
-                remote_parts: 1,
-                remote_part: 0,
-                rows: 1,
+            let (parts, part) = (u64::from(r), u64::from(big.rank % r));
+            Some(if writer_larger {
+                Cut {
+                    local_parts: 1,
+                    local_part: 0,
+                    remote_parts: parts,
+                    remote_part: part,
+                    rows: 1,
+                }
+            } else {
+                Cut {
+                    local_parts: parts,
+                    local_part: part,
+                    remote_parts: 1,
+                    remote_part: 0,
+                    rows: 1,
+                }
             })
         };
         let Some(mut cut) = cut else {
@@ -531,36 +540,38 @@ mod tests {
 
     #[test]
     fn refusals_name_the_values() {
-        let err = plan(tp(3, 0), layout(64, 0), tp(2, 0), layout(64, 0)).unwrap_err();
-        assert_eq!(err.code(), "ERR_TP_MISMATCH");
-        assert!(
-            err.to_string()
-                .contains("tpSize 3 is not a multiple of tpSize 2"),
-            "{err}"
-        );
-        // 4 → 2: rank 2 belongs to decode rank 1, not 0.
-        let err = plan(tp(4, 2), layout(64, 0), tp(2, 0), layout(128, 0)).unwrap_err();
-        assert!(
-            err.to_string().contains("writes to receiver rank 1"),
-            "{err}"
-        );
-        let err = plan(tp(2, 0), layout(64, 0), tp(4, 2), layout(32, 0)).unwrap_err();
-        assert!(err.to_string().contains("writer rank 1"), "{err}");
-        let err = plan(tp(2, 0), layout(64, 0), tp(1, 0), layout(100, 0)).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("the receiver's blockBytes must be 2 × the writer's (128 here)"),
-            "{err}"
-        );
-        let err = plan(tp(2, 0), layout(64, 8), tp(1, 0), layout(128, 8)).unwrap_err();
-        assert!(err.to_string().contains("scaleBlockBytes is 8"), "{err}");
-        let err = plan(tp(1, 0), layout(64, 0), tp(2, 0), layout(64, 0)).unwrap_err();
-        assert!(
-            err.to_string().contains("writer's blockBytes must be 2 ×"),
-            "{err}"
-        );
-        let err = plan(tp(2, 1), layout(64, 0), tp(2, 0), layout(64, 0)).unwrap_err();
-        assert!(err.to_string().contains("rank i writes to rank i"), "{err}");
+        let cases = [
+            (
+                (3, 0, 64, 0),
+                (2, 0, 64, 0),
+                "tpSize 3 is not a multiple of tpSize 2",
+            ),
+            // 4 → 2: rank 2 belongs to decode rank 1, not 0.
+            ((4, 2, 64, 0), (2, 0, 128, 0), "writes to receiver rank 1"),
+            // 2 → 4: decode rank 2 takes its shard from prefill rank 1.
+            (
+                (2, 0, 64, 0),
+                (4, 2, 32, 0),
+                "takes its shard from writer rank 1",
+            ),
+            (
+                (2, 0, 64, 0),
+                (1, 0, 100, 0),
+                "the receiver's blockBytes must be 2 × the writer's (128 here)",
+            ),
+            ((2, 0, 64, 8), (1, 0, 128, 8), "scaleBlockBytes is 8"),
+            (
+                (1, 0, 64, 0),
+                (2, 0, 64, 0),
+                "writer's blockBytes must be 2 ×",
+            ),
+            ((2, 1, 64, 0), (2, 0, 64, 0), "rank i writes to rank i"),
+        ];
+        for ((ws, wr, wb, wsc), (vs, vr, vb, vsc), wanted) in cases {
+            let err = plan(tp(ws, wr), layout(wb, wsc), tp(vs, vr), layout(vb, vsc)).unwrap_err();
+            assert_eq!(err.code(), "ERR_TP_MISMATCH", "{err}");
+            assert!(err.to_string().contains(wanted), "{err}");
+        }
         let err = plan(tp(1, 0), layout(64, 0), tp(1, 0), layout(32, 0)).unwrap_err();
         assert_eq!(err.code(), "ERR_LAYOUT_MISMATCH");
     }
