@@ -30,8 +30,11 @@ export declare class NativeCommunicator {
   hello(peerKey: string, response: Buffer): Buffer
   /** Answers a peer's hello with this side's descriptor, or throws why it is refused. */
   accept(hello: Buffer): Buffer
-  /** Opens the data path to the peer that sent `reply`; resolves when usable. */
-  finishConnect(peerKey: string, host: string, reply: Buffer): Promise<void>
+  /**
+   * Opens the data path to the peer that sent `reply`; resolves when usable. With
+   * `dst_tp_size`, a peer declaring another tpSize is refused (`ERR_TP_MISMATCH`).
+   */
+  finishConnect(peerKey: string, host: string, reply: Buffer, dstTpSize?: number | undefined | null): Promise<void>
   isConnected(peerKey: string): boolean
   /** The transport used with a connected peer, or null. */
   peerTransport(peerKey: string): string | null
@@ -46,8 +49,12 @@ export declare class NativeCommunicator {
    * bad or the peer is not connected).
    */
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
-  /** `writeCache` of a prepared block list: no id is validated or planned again. */
-  writePrepared(callId: number, peerKey: string, prepared: NativePreparedBlocks, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
+  /**
+   * `writeCache` of a prepared block list, to the peer it was prepared for (the caller
+   * checked that it is the one meant): no id is validated or planned again, and no key
+   * string crosses from JavaScript.
+   */
+  writePrepared(callId: number, prepared: NativePreparedBlocks, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
   /**
    * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
    * whether a link existed, once no byte of its calls can land any more and every
@@ -233,6 +240,14 @@ export interface NativeOptions {
   connectTimeoutMs?: number
   /** Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none. */
   authToken?: string
+  /** Tensor-parallel ranks the heads are split over (default 1). */
+  tpSize?: number
+  /** This side's rank, `0..tpSize` (default 0). */
+  tpRank?: number
+  /** Every rank holds the whole cache (MLA): whole blocks, any pairing (default false). */
+  kvReplicated?: boolean
+  /** Token-major blocks of this many token rows; 0 or absent: head-major. */
+  tokensPerBlock?: number
 }
 
 export interface NativePeerCounters {

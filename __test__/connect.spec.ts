@@ -19,8 +19,8 @@ const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url))
 const BLACKHOLE = fileURLToPath(new URL('./fixtures/blackhole.ts', import.meta.url))
 /** Bytes before the descriptor in a handshake envelope: magic, version, flags, 2 nonces, MAC (crates/engine/src/auth.rs). */
 const ENVELOPE_HEADER_BYTES = 4 + 2 + 1 + 2 * 32 + 32
-/** Offset of the name length in a descriptor (crates/engine/src/wire/descriptor.rs): magic, version, length, role, instance id, layers, has-value, blockNumber, blockBytes, scaleBlockBytes. */
-const NAME_LENGTH_AT = 4 + 2 + 4 + 1 + 8 + 4 + 1 + 4 + 8 + 8
+/** Offset of the name length in a descriptor (crates/engine/src/wire/descriptor.rs): magic, version, length, role, instance id, layers, has-value, blockNumber, blockBytes, scaleBlockBytes, tpSize, tpRank, kvReplicated, tokensPerBlock. */
+const NAME_LENGTH_AT = 4 + 2 + 4 + 1 + 8 + 4 + 1 + 4 + 8 + 8 + 4 + 4 + 1 + 4
 const LAYOUT = { layers: 1, blockNumber: 4, blockBytes: 1024 }
 
 /** A decode communicator in this process; `keys[0]` is its layer-0 K region. */

@@ -2,7 +2,7 @@
 //! error map. No transfer logic lives here.
 
 use kvtransfer_engine::BlockIds;
-use kvtransfer_engine::{Arrival, Engine, EngineOptions, Role};
+use kvtransfer_engine::{Arrival, BlockOrder, Engine, EngineOptions, Role, TpOptions};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::JsDeferred;
@@ -143,6 +143,14 @@ pub struct NativeOptions {
     pub connect_timeout_ms: Option<u32>,
     /// Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none.
     pub auth_token: Option<String>,
+    /// Tensor-parallel ranks the heads are split over (default 1).
+    pub tp_size: Option<u32>,
+    /// This side's rank, `0..tpSize` (default 0).
+    pub tp_rank: Option<u32>,
+    /// Every rank holds the whole cache (MLA): whole blocks, any pairing (default false).
+    pub kv_replicated: Option<bool>,
+    /// Token-major blocks of this many token rows; 0 or absent: head-major.
+    pub tokens_per_block: Option<u32>,
 }
 
 /// Live resources of the native engine (leak checks).
@@ -370,6 +378,12 @@ impl NativeCommunicator {
             )),
             rdma_settings: None,
             auth_token: options.auth_token.map(String::into_bytes),
+            tp: TpOptions {
+                size: options.tp_size.unwrap_or(1),
+                rank: options.tp_rank.unwrap_or(0),
+                replicated: options.kv_replicated.unwrap_or(false),
+                order: BlockOrder::from_tokens_per_block(options.tokens_per_block.unwrap_or(0)),
+            },
         };
         let settled_fn: Arc<SettledCallback> = Arc::new(
             on_call_settled
@@ -434,7 +448,8 @@ impl NativeCommunicator {
             .map_err(to_js_error)
     }
 
-    /// Opens the data path to the peer that sent `reply`; resolves when usable.
+    /// Opens the data path to the peer that sent `reply`; resolves when usable. With
+    /// `dst_tp_size`, a peer declaring another tpSize is refused (`ERR_TP_MISMATCH`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn finish_connect<'env>(
         &self,
@@ -442,11 +457,12 @@ impl NativeCommunicator {
         peer_key: String,
         host: String,
         reply: Buffer,
+        dst_tp_size: Option<u32>,
     ) -> Result<PromiseRaw<'env, ()>, Code> {
         let engine = self.engine.clone();
         let reply = reply.to_vec();
         on_thread(env, "kvt-connect", peer_key.clone(), move || {
-            engine.finish_connect(&peer_key, &host, &reply)
+            engine.finish_connect_expecting(&peer_key, &host, &reply, dst_tp_size)
         })
     }
 
@@ -543,12 +559,13 @@ impl NativeCommunicator {
         })
     }
 
-    /// `writeCache` of a prepared block list: no id is validated or planned again.
+    /// `writeCache` of a prepared block list, to the peer it was prepared for (the caller
+    /// checked that it is the one meant): no id is validated or planned again, and no key
+    /// string crosses from JavaScript.
     #[napi]
     pub fn write_prepared(
         &self,
         call_id: u32,
-        peer_key: String,
         prepared: &NativePreparedBlocks,
         layer_idx: f64,
         tag: Option<Buffer>,
@@ -558,7 +575,7 @@ impl NativeCommunicator {
         let on_done = self.on_settled(call_id)?;
         self.engine
             .write_prepared_with_callback(
-                &peer_key,
+                prepared.inner.peer_key(),
                 &prepared.inner,
                 layer_idx,
                 tag.map(|t| t.to_vec()),

@@ -7,10 +7,13 @@ import { parseArgs } from 'node:util'
 import {
   BenchOptions,
   DEFAULT_SIZES,
+  type TpSetting,
   formatOverhead,
   formatSize,
   formatTable,
+  parseBlockLayout,
   parseSizes,
+  parseTp,
   renderSvg,
   runAgent,
   runBench,
@@ -30,6 +33,9 @@ Grid:
   --layers N           layers, each with K and V regions (default 2)
   --scales BYTES       fp8 scale caches: K-scale and V-scale regions of BYTES per block (default 0: none);
                        GB/s counts K+V+scale bytes
+  --tp P:D             tensor-parallel shards: prefill rank 0 of P writes to decode rank 0 of D (default 1:1);
+                       a size is the bytes one block moves (the shard), so GB/s compare with 1:1 at that size
+  --block-layout L     HND (head-major, default) | NHD:T (token-major, T token rows per block: one segment per row)
   --transport T        tcp | rdma | nvlink (default tcp)
   --src-gpu N          prefill regions in GPU N's memory (nvlink: default 0)
   --dst-gpu N          decode regions in GPU N's memory (nvlink: default 0; 1 for GPU0→GPU1)
@@ -86,6 +92,8 @@ async function bench(argv: string[]): Promise<number> {
       concurrency: { type: 'string' },
       layers: { type: 'string' },
       scales: { type: 'string' },
+      tp: { type: 'string' },
+      'block-layout': { type: 'string' },
       transport: { type: 'string' },
       'src-gpu': { type: 'string' },
       prepared: { type: 'boolean' },
@@ -136,6 +144,15 @@ async function bench(argv: string[]): Promise<number> {
   } catch (error) {
     throw new UsageError(`--sizes: ${(error as Error).message}`)
   }
+  let tp: TpSetting
+  try {
+    tp = {
+      ...parseTp(values.tp ?? '1:1'),
+      tokensPerBlock: parseBlockLayout(values['block-layout'] ?? 'HND'),
+    }
+  } catch (error) {
+    throw new UsageError(`--tp/--block-layout: ${(error as Error).message}`)
+  }
   const duration = values.duration === undefined ? 2 : Number(values.duration)
   if (!(duration > 0)) throw new UsageError(`--duration expects seconds > 0, got '${values.duration}'`)
   const options: BenchOptions = {
@@ -144,6 +161,7 @@ async function bench(argv: string[]): Promise<number> {
     concurrency: integer('concurrency', values.concurrency, 1),
     layers: integer('layers', values.layers, 2),
     scales: integer('scales', values.scales, 0, 0),
+    tp,
     transport,
     pattern,
     iterations: values.iterations === undefined ? undefined : integer('iterations', values.iterations, 1),
@@ -166,7 +184,15 @@ async function bench(argv: string[]): Promise<number> {
   }
   if ((options.srcGpu !== undefined || options.dstGpu !== undefined) && options.scales > 0)
     throw new UsageError('--scales with GPU regions (--src-gpu, --dst-gpu, nvlink) is not supported by the bench')
-  const maxBytes = options.batch * Math.max(...sizes)
+  const factor = Math.max(tp.prefill / tp.decode, tp.decode / tp.prefill)
+  for (const size of sizes) {
+    if (
+      (size / Math.max(1, tp.tokensPerBlock)) % 1 !== 0 ||
+      (options.scales / Math.max(1, tp.tokensPerBlock)) % 1 !== 0
+    )
+      throw new UsageError(`--block-layout NHD:${tp.tokensPerBlock}: size ${size} and --scales must be multiples of T`)
+  }
+  const maxBytes = options.batch * Math.max(...sizes) * factor
   if (maxBytes > 2 ** 32) throw new UsageError(`--batch × largest size = ${maxBytes} bytes per region; at most 4 GiB`)
 
   if (values.overhead) {
@@ -183,6 +209,9 @@ async function bench(argv: string[]): Promise<number> {
   const m = report.machine
   console.log(
     `kvtransfer bench: ${options.transport}, batch ${options.batch} ${options.pattern} ids${options.prepared ? ' (prepared)' : ''}, ${options.layers} layers × K+V, ` +
+      (tp.prefill !== 1 || tp.decode !== 1 || tp.tokensPerBlock > 0
+        ? `TP ${tp.prefill}:${tp.decode} ${tp.tokensPerBlock > 0 ? `NHD ${tp.tokensPerBlock} rows` : 'HND'} (sizes = bytes moved per block), `
+        : '') +
       `${options.concurrency} in flight; ${report.peer}`,
   )
   console.log(`machine: ${m.cpu} × ${m.cores} cores, ${m.memoryGiB} GiB, ${m.kernel}, node ${m.node}`)

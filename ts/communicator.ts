@@ -20,6 +20,7 @@ import {
   type Role,
   type Transport,
   type WriteOptions,
+  checkDstTpSize,
   checkNonNegativeInteger,
   parseSettings,
   toBlockIds,
@@ -182,9 +183,13 @@ export class RDMACommunicator extends EventEmitter {
    * Handshakes with the communicator listening on `ip:port` (waiting for it to start, up
    * to the timeout) and opens the data path. Resolves `true` when connected; rejects with a
    * {@link KvTransferError} saying why not (timeout, layout mismatch, refused, ...).
+   * FastDeploy's `connect(ip, port, dst_tp_size)` is accepted: a number in place of the
+   * options is `dstTpSize` (0: not checked).
    */
-  async connect(ip: string, port: number | string, options: ConnectOptions = {}): Promise<boolean> {
+  async connect(ip: string, port: number | string, options: ConnectOptions | number = {}): Promise<boolean> {
     this.checkOpen()
+    if (typeof options === 'number') options = { dstTpSize: options }
+    const dstTpSize = checkDstTpSize(options.dstTpSize)
     const peerPort = toPort('port', port)
     if (typeof ip !== 'string' || ip.length === 0) {
       throw invalidArgument('ip', `${JSON.stringify(ip)} is not a host name or address`)
@@ -212,7 +217,7 @@ export class RDMACommunicator extends EventEmitter {
     if (options.signal?.aborted) throw abortError(what)
     // The engine bounds opening the data path by `connectTimeoutMs`; this call's deadline
     // may end the wait earlier, and then the attempt is torn down once it ends.
-    const opening = nativeAsync(this.native.finishConnect(key, ip, reply))
+    const opening = nativeAsync(this.native.finishConnect(key, ip, reply, dstTpSize))
     const outcome = opening.catch((error: unknown) => {
       // The engine's bound and this call's deadline ended together: report the deadline.
       throw Date.now() - started >= timeoutMs ? expired.timeout(error) : error
@@ -342,8 +347,14 @@ export class RDMACommunicator extends EventEmitter {
   ): Promise<void> {
     this.checkOpen()
     const key = this.peerKey(ip, port)
+    if (key !== prepared.peer) {
+      throw invalidArgument(
+        'prepared',
+        `the block list was prepared for peer ${prepared.peer}, not ${key}; call prepareBlocks for ${key}`,
+      )
+    }
     return this.submit(key, layerIdx, options, (callId, tag, timeoutMs) =>
-      this.native.writePrepared(callId, key, prepared.native, layerIdx, tag, timeoutMs),
+      this.native.writePrepared(callId, prepared.native, layerIdx, tag, timeoutMs),
     )
   }
 

@@ -24,6 +24,7 @@ export const KV_TRANSFER_ERROR_CODES = [
   'ERR_TIMEOUT',
   'ERR_ABORTED',
   'ERR_AUTH',
+  'ERR_TP_MISMATCH',
 ] as const
 
 /**

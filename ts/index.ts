@@ -10,6 +10,7 @@ export { DeviceMemory } from './device-memory'
 export type { KvTransferErrorCode } from './errors'
 export type {
   BlockIds,
+  BlockLayout,
   CacheRegion,
   CloseOptions,
   CommunicatorOptions,

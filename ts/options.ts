@@ -68,10 +68,36 @@ export interface CommunicatorOptions {
   authToken?: string
   /** Most arrival notices kept for tags nobody waits for yet (default 65536). */
   maxPendingArrivals?: number
+  /**
+   * Tensor-parallel ranks this side's attention heads are split over (default 1). Peers
+   * with different sizes exchange shards (README "Tensor-parallel shards").
+   */
+  tpSize?: number
+  /** This side's rank, `0..tpSize` (default 0). */
+  tpRank?: number
+  /** Every rank holds the whole cache (MLA's latent cache): whole blocks, any pairing (default false). */
+  kvReplicated?: boolean
+  /**
+   * How a block's bytes are ordered (default `{ order: 'HND' }`: heads outermost, a rank's
+   * shard is one range). `'NHD'`: `tokensPerBlock` rows of all heads; a shard is one range
+   * per row. Both sides must declare the same.
+   */
+  blockLayout?: BlockLayout
 }
+
+/** The order of a block's bytes (see {@link CommunicatorOptions.blockLayout}). */
+export type BlockLayout = { order: 'HND' } | { order: 'NHD'; tokensPerBlock: number }
+
+/** The largest tensor-parallel size (the engine's `MAX_TP_SIZE`). */
+export const MAX_TP_SIZE = 1024
 
 /** Options of {@link RDMACommunicator.connect}. */
 export interface ConnectOptions {
+  /**
+   * The peer's `tpSize` this side expects (FastDeploy's `dst_tp_size`); a peer declaring
+   * another is refused with `ERR_TP_MISMATCH`. Absent or 0: not checked.
+   */
+  dstTpSize?: number
   /** How long to wait for the peer to answer (it may start later). */
   timeoutMs?: number
   /** Aborts the attempt; the promise rejects with `ERR_ABORTED`. */
@@ -158,20 +184,14 @@ function isOptionsObject(value: unknown): value is Partial<CommunicatorOptions> 
 function positionalExtras(rest: unknown[]): Partial<CommunicatorOptions> {
   if (rest.length === 0 || isOptionsObject(rest[0])) return { ...(rest[0] as Partial<CommunicatorOptions>) }
   const [keyScales, valueScales, scaleBlockBytes, tpSize, tpRank, extra] = rest
-  if (tpSize !== undefined && tpSize !== 1) {
-    throw invalidArgument(
-      'prefill_tp_size',
-      `${String(tpSize)} given; tensor-parallel shards are not supported yet (1)`,
-    )
-  }
-  if (tpRank !== undefined && tpRank !== 0) {
-    throw invalidArgument('prefill_tp_idx', `${String(tpRank)} given; tensor-parallel shards are not supported yet (0)`)
-  }
   return {
     ...(isOptionsObject(extra) ? extra : {}),
     keyScaleCache: (keyScales ?? []) as CacheRegion[],
     valueScaleCache: (valueScales ?? []) as CacheRegion[],
     scaleBlockBytes: (scaleBlockBytes ?? 0) as number,
+    // FastDeploy's prefill_tp_size / prefill_tp_idx: this side's TP size and rank.
+    tpSize: (tpSize ?? 1) as number,
+    tpRank: (tpRank ?? 0) as number,
   }
 }
 
@@ -215,6 +235,15 @@ export function parseSettings(args: unknown[]): Settings {
     options.scaleBlockBytes ?? 0,
     Number.MAX_SAFE_INTEGER,
   )
+  const tpSize = checkNonNegativeInteger('tpSize', options.tpSize ?? 1, MAX_TP_SIZE)
+  if (tpSize === 0) throw invalidArgument('tpSize', `0 given; it must be in 1..${MAX_TP_SIZE}`)
+  const tpRank = checkNonNegativeInteger('tpRank', options.tpRank ?? 0, MAX_TP_SIZE)
+  if (tpRank >= tpSize)
+    throw invalidArgument('tpRank', `${tpRank} given; with tpSize ${tpSize} it must be in 0..${tpSize}`)
+  const kvReplicated = options.kvReplicated ?? false
+  if (typeof kvReplicated !== 'boolean')
+    throw invalidArgument('kvReplicated', `${String(kvReplicated)} is not a boolean`)
+  const tokensPerBlock = parseBlockLayout(options.blockLayout)
   const connectTimeoutMs = checkMilliseconds('connectTimeoutMs', options.connectTimeoutMs ?? 30_000)
   const writeTimeoutMs = checkNonNegativeInteger('writeTimeoutMs', options.writeTimeoutMs ?? 30_000, MAX_TIMEOUT_MS)
   return {
@@ -243,8 +272,34 @@ export function parseSettings(args: unknown[]): Settings {
       // The engine's bound on opening the data connection (a whole millisecond, at least 1).
       connectTimeoutMs: Math.max(1, Math.ceil(connectTimeoutMs)),
       authToken: options.authToken,
+      tpSize,
+      tpRank,
+      kvReplicated,
+      tokensPerBlock,
     },
   }
+}
+
+/** `blockLayout` → tokens per block for the engine (0: head-major). */
+function parseBlockLayout(layout: unknown): number {
+  if (layout === undefined) return 0
+  const given = layout as { order?: unknown; tokensPerBlock?: unknown }
+  if (typeof layout !== 'object' || layout === null) {
+    throw invalidArgument('blockLayout', `expected { order: 'HND' } or { order: 'NHD', tokensPerBlock }`)
+  }
+  if (given.order === 'HND') return 0
+  if (given.order !== 'NHD') {
+    throw invalidArgument('blockLayout.order', `${JSON.stringify(given.order)} is not 'HND' or 'NHD'`)
+  }
+  const tokens = checkNonNegativeInteger('blockLayout.tokensPerBlock', given.tokensPerBlock, 0xffff_ffff)
+  if (tokens === 0) throw invalidArgument('blockLayout.tokensPerBlock', '0 given; it must be at least 1')
+  return tokens
+}
+
+/** `dstTpSize` of `connect`: absent or 0 (not checked), else a size in 1..MAX_TP_SIZE. */
+export function checkDstTpSize(value: unknown): number | undefined {
+  const size = checkNonNegativeInteger('dstTpSize', value ?? 0, MAX_TP_SIZE)
+  return size === 0 ? undefined : size
 }
 
 export function toRegion(name: string, index: number, region: unknown): bigint | Uint8Array {

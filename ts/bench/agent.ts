@@ -9,6 +9,7 @@ import { Channel, type Json } from './channel'
 import { type BenchTransport, digest, errorText, findOnPath, listen, machineInfo } from './common'
 import { allocRegions, hostBuffers, type Region } from './regions'
 import { type PerftestServer, type PerftestSettings, startPerftestServer, stopPerftestServer } from './perftest'
+import { shardOf } from './shards'
 
 interface AgentState {
   layers: number
@@ -19,6 +20,9 @@ interface AgentState {
   values: Region[]
   comm?: RDMACommunicator
   blockBytes: number
+  /** The shard one block receives: `piece` bytes at the start of each of `rows` rows. */
+  rows: number
+  piece: number
   perftest?: PerftestServer
 }
 
@@ -58,10 +62,13 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
         blockNumber: state.blocks,
         blockBytes,
         transport: message.transport as BenchTransport,
+        ...((message.tp ?? {}) as object),
       })
       await comm.ready
       state.comm = comm
       state.blockBytes = blockBytes
+      state.rows = Number(message.rows ?? 1)
+      state.piece = Number(message.piece ?? blockBytes)
       return { ok: true, port: comm.port, transport: comm.transport }
     }
     case 'verify': {
@@ -70,7 +77,7 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
       let bad = 0
       for (const [layer, kind, remote, expected] of samples) {
         const region = (kind === 0 ? state.keys : state.values)[layer]
-        const got = digest(region.bytes(remote * state.blockBytes, state.blockBytes))
+        const got = digest(shardOf(region, remote, state.blockBytes, state.rows, state.piece))
         if (got !== expected) {
           bad++
           if (mismatches.length < 5) mismatches.push(`layer ${layer} ${kind === 0 ? 'K' : 'V'} block ${remote}`)
@@ -144,7 +151,7 @@ async function handleAgentRequest(state: AgentState, message: Json, channel: Cha
 
 async function serveDriver(socket: net.Socket): Promise<void> {
   const channel = new Channel(socket)
-  const state: AgentState = { layers: 0, blocks: 0, keys: [], values: [], blockBytes: 0 }
+  const state: AgentState = { layers: 0, blocks: 0, keys: [], values: [], blockBytes: 0, rows: 1, piece: 0 }
   try {
     for (;;) {
       const message = await channel.next()

@@ -7,6 +7,7 @@ import * as fs from 'node:fs'
 import type * as net from 'node:net'
 import * as os from 'node:os'
 import * as path from 'node:path'
+import type { TpSetting } from './shards'
 
 export type BenchTransport = 'tcp' | 'rdma' | 'nvlink'
 export type IdPattern = 'scattered' | 'contiguous'
@@ -21,6 +22,8 @@ export interface BenchOptions {
   layers: number
   /** Bytes per fp8 scale block (K-scale and V-scale regions per layer); 0: none. */
   scales: number
+  /** Tensor-parallel pairing (`--tp P:D`, `--block-layout`); default 1:1 head-major. */
+  tp: TpSetting
   transport: BenchTransport
   pattern: IdPattern
   /** Timed calls per size; when absent, `durationMs` decides. */

@@ -24,6 +24,7 @@ import {
   permutation,
 } from './common'
 import { perftestReference } from './perftest'
+import { shardLayout, shardOf, tpOptions } from './shards'
 
 async function connectSocket(host: string, port: number, timeoutMs = 15_000): Promise<net.Socket> {
   const deadline = Date.now() + timeoutMs
@@ -123,15 +124,22 @@ async function benchSize(
   progress: Progress,
 ): Promise<SizeResult> {
   const label = formatSize(blockBytes).padStart(7)
+  // `blockBytes` is what one block moves; with --tp the sides' blocks are larger (shards.ts).
+  const shard = shardLayout(options.tp, blockBytes)
+  const scaleShard = shardLayout(options.tp, options.scales)
   const setup = (await agent.channel.call({
     op: 'setup',
-    blockBytes,
-    scaleBlockBytes: options.scales,
+    blockBytes: shard.decodeBlockBytes,
+    scaleBlockBytes: scaleShard.decodeBlockBytes,
     transport: options.transport,
+    tp: tpOptions(options.tp, 'decode'),
+    rows: shard.rows,
+    piece: shard.piece,
   })) as { port: number; transport: string }
   const scaleRegions = () =>
-    options.scales > 0 ? prefill.keys.map(() => Buffer.alloc(options.batch * options.scales, 0x5a)) : []
-  const used = options.batch * blockBytes
+    options.scales > 0 ? prefill.keys.map(() => Buffer.alloc(options.batch * scaleShard.prefillBlockBytes, 0x5a)) : []
+  const localBlockBytes = shard.prefillBlockBytes
+  const used = options.batch * localBlockBytes
   const comm = new RDMACommunicator({
     role: 'prefill',
     gpuIdx: options.srcGpu ?? 0,
@@ -140,10 +148,11 @@ async function benchSize(
     localValueCache: prefill.values.map((r) => r.cache(used)),
     keyScaleCache: scaleRegions(),
     valueScaleCache: scaleRegions(),
-    scaleBlockBytes: options.scales,
+    scaleBlockBytes: scaleShard.prefillBlockBytes,
     blockNumber: options.batch,
-    blockBytes,
+    blockBytes: localBlockBytes,
     transport: options.transport,
+    ...tpOptions(options.tp, 'prefill'),
   })
   try {
     await comm.connect(agent.host, setup.port)
@@ -199,7 +208,12 @@ async function benchSize(
       const kind = Math.floor(index / options.batch) % 2
       const i = index % options.batch
       const region = (kind === 0 ? prefill.keys : prefill.values)[layer]
-      samples.push([layer, kind, remote[i], digest(region.bytes(local[i] * blockBytes, blockBytes))])
+      samples.push([
+        layer,
+        kind,
+        remote[i],
+        digest(shardOf(region, local[i], localBlockBytes, shard.rows, shard.piece)),
+      ])
     }
     const verdict = (await agent.channel.call({ op: 'verify', samples })) as {
       checked: number
@@ -231,16 +245,16 @@ export async function runBench(options: BenchOptions): Promise<BenchReport> {
   const progress = new Progress(options.progress)
   const agent = await startAgent(options)
   try {
-    const maxBlockBytes = Math.max(...options.sizes)
+    const largest = shardLayout(options.tp, Math.max(...options.sizes))
     progress.update('[setup] allocating regions', true)
     const init = (await agent.channel.call({
       op: 'init',
       layers: options.layers,
       blocks: options.batch,
-      maxBlockBytes,
+      maxBlockBytes: largest.decodeBlockBytes,
       gpu: options.dstGpu,
     })) as { host: string }
-    const bytes = options.batch * maxBlockBytes
+    const bytes = options.batch * largest.prefillBlockBytes
     const prefill: Prefill = {
       keys: allocRegions(options.layers, bytes, options.srcGpu, true),
       values: allocRegions(options.layers, bytes, options.srcGpu, true),

@@ -31,6 +31,7 @@ export {
 } from './common'
 export { type PerftestSettings, parsePerftestBandwidth, parsePerftestReport } from './perftest'
 export { runAgent } from './agent'
+export { type TpSetting, parseBlockLayout, parseTp } from './shards'
 export { runBench } from './driver'
 export { formatTable, renderSvg } from './report'
 export { type OverheadReport, type OverheadRow, formatOverhead, runOverhead } from './overhead'

@@ -11,10 +11,10 @@
 //! `ibv_post_send` would get it), without posting; `plan+rdma_chain` adds the planning.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kvtransfer_engine::internals::RegionTable;
 use kvtransfer_engine::internals::{fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES};
 use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
 use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
+use kvtransfer_engine::internals::{RegionTable, Shard};
 use kvtransfer_engine::BlockIds;
 use kvtransfer_verbs::SendBatch;
 
@@ -37,6 +37,7 @@ fn rdma_chains(
         let limit = batch.capacity();
         let finished = fill_write_chain(
             table,
+            &Shard::whole(&table.layout),
             1,
             runs,
             |region| 0x100 + region as u32,
@@ -113,7 +114,15 @@ fn bench(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("tcp_frames", name), |b| {
                 b.iter(|| {
                     call_id += 1;
-                    batch.build_frames(&table, 1, black_box(&runs), BATCH, None, call_id);
+                    batch.build_frames(
+                        &table,
+                        &Shard::whole(&table.layout),
+                        1,
+                        black_box(&runs),
+                        BATCH,
+                        None,
+                        call_id,
+                    );
                     black_box(batch.iovecs().len())
                 })
             });
@@ -150,7 +159,15 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| {
                     call_id += 1;
                     plan_runs(black_box(local), black_box(remote), limits, &mut runs).unwrap();
-                    batch.build_frames(&table, 1, &runs, BATCH, None, call_id);
+                    batch.build_frames(
+                        &table,
+                        &Shard::whole(&table.layout),
+                        1,
+                        &runs,
+                        BATCH,
+                        None,
+                        call_id,
+                    );
                     black_box(batch.iovecs().len())
                 })
             });

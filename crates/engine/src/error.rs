@@ -91,6 +91,12 @@ pub enum Error {
     Aborted,
     #[error("authentication with {peer} failed: {reason}")]
     Auth { peer: String, reason: String },
+    #[error("tensor-parallel mismatch between {here} and {peer}: {reason}")]
+    TensorParallel {
+        here: String,
+        peer: String,
+        reason: String,
+    },
 }
 
 impl Error {
@@ -117,6 +123,7 @@ impl Error {
             Error::Timeout { .. } => "ERR_TIMEOUT",
             Error::Aborted => "ERR_ABORTED",
             Error::Auth { .. } => "ERR_AUTH",
+            Error::TensorParallel { .. } => "ERR_TP_MISMATCH",
         }
     }
 
@@ -166,6 +173,7 @@ pub const ERROR_CODES: &[&str] = &[
     "ERR_TIMEOUT",
     "ERR_ABORTED",
     "ERR_AUTH",
+    "ERR_TP_MISMATCH",
 ];
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -248,7 +256,12 @@ mod error_codes_tests {
                     peer: text(),
                     reason: text(),
                 },
-                Error::Auth { .. } => break,
+                Error::Auth { .. } => Error::TensorParallel {
+                    here: text(),
+                    peer: text(),
+                    reason: text(),
+                },
+                Error::TensorParallel { .. } => break,
             };
             all.push(next);
         }

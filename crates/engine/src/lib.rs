@@ -19,6 +19,7 @@ mod layout;
 pub mod log;
 mod metrics;
 mod plan;
+mod shard;
 mod transport;
 mod util;
 mod wire;
@@ -35,6 +36,7 @@ pub use kvtransfer_cuda::DeviceReport as GpuReport;
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
+pub use shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
 pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
 pub use transport::{
     Arrival, ArrivalSink, Completion, CompletionCallback, TransportKind, MAX_TAG_BYTES,
@@ -48,6 +50,7 @@ pub mod internals {
     pub use crate::auth::{Challenge, Envelope, Response};
     pub use crate::layout::RegionTable;
     pub use crate::plan::{plan_runs, PlanLimits, Run};
+    pub use crate::shard::{Geometry, Shard};
     pub use crate::transport::nvlink::{NvlinkEndpoint, NvlinkMemoryTable};
     pub use crate::transport::rdma::{
         decode_notice, fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES,

@@ -5,9 +5,9 @@
 //! A counting global allocator counts allocations made by the current thread only (the
 //! test harness runs other tests on other threads at the same time).
 
-use kvtransfer_engine::internals::RegionTable;
 use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
 use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
+use kvtransfer_engine::internals::{RegionTable, Shard};
 use kvtransfer_engine::BlockIds;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -89,7 +89,15 @@ fn steady_state_allocations(
         &mut runs,
     )
     .unwrap();
-    batch.build_frames(&table, 1, &runs, BATCH, tag, 1);
+    batch.build_frames(
+        &table,
+        &Shard::whole(&table.layout),
+        1,
+        &runs,
+        BATCH,
+        tag,
+        1,
+    );
     let before = allocations();
     for call in 0..100u64 {
         plan_runs(
@@ -99,7 +107,15 @@ fn steady_state_allocations(
             &mut runs,
         )
         .unwrap();
-        batch.build_frames(&table, (call % 2) as u32, &runs, BATCH, tag, call + 2);
+        batch.build_frames(
+            &table,
+            &Shard::whole(&table.layout),
+            (call % 2) as u32,
+            &runs,
+            BATCH,
+            tag,
+            call + 2,
+        );
     }
     (allocations() - before, batch.frames())
 }

@@ -7,7 +7,7 @@ use kvtransfer_engine::internals::{
     RdmaEndpoint, TcpEndpoint,
 };
 use kvtransfer_engine::internals::{Challenge, Envelope, Response};
-use kvtransfer_engine::{Role, TransportKind};
+use kvtransfer_engine::{BlockOrder, Role, TpOptions, TransportKind};
 
 struct Rng(u64);
 
@@ -74,6 +74,14 @@ fn descriptors() -> Vec<Vec<u8>> {
         block_number: 100,
         block_bytes: 4096,
         scale_block_bytes: 0,
+        tp: TpOptions {
+            size: 8,
+            rank: 5,
+            replicated: false,
+            order: BlockOrder::TokenMajor {
+                tokens_per_block: 16,
+            },
+        },
         name: "prefill-7:5000".into(),
         endpoints: vec![Endpoint {
             kind: TransportKind::Tcp.code(),

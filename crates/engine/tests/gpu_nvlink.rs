@@ -811,3 +811,103 @@ fn nvlink_copy_kernel_alone() {
     }
     note(&report);
 }
+
+/// Tensor-parallel shards over NVLink (the gathering path: one copy per segment), both
+/// directions, two engines in one process: prefill rank 1 of 2 into a decode block twice
+/// as large (its second half), and a decode rank 1 of 2 taking the second half of each
+/// prefill block. Untouched bytes keep their pattern.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
+fn nvlink_tensor_parallel_shards_both_directions() {
+    let gpu = require_gpu("nvlink_tensor_parallel_shards_both_directions");
+    let cuda = kvtransfer_cuda::Cuda::get().unwrap();
+    let decode_gpu = cuda.gpu(last_gpu()).unwrap();
+    let blocks = 64usize;
+    let half = 2048usize;
+    // (prefill tp, block bytes), (decode tp, block bytes), the decode byte range per block
+    // that receives, and the prefill byte range it comes from.
+    let cases = [
+        ((2, 1, half), (1, 0, 2 * half), half..2 * half, 0..half),
+        ((1, 0, 2 * half), (2, 1, half), 0..half, half..2 * half),
+    ];
+    for ((p_size, p_rank, p_bytes), (d_size, d_rank, d_bytes), into, from) in cases {
+        let p_initial: Vec<Vec<u8>> = (0..2).map(|r| pattern(r, blocks * p_bytes, 5)).collect();
+        let d_initial: Vec<Vec<u8>> = (0..2).map(|r| pattern(r, blocks * d_bytes, 77)).collect();
+        let mut p_mem: Vec<Mem> = p_initial
+            .iter()
+            .map(|c| Mem::new(Some(&gpu), c.clone()))
+            .collect();
+        let mut d_mem: Vec<Mem> = d_initial
+            .iter()
+            .map(|c| Mem::new(Some(&decode_gpu), c.clone()))
+            .collect();
+        let p_addrs: Vec<u64> = p_mem.iter_mut().map(Mem::addr).collect();
+        let d_addrs: Vec<u64> = d_mem.iter_mut().map(Mem::addr).collect();
+        let mut p_opts = engine_options(
+            Role::Prefill,
+            0,
+            "tp-prefill",
+            &p_addrs,
+            blocks,
+            p_bytes,
+            Some("nvlink"),
+        );
+        p_opts.tp = kvtransfer_engine::TpOptions {
+            size: p_size,
+            rank: p_rank,
+            ..Default::default()
+        };
+        let mut d_opts = engine_options(
+            Role::Decode,
+            decode_gpu.ordinal(),
+            "tp-decode",
+            &d_addrs,
+            blocks,
+            d_bytes,
+            Some("nvlink"),
+        );
+        d_opts.tp = kvtransfer_engine::TpOptions {
+            size: d_size,
+            rank: d_rank,
+            ..Default::default()
+        };
+        let prefill = Engine::new(p_opts).unwrap();
+        let decode = Engine::new(d_opts).unwrap();
+        let challenge = prefill.auth_challenge(KEY).unwrap();
+        let response = decode.auth_respond(&challenge).unwrap();
+        let hello = prefill.hello(KEY, &response).unwrap();
+        let reply = decode.accept(&hello).unwrap();
+        prefill.finish_connect(KEY, "127.0.0.1", &reply).unwrap();
+        let local = permutation(blocks, 8)[..40].to_vec();
+        let remote = permutation(blocks, 9)[..40].to_vec();
+        block_on(
+            prefill
+                .write_cache(
+                    KEY,
+                    BlockIds::U32(&local),
+                    BlockIds::U32(&remote),
+                    0.0,
+                    None,
+                )
+                .unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        let mut expected = d_initial.clone();
+        for kind in 0..2 {
+            for (l, m) in local.iter().zip(&remote) {
+                let (l, m) = (*l as usize, *m as usize);
+                expected[kind][m * d_bytes + into.start..m * d_bytes + into.end].copy_from_slice(
+                    &p_initial[kind][l * p_bytes + from.start..l * p_bytes + from.end],
+                );
+            }
+        }
+        let got: Vec<Vec<u8>> = d_mem.iter().map(Mem::read).collect();
+        compare(&got, &expected, d_bytes);
+        note(&format!(
+            "nvlink tp {p_size}:{d_size} (prefill rank {p_rank}, decode rank {d_rank}) verified"
+        ));
+        prefill.close();
+        decode.close();
+    }
+}

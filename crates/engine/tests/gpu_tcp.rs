@@ -147,6 +147,7 @@ fn options(
         connect_timeout: Duration::from_secs(1),
         rdma_settings: None,
         auth_token: None,
+        tp: kvtransfer_engine::TpOptions::default(),
     }
 }
 

@@ -14,11 +14,21 @@ use crate::config::TransportChoice;
 use crate::debug;
 use crate::error::{Error, Result};
 use crate::layout::CacheLayout;
+use crate::shard::Shard;
 use crate::transport::{AcceptingPeer, ConnectTarget, Link, Transport, TransportKind};
 use crate::wire::{Descriptor, Endpoint, MAX_NOTE_BYTES, NOTE_KIND};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What the connecting side has once the acceptor's reply is checked and its link open.
+struct OpenedLink {
+    remote_layout: CacheLayout,
+    shard: Shard,
+    link: Box<dyn Link>,
+    /// The acceptor's account of the offers it passed over.
+    note: Option<String>,
+}
 
 /// How long a challenge stays usable.
 const CHALLENGE_LIFETIME: Duration = Duration::from_secs(60);
@@ -229,7 +239,8 @@ impl Engine {
         } else {
             remote.name.clone()
         };
-        self.check_compatible(&peer_name, &remote)?;
+        let remote_layout = self.check_compatible(&peer_name, &remote)?;
+        self.plan_shards(&peer_name, &remote, &remote_layout, false, None)?;
         let (transport, theirs, declined) = self.choose_transport(&peer_name, &remote)?;
         let ours = transport.accept(
             AcceptingPeer {
@@ -272,6 +283,18 @@ impl Engine {
     /// Completes `connect(host, port)` with the acceptor's reply: opens the data path and
     /// registers the peer under `peer_key` (replacing an earlier connection).
     pub fn finish_connect(&self, peer_key: &str, host: &str, reply: &[u8]) -> Result<()> {
+        self.finish_connect_expecting(peer_key, host, reply, None)
+    }
+
+    /// [`Engine::finish_connect`] that also refuses (`ERR_TP_MISMATCH`, nothing opened) a
+    /// peer whose tensor-parallel size is not `peer_tp_size` (the seed's `dst_tp_size`).
+    pub fn finish_connect_expecting(
+        &self,
+        peer_key: &str,
+        host: &str,
+        reply: &[u8],
+        peer_tp_size: Option<u32>,
+    ) -> Result<()> {
         self.check_open()?;
         let envelope = Envelope::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
         let state = self
@@ -300,14 +323,21 @@ impl Engine {
                 });
             }
         }
-        let link = self.open_link(peer_key, host, &envelope.descriptor);
+        let link = self.open_link(peer_key, host, &envelope.descriptor, peer_tp_size);
         self.forget_offers(peer_key);
-        let (remote_layout, link, note) = link?;
+        let OpenedLink {
+            remote_layout,
+            shard,
+            link,
+            note,
+        } = link?;
         let transport = link.kind().name();
         let counters = self.inner.metrics.connected(peer_key, link.kind().code());
         self.record_decision(peer_key, link.kind(), note);
         let peer = Arc::new(Peer {
+            key: peer_key.into(),
             remote: remote_layout,
+            shard,
             link,
             counters,
         });
@@ -341,13 +371,15 @@ impl Engine {
             block_number: layout.block_number,
             block_bytes: layout.block_bytes,
             scale_block_bytes: layout.scale_block_bytes,
+            tp: self.inner.tp,
             name: self.inner.name().to_string(),
             endpoints,
         }
     }
 
-    /// Layer count, K/V presence, blockBytes and the scale regions (presence,
-    /// scaleBlockBytes) must match; blockNumber may differ.
+    /// Layer count, K/V presence and the presence of scale regions must match; blockNumber
+    /// may differ; blockBytes and scaleBlockBytes are checked with the tensor-parallel
+    /// shards (`tp.rs`).
     fn check_compatible(&self, peer: &str, remote: &Descriptor) -> Result<CacheLayout> {
         let local = self.inner.table.layout;
         let mismatch = |what, local: u64, remote: u64| Error::LayoutMismatch {
@@ -364,13 +396,6 @@ impl Engine {
                 remote.layers.into(),
             ));
         }
-        if remote.block_bytes != local.block_bytes {
-            return Err(mismatch(
-                "blockBytes",
-                local.block_bytes,
-                remote.block_bytes,
-            ));
-        }
         if remote.has_value != local.has_value {
             return Err(mismatch(
                 "value cache regions per layer",
@@ -378,14 +403,9 @@ impl Engine {
                 remote.has_value.into(),
             ));
         }
-        if remote.scale_block_bytes != local.scale_block_bytes {
-            let what = if (remote.scale_block_bytes == 0) != (local.scale_block_bytes == 0) {
-                "scale cache regions (keyScaleCache/valueScaleCache) present; scaleBlockBytes"
-            } else {
-                "scaleBlockBytes"
-            };
+        if (remote.scale_block_bytes == 0) != (local.scale_block_bytes == 0) {
             return Err(mismatch(
-                what,
+                "scale cache regions (keyScaleCache/valueScaleCache) present; scaleBlockBytes",
                 local.scale_block_bytes,
                 remote.scale_block_bytes,
             ));
@@ -474,9 +494,11 @@ impl Engine {
         peer_key: &str,
         host: &str,
         reply: &[u8],
-    ) -> Result<(CacheLayout, Box<dyn Link>, Option<String>)> {
+        peer_tp_size: Option<u32>,
+    ) -> Result<OpenedLink> {
         let remote = Descriptor::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
         let remote_layout = self.check_compatible(peer_key, &remote)?;
+        let shard = self.plan_shards(peer_key, &remote, &remote_layout, true, peer_tp_size)?;
         let note = remote.endpoint(NOTE_KIND).map(|bytes| {
             String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_NOTE_BYTES)]).into_owned()
         });
@@ -516,7 +538,12 @@ impl Engine {
             },
             &chosen.bytes,
         )?;
-        Ok((remote_layout, link, note))
+        Ok(OpenedLink {
+            remote_layout,
+            shard,
+            link,
+            note,
+        })
     }
 
     /// Releases what every transport reserved for `peer_key` in `hello`.

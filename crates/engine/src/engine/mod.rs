@@ -5,6 +5,7 @@
 mod explain;
 mod handshake;
 mod peers;
+mod tp;
 mod watchdog;
 mod write;
 
@@ -17,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::gpu;
 use crate::layout::{self, CacheLayout, RegionTable};
 use crate::metrics::{Metrics, Snapshot};
+use crate::shard::TpOptions;
 use crate::transport::{
     open_transports, ArrivalSink, OpenContext, RunPool, Transport, TransportKind,
 };
@@ -59,6 +61,8 @@ pub struct EngineOptions {
     /// Shared secret both sides of a connection must know; `None` reads
     /// `KVCACHE_AUTH_TOKEN`; `Some(empty)` means no token regardless of the environment.
     pub auth_token: Option<Vec<u8>>,
+    /// Tensor-parallel shards (default: size 1, rank 0, head-major).
+    pub tp: TpOptions,
 }
 
 /// A connect in progress on the connecting side: its nonce, then the acceptor's.
@@ -115,6 +119,8 @@ struct EngineInner {
     late_name: std::sync::OnceLock<String>,
     instance_id: u64,
     table: Arc<RegionTable>,
+    /// This side's tensor-parallel setting, exchanged in the handshake.
+    tp: TpOptions,
     choice: TransportChoice,
     /// Most preferred first.
     transports: Vec<Box<dyn Transport>>,
@@ -204,6 +210,7 @@ impl Engine {
             options.block_bytes,
             options.scale_block_bytes,
         )?;
+        options.tp.check(&table.layout)?;
         gpu::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
         let table = Arc::new(table);
         let rdma = options.rdma_settings.unwrap_or(settings.rdma);
@@ -226,6 +233,7 @@ impl Engine {
             late_name: std::sync::OnceLock::new(),
             instance_id: crate::util::random_u64(),
             table,
+            tp: options.tp,
             choice,
             transports: opened.usable,
             unusable: opened.unusable,

@@ -2,13 +2,18 @@
 
 use crate::layout::CacheLayout;
 use crate::metrics::CallCounters;
+use crate::shard::Shard;
 use crate::transport::Link;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 /// A connected peer: its cache layout and the link to it.
 pub(super) struct Peer {
+    /// The key it is registered under (`host:port`).
+    pub key: Arc<str>,
     pub remote: CacheLayout,
+    /// Which bytes of each block go where in the peer's (tensor-parallel shards).
+    pub shard: Shard,
     pub link: Box<dyn Link>,
     /// Where its calls are counted (the peer's counters outlive reconnects).
     pub counters: CallCounters,

@@ -15,7 +15,8 @@ use std::time::Instant;
 struct Timed {
     deadline: Instant,
     seq: u64,
-    peer_key: String,
+    /// The peer's own key (shared: watching a call copies no string).
+    peer_key: Arc<str>,
     peer: Weak<Peer>,
     call: Weak<DoneSlot>,
     ms: u64,
@@ -56,12 +57,11 @@ pub(super) struct Watchdog {
 }
 
 impl Watchdog {
-    /// Watches `done` until `deadline`: if it is still pending then, its link to `peer_key`
+    /// Watches `done` until `deadline`: if it is still pending then, its link to `peer`
     /// is torn down and it fails with `ERR_TIMEOUT`.
     pub(super) fn watch(
         self: &Arc<Self>,
         engine: &Arc<EngineInner>,
-        peer_key: &str,
         peer: &Arc<Peer>,
         done: &Done,
         deadline: Instant,
@@ -98,7 +98,7 @@ impl Watchdog {
         state.heap.push(Reverse(Timed {
             deadline,
             seq,
-            peer_key: peer_key.to_string(),
+            peer_key: Arc::clone(&peer.key),
             peer: Arc::downgrade(peer),
             call: done.watch(),
             ms,
@@ -195,7 +195,7 @@ fn expire(timed: &Timed, engine: &Weak<EngineInner>) {
             timed.ms
         );
         peer.link.cancel(Error::PeerDisconnected {
-            peer: peer_key.clone(),
+            peer: peer_key.to_string(),
             reason: format!(
                 "the connection was torn down because a call to this peer timed out after {} ms; connect again",
                 timed.ms

@@ -48,7 +48,8 @@ struct PreparedWrite {
     runs: PooledRuns,
     layer: u32,
     blocks: u32,
-    /// Bytes one block moves: every kind's block (K, V, scales when present).
+    /// Bytes one block moves: every kind's block (K, V, scales when present), or the
+    /// kind's shard with tensor-parallel shards.
     bytes_per_block: u64,
     tag: Option<Vec<u8>>,
 }
@@ -68,13 +69,6 @@ fn counted_done(write: &PreparedWrite, deliver: CompletionCallback) -> Done {
         }
         deliver(result);
     }))
-}
-
-/// Bytes one block moves in `layout`: every kind's block.
-fn bytes_per_block(layout: &crate::layout::CacheLayout) -> u64 {
-    (0..layout.kinds())
-        .map(|kind| layout.kind_block_bytes(kind))
-        .sum()
 }
 
 impl Engine {
@@ -114,7 +108,7 @@ impl Engine {
                 let _ = sender.send(result);
             }),
         );
-        self.submit_write(peer_key, write, done, deadline);
+        self.submit_write(write, done, deadline);
         Ok(completion)
     }
 
@@ -140,7 +134,7 @@ impl Engine {
             self.prepare_write(peer_key, local, remote, layer, tag),
         )?;
         let done = counted_done(&write, on_done);
-        self.submit_write(peer_key, write, done, deadline);
+        self.submit_write(write, done, deadline);
         Ok(())
     }
 
@@ -200,7 +194,7 @@ impl Engine {
             self.reuse_prepared(peer_key, prepared, layer, tag),
         )?;
         let done = counted_done(&write, on_done);
-        self.submit_write(peer_key, write, done, deadline);
+        self.submit_write(write, done, deadline);
         Ok(())
     }
 
@@ -261,11 +255,11 @@ impl Engine {
             ));
         }
         Ok(PreparedWrite {
+            bytes_per_block: peer.shard.bytes_per_block(&layout),
             peer,
             runs: PooledRuns::from(Arc::clone(&prepared.runs)),
             layer,
             blocks: prepared.blocks,
-            bytes_per_block: bytes_per_block(&layout),
             tag,
         })
     }
@@ -315,24 +309,18 @@ impl Engine {
         let runs = self.inner.run_pool.pooled(runs);
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
         Ok(PreparedWrite {
+            bytes_per_block: peer.shard.bytes_per_block(&layout),
             peer,
             runs,
             layer,
             blocks,
-            bytes_per_block: bytes_per_block(&layout),
             tag,
         })
     }
 
     /// Hands a prepared call to its link (or completes it at once when it has nothing to
     /// send), watching its deadline.
-    fn submit_write(
-        &self,
-        peer_key: &str,
-        write: PreparedWrite,
-        done: Done,
-        deadline: Option<Instant>,
-    ) {
+    fn submit_write(&self, write: PreparedWrite, done: Done, deadline: Option<Instant>) {
         let PreparedWrite {
             peer,
             runs,
@@ -348,12 +336,13 @@ impl Engine {
         if let Some(deadline) = deadline {
             self.inner
                 .watchdog
-                .watch(&self.inner, peer_key, &peer, &done, deadline);
+                .watch(&self.inner, &peer, &done, deadline);
         }
         peer.link.submit(WriteJob {
             runs,
             layer,
             blocks,
+            shard: peer.shard,
             tag,
             done,
         });

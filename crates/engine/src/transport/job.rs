@@ -5,6 +5,7 @@ use super::completion::{Done, PooledRuns};
 use crate::error::Error;
 use crate::layout::RegionTable;
 use crate::plan::Run;
+use crate::shard::Shard;
 
 /// Largest request tag carried with an arrival notice.
 pub const MAX_TAG_BYTES: usize = 255;
@@ -16,6 +17,9 @@ pub struct WriteJob {
     pub layer: u32,
     /// Blocks in the call (before coalescing), reported with the arrival notice.
     pub blocks: u32,
+    /// Which bytes of each block go where on the peer (tensor-parallel shards; whole
+    /// blocks without them).
+    pub shard: Shard,
     /// Request tag: when present the receiver gets an arrival notice after the bytes.
     pub tag: Option<Vec<u8>>,
     pub done: Done,
@@ -33,39 +37,77 @@ pub struct Arrival {
 /// Called on a transport thread for each arrival; must not block for long.
 pub type ArrivalSink = std::sync::Arc<dyn Fn(Arrival) + Send + Sync>;
 
-/// One contiguous copy: `len` bytes from `local_addr` to `remote_offset` of region `region`.
+/// One copy of `len` bytes into region `region` of the peer: segments of `piece` bytes,
+/// segment `s` from `local_addr + s × local_stride` to `remote_offset + s × remote_stride`.
+/// Whole blocks make one segment (`piece == len`): one contiguous range on both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyOp {
     pub region: u32,
     pub local_addr: u64,
     pub remote_offset: u64,
     pub len: u64,
+    pub piece: u64,
+    pub local_stride: u64,
+    pub remote_stride: u64,
+}
+
+impl CopyOp {
+    /// Where byte `offset` (< `len`) of the copy is: its local address, its remote offset,
+    /// and how many bytes from there on are contiguous on both sides (the rest of its
+    /// segment). Transports cut their frames / work requests at these bounds.
+    #[inline]
+    pub fn at(&self, offset: u64) -> (u64, u64, u64) {
+        if self.piece >= self.len {
+            return (
+                self.local_addr + offset,
+                self.remote_offset + offset,
+                self.len - offset,
+            );
+        }
+        let (segment, within) = (offset / self.piece, offset % self.piece);
+        (
+            self.local_addr + segment * self.local_stride + within,
+            self.remote_offset + segment * self.remote_stride + within,
+            self.piece - within,
+        )
+    }
 }
 
 /// The copy of `run` for `kind` (K, V, K-scale, V-scale: those present, in that order) of
-/// `layer`. Offsets are in bounds because
-/// the planner checked ids against both sides' block counts.
+/// `layer`, cut by `shard`. Offsets are in bounds because the planner checked ids against
+/// both sides' block counts and the shard plan checked the block sizes.
 #[inline]
-pub fn copy_op(table: &RegionTable, layer: u32, kind: u32, run: &Run) -> CopyOp {
+pub fn copy_op(table: &RegionTable, shard: &Shard, layer: u32, kind: u32, run: &Run) -> CopyOp {
     let layout = table.layout;
     let region = layer * layout.kinds() + kind;
-    let block_bytes = layout.kind_block_bytes(kind);
+    let g = shard.geometry(&layout, kind);
+    let len = u64::from(run.blocks) * g.bytes_per_block();
     CopyOp {
         region,
         local_addr: table.regions()[region as usize].addr
-            + u64::from(run.local_block) * block_bytes,
-        remote_offset: u64::from(run.remote_block) * block_bytes,
-        len: u64::from(run.blocks) * block_bytes,
+            + u64::from(run.local_block) * g.local_block
+            + g.local_offset,
+        remote_offset: u64::from(run.remote_block) * g.remote_block + g.remote_offset,
+        len,
+        piece: if g.is_whole() { len } else { g.piece },
+        local_stride: g.local_stride,
+        remote_stride: g.remote_stride,
     }
 }
 
 /// Expands runs of one layer into copy operations: K for every run, then V, K-scale and
 /// V-scale when present (one posted stream; the last copy is the last scale's).
 #[inline]
-pub fn for_each_copy(table: &RegionTable, layer: u32, runs: &[Run], mut visit: impl FnMut(CopyOp)) {
+pub fn for_each_copy(
+    table: &RegionTable,
+    shard: &Shard,
+    layer: u32,
+    runs: &[Run],
+    mut visit: impl FnMut(CopyOp),
+) {
     for kind in 0..table.layout.kinds() {
         for run in runs {
-            visit(copy_op(table, layer, kind, run));
+            visit(copy_op(table, shard, layer, kind, run));
         }
     }
 }
@@ -89,7 +131,8 @@ mod tests {
             blocks: 2,
         }];
         let mut ops = Vec::new();
-        for_each_copy(&table, 1, &runs, |op| ops.push(op));
+        let shard = Shard::whole(&table.layout);
+        for_each_copy(&table, &shard, 1, &runs, |op| ops.push(op));
         assert_eq!(
             ops,
             vec![
@@ -97,15 +140,61 @@ mod tests {
                     region: 2,
                     local_addr: 0x30100,
                     remote_offset: 768,
-                    len: 512
+                    len: 512,
+                    piece: 512,
+                    local_stride: 256,
+                    remote_stride: 256,
                 },
                 CopyOp {
                     region: 3,
                     local_addr: 0x40100,
                     remote_offset: 768,
-                    len: 512
+                    len: 512,
+                    piece: 512,
+                    local_stride: 256,
+                    remote_stride: 256,
                 },
             ]
+        );
+        assert_eq!(ops[0].at(100), (0x30164, 868, 412));
+    }
+
+    #[test]
+    fn shards_cut_runs_into_strided_segments() {
+        use crate::shard::{BlockOrder, TpOptions};
+        // Token-major, 2 → 1: a 64-byte block of 4 rows of 16 into a 128-byte block of 4
+        // rows of 32, at byte 16 of each row (writer rank 1).
+        let table = RegionTable::new(&[0x10000], &[0x20000], 8, 64).unwrap();
+        let remote = crate::layout::CacheLayout::new(1, true, 8, 128).unwrap();
+        let nhd = |size, rank| TpOptions {
+            size,
+            rank,
+            replicated: false,
+            order: BlockOrder::TokenMajor {
+                tokens_per_block: 4,
+            },
+        };
+        let shard = Shard::between(
+            (&nhd(2, 1), &table.layout),
+            (&nhd(1, 0), &remote),
+            "p",
+            "d",
+            true,
+        )
+        .unwrap();
+        let run = Run {
+            local_block: 2,
+            remote_block: 5,
+            blocks: 2,
+        };
+        let op = copy_op(&table, &shard, 0, 0, &run);
+        assert_eq!((op.len, op.piece), (128, 16));
+        // Segment 0: block 2 row 0 → remote block 5 row 0 at byte 16.
+        assert_eq!(op.at(0), (0x10000 + 128, 5 * 128 + 16, 16));
+        // Segment 5 (block 3 row 1), 3 bytes in.
+        assert_eq!(
+            op.at(5 * 16 + 3),
+            (0x10000 + 128 + 5 * 16 + 3, 5 * 128 + 16 + 5 * 32 + 3, 13)
         );
     }
 }

@@ -7,6 +7,7 @@ use super::{
     MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use crate::layout::MAX_LAYERS;
+use crate::shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
 
 /// One transport's endpoint: its kind code (`TransportKind::code`) and its own bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +27,8 @@ pub struct Descriptor {
     pub block_bytes: u64,
     /// Bytes per block of the fp8 scale regions (K-scale, V-scale); 0: none.
     pub scale_block_bytes: u64,
+    /// The sender's tensor-parallel setting (size, rank, replication, block order).
+    pub tp: TpOptions,
     /// The sender's self-chosen name, reported with its arrival notices (at most 255 bytes).
     pub name: String,
     /// Connector: every transport it can use, most preferred first. Acceptor's reply: the
@@ -55,6 +58,10 @@ impl Descriptor {
         out.extend_from_slice(&self.block_number.to_le_bytes());
         out.extend_from_slice(&self.block_bytes.to_le_bytes());
         out.extend_from_slice(&self.scale_block_bytes.to_le_bytes());
+        out.extend_from_slice(&self.tp.size.to_le_bytes());
+        out.extend_from_slice(&self.tp.rank.to_le_bytes());
+        out.push(u8::from(self.tp.replicated));
+        out.extend_from_slice(&self.tp.order.tokens_per_block().to_le_bytes());
         let name = &self.name.as_bytes()[..self.name.len().min(MAX_NAME_BYTES)];
         out.push(name.len() as u8);
         out.extend_from_slice(name);
@@ -115,6 +122,7 @@ impl Descriptor {
                 "blockNumber and blockBytes must be positive".into(),
             ));
         }
+        let tp = decode_tp(&mut r)?;
         let name_len = r.u8("name length")? as usize;
         let name = String::from_utf8(r.take(name_len, "name")?.to_vec())
             .map_err(|_| DecodeError("peer name is not UTF-8".into()))?;
@@ -146,10 +154,31 @@ impl Descriptor {
             block_number,
             block_bytes,
             scale_block_bytes,
+            tp,
             name,
             endpoints,
         })
     }
+}
+
+/// The tensor-parallel fields: size in 1..=MAX_TP_SIZE, rank below it, a 0/1 flag, tokens
+/// per block (0: head-major).
+fn decode_tp(r: &mut Reader<'_>) -> Result<TpOptions, DecodeError> {
+    let size = r.u32("tpSize")?;
+    let rank = r.u32("tpRank")?;
+    let replicated = r.bool("kvReplicated")?;
+    let tokens = r.u32("tokensPerBlock")?;
+    if size == 0 || size > MAX_TP_SIZE || rank >= size {
+        return Err(DecodeError(format!(
+            "tpSize {size} / tpRank {rank}: the size must be in 1..={MAX_TP_SIZE} and the rank below it"
+        )));
+    }
+    Ok(TpOptions {
+        size,
+        rank,
+        replicated,
+        order: BlockOrder::from_tokens_per_block(tokens),
+    })
 }
 
 #[cfg(test)]
@@ -165,6 +194,14 @@ mod tests {
             block_number: 1024,
             block_bytes: 4096,
             scale_block_bytes: 64,
+            tp: TpOptions {
+                size: 4,
+                rank: 3,
+                replicated: true,
+                order: BlockOrder::TokenMajor {
+                    tokens_per_block: 64,
+                },
+            },
             name: "prefill-0:5000".into(),
             endpoints: (0..endpoints)
                 .map(|i| Endpoint {
@@ -200,6 +237,17 @@ mod tests {
         let mut long = bytes.clone();
         long.push(0);
         assert!(Descriptor::decode(&long).is_err());
+    }
+
+    #[test]
+    fn refuses_tp_fields_out_of_range() {
+        for (size, rank) in [(0, 0), (MAX_TP_SIZE + 1, 0), (2, 2)] {
+            let mut d = sample(1);
+            d.tp.size = size;
+            d.tp.rank = rank;
+            let err = Descriptor::decode(&d.encode()).unwrap_err();
+            assert!(err.0.contains("tpSize"), "{err}");
+        }
     }
 
     #[test]

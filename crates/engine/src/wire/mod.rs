@@ -9,8 +9,9 @@ pub use descriptor::{Descriptor, Endpoint};
 
 /// Magic + version at the start of every descriptor.
 pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
-/// 2: a list of (transport kind, endpoint) instead of fixed per-transport fields.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 2: a list of (transport kind, endpoint) instead of fixed per-transport fields; 3: the
+/// scale block size; 4: the tensor-parallel fields (size, rank, replication, block order).
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).

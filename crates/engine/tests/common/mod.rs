@@ -6,7 +6,7 @@
 )]
 
 use kvtransfer_engine::RdmaSettings;
-use kvtransfer_engine::{ArrivalSink, Engine, EngineOptions, Role};
+use kvtransfer_engine::{ArrivalSink, Engine, EngineOptions, Role, TpOptions};
 use std::time::Duration;
 
 pub struct Side {
@@ -43,6 +43,7 @@ pub struct SideSpec {
     pub arrivals: Option<ArrivalSink>,
     /// `None`: no token (the environment is ignored).
     pub auth_token: Option<&'static str>,
+    pub tp: TpOptions,
 }
 
 impl SideSpec {
@@ -59,6 +60,7 @@ impl SideSpec {
             rdma: None,
             arrivals: None,
             auth_token: None,
+            tp: TpOptions::default(),
         }
     }
 
@@ -112,6 +114,7 @@ impl SideSpec {
             connect_timeout: Duration::from_secs(10),
             rdma_settings: self.rdma,
             auth_token: Some(self.auth_token.unwrap_or("").as_bytes().to_vec()),
+            tp: self.tp,
         })?;
         Ok(Side {
             engine,

@@ -156,6 +156,7 @@ pub fn engine_options(
         connect_timeout: Duration::from_secs(10),
         rdma_settings: None,
         auth_token: None,
+        tp: kvtransfer_engine::TpOptions::default(),
     }
 }
 

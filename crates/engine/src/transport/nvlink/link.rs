@@ -298,7 +298,10 @@ impl Link for NvlinkLink {
             let copies = &mut submitter.copies;
             let table = &shared.table;
             let kinds = table.layout.kinds();
-            if copies.takes_runs(job.runs.len(), kinds) {
+            // Tensor-parallel shards that are not whole blocks take the gathering path:
+            // one copy per segment (`CopyOp::at`).
+            let whole = job.shard.kv.is_whole() && job.shard.scale.is_whole();
+            if whole && copies.takes_runs(job.runs.len(), kinds) {
                 // The hot path: the planned runs go to the kernel as they are, with where
                 // each kind of this layer is on both sides.
                 let mut places = RunKinds::default();
@@ -313,12 +316,17 @@ impl Link for NvlinkLink {
                 unsafe { copies.launch_runs(&mut slot.desc, &job.runs, kinds, &places) }?;
             } else {
                 let bases = &shared.bases;
-                for_each_copy(table, job.layer, &job.runs, |op| {
-                    copies.push(
-                        bases[op.region as usize] + op.remote_offset,
-                        op.local_addr,
-                        op.len as usize,
-                    );
+                for_each_copy(table, &job.shard, job.layer, &job.runs, |op| {
+                    let mut done = 0;
+                    while done < op.len {
+                        let (local, remote, contiguous) = op.at(done);
+                        copies.push(
+                            bases[op.region as usize] + remote,
+                            local,
+                            contiguous as usize,
+                        );
+                        done += contiguous;
+                    }
                 });
                 // SAFETY: the copy contract above.
                 unsafe { copies.submit(&mut slot.desc) }?;

@@ -170,6 +170,7 @@ pub(super) fn fill_chain(
 ) -> bool {
     fill_write_chain(
         table,
+        &active.job.shard,
         active.job.layer,
         &active.job.runs,
         |region| mrs[region].lkey(),
@@ -197,6 +198,7 @@ pub type ChainCursor = (u32, usize, u64);
 #[inline]
 pub fn fill_write_chain(
     table: &RegionTable,
+    shard: &crate::shard::Shard,
     layer: u32,
     runs: &[crate::plan::Run],
     lkey: impl Fn(usize) -> u32,
@@ -223,12 +225,13 @@ pub fn fill_write_chain(
             finished = true;
             break;
         }
-        let op = copy_op(table, layer, kind, &runs[run_index]);
-        let len = (op.len - offset).min(MAX_WRITE_BYTES);
+        let op = copy_op(table, shard, layer, kind, &runs[run_index]);
+        let (local_addr, remote_offset, contiguous) = op.at(offset);
+        let len = contiguous.min(MAX_WRITE_BYTES);
         let (remote_base, rkey) = remote_regions[op.region as usize];
-        let remote_addr = remote_base + op.remote_offset + offset;
+        let remote_addr = remote_base + remote_offset;
         let local = LocalBuf {
-            addr: op.local_addr + offset,
+            addr: local_addr,
             len: len as u32,
             lkey: lkey(op.region as usize),
         };

@@ -7,6 +7,7 @@ use super::{lock, sockopt, staging, MAX_FRAME_PAYLOAD};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
 use crate::plan::Run;
+use crate::shard::Shard;
 use crate::transport::{fail, for_each_copy, Done, Link, TransportKind, WriteJob};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -208,6 +209,7 @@ impl FrameBatch {
     pub fn build(&mut self, table: &RegionTable, job: &WriteJob, call_id: u64) {
         self.build_frames(
             table,
+            &job.shard,
             job.layer,
             &job.runs,
             job.blocks,
@@ -218,9 +220,14 @@ impl FrameBatch {
 
     /// [`FrameBatch::build`] from the job's parts: `WRITE` frames for every run of `layer`
     /// (K, then V), then the `COMMIT` frame carrying `call_id` and the optional tag.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the job's parts, so that benches build frames without a job"
+    )]
     pub fn build_frames(
         &mut self,
         table: &RegionTable,
+        shard: &Shard,
         layer: u32,
         runs: &[Run],
         blocks: u32,
@@ -231,21 +238,22 @@ impl FrameBatch {
         self.iovecs.clear();
         // One pass: headers and iovecs together; header iovecs get their address in a
         // second, cheap pass below because `headers` may still grow (and move) here.
-        for_each_copy(table, layer, runs, |op| {
+        for_each_copy(table, shard, layer, runs, |op| {
             if op.len == 0 {
                 return;
             }
             let mut done = 0;
             loop {
-                let len = (op.len - done).min(MAX_FRAME_PAYLOAD);
-                let header = Header::write(op.region, op.remote_offset + done, len as u32);
+                let (local, remote, contiguous) = op.at(done);
+                let len = contiguous.min(MAX_FRAME_PAYLOAD);
+                let header = Header::write(op.region, remote, len as u32);
                 self.headers.push(header.encode());
                 self.iovecs.push(libc::iovec {
                     iov_base: std::ptr::null_mut(),
                     iov_len: frame::HEADER_BYTES,
                 });
                 self.iovecs.push(libc::iovec {
-                    iov_base: (op.local_addr + done) as usize as *mut libc::c_void,
+                    iov_base: local as usize as *mut libc::c_void,
                     iov_len: len as usize,
                 });
                 done += len;
@@ -327,6 +335,7 @@ fn run_writer(
             let write = &mut |iovecs: &mut [libc::iovec]| writev_all(stream, iovecs);
             let sent = device.send(
                 table,
+                &job.shard,
                 job.layer,
                 runs,
                 job.blocks,

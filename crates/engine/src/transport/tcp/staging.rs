@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors, MAX_COPIES_PER_SUBMIT};
 use crate::layout::RegionTable;
 use crate::plan::Run;
+use crate::shard::Shard;
 use kvtransfer_cuda::{CudaError, Event, PinnedBuffer};
 
 /// Bytes of device payload per staging slot.
@@ -142,14 +143,14 @@ impl SendStaging {
 
     /// Cuts a job into chunks: WRITE segments (device pieces of at most `CHUNK_BYTES`)
     /// grouped so that each chunk's device bytes fit one slot.
-    fn plan(&mut self, table: &RegionTable, layer: u32, runs: &[Run]) {
+    fn plan(&mut self, table: &RegionTable, shard: &Shard, layer: u32, runs: &[Run]) {
         self.segments.clear();
         self.chunk_ends.clear();
         let mut staged = 0usize;
         let mut frames = 0usize;
         let segments = &mut self.segments;
         let chunk_ends = &mut self.chunk_ends;
-        for_each_copy(table, layer, runs, |op| {
+        for_each_copy(table, shard, layer, runs, |op| {
             let device = table.memory(op.region).is_device();
             let max_piece = if device {
                 CHUNK_BYTES as u64
@@ -158,24 +159,20 @@ impl SendStaging {
             };
             let mut done = 0u64;
             while done < op.len {
-                let len = (op.len - done).min(max_piece) as usize;
+                let (local, remote, contiguous) = op.at(done);
+                let len = contiguous.min(max_piece) as usize;
                 if frames == MAX_FRAMES_PER_CHUNK || (device && staged + len > CHUNK_BYTES) {
                     chunk_ends.push(segments.len());
                     staged = 0;
                     frames = 0;
                 }
-                let header = Header::write(op.region, op.remote_offset + done, len as u32).encode();
+                let header = Header::write(op.region, remote, len as u32).encode();
                 let source = if device {
                     let at = staged;
                     staged += len;
-                    Source::Device {
-                        addr: op.local_addr + done,
-                        at,
-                    }
+                    Source::Device { addr: local, at }
                 } else {
-                    Source::Host {
-                        addr: op.local_addr + done,
-                    }
+                    Source::Host { addr: local }
                 };
                 segments.push(Segment {
                     header,
@@ -231,6 +228,7 @@ impl SendStaging {
     pub fn send(
         &mut self,
         table: &RegionTable,
+        shard: &Shard,
         layer: u32,
         runs: &[Run],
         blocks: u32,
@@ -245,7 +243,7 @@ impl SendStaging {
         if let Some(pipe) = &self.pipe {
             pipe.copies.gpu().bind()?;
         }
-        self.plan(table, layer, runs);
+        self.plan(table, shard, layer, runs);
         self.commit = Header {
             kind: frame::COMMIT,
             flags: u8::from(tag.is_some()),
