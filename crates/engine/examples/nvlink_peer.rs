@@ -80,7 +80,7 @@ fn main() {
         // Through a cuMemAlloc buffer: every kind of region is device memory of this GPU.
         let bounce = gpu.alloc(len).expect("bounce");
         bounce.copy_from_host(&content).expect("fill bounce");
-        fill_from(&gpu, region.ptr(), &bounce, len);
+        copy_on_device(&gpu, region.ptr(), bounce.ptr(), len);
         regions.push(region);
     }
     let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
@@ -118,7 +118,7 @@ fn main() {
                 let mut buf = vec![0u8; len];
                 for region in &regions {
                     let staging = gpu.alloc(len).expect("staging");
-                    copy_into(&gpu, &staging, region.ptr(), len);
+                    copy_on_device(&gpu, staging.ptr(), region.ptr(), len);
                     staging.copy_to_host(&mut buf).expect("read back");
                     file.write_all(&buf).unwrap();
                 }
@@ -141,20 +141,10 @@ fn main() {
     engine.close();
 }
 
-/// Device-to-device copy of `len` bytes from `src` (a cuMemAlloc buffer) to `dst`.
-fn fill_from(gpu: &Arc<kvtransfer_cuda::Gpu>, dst: u64, src: &DeviceBuffer, len: usize) {
+/// Device-to-device copy of `len` bytes from `src` to `dst` (both device memory of `gpu`).
+fn copy_on_device(gpu: &Arc<kvtransfer_cuda::Gpu>, dst: u64, src: u64, len: usize) {
     let stream = gpu.stream().expect("stream");
-    let (mut d, mut s, mut n) = (vec![dst], vec![src.ptr()], vec![len]);
-    // SAFETY: both ranges are live device memory of this GPU, `len` bytes, not overlapping;
-    // the stream is synchronized before they can go.
-    unsafe { stream.copy_batch_async(&mut d, &mut s, &mut n, false) }.expect("copy");
-    stream.synchronize().expect("sync");
-}
-
-/// Device-to-device copy of `len` bytes from `src` into `dst` (a cuMemAlloc buffer).
-fn copy_into(gpu: &Arc<kvtransfer_cuda::Gpu>, dst: &DeviceBuffer, src: u64, len: usize) {
-    let stream = gpu.stream().expect("stream");
-    let (mut d, mut s, mut n) = (vec![dst.ptr()], vec![src], vec![len]);
+    let (mut d, mut s, mut n) = (vec![dst], vec![src], vec![len]);
     // SAFETY: both ranges are live device memory of this GPU, `len` bytes, not overlapping;
     // the stream is synchronized before they can go.
     unsafe { stream.copy_batch_async(&mut d, &mut s, &mut n, false) }.expect("copy");

@@ -562,32 +562,6 @@ fn measure(
     )
 }
 
-/// One large device-to-device copy GPU 0 → the decode GPU: the link's ceiling.
-fn link_ceiling(gpu: &Arc<kvtransfer_cuda::Gpu>, peer_gpu: u32) -> f64 {
-    let cuda = kvtransfer_cuda::Cuda::get().unwrap();
-    let peer = cuda.gpu(peer_gpu).unwrap();
-    let len = 512usize << 20;
-    let src = gpu.alloc(len).unwrap();
-    let dst = peer.alloc(len).unwrap();
-    gpu.enable_peer_access(&peer).unwrap();
-    let stream = gpu.stream().unwrap();
-    let copy = || {
-        let (mut d, mut s, mut n) = (vec![dst.ptr()], vec![src.ptr()], vec![len]);
-        // SAFETY: two live device buffers of `len` bytes, peer access enabled; the stream is
-        // synchronized below, before either can go.
-        unsafe { stream.copy_batch_async(&mut d, &mut s, &mut n, false) }.unwrap();
-    };
-    copy();
-    stream.synchronize().unwrap();
-    let started = Instant::now();
-    let reps = 10;
-    for _ in 0..reps {
-        copy();
-    }
-    stream.synchronize().unwrap();
-    (reps * len) as f64 / started.elapsed().as_secs_f64() / 1e9
-}
-
 #[test]
 #[ignore = "benchmark; needs an NVIDIA GPU and two processes: scripts/gpu-tests.sh --run"]
 fn nvlink_bench_grid() {
@@ -601,7 +575,8 @@ fn nvlink_bench_grid() {
         (Ok("0"), _) => "copy engines, one cuMemcpyBatchAsync per call",
         _ => "kvtransfer default (one copy-kernel launch per call)",
     };
-    let ceiling = link_ceiling(&gpu, peer_gpu);
+    // The link ceiling: one 512 MiB device-to-device copy (what the bench CLI uses too).
+    let ceiling = kvtransfer_engine::peer_copy_gbps(0, peer_gpu, 512 << 20, 10).unwrap();
     let (layers, blocks) = (4usize, 1538usize);
     let mut table = format!(
         "### NVLink GPU 0 → GPU {peer_gpu}: {mode}\n\nbatch {blocks} scattered blocks (random ids both sides), K+V, one layer per call; link ceiling (one 512 MiB copy) {ceiling:.1} GB/s\n\n| block | 1 in flight GB/s | µs/call (in writeCache) | 4 in flight GB/s | µs/call (in writeCache) | 4 in flight / ceiling |\n| --- | --- | --- | --- | --- | --- |\n"

@@ -67,7 +67,8 @@ pub fn detect_region_memory(
                 // same GPU (only cuMemCreate memory: cuMemAlloc allocations that happen to
                 // be adjacent stay separate).
                 let mut range_end = range_start + range_size;
-                while addr + len > range_end && cuda.retain_allocation(range_start).is_ok() {
+                let spans = addr + len > range_end && cuda.retain_allocation(range_start).is_ok();
+                while spans && addr + len > range_end {
                     match cuda.pointer_info(range_end)? {
                         PointerInfo::Device {
                             ordinal: next,
