@@ -42,7 +42,7 @@ pub(crate) fn send(
             vec![IoSlice::new(&payload[sent - header.len()..])]
         };
         // Descriptors ride with the first chunk only.
-        let n = if sent == 0 {
+        let sent_now = if sent == 0 {
             sendmsg(stream, &iov, &mut control, SendFlags::NOSIGNAL)
         } else {
             sendmsg(
@@ -51,8 +51,12 @@ pub(crate) fn send(
                 &mut SendAncillaryBuffer::default(),
                 SendFlags::NOSIGNAL,
             )
-        }
-        .map_err(io::Error::from)?;
+        };
+        // rustix does not retry interrupted calls (std's I/O does): a signal is no error.
+        let n = match sent_now {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => other.map_err(io::Error::from)?,
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -94,13 +98,15 @@ fn fill(
         let mut space =
             [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
-        let got = recvmsg(
+        let got = match recvmsg(
             stream.as_fd(),
             &mut [IoSliceMut::new(&mut buf[at..])],
             &mut control,
             RecvFlags::CMSG_CLOEXEC,
-        )
-        .map_err(io::Error::from)?;
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => other.map_err(io::Error::from)?,
+        };
         for message in control.drain() {
             if let RecvAncillaryMessage::ScmRights(received) = message {
                 fds.extend(received);
