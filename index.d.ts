@@ -19,6 +19,17 @@ export declare class NativeCommunicator {
   setName(name: string): void
   /** Counts a `writeCache` call the TypeScript layer refused before the engine saw it. */
   countRefusedCall(peerKey: string, code: string): void
+  /**
+   * Validates and plans a block list once for `peer_key` (throws, typed, when an id is
+   * bad or the peer is not connected).
+   */
+  prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
+  /**
+   * `writeCache` of the prepared block list `handle` (`NativePreparedBlocks.handle`),
+   * to the peer it was prepared for (the caller checked that it is the one meant): no id
+   * is validated or planned again, and no key string crosses from JavaScript.
+   */
+  writePrepared(callId: number, handle: number, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
   constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
   /** "tcp" or "rdma": the transport this side offers. */
   get transport(): string
@@ -44,17 +55,6 @@ export declare class NativeCommunicator {
    * returns without throwing).
    */
   writeCache(callId: number, peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
-  /**
-   * Validates and plans a block list once for `peer_key` (throws, typed, when an id is
-   * bad or the peer is not connected).
-   */
-  prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
-  /**
-   * `writeCache` of a prepared block list, to the peer it was prepared for (the caller
-   * checked that it is the one meant): no id is validated or planned again, and no key
-   * string crosses from JavaScript.
-   */
-  writePrepared(callId: number, prepared: NativePreparedBlocks, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
   /**
    * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
    * whether a link existed, once no byte of its calls can land any more and every
@@ -88,6 +88,8 @@ export declare class NativeDeviceMemory {
 
 /** A block list validated and planned once for one peer (`prepareBlocks`). */
 export declare class NativePreparedBlocks {
+  /** The number `writePrepared` takes for this list. */
+  get handle(): number
   /** The peer (`host:port`) the list was prepared for. */
   get peer(): string
   /** Block ids in the list. */

@@ -13,6 +13,7 @@ use std::time::Duration;
 mod doctor;
 pub use doctor::native_doctor;
 mod metrics;
+mod prepared;
 
 /// A JavaScript error that carries its stable code: JS sees `err.code === 'ERR_…'` and
 /// `err.message` (the engine's text, no prefix).
@@ -234,6 +235,8 @@ pub struct NativeCommunicator {
     /// Reports settled `writeCache` calls; taken at close (pending calls hold their own
     /// reference until the engine fails them, then it is released).
     settled_fn: std::sync::Mutex<Option<Arc<SettledCallback>>>,
+    /// Prepared block lists by handle (`writePrepared` takes the handle as a number).
+    prepared: Arc<prepared::PreparedTable>,
 }
 
 type ArrivalSlot = Arc<std::sync::Mutex<Option<Arc<ArrivalCallback>>>>;
@@ -403,6 +406,7 @@ impl NativeCommunicator {
             _regions: regions,
             arrival_fn,
             settled_fn: std::sync::Mutex::new(Some(settled_fn)),
+            prepared: Arc::default(),
         })
     }
 
@@ -526,66 +530,6 @@ impl NativeCommunicator {
     }
 }
 
-#[napi]
-impl NativeCommunicator {
-    /// Validates and plans a block list once for `peer_key` (throws, typed, when an id is
-    /// bad or the peer is not connected).
-    #[napi]
-    pub fn prepare_blocks<'env>(
-        &self,
-        peer_key: String,
-        // Spelled out: napi's type generation does not follow aliases.
-        local_block_ids: Either3<
-            Uint32ArraySlice<'env>,
-            Int32ArraySlice<'env>,
-            Float64ArraySlice<'env>,
-        >,
-        remote_block_ids: Either3<
-            Uint32ArraySlice<'env>,
-            Int32ArraySlice<'env>,
-            Float64ArraySlice<'env>,
-        >,
-    ) -> Result<NativePreparedBlocks, Code> {
-        let prepared = self
-            .engine
-            .prepare_blocks(
-                &peer_key,
-                block_id_slices(&local_block_ids),
-                block_id_slices(&remote_block_ids),
-            )
-            .map_err(to_js_error)?;
-        Ok(NativePreparedBlocks {
-            inner: Arc::new(prepared),
-        })
-    }
-
-    /// `writeCache` of a prepared block list, to the peer it was prepared for (the caller
-    /// checked that it is the one meant): no id is validated or planned again, and no key
-    /// string crosses from JavaScript.
-    #[napi]
-    pub fn write_prepared(
-        &self,
-        call_id: u32,
-        prepared: &NativePreparedBlocks,
-        layer_idx: f64,
-        tag: Option<Buffer>,
-        timeout_ms: Option<f64>,
-    ) -> Result<(), Code> {
-        let deadline = deadline_after(timeout_ms);
-        let on_done = self.on_settled(call_id)?;
-        self.engine
-            .write_prepared_with_callback(
-                prepared.inner.peer_key(),
-                &prepared.inner,
-                layer_idx,
-                tag.map(|t| t.to_vec()),
-                deadline,
-                on_done,
-            )
-            .map_err(to_js_error)
-    }
-}
-
 impl NativeCommunicator {
     /// The completion callback of call `call_id`: reports it through `onCallSettled`.
     fn on_settled(&self, call_id: u32) -> Result<kvtransfer_engine::CompletionCallback, Code> {
@@ -612,33 +556,6 @@ fn deadline_after(timeout_ms: Option<f64>) -> Option<std::time::Instant> {
             Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
         }
         _ => None,
-    }
-}
-
-/// A block list validated and planned once for one peer (`prepareBlocks`).
-#[napi]
-pub struct NativePreparedBlocks {
-    inner: Arc<kvtransfer_engine::PreparedBlocks>,
-}
-
-#[napi]
-impl NativePreparedBlocks {
-    /// The peer (`host:port`) the list was prepared for.
-    #[napi(getter)]
-    pub fn peer(&self) -> String {
-        self.inner.peer_key().to_string()
-    }
-
-    /// Block ids in the list.
-    #[napi(getter)]
-    pub fn blocks(&self) -> u32 {
-        self.inner.blocks()
-    }
-
-    /// Coalesced runs (copies per region and layer).
-    #[napi(getter)]
-    pub fn runs(&self) -> u32 {
-        u32::try_from(self.inner.runs()).unwrap_or(u32::MAX)
     }
 }
 

@@ -333,9 +333,7 @@ export class RDMACommunicator extends EventEmitter {
     const key = this.peerKey(ip, port)
     const local = toBlockIds('localBlockIds', localBlockIds)
     const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
-    return this.submit(key, layerIdx, options, (callId, tag, timeoutMs) =>
-      this.native.writeCache(callId, key, local, remote, layerIdx, tag, timeoutMs),
-    )
+    return this.submit(key, layerIdx, options, undefined, local, remote)
   }
 
   private startPrepared(
@@ -353,33 +351,42 @@ export class RDMACommunicator extends EventEmitter {
         `the block list was prepared for peer ${prepared.peer}, not ${key}; call prepareBlocks for ${key}`,
       )
     }
-    return this.submit(key, layerIdx, options, (callId, tag, timeoutMs) =>
-      this.native.writePrepared(callId, prepared.native, layerIdx, tag, timeoutMs),
-    )
+    return this.submit(key, layerIdx, options, prepared)
   }
 
   /**
    * What every `writeCache` form shares: the layer, tag, timeout and signal checks, a call
    * id, the native call (whose refusals the engine has counted), and the call's Promise.
+   * The call is `prepared`, or else the two id lists. (No closure per call: this is the
+   * hot path of every layer.)
    */
   private submit(
     key: string,
     layerIdx: number,
     options: WriteOptions,
-    call: (callId: number, tag: ReturnType<typeof encodeTag> | undefined, timeoutMs: number | undefined) => void,
+    prepared: PreparedBlocks | undefined,
+    local?: ReturnType<typeof toBlockIds>,
+    remote?: ReturnType<typeof toBlockIds>,
   ): Promise<void> {
     if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
     const tag = options.tag === undefined ? undefined : encodeTag(options.tag)
-    const timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
+    let timeoutMs: number | undefined = checkNonNegativeInteger(
+      'timeoutMs',
+      options.timeoutMs ?? this.writeTimeoutMs,
+      0x7fff_ffff,
+    )
+    if (timeoutMs === 0) timeoutMs = undefined
     const signal = options.signal
     if (signal?.aborted) throw abortError(`writeCache to ${key}`)
     const callId = this.nextCallId
     this.nextCallId = (callId + 1) >>> 0
     try {
-      native(() => call(callId, tag, timeoutMs === 0 ? undefined : timeoutMs))
+      if (prepared) this.native.writePrepared(callId, prepared.handle, layerIdx, tag, timeoutMs)
+      else this.native.writeCache(callId, key, local!, remote!, layerIdx, tag, timeoutMs)
     } catch (error) {
-      if (error instanceof Object) countedByEngine.add(error)
-      throw error
+      const typed = fromNative(error)
+      countedByEngine.add(typed)
+      throw typed
     }
     return this.pending(callId, key, signal)
   }

@@ -19,6 +19,8 @@ export class PreparedBlocks {
   readonly blocks: number
   /** Coalesced runs: copies per region and layer. */
   readonly runs: number
+  /** @internal The number the native `writePrepared` takes for this list. */
+  readonly handle: number
 
   /** @internal */
   constructor(native: NativePreparedBlocks) {
@@ -26,5 +28,6 @@ export class PreparedBlocks {
     this.peer = native.peer
     this.blocks = native.blocks
     this.runs = native.runs
+    this.handle = native.handle
   }
 }
