@@ -841,3 +841,5 @@ module.exports.NativePreparedBlocks = nativeBinding.NativePreparedBlocks
 module.exports.errorCodes = nativeBinding.errorCodes
 module.exports.nativeDoctor = nativeBinding.nativeDoctor
 module.exports.peerCopyGbps = nativeBinding.peerCopyGbps
+module.exports.writeCache = nativeBinding.writeCache
+module.exports.writePrepared = nativeBinding.writePrepared

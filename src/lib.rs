@@ -12,6 +12,8 @@ use std::time::Duration;
 
 mod doctor;
 pub use doctor::native_doctor;
+mod calls;
+pub use calls::{write_cache, write_prepared};
 mod metrics;
 mod prepared;
 
@@ -232,11 +234,8 @@ pub struct NativeCommunicator {
     /// The arrival callback; dropped at close so that the JS function it holds (which
     /// refers back to the communicator) no longer keeps the communicator alive.
     arrival_fn: ArrivalSlot,
-    /// Reports settled `writeCache` calls; taken at close (pending calls hold their own
-    /// reference until the engine fails them, then it is released).
-    settled_fn: std::sync::Mutex<Option<Arc<SettledCallback>>>,
-    /// Prepared block lists by handle (`writePrepared` takes the handle as a number).
-    prepared: Arc<prepared::PreparedTable>,
+    /// What the per-call functions reach this communicator by (`calls.rs`).
+    calls: Arc<calls::Calls>,
 }
 
 type ArrivalSlot = Arc<std::sync::Mutex<Option<Arc<ArrivalCallback>>>>;
@@ -388,25 +387,22 @@ impl NativeCommunicator {
                 order: BlockOrder::from_tokens_per_block(options.tokens_per_block.unwrap_or(0)),
             },
         };
-        let settled_fn: Arc<SettledCallback> = Arc::new(
-            on_call_settled
-                .build_threadsafe_function()
-                .weak::<true>()
-                .callee_handled::<false>()
-                .build()
-                .map_err(napi_failure)?,
-        );
+        let settled_fn: SettledCallback = on_call_settled
+            .build_threadsafe_function()
+            .weak::<true>()
+            .callee_handled::<false>()
+            .build()
+            .map_err(napi_failure)?;
         let engine = Engine::with_known_host(engine_options, &known_host).map_err(to_js_error)?;
         let mut regions = options.local_key_cache;
         regions.extend(options.local_value_cache);
         regions.extend(key_scale_cache);
         regions.extend(value_scale_cache);
         Ok(NativeCommunicator {
+            calls: Arc::new(calls::Calls::new(engine.clone(), settled_fn)),
             engine,
             _regions: regions,
             arrival_fn,
-            settled_fn: std::sync::Mutex::new(Some(settled_fn)),
-            prepared: Arc::default(),
         })
     }
 
@@ -484,81 +480,6 @@ impl NativeCommunicator {
     }
 }
 
-/// `writeCache` has an impl block of its own for its lint expectation: napi copies a
-/// method's attributes onto the wrapper it generates, where the lint does not fire.
-#[napi]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one argument per value of the JS call; an options object would cost a conversion on every writeCache"
-)]
-impl NativeCommunicator {
-    /// Validates synchronously (throws, nothing sent); once the peer has every byte, or the
-    /// call failed, `onCallSettled(callId, error)` is called (exactly once when this
-    /// returns without throwing).
-    #[napi]
-    pub fn write_cache<'env>(
-        &self,
-        call_id: u32,
-        peer_key: String,
-        local_block_ids: Either3<
-            Uint32ArraySlice<'env>,
-            Int32ArraySlice<'env>,
-            Float64ArraySlice<'env>,
-        >,
-        remote_block_ids: Either3<
-            Uint32ArraySlice<'env>,
-            Int32ArraySlice<'env>,
-            Float64ArraySlice<'env>,
-        >,
-        layer_idx: f64,
-        tag: Option<Buffer>,
-        timeout_ms: Option<f64>,
-    ) -> Result<(), Code> {
-        let deadline = deadline_after(timeout_ms);
-        let on_done = self.on_settled(call_id)?;
-        self.engine
-            .write_cache_with_callback(
-                &peer_key,
-                block_id_slices(&local_block_ids),
-                block_id_slices(&remote_block_ids),
-                layer_idx,
-                tag.map(|t| t.to_vec()),
-                deadline,
-                on_done,
-            )
-            .map_err(to_js_error)
-    }
-}
-
-impl NativeCommunicator {
-    /// The completion callback of call `call_id`: reports it through `onCallSettled`.
-    fn on_settled(&self, call_id: u32) -> Result<kvtransfer_engine::CompletionCallback, Code> {
-        let settled_fn = self
-            .settled_fn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| to_js_error(kvtransfer_engine::Error::Closed))?;
-        Ok(Box::new(move |result: kvtransfer_engine::Result<()>| {
-            let error = result.err().map(to_js_error);
-            settled_fn.call(
-                (call_id, error).into(),
-                ThreadsafeFunctionCallMode::NonBlocking,
-            );
-        }))
-    }
-}
-
-/// The deadline of a call with `timeout_ms` (absent, 0 or not finite: none).
-fn deadline_after(timeout_ms: Option<f64>) -> Option<std::time::Instant> {
-    match timeout_ms {
-        Some(ms) if ms.is_finite() && ms > 0.0 => {
-            Some(std::time::Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
-        }
-        _ => None,
-    }
-}
-
 #[napi]
 impl NativeCommunicator {
     /// Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
@@ -610,10 +531,7 @@ impl NativeCommunicator {
     /// Closes all links; afterwards no engine thread touches the regions.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn close<'env>(&self, env: &'env Env) -> Result<PromiseRaw<'env, ()>, Code> {
-        self.settled_fn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.calls.stop_settling();
         let engine = self.engine.clone();
         let arrival_fn = Arc::clone(&self.arrival_fn);
         on_thread(env, "kvt-close", "this communicator".into(), move || {

@@ -1,11 +1,11 @@
-//! `prepareBlocks` and `writePrepared`: block lists validated and planned once, written
-//! per layer by handle.
+//! `prepareBlocks`: block lists validated and planned once, written per layer by handle
+//! (`writePrepared`, in `calls.rs`).
 //!
 //! `writePrepared` takes the list's handle as a number, not the `NativePreparedBlocks`
 //! object: napi-rs registers and releases a borrow for every class reference passed as an
 //! argument, which cost about a third of the native part of each prepared call.
 
-use crate::{block_id_slices, deadline_after, invalid, to_js_error, Code, NativeCommunicator};
+use crate::{block_id_slices, to_js_error, Code, NativeCommunicator};
 use kvtransfer_engine::PreparedBlocks;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -41,7 +41,7 @@ impl PreparedTable {
         u32::try_from(slots.lists.len() - 1).unwrap_or(u32::MAX)
     }
 
-    fn get(&self, handle: u32) -> Option<Arc<PreparedBlocks>> {
+    pub(crate) fn get(&self, handle: u32) -> Option<Arc<PreparedBlocks>> {
         self.slots().lists.get(handle as usize)?.clone()
     }
 
@@ -83,46 +83,12 @@ impl NativeCommunicator {
             )
             .map_err(to_js_error)?;
         let inner = Arc::new(prepared);
-        let handle = self.prepared.insert(Arc::clone(&inner));
+        let handle = self.calls.prepared.insert(Arc::clone(&inner));
         Ok(NativePreparedBlocks {
             inner,
             handle,
-            table: Arc::downgrade(&self.prepared),
+            table: Arc::downgrade(&self.calls.prepared),
         })
-    }
-
-    /// `writeCache` of the prepared block list `handle` (`NativePreparedBlocks.handle`),
-    /// to the peer it was prepared for (the caller checked that it is the one meant): no id
-    /// is validated or planned again, and no key string crosses from JavaScript.
-    #[napi]
-    pub fn write_prepared(
-        &self,
-        call_id: u32,
-        handle: u32,
-        layer_idx: f64,
-        tag: Option<Buffer>,
-        timeout_ms: Option<f64>,
-    ) -> Result<(), Code> {
-        let prepared = self.prepared.get(handle).ok_or_else(|| {
-            invalid(
-                "prepared",
-                format!(
-                    "no block list has handle {handle} on this communicator; call prepareBlocks"
-                ),
-            )
-        })?;
-        let deadline = deadline_after(timeout_ms);
-        let on_done = self.on_settled(call_id)?;
-        self.engine
-            .write_prepared_with_callback(
-                prepared.peer_key(),
-                &prepared,
-                layer_idx,
-                tag.map(|t| t.to_vec()),
-                deadline,
-                on_done,
-            )
-            .map_err(to_js_error)
     }
 }
 

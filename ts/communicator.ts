@@ -4,7 +4,13 @@
  */
 import { EventEmitter } from 'node:events'
 import * as os from 'node:os'
-import { NativeCommunicator, type ArrivalNotice } from '../index.js'
+import {
+  type ArrivalNotice,
+  type ExternalObject,
+  NativeCommunicator,
+  writeCache as nativeWriteCache,
+  writePrepared as nativeWritePrepared,
+} from '../index.js'
 import { type Arrival, Arrivals, type WaitOptions, layerSet } from './arrivals'
 import { ControlServer, exchange } from './control'
 import { type Expiry, withDeadline } from './deadline'
@@ -70,6 +76,8 @@ export class RDMACommunicator extends EventEmitter {
   /** Resolves once the control plane listens; rejects with why it cannot. */
   readonly ready: Promise<void>
   private readonly native: NativeCommunicator
+  /** What the per-call native functions take (cheaper to pass than the class instance). */
+  private readonly calls: ExternalObject<'Calls'>
   private readonly control: ControlServer
   private readonly connectTimeoutMs: number
   private readonly writeTimeoutMs: number
@@ -151,6 +159,7 @@ export class RDMACommunicator extends EventEmitter {
           (notice) => this.onArrival(notice),
         ),
     )
+    this.calls = this.native.calls()
     this.keepAlive = setInterval(keepAliveTick, KEEP_ALIVE_INTERVAL_MS).unref()
     this.control = new ControlServer(settings.host, settings.port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
@@ -381,8 +390,8 @@ export class RDMACommunicator extends EventEmitter {
     const callId = this.nextCallId
     this.nextCallId = (callId + 1) >>> 0
     try {
-      if (prepared) this.native.writePrepared(callId, prepared.handle, layerIdx, tag, timeoutMs)
-      else this.native.writeCache(callId, key, local!, remote!, layerIdx, tag, timeoutMs)
+      if (prepared) nativeWritePrepared(this.calls, callId, prepared.handle, layerIdx, tag, timeoutMs)
+      else nativeWriteCache(this.calls, callId, key, local!, remote!, layerIdx, tag, timeoutMs)
     } catch (error) {
       const typed = fromNative(error)
       countedByEngine.add(typed)

@@ -39,7 +39,8 @@ pub use plan::BlockIds;
 pub use shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
 pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
 pub use transport::{
-    Arrival, ArrivalSink, Completion, CompletionCallback, TransportKind, MAX_TAG_BYTES,
+    Arrival, ArrivalSink, CallSink, Completion, CompletionCallback, OnDone, TransportKind,
+    MAX_TAG_BYTES,
 };
 pub use wire::Role;
 

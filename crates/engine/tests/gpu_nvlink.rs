@@ -4,7 +4,7 @@
 //! --run), where a missing GPU, driver or peer binary fails them.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, Engine, Role, TransportKind};
+use kvtransfer_engine::{BlockIds, Engine, OnDone, Role, TransportKind};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -630,9 +630,9 @@ fn nvlink_bench_grid() {
                     (i % layers) as f64,
                     None,
                     None,
-                    Box::new(move |result| {
+                    OnDone::Callback(Box::new(move |result| {
                         let _ = sender.send(result);
-                    }),
+                    })),
                 )
                 .unwrap();
             completion

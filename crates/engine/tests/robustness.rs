@@ -2,7 +2,7 @@
 
 use futures_executor::block_on;
 use kvtransfer_engine::internals::{frame, Descriptor, Envelope, TcpEndpoint};
-use kvtransfer_engine::{BlockIds, Completion, Role, TransportKind};
+use kvtransfer_engine::{BlockIds, Completion, OnDone, Role, TransportKind};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -158,9 +158,9 @@ fn callback_calls_report_what_completions_report() {
             0.0,
             None,
             deadline,
-            Box::new(move |result| {
+            OnDone::Callback(Box::new(move |result| {
                 let _ = sender.send((key, result));
-            }),
+            })),
         )
     };
     call("healthy", &ids, None).unwrap();

@@ -3,7 +3,7 @@
 //! scales are refused at the handshake.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, Role};
+use kvtransfer_engine::{BlockIds, OnDone, Role};
 
 mod common;
 use common::{assert_written, connect, try_connect, Side, SideSpec};
@@ -65,7 +65,7 @@ fn key_value_and_scale_blocks_arrive_byte_for_byte() {
                 1.0,
                 None,
                 None,
-                Box::new(move |r| tx.send(r).unwrap()),
+                OnDone::Callback(Box::new(move |r| tx.send(r).unwrap())),
             )
             .unwrap();
         rx.recv().unwrap().unwrap();

@@ -332,7 +332,7 @@ impl Engine {
             note,
         } = link?;
         let transport = link.kind().name();
-        let counters = self.inner.metrics.connected(peer_key, link.kind().code());
+        let counters = Arc::new(self.inner.metrics.connected(peer_key, link.kind().code()));
         self.record_decision(peer_key, link.kind(), note);
         let peer = Arc::new(Peer {
             key: peer_key.into(),

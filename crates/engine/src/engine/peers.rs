@@ -16,7 +16,7 @@ pub(super) struct Peer {
     pub shard: Shard,
     pub link: Box<dyn Link>,
     /// Where its calls are counted (the peer's counters outlive reconnects).
-    pub counters: CallCounters,
+    pub counters: Arc<CallCounters>,
 }
 
 #[derive(Default)]

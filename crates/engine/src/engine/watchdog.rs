@@ -1,15 +1,28 @@
 //! The deadline watchdog: one thread per engine, started with the first timed call, that
 //! fails calls whose deadline passed. It first tears their link down (no byte of them can
 //! land afterwards), then reports `ERR_TIMEOUT`.
+//!
+//! Watching is on every timed call's path, so it is a push onto a queue under a lock the
+//! caller's thread alone takes in the steady state: calls come with one timeout, so their
+//! deadlines arrive in order and a FIFO holds them (a heap only for a deadline earlier than
+//! the last). Completed calls are dropped from the queues by the watchdog thread, which
+//! wakes for that every `PRUNE_INTERVAL` while calls are watched: the caller never touches
+//! a completed call's slot, which another thread wrote last.
 
 use super::peers::Peer;
 use super::EngineInner;
 use crate::error::Error;
 use crate::transport::{Done, DoneSlot};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::time::Instant;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+/// How often the watchdog drops completed calls from its queues while calls are watched.
+const PRUNE_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Calls looked at per hold of the lock while pruning (the callers' pushes wait meanwhile).
+const PRUNE_STEP: usize = 256;
 
 /// A call with a deadline, watched by the engine's watchdog thread.
 struct Timed {
@@ -20,6 +33,13 @@ struct Timed {
     peer: Weak<Peer>,
     call: Weak<DoneSlot>,
     ms: u64,
+}
+
+impl Timed {
+    /// Whether the call completed and its transport let go of it.
+    fn finished(&self) -> bool {
+        self.call.strong_count() == 0
+    }
 }
 
 impl PartialEq for Timed {
@@ -41,11 +61,47 @@ impl Ord for Timed {
 
 #[derive(Default)]
 struct WatchState {
-    heap: BinaryHeap<Reverse<Timed>>,
+    /// Calls in deadline order (each deadline no earlier than the one before).
+    in_order: VecDeque<Timed>,
+    /// Calls whose deadline came earlier than the last one in `in_order`.
+    out_of_order: BinaryHeap<Reverse<Timed>>,
     next_seq: u64,
-    next_sweep: usize,
     stop: bool,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WatchState {
+    fn earliest(&self) -> Option<Instant> {
+        let fifo = self.in_order.front().map(|t| t.deadline);
+        let heap = self.out_of_order.peek().map(|Reverse(t)| t.deadline);
+        match (fifo, heap) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The call whose deadline is earliest, when it is at or before `now`.
+    fn pop_expired(&mut self, now: Instant) -> Option<Timed> {
+        let fifo = self.in_order.front().map(|t| (t.deadline, t.seq));
+        let heap = self
+            .out_of_order
+            .peek()
+            .map(|Reverse(t)| (t.deadline, t.seq));
+        match (fifo, heap) {
+            (Some(a), Some(b)) if b < a => (b.0 <= now)
+                .then(|| self.out_of_order.pop().map(|Reverse(t)| t))
+                .flatten(),
+            (Some(a), _) => (a.0 <= now).then(|| self.in_order.pop_front()).flatten(),
+            (None, Some(b)) => (b.0 <= now)
+                .then(|| self.out_of_order.pop().map(|Reverse(t)| t))
+                .flatten(),
+            (None, None) => None,
+        }
+    }
+
+    fn tracked(&self) -> usize {
+        self.in_order.len() + self.out_of_order.len()
+    }
 }
 
 /// Fails calls whose deadline passed: first tears their link down (no byte of them can
@@ -57,6 +113,10 @@ pub(super) struct Watchdog {
 }
 
 impl Watchdog {
+    fn state(&self) -> MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Watches `done` until `deadline`: if it is still pending then, its link to `peer`
     /// is torn down and it fails with `ERR_TIMEOUT`.
     pub(super) fn watch(
@@ -67,7 +127,7 @@ impl Watchdog {
         deadline: Instant,
     ) {
         let watchdog = self;
-        let mut state = watchdog.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = watchdog.state();
         if state.stop {
             return;
         }
@@ -82,32 +142,35 @@ impl Watchdog {
                 Err(e) => crate::log_error!("cannot start the deadline thread: {e}"),
             }
         }
-        if state.heap.len() >= state.next_sweep.max(1024) {
-            state
-                .heap
-                .retain(|Reverse(t)| t.call.upgrade().is_some_and(|c| c.is_pending()));
-            state.next_sweep = state.heap.len() * 2;
-        }
+        let was_idle = state.tracked() == 0;
+        let earliest = state.earliest();
         state.next_seq += 1;
-        let seq = state.next_seq;
-        let ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis()
-            .try_into()
-            .unwrap_or(u64::MAX);
-        state.heap.push(Reverse(Timed {
+        let timed = Timed {
             deadline,
-            seq,
+            seq: state.next_seq,
             peer_key: Arc::clone(&peer.key),
             peer: Arc::downgrade(peer),
             call: done.watch(),
-            ms,
-        }));
-        // The deadline thread sleeps until the earliest deadline: wake it only when this
-        // one is the new earliest (a futex wake per call cost ~1 µs of the call's overhead).
-        let earliest = state.heap.peek().is_some_and(|Reverse(top)| top.seq == seq);
+            ms: deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
+        };
+        if state
+            .in_order
+            .back()
+            .is_none_or(|last| last.deadline <= deadline)
+        {
+            state.in_order.push_back(timed);
+        } else {
+            state.out_of_order.push(Reverse(timed));
+        }
         drop(state);
-        if earliest {
+        // The thread sleeps until the earliest deadline (or the next prune while calls are
+        // watched): wake it only when it must wake sooner (a futex wake per call cost
+        // ~1 µs of the call's overhead).
+        if was_idle || earliest.is_some_and(|e| deadline < e) {
             watchdog.wake.notify_one();
         }
     }
@@ -115,9 +178,10 @@ impl Watchdog {
     /// Stops the thread and forgets every watched call (the engine is closing).
     pub(super) fn stop(&self) {
         let thread = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.state();
             state.stop = true;
-            state.heap.clear();
+            state.in_order.clear();
+            state.out_of_order.clear();
             state.thread.take()
         };
         self.wake.notify_all();
@@ -128,41 +192,62 @@ impl Watchdog {
         }
     }
 
-    /// Calls with a deadline still tracked (completed ones are swept lazily).
+    /// Calls with a deadline still tracked (completed ones are dropped within about
+    /// `PRUNE_INTERVAL`).
     pub(super) fn tracked(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .heap
-            .len()
+        self.state().tracked()
+    }
+
+    /// Drops completed calls from the queues, `PRUNE_STEP` at a time between holds of the
+    /// lock. The FIFO is pruned from its front and stops at the first call still pending
+    /// (the calls behind it are dropped once it completes); the heap is rebuilt when more
+    /// than half of it is done.
+    fn prune(&self) {
+        loop {
+            let mut state = self.state();
+            let mut looked = 0;
+            while looked < PRUNE_STEP && state.in_order.front().is_some_and(Timed::finished) {
+                state.in_order.pop_front();
+                looked += 1;
+            }
+            if looked < PRUNE_STEP {
+                let heap = &mut state.out_of_order;
+                if heap.iter().filter(|Reverse(t)| t.finished()).count() * 2 > heap.len() {
+                    heap.retain(|Reverse(t)| !t.finished());
+                }
+                return;
+            }
+        }
     }
 }
 
 fn run_watchdog(dog: &Watchdog, engine: &Weak<EngineInner>) {
-    let mut state = dog.state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut next_prune = Instant::now() + PRUNE_INTERVAL;
+    let mut state = dog.state();
     loop {
         if state.stop {
             return;
         }
         let now = Instant::now();
-        let wait = match state.heap.peek() {
-            None => None,
-            Some(Reverse(top)) if top.deadline > now => Some(top.deadline - now),
-            Some(_) => {
-                let Some(Reverse(timed)) = state.heap.pop() else {
-                    continue;
-                };
-                drop(state);
-                expire(&timed, engine);
-                state = dog.state.lock().unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-        };
-        state = match wait {
+        if let Some(timed) = state.pop_expired(now) {
+            drop(state);
+            expire(&timed, engine);
+            state = dog.state();
+            continue;
+        }
+        if now >= next_prune {
+            drop(state);
+            dog.prune();
+            next_prune = now + PRUNE_INTERVAL;
+            state = dog.state();
+            continue;
+        }
+        state = match state.earliest() {
+            // Nothing watched: sleep until a call is.
             None => dog.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
-            Some(wait) => {
+            Some(deadline) => {
                 dog.wake
-                    .wait_timeout(state, wait)
+                    .wait_timeout(state, deadline.min(next_prune) - now)
                     .unwrap_or_else(|p| p.into_inner())
                     .0
             }

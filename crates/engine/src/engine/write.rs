@@ -5,7 +5,8 @@ use super::peers::Peer;
 use super::Engine;
 use crate::error::{Error, Result};
 use crate::plan::{self, BlockIds, PlanLimits, Run};
-use crate::transport::{Completion, CompletionCallback, Done, PooledRuns, WriteJob, MAX_TAG_BYTES};
+use crate::transport::{Accounting, Completion, CompletionCallback, Done, OnDone, PooledRuns};
+use crate::transport::{WriteJob, MAX_TAG_BYTES};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,20 +56,19 @@ struct PreparedWrite {
 }
 
 /// A completion that counts the call's outcome in its peer's counters (bytes: every kind
-/// of every block; latency from here to the outcome) before passing it to `deliver`.
-fn counted_done(write: &PreparedWrite, deliver: CompletionCallback) -> Done {
-    let counters = write.peer.counters.clone();
+/// of every block; latency from here to the outcome) before passing it to `on_done`.
+fn counted_done(write: &PreparedWrite, on_done: OnDone) -> Done {
     let blocks = u64::from(write.blocks);
-    let bytes = blocks * write.bytes_per_block;
-    let tagged = write.tag.is_some();
-    let started = Instant::now();
-    Done::with_callback(Box::new(move |result| {
-        match &result {
-            Ok(()) => counters.succeeded(bytes, blocks, started.elapsed(), tagged),
-            Err(error) => counters.failed(error),
-        }
-        deliver(result);
-    }))
+    Done::counted(
+        on_done,
+        Accounting {
+            counters: Arc::clone(&write.peer.counters),
+            bytes: blocks * write.bytes_per_block,
+            blocks,
+            started: Instant::now(),
+            tagged: write.tag.is_some(),
+        },
+    )
 }
 
 impl Engine {
@@ -102,19 +102,18 @@ impl Engine {
             self.prepare_write(peer_key, local, remote, layer, tag),
         )?;
         let (sender, completion) = futures_channel::oneshot::channel();
-        let done = counted_done(
-            &write,
-            Box::new(move |result| {
-                let _ = sender.send(result);
-            }),
-        );
+        let on_done: CompletionCallback = Box::new(move |result| {
+            let _ = sender.send(result);
+        });
+        let done = counted_done(&write, on_done.into());
         self.submit_write(write, done, deadline);
         Ok(completion)
     }
 
-    /// [`Engine::write_cache_until`] that passes the outcome to `on_done` instead of
-    /// returning a `Completion`. `on_done` is called exactly once when this returns `Ok`
-    /// (possibly before it returns), and never when it returns an error.
+    /// [`Engine::write_cache_until`] that passes the outcome to `on_done` (a callback, or
+    /// a sink with the caller's call id) instead of returning a `Completion`. `on_done` is
+    /// called exactly once when this returns `Ok` (possibly before it returns), and never
+    /// when it returns an error.
     #[expect(
         clippy::too_many_arguments,
         reason = "the seed's writeCache arguments plus deadline and callback"
@@ -127,7 +126,7 @@ impl Engine {
         layer: f64,
         tag: Option<Vec<u8>>,
         deadline: Option<Instant>,
-        on_done: CompletionCallback,
+        on_done: OnDone,
     ) -> Result<()> {
         let write = self.counted(
             peer_key,
@@ -187,7 +186,7 @@ impl Engine {
         layer: f64,
         tag: Option<Vec<u8>>,
         deadline: Option<Instant>,
-        on_done: CompletionCallback,
+        on_done: OnDone,
     ) -> Result<()> {
         let write = self.counted(
             peer_key,

@@ -2,8 +2,11 @@
 //! and the recycled buffers its planned runs live in.
 
 use crate::error::{Error, Result};
+use crate::metrics::CallCounters;
 use crate::plan::Run;
 use futures_channel::oneshot;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
 
 /// Resolves when a job's bytes are in the peer's memory.
 pub type Completion = oneshot::Receiver<Result<()>>;
@@ -12,11 +15,32 @@ pub type Completion = oneshot::Receiver<Result<()>>;
 /// thread, the deadline thread, or the caller's when it fails or finishes at once).
 pub type CompletionCallback = Box<dyn FnOnce(Result<()>) + Send>;
 
-/// Where a call's outcome goes: a `Completion` to await, or a callback (no task or
-/// channel per call for callers that have their own dispatch, like the Node binding).
+/// Receives the outcomes of many calls, each named by the id its caller gave it: one
+/// shared sink instead of a boxed callback per call (the Node binding's dispatch).
+pub trait CallSink: Send + Sync {
+    /// Call `call` completed with `result` (called once per call, on any thread).
+    fn settled(&self, call: u64, result: Result<()>);
+}
+
+/// Where a call's outcome goes, for callers with their own dispatch.
+pub enum OnDone {
+    /// A callback of its own.
+    Callback(CompletionCallback),
+    /// `sink.settled(call, outcome)`.
+    Sink(Arc<dyn CallSink>, u64),
+}
+
+impl From<CompletionCallback> for OnDone {
+    fn from(callback: CompletionCallback) -> Self {
+        OnDone::Callback(callback)
+    }
+}
+
+/// Where a call's outcome goes: a `Completion` to await, or the caller's `OnDone` (no
+/// task or channel per call for callers that have their own dispatch).
 enum Outcome {
     Channel(oneshot::Sender<Result<()>>),
-    Callback(CompletionCallback),
+    Notify(OnDone),
 }
 
 impl Outcome {
@@ -25,62 +49,85 @@ impl Outcome {
             Outcome::Channel(sender) => {
                 let _ = sender.send(result);
             }
-            Outcome::Callback(callback) => callback(result),
+            Outcome::Notify(OnDone::Callback(callback)) => callback(result),
+            Outcome::Notify(OnDone::Sink(sink, call)) => sink.settled(call, result),
         }
     }
+}
+
+/// What a call adds to its peer's counters when it completes: bytes (every kind of every
+/// block), blocks, and its latency from `started`.
+pub(crate) struct Accounting {
+    pub counters: Arc<CallCounters>,
+    pub bytes: u64,
+    pub blocks: u64,
+    pub started: Instant,
+    pub tagged: bool,
+}
+
+impl Accounting {
+    fn count(self, result: &Result<()>) {
+        match result {
+            Ok(()) => self.counters.succeeded(
+                self.bytes,
+                self.blocks,
+                self.started.elapsed(),
+                self.tagged,
+            ),
+            Err(error) => self.counters.failed(error),
+        }
+    }
+}
+
+/// A call not completed yet: where its outcome goes and what it counts.
+struct Pending {
+    outcome: Outcome,
+    accounting: Option<Accounting>,
 }
 
 /// The completing half of a call, shared between the transport (which completes it) and
 /// the engine's deadline watchdog (which only watches it, and may set the error a failure
 /// is reported with). The first completion wins.
 pub struct Done {
-    slot: std::sync::Arc<DoneSlot>,
+    slot: Arc<DoneSlot>,
 }
 
 pub struct DoneSlot {
-    outcome: std::sync::Mutex<Option<Outcome>>,
+    pending: Mutex<Option<Pending>>,
     /// When set, a failure is reported with this error instead (the call timed out and
     /// its link was torn down because of it).
-    failure_override: std::sync::Mutex<Option<Error>>,
+    failure_override: Mutex<Option<Error>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl DoneSlot {
     /// Whether the call has not completed yet.
     pub fn is_pending(&self) -> bool {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        lock(&self.pending).is_some()
     }
 
     /// Makes a later failure report `error` (the transport's own error is dropped).
     pub fn override_failure(&self, error: Error) {
-        *self
-            .failure_override
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(error);
+        *lock(&self.failure_override) = Some(error);
     }
 
     /// Completes the call unless it already completed; returns whether this call did.
     pub fn complete(&self, result: Result<()>) -> bool {
-        let outcome = self
-            .outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some(outcome) = outcome else {
+        let Some(pending) = lock(&self.pending).take() else {
             return false;
         };
         let result = match result {
             Ok(()) => Ok(()),
-            Err(error) => Err(self
-                .failure_override
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .unwrap_or(error)),
+            Err(error) => Err(lock(&self.failure_override).take().unwrap_or(error)),
         };
-        outcome.deliver(result);
+        // Counted before the caller hears of it: its metrics include the call it awaited.
+        if let Some(accounting) = pending.accounting {
+            accounting.count(&result);
+        }
+        pending.outcome.deliver(result);
         true
     }
 }
@@ -103,25 +150,33 @@ impl Done {
     /// A fresh call: the transport's half and the caller's `Completion`.
     pub fn new() -> (Done, Completion) {
         let (sender, completion) = oneshot::channel();
-        (Done::delivering(Outcome::Channel(sender)), completion)
+        (Done::delivering(Outcome::Channel(sender), None), completion)
     }
 
     /// A fresh call whose outcome is passed to `callback`.
     pub fn with_callback(callback: CompletionCallback) -> Done {
-        Done::delivering(Outcome::Callback(callback))
+        Done::delivering(Outcome::Notify(OnDone::Callback(callback)), None)
     }
 
-    fn delivering(outcome: Outcome) -> Done {
-        let slot = std::sync::Arc::new(DoneSlot {
-            outcome: std::sync::Mutex::new(Some(outcome)),
-            failure_override: std::sync::Mutex::new(None),
+    /// A fresh call whose outcome is counted by `accounting`, then passed to `on_done`.
+    pub(crate) fn counted(on_done: OnDone, accounting: Accounting) -> Done {
+        Done::delivering(Outcome::Notify(on_done), Some(accounting))
+    }
+
+    fn delivering(outcome: Outcome, accounting: Option<Accounting>) -> Done {
+        let slot = Arc::new(DoneSlot {
+            pending: Mutex::new(Some(Pending {
+                outcome,
+                accounting,
+            })),
+            failure_override: Mutex::new(None),
         });
         Done { slot }
     }
 
     /// A handle for watching the call without owning its completion.
-    pub fn watch(&self) -> std::sync::Weak<DoneSlot> {
-        std::sync::Arc::downgrade(&self.slot)
+    pub fn watch(&self) -> Weak<DoneSlot> {
+        Arc::downgrade(&self.slot)
     }
 
     /// Completes the call (same shape as `oneshot::Sender::send`).
@@ -138,7 +193,7 @@ impl Done {
 /// buffers instead of allocating one per call.
 #[derive(Debug, Default)]
 pub struct RunPool {
-    free: std::sync::Mutex<Vec<Vec<Run>>>,
+    free: Mutex<Vec<Vec<Run>>>,
 }
 
 impl RunPool {
@@ -155,10 +210,10 @@ impl RunPool {
     }
 
     /// Wraps planned runs so that they return here when the job drops them.
-    pub fn pooled(self: &std::sync::Arc<Self>, runs: Vec<Run>) -> PooledRuns {
+    pub fn pooled(self: &Arc<Self>, runs: Vec<Run>) -> PooledRuns {
         PooledRuns {
             runs,
-            pool: Some(std::sync::Arc::clone(self)),
+            pool: Some(Arc::clone(self)),
             shared: None,
         }
     }
@@ -176,8 +231,8 @@ impl RunPool {
 /// shared runs of a prepared block list (reused by every layer's call, never copied).
 pub struct PooledRuns {
     runs: Vec<Run>,
-    pool: Option<std::sync::Arc<RunPool>>,
-    shared: Option<std::sync::Arc<[Run]>>,
+    pool: Option<Arc<RunPool>>,
+    shared: Option<Arc<[Run]>>,
 }
 
 impl From<Vec<Run>> for PooledRuns {
@@ -190,8 +245,8 @@ impl From<Vec<Run>> for PooledRuns {
     }
 }
 
-impl From<std::sync::Arc<[Run]>> for PooledRuns {
-    fn from(runs: std::sync::Arc<[Run]>) -> Self {
+impl From<Arc<[Run]>> for PooledRuns {
+    fn from(runs: Arc<[Run]>) -> Self {
         PooledRuns {
             runs: Vec::new(),
             pool: None,

@@ -14,7 +14,10 @@ pub(crate) mod rdma;
 mod registry;
 pub(crate) mod tcp;
 
-pub use completion::{Completion, CompletionCallback, Done, DoneSlot, PooledRuns, RunPool};
+pub(crate) use completion::Accounting;
+pub use completion::{
+    CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
+};
 pub use job::{copy_op, fail, for_each_copy, Arrival, ArrivalSink, WriteJob, MAX_TAG_BYTES};
 pub(crate) use registry::{open_transports, probe, OpenContext};
 
