@@ -58,6 +58,13 @@ impl Gpu {
         // SAFETY: the destination is the caller's contract, the source lies inside `data`.
         self.cuda.check("cuMemcpyHtoD", unsafe {
             (self.cuda.api.memcpy_htod)(dst, data.as_ptr().cast(), data.len())
+        })?;
+        // From pageable memory, cuMemcpyHtoD returns once `data` is staged, possibly before
+        // the DMA into `dst` completed: work on a non-blocking stream (every engine copy)
+        // could read `dst` before it. Wait for the legacy default stream the copy ran on.
+        // SAFETY: synchronizing the legacy default stream of the current context.
+        self.cuda.check("cuStreamSynchronize", unsafe {
+            (self.cuda.api.stream_synchronize)(std::ptr::null_mut())
         })
     }
 

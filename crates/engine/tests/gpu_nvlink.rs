@@ -195,9 +195,22 @@ fn compare(got: &[Vec<u8>], want: &[Vec<u8>], block_bytes: usize) {
     for (r, (got, want)) in got.iter().zip(want).enumerate() {
         if got != want {
             let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+            let blocks: Vec<usize> = got
+                .chunks(block_bytes)
+                .zip(want.chunks(block_bytes))
+                .enumerate()
+                .filter(|(_, (g, w))| g != w)
+                .map(|(b, _)| b)
+                .collect();
+            let block = at / block_bytes;
+            let bytes = |v: &[u8]| v[block * block_bytes..][..16.min(block_bytes)].to_vec();
             panic!(
-                "region {r} differs first at byte {at} (block {})",
-                at / block_bytes
+                "region {r} differs first at byte {at} (block {block}); {} blocks differ \
+                 (first: {:?}); block {block} starts {:?}, expected {:?}",
+                blocks.len(),
+                &blocks[..blocks.len().min(8)],
+                bytes(got),
+                bytes(want)
             );
         }
     }
