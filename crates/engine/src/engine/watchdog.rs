@@ -71,6 +71,20 @@ struct WatchState {
 }
 
 impl WatchState {
+    /// Queues a call: at the FIFO's end when its deadline is not earlier than the last
+    /// one there, else in the heap.
+    fn push(&mut self, timed: Timed) {
+        if self
+            .in_order
+            .back()
+            .is_none_or(|last| last.deadline <= timed.deadline)
+        {
+            self.in_order.push_back(timed);
+        } else {
+            self.out_of_order.push(Reverse(timed));
+        }
+    }
+
     fn earliest(&self) -> Option<Instant> {
         let fifo = self.in_order.front().map(|t| t.deadline);
         let heap = self.out_of_order.peek().map(|Reverse(t)| t.deadline);
@@ -157,15 +171,7 @@ impl Watchdog {
                 .try_into()
                 .unwrap_or(u64::MAX),
         };
-        if state
-            .in_order
-            .back()
-            .is_none_or(|last| last.deadline <= deadline)
-        {
-            state.in_order.push_back(timed);
-        } else {
-            state.out_of_order.push(Reverse(timed));
-        }
+        state.push(timed);
         drop(state);
         // The thread sleeps until the earliest deadline (or the next prune while calls are
         // watched): wake it only when it must wake sooner (a futex wake per call cost
@@ -289,4 +295,78 @@ fn expire(timed: &Timed, engine: &Weak<EngineInner>) {
     }
     // Normally already failed by the teardown; covers a link that was closed meanwhile.
     call.complete(Err(timeout()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn timed(state: &mut WatchState, deadline: Instant, call: &Done) {
+        state.next_seq += 1;
+        let timed = Timed {
+            deadline,
+            seq: state.next_seq,
+            peer_key: Arc::from("peer"),
+            peer: Weak::new(),
+            call: call.watch(),
+            ms: 0,
+        };
+        state.push(timed);
+    }
+
+    #[test]
+    fn deadlines_expire_earliest_first_across_the_fifo_and_the_heap() {
+        let t = Instant::now();
+        let at = |ms| t + Duration::from_millis(ms);
+        let calls: Vec<Done> = (0..4)
+            .map(|_| Done::with_callback(Box::new(|_| ())))
+            .collect();
+        let mut state = WatchState::default();
+        for (ms, call) in [30, 10, 40, 30].into_iter().zip(&calls) {
+            timed(&mut state, at(ms), call);
+        }
+        // 30 and 40 arrive in order; 10 and the second 30 each come after a later one.
+        assert_eq!((state.in_order.len(), state.out_of_order.len()), (2, 2));
+        assert_eq!(state.earliest(), Some(at(10)));
+        assert!(state.pop_expired(at(9)).is_none(), "nothing is due yet");
+        let due: Vec<u64> = std::iter::from_fn(|| state.pop_expired(at(35)))
+            .map(|t| t.seq)
+            .collect();
+        assert_eq!(
+            due,
+            [2, 1, 4],
+            "the 10 ms call first, then both 30 ms calls in order"
+        );
+        assert_eq!(state.earliest(), Some(at(40)));
+        assert_eq!(state.tracked(), 1);
+    }
+
+    #[test]
+    fn completed_calls_are_pruned_from_the_front_up_to_the_first_pending_one() {
+        let t = Instant::now();
+        let dog = Watchdog::default();
+        let calls: Vec<Done> = (0..5)
+            .map(|_| Done::with_callback(Box::new(|_| ())))
+            .collect();
+        {
+            let mut state = dog.state();
+            for (i, call) in calls.iter().enumerate() {
+                timed(&mut state, t + Duration::from_secs(i as u64), call);
+            }
+        }
+        let mut calls = calls.into_iter();
+        let (first, second, third) = (calls.next(), calls.next(), calls.next());
+        drop((first, second));
+        let _ = calls.next().map(|done| done.send(Ok(())));
+        dog.prune();
+        assert_eq!(
+            dog.tracked(),
+            3,
+            "the two completed calls at the front went; the one behind the pending third stays"
+        );
+        drop(third);
+        dog.prune();
+        assert_eq!(dog.tracked(), 1, "the last call is still pending");
+    }
 }
