@@ -76,6 +76,37 @@ fn writes_exact_bytes_and_leaves_other_blocks_untouched() {
     decode.engine.close();
 }
 
+/// Small blocks: runs of 1, 2, 3 and 5 blocks of 100 bytes (frames of 100 to 500 bytes),
+/// both kinds, scattered among untouched blocks, land byte for byte.
+#[test]
+fn runs_of_small_blocks_land_exactly() {
+    let block_bytes = 100;
+    let prefill = side(Role::Prefill, 2, 64, block_bytes, true, None);
+    let decode = side(Role::Decode, 2, 64, block_bytes, false, None);
+    connect(&prefill, &decode, "decode:1");
+    let local = [1u32, 10, 11, 20, 21, 22, 30, 31, 32, 33, 34, 50];
+    let remote = [60u32, 2, 3, 40, 41, 42, 5, 6, 7, 8, 9, 0];
+    for layer in 0..2 {
+        block_on(
+            prefill
+                .engine
+                .write_cache(
+                    "decode:1",
+                    BlockIds::U32(&local),
+                    BlockIds::U32(&remote),
+                    layer as f64,
+                    Some(b"tag".to_vec()),
+                )
+                .unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_written(&prefill, &decode, layer, &local, &remote);
+    }
+    prefill.engine.close();
+    decode.engine.close();
+}
+
 #[test]
 fn refused_calls_write_nothing() {
     let prefill = side(Role::Prefill, 2, 16, 256, true, None);
