@@ -24,6 +24,27 @@ fn side(
     .build()
 }
 
+/// Writes `local` → `remote` for layers `0..layers` to `decode:1`, tagged, one call at a
+/// time, each awaited.
+fn write_layers(prefill: &Side, layers: usize, local: &[u32], remote: &[u32], tag: &[u8]) {
+    for layer in 0..layers {
+        block_on(
+            prefill
+                .engine
+                .write_cache(
+                    "decode:1",
+                    BlockIds::U32(local),
+                    BlockIds::U32(remote),
+                    layer as f64,
+                    Some(tag.to_vec()),
+                )
+                .unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+    }
+}
+
 #[test]
 fn writes_exact_bytes_and_leaves_other_blocks_untouched() {
     let block_bytes = 1024;
@@ -42,22 +63,7 @@ fn writes_exact_bytes_and_leaves_other_blocks_untouched() {
     assert!(prefill.engine.is_connected("decode:1"));
     let local = [5u32, 6, 7, 40, 2];
     let remote = [0u32, 1, 2, 9, 31];
-    for layer in 0..3 {
-        block_on(
-            prefill
-                .engine
-                .write_cache(
-                    "decode:1",
-                    BlockIds::U32(&local),
-                    BlockIds::U32(&remote),
-                    layer as f64,
-                    Some(b"req-1".to_vec()),
-                )
-                .unwrap(),
-        )
-        .unwrap()
-        .unwrap();
-    }
+    write_layers(&prefill, 3, &local, &remote, b"req-1");
     for layer in 0..3 {
         assert_written(&prefill, &decode, layer, &local, &remote);
     }
@@ -86,21 +92,8 @@ fn runs_of_small_blocks_land_exactly() {
     connect(&prefill, &decode, "decode:1");
     let local = [1u32, 10, 11, 20, 21, 22, 30, 31, 32, 33, 34, 50];
     let remote = [60u32, 2, 3, 40, 41, 42, 5, 6, 7, 8, 9, 0];
+    write_layers(&prefill, 2, &local, &remote, b"tag");
     for layer in 0..2 {
-        block_on(
-            prefill
-                .engine
-                .write_cache(
-                    "decode:1",
-                    BlockIds::U32(&local),
-                    BlockIds::U32(&remote),
-                    layer as f64,
-                    Some(b"tag".to_vec()),
-                )
-                .unwrap(),
-        )
-        .unwrap()
-        .unwrap();
         assert_written(&prefill, &decode, layer, &local, &remote);
     }
     prefill.engine.close();
