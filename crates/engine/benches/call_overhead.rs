@@ -11,6 +11,7 @@
 //! docs/performance.md.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use kvtransfer_engine::internals::scattered_ids;
 use kvtransfer_engine::{BlockIds, CallSink, Engine, EngineOptions, OnDone, Role, TpOptions};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -42,18 +43,6 @@ fn engine(role: Role, regions: &mut [Vec<u8>]) -> Engine {
         tp: TpOptions::default(),
     })
     .expect("engine")
-}
-
-fn scattered(n: u32, seed: u64) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..n).collect();
-    let mut state = seed | 1;
-    for i in (1..ids.len()).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ids.swap(i, (state % (i as u64 + 1)) as usize);
-    }
-    ids
 }
 
 /// Counts completed calls; the bench waits for a burst's calls outside the timed section.
@@ -104,7 +93,11 @@ fn bench(c: &mut Criterion) {
     let sink: Arc<dyn CallSink> = Arc::<Settled>::clone(&settled);
     let contiguous: Vec<u32> = (0..BLOCKS).collect();
     let lists = [
-        ("scattered", scattered(BLOCKS, 7), scattered(BLOCKS, 11)),
+        (
+            "scattered",
+            scattered_ids(BLOCKS, 7),
+            scattered_ids(BLOCKS, 11),
+        ),
         ("contiguous", contiguous.clone(), contiguous),
     ];
     let mut group = c.benchmark_group("prepared_layer_call");

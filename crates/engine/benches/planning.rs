@@ -11,6 +11,7 @@
 //! `ibv_post_send` would get it), without posting; `plan+rdma_chain` adds the planning.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kvtransfer_engine::internals::scattered_ids;
 use kvtransfer_engine::internals::{fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES};
 use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
 use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
@@ -60,18 +61,6 @@ const BATCH: u32 = 1538;
 const LAYERS: usize = 2;
 
 /// A deterministic permutation of `0..n` (xorshift Fisher–Yates): no coalescing possible.
-fn scattered(n: u32, seed: u64) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..n).collect();
-    let mut state = seed | 1;
-    for i in (1..ids.len()).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ids.swap(i, (state % (i as u64 + 1)) as usize);
-    }
-    ids
-}
-
 /// Region addresses are never dereferenced by planning or frame building.
 fn table(block_bytes: u64) -> RegionTable {
     let region = u64::from(BATCH) * block_bytes;
@@ -87,8 +76,8 @@ fn bench(c: &mut Criterion) {
     let cases = [
         (
             "scattered",
-            scattered(BATCH, 0x9e37_79b9_7f4a_7c15),
-            scattered(BATCH, 0x2545_f491_4f6c_dd1d),
+            scattered_ids(BATCH, 0x9e37_79b9_7f4a_7c15),
+            scattered_ids(BATCH, 0x2545_f491_4f6c_dd1d),
         ),
         ("contiguous", contiguous.clone(), contiguous),
     ];

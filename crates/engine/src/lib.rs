@@ -62,5 +62,6 @@ pub mod internals {
     pub use crate::transport::tcp::sockopt::check_not_reset;
     pub use crate::transport::tcp::staging::CHUNK_BYTES;
     pub use crate::transport::tcp::{FrameBatch, TcpEndpoint, MAX_FRAME_PAYLOAD};
+    pub use crate::util::scattered_ids;
     pub use crate::wire::{Descriptor, Endpoint};
 }

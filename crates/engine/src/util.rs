@@ -15,3 +15,17 @@ pub fn random_u64() -> u64 {
     }
     u64::from_ne_bytes(bytes)
 }
+
+/// `0..n` shuffled by a xorshift generator seeded with `seed`: the same scattered block ids
+/// on every run, for the crate's benches and tests (`internals::scattered_ids`).
+pub fn scattered_ids(n: u32, seed: u64) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..n).collect();
+    let mut state = seed | 1;
+    for i in (1..ids.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ids.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    ids
+}

@@ -5,6 +5,7 @@
 //! A counting global allocator counts allocations made by the current thread only (the
 //! test harness runs other tests on other threads at the same time).
 
+use kvtransfer_engine::internals::scattered_ids;
 use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
 use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
 use kvtransfer_engine::internals::{RegionTable, Shard};
@@ -55,18 +56,6 @@ fn allocations() -> u64 {
 }
 
 const BATCH: u32 = 1538;
-
-fn scattered(n: u32, seed: u64) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..n).collect();
-    let mut state = seed | 1;
-    for i in (1..ids.len()).rev() {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ids.swap(i, (state % (i as u64 + 1)) as usize);
-    }
-    ids
-}
 
 fn steady_state_allocations(
     local: &[u32],
@@ -130,7 +119,7 @@ fn counting_allocator_counts() {
 
 #[test]
 fn planning_and_frame_building_of_scattered_ids_do_not_allocate() {
-    let (local, remote) = (scattered(BATCH, 7), scattered(BATCH, 11));
+    let (local, remote) = (scattered_ids(BATCH, 7), scattered_ids(BATCH, 11));
     let (allocs, frames) = steady_state_allocations(&local, &remote, 1024, None);
     assert_eq!(
         frames,
