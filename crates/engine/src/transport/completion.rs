@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::metrics::CallCounters;
 use crate::plan::Run;
 use futures_channel::oneshot;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 /// Resolves when a job's bytes are in the peer's memory.
@@ -99,9 +99,7 @@ pub struct DoneSlot {
     failure_override: Mutex<Option<Error>>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::util::lock;
 
 impl DoneSlot {
     /// Whether the call has not completed yet.

@@ -31,9 +31,7 @@ pub(crate) const SLOTS: usize = 8;
 /// copies do better on the copy engines (docs/performance.md, NVLink).
 const KERNEL_BELOW_AVERAGE_BYTES: usize = usize::MAX;
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::util::lock;
 
 struct Slot {
     desc: Descriptors,

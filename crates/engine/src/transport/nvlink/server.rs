@@ -17,9 +17,7 @@ use std::time::Duration;
 /// How long a new connection may take to present its session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::util::lock;
 
 struct Shared {
     /// Session → (peer name, what to share with it).

@@ -25,7 +25,7 @@ use crate::wire::{DecodeError, Reader};
 use link::TcpLink;
 use server::TcpServer;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bytes of the receiver's staging buffer (payloads of `DIRECT_READ_MIN` or more bypass it).
@@ -43,11 +43,7 @@ const IOV_MAX: usize = 1024;
 const WRITEV_MAX_BYTES: usize = 1 << 20;
 const SOCKET_BUFFER_BYTES: libc::c_int = 4 << 20;
 
-/// Poison-tolerant lock: a panicked holder leaves plain data behind, never a broken
-/// invariant that a later holder could trip over.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::util::lock;
 
 /// The TCP endpoint: the data listener's port and, in an acceptor's reply, the session
 /// token that admits one data connection (0 in a connector's offer).
