@@ -86,6 +86,44 @@ tcpOnly('aborting a writeCache (AbortSignal) rejects every pending call of that 
   await assertPeerMatches(t, peer, new Mirror(prefill, BIG.blockNumber), 'memory of the peer after the abort')
 })
 
+tcpOnly(
+  "calls that settle together get their own outcomes: the aborted peer's reject, the healthy peer's resolve",
+  async (t) => {
+    const stalled = await spawnPeer(t, BIG)
+    const healthy = await spawnPeer(t, { layers: 1, blockNumber: 8, blockBytes: BIG.blockBytes })
+    const prefill = makePrefill(t, BIG)
+    await connect(t, prefill, stalled)
+    await prefill.comm.connect(HOST, healthy.port, { timeoutMs: ms(30_000) })
+    stalled.child.kill('SIGSTOP')
+    t.teardown(() => stalled.child.kill('SIGCONT'))
+    // Interleaved: stalled, healthy, healthy, stalled, healthy, ...
+    const calls = Array.from({ length: 12 }, (_, i) => {
+      const toStalled = i % 3 === 0
+      const port = toStalled ? stalled.port : healthy.port
+      const ids = toStalled ? ALL : [i % 8]
+      return {
+        toStalled,
+        outcome: prefill.comm.writeCache(HOST, port, ids, ids, 0).then(
+          () => 'ok',
+          (e) => e.code,
+        ),
+      }
+    })
+    await sleep(200)
+    // The abort runs on a native thread while this thread is busy: the healthy calls and the
+    // aborted ones all settle before JavaScript hears of any, interleaved.
+    const aborted = prefill.comm.abortPeer(HOST, stalled.port)
+    const busyUntil = Date.now() + 500
+    while (Date.now() < busyUntil);
+    t.true(await aborted)
+    const outcomes = await Promise.all(calls.map((c) => within(c.outcome, ms(5000), 'call')))
+    t.deepEqual(
+      outcomes,
+      calls.map((c) => (c.toStalled ? 'ERR_ABORTED' : 'ok')),
+    )
+  },
+)
+
 test.serial('connect and close take timeoutMs and signal', async (t) => {
   const peer = await spawnPeer(t, { layers: 1, blockNumber: 8, blockBytes: 1024 })
   const prefill = makePrefill(t, { layers: 1, blockNumber: 8, blockBytes: 1024 })

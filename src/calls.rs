@@ -5,7 +5,9 @@
 //! one `napi_get_value_external`.
 
 use crate::prepared::PreparedTable;
-use crate::{block_id_slices, invalid, to_js_error, Code, NativeCommunicator, SettledCallback};
+use crate::{
+    block_id_slices, invalid, lock, to_js_error, Code, NativeCommunicator, SettledCallback,
+};
 use kvtransfer_engine::{CallSink, Engine, OnDone};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
@@ -50,18 +52,12 @@ impl Calls {
 
     /// New calls are refused (`ERR_CLOSED`) from now on (the communicator is closing).
     pub(crate) fn stop_settling(&self) {
-        self.settled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        lock(&self.settled).take();
     }
 
     /// Where call `call_id` reports its outcome: `onCallSettled`.
     fn on_done(&self, call_id: u32) -> Result<OnDone, Code> {
-        let sink: Arc<dyn CallSink> = self
-            .settled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let sink: Arc<dyn CallSink> = lock(&self.settled)
             .clone()
             .ok_or_else(|| to_js_error(kvtransfer_engine::Error::Closed))?;
         Ok(OnDone::Sink(sink, call_id.into()))

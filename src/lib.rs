@@ -36,6 +36,12 @@ fn napi_failure(error: napi::Error) -> CodedError {
     napi::Error::new("ERR_IO", format!("{} ({})", error.reason, error.status))
 }
 
+/// Locks `mutex`, also after a panic elsewhere poisoned it (every value guarded here stays
+/// consistent between statements).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn invalid(name: &'static str, reason: impl Into<String>) -> CodedError {
     to_js_error(kvtransfer_engine::Error::invalid(name, reason))
 }
@@ -331,10 +337,10 @@ impl NativeCommunicator {
                         .build()
                         .map_err(napi_failure)?,
                 );
-                *arrival_fn.lock().unwrap_or_else(|p| p.into_inner()) = Some(tsfn);
+                *lock(&arrival_fn) = Some(tsfn);
                 let slot = Arc::clone(&arrival_fn);
                 let sink: kvtransfer_engine::ArrivalSink = Arc::new(move |arrival: Arrival| {
-                    let Some(tsfn) = slot.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+                    let Some(tsfn) = lock(&slot).clone() else {
                         return;
                     };
                     let notice = ArrivalNotice {
@@ -536,7 +542,7 @@ impl NativeCommunicator {
         let arrival_fn = Arc::clone(&self.arrival_fn);
         on_thread(env, "kvt-close", "this communicator".into(), move || {
             engine.close();
-            arrival_fn.lock().unwrap_or_else(|p| p.into_inner()).take();
+            lock(&arrival_fn).take();
             Ok(())
         })
     }

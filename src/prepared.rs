@@ -27,7 +27,7 @@ struct Slots {
 
 impl PreparedTable {
     fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.slots)
     }
 
     /// Keeps `list` under a new handle.

@@ -34,7 +34,8 @@ export interface OverheadReport {
  * outside the timed section. Also: calls refused after validating every id (the last id is
  * out of range), the full round trip of one call at a time, and a request of
  * `REQUEST_LAYERS` layers (the same ids for every layer, one call per layer, like
- * FastDeploy's cache messager) with plain calls vs one `prepareBlocks` and prepared calls.
+ * FastDeploy's cache messager) with plain calls vs one `prepareBlocks` and prepared calls
+ * (the prepared request also split into its first call and the others).
  */
 /** Layers of one request in the plain-vs-prepared rows. */
 const REQUEST_LAYERS = 60
@@ -112,26 +113,41 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
         'last remote id out of range: includes building the error',
         () => comm.writeCache(host, port, scattered[0], badRemote, 0).catch(() => undefined),
       )
-      // A request: the same ids for every layer, one call per layer; per layer call.
-      const request = async (name: string, note: string, issue: (layer: number) => Promise<void>) => {
+      // A request: the same ids for every layer, one call per layer; per layer call. With
+      // `split`, also its first call (issued right after the previous request settled, on a
+      // thread that waited for it) and the mean of the others, as rows of their own.
+      const request = async (
+        name: string,
+        note: string,
+        issue: (layer: number) => Promise<void>,
+        split?: { first: string; rest: string },
+      ) => {
         const perCall: number[] = []
+        const firsts: number[] = []
+        const rests: number[] = []
         for (let round = 0; round < rounds + 10; round++) {
           const pending: Promise<void>[] = new Array(REQUEST_LAYERS)
           const t0 = process.hrtime.bigint()
-          for (let layer = 0; layer < REQUEST_LAYERS; layer++) pending[layer] = issue(layer)
+          pending[0] = issue(0)
+          const tFirst = process.hrtime.bigint()
+          for (let layer = 1; layer < REQUEST_LAYERS; layer++) pending[layer] = issue(layer)
           const t1 = process.hrtime.bigint()
           await Promise.allSettled(pending)
-          if (round >= 10) perCall.push(Number(t1 - t0) / 1e3 / REQUEST_LAYERS)
+          if (round >= 10) {
+            perCall.push(Number(t1 - t0) / 1e3 / REQUEST_LAYERS)
+            firsts.push(Number(tFirst - t0) / 1e3)
+            rests.push(Number(t1 - tFirst) / 1e3 / (REQUEST_LAYERS - 1))
+          }
           progress.update(`[overhead] ${name} ${round}/${rounds + 10}`)
         }
-        perCall.sort((a, b) => a - b)
-        rows.push({
-          case: name,
-          medianUs: percentile(perCall, 50),
-          p99Us: percentile(perCall, 99),
-          calls: rounds * REQUEST_LAYERS,
-          note,
-        })
+        const row = (name: string, samples: number[], calls: number, note: string) => {
+          samples.sort((a, b) => a - b)
+          rows.push({ case: name, medianUs: percentile(samples, 50), p99Us: percentile(samples, 99), calls, note })
+        }
+        row(name, perCall, rounds * REQUEST_LAYERS, note)
+        if (!split) return
+        row(split.first, firsts, rounds, 'the call that starts a request, after awaiting the previous one')
+        row(split.rest, rests, rounds * (REQUEST_LAYERS - 1), 'the calls that follow it in the same request')
       }
       await request(
         `${REQUEST_LAYERS} layers, plain (per layer call)`,
@@ -143,6 +159,10 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
         `${REQUEST_LAYERS} layers, prepared (per layer call)`,
         'prepareBlocks once (not timed here), then writeCache(ip, port, prepared, layer)',
         (layer) => comm.writeCache(host, port, prepared, layer),
+        {
+          first: `${REQUEST_LAYERS} layers, prepared: first call of a request`,
+          rest: `${REQUEST_LAYERS} layers, prepared: calls 2-${REQUEST_LAYERS} (per layer call)`,
+        },
       )
       const preparedContiguous = comm.prepareBlocks(host, port, contiguous, contiguous)
       await request(
