@@ -35,7 +35,8 @@ export interface OverheadReport {
  * out of range), the full round trip of one call at a time, and a request of
  * `REQUEST_LAYERS` layers (the same ids for every layer, one call per layer, like
  * FastDeploy's cache messager) with plain calls vs one `prepareBlocks` and prepared calls
- * (the prepared request also split into its first call and the others).
+ * (the prepared request also split into its first call and the others, and issued one
+ * call per 1 ms timer, as a model's layers come).
  */
 /** Layers of one request in the plain-vs-prepared rows. */
 const REQUEST_LAYERS = 60
@@ -170,6 +171,30 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
         'one run per call: the transfer threads barely compete with the issuing thread for CPU',
         (layer) => comm.writeCache(host, port, preparedContiguous, layer),
       )
+      // Layer calls as a model issues them: one per layer, the thread asleep in between (a
+      // 1 ms timer stands in for the layer's compute). Each call then starts on a thread
+      // that waited, like the first call of a request above.
+      const spaced: number[] = []
+      const spacedRounds = Math.max(2, Math.round(rounds / 15))
+      for (let round = 0; round < spacedRounds + 1; round++) {
+        const pending: Promise<void>[] = new Array(REQUEST_LAYERS)
+        for (let layer = 0; layer < REQUEST_LAYERS; layer++) {
+          await new Promise((resolve) => setTimeout(resolve, 1))
+          const t0 = process.hrtime.bigint()
+          pending[layer] = comm.writeCache(host, port, prepared, layer)
+          if (round >= 1) spaced.push(Number(process.hrtime.bigint() - t0) / 1e3)
+        }
+        await Promise.allSettled(pending)
+        progress.update(`[overhead] spaced layer calls ${round}/${spacedRounds + 1}`)
+      }
+      spaced.sort((a, b) => a - b)
+      rows.push({
+        case: `${REQUEST_LAYERS} layers, prepared, one call per 1 ms timer (per layer call)`,
+        medianUs: percentile(spaced, 50),
+        p99Us: percentile(spaced, 99),
+        calls: spacedRounds * REQUEST_LAYERS,
+        note: 'the thread sleeps between calls, as between the layers of a model',
+      })
       const prepares: number[] = []
       for (let i = 0; i < rounds; i++) {
         const t0 = process.hrtime.bigint()
