@@ -48,6 +48,11 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
   const burst = 32
   const rounds = options.iterations ?? 300
   const rows: OverheadRow[] = []
+  /** Adds a row: the median and p99 of `samples` (µs per call). */
+  const row = (name: string, samples: number[], calls: number, note: string) => {
+    samples.sort((a, b) => a - b)
+    rows.push({ case: name, medianUs: percentile(samples, 50), p99Us: percentile(samples, 99), calls, note })
+  }
   const layers = Math.max(options.layers, REQUEST_LAYERS)
   try {
     await agent.channel.call({ op: 'init', layers, blocks: options.batch, maxBlockBytes: blockBytes })
@@ -87,14 +92,7 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
           if (round >= 10) perCall.push(Number(t1 - t0) / 1e3 / burst)
           progress.update(`[overhead] ${name} ${round}/${rounds + 10}`)
         }
-        perCall.sort((a, b) => a - b)
-        rows.push({
-          case: name,
-          medianUs: percentile(perCall, 50),
-          p99Us: percentile(perCall, 99),
-          calls: rounds * burst,
-          note,
-        })
+        row(name, perCall, rounds * burst, note)
       }
       await measure(
         'Uint32Array, scattered ids',
@@ -141,10 +139,6 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
           }
           progress.update(`[overhead] ${name} ${round}/${rounds + 10}`)
         }
-        const row = (name: string, samples: number[], calls: number, note: string) => {
-          samples.sort((a, b) => a - b)
-          rows.push({ case: name, medianUs: percentile(samples, 50), p99Us: percentile(samples, 99), calls, note })
-        }
         row(name, perCall, rounds * REQUEST_LAYERS, note)
         if (!split) return
         row(split.first, firsts, rounds, 'the call that starts a request, after awaiting the previous one')
@@ -187,28 +181,24 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
         await Promise.allSettled(pending)
         progress.update(`[overhead] spaced layer calls ${round}/${spacedRounds + 1}`)
       }
-      spaced.sort((a, b) => a - b)
-      rows.push({
-        case: `${REQUEST_LAYERS} layers, prepared, one call per 1 ms timer (per layer call)`,
-        medianUs: percentile(spaced, 50),
-        p99Us: percentile(spaced, 99),
-        calls: spacedRounds * REQUEST_LAYERS,
-        note: 'the thread sleeps between calls, as between the layers of a model',
-      })
+      row(
+        `${REQUEST_LAYERS} layers, prepared, one call per 1 ms timer (per layer call)`,
+        spaced,
+        spacedRounds * REQUEST_LAYERS,
+        'the thread sleeps between calls, as between the layers of a model',
+      )
       const prepares: number[] = []
       for (let i = 0; i < rounds; i++) {
         const t0 = process.hrtime.bigint()
         comm.prepareBlocks(host, port, scattered[0], scattered[1])
         prepares.push(Number(process.hrtime.bigint() - t0) / 1e3)
       }
-      prepares.sort((a, b) => a - b)
-      rows.push({
-        case: 'prepareBlocks (once per request)',
-        medianUs: percentile(prepares, 50),
-        p99Us: percentile(prepares, 99),
-        calls: rounds,
-        note: "validate + plan the scattered ids once; amortized over the request's layers",
-      })
+      row(
+        'prepareBlocks (once per request)',
+        prepares,
+        rounds,
+        "validate + plan the scattered ids once; amortized over the request's layers",
+      )
       // One call at a time, awaited: the whole round trip of 1538 one-byte blocks.
       const rtts: number[] = []
       for (let i = 0; i < rounds; i++) {
@@ -217,14 +207,12 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
         rtts.push(Number(process.hrtime.bigint() - t0) / 1e3)
         progress.update(`[overhead] round trip ${i}/${rounds}`)
       }
-      rtts.sort((a, b) => a - b)
-      rows.push({
-        case: 'round trip, 1 in flight',
-        medianUs: percentile(rtts, 50),
-        p99Us: percentile(rtts, 99),
-        calls: rounds,
-        note: 'call → Promise resolved: includes the (tiny) transfer, the ACK and thread wake-ups',
-      })
+      row(
+        'round trip, 1 in flight',
+        rtts,
+        rounds,
+        'call → Promise resolved: includes the (tiny) transfer, the ACK and thread wake-ups',
+      )
     } finally {
       await comm.close()
     }
