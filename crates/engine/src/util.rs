@@ -35,3 +35,18 @@ pub fn scattered_ids(n: u32, seed: u64) -> Vec<u32> {
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// The next message of `queue` (`None`: every sender is gone), polled `polls` times
+/// (yielding the CPU between polls) before blocking: a sender that finds the receiving
+/// thread asleep pays a futex wake inside its own call, a good part of a small call's
+/// cost when calls come a few microseconds apart.
+pub(crate) fn poll_then_recv<T>(queue: &std::sync::mpsc::Receiver<T>, polls: u32) -> Option<T> {
+    for _ in 0..polls {
+        match queue.try_recv() {
+            Ok(message) => return Some(message),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    queue.recv().ok()
+}

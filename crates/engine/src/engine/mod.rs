@@ -5,6 +5,7 @@
 mod explain;
 mod handshake;
 mod peers;
+mod submitter;
 mod tp;
 mod watchdog;
 mod write;
@@ -141,6 +142,8 @@ struct EngineInner {
     /// (single use). Only hellos with a valid MAC get here, so only token holders fill it.
     used_nonces: Mutex<HashMap<Nonce, Instant>>,
     watchdog: Arc<Watchdog>,
+    /// Hands checked calls to their links, off the callers' threads (`submitter.rs`).
+    submitter: submitter::Submitter<write::QueuedCall>,
     metrics: Arc<Metrics>,
     /// Connecting side: why each peer is reached over its transport.
     decisions: Mutex<HashMap<String, TransportDecision>>,
@@ -247,6 +250,7 @@ impl Engine {
             started: Instant::now(),
             used_nonces: Mutex::new(HashMap::new()),
             watchdog: Arc::default(),
+            submitter: Default::default(),
             metrics,
             decisions: Mutex::new(HashMap::new()),
         };
@@ -343,6 +347,8 @@ impl Engine {
     /// failed with `error`. Returns whether a link existed. Other peers are unaffected; a
     /// later `connect` makes a new link.
     pub fn cancel_peer(&self, peer_key: &str, error: Error) -> bool {
+        // Calls made before the cancel are in the link when it is torn down.
+        self.inner.submitter.flush();
         match self.inner.peers.remove(peer_key) {
             Some(peer) => {
                 debug!("cancelling the link to {peer_key}: {error}");
@@ -427,16 +433,23 @@ impl EngineInner {
     }
 
     fn close(&self) {
-        let peers = {
+        {
             let _guard = self.close_lock.lock().unwrap_or_else(|p| p.into_inner());
             if self.closed.swap(true, Ordering::SeqCst) {
                 return;
             }
+        }
+        // Calls made before the close reach their links, and fail with them below. No peer
+        // is added once `closed` is set (the handshake checks it under `close_lock`).
+        self.submitter.flush();
+        let peers = {
+            let _guard = self.close_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.peers.drain()
         };
         for peer in peers {
             peer.link.shutdown();
         }
+        self.submitter.stop();
         self.watchdog.stop();
         self.connecting
             .lock()

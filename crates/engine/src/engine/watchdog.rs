@@ -131,14 +131,15 @@ impl Watchdog {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches `done` until `deadline`: if it is still pending then, its link to `peer`
-    /// is torn down and it fails with `ERR_TIMEOUT`.
+    /// Watches `done` (a call made at `started`) until `deadline`: if it is still pending
+    /// then, its link to `peer` is torn down and it fails with `ERR_TIMEOUT`.
     pub(super) fn watch(
         self: &Arc<Self>,
-        engine: &Arc<EngineInner>,
+        engine: &Weak<EngineInner>,
         peer: &Arc<Peer>,
         done: &Done,
         deadline: Instant,
+        started: Instant,
     ) {
         let watchdog = self;
         let mut state = watchdog.state();
@@ -146,7 +147,7 @@ impl Watchdog {
             return;
         }
         if state.thread.is_none() {
-            let engine = Arc::downgrade(engine);
+            let engine = Weak::clone(engine);
             let dog = Arc::clone(watchdog);
             match std::thread::Builder::new()
                 .name("kvt-deadline".into())
@@ -165,10 +166,10 @@ impl Watchdog {
             peer_key: Arc::clone(&peer.key),
             peer: Arc::downgrade(peer),
             call: done.watch(),
-            ms: deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis()
-                .try_into()
+            // The timeout the caller gave (its deadline was set a moment before `started`).
+            ms: (deadline.saturating_duration_since(started).as_micros() + 500)
+                .checked_div(1000)
+                .and_then(|ms| u64::try_from(ms).ok())
                 .unwrap_or(u64::MAX),
         };
         state.push(timed);

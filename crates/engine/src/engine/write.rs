@@ -1,13 +1,15 @@
-//! The write path: validate and plan a `writeCache` call, hand it to the peer's link, and
-//! watch its deadline.
+//! The write path: validate and plan a `writeCache` call on the caller's thread, then (on
+//! the submitting thread, `submitter.rs`) make its completion record, watch its deadline
+//! and hand it to the peer's link.
 
 use super::peers::Peer;
-use super::Engine;
+use super::watchdog::Watchdog;
+use super::{Engine, EngineInner};
 use crate::error::{Error, Result};
 use crate::plan::{self, BlockIds, PlanLimits, Run};
 use crate::transport::{Accounting, Completion, CompletionCallback, Done, OnDone, PooledRuns};
 use crate::transport::{WriteJob, MAX_TAG_BYTES};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 /// A block list validated and planned once ([`Engine::prepare_blocks`]) for one peer, to
@@ -56,8 +58,9 @@ struct PreparedWrite {
 }
 
 /// A completion that counts the call's outcome in its peer's counters (bytes: every kind
-/// of every block; latency from here to the outcome) before passing it to `on_done`.
-fn counted_done(write: &PreparedWrite, on_done: OnDone) -> Done {
+/// of every block; latency from `started`, when the call was made, to the outcome) before
+/// passing it to `on_done`.
+fn counted_done(write: &PreparedWrite, on_done: OnDone, started: Instant) -> Done {
     let blocks = u64::from(write.blocks);
     Done::counted(
         on_done,
@@ -65,7 +68,7 @@ fn counted_done(write: &PreparedWrite, on_done: OnDone) -> Done {
             counters: Arc::clone(&write.peer.counters),
             bytes: blocks * write.bytes_per_block,
             blocks,
-            started: Instant::now(),
+            started,
             tagged: write.tag.is_some(),
         },
     )
@@ -105,8 +108,7 @@ impl Engine {
         let on_done: CompletionCallback = Box::new(move |result| {
             let _ = sender.send(result);
         });
-        let done = counted_done(&write, on_done.into());
-        self.submit_write(write, done, deadline);
+        self.dispatch(write, on_done.into(), deadline);
         Ok(completion)
     }
 
@@ -132,8 +134,7 @@ impl Engine {
             peer_key,
             self.prepare_write(peer_key, local, remote, layer, tag),
         )?;
-        let done = counted_done(&write, on_done);
-        self.submit_write(write, done, deadline);
+        self.dispatch(write, on_done, deadline);
         Ok(())
     }
 
@@ -192,8 +193,7 @@ impl Engine {
             peer_key,
             self.reuse_prepared(peer_key, prepared, layer, tag),
         )?;
-        let done = counted_done(&write, on_done);
-        self.submit_write(write, done, deadline);
+        self.dispatch(write, on_done, deadline);
         Ok(())
     }
 
@@ -317,9 +317,40 @@ impl Engine {
         })
     }
 
-    /// Hands a prepared call to its link (or completes it at once when it has nothing to
-    /// send), watching its deadline.
-    fn submit_write(&self, write: PreparedWrite, done: Done, deadline: Option<Instant>) {
+    /// Queues a checked call for the submitting thread (or, when there is none, hands it
+    /// off here).
+    fn dispatch(&self, write: PreparedWrite, on_done: OnDone, deadline: Option<Instant>) {
+        let call = QueuedCall {
+            write,
+            on_done,
+            started: Instant::now(),
+            deadline,
+        };
+        let inner = &self.inner;
+        let queued = inner.submitter.push(call, || {
+            let watchdog = Arc::clone(&inner.watchdog);
+            let engine = Arc::downgrade(inner);
+            move |call: QueuedCall| call.hand_off(&watchdog, &engine)
+        });
+        if let Err(call) = queued {
+            call.hand_off(&inner.watchdog, &Arc::downgrade(inner));
+        }
+    }
+}
+
+/// A checked and planned call on its way to the submitting thread.
+pub(super) struct QueuedCall {
+    write: PreparedWrite,
+    on_done: OnDone,
+    started: Instant,
+    deadline: Option<Instant>,
+}
+
+impl QueuedCall {
+    /// Makes the call's completion record, watches its deadline and hands it to its link
+    /// (or completes it at once when it has nothing to send).
+    fn hand_off(self, watchdog: &Arc<Watchdog>, engine: &Weak<EngineInner>) {
+        let done = counted_done(&self.write, self.on_done, self.started);
         let PreparedWrite {
             peer,
             runs,
@@ -327,15 +358,13 @@ impl Engine {
             blocks,
             tag,
             ..
-        } = write;
+        } = self.write;
         if runs.is_empty() && tag.is_none() {
             let _ = done.send(Ok(()));
             return;
         }
-        if let Some(deadline) = deadline {
-            self.inner
-                .watchdog
-                .watch(&self.inner, &peer, &done, deadline);
+        if let Some(deadline) = self.deadline {
+            watchdog.watch(engine, &peer, &done, deadline, self.started);
         }
         peer.link.submit(WriteJob {
             runs,

@@ -308,7 +308,7 @@ fn run_writer(
     let mut batch = FrameBatch::new();
     let mut device = staging::SendStaging::new();
     let mut call_id = 0u64;
-    while let Some(job) = next_job(&jobs) {
+    while let Some(job) = crate::util::poll_then_recv(&jobs, IDLE_POLLS) {
         call_id += 1;
         // GPU regions go through pinned staging (staging.rs); host-only jobs are unchanged.
         let staged = staging::layer_has_device(table, job.layer);
@@ -355,23 +355,8 @@ fn run_writer(
     }
 }
 
-/// Polls for the next job before sleeping on the channel: a sender that finds the writer
-/// asleep pays a futex wake (a syscall) inside its `writeCache`, which was a good part of a
-/// small call's cost when a request's layer calls come a few microseconds apart.
+/// Polls before sleeping on the channel (see `util::poll_then_recv`).
 const IDLE_POLLS: u32 = 64;
-
-/// The next job (`None`: every sender is gone), polled `IDLE_POLLS` times (yielding the
-/// CPU between polls) before blocking.
-fn next_job(jobs: &mpsc::Receiver<WriteJob>) -> Option<WriteJob> {
-    for _ in 0..IDLE_POLLS {
-        match jobs.try_recv() {
-            Ok(job) => return Some(job),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-        }
-    }
-    jobs.recv().ok()
-}
 
 fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
     let mut bytes = [0u8; frame::HEADER_BYTES];
