@@ -36,12 +36,15 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The next message of `queue` (`None`: every sender is gone), polled `polls` times
+/// Polls of a worker's queue before the worker sleeps on it (`poll_then_recv`).
+const IDLE_POLLS: u32 = 64;
+
+/// The next message of `queue` (`None`: every sender is gone), polled `IDLE_POLLS` times
 /// (yielding the CPU between polls) before blocking: a sender that finds the receiving
 /// thread asleep pays a futex wake inside its own call, a good part of a small call's
 /// cost when calls come a few microseconds apart.
-pub(crate) fn poll_then_recv<T>(queue: &std::sync::mpsc::Receiver<T>, polls: u32) -> Option<T> {
-    for _ in 0..polls {
+pub(crate) fn poll_then_recv<T>(queue: &std::sync::mpsc::Receiver<T>) -> Option<T> {
+    for _ in 0..IDLE_POLLS {
         match queue.try_recv() {
             Ok(message) => return Some(message),
             Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,

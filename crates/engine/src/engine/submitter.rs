@@ -14,9 +14,6 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
-/// Polls before the thread sleeps on its queue (see `util::poll_then_recv`).
-const IDLE_POLLS: u32 = 64;
-
 enum Message<T> {
     Item(T),
     /// Answered once every item queued before it has been handled.
@@ -65,7 +62,7 @@ impl<T: Send + 'static> Submitter<T> {
             let spawned = std::thread::Builder::new()
                 .name("kvt-submit".into())
                 .spawn(move || {
-                    while let Some(message) = poll_then_recv(&receiver, IDLE_POLLS) {
+                    while let Some(message) = poll_then_recv(&receiver) {
                         match message {
                             Message::Item(item) => handler(item),
                             Message::Flush(reply) => {

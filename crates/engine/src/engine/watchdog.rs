@@ -167,10 +167,10 @@ impl Watchdog {
             peer: Arc::downgrade(peer),
             call: done.watch(),
             // The timeout the caller gave (its deadline was set a moment before `started`).
-            ms: (deadline.saturating_duration_since(started).as_micros() + 500)
-                .checked_div(1000)
-                .and_then(|ms| u64::try_from(ms).ok())
-                .unwrap_or(u64::MAX),
+            ms: u64::try_from(
+                (deadline.saturating_duration_since(started).as_micros() + 500) / 1000,
+            )
+            .unwrap_or(u64::MAX),
         };
         state.push(timed);
         drop(state);

@@ -308,7 +308,7 @@ fn run_writer(
     let mut batch = FrameBatch::new();
     let mut device = staging::SendStaging::new();
     let mut call_id = 0u64;
-    while let Some(job) = crate::util::poll_then_recv(&jobs, IDLE_POLLS) {
+    while let Some(job) = crate::util::poll_then_recv(&jobs) {
         call_id += 1;
         // GPU regions go through pinned staging (staging.rs); host-only jobs are unchanged.
         let staged = staging::layer_has_device(table, job.layer);
@@ -354,9 +354,6 @@ fn run_writer(
         }
     }
 }
-
-/// Polls before sleeping on the channel (see `util::poll_then_recv`).
-const IDLE_POLLS: u32 = 64;
 
 fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
     let mut bytes = [0u8; frame::HEADER_BYTES];
