@@ -68,7 +68,7 @@ test.serial(
 )
 
 test.serial(
-  'a prepared list is refused for another peer and after its peer reconnected with another blockNumber',
+  'a prepared list is refused for another peer, by another communicator and after its peer reconnected with another blockNumber',
   async (t) => {
     const blockBytes = 1024
     const peerA = await spawnPeer(t, { layers: 1, blockNumber: 16, blockBytes })
@@ -83,6 +83,15 @@ test.serial(
       `not ${HOST}:${peerB.port}`,
     ])
     await assertPeerMatches(t, peerB, mirrorB, 'nothing written to the other peer')
+
+    // Another communicator connected to the same peer: its lists are its own.
+    const other = makePrefill(t, { layers: 1, blockNumber: 16, blockBytes })
+    await connect(t, other, peerA)
+    other.comm.prepareBlocks(HOST, peerA.port, [4], [5])
+    await expectKvError(t, () => other.comm.writeCache(HOST, peerA.port, prepared, 0), 'ERR_INVALID_ARGUMENT', [
+      `for ${HOST}:${peerA.port} was prepared by another communicator`,
+    ])
+    await assertPeerMatches(t, peerA, new Mirror(prefill, 16), 'nothing written by the other communicator')
 
     // The same peer restarted with the same layout: the plan still fits.
     const port = await freePort()

@@ -13,7 +13,7 @@ use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
 use napi_derive::napi;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What a communicator's calls need: its engine, its prepared lists and where settled
 /// calls are reported.
@@ -73,11 +73,12 @@ impl NativeCommunicator {
     }
 }
 
-/// The deadline of a call with `timeout_ms` (absent, 0 or not finite: none).
-fn deadline_after(timeout_ms: Option<f64>) -> Option<Instant> {
+/// The timeout of a call with `timeout_ms` (absent, 0 or not finite: none). The engine
+/// counts it from the call, with the clock read that times the call.
+fn timeout(timeout_ms: Option<f64>) -> Option<Duration> {
     match timeout_ms {
         Some(ms) if ms.is_finite() && ms > 0.0 => {
-            Some(Instant::now() + Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
+            Some(Duration::from_secs_f64(ms.min(3.1e10) / 1000.0))
         }
         _ => None,
     }
@@ -111,7 +112,6 @@ pub fn write_cache<'env>(
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
 ) -> Result<(), Code> {
-    let deadline = deadline_after(timeout_ms);
     let on_done = calls.on_done(call_id)?;
     calls
         .engine
@@ -121,7 +121,7 @@ pub fn write_cache<'env>(
             block_id_slices(&remote_block_ids),
             layer_idx,
             tag.map(|t| t.to_vec()),
-            deadline,
+            timeout(timeout_ms),
             on_done,
         )
         .map_err(to_js_error)
@@ -145,7 +145,6 @@ pub fn write_prepared(
             format!("no block list has handle {handle} on this communicator; call prepareBlocks"),
         )
     })?;
-    let deadline = deadline_after(timeout_ms);
     let on_done = calls.on_done(call_id)?;
     calls
         .engine
@@ -154,7 +153,7 @@ pub fn write_prepared(
             &prepared,
             layer_idx,
             tag.map(|t| t.to_vec()),
-            deadline,
+            timeout(timeout_ms),
             on_done,
         )
         .map_err(to_js_error)

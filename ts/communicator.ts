@@ -57,6 +57,9 @@ const KEEP_ALIVE_INTERVAL_MS = 0x7fff_ffff
 
 function keepAliveTick(): void {}
 
+/** The options of a `writeCache` given none (shared: no object per call). */
+const NO_OPTIONS: WriteOptions = Object.freeze({})
+
 /**
  * A KV-cache communicator (the seed's `RDMACommunicator`), usable as prefill (writer) or
  * decode (receiver). Every communicator listens on its `port`; a writer `connect`s to the
@@ -271,7 +274,10 @@ export class RDMACommunicator extends EventEmitter {
     const key = this.peerKey(ip, port)
     const local = toBlockIds('localBlockIds', localBlockIds)
     const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
-    return new PreparedBlocks(native(() => this.native.prepareBlocks(key, local, remote)))
+    return new PreparedBlocks(
+      native(() => this.native.prepareBlocks(key, local, remote)),
+      this.calls,
+    )
   }
 
   /**
@@ -289,9 +295,9 @@ export class RDMACommunicator extends EventEmitter {
   ): Promise<void>
   /**
    * Writes a block list prepared with `prepareBlocks` for layer `layerIdx`: nothing is
-   * validated or planned again. Refused (nothing written) when `ip:port` is not the peer
-   * it was prepared for (`ERR_INVALID_ARGUMENT`) or that peer reconnected with another
-   * blockNumber (`ERR_LAYOUT_MISMATCH`).
+   * validated or planned again. Refused (nothing written) when another communicator
+   * prepared it or `ip:port` is not the peer it was prepared for (`ERR_INVALID_ARGUMENT`),
+   * or when that peer reconnected with another blockNumber (`ERR_LAYOUT_MISMATCH`).
    */
   writeCache(
     ip: string,
@@ -311,9 +317,22 @@ export class RDMACommunicator extends EventEmitter {
     // Not `async`: that would add a Promise and a resolution step to every call.
     try {
       if (blocks instanceof PreparedBlocks) {
-        return this.startPrepared(ip, port, blocks, remoteOrLayer as number, (layerOrOptions ?? {}) as WriteOptions)
+        return this.startPrepared(
+          ip,
+          port,
+          blocks,
+          remoteOrLayer as number,
+          (layerOrOptions ?? NO_OPTIONS) as WriteOptions,
+        )
       }
-      return this.startWrite(ip, port, blocks, remoteOrLayer as BlockIds, layerOrOptions as number, options ?? {})
+      return this.startWrite(
+        ip,
+        port,
+        blocks,
+        remoteOrLayer as BlockIds,
+        layerOrOptions as number,
+        options ?? NO_OPTIONS,
+      )
     } catch (error) {
       if (!(error instanceof Object && countedByEngine.has(error))) this.countRefused(ip, port, error)
       return Promise.reject(error)
@@ -354,6 +373,12 @@ export class RDMACommunicator extends EventEmitter {
   ): Promise<void> {
     this.checkOpen()
     const key = this.peerKey(ip, port)
+    if (prepared.owner !== this.calls) {
+      throw invalidArgument(
+        'prepared',
+        `the block list for ${prepared.peer} was prepared by another communicator; call prepareBlocks on this one`,
+      )
+    }
     if (key !== prepared.peer) {
       throw invalidArgument(
         'prepared',

@@ -2,13 +2,14 @@
  * `PreparedBlocks`: a block list validated and planned once (`comm.prepareBlocks`), written
  * for any layer with `comm.writeCache(ip, port, prepared, layerIdx, options)`.
  */
-import type { NativePreparedBlocks } from '../index.js'
+import type { ExternalObject, NativePreparedBlocks } from '../index.js'
 
 /**
  * A block list validated and planned once for one peer. Pass it to `writeCache` in place
  * of the two id lists: no id is validated or coalesced again, whatever the layer. Using it
- * with another peer (`ERR_INVALID_ARGUMENT`), or after that peer reconnected with a
- * different blockNumber (`ERR_LAYOUT_MISMATCH`), is refused and writes nothing.
+ * on another communicator or with another peer (`ERR_INVALID_ARGUMENT`), or after that
+ * peer reconnected with a different blockNumber (`ERR_LAYOUT_MISMATCH`), is refused and
+ * writes nothing.
  */
 export class PreparedBlocks {
   /** @internal */
@@ -21,10 +22,13 @@ export class PreparedBlocks {
   readonly runs: number
   /** @internal The number the native `writePrepared` takes for this list. */
   readonly handle: number
+  /** @internal The calls handle of the communicator that prepared it (handles are per communicator). */
+  readonly owner: ExternalObject<'Calls'>
 
   /** @internal */
-  constructor(native: NativePreparedBlocks) {
+  constructor(native: NativePreparedBlocks, owner: ExternalObject<'Calls'>) {
     this.native = native
+    this.owner = owner
     this.peer = native.peer
     this.blocks = native.blocks
     this.runs = native.runs

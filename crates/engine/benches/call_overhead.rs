@@ -127,7 +127,7 @@ fn bench(c: &mut Criterion) {
                                     &prepared,
                                     layer as f64,
                                     None,
-                                    timeout.map(|t| Instant::now() + t),
+                                    timeout,
                                     OnDone::Sink(Arc::clone(&sink), layer as u64),
                                 )
                                 .unwrap();

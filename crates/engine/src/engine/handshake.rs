@@ -334,13 +334,7 @@ impl Engine {
         let transport = link.kind().name();
         let counters = Arc::new(self.inner.metrics.connected(peer_key, link.kind().code()));
         self.record_decision(peer_key, link.kind(), note);
-        let peer = Arc::new(Peer {
-            key: peer_key.into(),
-            remote: remote_layout,
-            shard,
-            link,
-            counters,
-        });
+        let peer = Arc::new(Peer::new(peer_key, remote_layout, shard, link, counters));
         let replaced = {
             let _guard = self
                 .inner

@@ -5,6 +5,7 @@ use crate::metrics::CallCounters;
 use crate::shard::Shard;
 use crate::transport::Link;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// A connected peer: its cache layout and the link to it.
@@ -17,6 +18,38 @@ pub(super) struct Peer {
     pub link: Box<dyn Link>,
     /// Where its calls are counted (the peer's counters outlive reconnects).
     pub counters: Arc<CallCounters>,
+    /// Whether the registry holds it under `key` (set by the registry only): a prepared
+    /// list keeps its peer and skips the lookup while this holds.
+    registered: AtomicBool,
+}
+
+impl Peer {
+    pub fn new(
+        key: &str,
+        remote: CacheLayout,
+        shard: Shard,
+        link: Box<dyn Link>,
+        counters: Arc<CallCounters>,
+    ) -> Peer {
+        Peer {
+            key: key.into(),
+            remote,
+            shard,
+            link,
+            counters,
+            registered: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether this peer is still the one registered under its key (not removed, not
+    /// replaced by a newer connection).
+    pub fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    fn set_registered(&self, registered: bool) {
+        self.registered.store(registered, Ordering::Release);
+    }
 }
 
 #[derive(Default)]
@@ -39,23 +72,30 @@ impl PeerRegistry {
 
     /// Registers `peer` under `key`; returns the peer it replaces.
     pub fn insert(&self, key: &str, peer: Arc<Peer>) -> Option<Arc<Peer>> {
-        self.write().insert(key.to_string(), peer)
+        peer.set_registered(true);
+        let replaced = self.write().insert(key.to_string(), peer);
+        unregistered(replaced)
     }
 
     pub fn remove(&self, key: &str) -> Option<Arc<Peer>> {
-        self.write().remove(key)
+        let removed = self.write().remove(key);
+        unregistered(removed)
     }
 
     /// Removes `key` only while it still names `peer` (not a newer connection).
     pub fn remove_if_same(&self, key: &str, peer: &Arc<Peer>) {
         let mut peers = self.write();
         if peers.get(key).is_some_and(|p| Arc::ptr_eq(p, peer)) {
-            peers.remove(key);
+            unregistered(peers.remove(key));
         }
     }
 
     pub fn drain(&self) -> Vec<Arc<Peer>> {
-        self.write().drain().map(|(_, p)| p).collect()
+        let drained: Vec<Arc<Peer>> = self.write().drain().map(|(_, p)| p).collect();
+        for peer in &drained {
+            peer.set_registered(false);
+        }
+        drained
     }
 
     /// Peers, and of those the ones whose link is still usable.
@@ -64,4 +104,12 @@ impl PeerRegistry {
         let alive = peers.values().filter(|p| p.link.is_alive()).count();
         (peers.len(), alive)
     }
+}
+
+/// `peer`, marked as no longer registered (it left the registry).
+fn unregistered(peer: Option<Arc<Peer>>) -> Option<Arc<Peer>> {
+    if let Some(peer) = &peer {
+        peer.set_registered(false);
+    }
+    peer
 }

@@ -10,22 +10,37 @@ use crate::plan::{self, BlockIds, PlanLimits, Run};
 use crate::transport::{Accounting, Completion, CompletionCallback, Done, OnDone, PooledRuns};
 use crate::transport::{WriteJob, MAX_TAG_BYTES};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A block list validated and planned once ([`Engine::prepare_blocks`]) for one peer, to
 /// be written for any layer with [`Engine::write_prepared_with_callback`] without being
 /// validated or planned again. Runs do not depend on the layer.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PreparedBlocks {
     peer_key: String,
+    /// The engine that planned it: a list is only written by its own engine.
+    engine: Weak<EngineInner>,
+    /// The connection it was planned against. While that connection stays registered
+    /// and alive the plan fits it, and a call skips the peer lookup and the layout checks.
+    planned_for: Weak<Peer>,
+    /// Bytes one call moves per block, for `planned_for`.
+    bytes_per_block: u64,
     /// The peer's blockNumber the remote ids were checked against.
     remote_block_number: u32,
-    /// This side's blockNumber the local ids were checked against.
-    local_block_number: u32,
     /// The longest run the plan made (in blocks); a link taking shorter runs refuses it.
     longest_run: u32,
     runs: Arc<[Run]>,
     blocks: u32,
+}
+
+impl std::fmt::Debug for PreparedBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedBlocks")
+            .field("peer_key", &self.peer_key)
+            .field("blocks", &self.blocks)
+            .field("runs", &self.runs.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PreparedBlocks {
@@ -108,17 +123,18 @@ impl Engine {
         let on_done: CompletionCallback = Box::new(move |result| {
             let _ = sender.send(result);
         });
-        self.dispatch(write, on_done.into(), deadline);
+        let timeout = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        self.dispatch(write, on_done.into(), timeout);
         Ok(completion)
     }
 
     /// [`Engine::write_cache_until`] that passes the outcome to `on_done` (a callback, or
-    /// a sink with the caller's call id) instead of returning a `Completion`. `on_done` is
-    /// called exactly once when this returns `Ok` (possibly before it returns), and never
-    /// when it returns an error.
+    /// a sink with the caller's call id) instead of returning a `Completion`, with a
+    /// `timeout` counted from the call. `on_done` is called exactly once when this returns
+    /// `Ok` (possibly before it returns), and never when it returns an error.
     #[expect(
         clippy::too_many_arguments,
-        reason = "the seed's writeCache arguments plus deadline and callback"
+        reason = "the seed's writeCache arguments plus timeout and callback"
     )]
     pub fn write_cache_with_callback(
         &self,
@@ -127,14 +143,14 @@ impl Engine {
         remote: BlockIds<'_>,
         layer: f64,
         tag: Option<Vec<u8>>,
-        deadline: Option<Instant>,
+        timeout: Option<Duration>,
         on_done: OnDone,
     ) -> Result<()> {
         let write = self.counted(
             peer_key,
             self.prepare_write(peer_key, local, remote, layer, tag),
         )?;
-        self.dispatch(write, on_done, deadline);
+        self.dispatch(write, on_done, timeout);
         Ok(())
     }
 
@@ -168,8 +184,10 @@ impl Engine {
         plan::plan_runs(local, remote, limits, &mut runs)?;
         Ok(PreparedBlocks {
             peer_key: peer_key.to_string(),
+            engine: Arc::downgrade(&self.inner),
+            planned_for: Arc::downgrade(&peer),
+            bytes_per_block: peer.shard.bytes_per_block(&layout),
             remote_block_number: peer.remote.block_number,
-            local_block_number: layout.block_number,
             longest_run: runs.iter().map(|r| r.blocks).max().unwrap_or(0),
             runs: runs.into(),
             blocks: u32::try_from(local.len()).unwrap_or(u32::MAX),
@@ -178,22 +196,24 @@ impl Engine {
 
     /// Writes a prepared block list for `layer`: like
     /// [`Engine::write_cache_with_callback`], without validating or planning the ids
-    /// again. Refused (typed, nothing sent) when `peer_key` is not the peer the list was
-    /// prepared for, or that peer reconnected with a layout the plan does not fit.
+    /// again. Refused (typed, nothing sent) when another engine prepared it, when `peer_key`
+    /// is not the peer it was prepared for, or when that peer reconnected with a layout the
+    /// plan does not fit. While the connection it was planned against stays up, the peer
+    /// is not even looked up.
     pub fn write_prepared_with_callback(
         &self,
         peer_key: &str,
         prepared: &PreparedBlocks,
         layer: f64,
         tag: Option<Vec<u8>>,
-        deadline: Option<Instant>,
+        timeout: Option<Duration>,
         on_done: OnDone,
     ) -> Result<()> {
         let write = self.counted(
             peer_key,
             self.reuse_prepared(peer_key, prepared, layer, tag),
         )?;
-        self.dispatch(write, on_done, deadline);
+        self.dispatch(write, on_done, timeout);
         Ok(())
     }
 
@@ -206,9 +226,17 @@ impl Engine {
         tag: Option<Vec<u8>>,
     ) -> Result<PreparedWrite> {
         self.check_open()?;
-        let layout = self.inner.table.layout;
-        let layer = layout.check_layer(layer)?;
+        let layer = self.inner.table.layout.check_layer(layer)?;
         check_tag(&tag)?;
+        if !std::ptr::eq(prepared.engine.as_ptr(), Arc::as_ptr(&self.inner)) {
+            return Err(Error::invalid(
+                "prepared",
+                format!(
+                    "the block list for {} was prepared by another communicator; call prepareBlocks on this one",
+                    prepared.peer_key
+                ),
+            ));
+        }
         if prepared.peer_key != peer_key {
             return Err(Error::invalid(
                 "prepared",
@@ -218,15 +246,27 @@ impl Engine {
                 ),
             ));
         }
-        if prepared.local_block_number != layout.block_number {
-            return Err(Error::invalid(
-                "prepared",
-                format!(
-                    "the block list was prepared by a communicator with blockNumber {}, this one has {}",
-                    prepared.local_block_number, layout.block_number
-                ),
-            ));
-        }
+        let (peer, bytes_per_block) = match prepared.planned_for.upgrade() {
+            // Still the connection it was planned against: the plan fits it.
+            Some(peer) if peer.is_registered() && peer.link.is_alive() => {
+                (peer, prepared.bytes_per_block)
+            }
+            _ => self.refit(peer_key, prepared)?,
+        };
+        Ok(PreparedWrite {
+            bytes_per_block,
+            peer,
+            runs: PooledRuns::from(Arc::clone(&prepared.runs)),
+            layer,
+            blocks: prepared.blocks,
+            tag,
+        })
+    }
+
+    /// The peer now registered under `peer_key` (another connection than the prepared
+    /// list was planned against), when the plan fits it, with the bytes a block moves.
+    fn refit(&self, peer_key: &str, prepared: &PreparedBlocks) -> Result<(Arc<Peer>, u64)> {
+        let layout = self.inner.table.layout;
         let peer = self.live_peer(peer_key)?;
         if peer.remote.block_number != prepared.remote_block_number {
             return Err(Error::LayoutMismatch {
@@ -253,14 +293,8 @@ impl Engine {
                 ),
             ));
         }
-        Ok(PreparedWrite {
-            bytes_per_block: peer.shard.bytes_per_block(&layout),
-            peer,
-            runs: PooledRuns::from(Arc::clone(&prepared.runs)),
-            layer,
-            blocks: prepared.blocks,
-            tag,
-        })
+        let bytes_per_block = peer.shard.bytes_per_block(&layout);
+        Ok((peer, bytes_per_block))
     }
 
     /// The peer registered under `peer_key`, when its link is usable.
@@ -318,13 +352,14 @@ impl Engine {
     }
 
     /// Queues a checked call for the submitting thread (or, when there is none, hands it
-    /// off here).
-    fn dispatch(&self, write: PreparedWrite, on_done: OnDone, deadline: Option<Instant>) {
+    /// off here). The call's latency and its `timeout` count from now (one clock read).
+    fn dispatch(&self, write: PreparedWrite, on_done: OnDone, timeout: Option<Duration>) {
+        let started = Instant::now();
         let call = QueuedCall {
             write,
             on_done,
-            started: Instant::now(),
-            deadline,
+            started,
+            deadline: timeout.and_then(|timeout| started.checked_add(timeout)),
         };
         let inner = &self.inner;
         let queued = inner.submitter.push(call, || {
