@@ -131,16 +131,20 @@ impl Watchdog {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches `done` (a call made at `started`) until `deadline`: if it is still pending
-    /// then, its link to `peer` is torn down and it fails with `ERR_TIMEOUT`.
+    /// Watches `done` (a call made at `started`) for `timeout`: if it is still pending
+    /// then, its link to `peer` is torn down and it fails with `ERR_TIMEOUT`. A deadline
+    /// beyond the clock's range is not watched.
     pub(super) fn watch(
         self: &Arc<Self>,
         engine: &Weak<EngineInner>,
         peer: &Arc<Peer>,
         done: &Done,
-        deadline: Instant,
         started: Instant,
+        timeout: Duration,
     ) {
+        let Some(deadline) = started.checked_add(timeout) else {
+            return;
+        };
         let watchdog = self;
         let mut state = watchdog.state();
         if state.stop {
@@ -166,11 +170,8 @@ impl Watchdog {
             peer_key: Arc::clone(&peer.key),
             peer: Arc::downgrade(peer),
             call: done.watch(),
-            // The timeout the caller gave (its deadline was set a moment before `started`).
-            ms: u64::try_from(
-                (deadline.saturating_duration_since(started).as_micros() + 500) / 1000,
-            )
-            .unwrap_or(u64::MAX),
+            // The timeout the caller gave, in whole ms (it came from JS as a float).
+            ms: u64::try_from((timeout.as_micros() + 500) / 1000).unwrap_or(u64::MAX),
         };
         state.push(timed);
         drop(state);

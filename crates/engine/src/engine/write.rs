@@ -354,12 +354,11 @@ impl Engine {
     /// Queues a checked call for the submitting thread (or, when there is none, hands it
     /// off here). The call's latency and its `timeout` count from now (one clock read).
     fn dispatch(&self, write: PreparedWrite, on_done: OnDone, timeout: Option<Duration>) {
-        let started = Instant::now();
         let call = QueuedCall {
             write,
             on_done,
-            started,
-            deadline: timeout.and_then(|timeout| started.checked_add(timeout)),
+            started: Instant::now(),
+            timeout,
         };
         let inner = &self.inner;
         let queued = inner.submitter.push(call, || {
@@ -377,8 +376,9 @@ impl Engine {
 pub(super) struct QueuedCall {
     write: PreparedWrite,
     on_done: OnDone,
+    /// When the call was made: its latency and its timeout count from here.
     started: Instant,
-    deadline: Option<Instant>,
+    timeout: Option<Duration>,
 }
 
 impl QueuedCall {
@@ -398,8 +398,8 @@ impl QueuedCall {
             let _ = done.send(Ok(()));
             return;
         }
-        if let Some(deadline) = self.deadline {
-            watchdog.watch(engine, &peer, &done, deadline, self.started);
+        if let Some(timeout) = self.timeout {
+            watchdog.watch(engine, &peer, &done, self.started, timeout);
         }
         peer.link.submit(WriteJob {
             runs,
