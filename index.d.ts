@@ -269,7 +269,7 @@ export interface NativePeerDecision {
 export interface NativeStats {
   peers: number
   liveLinks: number
-  tcpReceivers: number
+  receivers: number
   registeredRegions: number
   rememberedHellos: number
   timedCalls: number

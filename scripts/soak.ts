@@ -101,7 +101,7 @@ async function main(): Promise<void> {
   if (report.growth.fds > 4) problems.push(`file descriptors grew by ${report.growth.fds}`)
   if (report.growth.threads > 4) problems.push(`threads grew by ${report.growth.threads}`)
   if (report.growth.rssMiB > 64) problems.push(`RSS grew by ${report.growth.rssMiB} MiB`)
-  if (after.engine.tcpReceivers > 0) problems.push(`${after.engine.tcpReceivers} receiving connections left open`)
+  if (after.engine.receivers > 0) problems.push(`${after.engine.receivers} receiving connections left open`)
   if (problems.length > 0) {
     console.error(`soak FAILED: ${problems.join('; ')}`)
     process.exit(1)

@@ -167,7 +167,7 @@ pub struct NativeOptions {
 pub struct NativeStats {
     pub peers: u32,
     pub live_links: u32,
-    pub tcp_receivers: u32,
+    pub receivers: u32,
     pub registered_regions: u32,
     pub remembered_hellos: u32,
     pub timed_calls: u32,
@@ -526,7 +526,7 @@ impl NativeCommunicator {
         NativeStats {
             peers: n(s.peers),
             live_links: n(s.live_links),
-            tcp_receivers: n(s.tcp_receivers),
+            receivers: n(s.receivers),
             registered_regions: n(s.registered_regions),
             remembered_hellos: n(s.remembered_hellos),
             timed_calls: n(s.timed_calls),

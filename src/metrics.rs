@@ -89,7 +89,8 @@ impl NativeCommunicator {
             transport: decision.transport.name().to_string(),
             reason: decision.reason,
             details: decision
-                .details
+                .explanation
+                .fields()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),

@@ -145,7 +145,7 @@ export interface PeerInfo {
 export interface CommunicatorStats {
   peers: number
   liveLinks: number
-  tcpReceivers: number
+  receivers: number
   registeredRegions: number
   rememberedHellos: number
   timedCalls: number

@@ -2,8 +2,8 @@
 
 use crate::context::Gpu;
 use crate::error::CudaError;
+use crate::sys::DevicePtr;
 use crate::sys::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD;
-use crate::DevicePtr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::raw::c_int;
 

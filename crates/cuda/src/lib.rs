@@ -48,9 +48,7 @@ pub use memory::{DeviceBuffer, PinnedBuffer};
 pub use pointer::{PointerInfo, ERROR_INVALID_CONTEXT};
 pub use sharing::{Allocation, IpcMapping, Mapping, ShareableBuffer, IPC_HANDLE_BYTES};
 pub use stream::{Event, Stream};
-
-/// A device address (`CUdeviceptr`); with unified addressing also a pinned host address.
-pub type DevicePtr = u64;
+pub use sys::DevicePtr;
 
 #[cfg(test)]
 mod tests {

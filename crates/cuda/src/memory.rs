@@ -3,8 +3,8 @@
 
 use crate::context::Gpu;
 use crate::error::CudaError;
+use crate::sys::DevicePtr;
 use crate::sys::{CU_MEMHOSTALLOC_DEVICEMAP, CU_MEMHOSTALLOC_PORTABLE};
-use crate::DevicePtr;
 use std::os::raw::c_void;
 use std::sync::Arc;
 

@@ -2,13 +2,13 @@
 
 use crate::error::CudaError;
 use crate::library::Cuda;
+use crate::sys::DevicePtr;
 use crate::sys::{
     CUDA_ERROR_INVALID_VALUE, CU_MEMORYTYPE_DEVICE, CU_MEMORYTYPE_HOST,
     CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, CU_POINTER_ATTRIBUTE_IS_MANAGED,
     CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_RANGE_SIZE,
     CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
 };
-use crate::DevicePtr;
 use std::os::raw::{c_int, c_uint};
 
 /// `CUDA_ERROR_INVALID_CONTEXT`: the driver may answer [`Cuda::pointer_info`] with it when

@@ -12,13 +12,13 @@
 use crate::context::Gpu;
 use crate::error::CudaError;
 use crate::library::Cuda;
+use crate::sys::DevicePtr;
 use crate::sys::{
     IpcMemHandle, MemAccessDesc, MemAllocationProp, MemHandle, MemLocation, SharingApi,
     CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS,
     CU_MEM_ACCESS_FLAGS_PROT_READWRITE, CU_MEM_ALLOCATION_TYPE_PINNED,
     CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, CU_MEM_LOCATION_TYPE_DEVICE,
 };
-use crate::DevicePtr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::raw::{c_char, c_int, c_void};
 use std::sync::Arc;

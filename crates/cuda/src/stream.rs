@@ -3,11 +3,11 @@
 
 use crate::context::Gpu;
 use crate::error::CudaError;
+use crate::sys::DevicePtr;
 use crate::sys::{
     CUevent, CUstream, MemcpyAttributes, CU_EVENT_DISABLE_TIMING,
     CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, CU_STREAM_NON_BLOCKING,
 };
-use crate::DevicePtr;
 use std::sync::Arc;
 
 impl Gpu {

@@ -1,8 +1,10 @@
 //! Raw driver API: the types, constants and entry points of `cuda.h` that the crate uses.
 //! Nothing here is public outside the crate.
 
-use crate::DevicePtr;
 use std::os::raw::{c_char, c_int, c_uint, c_ulonglong, c_void};
+
+/// A device address (`CUdeviceptr`); with unified addressing also a pinned host address.
+pub type DevicePtr = u64;
 
 pub(crate) type CUresult = c_int;
 pub(crate) type CUdevice = c_int;

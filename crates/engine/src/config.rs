@@ -5,7 +5,7 @@
 //! kept once per process (`process()`), from the same parsers.
 
 use crate::error::{Error, Result};
-use crate::transport::TransportKind;
+use crate::transport_kind::TransportKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 

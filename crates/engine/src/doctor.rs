@@ -102,7 +102,8 @@ fn probe_one(kind: TransportKind, settings: &Settings, gpu_idx: u32) -> Transpor
         });
     drop(memory);
     match outcome {
-        Ok(details) => {
+        Ok(explanation) => {
+            let details = explanation.fields();
             let uses: Vec<String> = details.iter().map(|(k, v)| format!("{k} {v}")).collect();
             TransportReport {
                 transport: kind,

@@ -1,5 +1,6 @@
 //! kvtransfer engine: moves KV-cache blocks from this process's registered regions into a
-//! peer's pre-allocated blocks, over any of its transports (RDMA one-sided WRITE, TCP).
+//! peer's pre-allocated blocks, over any of its transports (NVLink within a host, RDMA one-sided WRITE between
+//! hosts, TCP anywhere).
 //!
 //! The control plane (who talks to whom) lives above this crate: it carries the opaque
 //! messages produced by [`Engine::auth_challenge`], [`Engine::hello`] and
@@ -21,6 +22,7 @@ mod metrics;
 mod plan;
 mod shard;
 mod transport;
+mod transport_kind;
 mod util;
 mod wire;
 
@@ -37,10 +39,13 @@ pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
 pub use shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
+pub use transport::nvlink::NvlinkDetails;
 pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
+pub use transport::rdma::RdmaDetails;
+pub use transport::tcp::TcpDetails;
 pub use transport::{
-    Arrival, ArrivalSink, CallSink, Completion, CompletionCallback, OnDone, TransportKind,
-    MAX_TAG_BYTES,
+    Arrival, ArrivalSink, CallSink, Completion, CompletionCallback, Explanation, OnDone,
+    TransportDetails, TransportKind, MAX_TAG_BYTES,
 };
 pub use wire::Role;
 
@@ -63,5 +68,5 @@ pub mod internals {
     pub use crate::transport::tcp::staging::CHUNK_BYTES;
     pub use crate::transport::tcp::{FrameBatch, TcpEndpoint, MAX_FRAME_PAYLOAD};
     pub use crate::util::scattered_ids;
-    pub use crate::wire::{Descriptor, Endpoint};
+    pub use crate::wire::{Declined, Descriptor, Endpoint};
 }

@@ -68,7 +68,7 @@ fn emit(file: Option<&Mutex<File>>, level: &str, message: std::fmt::Arguments<'_
     }
 }
 
-pub fn debug(message: std::fmt::Arguments<'_>) {
+pub fn debug_line(message: std::fmt::Arguments<'_>) {
     let sinks = sinks();
     if sinks.debug_enabled {
         emit(sinks.debug_file.as_ref(), "debug", message);
@@ -88,16 +88,15 @@ pub fn info(message: std::fmt::Arguments<'_>) {
 }
 
 /// `debug!("...", args)`: formats only when KVCACHE_DEBUG is on.
-#[macro_export]
 macro_rules! debug {
     ($($arg:tt)*) => {
         if $crate::log::debug_enabled() {
-            $crate::log::debug(format_args!($($arg)*));
+            $crate::log::debug_line(format_args!($($arg)*));
         }
     };
 }
 
-#[macro_export]
+/// `log_error!("...", args)`: always printed.
 macro_rules! log_error {
     ($($arg:tt)*) => {
         $crate::log::error(format_args!($($arg)*))
@@ -105,9 +104,12 @@ macro_rules! log_error {
 }
 
 /// `log_info!("...", args)`: always printed (see [`info`]).
-#[macro_export]
 macro_rules! log_info {
     ($($arg:tt)*) => {
         $crate::log::info(format_args!($($arg)*))
     };
 }
+
+// Ordinary paths (`crate::log::debug!`), not `#[macro_export]` ones resolved at the crate
+// root: the macros stay where they are defined.
+pub(crate) use {debug, log_error, log_info};

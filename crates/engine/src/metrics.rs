@@ -245,14 +245,9 @@ impl CallCounters {
 impl Metrics {
     /// The counters of `peer` (created when new, while fewer than `MAX_PEERS` exist).
     pub fn peer(self: &Arc<Self>, peer: &str) -> CallCounters {
-        let found = self
-            .peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(peer)
-            .cloned();
+        let found = crate::util::read(&self.peers).get(peer).cloned();
         let peer = found.or_else(|| {
-            let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+            let mut peers = crate::util::write(&self.peers);
             if let Some(existing) = peers.get(peer) {
                 return Some(Arc::clone(existing));
             }
@@ -290,10 +285,7 @@ impl Metrics {
 
     /// Totals and every tracked peer (sorted by key).
     pub fn snapshot(&self) -> (Snapshot, Vec<(String, u8, Snapshot)>) {
-        let mut peers: Vec<(String, u8, Snapshot)> = self
-            .peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut peers: Vec<(String, u8, Snapshot)> = crate::util::read(&self.peers)
             .iter()
             .map(|(key, p)| (key.clone(), p.transport_code(), p.counters.snapshot()))
             .collect();

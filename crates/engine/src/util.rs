@@ -3,15 +3,11 @@
 /// A random u64 from the kernel (session tokens, instance ids, PSNs).
 pub fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
-    let mut filled = 0;
-    while filled < bytes.len() {
-        // SAFETY: the destination range lies inside `bytes`.
-        let n = unsafe {
-            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
-        };
-        if n > 0 {
-            filled += n as usize;
-        }
+    // `getrandom` retries an interrupted call and falls back where the syscall is missing;
+    // a process with no random source at all cannot make unguessable tokens, so it stops
+    // here (the binding reports a panic as ERR_INTERNAL) instead of retrying forever.
+    if let Err(e) = getrandom::getrandom(&mut bytes) {
+        panic!("the operating system's random source failed ({e}): kvtransfer needs it for session tokens and nonces");
     }
     u64::from_ne_bytes(bytes)
 }
@@ -34,6 +30,36 @@ pub fn scattered_ids(n: u32, seed: u64) -> Vec<u32> {
 /// invariant that a later holder could trip over.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Poison-tolerant shared lock (see [`lock`]).
+pub(crate) fn read<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Poison-tolerant exclusive lock (see [`lock`]).
+pub(crate) fn write<T>(lock: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Poison-tolerant `Condvar::wait` (see [`lock`]).
+pub(crate) fn wait<'a, T>(
+    condvar: &std::sync::Condvar,
+    guard: std::sync::MutexGuard<'a, T>,
+) -> std::sync::MutexGuard<'a, T> {
+    condvar.wait(guard).unwrap_or_else(|p| p.into_inner())
+}
+
+/// Poison-tolerant `Condvar::wait_timeout` (see [`lock`]); the guard alone.
+pub(crate) fn wait_timeout<'a, T>(
+    condvar: &std::sync::Condvar,
+    guard: std::sync::MutexGuard<'a, T>,
+    timeout: std::time::Duration,
+) -> std::sync::MutexGuard<'a, T> {
+    condvar
+        .wait_timeout(guard, timeout)
+        .unwrap_or_else(|p| p.into_inner())
+        .0
 }
 
 /// Polls of a worker's queue before the worker sleeps on it (`poll_then_recv`).

@@ -91,6 +91,7 @@ fn descriptors() -> Vec<Vec<u8>> {
             }
             .encode(),
         }],
+        declined: Vec::new(),
     };
     let a = plain.encode();
     let rdma = RdmaEndpoint {

@@ -511,9 +511,10 @@ fn auto_falls_back_to_tcp_when_a_side_has_host_memory() {
     );
     // The reason names NVLink and the acceptor's own account of why it declined it.
     assert!(
-        decision
-            .reason
-            .contains("offered NVLink but the peer declined it")
+        decision.reason.contains("this side offered NVLink (")
+            && decision
+                .reason
+                .contains(") but the peer declined it: nvlink: ")
             && decision.reason.contains("host memory"),
         "{}",
         decision.reason

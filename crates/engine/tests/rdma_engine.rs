@@ -8,7 +8,7 @@ mod common;
 use common::{assert_written, connect, Side, SideSpec};
 use futures_executor::block_on;
 use kvtransfer_engine::internals::{Descriptor, Envelope, RdmaEndpoint};
-use kvtransfer_engine::{Arrival, BlockIds, RdmaSettings, Role, TransportKind};
+use kvtransfer_engine::{Arrival, BlockIds, RdmaSettings, Role, TransportDetails, TransportKind};
 use std::sync::{Arc, Mutex};
 
 /// The RDMA device named by `KVTRANSFER_RDMA_DEVICE`. The tests that need one are
@@ -125,7 +125,14 @@ fn rdma_writes_exact_bytes_from_1k_to_256k_blocks() {
 fn rdma_selects_the_roce_v2_gid_and_refuses_a_wrong_explicit_index() {
     let dev = device("rdma_selects_the_roce_v2_gid_and_refuses_a_wrong_explicit_index");
     let side = rdma_side(Role::Decode, 1, 4, 1024, settings(&dev)).build();
-    let (name, gid_index) = side.engine.rdma_device().unwrap();
+    let explanation = side
+        .engine
+        .transport_explanation(TransportKind::Rdma)
+        .unwrap();
+    let TransportDetails::Rdma(details) = explanation.details else {
+        panic!("RDMA explains itself with RDMA details: {explanation:?}");
+    };
+    let (name, gid_index) = (details.device, details.gid_index);
     assert_eq!(name, dev);
     if let Ok(expected) = std::env::var("KVTRANSFER_GID_INDEX") {
         assert_eq!(gid_index.to_string(), expected, "auto-selected GID index");

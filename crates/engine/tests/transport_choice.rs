@@ -6,7 +6,9 @@
 mod common;
 
 use common::{connect, hello, SideSpec};
-use kvtransfer_engine::internals::{Descriptor, Endpoint, Envelope, QpEndpoint, RdmaEndpoint};
+use kvtransfer_engine::internals::{
+    Declined, Descriptor, Endpoint, Envelope, QpEndpoint, RdmaEndpoint,
+};
 use kvtransfer_engine::{Role, TransportKind};
 
 fn side(role: Role) -> common::Side {
@@ -155,7 +157,7 @@ fn nothing_usable_offered_is_a_typed_refusal_and_nothing_is_admitted() {
             .contains("the peer's TCP endpoint is malformed"),
         "{err}"
     );
-    assert_eq!(decode.engine.stats().tcp_receivers, 0);
+    assert_eq!(decode.engine.stats().receivers, 0);
 }
 
 #[test]
@@ -215,11 +217,14 @@ fn the_reply_carries_the_acceptors_reason_and_peer_info_names_it() {
     envelope.descriptor = descriptor.encode();
     let reply = decode.engine.accept(&envelope.encode()).unwrap();
     let carried = Descriptor::decode(&Envelope::decode(&reply).unwrap().descriptor).unwrap();
-    let note = String::from_utf8(carried.endpoint(0xff).expect("a note").to_vec()).unwrap();
     assert_eq!(
-        note,
-        "rdma: the acceptor uses only tcp (its transport option or KVCACHE_TRANSPORT)"
+        carried.declined,
+        vec![Declined {
+            kind: TransportKind::Rdma.code(),
+            reason: "the acceptor uses only tcp (its transport option or KVCACHE_TRANSPORT)".into()
+        }]
     );
+    let note = "rdma: the acceptor uses only tcp (its transport option or KVCACHE_TRANSPORT)";
     prefill
         .engine
         .finish_connect("d", "127.0.0.1", &reply)
@@ -227,11 +232,11 @@ fn the_reply_carries_the_acceptors_reason_and_peer_info_names_it() {
     let decision = prefill.engine.transport_decision("d").unwrap();
     assert_eq!(decision.transport, TransportKind::Tcp);
     assert!(decision.reason.starts_with("tcp: "), "{}", decision.reason);
-    assert!(decision.reason.contains(&note), "{}", decision.reason);
+    assert!(decision.reason.contains(note), "{}", decision.reason);
 }
 
 #[test]
-fn a_reply_with_nothing_passed_over_carries_no_note() {
+fn a_reply_with_nothing_passed_over_declines_nothing() {
     let prefill = side(Role::Prefill);
     let decode = side(Role::Decode);
     let reply = decode
@@ -240,5 +245,5 @@ fn a_reply_with_nothing_passed_over_carries_no_note() {
         .unwrap();
     let carried = Descriptor::decode(&Envelope::decode(&reply).unwrap().descriptor).unwrap();
     assert_eq!(carried.endpoints.len(), 1);
-    assert!(carried.endpoint(0xff).is_none());
+    assert!(carried.declined.is_empty());
 }

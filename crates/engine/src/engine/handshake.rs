@@ -11,12 +11,12 @@ use super::peers::Peer;
 use super::{ConnectAuth, Engine};
 use crate::auth::{self, Challenge, Envelope, Response};
 use crate::config::TransportChoice;
-use crate::debug;
 use crate::error::{Error, Result};
 use crate::layout::CacheLayout;
+use crate::log::debug;
 use crate::shard::Shard;
 use crate::transport::{AcceptingPeer, ConnectTarget, Link, Transport, TransportKind};
-use crate::wire::{Descriptor, Endpoint, MAX_NOTE_BYTES, NOTE_KIND};
+use crate::wire::{Declined, Descriptor, Endpoint};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ struct OpenedLink {
     shard: Shard,
     link: Box<dyn Link>,
     /// The acceptor's account of the offers it passed over.
-    note: Option<String>,
+    declined: Vec<Declined>,
 }
 
 /// How long a challenge stays usable.
@@ -44,17 +44,13 @@ impl Engine {
     pub fn auth_challenge(&self, peer_key: &str) -> Result<Vec<u8>> {
         self.check_open()?;
         let nonce_c = auth::random_nonce();
-        self.inner
-            .connecting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                peer_key.to_string(),
-                ConnectAuth {
-                    nonce_c,
-                    nonce_a: None,
-                },
-            );
+        crate::util::lock(&self.inner.connecting).insert(
+            peer_key.to_string(),
+            ConnectAuth {
+                nonce_c,
+                nonce_a: None,
+            },
+        );
         Ok(Challenge {
             has_token: self.has_auth_token(),
             nonce_c,
@@ -105,7 +101,7 @@ impl Engine {
     }
 
     fn refuse_auth(&self, reason: &str) -> Error {
-        crate::log_error!(
+        crate::log::log_error!(
             "engine {}: refused a connecting peer: authentication failed: {reason}",
             self.inner.name()
         );
@@ -122,11 +118,7 @@ impl Engine {
         self.check_open()?;
         let response = Response::decode(response).map_err(|e| Error::protocol(peer_key, e.0))?;
         let nonce_c = {
-            let mut connecting = self
-                .inner
-                .connecting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut connecting = crate::util::lock(&self.inner.connecting);
             let state = connecting.get_mut(peer_key).ok_or_else(|| {
                 Error::protocol(
                     peer_key,
@@ -220,11 +212,7 @@ impl Engine {
                         "the hello's MAC does not match: the connecting peer does not know this side's auth token",
                     ));
             }
-            let mut used = self
-                .inner
-                .used_nonces
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut used = crate::util::lock(&self.inner.used_nonces);
             used.retain(|_, at| at.elapsed() < CHALLENGE_LIFETIME);
             if used.insert(envelope.nonce_a, Instant::now()).is_some() {
                 return Err(self.refuse_auth(
@@ -249,14 +237,11 @@ impl Engine {
             },
             theirs,
         )?;
-        let mut endpoints = vec![Endpoint {
+        let mut reply = self.descriptor(vec![Endpoint {
             kind: transport.kind().code(),
             bytes: ours,
-        }];
-        if let Some(note) = self.declined_note(transport.kind(), &remote, &declined) {
-            endpoints.push(note);
-        }
-        let reply = self.descriptor(endpoints);
+        }]);
+        reply.declined = self.declined_offers(transport.kind(), &remote, &declined);
         debug!(
             "accepted hello from {peer_name} ({}) over {}",
             remote.role.as_str(),
@@ -297,12 +282,7 @@ impl Engine {
     ) -> Result<()> {
         self.check_open()?;
         let envelope = Envelope::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
-        let state = self
-            .inner
-            .connecting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(peer_key);
+        let state = crate::util::lock(&self.inner.connecting).remove(peer_key);
         if let Some(token) = self.inner.auth_token.as_deref() {
             let matches = state.is_some_and(|state| {
                 state.nonce_c == envelope.nonce_c && state.nonce_a == Some(envelope.nonce_a)
@@ -329,18 +309,16 @@ impl Engine {
             remote_layout,
             shard,
             link,
-            note,
+            declined,
         } = link?;
         let transport = link.kind().name();
         let counters = Arc::new(self.inner.metrics.connected(peer_key, link.kind().code()));
-        self.record_decision(peer_key, link.kind(), note);
+        if let Some(chosen) = self.transport(link.kind()) {
+            self.record_decision(peer_key, chosen, &declined);
+        }
         let peer = Arc::new(Peer::new(peer_key, remote_layout, shard, link, counters));
         let replaced = {
-            let _guard = self
-                .inner
-                .close_lock
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let _guard = crate::util::lock(&self.inner.close_lock);
             if self.inner.closed.load(Ordering::SeqCst) {
                 peer.link.shutdown();
                 return Err(Error::Closed);
@@ -368,6 +346,7 @@ impl Engine {
             tp: self.inner.tp,
             name: self.inner.name().to_string(),
             endpoints,
+            declined: Vec::new(),
         }
     }
 
@@ -444,10 +423,11 @@ impl Engine {
                 },
             }
         }
-        for (kind, reason) in &self.inner.unusable {
+        for unusable in &self.inner.unusable {
             reasons.push(format!(
-                "{}: not usable on this side ({reason})",
-                kind.name()
+                "{}: not usable on this side ({})",
+                unusable.kind.name(),
+                unusable.reason
             ));
         }
         let offered: Vec<&str> = remote
@@ -462,7 +442,7 @@ impl Engine {
             self.transport_names().join(", "),
             reasons.join("; ")
         );
-        crate::log_error!(
+        crate::log::log_error!(
             "engine {}: refused a connecting peer: {reason}",
             self.inner.name()
         );
@@ -493,20 +473,12 @@ impl Engine {
         let remote = Descriptor::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
         let remote_layout = self.check_compatible(peer_key, &remote)?;
         let shard = self.plan_shards(peer_key, &remote, &remote_layout, true, peer_tp_size)?;
-        let note = remote.endpoint(NOTE_KIND).map(|bytes| {
-            String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_NOTE_BYTES)]).into_owned()
-        });
-        let chosen: Vec<&Endpoint> = remote
-            .endpoints
-            .iter()
-            .filter(|e| e.kind != NOTE_KIND)
-            .collect();
-        let [chosen] = chosen.as_slice() else {
+        let [chosen] = remote.endpoints.as_slice() else {
             return Err(Error::protocol(
                 peer_key,
                 format!(
                     "the reply carries {} endpoints; exactly one expected",
-                    chosen.len()
+                    remote.endpoints.len()
                 ),
             ));
         };
@@ -536,7 +508,7 @@ impl Engine {
             remote_layout,
             shard,
             link,
-            note,
+            declined: remote.declined,
         })
     }
 

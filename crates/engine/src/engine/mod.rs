@@ -14,14 +14,15 @@ pub use write::PreparedBlocks;
 
 use crate::auth::{self, Nonce};
 use crate::config::{RdmaSettings, Settings, TransportChoice};
-use crate::debug;
 use crate::error::{Error, Result};
 use crate::gpu;
 use crate::layout::{self, CacheLayout, RegionTable};
+use crate::log::debug;
 use crate::metrics::{Metrics, Snapshot};
 use crate::shard::TpOptions;
 use crate::transport::{
-    open_transports, ArrivalSink, OpenContext, RunPool, Transport, TransportKind,
+    open_transports, ArrivalSink, Explanation, OpenContext, RunPool, Transport, TransportKind,
+    Unusable,
 };
 use crate::wire::{Role, MAX_NAME_BYTES};
 pub use explain::TransportDecision;
@@ -79,8 +80,9 @@ pub struct EngineStats {
     pub peers: usize,
     /// Of those, links still usable.
     pub live_links: usize,
-    /// TCP data connections this side receives on.
-    pub tcp_receivers: usize,
+    /// Connections this side receives on, over every transport (TCP data connections,
+    /// NVLink side channels; RDMA has none: its writes land without a receiver).
+    pub receivers: usize,
     /// Registered regions (per engine: layers × kinds).
     pub registered_regions: usize,
     /// Hellos accepted within the challenge lifetime, remembered to refuse replays.
@@ -126,8 +128,8 @@ struct EngineInner {
     /// Most preferred first.
     transports: Vec<Box<dyn Transport>>,
     /// Transports `auto` could not open on this side, with the reason.
-    unusable: Vec<(TransportKind, String)>,
-    peers: PeerRegistry,
+    unusable: Vec<Unusable>,
+    peers: Arc<PeerRegistry>,
     closed: AtomicBool,
     close_lock: Mutex<()>,
     connect_timeout: Duration,
@@ -240,7 +242,7 @@ impl Engine {
             choice,
             transports: opened.usable,
             unusable: opened.unusable,
-            peers: PeerRegistry::default(),
+            peers: Arc::default(),
             closed: AtomicBool::new(false),
             close_lock: Mutex::new(()),
             connect_timeout: options.connect_timeout,
@@ -300,25 +302,17 @@ impl Engine {
         self.transport_names().first().copied().unwrap_or("none")
     }
 
-    /// What a transport of this engine uses (device, port, GID, ...), when it is open.
-    pub fn transport_details(&self, kind: TransportKind) -> Option<Vec<(&'static str, String)>> {
+    /// What a transport of this engine uses and why `auto` takes it, when it is open.
+    pub fn transport_explanation(&self, kind: TransportKind) -> Option<Explanation> {
+        self.transport(kind).map(|t| t.explain())
+    }
+
+    fn transport(&self, kind: TransportKind) -> Option<&dyn Transport> {
         self.inner
             .transports
             .iter()
             .find(|t| t.kind() == kind)
-            .map(|t| t.details())
-    }
-
-    /// The RDMA device and GID index in use, when RDMA is.
-    pub fn rdma_device(&self) -> Option<(String, u8)> {
-        let details = self.transport_details(TransportKind::Rdma)?;
-        let get = |key| {
-            details
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.clone())
-        };
-        Some((get("device")?, get("gidIndex")?.parse().ok()?))
+            .map(|t| t.as_ref())
     }
 
     fn check_open(&self) -> Result<()> {
@@ -406,14 +400,9 @@ impl Engine {
         EngineStats {
             peers,
             live_links,
-            tcp_receivers: self.inner.transports.iter().map(|t| t.receivers()).sum(),
+            receivers: self.inner.transports.iter().map(|t| t.receivers()).sum(),
             registered_regions: self.inner.table.regions().len(),
-            remembered_hellos: self
-                .inner
-                .used_nonces
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .len(),
+            remembered_hellos: crate::util::lock(&self.inner.used_nonces).len(),
             timed_calls: self.inner.watchdog.tracked(),
             process_threads: std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()),
         }
@@ -434,7 +423,7 @@ impl EngineInner {
 
     fn close(&self) {
         {
-            let _guard = self.close_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = crate::util::lock(&self.close_lock);
             if self.closed.swap(true, Ordering::SeqCst) {
                 return;
             }
@@ -443,7 +432,7 @@ impl EngineInner {
         // is added once `closed` is set (the handshake checks it under `close_lock`).
         self.submitter.flush();
         let peers = {
-            let _guard = self.close_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = crate::util::lock(&self.close_lock);
             self.peers.drain()
         };
         for peer in peers {
@@ -451,10 +440,7 @@ impl EngineInner {
         }
         self.submitter.stop();
         self.watchdog.stop();
-        self.connecting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        crate::util::lock(&self.connecting).clear();
         for transport in &self.transports {
             transport.shutdown();
         }

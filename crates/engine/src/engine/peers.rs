@@ -59,11 +59,11 @@ pub(super) struct PeerRegistry {
 
 impl PeerRegistry {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Peer>>> {
-        self.peers.read().unwrap_or_else(|p| p.into_inner())
+        crate::util::read(&self.peers)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Peer>>> {
-        self.peers.write().unwrap_or_else(|p| p.into_inner())
+        crate::util::write(&self.peers)
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Peer>> {

@@ -2,7 +2,7 @@
 //! deadline watch, the hand-off to its link) is done here, not on the caller's thread. A
 //! prepared layer call then costs its caller the checks and one queue push: on the device
 //! machine, calls 2–60 of a 60-layer request went from 1.66–1.92 µs to 1.38–1.49 µs
-//! (docs/performance.md, "Prepared calls, sixth round").
+//! (CHANGELOG.md, 2026-12-01: the submitting thread).
 //!
 //! Calls leave the queue in the order they entered it, so a peer's link still gets them in
 //! call order. `flush` waits until everything queued so far has been handed off: a cancel
@@ -77,7 +77,7 @@ impl<T: Send + 'static> Submitter<T> {
                     queue.thread = Some(thread);
                 }
                 Err(e) => {
-                    crate::log_error!("cannot start the submitting thread: {e}");
+                    crate::log::log_error!("cannot start the submitting thread: {e}");
                     queue.stopped = true;
                     return Err(item);
                 }

@@ -9,8 +9,7 @@
 //! wakes for that every `PRUNE_INTERVAL` while calls are watched: the caller never touches
 //! a completed call's slot, which another thread wrote last.
 
-use super::peers::Peer;
-use super::EngineInner;
+use super::peers::{Peer, PeerRegistry};
 use crate::error::Error;
 use crate::transport::{Done, DoneSlot};
 use std::cmp::Reverse;
@@ -128,7 +127,7 @@ pub(super) struct Watchdog {
 
 impl Watchdog {
     fn state(&self) -> MutexGuard<'_, WatchState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.state)
     }
 
     /// Watches `done` (a call made at `started`) for `timeout`: if it is still pending
@@ -136,7 +135,7 @@ impl Watchdog {
     /// beyond the clock's range is not watched.
     pub(super) fn watch(
         self: &Arc<Self>,
-        engine: &Weak<EngineInner>,
+        peers: &Weak<PeerRegistry>,
         peer: &Arc<Peer>,
         done: &Done,
         started: Instant,
@@ -151,14 +150,14 @@ impl Watchdog {
             return;
         }
         if state.thread.is_none() {
-            let engine = Weak::clone(engine);
+            let peers = Weak::clone(peers);
             let dog = Arc::clone(watchdog);
             match std::thread::Builder::new()
                 .name("kvt-deadline".into())
-                .spawn(move || run_watchdog(&dog, &engine))
+                .spawn(move || run_watchdog(&dog, &peers))
             {
                 Ok(thread) => state.thread = Some(thread),
-                Err(e) => crate::log_error!("cannot start the deadline thread: {e}"),
+                Err(e) => crate::log::log_error!("cannot start the deadline thread: {e}"),
             }
         }
         let was_idle = state.tracked() == 0;
@@ -229,7 +228,7 @@ impl Watchdog {
     }
 }
 
-fn run_watchdog(dog: &Watchdog, engine: &Weak<EngineInner>) {
+fn run_watchdog(dog: &Watchdog, peers: &Weak<PeerRegistry>) {
     let mut next_prune = Instant::now() + PRUNE_INTERVAL;
     let mut state = dog.state();
     loop {
@@ -239,7 +238,7 @@ fn run_watchdog(dog: &Watchdog, engine: &Weak<EngineInner>) {
         let now = Instant::now();
         if let Some(timed) = state.pop_expired(now) {
             drop(state);
-            expire(&timed, engine);
+            expire(&timed, peers);
             state = dog.state();
             continue;
         }
@@ -252,19 +251,16 @@ fn run_watchdog(dog: &Watchdog, engine: &Weak<EngineInner>) {
         }
         state = match state.earliest() {
             // Nothing watched: sleep until a call is.
-            None => dog.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+            None => crate::util::wait(&dog.wake, state),
             Some(deadline) => {
-                dog.wake
-                    .wait_timeout(state, deadline.min(next_prune) - now)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
+                crate::util::wait_timeout(&dog.wake, state, deadline.min(next_prune) - now)
             }
         };
     }
 }
 
 /// A call's deadline passed: tear its link down, then fail it with `ERR_TIMEOUT`.
-fn expire(timed: &Timed, engine: &Weak<EngineInner>) {
+fn expire(timed: &Timed, peers: &Weak<PeerRegistry>) {
     let Some(call) = timed.call.upgrade() else {
         return;
     };
@@ -280,10 +276,10 @@ fn expire(timed: &Timed, engine: &Weak<EngineInner>) {
     };
     call.override_failure(timeout());
     if let Some(peer) = timed.peer.upgrade() {
-        if let Some(inner) = engine.upgrade() {
-            inner.peers.remove_if_same(peer_key, &peer);
+        if let Some(peers) = peers.upgrade() {
+            peers.remove_if_same(peer_key, &peer);
         }
-        crate::log_error!(
+        crate::log::log_error!(
             "writeCache to {peer_key} timed out after {} ms: tearing the connection down",
             timed.ms
         );

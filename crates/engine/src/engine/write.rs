@@ -2,7 +2,7 @@
 //! the submitting thread, `submitter.rs`) make its completion record, watch its deadline
 //! and hand it to the peer's link.
 
-use super::peers::Peer;
+use super::peers::{Peer, PeerRegistry};
 use super::watchdog::Watchdog;
 use super::{Engine, EngineInner};
 use crate::error::{Error, Result};
@@ -363,11 +363,11 @@ impl Engine {
         let inner = &self.inner;
         let queued = inner.submitter.push(call, || {
             let watchdog = Arc::clone(&inner.watchdog);
-            let engine = Arc::downgrade(inner);
-            move |call: QueuedCall| call.hand_off(&watchdog, &engine)
+            let peers = Arc::downgrade(&inner.peers);
+            move |call: QueuedCall| call.hand_off(&watchdog, &peers)
         });
         if let Err(call) = queued {
-            call.hand_off(&inner.watchdog, &Arc::downgrade(inner));
+            call.hand_off(&inner.watchdog, &Arc::downgrade(&inner.peers));
         }
     }
 }
@@ -384,7 +384,7 @@ pub(super) struct QueuedCall {
 impl QueuedCall {
     /// Makes the call's completion record, watches its deadline and hands it to its link
     /// (or completes it at once when it has nothing to send).
-    fn hand_off(self, watchdog: &Arc<Watchdog>, engine: &Weak<EngineInner>) {
+    fn hand_off(self, watchdog: &Arc<Watchdog>, peers: &Weak<PeerRegistry>) {
         let done = counted_done(&self.write, self.on_done, self.started);
         let PreparedWrite {
             peer,
@@ -399,7 +399,7 @@ impl QueuedCall {
             return;
         }
         if let Some(timeout) = self.timeout {
-            watchdog.watch(engine, &peer, &done, self.started, timeout);
+            watchdog.watch(peers, &peer, &done, self.started, timeout);
         }
         peer.link.submit(WriteJob {
             runs,

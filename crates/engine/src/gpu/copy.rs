@@ -101,7 +101,7 @@ impl CopyQueue {
             match gpu.copy_kernel() {
                 Ok(kernel) => Some(kernel),
                 Err(e) => {
-                    crate::debug!("gpu copy: no copy kernel ({e}); copy engines only");
+                    crate::log::debug!("gpu copy: no copy kernel ({e}); copy engines only");
                     None
                 }
             }

@@ -24,7 +24,7 @@ pub fn detect_region_memory(
     let cuda = match Cuda::get() {
         Ok(cuda) => cuda,
         Err(reason) => {
-            crate::debug!("cuda: {reason}; every region is host memory");
+            crate::log::debug!("cuda: {reason}; every region is host memory");
             return Ok(());
         }
     };
@@ -99,7 +99,7 @@ pub fn detect_region_memory(
                     ));
                 }
                 if ordinal != gpu_idx {
-                    crate::debug!(
+                    crate::log::debug!(
                         "cuda: {name}[{layer}] is memory of GPU {ordinal}; copies use gpuIdx {gpu_idx}'s context (unified addressing)"
                     );
                 }
@@ -109,7 +109,7 @@ pub fn detect_region_memory(
     }
     let devices = kinds.iter().filter(|k| k.is_device()).count();
     if devices > 0 {
-        crate::debug!(
+        crate::log::debug!(
             "cuda: {devices} of {} regions are GPU memory (gpuIdx {gpu_idx})",
             kinds.len()
         );

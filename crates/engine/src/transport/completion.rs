@@ -200,11 +200,7 @@ impl RunPool {
 
     /// An empty buffer, recycled when one is free.
     pub fn take(&self) -> Vec<Run> {
-        self.free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default()
+        crate::util::lock(&self.free).pop().unwrap_or_default()
     }
 
     /// Wraps planned runs so that they return here when the job drops them.
@@ -218,7 +214,7 @@ impl RunPool {
 
     fn put(&self, mut runs: Vec<Run>) {
         runs.clear();
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = crate::util::lock(&self.free);
         if free.len() < Self::MAX_KEPT {
             free.push(runs);
         }

@@ -8,79 +8,25 @@
 //! that names the concrete ones.
 
 mod completion;
+mod explanation;
 mod job;
 pub(crate) mod nvlink;
 pub(crate) mod rdma;
 mod registry;
 pub(crate) mod tcp;
 
+pub use crate::transport_kind::TransportKind;
 pub(crate) use completion::Accounting;
 pub use completion::{
     CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
 };
+pub use explanation::Explanation;
 pub use job::{copy_op, fail, for_each_copy, Arrival, ArrivalSink, WriteJob, MAX_TAG_BYTES};
-pub(crate) use registry::{open_transports, probe, OpenContext};
+pub use registry::TransportDetails;
+pub(crate) use registry::{open_transports, probe, OpenContext, Unusable};
 
 use crate::error::{Error, Result};
 use std::time::Duration;
-
-/// The transports this build knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TransportKind {
-    Tcp,
-    Rdma,
-    Nvlink,
-}
-
-impl TransportKind {
-    /// Every kind, in the engine's order of preference for `auto` (fastest first).
-    pub const PREFERENCE: [TransportKind; 3] = [
-        TransportKind::Nvlink,
-        TransportKind::Rdma,
-        TransportKind::Tcp,
-    ];
-
-    /// The name users write (`transport: 'rdma'`, `KVCACHE_TRANSPORT=rdma`).
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportKind::Tcp => "tcp",
-            TransportKind::Rdma => "rdma",
-            TransportKind::Nvlink => "nvlink",
-        }
-    }
-
-    /// The kind's code in a descriptor's endpoint list (stable across versions).
-    pub fn code(self) -> u8 {
-        match self {
-            TransportKind::Tcp => 1,
-            TransportKind::Rdma => 2,
-            TransportKind::Nvlink => 3,
-        }
-    }
-
-    pub fn from_code(code: u8) -> Option<TransportKind> {
-        Self::PREFERENCE
-            .into_iter()
-            .find(|kind| kind.code() == code)
-    }
-
-    pub fn parse(name: &str) -> Option<TransportKind> {
-        Self::PREFERENCE
-            .into_iter()
-            .find(|kind| kind.name() == name)
-    }
-
-    /// The typed error for "this transport cannot be used", carrying the reason.
-    pub fn unavailable(self, reason: String) -> Error {
-        match self {
-            TransportKind::Rdma => Error::RdmaUnavailable { reason },
-            other => Error::TransportUnavailable {
-                transport: other.name(),
-                reason,
-            },
-        }
-    }
-}
 
 /// The connecting peer as the acceptor knows it during the handshake.
 #[derive(Debug, Clone, Copy)]
@@ -118,10 +64,9 @@ pub(crate) trait Transport: Send + Sync {
     /// Releases what `offer` reserved for `peer_key` (another transport was chosen, or the
     /// handshake failed).
     fn forget(&self, peer_key: &str);
-    /// What this side uses (device, port, GID, ...), for logs and reports.
-    fn details(&self) -> Vec<(&'static str, String)> {
-        Vec::new()
-    }
+    /// What this side uses (a summary and typed details) and why `auto` takes it: the
+    /// engine's decision sentences and every report are built from it.
+    fn explain(&self) -> Explanation;
     /// Connections this side receives on (for leak checks).
     fn receivers(&self) -> usize {
         0

@@ -1,16 +1,45 @@
 //! The one place that names the concrete transports: which ones an engine opens, in which
 //! order, and why the others are not there.
 
-use super::nvlink::NvlinkTransport;
-use super::rdma::RdmaTransport;
-use super::tcp::TcpTransport;
-use super::{Arrival, ArrivalSink, Transport, TransportKind};
+use super::nvlink::{NvlinkDetails, NvlinkTransport};
+use super::rdma::{RdmaDetails, RdmaTransport};
+use super::tcp::{TcpDetails, TcpTransport};
+use super::{Arrival, ArrivalSink, Explanation, Transport, TransportKind};
 use crate::config::{RdmaSettings, TransportChoice};
 use crate::error::Result;
 use crate::layout::RegionTable;
 use crate::metrics::Metrics;
 use std::net::IpAddr;
 use std::sync::Arc;
+
+/// What each transport uses on this side, typed (`Transport::explain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportDetails {
+    Tcp(TcpDetails),
+    Rdma(RdmaDetails),
+    Nvlink(NvlinkDetails),
+}
+
+impl TransportDetails {
+    /// `(key, value)` pairs for reports (`peerInfo().details`, `doctor`).
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        match self {
+            TransportDetails::Tcp(details) => details.fields(),
+            TransportDetails::Rdma(details) => details.fields(),
+            TransportDetails::Nvlink(details) => details.fields(),
+        }
+    }
+}
+
+/// A transport this side could not open, and why.
+#[derive(Debug, Clone)]
+pub(crate) struct Unusable {
+    pub kind: TransportKind,
+    pub reason: String,
+    /// False where the transport was never in question for these regions (NVLink over
+    /// host memory): explanations leave it out rather than blame it.
+    pub in_question: bool,
+}
 
 /// What opening a transport needs.
 pub(crate) struct OpenContext<'a> {
@@ -59,7 +88,7 @@ fn bytes_per_block(cx: &OpenContext<'_>) -> u64 {
 /// An engine's transports, most preferred first, and the ones it could not open with why.
 pub(crate) struct Transports {
     pub usable: Vec<Box<dyn Transport>>,
-    pub unusable: Vec<(TransportKind, String)>,
+    pub unusable: Vec<Unusable>,
 }
 
 fn open_one(kind: TransportKind, cx: &OpenContext<'_>) -> Result<Box<dyn Transport>> {
@@ -98,8 +127,13 @@ pub(crate) fn open_transports(choice: TransportChoice, cx: &OpenContext<'_>) -> 
                 match open_one(kind, cx) {
                     Ok(transport) => transports.usable.push(transport),
                     Err(e) if kind != TransportKind::Tcp => {
-                        crate::debug!("transport 'auto': {} not usable ({e})", kind.name());
-                        transports.unusable.push((kind, e.to_string()));
+                        crate::log::debug!("transport 'auto': {} not usable ({e})", kind.name());
+                        transports.unusable.push(Unusable {
+                            kind,
+                            reason: e.to_string(),
+                            // NVLink serves GPU memory only.
+                            in_question: kind != TransportKind::Nvlink || cx.table.gpu().is_some(),
+                        });
                     }
                     Err(e) => return Err(e),
                 }
@@ -110,18 +144,18 @@ pub(crate) fn open_transports(choice: TransportChoice, cx: &OpenContext<'_>) -> 
 }
 
 /// Whether `kind` can be used on this host: opened as a communicator opens it (then closed
-/// again), it says what it uses (`details`), or why it cannot be had. `kvtransfer doctor`
+/// again), it says what it uses (`explain`), or why it cannot be had. `kvtransfer doctor`
 /// asks every kind; a transport whose use depends on more than opening (say, on the memory
 /// of the regions) answers for the host in an arm of its own.
 pub(crate) fn probe(
     kind: TransportKind,
     cx: &OpenContext<'_>,
-) -> std::result::Result<Vec<(&'static str, String)>, String> {
+) -> std::result::Result<Explanation, String> {
     let opened = |cx: &OpenContext<'_>| {
         let transport = open_one(kind, cx).map_err(|e| e.to_string())?;
-        let details = transport.details();
+        let explanation = transport.explain();
         transport.shutdown();
-        Ok(details)
+        Ok(explanation)
     };
     match kind {
         TransportKind::Tcp | TransportKind::Rdma => opened(cx),

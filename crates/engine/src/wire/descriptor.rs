@@ -4,7 +4,7 @@
 
 use super::{
     DecodeError, Reader, Role, DESCRIPTOR_MAGIC, MAX_DESCRIPTOR_BYTES, MAX_ENDPOINTS,
-    MAX_NAME_BYTES, PROTOCOL_VERSION,
+    MAX_NAME_BYTES, MAX_NOTE_BYTES, PROTOCOL_VERSION,
 };
 use crate::layout::MAX_LAYERS;
 use crate::shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
@@ -14,6 +14,14 @@ use crate::shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
 pub struct Endpoint {
     pub kind: u8,
     pub bytes: Vec<u8>,
+}
+
+/// The acceptor's account of one offer it passed over: the kind, and why (a sentence a user
+/// can act on, at most [`MAX_NOTE_BYTES`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declined {
+    pub kind: u8,
+    pub reason: String,
 }
 
 /// What one side tells the other during `connect`.
@@ -35,6 +43,10 @@ pub struct Descriptor {
     /// one transport it chose. Kinds are unique; kinds this build does not know are kept
     /// (and never chosen), so a newer peer may offer more.
     pub endpoints: Vec<Endpoint>,
+    /// Acceptor's reply: each offer of the connector, more preferred than the one chosen,
+    /// that it passed over and why (so the connector can explain its transport). Empty in
+    /// a hello. One per kind, at most [`MAX_ENDPOINTS`].
+    pub declined: Vec<Declined>,
 }
 
 impl Descriptor {
@@ -72,6 +84,14 @@ impl Descriptor {
             out.extend_from_slice(&(endpoint.bytes.len() as u32).to_le_bytes());
             out.extend_from_slice(&endpoint.bytes);
         }
+        let declined = &self.declined[..self.declined.len().min(MAX_ENDPOINTS)];
+        out.push(declined.len() as u8);
+        for entry in declined {
+            let reason = truncated(&entry.reason, MAX_NOTE_BYTES);
+            out.push(entry.kind);
+            out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+            out.extend_from_slice(reason.as_bytes());
+        }
         let total = out.len() as u32;
         out[6..10].copy_from_slice(&total.to_le_bytes());
         out
@@ -92,7 +112,12 @@ impl Descriptor {
         }
         let version = r.u16("version")?;
         if version != PROTOCOL_VERSION {
-            return Err(DecodeError(format!("protocol version {version} is not supported (this build speaks {PROTOCOL_VERSION}): both sides must run the same kvtransfer protocol")));
+            let older = if version < PROTOCOL_VERSION {
+                "the peer runs an older kvtransfer: upgrade it"
+            } else {
+                "the peer runs a newer kvtransfer: upgrade this side"
+            };
+            return Err(DecodeError(format!("protocol version {version} is not supported (this build speaks {PROTOCOL_VERSION}); {older}, both sides must speak the same protocol")));
         }
         let total = r.u32("length")? as usize;
         if total != bytes.len() {
@@ -145,6 +170,30 @@ impl Descriptor {
             let bytes = r.take(len, "endpoint")?.to_vec();
             endpoints.push(Endpoint { kind, bytes });
         }
+        let count = r.u8("declined count")? as usize;
+        if count > MAX_ENDPOINTS {
+            return Err(DecodeError(format!(
+                "{count} declined offers listed; at most {MAX_ENDPOINTS}"
+            )));
+        }
+        let mut declined: Vec<Declined> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let kind = r.u8("declined kind")?;
+            if declined.iter().any(|d| d.kind == kind) {
+                return Err(DecodeError(format!(
+                    "transport kind {kind} is declined twice"
+                )));
+            }
+            let len = r.u16("declined reason length")? as usize;
+            if len > MAX_NOTE_BYTES {
+                return Err(DecodeError(format!(
+                    "a declined reason of {len} bytes exceeds the limit of {MAX_NOTE_BYTES}"
+                )));
+            }
+            let reason = String::from_utf8(r.take(len, "declined reason")?.to_vec())
+                .map_err(|_| DecodeError("a declined reason is not UTF-8".into()))?;
+            declined.push(Declined { kind, reason });
+        }
         r.finish("descriptor")?;
         Ok(Descriptor {
             role,
@@ -157,8 +206,18 @@ impl Descriptor {
             tp,
             name,
             endpoints,
+            declined,
         })
     }
+}
+
+/// `text` cut to at most `limit` bytes, on a character boundary.
+fn truncated(text: &str, limit: usize) -> &str {
+    let mut end = text.len().min(limit);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The tensor-parallel fields: size in 1..=MAX_TP_SIZE, rank below it, a 0/1 flag, tokens
@@ -209,6 +268,7 @@ mod tests {
                     bytes: vec![i as u8; 3 + i],
                 })
                 .collect(),
+            declined: Vec::new(),
         }
     }
 
@@ -220,6 +280,42 @@ mod tests {
         }
         assert_eq!(sample(2).endpoint(2), Some(&[1u8; 4][..]));
         assert_eq!(sample(2).endpoint(7), None);
+    }
+
+    #[test]
+    fn round_trips_declined_offers_and_cuts_long_reasons() {
+        let mut d = sample(1);
+        d.declined = vec![
+            Declined {
+                kind: 3,
+                reason: "nvlink: the peer's GPU is not reachable".into(),
+            },
+            Declined {
+                kind: 2,
+                reason: "é".repeat(MAX_NOTE_BYTES),
+            },
+        ];
+        let back = Descriptor::decode(&d.encode()).unwrap();
+        assert_eq!(back.declined[0], d.declined[0]);
+        assert_eq!(back.declined[1].reason.len(), MAX_NOTE_BYTES);
+        assert!(d.declined[1].reason.starts_with(&back.declined[1].reason));
+        let mut twice = sample(1);
+        twice.declined = vec![d.declined[0].clone(), d.declined[0].clone()];
+        let err = Descriptor::decode(&twice.encode()).unwrap_err();
+        assert!(err.0.contains("declined twice"), "{err}");
+    }
+
+    #[test]
+    fn refuses_an_older_peer_by_its_version() {
+        let mut bytes = sample(1).encode();
+        bytes[4..6].copy_from_slice(&(PROTOCOL_VERSION - 1).to_le_bytes());
+        let err = Descriptor::decode(&bytes).unwrap_err();
+        assert!(
+            err.0
+                .contains(&format!("protocol version {}", PROTOCOL_VERSION - 1))
+                && err.0.contains("older kvtransfer"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -257,7 +353,8 @@ mod tests {
         let err = Descriptor::decode(&twice.encode()).unwrap_err();
         assert!(err.0.contains("offered twice"), "{err}");
         let mut bytes = sample(0).encode();
-        let count_at = bytes.len() - 1;
+        // The endpoint count, before the (empty) declined list's count.
+        let count_at = bytes.len() - 2;
         bytes[count_at] = MAX_ENDPOINTS as u8 + 1;
         let err = Descriptor::decode(&bytes).unwrap_err();
         assert!(err.0.contains("at most"), "{err}");

@@ -5,22 +5,20 @@
 
 mod descriptor;
 
-pub use descriptor::{Descriptor, Endpoint};
+pub use descriptor::{Declined, Descriptor, Endpoint};
 
 /// Magic + version at the start of every descriptor.
 pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
 /// 2: a list of (transport kind, endpoint) instead of fixed per-transport fields; 3: the
-/// scale block size; 4: the tensor-parallel fields (size, rank, replication, block order).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// scale block size; 4: the tensor-parallel fields (size, rank, replication, block order);
+/// 5: the acceptor's declined offers as a typed list (no longer a note endpoint).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).
 pub const MAX_ENDPOINTS: usize = 8;
 pub const MAX_NAME_BYTES: usize = 255;
-/// The kind of the acceptor's note in its reply (beside the chosen endpoint; never a
-/// transport): UTF-8, why it did not take the connector's more preferred offers, so that
-/// the connector can explain its transport (`peerInfo`). At most [`MAX_NOTE_BYTES`].
-pub const NOTE_KIND: u8 = 0xff;
+/// Longest reason the acceptor gives for an offer it declined.
 pub const MAX_NOTE_BYTES: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -92,7 +92,7 @@ impl NvlinkLink {
             Arc::clone(&gpu),
             CopySettings::from_env().kernel_below(KERNEL_BELOW_AVERAGE_BYTES),
         )?;
-        crate::debug!("nvlink to {peer}: copies {}", copies.describe());
+        crate::log::debug!("nvlink to {peer}: copies {}", copies.describe());
         let mut free = Vec::with_capacity(SLOTS);
         for _ in 0..SLOTS {
             free.push(Slot {
@@ -164,10 +164,7 @@ impl Shared {
         drop(lock(&self.submitter));
         let mut queue = lock(&self.queue);
         while queue.in_flight > 0 {
-            queue = self
-                .queue_changed
-                .wait(queue)
-                .unwrap_or_else(|p| p.into_inner());
+            queue = crate::util::wait(&self.queue_changed, queue);
         }
     }
 
@@ -178,7 +175,7 @@ impl Shared {
         if imports.is_some() {
             let _current = self.gpu.scoped();
             drop(imports);
-            crate::debug!("nvlink to {}: imports released", self.peer);
+            crate::log::debug!("nvlink to {}: imports released", self.peer);
         }
     }
 }
@@ -195,10 +192,7 @@ fn complete_loop(shared: &Shared) {
                 if shared.closing.load(Ordering::SeqCst) {
                     return;
                 }
-                queue = shared
-                    .queue_changed
-                    .wait(queue)
-                    .unwrap_or_else(|p| p.into_inner());
+                queue = crate::util::wait(&shared.queue_changed, queue);
             }
         };
         let landed = pending.slot.event.synchronize();
@@ -252,7 +246,7 @@ fn watch(shared: &Shared, mut socket: UnixStream) {
     if shared.closing.load(Ordering::SeqCst) {
         return;
     }
-    crate::debug!(
+    crate::log::debug!(
         "nvlink to {}: the peer closed its side channel",
         shared.peer
     );
@@ -278,10 +272,7 @@ impl Link for NvlinkLink {
             if let Some(slot) = submitter.free.pop() {
                 break slot;
             }
-            submitter = shared
-                .slot_freed
-                .wait(submitter)
-                .unwrap_or_else(|p| p.into_inner());
+            submitter = crate::util::wait(&shared.slot_freed, submitter);
         };
         // The copy contract of both paths below: the sources are this engine's registered
         // device regions (valid while it lives) and the destinations lie in the acceptor's

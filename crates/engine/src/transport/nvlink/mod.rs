@@ -23,7 +23,9 @@ mod socket;
 pub use endpoint::NvlinkEndpoint;
 pub use memory::MemoryTable as NvlinkMemoryTable;
 
-use super::{AcceptingPeer, ConnectTarget, Link, Transport, TransportKind};
+use super::{
+    AcceptingPeer, ConnectTarget, Explanation, Link, Transport, TransportDetails, TransportKind,
+};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
@@ -35,6 +37,24 @@ use server::NvlinkServer;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
 use std::sync::{Arc, OnceLock};
+
+/// What the NVLink transport uses on this side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvlinkDetails {
+    /// `GPU 0 NVIDIA H100 (GPU-…)`: the GPU that runs this side's copies.
+    pub gpu: String,
+    /// GPUs it can access (itself included).
+    pub reachable_gpus: usize,
+}
+
+impl NvlinkDetails {
+    pub(crate) fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("gpu", self.gpu.clone()),
+            ("reachableGpus", self.reachable_gpus.to_string()),
+        ]
+    }
+}
 
 pub(crate) struct NvlinkTransport {
     table: Arc<RegionTable>,
@@ -88,7 +108,7 @@ impl NvlinkTransport {
         }
         let server = NvlinkServer::bind(arrivals)
             .map_err(|e| unavailable(format!("cannot listen on an abstract Unix socket ({e})")))?;
-        crate::debug!(
+        crate::log::debug!(
             "nvlink: GPU {gpu_idx} ({}) reaches {} GPUs; side channel @{}",
             uuid_text(&uuid),
             reachable.len(),
@@ -230,7 +250,7 @@ impl Transport for NvlinkTransport {
         stream
             .set_read_timeout(None)
             .map_err(io("clear the timeout"))?;
-        crate::debug!(
+        crate::log::debug!(
             "nvlink to {peer}: {} allocations imported{}",
             table.pieces.len(),
             if same_process {
@@ -250,19 +270,21 @@ impl Transport for NvlinkTransport {
 
     fn forget(&self, _peer_key: &str) {}
 
-    fn details(&self) -> Vec<(&'static str, String)> {
+    fn explain(&self) -> Explanation {
         let name = self.gpu.name().unwrap_or_default();
-        vec![
-            (
-                "gpu",
-                format!(
-                    "GPU {} {name} ({})",
-                    self.gpu.ordinal(),
-                    uuid_text(&self.uuid)
-                ),
-            ),
-            ("reachableGpus", self.reachable.len().to_string()),
-        ]
+        let gpu = format!(
+            "GPU {} {name} ({})",
+            self.gpu.ordinal(),
+            uuid_text(&self.uuid)
+        );
+        Explanation {
+            summary: gpu.clone(),
+            chosen_because: Some("both processes run on this host, every region on both sides is GPU memory and the GPUs reach each other"),
+            details: TransportDetails::Nvlink(NvlinkDetails {
+                gpu,
+                reachable_gpus: self.reachable.len(),
+            }),
+        }
     }
 
     fn receivers(&self) -> usize {

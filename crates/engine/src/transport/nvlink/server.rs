@@ -136,15 +136,15 @@ fn serve(stream: &UnixStream, shared: &Shared) {
         return;
     };
     let Some((peer, exports)) = lock(&shared.admissions).remove(&session) else {
-        crate::debug!("nvlink: a connection presented an unknown session; closed");
+        crate::log::debug!("nvlink: a connection presented an unknown session; closed");
         return;
     };
     if let Err(e) = send_exports(stream, &exports) {
-        crate::debug!("nvlink: sending the memory table to {peer} failed: {e}");
+        crate::log::debug!("nvlink: sending the memory table to {peer} failed: {e}");
         return;
     }
     let _ = stream.set_read_timeout(None);
-    crate::debug!(
+    crate::log::debug!(
         "nvlink: {peer} opened {} allocations ({} by descriptor)",
         exports.table.pieces.len(),
         exports.fds.len()
@@ -153,7 +153,7 @@ fn serve(stream: &UnixStream, shared: &Shared) {
         match socket::receive(stream) {
             Ok(Some((notice, _))) => {
                 let Some(arrival) = decode_notice(&peer, &notice) else {
-                    crate::debug!("nvlink: a malformed notice from {peer}; connection closed");
+                    crate::log::debug!("nvlink: a malformed notice from {peer}; connection closed");
                     return;
                 };
                 if let Some(sink) = &shared.arrivals {
@@ -161,11 +161,11 @@ fn serve(stream: &UnixStream, shared: &Shared) {
                 }
             }
             Ok(None) => {
-                crate::debug!("nvlink: {peer} closed its side channel");
+                crate::log::debug!("nvlink: {peer} closed its side channel");
                 return;
             }
             Err(e) => {
-                crate::debug!("nvlink: side channel of {peer}: {e}");
+                crate::log::debug!("nvlink: side channel of {peer}: {e}");
                 return;
             }
         }

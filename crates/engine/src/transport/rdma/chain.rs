@@ -1,7 +1,17 @@
 //! Building and posting chains of work requests: WRITE data, the GDR flush READ, the
 //! arrival notice; and failing a link on a bad completion or post.
 
-use super::*;
+use super::doorbell::Doorbell;
+use super::notice::encode_notice;
+use super::state::{
+    ActiveJob, Chain, ChainKind, Phase, SenderLink, Shared, CHAIN_BYTES, MAX_WRITE_BYTES,
+    NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
+};
+use crate::error::Error;
+use crate::layout::RegionTable;
+use crate::transport::{copy_op, fail};
+use kvtransfer_verbs::{LocalBuf, MemoryRegion, RemoteBuf, SendBatch};
+use std::sync::atomic::Ordering;
 
 /// Moves a job whose posted requests all completed to its next phase: flush read, then
 /// notice, then done.

@@ -1,7 +1,79 @@
 //! Opening the device: NIC and GID choice, protection domain, registered regions, shared
 //! completion queues, the progress thread; queue pairs per peer.
 
-use super::*;
+use super::doorbell::{Doorbell, PostingThreads};
+use super::endpoint::RdmaEndpoint;
+use super::gpu_mr;
+use super::link::RdmaLink;
+use super::progress::Worker;
+use super::state::{
+    endpoint_of, rdma_err, tuning, Command, OwnedRegion, PendingQps, QpState, RdmaDevice,
+    ReceiverLink, SenderLink, Shared, NOTICE_RECEIVES, NOTICE_SLOTS, NOTICE_SLOT_BYTES,
+    NOTICE_STAGING_SLOTS, TRANSPORT_RETRY_COUNT,
+};
+use crate::config::RdmaSettings;
+use crate::error::{Error, Result};
+use crate::layout::RegionTable;
+use crate::transport::ArrivalSink;
+use kvtransfer_verbs as verbs;
+use kvtransfer_verbs::{
+    Access, CompletionChannel, CompletionQueue, Context, Dest, ProtectionDomain, QpCaps, QueuePair,
+    RtrParams, RtsParams, SharedReceiveQueue,
+};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What the RDMA transport uses on this side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaDetails {
+    pub device: String,
+    pub port: u8,
+    /// InfiniBand, else RoCE.
+    pub infiniband: bool,
+    pub gid_index: u8,
+    /// The GID: its IPv4 address on RoCE where it maps one, else its bytes.
+    pub gid: String,
+    /// The path MTU in bytes.
+    pub mtu: u32,
+    pub qps_per_peer: u16,
+}
+
+impl RdmaDetails {
+    fn link_layer(&self) -> &'static str {
+        if self.infiniband {
+            "InfiniBand"
+        } else {
+            "RoCE"
+        }
+    }
+
+    /// `rxe0 port 1, GID index 1 (RoCE, 10.77.0.1), MTU 1024, 2 QPs`.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "{} port {}, GID index {} ({}, {}), MTU {}, {} QPs",
+            self.device,
+            self.port,
+            self.gid_index,
+            self.link_layer(),
+            self.gid,
+            self.mtu,
+            self.qps_per_peer
+        )
+    }
+
+    pub(crate) fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("device", self.device.clone()),
+            ("port", self.port.to_string()),
+            ("linkLayer", self.link_layer().to_string()),
+            ("gidIndex", self.gid_index.to_string()),
+            ("gid", self.gid.clone()),
+            ("mtu", self.mtu.to_string()),
+            ("qpsPerPeer", self.qps_per_peer.to_string()),
+        ]
+    }
+}
 
 impl RdmaDevice {
     /// Opens the NIC chosen by `KVCACHE_RDMA_NICS` (entry `gpu_idx % len`) or, when unset,
@@ -90,7 +162,7 @@ impl RdmaDevice {
         if wake_fd < 0 {
             return Err(rdma_err("eventfd", std::io::Error::last_os_error()));
         }
-        crate::debug!(
+        crate::log::debug!(
             "rdma: device {} port {port} ({}), GID index {gid_index}, MTU code {}, {} regions registered{}",
             context.name(),
             if infiniband { "InfiniBand" } else { "RoCE" },
@@ -131,7 +203,7 @@ impl RdmaDevice {
         let doorbell = if post_threads == 0 {
             Doorbell::Inline
         } else {
-            crate::debug!("rdma: {post_threads} posting threads (software provider)");
+            crate::log::debug!("rdma: {post_threads} posting threads (software provider)");
             Doorbell::Threads(PostingThreads::start(
                 post_threads as usize,
                 tuning().chain_wrs,
@@ -160,7 +232,7 @@ impl RdmaDevice {
     }
 
     /// What this side uses, for logs and reports: device, port, GID, MTU, queue pairs.
-    pub fn details(&self) -> Vec<(&'static str, String)> {
+    pub fn details(&self) -> RdmaDetails {
         let shared = &self.shared;
         let gid = if shared.infiniband {
             format!("{:02x?}", shared.gid)
@@ -168,26 +240,15 @@ impl RdmaDevice {
             verbs::gid_ipv4(&shared.gid)
                 .map_or_else(|| format!("{:02x?}", shared.gid), |ip| ip.to_string())
         };
-        vec![
-            ("device", shared.context.name().to_string()),
-            ("port", shared.port.to_string()),
-            (
-                "linkLayer",
-                if shared.infiniband {
-                    "InfiniBand"
-                } else {
-                    "RoCE"
-                }
-                .to_string(),
-            ),
-            ("gidIndex", shared.gid_index.to_string()),
-            ("gid", gid),
-            ("mtu", (128u32 << shared.mtu.clamp(1, 5)).to_string()),
-            (
-                "qpsPerPeer",
-                shared.settings.qps_per_peer.max(1).to_string(),
-            ),
-        ]
+        RdmaDetails {
+            device: shared.context.name().to_string(),
+            port: shared.port,
+            infiniband: shared.infiniband,
+            gid_index: shared.gid_index,
+            gid,
+            mtu: 128u32 << shared.mtu.clamp(1, 5),
+            qps_per_peer: shared.settings.qps_per_peer.max(1),
+        }
     }
 
     /// Creates `qps_per_peer` RC queue pairs for a new peer (state INIT pending).
@@ -379,7 +440,7 @@ impl RdmaDevice {
     /// Stops the progress thread; afterwards no queue pair of this engine exists.
     pub fn shutdown(&self) {
         self.shared.send(Command::Shutdown);
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(thread) = crate::util::lock(&self.thread).take() {
             let _ = thread.join();
         }
     }

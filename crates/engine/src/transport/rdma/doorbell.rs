@@ -7,7 +7,7 @@
 //! posting thread caps the rate at one CPU. There, one posting thread per queue-pair index
 //! lets the queue pairs of a peer progress on separate CPUs.
 
-use super::rdma_err;
+use super::state::rdma_err;
 use crate::error::Error;
 use kvtransfer_verbs::{QueuePair, SendBatch};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,10 +143,7 @@ impl PostingThreads {
 
     /// An empty batch for the next chain: a posted one handed back, else a new one.
     fn spare_batch(&self) -> SendBatch {
-        self.returns
-            .batches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::util::lock(&self.returns.batches)
             .pop()
             .unwrap_or_else(|| SendBatch::with_capacity(self.chain_capacity))
     }
@@ -185,13 +182,7 @@ impl PostingThreads {
         if !self.returns.any_failure.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
-        std::mem::take(
-            &mut *self
-                .returns
-                .failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        )
+        std::mem::take(&mut *crate::util::lock(&self.returns.failures))
     }
 }
 
@@ -206,10 +197,7 @@ impl Drop for PostingThreads {
 
 impl Returns {
     fn fail(&self, link: u64, job: u64, error: Error) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((link, job, error));
+        crate::util::lock(&self.failures).push((link, job, error));
         self.any_failure.store(true, Ordering::Release);
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to the progress thread's eventfd, which
@@ -235,11 +223,7 @@ fn post_items(items: mpsc::Receiver<Item>, returns: &Returns) {
                 }
                 drop(qp);
                 batch.clear();
-                returns
-                    .batches
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(batch);
+                crate::util::lock(&returns.batches).push(batch);
             }
             Item::Barrier(passed) => {
                 let _ = passed.send(());

@@ -83,7 +83,7 @@ pub fn register_region<R: Registrar>(
     };
     match registrar.register(region.addr, region.len) {
         Ok(mr) => {
-            crate::debug!(
+            crate::log::debug!(
                 "rdma: region {index} (GPU {ordinal}) registered through nvidia-peermem; dma-buf was not usable ({dmabuf_error})"
             );
             Ok((mr, Method::PeerMem))
@@ -165,7 +165,7 @@ pub fn register_regions(
     for (index, region) in table.regions().iter().enumerate() {
         let (mr, method) = register_region(&registrar, index, *region, table.memory(index as u32))?;
         if method == Method::Dmabuf {
-            crate::debug!("rdma: region {index} (GPU memory) registered through dma-buf");
+            crate::log::debug!("rdma: region {index} (GPU memory) registered through dma-buf");
         }
         mrs.push(mr);
     }

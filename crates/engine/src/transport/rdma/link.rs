@@ -1,6 +1,10 @@
 //! The engine-facing handle of a sending connection.
 
-use super::*;
+use super::state::{Command, Shared};
+use crate::error::Error;
+use crate::transport::{fail, Link, TransportKind, WriteJob};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 /// Engine-facing handle of a sending connection; the progress thread holds its state.
 pub(crate) struct RdmaLink {
@@ -15,7 +19,7 @@ pub(crate) struct RdmaLink {
 
 impl RdmaLink {
     fn remove(&self, error: Option<Error>) {
-        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut removed = crate::util::lock(&self.removed);
         if *removed {
             return;
         }

@@ -1,6 +1,19 @@
 //! The progress thread: takes commands, posts chains, reaps completions, delivers notices.
 
-use super::*;
+use super::chain::{break_link, finish_phase, post_link};
+use super::doorbell::Doorbell;
+use super::notice::decode_notice;
+use super::state::{
+    tuning, ActiveJob, ChainKind, Command, Phase, ReceiverLink, SenderLink, Shared, NOTICE_SLOTS,
+    NOTICE_SLOT_BYTES,
+};
+use crate::error::Error;
+use crate::transport::{fail, Arrival};
+use kvtransfer_verbs as verbs;
+use kvtransfer_verbs::{CompletionQueue, SendBatch, WorkCompletion};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 pub(super) struct Worker {
     shared: Arc<Shared>,
@@ -68,18 +81,12 @@ impl Worker {
             .request_notify()
             .and_then(|()| self.shared.recv_cq.request_notify());
         if let Err(e) = armed {
-            crate::log_error!("rdma: cannot arm completion queues: {e}");
+            crate::log::log_error!("rdma: cannot arm completion queues: {e}");
         }
         if self.poll_send() | self.poll_recv() {
             return;
         }
-        if !self
-            .shared
-            .commands
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
+        if !crate::util::lock(&self.shared.commands).is_empty() {
             return;
         }
         let mut fds = [
@@ -245,7 +252,7 @@ impl Worker {
             let n = match cq.poll(&mut self.completions) {
                 Ok(n) => n,
                 Err(e) => {
-                    crate::log_error!("rdma: ibv_poll_cq ({which}) failed: {e}");
+                    crate::log::log_error!("rdma: ibv_poll_cq ({which}) failed: {e}");
                     return any;
                 }
             };
@@ -278,7 +285,7 @@ impl Worker {
                 status_code: wc.status,
                 vendor_err: wc.vendor_err,
             };
-            crate::log_error!("{error}");
+            crate::log::log_error!("{error}");
             // The failing request's chain names the call it belongs to.
             let failing_job = link.qps[qp_index]
                 .chains
@@ -327,7 +334,7 @@ impl Worker {
         if wc.is_success() {
             self.deliver_notice(wc);
         } else {
-            crate::log_error!(
+            crate::log::log_error!(
                 "rdma: notice receive failed: {} (status {})",
                 verbs::wc_status_text(wc.status),
                 wc.status
@@ -335,7 +342,7 @@ impl Worker {
         }
         // Repost only after the slot was read: until then the sender cannot reuse it.
         if let Err(e) = self.shared.srq.post_recv(wc.wr_id) {
-            crate::log_error!("rdma: cannot repost a notice receive: {e}");
+            crate::log::log_error!("rdma: cannot repost a notice receive: {e}");
         }
     }
 
@@ -346,7 +353,7 @@ impl Worker {
         let Some(slot) = wc.imm_data else { return };
         let receiver = &self.receivers[index];
         if slot >= NOTICE_SLOTS {
-            crate::log_error!(
+            crate::log::log_error!(
                 "rdma: notice from {} names slot {slot} outside its ring",
                 receiver.peer_name
             );
@@ -378,7 +385,7 @@ impl Worker {
                     });
                 }
             }
-            None => crate::log_error!("rdma: malformed notice from {}", receiver.peer_name),
+            None => crate::log::log_error!("rdma: malformed notice from {}", receiver.peer_name),
         }
     }
 }

@@ -45,7 +45,7 @@ impl LinkState {
             pending.drain(..).collect()
         };
         if !drained.is_empty() {
-            crate::log_error!(
+            crate::log::log_error!(
                 "tcp link to {} broken with {} pending calls: {error}",
                 self.peer,
                 drained.len()

@@ -14,10 +14,13 @@ mod receiver;
 mod server;
 pub(crate) mod sockopt;
 pub(crate) mod staging;
+mod state;
 
 pub use link::FrameBatch;
 
-use super::{AcceptingPeer, ConnectTarget, Link, Transport, TransportKind};
+use super::{
+    AcceptingPeer, ConnectTarget, Explanation, Link, Transport, TransportDetails, TransportKind,
+};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
@@ -145,8 +148,14 @@ impl Transport for TcpTransport {
 
     fn forget(&self, _peer_key: &str) {}
 
-    fn details(&self) -> Vec<(&'static str, String)> {
-        vec![("bindAddress", self.bind.to_string())]
+    fn explain(&self) -> Explanation {
+        Explanation {
+            summary: format!("data listener on {}", self.bind),
+            chosen_because: None,
+            details: TransportDetails::Tcp(TcpDetails {
+                bind_address: self.bind,
+            }),
+        }
     }
 
     fn receivers(&self) -> usize {
@@ -155,6 +164,19 @@ impl Transport for TcpTransport {
 
     fn shutdown(&self) {
         self.server.shutdown();
+    }
+}
+
+/// What the TCP transport uses on this side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpDetails {
+    /// The address its data listener is bound to.
+    pub bind_address: IpAddr,
+}
+
+impl TcpDetails {
+    pub(crate) fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![("bindAddress", self.bind_address.to_string())]
     }
 }
 

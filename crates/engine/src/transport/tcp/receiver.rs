@@ -3,7 +3,7 @@
 //! earlier frame of the stream is in memory.
 
 use super::frame::{self, Header};
-use super::server::{Admission, ServerState};
+use super::state::{Admission, ServerState};
 use super::{lock, sockopt, staging, HELLO_TIMEOUT, RECEIVE_BUFFER_BYTES};
 use crate::transport::Arrival;
 use std::io::{Read, Write};
@@ -137,6 +137,12 @@ impl FrameReader {
 
     /// Reads `len` bytes into raw memory at `dst`.
     ///
+    /// [`Self::read_into`] into a slice this side holds exclusively.
+    fn read_into_slice(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
+        // SAFETY: `dst` is an exclusive borrow of `dst.len()` writable bytes.
+        unsafe { self.read_into(dst.as_mut_ptr(), dst.len()) }
+    }
+
     /// A writer that timed out or was aborted resets the connection before it reports the
     /// failure, and none of its bytes may land afterwards, even those of a frame already
     /// begun or already buffered here: the reset is checked before every `readv` landing
@@ -223,13 +229,13 @@ pub(super) fn run_receiver(state: &ServerState, stream: TcpStream, remote: Socke
     let admission = match admission {
         Ok(admission) => admission,
         Err(reason) => {
-            crate::log_error!("tcp data connection from {remote} refused: {reason}");
+            crate::log::log_error!("tcp data connection from {remote} refused: {reason}");
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }
     };
     let _ = stream.set_read_timeout(None);
-    crate::debug!(
+    crate::log::debug!(
         "tcp data connection from {remote} admitted for peer {}",
         admission.peer_name
     );
@@ -239,7 +245,7 @@ pub(super) fn run_receiver(state: &ServerState, stream: TcpStream, remote: Socke
     let mut reader = FrameReader::new(stream);
     if let Err(reason) = receive_frames(state, &mut reader, &ack_stream, &admission) {
         if !state.closed.load(Ordering::SeqCst) {
-            crate::debug!(
+            crate::log::debug!(
                 "tcp data connection from {} ({remote}) ended: {reason}",
                 admission.peer_name
             );
@@ -305,12 +311,11 @@ fn receive_frames(
                 if state.table.memory(header.region).is_device() {
                     // GPU region: socket → pinned staging → async copy (staging.rs).
                     let fd = reader.stream.as_raw_fd();
-                    // SAFETY: read_into's destination is the staging slot given; the
-                    // device range was checked to lie inside the registered region.
-                    let read = &mut |dst: *mut u8, n| unsafe { reader.read_into(dst, n) };
+                    let read = &mut |dst: &mut [u8]| reader.read_into_slice(dst);
                     let still_wanted = &mut || sockopt::check_not_reset(fd);
                     let len = header.len as usize;
-                    // SAFETY: addr..addr+len lies inside a registered device region.
+                    // SAFETY: addr..addr+len was checked to lie inside a registered device
+                    // region.
                     let received =
                         unsafe { device.receive(&state.table, addr, len, read, still_wanted) };
                     // Waiting for a free staging slot takes time the clock must see.
@@ -363,7 +368,7 @@ fn receive_frames(
 /// A frame outside the regions: nothing of it is written; a NACK fails the oldest pending
 /// call and the connection is closed, since the rest of the stream cannot be trusted.
 fn refuse(ack_stream: &TcpStream, reason: String) -> std::result::Result<(), String> {
-    crate::log_error!("tcp receiver refused a frame: {reason}");
+    crate::log::log_error!("tcp receiver refused a frame: {reason}");
     let _ = send_reply(ack_stream, frame::NACK, 0, reason.as_bytes());
     Err(reason)
 }

@@ -4,34 +4,17 @@
 use super::io::set_socket_options;
 use super::lock;
 use super::receiver::run_receiver;
+use super::state::{Admission, ServerState};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
 use std::collections::HashMap;
-use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-/// A session token handed out in a handshake reply, admitting one data connection.
-#[derive(Debug, Clone)]
-pub(super) struct Admission {
-    pub(super) peer_name: String,
-}
-
-pub(super) struct ServerState {
-    pub(super) table: Arc<RegionTable>,
-    pub(super) admissions: Mutex<HashMap<u64, Admission>>,
-    pub(super) connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
-    pub(super) closed: AtomicBool,
-    pub(super) arrivals: Option<ArrivalSink>,
-    /// Counts received payload bytes per writer (by name).
-    pub(super) metrics: Arc<crate::metrics::Metrics>,
-    /// Started by the first admission: faults the regions in ahead of the first writes.
-    pub(super) prefault: Mutex<Option<JoinHandle<()>>>,
-}
 
 /// Listens for data connections and writes admitted peers' frames into local regions.
 pub(super) struct TcpServer {
@@ -196,7 +179,7 @@ fn prefault_regions(table: &RegionTable, closed: &AtomicBool) {
                 )
             };
             if rc != 0 {
-                crate::debug!(
+                crate::log::debug!(
                     "tcp prefault of {len} bytes at {at:#x} stopped: {}",
                     std::io::Error::last_os_error()
                 );
@@ -213,7 +196,7 @@ fn run_acceptor(state: &Arc<ServerState>, listener: &TcpListener) {
             Ok(accepted) => accepted,
             Err(_) if state.closed.load(Ordering::SeqCst) => return,
             Err(e) => {
-                crate::log_error!("tcp data listener: accept failed: {e}");
+                crate::log::log_error!("tcp data listener: accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }

@@ -81,8 +81,10 @@ impl Pipe {
                 busy: false,
             });
         }
-        crate::debug!("tcp staging: {SLOTS} pinned slots of {CHUNK_BYTES} bytes on GPU {ordinal}");
-        crate::debug!("tcp staging: copies {}", copies.describe());
+        crate::log::debug!(
+            "tcp staging: {SLOTS} pinned slots of {CHUNK_BYTES} bytes on GPU {ordinal}"
+        );
+        crate::log::debug!("tcp staging: copies {}", copies.describe());
         Ok(Pipe { slots, copies })
     }
 
@@ -364,8 +366,8 @@ impl RecvStaging {
         Self::default()
     }
 
-    /// Lands `len` payload bytes, read by `read(dst, n)` (which must fill `dst..dst+n`
-    /// from the socket), in device memory at `dst`: socket → pinned slot → async copy.
+    /// Lands `len` payload bytes, read by `read(slice)` (which fills the slice from the
+    /// socket), in device memory at `dst`: socket → pinned slot → async copy.
     /// `still_wanted()` is asked before a full slot's copies are queued: an error (the
     /// writer reset the connection) queues nothing more into device memory.
     ///
@@ -376,7 +378,7 @@ impl RecvStaging {
         table: &RegionTable,
         dst: u64,
         len: usize,
-        read: &mut dyn FnMut(*mut u8, usize) -> std::io::Result<()>,
+        read: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
         still_wanted: &mut dyn FnMut() -> std::io::Result<()>,
     ) -> std::result::Result<(), RecvError> {
         if self.pipe.is_none() {
@@ -414,9 +416,11 @@ impl RecvStaging {
             let n = (len - done).min(CHUNK_BYTES - self.used);
             let slot = &mut pipe.slots[self.current];
             // SAFETY: used + n <= CHUNK_BYTES: inside the slot, whose earlier copies out of
-            // this range have completed (a slot is reused only after its event).
+            // this range have completed (a slot is reused only after its event), so nothing
+            // else reads or writes it while the slice lives.
             let staging = unsafe { slot.buf.as_mut_ptr().add(self.used) };
-            read(staging, n).map_err(RecvError::Io)?;
+            // SAFETY: as above: `n` bytes from `staging` lie in the slot and are not aliased.
+            read(unsafe { std::slice::from_raw_parts_mut(staging, n) }).map_err(RecvError::Io)?;
             // Queued with the slot's other copies when it closes, or at the flush.
             pipe.copies.push(dst + done as u64, staging as u64, n);
             self.dirty = true;

@@ -1,0 +1,244 @@
+//! The RDMA transport's state, shared by its parts: the device side of an engine (`Shared`,
+//! its commands to the progress thread), per-peer sender and receiver links, queue pairs,
+//! chains and jobs in flight, the tuning. A leaf that the device, link, progress and chain
+//! modules import by name.
+
+use super::endpoint::QpEndpoint;
+use crate::config::RdmaSettings;
+use crate::error::{Error, Result};
+use crate::layout::RegionTable;
+use crate::transport::{ArrivalSink, WriteJob};
+use kvtransfer_verbs::{
+    Access, CompletionChannel, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QueuePair,
+    SharedReceiveQueue,
+};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Work requests per `ibv_post_send` chain; the last one of each chain is signaled.
+pub const CHAIN_WRS: usize = 64;
+/// Send-queue depth requested per queue pair.
+pub(super) const SEND_QUEUE_DEPTH: u32 = 1024;
+/// Receives kept posted on the shared receive queue (arrival notices).
+pub(super) const NOTICE_RECEIVES: u32 = 256;
+/// Notice slots per peer ring: at least NOTICE_RECEIVES, so an unconsumed slot is never
+/// overwritten (a sender can be at most that many notices ahead: RNR flow control).
+pub const NOTICE_SLOTS: u32 = NOTICE_RECEIVES;
+/// Bytes per notice slot: layer u32, blocks u32, tag length u8, tag.
+pub(super) const NOTICE_SLOT_BYTES: usize = 512;
+/// Notices a sender keeps in flight (bounded by its staging slots).
+pub(super) const NOTICE_STAGING_SLOTS: usize = 128;
+/// Largest RDMA WRITE per work request: longer runs are split, so that one large run can be
+/// spread over a peer's queue pairs (256 KiB WRITEs still run at line rate on a NIC).
+pub const MAX_WRITE_BYTES: u64 = 256 << 10;
+/// A chain ends once it carries this many bytes (or `CHAIN_WRS` requests), so that a call
+/// of a few large runs still alternates between the peer's queue pairs.
+pub const CHAIN_BYTES: u64 = 1 << 20;
+/// Transport retries before a request fails with RETRY_EXC_ERR. Not 7: Soft-RoCE treats 7
+/// as "retry forever", so a dead peer would never be detected. A dead peer is reported
+/// after about 4.096 µs × 2^KVCACHE_IB_TIMEOUT × (1 + retries).
+pub const TRANSPORT_RETRY_COUNT: u8 = 6;
+/// Idle polls before blocking on the completion channel.
+pub(super) const IDLE_SPINS: u32 = 64;
+
+/// Data-path tuning (chain length, send-queue depth, idle polls, posting threads): the
+/// constants above unless `KVCACHE_RDMA_TUNING` overrides them (config.rs).
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub chain_wrs: usize,
+    pub send_queue_depth: u32,
+    pub idle_spins: u32,
+    /// Posting threads (`None`: one per queue pair of a peer on software providers, none
+    /// on NICs; see `doorbell.rs`).
+    pub post_threads: Option<u32>,
+}
+
+pub fn tuning() -> Tuning {
+    let t = crate::config::process().rdma_tuning;
+    Tuning {
+        chain_wrs: t.chain_wrs.unwrap_or(CHAIN_WRS),
+        send_queue_depth: t.send_queue_depth.unwrap_or(SEND_QUEUE_DEPTH),
+        idle_spins: t.idle_spins.unwrap_or(IDLE_SPINS),
+        post_threads: t.post_threads,
+    }
+}
+
+pub(super) fn rdma_err(op: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Rdma {
+        op,
+        reason: e.to_string(),
+    }
+}
+
+/// What the peer needs to reach one of our queue pairs.
+pub(super) fn endpoint_of(qp: &QueuePair, psn: u32) -> QpEndpoint {
+    QpEndpoint {
+        qp_num: qp.qp_num(),
+        psn,
+    }
+}
+
+/// A registered byte buffer owned by the engine (notice rings, staging, flush scratch).
+pub(super) struct OwnedRegion {
+    pub(super) mr: MemoryRegion,
+    pub(super) bytes: Box<[u8]>,
+}
+
+impl OwnedRegion {
+    pub(super) fn new(
+        pd: &Arc<ProtectionDomain>,
+        len: usize,
+        access: Access,
+    ) -> Result<OwnedRegion> {
+        let mut bytes = vec![0u8; len].into_boxed_slice();
+        // SAFETY: `bytes` is a heap allocation owned by the returned value and dropped
+        // after `mr` (field order), so it stays mapped for the registration's lifetime.
+        let mr = unsafe { MemoryRegion::register(pd, bytes.as_mut_ptr(), len, access) }
+            .map_err(|e| rdma_err("ibv_reg_mr (engine buffer)", e))?;
+        Ok(OwnedRegion { mr, bytes })
+    }
+
+    pub(super) fn addr(&self) -> u64 {
+        self.bytes.as_ptr() as u64
+    }
+}
+
+/// The device side of one engine: context, PD, the regions registered once, the shared
+/// completion queues and the progress thread.
+pub(crate) struct RdmaDevice {
+    pub(super) shared: Arc<Shared>,
+    pub(super) thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+pub(super) struct Shared {
+    pub(super) context: Arc<Context>,
+    pub(super) pd: Arc<ProtectionDomain>,
+    pub(super) port: u8,
+    pub(super) gid_index: u8,
+    pub(super) gid: [u8; 16],
+    pub(super) lid: u16,
+    pub(super) mtu: u32,
+    pub(super) infiniband: bool,
+    pub(super) settings: RdmaSettings,
+    pub(super) table: Arc<RegionTable>,
+    pub(super) region_mrs: Vec<MemoryRegion>,
+    pub(super) send_cq: Arc<CompletionQueue>,
+    pub(super) recv_cq: Arc<CompletionQueue>,
+    pub(super) srq: Arc<SharedReceiveQueue>,
+    pub(super) channel: Arc<CompletionChannel>,
+    pub(super) commands: Mutex<VecDeque<Command>>,
+    pub(super) wake_fd: libc::c_int,
+    pub(super) next_link: AtomicU64,
+    pub(super) arrivals: Option<ArrivalSink>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: wake_fd is the eventfd created in `RdmaDevice::open`, closed only here.
+        unsafe { libc::close(self.wake_fd) };
+    }
+}
+
+pub(super) enum Command {
+    AddSender(Box<SenderLink>),
+    AddReceiver(Box<ReceiverLink>),
+    Submit(u64, WriteJob),
+    /// Moves the link's queue pairs to the error state, destroys them and fails its jobs
+    /// with the error (or `Closed`), then answers.
+    RemoveSender(u64, Option<Error>, mpsc::Sender<()>),
+    Shutdown,
+}
+
+impl Shared {
+    /// Takes every queued command, oldest first.
+    pub(super) fn take_commands(&self) -> Vec<Command> {
+        crate::util::lock(&self.commands).drain(..).collect()
+    }
+
+    pub(super) fn send(&self, command: Command) {
+        crate::util::lock(&self.commands).push_back(command);
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.wake_fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Queue pairs created for a peer, before they are connected.
+pub(crate) struct PendingQps {
+    pub(super) qps: Vec<(QueuePair, u32)>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Progress-thread state
+
+pub(super) struct QpState {
+    /// Shared with a posting thread while one of its chains waits there.
+    pub(super) qp: Arc<QueuePair>,
+    /// Work requests posted and not yet covered by a completion.
+    pub(super) outstanding: u32,
+    /// Posted chains in order: (chain id = wr_id of all its requests, requests, job seq).
+    pub(super) chains: VecDeque<Chain>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Chain {
+    pub(super) id: u64,
+    pub(super) wrs: u32,
+    pub(super) job: u64,
+    pub(super) kind: ChainKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ChainKind {
+    Data,
+    Flush,
+    Notice { staging_slot: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    Data,
+    Flush,
+    Notice,
+}
+
+pub(super) struct ActiveJob {
+    pub(super) seq: u64,
+    pub(super) job: WriteJob,
+    /// Next copy op to post: (kind, run index, byte offset inside the run).
+    pub(super) cursor: (u32, usize, u64),
+    pub(super) posted_all: bool,
+    pub(super) chains_outstanding: u32,
+    pub(super) phase: Phase,
+    /// Remote (addr, rkey) and length of the last written range (flush target).
+    pub(super) last_write: (u64, u32, u64),
+}
+
+pub(super) struct SenderLink {
+    pub(super) id: u64,
+    pub(super) peer: String,
+    pub(super) qps: Vec<QpState>,
+    pub(super) next_qp: usize,
+    pub(super) remote_regions: Vec<(u64, u32)>,
+    pub(super) notice_ring: (u64, u32, u32),
+    pub(super) next_notice: u64,
+    pub(super) notices_in_flight: usize,
+    pub(super) staging: OwnedRegion,
+    pub(super) scratch: OwnedRegion,
+    pub(super) jobs: VecDeque<ActiveJob>,
+    pub(super) next_job: u64,
+    pub(super) next_chain: u64,
+    /// Jobs whose flush or notice request waits for send-queue room.
+    pub(super) control: VecDeque<u64>,
+    pub(super) alive: Arc<AtomicBool>,
+    pub(super) broken: Option<String>,
+}
+
+pub(super) struct ReceiverLink {
+    pub(super) peer_name: String,
+    pub(super) instance: u64,
+    pub(super) qps: Vec<QueuePair>,
+    pub(super) ring: OwnedRegion,
+}
