@@ -9,11 +9,12 @@
  *   KVTRANSFER_TEST_TIMEOUT_SCALE  multiplies every waiting bound (default 1; e.g. 10 in a slow VM)
  */
 import { fork, type ChildProcess } from 'node:child_process'
-import { createHash, randomFillSync } from 'node:crypto'
+import { createHash } from 'node:crypto'
 import * as net from 'node:net'
 import { fileURLToPath } from 'node:url'
 import type { ExecutionContext } from 'ava'
 import { RDMACommunicator, KvTransferError } from '../lib/index.js'
+import { communicatorOnHostRegions } from '../lib/setup.js'
 import type { Arrival, KvTransferErrorCode, Transport } from '../lib/index.js'
 import type { PeerConfig } from './fixtures/decode-peer.js'
 
@@ -254,15 +255,11 @@ export function makePrefill(
   },
 ): Prefill {
   const { layers, blockNumber, blockBytes } = options
-  const fill = () => randomFillSync(Buffer.alloc(blockNumber * blockBytes))
-  const keys = Array.from({ length: layers }, fill)
-  const values = options.keyOnly ? [] : Array.from({ length: layers }, fill)
-  const comm = new RDMACommunicator({
+  const { comm, keys, values } = communicatorOnHostRegions({
     role: 'prefill',
-    gpuIdx: 0,
-    port: 0,
-    localKeyCache: keys,
-    localValueCache: values,
+    layers,
+    fill: 'random',
+    keyOnly: options.keyOnly,
     blockNumber,
     blockBytes,
     transport: TRANSPORT,

@@ -6,8 +6,8 @@
  * digests and every other block for zeros. Exit code 0 only if all bytes are right.
  */
 import { fork } from 'node:child_process'
-import { createHash, randomFillSync, randomInt } from 'node:crypto'
-import { RDMACommunicator } from './index'
+import { createHash, randomInt } from 'node:crypto'
+import { communicatorOnHostRegions } from './setup'
 
 const LAYERS = Number(process.env.DEMO_LAYERS ?? 8)
 const BLOCK_BYTES = Number(process.env.DEMO_BLOCK_BYTES ?? 64 * 1024)
@@ -42,26 +42,11 @@ function nextMessage<K extends Message['kind']>(kind: K): Promise<Extract<Messag
   })
 }
 
-function regions(blocks: number, fill: boolean): Buffer[] {
-  return Array.from({ length: LAYERS }, () => {
-    // Touch every page now, as a serving engine's pre-allocated cache is: a fresh
-    // Buffer.alloc is backed lazily and would make the transfer pay the page faults.
-    const region = Buffer.allocUnsafe(blocks * BLOCK_BYTES)
-    if (fill) randomFillSync(region)
-    else region.fill(0)
-    return region
-  })
-}
-
 async function decodeMain(): Promise<void> {
-  const keys = regions(DECODE_BLOCKS, false)
-  const values = regions(DECODE_BLOCKS, false)
-  const comm = new RDMACommunicator({
+  const { comm, keys, values } = communicatorOnHostRegions({
     role: 'decode',
-    gpuIdx: 0,
-    port: 0,
-    localKeyCache: keys,
-    localValueCache: values,
+    layers: LAYERS,
+    fill: 'zeros',
     blockNumber: DECODE_BLOCKS,
     blockBytes: BLOCK_BYTES,
   })
@@ -101,14 +86,10 @@ async function decodeMain(): Promise<void> {
 }
 
 async function prefillMain(decodePort: number): Promise<void> {
-  const keys = regions(PREFILL_BLOCKS, true)
-  const values = regions(PREFILL_BLOCKS, true)
-  const comm = new RDMACommunicator({
+  const { comm, keys, values } = communicatorOnHostRegions({
     role: 'prefill',
-    gpuIdx: 0,
-    port: 0,
-    localKeyCache: keys,
-    localValueCache: values,
+    layers: LAYERS,
+    fill: 'random',
     blockNumber: PREFILL_BLOCKS,
     blockBytes: BLOCK_BYTES,
   })

@@ -1,5 +1,5 @@
 // The first call of a prepared request, under variations of what came before it
-// (docs/performance.md, "Prepared calls, fifth round"). Run against a built package:
+// (docs/performance.md, "Call overhead and prepared calls"). Run against a built package:
 //   MODE=base,n1,n8,n30,timer,busy node docs/probes/first-call.js .
 // For each mode: 300 requests (after 20 of warm-up) of 60 prepared layer calls (1538
 // scattered ids, 1-byte blocks, TCP to a forked agent), printing the median µs of call 0

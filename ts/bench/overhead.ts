@@ -1,8 +1,7 @@
 /**
  * `kvtransfer bench --overhead`: the JS → native cost of one writeCache call.
  */
-import { randomFillSync } from 'node:crypto'
-import { RDMACommunicator } from '../index'
+import { communicatorOnHostRegions } from '../setup'
 import { type BenchOptions, Progress, machineInfo, percentile, permutation } from './common'
 import { startAgent } from './driver'
 
@@ -59,14 +58,10 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
     const setup = (await agent.channel.call({ op: 'setup', blockBytes, transport: options.transport })) as {
       port: number
     }
-    const keys = Array.from({ length: layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
-    const values = Array.from({ length: layers }, () => randomFillSync(Buffer.alloc(options.batch * blockBytes)))
-    const comm = new RDMACommunicator({
+    const { comm } = communicatorOnHostRegions({
       role: 'prefill',
-      gpuIdx: 0,
-      port: 0,
-      localKeyCache: keys,
-      localValueCache: values,
+      layers,
+      fill: 'random',
       blockNumber: options.batch,
       blockBytes,
       transport: options.transport,

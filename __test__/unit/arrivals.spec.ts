@@ -1,0 +1,182 @@
+/**
+ * The arrival store (ts/arrivals.ts): notices kept per tag up to a bound, and the waits of
+ * waitForArrival that they settle, time out or that an abort ends.
+ */
+import test from 'ava'
+import { type Arrival, Arrivals, layerSet } from '../../ts/arrivals'
+import { KvTransferError } from '../../ts/errors'
+import type { RequestTag } from '../../ts/tags'
+import { stateOf, useFakeClock } from './fake-clock'
+
+const notice = (tag: RequestTag, layerIdx: number, blocks = 4): Arrival => ({
+  peer: 'prefill-0',
+  tag,
+  layerIdx,
+  blocks,
+})
+const layersOf = (arrivals: Arrival[]) => arrivals.map((a) => a.layerIdx).sort((a, b) => a - b)
+
+test('layerSet: the default is layer 0, n means 0..n-1, a list is taken as it is', (t) => {
+  t.deepEqual([...layerSet(undefined)], [0])
+  t.deepEqual([...layerSet(3)], [0, 1, 2])
+  t.deepEqual([...layerSet(0)], [])
+  t.deepEqual([...layerSet([4, 2, 4])], [4, 2])
+})
+
+test('a wait resolves only once every asked layer arrived, with those layers only', async (t) => {
+  const arrivals = new Arrivals(100)
+  const wait = arrivals.wait('req-1', new Set([0, 1, 2]), {})
+  arrivals.add(notice('req-1', 0))
+  arrivals.add(notice('req-1', 2))
+  arrivals.add(notice('req-1', 7))
+  arrivals.add(notice('req-2', 1))
+  t.is(await stateOf(wait), 'pending', 'layer 1 of req-1 has not arrived (req-2 does not count)')
+  arrivals.add(notice('req-1', 1, 9))
+  const got = await wait
+  t.deepEqual(layersOf(got), [0, 1, 2], 'layer 7 was not asked for')
+  t.deepEqual(
+    got.find((a) => a.layerIdx === 1),
+    { peer: 'prefill-0', tag: 'req-1', layerIdx: 1, blocks: 9 },
+  )
+})
+
+test('notices kept before the wait count: it resolves at once', async (t) => {
+  const arrivals = new Arrivals(100)
+  arrivals.add(notice(5n, 0))
+  arrivals.add(notice(5n, 1))
+  t.deepEqual(layersOf(await arrivals.wait(5n, layerSet(2), {})), [0, 1])
+})
+
+test('a bigint tag and the string of its digits are different tags', async (t) => {
+  const arrivals = new Arrivals(100)
+  const byBigint = arrivals.wait(42n, layerSet(1), {})
+  const byString = arrivals.wait('42', layerSet(1), {})
+  arrivals.add(notice('42', 0))
+  t.is(await stateOf(byBigint), 'pending')
+  t.deepEqual(
+    (await byString).map((a) => a.tag),
+    ['42'],
+  )
+  arrivals.add(notice(42n, 0))
+  t.deepEqual(
+    (await byBigint).map((a) => a.tag),
+    [42n],
+  )
+})
+
+test('waiters of one tag each resolve when their own layers are in', async (t) => {
+  const arrivals = new Arrivals(100)
+  const first = arrivals.wait('r', new Set([0]), {})
+  const both = arrivals.wait('r', new Set([0, 1]), {})
+  arrivals.add(notice('r', 0))
+  t.deepEqual(layersOf(await first), [0])
+  t.is(await stateOf(both), 'pending')
+  arrivals.add(notice('r', 1))
+  t.deepEqual(layersOf(await both), [0, 1])
+})
+
+test.serial('a wait times out with ERR_TIMEOUT naming the tag and the missing layers', async (t) => {
+  const clock = useFakeClock(t)
+  const arrivals = new Arrivals(100)
+  const wait = arrivals.wait(7n, layerSet(4), { timeoutMs: 250 })
+  arrivals.add(notice(7n, 1))
+  arrivals.add(notice(7n, 3))
+  clock.advance(249)
+  t.is(await stateOf(wait), 'pending')
+  clock.advance(1)
+  const error = await t.throwsAsync(wait, { instanceOf: KvTransferError })
+  t.is(error?.code, 'ERR_TIMEOUT')
+  t.is(error?.message, 'timed out after 250 ms waiting for tag 7: layers 0, 2 have not arrived')
+  // The abandoned waiter is gone: the missing layers arriving later settle nothing, and a
+  // new wait still finds the kept notices.
+  arrivals.add(notice(7n, 0))
+  arrivals.add(notice(7n, 2))
+  t.deepEqual(layersOf(await arrivals.wait(7n, layerSet(4), {})), [0, 1, 2, 3])
+})
+
+test.serial('a wait whose layers arrive in time resolves and leaves no timer behind', async (t) => {
+  const clock = useFakeClock(t)
+  const arrivals = new Arrivals(100)
+  const wait = arrivals.wait('soon', layerSet(1), { timeoutMs: 1000 })
+  t.is(clock.pending, 1)
+  arrivals.add(notice('soon', 0))
+  t.deepEqual(layersOf(await wait), [0])
+  t.is(clock.pending, 0)
+})
+
+test('an abort rejects the wait with ERR_ABORTED naming the tag', async (t) => {
+  const arrivals = new Arrivals(100)
+  const controller = new AbortController()
+  const wait = arrivals.wait('stop-me', layerSet(1), { signal: controller.signal })
+  controller.abort()
+  const error = await t.throwsAsync(wait, { instanceOf: KvTransferError })
+  t.is(error?.code, 'ERR_ABORTED')
+  t.is(error?.message, 'waitForArrival(stop-me) was aborted')
+})
+
+test('an already aborted signal rejects the wait at once', async (t) => {
+  const arrivals = new Arrivals(100)
+  const error = await t.throwsAsync(arrivals.wait(1n, layerSet(1), { signal: AbortSignal.abort() }), {
+    instanceOf: KvTransferError,
+  })
+  t.is(error?.code, 'ERR_ABORTED')
+})
+
+test('beyond maxPending the oldest tag is dropped whole, each of its notices reported', async (t) => {
+  const dropped: Arrival[] = []
+  const arrivals = new Arrivals(3, (arrival) => dropped.push(arrival))
+  arrivals.add(notice('old', 0))
+  arrivals.add(notice('old', 1))
+  arrivals.add(notice('mid', 0))
+  t.deepEqual(dropped, [], 'three notices fit')
+  arrivals.add(notice('new', 0))
+  t.deepEqual(dropped, [notice('old', 0), notice('old', 1)])
+  // What was kept still settles waits; what was dropped does not.
+  t.deepEqual(layersOf(await arrivals.wait('mid', layerSet(1), {})), [0])
+  t.deepEqual(layersOf(await arrivals.wait('new', layerSet(1), {})), [0])
+  const controller = new AbortController()
+  const waitForDropped = arrivals.wait('old', layerSet(1), { signal: controller.signal })
+  t.is(await stateOf(waitForDropped), 'pending')
+  controller.abort()
+  await t.throwsAsync(waitForDropped, { instanceOf: KvTransferError })
+})
+
+test('a notice that completes a waiter is kept too, and counts toward the bound', (t) => {
+  const dropped: Arrival[] = []
+  const arrivals = new Arrivals(1, (arrival) => dropped.push(arrival))
+  void arrivals.wait('a', layerSet(1), {})
+  arrivals.add(notice('a', 0))
+  arrivals.add(notice('b', 0))
+  t.deepEqual(dropped, [notice('a', 0)])
+})
+
+test('forget drops the kept notices of a tag and frees their room', async (t) => {
+  const dropped: Arrival[] = []
+  const arrivals = new Arrivals(2, (arrival) => dropped.push(arrival))
+  arrivals.add(notice('a', 0))
+  arrivals.add(notice('b', 0))
+  arrivals.forget('a')
+  arrivals.add(notice('c', 0))
+  t.deepEqual(dropped, [], 'forgetting "a" made room for "c"')
+  arrivals.forget('never-seen')
+  const controller = new AbortController()
+  const wait = arrivals.wait('a', layerSet(1), { signal: controller.signal })
+  t.is(await stateOf(wait), 'pending', 'the forgotten notice no longer settles a wait')
+  controller.abort()
+  await t.throwsAsync(wait, { instanceOf: KvTransferError })
+})
+
+test('rejectAll rejects every waiter of every tag with the given error, and keeps the notices', async (t) => {
+  const arrivals = new Arrivals(100)
+  arrivals.add(notice('a', 0))
+  // Each misses a layer: 'a' has only layer 0.
+  const waits = [
+    arrivals.wait('a', new Set([1]), {}),
+    arrivals.wait('a', layerSet(2), {}),
+    arrivals.wait(9n, layerSet(1), {}),
+  ]
+  const closed = new KvTransferError('ERR_CLOSED', 'communicator closed')
+  arrivals.rejectAll(closed)
+  for (const wait of waits) t.is(await t.throwsAsync(wait), closed)
+  t.deepEqual(layersOf(await arrivals.wait('a', layerSet(1), {})), [0])
+})
