@@ -36,10 +36,16 @@ fn napi_failure(error: napi::Error) -> CodedError {
     napi::Error::new("ERR_IO", format!("{} ({})", error.reason, error.status))
 }
 
-/// Locks `mutex`, also after a panic elsewhere poisoned it (every value guarded here stays
-/// consistent between statements).
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
+use kvtransfer_engine::lock;
+
+/// A panic on a binding thread, as the bug it is (`ERR_INTERNAL`, with its message).
+fn internal_error(panic: &(dyn std::any::Any + Send)) -> kvtransfer_engine::Error {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string());
+    kvtransfer_engine::Error::Internal { what }
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> CodedError {
@@ -94,7 +100,7 @@ where
         .name(name.into())
         .spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-                .unwrap_or(Err(kvtransfer_engine::Error::Closed));
+                .unwrap_or_else(|panic| Err(internal_error(&*panic)));
             if let Ok(deferred) = take_over.recv() {
                 settle(deferred, result);
             }
@@ -646,4 +652,23 @@ pub fn peer_copy_gbps<'env>(
     on_thread(env, "kvt-ceiling", "the link ceiling".into(), move || {
         kvtransfer_engine::peer_copy_gbps(src_gpu, dst_gpu, bytes, reps)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::internal_error;
+
+    #[test]
+    fn a_panic_becomes_err_internal_naming_it_and_asking_for_a_report() {
+        let owned = std::panic::catch_unwind(|| panic!("slot {} missing", 7)).unwrap_err();
+        let error = internal_error(&*owned);
+        assert_eq!(error.code(), "ERR_INTERNAL");
+        let text = error.to_string();
+        assert!(
+            text.contains("slot 7 missing") && text.contains("report it"),
+            "{text}"
+        );
+        let literal = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert!(internal_error(&*literal).to_string().contains("(plain)"));
+    }
 }

@@ -25,6 +25,7 @@ export const KV_TRANSFER_ERROR_CODES = [
   'ERR_ABORTED',
   'ERR_AUTH',
   'ERR_TP_MISMATCH',
+  'ERR_INTERNAL',
 ] as const
 
 /**

@@ -97,6 +97,9 @@ pub enum Error {
         peer: String,
         reason: String,
     },
+    /// A bug: a panic inside kvtransfer, caught before it could take the process down.
+    #[error("internal error in kvtransfer ({what}): this is a bug, not a usage error; please report it at https://github.com/kvtransfer/kvtransfer/issues with this message and a log taken with KVCACHE_DEBUG=1")]
+    Internal { what: String },
 }
 
 impl Error {
@@ -124,6 +127,7 @@ impl Error {
             Error::Aborted => "ERR_ABORTED",
             Error::Auth { .. } => "ERR_AUTH",
             Error::TensorParallel { .. } => "ERR_TP_MISMATCH",
+            Error::Internal { .. } => "ERR_INTERNAL",
         }
     }
 
@@ -174,6 +178,7 @@ pub const ERROR_CODES: &[&str] = &[
     "ERR_ABORTED",
     "ERR_AUTH",
     "ERR_TP_MISMATCH",
+    "ERR_INTERNAL",
 ];
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -261,7 +266,8 @@ mod error_codes_tests {
                     peer: text(),
                     reason: text(),
                 },
-                Error::TensorParallel { .. } => break,
+                Error::TensorParallel { .. } => Error::Internal { what: text() },
+                Error::Internal { .. } => break,
             };
             all.push(next);
         }

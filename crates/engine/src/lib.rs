@@ -47,6 +47,7 @@ pub use transport::{
     Arrival, ArrivalSink, CallSink, Completion, CompletionCallback, Explanation, OnDone,
     TransportDetails, TransportKind, MAX_TAG_BYTES,
 };
+pub use util::lock;
 pub use wire::Role;
 
 /// Internals exported for this crate's own tests, benches and fuzz targets: codecs,

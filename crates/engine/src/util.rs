@@ -28,7 +28,7 @@ pub fn scattered_ids(n: u32, seed: u64) -> Vec<u32> {
 
 /// Poison-tolerant lock: a panicked holder leaves plain data behind, never a broken
 /// invariant that a later holder could trip over.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
