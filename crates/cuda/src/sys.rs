@@ -202,7 +202,7 @@ pub(crate) struct Api {
     /// CUDA 11.7+; absent on older drivers.
     pub mem_get_handle_for_address_range: Option<GetHandleForAddressRangeFn>,
     /// Sharing and device identity (see [`SharingApi`]); the missing symbol otherwise.
-    pub sharing: Result<SharingApi, crate::LoadError>,
+    pub sharing: Result<SharingApi, crate::error::LoadError>,
     /// Keeps the entry points above valid.
     pub _lib: libloading::Library,
 }
