@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the connecting side has once the acceptor's reply is checked and its link open.
-struct OpenedLink {
+struct OpenedLink<'e> {
+    /// The transport the acceptor chose (it explains the decision).
+    transport: &'e dyn Transport,
     remote_layout: CacheLayout,
     shard: Shard,
     link: Box<dyn Link>,
@@ -306,6 +308,7 @@ impl Engine {
         let link = self.open_link(peer_key, host, &envelope.descriptor, peer_tp_size);
         self.forget_offers(peer_key);
         let OpenedLink {
+            transport: chosen,
             remote_layout,
             shard,
             link,
@@ -313,9 +316,7 @@ impl Engine {
         } = link?;
         let transport = link.kind().name();
         let counters = Arc::new(self.inner.metrics.connected(peer_key, link.kind().code()));
-        if let Some(chosen) = self.transport(link.kind()) {
-            self.record_decision(peer_key, chosen, &declined);
-        }
+        self.record_decision(peer_key, chosen, &declined);
         let peer = Arc::new(Peer::new(peer_key, remote_layout, shard, link, counters));
         let replaced = {
             let _guard = crate::util::lock(&self.inner.close_lock);
@@ -469,7 +470,7 @@ impl Engine {
         host: &str,
         reply: &[u8],
         peer_tp_size: Option<u32>,
-    ) -> Result<OpenedLink> {
+    ) -> Result<OpenedLink<'_>> {
         let remote = Descriptor::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
         let remote_layout = self.check_compatible(peer_key, &remote)?;
         let shard = self.plan_shards(peer_key, &remote, &remote_layout, true, peer_tp_size)?;
@@ -505,6 +506,7 @@ impl Engine {
             &chosen.bytes,
         )?;
         Ok(OpenedLink {
+            transport: transport.as_ref(),
             remote_layout,
             shard,
             link,
