@@ -8,7 +8,7 @@ use crate::prepared::PreparedTable;
 use crate::{
     block_id_slices, invalid, lock, to_js_error, Code, NativeCommunicator, SettledCallback,
 };
-use kvtransfer_engine::{CallSink, Engine, OnDone};
+use kvtransfer_engine::{CallBlocks, CallSink, Engine, OnDone, WriteCall};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
 use napi_derive::napi;
@@ -115,13 +115,17 @@ pub fn write_cache<'env>(
     let on_done = calls.on_done(call_id)?;
     calls
         .engine
-        .write_cache_with_callback(
-            &peer_key,
-            block_id_slices(&local_block_ids),
-            block_id_slices(&remote_block_ids),
-            layer_idx,
-            tag.map(|t| t.to_vec()),
-            timeout(timeout_ms),
+        .write(
+            WriteCall {
+                peer_key: &peer_key,
+                blocks: CallBlocks::Ids {
+                    local: block_id_slices(&local_block_ids),
+                    remote: block_id_slices(&remote_block_ids),
+                },
+                layer: layer_idx,
+                tag: tag.map(|t| t.to_vec()),
+                timeout: timeout(timeout_ms),
+            },
             on_done,
         )
         .map_err(to_js_error)
@@ -148,12 +152,14 @@ pub fn write_prepared(
     let on_done = calls.on_done(call_id)?;
     calls
         .engine
-        .write_prepared_with_callback(
-            prepared.peer_key(),
-            &prepared,
-            layer_idx,
-            tag.map(|t| t.to_vec()),
-            timeout(timeout_ms),
+        .write(
+            WriteCall {
+                peer_key: prepared.peer_key(),
+                blocks: CallBlocks::Prepared(&prepared),
+                layer: layer_idx,
+                tag: tag.map(|t| t.to_vec()),
+                timeout: timeout(timeout_ms),
+            },
             on_done,
         )
         .map_err(to_js_error)

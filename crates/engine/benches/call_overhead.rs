@@ -1,4 +1,4 @@
-//! The engine's part of one prepared layer call (`Engine::write_prepared_with_callback`):
+//! The engine's part of one prepared layer call (`Engine::write` of a prepared list):
 //! the checks, the completion and its accounting, the deadline watch and the hand-off to
 //! the link, without napi or JavaScript. Two engines on loopback TCP, 1538 one-byte blocks
 //! per call (scattered or contiguous ids, prepared once), bursts of 60 layer calls like one
@@ -12,7 +12,9 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvtransfer_engine::internals::scattered_ids;
-use kvtransfer_engine::{BlockIds, CallSink, Engine, EngineOptions, OnDone, Role, TpOptions};
+use kvtransfer_engine::{
+    BlockIds, CallBlocks, CallSink, Engine, EngineOptions, OnDone, Role, TpOptions, WriteCall,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -122,12 +124,14 @@ fn bench(c: &mut Criterion) {
                         let started = Instant::now();
                         for layer in 0..LAYERS {
                             prefill
-                                .write_prepared_with_callback(
-                                    PEER,
-                                    &prepared,
-                                    layer as f64,
-                                    None,
-                                    timeout,
+                                .write(
+                                    WriteCall {
+                                        peer_key: PEER,
+                                        blocks: CallBlocks::Prepared(&prepared),
+                                        layer: layer as f64,
+                                        tag: None,
+                                        timeout,
+                                    },
                                     OnDone::Sink(Arc::clone(&sink), layer as u64),
                                 )
                                 .unwrap();

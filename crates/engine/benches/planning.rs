@@ -12,10 +12,12 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvtransfer_engine::internals::scattered_ids;
-use kvtransfer_engine::internals::{fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES};
+use kvtransfer_engine::internals::{
+    fill_write_chain, tuning, ChainProgress, ChainTarget, MAX_WRITE_BYTES,
+};
 use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
 use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
-use kvtransfer_engine::internals::{RegionTable, Shard};
+use kvtransfer_engine::internals::{JobView, RegionTable, Shard};
 use kvtransfer_engine::BlockIds;
 use kvtransfer_verbs::SendBatch;
 
@@ -28,27 +30,26 @@ fn rdma_chains(
     remote_regions: &[(u64, u32)],
     batch: &mut SendBatch,
 ) -> usize {
-    let mut cursor: ChainCursor = (0, 0, 0);
-    let mut last_write = (0, 0, 0);
+    let mut progress = ChainProgress::default();
+    let shard = Shard::whole(&table.layout);
+    let job = JobView {
+        runs,
+        layer: 1,
+        blocks: BATCH,
+        shard: &shard,
+        tag: None,
+    };
+    let target = ChainTarget {
+        lkey: |region| 0x100 + region as u32,
+        remote_regions,
+    };
     let mut chain_id = 0;
     let mut wrs = 0;
     loop {
         chain_id += 1;
         batch.clear();
         let limit = batch.capacity();
-        let finished = fill_write_chain(
-            table,
-            &Shard::whole(&table.layout),
-            1,
-            runs,
-            |region| 0x100 + region as u32,
-            remote_regions,
-            &mut cursor,
-            &mut last_write,
-            batch,
-            chain_id,
-            limit,
-        );
+        let finished = fill_write_chain(table, job, &target, &mut progress, batch, chain_id, limit);
         wrs += batch.len();
         black_box(batch.link());
         if finished {
@@ -103,13 +104,15 @@ fn bench(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("tcp_frames", name), |b| {
                 b.iter(|| {
                     call_id += 1;
-                    batch.build_frames(
+                    batch.build(
                         &table,
-                        &Shard::whole(&table.layout),
-                        1,
-                        black_box(&runs),
-                        BATCH,
-                        None,
+                        JobView {
+                            runs: black_box(&runs),
+                            layer: 1,
+                            blocks: BATCH,
+                            shard: &Shard::whole(&table.layout),
+                            tag: None,
+                        },
                         call_id,
                     );
                     black_box(batch.iovecs().len())
@@ -148,13 +151,15 @@ fn bench(c: &mut Criterion) {
                 b.iter(|| {
                     call_id += 1;
                     plan_runs(black_box(local), black_box(remote), limits, &mut runs).unwrap();
-                    batch.build_frames(
+                    batch.build(
                         &table,
-                        &Shard::whole(&table.layout),
-                        1,
-                        &runs,
-                        BATCH,
-                        None,
+                        JobView {
+                            runs: &runs,
+                            layer: 1,
+                            blocks: BATCH,
+                            shard: &Shard::whole(&table.layout),
+                            tag: None,
+                        },
                         call_id,
                     );
                     black_box(batch.iovecs().len())

@@ -29,7 +29,8 @@ mod wire;
 pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
 pub use doctor::{host_report, HostReport, TransportReport};
 pub use engine::{
-    Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics, PreparedBlocks, TransportDecision,
+    CallBlocks, Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics, PreparedBlocks,
+    TransportDecision, WriteCall,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;
@@ -60,14 +61,15 @@ pub mod internals {
     pub use crate::shard::{Geometry, Shard};
     pub use crate::transport::nvlink::{NvlinkEndpoint, NvlinkMemoryTable};
     pub use crate::transport::rdma::{
-        decode_notice, fill_write_chain, tuning, ChainCursor, MAX_WRITE_BYTES,
-        TRANSPORT_RETRY_COUNT,
+        decode_notice, fill_write_chain, tuning, ChainCursor, ChainProgress, ChainTarget,
+        MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT,
     };
     pub use crate::transport::rdma::{QpEndpoint, RdmaEndpoint};
     pub use crate::transport::tcp::frame;
     pub use crate::transport::tcp::sockopt::check_not_reset;
     pub use crate::transport::tcp::staging::CHUNK_BYTES;
     pub use crate::transport::tcp::{FrameBatch, TcpEndpoint, MAX_FRAME_PAYLOAD};
+    pub use crate::transport::JobView;
     pub use crate::util::scattered_ids;
     pub use crate::wire::{Declined, Descriptor, Endpoint};
 }

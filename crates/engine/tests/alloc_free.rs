@@ -8,7 +8,7 @@
 use kvtransfer_engine::internals::scattered_ids;
 use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
 use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
-use kvtransfer_engine::internals::{RegionTable, Shard};
+use kvtransfer_engine::internals::{JobView, RegionTable, Shard};
 use kvtransfer_engine::BlockIds;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -78,13 +78,15 @@ fn steady_state_allocations(
         &mut runs,
     )
     .unwrap();
-    batch.build_frames(
+    batch.build(
         &table,
-        &Shard::whole(&table.layout),
-        1,
-        &runs,
-        BATCH,
-        tag,
+        JobView {
+            runs: &runs,
+            layer: 1,
+            blocks: BATCH,
+            shard: &Shard::whole(&table.layout),
+            tag,
+        },
         1,
     );
     let before = allocations();
@@ -96,13 +98,15 @@ fn steady_state_allocations(
             &mut runs,
         )
         .unwrap();
-        batch.build_frames(
+        batch.build(
             &table,
-            &Shard::whole(&table.layout),
-            (call % 2) as u32,
-            &runs,
-            BATCH,
-            tag,
+            JobView {
+                runs: &runs,
+                layer: (call % 2) as u32,
+                blocks: BATCH,
+                shard: &Shard::whole(&table.layout),
+                tag,
+            },
             call + 2,
         );
     }

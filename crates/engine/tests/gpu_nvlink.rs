@@ -4,7 +4,7 @@
 //! --run), where a missing GPU, driver or peer binary fails them.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, Engine, OnDone, Role, TransportKind};
+use kvtransfer_engine::{BlockIds, CallBlocks, Engine, OnDone, Role, TransportKind, WriteCall};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -638,12 +638,14 @@ fn nvlink_bench_grid() {
         let prepared_call = |i: usize| {
             let (sender, completion) = futures_channel::oneshot::channel();
             engine
-                .write_prepared_with_callback(
-                    KEY,
-                    &list,
-                    (i % layers) as f64,
-                    None,
-                    None,
+                .write(
+                    WriteCall {
+                        peer_key: KEY,
+                        blocks: CallBlocks::Prepared(&list),
+                        layer: (i % layers) as f64,
+                        tag: None,
+                        timeout: None,
+                    },
                     OnDone::Callback(Box::new(move |result| {
                         let _ = sender.send(result);
                     })),

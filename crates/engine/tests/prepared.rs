@@ -3,7 +3,7 @@
 //! gone (cancelled, replaced by a reconnect) every call looks the peer up again and is
 //! refused, typed and writing nothing, when there is none or the plan no longer fits it.
 
-use kvtransfer_engine::{BlockIds, OnDone, PreparedBlocks, Role};
+use kvtransfer_engine::{BlockIds, CallBlocks, OnDone, PreparedBlocks, Role, WriteCall};
 use std::sync::mpsc;
 
 mod common;
@@ -23,12 +23,14 @@ fn write(
     layer: u32,
 ) -> kvtransfer_engine::Result<kvtransfer_engine::Result<()>> {
     let (sender, outcome) = mpsc::channel();
-    prefill.engine.write_prepared_with_callback(
-        KEY,
-        prepared,
-        f64::from(layer),
-        None,
-        None,
+    prefill.engine.write(
+        WriteCall {
+            peer_key: KEY,
+            blocks: CallBlocks::Prepared(prepared),
+            layer: f64::from(layer),
+            tag: None,
+            timeout: None,
+        },
         OnDone::Callback(Box::new(move |result| {
             let _ = sender.send(result);
         })),

@@ -8,7 +8,7 @@ use common::{assert_written, connect, try_connect, Side, SideSpec};
 use futures_executor::block_on;
 use kvtransfer_engine::BlockIds;
 use kvtransfer_engine::RdmaSettings;
-use kvtransfer_engine::{Completion, Error, Role};
+use kvtransfer_engine::{Completion, Error, Role, WriteCall};
 use std::time::{Duration, Instant};
 
 /// `KVCACHE_IB_TIMEOUT` used here and the retry count the engine sets.
@@ -47,14 +47,10 @@ fn side(role: Role, device: &str, token: Option<&'static str>) -> Side {
 fn submit(prefill: &Side, ids: &[u32], deadline: Option<Instant>) -> Completion {
     prefill
         .engine
-        .write_cache_until(
-            "decode",
-            BlockIds::U32(ids),
-            BlockIds::U32(ids),
-            0.0,
-            None,
-            deadline,
-        )
+        .write_call(WriteCall {
+            timeout: deadline.map(|at| at.saturating_duration_since(Instant::now())),
+            ..WriteCall::ids("decode", BlockIds::U32(ids), BlockIds::U32(ids), 0.0, None)
+        })
         .unwrap()
 }
 

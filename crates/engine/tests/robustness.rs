@@ -2,7 +2,7 @@
 
 use futures_executor::block_on;
 use kvtransfer_engine::internals::{frame, Descriptor, Envelope, TcpEndpoint};
-use kvtransfer_engine::{BlockIds, Completion, OnDone, Role, TransportKind};
+use kvtransfer_engine::{BlockIds, Completion, OnDone, Role, TransportKind, WriteCall};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -36,14 +36,16 @@ fn submit(
 ) -> Completion {
     prefill
         .engine
-        .write_cache_until(
-            key,
-            BlockIds::U32(ids),
-            BlockIds::U32(ids),
-            f64::from(layer),
-            None,
-            deadline,
-        )
+        .write_call(WriteCall {
+            timeout: deadline.map(|at| at.saturating_duration_since(Instant::now())),
+            ..WriteCall::ids(
+                key,
+                BlockIds::U32(ids),
+                BlockIds::U32(ids),
+                f64::from(layer),
+                None,
+            )
+        })
         .unwrap()
 }
 
@@ -151,13 +153,11 @@ fn callback_calls_report_what_completions_report() {
     let (sender, outcomes) = std::sync::mpsc::channel();
     let call = |key: &'static str, remote: &[u32], timeout: Option<Duration>| {
         let sender = sender.clone();
-        prefill.engine.write_cache_with_callback(
-            key,
-            BlockIds::U32(&ids),
-            BlockIds::U32(remote),
-            0.0,
-            None,
-            timeout,
+        prefill.engine.write(
+            WriteCall {
+                timeout,
+                ..WriteCall::ids(key, BlockIds::U32(&ids), BlockIds::U32(remote), 0.0, None)
+            },
             OnDone::Callback(Box::new(move |result| {
                 let _ = sender.send((key, result));
             })),

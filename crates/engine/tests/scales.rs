@@ -3,7 +3,7 @@
 //! scales are refused at the handshake.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, OnDone, Role};
+use kvtransfer_engine::{BlockIds, CallBlocks, OnDone, Role, WriteCall};
 
 mod common;
 use common::{assert_written, connect, try_connect, Side, SideSpec};
@@ -59,12 +59,14 @@ fn key_value_and_scale_blocks_arrive_byte_for_byte() {
         let (tx, rx) = std::sync::mpsc::channel();
         prefill
             .engine
-            .write_prepared_with_callback(
-                "decode",
-                &prepared,
-                1.0,
-                None,
-                None,
+            .write(
+                WriteCall {
+                    peer_key: "decode",
+                    blocks: CallBlocks::Prepared(&prepared),
+                    layer: 1.0,
+                    tag: None,
+                    timeout: None,
+                },
                 OnDone::Callback(Box::new(move |r| tx.send(r).unwrap())),
             )
             .unwrap();

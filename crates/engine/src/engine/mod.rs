@@ -10,7 +10,7 @@ mod tp;
 mod watchdog;
 mod write;
 
-pub use write::PreparedBlocks;
+pub use write::{CallBlocks, PreparedBlocks, WriteCall};
 
 use crate::auth::{self, Nonce};
 use crate::config::{RdmaSettings, Settings, TransportChoice};

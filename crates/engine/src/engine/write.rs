@@ -8,13 +8,13 @@ use super::{Engine, EngineInner};
 use crate::error::{Error, Result};
 use crate::plan::{self, BlockIds, PlanLimits, Run};
 use crate::transport::{Accounting, Completion, CompletionCallback, Done, OnDone, PooledRuns};
-use crate::transport::{WriteJob, MAX_TAG_BYTES};
+use crate::transport::{JobPlan, WriteJob, MAX_TAG_BYTES};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// A block list validated and planned once ([`Engine::prepare_blocks`]) for one peer, to
-/// be written for any layer with [`Engine::write_prepared_with_callback`] without being
-/// validated or planned again. Runs do not depend on the layer.
+/// be written for any layer ([`CallBlocks::Prepared`]) without being validated or planned
+/// again. Runs do not depend on the layer.
 #[derive(Clone)]
 pub struct PreparedBlocks {
     peer_key: String,
@@ -63,20 +63,18 @@ impl PreparedBlocks {
 /// A validated and planned `writeCache` call, not yet handed to its link.
 struct PreparedWrite {
     peer: Arc<Peer>,
-    runs: PooledRuns,
-    layer: u32,
-    blocks: u32,
+    /// What the link will write.
+    plan: JobPlan,
     /// Bytes one block moves: every kind's block (K, V, scales when present), or the
     /// kind's shard with tensor-parallel shards.
     bytes_per_block: u64,
-    tag: Option<Vec<u8>>,
 }
 
 /// A completion that counts the call's outcome in its peer's counters (bytes: every kind
 /// of every block; latency from `started`, when the call was made, to the outcome) before
 /// passing it to `on_done`.
 fn counted_done(write: &PreparedWrite, on_done: OnDone, started: Instant) -> Done {
-    let blocks = u64::from(write.blocks);
+    let blocks = u64::from(write.plan.blocks);
     Done::counted(
         on_done,
         Accounting {
@@ -84,13 +82,100 @@ fn counted_done(write: &PreparedWrite, on_done: OnDone, started: Instant) -> Don
             bytes: blocks * write.bytes_per_block,
             blocks,
             started,
-            tagged: write.tag.is_some(),
+            tagged: write.plan.tag.is_some(),
         },
     )
 }
 
+/// One `writeCache` call: to which peer, which blocks, which layer, its tag and timeout.
+#[derive(Debug)]
+pub struct WriteCall<'a> {
+    /// The peer (`host:port`) as connected.
+    pub peer_key: &'a str,
+    pub blocks: CallBlocks<'a>,
+    /// Checked to be an integer layer of this side's layout.
+    pub layer: f64,
+    /// When present, the peer gets an arrival notice after the bytes (at most
+    /// [`MAX_TAG_BYTES`]).
+    pub tag: Option<Vec<u8>>,
+    /// Counted from the call: when it passes with the call still pending, the link to the
+    /// peer is torn down (TCP: reset, writer stopped; RDMA: queue pairs destroyed) and only
+    /// then does the call fail with `ERR_TIMEOUT`; the link's other pending calls fail with
+    /// `ERR_PEER_DISCONNECTED`. Other peers are unaffected.
+    pub timeout: Option<Duration>,
+}
+
+/// The blocks a call writes.
+#[derive(Debug, Clone, Copy)]
+pub enum CallBlocks<'a> {
+    /// Ids validated and planned for this call.
+    Ids {
+        local: BlockIds<'a>,
+        remote: BlockIds<'a>,
+    },
+    /// A list validated and planned once ([`Engine::prepare_blocks`]).
+    Prepared(&'a PreparedBlocks),
+}
+
+impl<'a> WriteCall<'a> {
+    /// A call of `local` into `remote` ids, with no timeout.
+    pub fn ids(
+        peer_key: &'a str,
+        local: BlockIds<'a>,
+        remote: BlockIds<'a>,
+        layer: f64,
+        tag: Option<Vec<u8>>,
+    ) -> Self {
+        WriteCall {
+            peer_key,
+            blocks: CallBlocks::Ids { local, remote },
+            layer,
+            tag,
+            timeout: None,
+        }
+    }
+}
+
 impl Engine {
-    /// Validates and queues one `writeCache` call. Errors here mean nothing was sent.
+    /// Validates and queues one call; its outcome goes to `on_done` (a callback, or a sink
+    /// with the caller's call id), exactly once when this returns `Ok` (possibly before it
+    /// returns) and never when it returns an error, which means nothing was sent. A
+    /// prepared list is refused (typed, nothing sent) when another engine prepared it,
+    /// when `peer_key` is not the peer it was prepared for, or when that peer reconnected
+    /// with a layout the plan does not fit; while the connection it was planned against
+    /// stays up, the peer is not even looked up.
+    pub fn write(&self, call: WriteCall<'_>, on_done: OnDone) -> Result<()> {
+        let WriteCall {
+            peer_key,
+            blocks,
+            layer,
+            tag,
+            timeout,
+        } = call;
+        let prepared = match blocks {
+            CallBlocks::Ids { local, remote } => {
+                self.prepare_write(peer_key, local, remote, layer, tag)
+            }
+            CallBlocks::Prepared(list) => self.reuse_prepared(peer_key, list, layer, tag),
+        };
+        let write = prepared.inspect_err(|error| {
+            self.inner.metrics.peer(peer_key).failed(error);
+        })?;
+        self.dispatch(write, on_done, timeout);
+        Ok(())
+    }
+
+    /// [`Engine::write`] with a `Completion` to await instead of a callback.
+    pub fn write_call(&self, call: WriteCall<'_>) -> Result<Completion> {
+        let (sender, completion) = futures_channel::oneshot::channel();
+        let on_done: CompletionCallback = Box::new(move |result| {
+            let _ = sender.send(result);
+        });
+        self.write(call, on_done.into())?;
+        Ok(completion)
+    }
+
+    /// [`Engine::write_call`] of `local` into `remote` ids, with no timeout.
     pub fn write_cache(
         &self,
         peer_key: &str,
@@ -99,72 +184,12 @@ impl Engine {
         layer: f64,
         tag: Option<Vec<u8>>,
     ) -> Result<Completion> {
-        self.write_cache_until(peer_key, local, remote, layer, tag, None)
-    }
-
-    /// [`Engine::write_cache`] with a deadline: when the call has not completed by then,
-    /// the link to the peer is torn down (TCP: reset, writer stopped; RDMA: queue pairs
-    /// destroyed) and only then does the call fail with `ERR_TIMEOUT`; the link's other
-    /// pending calls fail with `ERR_PEER_DISCONNECTED`. Other peers are unaffected.
-    pub fn write_cache_until(
-        &self,
-        peer_key: &str,
-        local: BlockIds<'_>,
-        remote: BlockIds<'_>,
-        layer: f64,
-        tag: Option<Vec<u8>>,
-        deadline: Option<Instant>,
-    ) -> Result<Completion> {
-        let write = self.counted(
-            peer_key,
-            self.prepare_write(peer_key, local, remote, layer, tag),
-        )?;
-        let (sender, completion) = futures_channel::oneshot::channel();
-        let on_done: CompletionCallback = Box::new(move |result| {
-            let _ = sender.send(result);
-        });
-        let timeout = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
-        self.dispatch(write, on_done.into(), timeout);
-        Ok(completion)
-    }
-
-    /// [`Engine::write_cache_until`] that passes the outcome to `on_done` (a callback, or
-    /// a sink with the caller's call id) instead of returning a `Completion`, with a
-    /// `timeout` counted from the call. `on_done` is called exactly once when this returns
-    /// `Ok` (possibly before it returns), and never when it returns an error.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the seed's writeCache arguments plus timeout and callback"
-    )]
-    pub fn write_cache_with_callback(
-        &self,
-        peer_key: &str,
-        local: BlockIds<'_>,
-        remote: BlockIds<'_>,
-        layer: f64,
-        tag: Option<Vec<u8>>,
-        timeout: Option<Duration>,
-        on_done: OnDone,
-    ) -> Result<()> {
-        let write = self.counted(
-            peer_key,
-            self.prepare_write(peer_key, local, remote, layer, tag),
-        )?;
-        self.dispatch(write, on_done, timeout);
-        Ok(())
-    }
-
-    /// Counts a call refused while preparing it.
-    fn counted(&self, peer_key: &str, prepared: Result<PreparedWrite>) -> Result<PreparedWrite> {
-        if let Err(error) = &prepared {
-            self.inner.metrics.peer(peer_key).failed(error);
-        }
-        prepared
+        self.write_call(WriteCall::ids(peer_key, local, remote, layer, tag))
     }
 
     /// Validates and plans a block list once for `peer_key`; errors here mean nothing
-    /// was planned. The list is written per layer with
-    /// [`Engine::write_prepared_with_callback`].
+    /// was planned. The list is written per layer with [`Engine::write`]
+    /// ([`CallBlocks::Prepared`]).
     pub fn prepare_blocks(
         &self,
         peer_key: &str,
@@ -192,29 +217,6 @@ impl Engine {
             runs: runs.into(),
             blocks: u32::try_from(local.len()).unwrap_or(u32::MAX),
         })
-    }
-
-    /// Writes a prepared block list for `layer`: like
-    /// [`Engine::write_cache_with_callback`], without validating or planning the ids
-    /// again. Refused (typed, nothing sent) when another engine prepared it, when `peer_key`
-    /// is not the peer it was prepared for, or when that peer reconnected with a layout the
-    /// plan does not fit. While the connection it was planned against stays up, the peer
-    /// is not even looked up.
-    pub fn write_prepared_with_callback(
-        &self,
-        peer_key: &str,
-        prepared: &PreparedBlocks,
-        layer: f64,
-        tag: Option<Vec<u8>>,
-        timeout: Option<Duration>,
-        on_done: OnDone,
-    ) -> Result<()> {
-        let write = self.counted(
-            peer_key,
-            self.reuse_prepared(peer_key, prepared, layer, tag),
-        )?;
-        self.dispatch(write, on_done, timeout);
-        Ok(())
     }
 
     /// Checks that a prepared list still fits its peer and makes the call for `layer`.
@@ -255,11 +257,14 @@ impl Engine {
         };
         Ok(PreparedWrite {
             bytes_per_block,
+            plan: JobPlan {
+                runs: PooledRuns::from(Arc::clone(&prepared.runs)),
+                layer,
+                blocks: prepared.blocks,
+                shard: peer.shard,
+                tag,
+            },
             peer,
-            runs: PooledRuns::from(Arc::clone(&prepared.runs)),
-            layer,
-            blocks: prepared.blocks,
-            tag,
         })
     }
 
@@ -343,11 +348,14 @@ impl Engine {
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
         Ok(PreparedWrite {
             bytes_per_block: peer.shard.bytes_per_block(&layout),
+            plan: JobPlan {
+                runs,
+                layer,
+                blocks,
+                shard: peer.shard,
+                tag,
+            },
             peer,
-            runs,
-            layer,
-            blocks,
-            tag,
         })
     }
 
@@ -386,29 +394,15 @@ impl QueuedCall {
     /// (or completes it at once when it has nothing to send).
     fn hand_off(self, watchdog: &Arc<Watchdog>, peers: &Weak<PeerRegistry>) {
         let done = counted_done(&self.write, self.on_done, self.started);
-        let PreparedWrite {
-            peer,
-            runs,
-            layer,
-            blocks,
-            tag,
-            ..
-        } = self.write;
-        if runs.is_empty() && tag.is_none() {
+        let PreparedWrite { peer, plan, .. } = self.write;
+        if plan.runs.is_empty() && plan.tag.is_none() {
             let _ = done.send(Ok(()));
             return;
         }
         if let Some(timeout) = self.timeout {
             watchdog.watch(peers, &peer, &done, self.started, timeout);
         }
-        peer.link.submit(WriteJob {
-            runs,
-            layer,
-            blocks,
-            shard: peer.shard,
-            tag,
-            done,
-        });
+        peer.link.submit(WriteJob { plan, done });
     }
 }
 

@@ -36,21 +36,13 @@ impl From<CompletionCallback> for OnDone {
     }
 }
 
-/// Where a call's outcome goes: a `Completion` to await, or the caller's `OnDone` (no
-/// task or channel per call for callers that have their own dispatch).
-enum Outcome {
-    Channel(oneshot::Sender<Result<()>>),
-    Notify(OnDone),
-}
-
-impl Outcome {
+impl OnDone {
+    /// Passes a call's outcome to where the caller wants it (no task or channel per call
+    /// for callers that have their own dispatch).
     fn deliver(self, result: Result<()>) {
         match self {
-            Outcome::Channel(sender) => {
-                let _ = sender.send(result);
-            }
-            Outcome::Notify(OnDone::Callback(callback)) => callback(result),
-            Outcome::Notify(OnDone::Sink(sink, call)) => sink.settled(call, result),
+            OnDone::Callback(callback) => callback(result),
+            OnDone::Sink(sink, call) => sink.settled(call, result),
         }
     }
 }
@@ -81,7 +73,7 @@ impl Accounting {
 
 /// A call not completed yet: where its outcome goes and what it counts.
 struct Pending {
-    outcome: Outcome,
+    outcome: OnDone,
     accounting: Option<Accounting>,
 }
 
@@ -145,23 +137,18 @@ impl std::fmt::Debug for Done {
 }
 
 impl Done {
-    /// A fresh call: the transport's half and the caller's `Completion`.
-    pub fn new() -> (Done, Completion) {
-        let (sender, completion) = oneshot::channel();
-        (Done::delivering(Outcome::Channel(sender), None), completion)
-    }
-
-    /// A fresh call whose outcome is passed to `callback`.
-    pub fn with_callback(callback: CompletionCallback) -> Done {
-        Done::delivering(Outcome::Notify(OnDone::Callback(callback)), None)
+    /// A fresh call whose outcome is passed to `callback` (tests: uncounted).
+    #[cfg(test)]
+    pub(crate) fn with_callback(callback: CompletionCallback) -> Done {
+        Done::delivering(OnDone::Callback(callback), None)
     }
 
     /// A fresh call whose outcome is counted by `accounting`, then passed to `on_done`.
     pub(crate) fn counted(on_done: OnDone, accounting: Accounting) -> Done {
-        Done::delivering(Outcome::Notify(on_done), Some(accounting))
+        Done::delivering(on_done, Some(accounting))
     }
 
-    fn delivering(outcome: Outcome, accounting: Option<Accounting>) -> Done {
+    fn delivering(outcome: OnDone, accounting: Option<Accounting>) -> Done {
         let slot = Arc::new(DoneSlot {
             pending: Mutex::new(Some(Pending {
                 outcome,

@@ -7,12 +7,45 @@ use crate::layout::RegionTable;
 use crate::plan::Run;
 use crate::shard::Shard;
 
+/// A borrowed view of what a job writes: what frame and work-request builders take (and
+/// what benches and tests without a job build from).
+#[derive(Debug, Clone, Copy)]
+pub struct JobView<'a> {
+    pub runs: &'a [Run],
+    pub layer: u32,
+    pub blocks: u32,
+    pub shard: &'a Shard,
+    pub tag: Option<&'a [u8]>,
+}
+
+impl JobPlan {
+    pub fn view(&self) -> JobView<'_> {
+        JobView {
+            runs: &self.runs,
+            layer: self.layer,
+            blocks: self.blocks,
+            shard: &self.shard,
+            tag: self.tag.as_deref(),
+        }
+    }
+}
+
 /// Largest request tag carried with an arrival notice.
 pub const MAX_TAG_BYTES: usize = 255;
 
 /// One `writeCache` call, planned and owned by the transport until it completes.
 #[derive(Debug)]
 pub struct WriteJob {
+    /// What it writes.
+    pub plan: JobPlan,
+    pub done: Done,
+}
+
+/// What a job writes: its planned runs of one layer, the shard rule, its tag. Transports
+/// take it by reference where they build frames or work requests, apart from the job's
+/// completion (`WriteJob::done`), which they keep until the peer has every byte.
+#[derive(Debug)]
+pub struct JobPlan {
     pub runs: PooledRuns,
     pub layer: u32,
     /// Blocks in the call (before coalescing), reported with the arrival notice.
@@ -22,7 +55,6 @@ pub struct WriteJob {
     pub shard: Shard,
     /// Request tag: when present the receiver gets an arrival notice after the bytes.
     pub tag: Option<Vec<u8>>,
-    pub done: Done,
 }
 
 /// What the receiving side learns when a tagged call has landed.

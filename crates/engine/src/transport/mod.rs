@@ -21,7 +21,9 @@ pub use completion::{
     CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
 };
 pub use explanation::Explanation;
-pub use job::{copy_op, fail, for_each_copy, Arrival, ArrivalSink, WriteJob, MAX_TAG_BYTES};
+pub use job::{
+    copy_op, fail, for_each_copy, Arrival, ArrivalSink, JobPlan, JobView, WriteJob, MAX_TAG_BYTES,
+};
 pub use registry::TransportDetails;
 pub(crate) use registry::{open_transports, probe, OpenContext, Unusable};
 

@@ -289,34 +289,40 @@ impl Link for NvlinkLink {
             let kinds = table.layout.kinds();
             // Tensor-parallel shards that are not whole blocks take the gathering path:
             // one copy per segment (`CopyOp::at`).
-            let whole = job.shard.kv.is_whole() && job.shard.scale.is_whole();
-            if whole && copies.takes_runs(job.runs.len(), kinds) {
+            let whole = job.plan.shard.kv.is_whole() && job.plan.shard.scale.is_whole();
+            if whole && copies.takes_runs(job.plan.runs.len(), kinds) {
                 // The hot path: the planned runs go to the kernel as they are, with where
                 // each kind of this layer is on both sides.
                 let mut places = RunKinds::default();
                 for kind in 0..kinds {
-                    let region = (job.layer * kinds + kind) as usize;
+                    let region = (job.plan.layer * kinds + kind) as usize;
                     let k = kind as usize;
                     places.local[k] = table.regions()[region].addr;
                     places.remote[k] = shared.bases[region];
                     places.block_bytes[k] = table.layout.kind_block_bytes(kind);
                 }
                 // SAFETY: the copy contract above.
-                unsafe { copies.launch_runs(&mut slot.desc, &job.runs, kinds, &places) }?;
+                unsafe { copies.launch_runs(&mut slot.desc, &job.plan.runs, kinds, &places) }?;
             } else {
                 let bases = &shared.bases;
-                for_each_copy(table, &job.shard, job.layer, &job.runs, |op| {
-                    let mut done = 0;
-                    while done < op.len {
-                        let (local, remote, contiguous) = op.at(done);
-                        copies.push(
-                            bases[op.region as usize] + remote,
-                            local,
-                            contiguous as usize,
-                        );
-                        done += contiguous;
-                    }
-                });
+                for_each_copy(
+                    table,
+                    &job.plan.shard,
+                    job.plan.layer,
+                    &job.plan.runs,
+                    |op| {
+                        let mut done = 0;
+                        while done < op.len {
+                            let (local, remote, contiguous) = op.at(done);
+                            copies.push(
+                                bases[op.region as usize] + remote,
+                                local,
+                                contiguous as usize,
+                            );
+                            done += contiguous;
+                        }
+                    },
+                );
                 // SAFETY: the copy contract above.
                 unsafe { copies.submit(&mut slot.desc) }?;
             }
@@ -328,9 +334,9 @@ impl Link for NvlinkLink {
                 queue.jobs.push_back(Pending {
                     slot,
                     done: job.done,
-                    tag: job.tag,
-                    layer: job.layer,
-                    blocks: job.blocks,
+                    tag: job.plan.tag,
+                    layer: job.plan.layer,
+                    blocks: job.plan.blocks,
                 });
                 queue.in_flight += 1;
                 drop(queue);

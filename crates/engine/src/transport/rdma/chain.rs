@@ -4,12 +4,12 @@
 use super::doorbell::Doorbell;
 use super::notice::encode_notice;
 use super::state::{
-    ActiveJob, Chain, ChainKind, Phase, SenderLink, Shared, CHAIN_BYTES, MAX_WRITE_BYTES,
-    NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
+    ActiveJob, Chain, ChainKind, ChainProgress, Phase, SenderLink, Shared, CHAIN_BYTES,
+    MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
 };
 use crate::error::Error;
 use crate::layout::RegionTable;
-use crate::transport::{copy_op, fail};
+use crate::transport::{copy_op, fail, JobView};
 use kvtransfer_verbs::{LocalBuf, MemoryRegion, RemoteBuf, SendBatch};
 use std::sync::atomic::Ordering;
 
@@ -22,7 +22,7 @@ pub(super) fn finish_phase(link: &mut SenderLink, position: usize, gdr_flush: bo
     }
     let next = match active.phase {
         Phase::Data if gdr_flush => Some(Phase::Flush),
-        Phase::Data | Phase::Flush if active.job.tag.is_some() => Some(Phase::Notice),
+        Phase::Data | Phase::Flush if active.job.plan.tag.is_some() => Some(Phase::Notice),
         _ => None,
     };
     match next {
@@ -180,48 +180,48 @@ pub(super) fn fill_chain(
 ) -> bool {
     fill_write_chain(
         table,
-        &active.job.shard,
-        active.job.layer,
-        &active.job.runs,
-        |region| mrs[region].lkey(),
-        remote_regions,
-        &mut active.cursor,
-        &mut active.last_write,
+        active.job.plan.view(),
+        &ChainTarget {
+            lkey: |region| mrs[region].lkey(),
+            remote_regions,
+        },
+        &mut active.progress,
         batch,
         chain_id,
         limit,
     )
 }
 
-/// Where the next WRITE of a call starts: (kind, run index, byte offset inside the run).
-pub type ChainCursor = (u32, usize, u64);
+/// Where a job's WRITEs go: the local key of region `r` is `lkey(r)`, the peer's region
+/// `r` is `remote_regions[r]` (address, rkey).
+pub struct ChainTarget<'a, K: Fn(usize) -> u32> {
+    pub lkey: K,
+    pub remote_regions: &'a [(u64, u32)],
+}
 
 /// The device-free core of [`fill_chain`] (also used by the `rdma_chain` criterion bench):
 /// appends up to `limit` WRITE requests for `runs` of `layer` from `cursor` (the local key
 /// of region `r` is `lkey(r)`, the peer's region `r` is `remote_regions[r]` = (address,
 /// rkey)), signals the last one, and records the last written remote range in
 /// `last_write`. Returns true when no data is left to post.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the progress thread's hot loop passes its state piecewise, without a struct per chain"
-)]
 #[inline]
-pub fn fill_write_chain(
+pub fn fill_write_chain<K: Fn(usize) -> u32>(
     table: &RegionTable,
-    shard: &crate::shard::Shard,
-    layer: u32,
-    runs: &[crate::plan::Run],
-    lkey: impl Fn(usize) -> u32,
-    remote_regions: &[(u64, u32)],
-    cursor: &mut ChainCursor,
-    last_write: &mut (u64, u32, u64),
+    job: JobView<'_>,
+    target: &ChainTarget<'_, K>,
+    progress: &mut ChainProgress,
     batch: &mut SendBatch,
     chain_id: u64,
     limit: usize,
 ) -> bool {
+    let (shard, layer, runs) = (job.shard, job.layer, job.runs);
+    let ChainTarget {
+        lkey,
+        remote_regions,
+    } = target;
     let layout = table.layout;
     let kinds = layout.kinds();
-    let (mut kind, mut run_index, mut offset) = *cursor;
+    let (mut kind, mut run_index, mut offset) = progress.cursor;
     let mut finished = false;
     let mut chain_bytes = 0;
     while batch.len() < limit && chain_bytes < CHAIN_BYTES {
@@ -252,7 +252,7 @@ pub fn fill_write_chain(
         if batch.push_write(chain_id, local, remote, false).is_err() {
             break;
         }
-        *last_write = (remote_addr, rkey, len);
+        progress.last_write = (remote_addr, rkey, len);
         chain_bytes += len;
         offset += len;
         if offset >= op.len {
@@ -263,7 +263,7 @@ pub fn fill_write_chain(
     if !finished && run_index >= runs.len() && kind + 1 >= kinds {
         finished = true;
     }
-    *cursor = (kind, run_index, offset);
+    progress.cursor = (kind, run_index, offset);
     batch.signal_last();
     finished
 }
@@ -288,7 +288,7 @@ pub(super) fn post_control(
     batch.clear();
     let kind = match phase {
         Phase::Flush => {
-            let (remote_addr, rkey, len) = link.jobs[position].last_write;
+            let (remote_addr, rkey, len) = link.jobs[position].progress.last_write;
             let read_len = len.min(8);
             let local = LocalBuf {
                 addr: link.scratch.addr(),
@@ -318,12 +318,12 @@ pub(super) fn post_control(
             let staging_slot = (notice % NOTICE_STAGING_SLOTS as u64) as usize;
             let remote_slot = (notice % u64::from(link.notice_ring.2)) as u32;
             let active = &link.jobs[position];
-            let tag = active.job.tag.as_deref().unwrap_or(&[]);
+            let tag = active.job.plan.tag.as_deref().unwrap_or(&[]);
             let start = staging_slot * NOTICE_SLOT_BYTES;
             let len = encode_notice(
                 &mut link.staging.bytes[start..start + NOTICE_SLOT_BYTES],
-                active.job.layer,
-                active.job.blocks,
+                active.job.plan.layer,
+                active.job.plan.blocks,
                 tag,
             );
             let local = LocalBuf {

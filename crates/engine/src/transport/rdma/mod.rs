@@ -25,11 +25,11 @@ mod notice;
 mod progress;
 mod state;
 
-pub use chain::{fill_write_chain, ChainCursor};
+pub use chain::{fill_write_chain, ChainTarget};
 pub use device::RdmaDetails;
 pub use endpoint::{QpEndpoint, RdmaEndpoint};
 pub use notice::decode_notice;
-pub use state::{tuning, MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT};
+pub use state::{tuning, ChainCursor, ChainProgress, MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT};
 pub(crate) use state::{PendingQps, RdmaDevice};
 
 use super::{

@@ -4,8 +4,8 @@ use super::chain::{break_link, finish_phase, post_link};
 use super::doorbell::Doorbell;
 use super::notice::decode_notice;
 use super::state::{
-    tuning, ActiveJob, ChainKind, Command, Phase, ReceiverLink, SenderLink, Shared, NOTICE_SLOTS,
-    NOTICE_SLOT_BYTES,
+    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink, SenderLink, Shared,
+    NOTICE_SLOTS, NOTICE_SLOT_BYTES,
 };
 use crate::error::Error;
 use crate::transport::{fail, Arrival};
@@ -142,11 +142,10 @@ impl Worker {
                     link.jobs.push_back(ActiveJob {
                         seq,
                         job,
-                        cursor: (0, 0, 0),
+                        progress: ChainProgress::default(),
                         posted_all: false,
                         chains_outstanding: 0,
                         phase: Phase::Data,
-                        last_write: (0, 0, 0),
                     });
                 }
                 Some(link) => fail(

@@ -204,16 +204,25 @@ pub(super) enum Phase {
     Notice,
 }
 
+/// Where the next WRITE of a call starts: (kind, run index, byte offset inside the run).
+pub type ChainCursor = (u32, usize, u64);
+
+/// How far a job's WRITEs have been posted: where the next one starts, and the last remote
+/// range written (address, rkey, length: what the flush READ reads back).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChainProgress {
+    pub cursor: ChainCursor,
+    pub last_write: (u64, u32, u64),
+}
+
 pub(super) struct ActiveJob {
     pub(super) seq: u64,
     pub(super) job: WriteJob,
-    /// Next copy op to post: (kind, run index, byte offset inside the run).
-    pub(super) cursor: (u32, usize, u64),
+    /// How far its WRITEs have been posted.
+    pub(super) progress: ChainProgress,
     pub(super) posted_all: bool,
     pub(super) chains_outstanding: u32,
     pub(super) phase: Phase,
-    /// Remote (addr, rkey) and length of the last written range (flush target).
-    pub(super) last_write: (u64, u32, u64),
 }
 
 pub(super) struct SenderLink {

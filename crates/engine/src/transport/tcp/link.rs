@@ -6,9 +6,7 @@ use super::io::{set_socket_options, writev_all};
 use super::{lock, sockopt, staging, MAX_FRAME_PAYLOAD};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
-use crate::plan::Run;
-use crate::shard::Shard;
-use crate::transport::{fail, for_each_copy, Done, Link, TransportKind, WriteJob};
+use crate::transport::{fail, for_each_copy, Done, JobView, Link, TransportKind, WriteJob};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -206,34 +204,16 @@ impl FrameBatch {
     }
 
     /// Fills headers and iovecs for a job (no allocation once capacities settle).
-    pub fn build(&mut self, table: &RegionTable, job: &WriteJob, call_id: u64) {
-        self.build_frames(
-            table,
-            &job.shard,
-            job.layer,
-            &job.runs,
-            job.blocks,
-            job.tag.as_deref(),
-            call_id,
-        );
-    }
-
-    /// [`FrameBatch::build`] from the job's parts: `WRITE` frames for every run of `layer`
-    /// (K, then V), then the `COMMIT` frame carrying `call_id` and the optional tag.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the job's parts, so that benches build frames without a job"
-    )]
-    pub fn build_frames(
-        &mut self,
-        table: &RegionTable,
-        shard: &Shard,
-        layer: u32,
-        runs: &[Run],
-        blocks: u32,
-        tag: Option<&[u8]>,
-        call_id: u64,
-    ) {
+    /// `WRITE` frames for every run of the plan's layer (K, then V), then the `COMMIT`
+    /// frame carrying `call_id` and the optional tag.
+    pub fn build(&mut self, table: &RegionTable, job: JobView<'_>, call_id: u64) {
+        let JobView {
+            runs,
+            layer,
+            blocks,
+            shard,
+            tag,
+        } = job;
         self.headers.clear();
         self.iovecs.clear();
         // One pass: headers and iovecs together; header iovecs get their address in a
@@ -311,9 +291,9 @@ fn run_writer(
     while let Some(job) = crate::util::poll_then_recv(&jobs) {
         call_id += 1;
         // GPU regions go through pinned staging (staging.rs); host-only jobs are unchanged.
-        let staged = staging::layer_has_device(table, job.layer);
+        let staged = staging::layer_has_device(table, job.plan.layer);
         if !staged {
-            batch.build(table, &job, call_id);
+            batch.build(table, job.plan.view(), call_id);
         }
         {
             let mut pending = lock(&state.pending);
@@ -331,19 +311,8 @@ fn run_writer(
             pending.push_back((call_id, job.done));
         }
         if staged {
-            let (runs, tag) = (&job.runs, job.tag.as_deref());
             let write = &mut |iovecs: &mut [libc::iovec]| writev_all(stream, iovecs);
-            let sent = device.send(
-                table,
-                &job.shard,
-                job.layer,
-                runs,
-                job.blocks,
-                tag,
-                call_id,
-                write,
-                &state.peer,
-            );
+            let sent = device.send(table, job.plan.view(), call_id, write, &state.peer);
             if let Err(e) = sent {
                 state.break_link(&e);
                 let _ = stream.shutdown(Shutdown::Both);

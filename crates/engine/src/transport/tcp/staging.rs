@@ -19,7 +19,6 @@
 //! Nothing here runs for host-only engines: the TCP transport calls in only for regions
 //! the table marks as device memory, and CUDA resources are made on first use.
 
-use super::super::for_each_copy;
 use super::frame::{self, Header};
 use super::MAX_FRAME_PAYLOAD;
 use crate::error::{Error, Result};
@@ -27,6 +26,7 @@ use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors, MAX_COPIES_PER_SUBM
 use crate::layout::RegionTable;
 use crate::plan::Run;
 use crate::shard::Shard;
+use crate::transport::{for_each_copy, JobView};
 use kvtransfer_cuda::{CudaError, Event, PinnedBuffer};
 
 /// Bytes of device payload per staging slot.
@@ -223,18 +223,10 @@ impl SendStaging {
 
     /// Writes one job's frames (`WRITE`s then `COMMIT`) through `write`, which must write
     /// every byte its iovecs describe. Device payloads are staged; host ones go in place.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the writer thread's per-job state, passed piecewise on the hot path"
-    )]
     pub fn send(
         &mut self,
         table: &RegionTable,
-        shard: &Shard,
-        layer: u32,
-        runs: &[Run],
-        blocks: u32,
-        tag: Option<&[u8]>,
+        job: JobView<'_>,
         call_id: u64,
         write: &mut dyn FnMut(&mut [libc::iovec]) -> std::io::Result<()>,
         peer: &str,
@@ -245,14 +237,15 @@ impl SendStaging {
         if let Some(pipe) = &self.pipe {
             pipe.copies.gpu().bind()?;
         }
-        self.plan(table, shard, layer, runs);
+        self.plan(table, job.shard, job.layer, job.runs);
+        let tag = job.tag;
         self.commit = Header {
             kind: frame::COMMIT,
             flags: u8::from(tag.is_some()),
-            region: blocks,
+            region: job.blocks,
             offset: call_id,
             len: tag.map_or(0, <[u8]>::len) as u32,
-            aux: layer,
+            aux: job.layer,
         }
         .encode();
         let result = self.pump(tag, write, peer);
