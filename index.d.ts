@@ -34,7 +34,10 @@ export declare class NativeCommunicator {
    */
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
   constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
-  /** "tcp" or "rdma": the transport this side offers. */
+  /**
+   * The transport this side prefers ("nvlink", "rdma" or "tcp"): the one `auto` picks
+   * with a peer that has it.
+   */
   get transport(): string
   /** First handshake message to the peer `peer_key`: this side's nonce. */
   authChallenge(peerKey: string): Buffer

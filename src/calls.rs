@@ -6,7 +6,8 @@
 
 use crate::prepared::PreparedTable;
 use crate::{
-    block_id_slices, invalid, lock, to_js_error, Code, NativeCommunicator, SettledCallback,
+    block_id_slices, invalid, lock, to_js_error, BlockIdSlices, Code, NativeCommunicator,
+    SettledCallback,
 };
 use kvtransfer_engine::{CallBlocks, CallSink, Engine, OnDone, WriteCall};
 use napi::bindgen_prelude::*;
@@ -97,17 +98,11 @@ pub fn write_cache<'env>(
     #[napi(ts_arg_type = "ExternalObject<'Calls'>")] calls: &External<Arc<Calls>>,
     call_id: u32,
     peer_key: String,
-    // Spelled out: napi's type generation does not follow aliases.
-    local_block_ids: Either3<
-        Uint32ArraySlice<'env>,
-        Int32ArraySlice<'env>,
-        Float64ArraySlice<'env>,
+    #[napi(ts_arg_type = "Uint32Array | Int32Array | Float64Array")] local_block_ids: BlockIdSlices<
+        'env,
     >,
-    remote_block_ids: Either3<
-        Uint32ArraySlice<'env>,
-        Int32ArraySlice<'env>,
-        Float64ArraySlice<'env>,
-    >,
+    #[napi(ts_arg_type = "Uint32Array | Int32Array | Float64Array")]
+    remote_block_ids: BlockIdSlices<'env>,
     layer_idx: f64,
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,

@@ -125,7 +125,9 @@ type RegionInput = Either<BigInt, Uint8Array>;
 /// Block ids as accepted from JavaScript, borrowed for the duration of the synchronous
 /// call: no napi reference is created or deleted per typed array (the engine copies what it
 /// needs into its runs before the call returns).
-type BlockIdSlices<'env> =
+/// napi's type generation does not follow aliases: arguments of this type spell their
+/// TypeScript type out (`ts_arg_type = "Uint32Array | Int32Array | Float64Array"`).
+pub(crate) type BlockIdSlices<'env> =
     Either3<Uint32ArraySlice<'env>, Int32ArraySlice<'env>, Float64ArraySlice<'env>>;
 
 fn block_id_slices<'a>(input: &'a BlockIdSlices<'_>) -> BlockIds<'a> {
@@ -134,6 +136,76 @@ fn block_id_slices<'a>(input: &'a BlockIdSlices<'_>) -> BlockIds<'a> {
         Either3::B(ids) => BlockIds::I32(ids),
         Either3::C(ids) => BlockIds::F64(ids),
     }
+}
+
+/// `value` as a byte count of at least `min` (an integer JS number below 2^53).
+fn byte_count(name: &'static str, value: f64, min: f64) -> Result<u64, Code> {
+    if value.fract() == 0.0 && (min..=9.007_199_254_740_991e15).contains(&value) {
+        Ok(value as u64)
+    } else if min > 0.0 {
+        Err(invalid(name, format!("{value} is not a positive integer")))
+    } else {
+        Err(invalid(
+            name,
+            format!("{value} is not a non-negative integer"),
+        ))
+    }
+}
+
+/// Bytes of one region: `block_number` blocks of `block_bytes` (named `name`).
+fn bytes_of_region(block_number: u32, name: &str, block_bytes: u64) -> Result<u64, Code> {
+    u64::from(block_number)
+        .checked_mul(block_bytes)
+        .ok_or_else(|| {
+            to_js_error(kvtransfer_engine::Error::RegionOverflow {
+                what: format!(
+                    "blockNumber {block_number} × {name} {block_bytes} does not fit in 64 bits"
+                ),
+            })
+        })
+}
+
+/// The address of each region of the list `name`, each checked to hold `bytes`.
+fn region_addresses(
+    name: &'static str,
+    regions: &[RegionInput],
+    bytes: u64,
+) -> Result<Vec<u64>, Code> {
+    regions
+        .iter()
+        .enumerate()
+        .map(|(i, region)| region_address(name, i, region, bytes))
+        .collect()
+}
+
+/// The engine's arrival sink: each notice goes to `callback` (through a weak threadsafe
+/// function kept in `slot`, which `close` empties).
+fn arrival_sink(
+    callback: Function<ArrivalNotice, ()>,
+    slot: &ArrivalSlot,
+) -> Result<kvtransfer_engine::ArrivalSink, Code> {
+    let tsfn: Arc<ArrivalCallback> = Arc::new(
+        callback
+            .build_threadsafe_function()
+            .weak::<true>()
+            .callee_handled::<false>()
+            .build()
+            .map_err(napi_failure)?,
+    );
+    *lock(slot) = Some(tsfn);
+    let slot = Arc::clone(slot);
+    Ok(Arc::new(move |arrival: Arrival| {
+        let Some(tsfn) = lock(&slot).clone() else {
+            return;
+        };
+        let notice = ArrivalNotice {
+            peer: arrival.peer,
+            tag: arrival.tag.into(),
+            layer_idx: arrival.layer,
+            blocks: arrival.blocks,
+        };
+        tsfn.call(notice, ThreadsafeFunctionCallMode::NonBlocking);
+    }))
 }
 
 #[napi(object)]
@@ -268,99 +340,26 @@ impl NativeCommunicator {
                 format!("'{}' is not 'prefill' or 'decode'", options.role),
             )
         })?;
-        if !(options.block_bytes.fract() == 0.0
-            && options.block_bytes >= 1.0
-            && options.block_bytes <= 9.007_199_254_740_991e15)
-        {
-            return Err(invalid(
-                "blockBytes",
-                format!("{} is not a positive integer", options.block_bytes),
-            ));
-        }
-        let block_bytes = options.block_bytes as u64;
-        let scale_block_bytes = options.scale_block_bytes.unwrap_or(0.0);
-        if !(scale_block_bytes.fract() == 0.0
-            && (0.0..=9.007_199_254_740_991e15).contains(&scale_block_bytes))
-        {
-            return Err(invalid(
-                "scaleBlockBytes",
-                format!("{scale_block_bytes} is not a non-negative integer"),
-            ));
-        }
-        let scale_block_bytes = scale_block_bytes as u64;
+        let block_bytes = byte_count("blockBytes", options.block_bytes, 1.0)?;
+        let scale_block_bytes = byte_count(
+            "scaleBlockBytes",
+            options.scale_block_bytes.unwrap_or(0.0),
+            0.0,
+        )?;
         let key_scale_cache = options.key_scale_cache.unwrap_or_default();
         let value_scale_cache = options.value_scale_cache.unwrap_or_default();
-        let scale_region_bytes = u64::from(options.block_number)
-            .checked_mul(scale_block_bytes)
-            .ok_or_else(|| {
-                to_js_error(kvtransfer_engine::Error::RegionOverflow {
-                    what: format!(
-                        "blockNumber {} × scaleBlockBytes {scale_block_bytes} does not fit in 64 bits",
-                        options.block_number
-                    ),
-                })
-            })?;
-        let region_bytes = u64::from(options.block_number)
-            .checked_mul(block_bytes)
-            .ok_or_else(|| {
-                to_js_error(kvtransfer_engine::Error::RegionOverflow {
-                    what: format!(
-                        "blockNumber {} × blockBytes {block_bytes} does not fit in 64 bits",
-                        options.block_number
-                    ),
-                })
-            })?;
-        let keys = options
-            .local_key_cache
-            .iter()
-            .enumerate()
-            .map(|(i, r)| region_address("localKeyCache", i, r, region_bytes))
-            .collect::<Result<Vec<_>, Code>>()?;
-        let values = options
-            .local_value_cache
-            .iter()
-            .enumerate()
-            .map(|(i, r)| region_address("localValueCache", i, r, region_bytes))
-            .collect::<Result<Vec<_>, Code>>()?;
-        let key_scales = key_scale_cache
-            .iter()
-            .enumerate()
-            .map(|(i, r)| region_address("keyScaleCache", i, r, scale_region_bytes))
-            .collect::<Result<Vec<_>, Code>>()?;
-        let value_scales = value_scale_cache
-            .iter()
-            .enumerate()
-            .map(|(i, r)| region_address("valueScaleCache", i, r, scale_region_bytes))
-            .collect::<Result<Vec<_>, Code>>()?;
+        let region_bytes = bytes_of_region(options.block_number, "blockBytes", block_bytes)?;
+        let scale_region_bytes =
+            bytes_of_region(options.block_number, "scaleBlockBytes", scale_block_bytes)?;
+        let keys = region_addresses("localKeyCache", &options.local_key_cache, region_bytes)?;
+        let values = region_addresses("localValueCache", &options.local_value_cache, region_bytes)?;
+        let key_scales = region_addresses("keyScaleCache", &key_scale_cache, scale_region_bytes)?;
+        let value_scales =
+            region_addresses("valueScaleCache", &value_scale_cache, scale_region_bytes)?;
         let arrival_fn: ArrivalSlot = Arc::default();
-        let arrivals = match on_arrival {
-            Some(callback) => {
-                let tsfn: Arc<ArrivalCallback> = Arc::new(
-                    callback
-                        .build_threadsafe_function()
-                        .weak::<true>()
-                        .callee_handled::<false>()
-                        .build()
-                        .map_err(napi_failure)?,
-                );
-                *lock(&arrival_fn) = Some(tsfn);
-                let slot = Arc::clone(&arrival_fn);
-                let sink: kvtransfer_engine::ArrivalSink = Arc::new(move |arrival: Arrival| {
-                    let Some(tsfn) = lock(&slot).clone() else {
-                        return;
-                    };
-                    let notice = ArrivalNotice {
-                        peer: arrival.peer,
-                        tag: arrival.tag.into(),
-                        layer_idx: arrival.layer,
-                        blocks: arrival.blocks,
-                    };
-                    tsfn.call(notice, ThreadsafeFunctionCallMode::NonBlocking);
-                });
-                Some(sink)
-            }
-            None => None,
-        };
+        let arrivals = on_arrival
+            .map(|callback| arrival_sink(callback, &arrival_fn))
+            .transpose()?;
         // JS buffers are host memory by construction: CUDA is asked only about bigints.
         let js_buffers: Vec<u64> = options
             .local_key_cache
@@ -418,7 +417,8 @@ impl NativeCommunicator {
         })
     }
 
-    /// "tcp" or "rdma": the transport this side offers.
+    /// The transport this side prefers ("nvlink", "rdma" or "tcp"): the one `auto` picks
+    /// with a peer that has it.
     #[napi(getter)]
     pub fn transport(&self) -> &'static str {
         self.engine.transport_name()

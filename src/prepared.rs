@@ -5,7 +5,7 @@
 //! object: napi-rs registers and releases a borrow for every class reference passed as an
 //! argument, which cost about a third of the native part of each prepared call.
 
-use crate::{block_id_slices, to_js_error, Code, NativeCommunicator};
+use crate::{block_id_slices, to_js_error, BlockIdSlices, Code, NativeCommunicator};
 use kvtransfer_engine::PreparedBlocks;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -62,17 +62,10 @@ impl NativeCommunicator {
     pub fn prepare_blocks<'env>(
         &self,
         peer_key: String,
-        // Spelled out: napi's type generation does not follow aliases.
-        local_block_ids: Either3<
-            Uint32ArraySlice<'env>,
-            Int32ArraySlice<'env>,
-            Float64ArraySlice<'env>,
-        >,
-        remote_block_ids: Either3<
-            Uint32ArraySlice<'env>,
-            Int32ArraySlice<'env>,
-            Float64ArraySlice<'env>,
-        >,
+        #[napi(ts_arg_type = "Uint32Array | Int32Array | Float64Array")]
+        local_block_ids: BlockIdSlices<'env>,
+        #[napi(ts_arg_type = "Uint32Array | Int32Array | Float64Array")]
+        remote_block_ids: BlockIdSlices<'env>,
     ) -> Result<NativePreparedBlocks, Code> {
         let prepared = self
             .engine

@@ -21,20 +21,13 @@ export interface LatencySummary {
   p99: number
 }
 
-export interface Counters {
-  bytesWritten: number
-  bytesReceived: number
-  blocksWritten: number
-  callsSucceeded: number
-  /** Every `writeCache` that rejected, refused ones included. */
-  callsFailed: number
-  /** Error code → count; the counts sum to `callsFailed`. */
-  failuresByCode: Record<string, number>
+/**
+ * One set of counters: the binding's generated `NativeCounters` (each field documented
+ * there; `callsFailed` counts every `writeCache` that rejected, refused ones included,
+ * and `failuresByCode` sums to it), with the latency histogram summarised as `latencyMs`.
+ */
+export type Counters = Omit<NativeCounters, 'latencyBuckets' | 'latencySumUs' | 'latencyP50Ms' | 'latencyP99Ms'> & {
   latencyMs: LatencySummary
-  noticesSent: number
-  noticesReceived: number
-  noticesDropped: number
-  reconnects: number
 }
 
 export interface PeerMetrics extends Counters {

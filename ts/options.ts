@@ -3,7 +3,7 @@
  * `ERR_INVALID_ARGUMENT` naming it, before anything reaches the engine.
  */
 import * as os from 'node:os'
-import type { NativeOptions } from '../index.js'
+import type { NativeOptions, NativeStats } from '../index.js'
 import { invalidArgument } from './errors'
 import type { RequestTag } from './tags'
 
@@ -142,15 +142,8 @@ export interface PeerInfo {
   connected: boolean
 }
 
-export interface CommunicatorStats {
-  peers: number
-  liveLinks: number
-  receivers: number
-  registeredRegions: number
-  rememberedHellos: number
-  timedCalls: number
-  processThreads: number
-}
+/** Live native resources (leak checks): the binding's generated `NativeStats`, as is. */
+export type CommunicatorStats = NativeStats
 
 /** The largest timeout Node's timers take (ms). */
 const MAX_TIMEOUT_MS = 0x7fff_ffff
