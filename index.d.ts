@@ -18,8 +18,12 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /** The native half of `RDMACommunicator`; use the TypeScript class instead. */
 export declare class NativeCommunicator {
-  /** The handle `writeCache` and `writePrepared` take (held by the TypeScript layer). */
-  calls(): ExternalObject<'Calls'>
+  /**
+   * The handle `writeCache` and `writePrepared` take for the peer connected as
+   * `peer_key` (throws `ERR_NOT_CONNECTED` when none is). The TypeScript layer takes it
+   * once per connect.
+   */
+  peer(peerKey: string): ExternalObject<'Peer'>
   /** The transport of a peer this side connected to, and why; null for others. */
   peerDecision(peerKey: string): NativePeerDecision | null
   /** Counters since construction: totals and per peer. */
@@ -88,8 +92,8 @@ export declare class NativeDeviceMemory {
 
 /** A block list validated and planned once for one peer (`prepareBlocks`). */
 export declare class NativePreparedBlocks {
-  /** The number `writePrepared` takes for this list. */
-  get handle(): number
+  /** What `writePrepared` takes for this list (the TypeScript layer takes it once). */
+  get list(): ExternalObject<'PreparedList'>
   /** The peer (`host:port`) the list was prepared for. */
   get peer(): string
   /** Block ids in the list. */
@@ -286,16 +290,16 @@ export interface NativeStats {
 export declare function peerCopyGbps(srcGpu: number, dstGpu: number, bytes: number, reps: number): Promise<number>
 
 /**
- * `writeCache` of the communicator whose `calls()` is `calls`. Validates synchronously
- * (throws, nothing sent); once the peer has every byte, or the call failed,
+ * `writeCache` to `peer` (a handle from `NativeCommunicator.peer`). Validates
+ * synchronously (throws, nothing sent); once the peer has every byte, or the call failed,
  * `onCallSettled(callId, error)` is called (exactly once when this returns without
  * throwing).
  */
-export declare function writeCache(calls: ExternalObject<'Calls'>, callId: number, peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
+export declare function writeCache(peer: ExternalObject<'Peer'>, callId: number, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
 
 /**
- * `writeCache` of the prepared block list `handle` (`NativePreparedBlocks.handle`), to
- * the peer it was prepared for (the caller checked that it is the one meant): no id is
- * validated or planned again, and no key string crosses from JavaScript.
+ * `writeCache` of the prepared block list `list` (`NativePreparedBlocks.list`) to `peer`:
+ * no id is validated or planned again. The engine refuses a list another communicator
+ * prepared or one prepared for another peer.
  */
-export declare function writePrepared(calls: ExternalObject<'Calls'>, callId: number, handle: number, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
+export declare function writePrepared(peer: ExternalObject<'Peer'>, callId: number, list: ExternalObject<'PreparedList'>, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void

@@ -4,7 +4,7 @@
  * the code in `err.code` and the bare text in `err.message`.
  */
 import test from 'ava'
-import { NativeCommunicator, errorCodes, writeCache } from '../index.js'
+import { NativeCommunicator, errorCodes } from '../index.js'
 import { KV_TRANSFER_ERROR_CODES, KvTransferError, fromNative } from '../lib/errors.js'
 import type { KvTransferErrorCode } from '../lib/index.js'
 
@@ -37,9 +37,7 @@ test('the addon throws and rejects with the code in err.code and the bare messag
 
   const comm = new NativeCommunicator(nativeOptions, () => undefined)
   t.teardown(() => comm.close())
-  const notConnected = t.throws(() =>
-    writeCache(comm.calls(), 0, 'nowhere:1', new Uint32Array([0]), new Uint32Array([0]), 0),
-  )
+  const notConnected = t.throws(() => comm.peer('nowhere:1'))
   t.is((notConnected as Error & { code?: string }).code, 'ERR_NOT_CONNECTED')
   t.is(notConnected?.message, "peer nowhere:1 is not connected: call connect('nowhere:1') first")
 

@@ -1,26 +1,26 @@
-//! The per-call functions, `writeCache` and `writePrepared`: module functions that take the
-//! communicator's `Calls` as an External, not methods of `NativeCommunicator`. napi-rs
-//! opens a borrow scope around every method call on a class instance, which cost more than
-//! half of an empty method's call (0.44 µs vs 0.20 µs on the 2-vCPU host); an External is
-//! one `napi_get_value_external`.
+//! The per-call functions, `writeCache` and `writePrepared`: module functions that take a
+//! peer handle (`NativeCommunicator.peer`) as an External, not methods of
+//! `NativeCommunicator`. napi-rs opens a borrow scope around every method call on a class
+//! instance, which cost more than half of an empty method's call (0.44 µs vs 0.20 µs on
+//! the 2-vCPU host); an External is one `napi_get_value_external`. The handle carries the
+//! communicator's engine and the peer's connection: no key string crosses from JavaScript
+//! and the engine looks nothing up while that connection lasts.
 
-use crate::prepared::PreparedTable;
 use crate::{
-    block_id_slices, invalid, lock, to_js_error, BlockIdSlices, Code, NativeCommunicator,
-    SettledCallback,
+    block_id_slices, lock, to_js_error, BlockIdSlices, Code, NativeCommunicator, SettledCallback,
 };
-use kvtransfer_engine::{CallBlocks, CallSink, Engine, OnDone, WriteCall};
+use kvtransfer_engine::{
+    CallBlocks, CallPeer, CallSink, Engine, OnDone, PeerHandle, PreparedBlocks, WriteCall,
+};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
 use napi_derive::napi;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// What a communicator's calls need: its engine, its prepared lists and where settled
-/// calls are reported.
+/// What a communicator's calls need: its engine and where settled calls are reported.
 pub struct Calls {
     engine: Engine,
-    pub(crate) prepared: Arc<PreparedTable>,
     /// Reports settled calls; taken at close (pending calls hold their own reference until
     /// the engine fails them, then it is released).
     settled: Mutex<Option<Arc<Settled>>>,
@@ -46,7 +46,6 @@ impl Calls {
     pub(crate) fn new(engine: Engine, settled: SettledCallback) -> Calls {
         Calls {
             engine,
-            prepared: Arc::default(),
             settled: Mutex::new(Some(Arc::new(Settled(settled)))),
         }
     }
@@ -65,12 +64,25 @@ impl Calls {
     }
 }
 
+/// A peer as the per-call functions take it: the communicator's calls and the engine's
+/// handle on the peer.
+pub struct PeerCalls {
+    calls: Arc<Calls>,
+    peer: PeerHandle,
+}
+
 #[napi]
 impl NativeCommunicator {
-    /// The handle `writeCache` and `writePrepared` take (held by the TypeScript layer).
-    #[napi(ts_return_type = "ExternalObject<'Calls'>")]
-    pub fn calls(&self) -> External<Arc<Calls>> {
-        External::new(Arc::clone(&self.calls))
+    /// The handle `writeCache` and `writePrepared` take for the peer connected as
+    /// `peer_key` (throws `ERR_NOT_CONNECTED` when none is). The TypeScript layer takes it
+    /// once per connect.
+    #[napi(ts_return_type = "ExternalObject<'Peer'>")]
+    pub fn peer(&self, peer_key: String) -> Result<External<PeerCalls>, Code> {
+        let peer = self.engine.peer(&peer_key).map_err(to_js_error)?;
+        Ok(External::new(PeerCalls {
+            calls: Arc::clone(&self.calls),
+            peer,
+        }))
     }
 }
 
@@ -85,19 +97,14 @@ fn timeout(timeout_ms: Option<f64>) -> Option<Duration> {
     }
 }
 
-/// `writeCache` of the communicator whose `calls()` is `calls`. Validates synchronously
-/// (throws, nothing sent); once the peer has every byte, or the call failed,
+/// `writeCache` to `peer` (a handle from `NativeCommunicator.peer`). Validates
+/// synchronously (throws, nothing sent); once the peer has every byte, or the call failed,
 /// `onCallSettled(callId, error)` is called (exactly once when this returns without
 /// throwing).
 #[napi]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one argument per value of the JS call (an options object would cost a conversion on every call); `allow`, not `expect`: napi copies it onto the wrapper it generates, where the lint does not fire"
-)]
 pub fn write_cache<'env>(
-    #[napi(ts_arg_type = "ExternalObject<'Calls'>")] calls: &External<Arc<Calls>>,
+    #[napi(ts_arg_type = "ExternalObject<'Peer'>")] peer: &External<PeerCalls>,
     call_id: u32,
-    peer_key: String,
     #[napi(ts_arg_type = "Uint32Array | Int32Array | Float64Array")] local_block_ids: BlockIdSlices<
         'env,
     >,
@@ -107,51 +114,52 @@ pub fn write_cache<'env>(
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
 ) -> Result<(), Code> {
-    let on_done = calls.on_done(call_id)?;
-    calls
-        .engine
-        .write(
-            WriteCall {
-                peer_key: &peer_key,
-                blocks: CallBlocks::Ids {
-                    local: block_id_slices(&local_block_ids),
-                    remote: block_id_slices(&remote_block_ids),
-                },
-                layer: layer_idx,
-                tag: tag.map(|t| t.to_vec()),
-                timeout: timeout(timeout_ms),
-            },
-            on_done,
-        )
-        .map_err(to_js_error)
+    let blocks = CallBlocks::Ids {
+        local: block_id_slices(&local_block_ids),
+        remote: block_id_slices(&remote_block_ids),
+    };
+    write(peer, call_id, blocks, layer_idx, tag, timeout_ms)
 }
 
-/// `writeCache` of the prepared block list `handle` (`NativePreparedBlocks.handle`), to
-/// the peer it was prepared for (the caller checked that it is the one meant): no id is
-/// validated or planned again, and no key string crosses from JavaScript.
+/// `writeCache` of the prepared block list `list` (`NativePreparedBlocks.list`) to `peer`:
+/// no id is validated or planned again. The engine refuses a list another communicator
+/// prepared or one prepared for another peer.
 #[napi]
 pub fn write_prepared(
-    #[napi(ts_arg_type = "ExternalObject<'Calls'>")] calls: &External<Arc<Calls>>,
+    #[napi(ts_arg_type = "ExternalObject<'Peer'>")] peer: &External<PeerCalls>,
     call_id: u32,
-    handle: u32,
+    #[napi(ts_arg_type = "ExternalObject<'PreparedList'>")] list: &External<Arc<PreparedBlocks>>,
     layer_idx: f64,
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
 ) -> Result<(), Code> {
-    let prepared = calls.prepared.get(handle).ok_or_else(|| {
-        invalid(
-            "prepared",
-            format!("no block list has handle {handle} on this communicator; call prepareBlocks"),
-        )
-    })?;
-    let on_done = calls.on_done(call_id)?;
-    calls
+    write(
+        peer,
+        call_id,
+        CallBlocks::Prepared(list),
+        layer_idx,
+        tag,
+        timeout_ms,
+    )
+}
+
+/// What both per-call functions do with their converted arguments.
+fn write(
+    peer: &PeerCalls,
+    call_id: u32,
+    blocks: CallBlocks<'_>,
+    layer: f64,
+    tag: Option<Buffer>,
+    timeout_ms: Option<f64>,
+) -> Result<(), Code> {
+    let on_done = peer.calls.on_done(call_id)?;
+    peer.calls
         .engine
         .write(
             WriteCall {
-                peer_key: prepared.peer_key(),
-                blocks: CallBlocks::Prepared(&prepared),
-                layer: layer_idx,
+                peer: CallPeer::Handle(&peer.peer),
+                blocks,
+                layer,
                 tag: tag.map(|t| t.to_vec()),
                 timeout: timeout(timeout_ms),
             },

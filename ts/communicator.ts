@@ -6,7 +6,6 @@ import { EventEmitter } from 'node:events'
 import * as os from 'node:os'
 import {
   type ArrivalNotice,
-  type ExternalObject,
   NativeCommunicator,
   writeCache as nativeWriteCache,
   writePrepared as nativeWritePrepared,
@@ -40,11 +39,9 @@ import {
   metricsText,
   toMetrics,
 } from './metrics'
+import { Peer } from './peer'
 import { PreparedBlocks } from './prepared'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
-
-/** Errors the engine threw (it counted them already); other refusals are counted here. */
-const countedByEngine = new WeakSet<object>()
 
 /** A `writeCache` call handed to the engine, settled by `onCallSettled`. */
 interface PendingCall {
@@ -79,8 +76,8 @@ export class RDMACommunicator extends EventEmitter {
   /** Resolves once the control plane listens; rejects with why it cannot. */
   readonly ready: Promise<void>
   private readonly native: NativeCommunicator
-  /** What the per-call native functions take (cheaper to pass than the class instance). */
-  private readonly calls: ExternalObject<'Calls'>
+  /** The peers `connect` reached, by host and then port (no key string per call). */
+  private readonly peers = new Map<string, Map<number | string, Peer>>()
   private readonly control: ControlServer
   private readonly connectTimeoutMs: number
   private readonly writeTimeoutMs: number
@@ -95,7 +92,6 @@ export class RDMACommunicator extends EventEmitter {
    */
   private readonly abandoned = new Map<string, Promise<void>>()
   private nextCallId = 0
-  private lastPeerKey: { ip: string; port: number | string; key: string } | undefined
   /**
    * Referenced exactly while `writeCache` calls are pending: the native function that
    * settles them is weak (shared by all calls), so an idle communicator lets the process
@@ -162,7 +158,6 @@ export class RDMACommunicator extends EventEmitter {
           (notice) => this.onArrival(notice),
         ),
     )
-    this.calls = this.native.calls()
     this.keepAlive = setInterval(keepAliveTick, KEEP_ALIVE_INTERVAL_MS).unref()
     this.control = new ControlServer(settings.host, settings.port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
@@ -238,7 +233,45 @@ export class RDMACommunicator extends EventEmitter {
       ...expired,
       abandon: (reason) => this.abandon(key, opening, reason, timeoutMs),
     })
+    this.remember(
+      new Peer(
+        ip,
+        peerPort,
+        native(() => this.native.peer(key)),
+        this,
+      ),
+    )
     return true
+  }
+
+  /** Keeps `peer` for calls by `ip, port` (replacing an earlier connection's). */
+  private remember(peer: Peer): void {
+    let ports = this.peers.get(peer.ip)
+    if (!ports) this.peers.set(peer.ip, (ports = new Map()))
+    ports.set(peer.port, peer)
+  }
+
+  /**
+   * The peer connected as `ip:port`: pass it to `writeCache` and `prepareBlocks` in place
+   * of `ip, port`. Throws `ERR_NOT_CONNECTED` when this side never connected to it.
+   */
+  peer(ip: string, port: number | string): Peer {
+    this.checkOpen()
+    const known = this.peers.get(ip)?.get(port)
+    if (known) return known
+    const peerPort = toPort('port', port)
+    const key = `${ip}:${peerPort}`
+    // Connected (under the port's other spelling), or not: the engine says which.
+    const peer =
+      this.peers.get(ip)?.get(peerPort) ??
+      new Peer(
+        ip,
+        peerPort,
+        native(() => this.native.peer(key)),
+        this,
+      )
+    this.remember(peer)
+    return peer
   }
 
   /** Tears the data path that `opening` opens down as soon as it opened (see `abandoned`). */
@@ -266,24 +299,26 @@ export class RDMACommunicator extends EventEmitter {
 
   /**
    * Validates and plans `localBlockIds[i] → remoteBlockIds[i]` once for the connected peer
-   * `ip:port`; pass the result to `writeCache(ip, port, prepared, layerIdx, options)` for
-   * every layer. Bad ids throw here (typed, like `writeCache`).
+   * (`peer`, or `ip, port`); pass the result to `writeCache(peer, prepared, layerIdx,
+   * options)` for every layer. Bad ids throw here (typed, like `writeCache`).
    */
-  prepareBlocks(ip: string, port: number | string, localBlockIds: BlockIds, remoteBlockIds: BlockIds): PreparedBlocks {
+  prepareBlocks(peer: Peer, localBlockIds: BlockIds, remoteBlockIds: BlockIds): PreparedBlocks
+  prepareBlocks(ip: string, port: number | string, localBlockIds: BlockIds, remoteBlockIds: BlockIds): PreparedBlocks
+  prepareBlocks(peerOrIp: Peer | string, a: number | string | BlockIds, b: BlockIds, c?: BlockIds): PreparedBlocks {
     this.checkOpen()
-    const key = this.peerKey(ip, port)
-    const local = toBlockIds('localBlockIds', localBlockIds)
-    const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
-    return new PreparedBlocks(
-      native(() => this.native.prepareBlocks(key, local, remote)),
-      this.calls,
-    )
+    const byPeer = peerOrIp instanceof Peer
+    const key = byPeer ? this.own(peerOrIp).key : `${peerOrIp}:${toPort('port', a as number | string)}`
+    const local = toBlockIds('localBlockIds', (byPeer ? a : b) as BlockIds)
+    const remote = toBlockIds('remoteBlockIds', (byPeer ? b : c) as BlockIds)
+    return new PreparedBlocks(native(() => this.native.prepareBlocks(key, local, remote)))
   }
 
   /**
    * Writes K (and V, when present) of `localBlockIds[i]` into the peer's
    * `remoteBlockIds[i]` of layer `layerIdx`. Resolves when every byte is in the peer's
-   * memory. Invalid input rejects with a typed error and nothing is written.
+   * memory. Invalid input rejects with a typed error and nothing is written. The peer is
+   * `ip, port` (as connected) or a {@link Peer} from `peer(ip, port)`, which saves the
+   * lookup on every call.
    */
   writeCache(
     ip: string,
@@ -293,10 +328,17 @@ export class RDMACommunicator extends EventEmitter {
     layerIdx: number,
     options?: WriteOptions,
   ): Promise<void>
+  writeCache(
+    peer: Peer,
+    localBlockIds: BlockIds,
+    remoteBlockIds: BlockIds,
+    layerIdx: number,
+    options?: WriteOptions,
+  ): Promise<void>
   /**
    * Writes a block list prepared with `prepareBlocks` for layer `layerIdx`: nothing is
    * validated or planned again. Refused (nothing written) when another communicator
-   * prepared it or `ip:port` is not the peer it was prepared for (`ERR_INVALID_ARGUMENT`),
+   * prepared it or the peer is not the one it was prepared for (`ERR_INVALID_ARGUMENT`),
    * or when that peer reconnected with another blockNumber (`ERR_LAYOUT_MISMATCH`).
    */
   writeCache(
@@ -306,102 +348,88 @@ export class RDMACommunicator extends EventEmitter {
     layerIdx: number,
     options?: WriteOptions,
   ): Promise<void>
+  writeCache(peer: Peer, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
   writeCache(
-    ip: string,
-    port: number | string,
-    blocks: BlockIds | PreparedBlocks,
-    remoteOrLayer: BlockIds | number,
-    layerOrOptions?: number | WriteOptions,
-    options?: WriteOptions,
+    peerOrIp: Peer | string,
+    a: number | string | BlockIds | PreparedBlocks,
+    b?: BlockIds | PreparedBlocks | number,
+    c?: BlockIds | number | WriteOptions,
+    d?: number | WriteOptions,
+    e?: WriteOptions,
   ): Promise<void> {
     // Not `async`: that would add a Promise and a resolution step to every call.
+    // Checks here that refuse a call are counted here; the engine counts its own.
+    let peer: Peer
+    let call: ReturnType<typeof this.checkCall>
     try {
-      if (blocks instanceof PreparedBlocks) {
-        return this.startPrepared(
-          ip,
-          port,
-          blocks,
-          remoteOrLayer as number,
-          (layerOrOptions ?? NO_OPTIONS) as WriteOptions,
-        )
+      this.checkOpen()
+      if (peerOrIp instanceof Peer) {
+        peer = this.own(peerOrIp)
+        call =
+          a instanceof PreparedBlocks
+            ? this.checkCall(peer, a, b as number, c as WriteOptions | undefined)
+            : this.checkCall(peer, a as BlockIds, c as number, d as WriteOptions | undefined, b as BlockIds)
+      } else {
+        peer = this.peer(peerOrIp, a as number | string)
+        call =
+          b instanceof PreparedBlocks
+            ? this.checkCall(peer, b, c as number, d as WriteOptions | undefined)
+            : this.checkCall(peer, b as BlockIds, d as number, e, c as BlockIds)
       }
-      return this.startWrite(
-        ip,
-        port,
-        blocks,
-        remoteOrLayer as BlockIds,
-        layerOrOptions as number,
-        options ?? NO_OPTIONS,
-      )
     } catch (error) {
-      if (!(error instanceof Object && countedByEngine.has(error))) this.countRefused(ip, port, error)
+      this.countRefused(peerOrIp instanceof Peer ? peerOrIp.key : `${String(peerOrIp)}:${String(a)}`, error)
       return Promise.reject(error)
     }
+    const callId = this.nextCallId
+    this.nextCallId = (callId + 1) >>> 0
+    try {
+      const { blocks, remote, layerIdx, tag, timeoutMs } = call
+      if (blocks instanceof PreparedBlocks)
+        nativeWritePrepared(peer.native, callId, blocks.list, layerIdx, tag, timeoutMs)
+      else nativeWriteCache(peer.native, callId, blocks, remote!, layerIdx, tag, timeoutMs)
+    } catch (error) {
+      return Promise.reject(fromNative(error))
+    }
+    return this.pending(callId, peer.key, call.signal)
+  }
+
+  /**
+   * `peer`, when this communicator connected it. The engine refuses another engine's
+   * handle in the same words; here it must be caught first, because the native handle
+   * would run the call on the communicator that made it.
+   */
+  private own(peer: Peer): Peer {
+    if (peer.owner === this) return peer
+    throw invalidArgument(
+      'peer',
+      `the handle on ${peer.key} belongs to another communicator; use the one its connect returned`,
+    )
   }
 
   /** Counts a `writeCache` refused before it reached the engine, under its code. */
-  private countRefused(ip: unknown, port: unknown, error: unknown): void {
+  private countRefused(key: string, error: unknown): void {
     const code = error instanceof KvTransferError ? error.code : 'ERR_INVALID_ARGUMENT'
     try {
-      this.native.countRefusedCall(`${String(ip)}:${String(port)}`, code)
+      this.native.countRefusedCall(key, code)
     } catch {
       // Counting must never turn a refusal into another error.
     }
   }
 
-  private startWrite(
-    ip: string,
-    port: number | string,
-    localBlockIds: BlockIds,
-    remoteBlockIds: BlockIds,
-    layerIdx: number,
-    options: WriteOptions,
-  ): Promise<void> {
-    this.checkOpen()
-    const key = this.peerKey(ip, port)
-    const local = toBlockIds('localBlockIds', localBlockIds)
-    const remote = toBlockIds('remoteBlockIds', remoteBlockIds)
-    return this.submit(key, layerIdx, options, undefined, local, remote)
-  }
-
-  private startPrepared(
-    ip: string,
-    port: number | string,
-    prepared: PreparedBlocks,
-    layerIdx: number,
-    options: WriteOptions,
-  ): Promise<void> {
-    this.checkOpen()
-    const key = this.peerKey(ip, port)
-    if (prepared.owner !== this.calls) {
-      throw invalidArgument(
-        'prepared',
-        `the block list for ${prepared.peer} was prepared by another communicator; call prepareBlocks on this one`,
-      )
-    }
-    if (key !== prepared.peer) {
-      throw invalidArgument(
-        'prepared',
-        `the block list was prepared for peer ${prepared.peer}, not ${key}; call prepareBlocks for ${key}`,
-      )
-    }
-    return this.submit(key, layerIdx, options, prepared)
-  }
-
   /**
-   * What every `writeCache` form shares: the layer, tag, timeout and signal checks, a call
-   * id, the native call (whose refusals the engine has counted), and the call's Promise.
-   * The call is `prepared`, or else the two id lists. (No closure per call: this is the
-   * hot path of every layer.)
+   * What every `writeCache` form checks before the engine: the ids' form, the layer's
+   * type, the tag, the timeout and the signal. (No closure per call: this is the hot path
+   * of every layer.)
    */
-  private submit(
-    key: string,
+  private checkCall(
+    peer: Peer,
+    blocks: BlockIds | PreparedBlocks,
     layerIdx: number,
-    options: WriteOptions,
-    prepared: PreparedBlocks | undefined,
-    local?: ReturnType<typeof toBlockIds>,
-    remote?: ReturnType<typeof toBlockIds>,
-  ): Promise<void> {
+    options: WriteOptions = NO_OPTIONS,
+    remoteBlockIds?: BlockIds,
+  ) {
+    const local = blocks instanceof PreparedBlocks ? blocks : toBlockIds('localBlockIds', blocks)
+    const remote = remoteBlockIds === undefined ? undefined : toBlockIds('remoteBlockIds', remoteBlockIds)
     if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
     const tag = options.tag === undefined ? undefined : encodeTag(options.tag)
     let timeoutMs: number | undefined = checkNonNegativeInteger(
@@ -411,18 +439,8 @@ export class RDMACommunicator extends EventEmitter {
     )
     if (timeoutMs === 0) timeoutMs = undefined
     const signal = options.signal
-    if (signal?.aborted) throw abortError(`writeCache to ${key}`)
-    const callId = this.nextCallId
-    this.nextCallId = (callId + 1) >>> 0
-    try {
-      if (prepared) nativeWritePrepared(this.calls, callId, prepared.handle, layerIdx, tag, timeoutMs)
-      else nativeWriteCache(this.calls, callId, key, local!, remote!, layerIdx, tag, timeoutMs)
-    } catch (error) {
-      const typed = fromNative(error)
-      countedByEngine.add(typed)
-      throw typed
-    }
-    return this.pending(callId, key, signal)
+    if (signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
+    return { blocks: local, remote, layerIdx, tag, timeoutMs, signal }
   }
 
   /** The Promise of call `callId`, handed to the engine (settled by `onCallSettled`). */
@@ -439,18 +457,6 @@ export class RDMACommunicator extends EventEmitter {
     const onAbort = () => void this.native.cancelPeer(key, 'abort').catch(() => undefined)
     signal.addEventListener('abort', onAbort, { once: true })
     return settled.finally(() => signal.removeEventListener('abort', onAbort))
-  }
-
-  /**
-   * `ip:port`, reusing the last key built: calls mostly go to one peer, and a fresh string
-   * costs the binding a flatten and a conversion on every call (~0.2 µs).
-   */
-  private peerKey(ip: string, port: number | string): string {
-    const last = this.lastPeerKey
-    if (last && ip === last.ip && port === last.port) return last.key
-    const key = `${ip}:${toPort('port', port)}`
-    this.lastPeerKey = { ip, port, key }
-    return key
   }
 
   /** The engine's outcome of call `callId`: `error` (with its `code`) when it failed. */
@@ -564,6 +570,7 @@ export class RDMACommunicator extends EventEmitter {
         await nativeAsync(this.native.close())
       })()
       if (this.pendingCalls.size === 0) clearInterval(this.keepAlive)
+      this.peers.clear()
     }
     return this.closing
   }

@@ -5,6 +5,7 @@
  */
 export { RDMACommunicator } from './communicator'
 export { KvTransferError } from './errors'
+export { Peer } from './peer'
 export { PreparedBlocks } from './prepared'
 export { DeviceMemory } from './device-memory'
 export type { KvTransferErrorCode } from './errors'

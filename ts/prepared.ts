@@ -1,6 +1,6 @@
 /**
  * `PreparedBlocks`: a block list validated and planned once (`comm.prepareBlocks`), written
- * for any layer with `comm.writeCache(ip, port, prepared, layerIdx, options)`.
+ * for any layer with `comm.writeCache(peer, prepared, layerIdx, options)`.
  */
 import type { ExternalObject, NativePreparedBlocks } from '../index.js'
 
@@ -9,7 +9,7 @@ import type { ExternalObject, NativePreparedBlocks } from '../index.js'
  * of the two id lists: no id is validated or coalesced again, whatever the layer. Using it
  * on another communicator or with another peer (`ERR_INVALID_ARGUMENT`), or after that
  * peer reconnected with a different blockNumber (`ERR_LAYOUT_MISMATCH`), is refused and
- * writes nothing.
+ * writes nothing (the engine checks it).
  */
 export class PreparedBlocks {
   /** @internal */
@@ -20,18 +20,15 @@ export class PreparedBlocks {
   readonly blocks: number
   /** Coalesced runs: copies per region and layer. */
   readonly runs: number
-  /** @internal The number the native `writePrepared` takes for this list. */
-  readonly handle: number
-  /** @internal The calls handle of the communicator that prepared it (handles are per communicator). */
-  readonly owner: ExternalObject<'Calls'>
+  /** @internal What the native `writePrepared` takes for this list. */
+  readonly list: ExternalObject<'PreparedList'>
 
   /** @internal */
-  constructor(native: NativePreparedBlocks, owner: ExternalObject<'Calls'>) {
+  constructor(native: NativePreparedBlocks) {
     this.native = native
-    this.owner = owner
     this.peer = native.peer
     this.blocks = native.blocks
     this.runs = native.runs
-    this.handle = native.handle
+    this.list = native.list
   }
 }

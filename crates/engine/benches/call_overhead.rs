@@ -13,7 +13,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use kvtransfer_engine::internals::scattered_ids;
 use kvtransfer_engine::{
-    BlockIds, CallBlocks, CallSink, Engine, EngineOptions, OnDone, Role, TpOptions, WriteCall,
+    BlockIds, CallBlocks, CallPeer, CallSink, Engine, EngineOptions, OnDone, Role, TpOptions,
+    WriteCall,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -116,6 +117,8 @@ fn bench(c: &mut Criterion) {
                     "no deadline"
                 }
             );
+            // Calls go through a peer handle, as the binding's do.
+            let peer = prefill.peer(PEER).unwrap();
             group.bench_function(BenchmarkId::new("issue", name), |b| {
                 b.iter_custom(|iters| {
                     let mut issuing = Duration::ZERO;
@@ -126,7 +129,7 @@ fn bench(c: &mut Criterion) {
                             prefill
                                 .write(
                                     WriteCall {
-                                        peer_key: PEER,
+                                        peer: CallPeer::Handle(&peer),
                                         blocks: CallBlocks::Prepared(&prepared),
                                         layer: layer as f64,
                                         tag: None,

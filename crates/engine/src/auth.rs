@@ -95,25 +95,39 @@ pub const LABEL_ACCEPTOR: &str = "kvt-acceptor";
 pub const LABEL_HELLO: &str = "kvt-hello";
 pub const LABEL_REPLY: &str = "kvt-reply";
 
+/// Message 1, connector → acceptor: opens an authenticated handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
+    /// Whether the connector has an auth token (a token on one side only is refused).
     pub has_token: bool,
+    /// The connector's fresh random nonce.
     pub nonce_c: Nonce,
 }
 
+/// Message 2, acceptor → connector: the acceptor's nonce and its proof of the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
+    /// Whether the acceptor has an auth token.
     pub has_token: bool,
+    /// The acceptor's nonce, issued statelessly by `issue_nonce` for the challenge's nonce.
     pub nonce_a: Nonce,
+    /// HMAC(token, "kvt-acceptor" ‖ nonce_c ‖ nonce_a); all zero without a token.
     pub proof: Tag,
 }
 
+/// Messages 3 and 4 (hello and reply): an encoded descriptor bound to both nonces by a MAC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
+    /// Whether the sender has an auth token.
     pub has_token: bool,
+    /// The connector's nonce from the [`Challenge`].
     pub nonce_c: Nonce,
+    /// The acceptor's nonce from the [`Response`].
     pub nonce_a: Nonce,
+    /// HMAC(token, label ‖ nonce_c ‖ nonce_a ‖ descriptor), the label "kvt-hello" or
+    /// "kvt-reply"; all zero without a token.
     pub mac: Tag,
+    /// The encoded descriptor it carries (at most `MAX_DESCRIPTOR_BYTES`).
     pub descriptor: Vec<u8>,
 }
 
@@ -156,6 +170,7 @@ fn array<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
 }
 
 impl Challenge {
+    /// Its wire form: header (magic, version, flags), then `nonce_c`.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(CHALLENGE_BYTES);
         header(&mut out, self.has_token);
@@ -163,6 +178,7 @@ impl Challenge {
         out
     }
 
+    /// Parses a challenge; refuses a bad header or a length other than `CHALLENGE_BYTES`.
     pub fn decode(bytes: &[u8]) -> Result<Challenge, DecodeError> {
         let has_token = check_header(bytes, "auth challenge")?;
         if bytes.len() != CHALLENGE_BYTES {
@@ -179,6 +195,7 @@ impl Challenge {
 }
 
 impl Response {
+    /// Its wire form: header, then `nonce_a` and `proof`.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(RESPONSE_BYTES);
         header(&mut out, self.has_token);
@@ -187,6 +204,7 @@ impl Response {
         out
     }
 
+    /// Parses a response; refuses a bad header or a length other than `RESPONSE_BYTES`.
     pub fn decode(bytes: &[u8]) -> Result<Response, DecodeError> {
         let has_token = check_header(bytes, "auth response")?;
         if bytes.len() != RESPONSE_BYTES {
@@ -204,6 +222,7 @@ impl Response {
 }
 
 impl Envelope {
+    /// Its wire form: header, `nonce_c`, `nonce_a`, `mac`, then the descriptor bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(ENVELOPE_HEADER_BYTES + self.descriptor.len());
         header(&mut out, self.has_token);
@@ -214,6 +233,8 @@ impl Envelope {
         out
     }
 
+    /// Parses an envelope; refuses a bad header, a truncated one, or a descriptor longer
+    /// than `MAX_DESCRIPTOR_BYTES`. The MAC is not checked here.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         let has_token = check_header(bytes, "handshake envelope")?;
         if bytes.len() < ENVELOPE_HEADER_BYTES {

@@ -52,12 +52,19 @@ impl TransportChoice {
 /// RDMA settings from the environment (`KVCACHE_RDMA_*`, `KVCACHE_IB_TIMEOUT`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaSettings {
+    /// `KVCACHE_RDMA_NICS`: RDMA device names, one picked per gpuIdx (index modulo the
+    /// count); empty: the first device with an active port.
     pub nics: Vec<String>,
     /// `Some` when KVCACHE_RDMA_GID_INDEX was set explicitly.
     pub gid_index: Option<u8>,
+    /// `KVCACHE_IB_TIMEOUT`: the queue pairs' ACK timeout exponent (4.096 µs × 2^n), 14..=31.
     pub ib_timeout: u8,
+    /// `KVCACHE_RELAX_ORDERING`: register memory regions with PCIe relaxed ordering.
     pub relaxed_ordering: bool,
+    /// `KVCACHE_GDRCOPY_FLUSH_ENABLE`: after a call's WRITEs, issue an RDMA READ that
+    /// flushes them to GPU memory before the call completes.
     pub gdr_flush: bool,
+    /// `KVCACHE_RDMA_QPS_PER_PEER`: RC queue pairs per peer, 1..=64.
     pub qps_per_peer: u16,
 }
 
@@ -71,6 +78,8 @@ pub const DEFAULT_QPS_PER_PEER: u16 = 2;
 pub const DEFAULT_TCP_USER_TIMEOUT_MS: u32 = 2500;
 
 impl RdmaSettings {
+    /// Reads the variables, with defaults for unset ones; a malformed or out-of-range value
+    /// is an [`Error::InvalidArgument`](crate::Error::InvalidArgument).
     pub fn from_env() -> Result<Self> {
         let nics = var("KVCACHE_RDMA_NICS")
             .map(|v| {
@@ -256,6 +265,7 @@ impl Settings {
 /// One `KVCACHE_*` variable as `kvtransfer doctor` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VariableReport {
+    /// The variable's name (`KVCACHE_...`).
     pub name: String,
     /// What is set (`KVCACHE_AUTH_TOKEN`: only its length).
     pub value: String,

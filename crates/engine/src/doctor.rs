@@ -19,7 +19,9 @@ const PROBE_BLOCK_BYTES: u64 = 4096;
 /// Whether one transport can be used on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportReport {
+    /// The transport this report is about.
     pub transport: TransportKind,
+    /// Whether a communicator on this host could open it.
     pub usable: bool,
     /// A sentence starting with the transport's name: what it would use, or why not.
     pub reason: String,
@@ -37,7 +39,9 @@ pub struct HostReport {
     /// The error a communicator created now would fail with (the first malformed
     /// variable), if any.
     pub settings_error: Option<String>,
+    /// The RDMA devices libibverbs lists, with their ports and GIDs.
     pub rdma: RdmaInventory,
+    /// The GPUs the CUDA driver sees.
     pub gpus: GpuInventory,
     /// Every transport this build knows, in the order `auto` prefers them.
     pub transports: Vec<TransportReport>,

@@ -6,7 +6,9 @@ use std::fmt;
 /// Which side of a transfer a block id belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// This process's cache (`localBlockIds`).
     Local,
+    /// The peer's cache (`remoteBlockIds`).
     Remote,
 }
 
@@ -19,87 +21,208 @@ impl fmt::Display for Side {
     }
 }
 
+/// Everything that can go wrong in the engine. Each variant maps to one stable code
+/// ([`Error::code`]); its message (`Display`) names the offending value and the limit.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
+    /// A block id is a valid integer but not below the cache's blockNumber
+    /// (`ERR_BLOCK_ID_OUT_OF_RANGE`); nothing was written.
     #[error("{side}BlockIds[{index}] = {id} is out of range: the {side} cache has blockNumber {limit} (valid ids 0..{limit})")]
     BlockIdOutOfRange {
+        /// Which id list holds the bad id.
         side: Side,
+        /// Position of the bad id in that list.
         index: usize,
+        /// The id given.
         id: u32,
+        /// That side's blockNumber: valid ids are `0..limit`.
         limit: u32,
     },
+    /// A block id is not an integer in `0..2^32` (negative, fractional, NaN, too large)
+    /// (`ERR_INVALID_BLOCK_ID`); nothing was written.
     #[error("{side}BlockIds[{index}] = {value} is not a valid block id: ids must be integers in 0..{limit}")]
     InvalidBlockId {
+        /// Which id list holds the bad value.
         side: Side,
+        /// Position of the bad value in that list.
         index: usize,
+        /// The value given, as a number.
         value: f64,
+        /// That side's blockNumber: valid ids are `0..limit`.
         limit: u32,
     },
+    /// The local and remote id lists differ in length (`ERR_BLOCK_COUNT_MISMATCH`); each
+    /// local block is written to the remote block at the same position.
     #[error("localBlockIds has {local} entries but remoteBlockIds has {remote}: they must have the same length")]
-    BlockCountMismatch { local: usize, remote: usize },
+    BlockCountMismatch {
+        /// Length of `localBlockIds`.
+        local: usize,
+        /// Length of `remoteBlockIds`.
+        remote: usize,
+    },
+    /// A layer index is not an integer below the cache's layer count
+    /// (`ERR_LAYER_OUT_OF_RANGE`).
     #[error("layerIdx {layer} is out of range: the cache has {layers} layers (valid 0..{layers})")]
-    LayerOutOfRange { layer: f64, layers: u32 },
+    LayerOutOfRange {
+        /// The layer index given, as a number.
+        layer: f64,
+        /// The cache's layer count: valid indices are `0..layers`.
+        layers: u32,
+    },
+    /// The two sides' caches cannot be paired: a layout property differs where it must
+    /// match (`ERR_LAYOUT_MISMATCH`), found at connect time or when a prepared block list
+    /// no longer fits the peer.
     #[error("layout mismatch between {here} and {peer}: {what} is {local} on {here} but {remote} on {peer}")]
     LayoutMismatch {
+        /// Name of this side (the engine, or what was prepared).
         here: String,
+        /// Name of the other side (the peer).
         peer: String,
+        /// The property that differs (e.g. "layer count", "blockBytes").
         what: &'static str,
+        /// Its value on this side (a count, a byte size, or 0/1 for a yes/no property).
         local: u64,
+        /// Its value on the peer's side, in the same unit.
         remote: u64,
     },
+    /// A region's size or end address does not fit in 64 bits (blockNumber × blockBytes too
+    /// large, or address + length past the address space) (`ERR_REGION_OVERFLOW`).
     #[error("region size overflow: {what}")]
-    RegionOverflow { what: String },
+    RegionOverflow {
+        /// Which computation overflowed, with its operands.
+        what: String,
+    },
+    /// An argument is malformed or out of its allowed range (`ERR_INVALID_ARGUMENT`);
+    /// build it with [`Error::invalid`].
     #[error("invalid {name}: {reason}")]
-    InvalidArgument { name: &'static str, reason: String },
+    InvalidArgument {
+        /// The argument's name as the caller knows it.
+        name: &'static str,
+        /// What is wrong with it and what is allowed.
+        reason: String,
+    },
+    /// A call names a peer this engine has no link to (`ERR_NOT_CONNECTED`): connect first.
     #[error("peer {peer} is not connected: call connect('{peer}') first")]
-    NotConnected { peer: String },
+    NotConnected {
+        /// The peer key that was given.
+        peer: String,
+    },
+    /// The engine (communicator) has been closed; no further calls are accepted and pending
+    /// ones fail with this (`ERR_CLOSED`).
     #[error("the communicator is closed")]
     Closed,
+    /// The peer sent something malformed or unexpected (a bad handshake message, frame or
+    /// completion) (`ERR_PROTOCOL`); build it with [`Error::protocol`].
     #[error("protocol error from {peer}: {reason}")]
-    Protocol { peer: String, reason: String },
+    Protocol {
+        /// The peer that sent it (or "connecting peer" before it is known).
+        peer: String,
+        /// What was wrong with the message.
+        reason: String,
+    },
+    /// A socket or other OS call failed (`ERR_IO`); build it with [`Error::io`].
     #[error("I/O error with {peer} during {during}: {source}")]
     Io {
+        /// The peer (or the local address) the operation was for.
         peer: String,
+        /// The step that failed (e.g. "data write", "resolve host").
         during: &'static str,
         /// Shared so that one cause can fail several pending calls.
         #[source]
         source: std::sync::Arc<std::io::Error>,
     },
+    /// The link to a peer broke (the peer closed it, a transfer on it failed, or a timed-out
+    /// call tore it down); its pending calls fail with this (`ERR_PEER_DISCONNECTED`).
     #[error("peer {peer} disconnected: {reason}")]
-    PeerDisconnected { peer: String, reason: String },
-    #[error("RDMA is not available: {reason}")]
-    RdmaUnavailable { reason: String },
-    #[error("transport '{transport}' cannot be used: {reason}")]
-    TransportUnavailable {
-        transport: &'static str,
+    PeerDisconnected {
+        /// The peer whose link broke.
+        peer: String,
+        /// Why the link is gone and what to do (usually: connect again).
         reason: String,
     },
+    /// The RDMA transport cannot be used on this host: libibverbs is missing, no device or
+    /// no active port, or the configured NIC does not exist (`ERR_RDMA_UNAVAILABLE`).
+    #[error("RDMA is not available: {reason}")]
+    RdmaUnavailable {
+        /// What is missing.
+        reason: String,
+    },
+    /// The requested transport (or, for "auto", every candidate) cannot connect these two
+    /// engines (`ERR_TRANSPORT_UNAVAILABLE`).
+    #[error("transport '{transport}' cannot be used: {reason}")]
+    TransportUnavailable {
+        /// The transport's name ("nvlink", "rdma", "tcp", or "auto").
+        transport: &'static str,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// An ibverbs call failed (setting up a queue pair, registering memory, posting)
+    /// (`ERR_RDMA`).
     #[error("RDMA {op} failed: {reason}")]
-    Rdma { op: &'static str, reason: String },
+    Rdma {
+        /// The verbs operation that failed (e.g. "ibv_reg_mr").
+        op: &'static str,
+        /// The error it returned, with context.
+        reason: String,
+    },
+    /// A posted RDMA WRITE completed with an error status; the link is broken and its pending
+    /// calls fail (`ERR_RDMA_COMPLETION`).
     #[error("RDMA work completion with {peer} failed: {status} (status {status_code}, vendor error {vendor_err:#x}); the connection is marked broken")]
     RdmaCompletion {
+        /// The peer the failed request was writing to.
         peer: String,
+        /// The work completion status as text (e.g. "remote access error").
         status: String,
+        /// The raw `ibv_wc_status` value.
         status_code: u32,
+        /// The NIC vendor's error syndrome for that completion.
         vendor_err: u32,
     },
+    /// A CUDA driver call failed (`ERR_CUDA`).
     #[error("CUDA {op} failed: {reason}")]
-    Cuda { op: &'static str, reason: String },
+    Cuda {
+        /// The driver call that failed (e.g. "cuMemcpyDtoHAsync").
+        op: &'static str,
+        /// The driver's error name and numeric code.
+        reason: String,
+    },
+    /// A call was not acknowledged within its timeout; its link was torn down first, so none
+    /// of its bytes can land any more (`ERR_TIMEOUT`).
     #[error("timed out after {ms} ms: {what}")]
-    Timeout { ms: u64, what: String },
+    Timeout {
+        /// The timeout that expired, in milliseconds.
+        ms: u64,
+        /// Which call timed out and what was done about it.
+        what: String,
+    },
+    /// The call was cancelled: its peer's link was torn down on request (`ERR_ABORTED`).
     #[error("the operation was aborted")]
     Aborted,
+    /// The handshake's shared-secret check failed, on either side (`ERR_AUTH`).
     #[error("authentication with {peer} failed: {reason}")]
-    Auth { peer: String, reason: String },
+    Auth {
+        /// The peer (or "connecting peer" before it is known).
+        peer: String,
+        /// Which check failed.
+        reason: String,
+    },
+    /// The two sides' tensor-parallel settings cannot be paired (sizes, ranks or the shard
+    /// geometry they imply) (`ERR_TP_MISMATCH`).
     #[error("tensor-parallel mismatch between {here} and {peer}: {reason}")]
     TensorParallel {
+        /// Name of this engine.
         here: String,
+        /// Name of the peer.
         peer: String,
+        /// What does not match.
         reason: String,
     },
     /// A bug: a panic inside kvtransfer, caught before it could take the process down.
     #[error("internal error in kvtransfer ({what}): this is a bug, not a usage error; please report it at https://github.com/kvtransfer/kvtransfer/issues with this message and a log taken with KVCACHE_DEBUG=1")]
-    Internal { what: String },
+    Internal {
+        /// The panic's message, or where it happened.
+        what: String,
+    },
 }
 
 impl Error {
@@ -131,6 +254,7 @@ impl Error {
         }
     }
 
+    /// An [`Error::InvalidArgument`] for argument `name`.
     pub fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             name,
@@ -138,6 +262,7 @@ impl Error {
         }
     }
 
+    /// An [`Error::Protocol`] from `peer`.
     pub fn protocol(peer: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Protocol {
             peer: peer.into(),
@@ -145,6 +270,7 @@ impl Error {
         }
     }
 
+    /// An [`Error::Io`] with `peer` during step `during` (the cause is wrapped in an `Arc`).
     pub fn io(peer: impl Into<String>, during: &'static str, source: std::io::Error) -> Self {
         Error::Io {
             peer: peer.into(),
@@ -181,6 +307,7 @@ pub const ERROR_CODES: &[&str] = &[
     "ERR_INTERNAL",
 ];
 
+/// The engine's result type: [`Error`] unless another error type is named.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]

@@ -15,17 +15,25 @@ pub enum CacheKind {
     Value = 1,
 }
 
+/// The shape of one side's cache: how many layers, which regions per layer, and the
+/// block count and size of each region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheLayout {
+    /// Layers (1..=`MAX_LAYERS`); each has a key region, and the optional ones below.
     pub layers: u32,
+    /// Whether each layer has a value region (false: key-only caches).
     pub has_value: bool,
+    /// Blocks per region (valid block ids are `0..block_number`).
     pub block_number: u32,
+    /// Bytes of one block of a key or value region.
     pub block_bytes: u64,
     /// Bytes of one block of a scale region; 0: no scale caches.
     pub scale_block_bytes: u64,
 }
 
 impl CacheLayout {
+    /// A layout without scale regions; refuses 0 or more than `MAX_LAYERS` layers, a zero
+    /// block count or size, and regions larger than `isize::MAX` bytes.
     pub fn new(layers: u32, has_value: bool, block_number: u32, block_bytes: u64) -> Result<Self> {
         if layers == 0 || layers > MAX_LAYERS {
             return Err(Error::invalid(
@@ -74,6 +82,7 @@ impl CacheLayout {
         Ok(self)
     }
 
+    /// Whether each layer has fp8 scale regions (`scale_block_bytes > 0`).
     pub fn has_scales(&self) -> bool {
         self.scale_block_bytes > 0
     }
@@ -133,6 +142,7 @@ impl CacheLayout {
         self.cache_kinds() * if self.has_scales() { 2 } else { 1 }
     }
 
+    /// Regions in the whole cache: layers × [`kinds`](Self::kinds).
     pub fn region_count(&self) -> u32 {
         self.layers * self.kinds()
     }
@@ -169,10 +179,14 @@ pub enum MemoryKind {
     #[default]
     Host,
     /// GPU memory of CUDA device `ordinal`.
-    Device { ordinal: u32 },
+    Device {
+        /// The CUDA device ordinal.
+        ordinal: u32,
+    },
 }
 
 impl MemoryKind {
+    /// Whether the region is GPU memory.
     pub fn is_device(self) -> bool {
         matches!(self, MemoryKind::Device { .. })
     }
@@ -181,6 +195,7 @@ impl MemoryKind {
 /// The regions of one communicator, in `CacheLayout::region_index` order.
 #[derive(Debug, Clone)]
 pub struct RegionTable {
+    /// The layout every region follows.
     pub layout: CacheLayout,
     regions: Vec<Region>,
     /// Per region; all `Host` until `set_memory`.
@@ -273,10 +288,12 @@ impl RegionTable {
         Ok(Region { addr, len })
     }
 
+    /// Every region, in region-index order (layer-major; K, V, K-scale, V-scale).
     pub fn regions(&self) -> &[Region] {
         &self.regions
     }
 
+    /// Region `index`, or `None` when out of range.
     pub fn get(&self, index: u32) -> Option<Region> {
         self.regions.get(index as usize).copied()
     }

@@ -10,6 +10,8 @@
 //! planning, transports, wire, errors) → the Node binding. Modules are private; what users,
 //! tests, benches and fuzz targets need is exported below on purpose.
 
+#![warn(missing_docs)]
+
 mod auth;
 mod config;
 mod doctor;
@@ -29,8 +31,8 @@ mod wire;
 pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
 pub use doctor::{host_report, HostReport, TransportReport};
 pub use engine::{
-    CallBlocks, Engine, EngineOptions, EngineStats, PeerInfo, PeerMetrics, PreparedBlocks,
-    TransportDecision, WriteCall,
+    CallBlocks, CallPeer, Engine, EngineOptions, EngineStats, PeerHandle, PeerInfo, PeerMetrics,
+    PreparedBlocks, TransportDecision, WriteCall,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;

@@ -42,6 +42,7 @@ fn sinks() -> &'static Sinks {
     })
 }
 
+/// Whether `KVCACHE_DEBUG` turned debug lines on (read once per process).
 pub fn debug_enabled() -> bool {
     sinks().debug_enabled
 }
@@ -68,6 +69,8 @@ fn emit(file: Option<&Mutex<File>>, level: &str, message: std::fmt::Arguments<'_
     }
 }
 
+/// Writes one debug line (timestamp and pid prefixed) when debug lines are on: to
+/// `KVCACHE_DEBUG_FILE` when set, else stderr.
 pub fn debug_line(message: std::fmt::Arguments<'_>) {
     let sinks = sinks();
     if sinks.debug_enabled {
@@ -75,6 +78,8 @@ pub fn debug_line(message: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes one error line (timestamp and pid prefixed), always: to `KVCACHE_ERROR_FILE`
+/// when set, else stderr.
 pub fn error(message: std::fmt::Arguments<'_>) {
     let sinks = sinks();
     emit(sinks.error_file.as_ref(), "error", message);

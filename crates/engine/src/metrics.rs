@@ -126,19 +126,30 @@ impl Counters {
 /// A copy of one set of counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// Bytes written by calls that succeeded, over every region of their blocks.
     pub bytes_written: u64,
+    /// Payload bytes that landed in this side's regions (RDMA: only what tagged calls'
+    /// arrival notices announce).
     pub bytes_received: u64,
+    /// Blocks written by calls that succeeded.
     pub blocks_written: u64,
+    /// Write calls that succeeded.
     pub calls_succeeded: u64,
+    /// Write calls that were refused or failed (by code in `failures_by_code`).
     pub calls_failed: u64,
     /// Codes with a non-zero count, in `ERROR_CODES` order.
     pub failures_by_code: Vec<(&'static str, u64)>,
     /// Succeeded calls per latency bucket ([`bucket_upper_us`]).
     pub latency_buckets: [u64; LATENCY_BUCKETS],
+    /// Sum of the succeeded calls' latencies (submit → completion), in microseconds.
     pub latency_sum_us: u64,
+    /// Arrival notices sent (tagged calls that succeeded).
     pub notices_sent: u64,
+    /// Arrival notices received from writers.
     pub notices_received: u64,
+    /// Arrival notices dropped on receipt (malformed, or no one listening).
     pub notices_dropped: u64,
+    /// `connect` calls that replaced an existing link to the same peer.
     pub reconnects: u64,
 }
 

@@ -6,12 +6,16 @@ use crate::error::{Error, Result, Side};
 /// Block ids as they arrive from callers: typed arrays pass through without conversion.
 #[derive(Debug, Clone, Copy)]
 pub enum BlockIds<'a> {
+    /// A `Uint32Array` (or any `u32` slice): every value is an integer id.
     U32(&'a [u32]),
+    /// An `Int32Array`: negative values are refused as invalid ids.
     I32(&'a [i32]),
+    /// A `Float64Array`: values that are not integers in `0..2^32` are refused as invalid ids.
     F64(&'a [f64]),
 }
 
 impl BlockIds<'_> {
+    /// How many ids there are.
     pub fn len(&self) -> usize {
         match self {
             BlockIds::U32(ids) => ids.len(),
@@ -20,6 +24,7 @@ impl BlockIds<'_> {
         }
     }
 
+    /// Whether there are no ids.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -47,15 +52,20 @@ impl BlockIds<'_> {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
+    /// First block of the run in this side's cache.
     pub local_block: u32,
+    /// First block of the run in the peer's cache.
     pub remote_block: u32,
+    /// Number of consecutive blocks (at least 1).
     pub blocks: u32,
 }
 
 /// Limits a plan is checked against.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanLimits {
+    /// This side's blockNumber: local ids must be below it.
     pub local_blocks: u32,
+    /// The peer's blockNumber: remote ids must be below it.
     pub remote_blocks: u32,
     /// The most blocks one run may hold (keeps a run's byte length within one work request).
     pub max_run_blocks: u32,

@@ -27,7 +27,10 @@ pub enum BlockOrder {
     #[default]
     HeadMajor,
     /// Tokens outermost (NHD): a rank's shard is one range per token row.
-    TokenMajor { tokens_per_block: u32 },
+    TokenMajor {
+        /// Token rows per block; blockBytes (and scaleBlockBytes) must be multiples of it.
+        tokens_per_block: u32,
+    },
 }
 
 impl BlockOrder {
@@ -39,6 +42,7 @@ impl BlockOrder {
         }
     }
 
+    /// Inverse of [`tokens_per_block`](Self::tokens_per_block): 0 is head-major.
     pub fn from_tokens_per_block(tokens: u32) -> Self {
         if tokens == 0 {
             BlockOrder::HeadMajor
@@ -68,6 +72,7 @@ pub struct TpOptions {
     pub rank: u32,
     /// Every rank holds the whole cache (MLA's latent cache): whole blocks, any pairing.
     pub replicated: bool,
+    /// How this side's blocks are ordered (heads or tokens outermost).
     pub order: BlockOrder,
 }
 
@@ -124,13 +129,21 @@ impl TpOptions {
 /// landing at `b' × remote_block + remote_offset + s × remote_stride` of remote block `b'`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
+    /// Bytes of one local block (the distance between consecutive local blocks).
     pub local_block: u64,
+    /// Bytes of one remote block (the distance between consecutive remote blocks).
     pub remote_block: u64,
+    /// Where the first segment starts inside a local block, in bytes.
     pub local_offset: u64,
+    /// Where the first segment lands inside a remote block, in bytes.
     pub remote_offset: u64,
+    /// Bytes of one segment.
     pub piece: u64,
+    /// Segments per block (1 for head-major blocks, one per token row for token-major).
     pub pieces: u32,
+    /// Bytes between consecutive segments in a local block.
     pub local_stride: u64,
+    /// Bytes between consecutive segments in a remote block.
     pub remote_stride: u64,
 }
 
@@ -169,7 +182,9 @@ impl Geometry {
 /// A peer's shard plan: one geometry for K/V blocks and one for scale blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
+    /// The geometry of key and value blocks.
     pub kv: Geometry,
+    /// The geometry of key-scale and value-scale blocks.
     pub scale: Geometry,
 }
 

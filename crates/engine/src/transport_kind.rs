@@ -7,8 +7,11 @@ use crate::error::Error;
 /// The transports this build knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TransportKind {
+    /// TCP sockets: works between any two hosts.
     Tcp,
+    /// RDMA one-sided WRITEs (InfiniBand or RoCE) between hosts.
     Rdma,
+    /// CUDA IPC copies between GPUs of one host (over NVLink where joined, else PCIe).
     Nvlink,
 }
 
@@ -47,12 +50,14 @@ impl TransportKind {
         }
     }
 
+    /// The kind with descriptor code `code`, or `None` for a code this build does not know.
     pub fn from_code(code: u8) -> Option<TransportKind> {
         Self::PREFERENCE
             .into_iter()
             .find(|kind| kind.code() == code)
     }
 
+    /// The kind named `name` (lowercase, as [`name`](Self::name) gives), if any.
     pub fn parse(name: &str) -> Option<TransportKind> {
         Self::PREFERENCE
             .into_iter()

@@ -4,7 +4,9 @@
 //! --run), where a missing GPU, driver or peer binary fails them.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, CallBlocks, Engine, OnDone, Role, TransportKind, WriteCall};
+use kvtransfer_engine::{
+    BlockIds, CallBlocks, CallPeer, Engine, OnDone, Role, TransportKind, WriteCall,
+};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -640,7 +642,7 @@ fn nvlink_bench_grid() {
             engine
                 .write(
                     WriteCall {
-                        peer_key: KEY,
+                        peer: CallPeer::Key(KEY),
                         blocks: CallBlocks::Prepared(&list),
                         layer: (i % layers) as f64,
                         tag: None,

@@ -3,7 +3,7 @@
 //! gone (cancelled, replaced by a reconnect) every call looks the peer up again and is
 //! refused, typed and writing nothing, when there is none or the plan no longer fits it.
 
-use kvtransfer_engine::{BlockIds, CallBlocks, OnDone, PreparedBlocks, Role, WriteCall};
+use kvtransfer_engine::{BlockIds, CallBlocks, CallPeer, OnDone, PreparedBlocks, Role, WriteCall};
 use std::sync::mpsc;
 
 mod common;
@@ -25,7 +25,7 @@ fn write(
     let (sender, outcome) = mpsc::channel();
     prefill.engine.write(
         WriteCall {
-            peer_key: KEY,
+            peer: CallPeer::Key(KEY),
             blocks: CallBlocks::Prepared(prepared),
             layer: f64::from(layer),
             tag: None,

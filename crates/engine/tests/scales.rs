@@ -3,7 +3,7 @@
 //! scales are refused at the handshake.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, CallBlocks, OnDone, Role, WriteCall};
+use kvtransfer_engine::{BlockIds, CallBlocks, CallPeer, OnDone, Role, WriteCall};
 
 mod common;
 use common::{assert_written, connect, try_connect, Side, SideSpec};
@@ -61,7 +61,7 @@ fn key_value_and_scale_blocks_arrive_byte_for_byte() {
             .engine
             .write(
                 WriteCall {
-                    peer_key: "decode",
+                    peer: CallPeer::Key("decode"),
                     blocks: CallBlocks::Prepared(&prepared),
                     layer: 1.0,
                     tag: None,

@@ -12,6 +12,7 @@ use crate::wire::{Declined, Descriptor};
 /// The transport chosen with a peer and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportDecision {
+    /// The transport the link to the peer uses.
     pub transport: TransportKind,
     /// One sentence, starting with the transport's name.
     pub reason: String,

@@ -10,7 +10,7 @@ mod tp;
 mod watchdog;
 mod write;
 
-pub use write::{CallBlocks, PreparedBlocks, WriteCall};
+pub use write::{CallBlocks, CallPeer, PeerHandle, PreparedBlocks, WriteCall};
 
 use crate::auth::{self, Nonce};
 use crate::config::{RdmaSettings, Settings, TransportChoice};
@@ -35,7 +35,11 @@ use watchdog::Watchdog;
 
 /// How to build an engine.
 pub struct EngineOptions {
+    /// This side's role, sent to peers in the handshake and logged; it does not change
+    /// what the engine does.
     pub role: Role,
+    /// The GPU this engine serves: where GPU regions are looked up, the GPU NVLink opens,
+    /// and the index that selects the RDMA NIC.
     pub gpu_idx: u32,
     /// This side's name, reported to peers with its arrival notices (at most 255 bytes).
     pub name: String,
@@ -48,7 +52,9 @@ pub struct EngineOptions {
     pub key_scales: Vec<u64>,
     /// Base address of each layer's value-scale region (one per value region, or empty).
     pub value_scales: Vec<u64>,
+    /// Blocks in each region (valid block ids are `0..block_number`).
     pub block_number: u32,
+    /// Bytes per block of each key and value region.
     pub block_bytes: u64,
     /// Bytes per block of the scale regions; 0: no scale regions.
     pub scale_block_bytes: u64,
@@ -97,17 +103,22 @@ pub struct EngineStats {
 /// the writer's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerMetrics {
+    /// The peer's key (`host:port` when writing, the writer's name when receiving).
     pub peer: String,
     /// The transport of the last link (none for a peer that only had refused calls).
     pub transport: Option<TransportKind>,
+    /// This peer's counters since the engine was built.
     pub counters: Snapshot,
 }
 
 /// How a connected peer is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
+    /// The transport of the peer's link.
     pub transport: TransportKind,
+    /// Whether the link is still usable (false once it broke; connect again).
     pub alive: bool,
+    /// The peer's blockNumber: remote block ids must be below it.
     pub remote_block_number: u32,
 }
 
@@ -271,6 +282,7 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The layout of this engine's cache, as given at construction.
     pub fn layout(&self) -> CacheLayout {
         self.inner.table.layout
     }
@@ -280,6 +292,7 @@ impl Engine {
         self.inner.table.memory_kinds().to_vec()
     }
 
+    /// The role given at construction.
     pub fn role(&self) -> Role {
         self.inner.role
     }
@@ -323,6 +336,7 @@ impl Engine {
         }
     }
 
+    /// How `peer_key` is reached, or `None` when this engine has no link to it.
     pub fn peer_info(&self, peer_key: &str) -> Option<PeerInfo> {
         self.inner.peers.get(peer_key).map(|peer| PeerInfo {
             transport: peer.link.kind(),
@@ -331,6 +345,7 @@ impl Engine {
         })
     }
 
+    /// Whether the engine is open and has a live link to `peer_key`.
     pub fn is_connected(&self, peer_key: &str) -> bool {
         !self.inner.closed.load(Ordering::SeqCst)
             && self.peer_info(peer_key).is_some_and(|info| info.alive)

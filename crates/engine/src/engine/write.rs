@@ -87,11 +87,69 @@ fn counted_done(write: &PreparedWrite, on_done: OnDone, started: Instant) -> Don
     )
 }
 
+/// A connected peer as a caller holds it ([`Engine::peer`]): its key, and the connection
+/// it named when the handle was made. A call through it skips the registry while that
+/// connection stays registered and alive; after a reconnect it finds the new one by key.
+#[derive(Clone)]
+pub struct PeerHandle {
+    key: Arc<str>,
+    /// The engine that made it: a handle is only used with its own engine.
+    engine: Weak<EngineInner>,
+    connection: Weak<Peer>,
+}
+
+impl std::fmt::Debug for PeerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerHandle")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PeerHandle {
+    /// The peer's key (`host:port`).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// The peer a call goes to: by key (looked up in the registry) or by handle.
+#[derive(Debug, Clone, Copy)]
+pub enum CallPeer<'a> {
+    /// The peer's key (`host:port`), looked up in the peer registry on each call.
+    Key(&'a str),
+    /// A handle from [`Engine::peer`]: skips the lookup while its connection stays up.
+    Handle(&'a PeerHandle),
+}
+
+impl CallPeer<'_> {
+    /// The peer's key (`host:port`).
+    pub fn key(&self) -> &str {
+        match self {
+            CallPeer::Key(key) => key,
+            CallPeer::Handle(handle) => handle.key(),
+        }
+    }
+}
+
+impl<'a> From<&'a str> for CallPeer<'a> {
+    fn from(key: &'a str) -> Self {
+        CallPeer::Key(key)
+    }
+}
+
+impl<'a> From<&'a PeerHandle> for CallPeer<'a> {
+    fn from(handle: &'a PeerHandle) -> Self {
+        CallPeer::Handle(handle)
+    }
+}
+
 /// One `writeCache` call: to which peer, which blocks, which layer, its tag and timeout.
 #[derive(Debug)]
 pub struct WriteCall<'a> {
-    /// The peer (`host:port`) as connected.
-    pub peer_key: &'a str,
+    /// The peer whose cache is written.
+    pub peer: CallPeer<'a>,
+    /// Which local blocks go to which remote blocks.
     pub blocks: CallBlocks<'a>,
     /// Checked to be an integer layer of this side's layout.
     pub layer: f64,
@@ -110,7 +168,9 @@ pub struct WriteCall<'a> {
 pub enum CallBlocks<'a> {
     /// Ids validated and planned for this call.
     Ids {
+        /// Blocks of this side's cache to read.
         local: BlockIds<'a>,
+        /// Blocks of the peer's cache to write, one per local id, at the same position.
         remote: BlockIds<'a>,
     },
     /// A list validated and planned once ([`Engine::prepare_blocks`]).
@@ -120,14 +180,14 @@ pub enum CallBlocks<'a> {
 impl<'a> WriteCall<'a> {
     /// A call of `local` into `remote` ids, with no timeout.
     pub fn ids(
-        peer_key: &'a str,
+        peer: impl Into<CallPeer<'a>>,
         local: BlockIds<'a>,
         remote: BlockIds<'a>,
         layer: f64,
         tag: Option<Vec<u8>>,
     ) -> Self {
         WriteCall {
-            peer_key,
+            peer: peer.into(),
             blocks: CallBlocks::Ids { local, remote },
             layer,
             tag,
@@ -146,7 +206,7 @@ impl Engine {
     /// stays up, the peer is not even looked up.
     pub fn write(&self, call: WriteCall<'_>, on_done: OnDone) -> Result<()> {
         let WriteCall {
-            peer_key,
+            peer,
             blocks,
             layer,
             tag,
@@ -154,12 +214,12 @@ impl Engine {
         } = call;
         let prepared = match blocks {
             CallBlocks::Ids { local, remote } => {
-                self.prepare_write(peer_key, local, remote, layer, tag)
+                self.prepare_write(peer, local, remote, layer, tag)
             }
-            CallBlocks::Prepared(list) => self.reuse_prepared(peer_key, list, layer, tag),
+            CallBlocks::Prepared(list) => self.reuse_prepared(peer, list, layer, tag),
         };
         let write = prepared.inspect_err(|error| {
-            self.inner.metrics.peer(peer_key).failed(error);
+            self.inner.metrics.peer(peer.key()).failed(error);
         })?;
         self.dispatch(write, on_done, timeout);
         Ok(())
@@ -190,15 +250,15 @@ impl Engine {
     /// Validates and plans a block list once for `peer_key`; errors here mean nothing
     /// was planned. The list is written per layer with [`Engine::write`]
     /// ([`CallBlocks::Prepared`]).
-    pub fn prepare_blocks(
+    pub fn prepare_blocks<'p>(
         &self,
-        peer_key: &str,
+        peer: impl Into<CallPeer<'p>>,
         local: BlockIds<'_>,
         remote: BlockIds<'_>,
     ) -> Result<PreparedBlocks> {
         self.check_open()?;
         let layout = self.inner.table.layout;
-        let peer = self.live_peer(peer_key)?;
+        let peer = self.connected(peer.into())?;
         let limits = PlanLimits::new(
             layout.block_number,
             peer.remote.block_number,
@@ -208,7 +268,7 @@ impl Engine {
         let mut runs = Vec::new();
         plan::plan_runs(local, remote, limits, &mut runs)?;
         Ok(PreparedBlocks {
-            peer_key: peer_key.to_string(),
+            peer_key: peer.key.to_string(),
             engine: Arc::downgrade(&self.inner),
             planned_for: Arc::downgrade(&peer),
             bytes_per_block: peer.shard.bytes_per_block(&layout),
@@ -222,7 +282,7 @@ impl Engine {
     /// Checks that a prepared list still fits its peer and makes the call for `layer`.
     fn reuse_prepared(
         &self,
-        peer_key: &str,
+        peer: CallPeer<'_>,
         prepared: &PreparedBlocks,
         layer: f64,
         tag: Option<Vec<u8>>,
@@ -239,6 +299,10 @@ impl Engine {
                 ),
             ));
         }
+        if let CallPeer::Handle(handle) = peer {
+            self.check_own(handle)?;
+        }
+        let peer_key = peer.key();
         if prepared.peer_key != peer_key {
             return Err(Error::invalid(
                 "prepared",
@@ -302,6 +366,45 @@ impl Engine {
         Ok((peer, bytes_per_block))
     }
 
+    /// A handle on the peer connected as `peer_key` (`ERR_NOT_CONNECTED` when none is):
+    /// calls through it skip the registry while that connection lasts.
+    pub fn peer(&self, peer_key: &str) -> Result<PeerHandle> {
+        let peer = self.live_peer(peer_key)?;
+        Ok(PeerHandle {
+            key: Arc::clone(&peer.key),
+            engine: Arc::downgrade(&self.inner),
+            connection: Arc::downgrade(&peer),
+        })
+    }
+
+    /// The connection a call to `peer` uses: the handle's own while it stays registered and
+    /// alive, else the one registered under the key, when its link is usable.
+    fn connected(&self, peer: CallPeer<'_>) -> Result<Arc<Peer>> {
+        let handle = match peer {
+            CallPeer::Key(key) => return self.live_peer(key),
+            CallPeer::Handle(handle) => handle,
+        };
+        self.check_own(handle)?;
+        match handle.connection.upgrade() {
+            Some(peer) if peer.is_registered() && peer.link.is_alive() => Ok(peer),
+            _ => self.live_peer(&handle.key),
+        }
+    }
+
+    /// Refuses a handle another engine made (its connection is not this engine's).
+    fn check_own(&self, handle: &PeerHandle) -> Result<()> {
+        if std::ptr::eq(handle.engine.as_ptr(), Arc::as_ptr(&self.inner)) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "peer",
+            format!(
+                "the handle on {} belongs to another communicator; use the one its connect returned",
+                handle.key
+            ),
+        ))
+    }
+
     /// The peer registered under `peer_key`, when its link is usable.
     fn live_peer(&self, peer_key: &str) -> Result<Arc<Peer>> {
         let peer = self
@@ -323,7 +426,7 @@ impl Engine {
     /// Validates and plans one call; errors here mean nothing was sent.
     fn prepare_write(
         &self,
-        peer_key: &str,
+        peer: CallPeer<'_>,
         local: BlockIds<'_>,
         remote: BlockIds<'_>,
         layer: f64,
@@ -333,7 +436,7 @@ impl Engine {
         let layout = self.inner.table.layout;
         let layer = layout.check_layer(layer)?;
         check_tag(&tag)?;
-        let peer = self.live_peer(peer_key)?;
+        let peer = self.connected(peer)?;
         let limits = PlanLimits::new(
             layout.block_number,
             peer.remote.block_number,

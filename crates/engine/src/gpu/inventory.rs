@@ -13,6 +13,7 @@ pub struct GpuInventory {
     pub error: Option<String>,
     /// `cuDriverGetVersion` as `major.minor` (e.g. `12.4`).
     pub driver_version: Option<String>,
+    /// One report per GPU, in driver ordinal order.
     pub gpus: Vec<DeviceReport>,
     /// `peer_access[a][b]`: GPU `a` can access GPU `b`'s memory (`cuDeviceCanAccessPeer`;
     /// the diagonal is true: a GPU reaches its own memory).

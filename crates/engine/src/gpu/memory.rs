@@ -6,6 +6,7 @@
 use crate::error::{Error, Result};
 use kvtransfer_cuda::DeviceBuffer;
 
+/// One zeroed `cuMemAlloc` allocation on a GPU, freed on drop.
 pub struct DeviceMemory {
     buffer: DeviceBuffer,
     gpu: u32,
@@ -60,10 +61,12 @@ impl DeviceMemory {
         self.buffer.ptr()
     }
 
+    /// The allocation's size in bytes.
     pub fn bytes(&self) -> u64 {
         self.buffer.len() as u64
     }
 
+    /// The GPU (ordinal) it lives on.
     pub fn gpu(&self) -> u32 {
         self.gpu
     }

@@ -11,10 +11,15 @@ use crate::shard::Shard;
 /// what benches and tests without a job build from).
 #[derive(Debug, Clone, Copy)]
 pub struct JobView<'a> {
+    /// The call's blocks, coalesced into runs contiguous on both sides.
     pub runs: &'a [Run],
+    /// The layer written.
     pub layer: u32,
+    /// Blocks in the call (before coalescing), reported with the arrival notice.
     pub blocks: u32,
+    /// Which bytes of each block go where on the peer.
     pub shard: &'a Shard,
+    /// Request tag: when present the receiver gets an arrival notice after the bytes.
     pub tag: Option<&'a [u8]>,
 }
 
@@ -60,9 +65,13 @@ pub struct JobPlan {
 /// What the receiving side learns when a tagged call has landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Arrival {
+    /// The writer's name (as it gave it at construction).
     pub peer: String,
+    /// The call's request tag.
     pub tag: Vec<u8>,
+    /// The layer the call wrote.
     pub layer: u32,
+    /// Blocks the call wrote.
     pub blocks: u32,
 }
 

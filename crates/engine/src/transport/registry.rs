@@ -15,8 +15,11 @@ use std::sync::Arc;
 /// What each transport uses on this side, typed (`Transport::explain`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportDetails {
+    /// The TCP transport's details.
     Tcp(TcpDetails),
+    /// The RDMA transport's details.
     Rdma(RdmaDetails),
+    /// The NVLink transport's details.
     Nvlink(NvlinkDetails),
 }
 

@@ -12,7 +12,9 @@ use crate::shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
 /// One transport's endpoint: its kind code (`TransportKind::code`) and its own bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// The transport's kind code.
     pub kind: u8,
+    /// The endpoint as that transport encodes it (opaque to the engine).
     pub bytes: Vec<u8>,
 }
 
@@ -20,18 +22,27 @@ pub struct Endpoint {
 /// can act on, at most [`MAX_NOTE_BYTES`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Declined {
+    /// The kind code of the offer passed over.
     pub kind: u8,
+    /// Why it was passed over.
     pub reason: String,
 }
 
 /// What one side tells the other during `connect`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
+    /// The sender's role (informational: logged by the acceptor).
     pub role: Role,
+    /// A random id of the sender's engine: a reconnect of the same engine replaces its old
+    /// state; it also names a sender that gave no name.
     pub instance_id: u64,
+    /// The sender's layer count (1..=`MAX_LAYERS`); must equal this side's.
     pub layers: u32,
+    /// Whether the sender's cache has value regions; must match this side's.
     pub has_value: bool,
+    /// The sender's blocks per region (may differ from this side's).
     pub block_number: u32,
+    /// The sender's bytes per key/value block.
     pub block_bytes: u64,
     /// Bytes per block of the fp8 scale regions (K-scale, V-scale); 0: none.
     pub scale_block_bytes: u64,
@@ -58,6 +69,9 @@ impl Descriptor {
             .map(|e| e.bytes.as_slice())
     }
 
+    /// Its wire form (little endian): magic, version, total length, the layout and
+    /// identity, then the endpoint and declined lists. The name, the lists and the reasons
+    /// are cut to their limits.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(&DESCRIPTOR_MAGIC);
@@ -97,6 +111,9 @@ impl Descriptor {
         out
     }
 
+    /// Parses a descriptor, checking every field and bound: a wrong magic, protocol version
+    /// or length, an invalid layout or tensor-parallel setting, duplicate kinds, and
+    /// trailing bytes are refused.
     pub fn decode(bytes: &[u8]) -> Result<Descriptor, DecodeError> {
         if bytes.len() > MAX_DESCRIPTOR_BYTES {
             return Err(DecodeError(format!(

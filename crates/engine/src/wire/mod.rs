@@ -21,13 +21,18 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// Longest reason the acceptor gives for an offer it declined.
 pub const MAX_NOTE_BYTES: usize = 1024;
 
+/// Which half of a disaggregated deployment an engine serves; sent in the descriptor and
+/// logged, it does not change what the engine does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// A prefill engine (typically the writer of KV blocks).
     Prefill = 0,
+    /// A decode engine (typically the receiver).
     Decode = 1,
 }
 
 impl Role {
+    /// `"prefill"` or `"decode"`; anything else is `None`.
     pub fn parse(text: &str) -> Option<Role> {
         match text {
             "prefill" => Some(Role::Prefill),
@@ -36,6 +41,7 @@ impl Role {
         }
     }
 
+    /// Its name: `"prefill"` or `"decode"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Prefill => "prefill",

@@ -48,6 +48,7 @@ fn text(r: &mut Reader<'_>, what: &str) -> Result<String, DecodeError> {
 }
 
 impl NvlinkEndpoint {
+    /// Its wire form (little endian; texts and the GPU list length-prefixed).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.host.len() + 16 * self.gpus.len());
         put_text(&mut out, &self.host);
@@ -63,6 +64,8 @@ impl NvlinkEndpoint {
         out
     }
 
+    /// Parses an endpoint; refuses texts over 512 bytes, more than 64 GPUs,
+    /// and trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<NvlinkEndpoint, DecodeError> {
         let mut r = Reader::new(bytes);
         let host = text(&mut r, "host identity")?;

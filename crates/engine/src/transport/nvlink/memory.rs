@@ -41,13 +41,18 @@ pub struct RegionSpan {
     pub pieces: Vec<u32>,
 }
 
+/// The acceptor's GPU memory as a writer opens it: its allocations and its regions.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MemoryTable {
+    /// The allocations behind the regions (their `Share::Fd` descriptors follow in order).
     pub pieces: Vec<Piece>,
+    /// One span per region, in region-index order; each names its allocations by index
+    /// into `pieces`.
     pub regions: Vec<RegionSpan>,
 }
 
 impl MemoryTable {
+    /// Its wire form (little endian): the allocation list, then the region list.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + 84 * self.pieces.len() + 24 * self.regions.len());
         out.extend_from_slice(&(self.pieces.len() as u32).to_le_bytes());
@@ -74,6 +79,8 @@ impl MemoryTable {
         out
     }
 
+    /// Parses a table; refuses more than the bounded number of allocations or regions, an
+    /// empty or wrapping allocation, and a region outside the contiguous allocations it names.
     pub fn decode(bytes: &[u8]) -> std::result::Result<MemoryTable, DecodeError> {
         let mut r = Reader::new(bytes);
         let count = r.u32("piece count")? as usize;

@@ -195,7 +195,9 @@ pub(super) fn fill_chain(
 /// Where a job's WRITEs go: the local key of region `r` is `lkey(r)`, the peer's region
 /// `r` is `remote_regions[r]` (address, rkey).
 pub struct ChainTarget<'a, K: Fn(usize) -> u32> {
+    /// The local memory region key of region `r`.
     pub lkey: K,
+    /// The peer's regions, by region index: (base address, rkey).
     pub remote_regions: &'a [(u64, u32)],
 }
 

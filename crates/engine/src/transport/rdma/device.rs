@@ -27,15 +27,19 @@ use std::sync::{Arc, Mutex};
 /// What the RDMA transport uses on this side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaDetails {
+    /// The RDMA device's name (e.g. `mlx5_0`).
     pub device: String,
+    /// The active port used (1-based, as verbs numbers them).
     pub port: u8,
     /// InfiniBand, else RoCE.
     pub infiniband: bool,
+    /// The GID table index the queue pairs use as their source GID.
     pub gid_index: u8,
     /// The GID: its IPv4 address on RoCE where it maps one, else its bytes.
     pub gid: String,
     /// The path MTU in bytes.
     pub mtu: u32,
+    /// RC queue pairs created per peer.
     pub qps_per_peer: u16,
 }
 

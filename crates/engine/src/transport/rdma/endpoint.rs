@@ -11,19 +11,24 @@ const MAX_REGIONS: usize = 2 * crate::layout::MAX_LAYERS as usize;
 /// One RC queue pair's connection data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QpEndpoint {
+    /// The queue pair's number.
     pub qp_num: u32,
+    /// Its initial packet sequence number (24 bits; higher bits are dropped on decode).
     pub psn: u32,
 }
 
 /// Where a peer's memory is and how to reach its queue pairs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaEndpoint {
+    /// The port's LID (the address used on InfiniBand).
     pub lid: u16,
+    /// The port's GID at the chosen index (the address used on RoCE).
     pub gid: [u8; 16],
     /// ibv_mtu enum value of the port's active MTU.
     pub mtu: u8,
     /// Whether the port is native InfiniBand (route by LID) rather than RoCE (route by GID).
     pub infiniband: bool,
+    /// The queue pairs of this side's end of the link (1..=64), paired by position.
     pub qps: Vec<QpEndpoint>,
     /// (address, rkey) of every region, in region-table order.
     pub regions: Vec<(u64, u32)>,
@@ -33,6 +38,7 @@ pub struct RdmaEndpoint {
 }
 
 impl RdmaEndpoint {
+    /// Its wire form (little endian; the queue pair and region lists count-prefixed).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(48 + 8 * self.qps.len() + 12 * self.regions.len());
         out.extend_from_slice(&self.lid.to_le_bytes());
@@ -55,6 +61,8 @@ impl RdmaEndpoint {
         out
     }
 
+    /// Parses an endpoint; refuses an MTU code outside 1..=5, a queue pair or region count
+    /// out of bounds, too many notice slots, and trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<RdmaEndpoint, DecodeError> {
         let mut r = Reader::new(bytes);
         let lid = r.u16("lid")?;

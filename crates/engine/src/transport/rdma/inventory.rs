@@ -9,6 +9,7 @@ use kvtransfer_verbs as verbs;
 /// One GID table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GidReport {
+    /// Its index in the port's GID table (what `KVCACHE_RDMA_GID_INDEX` names).
     pub index: u8,
     /// `RoCE v2`, `RoCE v1`, `IB`, or `unknown` (sysfs gives no type).
     pub kind: &'static str,
@@ -19,6 +20,7 @@ pub struct GidReport {
 /// One port of a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaPortReport {
+    /// The port number (1-based).
     pub port: u8,
     /// `ACTIVE`, `DOWN`, `INIT`, `ARMED`, `ACTIVE_DEFER` or `NOP`.
     pub state: &'static str,
@@ -26,6 +28,7 @@ pub struct RdmaPortReport {
     pub link_layer: &'static str,
     /// Active MTU in bytes (0: unknown).
     pub active_mtu: u32,
+    /// The port's LID (InfiniBand addressing; usually 0 on RoCE).
     pub lid: u16,
     /// The non-zero entries of the GID table.
     pub gids: Vec<GidReport>,
@@ -34,12 +37,14 @@ pub struct RdmaPortReport {
 /// One device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaDeviceReport {
+    /// The device's name (e.g. `mlx5_0`), as `KVCACHE_RDMA_NICS` names it.
     pub name: String,
     /// Soft-RoCE or soft-iWARP: the protocol runs on the CPU.
     pub software: bool,
     /// PCIe relaxed ordering enabled on the device's PCI function (its Device Control
     /// register); `None` when it has no PCI function or the register cannot be read.
     pub pcie_relaxed_ordering: Option<bool>,
+    /// Its ports, in port order.
     pub ports: Vec<RdmaPortReport>,
     /// Why the device could not be opened or queried (then `ports` is empty).
     pub error: Option<String>,
@@ -50,6 +55,7 @@ pub struct RdmaDeviceReport {
 pub struct RdmaInventory {
     /// Why libibverbs could not be loaded or asked for its devices.
     pub error: Option<String>,
+    /// Every device libibverbs lists, in its order.
     pub devices: Vec<RdmaDeviceReport>,
     /// `ibv_reg_dmabuf_mr` exists (GPU memory registered through dma-buf).
     pub dmabuf_registration: bool,

@@ -55,6 +55,8 @@ pub struct Tuning {
     pub post_threads: Option<u32>,
 }
 
+/// The data-path tuning in effect: each `KVCACHE_RDMA_TUNING` key that is set, else its
+/// default constant.
 pub fn tuning() -> Tuning {
     let t = crate::config::process().rdma_tuning;
     Tuning {
@@ -211,7 +213,9 @@ pub type ChainCursor = (u32, usize, u64);
 /// range written (address, rkey, length: what the flush READ reads back).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ChainProgress {
+    /// Where the next WRITE starts.
     pub cursor: ChainCursor,
+    /// The last remote range written: (address, rkey, length in bytes).
     pub last_write: (u64, u32, u64),
 }
 

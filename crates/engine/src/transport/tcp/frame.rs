@@ -1,15 +1,21 @@
 //! TCP data-plane frames. Every frame starts with a fixed header.
 
+/// First bytes a writer sends on a new data connection.
 pub const HELLO_MAGIC: [u8; 4] = *b"KVTD";
 /// `HELLO_MAGIC`, version u16, reserved u16, session u64.
 pub const HELLO_BYTES: usize = 16;
+/// Size of every frame header: kind u8, flags u8, 2 reserved bytes, region u32,
+/// offset u64, len u32, aux u32 (little endian).
 pub const HEADER_BYTES: usize = 24;
 
 /// Frame types sent by the writer.
 pub const WRITE: u8 = 1;
+/// Ends a call: the receiver acknowledges it once every byte before it has landed.
 pub const COMMIT: u8 = 2;
 /// Frame types sent back by the receiver.
 pub const ACK: u8 = 3;
+/// Refuses a frame (the reason as detail): fails the oldest pending call, then the
+/// connection is closed.
 pub const NACK: u8 = 4;
 
 /// A decoded frame header. For `WRITE`: `region`, `offset`, `len` bytes of payload follow.
@@ -17,14 +23,22 @@ pub const NACK: u8 = 4;
 /// trailing detail (notice tag or error text), at most `MAX_DETAIL_BYTES`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Frame type: [`WRITE`], [`COMMIT`], [`ACK`] or [`NACK`].
     pub kind: u8,
+    /// `COMMIT`: bit 0 set when the call is tagged (a notice tag follows); else 0.
     pub flags: u8,
+    /// `WRITE`: the region index written; `COMMIT`: the call's block count.
     pub region: u32,
+    /// `WRITE`: byte offset inside the region; `COMMIT`/`ACK`: the call id (`NACK`: 0, it
+    /// fails the oldest pending call).
     pub offset: u64,
+    /// `WRITE`: payload bytes; `COMMIT`/`ACK`/`NACK`: bytes of the trailing detail.
     pub len: u32,
+    /// `COMMIT`: the call's layer; else 0.
     pub aux: u32,
 }
 
+/// Longest detail (notice tag or error text) a `COMMIT`, `ACK` or `NACK` may carry.
 pub const MAX_DETAIL_BYTES: u32 = 4096;
 
 impl Header {
@@ -41,6 +55,7 @@ impl Header {
         }
     }
 
+    /// Its [`HEADER_BYTES`] wire form (reserved bytes zero).
     #[inline]
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut out = [0u8; HEADER_BYTES];
@@ -53,6 +68,8 @@ impl Header {
         out
     }
 
+    /// Parses a header; refuses an unknown frame type and a detail longer than
+    /// [`MAX_DETAIL_BYTES`].
     #[inline]
     pub fn decode(bytes: &[u8; HEADER_BYTES]) -> Result<Header, crate::wire::DecodeError> {
         let header = Header {
@@ -80,6 +97,7 @@ impl Header {
     }
 }
 
+/// The hello a writer opens a data connection with, naming the `session` it was admitted to.
 pub fn encode_hello(session: u64) -> [u8; HELLO_BYTES] {
     let mut out = [0u8; HELLO_BYTES];
     out[..4].copy_from_slice(&HELLO_MAGIC);
@@ -88,6 +106,7 @@ pub fn encode_hello(session: u64) -> [u8; HELLO_BYTES] {
     out
 }
 
+/// The session a hello names; refuses a bad magic or another protocol version.
 pub fn decode_hello(bytes: &[u8; HELLO_BYTES]) -> Result<u64, crate::wire::DecodeError> {
     if bytes[..4] != HELLO_MAGIC {
         return Err(crate::wire::DecodeError(

@@ -196,6 +196,7 @@ impl Default for FrameBatch {
 }
 
 impl FrameBatch {
+    /// An empty batch; its buffers grow on the first builds and are then reused.
     pub fn new() -> Self {
         FrameBatch {
             headers: Vec::new(),

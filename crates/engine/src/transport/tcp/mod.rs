@@ -52,11 +52,14 @@ use crate::util::lock;
 /// token that admits one data connection (0 in a connector's offer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpEndpoint {
+    /// The data listener's TCP port.
     pub port: u16,
+    /// The session token that admits one data connection (0 in an offer).
     pub session: u64,
 }
 
 impl TcpEndpoint {
+    /// Its wire form: port (u16 LE), session (u64 LE).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(10);
         out.extend_from_slice(&self.port.to_le_bytes());
@@ -64,6 +67,7 @@ impl TcpEndpoint {
         out
     }
 
+    /// Parses an endpoint of exactly 10 bytes.
     pub fn decode(bytes: &[u8]) -> std::result::Result<TcpEndpoint, DecodeError> {
         let mut r = Reader::new(bytes);
         let endpoint = TcpEndpoint {

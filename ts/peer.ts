@@ -1,0 +1,35 @@
+/**
+ * `Peer`: a connected peer as calls take it (`comm.peer(ip, port)`).
+ */
+import type { ExternalObject } from '../index.js'
+
+/**
+ * A peer this communicator connected to. Pass it to `writeCache` and `prepareBlocks` in
+ * place of `ip, port`: the call then builds no `ip:port` key, and the engine looks
+ * nothing up while the connection it was made for lasts. After a reconnect it finds the
+ * new connection; with none, calls reject `ERR_NOT_CONNECTED`.
+ */
+export class Peer {
+  /** The host it was connected as. */
+  readonly ip: string
+  /** Its control-plane port. */
+  readonly port: number
+  /** `ip:port`: how metrics, logs and `peerInfo` name it. */
+  readonly key: string
+  /** @internal The native handle the per-call functions take. */
+  readonly native: ExternalObject<'Peer'>
+  /**
+   * @internal The communicator that connected it. The native handle carries that
+   * communicator's engine, so only it may pass the handle on: its calls settle there.
+   */
+  readonly owner: object
+
+  /** @internal */
+  constructor(ip: string, port: number, native: ExternalObject<'Peer'>, owner: object) {
+    this.ip = ip
+    this.port = port
+    this.key = `${ip}:${port}`
+    this.native = native
+    this.owner = owner
+  }
+}
