@@ -358,39 +358,67 @@ export class RDMACommunicator extends EventEmitter {
     e?: WriteOptions,
   ): Promise<void> {
     // Not `async`: that would add a Promise and a resolution step to every call.
-    // Checks here that refuse a call are counted here; the engine counts its own.
+    if (peerOrIp instanceof Peer) {
+      return a instanceof PreparedBlocks
+        ? this.submit(peerOrIp, a, undefined, b as number, c as WriteOptions | undefined)
+        : this.submit(peerOrIp, a as BlockIds, b as BlockIds, c as number, d as WriteOptions | undefined)
+    }
     let peer: Peer
-    let call: ReturnType<typeof this.checkCall>
+    try {
+      peer = this.peers.get(peerOrIp)?.get(a as number | string) ?? this.peer(peerOrIp, a as number | string)
+    } catch (error) {
+      this.countRefused(`${String(peerOrIp)}:${String(a)}`, error)
+      return Promise.reject(error)
+    }
+    return b instanceof PreparedBlocks
+      ? this.submit(peer, b, undefined, c as number, d as WriteOptions | undefined)
+      : this.submit(peer, b as BlockIds, c as BlockIds, d as number, e)
+  }
+
+  /**
+   * What every `writeCache` form shares: the checks before the engine (the ids' form, the
+   * layer's type, the tag, the timeout, the signal; refusals counted here, the engine
+   * counts its own), a call id, the native call and the call's Promise. `remoteBlockIds`
+   * is undefined for a prepared list. (No closure or object per call: this is the hot
+   * path of every layer.)
+   */
+  private submit(
+    peer: Peer,
+    blocks: BlockIds | PreparedBlocks,
+    remoteBlockIds: BlockIds | undefined,
+    layerIdx: number,
+    options: WriteOptions = NO_OPTIONS,
+  ): Promise<void> {
+    let local: ReturnType<typeof toBlockIds> | undefined
+    let remote: ReturnType<typeof toBlockIds> | undefined
+    let tag: Buffer | undefined
+    let timeoutMs: number | undefined
     try {
       this.checkOpen()
-      if (peerOrIp instanceof Peer) {
-        peer = this.own(peerOrIp)
-        call =
-          a instanceof PreparedBlocks
-            ? this.checkCall(peer, a, b as number, c as WriteOptions | undefined)
-            : this.checkCall(peer, a as BlockIds, c as number, d as WriteOptions | undefined, b as BlockIds)
-      } else {
-        peer = this.peer(peerOrIp, a as number | string)
-        call =
-          b instanceof PreparedBlocks
-            ? this.checkCall(peer, b, c as number, d as WriteOptions | undefined)
-            : this.checkCall(peer, b as BlockIds, d as number, e, c as BlockIds)
+      this.own(peer)
+      if (!(blocks instanceof PreparedBlocks)) {
+        local = toBlockIds('localBlockIds', blocks)
+        remote = toBlockIds('remoteBlockIds', remoteBlockIds as BlockIds)
       }
+      if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
+      tag = options.tag === undefined ? undefined : encodeTag(options.tag)
+      timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
+      if (timeoutMs === 0) timeoutMs = undefined
+      if (options.signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
     } catch (error) {
-      this.countRefused(peerOrIp instanceof Peer ? peerOrIp.key : `${String(peerOrIp)}:${String(a)}`, error)
+      this.countRefused(peer.key, error)
       return Promise.reject(error)
     }
     const callId = this.nextCallId
     this.nextCallId = (callId + 1) >>> 0
     try {
-      const { blocks, remote, layerIdx, tag, timeoutMs } = call
-      if (blocks instanceof PreparedBlocks)
-        nativeWritePrepared(peer.native, callId, blocks.list, layerIdx, tag, timeoutMs)
-      else nativeWriteCache(peer.native, callId, blocks, remote!, layerIdx, tag, timeoutMs)
+      if (local === undefined)
+        nativeWritePrepared(peer.native, callId, (blocks as PreparedBlocks).list, layerIdx, tag, timeoutMs)
+      else nativeWriteCache(peer.native, callId, local, remote!, layerIdx, tag, timeoutMs)
     } catch (error) {
       return Promise.reject(fromNative(error))
     }
-    return this.pending(callId, peer.key, call.signal)
+    return this.pending(callId, peer.key, options.signal)
   }
 
   /**
@@ -414,33 +442,6 @@ export class RDMACommunicator extends EventEmitter {
     } catch {
       // Counting must never turn a refusal into another error.
     }
-  }
-
-  /**
-   * What every `writeCache` form checks before the engine: the ids' form, the layer's
-   * type, the tag, the timeout and the signal. (No closure per call: this is the hot path
-   * of every layer.)
-   */
-  private checkCall(
-    peer: Peer,
-    blocks: BlockIds | PreparedBlocks,
-    layerIdx: number,
-    options: WriteOptions = NO_OPTIONS,
-    remoteBlockIds?: BlockIds,
-  ) {
-    const local = blocks instanceof PreparedBlocks ? blocks : toBlockIds('localBlockIds', blocks)
-    const remote = remoteBlockIds === undefined ? undefined : toBlockIds('remoteBlockIds', remoteBlockIds)
-    if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
-    const tag = options.tag === undefined ? undefined : encodeTag(options.tag)
-    let timeoutMs: number | undefined = checkNonNegativeInteger(
-      'timeoutMs',
-      options.timeoutMs ?? this.writeTimeoutMs,
-      0x7fff_ffff,
-    )
-    if (timeoutMs === 0) timeoutMs = undefined
-    const signal = options.signal
-    if (signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
-    return { blocks: local, remote, layerIdx, tag, timeoutMs, signal }
   }
 
   /** The Promise of call `callId`, handed to the engine (settled by `onCallSettled`). */

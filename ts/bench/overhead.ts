@@ -154,6 +154,12 @@ export async function runOverhead(options: BenchOptions): Promise<OverheadReport
           rest: `${REQUEST_LAYERS} layers, prepared: calls 2-${REQUEST_LAYERS} (per layer call)`,
         },
       )
+      const peer = comm.peer(host, port)
+      await request(
+        `${REQUEST_LAYERS} layers, prepared, through a Peer (per layer call)`,
+        'writeCache(peer, prepared, layer) with peer = comm.peer(ip, port): no per-call peer lookup',
+        (layer) => comm.writeCache(peer, prepared, layer),
+      )
       const preparedContiguous = comm.prepareBlocks(host, port, contiguous, contiguous)
       await request(
         `${REQUEST_LAYERS} layers, prepared contiguous ids (per layer call)`,
