@@ -111,6 +111,12 @@ export interface ArrivalNotice {
 }
 
 /**
+ * Checks the `dstTpSize` a `connect` expects (a tensor-parallel size), before anything is
+ * sent: the engine's rule, so that the TypeScript layer does not repeat it.
+ */
+export declare function checkDstTpSize(value: number): void
+
+/**
  * Every code an engine error can have (`err.code` of every error this addon throws or
  * rejects with), from the engine's one list.
  */
@@ -246,7 +252,10 @@ export interface NativeOptions {
   connectTimeoutMs?: number
   /** Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none. */
   authToken?: string
-  /** Tensor-parallel ranks the heads are split over (default 1). */
+  /**
+   * Tensor-parallel ranks the heads are split over (default 1; the engine checks the
+   * range).
+   */
   tpSize?: number
   /** This side's rank, `0..tpSize` (default 0). */
   tpRank?: number

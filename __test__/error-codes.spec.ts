@@ -33,7 +33,7 @@ const nativeOptions = {
 test('the addon throws and rejects with the code in err.code and the bare message', async (t) => {
   const thrown = t.throws(() => new NativeCommunicator({ ...nativeOptions, role: 'encoder' }, () => undefined))
   t.is((thrown as Error & { code?: string }).code, 'ERR_INVALID_ARGUMENT')
-  t.is(thrown?.message, "invalid role: 'encoder' is not 'prefill' or 'decode'")
+  t.is(thrown?.message, `invalid role: "encoder" is not 'prefill' or 'decode'`)
 
   const comm = new NativeCommunicator(nativeOptions, () => undefined)
   t.teardown(() => comm.close())

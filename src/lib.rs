@@ -152,6 +152,23 @@ fn byte_count(name: &'static str, value: f64, min: f64) -> Result<u64, Code> {
     }
 }
 
+/// `value` as a u32 (a JS number's integer form; the engine checks its range).
+fn whole_number(name: &'static str, value: f64) -> Result<u32, Code> {
+    if value.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&value) {
+        Ok(value as u32)
+    } else {
+        Err(invalid(name, format!("{value} is not a whole number")))
+    }
+}
+
+/// Checks the `dstTpSize` a `connect` expects (a tensor-parallel size), before anything is
+/// sent: the engine's rule, so that the TypeScript layer does not repeat it.
+#[napi]
+pub fn check_dst_tp_size(value: f64) -> Result<(), Code> {
+    let size = whole_number("dstTpSize", value)?;
+    kvtransfer_engine::check_tp_size("dstTpSize", size).map_err(to_js_error)
+}
+
 /// Bytes of one region: `block_number` blocks of `block_bytes` (named `name`).
 fn bytes_of_region(block_number: u32, name: &str, block_bytes: u64) -> Result<u64, Code> {
     u64::from(block_number)
@@ -230,10 +247,11 @@ pub struct NativeOptions {
     pub connect_timeout_ms: Option<u32>,
     /// Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none.
     pub auth_token: Option<String>,
-    /// Tensor-parallel ranks the heads are split over (default 1).
-    pub tp_size: Option<u32>,
+    /// Tensor-parallel ranks the heads are split over (default 1; the engine checks the
+    /// range).
+    pub tp_size: Option<f64>,
     /// This side's rank, `0..tpSize` (default 0).
-    pub tp_rank: Option<u32>,
+    pub tp_rank: Option<f64>,
     /// Every rank holds the whole cache (MLA): whole blocks, any pairing (default false).
     pub kv_replicated: Option<bool>,
     /// Token-major blocks of this many token rows; 0 or absent: head-major.
@@ -337,7 +355,7 @@ impl NativeCommunicator {
         let role = Role::parse(&options.role).ok_or_else(|| {
             invalid(
                 "role",
-                format!("'{}' is not 'prefill' or 'decode'", options.role),
+                format!("{:?} is not 'prefill' or 'decode'", options.role),
             )
         })?;
         let block_bytes = byte_count("blockBytes", options.block_bytes, 1.0)?;
@@ -392,8 +410,8 @@ impl NativeCommunicator {
             rdma_settings: None,
             auth_token: options.auth_token.map(String::into_bytes),
             tp: TpOptions {
-                size: options.tp_size.unwrap_or(1),
-                rank: options.tp_rank.unwrap_or(0),
+                size: whole_number("tpSize", options.tp_size.unwrap_or(1.0))?,
+                rank: whole_number("tpRank", options.tp_rank.unwrap_or(0.0))?,
                 replicated: options.kv_replicated.unwrap_or(false),
                 order: BlockOrder::from_tokens_per_block(options.tokens_per_block.unwrap_or(0)),
             },
@@ -469,8 +487,11 @@ impl NativeCommunicator {
         peer_key: String,
         host: String,
         reply: Buffer,
-        dst_tp_size: Option<u32>,
+        dst_tp_size: Option<f64>,
     ) -> Result<PromiseRaw<'env, ()>, Code> {
+        let dst_tp_size = dst_tp_size
+            .map(|size| whole_number("dstTpSize", size))
+            .transpose()?;
         let engine = self.engine.clone();
         let reply = reply.to_vec();
         on_thread(env, "kvt-connect", peer_key.clone(), move || {

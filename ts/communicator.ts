@@ -7,6 +7,7 @@ import * as os from 'node:os'
 import {
   type ArrivalNotice,
   NativeCommunicator,
+  checkDstTpSize as checkDstTpSizeNative,
   writeCache as nativeWriteCache,
   writePrepared as nativeWritePrepared,
 } from '../index.js'
@@ -197,6 +198,7 @@ export class RDMACommunicator extends EventEmitter {
     this.checkOpen()
     if (typeof options === 'number') options = { dstTpSize: options }
     const dstTpSize = checkDstTpSize(options.dstTpSize)
+    if (dstTpSize !== undefined) native(() => checkDstTpSizeNative(dstTpSize))
     const peerPort = toPort('port', port)
     if (typeof ip !== 'string' || ip.length === 0) {
       throw invalidArgument('ip', `${JSON.stringify(ip)} is not a host name or address`)

@@ -88,9 +88,6 @@ export interface CommunicatorOptions {
 /** The order of a block's bytes (see {@link CommunicatorOptions.blockLayout}). */
 export type BlockLayout = { order: 'HND' } | { order: 'NHD'; tokensPerBlock: number }
 
-/** The largest tensor-parallel size (the engine's `MAX_TP_SIZE`). */
-export const MAX_TP_SIZE = 1024
-
 /** Options of {@link RDMACommunicator.connect}. */
 export interface ConnectOptions {
   /**
@@ -208,13 +205,13 @@ export function parseSettings(args: unknown[]): Settings {
           blockNumber: args[5] as number,
           blockBytes: args[6] as number,
         }
-  if (options.role !== 'prefill' && options.role !== 'decode') {
-    throw invalidArgument('role', `${JSON.stringify(options.role)} is not 'prefill' or 'decode'`)
-  }
+  // Values are checked once, by the engine (role, blockBytes, the tensor-parallel sizes);
+  // here only their types, which the binding's conversion would otherwise report untyped.
+  const role = checkType('role', options.role, 'string') as Role
   const port = toPort('port', options.port)
   const gpuIdx = checkNonNegativeInteger('gpuIdx', options.gpuIdx, 0xffff_ffff)
   const blockNumber = checkNonNegativeInteger('blockNumber', options.blockNumber, 0xffff_ffff)
-  const blockBytes = checkNonNegativeInteger('blockBytes', options.blockBytes, Number.MAX_SAFE_INTEGER)
+  const blockBytes = checkType('blockBytes', options.blockBytes, 'number') as number
   if (!Array.isArray(options.localKeyCache)) throw invalidArgument('localKeyCache', 'expected an array of regions')
   if (!Array.isArray(options.localValueCache)) {
     throw invalidArgument('localValueCache', 'expected an array of regions ([] for key-only)')
@@ -228,11 +225,8 @@ export function parseSettings(args: unknown[]): Settings {
     options.scaleBlockBytes ?? 0,
     Number.MAX_SAFE_INTEGER,
   )
-  const tpSize = checkNonNegativeInteger('tpSize', options.tpSize ?? 1, MAX_TP_SIZE)
-  if (tpSize === 0) throw invalidArgument('tpSize', `0 given; it must be in 1..${MAX_TP_SIZE}`)
-  const tpRank = checkNonNegativeInteger('tpRank', options.tpRank ?? 0, MAX_TP_SIZE)
-  if (tpRank >= tpSize)
-    throw invalidArgument('tpRank', `${tpRank} given; with tpSize ${tpSize} it must be in 0..${tpSize}`)
+  const tpSize = checkType('tpSize', options.tpSize ?? 1, 'number') as number
+  const tpRank = checkType('tpRank', options.tpRank ?? 0, 'number') as number
   const kvReplicated = options.kvReplicated ?? false
   if (typeof kvReplicated !== 'boolean')
     throw invalidArgument('kvReplicated', `${String(kvReplicated)} is not a boolean`)
@@ -240,7 +234,7 @@ export function parseSettings(args: unknown[]): Settings {
   const connectTimeoutMs = checkMilliseconds('connectTimeoutMs', options.connectTimeoutMs ?? 30_000)
   const writeTimeoutMs = checkNonNegativeInteger('writeTimeoutMs', options.writeTimeoutMs ?? 30_000, MAX_TIMEOUT_MS)
   return {
-    role: options.role,
+    role,
     port,
     gpuIdx,
     blockNumber,
@@ -251,7 +245,7 @@ export function parseSettings(args: unknown[]): Settings {
     maxPendingArrivals: options.maxPendingArrivals ?? 65_536,
     defaultName: options.name === undefined,
     native: {
-      role: options.role,
+      role,
       gpuIdx,
       name: options.name ?? `${os.hostname()}:${port}`,
       localKeyCache: options.localKeyCache.map((r, i) => toRegion('localKeyCache', i, r)),
@@ -289,10 +283,25 @@ function parseBlockLayout(layout: unknown): number {
   return tokens
 }
 
-/** `dstTpSize` of `connect`: absent or 0 (not checked), else a size in 1..MAX_TP_SIZE. */
+/**
+ * `dstTpSize` of `connect`: absent or 0 (not checked), else a number (the engine checks
+ * that it is a tensor-parallel size).
+ */
 export function checkDstTpSize(value: unknown): number | undefined {
-  const size = checkNonNegativeInteger('dstTpSize', value ?? 0, MAX_TP_SIZE)
+  const size = checkType('dstTpSize', value ?? 0, 'number') as number
   return size === 0 ? undefined : size
+}
+
+/** `value`, when `typeof value` is `type`; else a typed refusal naming what was given. */
+export function checkType(name: string, value: unknown, type: 'number' | 'string'): unknown {
+  if (typeof value !== type) throw invalidArgument(name, `expected a ${type}, got ${describe(value)}`)
+  return value
+}
+
+/** `'x'` (a string), `null`, or the type of anything else, for refusals. */
+function describe(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value)
+  return value === null ? 'null' : typeof value
 }
 
 export function toRegion(name: string, index: number, region: unknown): bigint | Uint8Array {
@@ -326,7 +335,9 @@ function numbersToFloat64(ids: unknown[]): Float64Array {
 export function toPort(name: string, port: unknown): number {
   const value = typeof port === 'string' && port.trim() !== '' ? Number(port) : port
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 65535) {
-    throw invalidArgument(name, `${JSON.stringify(port)} is not a port number in 0..65535`)
+    // A string shows its quotes; anything else (a bigint, NaN) as `String` writes it.
+    const given = typeof port === 'string' ? JSON.stringify(port) : String(port)
+    throw invalidArgument(name, `${given} is not a port number in 0..65535`)
   }
   return value
 }

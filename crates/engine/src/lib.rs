@@ -41,7 +41,7 @@ pub use kvtransfer_cuda::DeviceReport as GpuReport;
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
-pub use shard::{BlockOrder, TpOptions, MAX_TP_SIZE};
+pub use shard::{check_tp_size, BlockOrder, TpOptions, MAX_TP_SIZE};
 pub use transport::nvlink::NvlinkDetails;
 pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
 pub use transport::rdma::RdmaDetails;

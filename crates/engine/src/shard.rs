@@ -87,15 +87,22 @@ impl Default for TpOptions {
     }
 }
 
+/// A tensor-parallel size (`tpSize`, or the `dstTpSize` a connect expects) is in
+/// 1..=[`MAX_TP_SIZE`].
+pub fn check_tp_size(name: &'static str, size: u32) -> Result<()> {
+    if size == 0 || size > MAX_TP_SIZE {
+        return Err(Error::invalid(
+            name,
+            format!("{size} given; it must be in 1..={MAX_TP_SIZE}"),
+        ));
+    }
+    Ok(())
+}
+
 impl TpOptions {
     /// Checks the setting against this side's layout (at construction).
     pub fn check(&self, layout: &CacheLayout) -> Result<()> {
-        if self.size == 0 || self.size > MAX_TP_SIZE {
-            return Err(Error::invalid(
-                "tpSize",
-                format!("{} given; it must be in 1..={MAX_TP_SIZE}", self.size),
-            ));
-        }
+        check_tp_size("tpSize", self.size)?;
         if self.rank >= self.size {
             return Err(Error::invalid(
                 "tpRank",
