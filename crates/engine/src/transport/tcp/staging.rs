@@ -190,14 +190,18 @@ impl SendStaging {
         }
     }
 
+    /// The `segments` of chunk `chunk`.
+    fn chunk_segments(&self, chunk: usize) -> std::ops::Range<usize> {
+        let start = match chunk {
+            0 => 0,
+            _ => self.chunk_ends[chunk - 1],
+        };
+        start..self.chunk_ends[chunk]
+    }
+
     /// Queues the device→pinned copies of chunk `chunk` into its slot.
     fn issue(&mut self, chunk: usize) -> std::result::Result<(), CudaError> {
-        let start = if chunk == 0 {
-            0
-        } else {
-            self.chunk_ends[chunk - 1]
-        };
-        let end = self.chunk_ends[chunk];
+        let segments = self.chunk_segments(chunk);
         let Some(pipe) = self.pipe.as_mut() else {
             return Ok(());
         };
@@ -206,7 +210,7 @@ impl SendStaging {
             slot.event.synchronize()?;
         }
         let base = slot.buf.as_mut_ptr() as u64;
-        for segment in &self.segments[start..end] {
+        for segment in &self.segments[segments.clone()] {
             if let Source::Device { addr, at } = segment.source {
                 pipe.copies.push(base + at as u64, addr, segment.len);
             }
@@ -268,12 +272,7 @@ impl SendStaging {
             self.issue(chunk)?;
         }
         for chunk in 0..chunks {
-            let start = if chunk == 0 {
-                0
-            } else {
-                self.chunk_ends[chunk - 1]
-            };
-            let end = self.chunk_ends[chunk];
+            let segments = self.chunk_segments(chunk);
             let Some(pipe) = self.pipe.as_mut() else {
                 return Ok(());
             };
@@ -282,7 +281,7 @@ impl SendStaging {
             slot.busy = false;
             let base = slot.buf.as_ptr();
             self.iovecs.clear();
-            for segment in &self.segments[start..end] {
+            for segment in &self.segments[segments.clone()] {
                 self.iovecs.push(libc::iovec {
                     iov_base: segment.header.as_ptr() as *mut libc::c_void,
                     iov_len: frame::HEADER_BYTES,
