@@ -2,11 +2,12 @@
 //! handle outlives a reconnect (it finds the new connection by key); a handle is refused,
 //! typed and writing nothing, where its peer is gone or by another engine.
 
-use kvtransfer_engine::{BlockIds, CallBlocks, CallPeer, OnDone, PeerHandle, Role, WriteCall};
-use std::sync::mpsc;
+use kvtransfer_engine::{
+    BlockIds, CallBlocks, CallPeer, PeerHandle, PreparedBlocks, Role, WriteCall,
+};
 
 mod common;
-use common::{assert_written, connect, Side, SideSpec};
+use common::{assert_written, connect, settle, Side, SideSpec};
 
 const KEY: &str = "decode";
 
@@ -14,8 +15,7 @@ fn side(role: Role) -> Side {
     SideSpec::new(role, 2, 16, 512).build()
 }
 
-/// Writes `local` → `remote` of `layer` through `handle`; `Err` on the outer level is a
-/// refusal (nothing was sent), on the inner level a failed transfer.
+/// Writes `local` → `remote` of `layer` through `handle` and waits for the outcome.
 fn write(
     side: &Side,
     handle: &PeerHandle,
@@ -23,22 +23,32 @@ fn write(
     remote: &[u32],
     layer: u32,
 ) -> kvtransfer_engine::Result<kvtransfer_engine::Result<()>> {
-    let (sender, outcome) = mpsc::channel();
-    side.engine.write(
-        WriteCall::ids(
-            handle,
-            BlockIds::U32(local),
-            BlockIds::U32(remote),
-            f64::from(layer),
-            None,
-        ),
-        OnDone::Callback(Box::new(move |result| {
-            let _ = sender.send(result);
-        })),
-    )?;
-    Ok(outcome
-        .recv()
-        .expect("an accepted call reports its outcome"))
+    let call = WriteCall::ids(
+        handle,
+        BlockIds::U32(local),
+        BlockIds::U32(remote),
+        f64::from(layer),
+        None,
+    );
+    settle(side, call)
+}
+
+/// Writes `prepared` for layer 0 through `handle` and waits for the outcome.
+fn write_prepared(
+    side: &Side,
+    handle: &PeerHandle,
+    prepared: &PreparedBlocks,
+) -> kvtransfer_engine::Result<kvtransfer_engine::Result<()>> {
+    settle(
+        side,
+        WriteCall {
+            peer: CallPeer::Handle(handle),
+            blocks: CallBlocks::Prepared(prepared),
+            layer: 0.0,
+            tag: None,
+            timeout: None,
+        },
+    )
 }
 
 #[test]
@@ -73,23 +83,9 @@ fn a_handle_writes_and_follows_its_peer_across_a_reconnect() {
         .engine
         .prepare_blocks(&handle, BlockIds::U32(&[7]), BlockIds::U32(&[8]))
         .unwrap();
-    let (sender, outcome) = mpsc::channel();
-    prefill
-        .engine
-        .write(
-            WriteCall {
-                peer: CallPeer::Handle(&handle),
-                blocks: CallBlocks::Prepared(&prepared),
-                layer: 0.0,
-                tag: None,
-                timeout: None,
-            },
-            OnDone::Callback(Box::new(move |result| {
-                let _ = sender.send(result);
-            })),
-        )
+    write_prepared(&prefill, &handle, &prepared)
+        .unwrap()
         .unwrap();
-    outcome.recv().unwrap().unwrap();
     assert_written(&prefill, &decode, 0, &[1, 2, 7], &[3, 4, 8]);
 }
 
@@ -113,19 +109,7 @@ fn a_handle_is_refused_by_another_engine() {
         .engine
         .prepare_blocks(KEY, BlockIds::U32(&[1]), BlockIds::U32(&[2]))
         .unwrap();
-    let refused = second
-        .engine
-        .write(
-            WriteCall {
-                peer: CallPeer::Handle(&handle),
-                blocks: CallBlocks::Prepared(&prepared),
-                layer: 0.0,
-                tag: None,
-                timeout: None,
-            },
-            OnDone::Callback(Box::new(|_| ())),
-        )
-        .unwrap_err();
+    let refused = write_prepared(&second, &handle, &prepared).unwrap_err();
     assert_eq!(refused.code(), "ERR_INVALID_ARGUMENT", "{refused}");
     assert_written(&second, &decode, 0, &[], &[]);
     write(&first, &handle, &[1], &[2], 0).unwrap().unwrap();

@@ -3,11 +3,10 @@
 //! gone (cancelled, replaced by a reconnect) every call looks the peer up again and is
 //! refused, typed and writing nothing, when there is none or the plan no longer fits it.
 
-use kvtransfer_engine::{BlockIds, CallBlocks, CallPeer, OnDone, PreparedBlocks, Role, WriteCall};
-use std::sync::mpsc;
+use kvtransfer_engine::{BlockIds, CallBlocks, CallPeer, PreparedBlocks, Role, WriteCall};
 
 mod common;
-use common::{assert_written, connect, Side, SideSpec};
+use common::{assert_written, connect, settle, Side, SideSpec};
 
 const KEY: &str = "decode";
 
@@ -15,15 +14,14 @@ fn side(role: Role, blocks: usize) -> Side {
     SideSpec::new(role, 3, blocks, 512).build()
 }
 
-/// Writes `prepared` for `layer` from `prefill` and waits for the outcome; `Err` on the
-/// outer level is a refusal (nothing was sent), on the inner level a failed transfer.
+/// Writes `prepared` for `layer` from `prefill` and waits for the outcome (`settle`).
 fn write(
     prefill: &Side,
     prepared: &PreparedBlocks,
     layer: u32,
 ) -> kvtransfer_engine::Result<kvtransfer_engine::Result<()>> {
-    let (sender, outcome) = mpsc::channel();
-    prefill.engine.write(
+    settle(
+        prefill,
         WriteCall {
             peer: CallPeer::Key(KEY),
             blocks: CallBlocks::Prepared(prepared),
@@ -31,13 +29,7 @@ fn write(
             tag: None,
             timeout: None,
         },
-        OnDone::Callback(Box::new(move |result| {
-            let _ = sender.send(result);
-        })),
-    )?;
-    Ok(outcome
-        .recv()
-        .expect("an accepted call reports its outcome"))
+    )
 }
 
 #[test]

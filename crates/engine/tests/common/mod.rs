@@ -195,3 +195,21 @@ pub fn assert_written(prefill: &Side, decode: &Side, layer: usize, local: &[u32]
         }
     }
 }
+
+/// Makes `call` from `side` and waits for its outcome: `Err` on the outer level is a
+/// refusal (nothing was sent), on the inner level a failed transfer.
+pub fn settle(
+    side: &Side,
+    call: kvtransfer_engine::WriteCall<'_>,
+) -> kvtransfer_engine::Result<kvtransfer_engine::Result<()>> {
+    let (sender, outcome) = std::sync::mpsc::channel();
+    side.engine.write(
+        call,
+        kvtransfer_engine::OnDone::Callback(Box::new(move |result| {
+            let _ = sender.send(result);
+        })),
+    )?;
+    Ok(outcome
+        .recv()
+        .expect("an accepted call reports its outcome"))
+}
