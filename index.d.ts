@@ -122,6 +122,28 @@ export declare function checkDstTpSize(value: number): void
  */
 export declare function errorCodes(): Array<string>
 
+/**
+ * Memory another process shares: `bytes` bytes at `offset` of one shared object, named
+ * by exactly one of `fd`, `cudaIpcHandle` or `cudaVmmFds` (with `segmentBytes`).
+ */
+export interface ImportedRegion {
+  /** Where the region starts in the shared object. */
+  offset: number
+  /** The region's length. */
+  bytes: number
+  /**
+   * A host-memory descriptor of this process (memfd, `/dev/shm` file); duplicated, so
+   * the caller may close it afterwards.
+   */
+  fd?: number
+  /** The 64-byte CUDA IPC handle of the allocation base, or PyTorch's 66-byte record. */
+  cudaIpcHandle?: Uint8Array
+  /** cuMem allocations exported as descriptors of this process, mapped back to back. */
+  cudaVmmFds?: Array<number>
+  /** Bytes of each `cudaVmmFds` allocation. */
+  segmentBytes?: number
+}
+
 /** One set of counters (JS numbers: exact below 2^53). */
 export interface NativeCounters {
   bytesWritten: number
@@ -237,11 +259,11 @@ export interface NativeOptions {
   gpuIdx: number
   /** This side's name as reported to peers with arrival notices. */
   name: string
-  localKeyCache: Array<bigint | Uint8Array>
-  localValueCache: Array<bigint | Uint8Array>
+  localKeyCache: Array<RegionInput>
+  localValueCache: Array<RegionInput>
   /** fp8 scale regions (one per layer; empty: none). */
-  keyScaleCache?: Array<bigint | Uint8Array>
-  valueScaleCache?: Array<bigint | Uint8Array>
+  keyScaleCache?: Array<RegionInput>
+  valueScaleCache?: Array<RegionInput>
   blockNumber: number
   blockBytes: number
   /** Bytes per scale block (0: no scale regions). */

@@ -16,6 +16,8 @@ mod calls;
 pub use calls::{write_cache, write_prepared};
 mod metrics;
 mod prepared;
+mod regions;
+use regions::{RegionInput, Regions};
 
 /// A JavaScript error that carries its stable code: JS sees `err.code === 'ERR_…'` and
 /// `err.message` (the engine's text, no prefix).
@@ -118,10 +120,6 @@ where
     Ok(PromiseRaw::new(env.raw(), promise.raw()))
 }
 
-/// A cache region: a native or device address owned by the caller, or bytes owned by JS
-/// (kept alive by this communicator until it is dropped).
-type RegionInput = Either<BigInt, Uint8Array>;
-
 /// Block ids as accepted from JavaScript, borrowed for the duration of the synchronous
 /// call: no napi reference is created or deleted per typed array (the engine copies what it
 /// needs into its runs before the call returns).
@@ -182,19 +180,6 @@ fn bytes_of_region(block_number: u32, name: &str, block_bytes: u64) -> Result<u6
         })
 }
 
-/// The address of each region of the list `name`, each checked to hold `bytes`.
-fn region_addresses(
-    name: &'static str,
-    regions: &[RegionInput],
-    bytes: u64,
-) -> Result<Vec<u64>, Code> {
-    regions
-        .iter()
-        .enumerate()
-        .map(|(i, region)| region_address(name, i, region, bytes))
-        .collect()
-}
-
 /// The engine's arrival sink: each notice goes to `callback` (through a weak threadsafe
 /// function kept in `slot`, which `close` empties).
 fn arrival_sink(
@@ -232,11 +217,11 @@ pub struct NativeOptions {
     pub gpu_idx: u32,
     /// This side's name as reported to peers with arrival notices.
     pub name: String,
-    pub local_key_cache: Vec<Either<BigInt, Uint8Array>>,
-    pub local_value_cache: Vec<Either<BigInt, Uint8Array>>,
+    pub local_key_cache: Vec<RegionInput>,
+    pub local_value_cache: Vec<RegionInput>,
     /// fp8 scale regions (one per layer; empty: none).
-    pub key_scale_cache: Option<Vec<Either<BigInt, Uint8Array>>>,
-    pub value_scale_cache: Option<Vec<Either<BigInt, Uint8Array>>>,
+    pub key_scale_cache: Option<Vec<RegionInput>>,
+    pub value_scale_cache: Option<Vec<RegionInput>>,
     pub block_number: u32,
     pub block_bytes: f64,
     /// Bytes per scale block (0: no scale regions).
@@ -290,49 +275,12 @@ type CallSettled = FnArgs<(u32, Option<CodedError>)>;
 /// TypeScript layer holds the process open while calls are pending.
 type SettledCallback = ThreadsafeFunction<CallSettled, (), CallSettled, Status, false, true>;
 
-fn region_address(
-    name: &'static str,
-    index: usize,
-    region: &RegionInput,
-    region_bytes: u64,
-) -> Result<u64, Code> {
-    match region {
-        Either::A(address) => {
-            let (negative, value, lossless) = address.get_u64();
-            if negative || !lossless || value == 0 {
-                return Err(invalid(
-                    name,
-                    format!("region {index}: the bigint address must be a positive 64-bit value"),
-                ));
-            }
-            Ok(value)
-        }
-        Either::B(bytes) => {
-            if (bytes.len() as u64) < region_bytes {
-                return Err(invalid(
-                    name,
-                    format!(
-                        "region {index} has {} bytes but blockNumber × {} = {region_bytes}",
-                        bytes.len(),
-                        if name.ends_with("ScaleCache") {
-                            "scaleBlockBytes"
-                        } else {
-                            "blockBytes"
-                        }
-                    ),
-                ));
-            }
-            Ok(bytes.as_ptr() as u64)
-        }
-    }
-}
-
 /// The native half of `RDMACommunicator`; use the TypeScript class instead.
 #[napi]
 pub struct NativeCommunicator {
     engine: Engine,
     /// JS-owned regions, held so that their memory outlives every transfer.
-    _regions: Vec<RegionInput>,
+    _regions: Vec<Uint8Array>,
     /// The arrival callback; dropped at close so that the JS function it holds (which
     /// refers back to the communicator) no longer keeps the communicator alive.
     arrival_fn: ArrivalSlot,
@@ -369,27 +317,18 @@ impl NativeCommunicator {
         let region_bytes = bytes_of_region(options.block_number, "blockBytes", block_bytes)?;
         let scale_region_bytes =
             bytes_of_region(options.block_number, "scaleBlockBytes", scale_block_bytes)?;
-        let keys = region_addresses("localKeyCache", &options.local_key_cache, region_bytes)?;
-        let values = region_addresses("localValueCache", &options.local_value_cache, region_bytes)?;
-        let key_scales = region_addresses("keyScaleCache", &key_scale_cache, scale_region_bytes)?;
+        let mut regions = Regions::new(options.gpu_idx);
+        let keys = regions.addresses("localKeyCache", options.local_key_cache, region_bytes)?;
+        let values =
+            regions.addresses("localValueCache", options.local_value_cache, region_bytes)?;
+        let key_scales = regions.addresses("keyScaleCache", key_scale_cache, scale_region_bytes)?;
         let value_scales =
-            region_addresses("valueScaleCache", &value_scale_cache, scale_region_bytes)?;
+            regions.addresses("valueScaleCache", value_scale_cache, scale_region_bytes)?;
         let arrival_fn: ArrivalSlot = Arc::default();
         let arrivals = on_arrival
             .map(|callback| arrival_sink(callback, &arrival_fn))
             .transpose()?;
-        // JS buffers are host memory by construction: CUDA is asked only about bigints.
-        let js_buffers: Vec<u64> = options
-            .local_key_cache
-            .iter()
-            .chain(&options.local_value_cache)
-            .chain(&key_scale_cache)
-            .chain(&value_scale_cache)
-            .filter_map(|r| match r {
-                Either::B(bytes) => Some(bytes.as_ptr() as u64),
-                Either::A(_) => None,
-            })
-            .collect();
+        let js_buffers = std::mem::take(&mut regions.js_buffers);
         let known_host = |addr: u64| js_buffers.contains(&addr);
         let engine_options = EngineOptions {
             role,
@@ -415,6 +354,7 @@ impl NativeCommunicator {
                 replicated: options.kv_replicated.unwrap_or(false),
                 order: BlockOrder::from_tokens_per_block(options.tokens_per_block.unwrap_or(0)),
             },
+            imports: std::mem::take(&mut regions.imports),
         };
         let settled_fn: SettledCallback = on_call_settled
             .build_threadsafe_function()
@@ -423,14 +363,10 @@ impl NativeCommunicator {
             .build()
             .map_err(napi_failure)?;
         let engine = Engine::with_known_host(engine_options, &known_host).map_err(to_js_error)?;
-        let mut regions = options.local_key_cache;
-        regions.extend(options.local_value_cache);
-        regions.extend(key_scale_cache);
-        regions.extend(value_scale_cache);
         Ok(NativeCommunicator {
             calls: Arc::new(calls::Calls::new(engine.clone(), settled_fn)),
             engine,
-            _regions: regions,
+            _regions: regions.held,
             arrival_fn,
         })
     }

@@ -13,6 +13,7 @@ export type {
   BlockIds,
   BlockLayout,
   CacheRegion,
+  SharedRegion,
   CloseOptions,
   CommunicatorOptions,
   CommunicatorStats,

@@ -3,7 +3,7 @@
  * `ERR_INVALID_ARGUMENT` naming it, before anything reaches the engine.
  */
 import * as os from 'node:os'
-import type { NativeOptions, NativeStats } from '../index.js'
+import type { ImportedRegion, NativeOptions, NativeStats } from '../index.js'
 import { invalidArgument } from './errors'
 import type { RequestTag } from './tags'
 
@@ -12,11 +12,27 @@ export type Role = 'prefill' | 'decode'
 /** `'auto'` picks NVLink when both sides are GPU memory on one host and their GPUs reach each other, else RDMA when a usable RDMA port exists on both sides, else TCP. */
 export type Transport = 'auto' | 'nvlink' | 'rdma' | 'tcp'
 /**
- * One layer's key or value region of `blockNumber × blockBytes` bytes: a native or device
- * address as a bigint (owned by the caller, who keeps it valid until `close()`), or a
- * JavaScript buffer (kept alive by the communicator until `close()`).
+ * Memory another process shares: `bytes` bytes at `offset` of one shared object, named by
+ * exactly one of:
+ * - `fd`: a host-memory descriptor of this process (a memfd, a `/dev/shm` file);
+ * - `cudaIpcHandle`: the 64-byte CUDA IPC handle of an allocation's base, or PyTorch's
+ *   66-byte record from `untyped_storage()._share_cuda_()`;
+ * - `cudaVmmFds` + `segmentBytes`: cuMem allocations exported as descriptors of this
+ *   process, mapped back to back (PyTorch's expandable segments).
+ *
+ * The communicator maps its own copy when constructed (descriptors are duplicated: close
+ * yours whenever you like) and releases it at `close()`.
  */
-export type CacheRegion = bigint | ArrayBufferView | ArrayBuffer
+export type SharedRegion = { offset: number; bytes: number } & (
+  { fd: number } | { cudaIpcHandle: Uint8Array } | { cudaVmmFds: number[]; segmentBytes: number }
+)
+/**
+ * One layer's key or value region of `blockNumber × blockBytes` bytes: a native or device
+ * address as a bigint (owned by the caller, who keeps it valid until `close()`), a
+ * JavaScript buffer (kept alive by the communicator until `close()`), or a
+ * {@link SharedRegion} of another process.
+ */
+export type CacheRegion = bigint | ArrayBufferView | ArrayBuffer | SharedRegion
 /** Block ids: typed arrays pass to the engine without copying. */
 export type BlockIds = readonly number[] | Int32Array | Uint32Array
 
@@ -304,13 +320,16 @@ function describe(value: unknown): string {
   return value === null ? 'null' : typeof value
 }
 
-export function toRegion(name: string, index: number, region: unknown): bigint | Uint8Array {
+export function toRegion(name: string, index: number, region: unknown): bigint | Uint8Array | ImportedRegion {
   if (typeof region === 'bigint') return region
   if (region instanceof ArrayBuffer || region instanceof SharedArrayBuffer) return new Uint8Array(region)
   if (ArrayBuffer.isView(region)) return new Uint8Array(region.buffer, region.byteOffset, region.byteLength)
+  // A shared region: the engine checks its fields (one form, sizes, the object's extent).
+  if (typeof region === 'object' && region !== null && 'offset' in region && 'bytes' in region)
+    return region as ImportedRegion
   throw invalidArgument(
     name,
-    `region ${index} must be a bigint address, an ArrayBuffer or a typed array; got ${typeof region}`,
+    `region ${index} must be a bigint address, an ArrayBuffer, a typed array or a shared region ({ offset, bytes, fd | cudaIpcHandle | cudaVmmFds }); got ${typeof region}`,
   )
 }
 

@@ -44,6 +44,7 @@ fn engine(role: Role, regions: &mut [Vec<u8>]) -> Engine {
         rdma_settings: None,
         auth_token: Some(Vec::new()),
         tp: TpOptions::default(),
+        imports: Vec::new(),
     })
     .expect("engine")
 }

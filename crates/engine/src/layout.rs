@@ -4,6 +4,7 @@
 //! Per layer the regions are K, V, K-scale, V-scale (those present, in that order).
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
 
 /// Upper bound on layers, so that descriptors and region tables stay small and bounded.
 pub const MAX_LAYERS: u32 = 4096;
@@ -202,9 +203,17 @@ pub struct RegionTable {
     memory: Vec<MemoryKind>,
     /// The CUDA device (gpuIdx) whose context moves device regions, when any region is one.
     gpu: Option<u32>,
+    /// Imported memory the regions lie in: dropped with the table, after every transport
+    /// thread that holds the table is gone.
+    imports: Arc<[crate::import::ImportedMemory]>,
 }
 
 impl RegionTable {
+    /// Keeps `imports` mapped as long as this table lives.
+    pub(crate) fn hold(&mut self, imports: Vec<crate::import::ImportedMemory>) {
+        self.imports = imports.into();
+    }
+
     /// `keys[l]`, `values[l]` are base addresses; `values` is empty for key-only caches.
     pub fn new(keys: &[u64], values: &[u64], block_number: u32, block_bytes: u64) -> Result<Self> {
         Self::with_scales(keys, values, &[], &[], block_number, block_bytes, 0)
@@ -267,6 +276,7 @@ impl RegionTable {
             regions,
             memory,
             gpu: None,
+            imports: Arc::new([]),
         })
     }
 

@@ -18,6 +18,7 @@ mod doctor;
 mod engine;
 mod error;
 mod gpu;
+mod import;
 mod layout;
 pub mod log;
 mod metrics;
@@ -37,6 +38,7 @@ pub use engine::{
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;
 pub use gpu::{peer_copy_gbps, DeviceMemory};
+pub use import::{parse_cuda_ipc_handle, ImportSource, ImportSpec, ImportedMemory, Importer};
 pub use kvtransfer_cuda::DeviceReport as GpuReport;
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};

@@ -148,6 +148,7 @@ fn options(
         rdma_settings: None,
         auth_token: None,
         tp: kvtransfer_engine::TpOptions::default(),
+        imports: Vec::new(),
     }
 }
 

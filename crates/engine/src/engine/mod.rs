@@ -71,6 +71,9 @@ pub struct EngineOptions {
     pub auth_token: Option<Vec<u8>>,
     /// Tensor-parallel shards (default: size 1, rank 0, head-major).
     pub tp: TpOptions,
+    /// Memory of other processes that the regions lie in ([`crate::Importer`]): kept
+    /// mapped until every transport thread is gone.
+    pub imports: Vec<crate::import::ImportedMemory>,
 }
 
 /// A connect in progress on the connecting side: its nonce, then the acceptor's.
@@ -227,7 +230,16 @@ impl Engine {
             options.scale_block_bytes,
         )?;
         options.tp.check(&table.layout)?;
-        gpu::detect_region_memory(&mut table, options.gpu_idx, known_host)?;
+        let imported_host = |addr: u64| {
+            options
+                .imports
+                .iter()
+                .any(|i| i.is_host() && addr >= i.address() && addr < i.address() + i.bytes())
+        };
+        gpu::detect_region_memory(&mut table, options.gpu_idx, &|addr| {
+            known_host(addr) || imported_host(addr)
+        })?;
+        table.hold(options.imports);
         let table = Arc::new(table);
         let rdma = options.rdma_settings.unwrap_or(settings.rdma);
         let metrics = Arc::new(Metrics::default());

@@ -115,6 +115,7 @@ impl SideSpec {
             rdma_settings: self.rdma,
             auth_token: Some(self.auth_token.unwrap_or("").as_bytes().to_vec()),
             tp: self.tp,
+            imports: Vec::new(),
         })?;
         Ok(Side {
             engine,

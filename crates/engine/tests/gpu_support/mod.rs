@@ -157,6 +157,7 @@ pub fn engine_options(
         rdma_settings: None,
         auth_token: None,
         tp: kvtransfer_engine::TpOptions::default(),
+        imports: Vec::new(),
     }
 }
 
