@@ -102,6 +102,29 @@ export declare class NativePreparedBlocks {
   get runs(): number
 }
 
+/** The sidecar's listening socket; use `kvtransfer serve` (the TypeScript `serve`). */
+export declare class NativeSidecar {
+  /**
+   * Listens on `options.path`; `onEvent` gets every event (it holds the process open
+   * until `close`).
+   */
+  constructor(options: NativeSidecarOptions, onEvent: (arg: NativeSidecarEvent) => void)
+  /**
+   * Sends `body` to connection `conn` as answer `id` (0: an event); never blocks.
+   * Throws `ERR_CLOSED` when the connection is gone.
+   */
+  send(conn: number, id: number, body: Uint8Array): void
+  /** Ends connection `conn` (its "closed" event follows). */
+  disconnect(conn: number): void
+  /** Connections open now. */
+  get connections(): number
+  /**
+   * Stops admitting, ends every connection, removes the socket file and lets the
+   * process exit.
+   */
+  close(): void
+}
+
 /** An arrival notice: every byte of a tagged `writeCache` call is in this side's memory. */
 export interface ArrivalNotice {
   peer: string
@@ -301,6 +324,34 @@ export interface NativePeerDecision {
   details: Record<string, string>
   /** Whether the link is still usable. */
   alive: boolean
+}
+
+/** One event of the sidecar's socket (`kind`: "connected", "message" or "closed"). */
+export interface NativeSidecarEvent {
+  kind: string
+  conn: number
+  /** A message's request id. */
+  id?: number
+  /** A message's body. */
+  body?: Buffer
+  /** Descriptors received with a message, now the caller's to close. */
+  fds?: Array<number>
+  /** A connected worker's process id. */
+  pid?: number
+  /** A connected worker's user id. */
+  uid?: number
+  /** Why a connection closed. */
+  reason?: string
+}
+
+/** How the sidecar listens. */
+export interface NativeSidecarOptions {
+  /** The socket's path. */
+  path: string
+  /** The socket file's permission bits (default 0o600). */
+  mode?: number
+  /** User ids admitted besides the sidecar's own and root. */
+  allowedUids?: Array<number>
 }
 
 /** Live resources of the native engine (leak checks). */

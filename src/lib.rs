@@ -17,6 +17,7 @@ pub use calls::{write_cache, write_prepared};
 mod metrics;
 mod prepared;
 mod regions;
+mod sidecar;
 use regions::{RegionInput, Regions};
 
 /// A JavaScript error that carries its stable code: JS sees `err.code === 'ERR_…'` and

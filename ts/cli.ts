@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The `kvtransfer` command line. Subcommands: `bench` and `doctor` (see `kvtransfer <command> --help`).
+ * The `kvtransfer` command line. Subcommands: `bench`, `doctor` and `serve` (see `kvtransfer <command> --help`).
  */
 import * as fs from 'node:fs'
 import { parseArgs } from 'node:util'
@@ -19,7 +19,9 @@ import {
   runBench,
   runOverhead,
 } from './bench/index'
+import { UsageError, integer } from './cli-args'
 import { doctor, formatDoctor } from './doctor'
+import { runServe } from './sidecar/command'
 
 const BENCH_HELP = `Usage: kvtransfer bench [options]
 
@@ -70,16 +72,6 @@ Output:
 
 Exit status: 0 when every size verified, 1 on a data mismatch, 2 on a usage or setup error.
 `
-
-function integer(name: string, text: string | undefined, fallback: number, min = 1): number {
-  if (text === undefined) return fallback
-  const value = Number(text)
-  if (!Number.isInteger(value) || value < min)
-    throw new UsageError(`--${name} expects an integer ≥ ${min}, got '${text}'`)
-  return value
-}
-
-class UsageError extends Error {}
 
 async function bench(argv: string[]): Promise<number> {
   const { values } = parseArgs({
@@ -296,10 +288,12 @@ async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
   if (command === 'bench') return bench(rest)
   if (command === 'doctor') return runDoctor(rest)
+  if (command === 'serve') return runServe(rest)
   if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
     process.stdout.write(
       `Usage: kvtransfer <command>\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n` +
-        `  doctor   what this host can do: RDMA, GPUs, KVCACHE_* variables, usable transports (kvtransfer doctor --help)\n`,
+        `  doctor   what this host can do: RDMA, GPUs, KVCACHE_* variables, usable transports (kvtransfer doctor --help)\n` +
+        `  serve    the sidecar that PyTorch workers on this host attach their KV caches to (kvtransfer serve --help)\n`,
     )
     return command === undefined ? 2 : 0
   }

@@ -24,6 +24,7 @@ pub mod log;
 mod metrics;
 mod plan;
 mod shard;
+mod sidecar;
 mod transport;
 mod transport_kind;
 mod util;
@@ -44,6 +45,9 @@ pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
 pub use shard::{check_tp_size, BlockOrder, TpOptions, MAX_TP_SIZE};
+pub use sidecar::{
+    SidecarEvent, SidecarOptions, SidecarServer, MAX_FDS_PER_FRAME, MAX_FRAME_BYTES,
+};
 pub use transport::nvlink::NvlinkDetails;
 pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
 pub use transport::rdma::RdmaDetails;
