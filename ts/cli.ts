@@ -22,6 +22,7 @@ import {
 import { UsageError, integer } from './cli-args'
 import { doctor, formatDoctor } from './doctor'
 import { runServe } from './sidecar/command'
+import { type SidecarStatus, formatSidecarStatus, sidecarStatus } from './sidecar/status'
 
 const BENCH_HELP = `Usage: kvtransfer bench [options]
 
@@ -242,7 +243,7 @@ async function bench(argv: string[]): Promise<number> {
   return report.ok ? 0 : 1
 }
 
-const DOCTOR_HELP = `Usage: kvtransfer doctor [--json] [--transport NAME] [--gpu-idx N]
+const DOCTOR_HELP = `Usage: kvtransfer doctor [--json] [--transport NAME] [--gpu-idx N] [--sidecar PATH]
 
 What this host can do: RDMA devices, ports, GIDs (and the one kvtransfer picks), MTU,
 relaxed ordering, dma-buf / peermem; GPUs with their peer-access matrix and the CUDA driver
@@ -253,11 +254,14 @@ closed again exactly as a communicator opens it.
   --json               the report as JSON on stdout
   --transport NAME     exit status 1 unless NAME (e.g. rdma) can be used here
   --gpu-idx N          the gpuIdx to open the transports for (selects KVCACHE_RDMA_NICS' entry; default 0)
+  --sidecar PATH       also report on the sidecar (kvtransfer serve) listening on PATH: its
+                       version, attached workers, their ports, transports and peers
 
-Exit status: 0; with --transport, 1 when that transport cannot be used; 2 on a usage error.
+Exit status: 0; with --transport, 1 when that transport cannot be used; with --sidecar, 1
+when no sidecar answers on PATH; 2 on a usage error.
 `
 
-function runDoctor(argv: string[]): number {
+async function runDoctor(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     strict: true,
@@ -266,6 +270,7 @@ function runDoctor(argv: string[]): number {
       json: { type: 'boolean' },
       transport: { type: 'string' },
       'gpu-idx': { type: 'string' },
+      sidecar: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   })
@@ -278,10 +283,21 @@ function runDoctor(argv: string[]): number {
   const names = report.transports.map((t) => t.name)
   if (wanted !== undefined && !names.includes(wanted))
     throw new UsageError(`--transport expects one of ${names.join(', ')}, got '${wanted}'`)
-  process.stdout.write(values.json ? `${JSON.stringify(report, null, 2)}\n` : formatDoctor(report))
+  let sidecar: SidecarStatus | { socket: string; error: string } | undefined
+  if (values.sidecar !== undefined) {
+    sidecar = await sidecarStatus(values.sidecar).catch((error: Error) => ({
+      socket: values.sidecar!,
+      error: error.message,
+    }))
+  }
+  process.stdout.write(
+    values.json ? `${JSON.stringify(sidecar ? { ...report, sidecar } : report, null, 2)}\n` : formatDoctor(report),
+  )
+  if (sidecar && !values.json)
+    process.stdout.write(`\n${'error' in sidecar ? `sidecar: ${sidecar.error}\n` : formatSidecarStatus(sidecar)}`)
   const chosen = report.transports.find((t) => t.name === wanted)
   if (chosen && !values.json) process.stdout.write(`\n${chosen.usable ? 'OK' : 'NOT USABLE'}: ${chosen.reason}\n`)
-  return chosen && !chosen.usable ? 1 : 0
+  return (chosen && !chosen.usable) || (sidecar && 'error' in sidecar) ? 1 : 0
 }
 
 async function main(argv: string[]): Promise<number> {

@@ -13,6 +13,7 @@ import { metricsText } from '../metrics'
 import type { Peer } from '../peer'
 import type { PreparedBlocks } from '../prepared'
 import { MetricsServer } from './metrics-server'
+import type { SidecarStatus } from './status'
 import {
   type Request,
   SIDECAR_PROTOCOL,
@@ -72,6 +73,7 @@ interface SidecarCounters {
 export class Sidecar {
   private readonly workers = new Map<number, Worker>()
   private readonly counters: SidecarCounters = { attaches: 0, detaches: 0 }
+  private readonly started = Date.now()
   private metricsServer: MetricsServer | undefined
   private closing: Promise<void> | undefined
 
@@ -202,6 +204,7 @@ export class Sidecar {
     if (!worker.greeted)
       throw new KvTransferError('ERR_PROTOCOL', `the first request must be "hello", got ${JSON.stringify(request.op)}`)
     if (request.op === 'attach') return this.attach(worker, request)
+    if (request.op === 'status') return this.status(worker)
     const comm = worker.comm
     if (!comm)
       throw new KvTransferError(
@@ -251,6 +254,32 @@ export class Sidecar {
         return this.detach(worker).then(() => ({}))
       default:
         throw new KvTransferError('ERR_PROTOCOL', `unknown op ${JSON.stringify(request.op)}`)
+    }
+  }
+
+  /** What `kvtransfer doctor --sidecar` shows. */
+  private status(asking: Worker): Omit<SidecarStatus, 'socket'> {
+    return {
+      protocol: SIDECAR_PROTOCOL,
+      sidecar: sidecarVersion(),
+      pid: process.pid,
+      uptimeS: Math.round((Date.now() - this.started) / 1000),
+      metricsPort: this.metricsServer?.port ?? null,
+      workers: [...this.workers.values()]
+        .filter((w) => w !== asking)
+        .map((w) => {
+          const metrics = w.comm?.metrics()
+          return {
+            pid: w.pid,
+            uid: w.uid,
+            role: w.comm?.role ?? null,
+            port: w.comm?.port ?? null,
+            transport: w.comm?.transport ?? null,
+            peers: (metrics?.peers ?? []).map((p) => ({ peer: p.peer, transport: p.transport ?? null })),
+            callsSucceeded: Number(metrics?.callsSucceeded ?? 0),
+            callsFailed: Number(metrics?.callsFailed ?? 0),
+          }
+        }),
     }
   }
 
