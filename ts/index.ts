@@ -39,3 +39,8 @@ export type {
   DoctorTransport,
   DoctorVariable,
 } from './doctor'
+export { Sidecar, defaultSocketPath } from './sidecar/serve'
+export type { SidecarOptions } from './sidecar/serve'
+export { SIDECAR_PROTOCOL } from './sidecar/protocol'
+export { formatSidecarStatus, sidecarStatus } from './sidecar/status'
+export type { SidecarStatus, SidecarWorkerStatus } from './sidecar/status'

@@ -26,6 +26,22 @@ import {
   tagJson,
 } from './protocol'
 
+/** Every request the protocol has. */
+const OPS = new Set([
+  'hello',
+  'status',
+  'attach',
+  'connect',
+  'prepare',
+  'release',
+  'write',
+  'wait',
+  'forget',
+  'peerInfo',
+  'metrics',
+  'detach',
+])
+
 /** Options of {@link Sidecar.start}. */
 export interface SidecarOptions {
   /** The socket's path (default: {@link defaultSocketPath}). */
@@ -200,6 +216,7 @@ export class Sidecar {
 
   /** One request's answer (or a typed error). */
   private handle(worker: Worker, request: Request): unknown {
+    if (!OPS.has(request.op)) throw new KvTransferError('ERR_PROTOCOL', `unknown op ${JSON.stringify(request.op)}`)
     if (request.op === 'hello') return this.hello(worker, request)
     if (!worker.greeted)
       throw new KvTransferError('ERR_PROTOCOL', `the first request must be "hello", got ${JSON.stringify(request.op)}`)
