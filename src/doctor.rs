@@ -2,6 +2,7 @@
 //! converted field by field into plain JS objects. Nothing is probed here.
 
 use kvtransfer_engine::{host_report, GpuReport, RdmaDeviceReport, TransportReport};
+use napi::bindgen_prelude::Result;
 use napi_derive::napi;
 use std::collections::HashMap;
 
@@ -145,9 +146,12 @@ fn transport(t: TransportReport) -> NativeDoctorTransport {
 /// `KVCACHE_*` variables, and whether each transport can be used (each is opened and closed
 /// again, as a communicator would).
 #[napi]
-pub fn native_doctor(gpu_idx: Option<u32>) -> NativeDoctorReport {
+pub fn native_doctor(gpu_idx: Option<f64>) -> Result<NativeDoctorReport, crate::Code> {
+    let gpu_idx = gpu_idx
+        .map(|idx| crate::whole_number("gpuIdx", idx))
+        .transpose()?;
     let report = host_report(gpu_idx.unwrap_or(0));
-    NativeDoctorReport {
+    Ok(NativeDoctorReport {
         gpu_idx: report.gpu_idx,
         variables: report
             .variables
@@ -175,5 +179,5 @@ pub fn native_doctor(gpu_idx: Option<u32>) -> NativeDoctorReport {
             peer_access: report.gpus.peer_access,
         },
         transports: report.transports.into_iter().map(transport).collect(),
-    }
+    })
 }

@@ -151,12 +151,17 @@ fn byte_count(name: &'static str, value: f64, min: f64) -> Result<u64, Code> {
     }
 }
 
-/// `value` as a u32 (a JS number's integer form; the engine checks its range).
-fn whole_number(name: &'static str, value: f64) -> Result<u32, Code> {
+/// `value` as a u32 (a JS number's integer form; the engine checks its range). Arguments
+/// that the binding would otherwise convert with napi's `u32` (which wraps `-1` to
+/// 4294967295) take an `f64` and pass through here.
+pub(crate) fn whole_number(name: &'static str, value: f64) -> Result<u32, Code> {
     if value.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&value) {
         Ok(value as u32)
     } else {
-        Err(invalid(name, format!("{value} is not a whole number")))
+        Err(invalid(
+            name,
+            format!("{value} is not a whole number in 0..{}", u32::MAX),
+        ))
     }
 }
 
@@ -216,8 +221,11 @@ pub struct NativeOptions {
     /// "prefill" or "decode".
     pub role: String,
     pub gpu_idx: u32,
-    /// This side's name as reported to peers with arrival notices.
+    /// This side's name as reported to peers with arrival notices (the engine checks it).
     pub name: String,
+    /// Address every listener binds (the `host` option: `*`, an IP address or an interface
+    /// name); absent: `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces.
+    pub host: Option<String>,
     pub local_key_cache: Vec<RegionInput>,
     pub local_value_cache: Vec<RegionInput>,
     /// fp8 scale regions (one per layer; empty: none).
@@ -229,7 +237,7 @@ pub struct NativeOptions {
     pub scale_block_bytes: Option<f64>,
     /// "auto" | "rdma" | "tcp"; absent: `KVCACHE_TRANSPORT`, else "auto".
     pub transport: Option<String>,
-    /// Milliseconds the data connection may take to open (default 10000).
+    /// Milliseconds the data connection may take to open (default 10000; 0: no bound).
     pub connect_timeout_ms: Option<u32>,
     /// Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none.
     pub auth_token: Option<String>,
@@ -335,6 +343,7 @@ impl NativeCommunicator {
             role,
             gpu_idx: options.gpu_idx,
             name: options.name,
+            host: options.host,
             keys,
             values,
             key_scales,
@@ -523,7 +532,8 @@ pub struct NativeDeviceMemory {
 impl NativeDeviceMemory {
     /// `bytes` of zeroed memory on GPU `gpuIdx` (the CUDA driver is loaded now, not before).
     #[napi(factory)]
-    pub fn alloc(gpu_idx: u32, bytes: f64) -> Result<NativeDeviceMemory, Code> {
+    pub fn alloc(gpu_idx: f64, bytes: f64) -> Result<NativeDeviceMemory, Code> {
+        let gpu_idx = whole_number("gpuIdx", gpu_idx)?;
         if !(bytes.is_finite() && bytes >= 1.0 && bytes.fract() == 0.0 && bytes <= 2f64.powi(53)) {
             return Err(invalid(
                 "bytes",

@@ -37,8 +37,14 @@ pub struct NativePeerCounters {
 
 #[napi(object)]
 pub struct NativeMetrics {
+    /// This side's name (what peers see in arrival notices; `hostname:port` by default).
+    pub name: String,
     pub role: String,
     pub total: NativeCounters,
+    /// Calls and notices of no tracked peer: peers never connected (refused calls), and
+    /// any beyond the engine's bound of tracked peers. `total` is these plus every peer's.
+    pub untracked: NativeCounters,
+    /// The tracked peers: those a link was opened with.
     pub peers: Vec<NativePeerCounters>,
     /// Upper bound (µs) of each latency bucket; the last is +Infinity.
     pub latency_bucket_upper_us: Vec<f64>,
@@ -101,11 +107,14 @@ impl NativeCommunicator {
     /// Counters since construction: totals and per peer.
     #[napi]
     pub fn metrics(&self) -> NativeMetrics {
-        let (total, peers) = self.engine.metrics();
+        let metrics = self.engine.metrics();
         NativeMetrics {
+            name: self.engine.name().to_string(),
             role: self.engine.role().as_str().to_string(),
-            total: counters(&total),
-            peers: peers
+            total: counters(&metrics.total),
+            untracked: counters(&metrics.untracked),
+            peers: metrics
+                .peers
                 .iter()
                 .map(|p| NativePeerCounters {
                     peer: p.peer.clone(),
@@ -127,7 +136,8 @@ impl NativeCommunicator {
         self.engine.set_name(&name).map_err(crate::to_js_error)
     }
 
-    /// Counts a `writeCache` call the TypeScript layer refused before the engine saw it.
+    /// Counts a `writeCache` call the TypeScript layer refused before the engine saw it
+    /// (under its peer when that peer is tracked, else under `untracked`).
     #[napi]
     pub fn count_refused_call(&self, peer_key: String, code: String) {
         self.engine.count_refused_call(&peer_key, &code);

@@ -2,8 +2,8 @@
  * Arrival notices on the receiving side: kept per tag (up to a bound) for waiters that come
  * later, and handed to the waiters of their tag.
  */
-import { withDeadline } from './deadline'
-import { KvTransferError, abortError } from './errors'
+import { type DeadlineOptions, withDeadline } from './deadline'
+import { KvTransferError, abortError, describeValue, invalidArgument, showValue } from './errors'
 import { type RequestTag, tagKey } from './tags'
 
 /** Delivered on the receiving side after every byte of a tagged call is in its memory. */
@@ -20,9 +20,12 @@ export interface Arrival {
 
 /** Options of {@link RDMACommunicator.waitForArrival}. */
 export interface WaitOptions {
-  /** Layers to wait for (default: `[0]`). A number `n` means layers `0..n-1`. */
+  /**
+   * Layers to wait for (default: `[0]`). A number `n` (1..layer count) means layers
+   * `0..n-1`; a list names layer indexes (`ERR_LAYER_OUT_OF_RANGE` beyond the cache's).
+   */
   layers?: number | readonly number[]
-  /** Rejects with `ERR_TIMEOUT` after this many milliseconds (default: wait forever). */
+  /** Rejects with `ERR_TIMEOUT` after this many milliseconds (default, and 0: wait forever). */
   timeoutMs?: number
   /** Aborts the wait; the promise rejects with `ERR_ABORTED`. */
   signal?: AbortSignal
@@ -34,9 +37,40 @@ interface Waiter {
   reject: (error: KvTransferError) => void
 }
 
-/** The layers `waitForArrival` waits for: `n` means `0..n-1`; default `[0]`. */
-export function layerSet(layers: WaitOptions['layers']): Set<number> {
-  return new Set<number>(typeof layers === 'number' ? Array.from({ length: layers }, (_, i) => i) : (layers ?? [0]))
+/**
+ * The layers `waitForArrival` waits for, in a cache of `layerCount` layers: `n` means
+ * `0..n-1`; default `[0]`. Refuses what could never complete: a count outside
+ * 1..layerCount, an empty list, an index that is not a layer of the cache.
+ */
+export function layerSet(layers: unknown, layerCount: number): Set<number> {
+  if (layers === undefined) return new Set([0])
+  if (typeof layers === 'number') {
+    if (!Number.isInteger(layers) || layers < 1 || layers > layerCount) {
+      throw invalidArgument(
+        'layers',
+        `${showValue(layers)} is not a layer count in 1..${layerCount} (the cache has ${layerCount} layers)`,
+      )
+    }
+    return new Set(Array.from({ length: layers }, (_, i) => i))
+  }
+  if (!Array.isArray(layers) || layers.length === 0) {
+    throw invalidArgument(
+      'layers',
+      `expected a layer count or a non-empty list of layer indexes, got ${describeValue(layers)}`,
+    )
+  }
+  for (const layer of layers as unknown[]) {
+    if (typeof layer !== 'number') {
+      throw invalidArgument('layers', `expected layer indexes (numbers), got ${describeValue(layer)}`)
+    }
+    if (!Number.isInteger(layer) || layer < 0 || layer >= layerCount) {
+      throw new KvTransferError(
+        'ERR_LAYER_OUT_OF_RANGE',
+        `layers: layer ${layer} is out of range: the cache has ${layerCount} layers (valid 0..${layerCount})`,
+      )
+    }
+  }
+  return new Set(layers as number[])
 }
 
 /** Arrival notices kept per tag (oldest tag dropped first beyond `maxPending`) and their waiters. */
@@ -70,9 +104,10 @@ export class Arrivals {
 
   /**
    * Resolves when every layer of `layers` has arrived for `tag` (kept notices count);
-   * rejects with `ERR_TIMEOUT` or `ERR_ABORTED` (`options`).
+   * rejects with `ERR_TIMEOUT` or `ERR_ABORTED` (`options`, checked by the caller: a
+   * `timeoutMs` of 0 or undefined is none).
    */
-  wait(tag: RequestTag, layers: Set<number>, options: WaitOptions): Promise<Arrival[]> {
+  wait(tag: RequestTag, layers: Set<number>, options: DeadlineOptions): Promise<Arrival[]> {
     const key = tagKey(tag)
     let resolve!: Waiter['resolve']
     let reject!: Waiter['reject']

@@ -13,8 +13,8 @@ import {
 } from '../index.js'
 import { type Arrival, Arrivals, type WaitOptions, layerSet } from './arrivals'
 import { ControlServer, exchange } from './control'
-import { type Expiry, withDeadline } from './deadline'
-import { KvTransferError, abortError, fromNative, invalidArgument, native, nativeAsync } from './errors'
+import { type DeadlineOptions, type Expiry, withDeadline } from './deadline'
+import { KvTransferError, abortError, describeValue, fromNative, invalidArgument, native, nativeAsync } from './errors'
 import {
   type BlockIds,
   type CacheRegion,
@@ -27,10 +27,14 @@ import {
   type Transport,
   type WriteOptions,
   checkDstTpSize,
-  checkNonNegativeInteger,
+  checkSignal,
   parseSettings,
   toBlockIds,
+  toDeadline,
+  toHost,
+  toOptions,
   toPort,
+  toTimeout,
 } from './options'
 import {
   type DroppedNotices,
@@ -64,6 +68,11 @@ const NO_OPTIONS: WriteOptions = Object.freeze({})
  * receiver and then pushes blocks with `writeCache`.
  *
  * Events: `'arrival'` ({@link Arrival}) on the receiving side for every tagged call.
+ *
+ * Prefer `await RDMACommunicator.create(options)`, which resolves once the communicator
+ * listens. When its start fails (a port in use, a host that cannot be bound), `ready`
+ * rejects, what it holds is released, and every later call throws or rejects with that
+ * same error (code and message); `close()` still resolves.
  */
 export class RDMACommunicator extends EventEmitter {
   /** The side this communicator plays (the `role` option). */
@@ -74,14 +83,21 @@ export class RDMACommunicator extends EventEmitter {
   readonly blockNumber: number
   /** Bytes per block. */
   readonly blockBytes: number
-  /** Resolves once the control plane listens; rejects with why it cannot. */
+  /**
+   * Resolves once the control plane listens; rejects with why it cannot (e.g. `ERR_IO`
+   * naming the port in use), and every later call then fails with that error.
+   */
   readonly ready: Promise<void>
   private readonly native: NativeCommunicator
   /** The peers `connect` reached, by host and then port (no key string per call). */
   private readonly peers = new Map<string, Map<number | string, Peer>>()
   private readonly control: ControlServer
-  private readonly connectTimeoutMs: number
-  private readonly writeTimeoutMs: number
+  /** Undefined: none. */
+  private readonly connectTimeoutMs: number | undefined
+  /** Undefined: none. */
+  private readonly writeTimeoutMs: number | undefined
+  /** Layers of the local cache (what `waitForArrival` may wait for). */
+  private readonly layerCount: number
   private readonly arrivals: Arrivals
   private readonly pendingCalls = new Map<number, PendingCall>()
   /** Arrival notices evicted unconsumed (beyond `maxPendingArrivals`), per writer. */
@@ -101,6 +117,8 @@ export class RDMACommunicator extends EventEmitter {
   private readonly keepAlive: NodeJS.Timeout
   private boundPort: number
   private closing: Promise<void> | undefined
+  /** Why the start failed (`ready`'s rejection), once it did: every later call fails with it. */
+  private startError: KvTransferError | undefined
 
   /** The seed's positional form: `(role, gpuIdx, port, localKeyCache, localValueCache, blockNumber, blockBytes)`. */
   constructor(
@@ -147,6 +165,7 @@ export class RDMACommunicator extends EventEmitter {
     this.blockBytes = settings.blockBytes
     this.connectTimeoutMs = settings.connectTimeoutMs
     this.writeTimeoutMs = settings.writeTimeoutMs
+    this.layerCount = settings.native.localKeyCache.length
     this.arrivals = new Arrivals(settings.maxPendingArrivals, (arrival) =>
       this.droppedNotices.set(arrival.peer, (this.droppedNotices.get(arrival.peer) ?? 0) + 1),
     )
@@ -170,7 +189,65 @@ export class RDMACommunicator extends EventEmitter {
       if (settings.defaultName && bound !== settings.port)
         native(() => this.native.setName(`${os.hostname()}:${bound}`))
     })
-    this.ready.catch(() => undefined)
+    // Not an unhandled rejection: every later call reports it (see `startError`).
+    this.ready.catch((error: unknown) => this.startFailed(fromNative(error)))
+  }
+
+  /**
+   * Creates a communicator (the constructor's arguments, any form) and resolves once it
+   * listens on its port. Rejects with what the constructor throws, or with why it cannot
+   * listen (`ERR_IO` naming the port in use, ...), after releasing what it held.
+   */
+  static create(options: CommunicatorOptions): Promise<RDMACommunicator>
+  /** The seed's positional form (see the constructor). */
+  static create(
+    role: Role,
+    gpuIdx: number,
+    port: number | string,
+    localKeyCache: CacheRegion[],
+    localValueCache: CacheRegion[],
+    blockNumber: number,
+    blockBytes: number,
+    extra?: Partial<CommunicatorOptions>,
+  ): Promise<RDMACommunicator>
+  /** FastDeploy's positional form (see the constructor). */
+  static create(
+    role: Role,
+    gpuIdx: number,
+    port: number | string,
+    localKeyCache: CacheRegion[],
+    localValueCache: CacheRegion[],
+    blockNumber: number,
+    blockBytes: number,
+    keyScaleCache: CacheRegion[],
+    valueScaleCache?: CacheRegion[],
+    scaleBlockBytes?: number,
+    prefillTpSize?: number,
+    prefillTpIdx?: number,
+    extra?: Partial<CommunicatorOptions>,
+  ): Promise<RDMACommunicator>
+  static async create(...args: unknown[]): Promise<RDMACommunicator> {
+    const comm = new RDMACommunicator(...(args as [CommunicatorOptions]))
+    try {
+      await comm.ready
+    } catch (error) {
+      await comm.close().catch(() => undefined)
+      throw error
+    }
+    return comm
+  }
+
+  /** The start failed: remember why, fail the waiters, release the engine and the port. */
+  private startFailed(error: KvTransferError): void {
+    if (this.closing) return // closed before it listened: calls report ERR_CLOSED
+    this.startError = error
+    void this.startClose(this.startFailure()).catch(() => undefined)
+  }
+
+  /** A fresh copy of the start error (code and message), for the call that reports it. */
+  private startFailure(): KvTransferError {
+    const start = this.startError!
+    return new KvTransferError(start.code, start.message, { cause: start.cause })
   }
 
   /** The control-plane port (the bound one when constructed with port 0). */
@@ -178,12 +255,24 @@ export class RDMACommunicator extends EventEmitter {
     return this.boundPort
   }
 
+  /** The default timeout of `writeCache` in milliseconds (the `writeTimeoutMs` option; 0: none). */
+  get defaultWriteTimeoutMs(): number {
+    return this.writeTimeoutMs ?? 0
+  }
+
   /** `'tcp'` or `'rdma'`: the transport this side offers. */
   get transport(): 'tcp' | 'rdma' | 'nvlink' {
     return this.native.transport as 'tcp' | 'rdma' | 'nvlink'
   }
 
+  /** Throws the start error once the start failed. */
+  private checkStarted(): void {
+    if (this.startError) throw this.startFailure()
+  }
+
+  /** Throws the start error once the start failed, else `ERR_CLOSED` once closed. */
   private checkOpen(): void {
+    this.checkStarted()
     if (this.closing) throw new KvTransferError('ERR_CLOSED', 'the communicator is closed')
   }
 
@@ -196,20 +285,26 @@ export class RDMACommunicator extends EventEmitter {
    */
   async connect(ip: string, port: number | string, options: ConnectOptions | number = {}): Promise<boolean> {
     this.checkOpen()
-    if (typeof options === 'number') options = { dstTpSize: options }
+    options = typeof options === 'number' ? { dstTpSize: options } : toOptions('options', options)
     const dstTpSize = checkDstTpSize(options.dstTpSize)
     if (dstTpSize !== undefined) native(() => checkDstTpSizeNative(dstTpSize))
     const peerPort = toPort('port', port)
-    if (typeof ip !== 'string' || ip.length === 0) {
-      throw invalidArgument('ip', `${JSON.stringify(ip)} is not a host name or address`)
+    toHost('ip', ip)
+    const timeoutMs =
+      options.timeoutMs === undefined ? this.connectTimeoutMs : toTimeout('timeoutMs', options.timeoutMs)
+    const signal = checkSignal('signal', options.signal)
+    try {
+      await this.ready
+    } catch (error) {
+      throw this.startError ? this.startFailure() : fromNative(error)
     }
-    await this.ready
-    const timeoutMs = options.timeoutMs ?? this.connectTimeoutMs
     const started = Date.now()
-    const left = () => Math.max(1, timeoutMs - (Date.now() - started))
+    // What is left of the timeout (at least 1 ms); undefined: none.
+    const left = () =>
+      timeoutMs === undefined ? undefined : Math.max(1, Math.ceil(timeoutMs - (Date.now() - started)))
     const key = `${ip}:${peerPort}`
     const what = `connect to ${ip}:${peerPort}`
-    const deadline = () => ({ timeoutMs: left(), signal: options.signal })
+    const deadline = (): DeadlineOptions => ({ timeoutMs: left(), signal })
     const expired = {
       timeout: (cause?: unknown) =>
         new KvTransferError('ERR_TIMEOUT', `timed out after ${timeoutMs} ms: ${what}`, { cause }),
@@ -219,17 +314,17 @@ export class RDMACommunicator extends EventEmitter {
     if (earlier) await withDeadline(earlier, deadline(), expired)
     // challenge → nonce (the acceptor proves the shared secret), then hello → welcome.
     const challenge = native(() => this.native.authChallenge(key))
-    const response = await exchange(ip, peerPort, 'challenge', challenge, left(), options.signal, timeoutMs)
-    if (options.signal?.aborted) throw abortError(what)
+    const response = await exchange(ip, peerPort, 'challenge', challenge, left(), signal, timeoutMs)
+    if (signal?.aborted) throw abortError(what)
     const hello = native(() => this.native.hello(key, response))
-    const reply = await exchange(ip, peerPort, 'hello', hello, left(), options.signal, timeoutMs)
-    if (options.signal?.aborted) throw abortError(what)
+    const reply = await exchange(ip, peerPort, 'hello', hello, left(), signal, timeoutMs)
+    if (signal?.aborted) throw abortError(what)
     // The engine bounds opening the data path by `connectTimeoutMs`; this call's deadline
     // may end the wait earlier, and then the attempt is torn down once it ends.
     const opening = nativeAsync(this.native.finishConnect(key, ip, reply, dstTpSize))
     const outcome = opening.catch((error: unknown) => {
       // The engine's bound and this call's deadline ended together: report the deadline.
-      throw Date.now() - started >= timeoutMs ? expired.timeout(error) : error
+      throw timeoutMs !== undefined && Date.now() - started >= timeoutMs ? expired.timeout(error) : error
     })
     await withDeadline(outcome, deadline(), {
       ...expired,
@@ -261,6 +356,7 @@ export class RDMACommunicator extends EventEmitter {
     this.checkOpen()
     const known = this.peers.get(ip)?.get(port)
     if (known) return known
+    toHost('ip', ip)
     const peerPort = toPort('port', port)
     const key = `${ip}:${peerPort}`
     // Connected (under the port's other spelling), or not: the engine says which.
@@ -277,7 +373,7 @@ export class RDMACommunicator extends EventEmitter {
   }
 
   /** Tears the data path that `opening` opens down as soon as it opened (see `abandoned`). */
-  private abandon(key: string, opening: Promise<void>, reason: Expiry, timeoutMs: number): void {
+  private abandon(key: string, opening: Promise<void>, reason: Expiry, timeoutMs: number | undefined): void {
     const ended: Promise<void> = opening
       .then(
         () => this.native.cancelPeer(key, reason, timeoutMs),
@@ -295,8 +391,10 @@ export class RDMACommunicator extends EventEmitter {
 
   /** Whether a usable connection to `ip:port` exists. */
   isConnected(ip: string, port: number | string): boolean {
+    this.checkStarted()
+    const key = `${toHost('ip', ip)}:${toPort('port', port)}`
     if (this.closing) return false
-    return this.native.isConnected(`${ip}:${toPort('port', port)}`)
+    return this.native.isConnected(key)
   }
 
   /**
@@ -309,7 +407,7 @@ export class RDMACommunicator extends EventEmitter {
   prepareBlocks(peerOrIp: Peer | string, a: number | string | BlockIds, b: BlockIds, c?: BlockIds): PreparedBlocks {
     this.checkOpen()
     const byPeer = peerOrIp instanceof Peer
-    const key = byPeer ? this.own(peerOrIp).key : `${peerOrIp}:${toPort('port', a as number | string)}`
+    const key = byPeer ? this.own(peerOrIp).key : `${toHost('ip', peerOrIp)}:${toPort('port', a as number | string)}`
     const local = toBlockIds('localBlockIds', (byPeer ? a : b) as BlockIds)
     const remote = toBlockIds('remoteBlockIds', (byPeer ? b : c) as BlockIds)
     return new PreparedBlocks(native(() => this.native.prepareBlocks(key, local, remote)))
@@ -367,6 +465,7 @@ export class RDMACommunicator extends EventEmitter {
     }
     let peer: Peer
     try {
+      this.checkOpen()
       peer = this.peers.get(peerOrIp)?.get(a as number | string) ?? this.peer(peerOrIp, a as number | string)
     } catch (error) {
       this.countRefused(`${String(peerOrIp)}:${String(a)}`, error)
@@ -395,6 +494,7 @@ export class RDMACommunicator extends EventEmitter {
     let remote: ReturnType<typeof toBlockIds> | undefined
     let tag: Buffer | undefined
     let timeoutMs: number | undefined
+    let signal: AbortSignal | undefined
     try {
       this.checkOpen()
       this.own(peer)
@@ -402,11 +502,13 @@ export class RDMACommunicator extends EventEmitter {
         local = toBlockIds('localBlockIds', blocks)
         remote = toBlockIds('remoteBlockIds', remoteBlockIds as BlockIds)
       }
-      if (typeof layerIdx !== 'number') throw invalidArgument('layerIdx', `expected a number, got ${typeof layerIdx}`)
+      if (typeof layerIdx !== 'number')
+        throw invalidArgument('layerIdx', `expected a number, got ${describeValue(layerIdx)}`)
+      if (options !== NO_OPTIONS) toOptions('options', options)
       tag = options.tag === undefined ? undefined : encodeTag(options.tag)
-      timeoutMs = checkNonNegativeInteger('timeoutMs', options.timeoutMs ?? this.writeTimeoutMs, 0x7fff_ffff)
-      if (timeoutMs === 0) timeoutMs = undefined
-      if (options.signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
+      timeoutMs = options.timeoutMs === undefined ? this.writeTimeoutMs : toTimeout('timeoutMs', options.timeoutMs)
+      signal = checkSignal('signal', options.signal)
+      if (signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
     } catch (error) {
       this.countRefused(peer.key, error)
       return Promise.reject(error)
@@ -420,7 +522,7 @@ export class RDMACommunicator extends EventEmitter {
     } catch (error) {
       return Promise.reject(fromNative(error))
     }
-    return this.pending(callId, peer.key, options.signal)
+    return this.pending(callId, peer.key, signal)
   }
 
   /**
@@ -482,7 +584,8 @@ export class RDMACommunicator extends EventEmitter {
    * can land any more.
    */
   async abortPeer(ip: string, port: number | string): Promise<boolean> {
-    return nativeAsync(this.native.cancelPeer(`${ip}:${toPort('port', port)}`, 'abort'))
+    this.checkStarted()
+    return nativeAsync(this.native.cancelPeer(`${toHost('ip', ip)}:${toPort('port', port)}`, 'abort'))
   }
 
   /** Live native resources: peers, links, receiving connections, regions, threads. */
@@ -496,7 +599,8 @@ export class RDMACommunicator extends EventEmitter {
    * address, MTU, QPs per peer); `null` when this side never connected to it.
    */
   peerInfo(ip: string, port: number | string): PeerInfo | null {
-    const decision = this.native.peerDecision(`${ip}:${toPort('port', port)}`)
+    this.checkStarted()
+    const decision = this.native.peerDecision(`${toHost('ip', ip)}:${toPort('port', port)}`)
     if (!decision) return null
     return {
       transport: decision.transport as Transport,
@@ -542,13 +646,23 @@ export class RDMACommunicator extends EventEmitter {
    * `ERR_ABORTED`.
    */
   waitForArrival(tag: RequestTag, options: WaitOptions = {}): Promise<Arrival[]> {
-    this.checkOpen()
-    encodeTag(tag)
-    return this.arrivals.wait(tag, layerSet(options.layers), options)
+    let layers: Set<number>
+    let deadline: DeadlineOptions
+    try {
+      this.checkOpen()
+      encodeTag(tag)
+      deadline = toDeadline(toOptions('options', options))
+      layers = layerSet(options.layers, this.layerCount)
+    } catch (error) {
+      return Promise.reject(error)
+    }
+    return this.arrivals.wait(tag, layers, deadline)
   }
 
   /** Forgets the kept arrival notices of `tag` (call after consuming a request). */
   forgetArrivals(tag: RequestTag): void {
+    this.checkStarted()
+    encodeTag(tag)
     this.arrivals.forget(tag)
   }
 
@@ -558,16 +672,23 @@ export class RDMACommunicator extends EventEmitter {
    * before the teardown ends; the teardown still completes and the communicator is closed.
    */
   close(options: CloseOptions = {}): Promise<void> {
-    return withDeadline(this.startClose(), options, {
+    let deadline: DeadlineOptions
+    try {
+      deadline = toDeadline(toOptions('options', options))
+    } catch (error) {
+      return Promise.reject(error)
+    }
+    return withDeadline(this.startClose(), deadline, {
       timeout: () =>
-        new KvTransferError('ERR_TIMEOUT', `timed out after ${options.timeoutMs} ms: close (the teardown continues)`),
+        new KvTransferError('ERR_TIMEOUT', `timed out after ${deadline.timeoutMs} ms: close (the teardown continues)`),
       abort: () => abortError('close'),
     })
   }
 
-  private startClose(): Promise<void> {
+  /** Starts the teardown once; pending waiters reject with `reason` (default `ERR_CLOSED`). */
+  private startClose(reason?: KvTransferError): Promise<void> {
     if (!this.closing) {
-      this.arrivals.rejectAll(new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
+      this.arrivals.rejectAll(reason ?? new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
       this.closing = (async () => {
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())

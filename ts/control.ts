@@ -50,6 +50,7 @@ export class ControlServer {
         throw new KvTransferError(
           'ERR_IO',
           `cannot listen on ${endpoint}: ${error instanceof Error ? error.message : String(error)} (is the port in use?)`,
+          { cause: error },
         )
       },
     )
@@ -106,14 +107,15 @@ function refusal(code: string, message: string): Buffer[] {
 
 /**
  * Sends one request (`challenge` or `hello`) to the communicator listening on `host:port`
- * and returns its answer's body. Waits up to `timeoutMs` for the peer, which may start later.
+ * and returns its answer's body. Waits up to `timeoutMs` for the peer, which may start later
+ * (undefined: no timeout).
  */
 export async function exchange(
   host: string,
   port: number,
   request: keyof ControlHandlers,
   body: Buffer,
-  timeoutMs: number,
+  timeoutMs: number | undefined,
   signal?: AbortSignal,
   /** The caller's whole timeout, named in the error (`timeoutMs` may be what is left of it). */
   reportedTimeoutMs = timeoutMs,
@@ -121,8 +123,9 @@ export async function exchange(
   const peer = `${host}:${port}`
   const dealer = new zmq.Dealer({
     linger: 0,
-    receiveTimeout: timeoutMs,
-    sendTimeout: timeoutMs,
+    // -1: ZeroMQ's "no timeout".
+    receiveTimeout: timeoutMs ?? -1,
+    sendTimeout: timeoutMs ?? -1,
     maxMessageSize: MAX_CONTROL_FRAME_BYTES,
     reconnectInterval: 100,
     reconnectMaxInterval: 1000,

@@ -9,7 +9,10 @@ export type Expiry = 'timeout' | 'abort'
 
 /** A caller's bounds: either, both or none. */
 export interface DeadlineOptions {
-  /** Milliseconds until the wait ends with `timeout()` (undefined: no timeout). */
+  /**
+   * Milliseconds until the wait ends with `timeout()`; undefined or 0: no timeout (the
+   * API's meaning of 0, see `toTimeout` in options.ts, which checks every timeout given).
+   */
   timeoutMs?: number
   /** Ends the wait with `abort()`; an already aborted signal ends it at once. */
   signal?: AbortSignal
@@ -30,11 +33,12 @@ export interface DeadlineHandlers {
 /**
  * Settles like `work`, unless the timeout fires or the signal aborts first: then it rejects
  * with `timeout()` / `abort()` and calls `abandon`. The timer and the abort listener are
- * removed as soon as either side wins. Without a timeout or signal, returns `work` itself.
+ * removed as soon as either side wins. Without a timeout (undefined or 0) or signal, returns
+ * `work` itself.
  */
 export function withDeadline<T>(work: Promise<T>, options: DeadlineOptions, on: DeadlineHandlers): Promise<T> {
   const { timeoutMs, signal } = options
-  if (timeoutMs === undefined && !signal) return work
+  if (!timeoutMs && !signal) return work
   return new Promise<T>((resolve, reject) => {
     let timer: NodeJS.Timeout | undefined
     let settled = false
@@ -62,6 +66,6 @@ export function withDeadline<T>(work: Promise<T>, options: DeadlineOptions, on: 
     )
     if (signal?.aborted) return expire('abort')
     signal?.addEventListener('abort', onAbort, { once: true })
-    if (timeoutMs !== undefined) timer = setTimeout(() => expire('timeout'), timeoutMs)
+    if (timeoutMs) timer = setTimeout(() => expire('timeout'), timeoutMs)
   })
 }

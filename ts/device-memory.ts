@@ -4,7 +4,8 @@
  * TCP or RDMA) from Node.js alone. The CUDA driver is loaded at run time, on first use.
  */
 import { NativeDeviceMemory } from '../index.js'
-import { native } from './errors'
+import { describeValue, invalidArgument, native } from './errors'
+import { checkType } from './options'
 
 export class DeviceMemory {
   private constructor(private readonly memory: NativeDeviceMemory) {}
@@ -14,6 +15,9 @@ export class DeviceMemory {
    * when there is no such GPU (or no CUDA driver), `ERR_CUDA` when the driver refuses.
    */
   static alloc(gpuIdx: number, bytes: number): DeviceMemory {
+    // Types here; values (whole numbers, the GPU's existence) in the binding.
+    checkType('gpuIdx', gpuIdx, 'number')
+    checkType('bytes', bytes, 'number')
     return new DeviceMemory(native(() => NativeDeviceMemory.alloc(gpuIdx, bytes)))
   }
 
@@ -34,11 +38,16 @@ export class DeviceMemory {
 
   /** Copies `data` to byte `offset` (synchronously; checked against the size). */
   write(offset: number, data: Uint8Array): void {
+    checkType('offset', offset, 'number')
+    if (!(data instanceof Uint8Array))
+      throw invalidArgument('data', `expected a Uint8Array, got ${describeValue(data)}`)
     native(() => this.memory.write(offset, Buffer.from(data.buffer, data.byteOffset, data.byteLength)))
   }
 
   /** `length` bytes from byte `offset` (synchronously; checked against the size). */
   read(offset: number, length: number): Buffer {
+    checkType('offset', offset, 'number')
+    checkType('length', length, 'number')
     return native(() => this.memory.read(offset, length))
   }
 

@@ -4,6 +4,8 @@
  * them as a table.
  */
 import { nativeDoctor } from '../index.js'
+import { describeValue, invalidArgument, native } from './errors'
+import { checkType, toOptions } from './options'
 import type { NativeDoctorGid, NativeDoctorGpu, NativeDoctorPort, NativeDoctorReport } from '../index.js'
 
 /** One GID table entry: index, kind (`RoCE v2`, `RoCE v1`, `IB`, `unknown`), address (IPv6 text). */
@@ -83,7 +85,10 @@ export interface DoctorReport {
  * exactly as a communicator opens it).
  */
 export function doctor(options: { gpuIdx?: number } = {}): DoctorReport {
-  const r: NativeDoctorReport = nativeDoctor(options.gpuIdx)
+  const { gpuIdx } = toOptions('options', options)
+  // The type here; the value (a whole number) in the binding.
+  if (gpuIdx !== undefined) checkType('gpuIdx', gpuIdx, 'number')
+  const r: NativeDoctorReport = native(() => nativeDoctor(gpuIdx))
   return {
     gpuIdx: r.gpuIdx,
     variables: r.variables.map((v) => ({ ...v, error: v.error ?? null })),
@@ -122,6 +127,9 @@ function table(rows: string[][], indent = '  '): string[] {
 
 /** The report as the human-readable table `kvtransfer doctor` prints. */
 export function formatDoctor(report: DoctorReport): string {
+  if (typeof report !== 'object' || report === null || !Array.isArray(report.transports)) {
+    throw invalidArgument('report', `expected what doctor() returns, got ${describeValue(report)}`)
+  }
   const out: string[] = [`kvtransfer doctor (gpuIdx ${report.gpuIdx})`, '']
   out.push('Transports (in the order auto prefers them)')
   out.push(...table(report.transports.map((t) => [t.name, t.usable ? 'usable' : 'NOT usable', t.reason])))

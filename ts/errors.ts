@@ -86,6 +86,42 @@ export async function nativeAsync<T>(promise: Promise<T>): Promise<T> {
   }
 }
 
+/**
+ * A value as refusals name it: its type, then the value itself where it has a short text
+ * form (`number -5`, `string "abc"`, `bigint 3n`, `boolean true`, `null`, `object`,
+ * `object (Float64Array)`).
+ */
+export function describeValue(value: unknown): string {
+  switch (typeof value) {
+    case 'string':
+      return `string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value)}`
+    case 'number':
+    case 'boolean':
+      return `${typeof value} ${String(value)}`
+    case 'bigint':
+      return `bigint ${value}n`
+    case 'object': {
+      if (value === null) return 'null'
+      if (Array.isArray(value)) return 'array'
+      const kind = (value as { constructor?: { name?: unknown } }).constructor?.name
+      return typeof kind === 'string' && kind !== 'Object' ? `object (${kind})` : 'object'
+    }
+    default:
+      return typeof value
+  }
+}
+
+/**
+ * A value as "<value> is not ..." refusals name it: a string in quotes (`"1"` is not `1`),
+ * a bigint with its `n`, an object by its type, anything else as `String` writes it.
+ */
+export function showValue(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value)
+  if (typeof value === 'bigint') return `${value}n`
+  if (typeof value === 'object' && value !== null) return describeValue(value)
+  return String(value)
+}
+
 /** Builds the `ERR_INVALID_ARGUMENT` error for argument `name`: `invalid <name>: <reason>`. */
 export function invalidArgument(name: string, reason: string): KvTransferError {
   return new KvTransferError('ERR_INVALID_ARGUMENT', `invalid ${name}: ${reason}`)

@@ -10,9 +10,13 @@
  *   one-sided, so only the bytes announced by tagged calls' arrival notices), notices
  *   received and dropped (no listener, or evicted unconsumed beyond `maxPendingArrivals`);
  *   peers keyed by the writer's `name`.
+ * - per peer only for peers a link was opened with (at most 4096); the rest (a call refused
+ *   because its peer was never connected names any string it was given) counts in the
+ *   totals and in `untracked`, so that a typo cannot create a permanent series.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { NativeCounters, NativeMetrics } from '../index.js'
+import { describeValue, invalidArgument } from './errors'
 
 /** Latency of the calls that succeeded (ms; p50/p99 are upper bounds of log2 buckets of µs). */
 export interface LatencySummary {
@@ -33,13 +37,25 @@ export type Counters = Omit<NativeCounters, 'latencyBuckets' | 'latencySumUs' | 
 export interface PeerMetrics extends Counters {
   /** `ip:port` on the writing side; the writer's `name` on the receiving side. */
   peer: string
-  /** Transport of the last link with the peer (null: only refused calls so far). */
+  /**
+   * Transport of the last link with the peer (every listed peer had one; null only for a
+   * transport this build cannot name).
+   */
   transport: string | null
 }
 
 export interface Metrics extends Counters {
+  /** This communicator's `name` (`hostname:port` by default): the `local` label of {@link metricsText}. */
+  name: string
   role: string
+  /** The peers a link was opened with (at most 4096), each with its own counters. */
   peers: PeerMetrics[]
+  /**
+   * What no listed peer counts: calls to peers that were never connected (refused with
+   * `ERR_NOT_CONNECTED`, or with an invalid argument before any link), and anything beyond
+   * 4096 peers. The totals are these plus the sum over `peers`.
+   */
+  untracked: Counters
 }
 
 /** Notices the TypeScript layer dropped (evicted unconsumed), per peer. */
@@ -67,8 +83,18 @@ function sum(map: DroppedNotices): number {
   return total
 }
 
+/** Notices dropped from peers that have no counters of their own (not in `native.peers`). */
+function untrackedDropped(native: NativeMetrics, dropped: DroppedNotices): number {
+  if (dropped.size === 0) return 0
+  const tracked = new Set(native.peers.map((p) => p.peer))
+  let total = 0
+  for (const [peer, n] of dropped) if (!tracked.has(peer)) total += n
+  return total
+}
+
 export function toMetrics(native: NativeMetrics, dropped: DroppedNotices): Metrics {
   return {
+    name: native.name,
     role: native.role,
     ...counters(native.total, sum(dropped)),
     peers: native.peers.map((p) => ({
@@ -76,6 +102,7 @@ export function toMetrics(native: NativeMetrics, dropped: DroppedNotices): Metri
       transport: p.transport ?? null,
       ...counters(p.counters, dropped.get(p.peer) ?? 0),
     })),
+    untracked: counters(native.untracked, untrackedDropped(native, dropped)),
   }
 }
 
@@ -128,24 +155,71 @@ export interface HasMetrics {
   [METRICS_SOURCE](): MetricsSource
 }
 
+/** One series (a label set) of every family: a tracked peer, or a communicator's untracked rest. */
+interface Series {
+  labels: Record<string, string>
+  c: NativeCounters
+  bounds: number[]
+  dropped: number
+  /** Whether the latency histogram is written even when no call succeeded. */
+  histogram: boolean
+}
+
+/**
+ * The `local` label of each source: its name, with `#2`, `#3`, ... after a name an earlier
+ * source already has (two communicators given the same `name` must still give distinct
+ * series; the suffix follows the order of `communicators`).
+ */
+function localNames(sources: MetricsSource[]): string[] {
+  const seen = new Map<string, number>()
+  return sources.map(({ native }) => {
+    const n = (seen.get(native.name) ?? 0) + 1
+    seen.set(native.name, n)
+    return n === 1 ? native.name : `${native.name}#${n}`
+  })
+}
+
+function seriesOf(sources: MetricsSource[]): Series[] {
+  const locals = localNames(sources)
+  return sources.flatMap(({ native, dropped }, i) => {
+    const own = { local: locals[i], role: native.role }
+    const bounds = native.latencyBucketUpperUs
+    return [
+      ...native.peers.map((p) => ({
+        labels: { ...own, peer: p.peer, transport: p.transport ?? 'unknown' },
+        c: p.counters,
+        bounds,
+        dropped: dropped.get(p.peer) ?? 0,
+        histogram: true,
+      })),
+      // One series per communicator, without `peer` and `transport`, for what no tracked peer counts.
+      {
+        labels: own,
+        c: native.untracked,
+        bounds,
+        dropped: untrackedDropped(native, dropped),
+        histogram: native.untracked.callsSucceeded > 0,
+      },
+    ]
+  })
+}
+
 /**
  * The metrics of `communicators` in the Prometheus text exposition format, one metric
  * family each (so several communicators of one process can be served together):
- * `kvtransfer_*_total` counters with labels `role`, `peer`, `transport` (one series per
- * peer), failures by `code`, and the latency histogram `kvtransfer_write_latency_seconds`
- * (`_bucket{le}`, `_sum`, `_count`).
+ * `kvtransfer_*_total` counters, failures by `code`, and the latency histogram
+ * `kvtransfer_write_latency_seconds` (`_bucket{le}`, `_sum`, `_count`). Each series has the
+ * labels `local` (the communicator's `name`, `hostname:port` by default) and `role`; one
+ * series per tracked peer adds `peer` and `transport`, and one per communicator without
+ * them counts calls to peers it does not track (never connected; beyond 4096), so that
+ * `sum by (local)` gives each communicator's totals. A communicator listed twice is
+ * rendered once.
  */
 export function metricsText(communicators: HasMetrics[]): string {
-  const sources = communicators.map((c) => c[METRICS_SOURCE]())
+  checkCommunicators(communicators)
+  const sources = [...new Set(communicators)].map((c) => c[METRICS_SOURCE]())
   const lines: string[] = []
-  const series = sources.flatMap(({ native, dropped }) =>
-    native.peers.map((p) => ({
-      labels: { role: native.role, peer: p.peer, transport: p.transport ?? 'none' },
-      c: p.counters,
-      bounds: native.latencyBucketUpperUs,
-      dropped: dropped.get(p.peer) ?? 0,
-    })),
-  )
+  const series = seriesOf(sources)
   for (const [field, name, help] of COUNTERS) {
     const metric = `kvtransfer_${name}_total`
     lines.push(`# HELP ${metric} ${help}`, `# TYPE ${metric} counter`)
@@ -166,6 +240,7 @@ export function metricsText(communicators: HasMetrics[]): string {
   lines.push(`# HELP ${hist} Latency of writeCache calls that succeeded (submit to completion).`)
   lines.push(`# TYPE ${hist} histogram`)
   for (const s of series) {
+    if (!s.histogram) continue
     let cumulative = 0
     s.bounds.forEach((upperUs, i) => {
       cumulative += s.c.latencyBuckets[i] ?? 0
@@ -190,6 +265,10 @@ export function metricsHandler(
   communicators: HasMetrics[],
   extra?: () => string | Promise<string>,
 ): (req: IncomingMessage, res: ServerResponse) => void {
+  checkCommunicators(communicators)
+  if (extra !== undefined && typeof extra !== 'function') {
+    throw invalidArgument('extra', `expected a function returning Prometheus text, got ${describeValue(extra)}`)
+  }
   return (_req, res) => {
     Promise.resolve(extra ? extra() : '')
       .then((before) => {
@@ -201,4 +280,16 @@ export function metricsHandler(
         res.end(String(error))
       })
   }
+}
+
+/** `communicators` of {@link metricsText} / {@link metricsHandler}: an array of communicators. */
+function checkCommunicators(communicators: unknown): void {
+  if (!Array.isArray(communicators)) {
+    throw invalidArgument('communicators', `expected an array of RDMACommunicator, got ${describeValue(communicators)}`)
+  }
+  communicators.forEach((c: unknown, i) => {
+    if (typeof (c as Partial<HasMetrics> | null)?.[METRICS_SOURCE] !== 'function') {
+      throw invalidArgument('communicators', `element ${i} is not an RDMACommunicator: got ${describeValue(c)}`)
+    }
+  })
 }

@@ -4,7 +4,8 @@
  */
 import * as os from 'node:os'
 import type { ImportedRegion, NativeOptions, NativeStats } from '../index.js'
-import { invalidArgument } from './errors'
+import type { DeadlineOptions } from './deadline'
+import { describeValue, invalidArgument, showValue } from './errors'
 import type { RequestTag } from './tags'
 
 /** Which side of disaggregated serving a communicator plays. */
@@ -63,13 +64,22 @@ export interface CommunicatorOptions {
   scaleBlockBytes?: number
   /** Default: `KVCACHE_TRANSPORT`, else `'auto'`. */
   transport?: Transport
-  /** Address the control plane binds to (default: all interfaces). */
+  /**
+   * Address every listener binds: the control plane (ZeroMQ, on `port`) and the TCP data
+   * listener. An IPv4 address, `'*'` (all interfaces) or an interface name (its IPv4
+   * address); a DNS name is refused (`ERR_INVALID_ARGUMENT`). Default:
+   * `KVCACHE_SOCKET_IFNAME`'s address, else all interfaces.
+   */
   host?: string
-  /** Name reported to peers in arrival notices (default `hostname:port`, with the bound port when `port` is 0). */
+  /**
+   * Name reported to peers in arrival notices, their metric labels and log lines (default
+   * `hostname:port`, with the bound port when `port` is 0): at most 255 bytes of visible
+   * ASCII (0x21–0x7E) other than `"`, `'` and `\`, else `ERR_INVALID_ARGUMENT`.
+   */
   name?: string
   /**
-   * Default timeout of `connect` in milliseconds (default 30000); also bounds how long the
-   * engine waits for the data connection to open.
+   * Default timeout of `connect` in milliseconds (default 30000; 0: none); also bounds how
+   * long the engine waits for the data connection to open (0: no bound).
    */
   connectTimeoutMs?: number
   /**
@@ -82,7 +92,10 @@ export interface CommunicatorOptions {
    * Both sides must have the same token, or neither; see README "Security".
    */
   authToken?: string
-  /** Most arrival notices kept for tags nobody waits for yet (default 65536). */
+  /**
+   * Most arrival notices kept for tags nobody waits for yet: an integer in 0..2^32-1
+   * (default 65536; 0: none kept).
+   */
   maxPendingArrivals?: number
   /**
    * Tensor-parallel ranks this side's attention heads are split over (default 1). Peers
@@ -111,7 +124,10 @@ export interface ConnectOptions {
    * another is refused with `ERR_TP_MISMATCH`. Absent or 0: not checked.
    */
   dstTpSize?: number
-  /** How long to wait for the peer to answer (it may start later). */
+  /**
+   * Milliseconds to wait for the peer to answer (it may start later) and the data path to
+   * open (default: the communicator's `connectTimeoutMs`, 30000; 0: none).
+   */
   timeoutMs?: number
   /** Aborts the attempt; the promise rejects with `ERR_ABORTED`. */
   signal?: AbortSignal
@@ -137,7 +153,10 @@ export interface WriteOptions {
 
 /** Options of {@link RDMACommunicator.close}. */
 export interface CloseOptions {
-  /** Reject with `ERR_TIMEOUT` when the teardown takes longer (it still completes). */
+  /**
+   * Reject with `ERR_TIMEOUT` when the teardown takes longer than this many milliseconds
+   * (it still completes). Default, and 0: none.
+   */
   timeoutMs?: number
   /** Reject with `ERR_ABORTED` on abort (the teardown still completes). */
   signal?: AbortSignal
@@ -159,7 +178,7 @@ export interface PeerInfo {
 export type CommunicatorStats = NativeStats
 
 /** The largest timeout Node's timers take (ms). */
-const MAX_TIMEOUT_MS = 0x7fff_ffff
+export const MAX_TIMEOUT_MS = 0x7fff_ffff
 
 /** The constructor's options, validated, with what the native side takes. */
 export interface Settings {
@@ -169,8 +188,10 @@ export interface Settings {
   blockNumber: number
   blockBytes: number
   host: string
-  connectTimeoutMs: number
-  writeTimeoutMs: number
+  /** Undefined: none (see {@link toTimeout}). */
+  connectTimeoutMs: number | undefined
+  /** Undefined: none. */
+  writeTimeoutMs: number | undefined
   maxPendingArrivals: number
   /** No `name` was given: the default `hostname:port` is set once the port is bound. */
   defaultName: boolean
@@ -228,14 +249,12 @@ export function parseSettings(args: unknown[]): Settings {
   const gpuIdx = checkNonNegativeInteger('gpuIdx', options.gpuIdx, 0xffff_ffff)
   const blockNumber = checkNonNegativeInteger('blockNumber', options.blockNumber, 0xffff_ffff)
   const blockBytes = checkType('blockBytes', options.blockBytes, 'number') as number
-  if (!Array.isArray(options.localKeyCache)) throw invalidArgument('localKeyCache', 'expected an array of regions')
-  if (!Array.isArray(options.localValueCache)) {
-    throw invalidArgument('localValueCache', 'expected an array of regions ([] for key-only)')
-  }
+  checkRegionList('localKeyCache', options.localKeyCache)
+  checkRegionList('localValueCache', options.localValueCache, ' ([] for key-only)')
   const keyScaleCache = options.keyScaleCache ?? []
   const valueScaleCache = options.valueScaleCache ?? []
-  if (!Array.isArray(keyScaleCache)) throw invalidArgument('keyScaleCache', 'expected an array of regions')
-  if (!Array.isArray(valueScaleCache)) throw invalidArgument('valueScaleCache', 'expected an array of regions')
+  checkRegionList('keyScaleCache', keyScaleCache)
+  checkRegionList('valueScaleCache', valueScaleCache)
   const scaleBlockBytes = checkNonNegativeInteger(
     'scaleBlockBytes',
     options.scaleBlockBytes ?? 0,
@@ -245,25 +264,37 @@ export function parseSettings(args: unknown[]): Settings {
   const tpRank = checkType('tpRank', options.tpRank ?? 0, 'number') as number
   const kvReplicated = options.kvReplicated ?? false
   if (typeof kvReplicated !== 'boolean')
-    throw invalidArgument('kvReplicated', `${String(kvReplicated)} is not a boolean`)
+    throw invalidArgument('kvReplicated', `${showValue(kvReplicated)} is not a boolean`)
   const tokensPerBlock = parseBlockLayout(options.blockLayout)
-  const connectTimeoutMs = checkMilliseconds('connectTimeoutMs', options.connectTimeoutMs ?? 30_000)
-  const writeTimeoutMs = checkNonNegativeInteger('writeTimeoutMs', options.writeTimeoutMs ?? 30_000, MAX_TIMEOUT_MS)
+  const connectTimeoutMs = toTimeout('connectTimeoutMs', options.connectTimeoutMs ?? 30_000)
+  const writeTimeoutMs = toTimeout('writeTimeoutMs', options.writeTimeoutMs ?? 30_000)
+  const maxPendingArrivals = checkNonNegativeInteger(
+    'maxPendingArrivals',
+    options.maxPendingArrivals ?? 65_536,
+    0xffff_ffff,
+  )
+  // Strings the binding would otherwise refuse untyped (its values: the engine, the bind).
+  const host = optionalString('host', options.host)
+  const name = optionalString('name', options.name)
+  const transport = optionalString('transport', options.transport) as Transport | undefined
+  const authToken = optionalString('authToken', options.authToken)
   return {
     role,
     port,
     gpuIdx,
     blockNumber,
     blockBytes,
-    host: options.host ?? defaultControlHost(),
+    host: host ?? defaultControlHost(),
     connectTimeoutMs,
     writeTimeoutMs,
-    maxPendingArrivals: options.maxPendingArrivals ?? 65_536,
-    defaultName: options.name === undefined,
+    maxPendingArrivals,
+    defaultName: name === undefined,
     native: {
       role,
       gpuIdx,
-      name: options.name ?? `${os.hostname()}:${port}`,
+      name: name ?? `${os.hostname()}:${port}`,
+      // As given: absent, the engine binds its default (see the option's doc).
+      host: options.host === undefined ? undefined : host,
       localKeyCache: options.localKeyCache.map((r, i) => toRegion('localKeyCache', i, r)),
       localValueCache: options.localValueCache.map((r, i) => toRegion('localValueCache', i, r)),
       keyScaleCache: keyScaleCache.map((r, i) => toRegion('keyScaleCache', i, r)),
@@ -271,10 +302,10 @@ export function parseSettings(args: unknown[]): Settings {
       blockNumber,
       blockBytes,
       scaleBlockBytes,
-      transport: options.transport,
-      // The engine's bound on opening the data connection (a whole millisecond, at least 1).
-      connectTimeoutMs: Math.max(1, Math.ceil(connectTimeoutMs)),
-      authToken: options.authToken,
+      transport,
+      // The engine's bound on opening the data connection, in whole milliseconds (0: none).
+      connectTimeoutMs: Math.ceil(connectTimeoutMs ?? 0),
+      authToken,
       tpSize,
       tpRank,
       kvReplicated,
@@ -288,7 +319,10 @@ function parseBlockLayout(layout: unknown): number {
   if (layout === undefined) return 0
   const given = layout as { order?: unknown; tokensPerBlock?: unknown }
   if (typeof layout !== 'object' || layout === null) {
-    throw invalidArgument('blockLayout', `expected { order: 'HND' } or { order: 'NHD', tokensPerBlock }`)
+    throw invalidArgument(
+      'blockLayout',
+      `expected { order: 'HND' } or { order: 'NHD', tokensPerBlock }, got ${describeValue(layout)}`,
+    )
   }
   if (given.order === 'HND') return 0
   if (given.order !== 'NHD') {
@@ -310,14 +344,66 @@ export function checkDstTpSize(value: unknown): number | undefined {
 
 /** `value`, when `typeof value` is `type`; else a typed refusal naming what was given. */
 export function checkType(name: string, value: unknown, type: 'number' | 'string'): unknown {
-  if (typeof value !== type) throw invalidArgument(name, `expected a ${type}, got ${describe(value)}`)
+  if (typeof value !== type) throw invalidArgument(name, `expected a ${type}, got ${describeValue(value)}`)
   return value
 }
 
-/** `'x'` (a string), `null`, or the type of anything else, for refusals. */
-function describe(value: unknown): string {
-  if (typeof value === 'string') return JSON.stringify(value)
-  return value === null ? 'null' : typeof value
+/** An optional string option: undefined, or a string (its value is checked where it is used). */
+function optionalString(name: string, value: unknown): string | undefined {
+  return value === undefined ? undefined : (checkType(name, value, 'string') as string)
+}
+
+/** A list of regions (each checked by {@link toRegion}). */
+function checkRegionList(name: string, value: unknown, hint = ''): void {
+  if (!Array.isArray(value))
+    throw invalidArgument(name, `expected an array of regions${hint}, got ${describeValue(value)}`)
+}
+
+/**
+ * A timeout, wherever the API takes one (`connectTimeoutMs`, `writeTimeoutMs`, and the
+ * `timeoutMs` of `connect`, `writeCache`, `waitForArrival` and `close`): a number of
+ * milliseconds in 0..2^31-1 (what Node's timers take), where **0 means no timeout**. Returns
+ * the timeout, or undefined for none: the one place that gives 0 its meaning.
+ */
+export function toTimeout(name: string, value: unknown): number | undefined {
+  if (typeof value !== 'number' || !(value >= 0 && value <= MAX_TIMEOUT_MS)) {
+    throw invalidArgument(
+      name,
+      `${showValue(value)} is not a number of milliseconds in 0..${MAX_TIMEOUT_MS} (0: no timeout)`,
+    )
+  }
+  return value === 0 ? undefined : value
+}
+
+/** The `{ timeoutMs, signal }` of `waitForArrival` and `close`, checked (no default timeout). */
+export function toDeadline(options: { timeoutMs?: unknown; signal?: unknown }): DeadlineOptions {
+  return {
+    timeoutMs: options.timeoutMs === undefined ? undefined : toTimeout('timeoutMs', options.timeoutMs),
+    signal: checkSignal('signal', options.signal),
+  }
+}
+
+/** An optional `signal`: undefined or an `AbortSignal`. */
+export function checkSignal(name: string, value: unknown): AbortSignal | undefined {
+  if (value === undefined || value instanceof AbortSignal) return value
+  throw invalidArgument(name, `expected an AbortSignal, got ${describeValue(value)}`)
+}
+
+/** A call's options argument: absent (`{}`) or an object. */
+export function toOptions<T extends object>(name: string, value: T | undefined): T {
+  if (value === undefined) return {} as T
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    throw invalidArgument(name, `expected an options object, got ${describeValue(value)}`)
+  }
+  return value
+}
+
+/** A peer's host: a non-empty string (a name or an address; resolved where it is used). */
+export function toHost(name: string, value: unknown): string {
+  if (typeof value !== 'string' || value.length === 0) {
+    throw invalidArgument(name, `expected a host name or address, got ${describeValue(value)}`)
+  }
+  return value
 }
 
 export function toRegion(name: string, index: number, region: unknown): bigint | Uint8Array | ImportedRegion {
@@ -329,14 +415,14 @@ export function toRegion(name: string, index: number, region: unknown): bigint |
     return region as ImportedRegion
   throw invalidArgument(
     name,
-    `region ${index} must be a bigint address, an ArrayBuffer, a typed array or a shared region ({ offset, bytes, fd | cudaIpcHandle | cudaVmmFds }); got ${typeof region}`,
+    `region ${index} must be a bigint address, an ArrayBuffer, a typed array or a shared region ({ offset, bytes, fd | cudaIpcHandle | cudaVmmFds }); got ${describeValue(region)}`,
   )
 }
 
 export function toBlockIds(name: string, ids: unknown): Uint32Array | Int32Array | Float64Array {
   if (ids instanceof Uint32Array || ids instanceof Int32Array) return ids
   if (Array.isArray(ids)) return numbersToFloat64(ids)
-  throw invalidArgument(name, `expected number[], Int32Array or Uint32Array; got ${ids === null ? 'null' : typeof ids}`)
+  throw invalidArgument(name, `expected number[], Int32Array or Uint32Array; got ${describeValue(ids)}`)
 }
 
 /** Copies a plain array for the native side; a non-number becomes NaN, which the engine
@@ -354,24 +440,15 @@ function numbersToFloat64(ids: unknown[]): Float64Array {
 export function toPort(name: string, port: unknown): number {
   const value = typeof port === 'string' && port.trim() !== '' ? Number(port) : port
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 65535) {
-    // A string shows its quotes; anything else (a bigint, NaN) as `String` writes it.
-    const given = typeof port === 'string' ? JSON.stringify(port) : String(port)
-    throw invalidArgument(name, `${given} is not a port number in 0..65535`)
+    // A string shows its quotes, a bigint its n, an object its type (see showValue).
+    throw invalidArgument(name, `${showValue(port)} is not a port number in 0..65535`)
   }
   return value
 }
 
 export function checkNonNegativeInteger(name: string, value: unknown, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > max) {
-    throw invalidArgument(name, `${String(value)} is not an integer in 0..${max}`)
-  }
-  return value
-}
-
-/** A timeout: a number of milliseconds in 0..2^31-1 (what Node's timers take). */
-function checkMilliseconds(name: string, value: unknown): number {
-  if (typeof value !== 'number' || !(value >= 0 && value <= MAX_TIMEOUT_MS)) {
-    throw invalidArgument(name, `${String(value)} is not a number of milliseconds in 0..${MAX_TIMEOUT_MS}`)
+    throw invalidArgument(name, `${showValue(value)} is not an integer in 0..${max}`)
   }
   return value
 }

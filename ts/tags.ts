@@ -2,7 +2,7 @@
  * Request tags: a u64 (bigint) or a short string, encoded for the engine's arrival notices
  * (one type byte, then the value) and keyed for lookups.
  */
-import { invalidArgument } from './errors'
+import { describeValue, invalidArgument } from './errors'
 
 /** A request tag attached to a write: a u64 as bigint, or a short string (≤ 254 bytes). */
 export type RequestTag = bigint | string
@@ -27,7 +27,7 @@ export function encodeTag(tag: RequestTag): Buffer {
     }
     return Buffer.concat([Buffer.from([TAG_STRING]), bytes])
   }
-  throw invalidArgument('tag', `expected a bigint or a string, got ${typeof tag}`)
+  throw invalidArgument('tag', `expected a bigint or a string, got ${describeValue(tag)}`)
 }
 
 /** The tag of an arrival notice (a bigint stays a bigint). */

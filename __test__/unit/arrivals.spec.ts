@@ -7,6 +7,7 @@ import { type Arrival, Arrivals, layerSet } from '../../ts/arrivals'
 import { KvTransferError } from '../../ts/errors'
 import type { RequestTag } from '../../ts/tags'
 import { stateOf, useFakeClock } from './fake-clock'
+import { assertRefused } from './refusal'
 
 const notice = (tag: RequestTag, layerIdx: number, blocks = 4): Arrival => ({
   peer: 'prefill-0',
@@ -17,10 +18,27 @@ const notice = (tag: RequestTag, layerIdx: number, blocks = 4): Arrival => ({
 const layersOf = (arrivals: Arrival[]) => arrivals.map((a) => a.layerIdx).sort((a, b) => a - b)
 
 test('layerSet: the default is layer 0, n means 0..n-1, a list is taken as it is', (t) => {
-  t.deepEqual([...layerSet(undefined)], [0])
-  t.deepEqual([...layerSet(3)], [0, 1, 2])
-  t.deepEqual([...layerSet(0)], [])
-  t.deepEqual([...layerSet([4, 2, 4])], [4, 2])
+  t.deepEqual([...layerSet(undefined, 8)], [0])
+  t.deepEqual([...layerSet(3, 8)], [0, 1, 2])
+  t.deepEqual([...layerSet(8, 8)], [0, 1, 2, 3, 4, 5, 6, 7])
+  t.deepEqual([...layerSet([4, 2, 4], 8)], [4, 2])
+})
+
+test('layerSet: what could never complete is refused, naming the value and the layer count', (t) => {
+  for (const bad of [0, -1, 9, 1.5, Number.NaN]) {
+    assertRefused(t, () => layerSet(bad, 8), 'layers', String(bad), '1..8')
+  }
+  assertRefused(t, () => layerSet('x', 8), 'layers', '"x"')
+  assertRefused(t, () => layerSet([], 8), 'layers', 'array')
+  assertRefused(t, () => layerSet(['1'], 8), 'layers', '"1"')
+  for (const bad of [8, -1, 0.5]) {
+    const error = t.throws(() => layerSet([0, bad], 8), { instanceOf: KvTransferError })
+    t.is(error?.code, 'ERR_LAYER_OUT_OF_RANGE')
+    t.true(
+      error?.message.includes(`layer ${bad} is out of range`) && error.message.includes('8 layers'),
+      error?.message,
+    )
+  }
 })
 
 test('a wait resolves only once every asked layer arrived, with those layers only', async (t) => {
@@ -44,13 +62,13 @@ test('notices kept before the wait count: it resolves at once', async (t) => {
   const arrivals = new Arrivals(100)
   arrivals.add(notice(5n, 0))
   arrivals.add(notice(5n, 1))
-  t.deepEqual(layersOf(await arrivals.wait(5n, layerSet(2), {})), [0, 1])
+  t.deepEqual(layersOf(await arrivals.wait(5n, layerSet(2, 8), {})), [0, 1])
 })
 
 test('a bigint tag and the string of its digits are different tags', async (t) => {
   const arrivals = new Arrivals(100)
-  const byBigint = arrivals.wait(42n, layerSet(1), {})
-  const byString = arrivals.wait('42', layerSet(1), {})
+  const byBigint = arrivals.wait(42n, layerSet(1, 8), {})
+  const byString = arrivals.wait('42', layerSet(1, 8), {})
   arrivals.add(notice('42', 0))
   t.is(await stateOf(byBigint), 'pending')
   t.deepEqual(
@@ -78,7 +96,7 @@ test('waiters of one tag each resolve when their own layers are in', async (t) =
 test.serial('a wait times out with ERR_TIMEOUT naming the tag and the missing layers', async (t) => {
   const clock = useFakeClock(t)
   const arrivals = new Arrivals(100)
-  const wait = arrivals.wait(7n, layerSet(4), { timeoutMs: 250 })
+  const wait = arrivals.wait(7n, layerSet(4, 8), { timeoutMs: 250 })
   arrivals.add(notice(7n, 1))
   arrivals.add(notice(7n, 3))
   clock.advance(249)
@@ -91,13 +109,13 @@ test.serial('a wait times out with ERR_TIMEOUT naming the tag and the missing la
   // new wait still finds the kept notices.
   arrivals.add(notice(7n, 0))
   arrivals.add(notice(7n, 2))
-  t.deepEqual(layersOf(await arrivals.wait(7n, layerSet(4), {})), [0, 1, 2, 3])
+  t.deepEqual(layersOf(await arrivals.wait(7n, layerSet(4, 8), {})), [0, 1, 2, 3])
 })
 
 test.serial('a wait whose layers arrive in time resolves and leaves no timer behind', async (t) => {
   const clock = useFakeClock(t)
   const arrivals = new Arrivals(100)
-  const wait = arrivals.wait('soon', layerSet(1), { timeoutMs: 1000 })
+  const wait = arrivals.wait('soon', layerSet(1, 8), { timeoutMs: 1000 })
   t.is(clock.pending, 1)
   arrivals.add(notice('soon', 0))
   t.deepEqual(layersOf(await wait), [0])
@@ -107,7 +125,7 @@ test.serial('a wait whose layers arrive in time resolves and leaves no timer beh
 test('an abort rejects the wait with ERR_ABORTED naming the tag', async (t) => {
   const arrivals = new Arrivals(100)
   const controller = new AbortController()
-  const wait = arrivals.wait('stop-me', layerSet(1), { signal: controller.signal })
+  const wait = arrivals.wait('stop-me', layerSet(1, 8), { signal: controller.signal })
   controller.abort()
   const error = await t.throwsAsync(wait, { instanceOf: KvTransferError })
   t.is(error?.code, 'ERR_ABORTED')
@@ -116,7 +134,7 @@ test('an abort rejects the wait with ERR_ABORTED naming the tag', async (t) => {
 
 test('an already aborted signal rejects the wait at once', async (t) => {
   const arrivals = new Arrivals(100)
-  const error = await t.throwsAsync(arrivals.wait(1n, layerSet(1), { signal: AbortSignal.abort() }), {
+  const error = await t.throwsAsync(arrivals.wait(1n, layerSet(1, 8), { signal: AbortSignal.abort() }), {
     instanceOf: KvTransferError,
   })
   t.is(error?.code, 'ERR_ABORTED')
@@ -132,10 +150,10 @@ test('beyond maxPending the oldest tag is dropped whole, each of its notices rep
   arrivals.add(notice('new', 0))
   t.deepEqual(dropped, [notice('old', 0), notice('old', 1)])
   // What was kept still settles waits; what was dropped does not.
-  t.deepEqual(layersOf(await arrivals.wait('mid', layerSet(1), {})), [0])
-  t.deepEqual(layersOf(await arrivals.wait('new', layerSet(1), {})), [0])
+  t.deepEqual(layersOf(await arrivals.wait('mid', layerSet(1, 8), {})), [0])
+  t.deepEqual(layersOf(await arrivals.wait('new', layerSet(1, 8), {})), [0])
   const controller = new AbortController()
-  const waitForDropped = arrivals.wait('old', layerSet(1), { signal: controller.signal })
+  const waitForDropped = arrivals.wait('old', layerSet(1, 8), { signal: controller.signal })
   t.is(await stateOf(waitForDropped), 'pending')
   controller.abort()
   await t.throwsAsync(waitForDropped, { instanceOf: KvTransferError })
@@ -144,7 +162,7 @@ test('beyond maxPending the oldest tag is dropped whole, each of its notices rep
 test('a notice that completes a waiter is kept too, and counts toward the bound', (t) => {
   const dropped: Arrival[] = []
   const arrivals = new Arrivals(1, (arrival) => dropped.push(arrival))
-  void arrivals.wait('a', layerSet(1), {})
+  void arrivals.wait('a', layerSet(1, 8), {})
   arrivals.add(notice('a', 0))
   arrivals.add(notice('b', 0))
   t.deepEqual(dropped, [notice('a', 0)])
@@ -160,7 +178,7 @@ test('forget drops the kept notices of a tag and frees their room', async (t) =>
   t.deepEqual(dropped, [], 'forgetting "a" made room for "c"')
   arrivals.forget('never-seen')
   const controller = new AbortController()
-  const wait = arrivals.wait('a', layerSet(1), { signal: controller.signal })
+  const wait = arrivals.wait('a', layerSet(1, 8), { signal: controller.signal })
   t.is(await stateOf(wait), 'pending', 'the forgotten notice no longer settles a wait')
   controller.abort()
   await t.throwsAsync(wait, { instanceOf: KvTransferError })
@@ -172,11 +190,11 @@ test('rejectAll rejects every waiter of every tag with the given error, and keep
   // Each misses a layer: 'a' has only layer 0.
   const waits = [
     arrivals.wait('a', new Set([1]), {}),
-    arrivals.wait('a', layerSet(2), {}),
-    arrivals.wait(9n, layerSet(1), {}),
+    arrivals.wait('a', layerSet(2, 8), {}),
+    arrivals.wait(9n, layerSet(1, 8), {}),
   ]
   const closed = new KvTransferError('ERR_CLOSED', 'communicator closed')
   arrivals.rejectAll(closed)
   for (const wait of waits) t.is(await t.throwsAsync(wait), closed)
-  t.deepEqual(layersOf(await arrivals.wait('a', layerSet(1), {})), [0])
+  t.deepEqual(layersOf(await arrivals.wait('a', layerSet(1, 8), {})), [0])
 })

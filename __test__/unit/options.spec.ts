@@ -14,6 +14,7 @@ import {
   parseSettings,
   toBlockIds,
   toPort,
+  toTimeout,
   toRegion,
 } from '../../ts/options'
 import { assertRefused } from './refusal'
@@ -103,7 +104,7 @@ test('given options pass through to the engine', (t) => {
     gpuIdx: 3,
     host: '127.0.0.1',
     connectTimeoutMs: 500,
-    writeTimeoutMs: 0,
+    writeTimeoutMs: undefined,
     maxPendingArrivals: 8,
     defaultName: false,
   })
@@ -240,7 +241,12 @@ test('checkNonNegativeInteger: integers in 0..max, else refused with the value a
   t.is(checkNonNegativeInteger('n', 0, 4), 0)
   t.is(checkNonNegativeInteger('n', 4, 4), 4)
   for (const bad of [5, -1, 0.5, Number.NaN, Infinity, '1', null]) {
-    assertRefused(t, () => checkNonNegativeInteger('n', bad, 4), 'n', `${String(bad)} is not an integer in 0..4`)
+    assertRefused(
+      t,
+      () => checkNonNegativeInteger('n', bad, 4),
+      'n',
+      `${typeof bad === 'string' ? JSON.stringify(bad) : String(bad)} is not an integer in 0..4`,
+    )
   }
 })
 
@@ -285,20 +291,43 @@ test('blockLayout refusals name the field and the value', (t) => {
   assertRefused(t, () => parse({ order: 'NHD' }), 'blockLayout.tokensPerBlock', 'undefined')
 })
 
-test('connectTimeoutMs: any number of ms in 0..2^31-1; the engine gets whole ms, at least 1', (t) => {
-  const parse = (connectTimeoutMs: number) => parseSettings([options({ connectTimeoutMs })])
+test('connectTimeoutMs: any number of ms in 0..2^31-1 (0: none); the engine gets whole ms (0: no bound)', (t) => {
+  const parse = (connectTimeoutMs: unknown) =>
+    parseSettings([options({ connectTimeoutMs: connectTimeoutMs as number })])
   t.like(parse(1.2), { connectTimeoutMs: 1.2, native: { connectTimeoutMs: 2 } })
-  t.like(parse(0), { connectTimeoutMs: 0, native: { connectTimeoutMs: 1 } })
+  t.like(parse(0), { connectTimeoutMs: undefined, native: { connectTimeoutMs: 0 } })
   t.like(parse(0x7fff_ffff), { connectTimeoutMs: 0x7fff_ffff })
-  for (const bad of [-1, 0x8000_0000, Number.NaN]) {
+  for (const bad of [-1, 0x8000_0000, Number.NaN, '500']) {
     assertRefused(t, () => parse(bad), 'connectTimeoutMs', String(bad), 'milliseconds in 0..2147483647')
   }
 })
 
-test('writeTimeoutMs: an integer in 0..2^31-1 (0: none)', (t) => {
-  t.is(parseSettings([options({ writeTimeoutMs: 0 })]).writeTimeoutMs, 0)
-  assertRefused(t, () => parseSettings([options({ writeTimeoutMs: 1.5 })]), 'writeTimeoutMs', '1.5')
+test('writeTimeoutMs: the same rule (0: none)', (t) => {
+  t.is(parseSettings([options({ writeTimeoutMs: 0 })]).writeTimeoutMs, undefined)
+  t.is(parseSettings([options({ writeTimeoutMs: 1.5 })]).writeTimeoutMs, 1.5)
   assertRefused(t, () => parseSettings([options({ writeTimeoutMs: 2 ** 31 })]), 'writeTimeoutMs', '2147483648')
+  assertRefused(t, () => parseSettings([options({ writeTimeoutMs: -5 })]), 'writeTimeoutMs', '-5')
+})
+
+test('toTimeout: every timeout of the API; 0 means none (undefined), else the milliseconds', (t) => {
+  t.is(toTimeout('timeoutMs', 0), undefined)
+  t.is(toTimeout('timeoutMs', 1), 1)
+  t.is(toTimeout('timeoutMs', 0x7fff_ffff), 0x7fff_ffff)
+  for (const bad of [-5, 'abc', Number.NaN, Infinity, null, 2 ** 31]) {
+    assertRefused(t, () => toTimeout('timeoutMs', bad), 'timeoutMs', typeof bad === 'string' ? '"abc"' : String(bad))
+  }
+})
+
+test('maxPendingArrivals, host, name, transport, authToken: their types are checked before the engine sees them', (t) => {
+  const parse = (over: Record<string, unknown>) => parseSettings([options(over as Partial<CommunicatorOptions>)])
+  t.is(parse({ maxPendingArrivals: 0 }).maxPendingArrivals, 0)
+  assertRefused(t, () => parse({ maxPendingArrivals: -1 }), 'maxPendingArrivals', '-1', '0..4294967295')
+  assertRefused(t, () => parse({ maxPendingArrivals: 'x' }), 'maxPendingArrivals', '"x"')
+  assertRefused(t, () => parse({ maxPendingArrivals: 1.5 }), 'maxPendingArrivals', '1.5')
+  assertRefused(t, () => parse({ authToken: 123 }), 'authToken', 'string', '123')
+  assertRefused(t, () => parse({ name: 42 }), 'name', 'string', '42')
+  assertRefused(t, () => parse({ host: 7 }), 'host', 'string', '7')
+  assertRefused(t, () => parse({ transport: 1 }), 'transport', 'string', '1')
 })
 
 test('dstTpSize of connect: absent or 0 is "not checked", else the size', (t) => {

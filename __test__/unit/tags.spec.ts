@@ -36,14 +36,14 @@ test('the string limit counts bytes, not characters', (t) => {
   assertRefused(t, () => encodeTag('é'.repeat(128)), 'tag', '256 bytes')
 })
 
-test('anything but a bigint or a string is refused naming its type, bytes included', (t) => {
+test('anything but a bigint or a string is refused naming its type (and value), bytes included', (t) => {
   const refuse = (tag: unknown, type: string) =>
     assertRefused(t, () => encodeTag(tag as RequestTag), 'tag', `expected a bigint or a string, got ${type}`)
-  refuse(42, 'number')
-  refuse(Buffer.from('42'), 'object')
-  refuse(new Uint8Array([1, 2]), 'object')
+  refuse(42, 'number 42')
+  refuse(Buffer.from('42'), 'object (Buffer)')
+  refuse(new Uint8Array([1, 2]), 'object (Uint8Array)')
   refuse(undefined, 'undefined')
-  refuse(null, 'object')
+  refuse(null, 'null')
 })
 
 test('decodeTag gives back what encodeTag took: a bigint stays a bigint', (t) => {

@@ -67,7 +67,7 @@ export interface SizeResult {
   callsPerSec: number
   p50Ms: number
   p99Ms: number
-  /** GB/s of the reference at this size (stream for TCP, ib_write_bw for RDMA). */
+  /** GB/s of the reference at this size (TCP: the plain stream; RDMA: ib_write_bw; NVLink: the device-to-device copy). */
   referenceGbps?: number
   ratio?: number
   verified: { checked: number; mismatches: number; detail: string[] }

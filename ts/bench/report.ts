@@ -13,9 +13,33 @@ function fmtCount(value: number): string {
   return value.toFixed(0)
 }
 
+/** What a transport's ratio is measured against: a short name (table) and a long one (chart legend). */
+export function referenceName(report: Pick<BenchReport, 'options' | 'reference'>): { short: string; long: string } {
+  switch (report.options.transport) {
+    case 'rdma':
+      return { short: 'ib_write_bw', long: 'ib_write_bw (perftest), same block size' }
+    case 'nvlink': {
+      const bytes = report.reference.link?.bytes
+      const size = bytes === undefined ? '' : ` ${formatSize(bytes)}`
+      return { short: 'D2D copy', long: `one${size} device-to-device copy (cuMemcpyAsync)` }
+    }
+    default:
+      return { short: 'TCP stream', long: 'plain TCP stream between the same processes' }
+  }
+}
+
 export function formatTable(report: BenchReport): string {
-  const refName = { rdma: 'ib_write_bw', nvlink: 'link ceiling', tcp: 'TCP stream' }[report.options.transport]
-  const header = ['block', 'GB/s', `${refName} GB/s`, 'ratio', 'blocks/s', 'calls/s', 'p50 ms', 'p99 ms', 'verified']
+  const header = [
+    'block',
+    'GB/s',
+    `${referenceName(report).short} GB/s`,
+    'ratio',
+    'blocks/s',
+    'calls/s',
+    'p50 ms',
+    'p99 ms',
+    'verified',
+  ]
   const rows = report.results.map((r) => [
     formatSize(r.blockBytes),
     fmt(r.gbps, 2),
@@ -33,18 +57,51 @@ export function formatTable(report: BenchReport): string {
   return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n')
 }
 
+/**
+ * The y axis of a chart whose largest value is `max`: a step of 1, 2 or 5 × 10^k giving at
+ * most `maxTicks` intervals, the top (a whole number of steps, at least `max`), and the
+ * decimals a label needs at that step. (A fixed step drew dozens of overlapping labels at
+ * NVLink's hundreds of GB/s.)
+ */
+export function yAxis(max: number, maxTicks = 8): { step: number; top: number; ticks: number; decimals: number } {
+  const span = Number.isFinite(max) && max > 0 ? max : 1
+  const raw = span / maxTicks
+  const exponent = Math.floor(Math.log10(raw))
+  const magnitude = 10 ** exponent
+  const factor = [1, 2, 5, 10].find((f) => f * magnitude >= raw * (1 - 1e-9)) ?? 10
+  const step = factor * magnitude
+  const ticks = Math.max(1, Math.ceil(span / step - 1e-9))
+  const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9))
+  return { step, top: ticks * step, ticks, decimals }
+}
+
+/** `1500` → `1,500`; `0.25` with 2 decimals → `0.25`. */
+export function formatAxisValue(value: number, decimals: number): string {
+  return value.toLocaleString('en-US', { minimumFractionDigits: decimals, maximumFractionDigits: decimals })
+}
+
+/** A point's label: 2 to 4 significant digits (`0.077`, `0.77`, `3.66`, `12.4`, `367`, `1,184`). */
+function formatPoint(gbps: number): string {
+  return formatAxisValue(gbps, gbps >= 100 ? 0 : gbps >= 10 ? 1 : gbps >= 0.1 ? 2 : 3)
+}
+
 /** A hand-written SVG line chart of GB/s against block size (log2 axis). */
 export function renderSvg(report: BenchReport): string {
   const W = 760
-  const H = 440
-  const m = { left: 64, right: 24, top: 48, bottom: 56 }
+  const H = 460
+  // The legend sits above the plot, under the title, so that no line runs through it.
+  const m = { left: 72, right: 24, top: 80, bottom: 56 }
   const results = report.results
-  const refs = results.map((r) => r.referenceGbps ?? 0)
-  const maxY = Math.max(0.1, ...results.map((r) => r.gbps), ...refs) * 1.15
+  const refPoints = results.filter((r) => r.referenceGbps !== undefined)
+  const maxValue = Math.max(0, ...results.map((r) => r.gbps), ...refPoints.map((r) => r.referenceGbps ?? 0))
+  // Headroom for the labels above the points.
+  const axis = yAxis(maxValue * 1.08)
   const xs = results.map((r) => Math.log2(r.blockBytes))
   const [x0, x1] = [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)]
-  const px = (x: number) => m.left + ((x - x0) / (x1 - x0)) * (W - m.left - m.right)
-  const py = (y: number) => H - m.bottom - (y / maxY) * (H - m.top - m.bottom)
+  // The first and last points sit inset, so that their labels clear the y axis and the edge.
+  const inset = 32
+  const px = (x: number) => m.left + inset + ((x - x0) / (x1 - x0)) * (W - m.left - m.right - 2 * inset)
+  const py = (y: number) => H - m.bottom - (y / axis.top) * (H - m.top - m.bottom)
   const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;')
   const parts: string[] = []
   parts.push(
@@ -60,10 +117,12 @@ export function renderSvg(report: BenchReport): string {
   parts.push(
     `<text x="${W / 2}" y="36" text-anchor="middle" fill="#666">${esc(`${report.machine.cpu}, ${report.machine.cores} cores, ${report.peer}`)}</text>`,
   )
-  const step = maxY > 8 ? 2 : maxY > 4 ? 1 : maxY > 1.5 ? 0.5 : 0.1
-  for (let y = 0; y <= maxY; y += step) {
-    parts.push(`<line x1="${m.left}" x2="${W - m.right}" y1="${py(y)}" y2="${py(y)}" stroke="#e5e5e5"/>`)
-    parts.push(`<text x="${m.left - 8}" y="${py(y) + 4}" text-anchor="end">${y.toFixed(step < 1 ? 1 : 0)}</text>`)
+  for (let i = 0; i <= axis.ticks; i++) {
+    const y = py(i * axis.step)
+    parts.push(`<line x1="${m.left}" x2="${W - m.right}" y1="${y}" y2="${y}" stroke="#e5e5e5"/>`)
+    parts.push(
+      `<text x="${m.left - 8}" y="${y + 4}" text-anchor="end">${formatAxisValue(i * axis.step, axis.decimals)}</text>`,
+    )
   }
   for (const r of results) {
     const x = px(Math.log2(r.blockBytes))
@@ -78,7 +137,6 @@ export function renderSvg(report: BenchReport): string {
   parts.push(
     `<text transform="translate(18 ${(m.top + H - m.bottom) / 2}) rotate(-90)" text-anchor="middle">GB/s</text>`,
   )
-  const refPoints = results.filter((r) => r.referenceGbps !== undefined)
   if (refPoints.length > 0) {
     const d = refPoints.map((r) => `${px(Math.log2(r.blockBytes))},${py(r.referenceGbps ?? 0)}`).join(' ')
     parts.push(`<polyline points="${d}" fill="none" stroke="#999" stroke-width="2" stroke-dasharray="6 4"/>`)
@@ -89,18 +147,31 @@ export function renderSvg(report: BenchReport): string {
     const x = px(Math.log2(r.blockBytes))
     const color = r.verified.mismatches === 0 ? '#1f77b4' : '#d62728'
     parts.push(`<circle cx="${x}" cy="${py(r.gbps)}" r="4" fill="${color}"/>`)
-    parts.push(`<text x="${x}" y="${py(r.gbps) - 9}" text-anchor="middle" fill="#1f77b4">${r.gbps.toFixed(2)}</text>`)
+    // A white halo under the label (a copy drawn first, as not every renderer knows
+    // paint-order) keeps it readable where it crosses the reference line.
+    const at = `x="${x}" y="${py(r.gbps) - 9}" text-anchor="middle"`
+    parts.push(
+      `<text ${at} fill="white" stroke="white" stroke-width="3">${formatPoint(r.gbps)}</text>`,
+      `<text ${at} fill="#1f77b4">${formatPoint(r.gbps)}</text>`,
+    )
   }
-  const refName = o.transport === 'rdma' ? 'ib_write_bw (perftest)' : 'plain TCP stream, same processes'
-  const lx = W - m.right - 250
+  // Legend: one row under the title; the reference only when the report has one.
+  const ly = 58
   parts.push(
-    `<line x1="${lx}" x2="${lx + 24}" y1="${m.top + 8}" y2="${m.top + 8}" stroke="#1f77b4" stroke-width="2.5"/>`,
+    `<line x1="${m.left}" x2="${m.left + 24}" y1="${ly}" y2="${ly}" stroke="#1f77b4" stroke-width="2.5"/>`,
+    `<text x="${m.left + 30}" y="${ly + 4}">kvtransfer writeCache</text>`,
   )
-  parts.push(`<text x="${lx + 30}" y="${m.top + 12}">kvtransfer writeCache</text>`)
-  parts.push(
-    `<line x1="${lx}" x2="${lx + 24}" y1="${m.top + 26}" y2="${m.top + 26}" stroke="#999" stroke-width="2" stroke-dasharray="6 4"/>`,
-  )
-  parts.push(`<text x="${lx + 30}" y="${m.top + 30}">${esc(refName)}</text>`)
+  const lx = m.left + 200
+  if (refPoints.length > 0) {
+    parts.push(
+      `<line x1="${lx}" x2="${lx + 24}" y1="${ly}" y2="${ly}" stroke="#999" stroke-width="2" stroke-dasharray="6 4"/>`,
+      `<text x="${lx + 30}" y="${ly + 4}">${esc(`reference: ${referenceName(report).long}`)}</text>`,
+    )
+  } else {
+    const why = report.reference.skipped ?? 'no reference measured'
+    const shown = why.length > 68 ? `${why.slice(0, 67)}…` : why
+    parts.push(`<text x="${lx}" y="${ly + 4}" fill="#666">${esc(shown)}</text>`)
+  }
   parts.push('</svg>')
   return `${parts.join('\n')}\n`
 }

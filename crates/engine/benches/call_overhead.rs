@@ -31,6 +31,7 @@ fn engine(role: Role, regions: &mut [Vec<u8>]) -> Engine {
         role,
         gpu_idx: 0,
         name: format!("{}-bench", role.as_str()),
+        host: None,
         keys: keys.to_vec(),
         values: values.to_vec(),
         key_scales: Vec::new(),

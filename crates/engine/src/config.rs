@@ -239,7 +239,8 @@ pub struct Settings {
     pub transport: TransportChoice,
     /// `KVCACHE_AUTH_TOKEN` (empty: none).
     pub auth_token: Option<Vec<u8>>,
-    /// `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces.
+    /// `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces: what the listeners
+    /// bind when the `host` option is not given.
     pub bind_address: IpAddr,
     pub rdma: RdmaSettings,
     pub process: ProcessSettings,
@@ -298,7 +299,7 @@ const VARIABLES: &[(&str, &str, Check)] = &[
     ),
     (
         "KVCACHE_SOCKET_IFNAME",
-        "interface whose IPv4 address the data listener binds",
+        "interface whose IPv4 address the listeners bind when host is not given",
         || valid(bind_address()),
     ),
     (
@@ -440,8 +441,8 @@ fn number<T: TryFrom<u32>>(
     }
 }
 
-/// Address the data listener binds to: the IPv4 address of `KVCACHE_SOCKET_IFNAME` when
-/// set, else all interfaces.
+/// Address the listeners bind to when the `host` option is not given: the IPv4 address of
+/// `KVCACHE_SOCKET_IFNAME` when set, else all interfaces.
 fn bind_address() -> Result<IpAddr> {
     match var("KVCACHE_SOCKET_IFNAME") {
         Some(name) => interface_ipv4(&name).map(IpAddr::V4),
@@ -449,14 +450,47 @@ fn bind_address() -> Result<IpAddr> {
     }
 }
 
+/// The address every listener binds for the `host` option, read as ZeroMQ's bind reads the
+/// control socket's host: `*` (all interfaces), an IPv4 address, an IPv6 address (bare or in
+/// brackets), or an interface name (its first IPv4 address). Anything else (a DNS name,
+/// which a bind does not resolve) is `ERR_INVALID_ARGUMENT` naming the value.
+pub fn listen_address(host: &str) -> Result<IpAddr> {
+    if host == "*" {
+        return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid(
+            "host",
+            format!(
+                "'{}' is not '*', an IP address or an interface name",
+                host.escape_debug()
+            ),
+        ));
+    }
+    interface_ipv4_of("host", host).map(IpAddr::V4)
+}
+
 /// The first IPv4 address of interface `name`.
 pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
+    interface_ipv4_of("KVCACHE_SOCKET_IFNAME", name)
+}
+
+/// The first IPv4 address of interface `name`; a failure names `origin` (the option or
+/// variable that gave the name).
+fn interface_ipv4_of(origin: &'static str, name: &str) -> Result<Ipv4Addr> {
     let mut found = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
         return Err(Error::invalid(
-            "KVCACHE_SOCKET_IFNAME",
+            origin,
             format!(
                 "cannot list interfaces: {}",
                 std::io::Error::last_os_error()
@@ -492,12 +526,14 @@ pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
     answer.ok_or_else(|| {
         found.sort();
         found.dedup();
+        let what = if origin == "host" {
+            format!("'{name}' is not '*', an IP address or an interface with an IPv4 address (a DNS name is not resolved for a bind)")
+        } else {
+            format!("interface '{name}' has no IPv4 address")
+        };
         Error::invalid(
-            "KVCACHE_SOCKET_IFNAME",
-            format!(
-                "interface '{name}' has no IPv4 address; interfaces with one: {}",
-                found.join(", ")
-            ),
+            origin,
+            format!("{what}; interfaces with one: {}", found.join(", ")),
         )
     })
 }
@@ -511,6 +547,30 @@ mod tests {
         assert_eq!(interface_ipv4("lo").unwrap(), Ipv4Addr::LOCALHOST);
         let err = interface_ipv4("nope0").unwrap_err();
         assert!(err.to_string().contains("'nope0'") && err.to_string().contains("lo"));
+    }
+
+    #[test]
+    fn host_is_star_an_address_or_an_interface() {
+        let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+        assert_eq!(listen_address("127.0.0.1").unwrap(), v4(127, 0, 0, 1));
+        assert_eq!(listen_address("0.0.0.0").unwrap(), v4(0, 0, 0, 0));
+        assert_eq!(listen_address("*").unwrap(), v4(0, 0, 0, 0));
+        assert_eq!(listen_address("lo").unwrap(), v4(127, 0, 0, 1));
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(listen_address("::1").unwrap(), v6);
+        assert_eq!(listen_address("[::1]").unwrap(), v6);
+        for bad in ["", "localhost", "nope0", "a b", "eth0\n"] {
+            let err = listen_address(bad).unwrap_err();
+            assert_eq!(err.code(), "ERR_INVALID_ARGUMENT", "{bad}");
+            let text = err.to_string();
+            assert!(
+                text.contains("invalid host") && text.contains("interface"),
+                "{text}"
+            );
+            assert!(!text.contains('\n'), "{text}");
+        }
+        let err = listen_address("localhost").unwrap_err().to_string();
+        assert!(err.contains("'localhost'") && err.contains("lo"), "{err}");
     }
 
     #[test]

@@ -33,8 +33,8 @@ mod wire;
 pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
 pub use doctor::{host_report, HostReport, TransportReport};
 pub use engine::{
-    CallBlocks, CallPeer, Engine, EngineOptions, EngineStats, PeerHandle, PeerInfo, PeerMetrics,
-    PreparedBlocks, TransportDecision, WriteCall,
+    CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, PeerHandle, PeerInfo,
+    PeerMetrics, PreparedBlocks, TransportDecision, WriteCall,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;
@@ -57,7 +57,7 @@ pub use transport::{
     TransportDetails, TransportKind, MAX_TAG_BYTES,
 };
 pub use util::lock;
-pub use wire::Role;
+pub use wire::{Role, MAX_NAME_BYTES, NAME_RULE};
 
 /// Internals exported for this crate's own tests, benches and fuzz targets: codecs,
 /// planning and chain building measured or fuzzed on their own. Not a stable API.

@@ -3,6 +3,7 @@
 //! when set, else stderr. Info lines (the transport `auto` chose with each peer, once per
 //! peer) are always printed, where debug lines go.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
@@ -47,15 +48,35 @@ pub fn debug_enabled() -> bool {
     sinks().debug_enabled
 }
 
+/// `message` with every control character written as its Rust escape (`\n`, `\u{1b}`): a
+/// log line is one line, whatever a peer put in the values it carries (a name, a tag, a
+/// reason), and drives no terminal.
+fn escape_controls(message: &str) -> Cow<'_, str> {
+    if !message.chars().any(char::is_control) {
+        return Cow::Borrowed(message);
+    }
+    let mut out = String::with_capacity(message.len() + 16);
+    for c in message.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 fn emit(file: Option<&Mutex<File>>, level: &str, message: std::fmt::Arguments<'_>) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    let message = message.to_string();
     let line = format!(
-        "[kvtransfer {level} {}.{:06} pid={}] {message}\n",
+        "[kvtransfer {level} {}.{:06} pid={}] {}\n",
         now.as_secs(),
         now.subsec_micros(),
-        std::process::id()
+        std::process::id(),
+        escape_controls(&message)
     );
     match file {
         Some(file) => {
@@ -118,3 +139,22 @@ macro_rules! log_info {
 // Ordinary paths (`crate::log::debug!`), not `#[macro_export]` ones resolved at the crate
 // root: the macros stay where they are defined.
 pub(crate) use {debug, log_error, log_info};
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn a_line_stays_one_line_and_drives_no_terminal() {
+        assert_eq!(
+            escape_controls("accepted hello from prefill-0:5000"),
+            "accepted hello from prefill-0:5000"
+        );
+        assert_eq!(
+            escape_controls("from evil\n[kvtransfer error 1.0 pid=1] forged\r\u{1b}[2J"),
+            "from evil\\n[kvtransfer error 1.0 pid=1] forged\\r\\u{1b}[2J"
+        );
+        assert_eq!(escape_controls("tab\tend\u{7f}"), "tab\\tend\\u{7f}");
+        assert_eq!(escape_controls("caf\u{e9} \\ \""), "caf\u{e9} \\ \"");
+    }
+}

@@ -12,6 +12,12 @@
 //!   tagged calls' arrival notices announce (blocks × blockBytes × K/V); untagged RDMA
 //!   calls are invisible to the receiver. Arrival notices received; dropped (malformed,
 //!   or no one listening). The receiving side keys its peers by their `name`.
+//!
+//! Which peers have counters of their own: only peers a link was opened with (the writing
+//! side's `connect`, the receiving side's accepted writers), at most `MAX_PEERS` of
+//! them. Everything else (a call refused because its peer was never connected, which can
+//! name any string; anything beyond the bound) counts in the totals and in the engine's
+//! `untracked` counters, so that no caller can create a per-peer series by a typo.
 
 use crate::error::{Error, ERROR_CODES};
 use std::collections::HashMap;
@@ -23,8 +29,9 @@ use std::time::Duration;
 /// the last one is everything above.
 pub const LATENCY_BUCKETS: usize = 32;
 
-/// Peers tracked individually; beyond this, calls count in the totals only (refused calls
-/// name arbitrary peers, and a misbehaving caller must not grow memory without bound).
+/// Peers tracked individually; beyond this, calls count in the totals and the untracked
+/// counters only (receivers key peers by a name the writer chose, and a misbehaving peer
+/// must not grow memory without bound).
 const MAX_PEERS: usize = 4096;
 
 /// Upper bound (µs) of latency bucket `i` (`None` for the last: +Inf).
@@ -188,14 +195,29 @@ impl PeerCounters {
     }
 }
 
-/// An engine's counters: totals and per peer.
+/// An engine's counters: totals, per peer, and those of calls to no tracked peer.
 #[derive(Debug, Default)]
 pub struct Metrics {
     total: Counters,
+    untracked: Counters,
     peers: RwLock<HashMap<String, Arc<PeerCounters>>>,
 }
 
-/// The counters a call reports to: the peer's (when tracked) and the totals.
+/// A copy of an engine's counters (see `Engine::metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshots {
+    /// Every call and notice of the engine.
+    pub total: Snapshot,
+    /// What no tracked peer counts: calls to peers never connected, and anything beyond
+    /// `MAX_PEERS` peers. `total` is `untracked` plus the sum over `peers`.
+    pub untracked: Snapshot,
+    /// Each tracked peer's key, `TransportKind::code()` of its last link and counters,
+    /// sorted by key.
+    pub peers: Vec<(String, u8, Snapshot)>,
+}
+
+/// The counters a call reports to: the totals, and the peer's when tracked (else the
+/// untracked ones).
 #[derive(Clone)]
 pub struct CallCounters {
     metrics: Arc<Metrics>,
@@ -205,8 +227,9 @@ pub struct CallCounters {
 impl CallCounters {
     fn each(&self, visit: impl Fn(&Counters)) {
         visit(&self.metrics.total);
-        if let Some(peer) = &self.peer {
-            visit(&peer.counters);
+        match &self.peer {
+            Some(peer) => visit(&peer.counters),
+            None => visit(&self.metrics.untracked),
         }
     }
 
@@ -254,8 +277,18 @@ impl CallCounters {
 }
 
 impl Metrics {
-    /// The counters of `peer` (created when new, while fewer than `MAX_PEERS` exist).
+    /// The counters of `peer` when it is tracked (a link was opened with it), else the
+    /// untracked ones: a call can name any peer, and must not create counters.
     pub fn peer(self: &Arc<Self>, peer: &str) -> CallCounters {
+        CallCounters {
+            metrics: Arc::clone(self),
+            peer: crate::util::read(&self.peers).get(peer).cloned(),
+        }
+    }
+
+    /// The counters of `peer`, created when new while fewer than `MAX_PEERS` exist (only
+    /// for a peer a link was opened with).
+    fn track(self: &Arc<Self>, peer: &str) -> CallCounters {
         let found = crate::util::read(&self.peers).get(peer).cloned();
         let peer = found.or_else(|| {
             let mut peers = crate::util::write(&self.peers);
@@ -276,7 +309,7 @@ impl Metrics {
 
     /// A link to `peer` over `transport_code` was opened: a reconnect when one was before.
     pub fn connected(self: &Arc<Self>, peer: &str, transport_code: u8) -> CallCounters {
-        let counters = self.peer(peer);
+        let counters = self.track(peer);
         if let Some(p) = &counters.peer {
             if p.transport.swap(transport_code, Ordering::Relaxed) != 0 {
                 counters.reconnected();
@@ -287,21 +320,25 @@ impl Metrics {
 
     /// Receiving side: the counters of the writer named `peer`, over `transport_code`.
     pub fn connected_receiver(self: &Arc<Self>, peer: &str, transport_code: u8) -> CallCounters {
-        let counters = self.peer(peer);
+        let counters = self.track(peer);
         if let Some(p) = &counters.peer {
             p.transport.store(transport_code, Ordering::Relaxed);
         }
         counters
     }
 
-    /// Totals and every tracked peer (sorted by key).
-    pub fn snapshot(&self) -> (Snapshot, Vec<(String, u8, Snapshot)>) {
+    /// Totals, untracked, and every tracked peer (sorted by key).
+    pub fn snapshot(&self) -> Snapshots {
         let mut peers: Vec<(String, u8, Snapshot)> = crate::util::read(&self.peers)
             .iter()
             .map(|(key, p)| (key.clone(), p.transport_code(), p.counters.snapshot()))
             .collect();
         peers.sort_by(|a, b| a.0.cmp(&b.0));
-        (self.total.snapshot(), peers)
+        Snapshots {
+            total: self.total.snapshot(),
+            untracked: self.untracked.snapshot(),
+            peers,
+        }
     }
 }
 
@@ -333,16 +370,26 @@ mod tests {
         a.failed(&Error::Closed);
         metrics.peer("b:2").failed_code("ERR_TIMEOUT");
         metrics.peer("b:2").failed_code("not a code");
-        let (total, peers) = metrics.snapshot();
+        let b = metrics.connected_receiver("b:2", 2);
+        b.failed_code("ERR_TIMEOUT");
+        b.failed_code("not a code");
+        let Snapshots {
+            total,
+            untracked,
+            peers,
+        } = metrics.snapshot();
         assert_eq!(total.bytes_written, 100 * 2048);
         assert_eq!(total.blocks_written, 200);
         assert_eq!(total.calls_succeeded, 100);
-        assert_eq!(total.calls_failed, 3);
+        assert_eq!(total.calls_failed, 5);
         assert_eq!(total.notices_sent, 1);
         assert_eq!(
             total.failures_by_code.iter().map(|(_, n)| n).sum::<u64>(),
-            3
+            5
         );
+        // Calls to "b:2" before any link with it created no counters of its own.
+        assert_eq!(untracked.calls_failed, 2);
+        assert_eq!(untracked.calls_succeeded, 0);
         assert_eq!(total.latency_quantile_ms(0.5), 0.128);
         assert_eq!(total.latency_quantile_ms(0.99), 0.128);
         assert_eq!(total.latency_quantile_ms(1.0), 65.536);
@@ -350,12 +397,38 @@ mod tests {
         assert_eq!(peers[0].0, "a:1");
         assert_eq!(peers[0].1, 1);
         assert_eq!(peers[0].2.calls_failed, 1);
-        assert_eq!(peers[1].1, 0);
+        assert_eq!(peers[1].1, 2);
         let expected: Vec<(&str, u64)> = ERROR_CODES
             .iter()
             .filter(|c| **c == "ERR_INVALID_ARGUMENT" || **c == "ERR_TIMEOUT")
             .map(|c| (*c, 1))
             .collect();
         assert_eq!(peers[1].2.failures_by_code, expected);
+        assert_eq!(untracked.failures_by_code, expected);
+    }
+
+    #[test]
+    fn calls_to_unknown_peers_create_no_counters_and_peers_are_bounded() {
+        let metrics = Arc::new(Metrics::default());
+        for i in 0..10 {
+            metrics
+                .peer(&format!("typo-{i}:1"))
+                .failed_code("ERR_NOT_CONNECTED");
+        }
+        for i in 0..MAX_PEERS + 3 {
+            metrics
+                .connected_receiver(&format!("writer-{i}"), 1)
+                .received(1);
+        }
+        let snapshot = metrics.snapshot();
+        assert_eq!(snapshot.peers.len(), MAX_PEERS);
+        assert!(snapshot
+            .peers
+            .iter()
+            .all(|(key, code, _)| *code == 1 && key.starts_with("writer-")));
+        assert_eq!(snapshot.untracked.calls_failed, 10);
+        assert_eq!(snapshot.untracked.bytes_received, 3);
+        assert_eq!(snapshot.total.bytes_received, MAX_PEERS as u64 + 3);
+        assert_eq!(snapshot.total.calls_failed, 10);
     }
 }

@@ -135,6 +135,7 @@ fn options(
         role: Role::Decode,
         gpu_idx,
         name: "detect".into(),
+        host: None,
         keys,
         values,
         block_number: blocks,

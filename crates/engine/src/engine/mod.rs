@@ -18,13 +18,13 @@ use crate::error::{Error, Result};
 use crate::gpu;
 use crate::layout::{self, CacheLayout, RegionTable};
 use crate::log::debug;
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::{Metrics, Snapshot, Snapshots};
 use crate::shard::TpOptions;
 use crate::transport::{
     open_transports, ArrivalSink, Explanation, OpenContext, RunPool, Transport, TransportKind,
     Unusable,
 };
-use crate::wire::{Role, MAX_NAME_BYTES};
+use crate::wire::{check_name, Role};
 pub use explain::TransportDecision;
 use peers::PeerRegistry;
 use std::collections::HashMap;
@@ -41,8 +41,13 @@ pub struct EngineOptions {
     /// The GPU this engine serves: where GPU regions are looked up, the GPU NVLink opens,
     /// and the index that selects the RDMA NIC.
     pub gpu_idx: u32,
-    /// This side's name, reported to peers with its arrival notices (at most 255 bytes).
+    /// This side's name, reported to peers with its arrival notices: see
+    /// [`crate::NAME_RULE`] (at most 255 bytes of visible ASCII, no quotes or
+    /// backslash).
     pub name: String,
+    /// Address every listener binds (the `host` option: `*`, an IP address or an interface
+    /// name); `None`: `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces.
+    pub host: Option<String>,
     /// Base address of each layer's key region.
     pub keys: Vec<u64>,
     /// Base address of each layer's value region, or empty for key-only caches.
@@ -62,7 +67,8 @@ pub struct EngineOptions {
     pub transport: Option<String>,
     /// Receives arrival notices of tagged calls written into this engine's regions.
     pub arrivals: Option<ArrivalSink>,
-    /// How long `finish_connect` may take to open the data connection.
+    /// How long `finish_connect` may take to open the data connection (`Duration::ZERO`:
+    /// no bound).
     pub connect_timeout: Duration,
     /// RDMA settings; `None` reads them from the `KVCACHE_*` environment variables.
     pub rdma_settings: Option<RdmaSettings>,
@@ -108,10 +114,24 @@ pub struct EngineStats {
 pub struct PeerMetrics {
     /// The peer's key (`host:port` when writing, the writer's name when receiving).
     pub peer: String,
-    /// The transport of the last link (none for a peer that only had refused calls).
+    /// The transport of the last link (a tracked peer always had one; none only for a
+    /// transport code this build does not know).
     pub transport: Option<TransportKind>,
     /// This peer's counters since the engine was built.
     pub counters: Snapshot,
+}
+
+/// An engine's counters since it was built (see `metrics.rs` for what is counted where).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineMetrics {
+    /// Every call and notice of the engine.
+    pub total: Snapshot,
+    /// Calls and notices of no tracked peer: peers never connected (a refused call can name
+    /// any string, and creates no per-peer counters), and any beyond the bound of tracked
+    /// peers (4096). `total` is `untracked` plus the sum over `peers`.
+    pub untracked: Snapshot,
+    /// The tracked peers: those a link was opened with, sorted by key.
+    pub peers: Vec<PeerMetrics>,
 }
 
 /// How a connected peer is reached.
@@ -194,15 +214,11 @@ impl Engine {
             Some(text) => TransportChoice::parse(text, "transport")?,
             None => settings.transport,
         };
-        if options.name.len() > MAX_NAME_BYTES {
-            return Err(Error::invalid(
-                "name",
-                format!(
-                    "{} bytes given; at most {MAX_NAME_BYTES}",
-                    options.name.len()
-                ),
-            ));
-        }
+        check_name(&options.name).map_err(|reason| Error::invalid("name", reason))?;
+        let bind_address = match &options.host {
+            Some(host) => crate::config::listen_address(host)?,
+            None => settings.bind_address,
+        };
         let auth_token = match options.auth_token {
             Some(token) => Some(token),
             None => settings.auth_token.clone(),
@@ -249,7 +265,7 @@ impl Engine {
                 table: &table,
                 arrivals: &options.arrivals,
                 gpu_idx: options.gpu_idx,
-                bind_address: settings.bind_address,
+                bind_address,
                 rdma: &rdma,
                 metrics: &metrics,
             },
@@ -382,8 +398,12 @@ impl Engine {
 
     /// Counters since the engine was built: totals and per peer (see `metrics.rs` for what
     /// is counted where).
-    pub fn metrics(&self) -> (Snapshot, Vec<PeerMetrics>) {
-        let (total, peers) = self.inner.metrics.snapshot();
+    pub fn metrics(&self) -> EngineMetrics {
+        let Snapshots {
+            total,
+            untracked,
+            peers,
+        } = self.inner.metrics.snapshot();
         let peers = peers
             .into_iter()
             .map(|(peer, code, counters)| PeerMetrics {
@@ -392,11 +412,16 @@ impl Engine {
                 counters,
             })
             .collect();
-        (total, peers)
+        EngineMetrics {
+            total,
+            untracked,
+            peers,
+        }
     }
 
     /// Counts a `writeCache` call to `peer_key` that the caller refused before it reached
-    /// the engine (argument checks above it), with its error code.
+    /// the engine (argument checks above it), with its error code: in the peer's counters
+    /// when it is tracked, else in the untracked ones (no counters are created for it).
     pub fn count_refused_call(&self, peer_key: &str, code: &str) {
         self.inner.metrics.peer(peer_key).failed_code(code);
     }
@@ -407,14 +432,10 @@ impl Engine {
     }
 
     /// Sets this side's name once, before any connection (the default `hostname:port`
-    /// becomes known only when the control port is bound). At most 255 bytes.
+    /// becomes known only when the control port is bound). The rule of
+    /// [`EngineOptions::name`] applies.
     pub fn set_name(&self, name: &str) -> Result<()> {
-        if name.len() > MAX_NAME_BYTES {
-            return Err(Error::invalid(
-                "name",
-                format!("{} bytes given; at most {MAX_NAME_BYTES}", name.len()),
-            ));
-        }
+        check_name(name).map_err(|reason| Error::invalid("name", reason))?;
         self.inner
             .late_name
             .set(name.to_string())

@@ -46,8 +46,15 @@ pub(crate) struct ConnectTarget<'a> {
     pub peer_key: &'a str,
     /// The host part, for transports that open their own connection to it.
     pub host: &'a str,
-    /// How long opening the data path may take.
+    /// How long opening the data path may take (`Duration::ZERO`: no bound).
     pub timeout: Duration,
+}
+
+impl ConnectTarget<'_> {
+    /// The bound on opening the data path, or `None` for none (a zero timeout).
+    pub fn bound(&self) -> Option<Duration> {
+        (!self.timeout.is_zero()).then_some(self.timeout)
+    }
 }
 
 /// One way of moving bytes to a peer. Connecting side: `offer` → (acceptor: `check_peer`,

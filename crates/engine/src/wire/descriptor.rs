@@ -3,7 +3,7 @@
 //! each endpoint is opaque bytes that only its transport encodes and decodes.
 
 use super::{
-    DecodeError, Reader, Role, DESCRIPTOR_MAGIC, MAX_DESCRIPTOR_BYTES, MAX_ENDPOINTS,
+    check_name, DecodeError, Reader, Role, DESCRIPTOR_MAGIC, MAX_DESCRIPTOR_BYTES, MAX_ENDPOINTS,
     MAX_NAME_BYTES, MAX_NOTE_BYTES, PROTOCOL_VERSION,
 };
 use crate::layout::MAX_LAYERS;
@@ -168,6 +168,7 @@ impl Descriptor {
         let name_len = r.u8("name length")? as usize;
         let name = String::from_utf8(r.take(name_len, "name")?.to_vec())
             .map_err(|_| DecodeError("peer name is not UTF-8".into()))?;
+        check_name(&name).map_err(|reason| DecodeError(format!("peer name {reason}")))?;
         let count = r.u8("endpoint count")? as usize;
         if count > MAX_ENDPOINTS {
             return Err(DecodeError(format!(
@@ -286,6 +287,20 @@ mod tests {
                 })
                 .collect(),
             declined: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_name_outside_the_rule_is_refused() {
+        for bad in ["a\nb", "say \"hi\"", "back\\slash", "\u{1b}[2J"] {
+            let mut d = sample(1);
+            d.name = bad.into();
+            let err = Descriptor::decode(&d.encode()).unwrap_err().0;
+            assert!(
+                err.starts_with("peer name '") && err.contains(super::super::NAME_RULE),
+                "{err}"
+            );
+            assert!(!err.chars().any(char::is_control), "{err}");
         }
     }
 

@@ -17,9 +17,36 @@ pub const PROTOCOL_VERSION: u16 = 5;
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).
 pub const MAX_ENDPOINTS: usize = 8;
+/// Longest name a side may give itself (bytes).
 pub const MAX_NAME_BYTES: usize = 255;
+/// What a name may be, as error messages state it.
+pub const NAME_RULE: &str = "at most 255 bytes of visible ASCII (0x21-0x7E: letters, digits, \
+     punctuation) other than the double quote, the single quote and the backslash";
+
 /// Longest reason the acceptor gives for an offer it declined.
 pub const MAX_NOTE_BYTES: usize = 1024;
+
+/// Checks a side's name against [`NAME_RULE`]: where it is set (construction, `set_name`)
+/// and where a peer's arrives (the handshake descriptor). A writer's name becomes the peer
+/// label of the receiver's metrics, the `peer` of its arrivals and a part of its log lines,
+/// so it holds no spaces, quotes, backslashes, control or non-ASCII characters. Empty is
+/// allowed (peers then see the instance id). The error names the value, escaped.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "{} bytes given; at most {MAX_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_graphic() && !matches!(c, '"' | '\'' | '\\');
+    match name.char_indices().find(|&(_, c)| !allowed(c)) {
+        None => Ok(()),
+        Some((at, c)) => Err(format!(
+            "'{}' has {c:?} at byte {at}; a name is {NAME_RULE}",
+            name.escape_debug()
+        )),
+    }
+}
 
 /// Which half of a disaggregated deployment an engine serves; sent in the descriptor and
 /// logged, it does not change what the engine does.
@@ -120,6 +147,43 @@ impl<'a> Reader<'a> {
             0 => Ok(false),
             1 => Ok(true),
             other => Err(DecodeError(format!("{what} must be 0 or 1, got {other}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_visible_ascii_without_quotes_or_backslashes() {
+        for good in [
+            "",
+            "prefill-7:5000",
+            "host.example.com:5555",
+            "a!#$%&()*+,-./:;<=>?@[]^_`{|}~z",
+        ] {
+            assert_eq!(check_name(good), Ok(()), "{good}");
+        }
+        assert_eq!(check_name(&"n".repeat(255)), Ok(()));
+        let long = check_name(&"n".repeat(256)).unwrap_err();
+        assert!(long.contains("256 bytes") && long.contains("255"), "{long}");
+        for (bad, shown) in [
+            ("a b", "' '"),
+            ("a\"b", "'\"'"),
+            ("a'b", "'\\''"),
+            ("a\\b", "'\\\\'"),
+            ("line\nbreak", "'\\n'"),
+            ("esc\u{1b}[31m", "'\\u{1b}'"),
+            ("caf\u{e9}", "'\u{e9}'"),
+            ("tab\t", "'\\t'"),
+        ] {
+            let err = check_name(bad).unwrap_err();
+            assert!(
+                err.contains(shown) && err.contains(NAME_RULE),
+                "{bad:?}: {err}"
+            );
+            assert!(!err.chars().any(char::is_control), "{bad:?}: {err}");
         }
     }
 }

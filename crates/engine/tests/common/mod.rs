@@ -44,6 +44,10 @@ pub struct SideSpec {
     /// `None`: no token (the environment is ignored).
     pub auth_token: Option<&'static str>,
     pub tp: TpOptions,
+    /// The `host` option (`None`: the environment's default).
+    pub host: Option<&'static str>,
+    /// `None`: `<role>-test`.
+    pub name: Option<String>,
 }
 
 impl SideSpec {
@@ -61,6 +65,8 @@ impl SideSpec {
             arrivals: None,
             auth_token: None,
             tp: TpOptions::default(),
+            host: None,
+            name: None,
         }
     }
 
@@ -101,7 +107,10 @@ impl SideSpec {
         let engine = Engine::new(EngineOptions {
             role: self.role,
             gpu_idx: 0,
-            name: format!("{}-test", self.role.as_str()),
+            name: self
+                .name
+                .unwrap_or_else(|| format!("{}-test", self.role.as_str())),
+            host: self.host.map(String::from),
             keys: addrs(&mut keys),
             values: addrs(&mut values),
             key_scales: addrs(&mut key_scales),

@@ -144,6 +144,7 @@ pub fn engine_options(
         role,
         gpu_idx,
         name: name.into(),
+        host: None,
         keys: addrs.iter().step_by(2).copied().collect(),
         values: addrs.iter().skip(1).step_by(2).copied().collect(),
         block_number: blocks as u32,

@@ -208,7 +208,7 @@ impl Transport for NvlinkTransport {
             .map_err(|e| Error::io(peer, "connect the NVLink side channel", e))?;
         let io = |what: &'static str| move |e| Error::io(peer, what, e);
         stream
-            .set_read_timeout(Some(target.timeout))
+            .set_read_timeout(target.bound())
             .map_err(io("set a timeout"))?;
         let mut hello = theirs.session.to_le_bytes().to_vec();
         hello.extend_from_slice(&process_token().to_le_bytes());

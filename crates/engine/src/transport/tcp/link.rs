@@ -71,16 +71,20 @@ pub(super) struct TcpLink {
 }
 
 impl TcpLink {
-    /// Connects to the peer's data listener and presents `session`.
+    /// Connects to the peer's data listener (within `timeout`; `None`: no bound) and
+    /// presents `session`.
     pub fn connect(
         peer: &str,
         addr: SocketAddr,
         session: u64,
         table: Arc<RegionTable>,
-        timeout: Duration,
+        timeout: Option<Duration>,
     ) -> Result<TcpLink> {
-        let stream = TcpStream::connect_timeout(&addr, timeout)
-            .map_err(|e| Error::io(peer, "data connect", e))?;
+        let stream = match timeout {
+            Some(timeout) => TcpStream::connect_timeout(&addr, timeout),
+            None => TcpStream::connect(addr),
+        }
+        .map_err(|e| Error::io(peer, "data connect", e))?;
         set_socket_options(&stream);
         (&stream)
             .write_all(&frame::encode_hello(session))

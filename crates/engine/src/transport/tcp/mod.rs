@@ -146,7 +146,7 @@ impl Transport for TcpTransport {
             addr,
             theirs.session,
             Arc::clone(&self.table),
-            target.timeout,
+            target.bound(),
         )?))
     }
 
