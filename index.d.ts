@@ -30,7 +30,10 @@ export declare class NativeCommunicator {
   metrics(): NativeMetrics
   /** Sets this side's name once (the default `hostname:port`, once the port is bound). */
   setName(name: string): void
-  /** Counts a `writeCache` call the TypeScript layer refused before the engine saw it. */
+  /**
+   * Counts a `writeCache` call the TypeScript layer refused before the engine saw it
+   * (under its peer when that peer is tracked, else under `untracked`).
+   */
   countRefusedCall(peerKey: string, code: string): void
   /**
    * Validates and plans a block list once for `peer_key` (throws, typed, when an id is
@@ -116,6 +119,21 @@ export declare class NativeSidecar {
   send(conn: number, id: number, body: Uint8Array): void
   /** Ends connection `conn` (its "closed" event follows). */
   disconnect(conn: number): void
+  /**
+   * Routes connection `conn`'s `write` requests naming `key` ("ip:port") straight to
+   * the engine through the peer handle `peer` (`NativeCommunicator.peer`), with
+   * `defaultTimeoutMs` for requests without one (0: none). False: the connection is gone.
+   */
+  routePeer(conn: number, key: string, peer: ExternalObject<'Peer'>, defaultTimeoutMs: number): boolean
+  /**
+   * Routes `write` requests of connection `conn` naming prepared list `handle`
+   * (`NativePreparedBlocks.list`).
+   */
+  routePrepared(conn: number, handle: number, list: ExternalObject<'PreparedList'>): void
+  /** Forgets prepared list `handle` of connection `conn`. */
+  unroutePrepared(conn: number, handle: number): void
+  /** Every `write` of connection `conn` goes to `onEvent` again. */
+  unroute(conn: number): void
   /** Connections open now. */
   get connections(): number
   /**
@@ -269,8 +287,16 @@ export interface NativeDoctorVariable {
 }
 
 export interface NativeMetrics {
+  /** This side's name (what peers see in arrival notices; `hostname:port` by default). */
+  name: string
   role: string
   total: NativeCounters
+  /**
+   * Calls and notices of no tracked peer: peers never connected (refused calls), and
+   * any beyond the engine's bound of tracked peers. `total` is these plus every peer's.
+   */
+  untracked: NativeCounters
+  /** The tracked peers: those a link was opened with. */
   peers: Array<NativePeerCounters>
   /** Upper bound (µs) of each latency bucket; the last is +Infinity. */
   latencyBucketUpperUs: Array<number>
@@ -280,8 +306,13 @@ export interface NativeOptions {
   /** "prefill" or "decode". */
   role: string
   gpuIdx: number
-  /** This side's name as reported to peers with arrival notices. */
+  /** This side's name as reported to peers with arrival notices (the engine checks it). */
   name: string
+  /**
+   * Address every listener binds (the `host` option: `*`, an IP address or an interface
+   * name); absent: `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces.
+   */
+  host?: string
   localKeyCache: Array<RegionInput>
   localValueCache: Array<RegionInput>
   /** fp8 scale regions (one per layer; empty: none). */
@@ -293,7 +324,7 @@ export interface NativeOptions {
   scaleBlockBytes?: number
   /** "auto" | "rdma" | "tcp"; absent: `KVCACHE_TRANSPORT`, else "auto". */
   transport?: string
-  /** Milliseconds the data connection may take to open (default 10000). */
+  /** Milliseconds the data connection may take to open (default 10000; 0: no bound). */
   connectTimeoutMs?: number
   /** Shared secret of the handshake; absent: `KVCACHE_AUTH_TOKEN`; empty: none. */
   authToken?: string

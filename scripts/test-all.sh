@@ -106,6 +106,21 @@ passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0})); skipped=$((skipped +
 ((${s:-0})) && grep -E '^ok .*# SKIP' "$LOG/ava.tap" | sed 's/^/SKIP: ava: /'
 [[ -n ${p:-} ]] || { tail -30 "$LOG/ava.tap"; bad "ava did not report"; }
 
+step "Python client (clients/python: unit tests, and end to end through two real sidecars over TCP)"
+clients/python/run-tests.sh >"$LOG/python.log" 2>&1
+rc=$?
+ran=$(grep -Eo '^Ran [0-9]+ tests?' "$LOG/python.log" | grep -Eo '[0-9]+' | tail -1)
+s=$(grep -Ec ' \.\.\. skipped' "$LOG/python.log")
+f=$(grep -Ec ' \.\.\. (FAIL|ERROR)$' "$LOG/python.log")
+if [[ -z $ran ]]; then tail -30 "$LOG/python.log"; bad "python client tests did not run"
+else
+  passed=$((passed + ran - s - f)); failed=$((failed + f)); skipped=$((skipped + s))
+  ((s)) && grep -E ' \.\.\. skipped' "$LOG/python.log" | sed 's/^/SKIP: python: /'
+  ((f)) && grep -E ' \.\.\. (FAIL|ERROR)$' "$LOG/python.log"
+  [[ $rc == 0 || $f != 0 ]] || bad "python client tests exited $rc"
+  echo "ok: python client: $((ran - s - f)) passed, $f failed, $s skipped"
+fi
+
 step "Soft-RoCE VM: RDMA tests"
 if [[ -x scripts/rxe-vm/run-rdma-tests.sh ]]; then
   scripts/rxe-vm/run-rdma-tests.sh 2>&1 | tee "$LOG/rdma.log"

@@ -71,6 +71,18 @@ pub struct PeerCalls {
     peer: PeerHandle,
 }
 
+impl PeerCalls {
+    /// The communicator's engine.
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.calls.engine
+    }
+
+    /// The engine's handle on the peer.
+    pub(crate) fn handle(&self) -> &PeerHandle {
+        &self.peer
+    }
+}
+
 #[napi]
 impl NativeCommunicator {
     /// The handle `writeCache` and `writePrepared` take for the peer connected as

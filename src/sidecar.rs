@@ -1,13 +1,15 @@
 //! The sidecar's socket for the TypeScript `serve` command: events of the engine's
 //! [`SidecarServer`] become calls of one JS function; answers go back through `send`.
 
+use crate::calls::PeerCalls;
 use crate::{napi_failure, to_js_error, Code};
-use kvtransfer_engine::{lock, SidecarEvent, SidecarOptions, SidecarServer};
+use kvtransfer_engine::{lock, PreparedBlocks, SidecarEvent, SidecarOptions, SidecarServer};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi_derive::napi;
 use std::os::fd::IntoRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// How the sidecar listens.
 #[napi(object)]
@@ -132,6 +134,55 @@ impl NativeSidecar {
     #[napi]
     pub fn disconnect(&self, conn: u32) {
         self.server.disconnect(u64::from(conn));
+    }
+
+    /// Routes connection `conn`'s `write` requests naming `key` ("ip:port") straight to
+    /// the engine through the peer handle `peer` (`NativeCommunicator.peer`), with
+    /// `defaultTimeoutMs` for requests without one (0: none). False: the connection is gone.
+    #[napi]
+    pub fn route_peer(
+        &self,
+        conn: u32,
+        key: String,
+        #[napi(ts_arg_type = "ExternalObject<'Peer'>")] peer: &External<PeerCalls>,
+        default_timeout_ms: f64,
+    ) -> bool {
+        let timeout = (default_timeout_ms.is_finite() && default_timeout_ms > 0.0)
+            .then(|| Duration::from_secs_f64(default_timeout_ms.min(3.1e10) / 1000.0));
+        self.server.route_peer(
+            u64::from(conn),
+            peer.engine(),
+            timeout,
+            key,
+            peer.handle().clone(),
+        )
+    }
+
+    /// Routes `write` requests of connection `conn` naming prepared list `handle`
+    /// (`NativePreparedBlocks.list`).
+    #[napi]
+    pub fn route_prepared(
+        &self,
+        conn: u32,
+        handle: u32,
+        #[napi(ts_arg_type = "ExternalObject<'PreparedList'>")] list: &External<
+            Arc<PreparedBlocks>,
+        >,
+    ) {
+        self.server
+            .route_prepared(u64::from(conn), handle, Arc::clone(list));
+    }
+
+    /// Forgets prepared list `handle` of connection `conn`.
+    #[napi]
+    pub fn unroute_prepared(&self, conn: u32, handle: u32) {
+        self.server.unroute_prepared(u64::from(conn), handle);
+    }
+
+    /// Every `write` of connection `conn` goes to `onEvent` again.
+    #[napi]
+    pub fn unroute(&self, conn: u32) {
+        self.server.unroute(u64::from(conn));
     }
 
     /// Connections open now.

@@ -8,7 +8,8 @@ import * as os from 'node:os'
 import * as path from 'node:path'
 import { NativeSidecar, type NativeSidecarEvent } from '../../index.js'
 import { RDMACommunicator } from '../communicator'
-import { KvTransferError, native } from '../errors'
+import { KvTransferError, describeValue, invalidArgument, native } from '../errors'
+import { checkNonNegativeInteger, checkType, toPort } from '../options'
 import { metricsText } from '../metrics'
 import type { Peer } from '../peer'
 import type { PreparedBlocks } from '../prepared'
@@ -77,6 +78,8 @@ interface Worker {
   attaching?: Promise<void>
   prepared: Map<number, PreparedBlocks>
   nextPrepared: number
+  /** `detach` was asked: end the worker once its answer is sent. */
+  detachAnswered?: boolean
 }
 
 /** What the sidecar counts, for its own metrics. */
@@ -101,6 +104,7 @@ export class Sidecar {
 
   /** Listens on the socket (and the metrics port, when given). */
   static async start(options: SidecarOptions = {}): Promise<Sidecar> {
+    checkSidecarOptions(options)
     const socket = path.resolve(options.socket ?? defaultSocketPath())
     let sidecar: Sidecar | undefined
     const pending: NativeSidecarEvent[] = []
@@ -198,7 +202,11 @@ export class Sidecar {
       answer = Promise.reject(error)
     }
     answer.then(
-      (ok) => this.send(worker, id, { ok: ok ?? {} }),
+      (ok) => {
+        this.send(worker, id, { ok: ok === undefined ? {} : ok })
+        // `detach` is answered first, then the connection ends.
+        if (worker.detachAnswered) void this.detach(worker)
+      },
       (error: unknown) => {
         const e = error instanceof KvTransferError ? error : new KvTransferError('ERR_INTERNAL', String(error))
         this.send(worker, id, { error: { code: e.code, message: e.message } })
@@ -235,7 +243,12 @@ export class Sidecar {
             dstTpSize: numberField(request, 'dstTpSize', 0),
             timeoutMs: request.timeoutMs as number | undefined,
           })
-          .then(() => ({ peer: `${request.ip}:${request.port}` }))
+          .then(() => {
+            const key = `${request.ip}:${request.port}`
+            // Writes naming this peer now go from the socket to the engine directly.
+            this.native.routePeer(worker.conn, key, this.peerOf(comm, request, key).native, comm.defaultWriteTimeoutMs)
+            return { peer: key }
+          })
       case 'prepare': {
         const prepared = comm.prepareBlocks(
           this.peerOf(comm, request),
@@ -244,11 +257,14 @@ export class Sidecar {
         )
         const handle = worker.nextPrepared++
         worker.prepared.set(handle, prepared)
+        this.native.routePrepared(worker.conn, handle, prepared.list)
         return { prepared: handle, blocks: prepared.blocks, runs: prepared.runs }
       }
       case 'release': {
         // Dropping the list lets its native plan be collected.
-        worker.prepared.delete(numberField(request, 'prepared'))
+        const handle = numberField(request, 'prepared')
+        this.native.unroutePrepared(worker.conn, handle)
+        worker.prepared.delete(handle)
         return {}
       }
       case 'write':
@@ -268,7 +284,8 @@ export class Sidecar {
       case 'metrics':
         return { metrics: jsonSafe(comm.metrics()), text: comm.metricsText() }
       case 'detach':
-        return this.detach(worker).then(() => ({}))
+        worker.detachAnswered = true
+        return {}
       default:
         throw new KvTransferError('ERR_PROTOCOL', `unknown op ${JSON.stringify(request.op)}`)
     }
@@ -342,7 +359,8 @@ export class Sidecar {
     worker.comm = comm
     this.counters.attaches++
     comm.on('arrival', (arrival) => this.send(worker, 0, { event: 'arrival', ...arrival, tag: tagJson(arrival.tag) }))
-    return { port: comm.port, transport: comm.transport }
+    const options = request.name === undefined ? undefined : String(request.name)
+    return { port: comm.port, transport: comm.transport, name: options ?? `${os.hostname()}:${comm.port}` }
   }
 
   private write(worker: Worker, comm: RDMACommunicator, request: Request): Promise<void> {
@@ -363,8 +381,7 @@ export class Sidecar {
   }
 
   /** The `peer` field (`"ip:port"`) as the communicator's {@link Peer}. */
-  private peerOf(comm: RDMACommunicator, request: Request): Peer {
-    const key = stringField(request, 'peer')
+  private peerOf(comm: RDMACommunicator, request: Request, key = stringField(request, 'peer')): Peer {
     const colon = key.lastIndexOf(':')
     if (colon <= 0)
       throw new KvTransferError('ERR_INVALID_ARGUMENT', `invalid peer: ${JSON.stringify(key)} is not "ip:port"`)
@@ -375,6 +392,7 @@ export class Sidecar {
   private async detach(worker: Worker): Promise<void> {
     if (this.workers.get(worker.conn) !== worker) return
     this.workers.delete(worker.conn)
+    this.native.unroute(worker.conn)
     this.native.disconnect(worker.conn)
     closeFds(worker.fds.splice(0))
     worker.prepared.clear()
@@ -385,6 +403,21 @@ export class Sidecar {
       await comm.close().catch(() => undefined)
     }
   }
+}
+
+/** JS types of the options (the native socket checks the mode's range). */
+function checkSidecarOptions(options: SidecarOptions): void {
+  if (typeof options !== 'object' || options === null)
+    throw invalidArgument('options', `expected an object, got ${describeValue(options)}`)
+  if (options.socket !== undefined) checkType('socket', options.socket, 'string')
+  if (options.mode !== undefined) checkNonNegativeInteger('mode', options.mode, 0o777)
+  if (options.allowUids !== undefined) {
+    if (!Array.isArray(options.allowUids))
+      throw invalidArgument('allowUids', `expected a list of user ids, got ${describeValue(options.allowUids)}`)
+    options.allowUids.forEach((uid, i) => checkNonNegativeInteger(`allowUids[${i}]`, uid, 0xffff_fffe))
+  }
+  if (options.metricsPort !== undefined) toPort('metricsPort', options.metricsPort)
+  if (options.metricsHost !== undefined) checkType('metricsHost', options.metricsHost, 'string')
 }
 
 function requiredTag(request: Request) {

@@ -3,7 +3,8 @@
  * `kvtransfer doctor --sidecar` reports.
  */
 import * as net from 'node:net'
-import { KvTransferError } from '../errors'
+import { KvTransferError, describeValue, invalidArgument } from '../errors'
+import { checkType, toTimeout } from '../options'
 import { SIDECAR_PROTOCOL } from './protocol'
 
 /** One attached worker, as the sidecar reports it. */
@@ -42,6 +43,13 @@ function frame(id: number, body: unknown): Buffer {
 /** Asks the sidecar on `socket` for its status; rejects `ERR_IO` when none answers. */
 export function sidecarStatus(socket: string, timeoutMs = 5000): Promise<SidecarStatus> {
   return new Promise((resolve, reject) => {
+    try {
+      checkType('socket', socket, 'string')
+      if (toTimeout('timeoutMs', timeoutMs) === undefined) timeoutMs = 0x7fff_ffff
+    } catch (error) {
+      reject(error)
+      return
+    }
     const connection = net.createConnection(socket)
     let received = Buffer.alloc(0)
     const fail = (error: KvTransferError) => {
@@ -93,6 +101,8 @@ export function sidecarStatus(socket: string, timeoutMs = 5000): Promise<Sidecar
 
 /** The status as lines of text. */
 export function formatSidecarStatus(status: SidecarStatus): string {
+  if (typeof status !== 'object' || status === null || !Array.isArray(status.workers))
+    throw invalidArgument('status', `expected what sidecarStatus resolves with, got ${describeValue(status)}`)
   const lines = [
     `sidecar: ${status.socket}: ${status.sidecar} (protocol ${status.protocol}), pid ${status.pid}, up ${status.uptimeS} s` +
       (status.metricsPort === null ? '' : `, metrics on port ${status.metricsPort}`),

@@ -88,6 +88,10 @@ pub struct ImportedMemory {
     address: u64,
     bytes: u64,
     host: bool,
+    /// A CUDA IPC import: the handle and where its allocation is mapped here. Memory opened
+    /// from a handle cannot be exported again; a transport that shares it (NVLink) passes
+    /// this handle on instead.
+    ipc: Option<([u8; IPC_HANDLE_BYTES], u64)>,
     _keep: Keep,
 }
 
@@ -116,6 +120,14 @@ impl ImportedMemory {
     /// Whether the region is host memory (no CUDA lookup needed).
     pub fn is_host(&self) -> bool {
         self.host
+    }
+
+    /// The CUDA IPC handle of the allocation mapped at `base` here, when this region was
+    /// imported from it.
+    pub(crate) fn ipc_handle_at(&self, base: u64) -> Option<[u8; IPC_HANDLE_BYTES]> {
+        self.ipc
+            .filter(|&(_, mapped)| mapped == base)
+            .map(|(handle, _)| handle)
     }
 }
 
@@ -194,6 +206,7 @@ impl Importer {
                     address: map.as_mut_ptr() as u64,
                     bytes: spec.bytes,
                     host: true,
+                    ipc: None,
                     _keep: Keep::Host(map),
                 })
             }
@@ -220,6 +233,7 @@ impl Importer {
                     address: mapping.ptr() + spec.offset,
                     bytes: spec.bytes,
                     host: false,
+                    ipc: Some((handle, mapping.ptr())),
                     _keep: Keep::Ipc(mapping),
                 })
             }
@@ -255,6 +269,7 @@ impl Importer {
                     address: mapping.ptr() + spec.offset,
                     bytes: spec.bytes,
                     host: false,
+                    ipc: None,
                     _keep: Keep::Vmm(mapping),
                 })
             }

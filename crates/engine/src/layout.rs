@@ -209,6 +209,15 @@ pub struct RegionTable {
 }
 
 impl RegionTable {
+    /// The CUDA IPC handle another process shared for the allocation mapped at `base`, when
+    /// a region was imported from one (such memory cannot be exported again).
+    pub(crate) fn imported_ipc_handle(
+        &self,
+        base: u64,
+    ) -> Option<[u8; kvtransfer_cuda::IPC_HANDLE_BYTES]> {
+        self.imports.iter().find_map(|i| i.ipc_handle_at(base))
+    }
+
     /// Keeps `imports` mapped as long as this table lives.
     pub(crate) fn hold(&mut self, imports: Vec<crate::import::ImportedMemory>) {
         self.imports = imports.into();

@@ -4,6 +4,7 @@
 //! waits in the outbox for the connection's writer thread, up to a bound.
 
 use super::frame::{self, Parsed, HEADER_BYTES, MAX_FDS_PER_FRAME};
+use super::route::WorkerRoute;
 use super::SidecarEvent;
 use crate::error::{Error, Result};
 use crate::util::{lock, wait};
@@ -13,7 +14,7 @@ use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Answers a worker has not read yet, beyond which it is disconnected (it stopped reading).
 const MAX_QUEUED_BYTES: usize = 64 << 20;
@@ -34,6 +35,8 @@ pub(crate) struct Connection {
     stream: UnixStream,
     out: Mutex<Outbox>,
     wake: Condvar,
+    /// The native path of this worker's `write` requests, once routed.
+    route: Mutex<Option<Arc<WorkerRoute>>>,
 }
 
 impl Connection {
@@ -43,7 +46,22 @@ impl Connection {
             stream,
             out: Mutex::default(),
             wake: Condvar::new(),
+            route: Mutex::default(),
         }
+    }
+
+    /// The worker's route, created with `make` when it has none.
+    pub(crate) fn route_or(&self, make: impl FnOnce() -> WorkerRoute) -> Arc<WorkerRoute> {
+        Arc::clone(lock(&self.route).get_or_insert_with(|| Arc::new(make())))
+    }
+
+    pub(crate) fn route(&self) -> Option<Arc<WorkerRoute>> {
+        lock(&self.route).clone()
+    }
+
+    /// Every `write` goes to the serving layer again.
+    pub(crate) fn unroute(&self) {
+        lock(&self.route).take();
     }
 
     /// Queues the frame of `body` as answer `id`: sent now if nothing is ahead of it.
@@ -129,7 +147,7 @@ impl Connection {
 
     /// Frames what arrives and hands each frame to `deliver` until the stream ends;
     /// returns why it ended.
-    pub(crate) fn read_frames(&self, deliver: &dyn Fn(SidecarEvent)) -> String {
+    pub(crate) fn read_frames(self: &Arc<Self>, deliver: &dyn Fn(SidecarEvent)) -> String {
         let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut fds: Vec<OwnedFd> = Vec::new();
         let mut chunk = vec![0u8; READ_CHUNK];
@@ -170,6 +188,15 @@ impl Connection {
                         )
                     }
                     Parsed::Frame { len, id } => {
+                        let body = &buf[at + HEADER_BYTES..at + len];
+                        let routed = fds.is_empty()
+                            && self
+                                .route()
+                                .is_some_and(|route| route.try_write(self, id, body));
+                        if routed {
+                            at += len;
+                            continue;
+                        }
                         deliver(SidecarEvent::Message {
                             conn: self.id,
                             id,

@@ -2,7 +2,9 @@
 //! one reader and one writer thread per admitted worker.
 
 use super::connection::Connection;
+use super::route::WorkerRoute;
 use super::SidecarEvent;
+use crate::engine::{Engine, PeerHandle, PreparedBlocks};
 use crate::error::{Error, Result};
 use crate::log::debug;
 use crate::util::lock;
@@ -12,6 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// How the sidecar listens.
 #[derive(Debug, Clone)]
@@ -98,6 +101,52 @@ impl SidecarServer {
         if let Some(connection) = lock(&self.inner.connections).get(&conn) {
             connection.shut_down();
         }
+    }
+
+    /// Routes connection `conn`'s `write` requests that name peer `key` to the engine
+    /// directly (see `route.rs`); `default_timeout` applies to requests without one.
+    /// False when the connection is gone.
+    pub fn route_peer(
+        &self,
+        conn: u64,
+        engine: &Engine,
+        default_timeout: Option<Duration>,
+        key: String,
+        peer: PeerHandle,
+    ) -> bool {
+        let Some(connection) = self.connection(conn) else {
+            return false;
+        };
+        connection
+            .route_or(|| WorkerRoute::new(engine.clone(), default_timeout))
+            .add_peer(key, peer);
+        true
+    }
+
+    /// Routes `write` requests of connection `conn` naming prepared list `handle`.
+    pub fn route_prepared(&self, conn: u64, handle: u32, list: Arc<PreparedBlocks>) {
+        if let Some(route) = self.connection(conn).and_then(|c| c.route()) {
+            route.add_prepared(handle, list);
+        }
+    }
+
+    /// Forgets prepared list `handle` of connection `conn`.
+    pub fn unroute_prepared(&self, conn: u64, handle: u32) {
+        if let Some(route) = self.connection(conn).and_then(|c| c.route()) {
+            route.remove_prepared(handle);
+        }
+    }
+
+    /// Every `write` of connection `conn` goes to the serving layer again (before its
+    /// communicator closes).
+    pub fn unroute(&self, conn: u64) {
+        if let Some(connection) = self.connection(conn) {
+            connection.unroute();
+        }
+    }
+
+    fn connection(&self, conn: u64) -> Option<Arc<Connection>> {
+        lock(&self.inner.connections).get(&conn).cloned()
     }
 
     /// Connections open now.

@@ -7,6 +7,7 @@
 mod connection;
 mod frame;
 mod listener;
+mod route;
 
 pub use frame::{MAX_FDS_PER_FRAME, MAX_FRAME_BYTES};
 pub use listener::{SidecarOptions, SidecarServer};

@@ -229,14 +229,20 @@ impl Exports {
                 let piece = match by_base.get(&base) {
                     Some(&piece) => piece,
                     None => {
-                        let share = match cuda.retain_allocation(at) {
-                            Ok(allocation) => {
+                        // Memory imported from another process's IPC handle cannot be
+                        // exported again: that handle is passed on instead.
+                        let share = match (
+                            cuda.retain_allocation(at),
+                            table.imported_ipc_handle(base),
+                        ) {
+                            (Ok(allocation), _) => {
                                 out.fds.push(allocation.export_fd().map_err(|e| {
                                     format!("{name} is cuMemCreate memory that cannot be shared as a POSIX file descriptor ({e}); create it with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR among requestedHandleTypes (PyTorch's expandable segments do)")
                                 })?);
                                 Share::Fd
                             }
-                            Err(_) => Share::Ipc(cuda.ipc_handle(base).map_err(|e| {
+                            (Err(_), Some(handle)) => Share::Ipc(handle),
+                            (Err(_), None) => Share::Ipc(cuda.ipc_handle(base).map_err(|e| {
                                 format!(
                                     "{name}: no IPC handle for its allocation at {base:#x} ({e})"
                                 )
