@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Protocol
 
 from .errors import KvTransferError, Timeout, invalid_argument
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._connection import Connection
+
+
+class _Pump(Protocol):
+    """What a future needs of the connection that answers it (``_connection.Connection``)."""
+
+    lock: Any
+
+    def wait_for(self, done: Callable[[], bool], deadline: Optional[float]) -> bool: ...
 
 __all__ = ["WriteFuture"]
 
@@ -39,7 +45,7 @@ class Request:
 
     __slots__ = ("_conn", "_id", "op", "_done", "_ok", "_error", "_callbacks")
 
-    def __init__(self, conn: "Connection", request_id: int, op: str) -> None:
+    def __init__(self, conn: _Pump, request_id: int, op: str) -> None:
         self._conn = conn
         self._id = request_id
         self.op = op

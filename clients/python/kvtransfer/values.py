@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 from ._protocol import Tag, _encode_json, decode_tag
 from .errors import Closed, Detached, KvTransferError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .worker import Worker
+
+
+class _Releases(Protocol):
+    """What a prepared list needs of its worker (``worker.Worker``)."""
+
+    attached: bool
+    _timeout: Optional[float]
+
+    def _call(self, message: Dict[str, Any], timeout: Optional[float]) -> Any: ...
 
 __all__ = ["Peer", "PreparedBlocks", "Arrival", "PeerInfo"]
 
@@ -84,7 +91,7 @@ class PreparedBlocks:
 
     __slots__ = ("_worker", "peer", "blocks", "runs", "handle", "_released", "_prefix", "__weakref__")
 
-    def __init__(self, worker: "Worker", peer: str, handle: int, blocks: int, runs: Optional[int]) -> None:
+    def __init__(self, worker: _Releases, peer: str, handle: int, blocks: int, runs: Optional[int]) -> None:
         self._worker = worker
         self.peer = peer
         self.handle = handle

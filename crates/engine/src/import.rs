@@ -10,7 +10,7 @@
 //! the region table, so no transport thread can outlive them.
 
 use crate::error::{Error, Result};
-use kvtransfer_cuda::{Gpu, IpcMapping, Mapping, IPC_HANDLE_BYTES};
+use kvtransfer_cuda::{Cuda, Gpu, IpcMapping, Mapping, IPC_HANDLE_BYTES};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -225,7 +225,9 @@ impl Importer {
                         mapping
                     }
                 };
-                let (_, size) = crate::gpu::driver()?.address_range(mapping.ptr())?;
+                let (_, size) = Cuda::get()
+                    .map_err(|e| Error::invalid(name, e.to_string()))?
+                    .address_range(mapping.ptr())?;
                 if end > size as u64 {
                     return Err(past_end("shared allocation", size as u64));
                 }
@@ -280,17 +282,17 @@ impl Importer {
         if let Some(gpu) = &self.gpu {
             return Ok(Arc::clone(gpu));
         }
-        let gpu = crate::gpu::driver()
-            .and_then(|cuda| cuda.gpu(self.gpu_idx))
-            .map_err(|e| {
-                Error::invalid(
-                    name,
-                    format!(
-                        "GPU memory was shared, but GPU {} cannot be opened here ({})",
-                        self.gpu_idx, e.name
-                    ),
-                )
-            })?;
+        let cannot = |why: String| {
+            Error::invalid(
+                name,
+                format!(
+                    "GPU memory was shared, but GPU {} cannot be opened here ({why})",
+                    self.gpu_idx
+                ),
+            )
+        };
+        let cuda = Cuda::get().map_err(|e| cannot(e.to_string()))?;
+        let gpu = cuda.gpu(self.gpu_idx).map_err(|e| cannot(e.name))?;
         self.gpu = Some(Arc::clone(&gpu));
         Ok(gpu)
     }

@@ -4,7 +4,7 @@
 //! waits in the outbox for the connection's writer thread, up to a bound.
 
 use super::frame::{self, Parsed, HEADER_BYTES, MAX_FDS_PER_FRAME};
-use super::route::WorkerRoute;
+use super::route::{Replies, WorkerRoute};
 use super::SidecarEvent;
 use crate::error::{Error, Result};
 use crate::util::{lock, wait};
@@ -14,7 +14,7 @@ use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 
 /// Answers a worker has not read yet, beyond which it is disconnected (it stopped reading).
 const MAX_QUEUED_BYTES: usize = 64 << 20;
@@ -190,9 +190,9 @@ impl Connection {
                     Parsed::Frame { len, id } => {
                         let body = &buf[at + HEADER_BYTES..at + len];
                         let routed = fds.is_empty()
-                            && self
-                                .route()
-                                .is_some_and(|route| route.try_write(self, id, body));
+                            && self.route().is_some_and(|route| {
+                                route.try_write(Arc::downgrade(self) as Weak<dyn Replies>, id, body)
+                            });
                         if routed {
                             at += len;
                             continue;
@@ -209,6 +209,13 @@ impl Connection {
             }
             buf.drain(..at);
         }
+    }
+}
+
+impl Replies for Connection {
+    fn reply(&self, id: u32, body: &[u8]) {
+        // A connection that is gone (or stopped reading) has nobody to answer.
+        let _ = self.send(id, body);
     }
 }
 

@@ -6,7 +6,6 @@
 //! (an unrouted peer or list, a malformed field), goes to the serving layer, which answers
 //! it (with the typed error, when it is one).
 
-use super::connection::Connection;
 use crate::engine::{CallBlocks, CallPeer, Engine, PeerHandle, PreparedBlocks, WriteCall};
 use crate::transport::{CallSink, OnDone};
 use crate::util::lock;
@@ -18,6 +17,13 @@ use std::time::Duration;
 /// Longest string tag (UTF-8 bytes) the native path encodes; longer ones go to the serving
 /// layer, which refuses them (the TS API's limit).
 const MAX_STRING_TAG_BYTES: usize = 254;
+
+/// Where a routed call's answer goes: the worker's connection (a trait, so that this file
+/// does not name the connection that holds the route).
+pub(crate) trait Replies: Send + Sync {
+    /// Sends `body` as the answer to request `id`; a connection that is gone drops it.
+    fn reply(&self, id: u32, body: &[u8]);
+}
 
 /// A worker's routed peers and prepared lists, and its engine.
 pub(crate) struct WorkerRoute {
@@ -52,7 +58,7 @@ impl WorkerRoute {
 
     /// Hands `body` to the engine when it is a routed `write`; false: the serving layer
     /// answers it.
-    pub(crate) fn try_write(&self, connection: &Arc<Connection>, id: u32, body: &[u8]) -> bool {
+    pub(crate) fn try_write(&self, replies: Weak<dyn Replies>, id: u32, body: &[u8]) -> bool {
         let Ok(request) = serde_json::from_slice::<WriteRequest>(body) else {
             return false;
         };
@@ -92,7 +98,7 @@ impl WorkerRoute {
             },
             _ => return false,
         };
-        let sink: Arc<dyn CallSink> = Arc::new(Answer(Arc::downgrade(connection)));
+        let sink: Arc<dyn CallSink> = Arc::new(Answer(replies));
         let call = WriteCall {
             peer: CallPeer::Handle(&peer),
             blocks,
@@ -154,11 +160,11 @@ impl TagField {
 }
 
 /// Sends each call's answer on the worker's connection (gone: nothing to answer).
-struct Answer(Weak<Connection>);
+struct Answer(Weak<dyn Replies>);
 
 impl CallSink for Answer {
     fn settled(&self, call: u64, result: crate::error::Result<()>) {
-        let Some(connection) = self.0.upgrade() else {
+        let Some(replies) = self.0.upgrade() else {
             return;
         };
         let body = match result {
@@ -168,6 +174,6 @@ impl CallSink for Answer {
             }))
             .unwrap_or_default(),
         };
-        let _ = connection.send(call as u32, &body);
+        replies.reply(call as u32, &body);
     }
 }
