@@ -40,7 +40,7 @@ export declare class NativeCommunicator {
    * bad or the peer is not connected).
    */
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
-  constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null)
+  constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null, onPeerLeft?: ((arg: PeerLeftNotice) => void) | undefined | null)
   /**
    * The transport this side prefers ("nvlink", "rdma" or "tcp"): the one `auto` picks
    * with a peer that has it.
@@ -65,9 +65,11 @@ export declare class NativeCommunicator {
   /**
    * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
    * whether a link existed, once no byte of its calls can land any more and every
-   * pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`).
+   * pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`). The peer is reported
+   * as left, unless `abandoned`: a connect gave up on the connection (its caller never
+   * saw it connected).
    */
-  cancelPeer(peerKey: string, reason: string, timeoutMs?: number | undefined | null): Promise<boolean>
+  cancelPeer(peerKey: string, reason: string, timeoutMs?: number | undefined | null, abandoned?: boolean | undefined | null): Promise<boolean>
   /** Live resources of the engine (peers, links, receivers, regions, threads). */
   stats(): NativeStats
   /** Closes all links; afterwards no engine thread touches the regions. */
@@ -143,6 +145,14 @@ export declare class NativeSidecar {
   close(): void
 }
 
+/**
+ * Aborts the call whose handle `writeCache` or `writePrepared` returned, if it is still
+ * pending in the engine; resolves with whether it was (see `CallAbort::abort`: a call
+ * that completed first keeps its outcome and its connection). Its Promise then rejects
+ * with `ERR_ABORTED` through `onCallSettled`, after the teardown.
+ */
+export declare function abortCall(call: ExternalObject<'CallAbort'>): Promise<boolean>
+
 /** An arrival notice: every byte of a tagged `writeCache` call is in this side's memory. */
 export interface ArrivalNotice {
   peer: string
@@ -201,6 +211,11 @@ export interface NativeCounters {
   latencyP99Ms: number
   noticesSent: number
   noticesReceived: number
+  /**
+   * Arrival notices nobody consumed: `metrics()` adds, to the engine's count of notices
+   * with no one to hand them to, those evicted beyond `maxPendingArrivals` before an
+   * `'arrival'` listener received them or a `waitForArrival` resolved with them.
+   */
   noticesDropped: number
   reconnects: number
 }
@@ -402,17 +417,27 @@ export interface NativeStats {
  */
 export declare function peerCopyGbps(srcGpu: number, dstGpu: number, bytes: number, reps: number): Promise<number>
 
+/** A connected peer whose link stopped being usable (see `kvtransfer_engine::PeerLeft`). */
+export interface PeerLeftNotice {
+  /** `host:port`, as connected. */
+  peer: string
+  /** The stable code of why (`ERR_PEER_DISCONNECTED`, `ERR_TIMEOUT`, `ERR_ABORTED`, ...). */
+  code: string
+  /** What happened, in a sentence. */
+  reason: string
+}
+
 /**
  * `writeCache` to `peer` (a handle from `NativeCommunicator.peer`). Validates
  * synchronously (throws, nothing sent); once the peer has every byte, or the call failed,
  * `onCallSettled(callId, error)` is called (exactly once when this returns without
- * throwing).
+ * throwing). With `abortable`, returns the call's handle for `abortCall`, else null.
  */
-export declare function writeCache(peer: ExternalObject<'Peer'>, callId: number, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
+export declare function writeCache(peer: ExternalObject<'Peer'>, callId: number, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null, abortable?: boolean | undefined | null): ExternalObject<'CallAbort'> | null
 
 /**
  * `writeCache` of the prepared block list `list` (`NativePreparedBlocks.list`) to `peer`:
  * no id is validated or planned again. The engine refuses a list another communicator
  * prepared or one prepared for another peer.
  */
-export declare function writePrepared(peer: ExternalObject<'Peer'>, callId: number, list: ExternalObject<'PreparedList'>, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null): void
+export declare function writePrepared(peer: ExternalObject<'Peer'>, callId: number, list: ExternalObject<'PreparedList'>, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null, abortable?: boolean | undefined | null): ExternalObject<'CallAbort'> | null

@@ -839,6 +839,7 @@ module.exports.NativeCommunicator = nativeBinding.NativeCommunicator
 module.exports.NativeDeviceMemory = nativeBinding.NativeDeviceMemory
 module.exports.NativePreparedBlocks = nativeBinding.NativePreparedBlocks
 module.exports.NativeSidecar = nativeBinding.NativeSidecar
+module.exports.abortCall = nativeBinding.abortCall
 module.exports.checkDstTpSize = nativeBinding.checkDstTpSize
 module.exports.errorCodes = nativeBinding.errorCodes
 module.exports.nativeDoctor = nativeBinding.nativeDoctor

@@ -6,6 +6,8 @@ import test, { type ExecutionContext } from 'ava'
 import {
   HOST,
   Mirror,
+  RDMACommunicator,
+  TRANSPORT,
   assertPeerMatches,
   connect,
   differences,
@@ -219,5 +221,51 @@ test.serial(
     t.is(seen.size, layers * 4, 'every (peer, tag, layer) notice exactly once')
     t.true(events.every((e) => (e.peer === 'prefill-a') === (typeof e.tag === 'string') && e.blocks === 4))
     await assertPeerMatches(t, peer, mirrorA)
+  },
+)
+
+test.serial(
+  'noticesDropped counts only the notices nobody consumed: a listener or a wait consumes them, and a listener hides none from waits',
+  async (t) => {
+    const shape = { layers: 1, blockNumber: 4, blockBytes: 1024 }
+    const decode = async (name: string) => {
+      const comm = await RDMACommunicator.create({
+        role: 'decode',
+        gpuIdx: 0,
+        port: 0,
+        localKeyCache: [Buffer.alloc(4096)],
+        localValueCache: [Buffer.alloc(4096)],
+        ...shape,
+        transport: TRANSPORT,
+        authToken: '',
+        name,
+        maxPendingArrivals: 2,
+      })
+      t.teardown(() => comm.close())
+      return comm
+    }
+    const [heard, unheard, awaited] = await Promise.all([decode('heard'), decode('unheard'), decode('awaited')])
+    const events: Arrival[] = []
+    heard.on('arrival', (arrival) => events.push(arrival))
+    const prefill = makePrefill(t, { ...shape, name: 'prefill-dropped' })
+    for (const comm of [heard, unheard, awaited]) await prefill.comm.connect(HOST, comm.port, { timeoutMs: ms(30_000) })
+    const tags = Array.from({ length: 6 }, (_, i) => `req-${i}`)
+    for (const tag of tags) {
+      await prefill.comm.writeCache(HOST, heard.port, [0], [0], 0, { tag })
+      await prefill.comm.writeCache(HOST, unheard.port, [0], [0], 0, { tag })
+      await prefill.comm.writeCache(HOST, awaited.port, [0], [0], 0, { tag })
+      await awaited.waitForArrival(tag, { timeoutMs: ms(10_000) })
+    }
+    t.true(await eventually(() => events.length === tags.length, ms(10_000)), 'the listener heard every notice')
+    t.true(await eventually(() => unheard.metrics().noticesDropped === 4, ms(10_000)), 'nobody consumed 4 of 6')
+    await sleep(ms(200))
+    // Six notices and room for two in each: four evicted from each communicator.
+    t.is(unheard.metrics().noticesDropped, 4, 'no listener, no wait: the 4 evicted notices were dropped')
+    t.is(heard.metrics().noticesDropped, 0, 'the listener consumed what was evicted')
+    t.is(awaited.metrics().noticesDropped, 0, 'the waits consumed what was evicted')
+    t.regex(heard.metricsText(), /kvtransfer_notices_dropped_total\{[^}]*peer="prefill-dropped"[^}]*\} 0\n/)
+    // A listener hides nothing from a wait: the kept notices settle it as without one.
+    const [last] = await heard.waitForArrival(tags[5], { timeoutMs: ms(5_000) })
+    t.like(last, { peer: 'prefill-dropped', tag: tags[5], layerIdx: 0 })
   },
 )

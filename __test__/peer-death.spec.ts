@@ -3,7 +3,19 @@
  * time, writes reject with a documented code and never hang, and isConnected turns false.
  */
 import test, { type ExecutionContext } from 'ava'
-import { HOST, connect, eventually, expectKvError, makePrefill, ms, sleep, spawnPeer, within } from './helpers.js'
+import type { PeerLeft } from '../lib/index.js'
+import {
+  HOST,
+  TRANSPORT,
+  connect,
+  eventually,
+  expectKvError,
+  makePrefill,
+  ms,
+  sleep,
+  spawnPeer,
+  within,
+} from './helpers.js'
 import type { KvTransferErrorCode } from './helpers.js'
 
 /** Documented codes for a broken link (ERR_RDMA_COMPLETION: the RDMA flavour). */
@@ -107,4 +119,63 @@ test.serial('reconnecting to a restarted decode process on the same port works',
   await prefill.comm.writeCache(HOST, again.port, [5], [6], 0)
   t.true((await again.bytes(0, 'K', 6)).equals(prefill.block(0, 'K', 5)))
   t.true((await again.bytes(0, 'V', 6)).equals(prefill.block(0, 'V', 5)))
+})
+
+test.serial(
+  "'peer-left': once, with the peer and a documented code, when a connected peer's process is killed",
+  async (t) => {
+    const peer = await spawnPeer(t, { layers: 1, blockNumber: 8, blockBytes: 1024 })
+    const other = await spawnPeer(t, { layers: 1, blockNumber: 8, blockBytes: 1024 })
+    const prefill = makePrefill(t, { layers: 1, blockNumber: 8, blockBytes: 1024 })
+    const left: PeerLeft[] = []
+    prefill.comm.on('peer-left', (event) => left.push(event))
+    await connect(t, prefill, peer)
+    await connect(t, prefill, other)
+    // A reconnect replaces the connection: the peer did not leave.
+    await connect(t, prefill, other)
+    await prefill.comm.writeCache(HOST, peer.port, [1], [1], 0)
+    await peer.kill('SIGKILL')
+    // TCP and NVLink notice a killed process at once; one-sided RDMA when a write fails.
+    if (TRANSPORT === 'rdma')
+      await writeUntilRejected(t, () => prefill.comm.writeCache(HOST, peer.port, [2], [2], 0), ms(15_000))
+    t.true(await eventually(() => left.length > 0, ms(15_000)), "'peer-left' is emitted")
+    await sleep(ms(300)) // room for a second event
+    t.is(left.length, 1, JSON.stringify(left))
+    t.is(left[0].peer, `${HOST}:${peer.port}`)
+    t.true(BROKEN.includes(left[0].code), left[0].code)
+    t.true(typeof left[0].reason === 'string' && left[0].reason.length > 0)
+    t.log(`${left[0].code}: ${left[0].reason}`)
+    t.false(prefill.comm.isConnected(HOST, peer.port))
+    // The other peer is still connected, and closing this side reports nothing.
+    t.true(prefill.comm.isConnected(HOST, other.port))
+    await prefill.comm.close()
+    await sleep(ms(200))
+    t.is(left.length, 1)
+  },
+)
+
+test.serial("'peer-left' of a timed-out call and of abortPeer carry ERR_TIMEOUT and ERR_ABORTED", async (t) => {
+  const blockBytes = 256 * 1024
+  const all = Array.from({ length: 64 }, (_, i) => i)
+  const stalled = await spawnPeer(t, { layers: 1, blockNumber: 64, blockBytes })
+  const aborted = await spawnPeer(t, { layers: 1, blockNumber: 64, blockBytes })
+  const prefill = makePrefill(t, { layers: 1, blockNumber: 64, blockBytes })
+  const left: PeerLeft[] = []
+  prefill.comm.on('peer-left', (event) => left.push(event))
+  await connect(t, prefill, aborted)
+  t.true(await prefill.comm.abortPeer(HOST, aborted.port))
+  t.true(await eventually(() => left.length === 1, ms(5_000)))
+  t.like(left[0], { peer: `${HOST}:${aborted.port}`, code: 'ERR_ABORTED' })
+  if (TRANSPORT !== 'tcp') return // only TCP can stall a stopped process's writes
+  await connect(t, prefill, stalled)
+  stalled.child.kill('SIGSTOP')
+  t.teardown(() => stalled.child.kill('SIGCONT'))
+  await expectKvError(
+    t,
+    () => prefill.comm.writeCache(HOST, stalled.port, all, all, 0, { timeoutMs: 300 }),
+    'ERR_TIMEOUT',
+  )
+  t.true(await eventually(() => left.length === 2, ms(5_000)))
+  t.like(left[1], { peer: `${HOST}:${stalled.port}`, code: 'ERR_TIMEOUT' })
+  t.regex(left[1].reason, /300 ms/)
 })

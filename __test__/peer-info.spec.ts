@@ -1,6 +1,6 @@
 /**
  * comm.peerInfo(ip, port): the transport chosen with a peer and why; `auto` logs the
- * decision once per peer at info level (without KVCACHE_DEBUG).
+ * decision once per peer at info level (KVCACHE_LOG_LEVEL=info, without KVCACHE_DEBUG).
  */
 import test from 'ava'
 import { mkdtempSync, readFileSync, existsSync } from 'node:fs'
@@ -12,6 +12,7 @@ import type { Transport } from '../lib/index.js'
 // Read by the engine at its first log line (after this module ran): info lines land here.
 const LOG = path.join(mkdtempSync(path.join(os.tmpdir(), 'kvt-info-')), 'info.log')
 process.env.KVCACHE_DEBUG_FILE = LOG
+process.env.KVCACHE_LOG_LEVEL = 'info'
 delete process.env.KVCACHE_DEBUG
 
 function make(role: 'prefill' | 'decode', transport: Transport) {

@@ -8,6 +8,7 @@ import test from 'ava'
 import {
   HOST,
   Mirror,
+  SCALE,
   TRANSPORT,
   assertPeerMatches,
   connect,
@@ -121,6 +122,51 @@ tcpOnly(
       outcomes,
       calls.map((c) => (c.toStalled ? 'ERR_ABORTED' : 'ok')),
     )
+  },
+)
+
+test.serial(
+  'an abort that comes after the engine completed the call changes nothing: bystanders never reject, the link stays up',
+  async (t) => {
+    const shape = { layers: 1, blockNumber: 16, blockBytes: 4096 }
+    const peer = await spawnPeer(t, shape)
+    const prefill = makePrefill(t, shape)
+    await connect(t, prefill, peer)
+    const settle = (call: Promise<void>) =>
+      call.then(
+        () => 'ok',
+        (e: { code?: string }) => e.code ?? String(e),
+      )
+    const counts = { tooLate: 0, abortedWhilePending: 0 }
+    for (let round = 0; round < 200; round++) {
+      const to = prefill.comm.peer(HOST, peer.port)
+      const controller = new AbortController()
+      const before = [settle(prefill.comm.writeCache(to, [round % 16], [round % 16], 0))]
+      const call = settle(prefill.comm.writeCache(to, [1], [2], 0, { signal: controller.signal }))
+      // Hold this thread for a varying while: the engine finishes the call meanwhile (its
+      // outcome waits for this thread), then the signal aborts, before the promise settles.
+      const until = performance.now() + (round % 5) * 0.5 * SCALE
+      while (performance.now() < until);
+      controller.abort()
+      const after = [settle(prefill.comm.writeCache(to, [(round + 3) % 16], [(round + 3) % 16], 0))]
+      const outcome = await within(call, ms(10_000), `round ${round}: the call with a signal`)
+      const bystanders = await within(Promise.all([...before, ...after]), ms(10_000), `round ${round}: bystanders`)
+      if (outcome === 'ok') {
+        // The abort came too late: it must have no effect at all.
+        counts.tooLate++
+        t.deepEqual(bystanders, ['ok', 'ok'], `round ${round}: a bystander was hurt by a too-late abort`)
+        t.true(prefill.comm.isConnected(HOST, peer.port), `round ${round}: the link was torn down by a too-late abort`)
+      } else {
+        // Aborted while pending in the engine: that is the abort working.
+        t.is(outcome, 'ERR_ABORTED', `round ${round}`)
+        counts.abortedWhilePending++
+        if (!prefill.comm.isConnected(HOST, peer.port)) await connect(t, prefill, peer)
+      }
+    }
+    t.log(counts)
+    t.true(counts.tooLate >= 20, `the race was exercised: ${JSON.stringify(counts)}`)
+    await prefill.comm.writeCache(HOST, peer.port, [4], [5], 0)
+    t.true((await peer.bytes(0, 'K', 5)).equals(prefill.block(0, 'K', 4)))
   },
 )
 

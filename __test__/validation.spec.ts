@@ -384,8 +384,8 @@ row('metricsHandler', 'extra', 'type', 'x', () => metricsHandler([], 'x' as neve
 /** Exports with no arguments to check, or checked elsewhere. */
 const EXEMPT: Record<string, string> = {
   KvTransferError: 'the error type itself: refusing a constructor argument would hide the error being built',
-  Peer: 'constructed by the package only (@internal constructor); users get one from peer()',
-  PreparedBlocks: 'constructed by the package only (@internal constructor); users get one from prepareBlocks()',
+  Peer: 'constructed by the package only (private constructor); users get one from peer()',
+  PreparedBlocks: 'constructed by the package only (private constructor); users get one from prepareBlocks()',
   METRICS_CONTENT_TYPE: 'a constant',
   SIDECAR_PROTOCOL: 'a constant',
   defaultSocketPath: 'no arguments',

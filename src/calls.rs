@@ -6,11 +6,11 @@
 //! communicator's engine and the peer's connection: no key string crosses from JavaScript
 //! and the engine looks nothing up while that connection lasts.
 
-use crate::{
-    block_id_slices, lock, to_js_error, BlockIdSlices, Code, NativeCommunicator, SettledCallback,
-};
+use crate::errors::{to_js_error, Code};
+use crate::{block_id_slices, lock, on_thread, BlockIdSlices, NativeCommunicator, SettledCallback};
 use kvtransfer_engine::{
-    CallBlocks, CallPeer, CallSink, Engine, OnDone, PeerHandle, PreparedBlocks, WriteCall,
+    CallAbort, CallBlocks, CallPeer, CallSink, Engine, OnDone, PeerHandle, PreparedBlocks,
+    WriteCall,
 };
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
@@ -112,8 +112,12 @@ fn timeout(timeout_ms: Option<f64>) -> Option<Duration> {
 /// `writeCache` to `peer` (a handle from `NativeCommunicator.peer`). Validates
 /// synchronously (throws, nothing sent); once the peer has every byte, or the call failed,
 /// `onCallSettled(callId, error)` is called (exactly once when this returns without
-/// throwing).
-#[napi]
+/// throwing). With `abortable`, returns the call's handle for `abortCall`, else null.
+#[napi(ts_return_type = "ExternalObject<'CallAbort'> | null")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the arguments of the JS call, one by one: an options object would cost a conversion per call"
+)]
 pub fn write_cache<'env>(
     #[napi(ts_arg_type = "ExternalObject<'Peer'>")] peer: &External<PeerCalls>,
     call_id: u32,
@@ -125,18 +129,19 @@ pub fn write_cache<'env>(
     layer_idx: f64,
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
-) -> Result<(), Code> {
+    abortable: Option<bool>,
+) -> Result<Option<External<CallAbort>>, Code> {
     let blocks = CallBlocks::Ids {
         local: block_id_slices(&local_block_ids),
         remote: block_id_slices(&remote_block_ids),
     };
-    write(peer, call_id, blocks, layer_idx, tag, timeout_ms)
+    write(peer, call_id, blocks, layer_idx, tag, timeout_ms, abortable)
 }
 
 /// `writeCache` of the prepared block list `list` (`NativePreparedBlocks.list`) to `peer`:
 /// no id is validated or planned again. The engine refuses a list another communicator
 /// prepared or one prepared for another peer.
-#[napi]
+#[napi(ts_return_type = "ExternalObject<'CallAbort'> | null")]
 pub fn write_prepared(
     #[napi(ts_arg_type = "ExternalObject<'Peer'>")] peer: &External<PeerCalls>,
     call_id: u32,
@@ -144,7 +149,8 @@ pub fn write_prepared(
     layer_idx: f64,
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
-) -> Result<(), Code> {
+    abortable: Option<bool>,
+) -> Result<Option<External<CallAbort>>, Code> {
     write(
         peer,
         call_id,
@@ -152,10 +158,12 @@ pub fn write_prepared(
         layer_idx,
         tag,
         timeout_ms,
+        abortable,
     )
 }
 
-/// What both per-call functions do with their converted arguments.
+/// What both per-call functions do with their converted arguments. An `abortable` call
+/// returns the handle `abortCall` takes (none is made for other calls).
 fn write(
     peer: &PeerCalls,
     call_id: u32,
@@ -163,19 +171,37 @@ fn write(
     layer: f64,
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
-) -> Result<(), Code> {
+    abortable: Option<bool>,
+) -> Result<Option<External<CallAbort>>, Code> {
     let on_done = peer.calls.on_done(call_id)?;
-    peer.calls
-        .engine
-        .write(
-            WriteCall {
-                peer: CallPeer::Handle(&peer.peer),
-                blocks,
-                layer,
-                tag: tag.map(|t| t.to_vec()),
-                timeout: timeout(timeout_ms),
-            },
-            on_done,
-        )
-        .map_err(to_js_error)
+    let call = WriteCall {
+        peer: CallPeer::Handle(&peer.peer),
+        blocks,
+        layer,
+        tag: tag.map(|t| t.to_vec()),
+        timeout: timeout(timeout_ms),
+    };
+    let engine = &peer.calls.engine;
+    if abortable == Some(true) {
+        let abort = engine.write_abortable(call, on_done).map_err(to_js_error)?;
+        Ok(Some(External::new(abort)))
+    } else {
+        engine.write(call, on_done).map_err(to_js_error)?;
+        Ok(None)
+    }
+}
+
+/// Aborts the call whose handle `writeCache` or `writePrepared` returned, if it is still
+/// pending in the engine; resolves with whether it was (see `CallAbort::abort`: a call
+/// that completed first keeps its outcome and its connection). Its Promise then rejects
+/// with `ERR_ABORTED` through `onCallSettled`, after the teardown.
+#[napi(ts_return_type = "Promise<boolean>")]
+pub fn abort_call<'env>(
+    env: &'env Env,
+    #[napi(ts_arg_type = "ExternalObject<'CallAbort'>")] call: &External<CallAbort>,
+) -> Result<PromiseRaw<'env, bool>, Code> {
+    let abort = CallAbort::clone(call);
+    on_thread(env, "kvt-abort", "an aborted call".into(), move || {
+        Ok(abort.abort())
+    })
 }

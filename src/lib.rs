@@ -1,6 +1,7 @@
 //! Thin napi-rs binding over `kvtransfer-engine`: argument conversion, Promises and one
 //! error map. No transfer logic lives here.
 
+use kvtransfer_engine::lock;
 use kvtransfer_engine::BlockIds;
 use kvtransfer_engine::{Arrival, BlockOrder, Engine, EngineOptions, Role, TpOptions};
 use napi::bindgen_prelude::*;
@@ -10,50 +11,18 @@ use napi_derive::napi;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod calls;
+pub use calls::{abort_call, write_cache, write_prepared};
 mod doctor;
 pub use doctor::native_doctor;
-mod calls;
-pub use calls::{write_cache, write_prepared};
+mod errors;
 mod metrics;
 mod prepared;
 mod regions;
 mod sidecar;
 use regions::{RegionInput, Regions};
 
-/// A JavaScript error that carries its stable code: JS sees `err.code === 'ERR_…'` and
-/// `err.message` (the engine's text, no prefix).
-/// (`napi::Result<T, Code>` is `Result<T, napi::Error<Code>>`; #[napi] functions must spell
-/// it `Result` for the code generator.)
-type Code = &'static str;
-type CodedError = napi::Error<Code>;
-
-/// The one error map: an engine error becomes a JS error whose `code` is the engine's
-/// stable code ([`kvtransfer_engine::ERROR_CODES`]) and whose message is its text.
-fn to_js_error(error: kvtransfer_engine::Error) -> CodedError {
-    napi::Error::new(error.code(), error.to_string())
-}
-
-/// A failure of napi itself (creating a threadsafe function or a Promise): `ERR_IO`, the
-/// code the TypeScript layer also gives to any other native failure.
-fn napi_failure(error: napi::Error) -> CodedError {
-    napi::Error::new("ERR_IO", format!("{} ({})", error.reason, error.status))
-}
-
-use kvtransfer_engine::lock;
-
-/// A panic on a binding thread, as the bug it is (`ERR_INTERNAL`, with its message).
-fn internal_error(panic: &(dyn std::any::Any + Send)) -> kvtransfer_engine::Error {
-    let what = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string());
-    kvtransfer_engine::Error::Internal { what }
-}
-
-fn invalid(name: &'static str, reason: impl Into<String>) -> CodedError {
-    to_js_error(kvtransfer_engine::Error::invalid(name, reason))
-}
+use errors::{internal_error, invalid, napi_failure, to_js_error, Code, CodedError};
 
 /// Every code an engine error can have (`err.code` of every error this addon throws or
 /// rejects with), from the engine's one list.
@@ -275,6 +244,40 @@ pub struct ArrivalNotice {
 
 type ArrivalCallback = ThreadsafeFunction<ArrivalNotice, (), ArrivalNotice, Status, false, true>;
 
+/// A connected peer whose link stopped being usable (see `kvtransfer_engine::PeerLeft`).
+#[napi(object)]
+pub struct PeerLeftNotice {
+    /// `host:port`, as connected.
+    pub peer: String,
+    /// The stable code of why (`ERR_PEER_DISCONNECTED`, `ERR_TIMEOUT`, `ERR_ABORTED`, ...).
+    pub code: String,
+    /// What happened, in a sentence.
+    pub reason: String,
+}
+
+type PeerLeftCallback = ThreadsafeFunction<PeerLeftNotice, (), PeerLeftNotice, Status, false, true>;
+
+/// The engine's sink of peers that left: each goes to `callback` (a weak threadsafe
+/// function, released when the engine's sink is cleared at close).
+fn peer_left_sink(
+    callback: Function<PeerLeftNotice, ()>,
+) -> Result<kvtransfer_engine::PeerLeftSink, Code> {
+    let tsfn: PeerLeftCallback = callback
+        .build_threadsafe_function()
+        .weak::<true>()
+        .callee_handled::<false>()
+        .build()
+        .map_err(napi_failure)?;
+    Ok(Arc::new(move |left: kvtransfer_engine::PeerLeft| {
+        let notice = PeerLeftNotice {
+            peer: left.peer,
+            code: left.code.to_string(),
+            reason: left.reason,
+        };
+        tsfn.call(notice, ThreadsafeFunctionCallMode::NonBlocking);
+    }))
+}
+
 /// `(callId, error)`: a `writeCache` call settled; `error` is null on success, else its
 /// failure (a JS error with `code`).
 type CallSettled = FnArgs<(u32, Option<CodedError>)>;
@@ -308,6 +311,7 @@ impl NativeCommunicator {
         #[napi(ts_arg_type = "(callId: number, error?: Error | null) => void")]
         on_call_settled: Function<CallSettled, ()>,
         on_arrival: Option<Function<ArrivalNotice, ()>>,
+        on_peer_left: Option<Function<PeerLeftNotice, ()>>,
     ) -> Result<Self, Code> {
         let role = Role::parse(&options.role).ok_or_else(|| {
             invalid(
@@ -372,7 +376,9 @@ impl NativeCommunicator {
             .callee_handled::<false>()
             .build()
             .map_err(napi_failure)?;
+        let peer_left = on_peer_left.map(peer_left_sink).transpose()?;
         let engine = Engine::with_known_host(engine_options, &known_host).map_err(to_js_error)?;
+        engine.on_peer_left(peer_left);
         Ok(NativeCommunicator {
             calls: Arc::new(calls::Calls::new(engine.clone(), settled_fn)),
             engine,
@@ -463,7 +469,9 @@ impl NativeCommunicator {
 impl NativeCommunicator {
     /// Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
     /// whether a link existed, once no byte of its calls can land any more and every
-    /// pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`).
+    /// pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`). The peer is reported
+    /// as left, unless `abandoned`: a connect gave up on the connection (its caller never
+    /// saw it connected).
     #[napi(ts_return_type = "Promise<boolean>")]
     pub fn cancel_peer<'env>(
         &self,
@@ -471,6 +479,7 @@ impl NativeCommunicator {
         peer_key: String,
         reason: String,
         timeout_ms: Option<f64>,
+        abandoned: Option<bool>,
     ) -> Result<PromiseRaw<'env, bool>, Code> {
         let error = match reason.as_str() {
             "abort" => kvtransfer_engine::Error::Aborted,
@@ -487,7 +496,11 @@ impl NativeCommunicator {
         };
         let engine = self.engine.clone();
         on_thread(env, "kvt-cancel", peer_key.clone(), move || {
-            Ok(engine.cancel_peer(&peer_key, error))
+            Ok(if abandoned == Some(true) {
+                engine.abandon_connect(&peer_key, error)
+            } else {
+                engine.cancel_peer(&peer_key, error)
+            })
         })
     }
 
@@ -516,6 +529,7 @@ impl NativeCommunicator {
         on_thread(env, "kvt-close", "this communicator".into(), move || {
             engine.close();
             lock(&arrival_fn).take();
+            engine.on_peer_left(None);
             Ok(())
         })
     }

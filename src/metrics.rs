@@ -1,7 +1,8 @@
 //! `metrics()` and the refusal counter of `NativeCommunicator` (counters kept by the
 //! engine; see `crates/engine/src/metrics.rs` for what is counted where).
 
-use crate::{Code, NativeCommunicator};
+use crate::errors::Code;
+use crate::NativeCommunicator;
 use kvtransfer_engine::{MetricsSnapshot, LATENCY_BUCKETS};
 use napi::bindgen_prelude::Result;
 use napi_derive::napi;
@@ -24,6 +25,9 @@ pub struct NativeCounters {
     pub latency_p99_ms: f64,
     pub notices_sent: f64,
     pub notices_received: f64,
+    /// Arrival notices nobody consumed: `metrics()` adds, to the engine's count of notices
+    /// with no one to hand them to, those evicted beyond `maxPendingArrivals` before an
+    /// `'arrival'` listener received them or a `waitForArrival` resolved with them.
     pub notices_dropped: f64,
     pub reconnects: f64,
 }

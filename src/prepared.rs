@@ -6,7 +6,8 @@
 //! reference passed as an argument, which cost about a third of the native part of each
 //! prepared call.
 
-use crate::{block_id_slices, to_js_error, BlockIdSlices, Code, NativeCommunicator};
+use crate::errors::{to_js_error, Code};
+use crate::{block_id_slices, BlockIdSlices, NativeCommunicator};
 use kvtransfer_engine::PreparedBlocks;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;

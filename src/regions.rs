@@ -2,7 +2,7 @@
 //! owned by JS, or memory another process shares (an imported region). Converted to the
 //! addresses the engine registers; imports are mapped here and handed to the engine.
 
-use crate::{invalid, to_js_error, Code};
+use crate::errors::{invalid, to_js_error, Code};
 use kvtransfer_engine::{
     parse_cuda_ipc_handle, ImportSource, ImportSpec, ImportedMemory, Importer,
 };

@@ -2,7 +2,7 @@
 //! [`SidecarServer`] become calls of one JS function; answers go back through `send`.
 
 use crate::calls::PeerCalls;
-use crate::{napi_failure, to_js_error, Code};
+use crate::errors::{napi_failure, to_js_error, Code};
 use kvtransfer_engine::{lock, PreparedBlocks, SidecarEvent, SidecarOptions, SidecarServer};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};

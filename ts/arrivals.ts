@@ -1,6 +1,16 @@
 /**
  * Arrival notices on the receiving side: kept per tag (up to a bound) for waiters that come
  * later, and handed to the waiters of their tag.
+ *
+ * The rule, which the README and the `maxPendingArrivals` option state:
+ * - Every notice is kept for `waitForArrival`, whether or not an `'arrival'` listener got
+ *   it: adding a listener never changes what a wait sees.
+ * - A notice is consumed once an `'arrival'` listener received it or a `waitForArrival`
+ *   resolved with it.
+ * - Beyond `maxPendingArrivals` kept notices, the oldest tag's notices are evicted, except
+ *   those of a tag a `waitForArrival` is waiting for (they are what it gathers).
+ * - `noticesDropped` counts the evicted notices that nobody consumed. `forgetArrivals`
+ *   drops nothing the user did not ask to drop, so it counts nothing.
  */
 import { type DeadlineOptions, withDeadline } from './deadline'
 import { KvTransferError, abortError, describeValue, invalidArgument, showValue } from './errors'
@@ -29,6 +39,12 @@ export interface WaitOptions {
   timeoutMs?: number
   /** Aborts the wait; the promise rejects with `ERR_ABORTED`. */
   signal?: AbortSignal
+}
+
+/** A kept notice, and whether a listener or a wait consumed it. */
+interface Kept {
+  arrival: Arrival
+  consumed: boolean
 }
 
 interface Waiter {
@@ -73,33 +89,45 @@ export function layerSet(layers: unknown, layerCount: number): Set<number> {
   return new Set(layers as number[])
 }
 
-/** Arrival notices kept per tag (oldest tag dropped first beyond `maxPending`) and their waiters. */
+/**
+ * Arrival notices kept per tag (oldest tag evicted first beyond `maxPending`, unless a wait
+ * is gathering it) and their waiters. See the rule above.
+ */
 export class Arrivals {
-  private readonly arrived = new Map<string, Arrival[]>()
+  private readonly arrived = new Map<string, Kept[]>()
   private count = 0
   private readonly waiters = new Map<string, Set<Waiter>>()
 
   constructor(
     private readonly maxPending: number,
-    /** Called for each notice evicted beyond `maxPending`. */
+    /** Called for each notice evicted unconsumed (what `noticesDropped` counts). */
     private readonly onDrop: (arrival: Arrival) => void = () => undefined,
   ) {}
 
-  /** Keeps `arrival` and settles the waiters of its tag that it completes. */
-  add(arrival: Arrival): void {
+  /**
+   * Keeps `arrival` (`handled`: an `'arrival'` listener takes it, so it is consumed) and
+   * settles the waiters of its tag that it completes; then evicts beyond the bound.
+   */
+  add(arrival: Arrival, handled = false): void {
     const key = tagKey(arrival.tag)
     let list = this.arrived.get(key)
     if (!list) this.arrived.set(key, (list = []))
-    list.push(arrival)
+    list.push({ arrival, consumed: handled })
     this.count++
-    while (this.count > this.maxPending) {
-      // Oldest tag first: Map iteration order is insertion order.
-      const [oldest, entries] = this.arrived.entries().next().value as [string, Arrival[]]
-      this.arrived.delete(oldest)
-      this.count -= entries.length
-      for (const dropped of entries) this.onDrop(dropped)
-    }
     for (const waiter of this.waiters.get(key) ?? []) this.settle(key, waiter)
+    this.evict()
+  }
+
+  /** Evicts the oldest tags' notices until at most `maxPending` are kept (tags being waited for stay). */
+  private evict(): void {
+    // Oldest tag first: Map iteration order is insertion order (deleting while iterating is safe).
+    for (const [key, entries] of this.arrived) {
+      if (this.count <= this.maxPending) return
+      if (this.waiters.has(key)) continue
+      this.arrived.delete(key)
+      this.count -= entries.length
+      for (const kept of entries) if (!kept.consumed) this.onDrop(kept.arrival)
+    }
   }
 
   /**
@@ -122,7 +150,7 @@ export class Arrivals {
     this.settle(key, waiter)
     return withDeadline(landed, options, {
       timeout: () => {
-        const got = new Set((this.arrived.get(key) ?? []).map((a) => a.layerIdx))
+        const got = new Set((this.arrived.get(key) ?? []).map((k) => k.arrival.layerIdx))
         const missing = [...layers].filter((l) => !got.has(l))
         return new KvTransferError(
           'ERR_TIMEOUT',
@@ -130,6 +158,7 @@ export class Arrivals {
         )
       },
       abort: () => abortError(`waitForArrival(${String(tag)})`),
+      // What it gathered beyond the bound is evicted with the next notice.
       abandon: () => this.remove(key, waiter),
     })
   }
@@ -151,13 +180,15 @@ export class Arrivals {
     }
   }
 
-  /** Resolves `waiter` if all its layers arrived; returns whether it did. */
+  /** Resolves `waiter` if all its layers arrived (consuming their notices); returns whether it did. */
   private settle(key: string, waiter: Waiter): boolean {
     const list = this.arrived.get(key) ?? []
-    const landed = new Set(list.map((a) => a.layerIdx))
+    const landed = new Set(list.map((k) => k.arrival.layerIdx))
     for (const layer of waiter.layers) if (!landed.has(layer)) return false
     this.remove(key, waiter)
-    waiter.resolve(list.filter((a) => waiter.layers.has(a.layerIdx)))
+    const taken = list.filter((k) => waiter.layers.has(k.arrival.layerIdx))
+    for (const kept of taken) kept.consumed = true
+    waiter.resolve(taken.map((k) => k.arrival))
     return true
   }
 

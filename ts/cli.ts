@@ -3,6 +3,7 @@
  * The `kvtransfer` command line. Subcommands: `bench`, `doctor` and `serve` (see `kvtransfer <command> --help`).
  */
 import * as fs from 'node:fs'
+import * as path from 'node:path'
 import { parseArgs } from 'node:util'
 import {
   BenchOptions,
@@ -300,16 +301,29 @@ async function runDoctor(argv: string[]): Promise<number> {
   return (chosen && !chosen.usable) || (sidecar && 'error' in sidecar) ? 1 : 0
 }
 
+/** The version of this package (its package.json, next to lib/). */
+function packageVersion(): string {
+  const manifest = JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')) as {
+    version?: unknown
+  }
+  return String(manifest.version)
+}
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv
   if (command === 'bench') return bench(rest)
   if (command === 'doctor') return runDoctor(rest)
   if (command === 'serve') return runServe(rest)
+  if (command === '--version' || command === '-V') {
+    process.stdout.write(`${packageVersion()}\n`)
+    return 0
+  }
   if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
     process.stdout.write(
-      `Usage: kvtransfer <command>\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n` +
+      `Usage: kvtransfer <command>\n       kvtransfer --version\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n` +
         `  doctor   what this host can do: RDMA, GPUs, KVCACHE_* variables, usable transports (kvtransfer doctor --help)\n` +
-        `  serve    the sidecar that PyTorch workers on this host attach their KV caches to (kvtransfer serve --help)\n`,
+        `  serve    the sidecar that PyTorch workers on this host attach their KV caches to (kvtransfer serve --help)\n\n` +
+        `Options:\n  -V, --version  print the version of kvtransfer\n  -h, --help     this text\n`,
     )
     return command === undefined ? 2 : 0
   }

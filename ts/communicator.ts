@@ -7,14 +7,27 @@ import * as os from 'node:os'
 import {
   type ArrivalNotice,
   NativeCommunicator,
+  type PeerLeftNotice,
   checkDstTpSize as checkDstTpSizeNative,
   writeCache as nativeWriteCache,
   writePrepared as nativeWritePrepared,
 } from '../index.js'
 import { type Arrival, Arrivals, type WaitOptions, layerSet } from './arrivals'
-import { ControlServer, exchange } from './control'
-import { type DeadlineOptions, type Expiry, withDeadline } from './deadline'
-import { KvTransferError, abortError, describeValue, fromNative, invalidArgument, native, nativeAsync } from './errors'
+import { type CallAbortHandle, PendingCalls } from './calls'
+import { Connector } from './connecting'
+import { ControlServer } from './control'
+import { type DeadlineOptions, withDeadline } from './deadline'
+import {
+  KvTransferError,
+  type KvTransferErrorCode,
+  abortError,
+  describeValue,
+  fromNative,
+  invalidArgument,
+  native,
+  nativeAsync,
+} from './errors'
+import type { CommunicatorEvent, CommunicatorEvents } from './events'
 import {
   type BlockIds,
   type CacheRegion,
@@ -48,16 +61,9 @@ import { Peer } from './peer'
 import { PreparedBlocks } from './prepared'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
 
-/** A `writeCache` call handed to the engine, settled by `onCallSettled`. */
-interface PendingCall {
-  resolve: () => void
-  reject: (error: KvTransferError) => void
-}
-
-/** Never fires in practice: the interval only holds the event loop open while referenced. */
-const KEEP_ALIVE_INTERVAL_MS = 0x7fff_ffff
-
-function keepAliveTick(): void {}
+// `await using` looks `Symbol.asyncDispose` up; Node 20 before 20.4 lacks it. Node's own
+// is this registered symbol, so both agree where it exists.
+;(Symbol as { asyncDispose?: symbol }).asyncDispose ??= Symbol.for('nodejs.asyncDispose')
 
 /** The options of a `writeCache` given none (shared: no object per call). */
 const NO_OPTIONS: WriteOptions = Object.freeze({})
@@ -67,7 +73,12 @@ const NO_OPTIONS: WriteOptions = Object.freeze({})
  * decode (receiver). Every communicator listens on its `port`; a writer `connect`s to the
  * receiver and then pushes blocks with `writeCache`.
  *
- * Events: `'arrival'` ({@link Arrival}) on the receiving side for every tagged call.
+ * Events ({@link CommunicatorEvents}, typed): `'arrival'` ({@link Arrival}) on the
+ * receiving side for every tagged call; `'peer-left'` ({@link PeerLeft}) on the writing
+ * side when a connected peer's connection broke or was torn down.
+ *
+ * `await using comm = await RDMACommunicator.create(…)` closes it when the scope ends
+ * (`Symbol.asyncDispose`).
  *
  * Prefer `await RDMACommunicator.create(options)`, which resolves once the communicator
  * listens. When its start fails (a port in use, a host that cannot be bound), `ready`
@@ -99,22 +110,12 @@ export class RDMACommunicator extends EventEmitter {
   /** Layers of the local cache (what `waitForArrival` may wait for). */
   private readonly layerCount: number
   private readonly arrivals: Arrivals
-  private readonly pendingCalls = new Map<number, PendingCall>()
+  /** The `writeCache` calls the engine has not settled yet. */
+  private readonly calls = new PendingCalls()
   /** Arrival notices evicted unconsumed (beyond `maxPendingArrivals`), per writer. */
   private readonly droppedNotices: DroppedNotices = new Map()
-  /**
-   * Data connections that a `connect` gave up on at its deadline while the engine was still
-   * opening them: each settles once that attempt ended and, if it opened, was torn down. A
-   * later `connect` to the same peer waits for it first.
-   */
-  private readonly abandoned = new Map<string, Promise<void>>()
-  private nextCallId = 0
-  /**
-   * Referenced exactly while `writeCache` calls are pending: the native function that
-   * settles them is weak (shared by all calls), so an idle communicator lets the process
-   * exit while a pending call keeps it running.
-   */
-  private readonly keepAlive: NodeJS.Timeout
+  /** The handshakes of `connect`, and the attempts a deadline gave up on. */
+  private readonly connector: Connector
   private boundPort: number
   private closing: Promise<void> | undefined
   /** Why the start failed (`ready`'s rejection), once it did: every later call fails with it. */
@@ -174,11 +175,12 @@ export class RDMACommunicator extends EventEmitter {
       () =>
         new NativeCommunicator(
           settings.native,
-          (callId, error) => this.onCallSettled(callId, error),
+          (callId, error) => this.calls.settled(callId, error),
           (notice) => this.onArrival(notice),
+          (left) => this.onPeerLeft(left),
         ),
     )
-    this.keepAlive = setInterval(keepAliveTick, KEEP_ALIVE_INTERVAL_MS).unref()
+    this.connector = new Connector(this.native)
     this.control = new ControlServer(settings.host, settings.port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
       hello: (hello) => native(() => this.native.accept(hello)),
@@ -298,40 +300,10 @@ export class RDMACommunicator extends EventEmitter {
     } catch (error) {
       throw this.startError ? this.startFailure() : fromNative(error)
     }
-    const started = Date.now()
-    // What is left of the timeout (at least 1 ms); undefined: none.
-    const left = () =>
-      timeoutMs === undefined ? undefined : Math.max(1, Math.ceil(timeoutMs - (Date.now() - started)))
+    await this.connector.open({ ip, port: peerPort, dstTpSize, timeoutMs, signal })
     const key = `${ip}:${peerPort}`
-    const what = `connect to ${ip}:${peerPort}`
-    const deadline = (): DeadlineOptions => ({ timeoutMs: left(), signal })
-    const expired = {
-      timeout: (cause?: unknown) =>
-        new KvTransferError('ERR_TIMEOUT', `timed out after ${timeoutMs} ms: ${what}`, { cause }),
-      abort: () => abortError(what),
-    }
-    const earlier = this.abandoned.get(key)
-    if (earlier) await withDeadline(earlier, deadline(), expired)
-    // challenge → nonce (the acceptor proves the shared secret), then hello → welcome.
-    const challenge = native(() => this.native.authChallenge(key))
-    const response = await exchange(ip, peerPort, 'challenge', challenge, left(), signal, timeoutMs)
-    if (signal?.aborted) throw abortError(what)
-    const hello = native(() => this.native.hello(key, response))
-    const reply = await exchange(ip, peerPort, 'hello', hello, left(), signal, timeoutMs)
-    if (signal?.aborted) throw abortError(what)
-    // The engine bounds opening the data path by `connectTimeoutMs`; this call's deadline
-    // may end the wait earlier, and then the attempt is torn down once it ends.
-    const opening = nativeAsync(this.native.finishConnect(key, ip, reply, dstTpSize))
-    const outcome = opening.catch((error: unknown) => {
-      // The engine's bound and this call's deadline ended together: report the deadline.
-      throw timeoutMs !== undefined && Date.now() - started >= timeoutMs ? expired.timeout(error) : error
-    })
-    await withDeadline(outcome, deadline(), {
-      ...expired,
-      abandon: (reason) => this.abandon(key, opening, reason, timeoutMs),
-    })
     this.remember(
-      new Peer(
+      Peer.of(
         ip,
         peerPort,
         native(() => this.native.peer(key)),
@@ -362,7 +334,7 @@ export class RDMACommunicator extends EventEmitter {
     // Connected (under the port's other spelling), or not: the engine says which.
     const peer =
       this.peers.get(ip)?.get(peerPort) ??
-      new Peer(
+      Peer.of(
         ip,
         peerPort,
         native(() => this.native.peer(key)),
@@ -370,23 +342,6 @@ export class RDMACommunicator extends EventEmitter {
       )
     this.remember(peer)
     return peer
-  }
-
-  /** Tears the data path that `opening` opens down as soon as it opened (see `abandoned`). */
-  private abandon(key: string, opening: Promise<void>, reason: Expiry, timeoutMs: number | undefined): void {
-    const ended: Promise<void> = opening
-      .then(
-        () => this.native.cancelPeer(key, reason, timeoutMs),
-        () => undefined,
-      )
-      .then(
-        () => undefined,
-        () => undefined,
-      )
-      .finally(() => {
-        if (this.abandoned.get(key) === ended) this.abandoned.delete(key)
-      })
-    this.abandoned.set(key, ended)
   }
 
   /** Whether a usable connection to `ip:port` exists. */
@@ -410,7 +365,7 @@ export class RDMACommunicator extends EventEmitter {
     const key = byPeer ? this.own(peerOrIp).key : `${toHost('ip', peerOrIp)}:${toPort('port', a as number | string)}`
     const local = toBlockIds('localBlockIds', (byPeer ? a : b) as BlockIds)
     const remote = toBlockIds('remoteBlockIds', (byPeer ? b : c) as BlockIds)
-    return new PreparedBlocks(native(() => this.native.prepareBlocks(key, local, remote)))
+    return PreparedBlocks.of(native(() => this.native.prepareBlocks(key, local, remote)))
   }
 
   /**
@@ -513,16 +468,27 @@ export class RDMACommunicator extends EventEmitter {
       this.countRefused(peer.key, error)
       return Promise.reject(error)
     }
-    const callId = this.nextCallId
-    this.nextCallId = (callId + 1) >>> 0
+    const callId = this.calls.nextId()
+    // With a signal, the engine hands out the call's abort (none is made otherwise).
+    const abortable = signal !== undefined || undefined
+    let abort: CallAbortHandle | null
     try {
-      if (local === undefined)
-        nativeWritePrepared(peer.native, callId, (blocks as PreparedBlocks).list, layerIdx, tag, timeoutMs)
-      else nativeWriteCache(peer.native, callId, local, remote!, layerIdx, tag, timeoutMs)
+      abort =
+        local === undefined
+          ? nativeWritePrepared(
+              peer.native,
+              callId,
+              (blocks as PreparedBlocks).list,
+              layerIdx,
+              tag,
+              timeoutMs,
+              abortable,
+            )
+          : nativeWriteCache(peer.native, callId, local, remote!, layerIdx, tag, timeoutMs, abortable)
     } catch (error) {
       return Promise.reject(fromNative(error))
     }
-    return this.pending(callId, peer.key, signal)
+    return this.calls.track(callId, signal, abort)
   }
 
   /**
@@ -546,36 +512,6 @@ export class RDMACommunicator extends EventEmitter {
     } catch {
       // Counting must never turn a refusal into another error.
     }
-  }
-
-  /** The Promise of call `callId`, handed to the engine (settled by `onCallSettled`). */
-  private pending(callId: number, key: string, signal: AbortSignal | undefined): Promise<void> {
-    // The engine settles the call asynchronously (through the event loop), so registering
-    // it after the native call returns cannot miss its outcome.
-    const settled = new Promise<void>((resolve, reject) => {
-      this.pendingCalls.set(callId, { resolve, reject })
-    })
-    if (this.pendingCalls.size === 1) this.keepAlive.ref()
-    if (!signal) return settled
-    // Abort: the native cancel resets the link; this call then rejects with ERR_ABORTED
-    // from the engine, after the teardown.
-    const onAbort = () => void this.native.cancelPeer(key, 'abort').catch(() => undefined)
-    signal.addEventListener('abort', onAbort, { once: true })
-    return settled.finally(() => signal.removeEventListener('abort', onAbort))
-  }
-
-  /** The engine's outcome of call `callId`: `error` (with its `code`) when it failed. */
-  private onCallSettled(callId: number, error?: Error | null): void {
-    const call = this.pendingCalls.get(callId)
-    if (!call) return
-    this.pendingCalls.delete(callId)
-    if (this.pendingCalls.size === 0) {
-      // Closing: no call can start any more, so the keep-alive is done for good.
-      if (this.closing) clearInterval(this.keepAlive)
-      else this.keepAlive.unref()
-    }
-    if (error == null) call.resolve()
-    else call.reject(fromNative(error))
   }
 
   /**
@@ -624,7 +560,7 @@ export class RDMACommunicator extends EventEmitter {
     return metricsText([this])
   }
 
-  /** @internal What {@link metricsText} renders. */
+  /** What {@link metricsText} renders (its symbol is not exported: not for direct use). */
   [METRICS_SOURCE](): MetricsSource {
     return { native: this.native.metrics(), dropped: this.droppedNotices }
   }
@@ -636,8 +572,13 @@ export class RDMACommunicator extends EventEmitter {
       layerIdx: notice.layerIdx,
       blocks: notice.blocks,
     }
-    this.arrivals.add(arrival)
+    // Kept for waitForArrival either way; a listener that takes it consumes it (see Arrivals).
+    this.arrivals.add(arrival, this.listenerCount('arrival') > 0)
     this.emit('arrival', arrival)
+  }
+
+  private onPeerLeft(left: PeerLeftNotice): void {
+    this.emit('peer-left', { peer: left.peer, code: left.code as KvTransferErrorCode, reason: left.reason })
   }
 
   /**
@@ -693,9 +634,28 @@ export class RDMACommunicator extends EventEmitter {
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()
-      if (this.pendingCalls.size === 0) clearInterval(this.keepAlive)
+      this.calls.close()
       this.peers.clear()
     }
     return this.closing
   }
+
+  /** `await using comm = …`: closes the communicator when the scope ends (`close()`). */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close()
+  }
+}
+
+/** The events of {@link CommunicatorEvents}, typed (merged into the class). */
+export interface RDMACommunicator {
+  on<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
+  once<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
+  off<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
+  addListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
+  removeListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
+  prependListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
+  prependOnceListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
+  removeAllListeners(event?: CommunicatorEvent): this
+  emit<E extends CommunicatorEvent>(event: E, ...args: Parameters<CommunicatorEvents[E]>): boolean
+  listenerCount(event: CommunicatorEvent): number
 }

@@ -25,6 +25,7 @@ export type {
 } from './options'
 export type { RequestTag } from './tags'
 export type { Arrival, WaitOptions } from './arrivals'
+export type { CommunicatorEvent, CommunicatorEvents, PeerLeft } from './events'
 export { METRICS_CONTENT_TYPE, metricsHandler, metricsText } from './metrics'
 export type { Counters, LatencySummary, Metrics, PeerMetrics } from './metrics'
 export { doctor, formatDoctor } from './doctor'

@@ -8,7 +8,8 @@
  *   reconnects; peers keyed `ip:port`.
  * - receiving side: bytes received (TCP: every payload byte landed; RDMA writes are
  *   one-sided, so only the bytes announced by tagged calls' arrival notices), notices
- *   received and dropped (no listener, or evicted unconsumed beyond `maxPendingArrivals`);
+ *   received and dropped (evicted beyond `maxPendingArrivals` before an `'arrival'`
+ *   listener or a `waitForArrival` consumed them; see ts/arrivals.ts);
  *   peers keyed by the writer's `name`.
  * - per peer only for peers a link was opened with (at most 4096); the rest (a call refused
  *   because its peer was never connected names any string it was given) counts in the
@@ -137,7 +138,11 @@ const COUNTERS: Array<[CounterField, string, string]> = [
   ['callsSucceeded', 'calls_succeeded', 'writeCache calls that succeeded.'],
   ['noticesSent', 'notices_sent', 'Arrival notices sent (tagged calls that succeeded).'],
   ['noticesReceived', 'notices_received', 'Arrival notices received.'],
-  ['noticesDropped', 'notices_dropped', 'Arrival notices dropped (no listener, or evicted unconsumed).'],
+  [
+    'noticesDropped',
+    'notices_dropped',
+    'Arrival notices nobody consumed: evicted beyond maxPendingArrivals before an arrival listener or a waitForArrival took them.',
+  ],
   ['reconnects', 'reconnects', 'Connects that replaced an earlier link to the same peer.'],
 ]
 

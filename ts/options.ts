@@ -93,8 +93,12 @@ export interface CommunicatorOptions {
    */
   authToken?: string
   /**
-   * Most arrival notices kept for tags nobody waits for yet: an integer in 0..2^32-1
-   * (default 65536; 0: none kept).
+   * Most arrival notices kept for a later `waitForArrival`: an integer in 0..2^32-1
+   * (default 65536; 0: none kept). Every notice is kept, whether or not an `'arrival'`
+   * listener got it (a listener never hides a notice from a wait). Beyond the bound the
+   * oldest tag's notices are evicted, except a tag a `waitForArrival` is gathering.
+   * `metrics().noticesDropped` counts the evicted notices nobody consumed: a notice an
+   * `'arrival'` listener received, or a wait resolved with, is consumed.
    */
   maxPendingArrivals?: number
   /**

@@ -24,12 +24,16 @@ export class Peer {
    */
   readonly owner: object
 
-  /** @internal */
-  constructor(ip: string, port: number, native: ExternalObject<'Peer'>, owner: object) {
+  private constructor(ip: string, port: number, native: ExternalObject<'Peer'>, owner: object) {
     this.ip = ip
     this.port = port
     this.key = `${ip}:${port}`
     this.native = native
     this.owner = owner
+  }
+
+  /** @internal Made by the communicator that connected it (`comm.peer(ip, port)`). */
+  static of(ip: string, port: number, native: ExternalObject<'Peer'>, owner: object): Peer {
+    return new Peer(ip, port, native, owner)
   }
 }

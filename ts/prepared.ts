@@ -23,12 +23,16 @@ export class PreparedBlocks {
   /** @internal What the native `writePrepared` takes for this list. */
   readonly list: ExternalObject<'PreparedList'>
 
-  /** @internal */
-  constructor(native: NativePreparedBlocks) {
+  private constructor(native: NativePreparedBlocks) {
     this.native = native
     this.peer = native.peer
     this.blocks = native.blocks
     this.runs = native.runs
     this.list = native.list
+  }
+
+  /** @internal Made by `comm.prepareBlocks`. */
+  static of(native: NativePreparedBlocks): PreparedBlocks {
+    return new PreparedBlocks(native)
   }
 }

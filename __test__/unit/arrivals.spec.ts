@@ -159,13 +159,60 @@ test('beyond maxPending the oldest tag is dropped whole, each of its notices rep
   await t.throwsAsync(waitForDropped, { instanceOf: KvTransferError })
 })
 
-test('a notice that completes a waiter is kept too, and counts toward the bound', (t) => {
+test('a notice that completes a waiter is kept too and counts toward the bound; evicted, it is no drop', async (t) => {
   const dropped: Arrival[] = []
   const arrivals = new Arrivals(1, (arrival) => dropped.push(arrival))
-  void arrivals.wait('a', layerSet(1, 8), {})
+  const wait = arrivals.wait('a', layerSet(1, 8), {})
   arrivals.add(notice('a', 0))
+  t.deepEqual(layersOf(await wait), [0])
+  t.deepEqual(layersOf(await arrivals.wait('a', layerSet(1, 8), {})), [0], 'kept for a later wait')
   arrivals.add(notice('b', 0))
-  t.deepEqual(dropped, [notice('a', 0)])
+  t.deepEqual(dropped, [], "'a' was evicted for 'b', but a wait had consumed it")
+  arrivals.add(notice('c', 0))
+  t.deepEqual(dropped, [notice('b', 0)], 'nobody consumed b')
+})
+
+test('a notice a listener handled is kept for waits all the same; evicted, it is no drop', async (t) => {
+  const dropped: Arrival[] = []
+  const arrivals = new Arrivals(2, (arrival) => dropped.push(arrival))
+  arrivals.add(notice('heard', 0), true)
+  arrivals.add(notice('heard', 1), true)
+  t.deepEqual(layersOf(await arrivals.wait('heard', layerSet(2, 8), {})), [0, 1], 'a listener does not hide it')
+  arrivals.add(notice('unheard', 0))
+  arrivals.add(notice('unheard', 1))
+  t.deepEqual(dropped, [], "'heard' was evicted, consumed")
+  arrivals.add(notice('later', 0), true)
+  t.deepEqual(dropped, [notice('unheard', 0), notice('unheard', 1)], 'only what nobody consumed counts')
+})
+
+test('maxPending 0: nothing stays kept, a handled notice is no drop, and a wait in progress still gets its notice', async (t) => {
+  const dropped: Arrival[] = []
+  const arrivals = new Arrivals(0, (arrival) => dropped.push(arrival))
+  arrivals.add(notice('heard', 0), true)
+  t.deepEqual(dropped, [])
+  arrivals.add(notice('unheard', 0))
+  t.deepEqual(dropped, [notice('unheard', 0)], 'no listener, no wait: dropped at once')
+  const wait = arrivals.wait('awaited', layerSet(1, 8), {})
+  arrivals.add(notice('awaited', 0))
+  t.deepEqual(layersOf(await wait), [0])
+  t.deepEqual(dropped, [notice('unheard', 0)])
+})
+
+test('the notices of a tag a wait is gathering are not evicted, whatever the bound', async (t) => {
+  const dropped: Arrival[] = []
+  const arrivals = new Arrivals(2, (arrival) => dropped.push(arrival))
+  const wait = arrivals.wait('long', layerSet(3, 8), {})
+  arrivals.add(notice('long', 0))
+  arrivals.add(notice('other', 0))
+  arrivals.add(notice('long', 1))
+  arrivals.add(notice('more', 0))
+  t.deepEqual(
+    dropped,
+    [notice('other', 0), notice('more', 0)],
+    "the tags no wait gathers went (the gathered notices count toward the bound); 'long' stayed",
+  )
+  arrivals.add(notice('long', 2))
+  t.deepEqual(layersOf(await wait), [0, 1, 2])
 })
 
 test('forget drops the kept notices of a tag and frees their room', async (t) => {

@@ -33,8 +33,8 @@ mod wire;
 pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
 pub use doctor::{host_report, HostReport, TransportReport};
 pub use engine::{
-    CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, PeerHandle, PeerInfo,
-    PeerMetrics, PreparedBlocks, TransportDecision, WriteCall,
+    CallAbort, CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, PeerHandle,
+    PeerInfo, PeerLeft, PeerLeftSink, PeerMetrics, PreparedBlocks, TransportDecision, WriteCall,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;

@@ -5,7 +5,7 @@
 
 use futures_executor::block_on;
 use kvtransfer_engine::{
-    BlockIds, CallBlocks, CallPeer, Engine, OnDone, Role, TransportKind, WriteCall,
+    BlockIds, CallBlocks, CallPeer, Engine, OnDone, PeerLeft, Role, TransportKind, WriteCall,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -419,6 +419,11 @@ fn nvlink_peer_death_fails_pending_calls_in_bounded_time() {
     let gpu = require_gpu("nvlink_peer_death_fails_pending_calls_in_bounded_time");
     let (layers, blocks, block_bytes) = (4, 1538, 256 << 10);
     let prefill = prefill(&gpu, layers, blocks, block_bytes, "nvlink");
+    let left = Arc::new(std::sync::Mutex::new(Vec::new()));
+    prefill.engine.on_peer_left(Some({
+        let left = Arc::clone(&left);
+        Arc::new(move |report: PeerLeft| left.lock().unwrap().push(report))
+    }));
     let mut peer = Peer::spawn(last_gpu(), layers, blocks, block_bytes, "alloc", "zero");
     connect(&prefill.engine, &mut peer);
     let ids: Vec<u32> = permutation(blocks, 5);
@@ -474,6 +479,15 @@ fn nvlink_peer_death_fails_pending_calls_in_bounded_time() {
         "nvlink peer killed: {failed} of 16 pending calls failed typed, link dead after {:?}",
         killed.elapsed()
     ));
+    // The side channel's end reported the peer as left, once.
+    let left = left.lock().unwrap().clone();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        (left[0].peer.as_str(), left[0].code),
+        (KEY, "ERR_PEER_DISCONNECTED"),
+        "{left:?}"
+    );
+    note(&format!("peer left: {}", left[0].reason));
     prefill.engine.close();
 }
 

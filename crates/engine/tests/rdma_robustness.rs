@@ -69,6 +69,13 @@ fn rdma_peer_death_fails_pending_calls_within_the_configured_timeout() {
     let dev = device("rdma_peer_death_fails_pending_calls_within_the_configured_timeout");
     let prefill = side(Role::Prefill, &dev, None);
     let decode = side(Role::Decode, &dev, None);
+    let left = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    prefill.engine.on_peer_left(Some({
+        let left = std::sync::Arc::clone(&left);
+        std::sync::Arc::new(move |report: kvtransfer_engine::PeerLeft| {
+            left.lock().unwrap().push(report)
+        })
+    }));
     connect(&prefill, &decode, "decode");
     let ids: Vec<u32> = (0..32).collect();
     settle(submit(&prefill, &ids, None)).unwrap();
@@ -102,6 +109,15 @@ fn rdma_peer_death_fails_pending_calls_within_the_configured_timeout() {
     }
     assert!(took < timeout + Duration::from_secs(2), "{took:?}");
     assert!(!prefill.engine.is_connected("decode"));
+    // Reported once as a peer that left, with the code its call failed with.
+    let left = left.lock().unwrap().clone();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        (left[0].peer.as_str(), left[0].code),
+        ("decode", err.code()),
+        "{left:?}"
+    );
+    eprintln!("rdma peer left: {}: {}", left[0].code, left[0].reason);
 }
 
 #[test]

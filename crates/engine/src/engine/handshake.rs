@@ -7,6 +7,7 @@
 //! of preference, that the connector offered and that can serve it, and replies with that
 //! one endpoint.
 
+use super::left::LeftReport;
 use super::peers::Peer;
 use super::{ConnectAuth, Engine};
 use crate::auth::{self, Challenge, Envelope, Response};
@@ -305,8 +306,13 @@ impl Engine {
                 });
             }
         }
-        let link = self.open_link(peer_key, host, &envelope.descriptor, peer_tp_size);
+        // Made before the link: the link reports a break of its own through it.
+        let left = LeftReport::new(peer_key, &self.inner.peer_left);
+        let link = self.open_link(peer_key, host, &envelope.descriptor, peer_tp_size, &left);
         self.forget_offers(peer_key);
+        if link.is_err() {
+            left.silence();
+        }
         let OpenedLink {
             transport: chosen,
             remote_layout,
@@ -317,16 +323,26 @@ impl Engine {
         let transport = link.kind().name();
         let counters = Arc::new(self.inner.metrics.connected(peer_key, link.kind().code()));
         self.record_decision(peer_key, chosen, &declined);
-        let peer = Arc::new(Peer::new(peer_key, remote_layout, shard, link, counters));
+        let peer = Arc::new(Peer::new(
+            peer_key,
+            remote_layout,
+            shard,
+            link,
+            counters,
+            left,
+        ));
         let replaced = {
             let _guard = crate::util::lock(&self.inner.close_lock);
             if self.inner.closed.load(Ordering::SeqCst) {
+                peer.left.silence();
                 peer.link.shutdown();
                 return Err(Error::Closed);
             }
             self.inner.peers.insert(peer_key, peer)
         };
         if let Some(old) = replaced {
+            // Replaced by this connection: the peer did not leave.
+            old.left.silence();
             old.link.shutdown();
         }
         debug!("connected to {peer_key} over {transport}");
@@ -470,6 +486,7 @@ impl Engine {
         host: &str,
         reply: &[u8],
         peer_tp_size: Option<u32>,
+        left: &Arc<LeftReport>,
     ) -> Result<OpenedLink<'_>> {
         let remote = Descriptor::decode(reply).map_err(|e| Error::protocol(peer_key, e.0))?;
         let remote_layout = self.check_compatible(peer_key, &remote)?;
@@ -502,6 +519,7 @@ impl Engine {
                 peer_key,
                 host,
                 timeout: self.inner.connect_timeout,
+                on_break: &left.hook(),
             },
             &chosen.bytes,
         )?;

@@ -4,13 +4,15 @@
 
 mod explain;
 mod handshake;
+mod left;
 mod peers;
 mod submitter;
 mod tp;
 mod watchdog;
 mod write;
 
-pub use write::{CallBlocks, CallPeer, PeerHandle, PreparedBlocks, WriteCall};
+pub use left::{PeerLeft, PeerLeftSink};
+pub use write::{CallAbort, CallBlocks, CallPeer, PeerHandle, PreparedBlocks, WriteCall};
 
 use crate::auth::{self, Nonce};
 use crate::config::{RdmaSettings, Settings, TransportChoice};
@@ -183,6 +185,8 @@ struct EngineInner {
     metrics: Arc<Metrics>,
     /// Connecting side: why each peer is reached over its transport.
     decisions: Mutex<HashMap<String, TransportDecision>>,
+    /// Where peers that left are reported (`left.rs`).
+    peer_left: left::LeftSlot,
 }
 
 /// One communicator's engine. Cheap to clone (shared state).
@@ -294,6 +298,7 @@ impl Engine {
             submitter: Default::default(),
             metrics,
             decisions: Mutex::new(HashMap::new()),
+            peer_left: Arc::default(),
         };
         let engine = Engine {
             inner: Arc::new(inner),
@@ -382,13 +387,34 @@ impl Engine {
     /// Tears down the link to `peer_key` because of `error` (a timeout or an abort): when
     /// this returns no byte of any of its calls can land any more, and every pending call
     /// failed with `error`. Returns whether a link existed. Other peers are unaffected; a
-    /// later `connect` makes a new link.
+    /// later `connect` makes a new link. The peer is reported as left ([`PeerLeft`], with
+    /// `error`'s code), unless its link had already broken and been reported.
     pub fn cancel_peer(&self, peer_key: &str, error: Error) -> bool {
+        self.tear_down(peer_key, error, true)
+    }
+
+    /// [`Engine::cancel_peer`] for a connection that its `connect` gave up on (it timed out
+    /// or was aborted while the engine was still opening it): its caller never saw it
+    /// connected, so it is not reported as a peer that left.
+    pub fn abandon_connect(&self, peer_key: &str, error: Error) -> bool {
+        self.tear_down(peer_key, error, false)
+    }
+
+    fn tear_down(&self, peer_key: &str, error: Error, report: bool) -> bool {
         // Calls made before the cancel are in the link when it is torn down.
         self.inner.submitter.flush();
         match self.inner.peers.remove(peer_key) {
             Some(peer) => {
                 debug!("cancelling the link to {peer_key}: {error}");
+                // Reported first: the link is not usable from now on.
+                if report {
+                    peer.left.report(
+                        error.code(),
+                        format!("the connection was torn down on request: {error}"),
+                    );
+                } else {
+                    peer.left.silence();
+                }
                 peer.link.cancel(error);
                 true
             }
@@ -484,6 +510,8 @@ impl EngineInner {
             self.peers.drain()
         };
         for peer in peers {
+            // This side closes: no peer left.
+            peer.left.silence();
             peer.link.shutdown();
         }
         self.submitter.stop();

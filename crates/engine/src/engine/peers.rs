@@ -1,5 +1,6 @@
 //! The peer registry: the links this engine writes through, by `host:port` key.
 
+use super::left::LeftReport;
 use crate::layout::CacheLayout;
 use crate::metrics::CallCounters;
 use crate::shard::Shard;
@@ -18,6 +19,8 @@ pub(super) struct Peer {
     pub link: Box<dyn Link>,
     /// Where its calls are counted (the peer's counters outlive reconnects).
     pub counters: Arc<CallCounters>,
+    /// Reports, once, that this connection's link stopped being usable (`left.rs`).
+    pub left: Arc<LeftReport>,
     /// Whether the registry holds it under `key` (set by the registry only): a prepared
     /// list keeps its peer and skips the lookup while this holds.
     registered: AtomicBool,
@@ -30,6 +33,7 @@ impl Peer {
         shard: Shard,
         link: Box<dyn Link>,
         counters: Arc<CallCounters>,
+        left: Arc<LeftReport>,
     ) -> Peer {
         Peer {
             key: key.into(),
@@ -37,6 +41,7 @@ impl Peer {
             shard,
             link,
             counters,
+            left,
             registered: AtomicBool::new(false),
         }
     }

@@ -283,6 +283,13 @@ fn expire(timed: &Timed, peers: &Weak<PeerRegistry>) {
             "writeCache to {peer_key} timed out after {} ms: tearing the connection down",
             timed.ms
         );
+        peer.left.report(
+            "ERR_TIMEOUT",
+            format!(
+                "a writeCache to {peer_key} timed out after {} ms: the connection was torn down",
+                timed.ms
+            ),
+        );
         peer.link.cancel(Error::PeerDisconnected {
             peer: peer_key.to_string(),
             reason: format!(

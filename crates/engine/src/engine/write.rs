@@ -7,9 +7,12 @@ use super::watchdog::Watchdog;
 use super::{Engine, EngineInner};
 use crate::error::{Error, Result};
 use crate::plan::{self, BlockIds, PlanLimits, Run};
-use crate::transport::{Accounting, Completion, CompletionCallback, Done, OnDone, PooledRuns};
+use crate::transport::{
+    Accounting, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns,
+};
 use crate::transport::{JobPlan, WriteJob, MAX_TAG_BYTES};
-use std::sync::{Arc, Weak};
+use crate::util::lock;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// A block list validated and planned once ([`Engine::prepare_blocks`]) for one peer, to
@@ -205,6 +208,24 @@ impl Engine {
     /// with a layout the plan does not fit; while the connection it was planned against
     /// stays up, the peer is not even looked up.
     pub fn write(&self, call: WriteCall<'_>, on_done: OnDone) -> Result<()> {
+        self.write_with(call, on_done, None)
+    }
+
+    /// [`Engine::write`] of a call that its caller may abort: [`CallAbort::abort`] aborts
+    /// it while it is pending and does nothing once it completed, so an abort that comes
+    /// too late changes nothing (not the call's outcome, not its connection).
+    pub fn write_abortable(&self, call: WriteCall<'_>, on_done: OnDone) -> Result<CallAbort> {
+        let abort = CallAbort::default();
+        self.write_with(call, on_done, Some(abort.clone()))?;
+        Ok(abort)
+    }
+
+    fn write_with(
+        &self,
+        call: WriteCall<'_>,
+        on_done: OnDone,
+        abort: Option<CallAbort>,
+    ) -> Result<()> {
         let WriteCall {
             peer,
             blocks,
@@ -221,7 +242,7 @@ impl Engine {
         let write = prepared.inspect_err(|error| {
             self.inner.metrics.peer(peer.key()).failed(error);
         })?;
-        self.dispatch(write, on_done, timeout);
+        self.dispatch(write, on_done, timeout, abort);
         Ok(())
     }
 
@@ -464,12 +485,19 @@ impl Engine {
 
     /// Queues a checked call for the submitting thread (or, when there is none, hands it
     /// off here). The call's latency and its `timeout` count from now (one clock read).
-    fn dispatch(&self, write: PreparedWrite, on_done: OnDone, timeout: Option<Duration>) {
+    fn dispatch(
+        &self,
+        write: PreparedWrite,
+        on_done: OnDone,
+        timeout: Option<Duration>,
+        abort: Option<CallAbort>,
+    ) {
         let call = QueuedCall {
             write,
             on_done,
             started: Instant::now(),
             timeout,
+            abort,
         };
         let inner = &self.inner;
         let queued = inner.submitter.push(call, || {
@@ -490,14 +518,30 @@ pub(super) struct QueuedCall {
     /// When the call was made: its latency and its timeout count from here.
     started: Instant,
     timeout: Option<Duration>,
+    /// Its caller's handle, for a call that may be aborted.
+    abort: Option<CallAbort>,
 }
 
 impl QueuedCall {
     /// Makes the call's completion record, watches its deadline and hands it to its link
-    /// (or completes it at once when it has nothing to send).
+    /// (or completes it at once when it has nothing to send, or fails it when it was
+    /// aborted while queued).
     fn hand_off(self, watchdog: &Arc<Watchdog>, peers: &Weak<PeerRegistry>) {
         let done = counted_done(&self.write, self.on_done, self.started);
         let PreparedWrite { peer, plan, .. } = self.write;
+        if let Some(abort) = &self.abort {
+            let mut state = lock(&abort.state);
+            if let AbortState::AbortedInQueue = *state {
+                drop(state);
+                let _ = done.send(Err(Error::Aborted));
+                return;
+            }
+            *state = AbortState::Submitted {
+                call: done.watch(),
+                peer: Arc::downgrade(&peer),
+                peers: Weak::clone(peers),
+            };
+        }
         if plan.runs.is_empty() && plan.tag.is_none() {
             let _ = done.send(Ok(()));
             return;
@@ -506,6 +550,82 @@ impl QueuedCall {
             watchdog.watch(peers, &peer, &done, self.started, timeout);
         }
         peer.link.submit(WriteJob { plan, done });
+    }
+}
+
+/// Aborts one call while it is pending ([`Engine::write_abortable`]). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct CallAbort {
+    state: Arc<Mutex<AbortState>>,
+}
+
+impl std::fmt::Debug for CallAbort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallAbort")
+    }
+}
+
+#[derive(Default)]
+enum AbortState {
+    /// Not handed to its link yet (on its way to the submitting thread).
+    #[default]
+    Queued,
+    /// Aborted before it reached its link: it fails there with `ERR_ABORTED`, nothing sent.
+    AbortedInQueue,
+    /// Handed to its link: the call and the connection it went on.
+    Submitted {
+        call: Weak<DoneSlot>,
+        peer: Weak<Peer>,
+        peers: Weak<PeerRegistry>,
+    },
+}
+
+impl CallAbort {
+    /// Aborts the call if it is still pending, and returns whether it was. Whether it is
+    /// pending is decided at one instant, against its completion: a call that completed
+    /// first keeps its outcome and its connection is left alone. A pending call fails with
+    /// `ERR_ABORTED`: one not yet handed to its link is never sent; otherwise the
+    /// connection it went on is torn down first (as for a timeout: when this returns,
+    /// none of its bytes can land any more), its other pending calls fail with
+    /// `ERR_ABORTED`, and the peer is reported as left. Blocks for the teardown.
+    pub fn abort(&self) -> bool {
+        let (call, peer, peers) = {
+            let mut state = lock(&self.state);
+            match &*state {
+                AbortState::Queued => {
+                    *state = AbortState::AbortedInQueue;
+                    return true;
+                }
+                AbortState::AbortedInQueue => return false,
+                AbortState::Submitted { call, peer, peers } => {
+                    (call.upgrade(), Weak::clone(peer), Weak::clone(peers))
+                }
+            }
+        };
+        // Released by its transport: it completed.
+        let Some(call) = call else {
+            return false;
+        };
+        if !call.fail_if_pending(Error::Aborted) {
+            return false;
+        }
+        // The connection the call went on (not a newer one under the same key).
+        if let Some(peer) = peer.upgrade() {
+            if let Some(peers) = peers.upgrade() {
+                peers.remove_if_same(&peer.key, &peer);
+            }
+            peer.left.report(
+                "ERR_ABORTED",
+                format!(
+                    "a writeCache to {} was aborted: the connection was torn down so that none of its bytes can land",
+                    peer.key
+                ),
+            );
+            peer.link.cancel(Error::Aborted);
+        }
+        // Normally already failed by the teardown; covers a link that was closed meanwhile.
+        call.complete(Err(Error::Aborted));
+        true
     }
 }
 

@@ -89,6 +89,9 @@ pub struct DoneSlot {
     /// When set, a failure is reported with this error instead (the call timed out and
     /// its link was torn down because of it).
     failure_override: Mutex<Option<Error>>,
+    /// When set, the call fails with this error whatever its transport reports, success
+    /// included (`fail_if_pending`: it was aborted while pending).
+    forced_failure: Mutex<Option<Error>>,
 }
 
 use crate::util::lock;
@@ -104,14 +107,28 @@ impl DoneSlot {
         *lock(&self.failure_override) = Some(error);
     }
 
+    /// Decides, at one instant, that the call fails with `error`: returns false (and
+    /// changes nothing) when it had already completed; else every later completion reports
+    /// `error`, even a success that races with the decision. The caller then tears its
+    /// link down, so that the failure is also true of its bytes.
+    pub fn fail_if_pending(&self, error: Error) -> bool {
+        let pending = lock(&self.pending);
+        if pending.is_none() {
+            return false;
+        }
+        *lock(&self.forced_failure) = Some(error);
+        true
+    }
+
     /// Completes the call unless it already completed; returns whether this call did.
     pub fn complete(&self, result: Result<()>) -> bool {
         let Some(pending) = lock(&self.pending).take() else {
             return false;
         };
-        let result = match result {
-            Ok(()) => Ok(()),
-            Err(error) => Err(lock(&self.failure_override).take().unwrap_or(error)),
+        let result = match (lock(&self.forced_failure).take(), result) {
+            (Some(forced), _) => Err(forced),
+            (None, Ok(())) => Ok(()),
+            (None, Err(error)) => Err(lock(&self.failure_override).take().unwrap_or(error)),
         };
         // Counted before the caller hears of it: its metrics include the call it awaited.
         if let Some(accounting) = pending.accounting {
@@ -155,6 +172,7 @@ impl Done {
                 accounting,
             })),
             failure_override: Mutex::new(None),
+            forced_failure: Mutex::new(None),
         });
         Done { slot }
     }
@@ -284,6 +302,32 @@ mod tests {
         drop(Done::with_callback(report(sender)));
         let codes: Vec<_> = outcomes.iter().map(|r| r.unwrap_err().code()).collect();
         assert_eq!(codes, ["ERR_ABORTED", "ERR_CLOSED"]);
+    }
+
+    #[test]
+    fn a_call_failed_while_pending_reports_that_failure_even_over_a_success() {
+        let (sender, outcomes) = std::sync::mpsc::channel();
+        let report = |sender: std::sync::mpsc::Sender<Result<()>>| -> CompletionCallback {
+            Box::new(move |result| {
+                let _ = sender.send(result);
+            })
+        };
+        let aborted = Done::with_callback(report(sender.clone()));
+        let slot = aborted.watch().upgrade().unwrap();
+        assert!(slot.fail_if_pending(Error::Aborted));
+        assert!(
+            aborted.send(Ok(())).is_ok(),
+            "the success arrives after the decision"
+        );
+        let finished = Done::with_callback(report(sender));
+        let slot = finished.watch().upgrade().unwrap();
+        assert!(finished.send(Ok(())).is_ok());
+        assert!(
+            !slot.fail_if_pending(Error::Aborted),
+            "too late: nothing changes"
+        );
+        let codes: Vec<_> = outcomes.iter().map(|r| r.err().map(|e| e.code())).collect();
+        assert_eq!(codes, [Some("ERR_ABORTED"), None]);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub use registry::TransportDetails;
 pub(crate) use registry::{open_transports, probe, OpenContext, Unusable};
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The connecting peer as the acceptor knows it during the handshake.
@@ -39,8 +40,15 @@ pub(crate) struct AcceptingPeer<'a> {
     pub instance_id: u64,
 }
 
+/// Told that a link broke on its own (the peer's process died or closed the connection,
+/// the connection was lost, a write failed), with the error its calls fail with. A link
+/// calls it when it first marks itself broken; it need not call it for a teardown the
+/// engine asked for (`cancel`, `shutdown`), which the engine reports itself. The engine
+/// reports each connection once, so a second call does nothing.
+pub(crate) type BreakHook = Arc<dyn Fn(&Error) + Send + Sync>;
+
 /// Where the connecting side reaches the acceptor's data path.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub(crate) struct ConnectTarget<'a> {
     /// `host:port` of the acceptor's control plane: the key the peer is known by.
     pub peer_key: &'a str,
@@ -48,6 +56,18 @@ pub(crate) struct ConnectTarget<'a> {
     pub host: &'a str,
     /// How long opening the data path may take (`Duration::ZERO`: no bound).
     pub timeout: Duration,
+    /// What the link calls when it breaks on its own.
+    pub on_break: &'a BreakHook,
+}
+
+impl std::fmt::Debug for ConnectTarget<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectTarget")
+            .field("peer_key", &self.peer_key)
+            .field("host", &self.host)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnectTarget<'_> {

@@ -14,7 +14,7 @@ use super::socket;
 use crate::error::Error;
 use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors};
 use crate::layout::RegionTable;
-use crate::transport::{fail, for_each_copy, Done, Link, TransportKind, WriteJob};
+use crate::transport::{fail, for_each_copy, BreakHook, Done, Link, TransportKind, WriteJob};
 use kvtransfer_cuda::{Event, Gpu, RunKinds};
 use std::collections::VecDeque;
 use std::io::Read;
@@ -72,6 +72,8 @@ struct Shared {
     closing: AtomicBool,
     socket: UnixStream,
     imports: Mutex<Option<Imports>>,
+    /// Told when the link breaks on its own (the peer's process went away, a copy failed).
+    on_break: BreakHook,
 }
 
 pub(crate) struct NvlinkLink {
@@ -86,6 +88,7 @@ impl NvlinkLink {
         gpu: Arc<Gpu>,
         imports: Imports,
         socket: UnixStream,
+        on_break: BreakHook,
     ) -> crate::error::Result<NvlinkLink> {
         let _current = gpu.scoped()?;
         let copies = CopyQueue::new(
@@ -116,6 +119,7 @@ impl NvlinkLink {
             closing: AtomicBool::new(false),
             socket,
             imports: Mutex::new(Some(imports)),
+            on_break,
         });
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -147,12 +151,19 @@ impl Shared {
     }
 
     /// Marks the link broken with `error` (the first error stays unless `replace`).
+    /// A break the link found itself (not `cancel`'s, which replaces, nor one while it
+    /// closes) is reported to `on_break`.
     fn break_with(&self, error: Error, replace: bool) {
-        {
+        let first = {
             let mut failure = lock(&self.failure);
-            if failure.is_none() || replace {
-                *failure = Some(error);
+            let first = failure.is_none();
+            if first || replace {
+                *failure = Some(error.clone());
             }
+            first
+        };
+        if first && !replace && !self.closing.load(Ordering::SeqCst) {
+            (self.on_break)(&error);
         }
         // Submitters waiting for a slot see the failure.
         self.slot_freed.notify_all();

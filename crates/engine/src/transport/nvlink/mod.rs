@@ -265,6 +265,7 @@ impl Transport for NvlinkTransport {
             Arc::clone(&self.gpu),
             imports,
             stream,
+            Arc::clone(target.on_break),
         )?))
     }
 

@@ -48,8 +48,12 @@ pub(super) fn break_link(
     status: &str,
 ) {
     let reason = format!("the RDMA connection broke: {status}; connect again");
+    let first = link.broken.is_none();
     link.broken = Some(reason.clone());
     link.alive.store(false, Ordering::SeqCst);
+    if first {
+        (link.on_break)(&error);
+    }
     for state in &link.qps {
         let _ = state.qp.to_error();
     }

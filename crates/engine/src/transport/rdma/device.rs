@@ -14,7 +14,7 @@ use super::state::{
 use crate::config::RdmaSettings;
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
-use crate::transport::ArrivalSink;
+use crate::transport::{ArrivalSink, BreakHook};
 use kvtransfer_verbs as verbs;
 use kvtransfer_verbs::{
     Access, CompletionChannel, CompletionQueue, Context, Dest, ProtectionDomain, QpCaps, QueuePair,
@@ -388,6 +388,7 @@ impl RdmaDevice {
         peer: &str,
         pending: PendingQps,
         remote: &RdmaEndpoint,
+        on_break: BreakHook,
     ) -> Result<RdmaLink> {
         self.connect_qps(peer, &pending, remote)?;
         if remote.regions.len() != self.shared.table.regions().len() {
@@ -431,6 +432,7 @@ impl RdmaDevice {
             control: VecDeque::new(),
             alive: Arc::clone(&alive),
             broken: None,
+            on_break,
         })));
         Ok(RdmaLink {
             id,
@@ -520,11 +522,11 @@ fn select_gid(
     // Logged once per process: every communicator of a process makes the same choice.
     static LOGGED: std::sync::Once = std::sync::Once::new();
     LOGGED.call_once(|| {
-        crate::log::error(format_args!(
+        crate::log::log_warn!(
             "rdma: GID index {} is not a RoCE v2 IPv4 GID on {} port {port}; using index {index} (set KVCACHE_RDMA_GID_INDEX to choose)",
             crate::config::DEFAULT_GID_INDEX,
             context.name()
-        ))
+        )
     });
     Ok((index, gid))
 }

@@ -114,7 +114,12 @@ impl Transport for RdmaTransport {
             )
         })?;
         let theirs = RdmaEndpoint::decode(theirs).map_err(|e| Error::protocol(peer, e.0))?;
-        Ok(Box::new(self.device.connect(peer, pending, &theirs)?))
+        Ok(Box::new(self.device.connect(
+            peer,
+            pending,
+            &theirs,
+            Arc::clone(target.on_break),
+        )?))
     }
 
     fn forget(&self, peer_key: &str) {

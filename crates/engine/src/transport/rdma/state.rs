@@ -7,7 +7,7 @@ use super::endpoint::QpEndpoint;
 use crate::config::RdmaSettings;
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
-use crate::transport::{ArrivalSink, WriteJob};
+use crate::transport::{ArrivalSink, BreakHook, WriteJob};
 use kvtransfer_verbs::{
     Access, CompletionChannel, CompletionQueue, Context, MemoryRegion, ProtectionDomain, QueuePair,
     SharedReceiveQueue,
@@ -247,6 +247,8 @@ pub(super) struct SenderLink {
     pub(super) control: VecDeque<u64>,
     pub(super) alive: Arc<AtomicBool>,
     pub(super) broken: Option<String>,
+    /// Told when the link breaks on its own (a failed request), not when it is removed.
+    pub(super) on_break: BreakHook,
 }
 
 pub(super) struct ReceiverLink {

@@ -6,7 +6,9 @@ use super::io::{set_socket_options, writev_all};
 use super::{lock, sockopt, staging, MAX_FRAME_PAYLOAD};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
-use crate::transport::{fail, for_each_copy, Done, JobView, Link, TransportKind, WriteJob};
+use crate::transport::{
+    fail, for_each_copy, BreakHook, Done, JobView, Link, TransportKind, WriteJob,
+};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -23,6 +25,8 @@ struct LinkState {
     /// Set by `cancel`: the link's threads only mark it dead; the canceller fails the
     /// pending jobs once the writer has stopped.
     cancelling: Mutex<Option<Error>>,
+    /// Told when the link breaks on its own (not for `cancel`, which marks it dead first).
+    on_break: BreakHook,
 }
 
 impl LinkState {
@@ -37,11 +41,14 @@ impl LinkState {
     }
 
     fn fail_pending(&self, error: &Error) {
-        let drained: Vec<(u64, Done)> = {
+        let (drained, was_alive): (Vec<(u64, Done)>, bool) = {
             let mut pending = lock(&self.pending);
-            self.alive.store(false, Ordering::SeqCst);
-            pending.drain(..).collect()
+            let was_alive = self.alive.swap(false, Ordering::SeqCst);
+            (pending.drain(..).collect(), was_alive)
         };
+        if was_alive {
+            (self.on_break)(error);
+        }
         if !drained.is_empty() {
             crate::log::log_error!(
                 "tcp link to {} broken with {} pending calls: {error}",
@@ -79,6 +86,7 @@ impl TcpLink {
         session: u64,
         table: Arc<RegionTable>,
         timeout: Option<Duration>,
+        on_break: BreakHook,
     ) -> Result<TcpLink> {
         let stream = match timeout {
             Some(timeout) => TcpStream::connect_timeout(&addr, timeout),
@@ -94,6 +102,7 @@ impl TcpLink {
             alive: AtomicBool::new(true),
             pending: Mutex::new(VecDeque::new()),
             cancelling: Mutex::new(None),
+            on_break,
         });
         let (tx, rx) = mpsc::channel::<WriteJob>();
         let writer = {
@@ -329,11 +338,20 @@ fn run_writer(
     }
 }
 
+/// Why the acknowledgement stream ended, for the error of the calls still pending.
+fn lost(error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::UnexpectedEof {
+        "the peer closed the connection (its process exited or closed its communicator); connect again".into()
+    } else {
+        format!("connection lost: {error}; connect again")
+    }
+}
+
 fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
     let mut bytes = [0u8; frame::HEADER_BYTES];
     let error = loop {
         if let Err(e) = stream.read_exact(&mut bytes) {
-            break state.disconnected(format!("connection lost: {e}"));
+            break state.disconnected(lost(&e));
         }
         let header = match Header::decode(&bytes) {
             Ok(h) => h,
@@ -349,7 +367,7 @@ fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
         }
         let mut detail = vec![0u8; header.len as usize];
         if let Err(e) = stream.read_exact(&mut detail) {
-            break state.disconnected(format!("connection lost: {e}"));
+            break state.disconnected(lost(&e));
         }
         let front = lock(&state.pending).pop_front();
         let Some((call_id, done)) = front else {

@@ -147,6 +147,7 @@ impl Transport for TcpTransport {
             theirs.session,
             Arc::clone(&self.table),
             target.bound(),
+            Arc::clone(target.on_break),
         )?))
     }
 

@@ -6,7 +6,13 @@
 
 use crate::error::{Error, Result};
 use crate::transport_kind::TransportKind;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
+
+mod address;
+use address::bind_address;
+#[cfg(test)]
+use address::interface_ipv4;
+pub use address::listen_address;
 use std::sync::OnceLock;
 
 /// What `transport` / `KVCACHE_TRANSPORT` asks for.
@@ -215,21 +221,106 @@ pub fn process() -> &'static ProcessSettings {
     })
 }
 
-/// Logging: `KVCACHE_DEBUG` (a flag), `KVCACHE_DEBUG_FILE`, `KVCACHE_ERROR_FILE` (paths).
+/// How much the engine logs, from least to most: each level prints its own lines and
+/// those of every level before it (`Warn` prints warnings and errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    /// Something failed: a refused handshake or frame, a broken link, a timed-out call.
+    Error,
+    /// The engine made a choice the operator should know of (a GID index it picked itself).
+    Warn,
+    /// Decisions: the transport `auto` chose with each peer, once per peer.
+    Info,
+    /// Everything else: connections, listeners, regions, copy paths.
+    Debug,
+}
+
+impl LogLevel {
+    /// Every level, least verbose first.
+    pub const ALL: [LogLevel; 4] = [
+        LogLevel::Error,
+        LogLevel::Warn,
+        LogLevel::Info,
+        LogLevel::Debug,
+    ];
+
+    /// The name `KVCACHE_LOG_LEVEL` takes and log lines carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+        }
+    }
+
+    /// A level by name, in any case, surrounding blanks ignored.
+    pub fn parse(text: &str) -> Option<Self> {
+        let name = text.trim().to_ascii_lowercase();
+        Self::ALL.into_iter().find(|level| level.name() == name)
+    }
+}
+
+/// A library is quiet: only what went wrong, or what the engine chose on the operator's
+/// behalf, is printed unless `KVCACHE_LOG_LEVEL` or `KVCACHE_DEBUG` asks for more.
+pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Warn;
+
+fn log_level() -> Result<Option<LogLevel>> {
+    let Some(text) = var("KVCACHE_LOG_LEVEL") else {
+        return Ok(None);
+    };
+    LogLevel::parse(&text).map(Some).ok_or_else(|| {
+        Error::invalid(
+            "KVCACHE_LOG_LEVEL",
+            format!("'{text}' is not a log level: use error, warn, info or debug"),
+        )
+    })
+}
+
+/// Logging: `KVCACHE_LOG_LEVEL`, `KVCACHE_DEBUG` (a flag), `KVCACHE_DEBUG_FILE`,
+/// `KVCACHE_ERROR_FILE` (paths).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogSettings {
-    pub debug: bool,
+    /// The most verbose level printed: `KVCACHE_LOG_LEVEL`, else [`DEFAULT_LOG_LEVEL`];
+    /// `KVCACHE_DEBUG` on makes it `Debug` whatever the level says.
+    pub level: LogLevel,
+    /// Where info and debug lines go (else stderr).
     pub debug_file: Option<std::ffi::OsString>,
+    /// Where error and warn lines go (else stderr).
     pub error_file: Option<std::ffi::OsString>,
 }
 
 impl LogSettings {
     pub fn from_env() -> Result<Self> {
-        Ok(LogSettings {
-            debug: flag("KVCACHE_DEBUG")?.unwrap_or(false),
+        Ok(Self::assemble(log_level()?, flag("KVCACHE_DEBUG")?))
+    }
+
+    /// For a line logged before any engine validated the environment: a malformed level or
+    /// flag keeps its default; the files apply.
+    pub fn from_env_lenient() -> Self {
+        Self::assemble(
+            log_level().unwrap_or(None),
+            flag("KVCACHE_DEBUG").unwrap_or(None),
+        )
+    }
+
+    fn assemble(level: Option<LogLevel>, debug: Option<bool>) -> Self {
+        LogSettings {
+            level: effective_log_level(level, debug),
             debug_file: std::env::var_os("KVCACHE_DEBUG_FILE").filter(|v| !v.is_empty()),
             error_file: std::env::var_os("KVCACHE_ERROR_FILE").filter(|v| !v.is_empty()),
-        })
+        }
+    }
+}
+
+/// `KVCACHE_LOG_LEVEL` (else the default), raised to `Debug` by `KVCACHE_DEBUG` on: the
+/// flag keeps meaning "debug lines on", as it always has.
+fn effective_log_level(level: Option<LogLevel>, debug: Option<bool>) -> LogLevel {
+    let level = level.unwrap_or(DEFAULT_LOG_LEVEL);
+    if debug == Some(true) {
+        LogLevel::Debug
+    } else {
+        level
     }
 }
 
@@ -355,17 +446,26 @@ const VARIABLES: &[(&str, &str, Check)] = &[
         "cuMemcpyBatchAsync where the driver has it",
         || valid(flag("KVCACHE_CUDA_BATCH_COPY")),
     ),
-    ("KVCACHE_DEBUG", "debug log", || {
-        valid(flag("KVCACHE_DEBUG"))
-    }),
+    (
+        "KVCACHE_LOG_LEVEL",
+        "log level: error, warn (default), info or debug",
+        || valid(log_level()),
+    ),
+    (
+        "KVCACHE_DEBUG",
+        "debug log (as KVCACHE_LOG_LEVEL=debug)",
+        || valid(flag("KVCACHE_DEBUG")),
+    ),
     (
         "KVCACHE_DEBUG_FILE",
-        "file the debug log goes to",
+        "file info and debug lines go to (else stderr)",
         || Ok(()),
     ),
-    ("KVCACHE_ERROR_FILE", "file error lines also go to", || {
-        Ok(())
-    }),
+    (
+        "KVCACHE_ERROR_FILE",
+        "file error and warn lines go to (else stderr)",
+        || Ok(()),
+    ),
 ];
 
 /// Every `KVCACHE_*` variable set in this process, in name order: those the engine reads
@@ -398,7 +498,7 @@ pub fn variables() -> Vec<VariableReport> {
 }
 
 /// A set, non-empty variable (surrounding blanks trimmed).
-fn var(name: &str) -> Option<String> {
+pub(super) fn var(name: &str) -> Option<String> {
     std::env::var(name)
         .ok()
         .map(|v| v.trim().to_string())
@@ -441,217 +541,5 @@ fn number<T: TryFrom<u32>>(
     }
 }
 
-/// Address the listeners bind to when the `host` option is not given: the IPv4 address of
-/// `KVCACHE_SOCKET_IFNAME` when set, else all interfaces.
-fn bind_address() -> Result<IpAddr> {
-    match var("KVCACHE_SOCKET_IFNAME") {
-        Some(name) => interface_ipv4(&name).map(IpAddr::V4),
-        None => Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-    }
-}
-
-/// The address every listener binds for the `host` option, read as ZeroMQ's bind reads the
-/// control socket's host: `*` (all interfaces), an IPv4 address, an IPv6 address (bare or in
-/// brackets), or an interface name (its first IPv4 address). Anything else (a DNS name,
-/// which a bind does not resolve) is `ERR_INVALID_ARGUMENT` naming the value.
-pub fn listen_address(host: &str) -> Result<IpAddr> {
-    if host == "*" {
-        return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    }
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::invalid(
-            "host",
-            format!(
-                "'{}' is not '*', an IP address or an interface name",
-                host.escape_debug()
-            ),
-        ));
-    }
-    interface_ipv4_of("host", host).map(IpAddr::V4)
-}
-
-/// The first IPv4 address of interface `name`.
-pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
-    interface_ipv4_of("KVCACHE_SOCKET_IFNAME", name)
-}
-
-/// The first IPv4 address of interface `name`; a failure names `origin` (the option or
-/// variable that gave the name).
-fn interface_ipv4_of(origin: &'static str, name: &str) -> Result<Ipv4Addr> {
-    let mut found = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(Error::invalid(
-            origin,
-            format!(
-                "cannot list interfaces: {}",
-                std::io::Error::last_os_error()
-            ),
-        ));
-    }
-    let mut answer = None;
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: cursor is a node of the list returned by getifaddrs, not yet freed.
-        let entry = unsafe { &*cursor };
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let entry_name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        if !entry.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr whose family field is always readable.
-            let family = unsafe { (*entry.ifa_addr).sa_family };
-            if i32::from(family) == libc::AF_INET {
-                // SAFETY: family AF_INET means the sockaddr is a sockaddr_in.
-                let sin = unsafe { &*(entry.ifa_addr as *const libc::sockaddr_in) };
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if entry_name == name && answer.is_none() {
-                    answer = Some(ip);
-                }
-                found.push(entry_name);
-            }
-        }
-        cursor = entry.ifa_next;
-    }
-    // SAFETY: head came from getifaddrs and is freed exactly once.
-    unsafe { libc::freeifaddrs(head) };
-    answer.ok_or_else(|| {
-        found.sort();
-        found.dedup();
-        let what = if origin == "host" {
-            format!("'{name}' is not '*', an IP address or an interface with an IPv4 address (a DNS name is not resolved for a bind)")
-        } else {
-            format!("interface '{name}' has no IPv4 address")
-        };
-        Error::invalid(
-            origin,
-            format!("{what}; interfaces with one: {}", found.join(", ")),
-        )
-    })
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_has_an_address_and_unknown_interfaces_are_named() {
-        assert_eq!(interface_ipv4("lo").unwrap(), Ipv4Addr::LOCALHOST);
-        let err = interface_ipv4("nope0").unwrap_err();
-        assert!(err.to_string().contains("'nope0'") && err.to_string().contains("lo"));
-    }
-
-    #[test]
-    fn host_is_star_an_address_or_an_interface() {
-        let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
-        assert_eq!(listen_address("127.0.0.1").unwrap(), v4(127, 0, 0, 1));
-        assert_eq!(listen_address("0.0.0.0").unwrap(), v4(0, 0, 0, 0));
-        assert_eq!(listen_address("*").unwrap(), v4(0, 0, 0, 0));
-        assert_eq!(listen_address("lo").unwrap(), v4(127, 0, 0, 1));
-        let v6: IpAddr = "::1".parse().unwrap();
-        assert_eq!(listen_address("::1").unwrap(), v6);
-        assert_eq!(listen_address("[::1]").unwrap(), v6);
-        for bad in ["", "localhost", "nope0", "a b", "eth0\n"] {
-            let err = listen_address(bad).unwrap_err();
-            assert_eq!(err.code(), "ERR_INVALID_ARGUMENT", "{bad}");
-            let text = err.to_string();
-            assert!(
-                text.contains("invalid host") && text.contains("interface"),
-                "{text}"
-            );
-            assert!(!text.contains('\n'), "{text}");
-        }
-        let err = listen_address("localhost").unwrap_err().to_string();
-        assert!(err.contains("'localhost'") && err.contains("lo"), "{err}");
-    }
-
-    #[test]
-    fn transport_choice_parses() {
-        assert_eq!(
-            TransportChoice::parse("tcp", "transport").unwrap(),
-            TransportChoice::Only(TransportKind::Tcp)
-        );
-        assert_eq!(
-            TransportChoice::parse(" auto ", "transport").unwrap(),
-            TransportChoice::Auto
-        );
-        let err = TransportChoice::parse("ib", "transport").unwrap_err();
-        assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
-        assert!(err.to_string().contains("'ib'") && err.to_string().contains("'rdma'"));
-    }
-
-    /// The doctor's list (`VARIABLES`) names every variable this file reads.
-    #[test]
-    fn every_variable_read_here_is_in_the_doctors_list() {
-        let source = include_str!("config.rs");
-        let mut names: Vec<&str> = source
-            .match_indices("\"KVCACHE_")
-            .map(|(at, _)| {
-                let rest = &source[at + 1..];
-                &rest[..rest.find('"').unwrap()]
-            })
-            .filter(|name| *name != "KVCACHE_")
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        assert!(names.len() >= 17, "{names:?}");
-        for name in names {
-            assert!(
-                VARIABLES.iter().any(|(known, _, _)| *known == name),
-                "{name} is read but not in VARIABLES"
-            );
-        }
-    }
-
-    /// Each malformed value names the variable, the value and what is allowed. Run in a
-    /// child process per case: the environment is process-wide.
-    #[test]
-    fn malformed_variables_are_refused_by_name() {
-        let cases = [
-            ("KVCACHE_IB_TIMEOUT", "99", "14..=31"),
-            ("KVCACHE_RELAX_ORDERING", "maybe", "yes/no"),
-            ("KVCACHE_RDMA_GID_INDEX", "x", "0..=255"),
-            ("KVCACHE_TCP_USER_TIMEOUT_MS", "soon", "0..=3600000"),
-            ("KVCACHE_RDMA_TUNING", "chain=0", "out of range"),
-            ("KVCACHE_RDMA_TUNING", "speed=3", "names no tuning key"),
-            ("KVCACHE_CUDA_COPY_KERNEL", "2", "yes/no"),
-            ("KVCACHE_TRANSPORT", "ib", "'auto'"),
-            ("KVCACHE_DEBUG", "verbose", "yes/no"),
-        ];
-        if let Ok(case) = std::env::var("KVT_CONFIG_CASE") {
-            let (name, value, allowed) = cases[case.parse::<usize>().unwrap()];
-            let err = Settings::from_env().unwrap_err();
-            let text = err.to_string();
-            assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
-            assert!(
-                text.contains(name) && text.contains(value) && text.contains(allowed),
-                "{text}"
-            );
-            return;
-        }
-        let exe = std::env::current_exe().unwrap();
-        for (i, (name, value, _)) in cases.iter().enumerate() {
-            let status = std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "config::tests::malformed_variables_are_refused_by_name",
-                    "--quiet",
-                ])
-                .env("KVT_CONFIG_CASE", i.to_string())
-                .env(name, value)
-                // The child's own result line must not count as a test of this run.
-                .stdout(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success(), "{name}={value} was not refused by name");
-        }
-    }
-}
+mod tests;
