@@ -328,11 +328,11 @@ export interface NativeOptions {
    * name); absent: `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces.
    */
   host?: string
-  localKeyCache: Array<RegionInput>
-  localValueCache: Array<RegionInput>
+  localKeyCache: Array<bigint | Uint8Array | ImportedRegion>
+  localValueCache: Array<bigint | Uint8Array | ImportedRegion>
   /** fp8 scale regions (one per layer; empty: none). */
-  keyScaleCache?: Array<RegionInput>
-  valueScaleCache?: Array<RegionInput>
+  keyScaleCache?: Array<bigint | Uint8Array | ImportedRegion>
+  valueScaleCache?: Array<bigint | Uint8Array | ImportedRegion>
   blockNumber: number
   blockBytes: number
   /** Bytes per scale block (0: no scale regions). */

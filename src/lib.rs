@@ -195,10 +195,14 @@ pub struct NativeOptions {
     /// Address every listener binds (the `host` option: `*`, an IP address or an interface
     /// name); absent: `KVCACHE_SOCKET_IFNAME`'s IPv4 address, else all interfaces.
     pub host: Option<String>,
+    #[napi(ts_type = "Array<bigint | Uint8Array | ImportedRegion>")]
     pub local_key_cache: Vec<RegionInput>,
+    #[napi(ts_type = "Array<bigint | Uint8Array | ImportedRegion>")]
     pub local_value_cache: Vec<RegionInput>,
     /// fp8 scale regions (one per layer; empty: none).
+    #[napi(ts_type = "Array<bigint | Uint8Array | ImportedRegion>")]
     pub key_scale_cache: Option<Vec<RegionInput>>,
+    #[napi(ts_type = "Array<bigint | Uint8Array | ImportedRegion>")]
     pub value_scale_cache: Option<Vec<RegionInput>>,
     pub block_number: u32,
     pub block_bytes: f64,
