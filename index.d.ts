@@ -159,6 +159,16 @@ export interface ArrivalNotice {
   tag: Buffer
   layerIdx: number
   blocks: number
+  /** The writer's tpRank and tpSize, and the part of this side's blocks it wrote. */
+  tpRank: number
+  tpSize: number
+  part: number
+  parts: number
+  /** The call's checksum was verified against this side's memory. */
+  verified: boolean
+  /** `ERR_CHECKSUM_MISMATCH` and its message when the bytes failed their checksum. */
+  errorCode?: string
+  errorMessage?: string
 }
 
 /**
@@ -217,6 +227,8 @@ export interface NativeCounters {
    * `'arrival'` listener received them or a `waitForArrival` resolved with them.
    */
   noticesDropped: number
+  /** Arrivals whose bytes did not have the writer's checksum (`ERR_CHECKSUM_MISMATCH`). */
+  checksumMismatches: number
   reconnects: number
 }
 
@@ -433,11 +445,11 @@ export interface PeerLeftNotice {
  * `onCallSettled(callId, error)` is called (exactly once when this returns without
  * throwing). With `abortable`, returns the call's handle for `abortCall`, else null.
  */
-export declare function writeCache(peer: ExternalObject<'Peer'>, callId: number, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null, abortable?: boolean | undefined | null): ExternalObject<'CallAbort'> | null
+export declare function writeCache(peer: ExternalObject<'Peer'>, callId: number, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null, abortable?: boolean | undefined | null, integrity?: number | undefined | null): ExternalObject<'CallAbort'> | null
 
 /**
  * `writeCache` of the prepared block list `list` (`NativePreparedBlocks.list`) to `peer`:
  * no id is validated or planned again. The engine refuses a list another communicator
  * prepared or one prepared for another peer.
  */
-export declare function writePrepared(peer: ExternalObject<'Peer'>, callId: number, list: ExternalObject<'PreparedList'>, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null, abortable?: boolean | undefined | null): ExternalObject<'CallAbort'> | null
+export declare function writePrepared(peer: ExternalObject<'Peer'>, callId: number, list: ExternalObject<'PreparedList'>, layerIdx: number, tag?: Buffer | undefined | null, timeoutMs?: number | undefined | null, abortable?: boolean | undefined | null, integrity?: number | undefined | null): ExternalObject<'CallAbort'> | null

@@ -55,7 +55,17 @@ test.serial(
     const arrivals = [...outcome.arrivals!].sort(byLayer)
     t.deepEqual(
       arrivals,
-      [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 4 })),
+      [0, 1, 2].map((layerIdx) => ({
+        peer: 'prefill-arrivals',
+        tag,
+        layerIdx,
+        blocks: 4,
+        tpRank: 0,
+        tpSize: 1,
+        part: 0,
+        parts: 1,
+        verified: false,
+      })),
     )
     t.is(typeof arrivals[0].tag, 'bigint')
     t.deepEqual(differences(outcome.digests!, mirror.digests()), [], 'every byte is in place when the wait resolves')
@@ -106,7 +116,17 @@ test.serial('string tag: notices that arrive before the wait are kept', async (t
   t.true(outcome.ok, outcome.error?.message)
   t.deepEqual(
     [...outcome.arrivals!].sort(byLayer),
-    [0, 1, 2].map((layerIdx) => ({ peer: 'prefill-arrivals', tag, layerIdx, blocks: 2 })),
+    [0, 1, 2].map((layerIdx) => ({
+      peer: 'prefill-arrivals',
+      tag,
+      layerIdx,
+      blocks: 2,
+      tpRank: 0,
+      tpSize: 1,
+      part: 0,
+      parts: 1,
+      verified: false,
+    })),
   )
   t.deepEqual(differences(outcome.digests!, mirror.digests()), [])
   // A string tag and a bigint tag with the same digits are different tags.

@@ -71,6 +71,7 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
     noticesSent: 0,
     noticesReceived: 0,
     noticesDropped: 0,
+    checksumMismatches: 0,
     reconnects: 0,
   }
   const source: HasMetrics = {

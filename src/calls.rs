@@ -9,8 +9,8 @@
 use crate::errors::{to_js_error, Code};
 use crate::{block_id_slices, lock, on_thread, BlockIdSlices, NativeCommunicator, SettledCallback};
 use kvtransfer_engine::{
-    CallAbort, CallBlocks, CallPeer, CallSink, Engine, OnDone, PeerHandle, PreparedBlocks,
-    WriteCall,
+    CallAbort, CallBlocks, CallPeer, CallSink, Engine, Integrity, OnDone, PeerHandle,
+    PreparedBlocks, WriteCall,
 };
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
@@ -130,18 +130,24 @@ pub fn write_cache<'env>(
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
     abortable: Option<bool>,
+    integrity: Option<u32>,
 ) -> Result<Option<External<CallAbort>>, Code> {
     let blocks = CallBlocks::Ids {
         local: block_id_slices(&local_block_ids),
         remote: block_id_slices(&remote_block_ids),
     };
-    write(peer, call_id, blocks, layer_idx, tag, timeout_ms, abortable)
+    let call = (layer_idx, tag, timeout_ms, abortable, integrity);
+    write(peer, call_id, blocks, call)
 }
 
 /// `writeCache` of the prepared block list `list` (`NativePreparedBlocks.list`) to `peer`:
 /// no id is validated or planned again. The engine refuses a list another communicator
 /// prepared or one prepared for another peer.
 #[napi(ts_return_type = "ExternalObject<'CallAbort'> | null")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the arguments of the JS call, one by one: an options object would cost a conversion per call"
+)]
 pub fn write_prepared(
     #[napi(ts_arg_type = "ExternalObject<'Peer'>")] peer: &External<PeerCalls>,
     call_id: u32,
@@ -150,17 +156,20 @@ pub fn write_prepared(
     tag: Option<Buffer>,
     timeout_ms: Option<f64>,
     abortable: Option<bool>,
+    integrity: Option<u32>,
 ) -> Result<Option<External<CallAbort>>, Code> {
-    write(
-        peer,
-        call_id,
-        CallBlocks::Prepared(list),
-        layer_idx,
-        tag,
-        timeout_ms,
-        abortable,
-    )
+    let call = (layer_idx, tag, timeout_ms, abortable, integrity);
+    write(peer, call_id, CallBlocks::Prepared(list), call)
 }
+
+/// `integrity` bits of the per-call functions: a checksum the receiver verifies.
+const INTEGRITY_CHECKSUM: u32 = 1;
+/// `integrity` bits of the per-call functions: an acknowledged delivery.
+const INTEGRITY_ACKED: u32 = 2;
+
+/// A call's layer, tag, timeout, whether it may be aborted and its integrity bits, as the
+/// per-call functions take them.
+type CallArgs = (f64, Option<Buffer>, Option<f64>, Option<bool>, Option<u32>);
 
 /// What both per-call functions do with their converted arguments. An `abortable` call
 /// returns the handle `abortCall` takes (none is made for other calls).
@@ -168,18 +177,20 @@ fn write(
     peer: &PeerCalls,
     call_id: u32,
     blocks: CallBlocks<'_>,
-    layer: f64,
-    tag: Option<Buffer>,
-    timeout_ms: Option<f64>,
-    abortable: Option<bool>,
+    (layer, tag, timeout_ms, abortable, integrity): CallArgs,
 ) -> Result<Option<External<CallAbort>>, Code> {
     let on_done = peer.calls.on_done(call_id)?;
+    let bits = integrity.unwrap_or(0);
     let call = WriteCall {
         peer: CallPeer::Handle(&peer.peer),
         blocks,
         layer,
         tag: tag.map(|t| t.to_vec()),
         timeout: timeout(timeout_ms),
+        integrity: Integrity {
+            checksum: bits & INTEGRITY_CHECKSUM != 0,
+            acked: bits & INTEGRITY_ACKED != 0,
+        },
     };
     let engine = &peer.calls.engine;
     if abortable == Some(true) {

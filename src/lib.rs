@@ -3,7 +3,9 @@
 
 use kvtransfer_engine::lock;
 use kvtransfer_engine::BlockIds;
-use kvtransfer_engine::{Arrival, BlockOrder, Engine, EngineOptions, Role, TpOptions};
+use kvtransfer_engine::{
+    Arrival, BlockOrder, ChecksumCheck, Engine, EngineOptions, Error, Role, TpOptions,
+};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::JsDeferred;
@@ -175,11 +177,31 @@ fn arrival_sink(
         let Some(tsfn) = lock(&slot).clone() else {
             return;
         };
+        let c = arrival.cover;
+        let mismatch = match arrival.checksum {
+            ChecksumCheck::Mismatch { expected, actual } => Some(Error::ChecksumMismatch {
+                peer: arrival.peer.clone(),
+                tag: String::from_utf8_lossy(&arrival.tag)
+                    .escape_debug()
+                    .to_string(),
+                layer: arrival.layer,
+                expected,
+                actual,
+            }),
+            _ => None,
+        };
         let notice = ArrivalNotice {
             peer: arrival.peer,
             tag: arrival.tag.into(),
             layer_idx: arrival.layer,
             blocks: arrival.blocks,
+            tp_rank: c.writer_rank,
+            tp_size: c.writer_size,
+            part: c.part,
+            parts: c.parts,
+            verified: arrival.checksum == ChecksumCheck::Verified,
+            error_code: mismatch.as_ref().map(|e| e.code().to_string()),
+            error_message: mismatch.map(|e| e.to_string()),
         };
         tsfn.call(notice, ThreadsafeFunctionCallMode::NonBlocking);
     }))
@@ -244,6 +266,16 @@ pub struct ArrivalNotice {
     pub tag: Buffer,
     pub layer_idx: u32,
     pub blocks: u32,
+    /// The writer's tpRank and tpSize, and the part of this side's blocks it wrote.
+    pub tp_rank: u32,
+    pub tp_size: u32,
+    pub part: u32,
+    pub parts: u32,
+    /// The call's checksum was verified against this side's memory.
+    pub verified: bool,
+    /// `ERR_CHECKSUM_MISMATCH` and its message when the bytes failed their checksum.
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
 }
 
 type ArrivalCallback = ThreadsafeFunction<ArrivalNotice, (), ArrivalNotice, Status, false, true>;

@@ -29,6 +29,8 @@ pub struct NativeCounters {
     /// with no one to hand them to, those evicted beyond `maxPendingArrivals` before an
     /// `'arrival'` listener received them or a `waitForArrival` resolved with them.
     pub notices_dropped: f64,
+    /// Arrivals whose bytes did not have the writer's checksum (`ERR_CHECKSUM_MISMATCH`).
+    pub checksum_mismatches: f64,
     pub reconnects: f64,
 }
 
@@ -74,6 +76,7 @@ fn counters(s: &MetricsSnapshot) -> NativeCounters {
         notices_sent: n(s.notices_sent),
         notices_received: n(s.notices_received),
         notices_dropped: n(s.notices_dropped),
+        checksum_mismatches: n(s.checksum_mismatches),
         reconnects: n(s.reconnects),
     }
 }

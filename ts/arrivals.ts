@@ -26,6 +26,22 @@ export interface Arrival {
   layerIdx: number
   /** Number of blocks written by the call. */
   blocks: number
+  /** The writer's `tpRank`. */
+  tpRank: number
+  /** The writer's `tpSize`. */
+  tpSize: number
+  /**
+   * Which part of this side's blocks the writer wrote, `0..parts`, by the shard rules: a
+   * block is complete once all `parts` arrived (1 unless the writer has more ranks than
+   * this side: then `writer tpSize / this tpSize`).
+   */
+  part: number
+  /** Parts each of this side's blocks is made of (writers that must write it). */
+  parts: number
+  /** The call's `checksum` was verified against this side's memory (false: none given). */
+  verified: boolean
+  /** Set when the bytes failed their checksum (`ERR_CHECKSUM_MISMATCH`): do not use them. */
+  error?: KvTransferError
 }
 
 /** Options of {@link RDMACommunicator.waitForArrival}. */
@@ -39,6 +55,12 @@ export interface WaitOptions {
   timeoutMs?: number
   /** Aborts the wait; the promise rejects with `ERR_ABORTED`. */
   signal?: AbortSignal
+  /**
+   * The blocks this side allocated for the request: a layer counts as arrived only once
+   * every part of it carried exactly this many blocks (summed over the calls that wrote
+   * it); more rejects with `ERR_BLOCK_COUNT_MISMATCH`. Absent: any number.
+   */
+  expectBlocks?: number
 }
 
 /** A kept notice, and whether a listener or a wait consumed it. */
@@ -49,6 +71,7 @@ interface Kept {
 
 interface Waiter {
   layers: Set<number>
+  expectBlocks: number | undefined
   resolve: (arrivals: Arrival[]) => void
   reject: (error: KvTransferError) => void
 }
@@ -87,6 +110,15 @@ export function layerSet(layers: unknown, layerCount: number): Set<number> {
     }
   }
   return new Set(layers as number[])
+}
+
+/** The `expectBlocks` of a wait: absent, or an integer in 1..2^32-1. */
+export function toExpectBlocks(value: unknown): number | undefined {
+  if (value === undefined) return undefined
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > 0xffff_ffff) {
+    throw invalidArgument('expectBlocks', `${showValue(value)} is not a block count in 1..4294967295`)
+  }
+  return value
 }
 
 /**
@@ -135,7 +167,7 @@ export class Arrivals {
    * rejects with `ERR_TIMEOUT` or `ERR_ABORTED` (`options`, checked by the caller: a
    * `timeoutMs` of 0 or undefined is none).
    */
-  wait(tag: RequestTag, layers: Set<number>, options: DeadlineOptions): Promise<Arrival[]> {
+  wait(tag: RequestTag, layers: Set<number>, options: DeadlineOptions, expectBlocks?: number): Promise<Arrival[]> {
     const key = tagKey(tag)
     let resolve!: Waiter['resolve']
     let reject!: Waiter['reject']
@@ -143,18 +175,23 @@ export class Arrivals {
       resolve = res
       reject = rej
     })
-    const waiter: Waiter = { layers, resolve, reject }
+    const waiter: Waiter = { layers, expectBlocks, resolve, reject }
     let set = this.waiters.get(key)
     if (!set) this.waiters.set(key, (set = new Set()))
     set.add(waiter)
     this.settle(key, waiter)
     return withDeadline(landed, options, {
       timeout: () => {
-        const got = new Set((this.arrived.get(key) ?? []).map((k) => k.arrival.layerIdx))
-        const missing = [...layers].filter((l) => !got.has(l))
+        const list = this.arrived.get(key) ?? []
+        const absent = [...layers].filter((l) => partsOf(list, l).parts.size === 0)
+        const partial = [...layers].filter((l) => !absent.includes(l)).map((l) => missingOf(list, l, expectBlocks))
+        const missing = [
+          ...(absent.length > 0 ? [`layers ${absent.join(', ')} have not arrived`] : []),
+          ...partial.filter((m) => m !== undefined),
+        ]
         return new KvTransferError(
           'ERR_TIMEOUT',
-          `timed out after ${options.timeoutMs} ms waiting for tag ${String(tag)}: layers ${missing.join(', ')} have not arrived`,
+          `timed out after ${options.timeoutMs} ms waiting for tag ${String(tag)}: ${missing.join('; ')}`,
         )
       },
       abort: () => abortError(`waitForArrival(${String(tag)})`),
@@ -180,11 +217,22 @@ export class Arrivals {
     }
   }
 
-  /** Resolves `waiter` if all its layers arrived (consuming their notices); returns whether it did. */
+  /**
+   * Resolves `waiter` if all its layers arrived complete (consuming their notices), or
+   * rejects it when one of them cannot (a checksum mismatch, writers that disagree on the
+   * parts, more blocks than expected); returns whether it settled.
+   */
   private settle(key: string, waiter: Waiter): boolean {
     const list = this.arrived.get(key) ?? []
-    const landed = new Set(list.map((k) => k.arrival.layerIdx))
-    for (const layer of waiter.layers) if (!landed.has(layer)) return false
+    for (const layer of waiter.layers) {
+      const state = layerState(list, layer, waiter.expectBlocks)
+      if (state === 'pending') return false
+      if (state !== 'complete') {
+        this.remove(key, waiter)
+        waiter.reject(state)
+        return true
+      }
+    }
     this.remove(key, waiter)
     const taken = list.filter((k) => waiter.layers.has(k.arrival.layerIdx))
     for (const kept of taken) kept.consumed = true
@@ -198,4 +246,69 @@ export class Arrivals {
     set.delete(waiter)
     if (set.size === 0) this.waiters.delete(key)
   }
+}
+
+/** Blocks per part of `layer` in `list`, and the parts its notices name (undefined: none arrived). */
+function partsOf(list: Kept[], layer: number): { parts: Set<number>; blocks: Map<number, number> } {
+  const parts = new Set<number>()
+  const blocks = new Map<number, number>()
+  for (const { arrival } of list) {
+    if (arrival.layerIdx !== layer) continue
+    parts.add(arrival.parts)
+    blocks.set(arrival.part, (blocks.get(arrival.part) ?? 0) + arrival.blocks)
+  }
+  return { parts, blocks }
+}
+
+/**
+ * Whether `layer` arrived complete: every part the shard rules make this side's blocks of
+ * (each writer responsible for them) arrived, with `expectBlocks` blocks each when given.
+ * An error when it never can.
+ */
+function layerState(
+  list: Kept[],
+  layer: number,
+  expectBlocks: number | undefined,
+): 'pending' | 'complete' | KvTransferError {
+  const failed = list.find((k) => k.arrival.layerIdx === layer && k.arrival.error)
+  if (failed) return failed.arrival.error!
+  const { parts, blocks } = partsOf(list, layer)
+  if (parts.size === 0) return 'pending'
+  if (parts.size > 1) {
+    return new KvTransferError(
+      'ERR_TP_MISMATCH',
+      `layer ${layer}: writers disagree on the parts of a block (${[...parts].join(' and ')}): they declare different tpSize`,
+    )
+  }
+  const [count] = parts
+  for (let part = 0; part < count; part++) {
+    const got = blocks.get(part)
+    if (got === undefined) return 'pending'
+    if (expectBlocks === undefined) continue
+    if (got > expectBlocks) {
+      return new KvTransferError(
+        'ERR_BLOCK_COUNT_MISMATCH',
+        `layer ${layer}${count > 1 ? ` part ${part} of ${count}` : ''}: ${got} blocks arrived, expectBlocks is ${expectBlocks}`,
+      )
+    }
+    if (got < expectBlocks) return 'pending'
+  }
+  return 'complete'
+}
+
+/** What `layer` still lacks, in words (undefined: nothing). */
+function missingOf(list: Kept[], layer: number, expectBlocks: number | undefined): string | undefined {
+  if (layerState(list, layer, expectBlocks) === 'complete') return undefined
+  const { parts, blocks } = partsOf(list, layer)
+  if (parts.size !== 1) return `layer ${layer} has not arrived`
+  const [count] = parts
+  const lacking: string[] = []
+  for (let part = 0; part < count; part++) {
+    const got = blocks.get(part)
+    const writer = count > 1 ? `part ${part} of ${count}` : 'the whole block'
+    if (got === undefined) lacking.push(`${writer} has not arrived`)
+    else if (expectBlocks !== undefined && got < expectBlocks)
+      lacking.push(`${writer} has ${got} of ${expectBlocks} blocks`)
+  }
+  return `layer ${layer}: ${lacking.join(', ')}`
 }

@@ -12,7 +12,7 @@ import {
   writeCache as nativeWriteCache,
   writePrepared as nativeWritePrepared,
 } from '../index.js'
-import { type Arrival, Arrivals, type WaitOptions, layerSet } from './arrivals'
+import { type Arrival, Arrivals, type WaitOptions, layerSet, toExpectBlocks } from './arrivals'
 import { type CallAbortHandle, PendingCalls } from './calls'
 import { Connector } from './connecting'
 import { ControlServer } from './control'
@@ -45,6 +45,7 @@ import {
   toBlockIds,
   toDeadline,
   toHost,
+  toIntegrity,
   toOptions,
   toPort,
   toTimeout,
@@ -107,6 +108,8 @@ export class RDMACommunicator extends EventEmitter {
   private readonly connectTimeoutMs: number | undefined
   /** Undefined: none. */
   private readonly writeTimeoutMs: number | undefined
+  /** The default `checksum` / `delivery` of calls (integrity bits). */
+  private readonly integrity: number
   /** Layers of the local cache (what `waitForArrival` may wait for). */
   private readonly layerCount: number
   private readonly arrivals: Arrivals
@@ -166,6 +169,7 @@ export class RDMACommunicator extends EventEmitter {
     this.blockBytes = settings.blockBytes
     this.connectTimeoutMs = settings.connectTimeoutMs
     this.writeTimeoutMs = settings.writeTimeoutMs
+    this.integrity = settings.integrity
     this.layerCount = settings.native.localKeyCache.length
     this.arrivals = new Arrivals(settings.maxPendingArrivals, (arrival) =>
       this.droppedNotices.set(arrival.peer, (this.droppedNotices.get(arrival.peer) ?? 0) + 1),
@@ -450,6 +454,7 @@ export class RDMACommunicator extends EventEmitter {
     let tag: Buffer | undefined
     let timeoutMs: number | undefined
     let signal: AbortSignal | undefined
+    let integrity = this.integrity
     try {
       this.checkOpen()
       this.own(peer)
@@ -463,6 +468,8 @@ export class RDMACommunicator extends EventEmitter {
       tag = options.tag === undefined ? undefined : encodeTag(options.tag)
       timeoutMs = options.timeoutMs === undefined ? this.writeTimeoutMs : toTimeout('timeoutMs', options.timeoutMs)
       signal = checkSignal('signal', options.signal)
+      if (options.checksum !== undefined || options.delivery !== undefined)
+        integrity = toIntegrity(options.checksum, options.delivery, integrity)
       if (signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
     } catch (error) {
       this.countRefused(peer.key, error)
@@ -483,8 +490,9 @@ export class RDMACommunicator extends EventEmitter {
               tag,
               timeoutMs,
               abortable,
+              integrity,
             )
-          : nativeWriteCache(peer.native, callId, local, remote!, layerIdx, tag, timeoutMs, abortable)
+          : nativeWriteCache(peer.native, callId, local, remote!, layerIdx, tag, timeoutMs, abortable, integrity)
     } catch (error) {
       return Promise.reject(fromNative(error))
     }
@@ -571,7 +579,14 @@ export class RDMACommunicator extends EventEmitter {
       tag: decodeTag(notice.tag),
       layerIdx: notice.layerIdx,
       blocks: notice.blocks,
+      tpRank: notice.tpRank,
+      tpSize: notice.tpSize,
+      part: notice.part,
+      parts: notice.parts,
+      verified: notice.verified,
     }
+    if (notice.errorCode)
+      arrival.error = new KvTransferError(notice.errorCode as KvTransferErrorCode, notice.errorMessage ?? '')
     // Kept for waitForArrival either way; a listener that takes it consumes it (see Arrivals).
     this.arrivals.add(arrival, this.listenerCount('arrival') > 0)
     this.emit('arrival', arrival)
@@ -589,15 +604,17 @@ export class RDMACommunicator extends EventEmitter {
   waitForArrival(tag: RequestTag, options: WaitOptions = {}): Promise<Arrival[]> {
     let layers: Set<number>
     let deadline: DeadlineOptions
+    let expectBlocks: number | undefined
     try {
       this.checkOpen()
       encodeTag(tag)
       deadline = toDeadline(toOptions('options', options))
       layers = layerSet(options.layers, this.layerCount)
+      expectBlocks = toExpectBlocks(options.expectBlocks)
     } catch (error) {
       return Promise.reject(error)
     }
-    return this.arrivals.wait(tag, layers, deadline)
+    return this.arrivals.wait(tag, layers, deadline, expectBlocks)
   }
 
   /** Forgets the kept arrival notices of `tag` (call after consuming a request). */

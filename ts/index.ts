@@ -13,6 +13,8 @@ export type {
   BlockIds,
   BlockLayout,
   CacheRegion,
+  Checksum,
+  Delivery,
   SharedRegion,
   CloseOptions,
   CommunicatorOptions,

@@ -74,6 +74,7 @@ function counters(c: NativeCounters, dropped: number): Counters {
     noticesSent: c.noticesSent,
     noticesReceived: c.noticesReceived,
     noticesDropped: c.noticesDropped + dropped,
+    checksumMismatches: c.checksumMismatches,
     reconnects: c.reconnects,
   }
 }
@@ -126,6 +127,7 @@ type CounterField =
   | 'noticesSent'
   | 'noticesReceived'
   | 'noticesDropped'
+  | 'checksumMismatches'
   | 'reconnects'
 const COUNTERS: Array<[CounterField, string, string]> = [
   ['bytesWritten', 'bytes_written', 'Bytes written to peers (K and V of every block of succeeded calls).'],
@@ -142,6 +144,11 @@ const COUNTERS: Array<[CounterField, string, string]> = [
     'noticesDropped',
     'notices_dropped',
     'Arrival notices nobody consumed: evicted beyond maxPendingArrivals before an arrival listener or a waitForArrival took them.',
+  ],
+  [
+    'checksumMismatches',
+    'checksum_mismatches',
+    'Arrivals whose received bytes did not have the checksum the writer computed (checksum: crc32c).',
   ],
   ['reconnects', 'reconnects', 'Connects that replaced an earlier link to the same peer.'],
 ]

@@ -116,6 +116,49 @@ export interface CommunicatorOptions {
    * per row. Both sides must declare the same.
    */
   blockLayout?: BlockLayout
+  /** The default of every `writeCache`'s `checksum` option (default `'none'`). */
+  checksum?: Checksum
+  /** The default of every `writeCache`'s `delivery` option (default `'default'`). */
+  delivery?: Delivery
+}
+
+/**
+ * `'crc32c'`: the writer computes a CRC-32C of the bytes the call moves, its arrival notice
+ * carries it, and the receiver verifies its memory against it before it reports the
+ * arrival (`Arrival.verified`; a mismatch rejects the receiver's `waitForArrival` with
+ * `ERR_CHECKSUM_MISMATCH`). Needs a `tag`; TCP, host regions (README "Checksums").
+ * `'none'`: no checksum.
+ */
+export type Checksum = 'crc32c' | 'none'
+
+/**
+ * `'acked'`: the call resolves only after the receiving engine took it and answered
+ * (`ERR_UNSUPPORTED` where the transport cannot: README "What a resolved call promises").
+ * `'default'`: what the transport promises by itself.
+ */
+export type Delivery = 'acked' | 'default'
+
+/** `integrity` bits of the native per-call functions (src/calls.rs). */
+const INTEGRITY_CHECKSUM = 1
+const INTEGRITY_ACKED = 2
+
+/**
+ * The integrity bits of `checksum` and `delivery` (each absent: `fallback`'s). Refuses
+ * any other value.
+ */
+export function toIntegrity(checksum: unknown, delivery: unknown, fallback = 0): number {
+  let bits = fallback
+  if (checksum !== undefined) {
+    if (checksum !== 'crc32c' && checksum !== 'none')
+      throw invalidArgument('checksum', `${showValue(checksum)} is not 'crc32c' or 'none'`)
+    bits = checksum === 'crc32c' ? bits | INTEGRITY_CHECKSUM : bits & ~INTEGRITY_CHECKSUM
+  }
+  if (delivery !== undefined) {
+    if (delivery !== 'acked' && delivery !== 'default')
+      throw invalidArgument('delivery', `${showValue(delivery)} is not 'acked' or 'default'`)
+    bits = delivery === 'acked' ? bits | INTEGRITY_ACKED : bits & ~INTEGRITY_ACKED
+  }
+  return bits
 }
 
 /** The order of a block's bytes (see {@link CommunicatorOptions.blockLayout}). */
@@ -153,6 +196,10 @@ export interface WriteOptions {
    * call and every other pending call to that peer with `ERR_ABORTED`.
    */
   signal?: AbortSignal
+  /** End-to-end checksum of this call (default: the communicator's `checksum`). */
+  checksum?: Checksum
+  /** Acknowledged delivery of this call (default: the communicator's `delivery`). */
+  delivery?: Delivery
 }
 
 /** Options of {@link RDMACommunicator.close}. */
@@ -197,6 +244,8 @@ export interface Settings {
   /** Undefined: none. */
   writeTimeoutMs: number | undefined
   maxPendingArrivals: number
+  /** The default `checksum` and `delivery` of calls, as integrity bits. */
+  integrity: number
   /** No `name` was given: the default `hostname:port` is set once the port is bound. */
   defaultName: boolean
   native: NativeOptions
@@ -292,6 +341,7 @@ export function parseSettings(args: unknown[]): Settings {
     connectTimeoutMs,
     writeTimeoutMs,
     maxPendingArrivals,
+    integrity: toIntegrity(options.checksum, options.delivery),
     defaultName: name === undefined,
     native: {
       role,

@@ -14,6 +14,28 @@ const notice = (tag: RequestTag, layerIdx: number, blocks = 4): Arrival => ({
   tag,
   layerIdx,
   blocks,
+  tpRank: 0,
+  tpSize: 1,
+  part: 0,
+  parts: 1,
+  verified: false,
+})
+/** A notice from writer `tpRank` of `tpSize` covering `part` of `parts` of the blocks. */
+const shard = (
+  tag: RequestTag,
+  layerIdx: number,
+  tpRank: number,
+  tpSize: number,
+  part: number,
+  parts: number,
+  blocks = 4,
+): Arrival => ({
+  ...notice(tag, layerIdx, blocks),
+  peer: `prefill-${tpRank}`,
+  tpRank,
+  tpSize,
+  part,
+  parts,
 })
 const layersOf = (arrivals: Arrival[]) => arrivals.map((a) => a.layerIdx).sort((a, b) => a - b)
 
@@ -54,7 +76,7 @@ test('a wait resolves only once every asked layer arrived, with those layers onl
   t.deepEqual(layersOf(got), [0, 1, 2], 'layer 7 was not asked for')
   t.deepEqual(
     got.find((a) => a.layerIdx === 1),
-    { peer: 'prefill-0', tag: 'req-1', layerIdx: 1, blocks: 9 },
+    notice('req-1', 1, 9),
   )
 })
 
@@ -244,4 +266,69 @@ test('rejectAll rejects every waiter of every tag with the given error, and keep
   arrivals.rejectAll(closed)
   for (const wait of waits) t.is(await t.throwsAsync(wait), closed)
   t.deepEqual(layersOf(await arrivals.wait('a', layerSet(1, 8), {})), [0])
+})
+
+test('a layer written in parts arrives only once every part did (2:1, 4:2)', async (t) => {
+  const arrivals = new Arrivals(100)
+  // 2 → 1: the decode's blocks are two halves, from writer ranks 0 and 1.
+  const wait = arrivals.wait('r', new Set([0, 1]), {})
+  arrivals.add(shard('r', 0, 0, 2, 0, 2))
+  arrivals.add(shard('r', 1, 0, 2, 0, 2))
+  t.is(await stateOf(wait), 'pending', 'rank 1 has written nothing yet')
+  arrivals.add(shard('r', 0, 1, 2, 1, 2))
+  t.is(await stateOf(wait), 'pending', 'layer 1 still lacks rank 1')
+  arrivals.add(shard('r', 1, 1, 2, 1, 2))
+  t.deepEqual(layersOf(await wait), [0, 0, 1, 1])
+  // 4 → 2 (decode rank 1): writer ranks 2 and 3 are parts 0 and 1.
+  const four = arrivals.wait('q', new Set([0]), {})
+  arrivals.add(shard('q', 0, 3, 4, 1, 2))
+  arrivals.add(shard('q', 0, 3, 4, 1, 2))
+  t.is(await stateOf(four), 'pending', 'the same part twice is not the other part')
+  arrivals.add(shard('q', 0, 2, 4, 0, 2))
+  t.deepEqual((await four).map((a) => a.tpRank).sort(), [2, 3, 3])
+})
+
+test.serial('a wait missing a rank times out naming the part that did not arrive', async (t) => {
+  const clock = useFakeClock(t)
+  const arrivals = new Arrivals(100)
+  const wait = arrivals.wait('half', new Set([0, 1, 2]), { timeoutMs: 100 })
+  arrivals.add(shard('half', 0, 0, 2, 0, 2))
+  arrivals.add(shard('half', 1, 0, 2, 0, 2))
+  clock.advance(100)
+  const error = await t.throwsAsync(wait, { instanceOf: KvTransferError })
+  t.is(error?.code, 'ERR_TIMEOUT')
+  t.is(
+    error?.message,
+    'timed out after 100 ms waiting for tag half: layers 2 have not arrived; layer 0: part 1 of 2 has not arrived; layer 1: part 1 of 2 has not arrived',
+  )
+})
+
+test.serial('expectBlocks: a part counts once its calls carried that many blocks; more is refused', async (t) => {
+  const clock = useFakeClock(t)
+  const arrivals = new Arrivals(100)
+  const wait = arrivals.wait('b', new Set([0]), { timeoutMs: 100 }, 8)
+  arrivals.add(shard('b', 0, 0, 2, 0, 2, 5))
+  arrivals.add(shard('b', 0, 1, 2, 1, 2, 8))
+  t.is(await stateOf(wait), 'pending', 'part 0 has 5 of 8 blocks')
+  clock.advance(100)
+  const error = await t.throwsAsync(wait, { instanceOf: KvTransferError })
+  t.regex(error!.message, /layer 0: part 0 of 2 has 5 of 8 blocks/)
+  arrivals.add(shard('b', 0, 0, 2, 0, 2, 3))
+  t.is((await arrivals.wait('b', new Set([0]), {}, 8)).length, 3, 'chunked writes sum up')
+  const over = arrivals.wait('b', new Set([0]), {}, 7)
+  const refused = await t.throwsAsync(over, { instanceOf: KvTransferError })
+  t.is(refused?.code, 'ERR_BLOCK_COUNT_MISMATCH')
+  t.regex(refused!.message, /8 blocks arrived, expectBlocks is 7/)
+})
+
+test('writers that disagree on the parts, and a failed checksum, reject the wait', async (t) => {
+  const arrivals = new Arrivals(100)
+  arrivals.add(shard('mixed', 0, 0, 2, 0, 2))
+  arrivals.add(shard('mixed', 0, 0, 1, 0, 1))
+  const mixed = await t.throwsAsync(arrivals.wait('mixed', new Set([0]), {}), { instanceOf: KvTransferError })
+  t.is(mixed?.code, 'ERR_TP_MISMATCH')
+  const wait = arrivals.wait('bad', new Set([0]), {})
+  const error = new KvTransferError('ERR_CHECKSUM_MISMATCH', 'checksum mismatch')
+  arrivals.add({ ...notice('bad', 0), error })
+  t.is(await t.throwsAsync(wait), error)
 })

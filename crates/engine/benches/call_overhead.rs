@@ -136,6 +136,7 @@ fn bench(c: &mut Criterion) {
                                         layer: layer as f64,
                                         tag: None,
                                         timeout,
+                                        integrity: Default::default(),
                                     },
                                     OnDone::Sink(Arc::clone(&sink), layer as u64),
                                 )

@@ -37,7 +37,7 @@ fn rdma_chains(
         layer: 1,
         blocks: BATCH,
         shard: &shard,
-        tag: None,
+        notice: None,
     };
     let target = ChainTarget {
         lkey: |region| 0x100 + region as u32,
@@ -111,7 +111,7 @@ fn bench(c: &mut Criterion) {
                             layer: 1,
                             blocks: BATCH,
                             shard: &Shard::whole(&table.layout),
-                            tag: None,
+                            notice: None,
                         },
                         call_id,
                     );
@@ -158,7 +158,7 @@ fn bench(c: &mut Criterion) {
                             layer: 1,
                             blocks: BATCH,
                             shard: &Shard::whole(&table.layout),
-                            tag: None,
+                            notice: None,
                         },
                         call_id,
                     );

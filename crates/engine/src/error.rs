@@ -217,6 +217,31 @@ pub enum Error {
         /// What does not match.
         reason: String,
     },
+    /// The connection cannot give what the call asked for (a checksum or an acknowledged
+    /// delivery over a transport or memory that does not offer it); nothing was sent
+    /// (`ERR_UNSUPPORTED`).
+    #[error("{what} is not available {reason}")]
+    Unsupported {
+        /// What was asked for (e.g. "checksum: 'crc32c'").
+        what: &'static str,
+        /// Where, and what would work.
+        reason: String,
+    },
+    /// The bytes of a checksummed call in this side's memory do not have the checksum the
+    /// writer computed: the arrival is an error (`ERR_CHECKSUM_MISMATCH`).
+    #[error("checksum mismatch for tag {tag} layer {layer} from {peer}: the writer summed {expected:#010x}, this side's memory holds {actual:#010x}; the blocks must not be used")]
+    ChecksumMismatch {
+        /// The writer.
+        peer: String,
+        /// The call's tag (escaped).
+        tag: String,
+        /// The layer written.
+        layer: u32,
+        /// The writer's CRC-32C.
+        expected: u32,
+        /// What the receiver summed.
+        actual: u32,
+    },
     /// A bug: a panic inside kvtransfer, caught before it could take the process down.
     #[error("internal error in kvtransfer ({what}): this is a bug, not a usage error; please report it at https://github.com/kvtransfer/kvtransfer/issues with this message and a log taken with KVCACHE_DEBUG=1")]
     Internal {
@@ -250,6 +275,8 @@ impl Error {
             Error::Aborted => "ERR_ABORTED",
             Error::Auth { .. } => "ERR_AUTH",
             Error::TensorParallel { .. } => "ERR_TP_MISMATCH",
+            Error::Unsupported { .. } => "ERR_UNSUPPORTED",
+            Error::ChecksumMismatch { .. } => "ERR_CHECKSUM_MISMATCH",
             Error::Internal { .. } => "ERR_INTERNAL",
         }
     }
@@ -304,6 +331,8 @@ pub const ERROR_CODES: &[&str] = &[
     "ERR_ABORTED",
     "ERR_AUTH",
     "ERR_TP_MISMATCH",
+    "ERR_UNSUPPORTED",
+    "ERR_CHECKSUM_MISMATCH",
     "ERR_INTERNAL",
 ];
 
@@ -393,7 +422,18 @@ mod error_codes_tests {
                     peer: text(),
                     reason: text(),
                 },
-                Error::TensorParallel { .. } => Error::Internal { what: text() },
+                Error::TensorParallel { .. } => Error::Unsupported {
+                    what: "what",
+                    reason: text(),
+                },
+                Error::Unsupported { .. } => Error::ChecksumMismatch {
+                    peer: text(),
+                    tag: text(),
+                    layer: 0,
+                    expected: 0,
+                    actual: 1,
+                },
+                Error::ChecksumMismatch { .. } => Error::Internal { what: text() },
                 Error::Internal { .. } => break,
             };
             all.push(next);

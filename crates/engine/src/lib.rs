@@ -33,8 +33,9 @@ mod wire;
 pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
 pub use doctor::{host_report, HostReport, TransportReport};
 pub use engine::{
-    CallAbort, CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, PeerHandle,
-    PeerInfo, PeerLeft, PeerLeftSink, PeerMetrics, PreparedBlocks, TransportDecision, WriteCall,
+    CallAbort, CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, Integrity,
+    PeerHandle, PeerInfo, PeerLeft, PeerLeftSink, PeerMetrics, PreparedBlocks, TransportDecision,
+    WriteCall,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;
@@ -44,7 +45,7 @@ pub use kvtransfer_cuda::DeviceReport as GpuReport;
 pub use layout::{CacheLayout, MemoryKind};
 pub use metrics::{bucket_upper_us, Snapshot as MetricsSnapshot, LATENCY_BUCKETS};
 pub use plan::BlockIds;
-pub use shard::{check_tp_size, BlockOrder, TpOptions, MAX_TP_SIZE};
+pub use shard::{check_tp_size, BlockOrder, Cover, TpOptions, MAX_TP_SIZE};
 pub use sidecar::{
     SidecarEvent, SidecarOptions, SidecarServer, MAX_FDS_PER_FRAME, MAX_FRAME_BYTES,
 };
@@ -53,8 +54,8 @@ pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory,
 pub use transport::rdma::RdmaDetails;
 pub use transport::tcp::TcpDetails;
 pub use transport::{
-    Arrival, ArrivalSink, CallSink, Completion, CompletionCallback, Explanation, OnDone,
-    TransportDetails, TransportKind, MAX_TAG_BYTES,
+    Arrival, ArrivalSink, CallSink, ChecksumCheck, Completion, CompletionCallback, Explanation,
+    OnDone, TransportDetails, TransportKind, MAX_TAG_BYTES,
 };
 pub use util::lock;
 pub use wire::{Role, MAX_NAME_BYTES, NAME_RULE};
@@ -79,5 +80,5 @@ pub mod internals {
     pub use crate::transport::tcp::{FrameBatch, TcpEndpoint, MAX_FRAME_PAYLOAD};
     pub use crate::transport::JobView;
     pub use crate::util::scattered_ids;
-    pub use crate::wire::{Declined, Descriptor, Endpoint};
+    pub use crate::wire::{Declined, Descriptor, Endpoint, Notice};
 }

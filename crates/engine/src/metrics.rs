@@ -62,6 +62,7 @@ pub struct Counters {
     notices_sent: AtomicU64,
     notices_received: AtomicU64,
     notices_dropped: AtomicU64,
+    checksum_mismatches: AtomicU64,
     reconnects: AtomicU64,
 }
 
@@ -79,6 +80,7 @@ impl Default for Counters {
             notices_sent: AtomicU64::new(0),
             notices_received: AtomicU64::new(0),
             notices_dropped: AtomicU64::new(0),
+            checksum_mismatches: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
         }
     }
@@ -125,6 +127,7 @@ impl Counters {
             notices_sent: get(&self.notices_sent),
             notices_received: get(&self.notices_received),
             notices_dropped: get(&self.notices_dropped),
+            checksum_mismatches: get(&self.checksum_mismatches),
             reconnects: get(&self.reconnects),
         }
     }
@@ -156,6 +159,8 @@ pub struct Snapshot {
     pub notices_received: u64,
     /// Arrival notices dropped on receipt (malformed, or no one listening).
     pub notices_dropped: u64,
+    /// Arrivals whose bytes in this side's memory did not have the writer's checksum.
+    pub checksum_mismatches: u64,
     /// `connect` calls that replaced an existing link to the same peer.
     pub reconnects: u64,
 }
@@ -269,6 +274,11 @@ impl CallCounters {
 
     pub fn notice_dropped(&self) {
         self.each(|c| add(&c.notices_dropped, 1));
+    }
+
+    /// An arrival failed its checksum (`ERR_CHECKSUM_MISMATCH`).
+    pub fn checksum_mismatch(&self) {
+        self.each(|c| add(&c.checksum_mismatches, 1));
     }
 
     pub fn reconnected(&self) {

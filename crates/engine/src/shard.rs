@@ -186,13 +186,43 @@ impl Geometry {
     }
 }
 
-/// A peer's shard plan: one geometry for K/V blocks and one for scale blocks.
+/// A peer's shard plan: one geometry for K/V blocks and one for scale blocks, and what of
+/// the receiver's shard the writer covers (what its arrival notices say).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     /// The geometry of key and value blocks.
     pub kv: Geometry,
     /// The geometry of key-scale and value-scale blocks.
     pub scale: Geometry,
+    /// Which writer this is and which part of the receiver's blocks it writes.
+    pub cover: Cover,
+}
+
+/// What one writer writes of a receiver's blocks under the shard rules: the writer's rank
+/// and size, and part `part` of `parts` equal parts of each receiver block (per token row
+/// for token-major blocks). A receiver's block is complete once every part of it arrived:
+/// `parts` is 1 for equal sizes, a receiver with more ranks than the writer, and replicated
+/// caches; `writer size / receiver size` for a writer with more ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cover {
+    /// The writer's tpRank.
+    pub writer_rank: u32,
+    /// The writer's tpSize.
+    pub writer_size: u32,
+    /// The part of each receiver block this writer writes, `0..parts`.
+    pub part: u32,
+    /// Parts a receiver block is made of (writers that must write it).
+    pub parts: u32,
+}
+
+impl Cover {
+    /// One writer of tpSize 1 writing whole blocks.
+    pub const WHOLE: Cover = Cover {
+        writer_rank: 0,
+        writer_size: 1,
+        part: 0,
+        parts: 1,
+    };
 }
 
 /// How the writer's block is cut against the receiver's: parts of each side's block (or
@@ -213,6 +243,7 @@ impl Shard {
         Shard {
             kv: Geometry::whole(layout.block_bytes),
             scale: Geometry::whole(layout.scale_block_bytes),
+            cover: Cover::WHOLE,
         }
     }
 
@@ -316,9 +347,18 @@ impl Shard {
                 }
             })
         };
+        let writer_cover = |part: u64, parts: u64| Cover {
+            writer_rank: w.rank,
+            writer_size: w.size,
+            part: part as u32,
+            parts: parts as u32,
+        };
         let Some(mut cut) = cut else {
             Self::same_bytes(w_layout, v_layout, here_is_writer, here, peer)?;
-            return Ok(Shard::whole(w_layout));
+            return Ok(Shard {
+                cover: writer_cover(0, 1),
+                ..Shard::whole(w_layout)
+            });
         };
         if let BlockOrder::TokenMajor { tokens_per_block } = w.order {
             cut.rows = tokens_per_block.into();
@@ -341,7 +381,11 @@ impl Shard {
             (w.size, v.size),
             &refuse,
         )?;
-        Ok(Shard { kv, scale })
+        Ok(Shard {
+            kv,
+            scale,
+            cover: writer_cover(cut.remote_part, cut.remote_parts),
+        })
     }
 
     fn ratio(larger: u32, smaller: u32, refuse: &impl Fn(String) -> Error) -> Result<u32> {
@@ -612,5 +656,26 @@ mod tests {
         };
         let err = nhd.check(&layout(64, 0)).unwrap_err();
         assert!(err.to_string().contains("blockBytes 64"), "{err}");
+    }
+
+    #[test]
+    fn covers_say_which_part_of_the_receiver_block_each_writer_writes() {
+        let cover = |w: TpOptions, wb: u64, v: TpOptions, vb: u64| {
+            let c = plan(w, layout(wb, 0), v, layout(vb, 0)).unwrap().cover;
+            (c.writer_rank, c.writer_size, c.part, c.parts)
+        };
+        // 2 → 1: two writers, each half of the decode block.
+        assert_eq!(cover(tp(2, 1), 256, tp(1, 0), 512), (1, 2, 1, 2));
+        // 4 → 2: writer rank 2 is part 0 of decode rank 1's block.
+        assert_eq!(cover(tp(4, 2), 256, tp(2, 1), 512), (2, 4, 0, 2));
+        // 1 → 2: the writer covers the decode rank's whole block.
+        assert_eq!(cover(tp(1, 0), 512, tp(2, 1), 256), (0, 1, 0, 1));
+        // Equal sizes and replicated (MLA) caches: whole blocks from one writer.
+        assert_eq!(cover(tp(2, 1), 256, tp(2, 1), 256), (1, 2, 0, 1));
+        let mla = |size, rank| TpOptions {
+            replicated: true,
+            ..tp(size, rank)
+        };
+        assert_eq!(cover(mla(4, 3), 256, mla(2, 0), 256), (3, 4, 0, 1));
     }
 }

@@ -85,7 +85,7 @@ fn steady_state_allocations(
             layer: 1,
             blocks: BATCH,
             shard: &Shard::whole(&table.layout),
-            tag,
+            notice: tag,
         },
         1,
     );
@@ -105,7 +105,7 @@ fn steady_state_allocations(
                 layer: (call % 2) as u32,
                 blocks: BATCH,
                 shard: &Shard::whole(&table.layout),
-                tag,
+                notice: tag,
             },
             call + 2,
         );

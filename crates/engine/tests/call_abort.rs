@@ -226,6 +226,7 @@ fn a_timed_out_call_reports_its_peer_left_with_err_timeout() {
         .write(
             WriteCall {
                 timeout: Some(Duration::from_millis(200)),
+                integrity: Default::default(),
                 ..WriteCall::ids("p", BlockIds::U32(&ids), BlockIds::U32(&ids), 0.0, None)
             },
             OnDone::Callback(Box::new(move |result| {

@@ -3,8 +3,8 @@
 //! and whatever decodes re-encodes to the same bytes.
 
 use kvtransfer_engine::internals::{
-    decode_notice, frame, Descriptor, Endpoint, NvlinkEndpoint, NvlinkMemoryTable, QpEndpoint,
-    RdmaEndpoint, TcpEndpoint,
+    decode_notice, frame, Descriptor, Endpoint, Notice, NvlinkEndpoint, NvlinkMemoryTable,
+    QpEndpoint, RdmaEndpoint, TcpEndpoint,
 };
 use kvtransfer_engine::internals::{Challenge, Envelope, Response};
 use kvtransfer_engine::{BlockOrder, Role, TpOptions, TransportKind};
@@ -163,8 +163,11 @@ fn check_all(data: &[u8]) {
     if let Ok(e) = Envelope::decode(data) {
         assert_eq!(e.encode(), data);
     }
-    if let Some((_, _, tag)) = decode_notice(data) {
-        assert!(9 + tag.len() <= data.len());
+    if let Some(record) = decode_notice(data) {
+        assert!(2 + record.len() <= data.len());
+    }
+    if let Ok(notice) = Notice::decode(data) {
+        assert_eq!(notice.encode(), data);
     }
     for chunk in data.chunks_exact(frame::HEADER_BYTES) {
         let bytes: &[u8; frame::HEADER_BYTES] = chunk.try_into().unwrap();
@@ -230,8 +233,18 @@ fn mutated_valid_messages_never_panic_any_decoder() {
     );
     seeds.push(frame::encode_hello(99).to_vec());
     let mut notice = vec![0u8; 512];
-    notice[8] = 20;
+    notice[0] = 20;
     seeds.push(notice);
+    seeds.push(
+        Notice {
+            layer: 1,
+            blocks: 2,
+            cover: kvtransfer_engine::Cover::WHOLE,
+            checksum: Some(7),
+            tag: b"req",
+        }
+        .encode(),
+    );
     for seed in &seeds {
         check_all(seed);
         for _ in 0..5_000 {

@@ -661,6 +661,7 @@ fn nvlink_bench_grid() {
                         layer: (i % layers) as f64,
                         tag: None,
                         timeout: None,
+                        integrity: Default::default(),
                     },
                     OnDone::Callback(Box::new(move |result| {
                         let _ = sender.send(result);

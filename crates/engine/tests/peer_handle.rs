@@ -47,6 +47,7 @@ fn write_prepared(
             layer: 0.0,
             tag: None,
             timeout: None,
+            integrity: Default::default(),
         },
     )
 }

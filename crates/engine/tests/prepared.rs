@@ -28,6 +28,7 @@ fn write(
             layer: f64::from(layer),
             tag: None,
             timeout: None,
+            integrity: Default::default(),
         },
     )
 }

@@ -49,6 +49,7 @@ fn submit(prefill: &Side, ids: &[u32], deadline: Option<Instant>) -> Completion 
         .engine
         .write_call(WriteCall {
             timeout: deadline.map(|at| at.saturating_duration_since(Instant::now())),
+            integrity: Default::default(),
             ..WriteCall::ids("decode", BlockIds::U32(ids), BlockIds::U32(ids), 0.0, None)
         })
         .unwrap()

@@ -38,6 +38,7 @@ fn submit(
         .engine
         .write_call(WriteCall {
             timeout: deadline.map(|at| at.saturating_duration_since(Instant::now())),
+            integrity: Default::default(),
             ..WriteCall::ids(
                 key,
                 BlockIds::U32(ids),
@@ -156,6 +157,7 @@ fn callback_calls_report_what_completions_report() {
         prefill.engine.write(
             WriteCall {
                 timeout,
+                integrity: Default::default(),
                 ..WriteCall::ids(key, BlockIds::U32(&ids), BlockIds::U32(remote), 0.0, None)
             },
             OnDone::Callback(Box::new(move |result| {

@@ -66,6 +66,7 @@ fn key_value_and_scale_blocks_arrive_byte_for_byte() {
                     layer: 1.0,
                     tag: None,
                     timeout: None,
+                    integrity: Default::default(),
                 },
                 OnDone::Callback(Box::new(move |r| tx.send(r).unwrap())),
             )

@@ -2,7 +2,7 @@
 
 use futures_executor::block_on;
 use kvtransfer_engine::BlockIds;
-use kvtransfer_engine::{Arrival, Role};
+use kvtransfer_engine::{Arrival, ChecksumCheck, Cover, Role};
 use std::sync::{Arc, Mutex};
 
 mod common;
@@ -75,7 +75,9 @@ fn writes_exact_bytes_and_leaves_other_blocks_untouched() {
             peer: "prefill-test".into(),
             tag: b"req-1".to_vec(),
             layer: 2,
-            blocks: 5
+            blocks: 5,
+            cover: Cover::WHOLE,
+            checksum: ChecksumCheck::Absent,
         }
     );
     prefill.engine.close();
@@ -228,4 +230,52 @@ fn peer_close_fails_pending_and_marks_disconnected() {
     }
     assert!(failures > 0);
     assert!(!prefill.engine.is_connected("d"));
+}
+
+/// `checksum`: the receiver sums what landed and reports the arrival verified; a call
+/// without a tag cannot carry one (refused, nothing sent); `delivery: 'acked'` is what TCP
+/// does anyway (its receiver answers every call), so it is taken.
+#[test]
+fn checksummed_calls_arrive_verified() {
+    use kvtransfer_engine::{Integrity, WriteCall};
+    let sink_log: Arc<Mutex<Vec<Arrival>>> = Arc::default();
+    let log = Arc::clone(&sink_log);
+    let prefill = side(Role::Prefill, 2, 16, 4096, true, None);
+    let decode = side(
+        Role::Decode,
+        2,
+        16,
+        4096,
+        false,
+        Some(Arc::new(move |a| log.lock().unwrap().push(a))),
+    );
+    connect(&prefill, &decode, "decode:1");
+    let (local, remote) = ([1u32, 2, 3, 9], [4u32, 5, 0, 15]);
+    let call = |tag: Option<&[u8]>, integrity| WriteCall {
+        integrity,
+        ..WriteCall::ids(
+            "decode:1",
+            BlockIds::U32(&local),
+            BlockIds::U32(&remote),
+            1.0,
+            tag.map(<[u8]>::to_vec),
+        )
+    };
+    let both = Integrity {
+        checksum: true,
+        acked: true,
+    };
+    block_on(prefill.engine.write_call(call(Some(b"sum"), both)).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_written(&prefill, &decode, 1, &local, &remote);
+    let untagged = prefill.engine.write_call(call(None, both)).unwrap_err();
+    assert_eq!(untagged.code(), "ERR_INVALID_ARGUMENT");
+    assert!(untagged.to_string().contains("without a tag"), "{untagged}");
+    let arrivals = sink_log.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 1);
+    assert_eq!(arrivals[0].checksum, ChecksumCheck::Verified);
+    assert_eq!(arrivals[0].cover, Cover::WHOLE);
+    prefill.engine.close();
+    decode.engine.close();
 }

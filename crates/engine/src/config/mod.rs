@@ -186,6 +186,9 @@ pub struct ProcessSettings {
     pub cuda_copy_kernel: bool,
     /// `KVCACHE_CUDA_BATCH_COPY`: `cuMemcpyBatchAsync` where the driver has it.
     pub cuda_batch_copy: bool,
+    /// `KVCACHE_TEST_CORRUPT_RECEIVE`, for tests only: the receiver flips one byte of every
+    /// checksummed call it lands before verifying it, so a test sees the mismatch.
+    pub test_corrupt_receive: bool,
 }
 
 impl ProcessSettings {
@@ -196,6 +199,7 @@ impl ProcessSettings {
             tcp_prefault: flag("KVCACHE_TCP_PREFAULT")?.unwrap_or(true),
             cuda_copy_kernel: flag("KVCACHE_CUDA_COPY_KERNEL")?.unwrap_or(true),
             cuda_batch_copy: flag("KVCACHE_CUDA_BATCH_COPY")?.unwrap_or(true),
+            test_corrupt_receive: flag("KVCACHE_TEST_CORRUPT_RECEIVE")?.unwrap_or(false),
         })
     }
 }
@@ -217,6 +221,7 @@ pub fn process() -> &'static ProcessSettings {
             tcp_prefault: true,
             cuda_copy_kernel: true,
             cuda_batch_copy: true,
+            test_corrupt_receive: false,
         })
     })
 }
@@ -445,6 +450,11 @@ const VARIABLES: &[(&str, &str, Check)] = &[
         "KVCACHE_CUDA_BATCH_COPY",
         "cuMemcpyBatchAsync where the driver has it",
         || valid(flag("KVCACHE_CUDA_BATCH_COPY")),
+    ),
+    (
+        "KVCACHE_TEST_CORRUPT_RECEIVE",
+        "TESTS ONLY: corrupt one received byte of each checksummed call",
+        || valid(flag("KVCACHE_TEST_CORRUPT_RECEIVE")),
     ),
     (
         "KVCACHE_LOG_LEVEL",

@@ -4,6 +4,7 @@
 
 mod explain;
 mod handshake;
+mod integrity;
 mod left;
 mod peers;
 mod submitter;
@@ -11,6 +12,7 @@ mod tp;
 mod watchdog;
 mod write;
 
+pub use integrity::Integrity;
 pub use left::{PeerLeft, PeerLeftSink};
 pub use write::{CallAbort, CallBlocks, CallPeer, PeerHandle, PreparedBlocks, WriteCall};
 

@@ -2,6 +2,7 @@
 //! the submitting thread, `submitter.rs`) make its completion record, watch its deadline
 //! and hand it to the peer's link.
 
+use super::integrity::Integrity;
 use super::peers::{Peer, PeerRegistry};
 use super::watchdog::Watchdog;
 use super::{Engine, EngineInner};
@@ -85,7 +86,7 @@ fn counted_done(write: &PreparedWrite, on_done: OnDone, started: Instant) -> Don
             bytes: blocks * write.bytes_per_block,
             blocks,
             started,
-            tagged: write.plan.tag.is_some(),
+            tagged: write.plan.notice.is_some(),
         },
     )
 }
@@ -164,6 +165,8 @@ pub struct WriteCall<'a> {
     /// then does the call fail with `ERR_TIMEOUT`; the link's other pending calls fail with
     /// `ERR_PEER_DISCONNECTED`. Other peers are unaffected.
     pub timeout: Option<Duration>,
+    /// A checksum the receiver verifies, an acknowledged delivery (`integrity.rs`).
+    pub integrity: Integrity,
 }
 
 /// The blocks a call writes.
@@ -195,6 +198,7 @@ impl<'a> WriteCall<'a> {
             layer,
             tag,
             timeout: None,
+            integrity: Integrity::default(),
         }
     }
 }
@@ -232,16 +236,18 @@ impl Engine {
             layer,
             tag,
             timeout,
+            integrity,
         } = call;
         let prepared = match blocks {
             CallBlocks::Ids { local, remote } => {
-                self.prepare_write(peer, local, remote, layer, tag)
+                self.prepare_write(peer, local, remote, layer, tag, integrity)
             }
-            CallBlocks::Prepared(list) => self.reuse_prepared(peer, list, layer, tag),
+            CallBlocks::Prepared(list) => self.reuse_prepared(peer, list, layer, tag, integrity),
         };
-        let write = prepared.inspect_err(|error| {
+        let mut write = prepared.inspect_err(|error| {
             self.inner.metrics.peer(peer.key()).failed(error);
         })?;
+        self.seal(&mut write.plan, integrity);
         self.dispatch(write, on_done, timeout, abort);
         Ok(())
     }
@@ -307,6 +313,7 @@ impl Engine {
         prepared: &PreparedBlocks,
         layer: f64,
         tag: Option<Vec<u8>>,
+        integrity: Integrity,
     ) -> Result<PreparedWrite> {
         self.check_open()?;
         let layer = self.inner.table.layout.check_layer(layer)?;
@@ -340,6 +347,7 @@ impl Engine {
             }
             _ => self.refit(peer_key, prepared)?,
         };
+        let notice = self.notice_for(&peer, layer, prepared.blocks, tag.as_deref(), integrity)?;
         Ok(PreparedWrite {
             bytes_per_block,
             plan: JobPlan {
@@ -347,7 +355,7 @@ impl Engine {
                 layer,
                 blocks: prepared.blocks,
                 shard: peer.shard,
-                tag,
+                notice,
             },
             peer,
         })
@@ -452,6 +460,7 @@ impl Engine {
         remote: BlockIds<'_>,
         layer: f64,
         tag: Option<Vec<u8>>,
+        integrity: Integrity,
     ) -> Result<PreparedWrite> {
         self.check_open()?;
         let layout = self.inner.table.layout;
@@ -470,6 +479,7 @@ impl Engine {
         plan::plan_runs(local, remote, limits, &mut runs)?;
         let runs = self.inner.run_pool.pooled(runs);
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
+        let notice = self.notice_for(&peer, layer, blocks, tag.as_deref(), integrity)?;
         Ok(PreparedWrite {
             bytes_per_block: peer.shard.bytes_per_block(&layout),
             plan: JobPlan {
@@ -477,7 +487,7 @@ impl Engine {
                 layer,
                 blocks,
                 shard: peer.shard,
-                tag,
+                notice,
             },
             peer,
         })
@@ -542,7 +552,7 @@ impl QueuedCall {
                 peers: Weak::clone(peers),
             };
         }
-        if plan.runs.is_empty() && plan.tag.is_none() {
+        if plan.runs.is_empty() && plan.notice.is_none() {
             let _ = done.send(Ok(()));
             return;
         }

@@ -105,6 +105,7 @@ impl WorkerRoute {
             layer: request.layer,
             tag,
             timeout,
+            integrity: Default::default(),
         };
         if let Err(error) = self
             .engine

@@ -5,7 +5,8 @@ use super::completion::{Done, PooledRuns};
 use crate::error::Error;
 use crate::layout::RegionTable;
 use crate::plan::Run;
-use crate::shard::Shard;
+use crate::shard::{Cover, Shard};
+use crate::wire::Notice;
 
 /// A borrowed view of what a job writes: what frame and work-request builders take (and
 /// what benches and tests without a job build from).
@@ -19,8 +20,9 @@ pub struct JobView<'a> {
     pub blocks: u32,
     /// Which bytes of each block go where on the peer.
     pub shard: &'a Shard,
-    /// Request tag: when present the receiver gets an arrival notice after the bytes.
-    pub tag: Option<&'a [u8]>,
+    /// The encoded arrival notice (`wire::Notice`): when present the receiver gets it
+    /// after the bytes.
+    pub notice: Option<&'a [u8]>,
 }
 
 impl JobPlan {
@@ -30,13 +32,13 @@ impl JobPlan {
             layer: self.layer,
             blocks: self.blocks,
             shard: &self.shard,
-            tag: self.tag.as_deref(),
+            notice: self.notice.as_deref(),
         }
     }
 }
 
 /// Largest request tag carried with an arrival notice.
-pub const MAX_TAG_BYTES: usize = 255;
+pub const MAX_TAG_BYTES: usize = crate::wire::MAX_NOTICE_TAG_BYTES;
 
 /// One `writeCache` call, planned and owned by the transport until it completes.
 #[derive(Debug)]
@@ -58,8 +60,10 @@ pub struct JobPlan {
     /// Which bytes of each block go where on the peer (tensor-parallel shards; whole
     /// blocks without them).
     pub shard: Shard,
-    /// Request tag: when present the receiver gets an arrival notice after the bytes.
-    pub tag: Option<Vec<u8>>,
+    /// The encoded arrival notice (`wire::Notice`: tag, layer, blocks, the writer's shard
+    /// cover, the checksum): when present the receiver gets it after the bytes. Transports
+    /// carry it as it is.
+    pub notice: Option<Vec<u8>>,
 }
 
 /// What the receiving side learns when a tagged call has landed.
@@ -73,6 +77,43 @@ pub struct Arrival {
     pub layer: u32,
     /// Blocks the call wrote.
     pub blocks: u32,
+    /// The writer (tpRank/tpSize) and the part of this side's blocks it wrote.
+    pub cover: Cover,
+    /// Whether the receiver checked the call's checksum, and what it found.
+    pub checksum: ChecksumCheck,
+}
+
+impl Arrival {
+    /// The arrival a decoded notice from `peer` reports, with the receiver's `checksum` check.
+    pub fn of(peer: &str, notice: &Notice<'_>, checksum: ChecksumCheck) -> Arrival {
+        Arrival {
+            peer: peer.to_string(),
+            tag: notice.tag.to_vec(),
+            layer: notice.layer,
+            blocks: notice.blocks,
+            cover: notice.cover,
+            checksum,
+        }
+    }
+}
+
+/// The receiver's check of a call's checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumCheck {
+    /// The call carried none.
+    Absent,
+    /// The bytes in this side's memory have the writer's checksum.
+    Verified,
+    /// The call carried one, but its bytes landed where this side cannot sum them on the
+    /// CPU (GPU memory): reported as not verified.
+    Unchecked,
+    /// They do not: the arrival is an error (`ERR_CHECKSUM_MISMATCH`).
+    Mismatch {
+        /// What the writer summed.
+        expected: u32,
+        /// What this side's memory holds.
+        actual: u32,
+    },
 }
 
 /// Called on a transport thread for each arrival; must not block for long.

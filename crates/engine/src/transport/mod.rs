@@ -7,6 +7,7 @@
 //! The engine knows transports only through these traits; `registry.rs` is the one place
 //! that names the concrete ones.
 
+mod checksum;
 mod completion;
 mod explanation;
 mod job;
@@ -16,13 +17,15 @@ mod registry;
 pub(crate) mod tcp;
 
 pub use crate::transport_kind::TransportKind;
+pub(crate) use checksum::{sum_call, Landed};
 pub(crate) use completion::Accounting;
 pub use completion::{
     CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
 };
 pub use explanation::Explanation;
 pub use job::{
-    copy_op, fail, for_each_copy, Arrival, ArrivalSink, JobPlan, JobView, WriteJob, MAX_TAG_BYTES,
+    copy_op, fail, for_each_copy, Arrival, ArrivalSink, ChecksumCheck, JobPlan, JobView, WriteJob,
+    MAX_TAG_BYTES,
 };
 pub use registry::TransportDetails;
 pub(crate) use registry::{open_transports, probe, OpenContext, Unusable};
@@ -124,4 +127,20 @@ pub trait Link: Send + Sync {
     fn max_run_bytes(&self) -> u64 {
         u64::MAX
     }
+    /// What the receiving side of this link does beyond one-sided delivery: whether it
+    /// verifies a notice's checksum against its memory, and whether a call completes only
+    /// once the receiving engine took the call's notice and answered.
+    fn receiver_checks(&self) -> ReceiverChecks {
+        ReceiverChecks::default()
+    }
+}
+
+/// See [`Link::receiver_checks`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiverChecks {
+    /// The receiver verifies checksums of host regions before it reports the arrival.
+    pub verifies_checksums: bool,
+    /// Every call completes only after the receiving engine answered it (after it took
+    /// the notice, for a tagged call).
+    pub answers_every_call: bool,
 }

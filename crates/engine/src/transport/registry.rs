@@ -69,6 +69,9 @@ fn counting_sink(
         if let Some(bytes) = bytes_per_block {
             counters.received(u64::from(arrival.blocks) * bytes);
         }
+        if let crate::transport::ChecksumCheck::Mismatch { .. } = arrival.checksum {
+            counters.checksum_mismatch();
+        }
         match &inner {
             Some(sink) => {
                 counters.notice_received();

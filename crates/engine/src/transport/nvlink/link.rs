@@ -9,7 +9,6 @@
 //! calls pipeline; a further submit waits for the oldest.
 
 use super::memory::Imports;
-use super::server::encode_notice;
 use super::socket;
 use crate::error::Error;
 use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors};
@@ -41,9 +40,8 @@ struct Slot {
 struct Pending {
     slot: Slot,
     done: Done,
+    /// The call's encoded arrival notice (`wire::Notice`), sent once its bytes landed.
     tag: Option<Vec<u8>>,
-    layer: u32,
-    blocks: u32,
 }
 
 struct Submitter {
@@ -216,11 +214,7 @@ fn complete_loop(shared: &Shared) {
             }
             (Ok(()), None) => match &pending.tag {
                 None => Ok(()),
-                Some(tag) => socket::send(
-                    &shared.socket,
-                    &encode_notice(pending.layer, pending.blocks, tag),
-                    &[],
-                )
+                Some(notice) => socket::send(&shared.socket, notice, &[])
                 .map_err(|e| {
                     let error = Error::PeerDisconnected {
                         peer: shared.peer.clone(),
@@ -345,9 +339,7 @@ impl Link for NvlinkLink {
                 queue.jobs.push_back(Pending {
                     slot,
                     done: job.done,
-                    tag: job.plan.tag,
-                    layer: job.plan.layer,
-                    blocks: job.plan.blocks,
+                    tag: job.plan.notice,
                 });
                 queue.in_flight += 1;
                 drop(queue);

@@ -4,7 +4,8 @@
 
 use super::memory::Exports;
 use super::socket::{self, MAX_FDS_PER_MESSAGE};
-use crate::transport::{Arrival, ArrivalSink};
+use crate::transport::{Arrival, ArrivalSink, ChecksumCheck};
+use crate::wire::Notice;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
@@ -181,44 +182,33 @@ fn send_exports(stream: &UnixStream, exports: &Exports) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A notice: layer, blocks, then the tag.
-pub(crate) fn encode_notice(layer: u32, blocks: u32, tag: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + tag.len());
-    out.extend_from_slice(&layer.to_le_bytes());
-    out.extend_from_slice(&blocks.to_le_bytes());
-    out.extend_from_slice(tag);
-    out
-}
-
+/// The arrival a notice from `peer` reports (`None`: malformed). The copy kernel moved the
+/// bytes, so a checksum is reported unchecked (writers refuse `checksum` on NVLink).
 fn decode_notice(peer: &str, bytes: &[u8]) -> Option<Arrival> {
-    if bytes.len() < 8 || bytes.len() - 8 > crate::transport::MAX_TAG_BYTES {
-        return None;
-    }
-    Some(Arrival {
-        peer: peer.to_string(),
-        layer: u32::from_le_bytes(bytes[0..4].try_into().ok()?),
-        blocks: u32::from_le_bytes(bytes[4..8].try_into().ok()?),
-        tag: bytes[8..].to_vec(),
-    })
+    let notice = Notice::decode(bytes).ok()?;
+    let check = match notice.checksum {
+        Some(_) => ChecksumCheck::Unchecked,
+        None => ChecksumCheck::Absent,
+    };
+    Some(Arrival::of(peer, &notice, check))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shard::Cover;
 
     #[test]
-    fn notices_round_trip_and_bad_ones_are_refused() {
-        let arrival = decode_notice("p", &encode_notice(3, 1538, b"req-7")).unwrap();
-        assert_eq!(
-            arrival,
-            Arrival {
-                peer: "p".into(),
-                tag: b"req-7".to_vec(),
-                layer: 3,
-                blocks: 1538
-            }
-        );
+    fn notices_decode_and_bad_ones_are_refused() {
+        let notice = Notice {
+            layer: 3,
+            blocks: 1538,
+            cover: Cover::WHOLE,
+            checksum: None,
+            tag: b"req-7",
+        };
+        let arrival = decode_notice("p", &notice.encode()).unwrap();
+        assert_eq!(arrival, Arrival::of("p", &notice, ChecksumCheck::Absent));
         assert!(decode_notice("p", &[0; 7]).is_none());
-        assert!(decode_notice("p", &vec![0; 8 + crate::transport::MAX_TAG_BYTES + 1]).is_none());
     }
 }

@@ -2,7 +2,7 @@
 //! arrival notice; and failing a link on a bad completion or post.
 
 use super::doorbell::Doorbell;
-use super::notice::encode_notice;
+use super::notice::encode_slot;
 use super::state::{
     ActiveJob, Chain, ChainKind, ChainProgress, Phase, SenderLink, Shared, CHAIN_BYTES,
     MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
@@ -22,7 +22,7 @@ pub(super) fn finish_phase(link: &mut SenderLink, position: usize, gdr_flush: bo
     }
     let next = match active.phase {
         Phase::Data if gdr_flush => Some(Phase::Flush),
-        Phase::Data | Phase::Flush if active.job.plan.tag.is_some() => Some(Phase::Notice),
+        Phase::Data | Phase::Flush if active.job.plan.notice.is_some() => Some(Phase::Notice),
         _ => None,
     };
     match next {
@@ -324,13 +324,11 @@ pub(super) fn post_control(
             let staging_slot = (notice % NOTICE_STAGING_SLOTS as u64) as usize;
             let remote_slot = (notice % u64::from(link.notice_ring.2)) as u32;
             let active = &link.jobs[position];
-            let tag = active.job.plan.tag.as_deref().unwrap_or(&[]);
+            let notice = active.job.plan.notice.as_deref().unwrap_or(&[]);
             let start = staging_slot * NOTICE_SLOT_BYTES;
-            let len = encode_notice(
+            let len = encode_slot(
                 &mut link.staging.bytes[start..start + NOTICE_SLOT_BYTES],
-                active.job.plan.layer,
-                active.job.plan.blocks,
-                tag,
+                notice,
             );
             let local = LocalBuf {
                 addr: link.staging.addr() + start as u64,

@@ -1,22 +1,16 @@
-//! Arrival notice records: what a tagged call's WRITE WITH IMMEDIATE puts in the peer's
-//! notice ring.
+//! Notice ring slots: what a tagged call's WRITE WITH IMMEDIATE puts in the peer's notice
+//! ring: the encoded arrival notice (`wire::Notice`) behind its length (u16).
 
-pub(super) fn encode_notice(out: &mut [u8], layer: u32, blocks: u32, tag: &[u8]) -> usize {
-    out[0..4].copy_from_slice(&layer.to_le_bytes());
-    out[4..8].copy_from_slice(&blocks.to_le_bytes());
-    out[8] = tag.len() as u8;
-    out[9..9 + tag.len()].copy_from_slice(tag);
-    9 + tag.len()
+/// Writes `notice` into `slot` behind its length; returns the bytes used. The notice fits:
+/// `wire::MAX_NOTICE_BYTES` + 2 is below the slot size (a test in `state.rs` checks it).
+pub(super) fn encode_slot(slot: &mut [u8], notice: &[u8]) -> usize {
+    slot[0..2].copy_from_slice(&(notice.len() as u16).to_le_bytes());
+    slot[2..2 + notice.len()].copy_from_slice(notice);
+    2 + notice.len()
 }
 
-/// Parses a notice slot; `None` when its tag length runs past the slot.
-pub fn decode_notice(record: &[u8]) -> Option<(u32, u32, &[u8])> {
-    if record.len() < 9 {
-        return None;
-    }
-    let layer = u32::from_le_bytes(record[0..4].try_into().ok()?);
-    let blocks = u32::from_le_bytes(record[4..8].try_into().ok()?);
-    let len = record[8] as usize;
-    let tag = record.get(9..9 + len)?;
-    Some((layer, blocks, tag))
+/// The encoded notice in a slot; `None` when its length runs past the slot.
+pub fn decode_notice(slot: &[u8]) -> Option<&[u8]> {
+    let len = u16::from_le_bytes([*slot.first()?, *slot.get(1)?]) as usize;
+    slot.get(2..2 + len)
 }

@@ -8,7 +8,8 @@ use super::state::{
     NOTICE_SLOTS, NOTICE_SLOT_BYTES,
 };
 use crate::error::Error;
-use crate::transport::{fail, Arrival};
+use crate::transport::{fail, Arrival, ChecksumCheck};
+use crate::wire::Notice;
 use kvtransfer_verbs as verbs;
 use kvtransfer_verbs::{CompletionQueue, SendBatch, WorkCompletion};
 use std::collections::HashMap;
@@ -373,18 +374,19 @@ impl Worker {
                 NOTICE_SLOT_BYTES,
             )
         };
-        match decode_notice(&record) {
-            Some((layer, blocks, tag)) => {
+        match decode_notice(&record).map(Notice::decode) {
+            Some(Ok(notice)) => {
                 if let Some(sink) = &self.shared.arrivals {
-                    sink(Arrival {
-                        peer: receiver.peer_name.clone(),
-                        tag: tag.to_vec(),
-                        layer,
-                        blocks,
-                    });
+                    // One-sided: this side cannot tell which bytes the call wrote, so a
+                    // checksum is reported unchecked (writers refuse `checksum` on RDMA).
+                    let check = match notice.checksum {
+                        Some(_) => ChecksumCheck::Unchecked,
+                        None => ChecksumCheck::Absent,
+                    };
+                    sink(Arrival::of(&receiver.peer_name, &notice, check));
                 }
             }
-            None => crate::log::log_error!("rdma: malformed notice from {}", receiver.peer_name),
+            _ => crate::log::log_error!("rdma: malformed notice from {}", receiver.peer_name),
         }
     }
 }

@@ -26,8 +26,10 @@ pub(super) const NOTICE_RECEIVES: u32 = 256;
 /// Notice slots per peer ring: at least NOTICE_RECEIVES, so an unconsumed slot is never
 /// overwritten (a sender can be at most that many notices ahead: RNR flow control).
 pub const NOTICE_SLOTS: u32 = NOTICE_RECEIVES;
-/// Bytes per notice slot: layer u32, blocks u32, tag length u8, tag.
+/// Bytes per notice slot: the encoded notice behind its length (`notice.rs`).
 pub(super) const NOTICE_SLOT_BYTES: usize = 512;
+// A slot holds an encoded notice behind its length (`notice.rs`).
+const _: () = assert!(crate::wire::MAX_NOTICE_BYTES + 2 <= NOTICE_SLOT_BYTES);
 /// Notices a sender keeps in flight (bounded by its staging slots).
 pub(super) const NOTICE_STAGING_SLOTS: usize = 128;
 /// Largest RDMA WRITE per work request: longer runs are split, so that one large run can be

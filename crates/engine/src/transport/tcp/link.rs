@@ -191,6 +191,15 @@ impl Link for TcpLink {
     fn max_run_bytes(&self) -> u64 {
         MAX_FRAME_PAYLOAD
     }
+
+    /// The receiver acknowledges every call itself, after its notice (receiver.rs), and
+    /// sums what it landed in host memory.
+    fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
+        crate::transport::ReceiverChecks {
+            verifies_checksums: true,
+            answers_every_call: true,
+        }
+    }
 }
 
 /// Reused per-link scratch: frame headers and the iovecs that point at them.
@@ -219,14 +228,14 @@ impl FrameBatch {
 
     /// Fills headers and iovecs for a job (no allocation once capacities settle).
     /// `WRITE` frames for every run of the plan's layer (K, then V), then the `COMMIT`
-    /// frame carrying `call_id` and the optional tag.
+    /// frame carrying `call_id` and the optional encoded notice.
     pub fn build(&mut self, table: &RegionTable, job: JobView<'_>, call_id: u64) {
         let JobView {
             runs,
             layer,
             blocks,
             shard,
-            tag,
+            notice: tag,
         } = job;
         self.headers.clear();
         self.iovecs.clear();

@@ -5,7 +5,8 @@
 use super::frame::{self, Header};
 use super::state::{Admission, ServerState};
 use super::{lock, sockopt, staging, HELLO_TIMEOUT, RECEIVE_BUFFER_BYTES};
-use crate::transport::Arrival;
+use crate::transport::{Arrival, Landed};
+use crate::wire::Notice;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -285,6 +286,8 @@ fn receive_frames(
         &admission.peer_name,
         crate::transport::TransportKind::Tcp.code(),
     );
+    // Where the current call's bytes landed, for its checksum (transport/checksum.rs).
+    let mut landed = Landed::default();
     loop {
         reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
         let header = Header::decode(&bytes).map_err(|e| e.0)?;
@@ -322,6 +325,7 @@ fn receive_frames(
                     reader.may_have_waited();
                     match received {
                         Ok(()) => {
+                            landed.device();
                             counters.received(u64::from(header.len));
                             continue;
                         }
@@ -333,6 +337,7 @@ fn receive_frames(
                 // engine keeps valid until this thread has been joined at close.
                 unsafe { reader.read_into(addr as usize as *mut u8, header.len as usize) }
                     .map_err(|e| e.to_string())?;
+                landed.host(addr, header.len as usize);
                 counters.received(u64::from(header.len));
             }
             frame::COMMIT => {
@@ -347,14 +352,18 @@ fn receive_frames(
                     return refuse(ack_stream, reason);
                 }
                 if header.flags & 1 != 0 {
+                    // The detail is the call's encoded notice (wire/notice.rs); its checksum
+                    // is checked against this side's memory before the arrival is reported.
+                    let notice = match Notice::decode(&tag) {
+                        Ok(notice) => notice,
+                        Err(e) => return refuse(ack_stream, format!("bad arrival notice: {e}")),
+                    };
+                    let checked = landed.check(notice.checksum);
                     if let Some(sink) = &state.arrivals {
-                        sink(Arrival {
-                            peer: admission.peer_name.clone(),
-                            tag,
-                            layer: header.aux,
-                            blocks: header.region,
-                        });
+                        sink(Arrival::of(&admission.peer_name, &notice, checked));
                     }
+                } else {
+                    landed.check(None);
                 }
                 send_reply(ack_stream, frame::ACK, header.offset, &[])
                     .map_err(|e| e.to_string())?;

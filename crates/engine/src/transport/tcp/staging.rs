@@ -242,7 +242,7 @@ impl SendStaging {
             pipe.copies.gpu().bind()?;
         }
         self.plan(table, job.shard, job.layer, job.runs);
-        let tag = job.tag;
+        let tag = job.notice;
         self.commit = Header {
             kind: frame::COMMIT,
             flags: u8::from(tag.is_some()),

@@ -1,0 +1,95 @@
+//! What a call may ask beyond one-sided delivery ([`Integrity`]): an end-to-end checksum
+//! the receiver verifies before it reports the arrival, and a delivery the receiving engine
+//! acknowledges. Checked against the peer's link on the caller's thread (a refusal is typed
+//! and sends nothing); the call's notice is encoded here, with the writer's shard cover and
+//! the checksum of the bytes it moves.
+
+use super::peers::Peer;
+use super::Engine;
+use crate::error::{Error, Result};
+use crate::transport::{sum_call, JobPlan};
+use crate::wire::{set_checksum, Notice};
+
+/// What a call asks beyond one-sided delivery (`checksum`, `delivery` in the API).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Integrity {
+    /// `checksum: 'crc32c'`: the writer sums the bytes it moves, the notice carries the sum,
+    /// the receiver verifies its memory before it reports the arrival. Needs a tag.
+    pub checksum: bool,
+    /// `delivery: 'acked'`: the call resolves only after the receiving engine took it (and
+    /// its notice) and answered.
+    pub acked: bool,
+}
+
+impl Engine {
+    /// Checks `integrity` against `peer`'s link and the layer's memory, and encodes the
+    /// call's notice (the checksum is filled in by [`Engine::seal`]).
+    pub(super) fn notice_for(
+        &self,
+        peer: &Peer,
+        layer: u32,
+        blocks: u32,
+        tag: Option<&[u8]>,
+        integrity: Integrity,
+    ) -> Result<Option<Vec<u8>>> {
+        let checks = peer.link.receiver_checks();
+        let transport = peer.link.kind().name();
+        if integrity.acked && !checks.answers_every_call {
+            return Err(Error::Unsupported {
+                what: "delivery: 'acked'",
+                reason: format!(
+                    "over {transport} (to {}): its writes are one-sided and its receiver does not answer them; use transport 'tcp', whose receiver answers every call",
+                    peer.key
+                ),
+            });
+        }
+        if integrity.checksum {
+            if tag.is_none() {
+                return Err(Error::invalid(
+                    "checksum",
+                    "'crc32c' was given without a tag: the receiver verifies the sum when the call's arrival notice comes, and only tagged calls send one",
+                ));
+            }
+            if !checks.verifies_checksums {
+                return Err(Error::Unsupported {
+                    what: "checksum: 'crc32c'",
+                    reason: format!(
+                        "over {transport} (to {}): its receiver does not see which bytes a call wrote; use transport 'tcp'",
+                        peer.key
+                    ),
+                });
+            }
+            let table = &self.inner.table;
+            let kinds = table.layout.kinds();
+            if (layer * kinds..(layer + 1) * kinds).any(|region| table.memory(region).is_device()) {
+                return Err(Error::Unsupported {
+                    what: "checksum: 'crc32c'",
+                    reason: format!(
+                        "for layer {layer}: its regions are GPU memory, which this build sums on the CPU only for host regions"
+                    ),
+                });
+            }
+        }
+        Ok(tag.map(|tag| {
+            Notice {
+                layer,
+                blocks,
+                cover: peer.shard.cover,
+                checksum: integrity.checksum.then_some(0),
+                tag,
+            }
+            .encode()
+        }))
+    }
+
+    /// Fills in the checksum of a checksummed call's notice: CRC-32C of every byte it moves.
+    pub(super) fn seal(&self, plan: &mut JobPlan, integrity: Integrity) {
+        if !integrity.checksum {
+            return;
+        }
+        let sum = sum_call(&self.inner.table, plan);
+        if let Some(notice) = plan.notice.as_mut() {
+            set_checksum(notice, sum);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! End-to-end checksums (`checksum: 'crc32c'`): the writer sums every byte a call moves, in
+//! the order the copies move them ([`for_each_copy`], segment by segment), with CRC-32C
+//! (the `crc32c` crate: the SSE 4.2 / ARMv8 CRC instructions, software elsewhere); the
+//! notice carries the sum; a receiver that records where the call's bytes landed
+//! ([`Landed`]) sums them again from its own memory before it reports the arrival.
+
+use super::job::{for_each_copy, ChecksumCheck, JobPlan};
+use crate::layout::RegionTable;
+
+/// CRC-32C of the bytes `plan` moves from host regions of `table`. The caller checked that
+/// the layer's regions are host memory.
+pub(crate) fn sum_call(table: &RegionTable, plan: &JobPlan) -> u32 {
+    let mut crc = 0;
+    for_each_copy(table, &plan.shard, plan.layer, &plan.runs, |op| {
+        let mut done = 0;
+        while done < op.len {
+            let (local, _, contiguous) = op.at(done);
+            let len = contiguous.min(op.len - done);
+            // SAFETY: the planner checked every block id against this side's regions, so
+            // `local..local+len` lies inside a registered host region, which the engine keeps
+            // valid while the call is pending; it is only read.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(local as usize as *const u8, len as usize) };
+            crc = crc32c::crc32c_append(crc, bytes);
+            done += len;
+        }
+    });
+    crc
+}
+
+/// Where the bytes of the call being received landed, in the order they came (a receiver
+/// records each frame, and checks at the call's end).
+#[derive(Debug, Default)]
+pub(crate) struct Landed {
+    ranges: Vec<(u64, usize)>,
+    /// Some bytes went to GPU memory, which this side does not sum on the CPU.
+    device: bool,
+}
+
+impl Landed {
+    /// `len` bytes landed at host address `addr`.
+    #[inline]
+    pub(crate) fn host(&mut self, addr: u64, len: usize) {
+        self.ranges.push((addr, len));
+    }
+
+    /// Bytes landed in GPU memory.
+    #[inline]
+    pub(crate) fn device(&mut self) {
+        self.device = true;
+    }
+
+    /// Checks the recorded bytes against the notice's `expected` sum and forgets them (the
+    /// next call starts empty). With `KVCACHE_TEST_CORRUPT_RECEIVE` set (tests only), one
+    /// byte is flipped in memory first, as a bit flip on the way would have.
+    pub(crate) fn check(&mut self, expected: Option<u32>) -> ChecksumCheck {
+        let check = match expected {
+            None => ChecksumCheck::Absent,
+            Some(_) if self.device => ChecksumCheck::Unchecked,
+            Some(expected) => {
+                if crate::config::process().test_corrupt_receive {
+                    self.corrupt_one_byte();
+                }
+                let actual = self.ranges.iter().fold(0, |crc, &(addr, len)| {
+                    // SAFETY: each range was checked against the registered regions before
+                    // the bytes landed there; the engine keeps them valid until the
+                    // receiving thread is joined at close. It is only read.
+                    let bytes =
+                        unsafe { std::slice::from_raw_parts(addr as usize as *const u8, len) };
+                    crc32c::crc32c_append(crc, bytes)
+                });
+                if actual == expected {
+                    ChecksumCheck::Verified
+                } else {
+                    ChecksumCheck::Mismatch { expected, actual }
+                }
+            }
+        };
+        self.ranges.clear();
+        self.device = false;
+        check
+    }
+
+    /// The test hook: flips the first byte of the call's first non-empty range.
+    fn corrupt_one_byte(&self) {
+        if let Some(&(addr, _)) = self.ranges.iter().find(|(_, len)| *len > 0) {
+            // SAFETY: as in `check`; a byte of a registered region this call just wrote.
+            unsafe {
+                let byte = addr as usize as *mut u8;
+                byte.write_volatile(!byte.read_volatile());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Run;
+    use crate::shard::Shard;
+    use crate::transport::RunPool;
+
+    #[test]
+    fn the_receiver_sum_of_landed_bytes_matches_the_writer_sum() {
+        let mut k = vec![0u8; 4 * 64];
+        let mut v = vec![0u8; 4 * 64];
+        for (i, b) in k.iter_mut().chain(v.iter_mut()).enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        let (ka, va) = (k.as_ptr() as u64, v.as_ptr() as u64);
+        let table = RegionTable::new(&[ka], &[va], 4, 64).unwrap();
+        let pool = std::sync::Arc::new(RunPool::default());
+        let mut runs = pool.take();
+        runs.push(Run {
+            local_block: 1,
+            remote_block: 0,
+            blocks: 2,
+        });
+        let plan = JobPlan {
+            runs: pool.pooled(runs),
+            layer: 0,
+            blocks: 2,
+            shard: Shard::whole(&table.layout),
+            notice: None,
+        };
+        let sum = sum_call(&table, &plan);
+        let mut landed = Landed::default();
+        landed.host(ka + 64, 128);
+        landed.host(va + 64, 128);
+        assert_eq!(landed.check(Some(sum)), ChecksumCheck::Verified);
+        assert_eq!(landed.check(None), ChecksumCheck::Absent);
+        landed.host(ka + 64, 128);
+        landed.host(va + 64, 127);
+        assert!(matches!(
+            landed.check(Some(sum)),
+            ChecksumCheck::Mismatch { expected, .. } if expected == sum
+        ));
+        landed.device();
+        assert_eq!(landed.check(Some(sum)), ChecksumCheck::Unchecked);
+        drop((k, v));
+    }
+}
