@@ -157,7 +157,7 @@ export class DecodePeer {
   /** Registers a waitForArrival in the child; resolves once it is registered. */
   async startWait(
     tag: bigint | string,
-    options: { layers?: number | number[]; timeoutMs?: number; abortAfterMs?: number } = {},
+    options: { layers?: number | number[]; timeoutMs?: number; abortAfterMs?: number; expectBlocks?: number } = {},
   ) {
     const waitId = await this.request<number>('startWait', { tag, ...options })
     return { finish: () => this.request<WaitOutcome>('finishWait', { waitId }) }
@@ -182,6 +182,8 @@ export interface SpawnOptions extends Partial<PeerConfig> {
   layers: number
   blockNumber: number
   blockBytes: number
+  /** Variables added to the child's environment. */
+  env?: Record<string, string>
 }
 
 /**
@@ -193,11 +195,12 @@ export async function spawnPeer(
   options: SpawnOptions,
   { waitListening = true }: { waitListening?: boolean } = {},
 ): Promise<DecodePeer> {
-  const config: PeerConfig = { port: 0, transport: TRANSPORT, name: 'decode-peer', ...options }
+  const { env, ...rest } = options
+  const config: PeerConfig = { port: 0, transport: TRANSPORT, name: 'decode-peer', ...rest }
   const child = fork(PEER_SCRIPT, [], {
     cwd: REPO_ROOT,
     execArgv: ['--import', '@oxc-node/core/register'],
-    env: { ...process.env, KVT_PEER_CONFIG: JSON.stringify(config) },
+    env: { ...process.env, ...env, KVT_PEER_CONFIG: JSON.stringify(config) },
     serialization: 'advanced',
     stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
   })

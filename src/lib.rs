@@ -181,9 +181,6 @@ fn arrival_sink(
         let mismatch = match arrival.checksum {
             ChecksumCheck::Mismatch { expected, actual } => Some(Error::ChecksumMismatch {
                 peer: arrival.peer.clone(),
-                tag: String::from_utf8_lossy(&arrival.tag)
-                    .escape_debug()
-                    .to_string(),
                 layer: arrival.layer,
                 expected,
                 actual,

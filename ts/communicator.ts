@@ -586,7 +586,10 @@ export class RDMACommunicator extends EventEmitter {
       verified: notice.verified,
     }
     if (notice.errorCode)
-      arrival.error = new KvTransferError(notice.errorCode as KvTransferErrorCode, notice.errorMessage ?? '')
+      arrival.error = new KvTransferError(
+        notice.errorCode as KvTransferErrorCode,
+        `tag ${String(arrival.tag)}: ${notice.errorMessage ?? ''}`,
+      )
     // Kept for waitForArrival either way; a listener that takes it consumes it (see Arrivals).
     this.arrivals.add(arrival, this.listenerCount('arrival') > 0)
     this.emit('arrival', arrival)

@@ -229,12 +229,10 @@ pub enum Error {
     },
     /// The bytes of a checksummed call in this side's memory do not have the checksum the
     /// writer computed: the arrival is an error (`ERR_CHECKSUM_MISMATCH`).
-    #[error("checksum mismatch for tag {tag} layer {layer} from {peer}: the writer summed {expected:#010x}, this side's memory holds {actual:#010x}; the blocks must not be used")]
+    #[error("checksum mismatch in layer {layer} from {peer}: the writer summed {expected:#010x}, this side's memory holds {actual:#010x}; the blocks must not be used")]
     ChecksumMismatch {
         /// The writer.
         peer: String,
-        /// The call's tag (escaped).
-        tag: String,
         /// The layer written.
         layer: u32,
         /// The writer's CRC-32C.
@@ -428,7 +426,6 @@ mod error_codes_tests {
                 },
                 Error::Unsupported { .. } => Error::ChecksumMismatch {
                     peer: text(),
-                    tag: text(),
                     layer: 0,
                     expected: 0,
                     actual: 1,

@@ -158,7 +158,10 @@ mod tests {
         flags[FLAGS_AT] = 0x80;
         assert!(Notice::decode(&flags).is_err());
         flags[FLAGS_AT] = 0;
-        assert!(Notice::decode(&flags).is_err(), "a checksum without its flag");
+        assert!(
+            Notice::decode(&flags).is_err(),
+            "a checksum without its flag"
+        );
         for (at, value) in [(8, 4u16), (12, 2), (14, 0), (10, 0)] {
             let mut bad = good.clone();
             bad[at..at + 2].copy_from_slice(&value.to_le_bytes());
