@@ -160,6 +160,8 @@ const OPTION_ROWS: Array<
   ['tpRank', 'x', 5],
   ['kvReplicated', 'yes', undefined],
   ['blockLayout', 'NHD', { order: 'NHD', tokensPerBlock: 0 }, INVALID, {}, '0 given'],
+  ['checksum', 42, 'md5', INVALID, {}, 'md5'],
+  ['delivery', 42, 'always', INVALID, {}, 'always'],
 ]
 for (const [option, wrong, outOfRange, rangeCode = INVALID, extra = {}, names] of OPTION_ROWS) {
   for (const [fn, build] of [
@@ -323,6 +325,18 @@ row(`${M}writeCache`, 'options.timeoutMs', 'range', -5, (c) =>
 row(`${M}writeCache`, 'options.signal', 'type', 'x', (c) =>
   c.prefill.writeCache(c.peer, ids, ids, 0, { signal: 'x' as never }),
 )
+row(`${M}writeCache`, 'options.checksum', 'type', 42, (c) =>
+  c.prefill.writeCache(c.peer, ids, ids, 0, { tag: 't', checksum: 42 as never }),
+)
+row(`${M}writeCache`, 'options.checksum', 'range', 'md5', (c) =>
+  c.prefill.writeCache(c.peer, ids, ids, 0, { tag: 't', checksum: 'md5' as never }),
+)
+row(`${M}writeCache`, 'options.delivery', 'type', 42, (c) =>
+  c.prefill.writeCache(c.peer, ids, ids, 0, { delivery: 42 as never }),
+)
+row(`${M}writeCache`, 'options.delivery', 'range', 'always', (c) =>
+  c.prefill.writeCache(c.peer, ids, ids, 0, { delivery: 'always' as never }),
+)
 
 // waitForArrival(tag, options), forgetArrivals(tag): on the receiving side
 row(`${M}waitForArrival`, 'tag', 'type', 12, (c) => c.decode.waitForArrival(12 as never))
@@ -343,6 +357,10 @@ row(`${M}waitForArrival`, 'options.timeoutMs', 'type', 'abc', (c) =>
   c.decode.waitForArrival('t', { timeoutMs: 'abc' as never }),
 )
 row(`${M}waitForArrival`, 'options.timeoutMs', 'range', -5, (c) => c.decode.waitForArrival('t', { timeoutMs: -5 }))
+row(`${M}waitForArrival`, 'options.expectBlocks', 'type', 'x', (c) =>
+  c.decode.waitForArrival('t', { expectBlocks: 'x' as never }),
+)
+row(`${M}waitForArrival`, 'options.expectBlocks', 'range', 0, (c) => c.decode.waitForArrival('t', { expectBlocks: 0 }))
 row(`${M}waitForArrival`, 'options.signal', 'type', 'x', (c) => c.decode.waitForArrival('t', { signal: 'x' as never }))
 row(`${M}forgetArrivals`, 'tag', 'type', 12, (c) => c.decode.forgetArrivals(12 as never))
 row(`${M}forgetArrivals`, 'tag', 'range', -1n, (c) => c.decode.forgetArrivals(-1n))
