@@ -10,11 +10,11 @@ import type { ExternalObject } from '../index.js'
  * new connection; with none, calls reject `ERR_NOT_CONNECTED`.
  */
 export class Peer {
-  /** The host it was connected as. */
+  /** Its address (what the host it was connected as resolved to). */
   readonly ip: string
   /** Its control-plane port. */
   readonly port: number
-  /** `ip:port`: how metrics, logs and `peerInfo` name it. */
+  /** `address:port`: how metrics, logs and `peerInfo` name it. */
   readonly key: string
   /** @internal The native handle the per-call functions take. */
   readonly native: ExternalObject<'Peer'>
