@@ -58,7 +58,7 @@ import {
   metricsText,
   toMetrics,
 } from './metrics'
-import { Peer } from './peer'
+import { Peer, PeerBook } from './peer'
 import { PreparedBlocks } from './prepared'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
 
@@ -101,11 +101,8 @@ export class RDMACommunicator extends EventEmitter {
    */
   readonly ready: Promise<void>
   private readonly native: NativeCommunicator
-  /**
-   * The peers `connect` reached, by host (their address, and each name they were reached
-   * by) and then port (no key string per call).
-   */
-  private readonly peers = new Map<string, Map<number | string, Peer>>()
+  /** The peers `connect` reached, by the host and port calls spell. */
+  private readonly peers = new PeerBook()
   /** Names and the addresses peers are keyed by (looked up asynchronously, kept). */
   private readonly hosts = new Hosts()
   private readonly control: ControlServer
@@ -309,37 +306,14 @@ export class RDMACommunicator extends EventEmitter {
       throw this.startError ? this.startFailure() : fromNative(error)
     }
     const address = await this.connector.open({ host: ip, port: peerPort, dstTpSize, timeoutMs, signal })
-    const key = `${address}:${peerPort}`
-    this.remember(
-      Peer.of(
-        address,
-        peerPort,
-        native(() => this.native.peer(key)),
-        this,
-      ),
-      ip,
-    )
+    const handle = native(() => this.native.peer(`${address}:${peerPort}`))
+    this.peers.remember(Peer.of(address, peerPort, handle, this), ip)
     return true
   }
 
-  /** Keeps `peer` for calls by its address or `host` and its port (replacing an earlier connection's). */
-  private remember(peer: Peer, host: string): void {
-    for (const name of new Set([peer.ip, host])) {
-      let ports = this.peers.get(name)
-      if (!ports) this.peers.set(name, (ports = new Map()))
-      ports.set(peer.port, peer)
-    }
-  }
-
-  /**
-   * `host:port` as the engine keys peers: by address. A name is known once this
-   * communicator looked it up (its `connect`, `writeCache` or `abortPeer` by that name);
-   * `localhost` and IP addresses always are; an unknown name stays as it is (and is then
-   * not connected).
-   */
-  private keyOf(host: unknown, port: unknown): string {
-    const name = toHost('ip', host)
-    return `${this.hosts.known(name) ?? name}:${toPort('port', port)}`
+  /** `ip:port` as the engine keys peers (see `Hosts.known`: no lookup here), checked. */
+  private keyOf(ip: unknown, port: unknown): string {
+    return this.hosts.key(toHost('ip', ip), toPort('port', port))
   }
 
   /**
@@ -351,21 +325,21 @@ export class RDMACommunicator extends EventEmitter {
    */
   peer(ip: string, port: number | string): Peer {
     this.checkOpen()
-    const known = this.peers.get(ip)?.get(port)
+    const known = this.peers.find(ip, port)
     if (known) return known
     const key = this.keyOf(ip, port)
     const address = key.slice(0, key.lastIndexOf(':'))
     const peerPort = toPort('port', port)
     // Connected (under another name or port spelling), or not: the engine says which.
     const peer =
-      this.peers.get(address)?.get(peerPort) ??
+      this.peers.find(address, peerPort) ??
       Peer.of(
         address,
         peerPort,
         native(() => this.native.peer(key)),
         this,
       )
-    this.remember(peer, ip)
+    this.peers.remember(peer, ip)
     return peer
   }
 
@@ -446,7 +420,7 @@ export class RDMACommunicator extends EventEmitter {
         ? this.submit(peerOrIp, a, undefined, b as number, c as WriteOptions | undefined)
         : this.submit(peerOrIp, a as BlockIds, b as BlockIds, c as number, d as WriteOptions | undefined)
     }
-    let peer = this.peers.get(peerOrIp)?.get(a as number | string)
+    const peer = this.peers.find(peerOrIp, a)
     if (!peer && typeof peerOrIp === 'string' && peerOrIp !== '' && this.hosts.known(peerOrIp) === undefined) {
       // A name not looked up yet: once (asynchronously), then as any other call. One that
       // does not resolve stays unknown, and the call reports it not connected.
@@ -472,13 +446,7 @@ export class RDMACommunicator extends EventEmitter {
       this.checkOpen()
       peer ??= this.peer(host, a as number | string)
     } catch (error) {
-      let key = `${String(host)}:${String(a)}`
-      try {
-        key = this.keyOf(host, a)
-      } catch {
-        // Counted under the arguments as given.
-      }
-      this.countRefused(key, error)
+      this.countRefused(`${this.hosts.known(String(host)) ?? String(host)}:${String(a)}`, error)
       return Promise.reject(error)
     }
     return b instanceof PreparedBlocks

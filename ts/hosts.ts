@@ -25,6 +25,11 @@ export class Hosts {
     return this.addresses.get(name)
   }
 
+  /** `host:port` as the engine keys peers: the address when known, else `host` as it is. */
+  key(host: string, port: number): string {
+    return `${this.known(host) ?? host}:${port}`
+  }
+
   /**
    * Looks `host` up and keeps the answer (the first IPv4 address, else the first of any
    * family). Rejects with the resolver's error (`ENOTFOUND`, `EAI_AGAIN`, ...).
