@@ -6,14 +6,17 @@
 #   bash scripts/setup-debian.sh --tests   # that, plus what `npm test` needs (scripts/test-all.sh
 #                                          # runs this itself, so the README's two commands stay
 #                                          # the whole set-up)
+#   bash scripts/setup-debian.sh [--tests] --list   # what it would install, one per line
+#                                                    # (`apt PKG`, `cargo CRATE`); installs nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
-TESTS=0
+TESTS=0 LIST=0
 for arg in "$@"; do
   case $arg in
     --tests) TESTS=1 ;;
-    *) echo "usage: bash scripts/setup-debian.sh [--tests]" >&2; exit 2 ;;
+    --list) LIST=1 ;;
+    *) echo "usage: bash scripts/setup-debian.sh [--tests] [--list]" >&2; exit 2 ;;
   esac
 done
 
@@ -25,8 +28,16 @@ BUILD_PKGS=(build-essential pkg-config libclang-dev clang libibverbs-dev librdma
 TEST_PKGS=(ibverbs-providers ibverbs-utils rdmacm-utils perftest
            qemu-system-x86 busybox-static iproute2 xz-utils python3 binutils)
 
-PKGS=("${BUILD_PKGS[@]}")
-((TESTS)) && PKGS+=("${TEST_PKGS[@]}")
+# Compiled with `cargo install` (tests only): the supply-chain checks of deny.toml.
+TEST_CRATES=(cargo-deny)
+
+PKGS=("${BUILD_PKGS[@]}") CRATES=()
+((TESTS)) && PKGS+=("${TEST_PKGS[@]}") CRATES+=("${TEST_CRATES[@]}")
+if ((LIST)); then
+  printf 'apt %s\n' "${PKGS[@]}"
+  ((${#CRATES[@]} == 0)) || printf 'cargo %s\n' "${CRATES[@]}"
+  exit 0
+fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -49,11 +60,13 @@ fi
 if ((TESTS)); then
   # The lint step's tools (rust-toolchain.toml lists them too).
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
-  # Supply-chain checks of scripts/test-all.sh (deny.toml). Compiles from crates.io: minutes.
-  if ! cargo deny --version >/dev/null 2>&1; then
-    echo "[setup] cargo install cargo-deny --locked (compiles, a few minutes)"
-    cargo install cargo-deny --locked
-  fi
+  # Compiles from crates.io: minutes, once.
+  for crate in "${CRATES[@]}"; do
+    if ! cargo "${crate#cargo-}" --version >/dev/null 2>&1; then
+      echo "[setup] cargo install $crate --locked (compiles, a few minutes)"
+      cargo install "$crate" --locked
+    fi
+  done
 fi
 
 # npm dependencies: once per checkout (again when package-lock.json changed).
