@@ -56,7 +56,8 @@ if ((!BUILD_ONLY)) && [[ ! -x $ROOTFS/usr/bin/node ]]; then
     $SUDO apt-get update -qq
   fi
   rm -rf "$STAGE/debs" && mkdir -p "$STAGE/debs"
-  (cd "$STAGE/debs" && apt-get download -qq "${NODE_DEBS[@]/%/:arm64}" "${NODE_JS_DEBS[@]}" 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+  # (As root, apt warns that the download runs unsandboxed: harmless here.)
+  (cd "$STAGE/debs" && apt-get download -qq "${NODE_DEBS[@]/%/:arm64}" "${NODE_JS_DEBS[@]}")
   for deb in "$STAGE"/debs/*.deb; do dpkg -x "$deb" "$ROOTFS"; done
 fi
 
