@@ -20,6 +20,12 @@ cargo_counts() {
        END { print p + 0, f + 0, s + 0 }' "$1"
 }
 
+# The README's set-up command installs what the demo needs; the tests need more (the
+# Soft-RoCE VM's qemu and rdma-core tools, cargo-deny, ...): installed here, once.
+step "set-up for the tests (scripts/setup-debian.sh --tests)"
+if bash scripts/setup-debian.sh --tests >"$LOG/setup.log" 2>&1; then ok "setup-debian.sh --tests"
+else tail -30 "$LOG/setup.log"; bad "setup-debian.sh --tests"; fi
+
 step "format and lints"
 if cargo fmt --all --check >"$LOG/fmt.log" 2>&1; then ok "cargo fmt"; else cat "$LOG/fmt.log"; bad "cargo fmt --check"; fi
 if cargo clippy --workspace --all-targets -- -D warnings >"$LOG/clippy.log" 2>&1; then ok "cargo clippy"; else tail -50 "$LOG/clippy.log"; bad "cargo clippy"; fi
@@ -42,7 +48,7 @@ if cargo deny --version >/dev/null 2>&1; then
     echo "SKIP: cargo deny check advisories - the RustSec advisory database cannot be fetched here ($(grep -m1 -oE 'fatal: .*|Could not resolve host: [^ ]*' "$LOG/deny-fetch.log" || tail -1 "$LOG/deny-fetch.log"))"
   fi
 else
-  bad "cargo-deny is not installed (bash scripts/setup-debian.sh installs it)"
+  bad "cargo-deny is not installed (bash scripts/setup-debian.sh --tests installs it)"
 fi
 
 step "native build (napi) and generated files"

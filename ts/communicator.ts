@@ -17,6 +17,7 @@ import { type CallAbortHandle, PendingCalls } from './calls'
 import { Connector } from './connecting'
 import { ControlServer } from './control'
 import { type DeadlineOptions, withDeadline } from './deadline'
+import { Hosts } from './hosts'
 import {
   KvTransferError,
   type KvTransferErrorCode,
@@ -57,7 +58,7 @@ import {
   metricsText,
   toMetrics,
 } from './metrics'
-import { Peer } from './peer'
+import { Peer, PeerBook } from './peer'
 import { PreparedBlocks } from './prepared'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
 
@@ -100,8 +101,10 @@ export class RDMACommunicator extends EventEmitter {
    */
   readonly ready: Promise<void>
   private readonly native: NativeCommunicator
-  /** The peers `connect` reached, by host and then port (no key string per call). */
-  private readonly peers = new Map<string, Map<number | string, Peer>>()
+  /** The peers `connect` reached, by the host and port calls spell. */
+  private readonly peers = new PeerBook()
+  /** Names and the addresses peers are keyed by (looked up asynchronously, kept). */
+  private readonly hosts = new Hosts()
   private readonly control: ControlServer
   /** Undefined: none. */
   private readonly connectTimeoutMs: number | undefined
@@ -180,7 +183,7 @@ export class RDMACommunicator extends EventEmitter {
           (left) => this.onPeerLeft(left),
         ),
     )
-    this.connector = new Connector(this.native)
+    this.connector = new Connector(this.native, this.hosts)
     this.control = new ControlServer(settings.host, settings.port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
       hello: (hello) => native(() => this.native.accept(hello)),
@@ -279,9 +282,11 @@ export class RDMACommunicator extends EventEmitter {
   }
 
   /**
-   * Handshakes with the communicator listening on `ip:port` (waiting for it to start, up
-   * to the timeout) and opens the data path. Resolves `true` when connected; rejects with a
-   * {@link KvTransferError} saying why not (timeout, layout mismatch, refused, ...).
+   * Handshakes with the communicator listening on `ip:port` (waiting for it to start, and
+   * for a name to resolve, up to the timeout) and opens the data path. Resolves `true` when
+   * connected; rejects with a {@link KvTransferError} saying why not (timeout, layout
+   * mismatch, refused, ...). The peer is known by its address: afterwards any name or
+   * address of it reaches it (`localhost` and `127.0.0.1` are one peer).
    * FastDeploy's `connect(ip, port, dst_tp_size)` is accepted: a number in place of the
    * options is `dstTpSize` (0: not checked).
    */
@@ -300,54 +305,51 @@ export class RDMACommunicator extends EventEmitter {
     } catch (error) {
       throw this.startError ? this.startFailure() : fromNative(error)
     }
-    await this.connector.open({ ip, port: peerPort, dstTpSize, timeoutMs, signal })
-    const key = `${ip}:${peerPort}`
-    this.remember(
-      Peer.of(
-        ip,
-        peerPort,
-        native(() => this.native.peer(key)),
-        this,
-      ),
-    )
+    const address = await this.connector.open({ host: ip, port: peerPort, dstTpSize, timeoutMs, signal })
+    const handle = native(() => this.native.peer(`${address}:${peerPort}`))
+    this.peers.remember(Peer.of(address, peerPort, handle, this), ip)
     return true
   }
 
-  /** Keeps `peer` for calls by `ip, port` (replacing an earlier connection's). */
-  private remember(peer: Peer): void {
-    let ports = this.peers.get(peer.ip)
-    if (!ports) this.peers.set(peer.ip, (ports = new Map()))
-    ports.set(peer.port, peer)
+  /** `ip:port` as the engine keys peers (see `Hosts.known`: no lookup here), checked. */
+  private keyOf(ip: unknown, port: unknown): string {
+    return this.hosts.key(toHost('ip', ip), toPort('port', port))
   }
 
   /**
-   * The peer connected as `ip:port`: pass it to `writeCache` and `prepareBlocks` in place
-   * of `ip, port`. Throws `ERR_NOT_CONNECTED` when this side never connected to it.
+   * The peer connected as `ip:port` (by this name, another name of it, or its address):
+   * pass it to `writeCache` and `prepareBlocks` in place of `ip, port`. Throws
+   * `ERR_NOT_CONNECTED` when this side never connected to it. A host name that this
+   * communicator never looked up (by `connect`, `writeCache` or `abortPeer`) is not
+   * resolved here (that would block): pass the address, or a name used before.
    */
   peer(ip: string, port: number | string): Peer {
     this.checkOpen()
-    const known = this.peers.get(ip)?.get(port)
+    const known = this.peers.find(ip, port)
     if (known) return known
-    toHost('ip', ip)
+    const key = this.keyOf(ip, port)
+    const address = key.slice(0, key.lastIndexOf(':'))
     const peerPort = toPort('port', port)
-    const key = `${ip}:${peerPort}`
-    // Connected (under the port's other spelling), or not: the engine says which.
+    // Connected (under another name or port spelling), or not: the engine says which.
     const peer =
-      this.peers.get(ip)?.get(peerPort) ??
+      this.peers.find(address, peerPort) ??
       Peer.of(
-        ip,
+        address,
         peerPort,
         native(() => this.native.peer(key)),
         this,
       )
-    this.remember(peer)
+    this.peers.remember(peer, ip)
     return peer
   }
 
-  /** Whether a usable connection to `ip:port` exists. */
+  /**
+   * Whether a usable connection to `ip:port` exists (by any name or address of the peer; a
+   * name is known as in {@link peer}).
+   */
   isConnected(ip: string, port: number | string): boolean {
     this.checkStarted()
-    const key = `${toHost('ip', ip)}:${toPort('port', port)}`
+    const key = this.keyOf(ip, port)
     if (this.closing) return false
     return this.native.isConnected(key)
   }
@@ -362,7 +364,7 @@ export class RDMACommunicator extends EventEmitter {
   prepareBlocks(peerOrIp: Peer | string, a: number | string | BlockIds, b: BlockIds, c?: BlockIds): PreparedBlocks {
     this.checkOpen()
     const byPeer = peerOrIp instanceof Peer
-    const key = byPeer ? this.own(peerOrIp).key : `${toHost('ip', peerOrIp)}:${toPort('port', a as number | string)}`
+    const key = byPeer ? this.own(peerOrIp).key : this.keyOf(peerOrIp, a)
     const local = toBlockIds('localBlockIds', (byPeer ? a : b) as BlockIds)
     const remote = toBlockIds('remoteBlockIds', (byPeer ? b : c) as BlockIds)
     return PreparedBlocks.of(native(() => this.native.prepareBlocks(key, local, remote)))
@@ -418,12 +420,33 @@ export class RDMACommunicator extends EventEmitter {
         ? this.submit(peerOrIp, a, undefined, b as number, c as WriteOptions | undefined)
         : this.submit(peerOrIp, a as BlockIds, b as BlockIds, c as number, d as WriteOptions | undefined)
     }
-    let peer: Peer
+    const peer = this.peers.find(peerOrIp, a)
+    if (!peer && typeof peerOrIp === 'string' && peerOrIp !== '' && this.hosts.known(peerOrIp) === undefined) {
+      // A name not looked up yet: once (asynchronously), then as any other call. One that
+      // does not resolve stays unknown, and the call reports it not connected.
+      return this.hosts
+        .lookup(peerOrIp)
+        .catch(() => undefined)
+        .then(() => this.writeByHost(peerOrIp, a, b, c, d, e))
+    }
+    return this.writeByHost(peerOrIp, a, b, c, d, e, peer)
+  }
+
+  /** `writeCache(ip, port, …)` once `ip` needs no lookup (`peer`: already found). */
+  private writeByHost(
+    host: string,
+    a: number | string | BlockIds | PreparedBlocks,
+    b?: BlockIds | PreparedBlocks | number,
+    c?: BlockIds | number | WriteOptions,
+    d?: number | WriteOptions,
+    e?: WriteOptions,
+    peer?: Peer,
+  ): Promise<void> {
     try {
       this.checkOpen()
-      peer = this.peers.get(peerOrIp)?.get(a as number | string) ?? this.peer(peerOrIp, a as number | string)
+      peer ??= this.peer(host, a as number | string)
     } catch (error) {
-      this.countRefused(`${String(peerOrIp)}:${String(a)}`, error)
+      this.countRefused(`${this.hosts.known(String(host)) ?? String(host)}:${String(a)}`, error)
       return Promise.reject(error)
     }
     return b instanceof PreparedBlocks
@@ -521,7 +544,13 @@ export class RDMACommunicator extends EventEmitter {
    */
   async abortPeer(ip: string, port: number | string): Promise<boolean> {
     this.checkStarted()
-    return nativeAsync(this.native.cancelPeer(`${toHost('ip', ip)}:${toPort('port', port)}`, 'abort'))
+    let key = this.keyOf(ip, port)
+    if (this.hosts.known(ip) === undefined) {
+      // A name not looked up yet: one that does not resolve has no connection.
+      if ((await this.hosts.lookup(ip).catch(() => undefined)) === undefined) return false
+      key = this.keyOf(ip, port)
+    }
+    return nativeAsync(this.native.cancelPeer(key, 'abort'))
   }
 
   /** Live native resources: peers, links, receiving connections, regions, threads. */
@@ -536,7 +565,7 @@ export class RDMACommunicator extends EventEmitter {
    */
   peerInfo(ip: string, port: number | string): PeerInfo | null {
     this.checkStarted()
-    const decision = this.native.peerDecision(`${toHost('ip', ip)}:${toPort('port', port)}`)
+    const decision = this.native.peerDecision(this.keyOf(ip, port))
     if (!decision) return null
     return {
       transport: decision.transport as Transport,

@@ -102,7 +102,7 @@ pub enum Error {
         reason: String,
     },
     /// A call names a peer this engine has no link to (`ERR_NOT_CONNECTED`): connect first.
-    #[error("peer {peer} is not connected: call connect('{peer}') first")]
+    #[error("peer {peer} is not connected: call {} first", connect_call(.peer))]
     NotConnected {
         /// The peer key that was given.
         peer: String,
@@ -223,6 +223,14 @@ pub enum Error {
         /// The panic's message, or where it happened.
         what: String,
     },
+}
+
+/// The JavaScript call that connects `peer` (a key `host:port`): `connect('host', port)`.
+fn connect_call(peer: &str) -> String {
+    match peer.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => format!("connect('{host}', {port})"),
+        _ => format!("connect('{peer}', port)"),
+    }
 }
 
 impl Error {
@@ -428,6 +436,29 @@ mod error_codes_tests {
         assert_eq!(
             codes, ERROR_CODES,
             "one code per variant, in declaration order"
+        );
+    }
+
+    /// The hint names a call that works: `connect(host, port)`, never the `host:port` key.
+    #[test]
+    fn not_connected_hint_is_a_working_call() {
+        let hint = |peer: &str| {
+            Error::NotConnected {
+                peer: peer.to_owned(),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            hint("127.0.0.1:40609"),
+            "peer 127.0.0.1:40609 is not connected: call connect('127.0.0.1', 40609) first"
+        );
+        assert_eq!(
+            hint("::1:40609"),
+            "peer ::1:40609 is not connected: call connect('::1', 40609) first"
+        );
+        assert_eq!(
+            hint("nowhere"),
+            "peer nowhere is not connected: call connect('nowhere', port) first"
         );
     }
 }
