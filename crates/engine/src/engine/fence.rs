@@ -44,9 +44,31 @@ impl FenceScope {
     fn describe(&self) -> String {
         match self {
             FenceScope::All => "every call".into(),
-            FenceScope::Tag(tag) => format!("tag '{}'", String::from_utf8_lossy(tag)),
+            FenceScope::Tag(tag) => format!("tag {}", tag_text(tag)),
         }
     }
+}
+
+/// A tag as the TypeScript layer encodes it (a type byte, then a u64 or UTF-8 text), for
+/// messages; other bytes are shown in hex.
+fn tag_text(tag: &[u8]) -> String {
+    match tag {
+        [0, rest @ ..] if rest.len() == 8 => {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(rest);
+            format!("{}n", u64::from_le_bytes(le))
+        }
+        [1, text @ ..] => match std::str::from_utf8(text) {
+            Ok(text) => format!("'{}'", text.escape_default()),
+            Err(_) => hex(tag),
+        },
+        _ => hex(tag),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("0x{digits}")
 }
 
 /// The fences a writer honours: new calls of their scope to their peer are refused until
