@@ -44,7 +44,11 @@ test.serial('a fence by tag: the writer fails its pending calls ERR_FENCED and n
     const tag = `req-${round}`
     const writes = startWrites(prefill, peer, tag, 6)
     await sleep(round % 4)
-    const result = await peer.request<FenceResult>('fenceAndPaint', { target: { tag }, canary: CANARY })
+    const result = await peer.request<FenceResult>('fenceAndPaint', {
+      target: { tag },
+      canary: CANARY,
+      ackTimeoutMs: ms(5000),
+    })
     t.deepEqual(result, { acknowledged: ['prefill-test'], cutOff: [] }, `round ${round}`)
     for (const code of await Promise.all(writes)) codes.set(code, (codes.get(code) ?? 0) + 1)
     await sleep(50)
