@@ -24,6 +24,20 @@ export declare class NativeCommunicator {
    * once per connect.
    */
   peer(peerKey: string): ExternalObject<'Peer'>
+  /**
+   * Writing side: the receiver `peerKey` fenced `tag` (an encoded tag), or every call
+   * (`tag` null). New calls of it to that peer are refused with `ERR_FENCED` for
+   * `holdMs`; pending ones fail with `ERR_FENCED` and their connection is torn down.
+   * Resolves with how many pending calls were fenced, once none of their bytes can land.
+   */
+  fenceWrites(peerKey: string, tag: Buffer | undefined | null, holdMs: number): Promise<number>
+  /**
+   * Receiving side: cuts the writer named `writer` off on every transport (it did not
+   * acknowledge a fence within `waitedMs`). Resolves with how many connections were cut,
+   * once nothing it sent can land any more; rejects `ERR_TIMEOUT` where a transport
+   * cannot stop it from this side (NVLink).
+   */
+  cutOff(writer: string, waitedMs: number): Promise<number>
   /** The transport of a peer this side connected to, and why; null for others. */
   peerDecision(peerKey: string): NativePeerDecision | null
   /** Counters since construction: totals and per peer. */

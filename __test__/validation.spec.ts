@@ -347,6 +347,21 @@ row(`${M}waitForArrival`, 'options.signal', 'type', 'x', (c) => c.decode.waitFor
 row(`${M}forgetArrivals`, 'tag', 'type', 12, (c) => c.decode.forgetArrivals(12 as never))
 row(`${M}forgetArrivals`, 'tag', 'range', -1n, (c) => c.decode.forgetArrivals(-1n))
 
+// fence(target, options): on the receiving side
+row(`${M}fence`, 'target', 'type', 'x', (c) => c.decode.fence('x' as never))
+row(`${M}fence`, 'target', 'range', { tag: 't', peer: 'p' }, (c) => c.decode.fence({ tag: 't', peer: 'p' } as never))
+row(`${M}fence`, 'tag', 'type', 12, (c) => c.decode.fence({ tag: 12 as never }))
+row(`${M}fence`, 'tag', 'range', -1n, (c) => c.decode.fence({ tag: -1n }))
+row(`${M}fence`, 'target.peer', 'type', 12, (c) => c.decode.fence({ peer: 12 as never }))
+row(`${M}fence`, 'target.peer', 'range', '', (c) => c.decode.fence({ peer: '' }))
+row(`${M}fence`, 'options', 'type', 'x', (c) => c.decode.fence({ tag: 't' }, 'x' as never))
+row(`${M}fence`, 'options.ackTimeoutMs', 'type', 'abc', (c) =>
+  c.decode.fence({ tag: 't' }, { ackTimeoutMs: 'abc' as never }),
+)
+row(`${M}fence`, 'options.ackTimeoutMs', 'range', -5, (c) => c.decode.fence({ tag: 't' }, { ackTimeoutMs: -5 }))
+row(`${M}fence`, 'options.holdMs', 'type', 'abc', (c) => c.decode.fence({ tag: 't' }, { holdMs: 'abc' as never }))
+row(`${M}fence`, 'options.holdMs', 'range', 3_600_001, (c) => c.decode.fence({ tag: 't' }, { holdMs: 3_600_001 }))
+
 // close(options): refused, and the communicator stays open
 row(`${M}close`, 'options', 'type', 'x', (c) => c.decode.close('x' as never))
 row(`${M}close`, 'options.timeoutMs', 'type', 'abc', (c) => c.decode.close({ timeoutMs: 'abc' as never }))
@@ -408,6 +423,7 @@ const NO_RANGE = new Set([
   `${M}waitForArrival options.signal`,
   `${M}close options.signal`,
   `${M}close options`,
+  `${M}fence options`,
   `${M}writeCache options`,
   `${M}waitForArrival options`,
   'doctor options',
@@ -516,6 +532,7 @@ test('coverage: every option and argument has a wrong-type and an out-of-range r
     ['options.d.ts', 'ConnectOptions', `${M}connect`],
     ['options.d.ts', 'WriteOptions', `${M}writeCache`],
     ['options.d.ts', 'CloseOptions', `${M}close`],
+    ['options.d.ts', 'FenceOptions', `${M}fence`],
     ['arrivals.d.ts', 'WaitOptions', `${M}waitForArrival`],
   ]
   for (const [file, type, fn] of optionTypes) {

@@ -16,6 +16,7 @@ pub use calls::{abort_call, write_cache, write_prepared};
 mod doctor;
 pub use doctor::native_doctor;
 mod errors;
+mod fence;
 mod metrics;
 mod prepared;
 mod regions;

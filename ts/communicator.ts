@@ -30,12 +30,21 @@ import {
 } from './errors'
 import type { CommunicatorEvent, CommunicatorEvents } from './events'
 import {
+  type FenceResult,
+  type FenceTarget,
+  FenceHub,
+  FenceListener,
+  checkFenceOptions,
+  checkFenceTarget,
+} from './fences'
+import {
   type BlockIds,
   type CacheRegion,
   type CloseOptions,
   type CommunicatorOptions,
   type CommunicatorStats,
   type ConnectOptions,
+  type FenceOptions,
   type PeerInfo,
   type Role,
   type Transport,
@@ -120,6 +129,10 @@ export class RDMACommunicator extends EventEmitter {
   /** The handshakes of `connect`, and the attempts a deadline gave up on. */
   private readonly connector: Connector
   private boundPort: number
+  /** Receiving side: fences and the writers that take them (fences.ts). */
+  private readonly fences: FenceHub
+  /** Writing side: the fence channel of each connected peer, by `ip:port`. */
+  private readonly fenceListeners = new Map<string, FenceListener>()
   private closing: Promise<void> | undefined
   /** Why the start failed (`ready`'s rejection), once it did: every later call fails with it. */
   private startError: KvTransferError | undefined
@@ -184,10 +197,17 @@ export class RDMACommunicator extends EventEmitter {
         ),
     )
     this.connector = new Connector(this.native, this.hosts)
-    this.control = new ControlServer(settings.host, settings.port, {
-      challenge: (challenge) => native(() => this.native.authRespond(challenge)),
-      hello: (hello) => native(() => this.native.accept(hello)),
-    })
+    this.fences = new FenceHub(this.native, () => this.control)
+    this.control = new ControlServer(
+      settings.host,
+      settings.port,
+      {
+        challenge: (challenge) => native(() => this.native.authRespond(challenge)),
+        hello: (hello) => native(() => this.native.accept(hello)),
+        listen: (name, identity) => this.fences.listen(name, identity),
+      },
+      { fenced: (answer) => this.fences.fenced(answer) },
+    )
     this.ready = this.control.ready.then((bound) => {
       this.boundPort = bound
       // Peers see the name in arrival notices: with port 0 the default must carry the bound port.
@@ -306,9 +326,26 @@ export class RDMACommunicator extends EventEmitter {
       throw this.startError ? this.startFailure() : fromNative(error)
     }
     const address = await this.connector.open({ host: ip, port: peerPort, dstTpSize, timeoutMs, signal })
-    const handle = native(() => this.native.peer(`${address}:${peerPort}`))
+    const key = `${address}:${peerPort}`
+    const listener = await FenceListener.open(this.native, address, peerPort, key, timeoutMs)
+    void this.fenceListeners.get(key)?.closed()
+    this.fenceListeners.set(key, listener)
+    const handle = native(() => this.native.peer(key))
     this.peers.remember(Peer.of(address, peerPort, handle, this), ip)
     return true
+  }
+
+  /**
+   * Receiving side: resolves once no write of `target.tag` (or from the writer named
+   * `target.peer`) can land in this process any more; see {@link FenceOptions} and the
+   * README ("Fences") for what each writer and each transport does.
+   */
+  async fence(target: FenceTarget, options: FenceOptions = {}): Promise<FenceResult> {
+    this.checkOpen()
+    const checked = checkFenceTarget(target)
+    const { ackTimeoutMs, holdMs } = checkFenceOptions(toOptions('options', options))
+    await this.ready
+    return this.fences.fence(checked, ackTimeoutMs, holdMs)
   }
 
   /** `ip:port` as the engine keys peers (see `Hosts.known`: no lookup here), checked. */
@@ -660,6 +697,7 @@ export class RDMACommunicator extends EventEmitter {
     if (!this.closing) {
       this.arrivals.rejectAll(reason ?? new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
       this.closing = (async () => {
+        await Promise.all([...this.fenceListeners.values()].map((l) => l.closed()))
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()

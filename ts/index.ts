@@ -18,12 +18,14 @@ export type {
   CommunicatorOptions,
   CommunicatorStats,
   ConnectOptions,
+  FenceOptions,
   PeerInfo,
   Role,
   Transport,
   WriteOptions,
 } from './options'
 export type { RequestTag } from './tags'
+export type { FenceResult, FenceTarget } from './fences'
 export type { Arrival, WaitOptions } from './arrivals'
 export type { CommunicatorEvent, CommunicatorEvents, PeerLeft } from './events'
 export { METRICS_CONTENT_TYPE, metricsHandler, metricsText } from './metrics'

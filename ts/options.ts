@@ -137,6 +137,17 @@ export interface ConnectOptions {
   signal?: AbortSignal
 }
 
+/** Options of {@link RDMACommunicator.fence}. */
+export interface FenceOptions {
+  /**
+   * Milliseconds each writer has to acknowledge (default 1000; 0: cut every writer off at
+   * once). A writer that does not is cut off by this side and must connect again.
+   */
+  ackTimeoutMs?: number
+  /** Milliseconds the writers refuse new calls of the fenced tag or writer (default 30000). */
+  holdMs?: number
+}
+
 /** Options of {@link RDMACommunicator.writeCache}. */
 export interface WriteOptions {
   /** Tag the call: the receiving side gets an `'arrival'` event after all its bytes landed. */

@@ -41,6 +41,7 @@ __all__ = [
     "CudaError",
     "Timeout",
     "Aborted",
+    "Fenced",
     "AuthError",
     "TpMismatch",
     "InternalError",
@@ -198,6 +199,12 @@ class Aborted(KvTransferError):
     CODE = "ERR_ABORTED"
 
 
+class Fenced(KvTransferError):
+    """The receiving side fenced the call's tag or this writer; none of its bytes can land."""
+
+    CODE = "ERR_FENCED"
+
+
 class AuthError(KvTransferError):
     """Authentication failed: the handshake token, or the sidecar's uid check."""
 
@@ -245,6 +252,7 @@ _CLASSES: Tuple[Type[KvTransferError], ...] = (
     CudaError,
     Timeout,
     Aborted,
+    Fenced,
     AuthError,
     TpMismatch,
     InternalError,

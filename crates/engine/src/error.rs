@@ -198,6 +198,16 @@ pub enum Error {
     /// The call was cancelled: its peer's link was torn down on request (`ERR_ABORTED`).
     #[error("the operation was aborted")]
     Aborted,
+    /// The receiving side fenced the call's tag or this writer (`decode.fence`): the call
+    /// was refused, or failed while pending with its connection torn down so that none of
+    /// its bytes can land (`ERR_FENCED`).
+    #[error("fenced by {peer}: {what}")]
+    Fenced {
+        /// The peer that fenced (its `host:port`).
+        peer: String,
+        /// What was fenced (the tag or every call) and what happened to this call.
+        what: String,
+    },
     /// The handshake's shared-secret check failed, on either side (`ERR_AUTH`).
     #[error("authentication with {peer} failed: {reason}")]
     Auth {
@@ -256,6 +266,7 @@ impl Error {
             Error::Cuda { .. } => "ERR_CUDA",
             Error::Timeout { .. } => "ERR_TIMEOUT",
             Error::Aborted => "ERR_ABORTED",
+            Error::Fenced { .. } => "ERR_FENCED",
             Error::Auth { .. } => "ERR_AUTH",
             Error::TensorParallel { .. } => "ERR_TP_MISMATCH",
             Error::Internal { .. } => "ERR_INTERNAL",
@@ -310,6 +321,7 @@ pub const ERROR_CODES: &[&str] = &[
     "ERR_CUDA",
     "ERR_TIMEOUT",
     "ERR_ABORTED",
+    "ERR_FENCED",
     "ERR_AUTH",
     "ERR_TP_MISMATCH",
     "ERR_INTERNAL",
@@ -392,7 +404,11 @@ mod error_codes_tests {
                     what: text(),
                 },
                 Error::Timeout { .. } => Error::Aborted,
-                Error::Aborted => Error::Auth {
+                Error::Aborted => Error::Fenced {
+                    peer: text(),
+                    what: text(),
+                },
+                Error::Fenced { .. } => Error::Auth {
                     peer: text(),
                     reason: text(),
                 },

@@ -32,9 +32,11 @@ mod wire;
 
 pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
 pub use doctor::{host_report, HostReport, TransportReport};
+pub use engine::MAX_FENCE_HOLD;
 pub use engine::{
-    CallAbort, CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, PeerHandle,
-    PeerInfo, PeerLeft, PeerLeftSink, PeerMetrics, PreparedBlocks, TransportDecision, WriteCall,
+    CallAbort, CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, FenceScope,
+    PeerHandle, PeerInfo, PeerLeft, PeerLeftSink, PeerMetrics, PreparedBlocks, TransportDecision,
+    WriteCall,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;

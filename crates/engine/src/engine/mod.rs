@@ -3,6 +3,7 @@
 //! deadline watchdog (`watchdog.rs`) and the peer registry (`peers.rs`) are its parts.
 
 mod explain;
+mod fence;
 mod handshake;
 mod left;
 mod peers;
@@ -11,6 +12,7 @@ mod tp;
 mod watchdog;
 mod write;
 
+pub use fence::{FenceScope, MAX_FENCE_HOLD};
 pub use left::{PeerLeft, PeerLeftSink};
 pub use write::{CallAbort, CallBlocks, CallPeer, PeerHandle, PreparedBlocks, WriteCall};
 
@@ -187,6 +189,8 @@ struct EngineInner {
     decisions: Mutex<HashMap<String, TransportDecision>>,
     /// Where peers that left are reported (`left.rs`).
     peer_left: left::LeftSlot,
+    /// Writing side: the fences receivers asked this engine to honour (`fence.rs`).
+    fences: Arc<fence::Fences>,
 }
 
 /// One communicator's engine. Cheap to clone (shared state).
@@ -299,6 +303,7 @@ impl Engine {
             metrics,
             decisions: Mutex::new(HashMap::new()),
             peer_left: Arc::default(),
+            fences: Arc::default(),
         };
         let engine = Engine {
             inner: Arc::new(inner),

@@ -21,6 +21,8 @@ pub(super) struct Peer {
     pub counters: Arc<CallCounters>,
     /// Reports, once, that this connection's link stopped being usable (`left.rs`).
     pub left: Arc<LeftReport>,
+    /// Its calls handed to the link, with their tags, for fences (`fence.rs`).
+    pub calls: super::fence::InFlight,
     /// Whether the registry holds it under `key` (set by the registry only): a prepared
     /// list keeps its peer and skips the lookup while this holds.
     registered: AtomicBool,
@@ -42,6 +44,7 @@ impl Peer {
             link,
             counters,
             left,
+            calls: super::fence::InFlight::default(),
             registered: AtomicBool::new(false),
         }
     }

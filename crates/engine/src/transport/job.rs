@@ -38,6 +38,17 @@ impl JobPlan {
 /// Largest request tag carried with an arrival notice.
 pub const MAX_TAG_BYTES: usize = 255;
 
+/// Refuses a tag longer than [`MAX_TAG_BYTES`].
+pub(crate) fn check_tag(tag: &Option<Vec<u8>>) -> crate::error::Result<()> {
+    match tag {
+        Some(tag) if tag.len() > MAX_TAG_BYTES => Err(Error::invalid(
+            "tag",
+            format!("{} bytes given; at most {MAX_TAG_BYTES}", tag.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// One `writeCache` call, planned and owned by the transport until it completes.
 #[derive(Debug)]
 pub struct WriteJob {

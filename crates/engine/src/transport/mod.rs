@@ -21,6 +21,7 @@ pub use completion::{
     CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
 };
 pub use explanation::Explanation;
+pub(crate) use job::check_tag;
 pub use job::{
     copy_op, fail, for_each_copy, Arrival, ArrivalSink, JobPlan, JobView, WriteJob, MAX_TAG_BYTES,
 };
@@ -100,6 +101,12 @@ pub(crate) trait Transport: Send + Sync {
     fn receivers(&self) -> usize {
         0
     }
+    /// Receiving side: cuts the writer named `peer_name` off, for a fence it did not
+    /// acknowledge. When this returns `Ok`, nothing that writer sent over this transport can
+    /// land in this engine's regions any more, and the writer's link breaks (it connects
+    /// again, as after a timeout); the count is of the connections cut. `Err` (a sentence):
+    /// this transport cannot stop the writer from this side; it closed what it could.
+    fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String>;
     /// Closes every connection and stops the transport's threads.
     fn shutdown(&self);
 }

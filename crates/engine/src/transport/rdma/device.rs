@@ -444,6 +444,15 @@ impl RdmaDevice {
     }
 
     /// Stops the progress thread; afterwards no queue pair of this engine exists.
+    /// Receiving side: cuts the writer named `writer` off (its queue pairs to this side go
+    /// to the error state and are destroyed); returns how many of its links were cut. Once
+    /// the progress thread stopped, nothing is received anyway.
+    pub fn isolate(&self, writer: &str) -> usize {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared.send(Command::Isolate(writer.to_string(), tx));
+        rx.recv().unwrap_or(0)
+    }
+
     pub fn shutdown(&self) {
         self.shared.send(Command::Shutdown);
         if let Some(thread) = crate::util::lock(&self.thread).take() {

@@ -137,6 +137,10 @@ impl Transport for RdmaTransport {
         }
     }
 
+    fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String> {
+        Ok(self.device.isolate(peer_name))
+    }
+
     fn shutdown(&self) {
         self.offered().clear();
         self.device.shutdown();

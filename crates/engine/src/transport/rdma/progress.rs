@@ -128,12 +128,7 @@ impl Worker {
                     self.receivers.swap_remove(old);
                 }
                 self.receivers.push(*link);
-                self.recv_qps.clear();
-                for (index, receiver) in self.receivers.iter().enumerate() {
-                    for qp in &receiver.qps {
-                        self.recv_qps.insert(qp.qp_num(), index);
-                    }
-                }
+                self.index_receivers();
             }
             Command::Submit(id, job) => match self.senders.get_mut(&id) {
                 Some(link) if link.broken.is_none() => {
@@ -178,9 +173,38 @@ impl Worker {
                 }
                 let _ = done.send(());
             }
+            Command::Isolate(writer, done) => {
+                let _ = done.send(self.isolate(&writer));
+            }
             Command::Shutdown => return false,
         }
         true
+    }
+
+    /// Cuts the writer named `writer` off: its receiving queue pairs go to the error state
+    /// (incoming WRITEs then fail) and are destroyed with their links (no DMA after that).
+    fn isolate(&mut self, writer: &str) -> usize {
+        let before = self.receivers.len();
+        self.receivers.retain(|receiver| {
+            if receiver.peer_name != writer {
+                return true;
+            }
+            for qp in &receiver.qps {
+                let _ = qp.to_error();
+            }
+            false
+        });
+        self.index_receivers();
+        before - self.receivers.len()
+    }
+
+    fn index_receivers(&mut self) {
+        self.recv_qps.clear();
+        for (index, receiver) in self.receivers.iter().enumerate() {
+            for qp in &receiver.qps {
+                self.recv_qps.insert(qp.qp_num(), index);
+            }
+        }
     }
 
     fn stop(&mut self) {
@@ -204,6 +228,9 @@ impl Worker {
                 Command::Submit(_, job) => fail(job.done, Error::Closed),
                 Command::RemoveSender(_, _, done) => {
                     let _ = done.send(());
+                }
+                Command::Isolate(_, done) => {
+                    let _ = done.send(0);
                 }
                 _ => {}
             }

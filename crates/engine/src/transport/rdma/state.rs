@@ -150,6 +150,9 @@ pub(super) enum Command {
     /// Moves the link's queue pairs to the error state, destroys them and fails its jobs
     /// with the error (or `Closed`), then answers.
     RemoveSender(u64, Option<Error>, mpsc::Sender<()>),
+    /// Receiving side, for a fence: moves the queue pairs of every receiver link of the
+    /// named writer to the error state and destroys them, then answers how many links.
+    Isolate(String, mpsc::Sender<usize>),
     Shutdown,
 }
 

@@ -7,6 +7,7 @@
 //! regions before copying its payload into place, and acknowledges a `COMMIT` only after
 //! every earlier frame of the stream has been written to memory.
 
+mod fence;
 pub mod frame;
 mod io;
 mod link;
@@ -165,6 +166,10 @@ impl Transport for TcpTransport {
 
     fn receivers(&self) -> usize {
         self.server.connections()
+    }
+
+    fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String> {
+        Ok(self.server.isolate(peer_name))
     }
 
     fn shutdown(&self) {

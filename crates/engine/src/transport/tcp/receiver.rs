@@ -242,6 +242,7 @@ pub(super) fn run_receiver(state: &ServerState, stream: TcpStream, remote: Socke
     let Ok(ack_stream) = stream.try_clone() else {
         return;
     };
+    let _writer = super::fence::WriterGuard::new(state, &admission.peer_name);
     let mut reader = FrameReader::new(stream);
     if let Err(reason) = receive_frames(state, &mut reader, &ack_stream, &admission) {
         if !state.closed.load(Ordering::SeqCst) {

@@ -45,6 +45,7 @@ impl TcpServer {
             arrivals,
             metrics,
             prefault: Mutex::new(None),
+            writers: Mutex::new(HashMap::new()),
         });
         let accept_thread = {
             let state = Arc::clone(&state);
@@ -110,6 +111,11 @@ impl TcpServer {
                 return session;
             }
         }
+    }
+
+    /// Cuts the writer named `peer_name` off (see `fence.rs`).
+    pub fn isolate(&self, peer_name: &str) -> usize {
+        super::fence::isolate(&self.state, peer_name)
     }
 
     /// Stops accepting, closes every data connection and waits until no thread can write

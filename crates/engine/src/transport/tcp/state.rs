@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::net::TcpStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 
 /// A session token handed out in a handshake reply, admitting one data connection.
 #[derive(Debug, Clone)]
@@ -26,4 +26,6 @@ pub(super) struct ServerState {
     pub(super) metrics: Arc<crate::metrics::Metrics>,
     /// Started by the first admission: faults the regions in ahead of the first writes.
     pub(super) prefault: Mutex<Option<JoinHandle<()>>>,
+    /// Which writer each admitted receiver thread receives from (`fence.rs`).
+    pub(super) writers: Mutex<HashMap<ThreadId, String>>,
 }
