@@ -5,8 +5,7 @@
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
 use std::collections::HashMap;
-use std::net::TcpStream;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -19,7 +18,8 @@ pub(super) struct Admission {
 pub(super) struct ServerState {
     pub(super) table: Arc<RegionTable>,
     pub(super) admissions: Mutex<HashMap<u64, Admission>>,
-    pub(super) connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    /// Data connections open now (admitted or awaiting their hello).
+    pub(super) connections: AtomicUsize,
     pub(super) closed: AtomicBool,
     pub(super) arrivals: Option<ArrivalSink>,
     /// Counts received payload bytes per writer (by name).
