@@ -19,23 +19,33 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
-/// A job whose frames did not all fit the send buffer: the rest of its iovecs, from
-/// `first`, and its plan (the tag the last iovec may point at).
-struct Queued {
-    batch: FrameBatch,
-    first: usize,
-    _plan: JobPlan,
-}
-
 /// What only the thread writing to the socket touches.
 struct Outbox {
     call_id: u64,
-    /// Scratch reused for every job written whole at once.
+    /// Frames of the job being written, reused from job to job; `first`: its first iovec
+    /// not yet written whole.
     batch: FrameBatch,
-    queue: VecDeque<Queued>,
+    first: usize,
+    /// The job `batch` was built for, while some of its frames are unwritten (the tag
+    /// its last iovec may point at lives in it).
+    current: Option<JobPlan>,
+    /// Jobs waiting behind it (their frames are built when their turn comes).
+    queue: VecDeque<(u64, JobPlan)>,
     device: staging::SendStaging,
     /// Set by `cancel` and `shutdown`: nothing more may be written.
     closed: bool,
+}
+
+impl Outbox {
+    /// Jobs are waiting for room in the send buffer.
+    fn busy(&self) -> bool {
+        self.current.is_some() || !self.queue.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.current = None;
+        self.queue.clear();
+    }
 }
 
 /// Acknowledgement bytes read but not yet parsed (a frame cut by the reads).
@@ -119,25 +129,44 @@ impl LinkState {
         self.break_link(&Error::io(self.peer.clone(), "data write", e));
     }
 
-    /// Writes queued jobs until the queue is empty or the send buffer is full.
+    /// Writes queued jobs until none is left or the send buffer is full.
     fn continue_queue(&self, out: &mut Outbox) {
         let fd = self.stream.as_raw_fd();
-        while let Some(front) = out.queue.front_mut() {
+        loop {
             if out.closed {
-                out.queue.clear();
+                return out.clear();
+            }
+            if out.current.is_some() {
+                match write_some(fd, &mut out.batch.iovecs, &mut out.first) {
+                    Ok(true) => out.current = None,
+                    Ok(false) => return,
+                    Err(e) => {
+                        out.clear();
+                        return self.write_failed(e);
+                    }
+                }
+            }
+            let Some((call_id, plan)) = out.queue.pop_front() else {
                 return;
-            }
-            match write_some(fd, &mut front.batch.iovecs, &mut front.first) {
-                Ok(true) => {
-                    out.queue.pop_front();
-                }
-                Ok(false) => return,
-                Err(e) => {
-                    out.queue.clear();
-                    return self.write_failed(e);
-                }
-            }
+            };
+            out.batch.build(&self.table, plan.view(), call_id);
+            out.first = 0;
+            out.current = Some(plan);
         }
+    }
+
+    /// Writes every queued job, waiting for room (before a staged job, which is written
+    /// with waits).
+    fn flush_waiting(&self, out: &mut Outbox) -> std::io::Result<()> {
+        let fd = self.stream.as_raw_fd();
+        if out.current.take().is_some() {
+            write_all_waiting(fd, &mut out.batch.iovecs[out.first..])?;
+        }
+        while let Some((call_id, plan)) = out.queue.pop_front() {
+            out.batch.build(&self.table, plan.view(), call_id);
+            write_all_waiting(fd, &mut out.batch.iovecs)?;
+        }
+        Ok(())
     }
 
     /// Continues the queue if the loop asked for it and `out` is free; called by the loop
@@ -160,24 +189,17 @@ impl LinkState {
         }
         out.call_id += 1;
         let call_id = out.call_id;
-        // GPU regions go through pinned staging (staging.rs), written with waits for room
-        // on this thread; host-only jobs are written without waiting.
         let staged = staging::layer_has_device(&self.table, job.plan.layer);
-        if !staged {
-            out.batch.build(&self.table, job.plan.view(), call_id);
-        }
         lock(&self.pending).push_back((call_id, job.done));
         let fd = self.stream.as_raw_fd();
         if staged {
+            // GPU regions go through pinned staging (staging.rs), written with waits for
+            // room on this thread, after every job queued before it.
             let out = &mut **out;
-            for queued in &mut out.queue {
-                let rest = &mut queued.batch.iovecs[queued.first..];
-                if let Err(e) = write_all_waiting(fd, rest) {
-                    out.queue.clear();
-                    return self.write_failed(e);
-                }
+            if let Err(e) = self.flush_waiting(out) {
+                out.clear();
+                return self.write_failed(e);
             }
-            out.queue.clear();
             let write = &mut |iovecs: &mut [libc::iovec]| write_all_waiting(fd, iovecs);
             let view = job.plan.view();
             if let Err(e) = out
@@ -188,23 +210,21 @@ impl LinkState {
             }
             return;
         }
-        if !out.queue.is_empty() {
+        if out.busy() {
             self.continue_queue(out);
         }
-        let mut first = 0;
-        if out.queue.is_empty() {
-            match write_some(fd, &mut out.batch.iovecs, &mut first) {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => return self.write_failed(e),
-            }
+        if out.busy() {
+            // Still no room: its frames are built when its turn comes.
+            return out.queue.push_back((call_id, job.plan));
         }
-        let batch = std::mem::take(&mut out.batch);
-        out.queue.push_back(Queued {
-            batch,
-            first,
-            _plan: job.plan,
-        });
+        out.batch.build(&self.table, job.plan.view(), call_id);
+        out.first = 0;
+        let out = &mut **out;
+        match write_some(fd, &mut out.batch.iovecs, &mut out.first) {
+            Ok(true) => {}
+            Ok(false) => out.current = Some(job.plan),
+            Err(e) => self.write_failed(e),
+        }
     }
 
     /// Reads every acknowledgement that arrived; `Err` ends the link with its error.
@@ -354,6 +374,8 @@ impl TcpLink {
             out: Mutex::new(Outbox {
                 call_id: 0,
                 batch: FrameBatch::new(),
+                first: 0,
+                current: None,
                 queue: VecDeque::new(),
                 device: staging::SendStaging::new(),
                 closed: false,
@@ -383,7 +405,7 @@ impl TcpLink {
         {
             let mut out = lock(&state.out);
             out.closed = true;
-            out.queue.clear();
+            out.clear();
         }
         drop(lock(&state.acks));
     }
