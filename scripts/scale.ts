@@ -78,11 +78,20 @@ async function prefillProcess(index: number, port: number): Promise<void> {
     }),
   )
   send({ ready: index })
+  const before = sample()
   for await (const line of createInterface({ input: process.stdin })) {
     if (line === 'connect') {
       const started = Date.now()
       await Promise.all(comms.map(({ comm }) => comm.connect(HOST, port, { timeoutMs: 60_000 })))
-      send({ connected: index, ms: Date.now() - started })
+      const ms = Date.now() - started
+      const after = sample()
+      send({
+        connected: index,
+        ms,
+        threads: (after.threads - before.threads) / COMMS,
+        fds: (after.fds - before.fds) / COMMS,
+        rssKiB: (after.rssKiB - before.rssKiB) / COMMS,
+      })
     } else if (line === 'write') {
       let failed = 0
       await Promise.all(
@@ -168,6 +177,7 @@ async function decodeProcess(): Promise<void> {
   const after = sample()
   children.forEach((c) => c.process.stdin!.write('write\n'))
   const written = await Promise.all(children.map((c) => c.next('written')))
+  const afterWrites = sample()
   const failedCalls = written.reduce((sum, w) => sum + w.failed, 0)
   let wrongBlocks = 0
   for (let link = 0; link < links; link++) {
@@ -206,12 +216,19 @@ async function decodeProcess(): Promise<void> {
       beforeCommunicator: beforeComm,
       beforeLinks: before,
       afterLinks: after,
+      afterWrites,
       communicatorThreads: after.threads - beforeComm.threads,
       perLink: {
         threads: perLink(after.threads, before.threads),
         fds: perLink(after.fds, before.fds),
         rssKiB: perLink(after.rssKiB, before.rssKiB),
+        rssKiBAfterWrites: perLink(afterWrites.rssKiB, before.rssKiB),
       },
+    },
+    prefillPerLink: {
+      threads: Math.max(...connected.map((c) => c.threads)),
+      fds: Math.max(...connected.map((c) => c.fds)),
+      rssKiB: Math.round(Math.max(...connected.map((c) => c.rssKiB)) * 100) / 100,
     },
   }
   console.log(`scale: ${JSON.stringify(report)}`)
