@@ -18,6 +18,8 @@ pub mod frame;
 mod io;
 mod link;
 mod receiver;
+#[cfg(test)]
+mod receiver_tests;
 mod sender;
 mod server;
 pub(crate) mod sockopt;

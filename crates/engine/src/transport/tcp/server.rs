@@ -195,12 +195,19 @@ fn run_receive_loop(state: &ServerState, mut poll: Poll, listener: &TcpListener)
     let mut next = FIRST_CONNECTION;
     // Shared by every connection: each parses all it read before the next one reads.
     let mut buffer = vec![0u8; RECEIVE_BUFFER_BYTES].into_boxed_slice();
+    // Connections that stopped at their turn's end with bytes left: served again after
+    // the events of the next poll, which then does not wait.
+    let mut again: Vec<usize> = Vec::new();
     while !state.closed.load(Ordering::SeqCst) {
         // Wake up now and then while a connection owes its hello.
-        let timeout = conns
-            .values()
-            .any(Conn::in_hello)
-            .then_some(Duration::from_millis(250));
+        let timeout = if again.is_empty() {
+            conns
+                .values()
+                .any(Conn::in_hello)
+                .then_some(Duration::from_millis(250))
+        } else {
+            Some(Duration::ZERO)
+        };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -216,19 +223,32 @@ fn run_receive_loop(state: &ServerState, mut poll: Poll, listener: &TcpListener)
                     let Some(conn) = conns.get_mut(&token) else {
                         continue;
                     };
-                    let mut outcome = Ok(());
+                    let mut outcome = Ok(false);
                     if event.is_writable() {
-                        outcome = conn.writable();
+                        outcome = conn.writable().map(|()| false);
                     }
                     if outcome.is_ok()
                         && (event.is_readable() || event.is_read_closed() || event.is_error())
+                        && !again.contains(&token)
                     {
                         outcome = conn.readable(state, &mut buffer);
                     }
-                    if let Err(reason) = outcome {
-                        close(state, poll.registry(), &mut conns, token, &reason);
+                    match outcome {
+                        Ok(true) => again.push(token),
+                        Ok(false) => {}
+                        Err(reason) => close(state, poll.registry(), &mut conns, token, &reason),
                     }
                 }
+            }
+        }
+        for token in std::mem::take(&mut again) {
+            let Some(conn) = conns.get_mut(&token) else {
+                continue;
+            };
+            match conn.readable(state, &mut buffer) {
+                Ok(true) => again.push(token),
+                Ok(false) => {}
+                Err(reason) => close(state, poll.registry(), &mut conns, token, &reason),
             }
         }
         let late: Vec<usize> = conns
