@@ -243,11 +243,9 @@ impl LinkState {
             acks.bytes.extend_from_slice(&chunk[..n]);
             let mut at = 0;
             while acks.bytes.len() - at >= frame::HEADER_BYTES {
-                let header_bytes: &[u8; frame::HEADER_BYTES] = acks.bytes
-                    [at..at + frame::HEADER_BYTES]
-                    .try_into()
-                    .unwrap_or(&[0; frame::HEADER_BYTES]);
-                let header = Header::decode(header_bytes)
+                let mut header_bytes = [0u8; frame::HEADER_BYTES];
+                header_bytes.copy_from_slice(&acks.bytes[at..at + frame::HEADER_BYTES]);
+                let header = Header::decode(&header_bytes)
                     .map_err(|e| Error::protocol(self.peer.clone(), e.0))?;
                 // Only ACK/NACK come back (their detail is bounded by the decoder): a hostile
                 // receiver announcing a WRITE-sized detail must not make us wait for it.
