@@ -1,53 +1,40 @@
-//! Cutting one writer off for a fence: its data connections are shut down and their
-//! receiver threads joined, so nothing it sent can land afterwards.
+//! Cutting one writer off for a fence: the receive loop closes that writer's data
+//! connections between two turns (no copy is under way then), so nothing it sent can land
+//! afterwards.
 
 use super::lock;
 use super::state::ServerState;
-use std::net::Shutdown;
-use std::thread::ThreadId;
+use mio::Waker;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Duration;
 
-/// Registers the calling receiver thread as receiving from `writer` while it lives.
-pub(super) struct WriterGuard<'a> {
-    state: &'a ServerState,
-    thread: ThreadId,
+/// A request to the receive loop: close `writer`'s connections and report how many.
+pub(super) struct Isolation {
+    pub(super) writer: String,
+    pub(super) done: mpsc::Sender<usize>,
 }
 
-impl<'a> WriterGuard<'a> {
-    pub(super) fn new(state: &'a ServerState, writer: &str) -> WriterGuard<'a> {
-        let thread = std::thread::current().id();
-        lock(&state.writers).insert(thread, writer.to_string());
-        WriterGuard { state, thread }
-    }
-}
-
-impl Drop for WriterGuard<'_> {
-    fn drop(&mut self) {
-        lock(&self.state.writers).remove(&self.thread);
-    }
-}
-
-/// Shuts down every data connection of `writer` and joins its receiver threads; also
-/// withdraws its unused admissions. Returns how many connections were cut. When this
-/// returns, no receiver thread of that writer copies into the regions any more.
-pub(super) fn isolate(state: &ServerState, writer: &str) -> usize {
+/// Withdraws `writer`'s unused admissions and has the receive loop close its data
+/// connections. Returns how many were cut; when it returns, nothing from that writer is
+/// copied into the regions any more.
+pub(super) fn isolate(state: &ServerState, waker: &Waker, writer: &str) -> usize {
     lock(&state.admissions).retain(|_, admission| admission.peer_name != writer);
-    let cut: Vec<_> = {
-        let writers = lock(&state.writers);
-        let mut connections = lock(&state.connections);
-        let (theirs, others) = connections.drain(..).partition(|(_, thread)| {
-            writers
-                .get(&thread.thread().id())
-                .is_some_and(|name| name == writer)
-        });
-        *connections = others;
-        theirs
-    };
-    for (stream, _) in &cut {
-        let _ = stream.shutdown(Shutdown::Both);
+    let (done, cut) = mpsc::channel();
+    lock(&state.isolations).push(Isolation {
+        writer: writer.to_string(),
+        done,
+    });
+    let _ = waker.wake();
+    loop {
+        match cut.recv_timeout(Duration::from_millis(50)) {
+            Ok(count) => return count,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return 0,
+            // A loop that has ended has closed every connection.
+            Err(mpsc::RecvTimeoutError::Timeout) if state.loop_ended.load(Ordering::SeqCst) => {
+                return 0
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
     }
-    let count = cut.len();
-    for (_, thread) in cut {
-        let _ = thread.join();
-    }
-    count
 }
