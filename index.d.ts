@@ -63,9 +63,10 @@ export declare class NativeCommunicator {
   /** The transport used with a connected peer, or null. */
   peerTransport(peerKey: string): string | null
   /**
-   * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
-   * whether a link existed, once no byte of its calls can land any more and every
-   * pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`). The peer is reported
+   * Tears the link to `peer_key` down (`reason`: "abort", "timeout" or "lease": the
+   * registry saw the peer's lease expire); resolves, with whether a link existed, once no
+   * byte of its calls can land any more and every pending call of it has failed
+   * (`ERR_ABORTED` / `ERR_TIMEOUT` / `ERR_PEER_DISCONNECTED`). The peer is reported
    * as left, unless `abandoned`: a connect gave up on the connection (its caller never
    * saw it connected).
    */

@@ -7,9 +7,11 @@ SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
 
 # Build: C toolchain, libclang for rdma-sys' bindgen, rdma-core headers (only at build time:
 # the addon loads libibverbs at run time). Soft-RoCE tests: qemu + rdma-core tools.
+# Registry tests (test only): etcd-server, whose etcd they start on loopback ports.
 PKGS=(build-essential pkg-config libclang-dev clang libibverbs-dev librdmacm-dev
       ibverbs-providers ibverbs-utils rdmacm-utils perftest
-      qemu-system-x86 busybox-static iproute2 xz-utils python3 binutils)
+      qemu-system-x86 busybox-static iproute2 xz-utils python3 binutils
+      etcd-server)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

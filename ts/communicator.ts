@@ -59,6 +59,9 @@ import {
 } from './metrics'
 import { Peer } from './peer'
 import { PreparedBlocks } from './prepared'
+import { type Instance, type InstanceFilter, type InstanceLeft, Membership, toInstanceFilter } from './registry'
+import { instanceOf } from './registry/entry'
+import { Names } from './registry/names'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
 
 // `await using` looks `Symbol.asyncDispose` up; Node 20 before 20.4 lacks it. Node's own
@@ -117,6 +120,9 @@ export class RDMACommunicator extends EventEmitter {
   /** The handshakes of `connect`, and the attempts a deadline gave up on. */
   private readonly connector: Connector
   private boundPort: number
+  /** Its place in the registry (undefined: none), and the peers `connect(name)` reached. */
+  private readonly membership: Membership | undefined
+  private readonly names: Names
   private closing: Promise<void> | undefined
   /** Why the start failed (`ready`'s rejection), once it did: every later call fails with it. */
   private startError: KvTransferError | undefined
@@ -181,15 +187,23 @@ export class RDMACommunicator extends EventEmitter {
         ),
     )
     this.connector = new Connector(this.native)
+    this.membership =
+      settings.registry &&
+      new Membership(settings.registry, settings.registryTtlSeconds, {
+        joined: (instance) => this.emit('instance-joined', instance),
+        left: (left) => this.onInstanceLeft(left),
+      })
+    this.names = new Names(this.membership, this.connectTimeoutMs)
     this.control = new ControlServer(settings.host, settings.port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
       hello: (hello) => native(() => this.native.accept(hello)),
     })
-    this.ready = this.control.ready.then((bound) => {
+    this.ready = this.control.ready.then(async (bound) => {
       this.boundPort = bound
+      const name = settings.defaultName ? `${os.hostname()}:${bound}` : settings.native.name
       // Peers see the name in arrival notices: with port 0 the default must carry the bound port.
-      if (settings.defaultName && bound !== settings.port)
-        native(() => this.native.setName(`${os.hostname()}:${bound}`))
+      if (name !== settings.native.name) native(() => this.native.setName(name))
+      await this.membership?.join(instanceOf(settings, name, this.transport, bound))
     })
     // Not an unhandled rejection: every later call reports it (see `startError`).
     this.ready.catch((error: unknown) => this.startFailed(fromNative(error)))
@@ -285,8 +299,17 @@ export class RDMACommunicator extends EventEmitter {
    * FastDeploy's `connect(ip, port, dst_tp_size)` is accepted: a number in place of the
    * options is `dstTpSize` (0: not checked).
    */
-  async connect(ip: string, port: number | string, options: ConnectOptions | number = {}): Promise<boolean> {
+  async connect(ip: string, port: number | string, options?: ConnectOptions | number): Promise<boolean>
+  /** Connects to the registry's instance `name` (README "Running a fleet"); later calls may name it in place of `ip, port`. */
+  async connect(name: string, options?: ConnectOptions): Promise<boolean>
+  async connect(
+    ip: string,
+    port?: number | string | ConnectOptions,
+    options: ConnectOptions | number = {},
+  ): Promise<boolean> {
     this.checkOpen()
+    if (port === undefined || (typeof port === 'object' && port !== null))
+      return this.names.connect(this, ip, port as ConnectOptions | undefined)
     options = typeof options === 'number' ? { dstTpSize: options } : toOptions('options', options)
     const dstTpSize = checkDstTpSize(options.dstTpSize)
     if (dstTpSize !== undefined) native(() => checkDstTpSizeNative(dstTpSize))
@@ -324,8 +347,12 @@ export class RDMACommunicator extends EventEmitter {
    * The peer connected as `ip:port`: pass it to `writeCache` and `prepareBlocks` in place
    * of `ip, port`. Throws `ERR_NOT_CONNECTED` when this side never connected to it.
    */
-  peer(ip: string, port: number | string): Peer {
+  peer(ip: string, port: number | string): Peer
+  /** The peer connected by `name` (`connect(name)`); `ERR_NOT_CONNECTED` when none was. */
+  peer(name: string): Peer
+  peer(ip: string, port?: number | string): Peer {
     this.checkOpen()
+    if (port === undefined) return this.names.peer(ip)
     const known = this.peers.get(ip)?.get(port)
     if (known) return known
     toHost('ip', ip)
@@ -404,6 +431,15 @@ export class RDMACommunicator extends EventEmitter {
     options?: WriteOptions,
   ): Promise<void>
   writeCache(peer: Peer, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
+  /** The forms taking a {@link Peer}, with the name a `connect(name)` connected in its place. */
+  writeCache(
+    name: string,
+    localBlockIds: BlockIds,
+    remoteBlockIds: BlockIds,
+    layerIdx: number,
+    options?: WriteOptions,
+  ): Promise<void>
+  writeCache(name: string, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
   writeCache(
     peerOrIp: Peer | string,
     a: number | string | BlockIds | PreparedBlocks,
@@ -413,6 +449,15 @@ export class RDMACommunicator extends EventEmitter {
     e?: WriteOptions,
   ): Promise<void> {
     // Not `async`: that would add a Promise and a resolution step to every call.
+    if (typeof peerOrIp === 'string' && (Array.isArray(a) || ArrayBuffer.isView(a) || a instanceof PreparedBlocks)) {
+      try {
+        this.checkOpen()
+        peerOrIp = this.names.peer(peerOrIp)
+      } catch (error) {
+        this.countRefused(peerOrIp as string, error)
+        return Promise.reject(error)
+      }
+    }
     if (peerOrIp instanceof Peer) {
       return a instanceof PreparedBlocks
         ? this.submit(peerOrIp, a, undefined, b as number, c as WriteOptions | undefined)
@@ -577,6 +622,22 @@ export class RDMACommunicator extends EventEmitter {
     this.emit('arrival', arrival)
   }
 
+  /** The live instances of the registry that pass `filter` (`ERR_REGISTRY_UNAVAILABLE` when etcd cannot be read). */
+  async instances(filter: InstanceFilter = {}): Promise<Instance[]> {
+    this.checkOpen()
+    const checked = toInstanceFilter(filter)
+    if (!this.membership)
+      throw invalidArgument('registry', 'instances(filter) needs the registry option or KVCACHE_REGISTRY')
+    return this.membership.instances(checked)
+  }
+
+  /** A registered instance is gone: links to it end (`ERR_PEER_DISCONNECTED`), then listeners hear of it. */
+  private onInstanceLeft(left: InstanceLeft): void {
+    const key = `${left.instance.control.host}:${left.instance.control.port}`
+    if (!this.closing) this.native.cancelPeer(key, 'lease').catch(() => undefined)
+    this.emit('instance-left', left)
+  }
+
   private onPeerLeft(left: PeerLeftNotice): void {
     this.emit('peer-left', { peer: left.peer, code: left.code as KvTransferErrorCode, reason: left.reason })
   }
@@ -631,11 +692,13 @@ export class RDMACommunicator extends EventEmitter {
     if (!this.closing) {
       this.arrivals.rejectAll(reason ?? new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
       this.closing = (async () => {
+        await this.membership?.close().catch(() => undefined)
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()
       this.calls.close()
       this.peers.clear()
+      this.names.clear()
     }
     return this.closing
   }

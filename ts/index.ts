@@ -26,6 +26,8 @@ export type {
 export type { RequestTag } from './tags'
 export type { Arrival, WaitOptions } from './arrivals'
 export type { CommunicatorEvent, CommunicatorEvents, PeerLeft } from './events'
+export type { Instance, InstanceFilter, InstanceLayout, InstanceLeft } from './registry'
+export { listInstances } from './registry'
 export { METRICS_CONTENT_TYPE, metricsHandler, metricsText } from './metrics'
 export type { Counters, LatencySummary, Metrics, PeerMetrics } from './metrics'
 export { doctor, formatDoctor } from './doctor'

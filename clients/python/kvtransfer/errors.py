@@ -43,6 +43,8 @@ __all__ = [
     "Aborted",
     "AuthError",
     "TpMismatch",
+    "RegistryUnavailable",
+    "NameTaken",
     "InternalError",
     "Detached",
     "error_class",
@@ -210,6 +212,18 @@ class TpMismatch(KvTransferError):
     CODE = "ERR_TP_MISMATCH"
 
 
+class RegistryUnavailable(KvTransferError):
+    """The instance registry (etcd) cannot be reached (raised by the TypeScript API)."""
+
+    CODE = "ERR_REGISTRY_UNAVAILABLE"
+
+
+class NameTaken(KvTransferError):
+    """Another live instance holds this name in the registry (raised by the TypeScript API)."""
+
+    CODE = "ERR_NAME_TAKEN"
+
+
 class InternalError(KvTransferError):
     """A bug in kvtransfer: please report it."""
 
@@ -247,6 +261,8 @@ _CLASSES: Tuple[Type[KvTransferError], ...] = (
     Aborted,
     AuthError,
     TpMismatch,
+    RegistryUnavailable,
+    NameTaken,
     InternalError,
     Detached,
 )
