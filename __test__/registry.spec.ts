@@ -6,6 +6,8 @@
  * entry seen or fails typed; the communicators re-register), and a three-member cluster
  * whose leader is SIGKILLed. Skipped, naming why, where etcd is not installed.
  */
+import { spawn } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
 import anyTest, { type ExecutionContext, type TestFn } from 'ava'
 import { Etcd3 } from 'etcd3'
 import { KvTransferError, RDMACommunicator, listInstances } from '../lib/index.js'
@@ -22,6 +24,22 @@ const LAYERS = 2
 const BLOCKS = 8
 const BLOCK_BYTES = 4096
 const TTL = 2
+const CLI = fileURLToPath(new URL('../lib/cli.js', import.meta.url))
+
+/** Runs `kvtransfer <args>` (without blocking this process's event loop: etcd clients live here). */
+function cli(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ status: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env } })
+    let out = ''
+    let err = ''
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()))
+    child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString()))
+    child.on('close', (status) => resolve({ status, out, err }))
+  })
+}
 
 /** A communicator in this process over host regions, registered in `registry`; closed after the test. */
 async function member(
@@ -291,4 +309,50 @@ run('three members, the leader SIGKILLed mid-run: registration and the watch car
   await until(t, () => events.left.some((l) => l.name === 'decode-late'), ms(5000), 'decode-late left')
   t.false(events.left.some((l) => l.name === 'decode-3'))
   t.true(decode.stats().receivers >= 1)
+})
+
+run('kvtransfer instances (table, --json, --role) and doctor --registry, reachable and not', async (t) => {
+  const etcd = await cluster(t)
+  const registry = etcd.url('cli')
+  await member(t, registry, 'prefill-c')
+  const decode = await member(t, registry, 'decode-c', 'decode')
+
+  const table = await cli(['instances', '--registry', registry])
+  t.is(table.status, 0, table.err)
+  const lines = table.out.trim().split('\n')
+  t.regex(lines[0], /^NAME\s+ROLE\s+TP\s+LAYERS\s+BLOCKS\s+BLOCK BYTES\s+TRANSPORT\s+CONTROL\s+HOST\s+PID$/)
+  t.regex(
+    lines[1],
+    new RegExp(
+      `^decode-c\\s+decode\\s+0/1\\s+${LAYERS}\\s+${BLOCKS}\\s+${BLOCK_BYTES}\\s+\\S+\\s+${HOST}:${decode.port}\\s`,
+    ),
+  )
+  t.regex(lines[2], /^prefill-c\s+prefill\s/)
+  t.is(lines[3], `2 instances in ${registry}`)
+
+  const json = await cli(['instances', '--json', '--role', 'decode'], { KVCACHE_REGISTRY: registry })
+  t.is(json.status, 0, json.err)
+  const listed = JSON.parse(json.out) as Instance[]
+  t.deepEqual(
+    listed.map((i) => [i.name, i.control.port]),
+    [['decode-c', decode.port]],
+  )
+
+  const usage = await cli(['instances', '--registry', 'http://x'])
+  t.is(usage.status, 2)
+  t.regex(usage.err, /invalid --registry: "http:\/\/x" is not etcd:\/\/host:port/)
+
+  const doctor = await cli(['doctor', '--registry', registry])
+  t.is(doctor.status, 0, doctor.err)
+  t.regex(doctor.out, new RegExp(`registry ${registry}: reachable, 2 live instances`))
+
+  await etcd.stop(0)
+  const down = await cli(['doctor', '--json'], { KVCACHE_REGISTRY: registry })
+  t.is(down.status, 1)
+  const report = JSON.parse(down.out) as { registry: { ok: boolean; text: string } }
+  t.false(report.registry.ok)
+  t.regex(report.registry.text, /NOT REACHABLE: registry .* is unavailable/)
+  const unreadable = await cli(['instances', '--registry', registry])
+  t.is(unreadable.status, 1)
+  t.regex(unreadable.err, /is unavailable/)
 })
