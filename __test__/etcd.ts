@@ -33,10 +33,12 @@ export class EtcdCluster {
     private readonly dir: string,
     readonly members: Member[],
     private readonly token: string,
+    /** The address every member listens on. */
+    readonly host: string,
   ) {}
 
-  /** Starts `size` members and resolves once every one answers `/health`. */
-  static async start(size = 1): Promise<EtcdCluster> {
+  /** Starts `size` members on `host` and resolves once every one answers `/health`. */
+  static async start(size = 1, host = '127.0.0.1'): Promise<EtcdCluster> {
     if (!('path' in ETCD)) throw new Error(ETCD.missing)
     const dir = mkdtempSync(path.join(tmpdir(), 'kvt-etcd-'))
     const members: Member[] = []
@@ -50,29 +52,29 @@ export class EtcdCluster {
         log: '',
       })
     }
-    const cluster = new EtcdCluster(ETCD.path, dir, members, `kvt-${process.pid}-${Date.now()}`)
+    const cluster = new EtcdCluster(ETCD.path, dir, members, `kvt-${process.pid}-${Date.now()}`, host)
     for (let i = 0; i < size; i++) cluster.launch(i, 'new')
     await Promise.all(members.map((_, i) => cluster.healthy(i)))
     return cluster
   }
 
-  /** `etcd://127.0.0.1:<port>,…/prefix`: every member. */
+  /** `etcd://<host>:<port>,…/prefix`: every member. */
   url(prefix: string): string {
-    return `etcd://${this.members.map((m) => `127.0.0.1:${m.clientPort}`).join(',')}/${prefix}`
+    return `etcd://${this.members.map((m) => `${this.host}:${m.clientPort}`).join(',')}/${prefix}`
   }
 
   private launch(i: number, state: 'new' | 'existing'): void {
     const m = this.members[i]
-    const cluster = this.members.map((p) => `${p.name}=http://127.0.0.1:${p.peerPort}`).join(',')
+    const cluster = this.members.map((p) => `${p.name}=http://${this.host}:${p.peerPort}`).join(',')
     const child = spawn(
       this.binary,
       [
         `--name=${m.name}`,
         `--data-dir=${path.join(this.dir, m.name)}`,
-        `--listen-client-urls=http://127.0.0.1:${m.clientPort}`,
-        `--advertise-client-urls=http://127.0.0.1:${m.clientPort}`,
-        `--listen-peer-urls=http://127.0.0.1:${m.peerPort}`,
-        `--initial-advertise-peer-urls=http://127.0.0.1:${m.peerPort}`,
+        `--listen-client-urls=http://${this.host}:${m.clientPort}`,
+        `--advertise-client-urls=http://${this.host}:${m.clientPort}`,
+        `--listen-peer-urls=http://${this.host}:${m.peerPort}`,
+        `--initial-advertise-peer-urls=http://${this.host}:${m.peerPort}`,
         `--initial-cluster=${cluster}`,
         `--initial-cluster-state=${state}`,
         `--initial-cluster-token=${this.token}`,
@@ -99,7 +101,7 @@ export class EtcdCluster {
     const deadline = Date.now() + 20_000
     while (Date.now() < deadline) {
       try {
-        const response = await fetch(`http://127.0.0.1:${m.clientPort}/health`)
+        const response = await fetch(`http://${this.host}:${m.clientPort}/health`)
         const body = (await response.json()) as { health?: string }
         if (body.health === 'true') return
       } catch {
@@ -116,7 +118,7 @@ export class EtcdCluster {
     for (const m of this.members) {
       if (!m.process || m.process.exitCode !== null) continue
       try {
-        const response = await fetch(`http://127.0.0.1:${m.clientPort}/v3/maintenance/status`, {
+        const response = await fetch(`http://${this.host}:${m.clientPort}/v3/maintenance/status`, {
           method: 'POST',
           body: '{}',
         })
