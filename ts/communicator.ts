@@ -59,7 +59,7 @@ import {
 } from './metrics'
 import { Peer } from './peer'
 import { PreparedBlocks } from './prepared'
-import { type Instance, type InstanceFilter, type InstanceLeft, Membership, toInstanceFilter } from './registry'
+import { type Instance, type InstanceFilter, Membership } from './registry'
 import { instanceOf } from './registry/entry'
 import { Names } from './registry/names'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
@@ -120,8 +120,7 @@ export class RDMACommunicator extends EventEmitter {
   /** The handshakes of `connect`, and the attempts a deadline gave up on. */
   private readonly connector: Connector
   private boundPort: number
-  /** Its place in the registry (undefined: none), and the peers `connect(name)` reached. */
-  private readonly membership: Membership | undefined
+  /** Its place in the registry (`names.membership`; undefined: none), and the peers `connect(name)` reached. */
   private readonly names: Names
   private closing: Promise<void> | undefined
   /** Why the start failed (`ready`'s rejection), once it did: every later call fails with it. */
@@ -187,13 +186,18 @@ export class RDMACommunicator extends EventEmitter {
         ),
     )
     this.connector = new Connector(this.native)
-    this.membership =
+    const membership =
       settings.registry &&
       new Membership(settings.registry, settings.registryTtlSeconds, {
         joined: (instance) => this.emit('instance-joined', instance),
-        left: (left) => this.onInstanceLeft(left),
+        left: (left) => {
+          // Links to it end first (its pending calls fail `ERR_PEER_DISCONNECTED`).
+          const { host, port } = left.instance.control
+          if (!this.closing) this.native.cancelPeer(`${host}:${port}`, 'lease').catch(() => undefined)
+          this.emit('instance-left', left)
+        },
       })
-    this.names = new Names(this.membership, this.connectTimeoutMs)
+    this.names = new Names(membership, this.connectTimeoutMs)
     this.control = new ControlServer(settings.host, settings.port, {
       challenge: (challenge) => native(() => this.native.authRespond(challenge)),
       hello: (hello) => native(() => this.native.accept(hello)),
@@ -203,7 +207,7 @@ export class RDMACommunicator extends EventEmitter {
       const name = settings.defaultName ? `${os.hostname()}:${bound}` : settings.native.name
       // Peers see the name in arrival notices: with port 0 the default must carry the bound port.
       if (name !== settings.native.name) native(() => this.native.setName(name))
-      await this.membership?.join(instanceOf(settings, name, this.transport, bound))
+      await this.names.membership?.join(instanceOf(settings, name, this.transport, bound))
     })
     // Not an unhandled rejection: every later call reports it (see `startError`).
     this.ready.catch((error: unknown) => this.startFailed(fromNative(error)))
@@ -431,7 +435,7 @@ export class RDMACommunicator extends EventEmitter {
     options?: WriteOptions,
   ): Promise<void>
   writeCache(peer: Peer, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
-  /** The forms taking a {@link Peer}, with the name a `connect(name)` connected in its place. */
+  /** The {@link Peer} forms, with the name `connect(name)` connected in its place. */
   writeCache(
     name: string,
     localBlockIds: BlockIds,
@@ -622,20 +626,10 @@ export class RDMACommunicator extends EventEmitter {
     this.emit('arrival', arrival)
   }
 
-  /** The live instances of the registry that pass `filter` (`ERR_REGISTRY_UNAVAILABLE` when etcd cannot be read). */
+  /** The registry's live instances that pass `filter` (README "Running a fleet"). */
   async instances(filter: InstanceFilter = {}): Promise<Instance[]> {
     this.checkOpen()
-    const checked = toInstanceFilter(filter)
-    if (!this.membership)
-      throw invalidArgument('registry', 'instances(filter) needs the registry option or KVCACHE_REGISTRY')
-    return this.membership.instances(checked)
-  }
-
-  /** A registered instance is gone: links to it end (`ERR_PEER_DISCONNECTED`), then listeners hear of it. */
-  private onInstanceLeft(left: InstanceLeft): void {
-    const key = `${left.instance.control.host}:${left.instance.control.port}`
-    if (!this.closing) this.native.cancelPeer(key, 'lease').catch(() => undefined)
-    this.emit('instance-left', left)
+    return this.names.instances(filter)
   }
 
   private onPeerLeft(left: PeerLeftNotice): void {
@@ -692,7 +686,7 @@ export class RDMACommunicator extends EventEmitter {
     if (!this.closing) {
       this.arrivals.rejectAll(reason ?? new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
       this.closing = (async () => {
-        await this.membership?.close().catch(() => undefined)
+        await this.names.membership?.close().catch(() => undefined)
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()

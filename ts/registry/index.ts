@@ -58,7 +58,6 @@ export class Membership {
       instanceKey(this.address, entry.name),
       entry,
       this.ttlSeconds,
-      () => undefined, // a failed re-publication is tried again; peers see the entry once it is back
     )
     await this.publisher.start()
   }

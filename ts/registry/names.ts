@@ -6,6 +6,7 @@
 import { KvTransferError, invalidArgument } from '../errors'
 import { type ConnectOptions, checkSignal, toHost, toOptions, toTimeout } from '../options'
 import type { Peer } from '../peer'
+import { type Instance, toInstanceFilter } from './entry'
 import type { Membership } from './index'
 
 /** What the communicator lends: its own `connect(ip, port)` and `peer(ip, port)`. */
@@ -19,9 +20,18 @@ export class Names {
   private readonly peers = new Map<string, Peer>()
 
   constructor(
-    private readonly membership: Membership | undefined,
+    /** The communicator's place in the registry; undefined: it has none. */
+    readonly membership: Membership | undefined,
     private readonly defaultTimeoutMs: number | undefined,
   ) {}
+
+  /** `instances(filter)`: checked, then read from etcd (`ERR_REGISTRY_UNAVAILABLE` when it cannot be). */
+  instances(filter: unknown): Promise<Instance[]> {
+    const checked = toInstanceFilter(filter)
+    if (!this.membership)
+      throw invalidArgument('registry', 'instances(filter) needs the registry option or KVCACHE_REGISTRY')
+    return this.membership.instances(checked)
+  }
 
   /** `connect(name, options?)`: resolves `name` (see `Membership.resolve`), then connects. */
   async connect(target: NameTarget, name: string, given: ConnectOptions | undefined): Promise<boolean> {

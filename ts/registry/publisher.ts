@@ -23,8 +23,6 @@ export class Publisher {
     private readonly key: string,
     private readonly entry: Instance,
     private readonly ttlSeconds: number,
-    /** Told of each re-publication's outcome (`undefined`: published). */
-    private readonly onRepublish: (error: KvTransferError | undefined) => void,
   ) {}
 
   /**
@@ -111,13 +109,9 @@ export class Publisher {
     if (this.closed || this.retry) return
     this.retry = setTimeout(() => {
       this.retry = undefined
-      this.publish().then(
-        () => this.onRepublish(undefined),
-        (error: unknown) => {
-          this.onRepublish(error as KvTransferError)
-          this.scheduleRepublish()
-        },
-      )
+      // Until etcd answers; a name taken meanwhile by another instance is tried again too
+      // (its holder may go), and peers see this entry once it is back.
+      this.publish().catch(() => this.scheduleRepublish())
     }, REPUBLISH_DELAY_MS)
     // Never keeps the process running by itself.
     this.retry.unref()
