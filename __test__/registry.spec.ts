@@ -14,7 +14,7 @@ import { KvTransferError, RDMACommunicator, listInstances } from '../lib/index.j
 import type { Instance, InstanceLeft } from '../lib/index.js'
 import { communicatorOnHostRegions } from '../lib/setup.js'
 import { ETCD, EtcdCluster } from './etcd.js'
-import { HOST, TRANSPORT, eventually, ms, sleep, spawnPeer, within } from './helpers.js'
+import { HOST, TRANSPORT, eventually, freePort, ms, sleep, spawnPeer, within } from './helpers.js'
 
 const test = anyTest as TestFn
 const run = 'path' in ETCD ? test.serial : test.skip
@@ -355,4 +355,27 @@ run('kvtransfer instances (table, --json, --role) and doctor --registry, reachab
   const unreadable = await cli(['instances', '--registry', registry])
   t.is(unreadable.status, 1)
   t.regex(unreadable.err, /is unavailable/)
+})
+
+run('connect(name) awaits an instance that joins later, and times out ERR_TIMEOUT naming the registry', async (t) => {
+  const etcd = await cluster(t)
+  const registry = etcd.url('later')
+  const prefill = await member(t, registry, 'prefill-w')
+  const timedOut = await t.throwsAsync(prefill.connect('decode-nobody', { timeoutMs: 300 }))
+  t.is((timedOut as KvTransferError).code, 'ERR_TIMEOUT')
+  t.regex(timedOut!.message, /no instance of that name is in registry etcd:\/\//)
+  const connecting = prefill.connect('decode-w', { timeoutMs: ms(15_000) })
+  await sleep(200)
+  const decode = await member(t, registry, 'decode-w', 'decode')
+  t.true(await connecting)
+  t.true(prefill.isConnected(HOST, decode.port))
+})
+
+test('a registry that does not answer: the start fails ERR_REGISTRY_UNAVAILABLE at once', async (t) => {
+  const port = await freePort()
+  const started = Date.now()
+  const error = await t.throwsAsync(member(t, `etcd://127.0.0.1:${port}/none`, 'prefill-u'))
+  t.log(`refused after ${Date.now() - started} ms`)
+  t.is((error as KvTransferError).code, 'ERR_REGISTRY_UNAVAILABLE', error?.message)
+  t.regex(error!.message, new RegExp(`registry etcd://127.0.0.1:${port}/none is unavailable`))
 })
