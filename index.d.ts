@@ -24,6 +24,8 @@ export declare class NativeCommunicator {
    * once per connect.
    */
   peer(peerKey: string): ExternalObject<'Peer'>
+  /** The transports this side opened, most preferred first, each with its summary. */
+  offers(): Array<NativeOffer>
   /** The transport of a peer this side connected to, and why; null for others. */
   peerDecision(peerKey: string): NativePeerDecision | null
   /** Counters since construction: totals and per peer. */
@@ -316,6 +318,13 @@ export interface NativeMetrics {
   peers: Array<NativePeerCounters>
   /** Upper bound (µs) of each latency bucket; the last is +Infinity. */
   latencyBucketUpperUs: Array<number>
+}
+
+/** A transport this side opened (what the instance registry publishes of it). */
+export interface NativeOffer {
+  transport: string
+  /** One phrase: what it uses on this side (e.g. the RDMA device and GID, the bind address). */
+  summary: string
 }
 
 export interface NativeOptions {

@@ -7,6 +7,7 @@
  * whose leader is SIGKILLed. Skipped, naming why, where etcd is not installed.
  */
 import { spawn } from 'node:child_process'
+import { readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import anyTest, { type ExecutionContext, type TestFn } from 'ava'
 import { Etcd3 } from 'etcd3'
@@ -132,6 +133,8 @@ run(
       control: { host: HOST, port: decode.port },
       pid: decode.child.pid,
     })
+    t.is(entry.transports[0].transport, decode.transport)
+    t.regex(entry.transports[0].summary, /\S/, 'each transport says what it uses there')
     t.deepEqual(
       (await prefill.instances({ role: 'decode' })).map((i) => i.name),
       ['decode-0'],
@@ -200,6 +203,9 @@ run(
     // No FIN, no RST: the process keeps its sockets and just stops answering (as a host that vanished).
     decode.child.kill('SIGSTOP')
     const stopped = Date.now()
+    // kill() returns before every thread has stopped: wait until the kernel reports it stopped.
+    const state = () => readFileSync(`/proc/${decode.child.pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]
+    await until(t, () => state() === 'T', ms(2000), 'the decode process stopped')
     const pending = prefill.writeCache('decode-l', [1, 2, 3], [1, 2, 3], 0, { timeoutMs: 0 })
     const outcome = pending.then(
       () => undefined,

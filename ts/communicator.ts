@@ -207,7 +207,7 @@ export class RDMACommunicator extends EventEmitter {
       const name = settings.defaultName ? `${os.hostname()}:${bound}` : settings.native.name
       // Peers see the name in arrival notices: with port 0 the default must carry the bound port.
       if (name !== settings.native.name) native(() => this.native.setName(name))
-      await this.names.membership?.join(instanceOf(settings, name, this.transport, bound))
+      await this.names.membership?.join(instanceOf(settings, name, this.native.offers(), bound))
     })
     // Not an unhandled rejection: every later call reports it (see `startError`).
     this.ready.catch((error: unknown) => this.startFailed(fromNative(error)))

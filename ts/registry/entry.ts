@@ -28,6 +28,11 @@ export interface Instance {
   layout: InstanceLayout
   /** The transport this side prefers (`'nvlink'`, `'rdma'` or `'tcp'`; `auto` falls back from it). */
   transport: string
+  /**
+   * Every transport this side opened, most preferred first, with what it uses here (e.g.
+   * `{ transport: 'rdma', summary: 'rdma on mlx5_0 port 1, GID index 3 …' }`).
+   */
+  transports: { transport: string; summary: string }[]
   /** Where its control plane listens: what `connect(name)` connects to. */
   control: { host: string; port: number }
   /** The host and process it runs in. */
@@ -88,6 +93,10 @@ export function decodeInstance(name: string, text: string): Instance | undefined
     isInt(layout.scaleBlockBytes) &&
     typeof layout.keyOnly === 'boolean' &&
     isText(value.transport) &&
+    Array.isArray(value.transports) &&
+    value.transports.every(
+      (o) => typeof o === 'object' && o !== null && isText(o.transport) && typeof o.summary === 'string',
+    ) &&
     typeof control === 'object' &&
     control !== null &&
     isText(control.host) &&
@@ -146,10 +155,15 @@ export function advertisedHost(host: string): string {
 }
 
 /**
- * The entry a communicator publishes: its settings, `name`, the transport it prefers, and
- * the control address peers reach (`port` as bound).
+ * The entry a communicator publishes: its settings, `name`, the transports it opened (most
+ * preferred first), and the control address peers reach (`port` as bound).
  */
-export function instanceOf(settings: Settings, name: string, transport: string, port: number): Instance {
+export function instanceOf(
+  settings: Settings,
+  name: string,
+  transports: Instance['transports'],
+  port: number,
+): Instance {
   const { role, tpSize = 1, tpRank = 0, scaleBlockBytes = 0 } = settings.native
   return {
     name,
@@ -163,7 +177,8 @@ export function instanceOf(settings: Settings, name: string, transport: string, 
       scaleBlockBytes,
       keyOnly: settings.native.localValueCache.length === 0,
     },
-    transport,
+    transport: transports[0]?.transport ?? 'none',
+    transports,
     control: { host: advertisedHost(settings.host), port },
     hostname: os.hostname(),
     pid: process.pid,
