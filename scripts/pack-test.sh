@@ -59,13 +59,14 @@ npx --no-install tsc -p tsconfig.json || { bad "tsc (lib/)"; finish; }
 # package.json stays without them (npm ci / package-lock.json), exactly as at release
 # time, so it runs on a staged copy of what the main package ships.
 STAGED=$WORK/stage
-mkdir -p "$STAGED/lib/bench" "$STAGED/lib/sidecar"
+mkdir -p "$STAGED/lib/bench" "$STAGED/lib/sidecar" "$STAGED/lib/registry"
 cp package.json index.js index.d.ts "$STAGED/"
 [[ -f README.md ]] && cp README.md "$STAGED/"
 [[ -f LICENSE ]] && cp LICENSE "$STAGED/"
 cp lib/*.js lib/*.d.ts "$STAGED/lib/"
 cp lib/bench/*.js lib/bench/*.d.ts "$STAGED/lib/bench/"
 cp lib/sidecar/*.js lib/sidecar/*.d.ts "$STAGED/lib/sidecar/"
+cp lib/registry/*.js lib/registry/*.d.ts "$STAGED/lib/registry/"
 cp -r npm "$STAGED/npm"
 # pre-publish refuses a target whose .node is missing: the stage lists only the targets built
 # here (by default this machine's; a release builds them all, docs/packaging.md).
@@ -95,7 +96,7 @@ missing=()
 for f in index.js index.d.ts package.json lib/index.js lib/index.d.ts lib/errors.js lib/errors.d.ts lib/control.js lib/demo.js; do
   grep -qx "$f" <<<"$main_files" || missing+=("$f")
 done
-for f in lib/*.js lib/*.d.ts lib/bench/*.js lib/bench/*.d.ts lib/sidecar/*.js lib/sidecar/*.d.ts; do grep -qx "$f" <<<"$main_files" || missing+=("$f"); done
+for f in lib/*.js lib/*.d.ts lib/bench/*.js lib/bench/*.d.ts lib/sidecar/*.js lib/sidecar/*.d.ts lib/registry/*.js lib/registry/*.d.ts; do grep -qx "$f" <<<"$main_files" || missing+=("$f"); done
 if ((${#missing[@]})); then bad "main tarball lacks: ${missing[*]}"; else ok "main tarball has lib/*.js, lib/*.d.ts, lib/bench/*, index.js, index.d.ts"; fi
 if grep -q '\.node$' <<<"$main_files"; then bad "main tarball contains a .node: $(grep '\.node$' <<<"$main_files")"; else ok "main tarball has no .node"; fi
 plat_files=$(tar tzf "$PLAT_TGZ" | sed 's#^package/##' | sort)

@@ -24,9 +24,11 @@ done
 # (only at build time: the addon loads libibverbs at run time).
 BUILD_PKGS=(build-essential pkg-config libclang-dev clang libibverbs-dev librdmacm-dev)
 # Tests: the Soft-RoCE VM (qemu, busybox, rdma-core tools and providers, perftest), and the
-# tools the suites call (iproute2, xz, python3 for the client tests, binutils' readelf).
+# tools the suites call (iproute2, xz, python3 for the client tests, binutils' readelf), and
+# etcd-server, whose etcd the registry tests start on loopback ports.
 TEST_PKGS=(ibverbs-providers ibverbs-utils rdmacm-utils perftest
-           qemu-system-x86 busybox-static iproute2 xz-utils python3 binutils)
+           qemu-system-x86 busybox-static iproute2 xz-utils python3 binutils
+           etcd-server)
 
 # Compiled with `cargo install` (tests only): the supply-chain checks of deny.toml.
 TEST_CRATES=(cargo-deny)

@@ -94,12 +94,18 @@ else
   skipped=$((skipped + 1)); echo "SKIP: no nightly toolchain (rustup toolchain install nightly) - fuzz targets not run"
 fi
 
-step "TCP liveness with a silently vanished peer host (network namespaces, root)"
+step "TCP and registry liveness with a silently vanished peer host (network namespaces, root)"
 if [[ $(id -u) == 0 ]] && command -v ip >/dev/null; then
   # Already part of cargo test; run it once more, required, to report the measured times.
   if KVTRANSFER_REQUIRE_NETNS=1 cargo test --release -p kvtransfer-engine --test netns_silent_peer -- --nocapture >"$LOG/netns.log" 2>&1; then
     ok "netns silent peer: $(grep -o 'pending call rejected after [^ ]*' "$LOG/netns.log"), $(grep -o 'idle link disconnected after [^ ]*' "$LOG/netns.log")"
   else tail -30 "$LOG/netns.log"; bad "netns silent peer"; fi
+  # The registry case: the vanished host's etcd lease expires (needs etcd: setup-debian.sh).
+  if ! command -v etcd >/dev/null; then
+    skipped=$((skipped + 1)); echo "SKIP: etcd is not installed - the registry's network-namespace liveness test was not run"
+  elif KVTRANSFER_REQUIRE_NETNS=1 npx --no-install ava --tap __test__/registry-netns.spec.ts >"$LOG/netns-registry.tap" 2>&1 && grep -q '^# pass 1' "$LOG/netns-registry.tap"; then
+    ok "netns silent peer, registry: $(grep -o 'pending call rejected after [^ ]* ms' "$LOG/netns-registry.tap")"
+  else tail -30 "$LOG/netns-registry.tap"; bad "netns silent peer (registry)"; fi
 else
   skipped=$((skipped + 1)); echo "SKIP: not root - the network-namespace liveness test was not run"
 fi

@@ -69,6 +69,9 @@ import {
 } from './metrics'
 import { Peer, PeerBook } from './peer'
 import { PreparedBlocks } from './prepared'
+import { type Instance, type InstanceFilter, Membership } from './registry'
+import { instanceOf } from './registry/entry'
+import { Names } from './registry/names'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
 
 // `await using` looks `Symbol.asyncDispose` up; Node 20 before 20.4 lacks it. Node's own
@@ -133,6 +136,8 @@ export class RDMACommunicator extends EventEmitter {
   private readonly fences: FenceHub
   /** Writing side: the fence channel of each connected peer, by `ip:port`. */
   private readonly fenceListeners = new Map<string, FenceListener>()
+  /** Its place in the registry (`names.membership`; undefined: none), and the peers `connect(name)` reached. */
+  private readonly names: Names
   private closing: Promise<void> | undefined
   /** Why the start failed (`ready`'s rejection), once it did: every later call fails with it. */
   private startError: KvTransferError | undefined
@@ -198,6 +203,18 @@ export class RDMACommunicator extends EventEmitter {
     )
     this.connector = new Connector(this.native, this.hosts)
     this.fences = new FenceHub(this.native, () => this.control)
+    const membership =
+      settings.registry &&
+      new Membership(settings.registry, settings.registryTtlSeconds, {
+        joined: (instance) => this.emit('instance-joined', instance),
+        left: (left) => {
+          // Links to it end first (its pending calls fail `ERR_PEER_DISCONNECTED`).
+          const { host, port } = left.instance.control
+          if (!this.closing) this.native.cancelPeer(`${host}:${port}`, 'lease').catch(() => undefined)
+          this.emit('instance-left', left)
+        },
+      })
+    this.names = new Names(membership, this.connectTimeoutMs)
     this.control = new ControlServer(
       settings.host,
       settings.port,
@@ -208,11 +225,12 @@ export class RDMACommunicator extends EventEmitter {
       },
       { fenced: (answer) => this.fences.fenced(answer) },
     )
-    this.ready = this.control.ready.then((bound) => {
+    this.ready = this.control.ready.then(async (bound) => {
       this.boundPort = bound
+      const name = settings.defaultName ? `${os.hostname()}:${bound}` : settings.native.name
       // Peers see the name in arrival notices: with port 0 the default must carry the bound port.
-      if (settings.defaultName && bound !== settings.port)
-        native(() => this.native.setName(`${os.hostname()}:${bound}`))
+      if (name !== settings.native.name) native(() => this.native.setName(name))
+      await this.names.membership?.join(instanceOf(settings, name, this.native.offers(), bound))
     })
     // Not an unhandled rejection: every later call reports it (see `startError`).
     this.ready.catch((error: unknown) => this.startFailed(fromNative(error)))
@@ -310,8 +328,17 @@ export class RDMACommunicator extends EventEmitter {
    * FastDeploy's `connect(ip, port, dst_tp_size)` is accepted: a number in place of the
    * options is `dstTpSize` (0: not checked).
    */
-  async connect(ip: string, port: number | string, options: ConnectOptions | number = {}): Promise<boolean> {
+  async connect(ip: string, port: number | string, options?: ConnectOptions | number): Promise<boolean>
+  /** Connects to the registry's instance `name` (README "Running a fleet"); later calls may name it in place of `ip, port`. */
+  async connect(name: string, options?: ConnectOptions): Promise<boolean>
+  async connect(
+    ip: string,
+    port?: number | string | ConnectOptions,
+    options: ConnectOptions | number = {},
+  ): Promise<boolean> {
     this.checkOpen()
+    if (port === undefined || (typeof port === 'object' && port !== null))
+      return this.names.connect(this, ip, port as ConnectOptions | undefined)
     options = typeof options === 'number' ? { dstTpSize: options } : toOptions('options', options)
     const dstTpSize = checkDstTpSize(options.dstTpSize)
     if (dstTpSize !== undefined) native(() => checkDstTpSizeNative(dstTpSize))
@@ -360,8 +387,12 @@ export class RDMACommunicator extends EventEmitter {
    * communicator never looked up (by `connect`, `writeCache` or `abortPeer`) is not
    * resolved here (that would block): pass the address, or a name used before.
    */
-  peer(ip: string, port: number | string): Peer {
+  peer(ip: string, port: number | string): Peer
+  /** The peer connected by `name` (`connect(name)`); `ERR_NOT_CONNECTED` when none was. */
+  peer(name: string): Peer
+  peer(ip: string, port?: number | string): Peer {
     this.checkOpen()
+    if (port === undefined) return this.names.peer(ip)
     const known = this.peers.find(ip, port)
     if (known) return known
     const key = this.keyOf(ip, port)
@@ -443,6 +474,15 @@ export class RDMACommunicator extends EventEmitter {
     options?: WriteOptions,
   ): Promise<void>
   writeCache(peer: Peer, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
+  /** The {@link Peer} forms, with the name `connect(name)` connected in its place. */
+  writeCache(
+    name: string,
+    localBlockIds: BlockIds,
+    remoteBlockIds: BlockIds,
+    layerIdx: number,
+    options?: WriteOptions,
+  ): Promise<void>
+  writeCache(name: string, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
   writeCache(
     peerOrIp: Peer | string,
     a: number | string | BlockIds | PreparedBlocks,
@@ -452,6 +492,15 @@ export class RDMACommunicator extends EventEmitter {
     e?: WriteOptions,
   ): Promise<void> {
     // Not `async`: that would add a Promise and a resolution step to every call.
+    if (typeof peerOrIp === 'string' && (Array.isArray(a) || ArrayBuffer.isView(a) || a instanceof PreparedBlocks)) {
+      try {
+        this.checkOpen()
+        peerOrIp = this.names.peer(peerOrIp)
+      } catch (error) {
+        this.countRefused(peerOrIp as string, error)
+        return Promise.reject(error)
+      }
+    }
     if (peerOrIp instanceof Peer) {
       return a instanceof PreparedBlocks
         ? this.submit(peerOrIp, a, undefined, b as number, c as WriteOptions | undefined)
@@ -643,6 +692,12 @@ export class RDMACommunicator extends EventEmitter {
     this.emit('arrival', arrival)
   }
 
+  /** The registry's live instances that pass `filter` (README "Running a fleet"). */
+  async instances(filter: InstanceFilter = {}): Promise<Instance[]> {
+    this.checkOpen()
+    return this.names.instances(filter)
+  }
+
   private onPeerLeft(left: PeerLeftNotice): void {
     this.emit('peer-left', { peer: left.peer, code: left.code as KvTransferErrorCode, reason: left.reason })
   }
@@ -697,12 +752,14 @@ export class RDMACommunicator extends EventEmitter {
     if (!this.closing) {
       this.arrivals.rejectAll(reason ?? new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
       this.closing = (async () => {
+        await this.names.membership?.close().catch(() => undefined)
         await Promise.all([...this.fenceListeners.values()].map((l) => l.closed()))
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()
       this.calls.close()
       this.peers.clear()
+      this.names.clear()
     }
     return this.closing
   }

@@ -50,6 +50,8 @@ from .errors import (
     RegionOverflow,
     Timeout,
     TpMismatch,
+    RegistryUnavailable,
+    NameTaken,
     TransportUnavailable,
     error_class,
 )
@@ -93,6 +95,8 @@ __all__ = [
     "Aborted",
     "AuthError",
     "TpMismatch",
+    "RegistryUnavailable",
+    "NameTaken",
     "InternalError",
     "Detached",
 ]

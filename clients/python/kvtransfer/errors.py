@@ -44,6 +44,8 @@ __all__ = [
     "Fenced",
     "AuthError",
     "TpMismatch",
+    "RegistryUnavailable",
+    "NameTaken",
     "InternalError",
     "Detached",
     "error_class",
@@ -217,6 +219,18 @@ class TpMismatch(KvTransferError):
     CODE = "ERR_TP_MISMATCH"
 
 
+class RegistryUnavailable(KvTransferError):
+    """The instance registry (etcd) cannot be reached (raised by the TypeScript API)."""
+
+    CODE = "ERR_REGISTRY_UNAVAILABLE"
+
+
+class NameTaken(KvTransferError):
+    """Another live instance holds this name in the registry (raised by the TypeScript API)."""
+
+    CODE = "ERR_NAME_TAKEN"
+
+
 class InternalError(KvTransferError):
     """A bug in kvtransfer: please report it."""
 
@@ -255,6 +269,8 @@ _CLASSES: Tuple[Type[KvTransferError], ...] = (
     Fenced,
     AuthError,
     TpMismatch,
+    RegistryUnavailable,
+    NameTaken,
     InternalError,
     Detached,
 )

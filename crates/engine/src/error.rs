@@ -227,6 +227,26 @@ pub enum Error {
         /// What does not match.
         reason: String,
     },
+    /// The instance registry (etcd) cannot be reached and nothing seen earlier answers the
+    /// question, e.g. a `connect` by name to an instance never seen (`ERR_REGISTRY_UNAVAILABLE`).
+    /// Raised by the TypeScript layer, which owns the registry; listed here so that the one
+    /// code list stays whole.
+    #[error("registry {registry} is unavailable: {reason}")]
+    RegistryUnavailable {
+        /// The registry, as configured.
+        registry: String,
+        /// What failed.
+        reason: String,
+    },
+    /// Another live instance already holds this name in the registry (`ERR_NAME_TAKEN`);
+    /// raised at start by the TypeScript layer.
+    #[error("name {name:?} is already taken in registry {registry}")]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The registry, as configured.
+        registry: String,
+    },
     /// A bug: a panic inside kvtransfer, caught before it could take the process down.
     #[error("internal error in kvtransfer ({what}): this is a bug, not a usage error; please report it at https://github.com/kvtransfer/kvtransfer/issues with this message and a log taken with KVCACHE_DEBUG=1")]
     Internal {
@@ -269,6 +289,8 @@ impl Error {
             Error::Fenced { .. } => "ERR_FENCED",
             Error::Auth { .. } => "ERR_AUTH",
             Error::TensorParallel { .. } => "ERR_TP_MISMATCH",
+            Error::RegistryUnavailable { .. } => "ERR_REGISTRY_UNAVAILABLE",
+            Error::NameTaken { .. } => "ERR_NAME_TAKEN",
             Error::Internal { .. } => "ERR_INTERNAL",
         }
     }
@@ -324,6 +346,8 @@ pub const ERROR_CODES: &[&str] = &[
     "ERR_FENCED",
     "ERR_AUTH",
     "ERR_TP_MISMATCH",
+    "ERR_REGISTRY_UNAVAILABLE",
+    "ERR_NAME_TAKEN",
     "ERR_INTERNAL",
 ];
 
@@ -417,7 +441,15 @@ mod error_codes_tests {
                     peer: text(),
                     reason: text(),
                 },
-                Error::TensorParallel { .. } => Error::Internal { what: text() },
+                Error::TensorParallel { .. } => Error::RegistryUnavailable {
+                    registry: text(),
+                    reason: text(),
+                },
+                Error::RegistryUnavailable { .. } => Error::NameTaken {
+                    name: text(),
+                    registry: text(),
+                },
+                Error::NameTaken { .. } => Error::Internal { what: text() },
                 Error::Internal { .. } => break,
             };
             all.push(next);

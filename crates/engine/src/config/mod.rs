@@ -389,6 +389,11 @@ const VARIABLES: &[(&str, &str, Check)] = &[
         || Ok(()),
     ),
     (
+        "KVCACHE_REGISTRY",
+        "etcd registry of instances, etcd://host:port[,host:port...]/prefix (read and checked by the TypeScript API)",
+        || Ok(()),
+    ),
+    (
         "KVCACHE_SOCKET_IFNAME",
         "interface whose IPv4 address the listeners bind when host is not given",
         || valid(bind_address()),
