@@ -23,7 +23,7 @@ cargo_counts() {
 step "format and lints"
 if cargo fmt --all --check >"$LOG/fmt.log" 2>&1; then ok "cargo fmt"; else cat "$LOG/fmt.log"; bad "cargo fmt --check"; fi
 if cargo clippy --workspace --all-targets -- -D warnings >"$LOG/clippy.log" 2>&1; then ok "cargo clippy"; else tail -50 "$LOG/clippy.log"; bad "cargo clippy"; fi
-if npx --no-install prettier --check ts __test__ 'scripts/*.ts' >"$LOG/prettier.log" 2>&1; then ok "prettier --check"; else cat "$LOG/prettier.log"; bad "prettier --check (fix: npm run format)"; fi
+if npx --no-install prettier --check ts __test__ 'scripts/**/*.ts' >"$LOG/prettier.log" 2>&1; then ok "prettier --check"; else cat "$LOG/prettier.log"; bad "prettier --check (fix: npm run format)"; fi
 # Supply chain (deny.toml): licenses, sources (crates.io only), bans, for this workspace and
 # fuzz/ (its own workspace); advisories where the RustSec database can be fetched.
 if cargo deny --version >/dev/null 2>&1; then
