@@ -106,6 +106,12 @@ passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0})); skipped=$((skipped +
 ((${s:-0})) && grep -E '^ok .*# SKIP' "$LOG/ava.tap" | sed 's/^/SKIP: ava: /'
 [[ -n ${p:-} ]] || { tail -30 "$LOG/ava.tap"; bad "ava did not report"; }
 
+step "chaos over TCP (scripts/chaos: 2 prefill x 2 decode, random SIGKILLs, ${KVTRANSFER_CHAOS_SECONDS:-60} s)"
+# Gate: no false success, no hang, every failure typed, fds flat (scripts/chaos/main.ts).
+if scripts/chaos.sh --seconds "${KVTRANSFER_CHAOS_SECONDS:-60}" --json "$LOG/chaos-tcp.json" >"$LOG/chaos-tcp.log" 2>&1; then
+  ok "chaos tcp: $(grep -oE '[0-9]+ calls,' "$LOG/chaos-tcp.log" | head -1) $(grep -oE 'restarts: [^;]*' "$LOG/chaos-tcp.log")"
+else cat "$LOG/chaos-tcp.log"; bad "chaos tcp (report: $LOG/chaos-tcp.json)"; fi
+
 step "Python client (clients/python: unit tests, and end to end through two real sidecars over TCP)"
 clients/python/run-tests.sh >"$LOG/python.log" 2>&1
 rc=$?

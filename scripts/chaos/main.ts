@@ -36,6 +36,7 @@ const defaults: ChaosOptions = {
   seed: Date.now() % 0xffff_ffff,
   settleMs: 20_000 * scale,
   maxFdGrowth: 4,
+  victims: 'all',
   verbose: false,
 }
 
@@ -57,6 +58,7 @@ const FLAGS: Record<string, keyof ChaosOptions> = {
   '--seed': 'seed',
   '--settle-ms': 'settleMs',
   '--max-fd-growth': 'maxFdGrowth',
+  '--victims': 'victims',
 }
 
 function usage(): string {
@@ -94,6 +96,8 @@ function parse(argv: string[]): { options: ChaosOptions; json?: string } {
   }
   if (options.blockBytes % 4 || options.blockBytes < 16)
     throw new Error('--block-bytes must be a multiple of 4, at least 16')
+  if (!['all', 'prefill', 'decode'].includes(options.victims))
+    throw new Error(`--victims must be all, prefill or decode, got ${options.victims}`)
   if (options.killMaxMs < options.killMinMs) throw new Error('--kill-max-ms must be at least --kill-min-ms')
   for (const key of ['prefills', 'decodes', 'slots', 'maxBlocks', 'layers'] as const)
     if (!Number.isInteger(options[key]) || options[key] < 1) throw new Error(`${key} must be an integer >= 1`)

@@ -40,6 +40,8 @@ export interface ChaosOptions {
   /** Bound on the warm-up and on the recovery after the chaos stops. */
   settleMs: number
   maxFdGrowth: number
+  /** Which processes may be killed: 'all', 'prefill' or 'decode'. */
+  victims: string
   verbose: boolean
 }
 
@@ -307,7 +309,12 @@ export class Supervisor {
   }
 
   private killOne(): void {
-    const candidates = this.live().filter((p) => p.upAt !== undefined && p.killedAt === undefined)
+    const candidates = this.live().filter(
+      (p) =>
+        p.upAt !== undefined &&
+        p.killedAt === undefined &&
+        (this.options.victims === 'all' || this.options.victims === p.role),
+    )
     const victim = candidates[Math.floor(this.rand() * candidates.length)]
     if (!victim) return
     victim.killedAt = now()
