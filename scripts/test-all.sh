@@ -107,7 +107,15 @@ passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0})); skipped=$((skipped +
 [[ -n ${p:-} ]] || { tail -30 "$LOG/ava.tap"; bad "ava did not report"; }
 
 step "chaos over TCP (scripts/chaos: 2 prefill x 2 decode, random SIGKILLs, ${KVTRANSFER_CHAOS_SECONDS:-60} s)"
-# Gate: no false success, no hang, every failure typed, fds flat (scripts/chaos/main.ts).
+# First its self-test: calls reported OK but never written (--inject-lie) must fail the run
+# as false successes and as nothing else. Then the gate: no false success, no hang, every
+# failure typed, fds flat (scripts/chaos/main.ts).
+if KVT_CHAOS_ARRIVAL_WAIT_MS=300 scripts/chaos.sh --seconds 3 --prefills 1 --decodes 1 --inject-lie 0.05 \
+    --json "$LOG/chaos-lie.json" >"$LOG/chaos-lie.log" 2>&1; then
+  cat "$LOG/chaos-lie.log"; bad "chaos self-test: calls never written passed as verified"
+elif node -e 'const r = require(process.argv[1]); process.exit(r.verification.falseSuccesses > 0 && r.problems.length === 1 ? 0 : 1)' "$LOG/chaos-lie.json" 2>/dev/null; then
+  ok "chaos self-test: $(node -p 'require(process.argv[1]).verification.falseSuccesses' "$LOG/chaos-lie.json") injected false successes caught"
+else cat "$LOG/chaos-lie.log"; bad "chaos self-test: expected false successes and no other problem"; fi
 if scripts/chaos.sh --seconds "${KVTRANSFER_CHAOS_SECONDS:-60}" --json "$LOG/chaos-tcp.json" >"$LOG/chaos-tcp.log" 2>&1; then
   ok "chaos tcp: $(grep -oE '[0-9]+ calls,' "$LOG/chaos-tcp.log" | head -1) $(grep -oE 'restarts: [^;]*' "$LOG/chaos-tcp.log")"
 else cat "$LOG/chaos-tcp.log"; bad "chaos tcp (report: $LOG/chaos-tcp.json)"; fi

@@ -122,7 +122,9 @@ async function lane(comm: RDMACommunicator, decode: number, slot: number): Promi
     const done = hangWatch('writeCache', d, config.timeoutMs)
     let failure: Failure | undefined
     try {
-      await comm.writeCache(HOST, d.port, local, remote, layer, { tag, timeoutMs: config.timeoutMs, signal })
+      // --inject-lie: a call never made, reported as resolved OK (the verifier must catch it).
+      if (!(rand() < config.lieRate))
+        await comm.writeCache(HOST, d.port, local, remote, layer, { tag, timeoutMs: config.timeoutMs, signal })
     } catch (error) {
       failure = toFailure(error)
     }

@@ -29,6 +29,11 @@ export interface WorkerConfig {
   connectTimeoutMs: number
   /** Fraction of calls given an AbortSignal that fires at a random moment within the timeout. */
   abortRate: number
+  /**
+   * Self-test of the verification: this fraction of calls is not written at all but
+   * reported as resolved OK, so the run must count them as false successes and fail.
+   */
+  lieRate: number
   /** Seed of this worker's random choices. */
   seed: number
 }

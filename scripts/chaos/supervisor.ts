@@ -36,6 +36,7 @@ export interface ChaosOptions {
   killMinMs: number
   killMaxMs: number
   abortRate: number
+  lieRate: number
   seed: number
   /** Bound on the warm-up and on the recovery after the chaos stops. */
   settleMs: number
@@ -132,6 +133,7 @@ export class Supervisor {
       timeoutMs: o.timeoutMs,
       connectTimeoutMs: o.connectTimeoutMs,
       abortRate: o.abortRate,
+      lieRate: o.lieRate,
       seed: Math.floor(this.rand() * 0xffff_ffff),
     }
     const child = fork(SCRIPT[role], [], {
