@@ -381,6 +381,9 @@ export class Supervisor {
     for (const p of prefills) this.send(p, { kind: 'stop' })
     const bound = now() + this.options.timeoutMs + 10_000
     while (now() < bound && (prefills.some((p) => !p.drained) || this.pending.size > 0)) await sleep(50)
+    // A live decode that never answered a verification is a hang too.
+    for (const { request } of this.pending.values())
+      this.tally.hangs.push(`${this.callName(request)}: its verification was never answered`)
     for (const p of this.live()) if (p.role === 'decode') this.send(p, { kind: 'stop' })
     const exitBound = now() + 5000
     while (now() < exitBound && this.live().length > 0) await sleep(50)
