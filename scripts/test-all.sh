@@ -29,7 +29,7 @@ else tail -30 "$LOG/setup.log"; bad "setup-debian.sh --tests"; fi
 step "format and lints"
 if cargo fmt --all --check >"$LOG/fmt.log" 2>&1; then ok "cargo fmt"; else cat "$LOG/fmt.log"; bad "cargo fmt --check"; fi
 if cargo clippy --workspace --all-targets -- -D warnings >"$LOG/clippy.log" 2>&1; then ok "cargo clippy"; else tail -50 "$LOG/clippy.log"; bad "cargo clippy"; fi
-if npx --no-install prettier --check ts __test__ 'scripts/*.ts' >"$LOG/prettier.log" 2>&1; then ok "prettier --check"; else cat "$LOG/prettier.log"; bad "prettier --check (fix: npm run format)"; fi
+if npx --no-install prettier --check ts __test__ 'scripts/**/*.ts' >"$LOG/prettier.log" 2>&1; then ok "prettier --check"; else cat "$LOG/prettier.log"; bad "prettier --check (fix: npm run format)"; fi
 # Supply chain (deny.toml): licenses, sources (crates.io only), bans, for this workspace and
 # fuzz/ (its own workspace); advisories where the RustSec database can be fetched.
 if cargo deny --version >/dev/null 2>&1; then
@@ -117,6 +117,20 @@ s=$(awk '/^# skip/ {print $3}' "$LOG/ava.tap")
 passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0})); skipped=$((skipped + ${s:-0}))
 ((${s:-0})) && grep -E '^ok .*# SKIP' "$LOG/ava.tap" | sed 's/^/SKIP: ava: /'
 [[ -n ${p:-} ]] || { tail -30 "$LOG/ava.tap"; bad "ava did not report"; }
+
+step "chaos over TCP (scripts/chaos: 2 prefill x 2 decode, random SIGKILLs, ${KVTRANSFER_CHAOS_SECONDS:-60} s)"
+# First its self-test: calls reported OK but never written (--inject-lie) must fail the run
+# as false successes and as nothing else. Then the gate: no false success, no hang, every
+# failure typed, fds flat (scripts/chaos/main.ts).
+if KVT_CHAOS_ARRIVAL_WAIT_MS=300 scripts/chaos.sh --seconds 3 --prefills 1 --decodes 1 --inject-lie 0.05 \
+    --json "$LOG/chaos-lie.json" >"$LOG/chaos-lie.log" 2>&1; then
+  cat "$LOG/chaos-lie.log"; bad "chaos self-test: calls never written passed as verified"
+elif node -e 'const r = require(process.argv[1]); process.exit(r.verification.falseSuccesses > 0 && r.problems.length === 1 ? 0 : 1)' "$LOG/chaos-lie.json" 2>/dev/null; then
+  ok "chaos self-test: $(node -p 'require(process.argv[1]).verification.falseSuccesses' "$LOG/chaos-lie.json") injected false successes caught"
+else cat "$LOG/chaos-lie.log"; bad "chaos self-test: expected false successes and no other problem"; fi
+if scripts/chaos.sh --seconds "${KVTRANSFER_CHAOS_SECONDS:-60}" --json "$LOG/chaos-tcp.json" >"$LOG/chaos-tcp.log" 2>&1; then
+  ok "chaos tcp: $(grep -oE '[0-9]+ calls,' "$LOG/chaos-tcp.log" | head -1) $(grep -oE 'restarts: [^;]*' "$LOG/chaos-tcp.log")"
+else cat "$LOG/chaos-tcp.log"; bad "chaos tcp (report: $LOG/chaos-tcp.json)"; fi
 
 step "Python client (clients/python: unit tests, and end to end through two real sidecars over TCP)"
 clients/python/run-tests.sh >"$LOG/python.log" 2>&1

@@ -430,18 +430,21 @@ impl Engine {
 
     /// The peer registered under `peer_key`, when its link is usable.
     fn live_peer(&self, peer_key: &str) -> Result<Arc<Peer>> {
-        let peer = self
-            .inner
-            .peers
-            .get(peer_key)
-            .ok_or_else(|| Error::NotConnected {
+        let broken = || Error::PeerDisconnected {
+            peer: peer_key.to_string(),
+            reason: "the connection broke; connect again".into(),
+        };
+        let Some(peer) = self.inner.peers.get(peer_key) else {
+            // A broken connection released by a later connect (`PeerRegistry::insert`).
+            if self.inner.peers.is_gone(peer_key) {
+                return Err(broken());
+            }
+            return Err(Error::NotConnected {
                 peer: peer_key.to_string(),
-            })?;
-        if !peer.link.is_alive() {
-            return Err(Error::PeerDisconnected {
-                peer: peer_key.to_string(),
-                reason: "the connection broke; connect again".into(),
             });
+        };
+        if !peer.link.is_alive() {
+            return Err(broken());
         }
         Ok(peer)
     }
