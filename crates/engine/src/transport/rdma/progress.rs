@@ -19,10 +19,10 @@ pub(super) struct Worker {
     shared: Arc<Shared>,
     senders: HashMap<u64, SenderLink>,
     receivers: Vec<ReceiverLink>,
-    /// qp_num → sender link id and queue-pair index.
-    send_qps: HashMap<u32, (u64, usize)>,
-    /// qp_num → index into `receivers`.
-    recv_qps: HashMap<u32, usize>,
+    /// (local rail, qp_num) → sender link id, its rail index and queue-pair index.
+    send_qps: HashMap<(usize, u32), (u64, usize, usize)>,
+    /// (local rail, qp_num) → index into `receivers`.
+    recv_qps: HashMap<(usize, u32), usize>,
     batch: SendBatch,
     completions: Vec<WorkCompletion>,
     /// Dropped after the senders (field order): the posting threads are joined while the
@@ -73,15 +73,20 @@ impl Worker {
         }
     }
 
-    /// Arms both CQs, re-polls, then sleeps until a completion or a command arrives.
+    /// Arms every rail's CQs, re-polls, then sleeps until a completion or a command
+    /// arrives (or 100 ms pass: rail health is checked then).
     fn block(&mut self) {
-        let armed = self
-            .shared
-            .send_cq
-            .request_notify()
-            .and_then(|()| self.shared.recv_cq.request_notify());
-        if let Err(e) = armed {
-            crate::log::log_error!("rdma: cannot arm completion queues: {e}");
+        for rail in &self.shared.rails {
+            let armed = rail
+                .send_cq
+                .request_notify()
+                .and_then(|()| rail.recv_cq.request_notify());
+            if let Err(e) = armed {
+                crate::log::log_error!(
+                    "rdma: cannot arm completion queues of {}: {e}",
+                    rail.name()
+                );
+            }
         }
         if self.poll_send() | self.poll_recv() {
             return;
@@ -89,32 +94,37 @@ impl Worker {
         if !crate::util::lock(&self.shared.commands).is_empty() {
             return;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: self.shared.wake_fd,
+        let mut fds = vec![libc::pollfd {
+            fd: self.shared.wake_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        for rail in &self.shared.rails {
+            fds.push(libc::pollfd {
+                fd: rail.channel.fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            },
-            libc::pollfd {
-                fd: self.shared.channel.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a live array of two pollfd structs.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+            });
+        }
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         let mut counter = 0u64;
         // SAFETY: reading 8 bytes into a live u64 from our non-blocking eventfd.
         unsafe { libc::read(self.shared.wake_fd, (&mut counter as *mut u64).cast(), 8) };
-        while let Ok(Some(_)) = self.shared.channel.get_event() {}
+        for rail in &self.shared.rails {
+            while let Ok(Some(_)) = rail.channel.get_event() {}
+        }
     }
 
     /// Returns false on shutdown.
     fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::AddSender(link) => {
-                for (index, state) in link.qps.iter().enumerate() {
-                    self.send_qps.insert(state.qp.qp_num(), (link.id, index));
+                for (r, rail) in link.rails.iter().enumerate() {
+                    for (index, state) in rail.qps.iter().enumerate() {
+                        self.send_qps
+                            .insert((rail.local, state.qp.qp_num()), (link.id, r, index));
+                    }
                 }
                 self.senders.insert(link.id, *link);
             }
@@ -130,8 +140,8 @@ impl Worker {
                 self.receivers.push(*link);
                 self.recv_qps.clear();
                 for (index, receiver) in self.receivers.iter().enumerate() {
-                    for qp in &receiver.qps {
-                        self.recv_qps.insert(qp.qp_num(), index);
+                    for (rail, qp) in &receiver.qps {
+                        self.recv_qps.insert((*rail, qp.qp_num()), index);
                     }
                 }
             }
@@ -159,9 +169,11 @@ impl Worker {
             },
             Command::RemoveSender(id, error, done) => {
                 if let Some(mut link) = self.senders.remove(&id) {
-                    for state in &link.qps {
-                        let _ = state.qp.to_error();
-                        self.send_qps.remove(&state.qp.qp_num());
+                    for rail in &link.rails {
+                        for state in &rail.qps {
+                            let _ = state.qp.to_error();
+                            self.send_qps.remove(&(rail.local, state.qp.qp_num()));
+                        }
                     }
                     link.alive.store(false, Ordering::SeqCst);
                     let jobs: Vec<ActiveJob> = link.jobs.drain(..).collect();
@@ -185,8 +197,10 @@ impl Worker {
 
     fn stop(&mut self) {
         for link in self.senders.values() {
-            for state in &link.qps {
-                let _ = state.qp.to_error();
+            for rail in &link.rails {
+                for state in &rail.qps {
+                    let _ = state.qp.to_error();
+                }
             }
         }
         self.doorbell.quiesce();
@@ -234,17 +248,22 @@ impl Worker {
     }
 
     fn poll_send(&mut self) -> bool {
-        let cq = Arc::clone(&self.shared.send_cq);
-        self.drain(&cq, "send", Self::on_send_completion)
+        let mut any = false;
+        for rail in 0..self.shared.rails.len() {
+            let cq = Arc::clone(&self.shared.rails[rail].send_cq);
+            any |= self.drain(rail, &cq, "send", Self::on_send_completion);
+        }
+        any
     }
 
-    /// Polls `cq` until it is empty, handing every completion to `handle`. Returns whether
-    /// there was any.
+    /// Polls `cq` (of local rail `rail`) until it is empty, handing every completion to
+    /// `handle`. Returns whether there was any.
     fn drain(
         &mut self,
+        rail: usize,
         cq: &CompletionQueue,
         which: &str,
-        handle: fn(&mut Self, &WorkCompletion),
+        handle: fn(&mut Self, usize, &WorkCompletion),
     ) -> bool {
         let mut any = false;
         loop {
@@ -261,13 +280,14 @@ impl Worker {
             any = true;
             for i in 0..n {
                 let wc = self.completions[i];
-                handle(self, &wc);
+                handle(self, rail, &wc);
             }
         }
     }
 
-    fn on_send_completion(&mut self, wc: &WorkCompletion) {
-        let Some(&(link_id, qp_index)) = self.send_qps.get(&wc.qp_num) else {
+    fn on_send_completion(&mut self, local_rail: usize, wc: &WorkCompletion) {
+        let Some(&(link_id, rail_index, qp_index)) = self.send_qps.get(&(local_rail, wc.qp_num))
+        else {
             return;
         };
         let Some(link) = self.senders.get_mut(&link_id) else {
@@ -286,7 +306,11 @@ impl Worker {
             };
             crate::log::log_error!("{error}");
             // The failing request's chain names the call it belongs to.
-            let failing_job = link.qps[qp_index]
+            link.rails[rail_index]
+                .counters
+                .failures
+                .fetch_add(1, Ordering::Relaxed);
+            let failing_job = link.rails[rail_index].qps[qp_index]
                 .chains
                 .iter()
                 .find(|c| c.id == wc.wr_id)
@@ -294,7 +318,8 @@ impl Worker {
             break_link(&self.doorbell, link, failing_job, error, &status);
             return;
         }
-        let qp = &mut link.qps[qp_index];
+        let rail = &mut link.rails[rail_index];
+        let qp = &mut rail.qps[qp_index];
         let Some(chain) = qp.chains.pop_front() else {
             let reason = "completion for no posted chain".to_string();
             let error = Error::protocol(link.peer.clone(), reason.clone());
@@ -311,6 +336,12 @@ impl Worker {
             return;
         }
         qp.outstanding -= chain.wrs;
+        rail.counters
+            .bytes
+            .fetch_add(chain.bytes, Ordering::Relaxed);
+        rail.counters
+            .wrs
+            .fetch_add(u64::from(chain.wrs), Ordering::Relaxed);
         if let ChainKind::Notice { .. } = chain.kind {
             link.notices_in_flight -= 1;
         }
@@ -322,16 +353,20 @@ impl Worker {
     }
 
     fn poll_recv(&mut self) -> bool {
-        let cq = Arc::clone(&self.shared.recv_cq);
-        self.drain(&cq, "receive", Self::on_recv_completion)
+        let mut any = false;
+        for rail in 0..self.shared.rails.len() {
+            let cq = Arc::clone(&self.shared.rails[rail].recv_cq);
+            any |= self.drain(rail, &cq, "receive", Self::on_recv_completion);
+        }
+        any
     }
 
-    fn on_recv_completion(&mut self, wc: &WorkCompletion) {
+    fn on_recv_completion(&mut self, rail: usize, wc: &WorkCompletion) {
         if wc.status == verbs::WC_STATUS_WR_FLUSH_ERR {
             return; // a receive queue being torn down
         }
         if wc.is_success() {
-            self.deliver_notice(wc);
+            self.deliver_notice(rail, wc);
         } else {
             crate::log::log_error!(
                 "rdma: notice receive failed: {} (status {})",
@@ -340,13 +375,13 @@ impl Worker {
             );
         }
         // Repost only after the slot was read: until then the sender cannot reuse it.
-        if let Err(e) = self.shared.srq.post_recv(wc.wr_id) {
+        if let Err(e) = self.shared.rails[rail].srq.post_recv(wc.wr_id) {
             crate::log::log_error!("rdma: cannot repost a notice receive: {e}");
         }
     }
 
-    fn deliver_notice(&self, wc: &WorkCompletion) {
-        let Some(&index) = self.recv_qps.get(&wc.qp_num) else {
+    fn deliver_notice(&self, rail: usize, wc: &WorkCompletion) {
+        let Some(&index) = self.recv_qps.get(&(rail, wc.qp_num)) else {
             return;
         };
         let Some(slot) = wc.imm_data else { return };
