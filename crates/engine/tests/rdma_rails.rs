@@ -229,3 +229,174 @@ fn rdma_a_gid_outside_the_peers_subnet_is_not_chosen() {
     let used = report.iter().find(|r| r.state == "healthy").unwrap();
     assert_eq!(used.local, a);
 }
+
+/// Sets the second device's interface down or up (root, in the VM).
+fn link_set(state: &str) {
+    let netdev = std::env::var("KVTRANSFER_RDMA_NETDEV2").expect("KVTRANSFER_RDMA_NETDEV2");
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", &netdev, state])
+        .status()
+        .expect("ip");
+    assert!(status.success(), "ip link set {netdev} {state}");
+}
+
+/// Sets the interface up again when dropped (a failing test leaves it up for the next).
+struct UpAgain;
+
+impl Drop for UpAgain {
+    fn drop(&mut self) {
+        link_set("up");
+    }
+}
+
+/// Fails the test (instead of hanging) if it runs longer than `secs`.
+fn watchdog(secs: u64) {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        eprintln!("a call hung for {secs} s");
+        std::process::exit(3);
+    });
+}
+
+fn block_equal(prefill: &Side, decode: &Side, layer: usize, local: u32, remote: u32) -> bool {
+    let bb = prefill.block_bytes;
+    let (l, r) = (local as usize * bb, remote as usize * bb);
+    decode.keys[layer][r..r + bb] == prefill.keys[layer][l..l + bb]
+        && decode.values[layer][r..r + bb] == prefill.values[layer][l..l + bb]
+}
+
+/// 200 calls in flight (4 blocks each, every call to its own remote blocks, every tenth
+/// tagged), the second device's interface taken down after the first call: each call
+/// resolves with its bytes verified or rejects typed. Returns (succeeded, failed).
+fn calls_across_a_link_down(prefill: &Side, decode: &Side) -> (usize, usize) {
+    let mut pending = Vec::new();
+    let mut refused = 0;
+    for call in 0..200u32 {
+        let local: Vec<u32> = (0..4).map(|i| (call * 4 + i) % 256).collect();
+        let remote: Vec<u32> = (0..4).map(|i| call * 4 + i).collect();
+        let tag = (call % 10 == 0).then(|| format!("req-{call}").into_bytes());
+        let submitted = prefill.engine.write_cache(
+            "decode",
+            BlockIds::U32(&local),
+            BlockIds::U32(&remote),
+            0.0,
+            tag,
+        );
+        match submitted {
+            Ok(completion) => pending.push((local, remote, completion)),
+            // Refused at once: the link already broke (one rail).
+            Err(e) => {
+                assert_eq!(e.code(), "ERR_PEER_DISCONNECTED", "untyped refusal: {e}");
+                refused += 1;
+            }
+        }
+        if call == 0 {
+            link_set("down");
+        }
+    }
+    let (mut ok, mut failed) = (0, refused);
+    for (local, remote, completion) in pending {
+        match block_on(completion).expect("completion dropped") {
+            Ok(()) => {
+                for (l, r) in local.iter().zip(&remote) {
+                    assert!(
+                        block_equal(prefill, decode, 0, *l, *r),
+                        "a call succeeded but remote block {r} is not local block {l}"
+                    );
+                }
+                ok += 1;
+            }
+            Err(e) => {
+                assert!(
+                    ["ERR_RDMA_COMPLETION", "ERR_PEER_DISCONNECTED"].contains(&e.code()),
+                    "untyped failure: {e}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    (ok, failed)
+}
+
+#[test]
+#[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
+fn rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins() {
+    let (a, b) = devices("rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins");
+    watchdog(240);
+    let both = format!("{a}+{b}");
+    let prefill = side(Role::Prefill, 256, 8192, settings(&both));
+    let decode = side(Role::Decode, 800, 8192, settings(&both));
+    connect(&prefill, &decode, "decode");
+    let _up = UpAgain;
+    let (ok, failed) = calls_across_a_link_down(&prefill, &decode);
+    eprintln!("two rails, interface down: {ok} verified, {failed} failed typed");
+    assert_eq!(ok + failed, 200);
+    // Another rail was healthy: every call's work moved there, none failed.
+    assert_eq!(failed, 0, "calls failed although a rail was healthy");
+    let report = rails(&prefill);
+    let second = report.iter().find(|r| r.local == b).unwrap().clone();
+    assert_eq!(second.state, "quarantined", "{report:?}");
+    assert!(
+        second.quarantines >= 1 && second.reason.is_some(),
+        "{second:?}"
+    );
+    // Later calls run on the remaining rail.
+    for call in 0..20u32 {
+        write(&prefill, &[call], &[call + 1], 1).unwrap();
+        assert!(block_equal(&prefill, &decode, 1, call, call + 1));
+    }
+    let after = rails(&prefill);
+    let second_after = after.iter().find(|r| r.local == b).unwrap();
+    assert_eq!(
+        second_after.bytes, second.bytes,
+        "a quarantined rail carried bytes"
+    );
+    // The interface comes back: after its cooldown a probe lets the rail rejoin.
+    link_set("up");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rails(&prefill).iter().any(|r| r.state != "healthy") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            rails(&prefill)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = rails(&prefill).iter().find(|r| r.local == b).unwrap().bytes;
+    for call in 0..40u32 {
+        let local: Vec<u32> = (0..16).map(|i| (call * 16 + i) % 256).collect();
+        let remote: Vec<u32> = (0..16).map(|i| 400 + i).collect();
+        write(&prefill, &local, &remote, 1).unwrap();
+        for (l, r) in local.iter().zip(&remote) {
+            assert!(block_equal(&prefill, &decode, 1, *l, *r));
+        }
+    }
+    let report = rails(&prefill);
+    let second = report.iter().find(|r| r.local == b).unwrap();
+    assert!(second.rejoins >= 1, "{second:?}");
+    assert!(
+        second.bytes > before,
+        "the rejoined rail carries bytes again: {report:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
+fn rdma_one_rail_whose_interface_goes_down_fails_typed_and_reconnects() {
+    let (_, b) = devices("rdma_one_rail_whose_interface_goes_down_fails_typed_and_reconnects");
+    watchdog(240);
+    let prefill = side(Role::Prefill, 256, 8192, settings(&b));
+    let decode = side(Role::Decode, 800, 8192, settings(&b));
+    connect(&prefill, &decode, "decode");
+    let _up = UpAgain;
+    let (ok, failed) = calls_across_a_link_down(&prefill, &decode);
+    eprintln!("one rail, interface down: {ok} verified, {failed} failed typed");
+    assert_eq!(ok + failed, 200);
+    link_set("up");
+    // As before rails: a broken link stays broken; connecting again works.
+    if !prefill.engine.is_connected("decode") {
+        connect(&prefill, &decode, "decode");
+    }
+    write(&prefill, &[1, 2], &[3, 4], 1).unwrap();
+    assert!(block_equal(&prefill, &decode, 1, 1, 3) && block_equal(&prefill, &decode, 1, 2, 4));
+}

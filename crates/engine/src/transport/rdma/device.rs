@@ -4,6 +4,7 @@
 use super::details::{RdmaDetails, RdmaRailDetails};
 use super::doorbell::{Doorbell, PostingThreads};
 use super::endpoint::{RailEndpoint, RdmaEndpoint};
+use super::health::{split_sets, BASE_COOLDOWN};
 use super::link::RdmaLink;
 use super::progress::Worker;
 use super::rail::{choose_ports, open_rail};
@@ -22,6 +23,10 @@ use kvtransfer_verbs::{Access, Dest, QpCaps, QueuePair, RtrParams, RtsParams};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Sets of queue pairs kept per rail (when there are several) for a quarantined rail to
+/// rejoin on: its failed set stays in the error state.
+pub(super) const REJOINS: usize = 2;
 
 fn gid_text(gid: &[u8; 16], infiniband: bool) -> String {
     if infiniband {
@@ -129,7 +134,7 @@ impl RdmaDevice {
         }
     }
 
-    fn rail_qps(&self, rail: usize) -> Result<Vec<(QueuePair, u32)>> {
+    fn rail_qps(&self, rail: usize, count: usize) -> Result<Vec<(QueuePair, u32)>> {
         let shared = &self.shared;
         let rail = &shared.rails[rail];
         let attrs = rail.context.attrs();
@@ -140,7 +145,7 @@ impl RdmaDevice {
             max_inline: 0,
         };
         let mut qps = Vec::new();
-        for _ in 0..shared.settings.qps_per_peer.max(1) {
+        for _ in 0..count {
             let qp = QueuePair::new_rc(
                 &rail.pd,
                 &rail.send_cq,
@@ -159,10 +164,15 @@ impl RdmaDevice {
         Ok(qps)
     }
 
-    /// Creates `qps_per_peer` RC queue pairs on every rail for a new peer (state INIT).
+    /// Creates RC queue pairs on every rail for a new peer (state INIT): one set of
+    /// `qps_per_peer`, and with several rails `REJOINS` more sets that a quarantined rail
+    /// rejoins on.
     pub fn create_qps(&self) -> Result<PendingQps> {
-        let rails = (0..self.shared.rails.len())
-            .map(|r| self.rail_qps(r))
+        let rails = self.shared.rails.len();
+        let sets = if rails > 1 { 1 + REJOINS } else { 1 };
+        let count = usize::from(self.shared.settings.qps_per_peer.max(1)) * sets;
+        let rails = (0..rails)
+            .map(|r| self.rail_qps(r, count))
             .collect::<Result<Vec<_>>>()?;
         Ok(PendingQps { rails })
     }
@@ -328,7 +338,7 @@ impl RdmaDevice {
             let theirs = &remote.rails[pair.theirs];
             let our_gid = rail.gids[pair.our_gid];
             let their_gid = theirs.gids[pair.their_gid];
-            let qps = self.rail_qps(pair.ours)?;
+            let qps = self.rail_qps(pair.ours, theirs.qps.len())?;
             self.connect_qps(
                 peer_name,
                 pair.ours,
@@ -457,16 +467,22 @@ impl RdmaDevice {
                 speed_mbps: speed,
                 counters: Arc::clone(&counters),
             });
+            let states = qps
+                .into_iter()
+                .map(|(qp, _)| QpState {
+                    qp: Arc::new(qp),
+                    outstanding: 0,
+                    chains: VecDeque::new(),
+                })
+                .collect();
+            let per_set = usize::from(shared.settings.qps_per_peer.max(1));
+            let (qps, spares) = split_sets(states, per_set);
             rails.push(SendRail {
                 local: ours,
-                qps: qps
-                    .into_iter()
-                    .map(|(qp, _)| QpState {
-                        qp: Arc::new(qp),
-                        outstanding: 0,
-                        chains: VecDeque::new(),
-                    })
-                    .collect(),
+                qps,
+                spares,
+                retry_at: std::time::Instant::now(),
+                cooldown: BASE_COOLDOWN,
                 next_qp: 0,
                 remote_regions: theirs.regions.clone(),
                 notice_ring: theirs.notice_ring,

@@ -6,7 +6,8 @@
 
 use crate::wire::{DecodeError, Reader};
 
-pub(crate) const MAX_QPS_PER_PEER: usize = 64;
+/// Queue pairs one rail may announce: up to 64 per peer, times the sets kept for rejoins.
+pub(crate) const MAX_QPS_PER_RAIL: usize = 256;
 pub(crate) const MAX_NOTICE_SLOTS: u32 = 1 << 16;
 /// Rails one endpoint may carry (RDMA devices per communicator).
 pub const MAX_RAILS: usize = 8;
@@ -56,7 +57,8 @@ pub struct RailEndpoint {
     pub infiniband: bool,
     /// The port's active speed in Mb/s (weights the split of a call's bytes).
     pub speed_mbps: u32,
-    /// The queue pairs of this side's end of the rail (1..=64), paired by position.
+    /// The queue pairs of this side's end of the rail, paired by position: sets of
+    /// `KVCACHE_RDMA_QPS_PER_PEER`, the first in use, the others kept for rejoins.
     pub qps: Vec<QpEndpoint>,
     /// (address, rkey) of every region, in region-table order, under this rail's device.
     pub regions: Vec<(u64, u32)>,
@@ -148,9 +150,9 @@ impl RailEndpoint {
         let infiniband = r.bool("link layer")?;
         let speed_mbps = r.u32("speed")?;
         let qp_count = r.u16("qp count")? as usize;
-        if qp_count == 0 || qp_count > MAX_QPS_PER_PEER {
+        if qp_count == 0 || qp_count > MAX_QPS_PER_RAIL {
             return Err(DecodeError(format!(
-                "qp count {qp_count} outside 1..={MAX_QPS_PER_PEER}"
+                "qp count {qp_count} outside 1..={MAX_QPS_PER_RAIL}"
             )));
         }
         let mut qps = Vec::with_capacity(qp_count);

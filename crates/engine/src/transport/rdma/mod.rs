@@ -20,6 +20,7 @@ mod device;
 mod doorbell;
 mod endpoint;
 mod gpu_mr;
+mod health;
 pub(crate) mod inventory;
 mod link;
 mod notice;

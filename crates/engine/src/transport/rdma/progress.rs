@@ -2,10 +2,11 @@
 
 use super::chain::{break_link, finish_phase, post_link};
 use super::doorbell::Doorbell;
+use super::health::{check_ports, quarantine, rejoin, survivable, try_rejoin, PORT_CHECK};
 use super::notice::decode_notice;
 use super::state::{
-    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink, SenderLink, Shared,
-    NOTICE_SLOTS, NOTICE_SLOT_BYTES,
+    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, RailState, ReceiverLink,
+    SenderLink, Shared, NOTICE_SLOTS, NOTICE_SLOT_BYTES,
 };
 use crate::error::Error;
 use crate::transport::{fail, Arrival};
@@ -25,6 +26,8 @@ pub(super) struct Worker {
     recv_qps: HashMap<(usize, u32), usize>,
     batch: SendBatch,
     completions: Vec<WorkCompletion>,
+    /// When the ports' states were last looked at (rail health).
+    last_check: std::time::Instant,
     /// Dropped after the senders (field order): the posting threads are joined while the
     /// eventfd in `shared` is still open.
     doorbell: Doorbell,
@@ -40,6 +43,7 @@ impl Worker {
             recv_qps: HashMap::new(),
             batch: SendBatch::with_capacity(tuning().chain_wrs),
             completions: vec![WorkCompletion::default(); 64],
+            last_check: std::time::Instant::now(),
             doorbell,
         }
     }
@@ -56,6 +60,7 @@ impl Worker {
                 }
             }
             progressed |= self.break_failed_posts();
+            self.check_health();
             progressed |= self.post_all();
             progressed |= self.poll_send();
             progressed |= self.poll_recv();
@@ -224,6 +229,51 @@ impl Worker {
         }
     }
 
+    /// Every `PORT_CHECK`, when a link has several rails: quarantines rails whose port went
+    /// down, and tries quarantined ones whose cooldown passed.
+    fn check_health(&mut self) {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.last_check) < PORT_CHECK {
+            return;
+        }
+        self.last_check = now;
+        if self.senders.values().all(|link| link.rails.len() < 2) {
+            return;
+        }
+        let down: Vec<bool> = self
+            .shared
+            .rails
+            .iter()
+            .map(|rail| {
+                !rail
+                    .context
+                    .query_port(rail.port)
+                    .is_ok_and(|p| p.state_active)
+            })
+            .collect();
+        for link in self.senders.values_mut() {
+            if link.rails.len() < 2 || link.broken.is_some() {
+                continue;
+            }
+            check_ports(
+                &self.shared,
+                &self.doorbell,
+                &mut self.send_qps,
+                link,
+                &down,
+            );
+            try_rejoin(
+                &self.shared,
+                &self.doorbell,
+                &mut self.send_qps,
+                link,
+                &down,
+                &mut self.batch,
+                now,
+            );
+        }
+    }
+
     /// Breaks the links whose chains a posting thread failed to post.
     fn break_failed_posts(&mut self) -> bool {
         let failures = self.doorbell.take_failures();
@@ -298,6 +348,24 @@ impl Worker {
         }
         if !wc.is_success() {
             let status = verbs::wc_status_text(wc.status).to_string();
+            let probing = link.rails[rail_index].counters.state() == RailState::Quarantined;
+            if probing || survivable(link, rail_index) {
+                link.rails[rail_index]
+                    .counters
+                    .failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let reason = format!("a work request failed: {status}");
+                let gdr = self.shared.settings.gdr_flush;
+                quarantine(
+                    &self.doorbell,
+                    &mut self.send_qps,
+                    link,
+                    rail_index,
+                    &reason,
+                    gdr,
+                );
+                return;
+            }
             let error = Error::RdmaCompletion {
                 peer: link.peer.clone(),
                 status: status.clone(),
@@ -342,8 +410,10 @@ impl Worker {
         rail.counters
             .wrs
             .fetch_add(u64::from(chain.wrs), Ordering::Relaxed);
-        if let ChainKind::Notice { .. } = chain.kind {
-            link.notices_in_flight -= 1;
+        match chain.kind {
+            ChainKind::Notice { .. } => link.notices_in_flight -= 1,
+            ChainKind::Probe => return rejoin(link, rail_index),
+            _ => {}
         }
         let Some(position) = link.jobs.iter().position(|j| j.seq == chain.job) else {
             return;

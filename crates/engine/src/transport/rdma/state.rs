@@ -218,7 +218,11 @@ pub(super) struct Chain {
 pub(super) enum ChainKind {
     Data,
     Flush,
-    Notice { staging_slot: usize },
+    Notice {
+        staging_slot: usize,
+    },
+    /// The READ that tries a quarantined rail's next queue pairs before it rejoins.
+    Probe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,6 +342,12 @@ pub(super) struct SendRail {
     pub(super) staging_mr: MemoryRegion,
     pub(super) scratch_mr: MemoryRegion,
     pub(super) counters: Arc<RailCounters>,
+    /// Queue pairs connected at the handshake and not used yet: a quarantined rail rejoins
+    /// on the next set (its failed ones are in the error state for good).
+    pub(super) spares: VecDeque<Vec<QpState>>,
+    /// While quarantined: when the next probe may run, and the cooldown after that.
+    pub(super) retry_at: std::time::Instant,
+    pub(super) cooldown: std::time::Duration,
 }
 
 pub(super) struct SenderLink {
@@ -361,9 +371,12 @@ pub(super) struct SenderLink {
 }
 
 impl SenderLink {
-    /// The rail that carries flush reads and notices.
+    /// The rail that carries flush reads and notices: the first healthy one.
     pub(super) fn control_rail(&self) -> usize {
-        0
+        self.rails
+            .iter()
+            .position(|r| r.counters.state() == RailState::Healthy)
+            .unwrap_or(0)
     }
 }
 
