@@ -11,7 +11,6 @@
 //! notice still follow all of its bytes. A call whose notice was in flight on the failed
 //! rail fails typed instead (the notice may or may not have arrived: it is not sent twice).
 
-use super::chain::finish_phase;
 use super::doorbell::Doorbell;
 use super::state::{ChainKind, Phase, QpState, RailState, SenderLink, Shared};
 use crate::error::Error;
@@ -47,7 +46,6 @@ pub(super) fn quarantine(
     link: &mut SenderLink,
     r: usize,
     reason: &str,
-    gdr_flush: bool,
 ) {
     let peer = link.peer.clone();
     let rail = &mut link.rails[r];
@@ -108,15 +106,9 @@ pub(super) fn quarantine(
             ChainKind::Probe => {}
         }
     }
-    // A call whose data had all completed elsewhere may be done now.
-    let mut position = 0;
-    while position < link.jobs.len() {
-        let before = link.jobs.len();
-        finish_phase(link, position, gdr_flush);
-        if link.jobs.len() == before {
-            position += 1;
-        }
-    }
+    // Nothing is finished here: a rewound call has `posted_all` false, a dropped flush is
+    // queued again, and every other call keeps its phase (advancing a call waiting in
+    // `control` would skip its notice).
 }
 
 /// Whether a failure on rail `r` can be survived (another rail is healthy).
@@ -147,7 +139,7 @@ pub(super) fn check_ports(
             shared.rails[local].name()
         );
         if healthy(link) > 1 {
-            quarantine(doorbell, map, link, r, &reason, shared.settings.gdr_flush);
+            quarantine(doorbell, map, link, r, &reason);
         } else {
             // The last rail: its requests will fail (and break the link, as with one NIC).
             link.rails[r].counters.set_reason(Some(reason));
@@ -159,7 +151,6 @@ pub(super) fn check_ports(
 /// spare set of queue pairs, posts a probe READ on that set (the rail rejoins when it
 /// completes); else waits a doubled cooldown, or gives up when no set is left.
 pub(super) fn try_rejoin(
-    shared: &Shared,
     doorbell: &Doorbell,
     map: &mut QpMap,
     link: &mut SenderLink,
@@ -226,7 +217,7 @@ pub(super) fn try_rejoin(
             }
             Err(e) => {
                 let reason = format!("the probe could not be posted: {e}");
-                quarantine(doorbell, map, link, r, &reason, shared.settings.gdr_flush);
+                quarantine(doorbell, map, link, r, &reason);
             }
         }
     }

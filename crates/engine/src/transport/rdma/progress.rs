@@ -263,7 +263,6 @@ impl Worker {
                 &down,
             );
             try_rejoin(
-                &self.shared,
                 &self.doorbell,
                 &mut self.send_qps,
                 link,
@@ -355,14 +354,12 @@ impl Worker {
                     .failures
                     .fetch_add(1, Ordering::Relaxed);
                 let reason = format!("a work request failed: {status}");
-                let gdr = self.shared.settings.gdr_flush;
                 quarantine(
                     &self.doorbell,
                     &mut self.send_qps,
                     link,
                     rail_index,
                     &reason,
-                    gdr,
                 );
                 return;
             }
