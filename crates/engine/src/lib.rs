@@ -52,11 +52,11 @@ pub use sidecar::{
 };
 pub use transport::nvlink::NvlinkDetails;
 pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
-pub use transport::rdma::RdmaDetails;
+pub use transport::rdma::{RdmaDetails, RdmaRailDetails};
 pub use transport::tcp::TcpDetails;
 pub use transport::{
     Arrival, ArrivalSink, CallSink, Completion, CompletionCallback, Explanation, OnDone,
-    TransportDetails, TransportKind, MAX_TAG_BYTES,
+    RailReport, TransportDetails, TransportKind, MAX_TAG_BYTES,
 };
 pub use util::lock;
 pub use wire::{Role, MAX_NAME_BYTES, NAME_RULE};
@@ -74,7 +74,7 @@ pub mod internals {
         decode_notice, fill_write_chain, tuning, ChainCursor, ChainProgress, ChainTarget,
         MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT,
     };
-    pub use crate::transport::rdma::{QpEndpoint, RdmaEndpoint};
+    pub use crate::transport::rdma::{GidCandidate, QpEndpoint, RailEndpoint, RdmaEndpoint};
     pub use crate::transport::tcp::frame;
     pub use crate::transport::tcp::sockopt::check_not_reset;
     pub use crate::transport::tcp::staging::CHUNK_BYTES;

@@ -147,6 +147,9 @@ pub struct PeerInfo {
     pub alive: bool,
     /// The peer's blockNumber: remote block ids must be below it.
     pub remote_block_number: u32,
+    /// The link's rails (RDMA: one per NIC pair, and local NICs left out with the
+    /// reason), with their state and counters; empty for other transports.
+    pub rails: Vec<crate::transport::RailReport>,
 }
 
 struct EngineInner {
@@ -380,6 +383,7 @@ impl Engine {
             transport: peer.link.kind(),
             alive: peer.link.is_alive(),
             remote_block_number: peer.remote.block_number,
+            rails: peer.link.rails(),
         })
     }
 

@@ -131,4 +131,40 @@ pub trait Link: Send + Sync {
     fn max_run_bytes(&self) -> u64 {
         u64::MAX
     }
+    /// The link's rails (NIC pairs) with their state and counters; empty for transports
+    /// without rails.
+    fn rails(&self) -> Vec<RailReport> {
+        Vec::new()
+    }
+}
+
+/// One rail of a link: a local NIC paired with one of the peer's, or a local NIC that the
+/// handshake left out (state `refused`, with the reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RailReport {
+    /// The local device (e.g. `mlx5_0`).
+    pub local: String,
+    /// The peer's device it is paired with (empty when refused).
+    pub remote: String,
+    /// `healthy`, `quarantined` (failed; waiting out its cooldown), `failed` (no more
+    /// rejoins on this connection) or `refused` (never paired).
+    pub state: &'static str,
+    /// The source GID used and the peer's GID reached (addresses), or empty.
+    pub gid: String,
+    /// The peer's GID this rail writes to.
+    pub peer_gid: String,
+    /// Active speed of the slower port of the pair, Mb/s (the weight of its share).
+    pub speed_mbps: u32,
+    /// Bytes written on this rail (completed WRITEs).
+    pub bytes: u64,
+    /// Work requests completed on this rail.
+    pub wrs: u64,
+    /// Failed work requests (and ports seen down) on this rail.
+    pub failures: u64,
+    /// Times this rail was quarantined.
+    pub quarantines: u64,
+    /// Times it came back after a quarantine.
+    pub rejoins: u64,
+    /// Why it is refused or quarantined, if it is.
+    pub reason: Option<String>,
 }

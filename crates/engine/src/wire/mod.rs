@@ -11,8 +11,9 @@ pub use descriptor::{Declined, Descriptor, Endpoint};
 pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
 /// 2: a list of (transport kind, endpoint) instead of fixed per-transport fields; 3: the
 /// scale block size; 4: the tensor-parallel fields (size, rank, replication, block order);
-/// 5: the acceptor's declined offers as a typed list (no longer a note endpoint).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 5: the acceptor's declined offers as a typed list (no longer a note endpoint); 6: RDMA
+/// endpoints carry rails (several NICs, each with its GID candidates and port speed).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).
