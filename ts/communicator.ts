@@ -28,25 +28,19 @@ import {
   native,
   nativeAsync,
 } from './errors'
-import type { CommunicatorEvent, CommunicatorEvents } from './events'
-import {
-  type FenceResult,
-  type FenceTarget,
-  FenceHub,
-  FenceListener,
-  checkFenceOptions,
-  checkFenceTarget,
-} from './fences'
+import type { CommunicatorEvent, CommunicatorEventArgs } from './events'
+import { type FenceResult, type FenceTarget, FenceHub, checkFenceOptions, checkFenceTarget } from './fences'
 import {
   type BlockIds,
-  type CacheRegion,
   type CloseOptions,
   type CommunicatorOptions,
   type CommunicatorStats,
   type ConnectOptions,
+  type FastDeployArguments,
   type FenceOptions,
   type PeerInfo,
   type Role,
+  type SeedArguments,
   type Transport,
   type WriteOptions,
   checkDstTpSize,
@@ -69,7 +63,7 @@ import {
 } from './metrics'
 import { Peer, PeerBook } from './peer'
 import { PreparedBlocks } from './prepared'
-import { type Instance, type InstanceFilter, Membership } from './registry'
+import type { Instance, InstanceFilter } from './registry'
 import { instanceOf } from './registry/entry'
 import { Names } from './registry/names'
 import { type RequestTag, decodeTag, encodeTag } from './tags'
@@ -98,7 +92,7 @@ const NO_OPTIONS: WriteOptions = Object.freeze({})
  * rejects, what it holds is released, and every later call throws or rejects with that
  * same error (code and message); `close()` still resolves.
  */
-export class RDMACommunicator extends EventEmitter {
+export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
   /** The side this communicator plays (the `role` option). */
   readonly role: Role
   /** The `gpuIdx` option. */
@@ -132,10 +126,8 @@ export class RDMACommunicator extends EventEmitter {
   /** The handshakes of `connect`, and the attempts a deadline gave up on. */
   private readonly connector: Connector
   private boundPort: number
-  /** Receiving side: fences and the writers that take them (fences.ts). */
+  /** Fences: the writers that take this side's, and this side's channels to its peers (fences.ts). */
   private readonly fences: FenceHub
-  /** Writing side: the fence channel of each connected peer, by `ip:port`. */
-  private readonly fenceListeners = new Map<string, FenceListener>()
   /** Its place in the registry (`names.membership`; undefined: none), and the peers `connect(name)` reached. */
   private readonly names: Names
   private closing: Promise<void> | undefined
@@ -143,36 +135,13 @@ export class RDMACommunicator extends EventEmitter {
   private startError: KvTransferError | undefined
 
   /** The seed's positional form: `(role, gpuIdx, port, localKeyCache, localValueCache, blockNumber, blockBytes)`. */
-  constructor(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    extra?: Partial<CommunicatorOptions>,
-  )
+  constructor(...args: SeedArguments)
   /**
    * FastDeploy's positional form: `(role, gpuIdx, port, keyCachePtrs, valueCachePtrs,
    * blockNumber, blockBytes, keyScalePtrs = [], valueScalePtrs = [], scaleBlockBytes = 0,
    * prefillTpSize = 1, prefillTpIdx = 0, extra?)`.
    */
-  constructor(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    keyScaleCache: CacheRegion[],
-    valueScaleCache?: CacheRegion[],
-    scaleBlockBytes?: number,
-    prefillTpSize?: number,
-    prefillTpIdx?: number,
-    extra?: Partial<CommunicatorOptions>,
-  )
+  constructor(...args: FastDeployArguments)
   /**
    * Creates a communicator and starts listening on `options.port` (await `ready`).
    * Throws a {@link KvTransferError} (`ERR_INVALID_ARGUMENT`, ...) for invalid options.
@@ -203,18 +172,15 @@ export class RDMACommunicator extends EventEmitter {
     )
     this.connector = new Connector(this.native, this.hosts)
     this.fences = new FenceHub(this.native, () => this.control)
-    const membership =
-      settings.registry &&
-      new Membership(settings.registry, settings.registryTtlSeconds, {
-        joined: (instance) => this.emit('instance-joined', instance),
-        left: (left) => {
-          // Links to it end first (its pending calls fail `ERR_PEER_DISCONNECTED`).
-          const { host, port } = left.instance.control
-          if (!this.closing) this.native.cancelPeer(`${host}:${port}`, 'lease').catch(() => undefined)
-          this.emit('instance-left', left)
-        },
-      })
-    this.names = new Names(membership, this.connectTimeoutMs)
+    this.names = Names.of(settings, this.connectTimeoutMs, {
+      joined: (instance) => this.emit('instance-joined', instance),
+      left: (left) => {
+        // Links to it end first (its pending calls fail `ERR_PEER_DISCONNECTED`).
+        const { host, port } = left.instance.control
+        if (!this.closing) this.native.cancelPeer(`${host}:${port}`, 'lease').catch(() => undefined)
+        this.emit('instance-left', left)
+      },
+    })
     this.control = new ControlServer(
       settings.host,
       settings.port,
@@ -243,32 +209,9 @@ export class RDMACommunicator extends EventEmitter {
    */
   static create(options: CommunicatorOptions): Promise<RDMACommunicator>
   /** The seed's positional form (see the constructor). */
-  static create(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    extra?: Partial<CommunicatorOptions>,
-  ): Promise<RDMACommunicator>
+  static create(...args: SeedArguments): Promise<RDMACommunicator>
   /** FastDeploy's positional form (see the constructor). */
-  static create(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    keyScaleCache: CacheRegion[],
-    valueScaleCache?: CacheRegion[],
-    scaleBlockBytes?: number,
-    prefillTpSize?: number,
-    prefillTpIdx?: number,
-    extra?: Partial<CommunicatorOptions>,
-  ): Promise<RDMACommunicator>
+  static create(...args: FastDeployArguments): Promise<RDMACommunicator>
   static async create(...args: unknown[]): Promise<RDMACommunicator> {
     const comm = new RDMACommunicator(...(args as [CommunicatorOptions]))
     try {
@@ -354,9 +297,7 @@ export class RDMACommunicator extends EventEmitter {
     }
     const address = await this.connector.open({ host: ip, port: peerPort, dstTpSize, timeoutMs, signal })
     const key = `${address}:${peerPort}`
-    const listener = await FenceListener.open(this.native, address, peerPort, key, timeoutMs)
-    void this.fenceListeners.get(key)?.closed()
-    this.fenceListeners.set(key, listener)
+    await this.fences.follow(address, peerPort, key, timeoutMs)
     const handle = native(() => this.native.peer(key))
     this.peers.remember(Peer.of(address, peerPort, handle, this), ip)
     return true
@@ -753,7 +694,7 @@ export class RDMACommunicator extends EventEmitter {
       this.arrivals.rejectAll(reason ?? new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
       this.closing = (async () => {
         await this.names.membership?.close().catch(() => undefined)
-        await Promise.all([...this.fenceListeners.values()].map((l) => l.closed()))
+        await this.fences.unfollowAll()
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()
@@ -770,16 +711,7 @@ export class RDMACommunicator extends EventEmitter {
   }
 }
 
-/** The events of {@link CommunicatorEvents}, typed (merged into the class). */
+/** Node's typing takes any name here; this one takes only the events that exist. */
 export interface RDMACommunicator {
-  on<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  once<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  off<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  addListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  removeListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  prependListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  prependOnceListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
   removeAllListeners(event?: CommunicatorEvent): this
-  emit<E extends CommunicatorEvent>(event: E, ...args: Parameters<CommunicatorEvents[E]>): boolean
-  listenerCount(event: CommunicatorEvent): number
 }

@@ -54,3 +54,6 @@ export interface CommunicatorEvents {
 
 /** The name of an event of an `RDMACommunicator`. */
 export type CommunicatorEvent = keyof CommunicatorEvents
+
+/** Each event's listener arguments: the class's typed `on`, `emit`, … (Node's `EventEmitter<T>`). */
+export type CommunicatorEventArgs = { [E in CommunicatorEvent]: Parameters<CommunicatorEvents[E]> }

@@ -83,11 +83,25 @@ export class FenceHub {
   private readonly listeners = new Map<string, Buffer>()
   private readonly waiting = new Map<number, (answer: FenceAnswer) => void>()
   private nextId = 0
+  /** Writing side: the fence channel to each connected peer, by `address:port`. */
+  private readonly channels = new Map<string, FenceListener>()
 
   constructor(
     private readonly engine: NativeCommunicator,
     private readonly control: () => ControlServer,
   ) {}
+
+  /** Writing side: opens the fence channel to the peer `key` (replacing an earlier one). */
+  async follow(host: string, port: number, key: string, timeoutMs: number | undefined): Promise<void> {
+    const channel = await FenceListener.open(this.engine, host, port, key, timeoutMs)
+    void this.channels.get(key)?.closed()
+    this.channels.set(key, channel)
+  }
+
+  /** Writing side: closes every fence channel (at close). */
+  async unfollowAll(): Promise<void> {
+    await Promise.all([...this.channels.values()].map((channel) => channel.closed()))
+  }
 
   /** `listen`: the writer `name` takes fences on connection `identity`. */
   listen(body: Buffer, identity: Buffer): Buffer {

@@ -38,6 +38,35 @@ export type CacheRegion = bigint | ArrayBufferView | ArrayBuffer | SharedRegion
 export type BlockIds = readonly number[] | Int32Array | Uint32Array
 
 /** Options of {@link RDMACommunicator}. */
+/** The seed's positional constructor arguments. */
+export type SeedArguments = [
+  role: Role,
+  gpuIdx: number,
+  port: number | string,
+  localKeyCache: CacheRegion[],
+  localValueCache: CacheRegion[],
+  blockNumber: number,
+  blockBytes: number,
+  extra?: Partial<CommunicatorOptions>,
+]
+
+/** FastDeploy's positional constructor arguments (scales and prefill TP after the seed's). */
+export type FastDeployArguments = [
+  role: Role,
+  gpuIdx: number,
+  port: number | string,
+  localKeyCache: CacheRegion[],
+  localValueCache: CacheRegion[],
+  blockNumber: number,
+  blockBytes: number,
+  keyScaleCache: CacheRegion[],
+  valueScaleCache?: CacheRegion[],
+  scaleBlockBytes?: number,
+  prefillTpSize?: number,
+  prefillTpIdx?: number,
+  extra?: Partial<CommunicatorOptions>,
+]
+
 export interface CommunicatorOptions {
   /** `'prefill'` (writes blocks to peers) or `'decode'` (receives them). */
   role: Role

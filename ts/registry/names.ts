@@ -4,10 +4,10 @@
  * name here, without asking etcd (the data plane never waits on the registry).
  */
 import { KvTransferError, invalidArgument } from '../errors'
-import { type ConnectOptions, checkSignal, toHost, toOptions, toTimeout } from '../options'
+import { type ConnectOptions, type RegistryAddress, checkSignal, toHost, toOptions, toTimeout } from '../options'
 import type { Peer } from '../peer'
 import { type Instance, toInstanceFilter } from './entry'
-import type { Membership } from './index'
+import { Membership, type MembershipHooks } from './index'
 
 /** What the communicator lends: its own `connect(ip, port)` and `peer(ip, port)`. */
 export interface NameTarget {
@@ -18,6 +18,16 @@ export interface NameTarget {
 export class Names {
   /** The peers connected by name. */
   private readonly peers = new Map<string, Peer>()
+
+  /** The names of a communicator with these settings: a registry membership when configured. */
+  static of(
+    settings: { registry: RegistryAddress | undefined; registryTtlSeconds: number },
+    defaultTimeoutMs: number | undefined,
+    events: MembershipHooks,
+  ): Names {
+    const { registry, registryTtlSeconds } = settings
+    return new Names(registry && new Membership(registry, registryTtlSeconds, events), defaultTimeoutMs)
+  }
 
   constructor(
     /** The communicator's place in the registry; undefined: it has none. */
