@@ -24,6 +24,22 @@ export declare class NativeCommunicator {
    * once per connect.
    */
   peer(peerKey: string): ExternalObject<'Peer'>
+  /**
+   * Writing side: the receiver `peerKey` fenced `tag` (an encoded tag), or every call
+   * (`tag` null). New calls of it to that peer are refused with `ERR_FENCED` for
+   * `holdMs`; pending ones fail with `ERR_FENCED` and their connection is torn down.
+   * Resolves with how many pending calls were fenced, once none of their bytes can land.
+   */
+  fenceWrites(peerKey: string, tag: Buffer | undefined | null, holdMs: number): Promise<number>
+  /**
+   * Receiving side: cuts the writer named `writer` off on every transport (it did not
+   * acknowledge a fence within `waitedMs`). Resolves with how many connections were cut,
+   * once nothing it sent can land any more; rejects `ERR_TIMEOUT` where a transport
+   * cannot stop it from this side (NVLink).
+   */
+  cutOff(writer: string, waitedMs: number): Promise<number>
+  /** The transports this side opened, most preferred first, each with its summary. */
+  offers(): Array<NativeOffer>
   /** The transport of a peer this side connected to, and why; null for others. */
   peerDecision(peerKey: string): NativePeerDecision | null
   /** Counters since construction: totals and per peer. */
@@ -63,9 +79,10 @@ export declare class NativeCommunicator {
   /** The transport used with a connected peer, or null. */
   peerTransport(peerKey: string): string | null
   /**
-   * Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
-   * whether a link existed, once no byte of its calls can land any more and every
-   * pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`). The peer is reported
+   * Tears the link to `peer_key` down (`reason`: "abort", "timeout" or "lease": the
+   * registry saw the peer's lease expire); resolves, with whether a link existed, once no
+   * byte of its calls can land any more and every pending call of it has failed
+   * (`ERR_ABORTED` / `ERR_TIMEOUT` / `ERR_PEER_DISCONNECTED`). The peer is reported
    * as left, unless `abandoned`: a connect gave up on the connection (its caller never
    * saw it connected).
    */
@@ -327,6 +344,13 @@ export interface NativeMetrics {
   peers: Array<NativePeerCounters>
   /** Upper bound (µs) of each latency bucket; the last is +Infinity. */
   latencyBucketUpperUs: Array<number>
+}
+
+/** A transport this side opened (what the instance registry publishes of it). */
+export interface NativeOffer {
+  transport: string
+  /** One phrase: what it uses on this side (e.g. the RDMA device and GID, the bind address). */
+  summary: string
 }
 
 export interface NativeOptions {

@@ -39,7 +39,7 @@ test('the addon throws and rejects with the code in err.code and the bare messag
   t.teardown(() => comm.close())
   const notConnected = t.throws(() => comm.peer('nowhere:1'))
   t.is((notConnected as Error & { code?: string }).code, 'ERR_NOT_CONNECTED')
-  t.is(notConnected?.message, "peer nowhere:1 is not connected: call connect('nowhere:1') first")
+  t.is(notConnected?.message, "peer nowhere:1 is not connected: call connect('nowhere', 1) first")
 
   const rejected = await t.throwsAsync(comm.finishConnect('nowhere:1', '127.0.0.1', Buffer.alloc(3)))
   t.is((rejected as Error & { code?: string }).code, 'ERR_PROTOCOL')

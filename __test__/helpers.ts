@@ -188,18 +188,23 @@ export interface SpawnOptions extends Partial<PeerConfig> {
 
 /**
  * Forks the decode peer. Kills it at the end of the test (or pass `t` = undefined and
- * handle it yourself). With `waitListening: false` it returns as soon as the process exists.
+ * handle it yourself). With `waitListening: false` it returns as soon as the process exists;
+ * with `netns` it runs in that network namespace (root).
  */
 export async function spawnPeer(
   t: ExecutionContext | undefined,
   options: SpawnOptions,
-  { waitListening = true }: { waitListening?: boolean } = {},
+  { waitListening = true, netns }: { waitListening?: boolean; netns?: string } = {},
 ): Promise<DecodePeer> {
   const { env, ...rest } = options
   const config: PeerConfig = { port: 0, transport: TRANSPORT, name: 'decode-peer', ...rest }
+  const nodeArgs = ['--import', '@oxc-node/core/register']
   const child = fork(PEER_SCRIPT, [], {
     cwd: REPO_ROOT,
-    execArgv: ['--import', '@oxc-node/core/register'],
+    // In network namespace `netns`: `ip netns exec` execs node in place (same pid, IPC kept).
+    ...(netns
+      ? { execPath: 'ip', execArgv: ['netns', 'exec', netns, process.execPath, ...nodeArgs] }
+      : { execArgv: nodeArgs }),
     env: { ...process.env, ...env, KVT_PEER_CONFIG: JSON.stringify(config) },
     serialization: 'advanced',
     stdio: ['ignore', 'pipe', 'pipe', 'ipc'],

@@ -162,6 +162,8 @@ const OPTION_ROWS: Array<
   ['blockLayout', 'NHD', { order: 'NHD', tokensPerBlock: 0 }, INVALID, {}, '0 given'],
   ['checksum', 42, 'md5', INVALID, {}, 'md5'],
   ['delivery', 42, 'always', INVALID, {}, 'always'],
+  ['registry', 42, 'http://127.0.0.1:2379/kvt'],
+  ['registryTtlSeconds', 'x', 1],
 ]
 for (const [option, wrong, outOfRange, rangeCode = INVALID, extra = {}, names] of OPTION_ROWS) {
   for (const [fn, build] of [
@@ -195,7 +197,8 @@ const ids = [0, 1]
 // connect(ip, port, options | dstTpSize)
 row(`${M}connect`, 'ip', 'type', 42, (c) => c.prefill.connect(42 as never, c.port))
 row(`${M}connect`, 'ip', 'range', '', (c) => c.prefill.connect('', c.port))
-row(`${M}connect`, 'port', 'type', {}, (c) => c.prefill.connect(HOST, {} as never))
+// (An object in place of the port is connect(name, options): see the name rows.)
+row(`${M}connect`, 'port', 'type', true, (c) => c.prefill.connect(HOST, true as never))
 row(`${M}connect`, 'port', 'range', 70000, (c) => c.prefill.connect(HOST, 70000))
 row(`${M}connect`, 'options', 'type', 'x', (c) => c.prefill.connect(HOST, c.port, 'x' as never))
 row(`${M}connect`, 'options', 'range', 2000, (c) => c.prefill.connect(HOST, c.port, 2000))
@@ -208,6 +211,17 @@ row(`${M}connect`, 'options.timeoutMs', 'type', 'abc', (c) =>
 )
 row(`${M}connect`, 'options.timeoutMs', 'range', -5, (c) => c.prefill.connect(HOST, c.port, { timeoutMs: -5 }))
 row(`${M}connect`, 'options.signal', 'type', 'x', (c) => c.prefill.connect(HOST, c.port, { signal: 'x' as never }))
+// connect(name, options): an instance of the registry (this communicator has none)
+row(`${M}connect`, 'name', 'type', 42, (c) => c.prefill.connect(42 as never))
+row(`${M}connect`, 'name', 'range', 'decode-0', (c) => c.prefill.connect('decode-0'))
+
+// instances(filter): checked before the registry is asked (this communicator has none)
+row(`${M}instances`, 'filter', 'type', 'x', (c) => c.prefill.instances('x' as never))
+row(`${M}instances`, 'filter', 'range', {}, (c) => c.prefill.instances({}), INVALID, 'registry')
+row(`${M}instances`, 'filter.role', 'type', 42, (c) => c.prefill.instances({ role: 42 as never }))
+row(`${M}instances`, 'filter.role', 'range', 'encoder', (c) => c.prefill.instances({ role: 'encoder' as never }))
+row(`${M}instances`, 'filter.tpRank', 'type', 'x', (c) => c.prefill.instances({ tpRank: 'x' as never }))
+row(`${M}instances`, 'filter.tpRank', 'range', -1, (c) => c.prefill.instances({ tpRank: -1 }))
 
 // isConnected, peer, abortPeer, peerInfo: (ip, port)
 for (const method of ['isConnected', 'peer', 'abortPeer', 'peerInfo'] as const) {
@@ -365,6 +379,21 @@ row(`${M}waitForArrival`, 'options.signal', 'type', 'x', (c) => c.decode.waitFor
 row(`${M}forgetArrivals`, 'tag', 'type', 12, (c) => c.decode.forgetArrivals(12 as never))
 row(`${M}forgetArrivals`, 'tag', 'range', -1n, (c) => c.decode.forgetArrivals(-1n))
 
+// fence(target, options): on the receiving side
+row(`${M}fence`, 'target', 'type', 'x', (c) => c.decode.fence('x' as never))
+row(`${M}fence`, 'target', 'range', { tag: 't', peer: 'p' }, (c) => c.decode.fence({ tag: 't', peer: 'p' } as never))
+row(`${M}fence`, 'tag', 'type', 12, (c) => c.decode.fence({ tag: 12 as never }))
+row(`${M}fence`, 'tag', 'range', -1n, (c) => c.decode.fence({ tag: -1n }))
+row(`${M}fence`, 'target.peer', 'type', 12, (c) => c.decode.fence({ peer: 12 as never }))
+row(`${M}fence`, 'target.peer', 'range', '', (c) => c.decode.fence({ peer: '' }))
+row(`${M}fence`, 'options', 'type', 'x', (c) => c.decode.fence({ tag: 't' }, 'x' as never))
+row(`${M}fence`, 'options.ackTimeoutMs', 'type', 'abc', (c) =>
+  c.decode.fence({ tag: 't' }, { ackTimeoutMs: 'abc' as never }),
+)
+row(`${M}fence`, 'options.ackTimeoutMs', 'range', -5, (c) => c.decode.fence({ tag: 't' }, { ackTimeoutMs: -5 }))
+row(`${M}fence`, 'options.holdMs', 'type', 'abc', (c) => c.decode.fence({ tag: 't' }, { holdMs: 'abc' as never }))
+row(`${M}fence`, 'options.holdMs', 'range', 3_600_001, (c) => c.decode.fence({ tag: 't' }, { holdMs: 3_600_001 }))
+
 // close(options): refused, and the communicator stays open
 row(`${M}close`, 'options', 'type', 'x', (c) => c.decode.close('x' as never))
 row(`${M}close`, 'options.timeoutMs', 'type', 'abc', (c) => c.decode.close({ timeoutMs: 'abc' as never }))
@@ -391,6 +420,18 @@ row('doctor', 'options.gpuIdx', 'range', -1, () => doctor({ gpuIdx: -1 }))
 row('formatDoctor', 'report', 'type', 'x', () => formatDoctor('x' as never))
 row('formatDoctor', 'report', 'range', {}, () => formatDoctor({} as never))
 
+row('listInstances', 'registry', 'type', 42, () => kvtransfer.listInstances(42 as never))
+row('listInstances', 'registry', 'range', 'etcd://h', () => kvtransfer.listInstances('etcd://h'))
+row('listInstances', 'filter', 'type', 'x', () => kvtransfer.listInstances('etcd://127.0.0.1:1/p', 'x' as never))
+row(
+  'listInstances',
+  'filter',
+  'range',
+  { tpRank: -1 },
+  () => kvtransfer.listInstances('etcd://127.0.0.1:1/p', { tpRank: -1 }),
+  INVALID,
+  '-1',
+)
 row('metricsText', 'communicators', 'type', 'x', () => metricsText('x' as never))
 row('metricsText', 'communicators', 'range', [42], () => metricsText([42] as never), INVALID, '42')
 row('metricsHandler', 'communicators', 'type', 'x', () => metricsHandler('x' as never))
@@ -426,6 +467,7 @@ const NO_RANGE = new Set([
   `${M}waitForArrival options.signal`,
   `${M}close options.signal`,
   `${M}close options`,
+  `${M}fence options`,
   `${M}writeCache options`,
   `${M}waitForArrival options`,
   'doctor options',
@@ -534,6 +576,7 @@ test('coverage: every option and argument has a wrong-type and an out-of-range r
     ['options.d.ts', 'ConnectOptions', `${M}connect`],
     ['options.d.ts', 'WriteOptions', `${M}writeCache`],
     ['options.d.ts', 'CloseOptions', `${M}close`],
+    ['options.d.ts', 'FenceOptions', `${M}fence`],
     ['arrivals.d.ts', 'WaitOptions', `${M}waitForArrival`],
   ]
   for (const [file, type, fn] of optionTypes) {

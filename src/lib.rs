@@ -18,6 +18,7 @@ pub use calls::{abort_call, write_cache, write_prepared};
 mod doctor;
 pub use doctor::native_doctor;
 mod errors;
+mod fence;
 mod metrics;
 mod prepared;
 mod regions;
@@ -500,9 +501,10 @@ impl NativeCommunicator {
 
 #[napi]
 impl NativeCommunicator {
-    /// Tears the link to `peer_key` down (`reason`: "abort" or "timeout"); resolves, with
-    /// whether a link existed, once no byte of its calls can land any more and every
-    /// pending call of it has failed (`ERR_ABORTED` / `ERR_TIMEOUT`). The peer is reported
+    /// Tears the link to `peer_key` down (`reason`: "abort", "timeout" or "lease": the
+    /// registry saw the peer's lease expire); resolves, with whether a link existed, once no
+    /// byte of its calls can land any more and every pending call of it has failed
+    /// (`ERR_ABORTED` / `ERR_TIMEOUT` / `ERR_PEER_DISCONNECTED`). The peer is reported
     /// as left, unless `abandoned`: a connect gave up on the connection (its caller never
     /// saw it connected).
     #[napi(ts_return_type = "Promise<boolean>")]
@@ -520,10 +522,16 @@ impl NativeCommunicator {
                 ms: timeout_ms.unwrap_or(0.0).max(0.0) as u64,
                 what: format!("a call to {peer_key}; the connection was torn down first"),
             },
+            "lease" => kvtransfer_engine::Error::PeerDisconnected {
+                peer: peer_key.clone(),
+                reason: "its registry entry is gone (its lease expired or it left the registry); \
+                         connect again once it is back"
+                    .to_string(),
+            },
             other => {
                 return Err(invalid(
                     "reason",
-                    format!("'{other}' is not 'abort' or 'timeout'"),
+                    format!("'{other}' is not 'abort', 'timeout' or 'lease'"),
                 ))
             }
         };

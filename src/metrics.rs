@@ -92,8 +92,33 @@ pub struct NativePeerDecision {
     pub alive: bool,
 }
 
+/// A transport this side opened (what the instance registry publishes of it).
+#[napi(object)]
+pub struct NativeOffer {
+    pub transport: String,
+    /// One phrase: what it uses on this side (e.g. the RDMA device and GID, the bind address).
+    pub summary: String,
+}
+
 #[napi]
 impl NativeCommunicator {
+    /// The transports this side opened, most preferred first, each with its summary.
+    #[napi]
+    pub fn offers(&self) -> Vec<NativeOffer> {
+        self.engine
+            .transports()
+            .into_iter()
+            .map(|kind| NativeOffer {
+                transport: kind.name().to_string(),
+                summary: self
+                    .engine
+                    .transport_explanation(kind)
+                    .map(|e| e.summary)
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
     /// The transport of a peer this side connected to, and why; null for others.
     #[napi]
     pub fn peer_decision(&self, peer_key: String) -> Option<NativePeerDecision> {

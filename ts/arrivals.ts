@@ -12,9 +12,17 @@
  * - `noticesDropped` counts the evicted notices that nobody consumed. `forgetArrivals`
  *   drops nothing the user did not ask to drop, so it counts nothing.
  */
+import type { ArrivalNotice } from '../index.js'
 import { type DeadlineOptions, withDeadline } from './deadline'
-import { KvTransferError, abortError, describeValue, invalidArgument, showValue } from './errors'
-import { type RequestTag, tagKey } from './tags'
+import {
+  KvTransferError,
+  type KvTransferErrorCode,
+  abortError,
+  describeValue,
+  invalidArgument,
+  showValue,
+} from './errors'
+import { type RequestTag, decodeTag, tagKey } from './tags'
 
 /** Delivered on the receiving side after every byte of a tagged call is in its memory. */
 export interface Arrival {
@@ -113,6 +121,22 @@ export function layerSet(layers: unknown, layerCount: number): Set<number> {
 }
 
 /** The `expectBlocks` of a wait: absent, or an integer in 1..2^32-1. */
+/** The {@link Arrival} of a native notice (with its error when its checksum failed). */
+export function arrivalOf(notice: ArrivalNotice): Arrival {
+  const { peer, layerIdx, blocks, tpRank, tpSize, part, parts, verified } = notice
+  const arrival: Arrival = { peer, tag: decodeTag(notice.tag), layerIdx, blocks, tpRank, tpSize, part, parts, verified }
+  if (notice.errorCode) {
+    const message = `tag ${String(arrival.tag)}: ${notice.errorMessage ?? ''}`
+    arrival.error = new KvTransferError(notice.errorCode as KvTransferErrorCode, message)
+  }
+  return arrival
+}
+
+/** What a wait gathers: its layers (checked against `layerCount`) and `expectBlocks`. */
+export function waitSpec(options: WaitOptions, layerCount: number): { layers: Set<number>; expectBlocks?: number } {
+  return { layers: layerSet(options.layers, layerCount), expectBlocks: toExpectBlocks(options.expectBlocks) }
+}
+
 export function toExpectBlocks(value: unknown): number | undefined {
   if (value === undefined) return undefined
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > 0xffff_ffff) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 /**
- * The `kvtransfer` command line. Subcommands: `bench`, `doctor` and `serve` (see `kvtransfer <command> --help`).
+ * The `kvtransfer` command line. Subcommands: `bench`, `doctor`, `instances` and `serve` (see
+ * `kvtransfer <command> --help`).
  */
 import * as fs from 'node:fs'
 import * as path from 'node:path'
@@ -22,6 +23,7 @@ import {
 } from './bench/index'
 import { UsageError, integer } from './cli-args'
 import { doctor, formatDoctor } from './doctor'
+import { registryArgument, registryReport, runInstances } from './registry/command'
 import { runServe } from './sidecar/command'
 import { type SidecarStatus, formatSidecarStatus, sidecarStatus } from './sidecar/status'
 
@@ -244,7 +246,7 @@ async function bench(argv: string[]): Promise<number> {
   return report.ok ? 0 : 1
 }
 
-const DOCTOR_HELP = `Usage: kvtransfer doctor [--json] [--transport NAME] [--gpu-idx N] [--sidecar PATH]
+const DOCTOR_HELP = `Usage: kvtransfer doctor [--json] [--transport NAME] [--gpu-idx N] [--sidecar PATH] [--registry URL]
 
 What this host can do: RDMA devices, ports, GIDs (and the one kvtransfer picks), MTU,
 relaxed ordering, dma-buf / peermem; GPUs with their peer-access matrix and the CUDA driver
@@ -257,9 +259,12 @@ closed again exactly as a communicator opens it.
   --gpu-idx N          the gpuIdx to open the transports for (selects KVCACHE_RDMA_NICS' entry; default 0)
   --sidecar PATH       also report on the sidecar (kvtransfer serve) listening on PATH: its
                        version, attached workers, their ports, transports and peers
+  --registry URL       check that the etcd registry etcd://host:port[,host:port…]/prefix
+                       answers (default: KVCACHE_REGISTRY, when set)
 
 Exit status: 0; with --transport, 1 when that transport cannot be used; with --sidecar, 1
-when no sidecar answers on PATH; 2 on a usage error.
+when no sidecar answers on PATH; 1 when a registry is configured and cannot be read; 2 on a
+usage error.
 `
 
 async function runDoctor(argv: string[]): Promise<number> {
@@ -272,6 +277,7 @@ async function runDoctor(argv: string[]): Promise<number> {
       transport: { type: 'string' },
       'gpu-idx': { type: 'string' },
       sidecar: { type: 'string' },
+      registry: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   })
@@ -279,6 +285,7 @@ async function runDoctor(argv: string[]): Promise<number> {
     process.stdout.write(DOCTOR_HELP)
     return 0
   }
+  const address = registryArgument(values.registry)
   const report = doctor({ gpuIdx: integer('gpu-idx', values['gpu-idx'], 0, 0) })
   const wanted = values.transport
   const names = report.transports.map((t) => t.name)
@@ -291,14 +298,15 @@ async function runDoctor(argv: string[]): Promise<number> {
       error: error.message,
     }))
   }
-  process.stdout.write(
-    values.json ? `${JSON.stringify(sidecar ? { ...report, sidecar } : report, null, 2)}\n` : formatDoctor(report),
-  )
+  const registry = address && { url: address.url, ...(await registryReport(address)) }
+  const json = { ...report, ...(sidecar && { sidecar }), ...(registry && { registry }) }
+  process.stdout.write(values.json ? `${JSON.stringify(json, null, 2)}\n` : formatDoctor(report))
+  if (registry && !values.json) process.stdout.write(`\n${registry.text}\n`)
   if (sidecar && !values.json)
     process.stdout.write(`\n${'error' in sidecar ? `sidecar: ${sidecar.error}\n` : formatSidecarStatus(sidecar)}`)
   const chosen = report.transports.find((t) => t.name === wanted)
   if (chosen && !values.json) process.stdout.write(`\n${chosen.usable ? 'OK' : 'NOT USABLE'}: ${chosen.reason}\n`)
-  return (chosen && !chosen.usable) || (sidecar && 'error' in sidecar) ? 1 : 0
+  return (chosen && !chosen.usable) || (sidecar && 'error' in sidecar) || (registry && !registry.ok) ? 1 : 0
 }
 
 /** The version of this package (its package.json, next to lib/). */
@@ -314,6 +322,7 @@ async function main(argv: string[]): Promise<number> {
   if (command === 'bench') return bench(rest)
   if (command === 'doctor') return runDoctor(rest)
   if (command === 'serve') return runServe(rest)
+  if (command === 'instances') return runInstances(rest)
   if (command === '--version' || command === '-V') {
     process.stdout.write(`${packageVersion()}\n`)
     return 0
@@ -322,6 +331,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(
       `Usage: kvtransfer <command>\n       kvtransfer --version\n\nCommands:\n  bench    transfer benchmark (kvtransfer bench --help)\n` +
         `  doctor   what this host can do: RDMA, GPUs, KVCACHE_* variables, usable transports (kvtransfer doctor --help)\n` +
+        `  instances  the live instances of an etcd registry (kvtransfer instances --help)\n` +
         `  serve    the sidecar that PyTorch workers on this host attach their KV caches to (kvtransfer serve --help)\n\n` +
         `Options:\n  -V, --version  print the version of kvtransfer\n  -h, --help     this text\n`,
     )

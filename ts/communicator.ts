@@ -12,11 +12,12 @@ import {
   writeCache as nativeWriteCache,
   writePrepared as nativeWritePrepared,
 } from '../index.js'
-import { type Arrival, Arrivals, type WaitOptions, layerSet, toExpectBlocks } from './arrivals'
+import { type Arrival, Arrivals, type WaitOptions, arrivalOf, waitSpec } from './arrivals'
 import { type CallAbortHandle, PendingCalls } from './calls'
 import { Connector } from './connecting'
 import { ControlServer } from './control'
 import { type DeadlineOptions, withDeadline } from './deadline'
+import { Hosts } from './hosts'
 import {
   KvTransferError,
   type KvTransferErrorCode,
@@ -27,16 +28,19 @@ import {
   native,
   nativeAsync,
 } from './errors'
-import type { CommunicatorEvent, CommunicatorEvents } from './events'
+import type { CommunicatorEvent, CommunicatorEventArgs } from './events'
+import { type FenceResult, type FenceTarget, FenceHub, checkFenceOptions, checkFenceTarget } from './fences'
 import {
   type BlockIds,
-  type CacheRegion,
   type CloseOptions,
   type CommunicatorOptions,
   type CommunicatorStats,
   type ConnectOptions,
+  type FastDeployArguments,
+  type FenceOptions,
   type PeerInfo,
   type Role,
+  type SeedArguments,
   type Transport,
   type WriteOptions,
   checkDstTpSize,
@@ -58,9 +62,12 @@ import {
   metricsText,
   toMetrics,
 } from './metrics'
-import { Peer } from './peer'
+import { Peer, PeerBook } from './peer'
 import { PreparedBlocks } from './prepared'
-import { type RequestTag, decodeTag, encodeTag } from './tags'
+import type { Instance, InstanceFilter } from './registry'
+import { instanceOf } from './registry/entry'
+import { Names } from './registry/names'
+import { type RequestTag, encodeTag } from './tags'
 
 // `await using` looks `Symbol.asyncDispose` up; Node 20 before 20.4 lacks it. Node's own
 // is this registered symbol, so both agree where it exists.
@@ -86,7 +93,7 @@ const NO_OPTIONS: WriteOptions = Object.freeze({})
  * rejects, what it holds is released, and every later call throws or rejects with that
  * same error (code and message); `close()` still resolves.
  */
-export class RDMACommunicator extends EventEmitter {
+export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
   /** The side this communicator plays (the `role` option). */
   readonly role: Role
   /** The `gpuIdx` option. */
@@ -101,8 +108,10 @@ export class RDMACommunicator extends EventEmitter {
    */
   readonly ready: Promise<void>
   private readonly native: NativeCommunicator
-  /** The peers `connect` reached, by host and then port (no key string per call). */
-  private readonly peers = new Map<string, Map<number | string, Peer>>()
+  /** The peers `connect` reached, by the host and port calls spell. */
+  private readonly peers = new PeerBook()
+  /** Names and the addresses peers are keyed by (looked up asynchronously, kept). */
+  private readonly hosts = new Hosts()
   private readonly control: ControlServer
   /** Undefined: none. */
   private readonly connectTimeoutMs: number | undefined
@@ -120,41 +129,22 @@ export class RDMACommunicator extends EventEmitter {
   /** The handshakes of `connect`, and the attempts a deadline gave up on. */
   private readonly connector: Connector
   private boundPort: number
+  /** Fences: the writers that take this side's, and this side's channels to its peers (fences.ts). */
+  private readonly fences: FenceHub
+  /** Its place in the registry (`names.membership`; undefined: none), and the peers `connect(name)` reached. */
+  private readonly names: Names
   private closing: Promise<void> | undefined
   /** Why the start failed (`ready`'s rejection), once it did: every later call fails with it. */
   private startError: KvTransferError | undefined
 
   /** The seed's positional form: `(role, gpuIdx, port, localKeyCache, localValueCache, blockNumber, blockBytes)`. */
-  constructor(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    extra?: Partial<CommunicatorOptions>,
-  )
+  constructor(...args: SeedArguments)
   /**
    * FastDeploy's positional form: `(role, gpuIdx, port, keyCachePtrs, valueCachePtrs,
    * blockNumber, blockBytes, keyScalePtrs = [], valueScalePtrs = [], scaleBlockBytes = 0,
    * prefillTpSize = 1, prefillTpIdx = 0, extra?)`.
    */
-  constructor(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    keyScaleCache: CacheRegion[],
-    valueScaleCache?: CacheRegion[],
-    scaleBlockBytes?: number,
-    prefillTpSize?: number,
-    prefillTpIdx?: number,
-    extra?: Partial<CommunicatorOptions>,
-  )
+  constructor(...args: FastDeployArguments)
   /**
    * Creates a communicator and starts listening on `options.port` (await `ready`).
    * Throws a {@link KvTransferError} (`ERR_INVALID_ARGUMENT`, ...) for invalid options.
@@ -184,16 +174,33 @@ export class RDMACommunicator extends EventEmitter {
           (left) => this.onPeerLeft(left),
         ),
     )
-    this.connector = new Connector(this.native)
-    this.control = new ControlServer(settings.host, settings.port, {
-      challenge: (challenge) => native(() => this.native.authRespond(challenge)),
-      hello: (hello) => native(() => this.native.accept(hello)),
+    this.connector = new Connector(this.native, this.hosts)
+    this.fences = new FenceHub(this.native, () => this.control)
+    this.names = Names.of(settings, this.connectTimeoutMs, {
+      joined: (instance) => this.emit('instance-joined', instance),
+      left: (left) => {
+        // Links to it end first (its pending calls fail `ERR_PEER_DISCONNECTED`).
+        const { host, port } = left.instance.control
+        if (!this.closing) this.native.cancelPeer(`${host}:${port}`, 'lease').catch(() => undefined)
+        this.emit('instance-left', left)
+      },
     })
-    this.ready = this.control.ready.then((bound) => {
+    this.control = new ControlServer(
+      settings.host,
+      settings.port,
+      {
+        challenge: (challenge) => native(() => this.native.authRespond(challenge)),
+        hello: (hello) => native(() => this.native.accept(hello)),
+        listen: (name, identity) => this.fences.listen(name, identity),
+      },
+      { fenced: (answer) => this.fences.fenced(answer) },
+    )
+    this.ready = this.control.ready.then(async (bound) => {
       this.boundPort = bound
+      const name = settings.defaultName ? `${os.hostname()}:${bound}` : settings.native.name
       // Peers see the name in arrival notices: with port 0 the default must carry the bound port.
-      if (settings.defaultName && bound !== settings.port)
-        native(() => this.native.setName(`${os.hostname()}:${bound}`))
+      if (name !== settings.native.name) native(() => this.native.setName(name))
+      await this.names.membership?.join(instanceOf(settings, name, this.native.offers(), bound))
     })
     // Not an unhandled rejection: every later call reports it (see `startError`).
     this.ready.catch((error: unknown) => this.startFailed(fromNative(error)))
@@ -206,32 +213,9 @@ export class RDMACommunicator extends EventEmitter {
    */
   static create(options: CommunicatorOptions): Promise<RDMACommunicator>
   /** The seed's positional form (see the constructor). */
-  static create(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    extra?: Partial<CommunicatorOptions>,
-  ): Promise<RDMACommunicator>
+  static create(...args: SeedArguments): Promise<RDMACommunicator>
   /** FastDeploy's positional form (see the constructor). */
-  static create(
-    role: Role,
-    gpuIdx: number,
-    port: number | string,
-    localKeyCache: CacheRegion[],
-    localValueCache: CacheRegion[],
-    blockNumber: number,
-    blockBytes: number,
-    keyScaleCache: CacheRegion[],
-    valueScaleCache?: CacheRegion[],
-    scaleBlockBytes?: number,
-    prefillTpSize?: number,
-    prefillTpIdx?: number,
-    extra?: Partial<CommunicatorOptions>,
-  ): Promise<RDMACommunicator>
+  static create(...args: FastDeployArguments): Promise<RDMACommunicator>
   static async create(...args: unknown[]): Promise<RDMACommunicator> {
     const comm = new RDMACommunicator(...(args as [CommunicatorOptions]))
     try {
@@ -283,14 +267,25 @@ export class RDMACommunicator extends EventEmitter {
   }
 
   /**
-   * Handshakes with the communicator listening on `ip:port` (waiting for it to start, up
-   * to the timeout) and opens the data path. Resolves `true` when connected; rejects with a
-   * {@link KvTransferError} saying why not (timeout, layout mismatch, refused, ...).
+   * Handshakes with the communicator listening on `ip:port` (waiting for it to start, and
+   * for a name to resolve, up to the timeout) and opens the data path. Resolves `true` when
+   * connected; rejects with a {@link KvTransferError} saying why not (timeout, layout
+   * mismatch, refused, ...). The peer is known by its address: afterwards any name or
+   * address of it reaches it (`localhost` and `127.0.0.1` are one peer).
    * FastDeploy's `connect(ip, port, dst_tp_size)` is accepted: a number in place of the
    * options is `dstTpSize` (0: not checked).
    */
-  async connect(ip: string, port: number | string, options: ConnectOptions | number = {}): Promise<boolean> {
+  async connect(ip: string, port: number | string, options?: ConnectOptions | number): Promise<boolean>
+  /** Connects to the registry's instance `name` (README "Running a fleet"); later calls may name it in place of `ip, port`. */
+  async connect(name: string, options?: ConnectOptions): Promise<boolean>
+  async connect(
+    ip: string,
+    port?: number | string | ConnectOptions,
+    options: ConnectOptions | number = {},
+  ): Promise<boolean> {
     this.checkOpen()
+    if (port === undefined || (typeof port === 'object' && port !== null))
+      return this.names.connect(this, ip, port as ConnectOptions | undefined)
     options = typeof options === 'number' ? { dstTpSize: options } : toOptions('options', options)
     const dstTpSize = checkDstTpSize(options.dstTpSize)
     if (dstTpSize !== undefined) native(() => checkDstTpSizeNative(dstTpSize))
@@ -304,54 +299,70 @@ export class RDMACommunicator extends EventEmitter {
     } catch (error) {
       throw this.startError ? this.startFailure() : fromNative(error)
     }
-    await this.connector.open({ ip, port: peerPort, dstTpSize, timeoutMs, signal })
-    const key = `${ip}:${peerPort}`
-    this.remember(
-      Peer.of(
-        ip,
-        peerPort,
-        native(() => this.native.peer(key)),
-        this,
-      ),
-    )
+    const address = await this.connector.open({ host: ip, port: peerPort, dstTpSize, timeoutMs, signal })
+    const key = `${address}:${peerPort}`
+    await this.fences.follow(address, peerPort, key, timeoutMs)
+    const handle = native(() => this.native.peer(key))
+    this.peers.remember(Peer.of(address, peerPort, handle, this), ip)
     return true
   }
 
-  /** Keeps `peer` for calls by `ip, port` (replacing an earlier connection's). */
-  private remember(peer: Peer): void {
-    let ports = this.peers.get(peer.ip)
-    if (!ports) this.peers.set(peer.ip, (ports = new Map()))
-    ports.set(peer.port, peer)
+  /**
+   * Receiving side: resolves once no write of `target.tag` (or from the writer named
+   * `target.peer`) can land in this process any more; see {@link FenceOptions} and the
+   * README ("Fences") for what each writer and each transport does.
+   */
+  async fence(target: FenceTarget, options: FenceOptions = {}): Promise<FenceResult> {
+    this.checkOpen()
+    const checked = checkFenceTarget(target)
+    const { ackTimeoutMs, holdMs } = checkFenceOptions(toOptions('options', options))
+    await this.ready
+    return this.fences.fence(checked, ackTimeoutMs, holdMs)
+  }
+
+  /** `ip:port` as the engine keys peers (see `Hosts.known`: no lookup here), checked. */
+  private keyOf(ip: unknown, port: unknown): string {
+    return this.hosts.key(toHost('ip', ip), toPort('port', port))
   }
 
   /**
-   * The peer connected as `ip:port`: pass it to `writeCache` and `prepareBlocks` in place
-   * of `ip, port`. Throws `ERR_NOT_CONNECTED` when this side never connected to it.
+   * The peer connected as `ip:port` (by this name, another name of it, or its address):
+   * pass it to `writeCache` and `prepareBlocks` in place of `ip, port`. Throws
+   * `ERR_NOT_CONNECTED` when this side never connected to it. A host name that this
+   * communicator never looked up (by `connect`, `writeCache` or `abortPeer`) is not
+   * resolved here (that would block): pass the address, or a name used before.
    */
-  peer(ip: string, port: number | string): Peer {
+  peer(ip: string, port: number | string): Peer
+  /** The peer connected by `name` (`connect(name)`); `ERR_NOT_CONNECTED` when none was. */
+  peer(name: string): Peer
+  peer(ip: string, port?: number | string): Peer {
     this.checkOpen()
-    const known = this.peers.get(ip)?.get(port)
+    if (port === undefined) return this.names.peer(ip)
+    const known = this.peers.find(ip, port)
     if (known) return known
-    toHost('ip', ip)
+    const key = this.keyOf(ip, port)
+    const address = key.slice(0, key.lastIndexOf(':'))
     const peerPort = toPort('port', port)
-    const key = `${ip}:${peerPort}`
-    // Connected (under the port's other spelling), or not: the engine says which.
+    // Connected (under another name or port spelling), or not: the engine says which.
     const peer =
-      this.peers.get(ip)?.get(peerPort) ??
+      this.peers.find(address, peerPort) ??
       Peer.of(
-        ip,
+        address,
         peerPort,
         native(() => this.native.peer(key)),
         this,
       )
-    this.remember(peer)
+    this.peers.remember(peer, ip)
     return peer
   }
 
-  /** Whether a usable connection to `ip:port` exists. */
+  /**
+   * Whether a usable connection to `ip:port` exists (by any name or address of the peer; a
+   * name is known as in {@link peer}).
+   */
   isConnected(ip: string, port: number | string): boolean {
     this.checkStarted()
-    const key = `${toHost('ip', ip)}:${toPort('port', port)}`
+    const key = this.keyOf(ip, port)
     if (this.closing) return false
     return this.native.isConnected(key)
   }
@@ -366,7 +377,7 @@ export class RDMACommunicator extends EventEmitter {
   prepareBlocks(peerOrIp: Peer | string, a: number | string | BlockIds, b: BlockIds, c?: BlockIds): PreparedBlocks {
     this.checkOpen()
     const byPeer = peerOrIp instanceof Peer
-    const key = byPeer ? this.own(peerOrIp).key : `${toHost('ip', peerOrIp)}:${toPort('port', a as number | string)}`
+    const key = byPeer ? this.own(peerOrIp).key : this.keyOf(peerOrIp, a)
     const local = toBlockIds('localBlockIds', (byPeer ? a : b) as BlockIds)
     const remote = toBlockIds('remoteBlockIds', (byPeer ? b : c) as BlockIds)
     return PreparedBlocks.of(native(() => this.native.prepareBlocks(key, local, remote)))
@@ -408,6 +419,15 @@ export class RDMACommunicator extends EventEmitter {
     options?: WriteOptions,
   ): Promise<void>
   writeCache(peer: Peer, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
+  /** The {@link Peer} forms, with the name `connect(name)` connected in its place. */
+  writeCache(
+    name: string,
+    localBlockIds: BlockIds,
+    remoteBlockIds: BlockIds,
+    layerIdx: number,
+    options?: WriteOptions,
+  ): Promise<void>
+  writeCache(name: string, prepared: PreparedBlocks, layerIdx: number, options?: WriteOptions): Promise<void>
   writeCache(
     peerOrIp: Peer | string,
     a: number | string | BlockIds | PreparedBlocks,
@@ -417,17 +437,47 @@ export class RDMACommunicator extends EventEmitter {
     e?: WriteOptions,
   ): Promise<void> {
     // Not `async`: that would add a Promise and a resolution step to every call.
+    if (typeof peerOrIp === 'string' && (Array.isArray(a) || ArrayBuffer.isView(a) || a instanceof PreparedBlocks)) {
+      try {
+        this.checkOpen()
+        peerOrIp = this.names.peer(peerOrIp)
+      } catch (error) {
+        this.countRefused(peerOrIp as string, error)
+        return Promise.reject(error)
+      }
+    }
     if (peerOrIp instanceof Peer) {
       return a instanceof PreparedBlocks
         ? this.submit(peerOrIp, a, undefined, b as number, c as WriteOptions | undefined)
         : this.submit(peerOrIp, a as BlockIds, b as BlockIds, c as number, d as WriteOptions | undefined)
     }
-    let peer: Peer
+    const peer = this.peers.find(peerOrIp, a)
+    if (!peer && typeof peerOrIp === 'string' && peerOrIp !== '' && this.hosts.known(peerOrIp) === undefined) {
+      // A name not looked up yet: once (asynchronously), then as any other call. One that
+      // does not resolve stays unknown, and the call reports it not connected.
+      return this.hosts
+        .lookup(peerOrIp)
+        .catch(() => undefined)
+        .then(() => this.writeByHost(peerOrIp, a, b, c, d, e))
+    }
+    return this.writeByHost(peerOrIp, a, b, c, d, e, peer)
+  }
+
+  /** `writeCache(ip, port, …)` once `ip` needs no lookup (`peer`: already found). */
+  private writeByHost(
+    host: string,
+    a: number | string | BlockIds | PreparedBlocks,
+    b?: BlockIds | PreparedBlocks | number,
+    c?: BlockIds | number | WriteOptions,
+    d?: number | WriteOptions,
+    e?: WriteOptions,
+    peer?: Peer,
+  ): Promise<void> {
     try {
       this.checkOpen()
-      peer = this.peers.get(peerOrIp)?.get(a as number | string) ?? this.peer(peerOrIp, a as number | string)
+      peer ??= this.peer(host, a as number | string)
     } catch (error) {
-      this.countRefused(`${String(peerOrIp)}:${String(a)}`, error)
+      this.countRefused(`${this.hosts.known(String(host)) ?? String(host)}:${String(a)}`, error)
       return Promise.reject(error)
     }
     return b instanceof PreparedBlocks
@@ -468,8 +518,7 @@ export class RDMACommunicator extends EventEmitter {
       tag = options.tag === undefined ? undefined : encodeTag(options.tag)
       timeoutMs = options.timeoutMs === undefined ? this.writeTimeoutMs : toTimeout('timeoutMs', options.timeoutMs)
       signal = checkSignal('signal', options.signal)
-      if (options.checksum !== undefined || options.delivery !== undefined)
-        integrity = toIntegrity(options.checksum, options.delivery, integrity)
+      integrity = toIntegrity(options.checksum, options.delivery, integrity)
       if (signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
     } catch (error) {
       this.countRefused(peer.key, error)
@@ -478,21 +527,13 @@ export class RDMACommunicator extends EventEmitter {
     const callId = this.calls.nextId()
     // With a signal, the engine hands out the call's abort (none is made otherwise).
     const abortable = signal !== undefined || undefined
+    const rest = [layerIdx, tag, timeoutMs, abortable, integrity] as const
     let abort: CallAbortHandle | null
     try {
       abort =
         local === undefined
-          ? nativeWritePrepared(
-              peer.native,
-              callId,
-              (blocks as PreparedBlocks).list,
-              layerIdx,
-              tag,
-              timeoutMs,
-              abortable,
-              integrity,
-            )
-          : nativeWriteCache(peer.native, callId, local, remote!, layerIdx, tag, timeoutMs, abortable, integrity)
+          ? nativeWritePrepared(peer.native, callId, (blocks as PreparedBlocks).list, ...rest)
+          : nativeWriteCache(peer.native, callId, local, remote!, ...rest)
     } catch (error) {
       return Promise.reject(fromNative(error))
     }
@@ -529,7 +570,13 @@ export class RDMACommunicator extends EventEmitter {
    */
   async abortPeer(ip: string, port: number | string): Promise<boolean> {
     this.checkStarted()
-    return nativeAsync(this.native.cancelPeer(`${toHost('ip', ip)}:${toPort('port', port)}`, 'abort'))
+    let key = this.keyOf(ip, port)
+    if (this.hosts.known(ip) === undefined) {
+      // A name not looked up yet: one that does not resolve has no connection.
+      if ((await this.hosts.lookup(ip).catch(() => undefined)) === undefined) return false
+      key = this.keyOf(ip, port)
+    }
+    return nativeAsync(this.native.cancelPeer(key, 'abort'))
   }
 
   /** Live native resources: peers, links, receiving connections, regions, threads. */
@@ -544,7 +591,7 @@ export class RDMACommunicator extends EventEmitter {
    */
   peerInfo(ip: string, port: number | string): PeerInfo | null {
     this.checkStarted()
-    const decision = this.native.peerDecision(`${toHost('ip', ip)}:${toPort('port', port)}`)
+    const decision = this.native.peerDecision(this.keyOf(ip, port))
     if (!decision) return null
     return {
       transport: decision.transport as Transport,
@@ -574,25 +621,16 @@ export class RDMACommunicator extends EventEmitter {
   }
 
   private onArrival(notice: ArrivalNotice): void {
-    const arrival: Arrival = {
-      peer: notice.peer,
-      tag: decodeTag(notice.tag),
-      layerIdx: notice.layerIdx,
-      blocks: notice.blocks,
-      tpRank: notice.tpRank,
-      tpSize: notice.tpSize,
-      part: notice.part,
-      parts: notice.parts,
-      verified: notice.verified,
-    }
-    if (notice.errorCode)
-      arrival.error = new KvTransferError(
-        notice.errorCode as KvTransferErrorCode,
-        `tag ${String(arrival.tag)}: ${notice.errorMessage ?? ''}`,
-      )
+    const arrival = arrivalOf(notice)
     // Kept for waitForArrival either way; a listener that takes it consumes it (see Arrivals).
     this.arrivals.add(arrival, this.listenerCount('arrival') > 0)
     this.emit('arrival', arrival)
+  }
+
+  /** The registry's live instances that pass `filter` (README "Running a fleet"). */
+  async instances(filter: InstanceFilter = {}): Promise<Instance[]> {
+    this.checkOpen()
+    return this.names.instances(filter)
   }
 
   private onPeerLeft(left: PeerLeftNotice): void {
@@ -605,19 +643,17 @@ export class RDMACommunicator extends EventEmitter {
    * `ERR_ABORTED`.
    */
   waitForArrival(tag: RequestTag, options: WaitOptions = {}): Promise<Arrival[]> {
-    let layers: Set<number>
+    let spec: ReturnType<typeof waitSpec>
     let deadline: DeadlineOptions
-    let expectBlocks: number | undefined
     try {
       this.checkOpen()
       encodeTag(tag)
       deadline = toDeadline(toOptions('options', options))
-      layers = layerSet(options.layers, this.layerCount)
-      expectBlocks = toExpectBlocks(options.expectBlocks)
+      spec = waitSpec(options, this.layerCount)
     } catch (error) {
       return Promise.reject(error)
     }
-    return this.arrivals.wait(tag, layers, deadline, expectBlocks)
+    return this.arrivals.wait(tag, spec.layers, deadline, spec.expectBlocks)
   }
 
   /** Forgets the kept arrival notices of `tag` (call after consuming a request). */
@@ -651,11 +687,14 @@ export class RDMACommunicator extends EventEmitter {
     if (!this.closing) {
       this.arrivals.rejectAll(reason ?? new KvTransferError('ERR_CLOSED', 'the communicator was closed'))
       this.closing = (async () => {
+        await this.names.membership?.close().catch(() => undefined)
+        await this.fences.unfollowAll()
         await this.control.close().catch(() => undefined)
         await nativeAsync(this.native.close())
       })()
       this.calls.close()
       this.peers.clear()
+      this.names.clear()
     }
     return this.closing
   }
@@ -666,16 +705,7 @@ export class RDMACommunicator extends EventEmitter {
   }
 }
 
-/** The events of {@link CommunicatorEvents}, typed (merged into the class). */
+/** Node's typing takes any name here; this one takes only the events that exist. */
 export interface RDMACommunicator {
-  on<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  once<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  off<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  addListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  removeListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  prependListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
-  prependOnceListener<E extends CommunicatorEvent>(event: E, listener: CommunicatorEvents[E]): this
   removeAllListeners(event?: CommunicatorEvent): this
-  emit<E extends CommunicatorEvent>(event: E, ...args: Parameters<CommunicatorEvents[E]>): boolean
-  listenerCount(event: CommunicatorEvent): number
 }

@@ -1,16 +1,23 @@
 /**
- * What `connect` does once its arguments are checked: the two handshake round trips over
- * the control plane, then opening the data path in the engine, all under the call's
+ * What `connect` does once its arguments are checked: resolving the host (retried until it
+ * resolves: a peer's name may appear only once it starts), the two handshake round trips
+ * over the control plane, then opening the data path in the engine, all under the call's
  * deadline; and the attempts a deadline gave up on while the engine was still opening them.
  */
+import { setTimeout as sleep } from 'node:timers/promises'
 import type { NativeCommunicator } from '../index.js'
 import { exchange } from './control'
 import { type DeadlineOptions, type Expiry, withDeadline } from './deadline'
 import { KvTransferError, abortError, native, nativeAsync } from './errors'
+import { type Hosts, lookupFailure } from './hosts'
+
+/** Pauses between lookups of a name that does not resolve (yet): doubling, at most the last. */
+const LOOKUP_RETRY_MS = [100, 200, 400, 800, 1000]
 
 /** One `connect`: the peer, the tensor-parallel size it must have, and the call's bounds. */
 export interface ConnectAttempt {
-  ip: string
+  /** As the caller gave it: a name or an address. */
+  host: string
   port: number
   /** Checked already; undefined: not checked. */
   dstTpSize: number | undefined
@@ -27,26 +34,31 @@ export class Connector {
    */
   private readonly abandoned = new Map<string, Promise<void>>()
 
-  constructor(private readonly engine: NativeCommunicator) {}
+  constructor(
+    private readonly engine: NativeCommunicator,
+    private readonly hosts: Hosts,
+  ) {}
 
   /**
-   * Handshakes with the communicator listening on `ip:port` and opens the data path;
-   * resolves once the engine registered the peer under `ip:port`. Rejects with
-   * `ERR_TIMEOUT` or `ERR_ABORTED` at the call's deadline, or with why the peer refused.
+   * Resolves `host`, handshakes with the communicator listening on that address and `port`
+   * and opens the data path; resolves with the address once the engine registered the peer
+   * under `address:port`. Rejects with `ERR_TIMEOUT` or `ERR_ABORTED` at the call's
+   * deadline, or with why the peer refused.
    */
-  async open({ ip, port, dstTpSize, timeoutMs, signal }: ConnectAttempt): Promise<void> {
+  async open({ host, port, dstTpSize, timeoutMs, signal }: ConnectAttempt): Promise<string> {
     const started = Date.now()
     // What is left of the timeout (at least 1 ms); undefined: none.
     const left = () =>
       timeoutMs === undefined ? undefined : Math.max(1, Math.ceil(timeoutMs - (Date.now() - started)))
-    const key = `${ip}:${port}`
-    const what = `connect to ${ip}:${port}`
+    const what = `connect to ${host}:${port}`
     const deadline = (): DeadlineOptions => ({ timeoutMs: left(), signal })
     const expired = {
       timeout: (cause?: unknown) =>
         new KvTransferError('ERR_TIMEOUT', `timed out after ${timeoutMs} ms: ${what}`, { cause }),
       abort: () => abortError(what),
     }
+    const ip = this.hosts.known(host) ?? (await this.resolve(host, deadline(), what, timeoutMs))
+    const key = `${ip}:${port}`
     const earlier = this.abandoned.get(key)
     if (earlier) await withDeadline(earlier, deadline(), expired)
     // challenge → nonce (the acceptor proves the shared secret), then hello → welcome.
@@ -66,6 +78,39 @@ export class Connector {
     await withDeadline(outcome, deadline(), {
       ...expired,
       abandon: (reason) => this.abandon(key, opening, reason, timeoutMs),
+    })
+    return ip
+  }
+
+  /**
+   * Looks `host` up, again after a pause while it does not resolve, until it does or the
+   * deadline ends the wait (`ERR_TIMEOUT` naming the resolver's last reason).
+   */
+  private async resolve(host: string, bounds: DeadlineOptions, what: string, timeoutMs: number | undefined) {
+    let failure: unknown
+    let gaveUp = false
+    const attempts = (async () => {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          return await this.hosts.lookup(host)
+        } catch (error) {
+          failure = error
+        }
+        if (!gaveUp) await sleep(LOOKUP_RETRY_MS[Math.min(attempt, LOOKUP_RETRY_MS.length - 1)])
+        if (gaveUp) throw failure
+      }
+    })()
+    return withDeadline(attempts, bounds, {
+      timeout: () =>
+        new KvTransferError(
+          'ERR_TIMEOUT',
+          `timed out after ${timeoutMs} ms: ${what} (${host} does not resolve: ${lookupFailure(failure)})`,
+          { cause: failure },
+        ),
+      abort: () => abortError(what),
+      abandon: () => {
+        gaveUp = true
+      },
     })
   }
 

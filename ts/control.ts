@@ -11,25 +11,40 @@ import { KvTransferError } from './errors'
 export const CONTROL_PROTOCOL = 'KVT1'
 const MAX_CONTROL_FRAME_BYTES = 256 * 1024
 
-/** What the acceptor does with a hello: return the reply descriptor or throw a KvTransferError. */
-export type HelloHandler = (hello: Buffer) => Buffer
+/**
+ * What the acceptor does with a request: return the answer's body or throw a
+ * KvTransferError. `identity` names the asking connection (an answer can be sent to it later).
+ */
+export type HelloHandler = (hello: Buffer, identity: Buffer) => Buffer
+
+/** A message that gets no answer (`fenced`: a writer acknowledges a fence, see fences.ts). */
+export type NoticeHandler = (body: Buffer, identity: Buffer) => void
 
 /**
  * The acceptor's handlers, one per request kind:
  * - `challenge` (connector's nonce) → `nonce` (acceptor's nonce and proof of the shared secret)
  * - `hello` (authenticated descriptor envelope) → `welcome` (reply envelope)
+ * - `listen` (a writer's name: it takes fences on this connection) → `listening` (fences.ts)
  */
 export interface ControlHandlers {
   challenge: HelloHandler
   hello: HelloHandler
+  listen: HelloHandler
 }
 
-const ANSWERS: Record<keyof ControlHandlers, string> = { challenge: 'nonce', hello: 'welcome' }
+/** Messages without an answer. */
+export interface ControlNotices {
+  fenced: NoticeHandler
+}
+
+const ANSWERS: Record<keyof ControlHandlers, string> = { challenge: 'nonce', hello: 'welcome', listen: 'listening' }
 
 export class ControlServer {
   private readonly router: zmq.Router
   private closed = false
   private loop: Promise<void> | undefined
+  /** Sends one at a time (a ZeroMQ socket takes one send at once): the tail of the queue. */
+  private sending: Promise<void> = Promise.resolve()
   /** Resolves with the bound port once listening. */
   readonly ready: Promise<number>
 
@@ -37,6 +52,7 @@ export class ControlServer {
     host: string,
     port: number,
     private readonly handlers: ControlHandlers,
+    private readonly notices: ControlNotices,
   ) {
     this.router = new zmq.Router({ linger: 0, maxMessageSize: MAX_CONTROL_FRAME_BYTES })
     const endpoint = `tcp://${host}:${port === 0 ? '*' : port}`
@@ -69,29 +85,40 @@ export class ControlServer {
       const [identity, protocol, kind, body] = frames
       const request = kind?.toString() as keyof ControlHandlers
       let reply: Buffer[]
+      if (frames.length === 4 && protocol.toString() === CONTROL_PROTOCOL && request === ('fenced' as string)) {
+        this.notices.fenced(body, identity)
+        continue
+      }
       if (
         frames.length !== 4 ||
         protocol.toString() !== CONTROL_PROTOCOL ||
-        (request !== 'hello' && request !== 'challenge')
+        (request !== 'hello' && request !== 'challenge' && request !== 'listen')
       ) {
         reply = refusal(
           'ERR_PROTOCOL',
-          `expected [${CONTROL_PROTOCOL}, challenge|hello, body], got ${frames.length - 1} frames`,
+          `expected [${CONTROL_PROTOCOL}, challenge|hello|listen, body], got ${frames.length - 1} frames`,
         )
       } else {
         try {
-          reply = [Buffer.from(CONTROL_PROTOCOL), Buffer.from(ANSWERS[request]), this.handlers[request](body)]
+          reply = [Buffer.from(CONTROL_PROTOCOL), Buffer.from(ANSWERS[request]), this.handlers[request](body, identity)]
         } catch (error) {
           const e = error instanceof KvTransferError ? error : new KvTransferError('ERR_PROTOCOL', String(error))
           reply = refusal(e.code, e.message)
         }
       }
-      try {
-        await this.router.send([identity, ...reply])
-      } catch {
-        // The connecting side went away; nothing to answer.
-      }
+      await this.sendTo(identity, reply)
     }
+  }
+
+  /** Sends `frames` to the connection `identity`, after every earlier send; never rejects. */
+  sendTo(identity: Buffer, frames: Buffer[]): Promise<void> {
+    const sent = this.sending.then(() =>
+      this.router.send([identity, ...frames]).catch(() => {
+        // The connection went away; nothing to send to.
+      }),
+    )
+    this.sending = sent
+    return sent
   }
 
   async close(): Promise<void> {

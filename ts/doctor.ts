@@ -135,6 +135,12 @@ export function formatDoctor(report: DoctorReport): string {
   out.push(...table(report.transports.map((t) => [t.name, t.usable ? 'usable' : 'NOT usable', t.reason])))
   const rdma = report.transports.find((t) => t.name === 'rdma')?.details ?? {}
 
+  // Every rail's pick: "rxe0 port 1 (2500 Mb/s): GID index 1 (10.77.0.1/24 RoCE v2): why; ..."
+  const rails = (rdma.rails ?? '')
+    .split('; ')
+    .map((entry) => /^(\S+) port (\d+) \(\d+ Mb\/s\): GID index (\d+):? (.*)$/.exec(entry))
+    .filter((m): m is RegExpExecArray => m !== null)
+    .map((m) => ({ device: m[1], port: m[2], gidIndex: m[3], why: m[4] }))
   out.push('', 'RDMA')
   out.push(
     `  libibverbs: dma-buf registration ${yes(report.rdma.dmabufRegistration)}, ` +
@@ -148,11 +154,15 @@ export function formatDoctor(report: DoctorReport): string {
     if (d.error) out.push(`    ${d.error}`)
     for (const p of d.ports) {
       out.push(`    port ${p.port}: ${p.state}, ${p.linkLayer}, MTU ${p.activeMtu || '?'}, LID ${p.lid}`)
+      const rail = rails.find((r) => r.device === d.name && r.port === String(p.port))
       const rows = p.gids.map((g) => {
-        const picked = rdma.device === d.name && rdma.port === String(p.port) && rdma.gidIndex === String(g.index)
+        const picked = rail
+          ? rail.gidIndex === String(g.index)
+          : rdma.device === d.name && rdma.port === String(p.port) && rdma.gidIndex === String(g.index)
         return [`GID ${g.index}`, g.kind, g.address, picked ? '<- kvtransfer uses this one' : '']
       })
       if (rows.length > 0) out.push(...table(rows, '      '))
+      if (rail) out.push(`      why: ${rail.why}`)
     }
   }
 

@@ -5,6 +5,7 @@
  */
 import type { Arrival } from './arrivals'
 import type { KvTransferErrorCode } from './errors'
+import type { Instance, InstanceLeft } from './registry/entry'
 
 /** A connected peer whose connection stopped being usable: `connect` again to write to it. */
 export interface PeerLeft {
@@ -38,7 +39,21 @@ export interface CommunicatorEvents {
    * replaces it).
    */
   'peer-left': (left: PeerLeft) => void
+  /**
+   * With a registry: an instance published its entry (seen through the etcd watch; this
+   * communicator's own entry included).
+   */
+  'instance-joined': (instance: Instance) => void
+  /**
+   * With a registry: an instance's entry is gone: it closed, or its lease expired (its
+   * process or host vanished, or it lost etcd for longer than its TTL). Links to its
+   * control address were torn down first: their pending calls fail `ERR_PEER_DISCONNECTED`.
+   */
+  'instance-left': (left: InstanceLeft) => void
 }
 
 /** The name of an event of an `RDMACommunicator`. */
 export type CommunicatorEvent = keyof CommunicatorEvents
+
+/** Each event's listener arguments: the class's typed `on`, `emit`, … (Node's `EventEmitter<T>`). */
+export type CommunicatorEventArgs = { [E in CommunicatorEvent]: Parameters<CommunicatorEvents[E]> }

@@ -20,14 +20,18 @@ export type {
   CommunicatorOptions,
   CommunicatorStats,
   ConnectOptions,
+  FenceOptions,
   PeerInfo,
   Role,
   Transport,
   WriteOptions,
 } from './options'
 export type { RequestTag } from './tags'
+export type { FenceResult, FenceTarget } from './fences'
 export type { Arrival, WaitOptions } from './arrivals'
 export type { CommunicatorEvent, CommunicatorEvents, PeerLeft } from './events'
+export type { Instance, InstanceFilter, InstanceLayout, InstanceLeft } from './registry'
+export { listInstances } from './registry'
 export { METRICS_CONTENT_TYPE, metricsHandler, metricsText } from './metrics'
 export type { Counters, LatencySummary, Metrics, PeerMetrics } from './metrics'
 export { doctor, formatDoctor } from './doctor'

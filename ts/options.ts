@@ -38,6 +38,35 @@ export type CacheRegion = bigint | ArrayBufferView | ArrayBuffer | SharedRegion
 export type BlockIds = readonly number[] | Int32Array | Uint32Array
 
 /** Options of {@link RDMACommunicator}. */
+/** The seed's positional constructor arguments. */
+export type SeedArguments = [
+  role: Role,
+  gpuIdx: number,
+  port: number | string,
+  localKeyCache: CacheRegion[],
+  localValueCache: CacheRegion[],
+  blockNumber: number,
+  blockBytes: number,
+  extra?: Partial<CommunicatorOptions>,
+]
+
+/** FastDeploy's positional constructor arguments (scales and prefill TP after the seed's). */
+export type FastDeployArguments = [
+  role: Role,
+  gpuIdx: number,
+  port: number | string,
+  localKeyCache: CacheRegion[],
+  localValueCache: CacheRegion[],
+  blockNumber: number,
+  blockBytes: number,
+  keyScaleCache: CacheRegion[],
+  valueScaleCache?: CacheRegion[],
+  scaleBlockBytes?: number,
+  prefillTpSize?: number,
+  prefillTpIdx?: number,
+  extra?: Partial<CommunicatorOptions>,
+]
+
 export interface CommunicatorOptions {
   /** `'prefill'` (writes blocks to peers) or `'decode'` (receives them). */
   role: Role
@@ -120,6 +149,17 @@ export interface CommunicatorOptions {
   checksum?: Checksum
   /** The default of every `writeCache`'s `delivery` option (default `'default'`). */
   delivery?: Delivery
+  /**
+   * The etcd registry this communicator publishes itself in and finds peers by name
+   * through: `'etcd://host:port[,host:port…]/prefix'` (README "Running a fleet"). Default:
+   * `KVCACHE_REGISTRY`, else none; `''`: none.
+   */
+  registry?: string
+  /**
+   * Seconds the registry entry outlives this process's last keep-alive: peers learn within
+   * this (+ 1 s) that it vanished. An integer in 2..3600 (default 10).
+   */
+  registryTtlSeconds?: number
 }
 
 /**
@@ -178,6 +218,17 @@ export interface ConnectOptions {
   timeoutMs?: number
   /** Aborts the attempt; the promise rejects with `ERR_ABORTED`. */
   signal?: AbortSignal
+}
+
+/** Options of {@link RDMACommunicator.fence}. */
+export interface FenceOptions {
+  /**
+   * Milliseconds each writer has to acknowledge (default 1000; 0: cut every writer off at
+   * once). A writer that does not is cut off by this side and must connect again.
+   */
+  ackTimeoutMs?: number
+  /** Milliseconds the writers refuse new calls of the fenced tag or writer (default 30000). */
+  holdMs?: number
 }
 
 /** Options of {@link RDMACommunicator.writeCache}. */
@@ -248,6 +299,9 @@ export interface Settings {
   integrity: number
   /** No `name` was given: the default `hostname:port` is set once the port is bound. */
   defaultName: boolean
+  /** The registry (option, else `KVCACHE_REGISTRY`); undefined: none. */
+  registry: RegistryAddress | undefined
+  registryTtlSeconds: number
   native: NativeOptions
 }
 
@@ -331,6 +385,8 @@ export function parseSettings(args: unknown[]): Settings {
   const name = optionalString('name', options.name)
   const transport = optionalString('transport', options.transport) as Transport | undefined
   const authToken = optionalString('authToken', options.authToken)
+  const registry = options.registry === undefined ? registryFromEnv() : toRegistry('registry', options.registry)
+  const registryTtlSeconds = checkIntegerIn('registryTtlSeconds', options.registryTtlSeconds ?? 10, 2, 3600)
   return {
     role,
     port,
@@ -343,6 +399,8 @@ export function parseSettings(args: unknown[]): Settings {
     maxPendingArrivals,
     integrity: toIntegrity(options.checksum, options.delivery),
     defaultName: name === undefined,
+    registry,
+    registryTtlSeconds,
     native: {
       role,
       gpuIdx,
@@ -505,6 +563,69 @@ export function checkNonNegativeInteger(name: string, value: unknown, max: numbe
     throw invalidArgument(name, `${showValue(value)} is not an integer in 0..${max}`)
   }
   return value
+}
+
+/** An integer option in `min..max`. */
+function checkIntegerIn(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
+    throw invalidArgument(name, `${showValue(value)} is not an integer in ${min}..${max}`)
+  }
+  return value
+}
+
+/** A registry, parsed: its etcd endpoints and the key prefix its instances live under. */
+export interface RegistryAddress {
+  /** As given, e.g. `etcd://10.0.0.5:2379,10.0.0.6:2379/prod`. */
+  url: string
+  /** `host:port` of each etcd member. */
+  endpoints: string[]
+  /** The key prefix, without slashes at either end (`prod`; default `kvtransfer`). */
+  prefix: string
+}
+
+export const REGISTRY_FORM = 'etcd://host:port[,host:port…]/prefix'
+const REGISTRY_HOST = /^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])$/
+const REGISTRY_PREFIX_SEGMENT = /^[A-Za-z0-9._-]{1,128}$/
+/** Most etcd members a registry names. */
+export const MAX_REGISTRY_ENDPOINTS = 16
+
+/**
+ * The `registry` option or `KVCACHE_REGISTRY` (named by `name`): `''` is none, anything
+ * else must be `etcd://host:port[,host:port…]/prefix` (the prefix is optional: default
+ * `kvtransfer`), else `ERR_INVALID_ARGUMENT` naming the value and the form.
+ */
+export function toRegistry(name: string, value: unknown): RegistryAddress | undefined {
+  if (typeof value !== 'string')
+    throw invalidArgument(name, `expected a string ${REGISTRY_FORM}, got ${describeValue(value)}`)
+  if (value === '') return undefined
+  const bad = (why: string) => invalidArgument(name, `${showValue(value)} is not ${REGISTRY_FORM}: ${why}`)
+  if (!value.startsWith('etcd://')) throw bad("it must start with 'etcd://'")
+  const rest = value.slice('etcd://'.length)
+  const slash = rest.indexOf('/')
+  const hosts = slash < 0 ? rest : rest.slice(0, slash)
+  const path = slash < 0 ? '' : rest.slice(slash + 1).replace(/\/+$/, '')
+  const endpoints = hosts.split(',')
+  if (endpoints.length > MAX_REGISTRY_ENDPOINTS)
+    throw bad(`${endpoints.length} endpoints, at most ${MAX_REGISTRY_ENDPOINTS}`)
+  for (const endpoint of endpoints) {
+    const colon = endpoint.lastIndexOf(':')
+    const host = colon < 0 ? endpoint : endpoint.slice(0, colon)
+    const port = colon < 0 ? '' : endpoint.slice(colon + 1)
+    if (!REGISTRY_HOST.test(host)) throw bad(`${JSON.stringify(endpoint)} has no valid host`)
+    if (!/^[0-9]{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535)
+      throw bad(`${JSON.stringify(endpoint)} has no port in 1..65535`)
+  }
+  const segments = path === '' ? ['kvtransfer'] : path.split('/')
+  for (const segment of segments) {
+    if (!REGISTRY_PREFIX_SEGMENT.test(segment))
+      throw bad(`prefix segment ${JSON.stringify(segment)} is not 1..128 of A-Z a-z 0-9 . _ -`)
+  }
+  return { url: value, endpoints, prefix: segments.join('/') }
+}
+
+/** `KVCACHE_REGISTRY`, checked as the option is; unset or empty: none. */
+export function registryFromEnv(): RegistryAddress | undefined {
+  return toRegistry('KVCACHE_REGISTRY', process.env.KVCACHE_REGISTRY ?? '')
 }
 
 /**

@@ -1,5 +1,6 @@
 /**
- * `Peer`: a connected peer as calls take it (`comm.peer(ip, port)`).
+ * `Peer`: a connected peer as calls take it (`comm.peer(ip, port)`); `PeerBook`: a
+ * communicator's peers, found by the host and port a call spells.
  */
 import type { ExternalObject } from '../index.js'
 
@@ -10,11 +11,11 @@ import type { ExternalObject } from '../index.js'
  * new connection; with none, calls reject `ERR_NOT_CONNECTED`.
  */
 export class Peer {
-  /** The host it was connected as. */
+  /** Its address (what the host it was connected as resolved to). */
   readonly ip: string
   /** Its control-plane port. */
   readonly port: number
-  /** `ip:port`: how metrics, logs and `peerInfo` name it. */
+  /** `address:port`: how metrics, logs and `peerInfo` name it. */
   readonly key: string
   /** @internal The native handle the per-call functions take. */
   readonly native: ExternalObject<'Peer'>
@@ -35,5 +36,31 @@ export class Peer {
   /** @internal Made by the communicator that connected it (`comm.peer(ip, port)`). */
   static of(ip: string, port: number, native: ExternalObject<'Peer'>, owner: object): Peer {
     return new Peer(ip, port, native, owner)
+  }
+}
+
+/**
+ * The peers a communicator connected, by host (each peer's address, and every name a call
+ * reached it by) and then port, as the caller spells them: no key string per call.
+ */
+export class PeerBook {
+  private readonly byHost = new Map<string, Map<number | string, Peer>>()
+
+  /** The peer found before under exactly this `host` and `port`, if any. */
+  find(host: unknown, port: unknown): Peer | undefined {
+    return this.byHost.get(host as string)?.get(port as number | string)
+  }
+
+  /** Keeps `peer` for calls by its address or by `host` (replacing an earlier connection's). */
+  remember(peer: Peer, host: string): void {
+    for (const name of new Set([peer.ip, host])) {
+      let ports = this.byHost.get(name)
+      if (!ports) this.byHost.set(name, (ports = new Map()))
+      ports.set(peer.port, peer)
+    }
+  }
+
+  clear(): void {
+    this.byHost.clear()
   }
 }

@@ -16,12 +16,16 @@
 #         RXE_VM_ACCEL    tcg | kvm     (default tcg: KVM hangs on kvtransfer's CI
 #                         host; set kvm explicitly where it works)
 #         RXE_VM_NET      dummy | virtio  netdev under rxe0    (default dummy)
+#         RXE_VM_RAILS    1 | 2: with 2, a second device rxe1 on dummy1, addresses
+#                         10.78.0.1/24 and 10.99.0.1/24 (two RoCE v2 GIDs in two
+#                         subnets: routable GID choice)      (default 1)
 #         RXE_VM_CACHE    kernel + initramfs cache  (default /var/cache/rxe-vm;
 #                         the initramfs is named per script, the kernel is shared)
 #         RXE_VM_VERBOSE  1 = show the guest kernel console on stderr
 #         RXE_VM_KERNEL_PKG  e.g. linux-image-6.1.0-56-amd64 (default: what
 #                         linux-image-amd64 depends on)
-# Guest env: RXE_VM=1, RXE_VM_DEV=rxe0, RXE_VM_NETDEV, RXE_VM_IP, RXE_VM_GID_INDEX
+# Guest env: RXE_VM=1, RXE_VM_DEV=rxe0, RXE_VM_NETDEV, RXE_VM_IP, RXE_VM_GID_INDEX;
+#            with 2 rails also RXE_VM_DEV2=rxe1, RXE_VM_NETDEV2=dummy1, RXE_VM_IP2
 set -euo pipefail
 
 [[ $# -gt 0 && $1 == -- ]] && shift
@@ -34,6 +38,8 @@ TIMEOUT=${RXE_VM_TIMEOUT:-1800}
 MEM=${RXE_VM_MEM:-4096}
 SMP=${RXE_VM_SMP:-$(nproc)}
 NET=${RXE_VM_NET:-dummy}
+RAILS=${RXE_VM_RAILS:-1}
+case $RAILS in 1|2) ;; *) echo "run-in-rxe-vm: RXE_VM_RAILS must be 1 or 2" >&2; exit 2;; esac
 CACHE=${RXE_VM_CACHE:-/var/cache/rxe-vm}
 VERBOSE=${RXE_VM_VERBOSE:-0}
 # KVM is not auto-detected on purpose: on the kvtransfer CI host a KVM guest
@@ -94,8 +100,9 @@ fi
 [[ -s $KDIR/vmlinux ]] && VMLINUZ=$KDIR/vmlinux
 
 # --- 3. initramfs: static busybox + the modules needed to mount 9p + /init ------
-INITRD=$KDIR/initrd-kvtransfer.cpio.gz   # own name: the init script differs per copy
-if [[ ! -f $INITRD || $0 -nt $INITRD ]]; then
+# own name per version of this script: copies of it (worktrees) share the cache
+INITRD=$KDIR/initrd-kvtransfer-$(sha1sum "$0" | cut -c1-12).cpio.gz
+if [[ ! -f $INITRD ]]; then
   log "building initramfs"
   declare -A DEP PATHOF DONE
   while IFS=: read -r path deps; do
@@ -150,6 +157,19 @@ while [ -z "$GIDX" ] && [ $n -lt 50 ]; do
 done
 [ -n "$GIDX" ] || fail "no IPv4 GID on rxe0"
 echo "export RXE_VM=1 RXE_VM_DEV=rxe0 RXE_VM_NETDEV=$ND RXE_VM_IP=$IP RXE_VM_GID_INDEX=$GIDX" > /ctl/guestenv
+if [ "${RAILS:-1}" = 2 ]; then
+  $C ip link add dummy1 type dummy
+  $C ip addr add 10.78.0.1/24 dev dummy1; $C ip addr add 10.99.0.1/24 dev dummy1
+  $C ip link set dummy1 up
+  $C rdma link add rxe1 type rxe netdev dummy1 || fail "rdma link add rxe1"
+  n=0; G2=
+  while [ -z "$G2" ] && [ $n -lt 50 ]; do
+    G2=$(cat /sys/class/infiniband/rxe1/ports/1/gids/* 2>/dev/null | grep -c '0000:0000:0000:0000:0000:ffff:' | grep -v '^[01]$')
+    [ -n "$G2" ] || { sleep 0.1; n=$((n+1)); }
+  done
+  [ -n "$G2" ] || fail "rxe1 has not both IPv4 GIDs"
+  echo "export RXE_VM_DEV2=rxe1 RXE_VM_NETDEV2=dummy1 RXE_VM_IP2=10.78.0.1" >> /ctl/guestenv
+fi
 # output ports -> host stdout/stderr
 port() { for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name)" = "$1" ] && echo /dev/${p##*/}; done; }
 OUT=$(port out); ERR=$(port err)
@@ -176,7 +196,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-printf 'KVER=%q\nMODDIR=%q\nCWD=%q\nNET=%q\n' "$KVER" "$MODDIR" "$PWD" "$NET" > "$CTL/conf"
+printf 'KVER=%q\nMODDIR=%q\nCWD=%q\nNET=%q\nRAILS=%q\n' "$KVER" "$MODDIR" "$PWD" "$NET" "$RAILS" > "$CTL/conf"
 env -0 > "$CTL/env0"
 {
   echo 'while IFS= read -r -d "" kv; do export "$kv" 2>/dev/null; done < /run/rxe-vm/env0'

@@ -79,6 +79,9 @@ echo "[rdma] $(wc -l < "$list") test binaries" >&2
 for c in "$@"; do printf '%s\n' "$c" >> "$extra"; done
 
 export RXE_VM_TIMEOUT=${RXE_VM_TIMEOUT:-3600}
+# Two rails (rxe0 on dummy0, rxe1 on dummy1) for the multi-NIC tests; rxe0 stays the
+# default device of every other test and hook.
+export RXE_VM_RAILS=${RXE_VM_RAILS:-2}
 rc=0
 "$here/run-in-rxe-vm.sh" bash "$here/guest-tests.sh" "$list" "$extra" || rc=$?
 if [[ $rc == 125 ]] && ! command -v qemu-system-x86_64 >/dev/null; then

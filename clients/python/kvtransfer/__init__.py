@@ -50,6 +50,10 @@ from .errors import (
     RegionOverflow,
     Timeout,
     TpMismatch,
+    Unsupported,
+    ChecksumMismatch,
+    RegistryUnavailable,
+    NameTaken,
     TransportUnavailable,
     error_class,
 )
@@ -93,6 +97,10 @@ __all__ = [
     "Aborted",
     "AuthError",
     "TpMismatch",
+    "Unsupported",
+    "ChecksumMismatch",
+    "RegistryUnavailable",
+    "NameTaken",
     "InternalError",
     "Detached",
 ]

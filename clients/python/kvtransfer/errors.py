@@ -41,8 +41,13 @@ __all__ = [
     "CudaError",
     "Timeout",
     "Aborted",
+    "Fenced",
     "AuthError",
     "TpMismatch",
+    "Unsupported",
+    "ChecksumMismatch",
+    "RegistryUnavailable",
+    "NameTaken",
     "InternalError",
     "Detached",
     "error_class",
@@ -198,6 +203,12 @@ class Aborted(KvTransferError):
     CODE = "ERR_ABORTED"
 
 
+class Fenced(KvTransferError):
+    """The receiving side fenced the call's tag or this writer; none of its bytes can land."""
+
+    CODE = "ERR_FENCED"
+
+
 class AuthError(KvTransferError):
     """Authentication failed: the handshake token, or the sidecar's uid check."""
 
@@ -208,6 +219,31 @@ class TpMismatch(KvTransferError):
     """The peer's tensor-parallel size is not the one expected."""
 
     CODE = "ERR_TP_MISMATCH"
+
+
+class Unsupported(KvTransferError):
+    """The connection cannot give what the call asked for (a checksum or an acknowledged
+    delivery over a transport or memory that does not offer it); nothing was sent."""
+
+    CODE = "ERR_UNSUPPORTED"
+
+
+class ChecksumMismatch(KvTransferError):
+    """The received bytes of a checksummed call do not have the writer's CRC-32C."""
+
+    CODE = "ERR_CHECKSUM_MISMATCH"
+
+
+class RegistryUnavailable(KvTransferError):
+    """The instance registry (etcd) cannot be reached (raised by the TypeScript API)."""
+
+    CODE = "ERR_REGISTRY_UNAVAILABLE"
+
+
+class NameTaken(KvTransferError):
+    """Another live instance holds this name in the registry (raised by the TypeScript API)."""
+
+    CODE = "ERR_NAME_TAKEN"
 
 
 class InternalError(KvTransferError):
@@ -245,8 +281,13 @@ _CLASSES: Tuple[Type[KvTransferError], ...] = (
     CudaError,
     Timeout,
     Aborted,
+    Fenced,
     AuthError,
     TpMismatch,
+    Unsupported,
+    ChecksumMismatch,
+    RegistryUnavailable,
+    NameTaken,
     InternalError,
     Detached,
 )

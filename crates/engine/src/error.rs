@@ -102,7 +102,7 @@ pub enum Error {
         reason: String,
     },
     /// A call names a peer this engine has no link to (`ERR_NOT_CONNECTED`): connect first.
-    #[error("peer {peer} is not connected: call connect('{peer}') first")]
+    #[error("peer {peer} is not connected: call {} first", connect_call(.peer))]
     NotConnected {
         /// The peer key that was given.
         peer: String,
@@ -198,6 +198,16 @@ pub enum Error {
     /// The call was cancelled: its peer's link was torn down on request (`ERR_ABORTED`).
     #[error("the operation was aborted")]
     Aborted,
+    /// The receiving side fenced the call's tag or this writer (`decode.fence`): the call
+    /// was refused, or failed while pending with its connection torn down so that none of
+    /// its bytes can land (`ERR_FENCED`).
+    #[error("fenced by {peer}: {what}")]
+    Fenced {
+        /// The peer that fenced (its `host:port`).
+        peer: String,
+        /// What was fenced (the tag or every call) and what happened to this call.
+        what: String,
+    },
     /// The handshake's shared-secret check failed, on either side (`ERR_AUTH`).
     #[error("authentication with {peer} failed: {reason}")]
     Auth {
@@ -240,12 +250,40 @@ pub enum Error {
         /// What the receiver summed.
         actual: u32,
     },
+    /// The instance registry (etcd) cannot be reached and nothing seen earlier answers the
+    /// question, e.g. a `connect` by name to an instance never seen (`ERR_REGISTRY_UNAVAILABLE`).
+    /// Raised by the TypeScript layer, which owns the registry; listed here so that the one
+    /// code list stays whole.
+    #[error("registry {registry} is unavailable: {reason}")]
+    RegistryUnavailable {
+        /// The registry, as configured.
+        registry: String,
+        /// What failed.
+        reason: String,
+    },
+    /// Another live instance already holds this name in the registry (`ERR_NAME_TAKEN`);
+    /// raised at start by the TypeScript layer.
+    #[error("name {name:?} is already taken in registry {registry}")]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The registry, as configured.
+        registry: String,
+    },
     /// A bug: a panic inside kvtransfer, caught before it could take the process down.
     #[error("internal error in kvtransfer ({what}): this is a bug, not a usage error; please report it at https://github.com/kvtransfer/kvtransfer/issues with this message and a log taken with KVCACHE_DEBUG=1")]
     Internal {
         /// The panic's message, or where it happened.
         what: String,
     },
+}
+
+/// The JavaScript call that connects `peer` (a key `host:port`): `connect('host', port)`.
+fn connect_call(peer: &str) -> String {
+    match peer.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => format!("connect('{host}', {port})"),
+        _ => format!("connect('{peer}', port)"),
+    }
 }
 
 impl Error {
@@ -271,10 +309,13 @@ impl Error {
             Error::Cuda { .. } => "ERR_CUDA",
             Error::Timeout { .. } => "ERR_TIMEOUT",
             Error::Aborted => "ERR_ABORTED",
+            Error::Fenced { .. } => "ERR_FENCED",
             Error::Auth { .. } => "ERR_AUTH",
             Error::TensorParallel { .. } => "ERR_TP_MISMATCH",
             Error::Unsupported { .. } => "ERR_UNSUPPORTED",
             Error::ChecksumMismatch { .. } => "ERR_CHECKSUM_MISMATCH",
+            Error::RegistryUnavailable { .. } => "ERR_REGISTRY_UNAVAILABLE",
+            Error::NameTaken { .. } => "ERR_NAME_TAKEN",
             Error::Internal { .. } => "ERR_INTERNAL",
         }
     }
@@ -327,10 +368,13 @@ pub const ERROR_CODES: &[&str] = &[
     "ERR_CUDA",
     "ERR_TIMEOUT",
     "ERR_ABORTED",
+    "ERR_FENCED",
     "ERR_AUTH",
     "ERR_TP_MISMATCH",
     "ERR_UNSUPPORTED",
     "ERR_CHECKSUM_MISMATCH",
+    "ERR_REGISTRY_UNAVAILABLE",
+    "ERR_NAME_TAKEN",
     "ERR_INTERNAL",
 ];
 
@@ -411,7 +455,11 @@ mod error_codes_tests {
                     what: text(),
                 },
                 Error::Timeout { .. } => Error::Aborted,
-                Error::Aborted => Error::Auth {
+                Error::Aborted => Error::Fenced {
+                    peer: text(),
+                    what: text(),
+                },
+                Error::Fenced { .. } => Error::Auth {
                     peer: text(),
                     reason: text(),
                 },
@@ -430,7 +478,15 @@ mod error_codes_tests {
                     expected: 0,
                     actual: 1,
                 },
-                Error::ChecksumMismatch { .. } => Error::Internal { what: text() },
+                Error::ChecksumMismatch { .. } => Error::RegistryUnavailable {
+                    registry: text(),
+                    reason: text(),
+                },
+                Error::RegistryUnavailable { .. } => Error::NameTaken {
+                    name: text(),
+                    registry: text(),
+                },
+                Error::NameTaken { .. } => Error::Internal { what: text() },
                 Error::Internal { .. } => break,
             };
             all.push(next);
@@ -465,6 +521,29 @@ mod error_codes_tests {
         assert_eq!(
             codes, ERROR_CODES,
             "one code per variant, in declaration order"
+        );
+    }
+
+    /// The hint names a call that works: `connect(host, port)`, never the `host:port` key.
+    #[test]
+    fn not_connected_hint_is_a_working_call() {
+        let hint = |peer: &str| {
+            Error::NotConnected {
+                peer: peer.to_owned(),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            hint("127.0.0.1:40609"),
+            "peer 127.0.0.1:40609 is not connected: call connect('127.0.0.1', 40609) first"
+        );
+        assert_eq!(
+            hint("::1:40609"),
+            "peer ::1:40609 is not connected: call connect('::1', 40609) first"
+        );
+        assert_eq!(
+            hint("nowhere"),
+            "peer nowhere is not connected: call connect('nowhere', port) first"
         );
     }
 }

@@ -92,6 +92,11 @@ pub struct ImportedMemory {
     /// from a handle cannot be exported again; a transport that shares it (NVLink) passes
     /// this handle on instead.
     ipc: Option<([u8; IPC_HANDLE_BYTES], u64)>,
+    /// A cuMem import: each segment's base here and the owner's descriptor for it. An
+    /// imported allocation cannot be exported again; a transport that shares it (NVLink)
+    /// passes a duplicate of the owner's descriptor on instead.
+    segments: Vec<(u64, OwnedFd)>,
+    segment_bytes: u64,
     _keep: Keep,
 }
 
@@ -128,6 +133,15 @@ impl ImportedMemory {
         self.ipc
             .filter(|&(_, mapped)| mapped == base)
             .map(|(handle, _)| handle)
+    }
+
+    /// The cuMem segment that holds address `at` here, when this region was imported from
+    /// cuMem descriptors: its base here, its size, and a duplicate of the owner's descriptor.
+    pub(crate) fn segment_at(&self, at: u64) -> Option<(u64, u64, std::io::Result<OwnedFd>)> {
+        self.segments
+            .iter()
+            .find(|&&(base, _)| base <= at && at - base < self.segment_bytes)
+            .map(|(base, fd)| (*base, self.segment_bytes, fd.try_clone()))
     }
 }
 
@@ -207,6 +221,8 @@ impl Importer {
                     bytes: spec.bytes,
                     host: true,
                     ipc: None,
+                    segments: Vec::new(),
+                    segment_bytes: 0,
                     _keep: Keep::Host(map),
                 })
             }
@@ -236,6 +252,8 @@ impl Importer {
                     bytes: spec.bytes,
                     host: false,
                     ipc: Some((handle, mapping.ptr())),
+                    segments: Vec::new(),
+                    segment_bytes: 0,
                     _keep: Keep::Ipc(mapping),
                 })
             }
@@ -267,11 +285,18 @@ impl Importer {
                         format!("region {index}: the segments cannot be mapped as {} × {segment_bytes} bytes ({} {}): is segmentBytes each allocation's size?", fds.len(), e.op, e.name),
                     )
                 })?;
+                let segments = fds
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, fd)| (mapping.ptr() + i as u64 * segment_bytes, fd))
+                    .collect();
                 Ok(ImportedMemory {
                     address: mapping.ptr() + spec.offset,
                     bytes: spec.bytes,
                     host: false,
                     ipc: None,
+                    segments,
+                    segment_bytes,
                     _keep: Keep::Vmm(mapping),
                 })
             }

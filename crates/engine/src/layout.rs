@@ -218,6 +218,16 @@ impl RegionTable {
         self.imports.iter().find_map(|i| i.ipc_handle_at(base))
     }
 
+    /// The cuMem segment holding address `at`, when a region was imported from another
+    /// process's descriptors (such memory cannot be exported again): its base, its size,
+    /// and a duplicate of the shared descriptor.
+    pub(crate) fn imported_segment_at(
+        &self,
+        at: u64,
+    ) -> Option<(u64, u64, std::io::Result<std::os::fd::OwnedFd>)> {
+        self.imports.iter().find_map(|i| i.segment_at(at))
+    }
+
     /// Keeps `imports` mapped as long as this table lives.
     pub(crate) fn hold(&mut self, imports: Vec<crate::import::ImportedMemory>) {
         self.imports = imports.into();

@@ -32,10 +32,11 @@ mod wire;
 
 pub use config::{RdmaSettings, VariableReport, DEFAULT_QPS_PER_PEER};
 pub use doctor::{host_report, HostReport, TransportReport};
+pub use engine::MAX_FENCE_HOLD;
 pub use engine::{
-    CallAbort, CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, Integrity,
-    PeerHandle, PeerInfo, PeerLeft, PeerLeftSink, PeerMetrics, PreparedBlocks, TransportDecision,
-    WriteCall,
+    CallAbort, CallBlocks, CallPeer, Engine, EngineMetrics, EngineOptions, EngineStats, FenceScope,
+    Integrity, PeerHandle, PeerInfo, PeerLeft, PeerLeftSink, PeerMetrics, PreparedBlocks,
+    TransportDecision, WriteCall,
 };
 pub use error::{Error, Result, Side, ERROR_CODES};
 pub use gpu::inventory::GpuInventory;
@@ -51,11 +52,11 @@ pub use sidecar::{
 };
 pub use transport::nvlink::NvlinkDetails;
 pub use transport::rdma::inventory::{GidReport, RdmaDeviceReport, RdmaInventory, RdmaPortReport};
-pub use transport::rdma::RdmaDetails;
+pub use transport::rdma::{RdmaDetails, RdmaRailDetails};
 pub use transport::tcp::TcpDetails;
 pub use transport::{
     Arrival, ArrivalSink, CallSink, ChecksumCheck, Completion, CompletionCallback, Explanation,
-    OnDone, TransportDetails, TransportKind, MAX_TAG_BYTES,
+    OnDone, RailReport, TransportDetails, TransportKind, MAX_TAG_BYTES,
 };
 pub use util::lock;
 pub use wire::{Role, MAX_NAME_BYTES, NAME_RULE};
@@ -73,7 +74,7 @@ pub mod internals {
         decode_notice, fill_write_chain, tuning, ChainCursor, ChainProgress, ChainTarget,
         MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT,
     };
-    pub use crate::transport::rdma::{QpEndpoint, RdmaEndpoint};
+    pub use crate::transport::rdma::{GidCandidate, QpEndpoint, RailEndpoint, RdmaEndpoint};
     pub use crate::transport::tcp::frame;
     pub use crate::transport::tcp::sockopt::check_not_reset;
     pub use crate::transport::tcp::staging::CHUNK_BYTES;

@@ -3,8 +3,8 @@
 //! and whatever decodes re-encodes to the same bytes.
 
 use kvtransfer_engine::internals::{
-    decode_notice, frame, Descriptor, Endpoint, Notice, NvlinkEndpoint, NvlinkMemoryTable,
-    QpEndpoint, RdmaEndpoint, TcpEndpoint,
+    decode_notice, frame, Descriptor, Endpoint, GidCandidate, Notice, NvlinkEndpoint,
+    NvlinkMemoryTable, QpEndpoint, RailEndpoint, RdmaEndpoint, TcpEndpoint,
 };
 use kvtransfer_engine::internals::{Challenge, Envelope, Response};
 use kvtransfer_engine::{BlockOrder, Role, TpOptions, TransportKind};
@@ -94,14 +94,25 @@ fn descriptors() -> Vec<Vec<u8>> {
         declined: Vec::new(),
     };
     let a = plain.encode();
-    let rdma = RdmaEndpoint {
+    let rail = RailEndpoint {
+        device: "mlx5_0".into(),
+        peer_rail: 0,
         lid: 1,
-        gid: [3; 16],
+        gids: vec![GidCandidate {
+            gid: [3; 16],
+            v2: true,
+            prefix: 24,
+        }],
         mtu: 3,
         infiniband: false,
+        speed_mbps: 100_000,
         qps: vec![QpEndpoint { qp_num: 5, psn: 6 }; 2],
         regions: vec![(0x1000, 9); 6],
         notice_ring: (0x2000, 1, 256),
+    };
+    let rdma = RdmaEndpoint {
+        rails: vec![rail.clone(), rail],
+        refused: vec![(2, "no GID reaches the peer".into())],
     };
     plain.endpoints.insert(
         0,

@@ -185,7 +185,7 @@ fn rdma_remote_access_error_fails_the_call_and_breaks_the_link() {
         let chosen = &mut reply.endpoints[0];
         assert_eq!(chosen.kind, TransportKind::Rdma.code());
         let mut rdma = RdmaEndpoint::decode(&chosen.bytes).unwrap();
-        rdma.regions[0].0 += 1 << 20;
+        rdma.rails[0].regions[0].0 += 1 << 20;
         chosen.bytes = rdma.encode();
         envelope.descriptor = reply.encode();
         prefill

@@ -447,6 +447,42 @@ fn many_concurrent_calls_to_several_peers_keep_data_exact() {
     assert_eq!((stats.peers, stats.live_links), (peers, peers));
 }
 
+/// A peer that died and comes back elsewhere (a restarted process on a new port) is never
+/// connected under its old key again: its broken link must not keep its threads and
+/// sockets. The next connect releases it; calls by its key still fail as disconnected.
+#[test]
+fn broken_links_of_dead_peers_are_released_at_the_next_connect() {
+    let prefill = side(Role::Prefill, 1, 8, 256);
+    for i in 0..4 {
+        let decode = side(Role::Decode, 1, 8, 256);
+        let key = format!("gone{i}");
+        connect(&prefill, &decode, &key);
+        settle(submit(&prefill, &key, &[1], 0, None)).unwrap();
+        decode.engine.close();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while prefill.engine.peer_info(&key).is_some_and(|p| p.alive) {
+            assert!(
+                Instant::now() < deadline,
+                "the link to {key} never noticed its peer left"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let live = side(Role::Decode, 1, 8, 256);
+    connect(&prefill, &live, "live");
+    let stats = prefill.engine.stats();
+    assert_eq!((stats.peers, stats.live_links), (1, 1), "{stats:?}");
+    settle(submit(&prefill, "live", &[2], 0, None)).unwrap();
+    assert_written(&prefill, &live, 0, &[2], &[2]);
+    let call = WriteCall::ids("gone0", BlockIds::U32(&[1]), BlockIds::U32(&[1]), 0.0, None);
+    let error = prefill
+        .engine
+        .write_call(call)
+        .and_then(settle)
+        .unwrap_err();
+    assert_eq!(error.code(), "ERR_PEER_DISCONNECTED", "{error}");
+}
+
 #[test]
 fn connect_close_cycles_release_threads_and_connections() {
     let decode = side(Role::Decode, 1, 8, 256);

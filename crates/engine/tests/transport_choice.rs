@@ -7,7 +7,7 @@ mod common;
 
 use common::{connect, hello, SideSpec};
 use kvtransfer_engine::internals::{
-    Declined, Descriptor, Endpoint, Envelope, QpEndpoint, RdmaEndpoint,
+    Declined, Descriptor, Endpoint, Envelope, GidCandidate, QpEndpoint, RailEndpoint, RdmaEndpoint,
 };
 use kvtransfer_engine::{Role, TransportKind};
 
@@ -39,13 +39,23 @@ fn rdma_endpoint() -> Endpoint {
     Endpoint {
         kind: TransportKind::Rdma.code(),
         bytes: RdmaEndpoint {
-            lid: 0,
-            gid: [1; 16],
-            mtu: 3,
-            infiniband: false,
-            qps: vec![QpEndpoint { qp_num: 1, psn: 1 }],
-            regions: vec![(0x1000, 1); 4],
-            notice_ring: (0, 0, 0),
+            rails: vec![RailEndpoint {
+                device: "rxe0".into(),
+                peer_rail: 0,
+                lid: 0,
+                gids: vec![GidCandidate {
+                    gid: [1; 16],
+                    v2: true,
+                    prefix: 0,
+                }],
+                mtu: 3,
+                infiniband: false,
+                speed_mbps: 1000,
+                qps: vec![QpEndpoint { qp_num: 1, psn: 1 }],
+                regions: vec![(0x1000, 1); 4],
+                notice_ring: (0, 0, 0),
+            }],
+            refused: Vec::new(),
         }
         .encode(),
     }

@@ -58,8 +58,9 @@ impl TransportChoice {
 /// RDMA settings from the environment (`KVCACHE_RDMA_*`, `KVCACHE_IB_TIMEOUT`, ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaSettings {
-    /// `KVCACHE_RDMA_NICS`: RDMA device names, one picked per gpuIdx (index modulo the
-    /// count); empty: the first device with an active port.
+    /// `KVCACHE_RDMA_NICS`: entries separated by `,`, one picked per gpuIdx (index modulo
+    /// the count); an entry names one RDMA device, or several joined by `+` (one rail
+    /// each). Empty: every active port of every device.
     pub nics: Vec<String>,
     /// `Some` when KVCACHE_RDMA_GID_INDEX was set explicitly.
     pub gid_index: Option<u8>,
@@ -74,7 +75,6 @@ pub struct RdmaSettings {
     pub qps_per_peer: u16,
 }
 
-pub const DEFAULT_GID_INDEX: u8 = 3;
 pub const DEFAULT_IB_TIMEOUT: u8 = 18;
 /// Two RC queue pairs per peer (as Mooncake's default): chains alternate between them, and
 /// on software providers each gets its own posting thread (`transport/rdma/doorbell.rs`).
@@ -391,6 +391,11 @@ const VARIABLES: &[(&str, &str, Check)] = &[
     (
         "KVCACHE_AUTH_TOKEN",
         "shared secret of the handshake",
+        || Ok(()),
+    ),
+    (
+        "KVCACHE_REGISTRY",
+        "etcd registry of instances, etcd://host:port[,host:port...]/prefix (read and checked by the TypeScript API)",
         || Ok(()),
     ),
     (

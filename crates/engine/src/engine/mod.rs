@@ -3,6 +3,7 @@
 //! deadline watchdog (`watchdog.rs`) and the peer registry (`peers.rs`) are its parts.
 
 mod explain;
+mod fence;
 mod handshake;
 mod integrity;
 mod left;
@@ -12,6 +13,7 @@ mod tp;
 mod watchdog;
 mod write;
 
+pub use fence::{FenceScope, MAX_FENCE_HOLD};
 pub use integrity::Integrity;
 pub use left::{PeerLeft, PeerLeftSink};
 pub use write::{CallAbort, CallBlocks, CallPeer, PeerHandle, PreparedBlocks, WriteCall};
@@ -147,6 +149,9 @@ pub struct PeerInfo {
     pub alive: bool,
     /// The peer's blockNumber: remote block ids must be below it.
     pub remote_block_number: u32,
+    /// The link's rails (RDMA: one per NIC pair, and local NICs left out with the
+    /// reason), with their state and counters; empty for other transports.
+    pub rails: Vec<crate::transport::RailReport>,
 }
 
 struct EngineInner {
@@ -189,6 +194,8 @@ struct EngineInner {
     decisions: Mutex<HashMap<String, TransportDecision>>,
     /// Where peers that left are reported (`left.rs`).
     peer_left: left::LeftSlot,
+    /// Writing side: the fences receivers asked this engine to honour (`fence.rs`).
+    fences: Arc<fence::Fences>,
 }
 
 /// One communicator's engine. Cheap to clone (shared state).
@@ -301,6 +308,7 @@ impl Engine {
             metrics,
             decisions: Mutex::new(HashMap::new()),
             peer_left: Arc::default(),
+            fences: Arc::default(),
         };
         let engine = Engine {
             inner: Arc::new(inner),
@@ -377,6 +385,7 @@ impl Engine {
             transport: peer.link.kind(),
             alive: peer.link.is_alive(),
             remote_block_number: peer.remote.block_number,
+            rails: peer.link.rails(),
         })
     }
 

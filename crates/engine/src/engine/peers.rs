@@ -5,9 +5,13 @@ use crate::layout::CacheLayout;
 use crate::metrics::CallCounters;
 use crate::shard::Shard;
 use crate::transport::Link;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// How many keys of released broken connections are remembered (so that a call by such a
+/// key still fails `ERR_PEER_DISCONNECTED`, not `ERR_NOT_CONNECTED`).
+const GONE_KEYS: usize = 1024;
 
 /// A connected peer: its cache layout and the link to it.
 pub(super) struct Peer {
@@ -21,6 +25,8 @@ pub(super) struct Peer {
     pub counters: Arc<CallCounters>,
     /// Reports, once, that this connection's link stopped being usable (`left.rs`).
     pub left: Arc<LeftReport>,
+    /// Its calls handed to the link, with their tags, for fences (`fence.rs`).
+    pub calls: super::fence::InFlight,
     /// Whether the registry holds it under `key` (set by the registry only): a prepared
     /// list keeps its peer and skips the lookup while this holds.
     registered: AtomicBool,
@@ -42,6 +48,7 @@ impl Peer {
             link,
             counters,
             left,
+            calls: super::fence::InFlight::default(),
             registered: AtomicBool::new(false),
         }
     }
@@ -60,6 +67,8 @@ impl Peer {
 #[derive(Default)]
 pub(super) struct PeerRegistry {
     peers: RwLock<HashMap<String, Arc<Peer>>>,
+    /// Keys whose broken connection was released by a later `insert`, oldest first.
+    gone: Mutex<VecDeque<String>>,
 }
 
 impl PeerRegistry {
@@ -76,10 +85,47 @@ impl PeerRegistry {
     }
 
     /// Registers `peer` under `key`; returns the peer it replaces.
+    ///
+    /// Also releases every other registered peer whose link broke on its own (its process
+    /// died, the connection was lost): a peer that comes back elsewhere (a restarted
+    /// process on a new port or host) is never connected under the old key again, and its
+    /// link would otherwise keep its threads and sockets for the engine's lifetime. Their
+    /// keys are remembered (bounded) so that calls by them still fail as disconnected.
     pub fn insert(&self, key: &str, peer: Arc<Peer>) -> Option<Arc<Peer>> {
         peer.set_registered(true);
-        let replaced = self.write().insert(key.to_string(), peer);
+        let (replaced, broken) = {
+            let mut peers = self.write();
+            let replaced = peers.insert(key.to_string(), peer);
+            let dead: Vec<String> = peers
+                .iter()
+                .filter(|(k, p)| k.as_str() != key && !p.link.is_alive())
+                .map(|(k, _)| k.clone())
+                .collect();
+            let broken: Vec<Arc<Peer>> = dead.iter().filter_map(|k| peers.remove(k)).collect();
+            (replaced, broken)
+        };
+        {
+            let mut gone = crate::util::lock(&self.gone);
+            gone.retain(|k| k != key);
+            for peer in &broken {
+                gone.push_back(peer.key.to_string());
+            }
+            while gone.len() > GONE_KEYS {
+                gone.pop_front();
+            }
+        }
+        // Outside the registry's lock and off the links' own threads (a shutdown joins them),
+        // as a connection replaced under its own key is shut down.
+        for peer in broken {
+            peer.set_registered(false);
+            peer.link.shutdown();
+        }
         unregistered(replaced)
+    }
+
+    /// Whether `key` named a connection that broke and was released (see `insert`).
+    pub fn is_gone(&self, key: &str) -> bool {
+        crate::util::lock(&self.gone).iter().any(|k| k == key)
     }
 
     pub fn remove(&self, key: &str) -> Option<Arc<Peer>> {

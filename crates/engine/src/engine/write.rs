@@ -2,16 +2,17 @@
 //! the submitting thread, `submitter.rs`) make its completion record, watch its deadline
 //! and hand it to the peer's link.
 
+use super::fence::Fences;
 use super::integrity::Integrity;
 use super::peers::{Peer, PeerRegistry};
 use super::watchdog::Watchdog;
 use super::{Engine, EngineInner};
 use crate::error::{Error, Result};
 use crate::plan::{self, BlockIds, PlanLimits, Run};
+use crate::transport::{check_tag, JobPlan, WriteJob};
 use crate::transport::{
     Accounting, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns,
 };
-use crate::transport::{JobPlan, WriteJob, MAX_TAG_BYTES};
 use crate::util::lock;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -318,6 +319,7 @@ impl Engine {
         self.check_open()?;
         let layer = self.inner.table.layout.check_layer(layer)?;
         check_tag(&tag)?;
+        self.inner.fences.check(peer.key(), tag.as_deref())?;
         if !std::ptr::eq(prepared.engine.as_ptr(), Arc::as_ptr(&self.inner)) {
             return Err(Error::invalid(
                 "prepared",
@@ -436,18 +438,21 @@ impl Engine {
 
     /// The peer registered under `peer_key`, when its link is usable.
     fn live_peer(&self, peer_key: &str) -> Result<Arc<Peer>> {
-        let peer = self
-            .inner
-            .peers
-            .get(peer_key)
-            .ok_or_else(|| Error::NotConnected {
+        let broken = || Error::PeerDisconnected {
+            peer: peer_key.to_string(),
+            reason: "the connection broke; connect again".into(),
+        };
+        let Some(peer) = self.inner.peers.get(peer_key) else {
+            // A broken connection released by a later connect (`PeerRegistry::insert`).
+            if self.inner.peers.is_gone(peer_key) {
+                return Err(broken());
+            }
+            return Err(Error::NotConnected {
                 peer: peer_key.to_string(),
-            })?;
-        if !peer.link.is_alive() {
-            return Err(Error::PeerDisconnected {
-                peer: peer_key.to_string(),
-                reason: "the connection broke; connect again".into(),
             });
+        };
+        if !peer.link.is_alive() {
+            return Err(broken());
         }
         Ok(peer)
     }
@@ -466,6 +471,7 @@ impl Engine {
         let layout = self.inner.table.layout;
         let layer = layout.check_layer(layer)?;
         check_tag(&tag)?;
+        self.inner.fences.check(peer.key(), tag.as_deref())?;
         let peer = self.connected(peer)?;
         let limits = PlanLimits::new(
             layout.block_number,
@@ -513,10 +519,15 @@ impl Engine {
         let queued = inner.submitter.push(call, || {
             let watchdog = Arc::clone(&inner.watchdog);
             let peers = Arc::downgrade(&inner.peers);
-            move |call: QueuedCall| call.hand_off(&watchdog, &peers)
+            let fences = Arc::clone(&inner.fences);
+            move |call: QueuedCall| call.hand_off(&watchdog, &peers, &fences)
         });
         if let Err(call) = queued {
-            call.hand_off(&inner.watchdog, &Arc::downgrade(&inner.peers));
+            call.hand_off(
+                &inner.watchdog,
+                &Arc::downgrade(&inner.peers),
+                &inner.fences,
+            );
         }
     }
 }
@@ -536,7 +547,7 @@ impl QueuedCall {
     /// Makes the call's completion record, watches its deadline and hands it to its link
     /// (or completes it at once when it has nothing to send, or fails it when it was
     /// aborted while queued).
-    fn hand_off(self, watchdog: &Arc<Watchdog>, peers: &Weak<PeerRegistry>) {
+    fn hand_off(self, watchdog: &Arc<Watchdog>, peers: &Weak<PeerRegistry>, fences: &Fences) {
         let done = counted_done(&self.write, self.on_done, self.started);
         let PreparedWrite { peer, plan, .. } = self.write;
         if let Some(abort) = &self.abort {
@@ -558,6 +569,13 @@ impl QueuedCall {
         }
         if let Some(timeout) = self.timeout {
             watchdog.watch(peers, &peer, &done, self.started, timeout);
+        }
+        // Tracked before the fences are read: a fence held after this finds the call, one
+        // held before refuses it here (both go through the same locks).
+        peer.calls.track(done.watch(), plan.tag());
+        if let Err(error) = fences.check(&peer.key, plan.tag()) {
+            let _ = done.send(Err(error));
+            return;
         }
         peer.link.submit(WriteJob { plan, done });
     }
@@ -636,15 +654,5 @@ impl CallAbort {
         // Normally already failed by the teardown; covers a link that was closed meanwhile.
         call.complete(Err(Error::Aborted));
         true
-    }
-}
-
-fn check_tag(tag: &Option<Vec<u8>>) -> Result<()> {
-    match tag {
-        Some(tag) if tag.len() > MAX_TAG_BYTES => Err(Error::invalid(
-            "tag",
-            format!("{} bytes given; at most {MAX_TAG_BYTES}", tag.len()),
-        )),
-        _ => Ok(()),
     }
 }

@@ -35,10 +35,26 @@ impl JobPlan {
             notice: self.notice.as_deref(),
         }
     }
+
+    /// The call's request tag, read from its encoded notice (fences match calls by it).
+    pub fn tag(&self) -> Option<&[u8]> {
+        self.notice.as_deref().map(crate::wire::notice_tag)
+    }
 }
 
 /// Largest request tag carried with an arrival notice.
 pub const MAX_TAG_BYTES: usize = crate::wire::MAX_NOTICE_TAG_BYTES;
+
+/// Refuses a tag longer than [`MAX_TAG_BYTES`].
+pub(crate) fn check_tag(tag: &Option<Vec<u8>>) -> crate::error::Result<()> {
+    match tag {
+        Some(tag) if tag.len() > MAX_TAG_BYTES => Err(Error::invalid(
+            "tag",
+            format!("{} bytes given; at most {MAX_TAG_BYTES}", tag.len()),
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// One `writeCache` call, planned and owned by the transport until it completes.
 #[derive(Debug)]

@@ -23,6 +23,7 @@ pub use completion::{
     CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
 };
 pub use explanation::Explanation;
+pub(crate) use job::check_tag;
 pub use job::{
     copy_op, fail, for_each_copy, Arrival, ArrivalSink, ChecksumCheck, JobPlan, JobView, WriteJob,
     MAX_TAG_BYTES,
@@ -103,6 +104,12 @@ pub(crate) trait Transport: Send + Sync {
     fn receivers(&self) -> usize {
         0
     }
+    /// Receiving side: cuts the writer named `peer_name` off, for a fence it did not
+    /// acknowledge. When this returns `Ok`, nothing that writer sent over this transport can
+    /// land in this engine's regions any more, and the writer's link breaks (it connects
+    /// again, as after a timeout); the count is of the connections cut. `Err` (a sentence):
+    /// this transport cannot stop the writer from this side; it closed what it could.
+    fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String>;
     /// Closes every connection and stops the transport's threads.
     fn shutdown(&self);
 }
@@ -133,6 +140,11 @@ pub trait Link: Send + Sync {
     fn receiver_checks(&self) -> ReceiverChecks {
         ReceiverChecks::default()
     }
+    /// The link's rails (NIC pairs) with their state and counters; empty for transports
+    /// without rails.
+    fn rails(&self) -> Vec<RailReport> {
+        Vec::new()
+    }
 }
 
 /// See [`Link::receiver_checks`].
@@ -143,4 +155,35 @@ pub struct ReceiverChecks {
     /// Every call completes only after the receiving engine answered it (after it took
     /// the notice, for a tagged call).
     pub answers_every_call: bool,
+}
+
+/// One rail of a link: a local NIC paired with one of the peer's, or a local NIC that the
+/// handshake left out (state `refused`, with the reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RailReport {
+    /// The local device (e.g. `mlx5_0`).
+    pub local: String,
+    /// The peer's device it is paired with (empty when refused).
+    pub remote: String,
+    /// `healthy`, `quarantined` (failed; waiting out its cooldown), `failed` (no more
+    /// rejoins on this connection) or `refused` (never paired).
+    pub state: &'static str,
+    /// The source GID used and the peer's GID reached (addresses), or empty.
+    pub gid: String,
+    /// The peer's GID this rail writes to.
+    pub peer_gid: String,
+    /// Active speed of the slower port of the pair, Mb/s (the weight of its share).
+    pub speed_mbps: u32,
+    /// Bytes written on this rail (completed WRITEs).
+    pub bytes: u64,
+    /// Work requests completed on this rail.
+    pub wrs: u64,
+    /// Failed work requests (and ports seen down) on this rail.
+    pub failures: u64,
+    /// Times this rail was quarantined.
+    pub quarantines: u64,
+    /// Times it came back after a quarantine.
+    pub rejoins: u64,
+    /// Why it is refused or quarantined, if it is.
+    pub reason: Option<String>,
 }

@@ -7,15 +7,18 @@ mod descriptor;
 mod notice;
 
 pub use descriptor::{Declined, Descriptor, Endpoint};
-pub use notice::{set_checksum, Notice, MAX_NOTICE_BYTES, MAX_NOTICE_TAG_BYTES};
+pub use notice::{notice_tag, set_checksum, Notice, MAX_NOTICE_BYTES, MAX_NOTICE_TAG_BYTES};
 
 /// Magic + version at the start of every descriptor.
 pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
 /// 2: a list of (transport kind, endpoint) instead of fixed per-transport fields; 3: the
 /// scale block size; 4: the tensor-parallel fields (size, rank, replication, block order);
-/// 5: the acceptor's declined offers as a typed list (no longer a note endpoint); 6: arrival
-/// notices carry the writer's shard cover and an optional checksum (`notice.rs`).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 5: the acceptor's declined offers as a typed list (no longer a note endpoint); 6: either
+/// RDMA endpoints with rails or arrival notices with the writer's shard cover (two
+/// incompatible 6s, never released together); 7: both, RDMA endpoints carry rails (several
+/// NICs, each with its GID candidates and port speed) and arrival notices carry the writer's
+/// shard cover and an optional checksum (`notice.rs`).
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).

@@ -105,6 +105,11 @@ impl Notice<'_> {
     }
 }
 
+/// The tag of an encoded notice made by [`Notice::encode`] (it is the notice's last field).
+pub fn notice_tag(encoded: &[u8]) -> &[u8] {
+    encoded.get(FIXED_BYTES..).unwrap_or(&[])
+}
+
 /// Writes `checksum` into an encoded notice (made with a placeholder before the bytes were
 /// summed).
 pub fn set_checksum(encoded: &mut [u8], checksum: u32) {
@@ -136,10 +141,13 @@ mod tests {
         for checksum in [None, Some(0), Some(0xDEAD_BEEF)] {
             let n = notice(b"req-7", checksum);
             assert_eq!(Notice::decode(&n.encode()).unwrap(), n);
+            assert_eq!(notice_tag(&n.encode()), b"req-7");
         }
         let long = [b'x'; MAX_NOTICE_TAG_BYTES];
         let encoded = notice(&long, None).encode();
         assert_eq!(encoded.len(), MAX_NOTICE_BYTES);
+        assert_eq!(notice_tag(&encoded), &long[..]);
+        assert_eq!(notice_tag(&notice(b"", None).encode()), b"");
         let mut late = notice(b"t", None).encode();
         set_checksum(&mut late, 42);
         assert_eq!(Notice::decode(&late).unwrap().checksum, Some(42));

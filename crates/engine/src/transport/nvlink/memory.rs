@@ -223,9 +223,14 @@ impl Exports {
             let mut at = region.addr;
             let mut list = Vec::new();
             while at < end {
-                let (base, size) = cuda
-                    .address_range(at)
-                    .map_err(|e| format!("{name}: the allocation at {at:#x}: {e}"))?;
+                // An imported cuMem segment is one piece, shared as its owner's descriptor.
+                let imported = table.imported_segment_at(at);
+                let (base, size) = match &imported {
+                    Some((base, bytes, _)) => (*base, *bytes as usize),
+                    None => cuda
+                        .address_range(at)
+                        .map_err(|e| format!("{name}: the allocation at {at:#x}: {e}"))?,
+                };
                 let piece = match by_base.get(&base) {
                     Some(&piece) => piece,
                     None => {
@@ -236,9 +241,16 @@ impl Exports {
                             table.imported_ipc_handle(base),
                         ) {
                             (Ok(allocation), _) => {
-                                out.fds.push(allocation.export_fd().map_err(|e| {
-                                    format!("{name} is cuMemCreate memory that cannot be shared as a POSIX file descriptor ({e}); create it with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR among requestedHandleTypes (PyTorch's expandable segments do)")
-                                })?);
+                                // Memory imported from another process's descriptor
+                                // cannot be exported again: that descriptor is passed on.
+                                let fd = match (allocation.export_fd(), imported) {
+                                    (Ok(fd), _) => fd,
+                                    (Err(_), Some((_, _, shared))) => shared.map_err(|e| {
+                                        format!("{name}: the descriptor shared for its allocation at {base:#x} cannot be duplicated ({e})")
+                                    })?,
+                                    (Err(e), None) => return Err(format!("{name} is cuMemCreate memory that cannot be shared as a POSIX file descriptor ({e}); create it with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR among requestedHandleTypes (PyTorch's expandable segments do)")),
+                                };
+                                out.fds.push(fd);
                                 Share::Fd
                             }
                             (Err(_), Some(handle)) => Share::Ipc(handle),

@@ -292,6 +292,16 @@ impl Transport for NvlinkTransport {
         self.server.connections()
     }
 
+    fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String> {
+        self.server.withdraw(peer_name);
+        if self.server.connections() == 0 {
+            return Ok(0);
+        }
+        Err(format!(
+            "over NVLink the writer's own GPU copies into this side's memory, so this side cannot stop a copy that {peer_name} queued; only its acknowledgement confirms the fence"
+        ))
+    }
+
     fn shutdown(&self) {
         self.server.shutdown();
     }

@@ -74,6 +74,11 @@ impl NvlinkServer {
         session
     }
 
+    /// Withdraws the unused admissions of `peer` (a fence cutting it off).
+    pub fn withdraw(&self, peer: &str) {
+        lock(&self.shared.admissions).retain(|_, (name, _)| name != peer);
+    }
+
     pub fn connections(&self) -> usize {
         let mut connections = lock(&self.shared.connections);
         connections.retain(|(_, thread)| !thread.is_finished());

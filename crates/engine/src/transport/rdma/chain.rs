@@ -4,7 +4,7 @@
 use super::doorbell::Doorbell;
 use super::notice::encode_slot;
 use super::state::{
-    ActiveJob, Chain, ChainKind, ChainProgress, Phase, SenderLink, Shared, CHAIN_BYTES,
+    ActiveJob, Chain, ChainKind, ChainProgress, Phase, RailState, SenderLink, Shared, CHAIN_BYTES,
     MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
 };
 use crate::error::Error;
@@ -48,14 +48,20 @@ pub(super) fn break_link(
     status: &str,
 ) {
     let reason = format!("the RDMA connection broke: {status}; connect again");
+    for rail in &link.rails {
+        rail.counters.set_state(RailState::Failed);
+        rail.counters.set_reason(Some(reason.clone()));
+    }
     let first = link.broken.is_none();
     link.broken = Some(reason.clone());
     link.alive.store(false, Ordering::SeqCst);
     if first {
         (link.on_break)(&error);
     }
-    for state in &link.qps {
-        let _ = state.qp.to_error();
+    for rail in &link.rails {
+        for state in &rail.qps {
+            let _ = state.qp.to_error();
+        }
     }
     // A chain still waiting in a posting thread must not read a buffer its failed caller
     // may free.
@@ -110,25 +116,22 @@ pub(super) fn post_link(
             job_index += 1;
             continue;
         }
-        // Pick a queue pair with room, round robin.
-        let qp_count = link.qps.len();
-        let Some(qp_index) = (0..qp_count)
-            .map(|k| (link.next_qp + k) % qp_count)
-            .find(|&i| link.qps[i].outstanding < link.qps[i].qp.caps().max_send_wr)
-        else {
+        let Some((rail_index, qp_index)) = pick_qp(link) else {
             break;
         };
+        let rail = &link.rails[rail_index];
         let room =
-            (link.qps[qp_index].qp.caps().max_send_wr - link.qps[qp_index].outstanding) as usize;
+            (rail.qps[qp_index].qp.caps().max_send_wr - rail.qps[qp_index].outstanding) as usize;
         let chain_id = link.next_chain;
         link.next_chain += 1;
         batch.clear();
         let limit = room.min(batch.capacity());
         let active = &mut link.jobs[job_index];
+        let before = active.progress.bytes;
         let finished = fill_chain(
             table,
-            &shared.region_mrs,
-            &link.remote_regions,
+            &shared.rails[rail.local].region_mrs,
+            &rail.remote_regions,
             active,
             batch,
             chain_id,
@@ -141,14 +144,15 @@ pub(super) fn post_link(
             progressed = true;
             continue;
         }
+        let bytes = active.progress.bytes - before;
         let count = batch.len() as u32;
         let seq = active.seq;
-        // SAFETY: every request reads a registered local region (lkey of its MR) that
-        // stays valid until the engine closes (and its posting threads are joined); remote
-        // ranges were bounds-checked by the planner against the peer's layout; `room` keeps
-        // outstanding ≤ max_send_wr, counted from the hand-off on.
-        let posted =
-            unsafe { doorbell.ring(link.id, seq, qp_index, &link.qps[qp_index].qp, batch) };
+        let thread = rail_index * rail.qps.len() + qp_index;
+        // SAFETY: every request reads a registered local region (lkey of its MR under this
+        // rail's device) that stays valid until the engine closes (and its posting threads
+        // are joined); remote ranges were bounds-checked by the planner against the peer's
+        // layout; `room` keeps outstanding ≤ max_send_wr, counted from the hand-off on.
+        let posted = unsafe { doorbell.ring(link.id, seq, thread, &rail.qps[qp_index].qp, batch) };
         if let Err(error) = posted {
             let status = error.to_string();
             break_link(doorbell, link, Some(seq), error, &status);
@@ -157,18 +161,54 @@ pub(super) fn post_link(
         let active = &mut link.jobs[job_index];
         active.chains_outstanding += 1;
         active.posted_all = finished;
-        let qp = &mut link.qps[qp_index];
+        let rail = &mut link.rails[rail_index];
+        rail.posted += bytes;
+        let qp_count = rail.qps.len();
+        let qp = &mut rail.qps[qp_index];
         qp.outstanding += count;
         qp.chains.push_back(Chain {
             id: chain_id,
             wrs: count,
+            bytes,
             job: seq,
             kind: ChainKind::Data,
         });
-        link.next_qp = (qp_index + 1) % qp_count;
+        rail.next_qp = (qp_index + 1) % qp_count;
         progressed = true;
     }
     progressed
+}
+
+/// The queue pair the next data chain goes to: on the healthy rail whose posted bytes are
+/// lowest for its weight (so a call's bytes split by port speed), its next queue pair with
+/// send-queue room (round robin). `None` when no healthy rail has room.
+pub(super) fn pick_qp(link: &SenderLink) -> Option<(usize, usize)> {
+    let mut best: Option<(usize, usize)> = None;
+    for (r, rail) in link.rails.iter().enumerate() {
+        if rail.counters.state() != RailState::Healthy {
+            continue;
+        }
+        let count = rail.qps.len();
+        let Some(q) = (0..count)
+            .map(|k| (rail.next_qp + k) % count)
+            .find(|&i| rail.qps[i].outstanding < rail.qps[i].qp.caps().max_send_wr)
+        else {
+            continue;
+        };
+        let better = match best {
+            None => true,
+            Some((b, _)) => {
+                let other = &link.rails[b];
+                // posted / weight < other.posted / other.weight, without division.
+                u128::from(rail.posted) * u128::from(other.weight)
+                    < u128::from(other.posted) * u128::from(rail.weight)
+            }
+        };
+        if better {
+            best = Some((r, q));
+        }
+    }
+    best
 }
 
 /// Fills `batch` with up to `limit` WRITE requests of `active` from its cursor; the last
@@ -259,6 +299,7 @@ pub fn fill_write_chain<K: Fn(usize) -> u32>(
             break;
         }
         progress.last_write = (remote_addr, rkey, len);
+        progress.bytes += len;
         chain_bytes += len;
         offset += len;
         if offset >= op.len {
@@ -284,11 +325,21 @@ pub(super) fn post_control(
     let Some(position) = link.jobs.iter().position(|j| j.seq == seq) else {
         return Ok(true);
     };
-    // Flush and notice go on queue pair 0 (ordering with data is given by waiting for it).
+    // Flush and notice go on queue pair 0 of the control rail (ordering with data is given
+    // by waiting for it).
+    let rail_index = link.control_rail();
     let qp_index = 0;
-    if link.qps[qp_index].outstanding >= link.qps[qp_index].qp.caps().max_send_wr {
-        return Ok(false);
+    {
+        let qp = &link.rails[rail_index].qps[qp_index];
+        if qp.outstanding >= qp.qp.caps().max_send_wr {
+            return Ok(false);
+        }
     }
+    let (staging_lkey, scratch_lkey) = {
+        let rail = &link.rails[rail_index];
+        (rail.staging_mr.lkey(), rail.scratch_mr.lkey())
+    };
+    let notice_ring = link.rails[rail_index].notice_ring;
     let phase = link.jobs[position].phase;
     let chain_id = link.next_chain;
     batch.clear();
@@ -297,9 +348,9 @@ pub(super) fn post_control(
             let (remote_addr, rkey, len) = link.jobs[position].progress.last_write;
             let read_len = len.min(8);
             let local = LocalBuf {
-                addr: link.scratch.addr(),
+                addr: link.scratch.as_ptr() as u64,
                 len: read_len as u32,
-                lkey: link.scratch.mr.lkey(),
+                lkey: scratch_lkey,
             };
             let remote = RemoteBuf {
                 addr: remote_addr + len - read_len,
@@ -309,7 +360,7 @@ pub(super) fn post_control(
             ChainKind::Flush
         }
         Phase::Notice => {
-            if link.notice_ring.2 == 0 {
+            if notice_ring.2 == 0 {
                 // A peer without a notice ring cannot be told; the data is there: finish.
                 if let Some(active) = link.jobs.remove(position) {
                     let _ = active.job.done.send(Ok(()));
@@ -322,22 +373,19 @@ pub(super) fn post_control(
             let notice = link.next_notice;
             link.next_notice += 1;
             let staging_slot = (notice % NOTICE_STAGING_SLOTS as u64) as usize;
-            let remote_slot = (notice % u64::from(link.notice_ring.2)) as u32;
+            let remote_slot = (notice % u64::from(notice_ring.2)) as u32;
             let active = &link.jobs[position];
             let notice = active.job.plan.notice.as_deref().unwrap_or(&[]);
             let start = staging_slot * NOTICE_SLOT_BYTES;
-            let len = encode_slot(
-                &mut link.staging.bytes[start..start + NOTICE_SLOT_BYTES],
-                notice,
-            );
+            let len = encode_slot(&mut link.staging[start..start + NOTICE_SLOT_BYTES], notice);
             let local = LocalBuf {
-                addr: link.staging.addr() + start as u64,
+                addr: link.staging.as_ptr() as u64 + start as u64,
                 len: len as u32,
-                lkey: link.staging.mr.lkey(),
+                lkey: staging_lkey,
             };
             let remote = RemoteBuf {
-                addr: link.notice_ring.0 + u64::from(remote_slot) * NOTICE_SLOT_BYTES as u64,
-                rkey: link.notice_ring.1,
+                addr: notice_ring.0 + u64::from(remote_slot) * NOTICE_SLOT_BYTES as u64,
+                rkey: notice_ring.1,
             };
             let _ = batch.push_write_with_imm(chain_id, local, remote, remote_slot, true);
             link.notices_in_flight += 1;
@@ -346,20 +394,31 @@ pub(super) fn post_control(
         Phase::Data => return Ok(true),
     };
     link.next_chain += 1;
-    // SAFETY: the scratch and staging buffers are registered and owned by the link, which
-    // outlives its queue pairs' requests (dropped together, after the QPs are destroyed
-    // and the posting threads quiesced); the remote range is the tail of a range just
-    // written, or a notice slot of the ring the peer announced; room was checked above.
-    let posted = unsafe { doorbell.ring(link.id, seq, qp_index, &link.qps[qp_index].qp, batch) };
+    let thread = rail_index * link.rails[rail_index].qps.len() + qp_index;
+    // SAFETY: the scratch and staging buffers are registered (under this rail's device)
+    // and owned by the link, which outlives its queue pairs' requests (dropped together,
+    // after the QPs are destroyed and the posting threads quiesced); the remote range is
+    // the tail of a range just written, or a notice slot of the ring the peer announced
+    // under this rail's device; room was checked above.
+    let posted = unsafe {
+        doorbell.ring(
+            link.id,
+            seq,
+            thread,
+            &link.rails[rail_index].qps[qp_index].qp,
+            batch,
+        )
+    };
     if let Err(error) = posted {
         let status = error.to_string();
         return Err((seq, error, status));
     }
-    let qp = &mut link.qps[qp_index];
+    let qp = &mut link.rails[rail_index].qps[qp_index];
     qp.outstanding += 1;
     qp.chains.push_back(Chain {
         id: chain_id,
         wrs: 1,
+        bytes: 0,
         job: seq,
         kind,
     });

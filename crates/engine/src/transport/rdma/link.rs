@@ -1,8 +1,8 @@
 //! The engine-facing handle of a sending connection.
 
-use super::state::{Command, Shared};
+use super::state::{Command, RailInfo, Shared};
 use crate::error::Error;
-use crate::transport::{fail, Link, TransportKind, WriteJob};
+use crate::transport::{fail, Link, RailReport, TransportKind, WriteJob};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -15,6 +15,10 @@ pub(crate) struct RdmaLink {
     /// Held for the whole removal, so that a concurrent `shutdown`/`cancel` returns only
     /// once the queue pairs are destroyed too.
     pub(super) removed: Mutex<bool>,
+    /// The rail pairs, with their counters.
+    pub(super) rails: Vec<RailInfo>,
+    /// Local rails the acceptor did not pair, and why.
+    pub(super) refused: Vec<(String, String)>,
 }
 
 impl RdmaLink {
@@ -63,5 +67,46 @@ impl Link for RdmaLink {
 
     fn kind(&self) -> TransportKind {
         TransportKind::Rdma
+    }
+
+    fn rails(&self) -> Vec<RailReport> {
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        let mut out: Vec<RailReport> = self
+            .rails
+            .iter()
+            .map(|rail| {
+                let c = &rail.counters;
+                let state = c.state();
+                RailReport {
+                    local: rail.local.clone(),
+                    remote: rail.remote.clone(),
+                    state: state.name(),
+                    gid: rail.gid.clone(),
+                    peer_gid: rail.peer_gid.clone(),
+                    speed_mbps: rail.speed_mbps,
+                    bytes: load(&c.bytes),
+                    wrs: load(&c.wrs),
+                    failures: load(&c.failures),
+                    quarantines: load(&c.quarantines),
+                    rejoins: load(&c.rejoins),
+                    reason: c.reason(),
+                }
+            })
+            .collect();
+        out.extend(self.refused.iter().map(|(local, why)| RailReport {
+            local: local.clone(),
+            remote: String::new(),
+            state: "refused",
+            gid: String::new(),
+            peer_gid: String::new(),
+            speed_mbps: 0,
+            bytes: 0,
+            wrs: 0,
+            failures: 0,
+            quarantines: 0,
+            rejoins: 0,
+            reason: Some(why.clone()),
+        }));
+        out
     }
 }

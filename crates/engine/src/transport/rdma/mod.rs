@@ -15,19 +15,23 @@
 //! completion there. The progress thread blocks on the completion channel when idle.
 
 mod chain;
+mod details;
 mod device;
 mod doorbell;
 mod endpoint;
 mod gpu_mr;
+mod health;
 pub(crate) mod inventory;
 mod link;
 mod notice;
 mod progress;
+mod rail;
+mod route;
 mod state;
 
 pub use chain::{fill_write_chain, ChainTarget};
-pub use device::RdmaDetails;
-pub use endpoint::{QpEndpoint, RdmaEndpoint};
+pub use details::{RdmaDetails, RdmaRailDetails};
+pub use endpoint::{GidCandidate, QpEndpoint, RailEndpoint, RdmaEndpoint};
 pub use notice::decode_notice;
 pub use state::{tuning, ChainCursor, ChainProgress, MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT};
 pub(crate) use state::{PendingQps, RdmaDevice};
@@ -75,7 +79,7 @@ impl Transport for RdmaTransport {
 
     fn offer(&self, peer_key: &str) -> Result<Vec<u8>> {
         let pending = self.device.create_qps()?;
-        let endpoint = self.device.endpoint(&pending, (0, 0, 0)).encode();
+        let endpoint = self.device.offer(&pending).encode();
         self.offered().insert(peer_key.to_string(), pending);
         Ok(endpoint)
     }
@@ -83,25 +87,12 @@ impl Transport for RdmaTransport {
     fn check_peer(&self, theirs: &[u8]) -> std::result::Result<(), String> {
         let theirs = RdmaEndpoint::decode(theirs)
             .map_err(|e| format!("the peer's RDMA endpoint is malformed: {e}"))?;
-        let layer = |infiniband| if infiniband { "InfiniBand" } else { "RoCE" };
-        let ours = self.device.infiniband();
-        if theirs.infiniband != ours {
-            return Err(format!(
-                "the peer's port is {} but this side's ({}) is {}",
-                layer(theirs.infiniband),
-                self.device.device_name(),
-                layer(ours)
-            ));
-        }
-        Ok(())
+        self.device.check_peer(&theirs)
     }
 
     fn accept(&self, peer: AcceptingPeer<'_>, theirs: &[u8]) -> Result<Vec<u8>> {
         let theirs = RdmaEndpoint::decode(theirs).map_err(|e| Error::protocol(peer.name, e.0))?;
-        let pending = self.device.create_qps()?;
-        let ours = self
-            .device
-            .accept(peer.name, peer.instance_id, pending, &theirs)?;
+        let ours = self.device.accept(peer.name, peer.instance_id, &theirs)?;
         Ok(ours.encode())
     }
 
@@ -135,6 +126,10 @@ impl Transport for RdmaTransport {
             ),
             details: TransportDetails::Rdma(details),
         }
+    }
+
+    fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String> {
+        Ok(self.device.isolate(peer_name))
     }
 
     fn shutdown(&self) {

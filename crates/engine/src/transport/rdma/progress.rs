@@ -2,10 +2,11 @@
 
 use super::chain::{break_link, finish_phase, post_link};
 use super::doorbell::Doorbell;
+use super::health::{check_ports, quarantine, rejoin, survivable, try_rejoin, PORT_CHECK};
 use super::notice::decode_notice;
 use super::state::{
-    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink, SenderLink, Shared,
-    NOTICE_SLOTS, NOTICE_SLOT_BYTES,
+    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, RailState, ReceiverLink,
+    SenderLink, Shared, NOTICE_SLOTS, NOTICE_SLOT_BYTES,
 };
 use crate::error::Error;
 use crate::transport::{fail, Arrival, ChecksumCheck};
@@ -20,12 +21,14 @@ pub(super) struct Worker {
     shared: Arc<Shared>,
     senders: HashMap<u64, SenderLink>,
     receivers: Vec<ReceiverLink>,
-    /// qp_num → sender link id and queue-pair index.
-    send_qps: HashMap<u32, (u64, usize)>,
-    /// qp_num → index into `receivers`.
-    recv_qps: HashMap<u32, usize>,
+    /// (local rail, qp_num) → sender link id, its rail index and queue-pair index.
+    send_qps: HashMap<(usize, u32), (u64, usize, usize)>,
+    /// (local rail, qp_num) → index into `receivers`.
+    recv_qps: HashMap<(usize, u32), usize>,
     batch: SendBatch,
     completions: Vec<WorkCompletion>,
+    /// When the ports' states were last looked at (rail health).
+    last_check: std::time::Instant,
     /// Dropped after the senders (field order): the posting threads are joined while the
     /// eventfd in `shared` is still open.
     doorbell: Doorbell,
@@ -41,6 +44,7 @@ impl Worker {
             recv_qps: HashMap::new(),
             batch: SendBatch::with_capacity(tuning().chain_wrs),
             completions: vec![WorkCompletion::default(); 64],
+            last_check: std::time::Instant::now(),
             doorbell,
         }
     }
@@ -57,6 +61,7 @@ impl Worker {
                 }
             }
             progressed |= self.break_failed_posts();
+            self.check_health();
             progressed |= self.post_all();
             progressed |= self.poll_send();
             progressed |= self.poll_recv();
@@ -74,15 +79,20 @@ impl Worker {
         }
     }
 
-    /// Arms both CQs, re-polls, then sleeps until a completion or a command arrives.
+    /// Arms every rail's CQs, re-polls, then sleeps until a completion or a command
+    /// arrives (or 100 ms pass: rail health is checked then).
     fn block(&mut self) {
-        let armed = self
-            .shared
-            .send_cq
-            .request_notify()
-            .and_then(|()| self.shared.recv_cq.request_notify());
-        if let Err(e) = armed {
-            crate::log::log_error!("rdma: cannot arm completion queues: {e}");
+        for rail in &self.shared.rails {
+            let armed = rail
+                .send_cq
+                .request_notify()
+                .and_then(|()| rail.recv_cq.request_notify());
+            if let Err(e) = armed {
+                crate::log::log_error!(
+                    "rdma: cannot arm completion queues of {}: {e}",
+                    rail.name()
+                );
+            }
         }
         if self.poll_send() | self.poll_recv() {
             return;
@@ -90,32 +100,37 @@ impl Worker {
         if !crate::util::lock(&self.shared.commands).is_empty() {
             return;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: self.shared.wake_fd,
+        let mut fds = vec![libc::pollfd {
+            fd: self.shared.wake_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        for rail in &self.shared.rails {
+            fds.push(libc::pollfd {
+                fd: rail.channel.fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            },
-            libc::pollfd {
-                fd: self.shared.channel.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a live array of two pollfd structs.
-        unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+            });
+        }
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         let mut counter = 0u64;
         // SAFETY: reading 8 bytes into a live u64 from our non-blocking eventfd.
         unsafe { libc::read(self.shared.wake_fd, (&mut counter as *mut u64).cast(), 8) };
-        while let Ok(Some(_)) = self.shared.channel.get_event() {}
+        for rail in &self.shared.rails {
+            while let Ok(Some(_)) = rail.channel.get_event() {}
+        }
     }
 
     /// Returns false on shutdown.
     fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::AddSender(link) => {
-                for (index, state) in link.qps.iter().enumerate() {
-                    self.send_qps.insert(state.qp.qp_num(), (link.id, index));
+                for (r, rail) in link.rails.iter().enumerate() {
+                    for (index, state) in rail.qps.iter().enumerate() {
+                        self.send_qps
+                            .insert((rail.local, state.qp.qp_num()), (link.id, r, index));
+                    }
                 }
                 self.senders.insert(link.id, *link);
             }
@@ -129,12 +144,7 @@ impl Worker {
                     self.receivers.swap_remove(old);
                 }
                 self.receivers.push(*link);
-                self.recv_qps.clear();
-                for (index, receiver) in self.receivers.iter().enumerate() {
-                    for qp in &receiver.qps {
-                        self.recv_qps.insert(qp.qp_num(), index);
-                    }
-                }
+                self.index_receivers();
             }
             Command::Submit(id, job) => match self.senders.get_mut(&id) {
                 Some(link) if link.broken.is_none() => {
@@ -160,9 +170,11 @@ impl Worker {
             },
             Command::RemoveSender(id, error, done) => {
                 if let Some(mut link) = self.senders.remove(&id) {
-                    for state in &link.qps {
-                        let _ = state.qp.to_error();
-                        self.send_qps.remove(&state.qp.qp_num());
+                    for rail in &link.rails {
+                        for state in &rail.qps {
+                            let _ = state.qp.to_error();
+                            self.send_qps.remove(&(rail.local, state.qp.qp_num()));
+                        }
                     }
                     link.alive.store(false, Ordering::SeqCst);
                     let jobs: Vec<ActiveJob> = link.jobs.drain(..).collect();
@@ -179,15 +191,46 @@ impl Worker {
                 }
                 let _ = done.send(());
             }
+            Command::Isolate(writer, done) => {
+                let _ = done.send(self.isolate(&writer));
+            }
             Command::Shutdown => return false,
         }
         true
     }
 
+    /// Cuts the writer named `writer` off: its receiving queue pairs go to the error state
+    /// (incoming WRITEs then fail) and are destroyed with their links (no DMA after that).
+    fn isolate(&mut self, writer: &str) -> usize {
+        let before = self.receivers.len();
+        self.receivers.retain(|receiver| {
+            if receiver.peer_name != writer {
+                return true;
+            }
+            for (_, qp) in &receiver.qps {
+                let _ = qp.to_error();
+            }
+            false
+        });
+        self.index_receivers();
+        before - self.receivers.len()
+    }
+
+    fn index_receivers(&mut self) {
+        self.recv_qps.clear();
+        for (index, receiver) in self.receivers.iter().enumerate() {
+            for (rail, qp) in &receiver.qps {
+                self.recv_qps.insert((*rail, qp.qp_num()), index);
+            }
+        }
+    }
+
     fn stop(&mut self) {
         for link in self.senders.values() {
-            for state in &link.qps {
-                let _ = state.qp.to_error();
+            for rail in &link.rails {
+                for state in &rail.qps {
+                    let _ = state.qp.to_error();
+                }
             }
         }
         self.doorbell.quiesce();
@@ -206,8 +249,55 @@ impl Worker {
                 Command::RemoveSender(_, _, done) => {
                     let _ = done.send(());
                 }
+                Command::Isolate(_, done) => {
+                    let _ = done.send(0);
+                }
                 _ => {}
             }
+        }
+    }
+
+    /// Every `PORT_CHECK`, when a link has several rails: quarantines rails whose port went
+    /// down, and tries quarantined ones whose cooldown passed.
+    fn check_health(&mut self) {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.last_check) < PORT_CHECK {
+            return;
+        }
+        self.last_check = now;
+        if self.senders.values().all(|link| link.rails.len() < 2) {
+            return;
+        }
+        let down: Vec<bool> = self
+            .shared
+            .rails
+            .iter()
+            .map(|rail| {
+                !rail
+                    .context
+                    .query_port(rail.port)
+                    .is_ok_and(|p| p.state_active)
+            })
+            .collect();
+        for link in self.senders.values_mut() {
+            if link.rails.len() < 2 || link.broken.is_some() {
+                continue;
+            }
+            check_ports(
+                &self.shared,
+                &self.doorbell,
+                &mut self.send_qps,
+                link,
+                &down,
+            );
+            try_rejoin(
+                &self.doorbell,
+                &mut self.send_qps,
+                link,
+                &down,
+                &mut self.batch,
+                now,
+            );
         }
     }
 
@@ -235,17 +325,22 @@ impl Worker {
     }
 
     fn poll_send(&mut self) -> bool {
-        let cq = Arc::clone(&self.shared.send_cq);
-        self.drain(&cq, "send", Self::on_send_completion)
+        let mut any = false;
+        for rail in 0..self.shared.rails.len() {
+            let cq = Arc::clone(&self.shared.rails[rail].send_cq);
+            any |= self.drain(rail, &cq, "send", Self::on_send_completion);
+        }
+        any
     }
 
-    /// Polls `cq` until it is empty, handing every completion to `handle`. Returns whether
-    /// there was any.
+    /// Polls `cq` (of local rail `rail`) until it is empty, handing every completion to
+    /// `handle`. Returns whether there was any.
     fn drain(
         &mut self,
+        rail: usize,
         cq: &CompletionQueue,
         which: &str,
-        handle: fn(&mut Self, &WorkCompletion),
+        handle: fn(&mut Self, usize, &WorkCompletion),
     ) -> bool {
         let mut any = false;
         loop {
@@ -262,13 +357,14 @@ impl Worker {
             any = true;
             for i in 0..n {
                 let wc = self.completions[i];
-                handle(self, &wc);
+                handle(self, rail, &wc);
             }
         }
     }
 
-    fn on_send_completion(&mut self, wc: &WorkCompletion) {
-        let Some(&(link_id, qp_index)) = self.send_qps.get(&wc.qp_num) else {
+    fn on_send_completion(&mut self, local_rail: usize, wc: &WorkCompletion) {
+        let Some(&(link_id, rail_index, qp_index)) = self.send_qps.get(&(local_rail, wc.qp_num))
+        else {
             return;
         };
         let Some(link) = self.senders.get_mut(&link_id) else {
@@ -279,6 +375,22 @@ impl Worker {
         }
         if !wc.is_success() {
             let status = verbs::wc_status_text(wc.status).to_string();
+            let probing = link.rails[rail_index].counters.state() == RailState::Quarantined;
+            if probing || survivable(link, rail_index) {
+                link.rails[rail_index]
+                    .counters
+                    .failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let reason = format!("a work request failed: {status}");
+                quarantine(
+                    &self.doorbell,
+                    &mut self.send_qps,
+                    link,
+                    rail_index,
+                    &reason,
+                );
+                return;
+            }
             let error = Error::RdmaCompletion {
                 peer: link.peer.clone(),
                 status: status.clone(),
@@ -287,7 +399,11 @@ impl Worker {
             };
             crate::log::log_error!("{error}");
             // The failing request's chain names the call it belongs to.
-            let failing_job = link.qps[qp_index]
+            link.rails[rail_index]
+                .counters
+                .failures
+                .fetch_add(1, Ordering::Relaxed);
+            let failing_job = link.rails[rail_index].qps[qp_index]
                 .chains
                 .iter()
                 .find(|c| c.id == wc.wr_id)
@@ -295,7 +411,8 @@ impl Worker {
             break_link(&self.doorbell, link, failing_job, error, &status);
             return;
         }
-        let qp = &mut link.qps[qp_index];
+        let rail = &mut link.rails[rail_index];
+        let qp = &mut rail.qps[qp_index];
         let Some(chain) = qp.chains.pop_front() else {
             let reason = "completion for no posted chain".to_string();
             let error = Error::protocol(link.peer.clone(), reason.clone());
@@ -312,8 +429,16 @@ impl Worker {
             return;
         }
         qp.outstanding -= chain.wrs;
-        if let ChainKind::Notice { .. } = chain.kind {
-            link.notices_in_flight -= 1;
+        rail.counters
+            .bytes
+            .fetch_add(chain.bytes, Ordering::Relaxed);
+        rail.counters
+            .wrs
+            .fetch_add(u64::from(chain.wrs), Ordering::Relaxed);
+        match chain.kind {
+            ChainKind::Notice { .. } => link.notices_in_flight -= 1,
+            ChainKind::Probe => return rejoin(link, rail_index),
+            _ => {}
         }
         let Some(position) = link.jobs.iter().position(|j| j.seq == chain.job) else {
             return;
@@ -323,16 +448,20 @@ impl Worker {
     }
 
     fn poll_recv(&mut self) -> bool {
-        let cq = Arc::clone(&self.shared.recv_cq);
-        self.drain(&cq, "receive", Self::on_recv_completion)
+        let mut any = false;
+        for rail in 0..self.shared.rails.len() {
+            let cq = Arc::clone(&self.shared.rails[rail].recv_cq);
+            any |= self.drain(rail, &cq, "receive", Self::on_recv_completion);
+        }
+        any
     }
 
-    fn on_recv_completion(&mut self, wc: &WorkCompletion) {
+    fn on_recv_completion(&mut self, rail: usize, wc: &WorkCompletion) {
         if wc.status == verbs::WC_STATUS_WR_FLUSH_ERR {
             return; // a receive queue being torn down
         }
         if wc.is_success() {
-            self.deliver_notice(wc);
+            self.deliver_notice(rail, wc);
         } else {
             crate::log::log_error!(
                 "rdma: notice receive failed: {} (status {})",
@@ -341,13 +470,13 @@ impl Worker {
             );
         }
         // Repost only after the slot was read: until then the sender cannot reuse it.
-        if let Err(e) = self.shared.srq.post_recv(wc.wr_id) {
+        if let Err(e) = self.shared.rails[rail].srq.post_recv(wc.wr_id) {
             crate::log::log_error!("rdma: cannot repost a notice receive: {e}");
         }
     }
 
-    fn deliver_notice(&self, wc: &WorkCompletion) {
-        let Some(&index) = self.recv_qps.get(&wc.qp_num) else {
+    fn deliver_notice(&self, rail: usize, wc: &WorkCompletion) {
+        let Some(&index) = self.recv_qps.get(&(rail, wc.qp_num)) else {
             return;
         };
         let Some(slot) = wc.imm_data else { return };

@@ -4,6 +4,7 @@
 //! modules import by name.
 
 use super::endpoint::QpEndpoint;
+use super::route::LocalGid;
 use crate::config::RdmaSettings;
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
@@ -13,7 +14,7 @@ use kvtransfer_verbs::{
     SharedReceiveQueue,
 };
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -109,29 +110,47 @@ impl OwnedRegion {
     }
 }
 
-/// The device side of one engine: context, PD, the regions registered once, the shared
-/// completion queues and the progress thread.
+/// The device side of one engine: its rails, the regions registered once per rail, the
+/// progress thread.
 pub(crate) struct RdmaDevice {
     pub(super) shared: Arc<Shared>,
     pub(super) thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-pub(super) struct Shared {
+/// One rail: an RDMA device port with its protection domain, the regions registered under
+/// it, its completion queues and its shared receive queue (arrival notices).
+pub(super) struct Rail {
     pub(super) context: Arc<Context>,
     pub(super) pd: Arc<ProtectionDomain>,
     pub(super) port: u8,
-    pub(super) gid_index: u8,
-    pub(super) gid: [u8; 16],
     pub(super) lid: u16,
     pub(super) mtu: u32,
     pub(super) infiniband: bool,
-    pub(super) settings: RdmaSettings,
-    pub(super) table: Arc<RegionTable>,
+    /// The port's active speed (Mb/s): the weight of this rail's share of a call's bytes.
+    pub(super) speed_mbps: u32,
+    /// The GIDs this rail may use, most preferred first (`route.rs`).
+    pub(super) gids: Vec<LocalGid>,
+    /// Whether KVCACHE_RDMA_GID_INDEX forced the GID.
+    pub(super) forced_gid: bool,
+    /// Why the first GID is preferred (for the doctor and the decision log).
+    pub(super) gid_reason: String,
     pub(super) region_mrs: Vec<MemoryRegion>,
     pub(super) send_cq: Arc<CompletionQueue>,
     pub(super) recv_cq: Arc<CompletionQueue>,
     pub(super) srq: Arc<SharedReceiveQueue>,
     pub(super) channel: Arc<CompletionChannel>,
+}
+
+impl Rail {
+    pub(super) fn name(&self) -> &str {
+        self.context.name()
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) rails: Vec<Rail>,
+    pub(super) settings: RdmaSettings,
+    pub(super) table: Arc<RegionTable>,
     pub(super) commands: Mutex<VecDeque<Command>>,
     pub(super) wake_fd: libc::c_int,
     pub(super) next_link: AtomicU64,
@@ -152,6 +171,9 @@ pub(super) enum Command {
     /// Moves the link's queue pairs to the error state, destroys them and fails its jobs
     /// with the error (or `Closed`), then answers.
     RemoveSender(u64, Option<Error>, mpsc::Sender<()>),
+    /// Receiving side, for a fence: moves the queue pairs of every receiver link of the
+    /// named writer to the error state and destroys them, then answers how many links.
+    Isolate(String, mpsc::Sender<usize>),
     Shutdown,
 }
 
@@ -169,9 +191,10 @@ impl Shared {
     }
 }
 
-/// Queue pairs created for a peer, before they are connected.
+/// Queue pairs created for a peer, before they are connected: per local rail (indexed as
+/// `Shared::rails`), each with its initial PSN.
 pub(crate) struct PendingQps {
-    pub(super) qps: Vec<(QueuePair, u32)>,
+    pub(super) rails: Vec<Vec<(QueuePair, u32)>>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -190,6 +213,8 @@ pub(super) struct QpState {
 pub(super) struct Chain {
     pub(super) id: u64,
     pub(super) wrs: u32,
+    /// Bytes its requests carry (counted on the rail when it completes).
+    pub(super) bytes: u64,
     pub(super) job: u64,
     pub(super) kind: ChainKind,
 }
@@ -198,7 +223,11 @@ pub(super) struct Chain {
 pub(super) enum ChainKind {
     Data,
     Flush,
-    Notice { staging_slot: usize },
+    Notice {
+        staging_slot: usize,
+    },
+    /// The READ that tries a quarantined rail's next queue pairs before it rejoins.
+    Probe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +248,8 @@ pub struct ChainProgress {
     pub cursor: ChainCursor,
     /// The last remote range written: (address, rkey, length in bytes).
     pub last_write: (u64, u32, u64),
+    /// Bytes of WRITEs filled so far.
+    pub bytes: u64,
 }
 
 pub(super) struct ActiveJob {
@@ -231,17 +262,108 @@ pub(super) struct ActiveJob {
     pub(super) phase: Phase,
 }
 
-pub(super) struct SenderLink {
-    pub(super) id: u64,
-    pub(super) peer: String,
+/// A rail's health as the writer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum RailState {
+    Healthy = 0,
+    Quarantined = 1,
+    Failed = 2,
+}
+
+impl RailState {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            RailState::Healthy => "healthy",
+            RailState::Quarantined => "quarantined",
+            RailState::Failed => "failed",
+        }
+    }
+
+    fn from_u8(v: u8) -> RailState {
+        match v {
+            0 => RailState::Healthy,
+            1 => RailState::Quarantined,
+            _ => RailState::Failed,
+        }
+    }
+}
+
+/// One rail pair's counters, shared by the progress thread (writes) and the link handle
+/// (reports).
+#[derive(Debug, Default)]
+pub(crate) struct RailCounters {
+    pub(crate) bytes: AtomicU64,
+    pub(crate) wrs: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) quarantines: AtomicU64,
+    pub(crate) rejoins: AtomicU64,
+    state: AtomicU8,
+    reason: Mutex<Option<String>>,
+}
+
+impl RailCounters {
+    pub(crate) fn state(&self) -> RailState {
+        RailState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_state(&self, state: RailState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Why the rail is out of service (None while healthy).
+    pub(crate) fn reason(&self) -> Option<String> {
+        crate::util::lock(&self.reason).clone()
+    }
+
+    pub(crate) fn set_reason(&self, reason: Option<String>) {
+        *crate::util::lock(&self.reason) = reason;
+    }
+}
+
+/// What a link reports of one of its rails (fixed at connect, plus the counters).
+#[derive(Debug, Clone)]
+pub(crate) struct RailInfo {
+    pub(crate) local: String,
+    pub(crate) remote: String,
+    pub(crate) gid: String,
+    pub(crate) peer_gid: String,
+    pub(crate) speed_mbps: u32,
+    pub(crate) counters: Arc<RailCounters>,
+}
+
+/// One rail pair of a sending link: its queue pairs and the peer's keys under its device.
+pub(super) struct SendRail {
+    /// Index into `Shared::rails`.
+    pub(super) local: usize,
     pub(super) qps: Vec<QpState>,
     pub(super) next_qp: usize,
     pub(super) remote_regions: Vec<(u64, u32)>,
     pub(super) notice_ring: (u64, u32, u32),
+    /// Share weight (the slower port's speed of the pair).
+    pub(super) weight: u64,
+    /// Bytes posted on this rail (the split keeps posted / weight level across rails).
+    pub(super) posted: u64,
+    pub(super) staging_mr: MemoryRegion,
+    pub(super) scratch_mr: MemoryRegion,
+    pub(super) counters: Arc<RailCounters>,
+    /// Queue pairs connected at the handshake and not used yet: a quarantined rail rejoins
+    /// on the next set (its failed ones are in the error state for good).
+    pub(super) spares: VecDeque<Vec<QpState>>,
+    /// While quarantined: when the next probe may run, and the cooldown after that.
+    pub(super) retry_at: std::time::Instant,
+    pub(super) cooldown: std::time::Duration,
+}
+
+pub(super) struct SenderLink {
+    pub(super) id: u64,
+    pub(super) peer: String,
+    /// Dropped before the buffers below (field order): its MRs register them.
+    pub(super) rails: Vec<SendRail>,
     pub(super) next_notice: u64,
     pub(super) notices_in_flight: usize,
-    pub(super) staging: OwnedRegion,
-    pub(super) scratch: OwnedRegion,
+    pub(super) staging: Box<[u8]>,
+    pub(super) scratch: Box<[u8]>,
     pub(super) jobs: VecDeque<ActiveJob>,
     pub(super) next_job: u64,
     pub(super) next_chain: u64,
@@ -253,9 +375,38 @@ pub(super) struct SenderLink {
     pub(super) on_break: BreakHook,
 }
 
+impl SenderLink {
+    /// The rail that carries flush reads and notices: the first healthy one.
+    pub(super) fn control_rail(&self) -> usize {
+        self.rails
+            .iter()
+            .position(|r| r.counters.state() == RailState::Healthy)
+            .unwrap_or(0)
+    }
+}
+
 pub(super) struct ReceiverLink {
     pub(super) peer_name: String,
     pub(super) instance: u64,
-    pub(super) qps: Vec<QueuePair>,
+    /// (local rail index, queue pair).
+    pub(super) qps: Vec<(usize, QueuePair)>,
+    /// The ring registered under the other rails' devices (only held: dropped before
+    /// `ring`, whose bytes they register).
+    pub(super) _ring_mrs: Vec<MemoryRegion>,
     pub(super) ring: OwnedRegion,
+}
+
+/// Registers `len` bytes at `ptr` (a buffer the caller owns) under `pd`.
+///
+/// # Safety
+/// The buffer stays allocated until the returned region is dropped.
+pub(super) unsafe fn register_buffer(
+    pd: &Arc<ProtectionDomain>,
+    ptr: *mut u8,
+    len: usize,
+    access: Access,
+) -> Result<MemoryRegion> {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { MemoryRegion::register(pd, ptr, len, access) }
+        .map_err(|e| rdma_err("ibv_reg_mr (engine buffer)", e))
 }

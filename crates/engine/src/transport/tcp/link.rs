@@ -1,38 +1,87 @@
-//! Sending side: one writer thread per link turns jobs into `WRITE` + `COMMIT` frames;
-//! an ack-reader thread completes them in order as `ACK`s come back.
+//! Sending side of one link. The submitting thread turns each job into `WRITE` + `COMMIT`
+//! frames and writes them itself (non-blocking `writev`); what does not fit the socket's
+//! send buffer is queued and written by the transport's send loop (`sender.rs`) as room
+//! frees up. The same loop reads the `ACK`s and completes the jobs in order.
 
+use super::batch::FrameBatch;
 use super::frame::{self, Header};
-use super::io::{set_socket_options, writev_all};
+use super::io::{set_socket_options, write_all_waiting, write_some};
+use super::sender::{Readiness, SendLoop};
 use super::{lock, sockopt, staging, MAX_FRAME_PAYLOAD};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
-use crate::transport::{
-    fail, for_each_copy, BreakHook, Done, JobView, Link, TransportKind, WriteJob,
-};
+use crate::transport::{fail, BreakHook, Done, JobPlan, Link, TransportKind, WriteJob};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
+
+/// What only the thread writing to the socket touches.
+struct Outbox {
+    call_id: u64,
+    /// Frames of the job being written, reused from job to job; `first`: its first iovec
+    /// not yet written whole.
+    batch: FrameBatch,
+    first: usize,
+    /// The job `batch` was built for, while some of its frames are unwritten (the tag
+    /// its last iovec may point at lives in it).
+    current: Option<JobPlan>,
+    /// Jobs waiting behind it (their frames are built when their turn comes).
+    queue: VecDeque<(u64, JobPlan)>,
+    device: staging::SendStaging,
+    /// Set by `cancel` and `shutdown`: nothing more may be written.
+    closed: bool,
+}
+
+impl Outbox {
+    /// Jobs are waiting for room in the send buffer.
+    fn busy(&self) -> bool {
+        self.current.is_some() || !self.queue.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.current = None;
+        self.queue.clear();
+    }
+}
+
+/// Acknowledgement bytes read but not yet parsed (a frame cut by the reads).
+struct Acks {
+    bytes: Vec<u8>,
+}
 
 struct LinkState {
     peer: String,
+    stream: TcpStream,
+    table: Arc<RegionTable>,
     alive: AtomicBool,
     /// Jobs written and awaiting their ACK, in stream order.
     pending: Mutex<VecDeque<(u64, Done)>>,
-    /// Set by `cancel`: the link's threads only mark it dead; the canceller fails the
-    /// pending jobs once the writer has stopped.
+    /// Set by `cancel`: the loop only marks the link dead; the canceller fails the
+    /// pending jobs once nothing can be written any more.
     cancelling: Mutex<Option<Error>>,
     /// Told when the link breaks on its own (not for `cancel`, which marks it dead first).
     on_break: BreakHook,
+    out: Mutex<Outbox>,
+    acks: Mutex<Acks>,
+    /// The loop saw room in the send buffer while another thread held `out`: whoever
+    /// holds it next continues the queue.
+    kick: AtomicBool,
+    /// Its token with the send loop (0 until registered).
+    token: AtomicUsize,
+    send_loop: Arc<SendLoop>,
 }
 
 impl LinkState {
     /// Marks the link broken and fails every pending job with `error` (unless a cancel
     /// is tearing it down: then the canceller fails them, after the teardown).
     fn break_link(&self, error: &Error) {
+        self.send_loop
+            .remove(self.stream.as_raw_fd(), self.token.load(Ordering::SeqCst));
+        let _ = self.stream.shutdown(Shutdown::Both);
         if lock(&self.cancelling).is_some() {
             self.alive.store(false, Ordering::SeqCst);
             return;
@@ -67,19 +116,230 @@ impl LinkState {
             reason: reason.into(),
         }
     }
+
+    /// Why a job cannot be sent on a dead link.
+    fn refusal(&self) -> Error {
+        lock(&self.cancelling)
+            .as_ref()
+            .map(Error::clone)
+            .unwrap_or_else(|| self.disconnected("the connection is broken; connect again"))
+    }
+
+    fn write_failed(&self, e: std::io::Error) {
+        self.break_link(&Error::io(self.peer.clone(), "data write", e));
+    }
+
+    /// Writes queued jobs until none is left or the send buffer is full.
+    fn continue_queue(&self, out: &mut Outbox) {
+        let fd = self.stream.as_raw_fd();
+        loop {
+            if out.closed {
+                return out.clear();
+            }
+            if out.current.is_some() {
+                match write_some(fd, &mut out.batch.iovecs, &mut out.first) {
+                    Ok(true) => out.current = None,
+                    Ok(false) => return,
+                    Err(e) => {
+                        out.clear();
+                        return self.write_failed(e);
+                    }
+                }
+            }
+            let Some((call_id, plan)) = out.queue.pop_front() else {
+                return;
+            };
+            out.batch.build(&self.table, plan.view(), call_id);
+            out.first = 0;
+            out.current = Some(plan);
+        }
+    }
+
+    /// Writes every queued job, waiting for room (before a staged job, which is written
+    /// with waits).
+    fn flush_waiting(&self, out: &mut Outbox) -> std::io::Result<()> {
+        let fd = self.stream.as_raw_fd();
+        if out.current.take().is_some() {
+            write_all_waiting(fd, &mut out.batch.iovecs[out.first..])?;
+        }
+        while let Some((call_id, plan)) = out.queue.pop_front() {
+            out.batch.build(&self.table, plan.view(), call_id);
+            write_all_waiting(fd, &mut out.batch.iovecs)?;
+        }
+        Ok(())
+    }
+
+    /// Continues the queue if the loop asked for it and `out` is free; called by the loop
+    /// and by every thread right after it released `out`, so no wake-up is lost.
+    fn drain_if_kicked(&self) {
+        while self.kick.load(Ordering::SeqCst) {
+            let mut out = match self.out.try_lock() {
+                Ok(out) => out,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            self.kick.store(false, Ordering::SeqCst);
+            self.continue_queue(&mut out);
+        }
+    }
+
+    fn send(&self, out: &mut MutexGuard<'_, Outbox>, job: WriteJob) {
+        if out.closed || !self.alive.load(Ordering::SeqCst) {
+            return fail(job.done, self.refusal());
+        }
+        out.call_id += 1;
+        let call_id = out.call_id;
+        let staged = staging::layer_has_device(&self.table, job.plan.layer);
+        lock(&self.pending).push_back((call_id, job.done));
+        let fd = self.stream.as_raw_fd();
+        if staged {
+            // GPU regions go through pinned staging (staging.rs), written with waits for
+            // room on this thread, after every job queued before it.
+            let out = &mut **out;
+            if let Err(e) = self.flush_waiting(out) {
+                out.clear();
+                return self.write_failed(e);
+            }
+            let write = &mut |iovecs: &mut [libc::iovec]| write_all_waiting(fd, iovecs);
+            let view = job.plan.view();
+            if let Err(e) = out
+                .device
+                .send(&self.table, view, call_id, write, &self.peer)
+            {
+                self.break_link(&e);
+            }
+            return;
+        }
+        if out.busy() {
+            self.continue_queue(out);
+        }
+        if out.busy() {
+            // Still no room: its frames are built when its turn comes.
+            return out.queue.push_back((call_id, job.plan));
+        }
+        out.batch.build(&self.table, job.plan.view(), call_id);
+        out.first = 0;
+        let out = &mut **out;
+        match write_some(fd, &mut out.batch.iovecs, &mut out.first) {
+            Ok(true) => {}
+            Ok(false) => out.current = Some(job.plan),
+            Err(e) => self.write_failed(e),
+        }
+    }
+
+    /// Reads every acknowledgement that arrived; `Err` ends the link with its error.
+    fn read_acks(&self, acks: &mut Acks) -> std::result::Result<(), Error> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = match (&self.stream).read(&mut chunk) {
+                Ok(0) => {
+                    return Err(self.disconnected(lost(&std::io::ErrorKind::UnexpectedEof.into())))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.disconnected(lost(&e))),
+            };
+            acks.bytes.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            while acks.bytes.len() - at >= frame::HEADER_BYTES {
+                let mut header_bytes = [0u8; frame::HEADER_BYTES];
+                header_bytes.copy_from_slice(&acks.bytes[at..at + frame::HEADER_BYTES]);
+                let header = Header::decode(&header_bytes)
+                    .map_err(|e| Error::protocol(self.peer.clone(), e.0))?;
+                // Only ACK/NACK come back (their detail is bounded by the decoder): a hostile
+                // receiver announcing a WRITE-sized detail must not make us wait for it.
+                if header.kind != frame::ACK && header.kind != frame::NACK {
+                    return Err(Error::protocol(
+                        self.peer.clone(),
+                        format!("unexpected frame type {} from receiver", header.kind),
+                    ));
+                }
+                let end = at + frame::HEADER_BYTES + header.len as usize;
+                if acks.bytes.len() < end {
+                    break;
+                }
+                let detail = &acks.bytes[at + frame::HEADER_BYTES..end];
+                self.complete(&header, detail)?;
+                at = end;
+            }
+            acks.bytes.drain(..at);
+        }
+    }
+
+    /// Completes the oldest pending job as `header` (an ACK or NACK) says.
+    fn complete(&self, header: &Header, detail: &[u8]) -> std::result::Result<(), Error> {
+        let front = lock(&self.pending).pop_front();
+        let Some((call_id, done)) = front else {
+            return Err(Error::protocol(
+                self.peer.clone(),
+                "acknowledgement for no pending call",
+            ));
+        };
+        if header.kind == frame::NACK {
+            let reason = String::from_utf8_lossy(detail).into_owned();
+            fail(
+                done,
+                Error::protocol(
+                    self.peer.clone(),
+                    format!("the peer refused the write: {reason}"),
+                ),
+            );
+            return Err(Error::protocol(
+                self.peer.clone(),
+                format!("the peer refused a write: {reason}"),
+            ));
+        }
+        if call_id != header.offset {
+            fail(
+                done,
+                Error::protocol(self.peer.clone(), "acknowledgements out of order"),
+            );
+            return Err(Error::protocol(
+                self.peer.clone(),
+                format!("expected ack {call_id}, got {}", header.offset),
+            ));
+        }
+        let _ = done.send(Ok(()));
+        Ok(())
+    }
+}
+
+impl Readiness for LinkState {
+    fn readable(&self) {
+        let mut acks = lock(&self.acks);
+        if !self.alive.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(error) = self.read_acks(&mut acks) {
+            drop(acks);
+            self.break_link(&error);
+        }
+    }
+
+    fn writable(&self) {
+        self.kick.store(true, Ordering::SeqCst);
+        self.drain_if_kicked();
+    }
+}
+
+/// Why the acknowledgement stream ended, for the error of the calls still pending.
+fn lost(error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::UnexpectedEof {
+        "the peer closed the connection (its process exited or closed its communicator); connect again".into()
+    } else {
+        format!("connection lost: {error}; connect again")
+    }
 }
 
 /// A sending connection to one peer.
 pub(super) struct TcpLink {
     state: Arc<LinkState>,
-    stream: TcpStream,
-    jobs: Mutex<Option<mpsc::Sender<WriteJob>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl TcpLink {
-    /// Connects to the peer's data listener (within `timeout`; `None`: no bound) and
-    /// presents `session`.
+    /// Connects to the peer's data listener (within `timeout`; `None`: no bound), presents
+    /// `session` and registers the socket with `send_loop`.
     pub fn connect(
         peer: &str,
         addr: SocketAddr,
@@ -87,6 +347,7 @@ impl TcpLink {
         table: Arc<RegionTable>,
         timeout: Option<Duration>,
         on_break: BreakHook,
+        send_loop: Arc<SendLoop>,
     ) -> Result<TcpLink> {
         let stream = match timeout {
             Some(timeout) => TcpStream::connect_timeout(&addr, timeout),
@@ -97,40 +358,54 @@ impl TcpLink {
         (&stream)
             .write_all(&frame::encode_hello(session))
             .map_err(|e| Error::io(peer, "data hello", e))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| Error::io(peer, "data connect", e))?;
         let state = Arc::new(LinkState {
             peer: peer.to_string(),
+            stream,
+            table,
             alive: AtomicBool::new(true),
             pending: Mutex::new(VecDeque::new()),
             cancelling: Mutex::new(None),
             on_break,
+            out: Mutex::new(Outbox {
+                call_id: 0,
+                batch: FrameBatch::new(),
+                first: 0,
+                current: None,
+                queue: VecDeque::new(),
+                device: staging::SendStaging::new(),
+                closed: false,
+            }),
+            acks: Mutex::new(Acks {
+                bytes: Vec::with_capacity(frame::HEADER_BYTES + frame::MAX_DETAIL_BYTES as usize),
+            }),
+            kick: AtomicBool::new(false),
+            token: AtomicUsize::new(0),
+            send_loop: Arc::clone(&send_loop),
         });
-        let (tx, rx) = mpsc::channel::<WriteJob>();
-        let writer = {
-            let state = Arc::clone(&state);
-            let stream = stream
-                .try_clone()
-                .map_err(|e| Error::io(peer, "socket clone", e))?;
-            std::thread::Builder::new()
-                .name("kvt-tcp-writer".into())
-                .spawn(move || run_writer(&state, &stream, &table, rx))
-                .map_err(|e| Error::io(peer, "thread spawn", e))?
-        };
-        let reader = {
-            let state = Arc::clone(&state);
-            let stream = stream
-                .try_clone()
-                .map_err(|e| Error::io(peer, "socket clone", e))?;
-            std::thread::Builder::new()
-                .name("kvt-tcp-acks".into())
-                .spawn(move || run_ack_reader(&state, stream))
-                .map_err(|e| Error::io(peer, "thread spawn", e))?
-        };
-        Ok(TcpLink {
-            state,
-            stream,
-            jobs: Mutex::new(Some(tx)),
-            threads: Mutex::new(vec![writer, reader]),
-        })
+        let owner: Arc<dyn Readiness> = Arc::clone(&state) as Arc<dyn Readiness>;
+        let token = send_loop
+            .add(state.stream.as_raw_fd(), owner)
+            .map_err(|e| Error::io(peer, "data connection registration", e))?;
+        state.token.store(token, Ordering::SeqCst);
+        Ok(TcpLink { state })
+    }
+
+    /// Stops every writer and the loop's handling of this link: once this returns, no
+    /// byte is written and no acknowledgement is processed any more.
+    fn quiesce(&self) {
+        let state = &self.state;
+        state
+            .send_loop
+            .remove(state.stream.as_raw_fd(), state.token.load(Ordering::SeqCst));
+        {
+            let mut out = lock(&state.out);
+            out.closed = true;
+            out.clear();
+        }
+        drop(lock(&state.acks));
     }
 }
 
@@ -143,15 +418,11 @@ impl Link for TcpLink {
                     .disconnected("the connection is broken; connect again"),
             );
         }
-        let jobs = lock(&self.jobs);
-        match jobs.as_ref() {
-            Some(tx) => {
-                if let Err(mpsc::SendError(job)) = tx.send(job) {
-                    fail(job.done, self.state.disconnected("the writer stopped"));
-                }
-            }
-            None => fail(job.done, Error::Closed),
+        {
+            let mut out = lock(&self.state.out);
+            self.state.send(&mut out, job);
         }
+        self.state.drain_if_kicked();
     }
 
     fn is_alive(&self) -> bool {
@@ -159,28 +430,25 @@ impl Link for TcpLink {
     }
 
     fn shutdown(&self) {
-        lock(&self.jobs).take();
-        let _ = self.stream.shutdown(Shutdown::Both);
-        for thread in lock(&self.threads).drain(..) {
-            let _ = thread.join();
+        let _ = self.state.stream.shutdown(Shutdown::Both);
+        self.quiesce();
+        if lock(&self.state.cancelling).is_none() {
+            self.state.fail_pending(&Error::Closed);
         }
-        self.state.break_link(&Error::Closed);
     }
 
     fn cancel(&self, error: Error) {
         *lock(&self.state.cancelling) = Some(error.clone());
         self.state.alive.store(false, Ordering::SeqCst);
-        lock(&self.jobs).take();
         // Reset the connection: unsent bytes in the send queue are discarded and the peer
-        // gets an RST (its receiver checks for it before every WRITE frame it applies).
-        if sockopt::reset(&self.stream).is_err() {
-            let _ = self.stream.shutdown(Shutdown::Both);
+        // gets an RST (its receiver checks for it before every WRITE frame it applies); a
+        // staged write waiting for room wakes up with the error.
+        if sockopt::reset(&self.state.stream).is_err() {
+            let _ = self.state.stream.shutdown(Shutdown::Both);
         }
-        for thread in lock(&self.threads).drain(..) {
-            let _ = thread.join();
-        }
-        // The writer has stopped: nothing of any pending job can be sent any more.
-        let _ = sockopt::reset(&self.stream);
+        self.quiesce();
+        // Nothing of any pending job can be sent any more.
+        let _ = sockopt::reset(&self.state.stream);
         self.state.fail_pending(&error);
     }
 
@@ -202,222 +470,11 @@ impl Link for TcpLink {
     }
 }
 
-/// Reused per-link scratch: frame headers and the iovecs that point at them.
-///
-/// Exported through `internals` so that `benches/planning.rs` and `tests/alloc_free.rs` can
-/// measure the per-block cost of frame construction and prove it does not allocate once warm.
-pub struct FrameBatch {
-    headers: Vec<[u8; frame::HEADER_BYTES]>,
-    iovecs: Vec<libc::iovec>,
-}
-
-impl Default for FrameBatch {
-    fn default() -> Self {
-        Self::new()
+impl Drop for TcpLink {
+    fn drop(&mut self) {
+        self.state.send_loop.remove(
+            self.state.stream.as_raw_fd(),
+            self.state.token.load(Ordering::SeqCst),
+        );
     }
-}
-
-impl FrameBatch {
-    /// An empty batch; its buffers grow on the first builds and are then reused.
-    pub fn new() -> Self {
-        FrameBatch {
-            headers: Vec::new(),
-            iovecs: Vec::new(),
-        }
-    }
-
-    /// Fills headers and iovecs for a job (no allocation once capacities settle).
-    /// `WRITE` frames for every run of the plan's layer (K, then V), then the `COMMIT`
-    /// frame carrying `call_id` and the optional encoded notice.
-    pub fn build(&mut self, table: &RegionTable, job: JobView<'_>, call_id: u64) {
-        let JobView {
-            runs,
-            layer,
-            blocks,
-            shard,
-            notice: tag,
-        } = job;
-        self.headers.clear();
-        self.iovecs.clear();
-        // One pass: headers and iovecs together; header iovecs get their address in a
-        // second, cheap pass below because `headers` may still grow (and move) here.
-        for_each_copy(table, shard, layer, runs, |op| {
-            if op.len == 0 {
-                return;
-            }
-            let mut done = 0;
-            loop {
-                let (local, remote, contiguous) = op.at(done);
-                let len = contiguous.min(MAX_FRAME_PAYLOAD);
-                let header = Header::write(op.region, remote, len as u32);
-                self.headers.push(header.encode());
-                self.iovecs.push(libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: frame::HEADER_BYTES,
-                });
-                self.iovecs.push(libc::iovec {
-                    iov_base: local as usize as *mut libc::c_void,
-                    iov_len: len as usize,
-                });
-                done += len;
-                if done >= op.len {
-                    break;
-                }
-            }
-        });
-        let tag_len = tag.map_or(0, <[u8]>::len);
-        let commit = Header {
-            kind: frame::COMMIT,
-            flags: u8::from(tag.is_some()),
-            region: blocks,
-            offset: call_id,
-            len: tag_len as u32,
-            aux: layer,
-        };
-        self.headers.push(commit.encode());
-        self.iovecs.push(libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: frame::HEADER_BYTES,
-        });
-        if let Some(tag) = tag {
-            self.iovecs.push(libc::iovec {
-                iov_base: tag.as_ptr() as *mut libc::c_void,
-                iov_len: tag.len(),
-            });
-        }
-        // `headers` no longer moves: point every header iovec (even slots) at its header.
-        for (iov, header) in self.iovecs.iter_mut().step_by(2).zip(&self.headers) {
-            iov.iov_base = header.as_ptr() as *mut libc::c_void;
-        }
-    }
-
-    /// The iovecs of the last build: header, payload, header, payload, ..., commit[, tag].
-    pub fn iovecs(&self) -> &[libc::iovec] {
-        &self.iovecs
-    }
-
-    /// Frames (WRITE and COMMIT) of the last build.
-    pub fn frames(&self) -> usize {
-        self.headers.len()
-    }
-}
-
-fn run_writer(
-    state: &LinkState,
-    stream: &TcpStream,
-    table: &RegionTable,
-    jobs: mpsc::Receiver<WriteJob>,
-) {
-    let mut batch = FrameBatch::new();
-    let mut device = staging::SendStaging::new();
-    let mut call_id = 0u64;
-    while let Some(job) = crate::util::poll_then_recv(&jobs) {
-        call_id += 1;
-        // GPU regions go through pinned staging (staging.rs); host-only jobs are unchanged.
-        let staged = staging::layer_has_device(table, job.plan.layer);
-        if !staged {
-            batch.build(table, job.plan.view(), call_id);
-        }
-        {
-            let mut pending = lock(&state.pending);
-            if !state.alive.load(Ordering::SeqCst) {
-                drop(pending);
-                let error = lock(&state.cancelling)
-                    .as_ref()
-                    .map(Error::clone)
-                    .unwrap_or_else(|| {
-                        state.disconnected("the connection is broken; connect again")
-                    });
-                fail(job.done, error);
-                continue;
-            }
-            pending.push_back((call_id, job.done));
-        }
-        if staged {
-            let write = &mut |iovecs: &mut [libc::iovec]| writev_all(stream, iovecs);
-            let sent = device.send(table, job.plan.view(), call_id, write, &state.peer);
-            if let Err(e) = sent {
-                state.break_link(&e);
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        } else if let Err(e) = writev_all(stream, &mut batch.iovecs) {
-            state.break_link(&Error::io(state.peer.clone(), "data write", e));
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// Why the acknowledgement stream ended, for the error of the calls still pending.
-fn lost(error: &std::io::Error) -> String {
-    if error.kind() == std::io::ErrorKind::UnexpectedEof {
-        "the peer closed the connection (its process exited or closed its communicator); connect again".into()
-    } else {
-        format!("connection lost: {error}; connect again")
-    }
-}
-
-fn run_ack_reader(state: &LinkState, mut stream: TcpStream) {
-    let mut bytes = [0u8; frame::HEADER_BYTES];
-    let error = loop {
-        if let Err(e) = stream.read_exact(&mut bytes) {
-            break state.disconnected(lost(&e));
-        }
-        let header = match Header::decode(&bytes) {
-            Ok(h) => h,
-            Err(e) => break Error::protocol(state.peer.clone(), e.0),
-        };
-        // Only ACK/NACK come back (their detail is bounded by the decoder): a hostile
-        // receiver announcing a WRITE-sized detail must not make us allocate it.
-        if header.kind != frame::ACK && header.kind != frame::NACK {
-            break Error::protocol(
-                state.peer.clone(),
-                format!("unexpected frame type {} from receiver", header.kind),
-            );
-        }
-        let mut detail = vec![0u8; header.len as usize];
-        if let Err(e) = stream.read_exact(&mut detail) {
-            break state.disconnected(lost(&e));
-        }
-        let front = lock(&state.pending).pop_front();
-        let Some((call_id, done)) = front else {
-            break Error::protocol(state.peer.clone(), "acknowledgement for no pending call");
-        };
-        if call_id != header.offset && header.kind != frame::NACK {
-            fail(
-                done,
-                Error::protocol(state.peer.clone(), "acknowledgements out of order"),
-            );
-            break Error::protocol(
-                state.peer.clone(),
-                format!("expected ack {call_id}, got {}", header.offset),
-            );
-        }
-        match header.kind {
-            frame::ACK => {
-                let _ = done.send(Ok(()));
-            }
-            frame::NACK => {
-                let reason = String::from_utf8_lossy(&detail).into_owned();
-                fail(
-                    done,
-                    Error::protocol(
-                        state.peer.clone(),
-                        format!("the peer refused the write: {reason}"),
-                    ),
-                );
-                break Error::protocol(
-                    state.peer.clone(),
-                    format!("the peer refused a write: {reason}"),
-                );
-            }
-            other => {
-                break Error::protocol(
-                    state.peer.clone(),
-                    format!("unexpected frame type {other} from receiver"),
-                )
-            }
-        }
-    };
-    state.break_link(&error);
-    let _ = stream.shutdown(Shutdown::Both);
 }

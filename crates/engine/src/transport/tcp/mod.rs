@@ -1,22 +1,33 @@
 //! TCP transport: framed one-sided writes over a stream socket.
 //!
-//! Sender: one writer thread per link turns each job into `WRITE` frames (24-byte header +
-//! payload gathered straight from the local regions with `writev`) followed by a `COMMIT`
-//! frame; a reader thread completes jobs in order as the receiver's `ACK`s come back.
-//! Receiver: one thread per data connection checks every frame against the registered
-//! regions before copying its payload into place, and acknowledges a `COMMIT` only after
-//! every earlier frame of the stream has been written to memory.
+//! Event-driven: two threads per transport whatever the number of links, and one socket
+//! per link on each side.
+//!
+//! Sender: the submitting thread turns each job into `WRITE` frames (24-byte header +
+//! payload gathered straight from the local regions with a non-blocking `writev`)
+//! followed by a `COMMIT` frame; what does not fit the socket's send buffer is queued and
+//! written by the send loop (`sender.rs`, one thread, epoll through `mio`), which also
+//! reads every link's `ACK`s and completes the jobs in order.
+//! Receiver: the receive loop (`server.rs`, one thread) accepts data connections and
+//! parses each one's frames as they arrive (`receiver.rs`): every frame is checked against
+//! the registered regions before its payload is copied into place, and a `COMMIT` is
+//! acknowledged only after every earlier frame of the stream has been written to memory.
 
+mod batch;
+mod fence;
 pub mod frame;
 mod io;
 mod link;
 mod receiver;
+#[cfg(test)]
+mod receiver_tests;
+mod sender;
 mod server;
 pub(crate) mod sockopt;
 pub(crate) mod staging;
 mod state;
 
-pub use link::FrameBatch;
+pub use batch::FrameBatch;
 
 use super::{
     AcceptingPeer, ConnectTarget, Explanation, Link, Transport, TransportDetails, TransportKind,
@@ -26,12 +37,14 @@ use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
 use crate::wire::{DecodeError, Reader};
 use link::TcpLink;
+use sender::SendLoop;
 use server::TcpServer;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Bytes of the receiver's staging buffer (payloads of `DIRECT_READ_MIN` or more bypass it).
+/// Bytes of the receive loop's buffer, shared by its connections (payloads of 16 KiB or
+/// more bypass it).
 const RECEIVE_BUFFER_BYTES: usize = 1 << 20;
 /// Largest single frame payload (runs longer than this are split into several frames).
 pub const MAX_FRAME_PAYLOAD: u64 = 1 << 30;
@@ -86,6 +99,8 @@ pub(crate) struct TcpTransport {
     table: Arc<RegionTable>,
     /// The address the data listener is bound to (`KVCACHE_SOCKET_IFNAME`, else all).
     bind: IpAddr,
+    /// Started by the first link this side opens (an engine that only accepts has none).
+    send_loop: Mutex<Option<Arc<SendLoop>>>,
 }
 
 impl TcpTransport {
@@ -99,7 +114,19 @@ impl TcpTransport {
             server: TcpServer::bind(bind, Arc::clone(&table), arrivals, metrics)?,
             table,
             bind,
+            send_loop: Mutex::new(None),
         })
+    }
+
+    fn send_loop(&self) -> Result<Arc<SendLoop>> {
+        let mut slot = lock(&self.send_loop);
+        if let Some(running) = slot.as_ref() {
+            return Ok(Arc::clone(running));
+        }
+        let started =
+            Arc::new(SendLoop::start().map_err(|e| Error::io("tcp", "send loop start", e))?);
+        *slot = Some(Arc::clone(&started));
+        Ok(started)
     }
 }
 
@@ -148,6 +175,7 @@ impl Transport for TcpTransport {
             Arc::clone(&self.table),
             target.bound(),
             Arc::clone(target.on_break),
+            self.send_loop()?,
         )?))
     }
 
@@ -167,8 +195,15 @@ impl Transport for TcpTransport {
         self.server.connections()
     }
 
+    fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String> {
+        Ok(self.server.isolate(peer_name))
+    }
+
     fn shutdown(&self) {
         self.server.shutdown();
+        if let Some(send_loop) = lock(&self.send_loop).take() {
+            send_loop.stop();
+        }
     }
 }
 

@@ -1,32 +1,71 @@
-//! Receiving side, per connection: every frame is checked against the registered regions
-//! before its payload is copied into place; a `COMMIT` is acknowledged only after every
-//! earlier frame of the stream is in memory.
+//! Receiving side, per data connection: a parser driven by the receive loop
+//! (`server.rs`) whenever bytes arrive. Every frame is checked against the registered
+//! regions before its payload is copied into place; a `COMMIT` is acknowledged only after
+//! every earlier frame of the stream is in memory.
+//!
+//! Small frames are read through the loop's shared buffer (one `read` of up to 1 MiB
+//! serves many 1 KiB frames); payloads of [`DIRECT_READ_MIN`] or more land straight in
+//! their region with a `readv` whose second iovec reads ahead one frame header, so a
+//! stream of large blocks costs one syscall and one copy (the kernel's) per frame.
+//! Nothing is kept per connection but the parser's state: a cut header or tag, and the
+//! replies the socket had no room for.
 
 use super::frame::{self, Header};
+use super::io::wait_for;
 use super::state::{Admission, ServerState};
-use super::{lock, sockopt, staging, HELLO_TIMEOUT, RECEIVE_BUFFER_BYTES};
+use super::{lock, sockopt, staging};
+use crate::metrics::CallCounters;
 use crate::transport::{Arrival, Landed};
 use crate::wire::Notice;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Buffered reads from the data socket that can land payloads directly in region memory.
-///
-/// Small frames (headers, payloads under [`DIRECT_READ_MIN`]) are served from a staging
-/// buffer filled by large reads, so that a stream of 1 KiB blocks costs one syscall per
-/// ~1 MiB. Larger payloads are read straight into their destination with a `readv` whose
-/// second iovec picks up the next frame header into the staging buffer, so a stream of
-/// 64 KiB blocks costs one syscall and one copy (the kernel's) per frame.
-struct FrameReader {
-    stream: TcpStream,
-    buffer: Box<[u8]>,
-    start: usize,
-    end: usize,
-    /// The last payload went direct: keep read-ahead small so that the next large payload
-    /// is not pulled through the staging buffer (an extra copy).
+/// Copies from the shared buffer check for the writer's reset at least this often. A
+/// check is a `getsockopt` (0.3–1 µs); checking before every copy cost a syscall per frame,
+/// which for small blocks was most of the receiver's CPU time.
+const RESET_CHECK_INTERVAL: Duration = Duration::from_micros(20);
+/// Between socket reads, copies from the buffer run back to back; the clock (itself
+/// ~0.1 µs on a VM) is read again once this many bytes were copied, each copy counting
+/// [`COPY_WEIGHT`] bytes more: about 16 small frames, or 16 KiB of payload (~2 µs).
+pub(super) const CLOCK_BUDGET: usize = 16 * 1024;
+pub(super) const COPY_WEIGHT: usize = 1024;
+/// Payloads of at least this many bytes bypass the shared buffer.
+pub(super) const DIRECT_READ_MIN: usize = 16 * 1024;
+/// Reads of one connection before the loop serves the others (a writer that never lets
+/// its socket run dry must not starve them): up to 32 MiB through the buffer.
+const READS_PER_TURN: usize = 32;
+/// Read-ahead into the shared buffer while a payload lands directly: one frame header.
+const DIRECT_READ_AHEAD: usize = frame::HEADER_BYTES;
+
+/// Where the parser is in the stream.
+enum Stage {
+    /// The first bytes: the hello naming the session (`got` of them in `small`).
+    Hello { got: usize },
+    /// A frame header (`got` bytes in `small`).
+    Header { got: usize },
+    /// A host payload: `left` bytes still to land at `addr` (of `len`).
+    Payload { addr: u64, left: usize, len: u32 },
+    /// A `COMMIT`'s tag (`got` bytes in `tag`).
+    Tag { commit: Header, got: usize },
+}
+
+/// Why a connection ends (logged at debug level, as the peer learns it from the socket).
+pub(super) type End = String;
+
+/// One data connection and its parser.
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
+    remote: SocketAddr,
+    pub(super) since: Instant,
+    stage: Stage,
+    small: [u8; frame::HEADER_BYTES],
+    tag: Vec<u8>,
+    admission: Option<(Admission, CallCounters)>,
+    /// The last payload went direct: read only one header ahead, so that the next large
+    /// payload is not pulled through the shared buffer (an extra copy).
     direct: bool,
     /// When the writer's reset was last checked for (before a copy from the buffer).
     reset_checked: Option<Instant>,
@@ -34,34 +73,434 @@ struct FrameReader {
     /// buffer before the clock is read again; 0 after a read from the socket or anything
     /// else that may have waited, so time spent waiting is always noticed.
     clock_budget: usize,
+    /// Replies the socket had no room for yet.
+    out: Vec<u8>,
+    device: staging::RecvStaging,
+    /// Where the current call's bytes landed, for its checksum (transport/checksum.rs).
+    landed: Landed,
 }
 
-/// Copies from the staging buffer check for the writer's reset at least this often. A
-/// check is a `getsockopt` (0.3–1 µs); checking before every copy cost a syscall per frame,
-/// which for small blocks was most of the receiver's CPU time.
-const RESET_CHECK_INTERVAL: Duration = Duration::from_micros(20);
-/// Between socket reads, copies from the buffer run back to back; the clock (itself
-/// ~0.1 µs on a VM) is read again once this many bytes were copied, each copy counting
-/// [`COPY_WEIGHT`] bytes more: about 16 small frames, or 16 KiB of payload (~2 µs).
-const CLOCK_BUDGET: usize = 16 * 1024;
-const COPY_WEIGHT: usize = 1024;
+/// Bytes of the shared buffer being parsed.
+struct Input<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
 
-/// Payloads of at least this many bytes bypass the staging buffer.
-const DIRECT_READ_MIN: usize = 16 * 1024;
-/// Read-ahead into the staging buffer while a payload lands directly: one frame header.
-const DIRECT_READ_AHEAD: usize = frame::HEADER_BYTES;
+impl Input<'_> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
 
-impl FrameReader {
-    fn new(stream: TcpStream) -> Self {
-        FrameReader {
+    fn take(&mut self, max: usize) -> &[u8] {
+        let n = max.min(self.left());
+        let out = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        out
+    }
+}
+
+impl Conn {
+    /// The writer this connection was admitted for (none before its hello).
+    pub(super) fn writer(&self) -> Option<&str> {
+        self.admission
+            .as_ref()
+            .map(|(admission, _)| admission.peer_name.as_str())
+    }
+
+    /// A newly accepted (non-blocking) connection, waiting for its hello.
+    pub(super) fn new(stream: TcpStream, remote: SocketAddr) -> Conn {
+        Conn {
             stream,
-            buffer: vec![0u8; RECEIVE_BUFFER_BYTES].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            remote,
+            since: Instant::now(),
+            stage: Stage::Hello { got: 0 },
+            small: [0; frame::HEADER_BYTES],
+            tag: Vec::new(),
+            admission: None,
             direct: false,
             reset_checked: None,
             clock_budget: 0,
+            out: Vec::new(),
+            device: staging::RecvStaging::new(),
+            landed: Landed::default(),
         }
+    }
+
+    /// Still waiting for its hello.
+    pub(super) fn in_hello(&self) -> bool {
+        matches!(self.stage, Stage::Hello { .. })
+    }
+
+    fn fd(&self) -> libc::c_int {
+        self.stream.as_raw_fd()
+    }
+
+    /// Reads and applies what the socket holds now (using `buffer`, the loop's), at most
+    /// [`READS_PER_TURN`] reads: `Ok(true)` when it stopped there (bytes may be left, and
+    /// the loop comes back after serving the other connections), `Ok(false)` when the
+    /// socket had no more.
+    pub(super) fn readable(&mut self, state: &ServerState, buffer: &mut [u8]) -> Result<bool, End> {
+        for _ in 0..READS_PER_TURN {
+            if let Stage::Payload { addr, left, len } = self.stage {
+                if len as usize >= DIRECT_READ_MIN {
+                    match self.read_direct(addr, left, buffer)? {
+                        None => return Ok(false),
+                        Some(ahead) => {
+                            self.parse(state, &buffer[..ahead])?;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let limit = if self.direct {
+                DIRECT_READ_AHEAD
+            } else {
+                buffer.len()
+            };
+            let n = match (&self.stream).read(&mut buffer[..limit]) {
+                Ok(0) => return Err("the writer closed the connection".into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            self.may_have_waited();
+            self.parse(state, &buffer[..n])?;
+        }
+        Ok(true)
+    }
+
+    /// Lands the rest of a large payload in place and reads one header ahead into
+    /// `buffer`. `None`: the socket had nothing; else the bytes read ahead.
+    fn read_direct(
+        &mut self,
+        addr: u64,
+        left: usize,
+        buffer: &mut [u8],
+    ) -> Result<Option<usize>, End> {
+        // A writer that timed out or was aborted resets the connection before it reports
+        // the failure: none of its bytes may land afterwards.
+        sockopt::check_not_reset(self.fd()).map_err(|e| e.to_string())?;
+        let iovecs = [
+            libc::iovec {
+                iov_base: addr as usize as *mut libc::c_void,
+                iov_len: left,
+            },
+            libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: DIRECT_READ_AHEAD,
+            },
+        ];
+        // SAFETY: fd is our open socket; the first iovec lies inside a registered region
+        // (checked when the frame's header was parsed), which the engine keeps valid until
+        // the receive loop has been joined at close; the second is the start of our buffer.
+        let n = unsafe { libc::readv(self.fd(), iovecs.as_ptr(), 2) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.kind() {
+                ErrorKind::WouldBlock | ErrorKind::Interrupted => Ok(None),
+                _ => Err(err.to_string()),
+            };
+        }
+        if n == 0 {
+            return Err("the writer closed the connection".into());
+        }
+        self.may_have_waited();
+        let n = n as usize;
+        let into_dst = n.min(left);
+        self.landed(addr, left, into_dst);
+        Ok(Some(n - into_dst))
+    }
+
+    /// `n` more bytes of the current payload landed.
+    fn landed(&mut self, addr: u64, left: usize, n: usize) {
+        let Stage::Payload { len, .. } = self.stage else {
+            return;
+        };
+        if n == left {
+            if let Some((_, counters)) = &self.admission {
+                counters.received(u64::from(len));
+            }
+            self.stage = Stage::Header { got: 0 };
+        } else {
+            self.stage = Stage::Payload {
+                addr: addr + n as u64,
+                left: left - n,
+                len,
+            };
+        }
+    }
+
+    fn parse(&mut self, state: &ServerState, bytes: &[u8]) -> Result<(), End> {
+        let mut input = Input { bytes, at: 0 };
+        while input.left() > 0 {
+            match self.stage {
+                Stage::Hello { got } => {
+                    let part = input.take(frame::HELLO_BYTES - got);
+                    self.small[got..got + part.len()].copy_from_slice(part);
+                    let got = got + part.len();
+                    self.stage = Stage::Hello { got };
+                    if got == frame::HELLO_BYTES {
+                        self.admit(state)?;
+                    }
+                }
+                Stage::Header { got } => {
+                    let part = input.take(frame::HEADER_BYTES - got);
+                    self.small[got..got + part.len()].copy_from_slice(part);
+                    let got = got + part.len();
+                    self.stage = Stage::Header { got };
+                    if got == frame::HEADER_BYTES {
+                        let header = Header::decode(&self.small).map_err(|e| e.0)?;
+                        self.begin(state, header, &mut input)?;
+                    }
+                }
+                Stage::Payload { addr, left, .. } => {
+                    let n = left.min(input.left());
+                    self.check_not_reset_lately(n).map_err(|e| e.to_string())?;
+                    let part = input.take(n);
+                    // SAFETY: addr..addr+left lies inside a registered region (checked
+                    // when the header was parsed; n <= left), which the engine keeps valid
+                    // until the receive loop has been joined; the source is our buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(part.as_ptr(), addr as usize as *mut u8, n)
+                    };
+                    self.landed(addr, left, n);
+                }
+                Stage::Tag { commit, got } => {
+                    let part = input.take(commit.len as usize - got);
+                    self.tag[got..got + part.len()].copy_from_slice(part);
+                    let got = got + part.len();
+                    self.stage = Stage::Tag { commit, got };
+                    if got == commit.len as usize {
+                        self.commit(state, commit)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, state: &ServerState) -> Result<(), End> {
+        let mut hello = [0u8; frame::HELLO_BYTES];
+        hello.copy_from_slice(&self.small[..frame::HELLO_BYTES]);
+        let admission = frame::decode_hello(&hello)
+            .map_err(|e| e.0)
+            .and_then(|session| {
+                lock(&state.admissions)
+                    .remove(&session)
+                    .ok_or_else(|| "unknown or already used session token".to_string())
+            });
+        let admission = admission.map_err(|reason| {
+            crate::log::log_error!("tcp data connection from {} refused: {reason}", self.remote);
+            reason
+        })?;
+        crate::log::debug!(
+            "tcp data connection from {} admitted for peer {}",
+            self.remote,
+            admission.peer_name
+        );
+        let counters = state.metrics.connected_receiver(
+            &admission.peer_name,
+            crate::transport::TransportKind::Tcp.code(),
+        );
+        self.admission = Some((admission, counters));
+        self.stage = Stage::Header { got: 0 };
+        Ok(())
+    }
+
+    /// A complete header: checks it and sets up what follows it.
+    fn begin(
+        &mut self,
+        state: &ServerState,
+        header: Header,
+        input: &mut Input<'_>,
+    ) -> Result<(), End> {
+        match header.kind {
+            frame::WRITE => {
+                let target = state.table.get(header.region).and_then(|region| {
+                    let end = header.offset.checked_add(u64::from(header.len))?;
+                    (end <= region.len).then_some(region.addr + header.offset)
+                });
+                let Some(addr) = target else {
+                    let reason = format!(
+                        "write of {} bytes at offset {} of region {} is outside the registered regions ({} regions of {} bytes)",
+                        header.len,
+                        header.offset,
+                        header.region,
+                        state.table.regions().len(),
+                        state.table.layout.region_bytes()
+                    );
+                    return self.refuse(reason);
+                };
+                if state.table.memory(header.region).is_device() {
+                    return self.device_payload(state, addr, header.len, input);
+                }
+                self.direct = header.len as usize >= DIRECT_READ_MIN;
+                // The whole payload lands here before the call's COMMIT is parsed.
+                self.landed.host(addr, header.len as usize);
+                self.stage = Stage::Payload {
+                    addr,
+                    left: header.len as usize,
+                    len: header.len,
+                };
+                if header.len == 0 {
+                    self.landed(addr, 0, 0);
+                }
+                Ok(())
+            }
+            frame::COMMIT => {
+                self.tag.clear();
+                self.tag.resize(header.len as usize, 0);
+                self.stage = Stage::Tag {
+                    commit: header,
+                    got: 0,
+                };
+                if header.len == 0 {
+                    self.commit(state, header)?;
+                }
+                Ok(())
+            }
+            other => Err(format!("unexpected frame type {other} from writer")),
+        }
+    }
+
+    /// A payload for a GPU region: socket → pinned staging → async copy (staging.rs). It
+    /// is read to its end here, waiting for the writer's bytes (GPU regions over TCP are
+    /// the fallback when neither NVLink nor RDMA serves; a dead writer ends the wait
+    /// through keepalive, a close of the server through its flag).
+    fn device_payload(
+        &mut self,
+        state: &ServerState,
+        addr: u64,
+        len: u32,
+        input: &mut Input<'_>,
+    ) -> Result<(), End> {
+        let fd = self.fd();
+        let stream = &self.stream;
+        let read = &mut |dst: &mut [u8]| -> std::io::Result<()> {
+            let mut done = 0;
+            let buffered = input.take(dst.len());
+            dst[..buffered.len()].copy_from_slice(buffered);
+            done += buffered.len();
+            while done < dst.len() {
+                if state.closed.load(Ordering::SeqCst) {
+                    return Err(std::io::Error::other("the transport is closing"));
+                }
+                match (&*stream).read(&mut dst[done..]) {
+                    Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        wait_for(fd, libc::POLLIN, 100)?;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        };
+        let still_wanted = &mut || sockopt::check_not_reset(fd);
+        // SAFETY: addr..addr+len was checked to lie inside a registered device region.
+        let received = unsafe {
+            self.device
+                .receive(&state.table, addr, len as usize, read, still_wanted)
+        };
+        // Waiting for a free staging slot takes time the clock must see.
+        self.may_have_waited();
+        self.stage = Stage::Header { got: 0 };
+        match received {
+            Ok(()) => {
+                self.landed.device();
+                if let Some((_, counters)) = &self.admission {
+                    counters.received(u64::from(len));
+                }
+                Ok(())
+            }
+            Err(staging::RecvError::Io(e)) => Err(e.to_string()),
+            Err(staging::RecvError::Gpu(reason)) => self.refuse(reason),
+        }
+    }
+
+    fn commit(&mut self, state: &ServerState, commit: Header) -> Result<(), End> {
+        // A call whose writer reset the connection is not completed here: its staged
+        // GPU copies are not queued and no arrival notice is delivered for it.
+        sockopt::check_not_reset(self.fd())
+            .map_err(|e| format!("the writer reset the connection: {e}"))?;
+        // Staged GPU copies land before the notice and the ACK (no-op for hosts).
+        if let Err(staging::RecvError::Gpu(reason)) = self.device.flush() {
+            return self.refuse(reason);
+        }
+        if commit.flags & 1 != 0 {
+            // The detail is the call's encoded notice (wire/notice.rs); its checksum is
+            // checked against this side's memory before the arrival is reported.
+            let notice = match Notice::decode(&self.tag) {
+                Ok(notice) => notice,
+                Err(e) => return self.refuse(format!("bad arrival notice: {e}")),
+            };
+            let checked = self.landed.check(notice.checksum);
+            if let (Some(sink), Some((admission, _))) = (&state.arrivals, &self.admission) {
+                sink(Arrival::of(&admission.peer_name, &notice, checked));
+            }
+        } else {
+            self.landed.check(None);
+        }
+        self.stage = Stage::Header { got: 0 };
+        self.reply(frame::ACK, commit.offset, &[])?;
+        self.may_have_waited();
+        Ok(())
+    }
+
+    /// A frame outside the regions: nothing of it is written; a NACK fails the oldest
+    /// pending call and the connection is closed, since the rest of the stream cannot be
+    /// trusted.
+    fn refuse(&mut self, reason: String) -> Result<(), End> {
+        crate::log::log_error!("tcp receiver refused a frame: {reason}");
+        let _ = self.reply(frame::NACK, 0, reason.as_bytes());
+        Err(reason)
+    }
+
+    /// Sends an ACK or NACK, or queues it behind earlier replies the socket had no room for.
+    fn reply(&mut self, kind: u8, call_id: u64, detail: &[u8]) -> Result<(), End> {
+        let header = Header {
+            kind,
+            flags: 0,
+            region: 0,
+            offset: call_id,
+            len: detail.len() as u32,
+            aux: 0,
+        };
+        if self.out.is_empty() && detail.is_empty() {
+            // The steady-state ACK: no allocation.
+            let bytes = header.encode();
+            let n = self.write_now(&bytes)?;
+            self.out.extend_from_slice(&bytes[n..]);
+            return Ok(());
+        }
+        self.out.extend_from_slice(&header.encode());
+        self.out.extend_from_slice(detail);
+        self.writable()
+    }
+
+    /// Writes what `bytes` it can now.
+    fn write_now(&self, bytes: &[u8]) -> Result<usize, End> {
+        let mut done = 0;
+        while done < bytes.len() {
+            match (&self.stream).write(&bytes[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Room in the send buffer: sends queued replies.
+    pub(super) fn writable(&mut self) -> Result<(), End> {
+        if !self.out.is_empty() {
+            let n = self.write_now(&self.out)?;
+            self.out.drain(..n);
+        }
+        Ok(())
     }
 
     /// Fails when the writer reset the connection. Called before each copy of `len` bytes
@@ -81,7 +520,7 @@ impl FrameReader {
         {
             return Ok(());
         }
-        sockopt::check_not_reset(self.stream.as_raw_fd())?;
+        sockopt::check_not_reset(self.fd())?;
         self.reset_checked = Some(now);
         Ok(())
     }
@@ -90,429 +529,5 @@ impl FrameReader {
     /// copy from the buffer.
     fn may_have_waited(&mut self) {
         self.clock_budget = 0;
-    }
-
-    /// Reads more bytes behind `end` (at least one, or an error): up to the whole free
-    /// buffer, or only `want` bytes after a direct payload.
-    fn fill(&mut self, want: usize) -> std::io::Result<()> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        let limit = if self.direct {
-            (self.end + want.max(DIRECT_READ_AHEAD)).min(self.buffer.len())
-        } else {
-            self.buffer.len()
-        };
-        let n = self.stream.read(&mut self.buffer[self.end..limit])?;
-        self.may_have_waited();
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.end += n;
-        Ok(())
-    }
-
-    fn read_exact(&mut self, out: &mut [u8]) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < out.len() {
-            if self.start == self.end {
-                self.fill(out.len() - done)?;
-            }
-            let n = (self.end - self.start).min(out.len() - done);
-            out[done..done + n].copy_from_slice(&self.buffer[self.start..self.start + n]);
-            self.start += n;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Moves unread bytes to the front of the buffer.
-    fn compact(&mut self) {
-        if self.start > 0 {
-            self.buffer.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-    }
-
-    /// Reads `len` bytes into raw memory at `dst`.
-    ///
-    /// [`Self::read_into`] into a slice this side holds exclusively.
-    fn read_into_slice(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
-        // SAFETY: `dst` is an exclusive borrow of `dst.len()` writable bytes.
-        unsafe { self.read_into(dst.as_mut_ptr(), dst.len()) }
-    }
-
-    /// A writer that timed out or was aborted resets the connection before it reports the
-    /// failure, and none of its bytes may land afterwards, even those of a frame already
-    /// begun or already buffered here: the reset is checked before every `readv` landing
-    /// in place, and before copies from the staging buffer at least every
-    /// [`RESET_CHECK_INTERVAL`], so no payload copy begins later than that after the
-    /// reset reached this host.
-    ///
-    /// # Safety
-    /// `dst..dst+len` must be writable memory that no Rust reference aliases.
-    unsafe fn read_into(&mut self, dst: *mut u8, len: usize) -> std::io::Result<()> {
-        let direct = len >= DIRECT_READ_MIN;
-        self.direct = direct;
-        let mut done = 0;
-        while done < len {
-            if self.start < self.end {
-                let n = (self.end - self.start).min(len - done);
-                self.check_not_reset_lately(n)?;
-                // SAFETY: source is initialized buffer bytes; destination is inside the
-                // caller's range (done + n <= len); the two never overlap (the buffer is ours).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.buffer.as_ptr().add(self.start),
-                        dst.add(done),
-                        n,
-                    )
-                };
-                self.start += n;
-                done += n;
-            } else if direct {
-                sockopt::check_not_reset(self.stream.as_raw_fd())?;
-                // Staging is empty: land the rest in place and read ahead one header.
-                self.start = 0;
-                self.end = 0;
-                // SAFETY: done < len, so dst+done stays inside the caller's writable range.
-                let rest = unsafe { dst.add(done) };
-                let iovecs = [
-                    libc::iovec {
-                        iov_base: rest.cast(),
-                        iov_len: len - done,
-                    },
-                    libc::iovec {
-                        iov_base: self.buffer.as_mut_ptr().cast(),
-                        iov_len: DIRECT_READ_AHEAD,
-                    },
-                ];
-                // SAFETY: fd is our open socket; both iovecs describe writable memory (the
-                // caller's range per the contract, and the start of our own buffer).
-                let n = unsafe { libc::readv(self.stream.as_raw_fd(), iovecs.as_ptr(), 2) };
-                if n < 0 {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(err);
-                }
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                let n = n as usize;
-                let into_dst = n.min(len - done);
-                done += into_dst;
-                self.end = n - into_dst;
-            } else {
-                self.compact();
-                self.fill(len - done)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-pub(super) fn run_receiver(state: &ServerState, stream: TcpStream, remote: SocketAddr) {
-    let mut hello = [0u8; frame::HELLO_BYTES];
-    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
-    let admission = (&stream)
-        .read_exact(&mut hello)
-        .map_err(|e| format!("no hello: {e}"))
-        .and_then(|()| frame::decode_hello(&hello).map_err(|e| e.0))
-        .and_then(|session| {
-            lock(&state.admissions)
-                .remove(&session)
-                .ok_or_else(|| "unknown or already used session token".to_string())
-        });
-    let admission = match admission {
-        Ok(admission) => admission,
-        Err(reason) => {
-            crate::log::log_error!("tcp data connection from {remote} refused: {reason}");
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
-        }
-    };
-    let _ = stream.set_read_timeout(None);
-    crate::log::debug!(
-        "tcp data connection from {remote} admitted for peer {}",
-        admission.peer_name
-    );
-    let Ok(ack_stream) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = FrameReader::new(stream);
-    if let Err(reason) = receive_frames(state, &mut reader, &ack_stream, &admission) {
-        if !state.closed.load(Ordering::SeqCst) {
-            crate::log::debug!(
-                "tcp data connection from {} ({remote}) ended: {reason}",
-                admission.peer_name
-            );
-        }
-    }
-    let _ = ack_stream.shutdown(Shutdown::Both);
-}
-
-fn send_reply(stream: &TcpStream, kind: u8, call_id: u64, detail: &[u8]) -> std::io::Result<()> {
-    let header = Header {
-        kind,
-        flags: 0,
-        region: 0,
-        offset: call_id,
-        len: detail.len() as u32,
-        aux: 0,
-    };
-    if detail.is_empty() {
-        // The steady-state ACK: no allocation.
-        return (&*stream).write_all(&header.encode());
-    }
-    let mut out = Vec::with_capacity(frame::HEADER_BYTES + detail.len());
-    out.extend_from_slice(&header.encode());
-    out.extend_from_slice(detail);
-    (&*stream).write_all(&out)
-}
-
-fn receive_frames(
-    state: &ServerState,
-    reader: &mut FrameReader,
-    ack_stream: &TcpStream,
-    admission: &Admission,
-) -> std::result::Result<(), String> {
-    let mut bytes = [0u8; frame::HEADER_BYTES];
-    let mut device = staging::RecvStaging::new();
-    let counters = state.metrics.connected_receiver(
-        &admission.peer_name,
-        crate::transport::TransportKind::Tcp.code(),
-    );
-    // Where the current call's bytes landed, for its checksum (transport/checksum.rs).
-    let mut landed = Landed::default();
-    loop {
-        reader.read_exact(&mut bytes).map_err(|e| e.to_string())?;
-        let header = Header::decode(&bytes).map_err(|e| e.0)?;
-        match header.kind {
-            frame::WRITE => {
-                // A writer that timed out or was aborted resets the connection before it
-                // reports the failure: `read_into` checks for the reset before every copy,
-                // so bytes of it still queued or buffered here do not land.
-                let target = state.table.get(header.region).and_then(|region| {
-                    let end = header.offset.checked_add(u64::from(header.len))?;
-                    (end <= region.len).then_some(region.addr + header.offset)
-                });
-                let Some(addr) = target else {
-                    let reason = format!(
-                        "write of {} bytes at offset {} of region {} is outside the registered regions ({} regions of {} bytes)",
-                        header.len,
-                        header.offset,
-                        header.region,
-                        state.table.regions().len(),
-                        state.table.layout.region_bytes()
-                    );
-                    return refuse(ack_stream, reason);
-                };
-                if state.table.memory(header.region).is_device() {
-                    // GPU region: socket → pinned staging → async copy (staging.rs).
-                    let fd = reader.stream.as_raw_fd();
-                    let read = &mut |dst: &mut [u8]| reader.read_into_slice(dst);
-                    let still_wanted = &mut || sockopt::check_not_reset(fd);
-                    let len = header.len as usize;
-                    // SAFETY: addr..addr+len was checked to lie inside a registered device
-                    // region.
-                    let received =
-                        unsafe { device.receive(&state.table, addr, len, read, still_wanted) };
-                    // Waiting for a free staging slot takes time the clock must see.
-                    reader.may_have_waited();
-                    match received {
-                        Ok(()) => {
-                            landed.device();
-                            counters.received(u64::from(header.len));
-                            continue;
-                        }
-                        Err(staging::RecvError::Io(e)) => return Err(e.to_string()),
-                        Err(staging::RecvError::Gpu(reason)) => return refuse(ack_stream, reason),
-                    }
-                }
-                // SAFETY: the range was checked to lie inside a registered region, which the
-                // engine keeps valid until this thread has been joined at close.
-                unsafe { reader.read_into(addr as usize as *mut u8, header.len as usize) }
-                    .map_err(|e| e.to_string())?;
-                landed.host(addr, header.len as usize);
-                counters.received(u64::from(header.len));
-            }
-            frame::COMMIT => {
-                let mut tag = vec![0u8; header.len as usize];
-                reader.read_exact(&mut tag).map_err(|e| e.to_string())?;
-                // A call whose writer reset the connection is not completed here: its staged
-                // GPU copies are not queued and no arrival notice is delivered for it.
-                sockopt::check_not_reset(reader.stream.as_raw_fd())
-                    .map_err(|e| format!("the writer reset the connection: {e}"))?;
-                // Staged GPU copies land before the notice and the ACK (no-op for hosts).
-                if let Err(staging::RecvError::Gpu(reason)) = device.flush() {
-                    return refuse(ack_stream, reason);
-                }
-                if header.flags & 1 != 0 {
-                    // The detail is the call's encoded notice (wire/notice.rs); its checksum
-                    // is checked against this side's memory before the arrival is reported.
-                    let notice = match Notice::decode(&tag) {
-                        Ok(notice) => notice,
-                        Err(e) => return refuse(ack_stream, format!("bad arrival notice: {e}")),
-                    };
-                    let checked = landed.check(notice.checksum);
-                    if let Some(sink) = &state.arrivals {
-                        sink(Arrival::of(&admission.peer_name, &notice, checked));
-                    }
-                } else {
-                    landed.check(None);
-                }
-                send_reply(ack_stream, frame::ACK, header.offset, &[])
-                    .map_err(|e| e.to_string())?;
-                reader.may_have_waited();
-            }
-            other => return Err(format!("unexpected frame type {other} from writer")),
-        }
-    }
-}
-
-/// A frame outside the regions: nothing of it is written; a NACK fails the oldest pending
-/// call and the connection is closed, since the rest of the stream cannot be trusted.
-fn refuse(ack_stream: &TcpStream, reason: String) -> std::result::Result<(), String> {
-    crate::log::log_error!("tcp receiver refused a frame: {reason}");
-    let _ = send_reply(ack_stream, frame::NACK, 0, reason.as_bytes());
-    Err(reason)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::TcpListener;
-
-    /// A connected pair on loopback: (writer, the receiver's frame reader).
-    fn pair() -> (TcpStream, FrameReader) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (writer, FrameReader::new(server))
-    }
-
-    fn settle() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    /// A WRITE header for `len` payload bytes.
-    fn header(len: usize) -> [u8; frame::HEADER_BYTES] {
-        Header {
-            kind: frame::WRITE,
-            flags: 0,
-            region: 0,
-            offset: 0,
-            len: len as u32,
-            aux: 0,
-        }
-        .encode()
-    }
-
-    /// The writer sends a frame's header and `sent` of its `len` payload bytes (all of them
-    /// arriving before or after the header is read, per `payload_after_header`), then resets
-    /// the connection, as a timed-out call does; the receiver, which began the frame before
-    /// the reset, must write none of the payload afterwards.
-    fn reset_mid_frame(len: usize, sent: usize, payload_after_header: bool) {
-        let (mut writer, mut reader) = pair();
-        writer.write_all(&header(len)).unwrap();
-        if !payload_after_header {
-            writer.write_all(&vec![0xAB; sent]).unwrap();
-        }
-        settle();
-        let mut bytes = [0u8; frame::HEADER_BYTES];
-        // Takes the header, and with it every byte that already arrived, into the buffer.
-        reader.read_exact(&mut bytes).unwrap();
-        assert_eq!(Header::decode(&bytes).unwrap().len as usize, len);
-        if payload_after_header {
-            writer.write_all(&vec![0xAB; sent]).unwrap();
-            settle();
-        }
-        sockopt::reset(&writer).unwrap();
-        settle();
-        let mut region = vec![0u8; len];
-        // SAFETY: `region` is a live, writable buffer of `len` bytes no reference aliases.
-        let result = unsafe { reader.read_into(region.as_mut_ptr(), len) };
-        assert!(result.is_err(), "the reset was not noticed");
-        let landed = region.iter().filter(|&&b| b != 0).count();
-        assert_eq!(
-            landed, 0,
-            "{landed} payload bytes landed after the writer reset the connection"
-        );
-    }
-
-    #[test]
-    fn a_buffered_small_payload_does_not_land_after_a_reset() {
-        reset_mid_frame(8 * 1024, 8 * 1024, false);
-    }
-
-    #[test]
-    fn a_queued_small_payload_does_not_land_after_a_reset() {
-        reset_mid_frame(8 * 1024, 8 * 1024, true);
-    }
-
-    #[test]
-    fn a_partly_buffered_large_payload_does_not_land_after_a_reset() {
-        reset_mid_frame(64 * 1024, 32 * 1024, false);
-    }
-
-    #[test]
-    fn a_queued_large_payload_does_not_land_after_a_reset() {
-        reset_mid_frame(64 * 1024, 64 * 1024, true);
-    }
-
-    /// Checks are spaced, yet a reset that arrives while small frames are buffered here
-    /// stops them within one clock budget (~16 frames), not at the end of the buffer.
-    #[test]
-    fn a_reset_while_frames_are_buffered_stops_them_within_the_budget() {
-        const FRAMES: usize = 200;
-        let (mut writer, mut reader) = pair();
-        for _ in 0..FRAMES {
-            writer.write_all(&header(1024)).unwrap();
-            writer.write_all(&[0xAB; 1024]).unwrap();
-        }
-        settle();
-        let mut bytes = [0u8; frame::HEADER_BYTES];
-        let mut payload = vec![0u8; 1024];
-        reader.read_exact(&mut bytes).unwrap();
-        // SAFETY: `payload` is a live, writable buffer of its length no reference aliases.
-        unsafe { reader.read_into(payload.as_mut_ptr(), payload.len()) }.unwrap();
-        sockopt::reset(&writer).unwrap();
-        settle();
-        let mut landed_after_reset = 0;
-        for _ in 1..FRAMES {
-            reader.read_exact(&mut bytes).unwrap();
-            payload.fill(0);
-            // SAFETY: as above.
-            if unsafe { reader.read_into(payload.as_mut_ptr(), payload.len()) }.is_err() {
-                assert!(
-                    payload.iter().all(|&b| b == 0),
-                    "a refused payload landed in part"
-                );
-                break;
-            }
-            landed_after_reset += 1;
-        }
-        let bound = CLOCK_BUDGET / (1024 + COPY_WEIGHT) + 1;
-        assert!(
-            landed_after_reset <= bound,
-            "{landed_after_reset} buffered payloads landed after the reset (at most {bound} may)"
-        );
-    }
-
-    #[test]
-    fn without_a_reset_the_payload_lands_whole() {
-        let (mut writer, mut reader) = pair();
-        writer.write_all(&header(8 * 1024)).unwrap();
-        writer.write_all(&vec![0xAB; 8 * 1024]).unwrap();
-        let mut bytes = [0u8; frame::HEADER_BYTES];
-        reader.read_exact(&mut bytes).unwrap();
-        let mut region = vec![0u8; 8 * 1024];
-        // SAFETY: `region` is a live, writable buffer of its length no reference aliases.
-        unsafe { reader.read_into(region.as_mut_ptr(), region.len()) }.unwrap();
-        assert!(region.iter().all(|&b| b == 0xAB));
     }
 }

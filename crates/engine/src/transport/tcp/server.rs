@@ -1,27 +1,34 @@
-//! Receiving side: the data listener, single-use session admissions, and the background
-//! prefault of the regions that are about to be written.
+//! Receiving side: the data listener, single-use session admissions, the receive loop
+//! (one thread, epoll through `mio`, for the listener and every data connection), and the
+//! background prefault of the regions that are about to be written.
 
 use super::io::set_socket_options;
-use super::lock;
-use super::receiver::run_receiver;
+use super::receiver::Conn;
 use super::state::{Admission, ServerState};
+use super::{lock, HELLO_TIMEOUT, RECEIVE_BUFFER_BYTES};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use std::collections::HashMap;
 use std::net::{IpAddr, Shutdown, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+const WAKER: Token = Token(0);
+const LISTENER: Token = Token(1);
+const FIRST_CONNECTION: usize = 2;
+
 /// Listens for data connections and writes admitted peers' frames into local regions.
 pub(super) struct TcpServer {
     state: Arc<ServerState>,
-    listener: TcpListener,
     port: u16,
-    accept_thread: Mutex<Option<JoinHandle<()>>>,
+    waker: Arc<Waker>,
+    receive_loop: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl TcpServer {
@@ -31,36 +38,39 @@ impl TcpServer {
         arrivals: Option<ArrivalSink>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<TcpServer> {
-        let listener =
-            TcpListener::bind((ip, 0)).map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| Error::io(format!("{ip}"), "data listen", e))?
-            .port();
+        let fail = |e: std::io::Error| Error::io(format!("{ip}"), "data listen", e);
+        let listener = TcpListener::bind((ip, 0)).map_err(fail)?;
+        let port = listener.local_addr().map_err(fail)?.port();
+        listener.set_nonblocking(true).map_err(fail)?;
+        let poll = Poll::new().map_err(fail)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(fail)?);
+        let fd = listener.as_raw_fd();
+        poll.registry()
+            .register(&mut SourceFd(&fd), LISTENER, Interest::READABLE)
+            .map_err(fail)?;
         let state = Arc::new(ServerState {
             table,
             admissions: Mutex::new(HashMap::new()),
-            connections: Mutex::new(Vec::new()),
+            connections: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             arrivals,
             metrics,
             prefault: Mutex::new(None),
+            isolations: Mutex::new(Vec::new()),
+            loop_ended: AtomicBool::new(false),
         });
-        let accept_thread = {
+        let receive_loop = {
             let state = Arc::clone(&state);
-            let listener = listener
-                .try_clone()
-                .map_err(|e| Error::io(format!("{ip}"), "data listen", e))?;
             std::thread::Builder::new()
-                .name("kvt-tcp-accept".into())
-                .spawn(move || run_acceptor(&state, &listener))
+                .name("kvt-tcp-recv".into())
+                .spawn(move || run_receive_loop(&state, poll, &listener))
                 .map_err(|e| Error::io(format!("{ip}"), "thread spawn", e))?
         };
         Ok(TcpServer {
             state,
-            listener,
             port,
-            accept_thread: Mutex::new(Some(accept_thread)),
+            waker,
+            receive_loop: Mutex::new(Some(receive_loop)),
         })
     }
 
@@ -70,9 +80,7 @@ impl TcpServer {
 
     /// Data connections being received on now.
     pub fn connections(&self) -> usize {
-        let mut connections = lock(&self.state.connections);
-        connections.retain(|(_, t)| !t.is_finished());
-        connections.len()
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// Starts faulting the regions in on a background thread (once; no-op when running or
@@ -94,7 +102,7 @@ impl TcpServer {
     ///
     /// The first admission also starts faulting in the regions in the background (see
     /// [`prefault_regions`]): this engine is about to receive over TCP, so its regions are
-    /// host memory that the receiver thread would otherwise fault in page by page.
+    /// host memory that the receive loop would otherwise fault in page by page.
     pub fn admit(&self, peer_name: &str) -> u64 {
         self.start_prefault();
         let mut admissions = lock(&self.state.admissions);
@@ -112,24 +120,20 @@ impl TcpServer {
         }
     }
 
+    /// Cuts the writer named `peer_name` off (see `fence.rs`).
+    pub fn isolate(&self, peer_name: &str) -> usize {
+        super::fence::isolate(&self.state, &self.waker, peer_name)
+    }
+
     /// Stops accepting, closes every data connection and waits until no thread can write
     /// into the regions any more.
     pub fn shutdown(&self) {
         self.state.closed.store(true, Ordering::SeqCst);
-        // SAFETY: the fd belongs to `self.listener`, open until self drops; shutdown on a
-        // listening socket wakes a blocked accept() on Linux.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(thread) = lock(&self.accept_thread).take() {
+        let _ = self.waker.wake();
+        if let Some(thread) = lock(&self.receive_loop).take() {
             let _ = thread.join();
         }
         if let Some(thread) = lock(&self.state.prefault).take() {
-            let _ = thread.join();
-        }
-        let connections: Vec<_> = lock(&self.state.connections).drain(..).collect();
-        for (stream, _) in &connections {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        for (_, thread) in connections {
             let _ = thread.join();
         }
     }
@@ -190,32 +194,166 @@ fn prefault_regions(table: &RegionTable, closed: &AtomicBool) {
     }
 }
 
-fn run_acceptor(state: &Arc<ServerState>, listener: &TcpListener) {
+/// The receive loop: accepts data connections and parses every one of them as its bytes
+/// arrive, on this one thread whatever the number of connections.
+fn run_receive_loop(state: &ServerState, mut poll: Poll, listener: &TcpListener) {
+    let mut events = Events::with_capacity(256);
+    let mut conns: HashMap<usize, Conn> = HashMap::new();
+    let mut next = FIRST_CONNECTION;
+    // Shared by every connection: each parses all it read before the next one reads.
+    let mut buffer = vec![0u8; RECEIVE_BUFFER_BYTES].into_boxed_slice();
+    // Connections that stopped at their turn's end with bytes left: served again after
+    // the events of the next poll, which then does not wait.
+    let mut again: Vec<usize> = Vec::new();
+    while !state.closed.load(Ordering::SeqCst) {
+        // Wake up now and then while a connection owes its hello.
+        let timeout = if again.is_empty() {
+            conns
+                .values()
+                .any(Conn::in_hello)
+                .then_some(Duration::from_millis(250))
+        } else {
+            Some(Duration::ZERO)
+        };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            crate::log::log_error!("tcp receive loop: poll failed: {e}");
+            break;
+        }
+        for event in events.iter() {
+            match event.token() {
+                WAKER => {}
+                LISTENER => accept_all(state, poll.registry(), listener, &mut conns, &mut next),
+                Token(token) => {
+                    let Some(conn) = conns.get_mut(&token) else {
+                        continue;
+                    };
+                    let mut outcome = Ok(false);
+                    if event.is_writable() {
+                        outcome = conn.writable().map(|()| false);
+                    }
+                    if outcome.is_ok()
+                        && (event.is_readable() || event.is_read_closed() || event.is_error())
+                        && !again.contains(&token)
+                    {
+                        outcome = conn.readable(state, &mut buffer);
+                    }
+                    match outcome {
+                        Ok(true) => again.push(token),
+                        Ok(false) => {}
+                        Err(reason) => close(state, poll.registry(), &mut conns, token, &reason),
+                    }
+                }
+            }
+        }
+        for token in std::mem::take(&mut again) {
+            let Some(conn) = conns.get_mut(&token) else {
+                continue;
+            };
+            match conn.readable(state, &mut buffer) {
+                Ok(true) => again.push(token),
+                Ok(false) => {}
+                Err(reason) => close(state, poll.registry(), &mut conns, token, &reason),
+            }
+        }
+        serve_isolations(state, poll.registry(), &mut conns, &mut again);
+        let late: Vec<usize> = conns
+            .iter()
+            .filter(|(_, c)| c.in_hello() && c.since.elapsed() > HELLO_TIMEOUT)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in late {
+            crate::log::log_error!(
+                "tcp data connection refused: no hello within {HELLO_TIMEOUT:?}"
+            );
+            close(state, poll.registry(), &mut conns, token, "no hello");
+        }
+    }
+    for token in conns.keys().copied().collect::<Vec<_>>() {
+        close(state, poll.registry(), &mut conns, token, "closing");
+    }
+    state.loop_ended.store(true, Ordering::SeqCst);
+    for isolation in std::mem::take(&mut *lock(&state.isolations)) {
+        let _ = isolation.done.send(0);
+    }
+}
+
+/// Closes the connections of each writer a fence cuts off (`fence.rs`), between turns.
+fn serve_isolations(
+    state: &ServerState,
+    registry: &Registry,
+    conns: &mut HashMap<usize, Conn>,
+    again: &mut Vec<usize>,
+) {
+    let isolations = std::mem::take(&mut *lock(&state.isolations));
+    for isolation in isolations {
+        let theirs: Vec<usize> = conns
+            .iter()
+            .filter(|(_, conn)| conn.writer() == Some(isolation.writer.as_str()))
+            .map(|(token, _)| *token)
+            .collect();
+        for &token in &theirs {
+            close(state, registry, conns, token, "cut off by a fence");
+        }
+        again.retain(|token| !theirs.contains(token));
+        let _ = isolation.done.send(theirs.len());
+    }
+}
+
+fn accept_all(
+    state: &ServerState,
+    registry: &Registry,
+    listener: &TcpListener,
+    conns: &mut HashMap<usize, Conn>,
+    next: &mut usize,
+) {
     loop {
         let (stream, remote) = match listener.accept() {
             Ok(accepted) => accepted,
-            Err(_) if state.closed.load(Ordering::SeqCst) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // Out of descriptors and the like: the pending connection stays queued and
+                // the next one retries (the loop wakes again at the next arrival).
                 crate::log::log_error!("tcp data listener: accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
+                return;
             }
         };
-        if state.closed.load(Ordering::SeqCst) {
-            return;
-        }
         set_socket_options(&stream);
-        let Ok(handle_stream) = stream.try_clone() else {
+        if stream.set_nonblocking(true).is_err() {
             continue;
-        };
-        let worker_state = Arc::clone(state);
-        let spawned = std::thread::Builder::new()
-            .name("kvt-tcp-recv".into())
-            .spawn(move || run_receiver(&worker_state, handle_stream, remote));
-        if let Ok(thread) = spawned {
-            let mut connections = lock(&state.connections);
-            connections.retain(|(_, t)| !t.is_finished());
-            connections.push((stream, thread));
         }
+        let token = *next;
+        *next += 1;
+        let fd = stream.as_raw_fd();
+        let registered = registry.register(
+            &mut SourceFd(&fd),
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        );
+        if registered.is_ok() {
+            conns.insert(token, Conn::new(stream, remote));
+            state.connections.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn close(
+    state: &ServerState,
+    registry: &Registry,
+    conns: &mut HashMap<usize, Conn>,
+    token: usize,
+    reason: &str,
+) {
+    if let Some(conn) = conns.remove(&token) {
+        let fd = conn.stream.as_raw_fd();
+        let _ = registry.deregister(&mut SourceFd(&fd));
+        let _ = conn.stream.shutdown(Shutdown::Both);
+        if !state.closed.load(Ordering::SeqCst) {
+            crate::log::debug!("tcp data connection ended: {reason}");
+        }
+        state.connections.fetch_sub(1, Ordering::SeqCst);
     }
 }

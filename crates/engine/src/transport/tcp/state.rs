@@ -5,8 +5,7 @@
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
 use std::collections::HashMap;
-use std::net::TcpStream;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -19,11 +18,17 @@ pub(super) struct Admission {
 pub(super) struct ServerState {
     pub(super) table: Arc<RegionTable>,
     pub(super) admissions: Mutex<HashMap<u64, Admission>>,
-    pub(super) connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    /// Data connections open now (admitted or awaiting their hello).
+    pub(super) connections: AtomicUsize,
     pub(super) closed: AtomicBool,
     pub(super) arrivals: Option<ArrivalSink>,
     /// Counts received payload bytes per writer (by name).
     pub(super) metrics: Arc<crate::metrics::Metrics>,
     /// Started by the first admission: faults the regions in ahead of the first writes.
     pub(super) prefault: Mutex<Option<JoinHandle<()>>>,
+    /// Writers to cut off, each with where to report how many connections were cut
+    /// (`fence.rs`); served by the receive loop.
+    pub(super) isolations: Mutex<Vec<super::fence::Isolation>>,
+    /// The receive loop has closed every connection and returned.
+    pub(super) loop_ended: AtomicBool,
 }

@@ -1,0 +1,268 @@
+/**
+ * Fences over the control plane (`decode.fence`): a receiver that reclaims blocks makes
+ * sure no earlier write of a tag (or of a writer) can still land in them.
+ *
+ * Each writer keeps one DEALER per peer it connected to (`FenceListener`): `listen` (its
+ * name) → `listening` before `connect` resolves, then it takes `fence` messages on it and
+ * answers each with `fenced` once its engine has settled the fenced calls
+ * (`fenceWrites`: pending ones fail `ERR_FENCED` and their connection is torn down). The
+ * receiver (`FenceHub`) sends the fence to every writer concerned and waits for their
+ * answers; a writer that does not answer in time is cut off by the engine (`cutOff`: no
+ * byte it sent can land afterwards; it must connect again).
+ */
+import * as zmq from 'zeromq'
+import type { NativeCommunicator } from '../index.js'
+import { CONTROL_PROTOCOL, type ControlServer } from './control'
+import { KvTransferError, describeValue, fromNative, invalidArgument, nativeAsync } from './errors'
+import { type FenceOptions, checkNonNegativeInteger } from './options'
+import { type RequestTag, encodeTag } from './tags'
+
+/** What `fence` covers: every call of a tag, or every call of one writer (its name). */
+export type FenceTarget = { tag: RequestTag } | { peer: string }
+
+/** How a fence went. */
+export interface FenceResult {
+  /** Writers that acknowledged: none of the fenced calls of theirs can land any more. */
+  acknowledged: string[]
+  /** Writers that did not answer in time and were cut off (they must connect again). */
+  cutOff: string[]
+}
+
+/** A fence request as sent: its id, the encoded tag (base64; null: every call), the hold. */
+interface FenceRequest {
+  id: number
+  tag: string | null
+  holdMs: number
+}
+
+/** A writer's answer: how many pending calls it fenced, or why it could not. */
+interface FenceAnswer {
+  id: number
+  fenced?: number
+  error?: { code: string; message: string }
+}
+
+const MAX_WAIT_MS = 3_600_000
+
+/** Checks `fence`'s target: exactly one of `tag` (a request tag) or `peer` (a writer's name). */
+export function checkFenceTarget(target: unknown): FenceTarget {
+  if (typeof target !== 'object' || target === null) {
+    throw invalidArgument('target', `expected { tag } or { peer }, got ${describeValue(target)}`)
+  }
+  const hasTag = 'tag' in target && (target as { tag?: unknown }).tag !== undefined
+  const hasPeer = 'peer' in target && (target as { peer?: unknown }).peer !== undefined
+  if (hasTag === hasPeer) {
+    throw invalidArgument('target', `an object with ${hasTag ? 'both' : 'neither'} of tag and peer; give exactly one`)
+  }
+  if (hasTag) {
+    const tag = (target as { tag: RequestTag }).tag
+    encodeTag(tag)
+    return { tag }
+  }
+  const peer = (target as { peer: unknown }).peer
+  if (typeof peer !== 'string' || peer.length === 0) {
+    throw invalidArgument('target.peer', `expected a writer's name (a non-empty string), got ${describeValue(peer)}`)
+  }
+  return { peer }
+}
+
+/** `fence`'s options, checked, with their defaults. */
+export function checkFenceOptions(options: FenceOptions): { ackTimeoutMs: number; holdMs: number } {
+  return {
+    ackTimeoutMs:
+      options.ackTimeoutMs === undefined
+        ? 1000
+        : checkNonNegativeInteger('ackTimeoutMs', options.ackTimeoutMs, 600_000),
+    holdMs: options.holdMs === undefined ? 30_000 : checkNonNegativeInteger('holdMs', options.holdMs, 3_600_000),
+  }
+}
+
+/** The receiving side: who listens for fences, and the fences waiting for answers. */
+export class FenceHub {
+  /** Writer name → the identity of its listening connection (the latest one). */
+  private readonly listeners = new Map<string, Buffer>()
+  private readonly waiting = new Map<number, (answer: FenceAnswer) => void>()
+  private nextId = 0
+  /** Writing side: the fence channel to each connected peer, by `address:port`. */
+  private readonly channels = new Map<string, FenceListener>()
+
+  constructor(
+    private readonly engine: NativeCommunicator,
+    private readonly control: () => ControlServer,
+  ) {}
+
+  /** Writing side: opens the fence channel to the peer `key` (replacing an earlier one). */
+  async follow(host: string, port: number, key: string, timeoutMs: number | undefined): Promise<void> {
+    const channel = await FenceListener.open(this.engine, host, port, key, timeoutMs)
+    void this.channels.get(key)?.closed()
+    this.channels.set(key, channel)
+  }
+
+  /** Writing side: closes every fence channel (at close). */
+  async unfollowAll(): Promise<void> {
+    await Promise.all([...this.channels.values()].map((channel) => channel.closed()))
+  }
+
+  /** `listen`: the writer `name` takes fences on connection `identity`. */
+  listen(body: Buffer, identity: Buffer): Buffer {
+    const name = body.toString('utf8')
+    if (name.length === 0 || name.length > 255) throw new KvTransferError('ERR_PROTOCOL', 'listen: bad writer name')
+    this.listeners.set(name, Buffer.from(identity))
+    return Buffer.alloc(0)
+  }
+
+  /** `fenced`: a writer's answer. */
+  fenced(body: Buffer): void {
+    let answer: FenceAnswer
+    try {
+      answer = JSON.parse(body.toString('utf8')) as FenceAnswer
+    } catch {
+      return
+    }
+    this.waiting.get(answer.id)?.(answer)
+  }
+
+  /**
+   * Sends the fence to the writers concerned and resolves once each acknowledged or was
+   * cut off. `waitMs`: how long a writer has to answer; `holdMs`: how long writers refuse
+   * new calls of the fenced tag (or, for a writer, every call).
+   */
+  async fence(target: FenceTarget, waitMs: number, holdMs: number): Promise<FenceResult> {
+    const tag = 'tag' in target ? encodeTag(target.tag).toString('base64') : null
+    const writers = 'tag' in target ? [...this.listeners.keys()] : [target.peer].filter((w) => this.listeners.has(w))
+    const answers = await Promise.all(writers.map((writer) => this.ask(writer, tag, holdMs, waitMs)))
+    const result: FenceResult = { acknowledged: [], cutOff: [] }
+    const silent: string[] = []
+    writers.forEach((writer, i) => (answers[i] ? result.acknowledged : silent).push(writer))
+    // A writer by name that never listened may still have connections: cut them too.
+    if ('peer' in target && writers.length === 0) silent.push(target.peer)
+    for (const writer of silent) {
+      this.listeners.delete(writer)
+      const cut = await nativeAsync(this.engine.cutOff(writer, waitMs))
+      if (cut > 0 || 'peer' in target) result.cutOff.push(writer)
+    }
+    return result
+  }
+
+  /** Asks `writer` to fence; resolves whether it acknowledged within `waitMs`. */
+  private ask(writer: string, tag: string | null, holdMs: number, waitMs: number): Promise<boolean> {
+    const identity = this.listeners.get(writer)
+    if (!identity) return Promise.resolve(false)
+    const id = this.nextId++
+    const request: FenceRequest = { id, tag, holdMs }
+    return new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => done(false), Math.min(waitMs, MAX_WAIT_MS))
+      const done = (acknowledged: boolean) => {
+        clearTimeout(timer)
+        this.waiting.delete(id)
+        resolve(acknowledged)
+      }
+      this.waiting.set(id, (answer) => done(answer.error === undefined && typeof answer.fenced === 'number'))
+      void this.control().sendTo(identity, [
+        Buffer.from(CONTROL_PROTOCOL),
+        Buffer.from('fence'),
+        Buffer.from(JSON.stringify(request)),
+      ])
+    })
+  }
+}
+
+/** The writing side: takes the fences of the peer it connected to as `key`. */
+export class FenceListener {
+  private readonly dealer: zmq.Dealer
+  private loop: Promise<void> | undefined
+  private sending: Promise<void> = Promise.resolve()
+
+  constructor(
+    private readonly engine: NativeCommunicator,
+    private readonly key: string,
+  ) {
+    this.dealer = new zmq.Dealer({ linger: 0, reconnectInterval: 100, reconnectMaxInterval: 1000 })
+  }
+
+  /**
+   * Takes the fences of the peer just connected as `key`. When it cannot, the connection
+   * is torn down again (a writer that cannot be fenced must not write) and this rejects.
+   */
+  static async open(
+    engine: NativeCommunicator,
+    host: string,
+    port: number,
+    key: string,
+    timeoutMs: number | undefined,
+  ): Promise<FenceListener> {
+    const listener = new FenceListener(engine, key)
+    try {
+      await listener.start(host, port, engine.metrics().name, timeoutMs)
+    } catch (error) {
+      await nativeAsync(engine.cancelPeer(key, 'abort', undefined, true)).catch(() => undefined)
+      throw error
+    }
+    return listener
+  }
+
+  /** Registers this writer (`name`) with the peer at `host:port`; resolves once it listens. */
+  private async start(host: string, port: number, name: string, timeoutMs: number | undefined): Promise<void> {
+    this.dealer.receiveTimeout = timeoutMs ?? -1
+    this.dealer.connect(`tcp://${host}:${port}`)
+    try {
+      await this.dealer.send([Buffer.from(CONTROL_PROTOCOL), Buffer.from('listen'), Buffer.from(name)])
+      const [protocol, kind] = await this.dealer.receive()
+      if (protocol?.toString() !== CONTROL_PROTOCOL || kind?.toString() !== 'listening') {
+        throw new KvTransferError('ERR_PROTOCOL', `${this.key} did not take this writer's fences (${kind?.toString()})`)
+      }
+    } catch (error) {
+      this.close()
+      throw error instanceof KvTransferError
+        ? error
+        : new KvTransferError('ERR_IO', `fence channel to ${this.key}: ${(error as Error).message}`)
+    }
+    this.dealer.receiveTimeout = -1
+    this.loop = this.serve()
+  }
+
+  private async serve(): Promise<void> {
+    for (;;) {
+      let frames: Buffer[]
+      try {
+        frames = await this.dealer.receive()
+      } catch {
+        return // closed
+      }
+      const [protocol, kind, body] = frames
+      if (frames.length !== 3 || protocol.toString() !== CONTROL_PROTOCOL || kind.toString() !== 'fence') continue
+      void this.answer(body)
+    }
+  }
+
+  private async answer(body: Buffer): Promise<void> {
+    let request: FenceRequest
+    try {
+      request = JSON.parse(body.toString('utf8')) as FenceRequest
+    } catch {
+      return
+    }
+    let answer: FenceAnswer
+    try {
+      const tag = request.tag === null ? null : Buffer.from(request.tag, 'base64')
+      const fenced = await this.engine.fenceWrites(this.key, tag, request.holdMs)
+      answer = { id: request.id, fenced }
+    } catch (error) {
+      const e = fromNative(error)
+      answer = { id: request.id, error: { code: e.code, message: e.message } }
+    }
+    const frames = [Buffer.from(CONTROL_PROTOCOL), Buffer.from('fenced'), Buffer.from(JSON.stringify(answer))]
+    this.sending = this.sending.then(() => this.dealer.send(frames).catch(() => undefined))
+    await this.sending
+  }
+
+  close(): void {
+    if (!this.dealer.closed) this.dealer.close()
+  }
+
+  /** Closes and waits for the receive loop to end. */
+  async closed(): Promise<void> {
+    this.close()
+    await this.loop
+  }
+}
