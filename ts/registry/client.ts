@@ -3,8 +3,9 @@
  * bounded, failover across the members, a short watch back-off; and the one way its
  * failures become typed errors.
  */
-import { ConsecutiveBreaker, ExponentialBackoff, type IBackoff, circuitBreaker, handleAll, retry } from 'cockatiel'
-import { Etcd3 } from 'etcd3'
+import type * as Cockatiel from 'cockatiel'
+import type { Etcd3 } from 'etcd3'
+import type * as Etcd from 'etcd3'
 import { KvTransferError } from '../errors'
 import type { RegistryAddress } from '../options'
 
@@ -13,7 +14,14 @@ export const CALL_TIMEOUT_MS = 1500
 
 /** A client of the registry's etcd cluster. */
 export function etcdClient(address: RegistryAddress): Etcd3 {
-  return new Etcd3({
+  // Loaded on first use: a communicator without a registry never loads gRPC (startup time,
+  // and what a bundle or a minimal install must carry).
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { ConsecutiveBreaker, ExponentialBackoff, circuitBreaker, handleAll, retry } =
+    require('cockatiel') as typeof Cockatiel
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const etcd = require('etcd3') as typeof Etcd
+  return new etcd.Etcd3({
     hosts: address.endpoints.map((endpoint) => `http://${endpoint}`),
     dialTimeout: CALL_TIMEOUT_MS,
     defaultCallOptions: (context) => (context.isStream ? {} : { deadline: new Date(Date.now() + CALL_TIMEOUT_MS) }),
@@ -24,7 +32,10 @@ export function etcdClient(address: RegistryAddress): Etcd3 {
       host: () => circuitBreaker(handleAll, { halfOpenAfter: 1000, breaker: new ConsecutiveBreaker(2) }),
       // etcd3 calls `next()` on what it is given (as on its own default, a factory); its
       // declared type is the older cockatiel's.
-      watchBackoff: new ExponentialBackoff({ initialDelay: 100, maxDelay: 1000 }) as unknown as IBackoff<unknown>,
+      watchBackoff: new ExponentialBackoff({
+        initialDelay: 100,
+        maxDelay: 1000,
+      }) as unknown as Cockatiel.IBackoff<unknown>,
     },
   })
 }
