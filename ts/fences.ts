@@ -133,7 +133,14 @@ export class FenceHub {
     const answers = await Promise.all(writers.map((writer) => this.ask(writer, tag, holdMs, waitMs)))
     const result: FenceResult = { acknowledged: [], cutOff: [] }
     const silent: string[] = []
-    writers.forEach((writer, i) => (answers[i] ? result.acknowledged : silent).push(writer))
+    writers.forEach((writer, i) => (answers[i] !== undefined ? result.acknowledged : silent).push(writer))
+    // A writer that fenced calls in flight tore its connection down, but a receiver may
+    // still be applying frames it read before the reset (a TCP receive loop descheduled
+    // mid-copy): close that writer's connections here too, so none of it lands after this
+    // resolves. Where this side cannot (NVLink), the writer's acknowledgement is the proof.
+    for (const [i, writer] of writers.entries()) {
+      if ((answers[i] ?? 0) > 0) await nativeAsync(this.engine.cutOff(writer, 0)).catch(() => 0)
+    }
     // A writer by name that never listened may still have connections: cut them too.
     if ('peer' in target && writers.length === 0) silent.push(target.peer)
     for (const writer of silent) {
@@ -144,20 +151,22 @@ export class FenceHub {
     return result
   }
 
-  /** Asks `writer` to fence; resolves whether it acknowledged within `waitMs`. */
-  private ask(writer: string, tag: string | null, holdMs: number, waitMs: number): Promise<boolean> {
+  /** Asks `writer` to fence; resolves with how many calls it fenced, undefined without an answer within `waitMs`. */
+  private ask(writer: string, tag: string | null, holdMs: number, waitMs: number): Promise<number | undefined> {
     const identity = this.listeners.get(writer)
-    if (!identity) return Promise.resolve(false)
+    if (!identity) return Promise.resolve(undefined)
     const id = this.nextId++
     const request: FenceRequest = { id, tag, holdMs }
-    return new Promise<boolean>((resolve) => {
-      const timer = setTimeout(() => done(false), Math.min(waitMs, MAX_WAIT_MS))
-      const done = (acknowledged: boolean) => {
+    return new Promise<number | undefined>((resolve) => {
+      const timer = setTimeout(() => done(undefined), Math.min(waitMs, MAX_WAIT_MS))
+      const done = (fenced: number | undefined) => {
         clearTimeout(timer)
         this.waiting.delete(id)
-        resolve(acknowledged)
+        resolve(fenced)
       }
-      this.waiting.set(id, (answer) => done(answer.error === undefined && typeof answer.fenced === 'number'))
+      this.waiting.set(id, (answer) =>
+        done(answer.error === undefined && typeof answer.fenced === 'number' ? answer.fenced : undefined),
+      )
       void this.control().sendTo(identity, [
         Buffer.from(CONTROL_PROTOCOL),
         Buffer.from('fence'),

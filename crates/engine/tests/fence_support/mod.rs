@@ -111,6 +111,15 @@ pub fn honoured_rounds(spec: impl Fn(SideSpec) -> SideSpec) {
                 Duration::from_secs(5),
             )
             .unwrap();
+        // The decode's half of the fence (what `fence()` does once a writer answered that
+        // it fenced calls in flight): its receivers stop applying that writer's frames. A
+        // TCP receive loop descheduled mid-copy would otherwise finish a frame it began
+        // before the writer's reset.
+        if fenced > 0 {
+            let _ = decode
+                .engine
+                .cut_off(prefill.engine.name(), Duration::from_millis(1));
+        }
         paint_canary(&decode);
         let codes = settle_all(outcomes);
         std::thread::sleep(Duration::from_millis(50));
