@@ -14,6 +14,16 @@ use kvtransfer_engine::{
 };
 
 /// The two devices (`KVTRANSFER_RDMA_DEVICE`, `KVTRANSFER_RDMA_DEVICE2`).
+/// The tests take turns: two of them take the second rail's interface down, which the
+/// others need up (cargo runs a binary's tests on parallel threads).
+static RAILS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    RAILS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn devices(test: &str) -> (String, String) {
     let var = |name: &str| {
         std::env::var(name).unwrap_or_else(|_| {
@@ -81,6 +91,7 @@ fn v4_gid(a: [u8; 4], prefix: u8) -> GidCandidate {
 #[test]
 #[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
+    let _turn = one_at_a_time();
     let (a, b) = devices("rdma_two_rails_split_a_calls_bytes_and_every_byte_lands");
     // Unset NICs: every active port is a rail.
     let auto = side(
@@ -178,6 +189,7 @@ fn connect_with_rail1_gids(prefill: &Side, decode: &Side, gids: Vec<GidCandidate
 #[test]
 #[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_a_gid_outside_the_peers_subnet_is_not_chosen() {
+    let _turn = one_at_a_time();
     let (a, b) = devices("rdma_a_gid_outside_the_peers_subnet_is_not_chosen");
     let both = format!("{a}+{b}");
     // rxe1 prefers 10.78.0.1 (first IPv4 GID), but the peer's rail is only in 10.99.0.0/24.
@@ -321,6 +333,7 @@ fn calls_across_a_link_down(prefill: &Side, decode: &Side) -> (usize, usize) {
 #[test]
 #[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins() {
+    let _turn = one_at_a_time();
     let (a, b) = devices("rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins");
     watchdog(240);
     let both = format!("{a}+{b}");
@@ -383,6 +396,7 @@ fn rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins() {
 #[test]
 #[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_one_rail_whose_interface_goes_down_fails_typed_and_reconnects() {
+    let _turn = one_at_a_time();
     let (_, b) = devices("rdma_one_rail_whose_interface_goes_down_fails_typed_and_reconnects");
     watchdog(240);
     let prefill = side(Role::Prefill, 256, 8192, settings(&b));
