@@ -11,65 +11,18 @@
 //! off by every transport (`Transport::isolate`): after it returns, nothing that writer
 //! sent can land here; the writer sees its connection break and connects again.
 
+use super::in_flight::FenceScope;
 use super::peers::Peer;
 use super::Engine;
 use crate::error::{Error, Result};
 use crate::log::debug;
-use crate::transport::DoneSlot;
 use crate::util::lock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest time a fence keeps refusing new calls of its scope.
 pub const MAX_FENCE_HOLD: Duration = Duration::from_secs(3600);
-
-/// What a fence covers on one writer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FenceScope {
-    /// Calls with this tag.
-    Tag(Vec<u8>),
-    /// Every call.
-    All,
-}
-
-impl FenceScope {
-    fn covers(&self, tag: Option<&[u8]>) -> bool {
-        match self {
-            FenceScope::All => true,
-            FenceScope::Tag(fenced) => tag == Some(fenced.as_slice()),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            FenceScope::All => "every call".into(),
-            FenceScope::Tag(tag) => format!("tag {}", tag_text(tag)),
-        }
-    }
-}
-
-/// A tag as the TypeScript layer encodes it (a type byte, then a u64 or UTF-8 text), for
-/// messages; other bytes are shown in hex.
-fn tag_text(tag: &[u8]) -> String {
-    match tag {
-        [0, rest @ ..] if rest.len() == 8 => {
-            let mut le = [0u8; 8];
-            le.copy_from_slice(rest);
-            format!("{}n", u64::from_le_bytes(le))
-        }
-        [1, text @ ..] => match std::str::from_utf8(text) {
-            Ok(text) => format!("'{}'", text.escape_default()),
-            Err(_) => hex(tag),
-        },
-        _ => hex(tag),
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("0x{digits}")
-}
 
 /// The fences a writer honours: new calls of their scope to their peer are refused until
 /// they expire.
@@ -119,51 +72,6 @@ impl Fences {
             }),
             None => Ok(()),
         }
-    }
-}
-
-/// A connection's calls that its link may still be moving, with their tags: what a fence
-/// looks through. Completed calls are dropped lazily.
-#[derive(Default)]
-pub(super) struct InFlight {
-    calls: Mutex<InFlightCalls>,
-}
-
-#[derive(Default)]
-struct InFlightCalls {
-    calls: Vec<(Weak<DoneSlot>, Option<Vec<u8>>)>,
-    /// Length after the last sweep: the next sweep comes when it doubled.
-    swept: usize,
-}
-
-impl InFlight {
-    /// Records a call handed to the link.
-    pub fn track(&self, call: Weak<DoneSlot>, tag: Option<&[u8]>) {
-        let mut inner = lock(&self.calls);
-        if inner.calls.len() >= 64.max(2 * inner.swept) {
-            inner
-                .calls
-                .retain(|(c, _)| c.upgrade().is_some_and(|c| c.is_pending()));
-            inner.swept = inner.calls.len();
-        }
-        inner.calls.push((call, tag.map(<[u8]>::to_vec)));
-    }
-
-    /// Fails every pending call that `scope` covers with `error`; returns how many.
-    fn fail_covered(&self, scope: &FenceScope, error: &Error) -> usize {
-        let mut inner = lock(&self.calls);
-        let mut failed = 0;
-        inner.calls.retain(|(call, tag)| {
-            let Some(call) = call.upgrade() else {
-                return false;
-            };
-            if scope.covers(tag.as_deref()) && call.fail_if_pending(error.clone()) {
-                failed += 1;
-            }
-            call.is_pending()
-        });
-        inner.swept = inner.calls.len();
-        failed
     }
 }
 

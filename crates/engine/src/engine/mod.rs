@@ -5,6 +5,7 @@
 mod explain;
 mod fence;
 mod handshake;
+mod in_flight;
 mod integrity;
 mod left;
 mod peers;
@@ -13,7 +14,8 @@ mod tp;
 mod watchdog;
 mod write;
 
-pub use fence::{FenceScope, MAX_FENCE_HOLD};
+pub use fence::MAX_FENCE_HOLD;
+pub use in_flight::FenceScope;
 pub use integrity::Integrity;
 pub use left::{PeerLeft, PeerLeftSink};
 pub use write::{CallAbort, CallBlocks, CallPeer, PeerHandle, PreparedBlocks, WriteCall};

@@ -26,7 +26,7 @@ pub(super) struct Peer {
     /// Reports, once, that this connection's link stopped being usable (`left.rs`).
     pub left: Arc<LeftReport>,
     /// Its calls handed to the link, with their tags, for fences (`fence.rs`).
-    pub calls: super::fence::InFlight,
+    pub calls: super::in_flight::InFlight,
     /// Whether the registry holds it under `key` (set by the registry only): a prepared
     /// list keeps its peer and skips the lookup while this holds.
     registered: AtomicBool,
@@ -48,7 +48,7 @@ impl Peer {
             link,
             counters,
             left,
-            calls: super::fence::InFlight::default(),
+            calls: super::in_flight::InFlight::default(),
             registered: AtomicBool::new(false),
         }
     }

@@ -3,17 +3,11 @@
 //! afterwards.
 
 use super::lock;
-use super::state::ServerState;
+use super::state::{Isolation, ServerState};
 use mio::Waker;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
-
-/// A request to the receive loop: close `writer`'s connections and report how many.
-pub(super) struct Isolation {
-    pub(super) writer: String,
-    pub(super) done: mpsc::Sender<usize>,
-}
 
 /// Withdraws `writer`'s unused admissions and has the receive loop close its data
 /// connections. Returns how many were cut; when it returns, nothing from that writer is

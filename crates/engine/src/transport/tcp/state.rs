@@ -28,7 +28,14 @@ pub(super) struct ServerState {
     pub(super) prefault: Mutex<Option<JoinHandle<()>>>,
     /// Writers to cut off, each with where to report how many connections were cut
     /// (`fence.rs`); served by the receive loop.
-    pub(super) isolations: Mutex<Vec<super::fence::Isolation>>,
+    pub(super) isolations: Mutex<Vec<Isolation>>,
     /// The receive loop has closed every connection and returned.
     pub(super) loop_ended: AtomicBool,
+}
+
+/// A request to the receive loop (`fence.rs`): close `writer`'s connections and report how
+/// many.
+pub(super) struct Isolation {
+    pub(super) writer: String,
+    pub(super) done: std::sync::mpsc::Sender<usize>,
 }
