@@ -38,8 +38,8 @@ export type CacheRegion = bigint | ArrayBufferView | ArrayBuffer | SharedRegion
 export type BlockIds = readonly number[] | Int32Array | Uint32Array
 
 /** Options of {@link RDMACommunicator}. */
-/** The seed's positional constructor arguments. */
-export type SeedArguments = [
+/** The arguments the seed's and FastDeploy's positional constructors share. */
+type PositionalLayout = [
   role: Role,
   gpuIdx: number,
   port: number | string,
@@ -47,18 +47,14 @@ export type SeedArguments = [
   localValueCache: CacheRegion[],
   blockNumber: number,
   blockBytes: number,
-  extra?: Partial<CommunicatorOptions>,
 ]
+
+/** The seed's positional constructor arguments. */
+export type SeedArguments = [...PositionalLayout, extra?: Partial<CommunicatorOptions>]
 
 /** FastDeploy's positional constructor arguments (scales and prefill TP after the seed's). */
 export type FastDeployArguments = [
-  role: Role,
-  gpuIdx: number,
-  port: number | string,
-  localKeyCache: CacheRegion[],
-  localValueCache: CacheRegion[],
-  blockNumber: number,
-  blockBytes: number,
+  ...PositionalLayout,
   keyScaleCache: CacheRegion[],
   valueScaleCache?: CacheRegion[],
   scaleBlockBytes?: number,
