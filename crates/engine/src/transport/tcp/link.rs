@@ -264,6 +264,11 @@ impl LinkState {
                 at = end;
             }
             acks.bytes.drain(..at);
+            if n < chunk.len() {
+                // A short read drained the socket; edge-triggered readiness reports what
+                // arrives later, so the read that would only say WouldBlock is skipped.
+                return Ok(());
+            }
         }
     }
 

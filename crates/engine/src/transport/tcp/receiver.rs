@@ -145,8 +145,11 @@ impl Conn {
                 if len as usize >= DIRECT_READ_MIN {
                     match self.read_direct(addr, left, buffer)? {
                         None => return Ok(false),
-                        Some(ahead) => {
+                        Some((ahead, drained)) => {
                             self.parse(state, &buffer[..ahead])?;
+                            if drained {
+                                return Ok(false);
+                            }
                             continue;
                         }
                     }
@@ -166,18 +169,24 @@ impl Conn {
             };
             self.may_have_waited();
             self.parse(state, &buffer[..n])?;
+            if n < limit {
+                // A short read drained the socket; edge-triggered readiness reports what
+                // arrives later, so the read that would only say WouldBlock is skipped.
+                return Ok(false);
+            }
         }
         Ok(true)
     }
 
     /// Lands the rest of a large payload in place and reads one header ahead into
-    /// `buffer`. `None`: the socket had nothing; else the bytes read ahead.
+    /// `buffer`. `None`: the socket had nothing; else the bytes read ahead, and whether
+    /// the read was short (the socket is drained).
     fn read_direct(
         &mut self,
         addr: u64,
         left: usize,
         buffer: &mut [u8],
-    ) -> Result<Option<usize>, End> {
+    ) -> Result<Option<(usize, bool)>, End> {
         // A writer that timed out or was aborted resets the connection before it reports
         // the failure: none of its bytes may land afterwards.
         sockopt::check_not_reset(self.fd()).map_err(|e| e.to_string())?;
@@ -209,7 +218,7 @@ impl Conn {
         let n = n as usize;
         let into_dst = n.min(left);
         self.landed(addr, left, into_dst);
-        Ok(Some(n - into_dst))
+        Ok(Some((n - into_dst, n < left + DIRECT_READ_AHEAD)))
     }
 
     /// `n` more bytes of the current payload landed.
