@@ -86,6 +86,8 @@ interface Worker {
   /** The slot it attached with (warm re-attach), and its attach options. */
   slot?: string
   options?: CommunicatorOptions
+  /** It took over a parked communicator (its `connect` keeps the links it finds). */
+  reattached?: boolean
   /** Its communicator's arrival listener (removed when the communicator is parked). */
   onArrival?: (arrival: Arrival) => void
   attaching?: Promise<void>
@@ -261,18 +263,23 @@ export class Sidecar {
         `"${request.op}" needs an attached worker: send "attach" first${worker.attaching ? ' and wait for its answer' : ''}`,
       )
     switch (request.op) {
-      case 'connect':
-        return comm
-          .connect(stringField(request, 'ip'), numberField(request, 'port'), {
-            dstTpSize: numberField(request, 'dstTpSize', 0),
-            timeoutMs: request.timeoutMs as number | undefined,
-          })
-          .then(() => {
-            const key = `${request.ip}:${request.port}`
-            // Writes naming this peer now go from the socket to the engine directly.
-            this.native.routePeer(worker.conn, key, this.peerOf(comm, request, key).native, comm.defaultWriteTimeoutMs)
-            return { peer: key }
-          })
+      case 'connect': {
+        const [ip, port] = [stringField(request, 'ip'), numberField(request, 'port')]
+        // A re-attached worker finds its predecessor's links: it keeps them, warm.
+        const kept = worker.reattached === true && comm.isConnected(ip, port)
+        const connected = kept
+          ? Promise.resolve(true)
+          : comm.connect(ip, port, {
+              dstTpSize: numberField(request, 'dstTpSize', 0),
+              timeoutMs: request.timeoutMs as number | undefined,
+            })
+        return connected.then(() => {
+          const key = `${ip}:${port}`
+          // Writes naming this peer now go from the socket to the engine directly.
+          this.native.routePeer(worker.conn, key, this.peerOf(comm, request, key).native, comm.defaultWriteTimeoutMs)
+          return { peer: key, kept }
+        })
+      }
       case 'prepare': {
         const prepared = comm.prepareBlocks(
           this.peerOf(comm, request),
@@ -378,6 +385,7 @@ export class Sidecar {
       worker.comm = comm
       worker.slot = slot
       worker.options = options
+      worker.reattached = reattached
       this.counters.attaches++
       worker.onArrival = (arrival) => this.send(worker, 0, { event: 'arrival', ...arrival, tag: tagJson(arrival.tag) })
       comm.on('arrival', worker.onArrival)

@@ -406,7 +406,7 @@ class SidecarTest(unittest.TestCase):
         self.assertEqual((info["warm"], info["reattached"]), (True, False))
         self.addCleanup(_unlink_shm, info["shm"])
         src = self.cache("random")
-        prefill = self.attach(a, src, name="warm-prefill")
+        prefill = self.attach(a, src, name="warm-prefill", slot="prefill/tp0")
         peer = prefill.connect(TEST_HOST, info["port"], timeout=CONNECT_TIMEOUT)
         first, second = list(range(0, 8)), list(range(8, 16))
         for layer in range(LAYERS):
@@ -439,6 +439,18 @@ class SidecarTest(unittest.TestCase):
         self.assertEqual(prefill.metrics().get("reconnects"), 0)
         self.assertIn("kvtransfer_sidecar_reattaches_total 1", _metrics(metrics_port))
 
+        # The prefill restarts too (it detaches here; to the sidecar a death is the same end):
+        # its successor finds the link to the decode kept, and its connect keeps it.
+        prefill.detach(timeout=IO_TIMEOUT)
+        successor = self.attach_slot(a, src, "prefill/tp0", name="warm-prefill")
+        self.assertEqual((successor.reattached, successor.port), (True, prefill.port))
+        peer = successor.connect(TEST_HOST, info["port"], timeout=CONNECT_TIMEOUT)
+        third = list(range(16, 24))
+        for layer in range(LAYERS):
+            successor.write_cache_sync(peer, first, third, layer, tag="successor", timeout=IO_TIMEOUT)
+        self.verify(again, src, "successor", first, third)
+        self.assertEqual(successor.metrics().get("reconnects"), 0)
+
         # Another layout under that slot is refused, naming the field; the kept communicator
         # is closed, so the next attach starts fresh.
         again.kill()
@@ -460,6 +472,17 @@ class SidecarTest(unittest.TestCase):
         with kvtransfer.attach(b.path, role="decode", slot="decode/tp0", transport=TEST_TRANSPORT,
                                timeout=CONNECT_TIMEOUT, **other.attach_args()) as fresh:
             self.assertFalse(fresh.reattached)
+
+    def attach_slot(self, sidecar: Sidecar, cache: HostCache, slot: str, **kwargs: Any) -> kvtransfer.Worker:
+        """Attaches with ``slot`` once the sidecar has parked its predecessor's communicator."""
+        deadline = time.monotonic() + IO_TIMEOUT
+        while True:
+            try:
+                return self.attach(sidecar, cache, slot=slot, **kwargs)
+            except kvtransfer.InvalidArgument as error:  # the predecessor still holds the slot
+                self.assertIn("held by an attached worker", str(error))
+            self.assertLess(time.monotonic(), deadline, f"slot {slot!r} was never free")
+            time.sleep(scaled(0.05))
 
     def decode_helper_slot(self, sidecar: Sidecar, slot: str) -> Tuple[Helper, Dict[str, Any]]:
         helper = Helper("decode", sidecar.path, str(LAYERS), str(BLOCKS), str(BLOCK_BYTES), slot)
