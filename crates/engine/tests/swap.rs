@@ -3,94 +3,11 @@
 //! land byte for byte in the new file and never again in the old one.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{
-    BlockIds, Engine, EngineOptions, ImportSource, ImportSpec, Importer, Role, TpOptions,
-};
-use std::fs::{File, OpenOptions};
-use std::os::fd::OwnedFd;
-use std::path::PathBuf;
-use std::time::Duration;
+use kvtransfer_engine::{BlockIds, Engine, Role};
 
 mod common;
+use common::imported::{decode_over, Shared, BLOCKS, BLOCK_BYTES};
 use common::{pattern, SideSpec};
-
-const BLOCKS: usize = 16;
-const BLOCK_BYTES: usize = 1024;
-/// Each region starts this far into its file (not page-aligned on purpose).
-const OFFSET: u64 = 512;
-
-/// A shared file in /dev/shm (removed on drop), as a worker would share its cache.
-struct Shared(PathBuf);
-
-impl Shared {
-    fn new(name: &str) -> Shared {
-        let path = PathBuf::from(format!("/dev/shm/kvt-swap-{}-{name}", std::process::id()));
-        let file = File::create(&path).unwrap();
-        file.set_len(OFFSET + (BLOCKS * BLOCK_BYTES) as u64)
-            .unwrap();
-        Shared(path)
-    }
-
-    fn fd(&self) -> OwnedFd {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.0)
-            .unwrap()
-            .into()
-    }
-
-    fn block(&self, block: usize) -> Vec<u8> {
-        let bytes = std::fs::read(&self.0).unwrap();
-        let at = OFFSET as usize + block * BLOCK_BYTES;
-        bytes[at..at + BLOCK_BYTES].to_vec()
-    }
-
-    fn spec(&self, bytes: u64) -> ImportSpec {
-        ImportSpec {
-            source: ImportSource::HostFd(self.fd()),
-            offset: OFFSET,
-            bytes,
-        }
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn decode_over(shared: &Shared) -> Engine {
-    let imported = Importer::new(0)
-        .import(
-            "localKeyCache",
-            0,
-            shared.spec((BLOCKS * BLOCK_BYTES) as u64),
-        )
-        .unwrap();
-    Engine::new(EngineOptions {
-        role: Role::Decode,
-        gpu_idx: 0,
-        name: "decode-test".into(),
-        host: None,
-        keys: vec![imported.address()],
-        values: Vec::new(),
-        key_scales: Vec::new(),
-        value_scales: Vec::new(),
-        block_number: BLOCKS as u32,
-        block_bytes: BLOCK_BYTES as u64,
-        scale_block_bytes: 0,
-        transport: Some("tcp".into()),
-        arrivals: None,
-        connect_timeout: Duration::from_secs(10),
-        rdma_settings: None,
-        auth_token: Some(Vec::new()),
-        tp: TpOptions::default(),
-        imports: vec![imported],
-    })
-    .unwrap()
-}
 
 fn write(prefill: &Engine, local: &[u32], remote: &[u32]) {
     block_on(
@@ -111,7 +28,7 @@ fn write(prefill: &Engine, local: &[u32], remote: &[u32]) {
 #[test]
 fn swapped_regions_take_the_next_writes_and_the_old_file_none() {
     let (old, new) = (Shared::new("old"), Shared::new("new"));
-    let decode = decode_over(&old);
+    let decode = decode_over(&old, "tcp", None);
     let prefill = SideSpec {
         with_values: false,
         ..SideSpec::new(Role::Prefill, 1, BLOCKS, BLOCK_BYTES)
