@@ -56,6 +56,22 @@ export declare class NativeCommunicator {
    * bad or the peer is not connected).
    */
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
+  /**
+   * Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
+   * be swapped: a region not imported as host memory, or a transport other than TCP.
+   */
+  checkSwappable(): void
+  /**
+   * Parks every imported region on anonymous pages at the same address: the owner's
+   * memory is released and nothing lands in it any more.
+   */
+  parkImports(): void
+  /**
+   * Maps the given regions (host descriptors, in the constructor's order: keys, values,
+   * key scales, value scales) under the communicator's regions, at their addresses.
+   * Everything is checked before anything is mapped.
+   */
+  swapImports(localKeyCache: Array<ImportedRegion>, localValueCache: Array<ImportedRegion>, keyScaleCache: Array<ImportedRegion>, valueScaleCache: Array<ImportedRegion>): void
   constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null, onPeerLeft?: ((arg: PeerLeftNotice) => void) | undefined | null)
   /**
    * The transport this side prefers ("nvlink", "rdma" or "tcp"): the one `auto` picks

@@ -248,3 +248,22 @@ test('close ends every connection', async (t) => {
   await client.closed()
   t.true(client.ended)
 })
+
+test('warm re-attach settings are checked: the grace period and the slot, typed', async (t) => {
+  const grace = await t.throwsAsync(Sidecar.start({ socket: socketPath(t), warmGraceMs: 3_600_000 }))
+  t.is((grace as Error & { code?: string }).code, 'ERR_INVALID_ARGUMENT')
+  t.regex(grace!.message, /warmGraceMs/)
+  const sidecar = await start(t)
+  const client = await Client.connect(t, sidecar.socket)
+  t.truthy((await client.request(1, hello)).ok)
+  for (const [id, slot] of [
+    [2, ''],
+    [3, 'x'.repeat(256)],
+    [4, 7],
+  ] as const) {
+    const refused = await client.request(id, { op: 'attach', role: 'decode', blockNumber: 4, blockBytes: 64, slot })
+    t.is(refused.error?.code, 'ERR_INVALID_ARGUMENT')
+    t.regex(refused.error!.message, /slot/)
+  }
+  t.is(sidecar.workerCount, 0, 'nothing attached')
+})

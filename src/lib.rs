@@ -23,6 +23,7 @@ mod metrics;
 mod prepared;
 mod regions;
 mod sidecar;
+mod swap;
 use regions::{RegionInput, Regions};
 
 use errors::{internal_error, invalid, napi_failure, to_js_error, Code, CodedError};

@@ -158,7 +158,7 @@ fn duplicate(name: &'static str, index: usize, fd: i32) -> Result<OwnedFd, Code>
     })
 }
 
-fn import_spec(
+pub(crate) fn import_spec(
     name: &'static str,
     index: usize,
     shared: ImportedRegion,

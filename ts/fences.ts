@@ -103,6 +103,11 @@ export class FenceHub {
     await Promise.all([...this.channels.values()].map((channel) => channel.closed()))
   }
 
+  /** Receiving side: the writers that take this side's fences. */
+  writers(): string[] {
+    return [...this.listeners.keys()]
+  }
+
   /** `listen`: the writer `name` takes fences on connection `identity`. */
   listen(body: Buffer, identity: Buffer): Buffer {
     const name = body.toString('utf8')

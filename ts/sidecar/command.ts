@@ -15,6 +15,8 @@ over a Unix domain socket and get a communicator each (clients/python; docs/side
                        are always admitted)
   --metrics-port N     serve Prometheus metrics at http://HOST:N/metrics (0: any free port)
   --metrics-host HOST  the metrics address (default 127.0.0.1)
+  --warm-grace-ms N    keep the communicator of a worker that attached with a slot this long
+                       after it ends, for its restarted successor (default 30000; 0: off)
 
 Stops on SIGINT or SIGTERM: workers are detached and the socket file is removed.
 Exit status: 0 after a signal; 2 on a usage or setup error.
@@ -31,6 +33,7 @@ export async function runServe(argv: string[]): Promise<number> {
       'allow-uid': { type: 'string', multiple: true },
       'metrics-port': { type: 'string' },
       'metrics-host': { type: 'string' },
+      'warm-grace-ms': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   })
@@ -48,6 +51,8 @@ export async function runServe(argv: string[]): Promise<number> {
     metricsPort:
       values['metrics-port'] === undefined ? undefined : integer('metrics-port', values['metrics-port'], 0, 0),
     metricsHost: values['metrics-host'],
+    warmGraceMs:
+      values['warm-grace-ms'] === undefined ? undefined : integer('warm-grace-ms', values['warm-grace-ms'], 0, 0),
   })
   const metrics =
     sidecar.metricsPort === undefined

@@ -15,6 +15,9 @@ import type { Peer } from '../peer'
 import type { PreparedBlocks } from '../prepared'
 import { MetricsServer } from './metrics-server'
 import type { SidecarStatus } from './status'
+import { DEFAULT_WARM_GRACE_MS, MAX_WARM_GRACE_MS, WarmSlots, slotField } from './warm'
+import type { CommunicatorOptions } from '../options'
+import type { Arrival } from '../arrivals'
 import {
   type Request,
   SIDECAR_PROTOCOL,
@@ -55,6 +58,11 @@ export interface SidecarOptions {
   metricsPort?: number
   /** The metrics server's address (default 127.0.0.1). */
   metricsHost?: string
+  /**
+   * How long the communicator of a worker that attached with a `slot` is kept after the
+   * worker ends, for a worker re-attaching with that slot (default 30000; 0: never kept).
+   */
+  warmGraceMs?: number
 }
 
 /** `KVTRANSFER_SOCKET`, else `$XDG_RUNTIME_DIR/kvtransfer.sock`, else `/tmp/kvtransfer-<uid>.sock`. */
@@ -75,6 +83,13 @@ interface Worker {
   /** Descriptors received and not yet used by an `attach` (closed at attach and detach). */
   fds: number[]
   comm?: RDMACommunicator
+  /** The slot it attached with (warm re-attach), and its attach options. */
+  slot?: string
+  options?: CommunicatorOptions
+  /** It took over a parked communicator (its `connect` keeps the links it finds). */
+  reattached?: boolean
+  /** Its communicator's arrival listener (removed when the communicator is parked). */
+  onArrival?: (arrival: Arrival) => void
   attaching?: Promise<void>
   prepared: Map<number, PreparedBlocks>
   nextPrepared: number
@@ -100,6 +115,7 @@ export class Sidecar {
     /** The socket's path. */
     readonly socket: string,
     private readonly native: NativeSidecar,
+    private readonly warm: WarmSlots,
   ) {}
 
   /** Listens on the socket (and the metrics port, when given). */
@@ -114,7 +130,7 @@ export class Sidecar {
           sidecar ? sidecar.onEvent(event) : pending.push(event),
         ),
     )
-    sidecar = new Sidecar(socket, listener)
+    sidecar = new Sidecar(socket, listener, new WarmSlots(options.warmGraceMs ?? DEFAULT_WARM_GRACE_MS))
     for (const event of pending) sidecar.onEvent(event)
     if (options.metricsPort !== undefined) {
       try {
@@ -154,6 +170,15 @@ export class Sidecar {
       '# HELP kvtransfer_sidecar_detaches_total Workers that detached (or died).',
       '# TYPE kvtransfer_sidecar_detaches_total counter',
       `kvtransfer_sidecar_detaches_total ${this.counters.detaches}`,
+      '# HELP kvtransfer_sidecar_parked Communicators kept for a worker to re-attach to (warm re-attach).',
+      '# TYPE kvtransfer_sidecar_parked gauge',
+      `kvtransfer_sidecar_parked ${this.warm.parkedCount}`,
+      '# HELP kvtransfer_sidecar_reattaches_total Workers that re-attached to a kept communicator.',
+      '# TYPE kvtransfer_sidecar_reattaches_total counter',
+      `kvtransfer_sidecar_reattaches_total ${this.warm.counters.reattached}`,
+      '# HELP kvtransfer_sidecar_parked_expired_total Kept communicators closed when the grace period ended.',
+      '# TYPE kvtransfer_sidecar_parked_expired_total counter',
+      `kvtransfer_sidecar_parked_expired_total ${this.warm.counters.expired}`,
       '',
     ].join('\n')
     return metricsText(comms) + own
@@ -164,6 +189,7 @@ export class Sidecar {
     this.closing ??= (async () => {
       this.native.close()
       await Promise.all([...this.workers.values()].map((w) => this.detach(w)))
+      await this.warm.closeAll()
       await this.metricsServer?.close()
     })()
     return this.closing
@@ -237,18 +263,23 @@ export class Sidecar {
         `"${request.op}" needs an attached worker: send "attach" first${worker.attaching ? ' and wait for its answer' : ''}`,
       )
     switch (request.op) {
-      case 'connect':
-        return comm
-          .connect(stringField(request, 'ip'), numberField(request, 'port'), {
-            dstTpSize: numberField(request, 'dstTpSize', 0),
-            timeoutMs: request.timeoutMs as number | undefined,
-          })
-          .then(() => {
-            const key = `${request.ip}:${request.port}`
-            // Writes naming this peer now go from the socket to the engine directly.
-            this.native.routePeer(worker.conn, key, this.peerOf(comm, request, key).native, comm.defaultWriteTimeoutMs)
-            return { peer: key }
-          })
+      case 'connect': {
+        const [ip, port] = [stringField(request, 'ip'), numberField(request, 'port')]
+        // A re-attached worker finds its predecessor's links: it keeps them, warm.
+        const kept = worker.reattached === true && comm.isConnected(ip, port)
+        const connected = kept
+          ? Promise.resolve(true)
+          : comm.connect(ip, port, {
+              dstTpSize: numberField(request, 'dstTpSize', 0),
+              timeoutMs: request.timeoutMs as number | undefined,
+            })
+        return connected.then(() => {
+          const key = `${ip}:${port}`
+          // Writes naming this peer now go from the socket to the engine directly.
+          this.native.routePeer(worker.conn, key, this.peerOf(comm, request, key).native, comm.defaultWriteTimeoutMs)
+          return { peer: key, kept }
+        })
+      }
       case 'prepare': {
         const prepared = comm.prepareBlocks(
           this.peerOf(comm, request),
@@ -333,14 +364,51 @@ export class Sidecar {
         'ERR_INVALID_ARGUMENT',
         'invalid attach: this connection is attached already (one worker per connection)',
       )
+    const slot = slotField(request)
     const fds = worker.fds.splice(0)
-    let comm: RDMACommunicator
+    let claimed = false
     try {
-      comm = new RDMACommunicator(attachOptions(request, fds))
+      const options = attachOptions(request, fds)
+      if (slot !== undefined) this.warm.claim(slot)
+      claimed = slot !== undefined
+      // A kept communicator of this slot takes the worker's memory (or refuses, typed).
+      let comm = slot === undefined ? undefined : await this.warm.take(slot, options)
+      const reattached = comm !== undefined
+      comm ??= new RDMACommunicator(options)
+      if (!reattached) await this.whenStarted(worker, comm)
+      if (!this.workers.has(worker.conn)) {
+        // The worker went away while its communicator started.
+        await comm.close().catch(() => undefined)
+        throw new KvTransferError('ERR_CLOSED', 'the worker disconnected while attaching')
+      }
+      claimed = false // the worker holds the slot now; its detach releases it
+      worker.comm = comm
+      worker.slot = slot
+      worker.options = options
+      worker.reattached = reattached
+      this.counters.attaches++
+      worker.onArrival = (arrival) => this.send(worker, 0, { event: 'arrival', ...arrival, tag: tagJson(arrival.tag) })
+      comm.on('arrival', worker.onArrival)
+      const refusal = slot === undefined ? undefined : this.warm.refusal(comm)
+      return {
+        port: comm.port,
+        transport: comm.transport,
+        name: comm.metrics().name,
+        reattached,
+        warm: slot !== undefined && refusal === undefined,
+        ...(refusal ? { warmRefusal: { code: refusal.code, message: refusal.message } } : {}),
+      }
+    } catch (error) {
+      if (claimed) this.warm.release(slot!)
+      throw error
     } finally {
       // The communicator mapped its own duplicates (or failed): ours are done.
       closeFds(fds)
     }
+  }
+
+  /** Waits for a new communicator to start; closes it when it fails. */
+  private async whenStarted(worker: Worker, comm: RDMACommunicator): Promise<void> {
     const attaching = comm.ready
     worker.attaching = attaching
     try {
@@ -351,16 +419,6 @@ export class Sidecar {
     } finally {
       worker.attaching = undefined
     }
-    if (!this.workers.has(worker.conn)) {
-      // The worker went away while its communicator started.
-      await comm.close().catch(() => undefined)
-      throw new KvTransferError('ERR_CLOSED', 'the worker disconnected while attaching')
-    }
-    worker.comm = comm
-    this.counters.attaches++
-    comm.on('arrival', (arrival) => this.send(worker, 0, { event: 'arrival', ...arrival, tag: tagJson(arrival.tag) }))
-    const options = request.name === undefined ? undefined : String(request.name)
-    return { port: comm.port, transport: comm.transport, name: options ?? `${os.hostname()}:${comm.port}` }
   }
 
   private write(worker: Worker, comm: RDMACommunicator, request: Request): Promise<void> {
@@ -400,8 +458,15 @@ export class Sidecar {
     worker.comm = undefined
     if (comm) {
       this.counters.detaches++
-      await comm.close().catch(() => undefined)
+      if (worker.onArrival) comm.off('arrival', worker.onArrival)
+      // With a slot, the communicator (and its links) may wait for the worker's successor.
+      const kept =
+        worker.slot !== undefined &&
+        !this.closing &&
+        (await this.warm.park(worker.slot, comm, worker.options!).catch(() => false))
+      if (!kept) await comm.close().catch(() => undefined)
     }
+    if (worker.slot !== undefined) this.warm.release(worker.slot)
   }
 }
 
@@ -418,6 +483,7 @@ function checkSidecarOptions(options: SidecarOptions): void {
   }
   if (options.metricsPort !== undefined) toPort('metricsPort', options.metricsPort)
   if (options.metricsHost !== undefined) checkType('metricsHost', options.metricsHost, 'string')
+  if (options.warmGraceMs !== undefined) checkNonNegativeInteger('warmGraceMs', options.warmGraceMs, MAX_WARM_GRACE_MS)
 }
 
 function requiredTag(request: Request) {

@@ -47,6 +47,7 @@ def attach(
     gpu_idx: int = 0,
     port: int = 0,
     name: Optional[str] = None,
+    slot: Optional[str] = None,
     tp_size: int = 1,
     tp_rank: int = 0,
     transport: Optional[str] = None,
@@ -75,6 +76,14 @@ def attach(
         gpu_idx: GPU index (also picks the RDMA NIC).
         port: the communicator's control-plane port (0: any; see ``Worker.port``).
         name: the name peers see in arrivals (default ``hostname:port``, chosen by the sidecar).
+        slot: this worker's identity for a warm re-attach (e.g. ``"<instance>/tp<rank>"``,
+            at most 255 characters). When a worker that attached with a slot ends, the sidecar
+            keeps its communicator and its links to peers for its grace period
+            (``--warm-grace-ms``); a worker attaching with the same slot and the same layout
+            gets that communicator back (``Worker.reattached``), with its regions swapped to
+            this process's memory. A different layout is refused with ``LayoutMismatch``
+            (``ERR_LAYOUT_MISMATCH``, naming the field) and the kept communicator is closed.
+            Host-memory regions over TCP only (``Worker.warm`` says whether it applies).
         tp_size, tp_rank: this side's tensor-parallel size and rank.
         transport: ``"auto"``, ``"nvlink"``, ``"rdma"`` or ``"tcp"`` (default: the sidecar's
             ``KVCACHE_TRANSPORT``, else auto).
@@ -104,6 +113,10 @@ def attach(
     }
     if name is not None:
         message["name"] = check_str("name", name)
+    if slot is not None:
+        message["slot"] = check_str("slot", slot, allow_empty=False)
+        if len(slot) > 255:
+            raise invalid_argument("slot", f"{len(slot)} characters; at most 255")
     scale_block_bytes = check_int("scale_block_bytes", scale_block_bytes, 0, (1 << 53) - 1)
     if scale_block_bytes:
         message["scaleBlockBytes"] = scale_block_bytes
@@ -170,6 +183,8 @@ def attach(
         transport=str(ok.get("transport", "")),
         name=answered_name,
         sidecar_version=str(hello.get("sidecar", "")),
+        reattached=ok.get("reattached") is True,
+        warm=ok.get("warm") is True,
     )
 
 

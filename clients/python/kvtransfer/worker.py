@@ -51,6 +51,8 @@ class Worker:
         transport: str,
         name: str,
         sidecar_version: str,
+        reattached: bool = False,
+        warm: bool = False,
     ) -> None:
         """Internal: use :func:`kvtransfer.attach`."""
         self._conn = conn
@@ -65,6 +67,8 @@ class Worker:
         self._transport = transport
         self._name = name
         self._sidecar_version = sidecar_version
+        self._reattached = reattached
+        self._warm = warm
 
     # -- properties --------------------------------------------------------------------
 
@@ -72,6 +76,18 @@ class Worker:
     def port(self) -> int:
         """The control-plane port of this worker's communicator (the bound one with ``port=0``)."""
         return self._port
+
+    @property
+    def reattached(self) -> bool:
+        """Whether this worker took over the communicator its slot's predecessor left (warm
+        re-attach: same port, the peers' links kept)."""
+        return self._reattached
+
+    @property
+    def warm(self) -> bool:
+        """Whether the sidecar keeps this worker's communicator for a successor attaching with
+        its ``slot`` when it ends (host regions over TCP, grace period not 0)."""
+        return self._warm
 
     @property
     def transport(self) -> str:

@@ -1,7 +1,8 @@
 """A worker in its own process, driven by the end-to-end tests over JSON lines.
 
-    _worker_proc.py decode SOCKET LAYERS BLOCKS BLOCK_BYTES
-        attaches a decode worker with a zeroed host cache; prints {"port", "shm", "name", "transport"};
+    _worker_proc.py decode SOCKET LAYERS BLOCKS BLOCK_BYTES [SLOT]
+        attaches a decode worker with a zeroed host cache (with SLOT: for a warm re-attach);
+        prints {"port", "shm", "name", "transport", "reattached", "warm"};
         then answers commands on stdin:
           {"cmd": "wait", "tag", "layers", "src", "local", "remote", "untouched"}
               wait_for_arrival(tag, layers), then compares every destination block with the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from typing import Optional
 
 from _support import TEST_HOST, TEST_TRANSPORT, HostCache, mismatches, scaled  # also puts kvtransfer on sys.path
 
@@ -35,12 +37,27 @@ def say(message: dict) -> None:
     sys.stdout.flush()
 
 
-def decode(socket_path: str, layers: int, blocks: int, block_bytes: int) -> None:
+def decode(socket_path: str, layers: int, blocks: int, block_bytes: int, slot: Optional[str] = None) -> None:
     cache = HostCache(layers, blocks, block_bytes)
     worker = kvtransfer.attach(
-        socket_path, role="decode", name="decode-helper", transport=TEST_TRANSPORT, timeout=scaled(30), **cache.attach_args()
+        socket_path,
+        role="decode",
+        name="decode-helper",
+        slot=slot,
+        transport=TEST_TRANSPORT,
+        timeout=scaled(30),
+        **cache.attach_args(),
     )
-    say({"port": worker.port, "shm": cache.name, "name": worker.name, "transport": worker.transport})
+    say(
+        {
+            "port": worker.port,
+            "shm": cache.name,
+            "name": worker.name,
+            "transport": worker.transport,
+            "reattached": worker.reattached,
+            "warm": worker.warm,
+        }
+    )
     for line in sys.stdin:
         command = json.loads(line)
         cmd = command["cmd"]
@@ -113,7 +130,7 @@ def main(argv: list) -> None:
     mode = argv[1]
     try:
         if mode == "decode":
-            decode(argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
+            decode(argv[2], int(argv[3]), int(argv[4]), int(argv[5]), argv[6] if len(argv) > 6 else None)
         elif mode == "writer":
             writer(argv[2], int(argv[3]), int(argv[4]), int(argv[5]), int(argv[6]), int(argv[7]), int(argv[8]))
         else:

@@ -62,7 +62,7 @@ class ClientTest(unittest.TestCase):
 
     def test_hello_then_attach_with_descriptors(self) -> None:
         self.start()
-        worker = self.attach(name="p0", tp_size=2, tp_rank=1, transport="tcp", auth_token="s")
+        worker = self.attach(name="p0", slot="inst/tp1", tp_size=2, tp_rank=1, transport="tcp", auth_token="s")
         self.assertEqual((worker.port, worker.transport, worker.name), (40001, "tcp", "p0"))
         self.assertEqual(worker.sidecar_version, "fake/0")
         conn = self.conn()
@@ -75,10 +75,11 @@ class ClientTest(unittest.TestCase):
         self.assertNotEqual(aid, hid)
         self.assertEqual(attach["op"], "attach")
         self.assertEqual(
-            {k: attach[k] for k in ("role", "gpuIdx", "port", "blockNumber", "blockBytes", "tpSize", "tpRank", "transport", "authToken", "name")},
+            {k: attach[k] for k in ("role", "gpuIdx", "port", "blockNumber", "blockBytes", "tpSize", "tpRank", "transport", "authToken", "name", "slot")},
             {"role": "prefill", "gpuIdx": 0, "port": 0, "blockNumber": 8, "blockBytes": 4096, "tpSize": 2, "tpRank": 1,
-             "transport": "tcp", "authToken": "s", "name": "p0"},
+             "transport": "tcp", "authToken": "s", "name": "p0", "slot": "inst/tp1"},
         )
+        self.assertEqual((worker.reattached, worker.warm), (False, False))  # the fake answers neither
         self.assertNotIn("keyScaleCache", attach)
         # One SharedMemory for the 4 regions: one descriptor, index 0 everywhere.
         self.assertEqual(conn.attach_fds, [os.fstat(self.cache.shm._fd).st_ino])  # type: ignore[attr-defined]
@@ -143,6 +144,8 @@ class ClientTest(unittest.TestCase):
             (dict(role="prefill", block_number=-1), "invalid block_number"),
             (dict(role="prefill", key_cache=args["key_cache"][0]), "invalid key_cache"),
             (dict(role="prefill", timeout=0), "invalid timeout"),
+            (dict(role="prefill", slot=""), "invalid slot: empty"),
+            (dict(role="prefill", slot="s" * 256), "invalid slot: 256 characters; at most 255"),
         ]
         for override, words in cases:
             merged = {**args, **override}

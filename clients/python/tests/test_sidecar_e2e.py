@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import unittest
+import urllib.request
 from typing import Any, Dict, List, Sequence, Tuple
 
 from _support import (
@@ -391,6 +392,112 @@ class SidecarTest(unittest.TestCase):
         again = self.attach(restarted, cache, role="decode")
         self.assertGreater(again.port, 0)
         self.assertEqual(again.metrics().get("role"), "decode")
+
+
+    # -- (e) a decode worker SIGKILLed and restarted: warm re-attach ----------------------------
+
+    @unittest.skipUnless(TEST_TRANSPORT == "tcp", "warm re-attach swaps regions over TCP only (RDMA/NVLink refuse it)")
+    def test_decode_restarted_reattaches_warm(self) -> None:
+        a = self.sidecar("a.sock")
+        metrics_port = _free_port()
+        b = Sidecar(os.path.join(self.dir, "b.sock"), extra=["--metrics-port", str(metrics_port)])
+        self.addCleanup(b.stop)
+        decode, info = self.decode_helper_slot(b, "decode/tp0")
+        self.assertEqual((info["warm"], info["reattached"]), (True, False))
+        self.addCleanup(_unlink_shm, info["shm"])
+        src = self.cache("random")
+        prefill = self.attach(a, src, name="warm-prefill", slot="prefill/tp0")
+        peer = prefill.connect(TEST_HOST, info["port"], timeout=CONNECT_TIMEOUT)
+        first, second = list(range(0, 8)), list(range(8, 16))
+        for layer in range(LAYERS):
+            prefill.write_cache_sync(peer, first, first, layer, tag="before", timeout=IO_TIMEOUT)
+        self.verify(decode, src, "before", first, first)
+
+        # Mapped here before the kill: its resource tracker may unlink the segment afterwards.
+        old = HostCache(LAYERS, BLOCKS, BLOCK_BYTES, name=info["shm"])
+        self.addCleanup(old.close)
+        decode.kill()
+        deadline = time.monotonic() + IO_TIMEOUT
+        while "kvtransfer_sidecar_parked 1" not in _metrics(metrics_port):
+            self.assertLess(time.monotonic(), deadline, f"the communicator was not parked:\n{b.log()}")
+            time.sleep(scaled(0.05))
+        # Parked: the prefill's writes are refused, typed, with nothing sent.
+        with self.assertRaises(kvtransfer.KvTransferError) as refused:
+            prefill.write_cache_sync(peer, second, second, 0, tag="parked", timeout=IO_TIMEOUT)
+        self.assertEqual(refused.exception.code, "ERR_FENCED", refused.exception)
+        old_digest = old.digest()
+
+        again, info2 = self.decode_helper_slot(b, "decode/tp0")
+        self.addCleanup(_unlink_shm, info2["shm"])
+        self.assertEqual((info2["reattached"], info2["port"]), (True, info["port"]))
+        # The prefill's link was kept: no connect, no reconnect, the next writes land in the
+        # new worker's memory byte for byte (and nothing else there), none in the old one's.
+        for layer in range(LAYERS):
+            prefill.write_cache_sync(peer, first, second, layer, tag="after", timeout=IO_TIMEOUT)
+        self.verify(again, src, "after", first, second, sorted(set(range(BLOCKS)) - set(second)))
+        self.assertEqual(old.digest(), old_digest, "the dead worker's memory was written after it was detached")
+        self.assertEqual(prefill.metrics().get("reconnects"), 0)
+        self.assertIn("kvtransfer_sidecar_reattaches_total 1", _metrics(metrics_port))
+
+        # The prefill restarts too (it detaches here; to the sidecar a death is the same end):
+        # its successor finds the link to the decode kept, and its connect keeps it.
+        prefill.detach(timeout=IO_TIMEOUT)
+        successor = self.attach_slot(a, src, "prefill/tp0", name="warm-prefill")
+        self.assertEqual((successor.reattached, successor.port), (True, prefill.port))
+        peer = successor.connect(TEST_HOST, info["port"], timeout=CONNECT_TIMEOUT)
+        third = list(range(16, 24))
+        for layer in range(LAYERS):
+            successor.write_cache_sync(peer, first, third, layer, tag="successor", timeout=IO_TIMEOUT)
+        self.verify(again, src, "successor", first, third)
+        self.assertEqual(successor.metrics().get("reconnects"), 0)
+
+        # Another layout under that slot is refused, naming the field; the kept communicator
+        # is closed, so the next attach starts fresh.
+        again.kill()
+        other = HostCache(LAYERS, BLOCKS, 2 * BLOCK_BYTES)
+        self.addCleanup(other.close)
+        deadline = time.monotonic() + IO_TIMEOUT
+        while True:
+            try:
+                kvtransfer.attach(b.path, role="decode", slot="decode/tp0", transport=TEST_TRANSPORT,
+                                  timeout=CONNECT_TIMEOUT, **other.attach_args()).detach()
+                self.fail("a re-attach with another blockBytes was accepted")
+            except kvtransfer.InvalidArgument as error:  # the dead worker still holds the slot
+                self.assertIn("held by an attached worker", str(error))
+            except kvtransfer.LayoutMismatch as error:
+                self.assertIn("blockBytes", str(error))
+                break
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(scaled(0.05))
+        with kvtransfer.attach(b.path, role="decode", slot="decode/tp0", transport=TEST_TRANSPORT,
+                               timeout=CONNECT_TIMEOUT, **other.attach_args()) as fresh:
+            self.assertFalse(fresh.reattached)
+
+    def attach_slot(self, sidecar: Sidecar, cache: HostCache, slot: str, **kwargs: Any) -> kvtransfer.Worker:
+        """Attaches with ``slot`` once the sidecar has parked its predecessor's communicator."""
+        deadline = time.monotonic() + IO_TIMEOUT
+        while True:
+            try:
+                return self.attach(sidecar, cache, slot=slot, **kwargs)
+            except kvtransfer.InvalidArgument as error:  # the predecessor still holds the slot
+                self.assertIn("held by an attached worker", str(error))
+            self.assertLess(time.monotonic(), deadline, f"slot {slot!r} was never free")
+            time.sleep(scaled(0.05))
+
+    def decode_helper_slot(self, sidecar: Sidecar, slot: str) -> Tuple[Helper, Dict[str, Any]]:
+        helper = Helper("decode", sidecar.path, str(LAYERS), str(BLOCKS), str(BLOCK_BYTES), slot)
+        self.addCleanup(helper.close)
+        return helper, helper.read(IO_TIMEOUT)
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=IO_TIMEOUT) as answer:
+        return str(answer.read().decode())
 
 
 def _unlink_shm(name: str) -> None:

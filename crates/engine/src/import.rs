@@ -15,6 +15,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use swap::HostPages;
+
+mod swap;
 
 /// PyTorch's record around a CUDA IPC handle (`_share_cuda_()`): a version byte, a type
 /// byte, then the handle.
@@ -97,6 +100,8 @@ pub struct ImportedMemory {
     /// passes a duplicate of the owner's descriptor on instead.
     segments: Vec<(u64, OwnedFd)>,
     segment_bytes: u64,
+    /// A host import: the page-aligned range its mapping covers (what [`swap`] replaces).
+    host_pages: Option<HostPages>,
     _keep: Keep,
 }
 
@@ -216,6 +221,7 @@ impl Importer {
                 // checked just above; the owner must not shrink the file while attached.
                 let map = memmap2::MmapOptions::new().offset(spec.offset).len(len).map_raw(&file)
                     .map_err(|e| Error::invalid(name, format!("region {index}: the descriptor cannot be mapped shared read-write ({e})")))?;
+                let slack = spec.offset % swap::page_size();
                 Ok(ImportedMemory {
                     address: map.as_mut_ptr() as u64,
                     bytes: spec.bytes,
@@ -223,6 +229,11 @@ impl Importer {
                     ipc: None,
                     segments: Vec::new(),
                     segment_bytes: 0,
+                    host_pages: Some(HostPages {
+                        base: map.as_mut_ptr() as u64 - slack,
+                        len: len + slack as usize,
+                        slack,
+                    }),
                     _keep: Keep::Host(map),
                 })
             }
@@ -254,6 +265,7 @@ impl Importer {
                     ipc: Some((handle, mapping.ptr())),
                     segments: Vec::new(),
                     segment_bytes: 0,
+                    host_pages: None,
                     _keep: Keep::Ipc(mapping),
                 })
             }
@@ -297,6 +309,7 @@ impl Importer {
                     ipc: None,
                     segments,
                     segment_bytes,
+                    host_pages: None,
                     _keep: Keep::Vmm(mapping),
                 })
             }

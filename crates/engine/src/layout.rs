@@ -228,6 +228,11 @@ impl RegionTable {
         self.imports.iter().find_map(|i| i.segment_at(at))
     }
 
+    /// The imported memory the regions lie in, in the order it was imported.
+    pub(crate) fn imports(&self) -> &[crate::import::ImportedMemory] {
+        &self.imports
+    }
+
     /// Keeps `imports` mapped as long as this table lives.
     pub(crate) fn hold(&mut self, imports: Vec<crate::import::ImportedMemory>) {
         self.imports = imports.into();

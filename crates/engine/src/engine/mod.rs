@@ -10,6 +10,7 @@ mod integrity;
 mod left;
 mod peers;
 mod submitter;
+mod swap;
 mod tp;
 mod watchdog;
 mod write;

@@ -100,6 +100,16 @@ pub(crate) trait Transport: Send + Sync {
     /// What this side uses (a summary and typed details) and why `auto` takes it: the
     /// engine's decision sentences and every report are built from it.
     fn explain(&self) -> Explanation;
+    /// Why the memory under this side's imported host regions cannot be swapped while its
+    /// links live (a NIC or GPU holds a translation of the old pages), or `None` when this
+    /// transport reads every address from the region table at each copy, so a swap at the
+    /// same address is followed at once (`Engine::swap_imports`).
+    fn swap_refusal(&self) -> Option<String> {
+        Some(format!(
+            "on {}: its peers hold translations of the old pages",
+            self.kind().label()
+        ))
+    }
     /// Connections this side receives on (for leak checks).
     fn receivers(&self) -> usize {
         0

@@ -5,6 +5,8 @@
     reason = "each test binary uses a different part of the shared fixtures"
 )]
 
+pub mod imported;
+
 use kvtransfer_engine::RdmaSettings;
 use kvtransfer_engine::{ArrivalSink, Engine, EngineOptions, Role, TpOptions};
 use std::time::Duration;

@@ -135,6 +135,13 @@ impl Transport for TcpTransport {
         TransportKind::Tcp
     }
 
+    /// Both directions take every address from the region table at each frame (the
+    /// receiver resolves a frame's region and offset locally; the sender builds its iovecs
+    /// at hand-off), so a swap at the same address needs nothing here.
+    fn swap_refusal(&self) -> Option<String> {
+        None
+    }
+
     fn offer(&self, _peer_key: &str) -> Result<Vec<u8>> {
         Ok(TcpEndpoint {
             port: self.server.port(),

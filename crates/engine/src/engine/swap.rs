@@ -1,0 +1,87 @@
+//! Warm re-attach (the sidecar): the memory under this engine's imported host regions is
+//! parked while no worker owns it and swapped for a restarted worker's, at the same
+//! addresses, so the engine's links and peers stay as they are.
+
+use super::Engine;
+use crate::error::{Error, Result};
+use crate::import::ImportSpec;
+use std::sync::atomic::Ordering;
+
+impl Engine {
+    /// Why this engine's region memory cannot be swapped (`ERR_UNSUPPORTED`): a region
+    /// that was not imported as host memory, or a transport whose peers hold translations
+    /// of the pages (RDMA's registrations, NVLink's mappings). `None`: it can.
+    pub fn swap_refusal(&self) -> Option<Error> {
+        let imports = self.inner.table.imports();
+        let regions = self.inner.table.regions().len();
+        if imports.len() != regions || imports.iter().any(|i| !i.is_host()) {
+            return Some(Error::Unsupported {
+                what: "a warm re-attach",
+                reason: format!(
+                    "here: {} of {regions} regions are imported host memory; every region must be shared as a host-memory descriptor (fd)",
+                    imports.iter().filter(|i| i.is_host()).count()
+                ),
+            });
+        }
+        let refusals: Vec<String> = self
+            .inner
+            .transports
+            .iter()
+            .filter_map(|t| t.swap_refusal())
+            .collect();
+        if refusals.is_empty() {
+            return None;
+        }
+        Some(Error::Unsupported {
+            what: "a warm re-attach",
+            reason: format!(
+                "{} (use transport 'tcp' for warm re-attach)",
+                refusals.join("; ")
+            ),
+        })
+    }
+
+    /// Parks every imported region on private anonymous pages (zeros) at the same
+    /// address: the owner's memory is released, and nothing lands in it any more.
+    pub fn park_imports(&self) -> Result<()> {
+        if let Some(refusal) = self.swap_refusal() {
+            return Err(refusal);
+        }
+        for import in self.inner.table.imports() {
+            import.park()?;
+        }
+        Ok(())
+    }
+
+    /// Maps `specs` (one per region, in import order; `name` and index name each in
+    /// errors) under the regions, at their addresses. Every spec is checked before any is
+    /// mapped: a refusal maps nothing.
+    pub fn swap_imports(&self, specs: Vec<(&'static str, usize, ImportSpec)>) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        if let Some(refusal) = self.swap_refusal() {
+            return Err(refusal);
+        }
+        let imports = self.inner.table.imports();
+        if specs.len() != imports.len() {
+            return Err(Error::invalid(
+                "regions",
+                format!(
+                    "{} regions given; the attached communicator has {} (a re-attach keeps every region)",
+                    specs.len(),
+                    imports.len()
+                ),
+            ));
+        }
+        let checked = imports
+            .iter()
+            .zip(specs)
+            .map(|(import, (name, index, spec))| import.check_swap(name, index, spec))
+            .collect::<Result<Vec<_>>>()?;
+        for (import, checked) in imports.iter().zip(checked) {
+            import.swap(checked)?;
+        }
+        Ok(())
+    }
+}
