@@ -55,7 +55,7 @@ if ! command -v node >/dev/null || (( $(node -p 'process.versions.node.split("."
   exit 1
 fi
 if ! command -v cargo >/dev/null; then
-  echo "[setup] a Rust toolchain (cargo >= 1.88) is required: install it with rustup" >&2
+  echo "[setup] a Rust toolchain (cargo >= 1.89) is required: install it with rustup" >&2
   exit 1
 fi
 
@@ -83,7 +83,7 @@ if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules
     npm install --no-audit --no-fund --loglevel=error
   fi
 fi
-# The toolchain CI and releases build with: the workspace's `rust-version` (1.88) is the
+# The toolchain CI and releases build with: the workspace's `rust-version` (1.89) is the
 # oldest that builds it; rust-toolchain.toml names the one it is tested with. Fuzzing (fuzz/,
 # `cargo fuzz`) needs a nightly toolchain besides it: `rustup toolchain install nightly`,
 # then `cargo +nightly fuzz run <target>` (docs/fuzzing.md); scripts/test-all.sh runs each

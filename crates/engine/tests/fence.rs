@@ -6,13 +6,11 @@ mod common;
 mod fence_support;
 
 #[test]
-#[ignore = "known gap: on a loaded 2-core host about 1 run in 4 lands fenced bytes after the fence (docs/architecture.md, Fences); run with --ignored"]
 fn a_fence_honoured_by_the_writer_leaves_no_byte_of_the_fenced_writes() {
     fence_support::honoured_rounds(|spec| spec);
 }
 
 #[test]
-#[ignore = "known gap: on a loaded 2-core host about 1 run in 4 lands fenced bytes after the fence (docs/architecture.md, Fences); run with --ignored"]
 fn a_writer_cut_off_by_the_receiver_lands_nothing_afterwards() {
     fence_support::cut_off_rounds(|spec| spec);
 }

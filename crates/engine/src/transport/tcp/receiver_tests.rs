@@ -201,7 +201,12 @@ fn a_notice_checksum_is_verified_against_the_landed_frames() {
     // K: a large frame (lands in place); V: two small ones (through the buffer).
     let k: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
     let v: Vec<u8> = (0..2048).map(|i| (i * 13 + 5) as u8).collect();
-    let sum = crc32c::crc32c_append(crc32c::crc32c(&k), &v);
+    let sum = {
+        let mut crc = crate::transport::checksum::Crc32c::new();
+        crc.update(&k);
+        crc.update(&v);
+        crc.sum()
+    };
     let call = |writer: &mut TcpStream, id: u64, notice: &[u8]| {
         writer.write_all(&header(len)).unwrap();
         writer.write_all(&k).unwrap();
