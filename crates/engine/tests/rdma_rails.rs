@@ -155,7 +155,23 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
         );
         assert!(rail.wrs > 0 && rail.failures == 0, "{rail:?}");
         assert!(!rail.gid.is_empty() && !rail.remote.is_empty(), "{rail:?}");
+        // Port, GID index and why: the dummy interfaces have /24 addresses.
+        let index = rail.gid_index.expect("a paired rail has a GID index");
+        assert!(rail.port >= 1, "{rail:?}");
+        assert!(
+            rail.gid_reason.starts_with(&format!("index {index} ("))
+                && rail.gid_reason.ends_with("in its subnet"),
+            "{rail:?}"
+        );
+        assert_eq!(
+            (rail.quarantines, rail.rejoins, rail.reason.as_deref()),
+            (0, 0, None)
+        );
     }
+    // metrics() carries the same rails under the peer.
+    let metrics = prefill.engine.metrics();
+    let peer = metrics.peers.iter().find(|p| p.peer == "decode").unwrap();
+    assert_eq!(peer.rails, report);
     eprintln!("rails: {report:?}");
 }
 

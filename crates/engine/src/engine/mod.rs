@@ -127,6 +127,9 @@ pub struct PeerMetrics {
     pub transport: Option<TransportKind>,
     /// This peer's counters since the engine was built.
     pub counters: Snapshot,
+    /// The rails of its current link (RDMA: per NIC pair, state and counters since that
+    /// link was opened); empty for other transports and for peers without a link.
+    pub rails: Vec<crate::transport::RailReport>,
 }
 
 /// An engine's counters since it was built (see `metrics.rs` for what is counted where).
@@ -446,6 +449,12 @@ impl Engine {
         let peers = peers
             .into_iter()
             .map(|(peer, code, counters)| PeerMetrics {
+                rails: self
+                    .inner
+                    .peers
+                    .get(&peer)
+                    .map(|p| p.link.rails())
+                    .unwrap_or_default(),
                 peer,
                 transport: TransportKind::from_code(code),
                 counters,

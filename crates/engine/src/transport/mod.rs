@@ -163,6 +163,8 @@ pub struct ReceiverChecks {
 pub struct RailReport {
     /// The local device (e.g. `mlx5_0`).
     pub local: String,
+    /// The local device's port (1-based).
+    pub port: u8,
     /// The peer's device it is paired with (empty when refused).
     pub remote: String,
     /// `healthy`, `quarantined` (failed; waiting out its cooldown), `failed` (no more
@@ -172,6 +174,10 @@ pub struct RailReport {
     pub gid: String,
     /// The peer's GID this rail writes to.
     pub peer_gid: String,
+    /// The local GID table index used (none when refused).
+    pub gid_index: Option<u8>,
+    /// Why that GID was chosen for this peer (empty when refused).
+    pub gid_reason: String,
     /// Active speed of the slower port of the pair, Mb/s (the weight of its share).
     pub speed_mbps: u32,
     /// Bytes written on this rail (completed WRITEs).

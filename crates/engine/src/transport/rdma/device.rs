@@ -8,7 +8,7 @@ use super::health::{split_sets, BASE_COOLDOWN};
 use super::link::RdmaLink;
 use super::progress::Worker;
 use super::rail::{choose_ports, open_rail};
-use super::route::{describe, pair_rails, RailGids};
+use super::route::{describe, gid_reason, pair_rails, RailGids};
 use super::state::{
     endpoint_of, rdma_err, register_buffer, tuning, Command, OwnedRegion, PendingQps, QpState,
     Rail, RailCounters, RailInfo, RailState, RdmaDevice, ReceiverLink, SendRail, SenderLink,
@@ -461,8 +461,18 @@ impl RdmaDevice {
             let speed = rail.speed_mbps.min(theirs.speed_mbps).max(1);
             infos.push(RailInfo {
                 local: rail.name().to_string(),
+                port: rail.port,
                 remote: theirs.device.clone(),
                 gid: describe(&local.candidate),
+                gid_index: local.index,
+                gid_reason: gid_reason(
+                    rail.name(),
+                    local,
+                    rail.forced_gid,
+                    rail.infiniband,
+                    &theirs.device,
+                    their_gid,
+                ),
                 peer_gid: describe(their_gid),
                 speed_mbps: speed,
                 counters: Arc::clone(&counters),
@@ -496,16 +506,16 @@ impl RdmaDevice {
         if rails.is_empty() {
             return Err(Error::protocol(peer, "the reply pairs no rail"));
         }
-        let refused: Vec<(String, String)> = remote
+        let refused: Vec<(String, u8, String)> = remote
             .refused
             .iter()
             .map(|(r, why)| {
-                let device = shared
-                    .rails
-                    .get(*r as usize)
-                    .map_or_else(|| format!("rail {r}"), |rail| rail.name().to_string());
+                let (device, port) = shared.rails.get(*r as usize).map_or_else(
+                    || (format!("rail {r}"), 0),
+                    |rail| (rail.name().to_string(), rail.port),
+                );
                 crate::log::log_warn!("rdma: {peer}: rail {device} is not used: {why}");
-                (device, why.clone())
+                (device, port, why.clone())
             })
             .collect();
         let id = shared.next_link.fetch_add(1, Ordering::Relaxed);

@@ -17,8 +17,8 @@ pub(crate) struct RdmaLink {
     pub(super) removed: Mutex<bool>,
     /// The rail pairs, with their counters.
     pub(super) rails: Vec<RailInfo>,
-    /// Local rails the acceptor did not pair, and why.
-    pub(super) refused: Vec<(String, String)>,
+    /// Local rails the acceptor did not pair: device, port, and why.
+    pub(super) refused: Vec<(String, u8, String)>,
 }
 
 impl RdmaLink {
@@ -79,10 +79,13 @@ impl Link for RdmaLink {
                 let state = c.state();
                 RailReport {
                     local: rail.local.clone(),
+                    port: rail.port,
                     remote: rail.remote.clone(),
                     state: state.name(),
                     gid: rail.gid.clone(),
                     peer_gid: rail.peer_gid.clone(),
+                    gid_index: Some(rail.gid_index),
+                    gid_reason: rail.gid_reason.clone(),
                     speed_mbps: rail.speed_mbps,
                     bytes: load(&c.bytes),
                     wrs: load(&c.wrs),
@@ -93,12 +96,15 @@ impl Link for RdmaLink {
                 }
             })
             .collect();
-        out.extend(self.refused.iter().map(|(local, why)| RailReport {
+        out.extend(self.refused.iter().map(|(local, port, why)| RailReport {
             local: local.clone(),
+            port: *port,
             remote: String::new(),
             state: "refused",
             gid: String::new(),
             peer_gid: String::new(),
+            gid_index: None,
+            gid_reason: String::new(),
             speed_mbps: 0,
             bytes: 0,
             wrs: 0,

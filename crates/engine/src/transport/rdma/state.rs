@@ -325,8 +325,11 @@ impl RailCounters {
 #[derive(Debug, Clone)]
 pub(crate) struct RailInfo {
     pub(crate) local: String,
+    pub(crate) port: u8,
     pub(crate) remote: String,
     pub(crate) gid: String,
+    pub(crate) gid_index: u8,
+    pub(crate) gid_reason: String,
     pub(crate) peer_gid: String,
     pub(crate) speed_mbps: u32,
     pub(crate) counters: Arc<RailCounters>,
