@@ -344,6 +344,11 @@ export interface NativeMetrics {
   peers: Array<NativePeerCounters>
   /** Upper bound (µs) of each latency bucket; the last is +Infinity. */
   latencyBucketUpperUs: Array<number>
+  /**
+   * NIC resources the communicator holds now, over every link (RDMA: queue pairs,
+   * completion queues, two per rail; registered bytes of its regions and links).
+   */
+  resources: NativeResources
 }
 
 /** A transport this side opened (what the instance registry publishes of it). */
@@ -398,6 +403,11 @@ export interface NativePeerCounters {
   counters: NativeCounters
   /** The rails of the peer's current link (RDMA; empty otherwise). */
   rails: Array<NativeRail>
+  /**
+   * NIC resources of the peer's current link (RDMA: its queue pairs, spares included,
+   * and registered buffers; its completion queues are the communicator's, shared).
+   */
+  resources: NativeResources
 }
 
 /** Why a connected peer is reached over its transport. */
@@ -447,6 +457,13 @@ export interface NativeRail {
   rejoins: number
   /** Why it is refused or out of service (null while healthy). */
   reason?: string
+}
+
+/** NIC resources held (RDMA; zero for other transports). */
+export interface NativeResources {
+  queuePairs: number
+  completionQueues: number
+  registeredBytes: number
 }
 
 /** One event of the sidecar's socket (`kind`: "connected", "message" or "closed"). */

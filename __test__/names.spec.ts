@@ -74,6 +74,7 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
     checksumMismatches: 0,
     reconnects: 0,
   }
+  const none = { queuePairs: 0, completionQueues: 0, registeredBytes: 0 }
   const source: HasMetrics = {
     [METRICS_SOURCE]: () => ({
       native: {
@@ -82,11 +83,12 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
         total: zero,
         untracked: zero,
         peers: [
-          { peer: 'p"\\\nq', transport: 'tcp', counters: zero, rails: [] },
+          { peer: 'p"\\\nq', transport: 'tcp', counters: zero, rails: [], resources: none },
           {
             peer: 'r:1',
             transport: 'rdma',
             counters: zero,
+            resources: { queuePairs: 2, completionQueues: 0, registeredBytes: 4160 },
             rails: [
               {
                 device: 'd"\\\ny',
@@ -109,6 +111,7 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
           },
         ],
         latencyBucketUpperUs: [Infinity],
+        resources: none,
       },
       dropped: new Map(),
     }),

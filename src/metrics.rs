@@ -3,7 +3,7 @@
 
 use crate::errors::Code;
 use crate::NativeCommunicator;
-use kvtransfer_engine::{MetricsSnapshot, RailReport, LATENCY_BUCKETS};
+use kvtransfer_engine::{MetricsSnapshot, RailReport, Resources, LATENCY_BUCKETS};
 use napi::bindgen_prelude::Result;
 use napi_derive::napi;
 use std::collections::HashMap;
@@ -41,6 +41,25 @@ pub struct NativePeerCounters {
     pub counters: NativeCounters,
     /// The rails of the peer's current link (RDMA; empty otherwise).
     pub rails: Vec<NativeRail>,
+    /// NIC resources of the peer's current link (RDMA: its queue pairs, spares included,
+    /// and registered buffers; its completion queues are the communicator's, shared).
+    pub resources: NativeResources,
+}
+
+/// NIC resources held (RDMA; zero for other transports).
+#[napi(object)]
+pub struct NativeResources {
+    pub queue_pairs: f64,
+    pub completion_queues: f64,
+    pub registered_bytes: f64,
+}
+
+fn resources(r: &Resources) -> NativeResources {
+    NativeResources {
+        queue_pairs: r.queue_pairs as f64,
+        completion_queues: r.completion_queues as f64,
+        registered_bytes: r.registered_bytes as f64,
+    }
 }
 
 /// One rail of an RDMA link: a local NIC port paired with one of the peer's, or a local
@@ -113,6 +132,9 @@ pub struct NativeMetrics {
     pub peers: Vec<NativePeerCounters>,
     /// Upper bound (µs) of each latency bucket; the last is +Infinity.
     pub latency_bucket_upper_us: Vec<f64>,
+    /// NIC resources the communicator holds now, over every link (RDMA: queue pairs,
+    /// completion queues, two per rail; registered bytes of its regions and links).
+    pub resources: NativeResources,
 }
 
 fn counters(s: &MetricsSnapshot) -> NativeCounters {
@@ -219,6 +241,7 @@ impl NativeCommunicator {
                     transport: p.transport.map(|t| t.name().to_string()),
                     counters: counters(&p.counters),
                     rails: rails(&p.rails),
+                    resources: resources(&p.resources),
                 })
                 .collect(),
             latency_bucket_upper_us: (0..LATENCY_BUCKETS)
@@ -226,6 +249,7 @@ impl NativeCommunicator {
                     kvtransfer_engine::bucket_upper_us(i).map_or(f64::INFINITY, |us| us as f64)
                 })
                 .collect(),
+            resources: resources(&self.engine.stats().nic),
         }
     }
 

@@ -16,7 +16,7 @@
  *   totals and in `untracked`, so that a typo cannot create a permanent series.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { NativeCounters, NativeMetrics, NativeRail } from '../index.js'
+import type { NativeCounters, NativeMetrics, NativeRail, NativeResources } from '../index.js'
 import { describeValue, invalidArgument } from './errors'
 
 /** Latency of the calls that succeeded (ms; p50/p99 are upper bounds of log2 buckets of µs). */
@@ -48,6 +48,12 @@ export interface PeerMetrics extends Counters {
    * link was opened (see `Rail` of `peerInfo`); `[]` for other transports.
    */
   rails: NativeRail[]
+  /**
+   * RDMA: the NIC resources of the peer's current link (its queue pairs, the spare sets a
+   * quarantined rail rejoins on included, and its registered buffers; completion queues
+   * are the communicator's, shared by every link); zeros otherwise.
+   */
+  resources: NativeResources
 }
 
 export interface Metrics extends Counters {
@@ -62,6 +68,12 @@ export interface Metrics extends Counters {
    * 4096 peers. The totals are these plus the sum over `peers`.
    */
   untracked: Counters
+  /**
+   * NIC resources this communicator holds now (RDMA: queue pairs of every link,
+   * completion queues, two per rail, and registered bytes of its regions and links);
+   * zeros without RDMA.
+   */
+  resources: NativeResources
 }
 
 /** Notices the TypeScript layer dropped (evicted unconsumed), per peer. */
@@ -109,8 +121,10 @@ export function toMetrics(native: NativeMetrics, dropped: DroppedNotices): Metri
       transport: p.transport ?? null,
       ...counters(p.counters, dropped.get(p.peer) ?? 0),
       rails: p.rails.map((r) => ({ ...r })),
+      resources: { ...p.resources },
     })),
     untracked: counters(native.untracked, untrackedDropped(native, dropped)),
+    resources: { ...native.resources },
   }
 }
 

@@ -104,6 +104,11 @@ pub(crate) trait Transport: Send + Sync {
     fn receivers(&self) -> usize {
         0
     }
+    /// The NIC resources this transport holds now (RDMA: queue pairs, completion queues,
+    /// registered bytes; none for other transports).
+    fn resources(&self) -> Resources {
+        Resources::default()
+    }
     /// Receiving side: cuts the writer named `peer_name` off, for a fence it did not
     /// acknowledge. When this returns `Ok`, nothing that writer sent over this transport can
     /// land in this engine's regions any more, and the writer's link breaks (it connects
@@ -145,6 +150,23 @@ pub trait Link: Send + Sync {
     fn rails(&self) -> Vec<RailReport> {
         Vec::new()
     }
+    /// The NIC resources this link holds (RDMA: its queue pairs, spares included, and
+    /// its registered buffers; the completion queues are the transport's, shared by every
+    /// link); none for other transports.
+    fn resources(&self) -> Resources {
+        Resources::default()
+    }
+}
+
+/// NIC resources held (see [`Transport::resources`], [`Link::resources`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// RC queue pairs.
+    pub queue_pairs: u64,
+    /// Completion queues.
+    pub completion_queues: u64,
+    /// Bytes registered with the NIC (memory regions).
+    pub registered_bytes: u64,
 }
 
 /// See [`Link::receiver_checks`].

@@ -2,7 +2,7 @@
 
 use super::state::{Command, RailInfo, Shared};
 use crate::error::Error;
-use crate::transport::{fail, Link, RailReport, TransportKind, WriteJob};
+use crate::transport::{fail, Link, RailReport, Resources, TransportKind, WriteJob};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -19,6 +19,8 @@ pub(crate) struct RdmaLink {
     pub(super) rails: Vec<RailInfo>,
     /// Local rails the acceptor did not pair: device, port, and why.
     pub(super) refused: Vec<(String, u8, String)>,
+    /// The queue pairs and buffers this link created.
+    pub(super) held: Resources,
 }
 
 impl RdmaLink {
@@ -67,6 +69,10 @@ impl Link for RdmaLink {
 
     fn kind(&self) -> TransportKind {
         TransportKind::Rdma
+    }
+
+    fn resources(&self) -> Resources {
+        self.held
     }
 
     fn rails(&self) -> Vec<RailReport> {
