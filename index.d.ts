@@ -360,6 +360,11 @@ export interface NativeMetrics {
   peers: Array<NativePeerCounters>
   /** Upper bound (µs) of each latency bucket; the last is +Infinity. */
   latencyBucketUpperUs: Array<number>
+  /**
+   * NIC resources the communicator holds now, over every link (RDMA: queue pairs,
+   * completion queues, two per rail; registered bytes of its regions and links).
+   */
+  resources: NativeResources
 }
 
 /** A transport this side opened (what the instance registry publishes of it). */
@@ -412,6 +417,13 @@ export interface NativePeerCounters {
   peer: string
   transport?: string
   counters: NativeCounters
+  /** The rails of the peer's current link (RDMA; empty otherwise). */
+  rails: Array<NativeRail>
+  /**
+   * NIC resources of the peer's current link (RDMA: its queue pairs, spares included,
+   * and registered buffers; its completion queues are the communicator's, shared).
+   */
+  resources: NativeResources
 }
 
 /** Why a connected peer is reached over its transport. */
@@ -422,6 +434,52 @@ export interface NativePeerDecision {
   details: Record<string, string>
   /** Whether the link is still usable. */
   alive: boolean
+  /** The link's rails (RDMA; empty otherwise). */
+  rails: Array<NativeRail>
+}
+
+/**
+ * One rail of an RDMA link: a local NIC port paired with one of the peer's, or a local
+ * NIC the handshake left out (`state` `refused`, with the reason).
+ */
+export interface NativeRail {
+  /** The local RDMA device (e.g. `mlx5_0`). */
+  device: string
+  /** Its port (1-based). */
+  port: number
+  /** The peer's device it is paired with (empty when refused). */
+  peerDevice: string
+  /**
+   * `healthy`, `quarantined` (waiting out its cooldown), `failed` (no rejoin left on
+   * this connection) or `refused` (never paired).
+   */
+  state: string
+  /** The local GID table index used (null when refused). */
+  gidIndex?: number
+  /** The local GID used (address, prefix, RoCE version) and why it was chosen. */
+  gid: string
+  gidReason: string
+  /** The peer's GID written to. */
+  peerGid: string
+  /** Active speed of the slower port of the pair, Mb/s (the weight of its share). */
+  speedMbps: number
+  /** Bytes of the work requests completed on this rail (data, flush, notices). */
+  bytes: number
+  /** Work requests completed on this rail. */
+  wrs: number
+  /** Failed work requests and posts, and ports seen down. */
+  failures: number
+  quarantines: number
+  rejoins: number
+  /** Why it is refused or out of service (null while healthy). */
+  reason?: string
+}
+
+/** NIC resources held (RDMA; zero for other transports). */
+export interface NativeResources {
+  queuePairs: number
+  completionQueues: number
+  registeredBytes: number
 }
 
 /** One event of the sidecar's socket (`kind`: "connected", "message" or "closed"). */

@@ -74,6 +74,7 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
     checksumMismatches: 0,
     reconnects: 0,
   }
+  const none = { queuePairs: 0, completionQueues: 0, registeredBytes: 0 }
   const source: HasMetrics = {
     [METRICS_SOURCE]: () => ({
       native: {
@@ -81,8 +82,36 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
         role: 'decode',
         total: zero,
         untracked: zero,
-        peers: [{ peer: 'p"\\\nq', transport: 'tcp', counters: zero }],
+        peers: [
+          { peer: 'p"\\\nq', transport: 'tcp', counters: zero, rails: [], resources: none },
+          {
+            peer: 'r:1',
+            transport: 'rdma',
+            counters: zero,
+            resources: { queuePairs: 2, completionQueues: 0, registeredBytes: 4160 },
+            rails: [
+              {
+                device: 'd"\\\ny',
+                port: 1,
+                peerDevice: 'rxe1',
+                state: 'quarantined',
+                gidIndex: 1,
+                gid: '10.77.0.1/24 RoCE v2',
+                gidReason: 'index 1',
+                peerGid: '10.77.0.2/24 RoCE v2',
+                speedMbps: 1000,
+                bytes: 5,
+                wrs: 2,
+                failures: 1,
+                quarantines: 1,
+                rejoins: 0,
+                reason: 'a work request failed',
+              },
+            ],
+          },
+        ],
         latencyBucketUpperUs: [Infinity],
+        resources: none,
       },
       dropped: new Map(),
     }),
@@ -90,5 +119,17 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
   const text = metricsText([source])
   t.true(text.includes('local="local\\"\\\\\\nx"'), text)
   t.true(text.includes('peer="p\\"\\\\\\nq"'), text)
-  for (const line of text.split('\n')) t.false(line.startsWith('x') || line.startsWith('q'), line)
+  t.true(
+    text.includes(
+      'kvtransfer_rdma_rail_bytes_total{local="local\\"\\\\\\nx",role="decode",peer="r:1",rail="d\\"\\\\\\ny",port="1"} 5',
+    ),
+    text,
+  )
+  t.true(
+    text.includes(
+      'kvtransfer_rdma_rail_healthy{local="local\\"\\\\\\nx",role="decode",peer="r:1",rail="d\\"\\\\\\ny",port="1"} 0',
+    ),
+    text,
+  )
+  for (const line of text.split('\n')) t.false(/^[xqy]/.test(line), line)
 })

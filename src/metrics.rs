@@ -3,7 +3,7 @@
 
 use crate::errors::Code;
 use crate::NativeCommunicator;
-use kvtransfer_engine::{MetricsSnapshot, LATENCY_BUCKETS};
+use kvtransfer_engine::{MetricsSnapshot, RailReport, Resources, LATENCY_BUCKETS};
 use napi::bindgen_prelude::Result;
 use napi_derive::napi;
 use std::collections::HashMap;
@@ -39,6 +39,84 @@ pub struct NativePeerCounters {
     pub peer: String,
     pub transport: Option<String>,
     pub counters: NativeCounters,
+    /// The rails of the peer's current link (RDMA; empty otherwise).
+    pub rails: Vec<NativeRail>,
+    /// NIC resources of the peer's current link (RDMA: its queue pairs, spares included,
+    /// and registered buffers; its completion queues are the communicator's, shared).
+    pub resources: NativeResources,
+}
+
+/// NIC resources held (RDMA; zero for other transports).
+#[napi(object)]
+pub struct NativeResources {
+    pub queue_pairs: f64,
+    pub completion_queues: f64,
+    pub registered_bytes: f64,
+}
+
+fn resources(r: &Resources) -> NativeResources {
+    NativeResources {
+        queue_pairs: r.queue_pairs as f64,
+        completion_queues: r.completion_queues as f64,
+        registered_bytes: r.registered_bytes as f64,
+    }
+}
+
+/// One rail of an RDMA link: a local NIC port paired with one of the peer's, or a local
+/// NIC the handshake left out (`state` `refused`, with the reason).
+#[napi(object)]
+pub struct NativeRail {
+    /// The local RDMA device (e.g. `mlx5_0`).
+    pub device: String,
+    /// Its port (1-based).
+    pub port: u32,
+    /// The peer's device it is paired with (empty when refused).
+    pub peer_device: String,
+    /// `healthy`, `quarantined` (waiting out its cooldown), `failed` (no rejoin left on
+    /// this connection) or `refused` (never paired).
+    pub state: String,
+    /// The local GID table index used (null when refused).
+    pub gid_index: Option<u32>,
+    /// The local GID used (address, prefix, RoCE version) and why it was chosen.
+    pub gid: String,
+    pub gid_reason: String,
+    /// The peer's GID written to.
+    pub peer_gid: String,
+    /// Active speed of the slower port of the pair, Mb/s (the weight of its share).
+    pub speed_mbps: u32,
+    /// Bytes of the work requests completed on this rail (data, flush, notices).
+    pub bytes: f64,
+    /// Work requests completed on this rail.
+    pub wrs: f64,
+    /// Failed work requests and posts, and ports seen down.
+    pub failures: f64,
+    pub quarantines: f64,
+    pub rejoins: f64,
+    /// Why it is refused or out of service (null while healthy).
+    pub reason: Option<String>,
+}
+
+pub(crate) fn rails(reports: &[RailReport]) -> Vec<NativeRail> {
+    reports
+        .iter()
+        .map(|r| NativeRail {
+            device: r.local.clone(),
+            port: u32::from(r.port),
+            peer_device: r.remote.clone(),
+            state: r.state.to_string(),
+            gid_index: r.gid_index.map(u32::from),
+            gid: r.gid.clone(),
+            gid_reason: r.gid_reason.clone(),
+            peer_gid: r.peer_gid.clone(),
+            speed_mbps: r.speed_mbps,
+            bytes: r.bytes as f64,
+            wrs: r.wrs as f64,
+            failures: r.failures as f64,
+            quarantines: r.quarantines as f64,
+            rejoins: r.rejoins as f64,
+            reason: r.reason.clone(),
+        })
+        .collect()
 }
 
 #[napi(object)]
@@ -54,6 +132,9 @@ pub struct NativeMetrics {
     pub peers: Vec<NativePeerCounters>,
     /// Upper bound (µs) of each latency bucket; the last is +Infinity.
     pub latency_bucket_upper_us: Vec<f64>,
+    /// NIC resources the communicator holds now, over every link (RDMA: queue pairs,
+    /// completion queues, two per rail; registered bytes of its regions and links).
+    pub resources: NativeResources,
 }
 
 fn counters(s: &MetricsSnapshot) -> NativeCounters {
@@ -90,6 +171,8 @@ pub struct NativePeerDecision {
     pub details: HashMap<String, String>,
     /// Whether the link is still usable.
     pub alive: bool,
+    /// The link's rails (RDMA; empty otherwise).
+    pub rails: Vec<NativeRail>,
 }
 
 /// A transport this side opened (what the instance registry publishes of it).
@@ -133,6 +216,11 @@ impl NativeCommunicator {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             alive: self.engine.is_connected(&peer_key),
+            rails: self
+                .engine
+                .peer_info(&peer_key)
+                .map(|info| rails(&info.rails))
+                .unwrap_or_default(),
         })
     }
 
@@ -152,6 +240,8 @@ impl NativeCommunicator {
                     peer: p.peer.clone(),
                     transport: p.transport.map(|t| t.name().to_string()),
                     counters: counters(&p.counters),
+                    rails: rails(&p.rails),
+                    resources: resources(&p.resources),
                 })
                 .collect(),
             latency_bucket_upper_us: (0..LATENCY_BUCKETS)
@@ -159,6 +249,7 @@ impl NativeCommunicator {
                     kvtransfer_engine::bucket_upper_us(i).map_or(f64::INFINITY, |us| us as f64)
                 })
                 .collect(),
+            resources: resources(&self.engine.stats().nic),
         }
     }
 

@@ -592,7 +592,8 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
   /**
    * The transport used with `ip:port` (a peer this side connected to) and a sentence saying
    * why, with what it uses on this side (`details`: RDMA device, port, GID index and
-   * address, MTU, QPs per peer); `null` when this side never connected to it.
+   * address, MTU, QPs per peer) and, for RDMA, each rail with its state and counters
+   * (`rails`); `null` when this side never connected to it.
    */
   peerInfo(ip: string, port: number | string): PeerInfo | null {
     this.checkStarted()
@@ -603,6 +604,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
       reason: decision.reason,
       details: { ...decision.details },
       connected: decision.alive,
+      rails: decision.rails.map((r) => ({ ...r })),
     }
   }
 

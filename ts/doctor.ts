@@ -148,6 +148,7 @@ export function formatDoctor(report: DoctorReport): string {
       `peermem module: ${report.rdma.peermemModule ?? 'not loaded'}`,
   )
   if (report.rdma.error) out.push(`  ${report.rdma.error}`)
+  if (rdma.resourcesPerPeer) out.push(`  per peer: ${rdma.resourcesPerPeer}`)
   for (const d of report.rdma.devices) {
     const ro = d.pcieRelaxedOrdering === null ? 'n/a' : d.pcieRelaxedOrdering ? 'enabled' : 'disabled'
     out.push(`  ${d.name}${d.software ? ' (software provider)' : ''}, PCIe relaxed ordering ${ro}`)

@@ -22,6 +22,7 @@ export type {
   ConnectOptions,
   FenceOptions,
   PeerInfo,
+  Rail,
   Role,
   Transport,
   WriteOptions,

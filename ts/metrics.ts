@@ -16,7 +16,7 @@
  *   totals and in `untracked`, so that a typo cannot create a permanent series.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import type { NativeCounters, NativeMetrics } from '../index.js'
+import type { NativeCounters, NativeMetrics, NativeRail, NativeResources } from '../index.js'
 import { describeValue, invalidArgument } from './errors'
 
 /** Latency of the calls that succeeded (ms; p50/p99 are upper bounds of log2 buckets of µs). */
@@ -43,6 +43,17 @@ export interface PeerMetrics extends Counters {
    * transport this build cannot name).
    */
   transport: string | null
+  /**
+   * RDMA: the rails of the peer's current link, each with its state and counters since that
+   * link was opened (see `Rail` of `peerInfo`); `[]` for other transports.
+   */
+  rails: NativeRail[]
+  /**
+   * RDMA: the NIC resources of the peer's current link (its queue pairs, the spare sets a
+   * quarantined rail rejoins on included, and its registered buffers; completion queues
+   * are the communicator's, shared by every link); zeros otherwise.
+   */
+  resources: NativeResources
 }
 
 export interface Metrics extends Counters {
@@ -57,6 +68,12 @@ export interface Metrics extends Counters {
    * 4096 peers. The totals are these plus the sum over `peers`.
    */
   untracked: Counters
+  /**
+   * NIC resources this communicator holds now (RDMA: queue pairs of every link,
+   * completion queues, two per rail, and registered bytes of its regions and links);
+   * zeros without RDMA.
+   */
+  resources: NativeResources
 }
 
 /** Notices the TypeScript layer dropped (evicted unconsumed), per peer. */
@@ -103,8 +120,11 @@ export function toMetrics(native: NativeMetrics, dropped: DroppedNotices): Metri
       peer: p.peer,
       transport: p.transport ?? null,
       ...counters(p.counters, dropped.get(p.peer) ?? 0),
+      rails: p.rails.map((r) => ({ ...r })),
+      resources: { ...p.resources },
     })),
     untracked: counters(native.untracked, untrackedDropped(native, dropped)),
+    resources: { ...native.resources },
   }
 }
 
@@ -152,6 +172,31 @@ const COUNTERS: Array<[CounterField, string, string]> = [
   ],
   ['reconnects', 'reconnects', 'Connects that replaced an earlier link to the same peer.'],
 ]
+
+/** Per-rail counters exposed as `kvtransfer_rdma_rail_<name>_total`, by field. */
+type RailField = 'bytes' | 'wrs' | 'failures' | 'quarantines' | 'rejoins'
+const RAIL_COUNTERS: Array<[RailField, string, string]> = [
+  ['bytes', 'bytes', 'Bytes of the work requests completed on an RDMA rail (data, flush reads, notices).'],
+  ['wrs', 'work_requests', 'Work requests completed on an RDMA rail.'],
+  ['failures', 'failures', 'Failed work requests and posts on an RDMA rail, and its port seen down.'],
+  ['quarantines', 'quarantines', 'Times an RDMA rail was quarantined (taken out of service for a cooldown).'],
+  ['rejoins', 'rejoins', 'Times a quarantined RDMA rail came back after a successful probe.'],
+]
+
+/** One series per paired rail of every tracked peer, with `rail` (device) and `port` labels. */
+function railSeries(sources: MetricsSource[]): Array<{ labels: Record<string, string>; rail: NativeRail }> {
+  const locals = localNames(sources)
+  return sources.flatMap(({ native }, i) =>
+    native.peers.flatMap((p) =>
+      p.rails
+        .filter((r) => r.state !== 'refused')
+        .map((rail) => ({
+          labels: { local: locals[i], role: native.role, peer: p.peer, rail: rail.device, port: String(rail.port) },
+          rail,
+        })),
+    ),
+  )
+}
 
 /** One communicator's counters, as the text renderer takes them. */
 export interface MetricsSource {
@@ -224,8 +269,11 @@ function seriesOf(sources: MetricsSource[]): Series[] {
  * labels `local` (the communicator's `name`, `hostname:port` by default) and `role`; one
  * series per tracked peer adds `peer` and `transport`, and one per communicator without
  * them counts calls to peers it does not track (never connected; beyond 4096), so that
- * `sum by (local)` gives each communicator's totals. A communicator listed twice is
- * rendered once.
+ * `sum by (local)` gives each communicator's totals. RDMA links add, per tracked peer and
+ * paired rail (labels `peer`, `rail`: the local device, `port`), the counters
+ * `kvtransfer_rdma_rail_{bytes,work_requests,failures,quarantines,rejoins}_total` and the
+ * gauge `kvtransfer_rdma_rail_healthy` (at most 8 rails a peer, 4096 peers). A communicator
+ * listed twice is rendered once.
  */
 export function metricsText(communicators: HasMetrics[]): string {
   checkCommunicators(communicators)
@@ -261,6 +309,18 @@ export function metricsText(communicators: HasMetrics[]): string {
     })
     lines.push(`${hist}_sum${labels(s.labels)} ${s.c.latencySumUs / 1e6}`)
     lines.push(`${hist}_count${labels(s.labels)} ${s.c.callsSucceeded}`)
+  }
+  const rails = railSeries(sources)
+  if (rails.length > 0) {
+    for (const [field, name, help] of RAIL_COUNTERS) {
+      const metric = `kvtransfer_rdma_rail_${name}_total`
+      lines.push(`# HELP ${metric} ${help}`, `# TYPE ${metric} counter`)
+      for (const r of rails) lines.push(`${metric}${labels(r.labels)} ${r.rail[field]}`)
+    }
+    const up = 'kvtransfer_rdma_rail_healthy'
+    lines.push(`# HELP ${up} 1 while an RDMA rail carries work, 0 while it is quarantined or failed.`)
+    lines.push(`# TYPE ${up} gauge`)
+    for (const r of rails) lines.push(`${up}${labels(r.labels)} ${r.rail.state === 'healthy' ? 1 : 0}`)
   }
   return lines.join('\n') + '\n'
 }

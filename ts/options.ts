@@ -3,7 +3,7 @@
  * `ERR_INVALID_ARGUMENT` naming it, before anything reaches the engine.
  */
 import * as os from 'node:os'
-import type { ImportedRegion, NativeOptions, NativeStats } from '../index.js'
+import type { ImportedRegion, NativeOptions, NativeRail, NativeStats } from '../index.js'
 import type { DeadlineOptions } from './deadline'
 import { describeValue, invalidArgument, showValue } from './errors'
 import type { RequestTag } from './tags'
@@ -270,7 +270,21 @@ export interface PeerInfo {
   details: Record<string, string>
   /** Whether the link is still usable. */
   connected: boolean
+  /**
+   * RDMA: the link's rails (one per pair of NIC ports, and local NICs the peer could not
+   * pair, state `refused`), each with its GID and why, its state and its counters; `[]`
+   * for other transports.
+   */
+  rails: Rail[]
 }
+
+/**
+ * One rail of an RDMA link: the binding's generated `NativeRail` (device, port, peer
+ * device, state `healthy` / `quarantined` / `failed` / `refused`, GID index, GID and
+ * why, peer GID, speed, and bytes, work requests, failures, quarantines and rejoins since
+ * the link was opened).
+ */
+export type Rail = NativeRail
 
 /** Live native resources (leak checks): the binding's generated `NativeStats`, as is. */
 export type CommunicatorStats = NativeStats

@@ -53,8 +53,9 @@ hook() {  # label command...
   echo "=== hook $label: exit $rc, $((SECONDS - t0))s"
   if ((rc == 0)); then passed=$((passed + 1)); else failed=$((failed + 1)); failures+=("$label"); fi
 }
+# RDMA_HOOKS: regex on hook file names to run (default all), e.g. '50-ava' for one batch.
 for h in "$root"/scripts/rxe-vm/guest.d/*.sh; do
-  [[ -f $h && -x $h ]] && hook "${h#"$root"/}" "$h"
+  [[ -f $h && -x $h && ${h##*/} =~ ${RDMA_HOOKS:-.} ]] && hook "${h#"$root"/}" "$h"
 done
 for f in "$extra" "${RDMA_EXTRA_CMDS:-}"; do
   [[ -n $f && -f $f ]] || continue

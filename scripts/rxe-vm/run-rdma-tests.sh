@@ -21,6 +21,7 @@
 #       RDMA_TEST_BINS      regex on test binary names to run (default: all)
 #       RDMA_IGNORED_BINS   regex on test binary names run with --include-ignored
 #                           (default ^rdma_)
+#       RDMA_HOOKS          regex on guest.d hook file names to run (default all)
 #       RDMA_TEST_TIMEOUT   seconds per test binary in the guest   (default 900)
 #       RDMA_HOOK_TIMEOUT   seconds per hook / extra command        (default 1800)
 #       RDMA_EXTRA_CMDS     file of extra guest commands, one per line

@@ -71,6 +71,8 @@ export interface SizeResult {
   referenceGbps?: number
   ratio?: number
   verified: { checked: number; mismatches: number; detail: string[] }
+  /** RDMA: bytes each rail (local device and port) carried during the timed calls. */
+  rails?: Array<{ device: string; port: number; bytes: number }>
 }
 
 export interface BenchReport {

@@ -170,6 +170,12 @@ async function benchSize(
     for (let layer = 0; layer < options.layers; layer++) await call(layer)
     for (let i = 0; i < options.warmup; i++) await call(i % options.layers)
 
+    // Per-rail bytes (RDMA) of the timed calls: the counters after minus before.
+    const railBytes = () =>
+      (comm.peerInfo(agent.host, setup.port)?.rails ?? [])
+        .filter((r) => r.state !== 'refused')
+        .map((r) => ({ device: r.device, port: r.port, bytes: r.bytes }))
+    const railsBefore = railBytes()
     // K and V, plus K-scale and V-scale with --scales.
     const bytesPerCall = options.batch * (blockBytes + options.scales) * 2
     const latencies: number[] = []
@@ -194,6 +200,10 @@ async function benchSize(
     }
     await Promise.all(Array.from({ length: options.concurrency }, lane))
     const seconds = Number(process.hrtime.bigint() - start) / 1e9
+    const rails = railBytes().map((r) => ({
+      ...r,
+      bytes: r.bytes - (railsBefore.find((b) => b.device === r.device && b.port === r.port)?.bytes ?? 0),
+    }))
     progress.update(`[${label}] verifying`, true)
 
     // Verification: digests of (a sample of) the written blocks, compared by the agent.
@@ -234,6 +244,7 @@ async function benchSize(
       p50Ms: percentile(latencies, 50),
       p99Ms: percentile(latencies, 99),
       verified: { checked: verdict.checked, mismatches: verdict.mismatches, detail: verdict.detail },
+      ...(rails.length > 0 ? { rails } : {}),
     }
   } finally {
     await comm.close()

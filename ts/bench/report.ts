@@ -28,7 +28,19 @@ export function referenceName(report: Pick<BenchReport, 'options' | 'reference'>
   }
 }
 
+/** `rxe0:1 302.38 MB 50.1 %, rxe1:1 301.10 MB 49.9 %`: what each rail carried of the timed calls. */
+function railShares(rails: Array<{ device: string; port: number; bytes: number }>): string {
+  const total = rails.reduce((n, r) => n + r.bytes, 0)
+  return rails
+    .map(
+      (r) =>
+        `${r.device}:${r.port} ${fmtCount(r.bytes)}B ${total > 0 ? ((100 * r.bytes) / total).toFixed(1) : '0.0'} %`,
+    )
+    .join(', ')
+}
+
 export function formatTable(report: BenchReport): string {
+  const withRails = report.results.some((r) => r.rails !== undefined)
   const header = [
     'block',
     'GB/s',
@@ -39,6 +51,7 @@ export function formatTable(report: BenchReport): string {
     'p50 ms',
     'p99 ms',
     'verified',
+    ...(withRails ? ['rails (bytes, share)'] : []),
   ]
   const rows = report.results.map((r) => [
     formatSize(r.blockBytes),
@@ -50,6 +63,7 @@ export function formatTable(report: BenchReport): string {
     fmt(r.p50Ms, 2),
     fmt(r.p99Ms, 2),
     r.verified.mismatches === 0 ? `ok ${r.verified.checked}` : `FAIL ${r.verified.mismatches}/${r.verified.checked}`,
+    ...(withRails ? [railShares(r.rails ?? [])] : []),
   ])
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)))
   const line = (cells: string[]) =>

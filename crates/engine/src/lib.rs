@@ -56,7 +56,7 @@ pub use transport::rdma::{RdmaDetails, RdmaRailDetails};
 pub use transport::tcp::TcpDetails;
 pub use transport::{
     Arrival, ArrivalSink, CallSink, ChecksumCheck, Completion, CompletionCallback, Explanation,
-    OnDone, RailReport, TransportDetails, TransportKind, MAX_TAG_BYTES,
+    OnDone, RailReport, Resources, TransportDetails, TransportKind, MAX_TAG_BYTES,
 };
 pub use util::lock;
 pub use wire::{Role, MAX_NAME_BYTES, NAME_RULE};

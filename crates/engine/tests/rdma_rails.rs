@@ -125,6 +125,23 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
     let report = rails(&prefill);
     assert_eq!(report.len(), 2, "{report:?}");
     assert!(report.iter().all(|r| r.state == "healthy"), "{report:?}");
+    // NIC resources: each side of the link holds 2 rails × 2 QPs × 3 sets (two spare sets
+    // per rail, connected to the peer's at the handshake); each engine 2 CQs per rail.
+    let writer = prefill.engine.stats().nic;
+    let link = prefill.engine.metrics().peers[0].resources;
+    assert_eq!(
+        (writer.queue_pairs, writer.completion_queues),
+        (12, 4),
+        "{writer:?}"
+    );
+    assert_eq!(link.queue_pairs, 12, "{link:?}");
+    assert!(link.registered_bytes > 0 && writer.registered_bytes > link.registered_bytes);
+    let receiver = decode.engine.stats().nic;
+    assert_eq!(
+        (receiver.queue_pairs, receiver.completion_queues),
+        (12, 4),
+        "{receiver:?}"
+    );
     // 40 calls of 48 scattered blocks (K and V): 30 MiB.
     let mut total = 0u64;
     for call in 0..40u32 {
@@ -155,8 +172,35 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
         );
         assert!(rail.wrs > 0 && rail.failures == 0, "{rail:?}");
         assert!(!rail.gid.is_empty() && !rail.remote.is_empty(), "{rail:?}");
+        // Port, GID index and why: the dummy interfaces have /24 addresses.
+        let index = rail.gid_index.expect("a paired rail has a GID index");
+        assert!(rail.port >= 1, "{rail:?}");
+        assert!(
+            rail.gid_reason.starts_with(&format!("index {index} ("))
+                && rail.gid_reason.ends_with("in its subnet"),
+            "{rail:?}"
+        );
+        assert_eq!(
+            (rail.quarantines, rail.rejoins, rail.reason.as_deref()),
+            (0, 0, None)
+        );
     }
+    // metrics() carries the same rails under the peer.
+    let metrics = prefill.engine.metrics();
+    let peer = metrics.peers.iter().find(|p| p.peer == "decode").unwrap();
+    assert_eq!(peer.rails, report);
     eprintln!("rails: {report:?}");
+    // Closed: the link's queue pairs and buffers are gone; the rails' CQs stay.
+    let regions = prefill.engine.stats().nic.registered_bytes - link.registered_bytes;
+    prefill.engine.close();
+    decode.engine.close();
+    for (side, nic) in [
+        ("writer", prefill.engine.stats().nic),
+        ("receiver", decode.engine.stats().nic),
+    ] {
+        assert_eq!(nic.queue_pairs, 0, "{side}: {nic:?}");
+    }
+    assert_eq!(prefill.engine.stats().nic.registered_bytes, regions);
 }
 
 /// Connects with the connector's rail 1 GIDs replaced by `gids` on the wire (the hello

@@ -115,6 +115,10 @@ pub struct EngineStats {
     pub timed_calls: usize,
     /// Threads of the whole process.
     pub process_threads: usize,
+    /// NIC resources the transports hold now (RDMA: queue pairs of every link, spares and
+    /// connects in progress included; completion queues, two per rail; registered bytes of
+    /// the regions and of every link's buffers).
+    pub nic: crate::transport::Resources,
 }
 
 /// One peer's counters: the writing side keys peers by `host:port`, the receiving side by
@@ -128,6 +132,13 @@ pub struct PeerMetrics {
     pub transport: Option<TransportKind>,
     /// This peer's counters since the engine was built.
     pub counters: Snapshot,
+    /// The rails of its current link (RDMA: per NIC pair, state and counters since that
+    /// link was opened); empty for other transports and for peers without a link.
+    pub rails: Vec<crate::transport::RailReport>,
+    /// The NIC resources its current link holds (RDMA: queue pairs, spares included, and
+    /// registered buffers; the completion queues are shared by every link): zero for other
+    /// transports and for peers without a link.
+    pub resources: crate::transport::Resources,
 }
 
 /// An engine's counters since it was built (see `metrics.rs` for what is counted where).
@@ -446,10 +457,15 @@ impl Engine {
         } = self.inner.metrics.snapshot();
         let peers = peers
             .into_iter()
-            .map(|(peer, code, counters)| PeerMetrics {
-                peer,
-                transport: TransportKind::from_code(code),
-                counters,
+            .map(|(peer, code, counters)| {
+                let link = self.inner.peers.get(&peer);
+                PeerMetrics {
+                    rails: link.as_ref().map(|p| p.link.rails()).unwrap_or_default(),
+                    resources: link.map(|p| p.link.resources()).unwrap_or_default(),
+                    peer,
+                    transport: TransportKind::from_code(code),
+                    counters,
+                }
             })
             .collect();
         EngineMetrics {
@@ -493,6 +509,14 @@ impl Engine {
             remembered_hellos: crate::util::lock(&self.inner.used_nonces).len(),
             timed_calls: self.inner.watchdog.tracked(),
             process_threads: std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()),
+            nic: self.inner.transports.iter().map(|t| t.resources()).fold(
+                crate::transport::Resources::default(),
+                |a, b| crate::transport::Resources {
+                    queue_pairs: a.queue_pairs + b.queue_pairs,
+                    completion_queues: a.completion_queues + b.completion_queues,
+                    registered_bytes: a.registered_bytes + b.registered_bytes,
+                },
+            ),
         }
     }
 

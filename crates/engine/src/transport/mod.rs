@@ -114,6 +114,11 @@ pub(crate) trait Transport: Send + Sync {
     fn receivers(&self) -> usize {
         0
     }
+    /// The NIC resources this transport holds now (RDMA: queue pairs, completion queues,
+    /// registered bytes; none for other transports).
+    fn resources(&self) -> Resources {
+        Resources::default()
+    }
     /// Receiving side: cuts the writer named `peer_name` off, for a fence it did not
     /// acknowledge. When this returns `Ok`, nothing that writer sent over this transport can
     /// land in this engine's regions any more, and the writer's link breaks (it connects
@@ -155,6 +160,23 @@ pub trait Link: Send + Sync {
     fn rails(&self) -> Vec<RailReport> {
         Vec::new()
     }
+    /// The NIC resources this link holds (RDMA: its queue pairs, spares included, and
+    /// its registered buffers; the completion queues are the transport's, shared by every
+    /// link); none for other transports.
+    fn resources(&self) -> Resources {
+        Resources::default()
+    }
+}
+
+/// NIC resources held (see [`Transport::resources`], [`Link::resources`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resources {
+    /// RC queue pairs.
+    pub queue_pairs: u64,
+    /// Completion queues.
+    pub completion_queues: u64,
+    /// Bytes registered with the NIC (memory regions).
+    pub registered_bytes: u64,
 }
 
 /// See [`Link::receiver_checks`].
@@ -173,6 +195,8 @@ pub struct ReceiverChecks {
 pub struct RailReport {
     /// The local device (e.g. `mlx5_0`).
     pub local: String,
+    /// The local device's port (1-based).
+    pub port: u8,
     /// The peer's device it is paired with (empty when refused).
     pub remote: String,
     /// `healthy`, `quarantined` (failed; waiting out its cooldown), `failed` (no more
@@ -182,6 +206,10 @@ pub struct RailReport {
     pub gid: String,
     /// The peer's GID this rail writes to.
     pub peer_gid: String,
+    /// The local GID table index used (none when refused).
+    pub gid_index: Option<u8>,
+    /// Why that GID was chosen for this peer (empty when refused).
+    pub gid_reason: String,
     /// Active speed of the slower port of the pair, Mb/s (the weight of its share).
     pub speed_mbps: u32,
     /// Bytes written on this rail (completed WRITEs).

@@ -36,6 +36,9 @@ pub struct RdmaDetails {
     pub mtu: u32,
     /// RC queue pairs created per peer and rail.
     pub qps_per_peer: u16,
+    /// Sets of `qps_per_peer` per rail and peer: 1, or with several rails 1 + the spare
+    /// sets a quarantined rail rejoins on.
+    pub qp_sets: u16,
     /// Every rail (RDMA device port) this side writes over.
     pub rails: Vec<RdmaRailDetails>,
 }
@@ -77,6 +80,21 @@ impl RdmaDetails {
         )
     }
 
+    /// `12 QPs (2 rails × 2 QPs × 3 sets); CQs: 2 per rail, shared by every peer`.
+    pub(crate) fn per_peer(&self) -> String {
+        let rails = self.rails.len().max(1);
+        let qps = rails * usize::from(self.qps_per_peer) * usize::from(self.qp_sets);
+        let sets = if self.qp_sets > 1 {
+            format!(" × {} sets (spares for rejoins)", self.qp_sets)
+        } else {
+            String::new()
+        };
+        format!(
+            "{qps} QPs ({rails} rails × {} QPs{sets}) on each side; CQs: 2 per rail, shared by every peer",
+            self.qps_per_peer
+        )
+    }
+
     pub(crate) fn fields(&self) -> Vec<(&'static str, String)> {
         vec![
             ("device", self.device.clone()),
@@ -86,6 +104,7 @@ impl RdmaDetails {
             ("gid", self.gid.clone()),
             ("mtu", self.mtu.to_string()),
             ("qpsPerPeer", self.qps_per_peer.to_string()),
+            ("resourcesPerPeer", self.per_peer()),
             (
                 "rails",
                 self.rails
@@ -100,5 +119,42 @@ impl RdmaDetails {
                     .join("; "),
             ),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn details(rails: usize, qp_sets: u16) -> RdmaDetails {
+        let rail = RdmaRailDetails {
+            device: "rxe0".into(),
+            port: 1,
+            speed_mbps: 2500,
+            gid_index: 1,
+            gid: "10.77.0.1".into(),
+            gid_reason: String::new(),
+        };
+        RdmaDetails {
+            device: "rxe0".into(),
+            port: 1,
+            infiniband: false,
+            gid_index: 1,
+            gid: "10.77.0.1".into(),
+            mtu: 1024,
+            qps_per_peer: 2,
+            qp_sets,
+            rails: vec![rail; rails],
+        }
+    }
+
+    #[test]
+    fn the_per_peer_arithmetic_counts_rails_qps_and_spare_sets() {
+        assert!(details(1, 1)
+            .per_peer()
+            .starts_with("2 QPs (1 rails × 2 QPs) on each side"));
+        assert!(details(2, 3)
+            .per_peer()
+            .starts_with("12 QPs (2 rails × 2 QPs × 3 sets (spares for rejoins)) on each side"));
     }
 }

@@ -8,16 +8,17 @@ use super::health::{split_sets, BASE_COOLDOWN};
 use super::link::RdmaLink;
 use super::progress::Worker;
 use super::rail::{choose_ports, open_rail};
-use super::route::{describe, pair_rails, RailGids};
+use super::route::{describe, gid_reason, pair_rails, RailGids};
 use super::state::{
     endpoint_of, rdma_err, register_buffer, tuning, Command, OwnedRegion, PendingQps, QpState,
     Rail, RailCounters, RailInfo, RailState, RdmaDevice, ReceiverLink, SendRail, SenderLink,
     Shared, NOTICE_SLOTS, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS, TRANSPORT_RETRY_COUNT,
 };
+use super::tally::{Live, Tally};
 use crate::config::RdmaSettings;
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
-use crate::transport::{ArrivalSink, BreakHook};
+use crate::transport::{ArrivalSink, BreakHook, Resources};
 use kvtransfer_verbs as verbs;
 use kvtransfer_verbs::{Access, Dest, QpCaps, QueuePair, RtrParams, RtsParams};
 use std::collections::VecDeque;
@@ -52,9 +53,10 @@ impl RdmaDevice {
         if settings.relaxed_ordering {
             access |= Access::RELAXED_ORDERING;
         }
+        let live = Arc::new(Live::default());
         let mut rails = Vec::new();
         for (context, port) in choose_ports(&library, &settings, gpu_idx)? {
-            rails.push(open_rail(context, port, &settings, &table, access)?);
+            rails.push(open_rail(context, port, &settings, &table, access, &live)?);
         }
         let software = rails
             .iter()
@@ -73,6 +75,7 @@ impl RdmaDevice {
             wake_fd,
             next_link: AtomicU64::new(1),
             arrivals,
+            live,
         });
         let qps_per_peer = u32::from(shared.settings.qps_per_peer.max(1));
         let post_threads =
@@ -130,6 +133,11 @@ impl RdmaDevice {
             gid: rails[0].gid.clone(),
             mtu: 128u32 << first.mtu.clamp(1, 5),
             qps_per_peer: self.shared.settings.qps_per_peer.max(1),
+            qp_sets: if rails.len() > 1 {
+                1 + REJOINS as u16
+            } else {
+                1
+            },
             rails,
         }
     }
@@ -171,10 +179,17 @@ impl RdmaDevice {
         let rails = self.shared.rails.len();
         let sets = if rails > 1 { 1 + REJOINS } else { 1 };
         let count = usize::from(self.shared.settings.qps_per_peer.max(1)) * sets;
+        let created = Resources {
+            queue_pairs: (rails * count) as u64,
+            ..Resources::default()
+        };
         let rails = (0..rails)
             .map(|r| self.rail_qps(r, count))
             .collect::<Result<Vec<_>>>()?;
-        Ok(PendingQps { rails })
+        Ok(PendingQps {
+            rails,
+            _tally: Tally::new(&self.shared.live, created),
+        })
     }
 
     fn rail_endpoint(&self, rail: usize, qps: &[(QueuePair, u32)]) -> RailEndpoint {
@@ -379,6 +394,11 @@ impl RdmaDevice {
             rails.push(endpoint);
             qps_kept.extend(qps.into_iter().map(|(qp, _)| (pair.ours, qp)));
         }
+        let held = Resources {
+            queue_pairs: qps_kept.len() as u64,
+            completion_queues: 0,
+            registered_bytes: (ring.bytes.len() * (1 + ring_mrs.len())) as u64,
+        };
         self.shared
             .send(Command::AddReceiver(Box::new(ReceiverLink {
                 peer_name: peer_name.to_string(),
@@ -386,6 +406,7 @@ impl RdmaDevice {
                 qps: qps_kept,
                 _ring_mrs: ring_mrs,
                 ring,
+                _tally: Tally::new(&self.shared.live, held),
             })));
         Ok(RdmaEndpoint { rails, refused })
     }
@@ -461,8 +482,18 @@ impl RdmaDevice {
             let speed = rail.speed_mbps.min(theirs.speed_mbps).max(1);
             infos.push(RailInfo {
                 local: rail.name().to_string(),
+                port: rail.port,
                 remote: theirs.device.clone(),
                 gid: describe(&local.candidate),
+                gid_index: local.index,
+                gid_reason: gid_reason(
+                    rail.name(),
+                    local,
+                    rail.forced_gid,
+                    rail.infiniband,
+                    &theirs.device,
+                    their_gid,
+                ),
                 peer_gid: describe(their_gid),
                 speed_mbps: speed,
                 counters: Arc::clone(&counters),
@@ -496,20 +527,28 @@ impl RdmaDevice {
         if rails.is_empty() {
             return Err(Error::protocol(peer, "the reply pairs no rail"));
         }
-        let refused: Vec<(String, String)> = remote
+        let refused: Vec<(String, u8, String)> = remote
             .refused
             .iter()
             .map(|(r, why)| {
-                let device = shared
-                    .rails
-                    .get(*r as usize)
-                    .map_or_else(|| format!("rail {r}"), |rail| rail.name().to_string());
+                let (device, port) = shared.rails.get(*r as usize).map_or_else(
+                    || (format!("rail {r}"), 0),
+                    |rail| (rail.name().to_string(), rail.port),
+                );
                 crate::log::log_warn!("rdma: {peer}: rail {device} is not used: {why}");
-                (device, why.clone())
+                (device, port, why.clone())
             })
             .collect();
         let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
         let alive = Arc::new(AtomicBool::new(true));
+        let held = Resources {
+            queue_pairs: rails
+                .iter()
+                .map(|r| r.qps.len() + r.spares.iter().map(Vec::len).sum::<usize>())
+                .sum::<usize>() as u64,
+            completion_queues: 0,
+            registered_bytes: ((staging.len() + scratch.len()) * rails.len()) as u64,
+        };
         shared.send(Command::AddSender(Box::new(SenderLink {
             id,
             peer: peer.to_string(),
@@ -525,6 +564,7 @@ impl RdmaDevice {
             alive: Arc::clone(&alive),
             broken: None,
             on_break,
+            _tally: Tally::new(&shared.live, held),
         })));
         Ok(RdmaLink {
             id,
@@ -534,6 +574,7 @@ impl RdmaDevice {
             removed: Mutex::new(false),
             rails: infos,
             refused,
+            held,
         })
     }
 

@@ -14,8 +14,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// A chain a posting thread failed to post: (link id, job sequence, error).
-pub(super) type PostFailure = (u64, u64, Error);
+/// A chain a posting thread failed to post.
+pub(super) struct PostFailure {
+    pub(super) link: u64,
+    /// The job sequence of the chain (0 for a probe).
+    pub(super) job: u64,
+    /// The queue pair it was to be posted on (names the rail).
+    pub(super) qp_num: u32,
+    pub(super) error: Error,
+}
 
 /// Rings doorbells either inline or through posting threads.
 pub(super) enum Doorbell {
@@ -150,15 +157,16 @@ impl PostingThreads {
 
     /// Queues `item` for queue-pair index `qp_index`'s posting thread.
     fn hand_off(&self, qp_index: usize, item: Item) {
-        if let Err(mpsc::SendError(Item::Post { link, job, .. })) =
+        if let Err(mpsc::SendError(Item::Post { link, job, qp, .. })) =
             self.queues[qp_index % self.queues.len()].send(item)
         {
             // Only after a posting thread panicked.
-            self.returns.fail(
+            self.returns.fail(PostFailure {
                 link,
                 job,
-                rdma_err("ibv_post_send", "the posting thread is gone"),
-            );
+                qp_num: qp.qp_num(),
+                error: rdma_err("ibv_post_send", "the posting thread is gone"),
+            });
         }
     }
 
@@ -196,8 +204,8 @@ impl Drop for PostingThreads {
 }
 
 impl Returns {
-    fn fail(&self, link: u64, job: u64, error: Error) {
-        crate::util::lock(&self.failures).push((link, job, error));
+    fn fail(&self, failure: PostFailure) {
+        crate::util::lock(&self.failures).push(failure);
         self.any_failure.store(true, Ordering::Release);
         let one: u64 = 1;
         // SAFETY: writing 8 bytes from a live u64 to the progress thread's eventfd, which
@@ -219,7 +227,12 @@ fn post_items(items: mpsc::Receiver<Item>, returns: &Returns) {
                 // batch and keeps its memory valid until a later `quiesce`, which waits for
                 // this post to return.
                 if let Err(e) = unsafe { qp.post_send(&mut batch) } {
-                    returns.fail(link, job, rdma_err("ibv_post_send", e));
+                    returns.fail(PostFailure {
+                        link,
+                        job,
+                        qp_num: qp.qp_num(),
+                        error: rdma_err("ibv_post_send", e),
+                    });
                 }
                 drop(qp);
                 batch.clear();

@@ -30,6 +30,55 @@ pub(super) const PORT_CHECK: Duration = Duration::from_millis(100);
 /// The map from (local rail, qp_num) to (link, its rail index, queue-pair index).
 pub(super) type QpMap = HashMap<(usize, u32), (u64, usize, usize)>;
 
+/// What a failed work request or post on a rail does to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Out of service for a (doubled) cooldown; its work goes to the healthy rails.
+    Quarantine,
+    /// Nothing more: the rail is out of service already and its work was moved (a late
+    /// report of a request posted before its quarantine).
+    Ignore,
+    /// The link breaks: no other rail is healthy (every call fails typed, as with one NIC).
+    Break,
+}
+
+/// The verdict on a failure on a rail in `state`, where `probing` says whether the failed
+/// request (or post) was the probe of a quarantined rail and `healthy` counts the link's
+/// healthy rails. A failed probe quarantines the rail again, so its cooldown keeps
+/// doubling.
+pub(super) fn verdict(state: RailState, probing: bool, healthy: usize) -> Verdict {
+    match state {
+        RailState::Quarantined if probing => Verdict::Quarantine,
+        RailState::Quarantined | RailState::Failed => Verdict::Ignore,
+        RailState::Healthy if healthy > 1 => Verdict::Quarantine,
+        RailState::Healthy => Verdict::Break,
+    }
+}
+
+/// The cooldown after a rail's `episodes`-th quarantine: `BASE_COOLDOWN` doubled per
+/// earlier one, at most `MAX_COOLDOWN`.
+pub(super) fn cooldown(episodes: u64) -> Duration {
+    let doublings = episodes.clamp(1, 16) as u32 - 1;
+    (BASE_COOLDOWN * (1 << doublings)).min(MAX_COOLDOWN)
+}
+
+/// The verdict on a failure on rail `r` of `link` (see [`verdict`]).
+pub(super) fn judge(link: &SenderLink, r: usize) -> Verdict {
+    let rail = &link.rails[r];
+    let probing = rail
+        .qps
+        .iter()
+        .any(|q| q.chains.iter().any(|c| matches!(c.kind, ChainKind::Probe)));
+    verdict(rail.counters.state(), probing, healthy(link))
+}
+
+/// The rail of `link` whose current queue pairs include `qp_num`.
+pub(super) fn rail_of_qp(link: &SenderLink, qp_num: u32) -> Option<usize> {
+    link.rails
+        .iter()
+        .position(|r| r.qps.iter().any(|q| q.qp.qp_num() == qp_num))
+}
+
 fn healthy(link: &SenderLink) -> usize {
     link.rails
         .iter()
@@ -53,8 +102,7 @@ pub(super) fn quarantine(
     counters.quarantines.fetch_add(1, Ordering::Relaxed);
     counters.set_state(RailState::Quarantined);
     counters.set_reason(Some(reason.to_string()));
-    let episodes = counters.quarantines.load(Ordering::Relaxed).min(16) as u32;
-    rail.cooldown = (BASE_COOLDOWN * (1 << (episodes - 1))).min(MAX_COOLDOWN);
+    rail.cooldown = cooldown(counters.quarantines.load(Ordering::Relaxed));
     rail.retry_at = Instant::now() + rail.cooldown;
     crate::log::log_warn!(
         "rdma: {peer}: rail {} quarantined for {} ms: {reason}",
@@ -109,11 +157,6 @@ pub(super) fn quarantine(
     // Nothing is finished here: a rewound call has `posted_all` false, a dropped flush is
     // queued again, and every other call keeps its phase (advancing a call waiting in
     // `control` would skip its notice).
-}
-
-/// Whether a failure on rail `r` can be survived (another rail is healthy).
-pub(super) fn survivable(link: &SenderLink, r: usize) -> bool {
-    link.rails[r].counters.state() == RailState::Healthy && healthy(link) > 1
 }
 
 /// Quarantines the healthy rails of `link` whose local port is not active.
@@ -257,4 +300,39 @@ pub(super) fn split_sets(
     }
     let first = sets.pop_front().unwrap_or_default();
     (first, sets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_probe_quarantines_again_and_a_late_report_is_ignored() {
+        // A probe whose post or request failed: quarantined again, whatever the others.
+        assert_eq!(
+            verdict(RailState::Quarantined, true, 1),
+            Verdict::Quarantine
+        );
+        assert_eq!(
+            verdict(RailState::Quarantined, true, 0),
+            Verdict::Quarantine
+        );
+        // A request posted before the quarantine, reported after it: its work moved already.
+        assert_eq!(verdict(RailState::Quarantined, false, 1), Verdict::Ignore);
+        assert_eq!(verdict(RailState::Failed, false, 1), Verdict::Ignore);
+        // A healthy rail: quarantined while another is healthy, else the link breaks.
+        assert_eq!(verdict(RailState::Healthy, false, 2), Verdict::Quarantine);
+        assert_eq!(verdict(RailState::Healthy, false, 1), Verdict::Break);
+    }
+
+    #[test]
+    fn the_cooldown_doubles_per_quarantine_up_to_the_cap() {
+        let ms = |episodes| cooldown(episodes).as_millis();
+        assert_eq!(
+            (1..=8).map(ms).collect::<Vec<_>>(),
+            [250, 500, 1000, 2000, 4000, 8000, 16000, 30000]
+        );
+        assert_eq!(ms(1000), 30000);
+        assert_eq!(ms(0), 250);
+    }
 }

@@ -2,7 +2,7 @@
 
 use super::state::{Command, RailInfo, Shared};
 use crate::error::Error;
-use crate::transport::{fail, Link, RailReport, TransportKind, WriteJob};
+use crate::transport::{fail, Link, RailReport, Resources, TransportKind, WriteJob};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
@@ -17,8 +17,10 @@ pub(crate) struct RdmaLink {
     pub(super) removed: Mutex<bool>,
     /// The rail pairs, with their counters.
     pub(super) rails: Vec<RailInfo>,
-    /// Local rails the acceptor did not pair, and why.
-    pub(super) refused: Vec<(String, String)>,
+    /// Local rails the acceptor did not pair: device, port, and why.
+    pub(super) refused: Vec<(String, u8, String)>,
+    /// The queue pairs and buffers this link created.
+    pub(super) held: Resources,
 }
 
 impl RdmaLink {
@@ -69,6 +71,10 @@ impl Link for RdmaLink {
         TransportKind::Rdma
     }
 
+    fn resources(&self) -> Resources {
+        self.held
+    }
+
     fn rails(&self) -> Vec<RailReport> {
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
         let mut out: Vec<RailReport> = self
@@ -79,10 +85,13 @@ impl Link for RdmaLink {
                 let state = c.state();
                 RailReport {
                     local: rail.local.clone(),
+                    port: rail.port,
                     remote: rail.remote.clone(),
                     state: state.name(),
                     gid: rail.gid.clone(),
                     peer_gid: rail.peer_gid.clone(),
+                    gid_index: Some(rail.gid_index),
+                    gid_reason: rail.gid_reason.clone(),
                     speed_mbps: rail.speed_mbps,
                     bytes: load(&c.bytes),
                     wrs: load(&c.wrs),
@@ -93,12 +102,15 @@ impl Link for RdmaLink {
                 }
             })
             .collect();
-        out.extend(self.refused.iter().map(|(local, why)| RailReport {
+        out.extend(self.refused.iter().map(|(local, port, why)| RailReport {
             local: local.clone(),
+            port: *port,
             remote: String::new(),
             state: "refused",
             gid: String::new(),
             peer_gid: String::new(),
+            gid_index: None,
+            gid_reason: String::new(),
             speed_mbps: 0,
             bytes: 0,
             wrs: 0,

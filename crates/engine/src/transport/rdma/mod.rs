@@ -28,6 +28,7 @@ mod progress;
 mod rail;
 mod route;
 mod state;
+mod tally;
 
 pub use chain::{fill_write_chain, ChainTarget};
 pub use details::{RdmaDetails, RdmaRailDetails};
@@ -130,6 +131,10 @@ impl Transport for RdmaTransport {
 
     fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String> {
         Ok(self.device.isolate(peer_name))
+    }
+
+    fn resources(&self) -> super::Resources {
+        self.device.shared.live.snapshot()
     }
 
     fn shutdown(&self) {

@@ -2,11 +2,13 @@
 
 use super::chain::{break_link, finish_phase, post_link};
 use super::doorbell::Doorbell;
-use super::health::{check_ports, quarantine, rejoin, survivable, try_rejoin, PORT_CHECK};
+use super::health::{
+    check_ports, judge, quarantine, rail_of_qp, rejoin, try_rejoin, Verdict, PORT_CHECK,
+};
 use super::notice::decode_notice;
 use super::state::{
-    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, RailState, ReceiverLink,
-    SenderLink, Shared, NOTICE_SLOTS, NOTICE_SLOT_BYTES,
+    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink, SenderLink, Shared,
+    NOTICE_SLOTS, NOTICE_SLOT_BYTES,
 };
 use crate::error::Error;
 use crate::transport::{fail, Arrival, ChecksumCheck};
@@ -301,15 +303,38 @@ impl Worker {
         }
     }
 
-    /// Breaks the links whose chains a posting thread failed to post.
+    /// Handles the chains a posting thread failed to post: the rail is quarantined while
+    /// another is healthy (a failed probe quarantines it again), else the link breaks.
     fn break_failed_posts(&mut self) -> bool {
         let failures = self.doorbell.take_failures();
         let any = !failures.is_empty();
-        for (link_id, job, error) in failures {
-            if let Some(link) = self.senders.get_mut(&link_id) {
-                if link.broken.is_none() {
-                    let status = error.to_string();
-                    break_link(&self.doorbell, link, Some(job), error, &status);
+        for failure in failures {
+            let Some(link) = self.senders.get_mut(&failure.link) else {
+                continue;
+            };
+            if link.broken.is_some() {
+                continue;
+            }
+            let status = failure.error.to_string();
+            let rail = rail_of_qp(link, failure.qp_num);
+            match rail.map(|r| (r, judge(link, r))) {
+                Some((_, Verdict::Ignore)) => {}
+                Some((r, Verdict::Quarantine)) => {
+                    link.rails[r]
+                        .counters
+                        .failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    let reason = format!("a post failed: {status}");
+                    quarantine(&self.doorbell, &mut self.send_qps, link, r, &reason);
+                }
+                Some((_, Verdict::Break)) | None => {
+                    break_link(
+                        &self.doorbell,
+                        link,
+                        Some(failure.job),
+                        failure.error,
+                        &status,
+                    );
                 }
             }
         }
@@ -375,8 +400,11 @@ impl Worker {
         }
         if !wc.is_success() {
             let status = verbs::wc_status_text(wc.status).to_string();
-            let probing = link.rails[rail_index].counters.state() == RailState::Quarantined;
-            if probing || survivable(link, rail_index) {
+            let verdict = judge(link, rail_index);
+            if verdict == Verdict::Ignore {
+                return;
+            }
+            if verdict == Verdict::Quarantine {
                 link.rails[rail_index]
                     .counters
                     .failures

@@ -6,9 +6,11 @@ use super::endpoint::{GidCandidate, MAX_RAILS};
 use super::gpu_mr;
 use super::route::{describe, interface_prefixes, prefix_of, rank, LocalGid};
 use super::state::{rdma_err, Rail, NOTICE_RECEIVES};
+use super::tally::{Live, Tally};
 use crate::config::RdmaSettings;
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
+use crate::transport::Resources;
 use kvtransfer_verbs as verbs;
 use kvtransfer_verbs::{
     Access, CompletionChannel, CompletionQueue, Context, ProtectionDomain, SharedReceiveQueue,
@@ -205,6 +207,7 @@ pub(super) fn open_rail(
     settings: &RdmaSettings,
     table: &RegionTable,
     access: Access,
+    live: &Arc<Live>,
 ) -> Result<Rail> {
     let port_info = context
         .query_port(port)
@@ -229,6 +232,7 @@ pub(super) fn open_rail(
             .map_err(|e| rdma_err("ibv_post_srq_recv", e))?;
     }
     let speed_mbps = port_speed_mbps(context.name(), port);
+    let region_mrs_bytes: u64 = region_mrs.iter().map(|mr| mr.len() as u64).sum();
     crate::log::debug!(
         "rdma: rail {} port {port} ({}, {speed_mbps} Mb/s), GID {gid_reason}, MTU code {}, {} regions registered",
         context.name(),
@@ -252,5 +256,13 @@ pub(super) fn open_rail(
         recv_cq,
         srq,
         channel,
+        _tally: Tally::new(
+            live,
+            Resources {
+                queue_pairs: 0,
+                completion_queues: 2,
+                registered_bytes: region_mrs_bytes,
+            },
+        ),
     })
 }

@@ -151,6 +151,36 @@ pub(crate) fn choose_gids(
     ))
 }
 
+/// Why `local` (a GID of `device`) is the one used to reach `theirs` (a GID of the peer's
+/// `peer_device`): what `peerInfo` shows per rail.
+pub(crate) fn gid_reason(
+    device: &str,
+    local: &LocalGid,
+    forced: bool,
+    infiniband: bool,
+    peer_device: &str,
+    theirs: &GidCandidate,
+) -> String {
+    let index = local.index;
+    if forced {
+        return format!("index {index}: forced by KVCACHE_RDMA_GID_INDEX");
+    }
+    if infiniband {
+        return format!("index {index}: InfiniBand routes by LID");
+    }
+    let ours = &local.candidate;
+    let subnet = if ours.prefix == 0 && theirs.prefix == 0 {
+        "no subnet known on either side"
+    } else {
+        "in its subnet"
+    };
+    format!(
+        "index {index} ({}): the first GID of {device} (RoCE v2 before v1, IPv4 before IPv6, link-local last) of the type and family of the peer's {peer_device} GID {}, {subnet}",
+        describe(ours),
+        describe(theirs)
+    )
+}
+
 /// A rail pair: (our rail, their rail, our GID index into our list, their GID index).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Pairing {
@@ -344,6 +374,36 @@ mod tests {
         assert!(why.contains("rxe2 (10.99.0.1/24 RoCE v2)"), "{why}");
         // Forced by KVCACHE_RDMA_GID_INDEX: used anyway.
         assert_eq!(choose_gids("rxe1", &ours, true, false, &peer), Ok((0, 0)));
+    }
+
+    #[test]
+    fn the_reason_names_the_gid_the_peers_gid_and_what_forced_it() {
+        let ours = LocalGid {
+            index: 3,
+            candidate: v4([10, 78, 0, 1], 24, true),
+        };
+        let theirs = v4([10, 78, 0, 2], 24, true);
+        let why = gid_reason("rxe1", &ours, false, false, "rxe3", &theirs);
+        assert!(why.starts_with("index 3 (10.78.0.1/24 RoCE v2)"), "{why}");
+        assert!(
+            why.contains("rxe3 GID 10.78.0.2/24 RoCE v2, in its subnet"),
+            "{why}"
+        );
+        let forced = gid_reason("rxe1", &ours, true, false, "rxe3", &theirs);
+        assert_eq!(forced, "index 3: forced by KVCACHE_RDMA_GID_INDEX");
+        let unknown = LocalGid {
+            index: 1,
+            candidate: v4([10, 78, 0, 1], 0, true),
+        };
+        let why = gid_reason(
+            "rxe1",
+            &unknown,
+            false,
+            false,
+            "rxe3",
+            &v4([10, 78, 0, 2], 0, true),
+        );
+        assert!(why.ends_with("no subnet known on either side"), "{why}");
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub(super) struct Rail {
     pub(super) recv_cq: Arc<CompletionQueue>,
     pub(super) srq: Arc<SharedReceiveQueue>,
     pub(super) channel: Arc<CompletionChannel>,
+    /// Its completion queues and regions, counted (dropped last: field order).
+    pub(super) _tally: super::tally::Tally,
 }
 
 impl Rail {
@@ -155,6 +157,8 @@ pub(super) struct Shared {
     pub(super) wake_fd: libc::c_int,
     pub(super) next_link: AtomicU64,
     pub(super) arrivals: Option<ArrivalSink>,
+    /// The NIC resources held now (`tally.rs`).
+    pub(super) live: Arc<super::tally::Live>,
 }
 
 impl Drop for Shared {
@@ -195,6 +199,8 @@ impl Shared {
 /// `Shared::rails`), each with its initial PSN.
 pub(crate) struct PendingQps {
     pub(super) rails: Vec<Vec<(QueuePair, u32)>>,
+    /// Its queue pairs, counted until the connect keeps them or gives up.
+    pub(super) _tally: super::tally::Tally,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -325,8 +331,11 @@ impl RailCounters {
 #[derive(Debug, Clone)]
 pub(crate) struct RailInfo {
     pub(crate) local: String,
+    pub(crate) port: u8,
     pub(crate) remote: String,
     pub(crate) gid: String,
+    pub(crate) gid_index: u8,
+    pub(crate) gid_reason: String,
     pub(crate) peer_gid: String,
     pub(crate) speed_mbps: u32,
     pub(crate) counters: Arc<RailCounters>,
@@ -373,6 +382,8 @@ pub(super) struct SenderLink {
     pub(super) broken: Option<String>,
     /// Told when the link breaks on its own (a failed request), not when it is removed.
     pub(super) on_break: BreakHook,
+    /// Its queue pairs and buffers, counted (dropped after them: field order).
+    pub(super) _tally: super::tally::Tally,
 }
 
 impl SenderLink {
@@ -394,6 +405,8 @@ pub(super) struct ReceiverLink {
     /// `ring`, whose bytes they register).
     pub(super) _ring_mrs: Vec<MemoryRegion>,
     pub(super) ring: OwnedRegion,
+    /// Its queue pairs and ring registrations, counted (dropped after them: field order).
+    pub(super) _tally: super::tally::Tally,
 }
 
 /// Registers `len` bytes at `ptr` (a buffer the caller owns) under `pd`.
