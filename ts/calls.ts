@@ -3,8 +3,8 @@
  * Promises, the keep-alive that holds the process open while any is pending, and their
  * aborts.
  */
-import { type ExternalObject, abortCall } from '../index.js'
-import { type KvTransferError, fromNative } from './errors'
+import { type ExternalObject, type NativeCommunicator, abortCall } from '../index.js'
+import { KvTransferError, fromNative } from './errors'
 
 /** A call handed to the engine, settled by `settled`. */
 interface PendingCall {
@@ -79,5 +79,15 @@ export class PendingCalls {
   close(): void {
     this.closed = true
     if (this.calls.size === 0) clearInterval(this.keepAlive)
+  }
+}
+
+/** Counts a `writeCache` refused before it reached the engine, under its code. */
+export function countRefused(native: NativeCommunicator, key: string, error: unknown): void {
+  const code = error instanceof KvTransferError ? error.code : 'ERR_INVALID_ARGUMENT'
+  try {
+    native.countRefusedCall(key, code)
+  } catch {
+    // Counting must never turn a refusal into another error.
   }
 }

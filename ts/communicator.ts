@@ -13,7 +13,7 @@ import {
   writePrepared as nativeWritePrepared,
 } from '../index.js'
 import { type Arrival, Arrivals, type WaitOptions, arrivalOf, waitSpec } from './arrivals'
-import { type CallAbortHandle, PendingCalls } from './calls'
+import { type CallAbortHandle, PendingCalls, countRefused } from './calls'
 import { Connector } from './connecting'
 import { ControlServer } from './control'
 import { type DeadlineOptions, withDeadline } from './deadline'
@@ -41,7 +41,6 @@ import {
   type PeerInfo,
   type Role,
   type SeedArguments,
-  type Transport,
   type WriteOptions,
   checkDstTpSize,
   checkSignal,
@@ -62,7 +61,7 @@ import {
   metricsText,
   toMetrics,
 } from './metrics'
-import { Peer, PeerBook } from './peer'
+import { Peer, PeerBook, peerInfoOf } from './peer'
 import { PreparedBlocks } from './prepared'
 import type { Instance, InstanceFilter } from './registry'
 import { instanceOf } from './registry/entry'
@@ -447,7 +446,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
         this.checkOpen()
         peerOrIp = this.names.peer(peerOrIp)
       } catch (error) {
-        this.countRefused(peerOrIp as string, error)
+        countRefused(this.native, peerOrIp as string, error)
         return Promise.reject(error)
       }
     }
@@ -482,7 +481,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
       this.checkOpen()
       peer ??= this.peer(host, a as number | string)
     } catch (error) {
-      this.countRefused(`${this.hosts.known(String(host)) ?? String(host)}:${String(a)}`, error)
+      countRefused(this.native, `${this.hosts.known(String(host)) ?? String(host)}:${String(a)}`, error)
       return Promise.reject(error)
     }
     return b instanceof PreparedBlocks
@@ -526,7 +525,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
       integrity = toIntegrity(options.checksum, options.delivery, integrity)
       if (signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
     } catch (error) {
-      this.countRefused(peer.key, error)
+      countRefused(this.native, peer.key, error)
       return Promise.reject(error)
     }
     const callId = this.calls.nextId()
@@ -558,16 +557,6 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
     )
   }
 
-  /** Counts a `writeCache` refused before it reached the engine, under its code. */
-  private countRefused(key: string, error: unknown): void {
-    const code = error instanceof KvTransferError ? error.code : 'ERR_INVALID_ARGUMENT'
-    try {
-      this.native.countRefusedCall(key, code)
-    } catch {
-      // Counting must never turn a refusal into another error.
-    }
-  }
-
   /**
    * Tears the connection to `ip:port` down and rejects its pending calls with
    * `ERR_ABORTED`; resolves (with whether a connection existed) once none of their bytes
@@ -597,15 +586,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
    */
   peerInfo(ip: string, port: number | string): PeerInfo | null {
     this.checkStarted()
-    const decision = this.native.peerDecision(this.keyOf(ip, port))
-    if (!decision) return null
-    return {
-      transport: decision.transport as Transport,
-      reason: decision.reason,
-      details: { ...decision.details },
-      connected: decision.alive,
-      rails: decision.rails.map((r) => ({ ...r })),
-    }
+    return peerInfoOf(this.native.peerDecision(this.keyOf(ip, port)))
   }
 
   /**

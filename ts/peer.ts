@@ -2,7 +2,8 @@
  * `Peer`: a connected peer as calls take it (`comm.peer(ip, port)`); `PeerBook`: a
  * communicator's peers, found by the host and port a call spells.
  */
-import type { ExternalObject } from '../index.js'
+import type { ExternalObject, NativePeerDecision } from '../index.js'
+import type { PeerInfo, Transport } from './options'
 
 /**
  * A peer this communicator connected to. Pass it to `writeCache` and `prepareBlocks` in
@@ -62,5 +63,17 @@ export class PeerBook {
 
   clear(): void {
     this.byHost.clear()
+  }
+}
+
+/** `peerInfo`'s answer from the engine's decision (`null`: never connected). */
+export function peerInfoOf(decision: NativePeerDecision | null): PeerInfo | null {
+  if (!decision) return null
+  return {
+    transport: decision.transport as Transport,
+    reason: decision.reason,
+    details: { ...decision.details },
+    connected: decision.alive,
+    rails: decision.rails.map((r) => ({ ...r })),
   }
 }
