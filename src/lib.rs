@@ -244,6 +244,9 @@ pub struct NativeOptions {
     pub kv_replicated: Option<bool>,
     /// Token-major blocks of this many token rows; 0 or absent: head-major.
     pub tokens_per_block: Option<u32>,
+    /// RDMA devices to write over, one rail each (the engine checks the list); absent:
+    /// `KVCACHE_RDMA_NICS`, else the devices nearest the GPU, else every active port.
+    pub rdma_devices: Option<Vec<String>>,
 }
 
 /// Live resources of the native engine (leak checks).
@@ -396,6 +399,7 @@ impl NativeCommunicator {
                 options.connect_timeout_ms.unwrap_or(10_000),
             )),
             rdma_settings: None,
+            rdma_devices: options.rdma_devices,
             auth_token: options.auth_token.map(String::into_bytes),
             tp: TpOptions {
                 size: whole_number("tpSize", options.tp_size.unwrap_or(1.0))?,

@@ -39,6 +39,7 @@ fn devices(test: &str) -> (String, String) {
 fn settings(nics: &str) -> RdmaSettings {
     RdmaSettings {
         nics: vec![nics.to_string()],
+        devices: None,
         gid_index: None,
         ib_timeout: 14,
         relaxed_ordering: false,
@@ -100,6 +101,7 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
         1024,
         RdmaSettings {
             nics: Vec::new(),
+            devices: None,
             ..settings("")
         },
     );

@@ -23,6 +23,7 @@ mod gpu_mr;
 mod health;
 pub(crate) mod inventory;
 mod link;
+pub(crate) mod locality;
 mod notice;
 mod progress;
 mod rail;
