@@ -312,6 +312,8 @@ export interface NativeDoctorRdma {
   dmabufRegistration: boolean
   relaxedOrderingFlag: boolean
   peermemModule?: string
+  /** The devices GPU regions on gpuIdx get when none are named, and why. */
+  gpuNics: string
 }
 
 export interface NativeDoctorRdmaDevice {

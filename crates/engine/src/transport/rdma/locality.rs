@@ -216,6 +216,20 @@ pub(crate) fn read_gpu(root: &Path, bus_id: &str) -> Option<GpuFacts> {
     })
 }
 
+/// What the automatic choice says when the GPU's locality cannot be read.
+pub(crate) fn unknown_locality(why: &str) -> String {
+    format!("every active port: the GPU's locality is unknown ({why})")
+}
+
+/// The automatic choice for GPU regions on CUDA device `ordinal`, as one sentence (what
+/// `kvtransfer doctor` shows; the transport opened over host memory cannot say it).
+pub(crate) fn explain_for_gpu(ordinal: u32) -> String {
+    match nearest_to_gpu(ordinal) {
+        Ok(choice) => choice.reason,
+        Err(why) => unknown_locality(&why),
+    }
+}
+
 /// The devices nearest CUDA device `ordinal` on this host, or why there is no such choice.
 pub(crate) fn nearest_to_gpu(ordinal: u32) -> Result<NicChoice, String> {
     let cuda = kvtransfer_cuda::Cuda::get().map_err(|e| format!("no CUDA driver ({e})"))?;

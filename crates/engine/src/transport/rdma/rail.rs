@@ -101,10 +101,7 @@ fn automatic(
 ) -> Result<ChosenPorts> {
     let (candidates, mut reason) = match gpu.map(locality::nearest_to_gpu) {
         Some(Ok(choice)) => (choice.devices, choice.reason),
-        Some(Err(why)) => (
-            names.to_vec(),
-            format!("every active port: the GPU's locality is unknown ({why})"),
-        ),
+        Some(Err(why)) => (names.to_vec(), locality::unknown_locality(&why)),
         None => (
             names.to_vec(),
             "every active port: no GPU regions".to_string(),
