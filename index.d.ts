@@ -413,10 +413,7 @@ export interface NativeOptions {
   kvReplicated?: boolean
   /** Token-major blocks of this many token rows; 0 or absent: head-major. */
   tokensPerBlock?: number
-  /**
-   * RDMA devices to write over, one rail each (the engine checks the list); absent:
-   * `KVCACHE_RDMA_NICS`, else the devices nearest the GPU, else every active port.
-   */
+  /** RDMA devices, one rail each (the engine checks them); absent: the automatic choice. */
   rdmaDevices?: Array<string>
 }
 

@@ -244,8 +244,7 @@ pub struct NativeOptions {
     pub kv_replicated: Option<bool>,
     /// Token-major blocks of this many token rows; 0 or absent: head-major.
     pub tokens_per_block: Option<u32>,
-    /// RDMA devices to write over, one rail each (the engine checks the list); absent:
-    /// `KVCACHE_RDMA_NICS`, else the devices nearest the GPU, else every active port.
+    /// RDMA devices, one rail each (the engine checks them); absent: the automatic choice.
     pub rdma_devices: Option<Vec<String>>,
 }
 
