@@ -312,6 +312,8 @@ export interface NativeDoctorRdma {
   dmabufRegistration: boolean
   relaxedOrderingFlag: boolean
   peermemModule?: string
+  /** The devices GPU regions on gpuIdx get when none are named, and why. */
+  gpuNics: string
 }
 
 export interface NativeDoctorRdmaDevice {
@@ -411,6 +413,8 @@ export interface NativeOptions {
   kvReplicated?: boolean
   /** Token-major blocks of this many token rows; 0 or absent: head-major. */
   tokensPerBlock?: number
+  /** RDMA devices, one rail each (the engine checks them); absent: the automatic choice. */
+  rdmaDevices?: Array<string>
 }
 
 export interface NativePeerCounters {

@@ -72,6 +72,22 @@ test('rdma: usable in the VM with rxe0 port 1 and the RoCE v2 GID; elsewhere ref
   t.truthy(r.rdma.error ?? r.rdma.devices.find((d) => d.ports.every((p) => p.state !== 'ACTIVE')))
 })
 
+test('the NICs GPU regions would get are shown with why: nearest the GPU, or every active port and the reason', (t) => {
+  const r = report()
+  // With a GPU and RDMA NICs: the nearest ones and how near; elsewhere why locality is unknown.
+  t.regex(
+    r.rdma.gpuNics,
+    /^(nearest GPU [0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]: \S+ \(same |every active port: the GPU's locality is unknown \(.+\))/,
+  )
+  const cli = run([])
+  t.true(cli.stdout.includes(`NICs for GPU regions on gpuIdx 0, none named: ${r.rdma.gpuNics}`), cli.stdout)
+  if (TRANSPORT === 'rdma') {
+    // The VM's probe over host memory: no GPU regions, so every active port, or the named ones.
+    const rdma = r.transports.find((x) => x.name === 'rdma')!
+    t.regex(rdma.details.nics ?? '', /^(every active port: no GPU regions|named by KVCACHE_RDMA_NICS: rxe)/)
+  }
+})
+
 test('a malformed KVCACHE_* variable is named with the error a communicator gets; no transport is usable', (t) => {
   const env = { KVCACHE_IB_TIMEOUT: '99', KVCACHE_RDMA_GID_IDX: '1' }
   const r = report(env)

@@ -149,6 +149,8 @@ const OPTION_ROWS: Array<
   ['valueScaleCache', 'x', [Buffer.alloc(1), Buffer.alloc(1)], INVALID, { scaleBlockBytes: 16 }, '1 bytes'],
   ['scaleBlockBytes', 'x', -1],
   ['transport', 42, 'carrier-pigeon', INVALID, {}, 'carrier-pigeon'],
+  // Checked at construction whatever the transport (TCP here): names the list.
+  ['rdmaDevices', 'mlx5_0', ['mlx5_0', 'mlx5_0'], INVALID, {}, `["mlx5_0", "mlx5_0"] names 'mlx5_0' twice`],
   // Not an address of this host: the start fails, naming it.
   ['host', 42, '192.0.2.1', 'ERR_IO', {}, '192.0.2.1'],
   ['name', 42, 'n'.repeat(4096), INVALID, {}, '4096 bytes'],

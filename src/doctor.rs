@@ -41,6 +41,8 @@ pub struct NativeDoctorRdma {
     pub dmabuf_registration: bool,
     pub relaxed_ordering_flag: bool,
     pub peermem_module: Option<String>,
+    /// The devices GPU regions on gpuIdx get when none are named, and why.
+    pub gpu_nics: String,
 }
 
 #[napi(object)]
@@ -171,6 +173,7 @@ pub fn native_doctor(gpu_idx: Option<f64>) -> Result<NativeDoctorReport, crate::
             dmabuf_registration: report.rdma.dmabuf_registration,
             relaxed_ordering_flag: report.rdma.relaxed_ordering_flag,
             peermem_module: report.rdma.peermem_module.map(String::from),
+            gpu_nics: report.rdma.gpu_nics,
         },
         gpus: NativeDoctorGpus {
             error: report.gpus.error,

@@ -244,6 +244,8 @@ pub struct NativeOptions {
     pub kv_replicated: Option<bool>,
     /// Token-major blocks of this many token rows; 0 or absent: head-major.
     pub tokens_per_block: Option<u32>,
+    /// RDMA devices, one rail each (the engine checks them); absent: the automatic choice.
+    pub rdma_devices: Option<Vec<String>>,
 }
 
 /// Live resources of the native engine (leak checks).
@@ -396,6 +398,7 @@ impl NativeCommunicator {
                 options.connect_timeout_ms.unwrap_or(10_000),
             )),
             rdma_settings: None,
+            rdma_devices: options.rdma_devices,
             auth_token: options.auth_token.map(String::into_bytes),
             tp: TpOptions {
                 size: whole_number("tpSize", options.tp_size.unwrap_or(1.0))?,

@@ -256,7 +256,7 @@ closed again exactly as a communicator opens it.
 
   --json               the report as JSON on stdout
   --transport NAME     exit status 1 unless NAME (e.g. rdma) can be used here
-  --gpu-idx N          the gpuIdx to open the transports for (selects KVCACHE_RDMA_NICS' entry; default 0)
+  --gpu-idx N          the gpuIdx to open the transports for (selects KVCACHE_RDMA_NICS' entry, and the NICs nearest that GPU; default 0)
   --sidecar PATH       also report on the sidecar (kvtransfer serve) listening on PATH: its
                        version, attached workers, their ports, transports and peers
   --registry URL       check that the etcd registry etcd://host:port[,host:port…]/prefix

@@ -35,6 +35,12 @@ export interface DoctorRdma {
   relaxedOrderingFlag: boolean
   /** `nvidia_peermem` / `nv_peer_mem` when loaded (GPU memory through plain ibv_reg_mr). */
   peermemModule: string | null
+  /**
+   * The devices a communicator with GPU regions on `gpuIdx` writes over when none are named
+   * (`rdmaDevices`, `KVCACHE_RDMA_NICS`), and why: `nearest GPU 0000:1a:00.0: mlx5_0 (same
+   * PCIe switch); farther: ...`, or `every active port: ...` with the reason.
+   */
+  gpuNics: string
 }
 
 export interface DoctorGpus {
@@ -105,6 +111,7 @@ export function doctor(options: { gpuIdx?: number } = {}): DoctorReport {
       dmabufRegistration: r.rdma.dmabufRegistration,
       relaxedOrderingFlag: r.rdma.relaxedOrderingFlag,
       peermemModule: r.rdma.peermemModule ?? null,
+      gpuNics: r.rdma.gpuNics,
     },
     gpus: {
       error: r.gpus.error ?? null,
@@ -148,6 +155,8 @@ export function formatDoctor(report: DoctorReport): string {
       `peermem module: ${report.rdma.peermemModule ?? 'not loaded'}`,
   )
   if (report.rdma.error) out.push(`  ${report.rdma.error}`)
+  if (rdma.nics) out.push(`  NICs used (host regions): ${rdma.nics}`)
+  out.push(`  NICs for GPU regions on gpuIdx ${report.gpuIdx}, none named: ${report.rdma.gpuNics}`)
   if (rdma.resourcesPerPeer) out.push(`  per peer: ${rdma.resourcesPerPeer}`)
   for (const d of report.rdma.devices) {
     const ro = d.pcieRelaxedOrdering === null ? 'n/a' : d.pcieRelaxedOrdering ? 'enabled' : 'disabled'

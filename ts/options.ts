@@ -66,7 +66,7 @@ export type FastDeployArguments = [
 export interface CommunicatorOptions {
   /** `'prefill'` (writes blocks to peers) or `'decode'` (receives them). */
   role: Role
-  /** GPU index; also selects the RDMA NIC by modulo over `KVCACHE_RDMA_NICS`. */
+  /** GPU index; also selects the `KVCACHE_RDMA_NICS` entry (index modulo their count). */
   gpuIdx: number
   /** Control-plane port this communicator listens on (0: any free port, see `port`). */
   port: number | string
@@ -89,6 +89,15 @@ export interface CommunicatorOptions {
   scaleBlockBytes?: number
   /** Default: `KVCACHE_TRANSPORT`, else `'auto'`. */
   transport?: Transport
+  /**
+   * RDMA devices to write over, one rail each (first active port), e.g.
+   * `['mlx5_0', 'mlx5_1']`: 1..8 names, none empty, none twice (else `ERR_INVALID_ARGUMENT`
+   * naming the list); a name the host lacks makes RDMA unusable (`ERR_RDMA_UNAVAILABLE`
+   * with `transport: 'rdma'`). Wins over `KVCACHE_RDMA_NICS`. Default: that variable's
+   * entry for `gpuIdx`, else, with GPU regions, the devices nearest the GPU (same PCIe
+   * switch, then host bridge, then NUMA node), else every active port (README "Several NICs").
+   */
+  rdmaDevices?: string[]
   /**
    * Address every listener binds: the control plane (ZeroMQ, on `port`) and the TCP data
    * listener. An IPv4 address, `'*'` (all interfaces) or an interface name (its IPv4
@@ -395,6 +404,7 @@ export function parseSettings(args: unknown[]): Settings {
   const name = optionalString('name', options.name)
   const transport = optionalString('transport', options.transport) as Transport | undefined
   const authToken = optionalString('authToken', options.authToken)
+  const rdmaDevices = optionalStringList('rdmaDevices', options.rdmaDevices)
   const registry = options.registry === undefined ? registryFromEnv() : toRegistry('registry', options.registry)
   const registryTtlSeconds = checkIntegerIn('registryTtlSeconds', options.registryTtlSeconds ?? 10, 2, 3600)
   return {
@@ -432,6 +442,7 @@ export function parseSettings(args: unknown[]): Settings {
       tpRank,
       kvReplicated,
       tokensPerBlock,
+      rdmaDevices,
     },
   }
 }
@@ -473,6 +484,15 @@ export function checkType(name: string, value: unknown, type: 'number' | 'string
 /** An optional string option: undefined, or a string (its value is checked where it is used). */
 function optionalString(name: string, value: unknown): string | undefined {
   return value === undefined ? undefined : (checkType(name, value, 'string') as string)
+}
+
+/** An optional list of strings (its values are checked by the engine). */
+function optionalStringList(name: string, value: unknown): string[] | undefined {
+  if (value === undefined) return undefined
+  if (!Array.isArray(value)) throw invalidArgument(name, `expected an array of strings, got ${describeValue(value)}`)
+  const bad = value.findIndex((v) => typeof v !== 'string')
+  if (bad >= 0) throw invalidArgument(name, `entry ${bad} is ${describeValue(value[bad])}, not a string`)
+  return [...(value as string[])]
 }
 
 /** A list of regions (each checked by {@link toRegion}). */

@@ -126,6 +126,7 @@ export function attachOptions(request: Request, fds: readonly number[]): Communi
     tpRank: optional<number>('tpRank'),
     kvReplicated: optional<boolean>('kvReplicated'),
     transport: optional<CommunicatorOptions['transport']>('transport'),
+    rdmaDevices: optional<string[]>('rdmaDevices'),
     authToken: optional<string>('authToken'),
     writeTimeoutMs: optional<number>('writeTimeoutMs'),
     localKeyCache: regionsField(request, 'keyCache', fds, false),

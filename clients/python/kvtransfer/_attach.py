@@ -51,6 +51,7 @@ def attach(
     tp_size: int = 1,
     tp_rank: int = 0,
     transport: Optional[str] = None,
+    rdma_devices: Optional[Sequence[str]] = None,
     auth_token: Optional[str] = None,
     timeout: float = 30.0,
     max_queued_arrivals: int = DEFAULT_MAX_QUEUED_ARRIVALS,
@@ -87,6 +88,10 @@ def attach(
         tp_size, tp_rank: this side's tensor-parallel size and rank.
         transport: ``"auto"``, ``"nvlink"``, ``"rdma"`` or ``"tcp"`` (default: the sidecar's
             ``KVCACHE_TRANSPORT``, else auto).
+        rdma_devices: the RDMA devices to write over, one rail each (``["mlx5_0",
+            "mlx5_1"]``; the sidecar checks the names: 1..8, none empty or repeated). Wins
+            over the sidecar's ``KVCACHE_RDMA_NICS``; default: that, else the NICs nearest
+            the GPU, else every active port.
         auth_token: the peers' shared handshake secret (default: the sidecar's
             ``KVCACHE_AUTH_TOKEN``).
         timeout: seconds for connecting, ``hello`` and ``attach`` together; also the bound of
@@ -129,6 +134,10 @@ def attach(
         if transport not in _TRANSPORTS:
             raise invalid_argument("transport", f"{transport!r} is not one of {', '.join(_TRANSPORTS)}")
         message["transport"] = transport
+    if rdma_devices is not None:
+        if isinstance(rdma_devices, str) or not isinstance(rdma_devices, (list, tuple)):
+            raise invalid_argument("rdma_devices", f"expected a list of str, got {type(rdma_devices).__name__}")
+        message["rdmaDevices"] = [check_str(f"rdma_devices[{i}]", d) for i, d in enumerate(rdma_devices)]
     if auth_token is not None:
         message["authToken"] = check_str("auth_token", auth_token)
     check_seconds("timeout", timeout, allow_zero=False)

@@ -89,6 +89,16 @@ class ClientTest(unittest.TestCase):
         )
         self.assertEqual(attach["valueCache"][1], {"fd": 0, "offset": 3 * 8 * 4096, "bytes": 8 * 4096})
 
+    def test_rdma_devices_go_to_the_sidecar_as_a_list(self) -> None:
+        self.start()
+        self.attach(rdma_devices=("mlx5_0", "mlx5_1"))
+        attach = self.conn().requests[1][1]
+        self.assertEqual(attach["rdmaDevices"], ["mlx5_0", "mlx5_1"])
+        for bad, words in (("mlx5_0", "expected a list of str, got str"), (["mlx5_0", 3], "rdma_devices[1]")):
+            with self.assertRaises(kvtransfer.InvalidArgument) as caught:
+                self.attach(rdma_devices=bad)
+            self.assertIn(words, str(caught.exception))
+
     def test_attach_refused(self) -> None:
         self.start()
         self.fake.respond_orig = self.fake.respond  # type: ignore[attr-defined]

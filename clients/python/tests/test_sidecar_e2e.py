@@ -201,6 +201,20 @@ class SidecarTest(unittest.TestCase):
         finally:
             os.close(memfd)
 
+    def test_sidecar_refuses_a_bad_rdma_device_list_naming_it(self) -> None:
+        a = self.sidecar("a.sock")
+        memfd = os.memfd_create("kvt-e2e-nics")
+        os.ftruncate(memfd, BLOCKS * BLOCK_BYTES)
+        try:
+            with self.assertRaises(kvtransfer.InvalidArgument) as caught:
+                kvtransfer.attach(a.path, role="prefill", block_number=BLOCKS, block_bytes=BLOCK_BYTES,
+                                  key_cache=[kvtransfer.HostRegion(memfd, 0, BLOCKS * BLOCK_BYTES)], value_cache=[],
+                                  transport=TEST_TRANSPORT, rdma_devices=["mlx5_0", "mlx5_0"], timeout=CONNECT_TIMEOUT)
+            self.assertIn("invalid rdmaDevices: [\"mlx5_0\", \"mlx5_0\"] names 'mlx5_0' twice", caught.exception.message)
+            self.assertTrue(a.alive())
+        finally:
+            os.close(memfd)
+
     def test_sidecar_refuses_bad_regions(self) -> None:
         a = self.sidecar("a.sock")
         size = 16 * BLOCK_BYTES

@@ -43,6 +43,7 @@ fn engine(role: Role, regions: &mut [Vec<u8>]) -> Engine {
         arrivals: None,
         connect_timeout: Duration::from_secs(10),
         rdma_settings: None,
+        rdma_devices: None,
         auth_token: Some(Vec::new()),
         tp: TpOptions::default(),
         imports: Vec::new(),

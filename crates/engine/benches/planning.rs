@@ -9,11 +9,18 @@
 //! own builder (`fill_write_chain`: one SGE + one `ibv_send_wr` per run and kind, pushed
 //! into a `SendBatch` of `CHAIN_WRS` requests, tail signaled, then `link()` as
 //! `ibv_post_send` would get it), without posting; `plan+rdma_chain` adds the planning.
+//!
+//! Rails: `plan+rdma_rails/1-…` and `/2-…` are one call's whole sending-side CPU work with
+//! one rail and with two of equal speed: planning, then per chain the progress thread's
+//! pick of the lightest rail (`lightest_rail`, the split by bytes weighted by port speed)
+//! and the chain built against that rail's keys and the peer's regions as that rail sees
+//! them. Their ratio is the per-call CPU cost of a second rail (target ≤ 1.1×):
+//! `cargo bench -p kvtransfer-engine --bench planning -- rdma_rails`.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvtransfer_engine::internals::scattered_ids;
 use kvtransfer_engine::internals::{
-    fill_write_chain, tuning, ChainProgress, ChainTarget, MAX_WRITE_BYTES,
+    fill_write_chain, lightest_rail, tuning, ChainProgress, ChainTarget, MAX_WRITE_BYTES,
 };
 use kvtransfer_engine::internals::{plan_runs, PlanLimits, Run};
 use kvtransfer_engine::internals::{FrameBatch, MAX_FRAME_PAYLOAD};
@@ -50,6 +57,75 @@ fn rdma_chains(
         batch.clear();
         let limit = batch.capacity();
         let finished = fill_write_chain(table, job, &target, &mut progress, batch, chain_id, limit);
+        wrs += batch.len();
+        black_box(batch.link());
+        if finished {
+            return wrs;
+        }
+    }
+}
+
+/// One rail as a sender link holds it: the peer's regions as seen through this rail
+/// (address, rkey), the base of its local keys, its posted bytes and its weight.
+struct BenchRail {
+    remote_regions: Vec<(u64, u32)>,
+    lkey_base: u32,
+    posted: u64,
+    weight: u64,
+}
+
+impl BenchRail {
+    fn new(index: u32, regions: usize) -> BenchRail {
+        BenchRail {
+            remote_regions: (0..regions as u64)
+                .map(|r| {
+                    (
+                        0x7000_0000_0000 + r * 0x1_0000_0000,
+                        0x200 * (index + 1) + r as u32,
+                    )
+                })
+                .collect(),
+            lkey_base: 0x100 * (index + 1),
+            posted: 0,
+            weight: 100_000,
+        }
+    }
+}
+
+/// Every chain of one call over `rails`, as the progress thread splits them: each chain on
+/// the rail with the fewest posted bytes for its weight, built against that rail. Returns
+/// the work requests built.
+fn rdma_rail_chains(
+    table: &RegionTable,
+    runs: &[Run],
+    rails: &mut [BenchRail],
+    batch: &mut SendBatch,
+) -> usize {
+    let mut progress = ChainProgress::default();
+    let shard = Shard::whole(&table.layout);
+    let job = JobView {
+        runs,
+        layer: 1,
+        blocks: BATCH,
+        shard: &shard,
+        notice: None,
+    };
+    let mut chain_id = 0;
+    let mut wrs = 0;
+    loop {
+        chain_id += 1;
+        let r = lightest_rail(rails.iter().map(|r| Some((r.posted, r.weight)))).unwrap();
+        let rail = &mut rails[r];
+        let base = rail.lkey_base;
+        let target = ChainTarget {
+            lkey: |region| base + region as u32,
+            remote_regions: &rail.remote_regions,
+        };
+        batch.clear();
+        let limit = batch.capacity();
+        let before = progress.bytes;
+        let finished = fill_write_chain(table, job, &target, &mut progress, batch, chain_id, limit);
+        rail.posted += progress.bytes - before;
         wrs += batch.len();
         black_box(batch.link());
         if finished {
@@ -147,6 +223,30 @@ fn bench(c: &mut Criterion) {
                     black_box(rdma_chains(&table, &runs, &remote_regions, &mut send_batch))
                 })
             });
+            for rail_count in [1u32, 2] {
+                let mut rails: Vec<BenchRail> = (0..rail_count)
+                    .map(|i| BenchRail::new(i, table.regions().len()))
+                    .collect();
+                let wrs = rdma_rail_chains(&table, &runs, &mut rails, &mut send_batch);
+                assert_eq!(wrs as u64, 2 * writes_per_kind, "the same WRITEs, split");
+                let total: u64 = rails.iter().map(|r| r.posted).sum();
+                for rail in &rails {
+                    assert!(
+                        rail.posted * 10 >= total * 3 / u64::from(rail_count),
+                        "every rail takes its share"
+                    );
+                }
+                group.bench_function(
+                    BenchmarkId::new("plan+rdma_rails", format!("{rail_count}-{name}")),
+                    |b| {
+                        b.iter(|| {
+                            plan_runs(black_box(local), black_box(remote), limits, &mut runs)
+                                .unwrap();
+                            black_box(rdma_rail_chains(&table, &runs, &mut rails, &mut send_batch))
+                        })
+                    },
+                );
+            }
             group.bench_function(BenchmarkId::new("plan+tcp_frames", name), |b| {
                 b.iter(|| {
                     call_id += 1;

@@ -76,7 +76,7 @@ pub fn host_report(gpu_idx: u32) -> HostReport {
         gpu_idx,
         variables: config::variables(),
         settings_error: settings.err().map(|e| e.to_string()),
-        rdma: rdma_inventory::inventory(),
+        rdma: rdma_inventory::inventory(gpu_idx),
         gpus: gpu_inventory::inventory(),
         transports,
     }

@@ -71,8 +71,8 @@ pub mod internals {
     pub use crate::shard::{Geometry, Shard};
     pub use crate::transport::nvlink::{NvlinkEndpoint, NvlinkMemoryTable};
     pub use crate::transport::rdma::{
-        decode_notice, fill_write_chain, tuning, ChainCursor, ChainProgress, ChainTarget,
-        MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT,
+        decode_notice, fill_write_chain, lightest_rail, tuning, ChainCursor, ChainProgress,
+        ChainTarget, MAX_WRITE_BYTES, TRANSPORT_RETRY_COUNT,
     };
     pub use crate::transport::rdma::{GidCandidate, QpEndpoint, RailEndpoint, RdmaEndpoint};
     pub use crate::transport::tcp::frame;

@@ -176,4 +176,17 @@ fn gpus_are_listed_with_the_peer_access_matrix() {
     }
     // A GPU host still reaches its peers over TCP.
     assert!(report.transport(TransportKind::Tcp).unwrap().usable);
+    // The NIC choice for GPU regions found GPU 0 in sysfs by the driver's bus id: it names
+    // the nearest NICs, or says that no NIC has an active port, never that the GPU's
+    // locality is unknown.
+    let nics = &report.rdma.gpu_nics;
+    eprintln!("NICs for GPU regions on GPU 0: {nics}");
+    // bus:device.function, as sysfs spells it (the driver may write upper case).
+    let bus_id = gpus.gpus[0].pci_bus_id.to_ascii_lowercase();
+    let tail = &bus_id[bus_id.len().saturating_sub(7)..];
+    assert!(
+        (nics.starts_with("nearest GPU ") && nics.contains(&format!("{tail}: ")))
+            || nics.ends_with("(no RDMA device in /sys/class/infiniband has an active port)"),
+        "{nics}"
+    );
 }

@@ -147,6 +147,7 @@ fn options(
         arrivals: None,
         connect_timeout: Duration::from_secs(1),
         rdma_settings: None,
+        rdma_devices: None,
         auth_token: None,
         tp: kvtransfer_engine::TpOptions::default(),
         imports: Vec::new(),

@@ -25,6 +25,7 @@ fn device(test: &str) -> String {
 fn settings(device: &str) -> RdmaSettings {
     RdmaSettings {
         nics: vec![device.to_string()],
+        devices: None,
         gid_index: None,
         ib_timeout: 14,
         relaxed_ordering: false,
@@ -153,6 +154,7 @@ fn rdma_selects_the_roce_v2_gid_and_refuses_a_wrong_explicit_index() {
     );
     let unknown = RdmaSettings {
         nics: vec!["mlx5_404".into()],
+        devices: None,
         ..settings(&dev)
     };
     let err = rdma_side(Role::Decode, 1, 4, 1024, unknown)

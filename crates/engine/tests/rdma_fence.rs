@@ -16,6 +16,7 @@ fn rdma(spec: common::SideSpec) -> common::SideSpec {
         transport: "rdma",
         rdma: Some(RdmaSettings {
             nics: vec![device],
+            devices: None,
             gid_index: None,
             ib_timeout: 14,
             relaxed_ordering: false,

@@ -39,6 +39,7 @@ fn devices(test: &str) -> (String, String) {
 fn settings(nics: &str) -> RdmaSettings {
     RdmaSettings {
         nics: vec![nics.to_string()],
+        devices: None,
         gid_index: None,
         ib_timeout: 14,
         relaxed_ordering: false,
@@ -90,6 +91,43 @@ fn v4_gid(a: [u8; 4], prefix: u8) -> GidCandidate {
 
 #[test]
 #[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
+fn rdma_the_rdma_devices_option_wins_over_kvcache_rdma_nics() {
+    let _turn = one_at_a_time();
+    let (a, b) = devices("rdma_the_rdma_devices_option_wins_over_kvcache_rdma_nics");
+    // KVCACHE_RDMA_NICS names the first device, the option the second: the option's.
+    let named = settings(&a)
+        .with_devices(Some(vec![b.clone()]))
+        .expect("a valid list");
+    let chosen = side(Role::Decode, 4, 1024, named);
+    let explanation = chosen
+        .engine
+        .transport_explanation(TransportKind::Rdma)
+        .unwrap();
+    let TransportDetails::Rdma(details) = explanation.details else {
+        panic!("{explanation:?}");
+    };
+    let names: Vec<&str> = details.rails.iter().map(|r| r.device.as_str()).collect();
+    assert_eq!(names, [b.as_str()]);
+    assert_eq!(
+        details.nics,
+        format!(
+            "named by rdmaDevices: {b} (KVCACHE_RDMA_NICS is ignored while the option is given)"
+        )
+    );
+    // Without the option, the variable's entry.
+    let by_variable = side(Role::Decode, 4, 1024, settings(&a));
+    let explanation = by_variable
+        .engine
+        .transport_explanation(TransportKind::Rdma)
+        .unwrap();
+    let TransportDetails::Rdma(details) = explanation.details else {
+        panic!("{explanation:?}");
+    };
+    assert_eq!(details.nics, format!("named by KVCACHE_RDMA_NICS: {a}"));
+}
+
+#[test]
+#[ignore = "needs two RDMA devices: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
     let _turn = one_at_a_time();
     let (a, b) = devices("rdma_two_rails_split_a_calls_bytes_and_every_byte_lands");
@@ -100,6 +138,7 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
         1024,
         RdmaSettings {
             nics: Vec::new(),
+            devices: None,
             ..settings("")
         },
     );
@@ -115,6 +154,8 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
         names.contains(&a.as_str()) && names.contains(&b.as_str()),
         "{names:?}"
     );
+    // Host memory, nothing named: every active port, and it says so.
+    assert_eq!(details.nics, "every active port: no GPU regions");
     drop(auto);
 
     let both = format!("{a}+{b}");

@@ -31,6 +31,7 @@ fn side(role: Role, device: &str, token: Option<&'static str>) -> Side {
         transport: "rdma",
         rdma: Some(RdmaSettings {
             nics: vec![device.to_string()],
+            devices: None,
             gid_index: None,
             ib_timeout: IB_TIMEOUT,
             relaxed_ordering: false,

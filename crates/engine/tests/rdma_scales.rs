@@ -13,6 +13,7 @@ use kvtransfer_engine::{BlockIds, RdmaSettings, Role};
 fn settings(device: &str, gdr_flush: bool, qps_per_peer: u16) -> RdmaSettings {
     RdmaSettings {
         nics: vec![device.to_string()],
+        devices: None,
         gid_index: None,
         ib_timeout: 14,
         relaxed_ordering: false,

@@ -15,6 +15,7 @@ fn rdma_refuses_to_swap_imported_regions() {
     let (old, new) = (Shared::new("rdma-old"), Shared::new("rdma-new"));
     let rdma = RdmaSettings {
         nics: vec![device],
+        devices: None,
         gid_index: None,
         ib_timeout: 14,
         relaxed_ordering: false,

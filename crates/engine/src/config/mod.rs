@@ -60,8 +60,11 @@ impl TransportChoice {
 pub struct RdmaSettings {
     /// `KVCACHE_RDMA_NICS`: entries separated by `,`, one picked per gpuIdx (index modulo
     /// the count); an entry names one RDMA device, or several joined by `+` (one rail
-    /// each). Empty: every active port of every device.
+    /// each). Empty: the automatic choice (`transport/rdma/locality.rs`).
     pub nics: Vec<String>,
+    /// The `rdmaDevices` option: one rail per named device. When given it wins over
+    /// `KVCACHE_RDMA_NICS` (as an option wins over its variable everywhere).
+    pub devices: Option<Vec<String>>,
     /// `Some` when KVCACHE_RDMA_GID_INDEX was set explicitly.
     pub gid_index: Option<u8>,
     /// `KVCACHE_IB_TIMEOUT`: the queue pairs' ACK timeout exponent (4.096 µs × 2^n), 14..=31.
@@ -73,6 +76,57 @@ pub struct RdmaSettings {
     pub gdr_flush: bool,
     /// `KVCACHE_RDMA_QPS_PER_PEER`: RC queue pairs per peer, 1..=64.
     pub qps_per_peer: u16,
+}
+
+/// Most RDMA devices (rails) one communicator writes over.
+pub const MAX_RDMA_DEVICES: usize = 8;
+
+/// The one check of a list of RDMA device names, wherever one is given (the `rdmaDevices`
+/// option, a `KVCACHE_RDMA_NICS` entry; `name` names it): 1..=[`MAX_RDMA_DEVICES`] names,
+/// none empty, none longer than 64 bytes (the kernel's `IB_DEVICE_NAME_MAX`), none twice.
+/// Whether each exists is known only when the transport opens.
+pub fn check_rdma_devices(name: &'static str, devices: &[String]) -> Result<()> {
+    let shown = || format!("{devices:?}");
+    if devices.is_empty() || devices.len() > MAX_RDMA_DEVICES {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "{} names {} devices; it must name 1..={MAX_RDMA_DEVICES}",
+                shown(),
+                devices.len()
+            ),
+        ));
+    }
+    for (i, device) in devices.iter().enumerate() {
+        if device.is_empty() || device.len() > 64 || device.chars().any(char::is_whitespace) {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "{}: entry {i} ({device:?}) is not an RDMA device name (1..=64 bytes, no spaces)",
+                    shown()
+                ),
+            ));
+        }
+        if devices[..i].contains(device) {
+            return Err(Error::invalid(
+                name,
+                format!("{} names '{device}' twice", shown()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl RdmaSettings {
+    /// These settings with the `rdmaDevices` option applied (checked here, at construction,
+    /// so that `auto` cannot pass a bad list over by falling back to TCP).
+    pub fn with_devices(mut self, devices: Option<Vec<String>>) -> Result<Self> {
+        if let Some(devices) = devices {
+            check_rdma_devices("rdmaDevices", &devices)?;
+            self.devices = Some(devices);
+        }
+        Ok(self)
+    }
 }
 
 pub const DEFAULT_IB_TIMEOUT: u8 = 18;
@@ -98,6 +152,7 @@ impl RdmaSettings {
             .unwrap_or_default();
         Ok(RdmaSettings {
             nics,
+            devices: None,
             gid_index: gid_index()?,
             ib_timeout: ib_timeout()?.unwrap_or(DEFAULT_IB_TIMEOUT),
             relaxed_ordering: flag("KVCACHE_RELAX_ORDERING")?.unwrap_or(false),
@@ -405,7 +460,7 @@ const VARIABLES: &[(&str, &str, Check)] = &[
     ),
     (
         "KVCACHE_RDMA_NICS",
-        "RDMA device per gpuIdx (comma-separated)",
+        "RDMA devices per gpuIdx: entries comma-separated, picked by gpuIdx modulo their count; devices of an entry joined by + (the rdmaDevices option wins)",
         || Ok(()),
     ),
     (

@@ -147,3 +147,49 @@ fn malformed_variables_are_refused_by_name() {
         assert!(status.success(), "{name}={value} was not refused by name");
     }
 }
+
+#[test]
+fn rdma_device_lists_are_checked_in_one_place() {
+    let list = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert!(check_rdma_devices("rdmaDevices", &list(&["mlx5_0", "mlx5_1"])).is_ok());
+    for (bad, says) in [
+        (list(&[]), "names 0 devices; it must name 1..=8"),
+        (list(&["m"; 9]), "names 9 devices; it must name 1..=8"),
+        (
+            list(&["mlx5_0", ""]),
+            "entry 1 (\"\") is not an RDMA device name",
+        ),
+        (
+            list(&["mlx5 0"]),
+            "entry 0 (\"mlx5 0\") is not an RDMA device name",
+        ),
+        (list(&["mlx5_0", "mlx5_0"]), "names 'mlx5_0' twice"),
+    ] {
+        let err = check_rdma_devices("rdmaDevices", &bad).unwrap_err();
+        assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
+        let text = err.to_string();
+        assert!(text.starts_with("invalid rdmaDevices: ["), "{text}");
+        assert!(text.contains(says), "{text}");
+    }
+    // The option is applied over the variable's settings, checked as it is applied.
+    let settings = RdmaSettings {
+        nics: list(&["rxe0"]),
+        devices: None,
+        gid_index: None,
+        ib_timeout: DEFAULT_IB_TIMEOUT,
+        relaxed_ordering: false,
+        gdr_flush: false,
+        qps_per_peer: DEFAULT_QPS_PER_PEER,
+    };
+    let both = settings
+        .clone()
+        .with_devices(Some(list(&["rxe1"])))
+        .unwrap();
+    assert_eq!(both.devices, Some(list(&["rxe1"])));
+    assert_eq!(both.nics, list(&["rxe0"]));
+    assert_eq!(settings.clone().with_devices(None).unwrap(), settings);
+    let err = settings
+        .with_devices(Some(list(&["rxe1", "rxe1"])))
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid rdmaDevices"));
+}

@@ -81,6 +81,9 @@ pub struct EngineOptions {
     pub connect_timeout: Duration,
     /// RDMA settings; `None` reads them from the `KVCACHE_*` environment variables.
     pub rdma_settings: Option<RdmaSettings>,
+    /// The `rdmaDevices` option: the RDMA devices to write over, one rail each; wins over
+    /// `KVCACHE_RDMA_NICS`. `None`: the variable, else the automatic choice.
+    pub rdma_devices: Option<Vec<String>>,
     /// Shared secret both sides of a connection must know; `None` reads
     /// `KVCACHE_AUTH_TOKEN`; `Some(empty)` means no token regardless of the environment.
     pub auth_token: Option<Vec<u8>>,
@@ -284,7 +287,10 @@ impl Engine {
         })?;
         table.hold(options.imports);
         let table = Arc::new(table);
-        let rdma = options.rdma_settings.unwrap_or(settings.rdma);
+        let rdma = options
+            .rdma_settings
+            .unwrap_or(settings.rdma)
+            .with_devices(options.rdma_devices)?;
         let metrics = Arc::new(Metrics::default());
         let opened = open_transports(
             choice,

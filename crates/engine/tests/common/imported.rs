@@ -81,6 +81,7 @@ pub fn decode_over(shared: &Shared, transport: &str, rdma: Option<RdmaSettings>)
         arrivals: None,
         connect_timeout: Duration::from_secs(10),
         rdma_settings: rdma,
+        rdma_devices: None,
         auth_token: Some(Vec::new()),
         tp: TpOptions::default(),
         imports: vec![imported],

@@ -124,6 +124,7 @@ impl SideSpec {
             arrivals: self.arrivals,
             connect_timeout: Duration::from_secs(10),
             rdma_settings: self.rdma,
+            rdma_devices: None,
             auth_token: Some(self.auth_token.unwrap_or("").as_bytes().to_vec()),
             tp: self.tp,
             imports: Vec::new(),

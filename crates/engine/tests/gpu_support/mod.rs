@@ -156,6 +156,7 @@ pub fn engine_options(
         arrivals: None,
         connect_timeout: Duration::from_secs(10),
         rdma_settings: None,
+        rdma_devices: None,
         auth_token: None,
         tp: kvtransfer_engine::TpOptions::default(),
         imports: Vec::new(),

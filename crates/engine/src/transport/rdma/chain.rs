@@ -4,8 +4,8 @@
 use super::doorbell::Doorbell;
 use super::notice::encode_slot;
 use super::state::{
-    ActiveJob, Chain, ChainKind, ChainProgress, Phase, RailState, SenderLink, Shared, CHAIN_BYTES,
-    MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
+    ActiveJob, Chain, ChainKind, ChainProgress, Phase, RailState, SendRail, SenderLink, Shared,
+    CHAIN_BYTES, MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
 };
 use crate::error::Error;
 use crate::layout::RegionTable;
@@ -180,35 +180,46 @@ pub(super) fn post_link(
 }
 
 /// The queue pair the next data chain goes to: on the healthy rail whose posted bytes are
-/// lowest for its weight (so a call's bytes split by port speed), its next queue pair with
-/// send-queue room (round robin). `None` when no healthy rail has room.
+/// lowest for its weight ([`lightest_rail`]: so a call's bytes split by port speed), its
+/// next queue pair with send-queue room (round robin). `None` when no healthy rail has room.
 pub(super) fn pick_qp(link: &SenderLink) -> Option<(usize, usize)> {
-    let mut best: Option<(usize, usize)> = None;
-    for (r, rail) in link.rails.iter().enumerate() {
-        if rail.counters.state() != RailState::Healthy {
-            continue;
-        }
+    let room = |rail: &SendRail| {
         let count = rail.qps.len();
-        let Some(q) = (0..count)
+        (0..count)
             .map(|k| (rail.next_qp + k) % count)
             .find(|&i| rail.qps[i].outstanding < rail.qps[i].qp.caps().max_send_wr)
-        else {
+    };
+    let r = lightest_rail(link.rails.iter().map(|rail| {
+        (rail.counters.state() == RailState::Healthy && room(rail).is_some())
+            .then_some((rail.posted, rail.weight))
+    }))?;
+    Some((r, room(&link.rails[r])?))
+}
+
+/// The split of a call's bytes over rails, device-free (also used by the `rdma_rails`
+/// criterion bench): of the candidate rails, given as `Some((posted bytes, weight))` (`None`:
+/// not eligible now), the index of the one whose posted bytes are lowest for its weight;
+/// the first on a tie.
+#[inline]
+pub fn lightest_rail(loads: impl Iterator<Item = Option<(u64, u64)>>) -> Option<usize> {
+    let mut best: Option<(usize, u64, u64)> = None;
+    for (r, load) in loads.enumerate() {
+        let Some((posted, weight)) = load else {
             continue;
         };
         let better = match best {
             None => true,
-            Some((b, _)) => {
-                let other = &link.rails[b];
-                // posted / weight < other.posted / other.weight, without division.
-                u128::from(rail.posted) * u128::from(other.weight)
-                    < u128::from(other.posted) * u128::from(rail.weight)
+            // posted / weight < other_posted / other_weight, without division.
+            Some((_, other_posted, other_weight)) => {
+                u128::from(posted) * u128::from(other_weight)
+                    < u128::from(other_posted) * u128::from(weight)
             }
         };
         if better {
-            best = Some((r, q));
+            best = Some((r, posted, weight));
         }
     }
-    best
+    best.map(|(r, _, _)| r)
 }
 
 /// Fills `batch` with up to `limit` WRITE requests of `active` from its cursor; the last
@@ -424,4 +435,35 @@ pub(super) fn post_control(
     });
     link.jobs[position].chains_outstanding += 1;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lightest_rail;
+
+    /// Posts `chains` chains of `bytes` each, every one to the lightest eligible rail.
+    fn split(weights: &[u64], eligible: &[bool], chains: usize, bytes: u64) -> Vec<u64> {
+        let mut posted = vec![0u64; weights.len()];
+        for _ in 0..chains {
+            let loads = (0..weights.len()).map(|r| eligible[r].then_some((posted[r], weights[r])));
+            let r = lightest_rail(loads).unwrap();
+            posted[r] += bytes;
+        }
+        posted
+    }
+
+    #[test]
+    fn a_calls_bytes_split_by_port_speed_over_the_eligible_rails() {
+        assert_eq!(split(&[100, 100], &[true, true], 10, 64), [320, 320]);
+        // A 200 Gb/s port takes twice what a 100 Gb/s one takes.
+        assert_eq!(split(&[200, 100], &[true, true], 9, 64), [384, 192]);
+        // A rail not eligible (quarantined, or no send-queue room) takes nothing.
+        assert_eq!(split(&[100, 100], &[false, true], 4, 64), [0, 256]);
+        assert_eq!(lightest_rail([None, None].into_iter()), None);
+        // Ties go to the first rail.
+        assert_eq!(
+            lightest_rail([Some((0, 1)), Some((0, 1))].into_iter()),
+            Some(0)
+        );
+    }
 }

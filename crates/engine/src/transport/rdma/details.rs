@@ -41,6 +41,9 @@ pub struct RdmaDetails {
     pub qp_sets: u16,
     /// Every rail (RDMA device port) this side writes over.
     pub rails: Vec<RdmaRailDetails>,
+    /// Why these devices: named (`rdmaDevices`, `KVCACHE_RDMA_NICS`), nearest the GPU (and
+    /// how near each is), or every active port.
+    pub nics: String,
 }
 
 impl RdmaDetails {
@@ -118,6 +121,7 @@ impl RdmaDetails {
                     .collect::<Vec<_>>()
                     .join("; "),
             ),
+            ("nics", self.nics.clone()),
         ]
     }
 }
@@ -145,6 +149,7 @@ mod tests {
             qps_per_peer: 2,
             qp_sets,
             rails: vec![rail; rails],
+            nics: String::new(),
         }
     }
 

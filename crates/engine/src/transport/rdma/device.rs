@@ -54,8 +54,10 @@ impl RdmaDevice {
             access |= Access::RELAXED_ORDERING;
         }
         let live = Arc::new(Live::default());
+        let chosen = choose_ports(&library, &settings, gpu_idx, table.gpu())?;
+        crate::log::debug!("rdma: NICs {}", chosen.reason);
         let mut rails = Vec::new();
-        for (context, port) in choose_ports(&library, &settings, gpu_idx)? {
+        for (context, port) in chosen.ports {
             rails.push(open_rail(context, port, &settings, &table, access, &live)?);
         }
         let software = rails
@@ -76,6 +78,7 @@ impl RdmaDevice {
             next_link: AtomicU64::new(1),
             arrivals,
             live,
+            nic_reason: chosen.reason,
         });
         let qps_per_peer = u32::from(shared.settings.qps_per_peer.max(1));
         let post_threads =
@@ -139,6 +142,7 @@ impl RdmaDevice {
                 1
             },
             rails,
+            nics: self.shared.nic_reason.clone(),
         }
     }
 

@@ -10,7 +10,7 @@ use crate::wire::{DecodeError, Reader};
 pub(crate) const MAX_QPS_PER_RAIL: usize = 256;
 pub(crate) const MAX_NOTICE_SLOTS: u32 = 1 << 16;
 /// Rails one endpoint may carry (RDMA devices per communicator).
-pub const MAX_RAILS: usize = 8;
+pub const MAX_RAILS: usize = crate::config::MAX_RDMA_DEVICES;
 /// GID candidates one rail may announce.
 pub const MAX_GIDS: usize = 16;
 /// Longest device name and refusal reason carried.

@@ -2,7 +2,8 @@
 //! its ports (state, link layer, active MTU, LID) and their GID tables (index, type,
 //! address), and the means of registering GPU memory (dma-buf, nvidia-peermem) and of
 //! asking for PCIe relaxed ordering. Which device, port and GID the engine picks is not
-//! decided here: the doctor opens the transport itself and reports its choice.
+//! decided here: the doctor opens the transport itself and reports its choice, and asks
+//! `locality.rs` which devices GPU regions would get.
 
 use kvtransfer_verbs as verbs;
 
@@ -64,6 +65,9 @@ pub struct RdmaInventory {
     /// The loaded kernel module that lets `ibv_reg_mr` take GPU memory (`nvidia_peermem`
     /// or the older `nv_peer_mem`), if any.
     pub peermem_module: Option<&'static str>,
+    /// The devices a communicator with GPU regions on the report's gpuIdx writes over when
+    /// none are named, and why (nearness to the GPU), as one sentence.
+    pub gpu_nics: String,
 }
 
 fn port_state(state: u32) -> &'static str {
@@ -166,9 +170,10 @@ fn device_report(library: &std::sync::Arc<verbs::Library>, name: String) -> Rdma
     report
 }
 
-/// Lists what libibverbs sees on this host.
-pub fn inventory() -> RdmaInventory {
+/// Lists what libibverbs sees on this host, and the devices GPU regions on `gpu_idx` get.
+pub fn inventory(gpu_idx: u32) -> RdmaInventory {
     let mut report = RdmaInventory {
+        gpu_nics: super::locality::explain_for_gpu(gpu_idx),
         error: None,
         devices: Vec::new(),
         dmabuf_registration: false,

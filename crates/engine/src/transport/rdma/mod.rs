@@ -23,6 +23,7 @@ mod gpu_mr;
 mod health;
 pub(crate) mod inventory;
 mod link;
+pub(crate) mod locality;
 mod notice;
 mod progress;
 mod rail;
@@ -30,7 +31,7 @@ mod route;
 mod state;
 mod tally;
 
-pub use chain::{fill_write_chain, ChainTarget};
+pub use chain::{fill_write_chain, lightest_rail, ChainTarget};
 pub use details::{RdmaDetails, RdmaRailDetails};
 pub use endpoint::{GidCandidate, QpEndpoint, RailEndpoint, RdmaEndpoint};
 pub use notice::decode_notice;

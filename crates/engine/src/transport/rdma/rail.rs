@@ -4,10 +4,11 @@
 
 use super::endpoint::{GidCandidate, MAX_RAILS};
 use super::gpu_mr;
+use super::locality;
 use super::route::{describe, interface_prefixes, prefix_of, rank, LocalGid};
 use super::state::{rdma_err, Rail, NOTICE_RECEIVES};
 use super::tally::{Live, Tally};
-use crate::config::RdmaSettings;
+use crate::config::{check_rdma_devices, RdmaSettings};
 use crate::error::{Error, Result};
 use crate::layout::RegionTable;
 use crate::transport::Resources;
@@ -21,13 +22,40 @@ fn unavailable(reason: String) -> Error {
     Error::RdmaUnavailable { reason }
 }
 
-/// The (device, port) rails to open: `KVCACHE_RDMA_NICS` entry `gpu_idx % len` (device
-/// names joined by `+` make several rails), else every active port of every device.
+/// The (device, port) rails an engine opens, and why those.
+pub(super) struct ChosenPorts {
+    pub ports: Vec<(Arc<Context>, u8)>,
+    /// One sentence for `peerInfo` details and the doctor (`nics`).
+    pub reason: String,
+}
+
+/// The devices named for this engine, and by what: the `rdmaDevices` option (it wins), else
+/// `KVCACHE_RDMA_NICS` entry `gpu_idx % len` (names joined by `+`); `None`: neither.
+fn named_devices(settings: &RdmaSettings, gpu_idx: u32) -> Option<(&'static str, Vec<String>)> {
+    if let Some(devices) = &settings.devices {
+        if !settings.nics.is_empty() {
+            crate::log::debug!("rdma: the rdmaDevices option wins over KVCACHE_RDMA_NICS");
+        }
+        return Some(("rdmaDevices", devices.clone()));
+    }
+    let entry = settings
+        .nics
+        .get(gpu_idx as usize % settings.nics.len().max(1))?;
+    Some((
+        "KVCACHE_RDMA_NICS",
+        entry.split('+').map(|w| w.trim().to_string()).collect(),
+    ))
+}
+
+/// The rails to open: the named devices (first active port of each), else, with GPU
+/// regions, the devices nearest the GPU (`locality.rs`; every active port of each), else
+/// every active port of every device.
 pub(super) fn choose_ports(
     library: &Arc<verbs::Library>,
     settings: &RdmaSettings,
     gpu_idx: u32,
-) -> Result<Vec<(Arc<Context>, u8)>> {
+    gpu: Option<u32>,
+) -> Result<ChosenPorts> {
     let devices = verbs::list_devices(library).map_err(|e| unavailable(e.to_string()))?;
     let names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
     if names.is_empty() {
@@ -35,56 +63,70 @@ pub(super) fn choose_ports(
             "no RDMA device found (libibverbs lists none)".into(),
         ));
     }
-    let mut rails = Vec::new();
-    if settings.nics.is_empty() {
-        for name in &names {
-            let Ok(context) = Context::open(library, name) else {
-                continue;
-            };
-            for port in active_ports(&context) {
-                rails.push((Arc::clone(&context), port));
-            }
-        }
-        if rails.is_empty() {
+    let Some((source, wanted)) = named_devices(settings, gpu_idx) else {
+        return automatic(library, &names, gpu);
+    };
+    check_rdma_devices(source, &wanted)?;
+    let mut ports = Vec::new();
+    for name in &wanted {
+        if !names.contains(name) {
             return Err(unavailable(format!(
-                "no device has an active port (devices: {})",
+                "{source} selects '{name}' for gpuIdx {gpu_idx}, but the devices are: {}",
                 names.join(", ")
             )));
-        }
-        rails.truncate(MAX_RAILS);
-        return Ok(rails);
-    }
-    let entry = &settings.nics[gpu_idx as usize % settings.nics.len()];
-    let wanted: Vec<&str> = entry.split('+').map(str::trim).collect();
-    if wanted.len() > MAX_RAILS || wanted.iter().any(|w| w.is_empty()) {
-        return Err(Error::invalid(
-            "KVCACHE_RDMA_NICS",
-            format!("entry '{entry}' must name 1..={MAX_RAILS} devices joined by '+'"),
-        ));
-    }
-    for name in wanted {
-        if !names.iter().any(|n| n == name) {
-            return Err(unavailable(format!(
-                "KVCACHE_RDMA_NICS selects '{name}' for gpuIdx {gpu_idx}, but the devices are: {}",
-                names.join(", ")
-            )));
-        }
-        if rails
-            .iter()
-            .any(|(c, _): &(Arc<Context>, u8)| c.name() == name)
-        {
-            return Err(Error::invalid(
-                "KVCACHE_RDMA_NICS",
-                format!("entry '{entry}' names '{name}' twice"),
-            ));
         }
         let context = Context::open(library, name).map_err(|e| unavailable(e.to_string()))?;
         let port = active_ports(&context)
             .next()
             .ok_or_else(|| unavailable(format!("device '{name}' has no active port")))?;
-        rails.push((context, port));
+        ports.push((context, port));
     }
-    Ok(rails)
+    let overridden = if source == "rdmaDevices" && !settings.nics.is_empty() {
+        " (KVCACHE_RDMA_NICS is ignored while the option is given)"
+    } else {
+        ""
+    };
+    Ok(ChosenPorts {
+        ports,
+        reason: format!("named by {source}: {}{overridden}", wanted.join(", ")),
+    })
+}
+
+/// No device named: with GPU regions the devices nearest the GPU, else (or when locality
+/// cannot be read) every device; every active port of each, at most `MAX_RAILS`.
+fn automatic(
+    library: &Arc<verbs::Library>,
+    names: &[String],
+    gpu: Option<u32>,
+) -> Result<ChosenPorts> {
+    let (candidates, mut reason) = match gpu.map(locality::nearest_to_gpu) {
+        Some(Ok(choice)) => (choice.devices, choice.reason),
+        Some(Err(why)) => (names.to_vec(), locality::unknown_locality(&why)),
+        None => (
+            names.to_vec(),
+            "every active port: no GPU regions".to_string(),
+        ),
+    };
+    let mut ports = Vec::new();
+    for name in &candidates {
+        let Ok(context) = Context::open(library, name) else {
+            continue;
+        };
+        for port in active_ports(&context) {
+            ports.push((Arc::clone(&context), port));
+        }
+    }
+    if ports.is_empty() {
+        return Err(unavailable(format!(
+            "no device has an active port (devices: {})",
+            candidates.join(", ")
+        )));
+    }
+    if ports.len() > MAX_RAILS {
+        reason.push_str(&format!("; the first {MAX_RAILS} of {} ports", ports.len()));
+        ports.truncate(MAX_RAILS);
+    }
+    Ok(ChosenPorts { ports, reason })
 }
 
 fn active_ports(context: &Context) -> impl Iterator<Item = u8> + '_ {

@@ -159,6 +159,8 @@ pub(super) struct Shared {
     pub(super) arrivals: Option<ArrivalSink>,
     /// The NIC resources held now (`tally.rs`).
     pub(super) live: Arc<super::tally::Live>,
+    /// Why these devices (`rail.rs::choose_ports`).
+    pub(super) nic_reason: String,
 }
 
 impl Drop for Shared {
