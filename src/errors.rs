@@ -33,3 +33,22 @@ pub(crate) fn internal_error(panic: &(dyn std::any::Any + Send)) -> kvtransfer_e
 pub(crate) fn invalid(name: &'static str, reason: impl Into<String>) -> CodedError {
     to_js_error(kvtransfer_engine::Error::invalid(name, reason))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::internal_error;
+
+    #[test]
+    fn a_panic_becomes_err_internal_naming_it_and_asking_for_a_report() {
+        let owned = std::panic::catch_unwind(|| panic!("slot {} missing", 7)).unwrap_err();
+        let error = internal_error(&*owned);
+        assert_eq!(error.code(), "ERR_INTERNAL");
+        let text = error.to_string();
+        assert!(
+            text.contains("slot 7 missing") && text.contains("report it"),
+            "{text}"
+        );
+        let literal = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert!(internal_error(&*literal).to_string().contains("(plain)"));
+    }
+}

@@ -680,22 +680,3 @@ pub fn peer_copy_gbps<'env>(
         kvtransfer_engine::peer_copy_gbps(src_gpu, dst_gpu, bytes, reps)
     })
 }
-
-#[cfg(test)]
-mod tests {
-    use super::internal_error;
-
-    #[test]
-    fn a_panic_becomes_err_internal_naming_it_and_asking_for_a_report() {
-        let owned = std::panic::catch_unwind(|| panic!("slot {} missing", 7)).unwrap_err();
-        let error = internal_error(&*owned);
-        assert_eq!(error.code(), "ERR_INTERNAL");
-        let text = error.to_string();
-        assert!(
-            text.contains("slot 7 missing") && text.contains("report it"),
-            "{text}"
-        );
-        let literal = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
-        assert!(internal_error(&*literal).to_string().contains("(plain)"));
-    }
-}
