@@ -202,15 +202,7 @@ impl Importer {
         match spec.source {
             ImportSource::HostFd(fd) => {
                 let file = File::from(fd);
-                let size = file
-                    .metadata()
-                    .map_err(|e| {
-                        Error::invalid(
-                            name,
-                            format!("region {index}: the descriptor cannot be read ({e})"),
-                        )
-                    })?
-                    .len();
+                let size = shared_file_size(&file, name, index)?;
                 if end > size {
                     return Err(past_end("shared file", size));
                 }
@@ -334,4 +326,15 @@ impl Importer {
         self.gpu = Some(Arc::clone(&gpu));
         Ok(gpu)
     }
+}
+
+/// The size of a shared host-memory file (memfd, `/dev/shm`), for the end-of-file check.
+fn shared_file_size(file: &File, name: &'static str, index: usize) -> Result<u64> {
+    let metadata = file.metadata().map_err(|e| {
+        Error::invalid(
+            name,
+            format!("region {index}: the descriptor cannot be read ({e})"),
+        )
+    })?;
+    Ok(metadata.len())
 }

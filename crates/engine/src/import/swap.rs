@@ -85,15 +85,7 @@ impl ImportedMemory {
         }
         let end = spec.offset.saturating_add(spec.bytes);
         let file = std::fs::File::from(fd);
-        let size = file
-            .metadata()
-            .map_err(|e| {
-                Error::invalid(
-                    name,
-                    format!("region {index}: the descriptor cannot be read ({e})"),
-                )
-            })?
-            .len();
+        let size = super::shared_file_size(&file, name, index)?;
         if end > size {
             return Err(Error::invalid(
                 name,
