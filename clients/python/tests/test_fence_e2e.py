@@ -59,6 +59,10 @@ class FenceE2eTest(unittest.TestCase):
         self.prefill = self.attach(a, self.src, role="prefill", name=WRITER)
         self.peer = self.prefill.connect(TEST_HOST, self.decode.port, timeout=scaled(30))
         self.ids = list(range(BLOCKS))
+        info = self.prefill.peer_info(TEST_HOST, self.decode.port)
+        assert info is not None
+        if TEST_TRANSPORT != "auto":
+            self.assertEqual(info.transport, TEST_TRANSPORT, f"the link fell back: {info.reason}")
 
     def sidecar(self, name: str) -> Sidecar:
         sidecar = Sidecar(os.path.join(self.dir, name))
