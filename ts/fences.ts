@@ -250,7 +250,9 @@ export class FenceListener {
       if (protocol?.toString() !== CONTROL_PROTOCOL || kind?.toString() !== 'listening') {
         throw new KvTransferError('ERR_PROTOCOL', `${this.key} did not take this writer's fences (${kind?.toString()})`)
       }
-      this.receiver = body?.toString('utf8') ?? ''
+      // A hub id is a UUID; anything longer is not one (the channel then covers its own link).
+      const receiver = body?.toString('utf8') ?? ''
+      this.receiver = receiver.length <= 64 ? receiver : ''
     } catch (error) {
       this.close()
       throw error instanceof KvTransferError
