@@ -3,13 +3,18 @@
  * sure no earlier write of a tag (or of a writer) can still land in them.
  *
  * Each writer keeps one DEALER per peer it connected to (`FenceListener`): `listen` (its
- * name) → `listening` before `connect` resolves, then it takes `fence` messages on it and
- * answers each with `fenced` once its engine has settled the fenced calls
- * (`fenceWrites`: pending ones fail `ERR_FENCED` and their connection is torn down). The
- * receiver (`FenceHub`) sends the fence to every writer concerned and waits for their
- * answers; a writer that does not answer in time is cut off by the engine (`cutOff`: no
- * byte it sent can land afterwards; it must connect again).
+ * name) → `listening` (the receiver's hub id) before `connect` resolves, then it takes
+ * `fence` messages on it and answers each with `fenced` once its engine has settled the
+ * fenced calls (`fenceWrites`: pending ones fail `ERR_FENCED` and their connection is torn
+ * down). The receiver (`FenceHub`) sends the fence to every writer concerned and waits for
+ * their answers; a writer that does not answer in time is cut off by the engine (`cutOff`:
+ * no byte it sent can land afterwards; it must connect again).
+ *
+ * A writer may reach one receiver by several keys (two of its addresses: two links, two
+ * channels). The receiver knows a writer by its name and sends the fence on the channel
+ * that listened last; the writer fences every link whose channel reached the same hub id.
  */
+import { randomUUID } from 'node:crypto'
 import * as zmq from 'zeromq'
 import type { NativeCommunicator } from '../index.js'
 import { CONTROL_PROTOCOL, type ControlServer } from './control'
@@ -79,6 +84,8 @@ export function checkFenceOptions(options: FenceOptions): { ackTimeoutMs: number
 
 /** The receiving side: who listens for fences, and the fences waiting for answers. */
 export class FenceHub {
+  /** This hub's id, answered to `listen`: a writer's channels that got the same one reach this side. */
+  private readonly id = randomUUID()
   /** Writer name → the identity of its listening connection (the latest one). */
   private readonly listeners = new Map<string, Buffer>()
   private readonly waiting = new Map<number, (answer: FenceAnswer) => void>()
@@ -93,9 +100,22 @@ export class FenceHub {
 
   /** Writing side: opens the fence channel to the peer `key` (replacing an earlier one). */
   async follow(host: string, port: number, key: string, timeoutMs: number | undefined): Promise<void> {
-    const channel = await FenceListener.open(this.engine, host, port, key, timeoutMs)
+    const channel = await FenceListener.open(this.engine, host, port, key, timeoutMs, (c) => this.linksOf(c))
     void this.channels.get(key)?.closed()
     this.channels.set(key, channel)
+  }
+
+  /**
+   * Writing side: the keys of every link to the receiver that `channel` reaches (its own,
+   * and those of the other channels that got the same hub id): a fence on one channel
+   * covers them all.
+   */
+  private linksOf(channel: FenceListener): string[] {
+    const keys = new Set([channel.key])
+    if (channel.receiver !== '') {
+      for (const other of this.channels.values()) if (other.receiver === channel.receiver) keys.add(other.key)
+    }
+    return [...keys]
   }
 
   /** Writing side: closes every fence channel (at close). */
@@ -113,7 +133,7 @@ export class FenceHub {
     const name = body.toString('utf8')
     if (name.length === 0 || name.length > 255) throw new KvTransferError('ERR_PROTOCOL', 'listen: bad writer name')
     this.listeners.set(name, Buffer.from(identity))
-    return Buffer.alloc(0)
+    return Buffer.from(this.id)
   }
 
   /** `fenced`: a writer's answer. */
@@ -186,10 +206,14 @@ export class FenceListener {
   private readonly dealer: zmq.Dealer
   private loop: Promise<void> | undefined
   private sending: Promise<void> = Promise.resolve()
+  /** The receiver's hub id from `listening` ('' from a receiver that sends none). */
+  receiver = ''
 
   constructor(
     private readonly engine: NativeCommunicator,
-    private readonly key: string,
+    readonly key: string,
+    /** The keys of every link of this writer to the same receiver (this one's included). */
+    private readonly links: (channel: FenceListener) => string[],
   ) {
     this.dealer = new zmq.Dealer({ linger: 0, reconnectInterval: 100, reconnectMaxInterval: 1000 })
   }
@@ -204,8 +228,9 @@ export class FenceListener {
     port: number,
     key: string,
     timeoutMs: number | undefined,
+    links: (channel: FenceListener) => string[],
   ): Promise<FenceListener> {
-    const listener = new FenceListener(engine, key)
+    const listener = new FenceListener(engine, key, links)
     try {
       await listener.start(host, port, engine.metrics().name, timeoutMs)
     } catch (error) {
@@ -221,10 +246,13 @@ export class FenceListener {
     this.dealer.connect(`tcp://${host}:${port}`)
     try {
       await this.dealer.send([Buffer.from(CONTROL_PROTOCOL), Buffer.from('listen'), Buffer.from(name)])
-      const [protocol, kind] = await this.dealer.receive()
+      const [protocol, kind, body] = await this.dealer.receive()
       if (protocol?.toString() !== CONTROL_PROTOCOL || kind?.toString() !== 'listening') {
         throw new KvTransferError('ERR_PROTOCOL', `${this.key} did not take this writer's fences (${kind?.toString()})`)
       }
+      // A hub id is a UUID; anything longer is not one (the channel then covers its own link).
+      const receiver = body?.toString('utf8') ?? ''
+      this.receiver = receiver.length <= 64 ? receiver : ''
     } catch (error) {
       this.close()
       throw error instanceof KvTransferError
@@ -259,8 +287,9 @@ export class FenceListener {
     let answer: FenceAnswer
     try {
       const tag = request.tag === null ? null : Buffer.from(request.tag, 'base64')
-      const fenced = await this.engine.fenceWrites(this.key, tag, request.holdMs)
-      answer = { id: request.id, fenced }
+      // Every link to that receiver, not only this channel's: none of them may land.
+      const counts = await Promise.all(this.links(this).map((key) => this.engine.fenceWrites(key, tag, request.holdMs)))
+      answer = { id: request.id, fenced: counts.reduce((sum, n) => sum + n, 0) }
     } catch (error) {
       const e = fromNative(error)
       answer = { id: request.id, error: { code: e.code, message: e.message } }

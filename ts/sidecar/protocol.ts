@@ -4,7 +4,8 @@
  * connection's received descriptors.
  */
 import { KvTransferError, invalidArgument } from '../errors'
-import type { CommunicatorOptions, SharedRegion } from '../options'
+import type { FenceTarget } from '../fences'
+import type { CommunicatorOptions, FenceOptions, SharedRegion } from '../options'
 import type { RequestTag } from '../tags'
 
 /** The protocol version this sidecar speaks. */
@@ -67,6 +68,25 @@ export function tagField(request: Request, name = 'tag'): RequestTag | undefined
 /** A TS tag in the protocol's form. */
 export function tagJson(tag: RequestTag): { s: string } | { u: string } {
   return typeof tag === 'bigint' ? { u: tag.toString() } : { s: tag }
+}
+
+/**
+ * The target and options of a `fence` request as `RDMACommunicator.fence` takes them:
+ * `tag` (a tag in the protocol's form) or `peer` (a writer's name), `holdMs`?,
+ * `ackTimeoutMs`?. `fence` itself checks them (exactly one of tag and peer, the ranges).
+ */
+export function fenceArguments(request: Request): { target: FenceTarget; options: FenceOptions } {
+  const tag = tagField(request)
+  const target: Record<string, unknown> = {}
+  if (tag !== undefined) target.tag = tag
+  if (request.peer !== undefined && request.peer !== null) target.peer = request.peer
+  return {
+    target: target as FenceTarget,
+    options: {
+      holdMs: request.holdMs as number | undefined,
+      ackTimeoutMs: request.ackTimeoutMs as number | undefined,
+    },
+  }
 }
 
 /** The region lists of an `attach` with descriptor indices resolved to `fds`. */

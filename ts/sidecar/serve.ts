@@ -22,6 +22,7 @@ import {
   type Request,
   SIDECAR_PROTOCOL,
   attachOptions,
+  fenceArguments,
   idsField,
   numberField,
   parseRequest,
@@ -41,6 +42,7 @@ const OPS = new Set([
   'write',
   'wait',
   'forget',
+  'fence',
   'peerInfo',
   'metrics',
   'detach',
@@ -310,6 +312,10 @@ export class Sidecar {
       case 'forget':
         comm.forgetArrivals(requiredTag(request))
         return {}
+      case 'fence': {
+        const { target, options } = fenceArguments(request)
+        return comm.fence(target, options)
+      }
       case 'peerInfo':
         return comm.peerInfo(stringField(request, 'ip'), numberField(request, 'port'))
       case 'metrics':
@@ -355,7 +361,7 @@ export class Sidecar {
         `the client speaks sidecar protocol ${JSON.stringify(request.protocol)}, this sidecar ${SIDECAR_PROTOCOL}: upgrade the ${Number(request.protocol) > SIDECAR_PROTOCOL ? 'sidecar' : 'client'}`,
       )
     worker.greeted = true
-    return { protocol: SIDECAR_PROTOCOL, sidecar: sidecarVersion(), pid: process.pid }
+    return { protocol: SIDECAR_PROTOCOL, sidecar: sidecarVersion(), pid: process.pid, ops: [...OPS] }
   }
 
   private async attach(worker: Worker, request: Request): Promise<unknown> {

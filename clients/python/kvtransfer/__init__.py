@@ -22,8 +22,8 @@ from CUDA tensors.
 
 from ._version import __version__
 from ._attach import attach, default_socket_path
-from .futures import WriteFuture
-from .values import Arrival, Peer, PeerInfo, PreparedBlocks
+from .futures import FenceFuture, WriteFuture
+from .values import Arrival, FenceResult, Peer, PeerInfo, PreparedBlocks
 from .worker import Worker
 from .errors import (
     ERROR_CODES,
@@ -34,6 +34,7 @@ from .errors import (
     Closed,
     CudaError,
     Detached,
+    Fenced,
     InternalError,
     InvalidArgument,
     InvalidBlockId,
@@ -67,6 +68,8 @@ __all__ = [
     "Peer",
     "PreparedBlocks",
     "WriteFuture",
+    "FenceFuture",
+    "FenceResult",
     "Arrival",
     "PeerInfo",
     "Region",
@@ -95,6 +98,7 @@ __all__ = [
     "CudaError",
     "Timeout",
     "Aborted",
+    "Fenced",
     "AuthError",
     "TpMismatch",
     "Unsupported",

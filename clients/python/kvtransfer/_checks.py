@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
+from ._protocol import Tag, encode_tag
 from .errors import invalid_argument
 from .regions import Region
 
 #: The largest timeout the sidecar takes (Node's timers), in ms.
 MAX_TIMEOUT_MS = 0x7FFF_FFFF
+#: The longest a fence holds (``hold_ms``) and waits for a writer (``ack_timeout_ms``), as
+#: the TS API's ``fence`` takes them.
+MAX_FENCE_HOLD_MS = 3_600_000
+MAX_FENCE_ACK_TIMEOUT_MS = 600_000
 
 
 def check_int(name: str, value: Any, low: int, high: int) -> int:
@@ -64,3 +69,22 @@ def check_regions(name: str, regions: Any, allow_none: bool = False) -> List[Reg
     if isinstance(regions, (str, bytes, Region)) or not isinstance(regions, (list, tuple)):
         raise invalid_argument(name, f"expected a list of regions (one per layer), got {type(regions).__name__}")
     return list(regions)
+
+
+def fence_request(tag: Optional[Tag], peer: Optional[str], hold_ms: Optional[int], ack_timeout_ms: Optional[int]) -> Dict[str, Any]:
+    """The ``fence`` request: exactly one of ``tag`` (str or int) and ``peer`` (a writer's
+    name, as arrivals report it), and the optional ``hold_ms`` / ``ack_timeout_ms``."""
+    if (tag is None) == (peer is None):
+        raise invalid_argument(
+            "target", f"{'both' if tag is not None else 'neither'} of tag and peer given; give exactly one"
+        )
+    message: Dict[str, Any] = {"op": "fence"}
+    if tag is not None:
+        message["tag"] = encode_tag(tag)
+    else:
+        message["peer"] = check_str("peer", peer, allow_empty=False)
+    if hold_ms is not None:
+        message["holdMs"] = check_int("hold_ms", hold_ms, 0, MAX_FENCE_HOLD_MS)
+    if ack_timeout_ms is not None:
+        message["ackTimeoutMs"] = check_int("ack_timeout_ms", ack_timeout_ms, 0, MAX_FENCE_ACK_TIMEOUT_MS)
+    return message

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, List, Optional, Protocol
 
 from .errors import KvTransferError, Timeout, invalid_argument
+from .values import FenceResult, parse_fence_result
 
 
 
@@ -23,7 +24,7 @@ class _Pump(Protocol):
 
     def wait_for(self, done: Callable[[], bool], deadline: Optional[float]) -> bool: ...
 
-__all__ = ["WriteFuture"]
+__all__ = ["WriteFuture", "FenceFuture"]
 
 _log = logging.getLogger("kvtransfer")
 
@@ -132,3 +133,23 @@ class WriteFuture(Request):
     def __repr__(self) -> str:
         state = "pending" if not self._done else ("failed: " + str(self._error) if self._error else "done")
         return f"<WriteFuture #{self._id} {state}>"
+
+
+class FenceFuture(Request):
+    """The outcome of a ``fence`` call (a ``concurrent.futures.Future``-like object).
+
+    ``result()`` returns a :class:`~kvtransfer.FenceResult` once no write of the fenced tag
+    (or writer) can land in this worker's memory any more, or raises the typed error.
+    """
+
+    __slots__ = ()
+
+    def result(self, timeout: Optional[float] = None) -> FenceResult:
+        """Waits up to ``timeout`` seconds (None: no limit) for the fence; raises
+        :class:`~kvtransfer.Timeout` when ``timeout`` passed first (the fence goes on in the
+        sidecar; ``result`` may be called again)."""
+        return parse_fence_result(self._answer(timeout))
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._done else ("failed: " + str(self._error) if self._error else "done")
+        return f"<FenceFuture #{self._id} {state}>"

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Dict, List, Optional, Protocol
 
 from ._protocol import Tag, _encode_json, decode_tag
-from .errors import Closed, Detached, KvTransferError
+from .errors import Closed, Detached, KvTransferError, ProtocolError
 
 
 
@@ -20,7 +20,7 @@ class _Releases(Protocol):
 
     def _call(self, message: Dict[str, Any], timeout: Optional[float]) -> Any: ...
 
-__all__ = ["Peer", "PreparedBlocks", "Arrival", "PeerInfo"]
+__all__ = ["Peer", "PreparedBlocks", "Arrival", "PeerInfo", "FenceResult"]
 
 _log = logging.getLogger("kvtransfer")
 
@@ -128,6 +128,31 @@ class PreparedBlocks:
     def __repr__(self) -> str:
         state = ", released" if self._released else ""
         return f"PreparedBlocks(peer={self.peer!r}, blocks={self.blocks}, handle={self.handle}{state})"
+
+
+@dataclass(frozen=True)
+class FenceResult:
+    """How a fence (``Worker.fence``) went.
+
+    Attributes:
+        acknowledged: writers (their names) that answered: none of their fenced calls can
+            land any more.
+        cut_off: writers that did not answer in time and were cut off by this side (they
+            must connect again).
+    """
+
+    acknowledged: List[str]
+    cut_off: List[str]
+
+
+def parse_fence_result(ok: Any) -> FenceResult:
+    """The answer to ``fence``: ``{"acknowledged": [...], "cutOff": [...]}``."""
+    if not isinstance(ok, dict):
+        raise ProtocolError("ERR_PROTOCOL", f"the sidecar's answer to fence is not an object: {ok!r}")
+    lists = [ok.get("acknowledged"), ok.get("cutOff")]
+    if not all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in lists):
+        raise ProtocolError("ERR_PROTOCOL", f"the sidecar's answer to fence lacks its writer lists: {ok!r}")
+    return FenceResult(list(lists[0]), list(lists[1]))  # type: ignore[arg-type]
 
 
 def parse_arrival(item: Any) -> Optional[Arrival]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
-from ._checks import check_int, check_port, check_seconds, check_str, timeout_ms
+from ._checks import check_int, check_port, check_seconds, check_str, fence_request, timeout_ms
 from ._connection import Connection
 from ._protocol import Tag, block_ids, encode_tag
 from .errors import Closed, Detached, KvTransferError, ProtocolError, invalid_argument
-from .futures import WriteFuture
+from .futures import FenceFuture, WriteFuture
 from .values import Arrival, Peer, PeerInfo, PreparedBlocks, parse_arrival, parse_peer_info
 
 __all__ = ["Worker"]
@@ -326,6 +326,37 @@ class Worker:
     def forget_arrivals(self, tag: Tag) -> None:
         """Forgets the kept arrivals of ``tag`` in the sidecar (call after consuming a request)."""
         self._call({"op": "forget", "tag": encode_tag(tag)}, self._timeout)
+
+    def fence(
+        self,
+        tag: Optional[Tag] = None,
+        *,
+        peer: Optional[str] = None,
+        hold_ms: Optional[int] = None,
+        ack_timeout_ms: Optional[int] = None,
+    ) -> FenceFuture:
+        """Receiving side: makes sure no write of ``tag`` (or from the writer named ``peer``)
+        can land in this worker's memory any more, e.g. before its blocks are reused.
+
+        Every writer connected to this worker is asked to fail its pending calls of that tag
+        (or all of them, for ``peer``) with :class:`~kvtransfer.Fenced` (``ERR_FENCED``) and
+        to refuse new ones for ``hold_ms``; a writer that does not answer within
+        ``ack_timeout_ms`` is cut off by this side and must connect again.
+
+        Args:
+            tag: the tag to fence (str or int), or
+            peer: a writer's name (as arrivals report it): every call of that writer.
+                Exactly one of ``tag`` and ``peer``.
+            hold_ms: milliseconds the writers refuse new calls of the fenced tag (or, for
+                ``peer``, every call) to this worker (default 30000; at most 3600000).
+            ack_timeout_ms: milliseconds each writer has to acknowledge (default 1000; 0: cut
+                every writer off at once; at most 600000).
+
+        Returns a :class:`~kvtransfer.FenceFuture` at once: its ``result()`` is a
+        :class:`~kvtransfer.FenceResult` (writers that acknowledged, writers cut off) once
+        none of the fenced writes can land, or raises the typed error.
+        """
+        return self._submit("fence", fence_request(tag, peer, hold_ms, ack_timeout_ms), FenceFuture)
 
     def peer_info(self, ip: str, port: Union[int, str]) -> Optional[PeerInfo]:
         """The transport used with ``ip:port`` and why; None when this side never connected to it."""

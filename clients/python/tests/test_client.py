@@ -252,6 +252,46 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(kvtransfer.InvalidArgument):
             second.write_cache("h:1", prepared, layer=0)
 
+    def test_fence(self) -> None:
+        answers = {"fence": {"ok": {"acknowledged": ["prefill-a"], "cutOff": ["prefill-b"]}}}
+
+        def handler(conn, rid, message):
+            return answers.get(message["op"], {"ok": {}})
+
+        self.start(handler)
+        worker = self.attach(role="decode")
+        result = worker.fence("req-1", hold_ms=500, ack_timeout_ms=0).result(5)
+        self.assertEqual(result, kvtransfer.FenceResult(["prefill-a"], ["prefill-b"]))
+        self.assertIsInstance(worker.fence(peer="prefill-a"), kvtransfer.FenceFuture)
+        worker.fence(2**64 - 1).result(5)
+        requests = [m for _, m in self.conn().requests[2:]]
+        self.assertEqual(requests[0], {"op": "fence", "tag": {"s": "req-1"}, "holdMs": 500, "ackTimeoutMs": 0})
+        self.assertEqual(requests[1], {"op": "fence", "peer": "prefill-a"})
+        self.assertEqual(requests[2], {"op": "fence", "tag": {"u": "18446744073709551615"}})
+        # Client-side refusals: nothing is sent.
+        cases = [
+            (lambda: worker.fence(), "neither of tag and peer"),
+            (lambda: worker.fence("t", peer="p"), "both of tag and peer"),
+            (lambda: worker.fence(peer=""), "invalid peer"),
+            (lambda: worker.fence(peer=7), "invalid peer"),  # type: ignore[arg-type]
+            (lambda: worker.fence(-1), "invalid tag"),
+            (lambda: worker.fence("t", hold_ms=3_600_001), "invalid hold_ms"),
+            (lambda: worker.fence("t", hold_ms=1.5), "invalid hold_ms"),  # type: ignore[arg-type]
+            (lambda: worker.fence("t", ack_timeout_ms=-1), "invalid ack_timeout_ms"),
+        ]
+        for call, words in cases:
+            with self.assertRaises(kvtransfer.InvalidArgument, msg=words) as caught:
+                call()
+            self.assertIn(words, caught.exception.message)
+        self.assertEqual(len(self.conn().requests), 5)
+        # The sidecar's refusal, and a malformed answer, are typed.
+        answers["fence"] = {"error": {"code": "ERR_FENCED", "message": "tag 'x' is fenced"}}
+        with self.assertRaises(kvtransfer.Fenced):
+            worker.fence("x").result(5)
+        answers["fence"] = {"ok": {"acknowledged": "prefill-a"}}
+        with self.assertRaises(kvtransfer.ProtocolError):
+            worker.fence("x").result(5)
+
     def test_pipelined_out_of_order(self) -> None:
         held = []
 

@@ -11,11 +11,11 @@ export KVTRANSFER_TEST_TIMEOUT_SCALE=${KVTRANSFER_TEST_TIMEOUT_SCALE:-20}
 export KVTRANSFER_SOAK_CALLS=${KVTRANSFER_SOAK_CALLS:-3000} KVTRANSFER_SOAK_CYCLES=${KVTRANSFER_SOAK_CYCLES:-6}
 # spec[:match]: a match runs only the tests of that spec whose title matches it. Chosen for
 # what differs over RDMA as seen from TS: one-sided writes byte for byte, completion errors
-# of a dead peer, timeouts and aborts, fences (QPs moved to error), the auto choice and its
-# reason, the doctor's device check, TP arrivals, prepared lists, lease expiry (writes to a
-# stopped process still land). The engine's RDMA paths themselves run as cargo tests above.
+# of a dead peer, timeouts and aborts, fences (QPs moved to error; a writer with two links),
+# the auto choice and its reason, the doctor's device check, TP arrivals, prepared lists,
+# lease expiry (writes to a stopped process still land). The engine's RDMA paths themselves run as cargo tests above.
 default_specs=(
-  transfer peer-death robustness fences peer-info prepared tp-arrivals doctor
+  transfer peer-death robustness fences fences-links peer-info prepared tp-arrivals doctor
   'registry:*SIGSTOP*'
 )
 # KVTRANSFER_AVA_FILES (host env, passed into the guest): the specs to run instead.
