@@ -17,8 +17,9 @@ pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
 /// RDMA endpoints with rails or arrival notices with the writer's shard cover (two
 /// incompatible 6s, never released together); 7: both, RDMA endpoints carry rails (several
 /// NICs, each with its GID candidates and port speed) and arrival notices carry the writer's
-/// shard cover and an optional checksum (`notice.rs`).
-pub const PROTOCOL_VERSION: u16 = 7;
+/// shard cover and an optional checksum (`notice.rs`); 8: the NVLink side channel's messages
+/// carry their kind, and acked calls are answered (`transport/nvlink/message.rs`).
+pub const PROTOCOL_VERSION: u16 = 8;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).

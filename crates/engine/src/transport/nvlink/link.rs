@@ -2,23 +2,25 @@
 //! kernel for small blocks, else the copy engines; `gpu::copy`) straight into the
 //! acceptor's imported memory, followed by an event. A completion thread waits for the
 //! events in order, sends the arrival notice only after the bytes have landed, and
-//! completes the job. A watch thread reads the side channel: its end means the acceptor's
-//! process is gone, and then pending jobs fail and the imports are released.
+//! completes the job; a job that asks for an answer (`delivery: 'acked'`) waits for the
+//! acceptor's instead. A watch thread reads the side channel: answers complete their jobs,
+//! and its end means the acceptor's process is gone, and then pending jobs fail and the
+//! imports are released.
 //!
 //! Up to [`SLOTS`] jobs are in flight (one descriptor table and event each), so layer-wise
 //! calls pipeline; a further submit waits for the oldest.
 
 use super::memory::Imports;
+use super::message::Message;
 use super::socket;
 use crate::error::Error;
 use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors};
 use crate::layout::RegionTable;
 use crate::transport::{fail, for_each_copy, BreakHook, Done, Link, TransportKind, WriteJob};
 use kvtransfer_cuda::{Event, Gpu, RunKinds};
-use std::collections::VecDeque;
-use std::io::Read;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -42,6 +44,8 @@ struct Pending {
     done: Done,
     /// The call's encoded arrival notice (`wire::Notice`), sent once its bytes landed.
     tag: Option<Vec<u8>>,
+    /// Completes on the acceptor's answer, not when the bytes landed.
+    acked: bool,
 }
 
 struct Submitter {
@@ -70,6 +74,9 @@ struct Shared {
     closing: AtomicBool,
     socket: UnixStream,
     imports: Mutex<Option<Imports>>,
+    /// Acked jobs whose bytes landed and whose answer has not come yet, by sequence number.
+    awaiting: Mutex<HashMap<u64, Done>>,
+    next_seq: AtomicU64,
     /// Told when the link breaks on its own (the peer's process went away, a copy failed).
     on_break: BreakHook,
 }
@@ -117,6 +124,8 @@ impl NvlinkLink {
             closing: AtomicBool::new(false),
             socket,
             imports: Mutex::new(Some(imports)),
+            awaiting: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(0),
             on_break,
         });
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
@@ -165,6 +174,52 @@ impl Shared {
         }
         // Submitters waiting for a slot see the failure.
         self.slot_freed.notify_all();
+        // No answer can come any more.
+        let failure = self.failure().unwrap_or(error);
+        let waiting: Vec<Done> = lock(&self.awaiting).drain().map(|(_, done)| done).collect();
+        for done in waiting {
+            fail(done, failure.clone());
+        }
+    }
+
+    /// Sends `message` on the side channel; a failure breaks the link.
+    fn send(&self, message: Message<'_>) -> Result<(), Error> {
+        socket::send(&self.socket, &message.encode(), &[]).map_err(|e| {
+            let error = Error::PeerDisconnected {
+                peer: self.peer.clone(),
+                reason: format!("the arrival notice could not be sent over the NVLink side channel ({e}); the bytes were written"),
+            };
+            self.break_with(error.clone(), false);
+            error
+        })
+    }
+
+    /// Asks the acceptor to answer a job whose bytes landed; `done` completes on the answer
+    /// (the watch thread) or with the link's failure.
+    fn ask_answer(&self, done: Done, notice: Option<&[u8]>) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        lock(&self.awaiting).insert(seq, done);
+        let sent = self.send(Message::Acked { seq, notice });
+        // A break that came before the insert did not sweep this job: fail it here (unless
+        // a later sweep already did).
+        if let Some(error) = sent.err().or_else(|| self.failure()) {
+            if let Some(done) = lock(&self.awaiting).remove(&seq) {
+                fail(done, error);
+            }
+        }
+    }
+
+    /// The acceptor answered job `seq`.
+    fn answered(&self, seq: u64) {
+        match lock(&self.awaiting).remove(&seq) {
+            Some(done) => {
+                let _ = done.send(Ok(()));
+            }
+            None => crate::log::debug!(
+                "nvlink to {}: an answer to call {seq}, which waits for none; ignored",
+                self.peer
+            ),
+        }
     }
 
     /// Waits until no job is in flight. Taking the submit lock first means no submission
@@ -205,47 +260,55 @@ fn complete_loop(shared: &Shared) {
             }
         };
         let landed = pending.slot.event.synchronize();
-        let outcome = match (landed, shared.failure()) {
+        let Pending {
+            slot,
+            done,
+            tag,
+            acked,
+        } = pending;
+        lock(&shared.submitter).free.push(slot);
+        shared.slot_freed.notify_one();
+        let landed = match (landed, shared.failure()) {
             (_, Some(error)) => Err(error),
             (Err(e), None) => {
                 let error = Error::from(e);
                 shared.break_with(error.clone(), false);
                 Err(error)
             }
-            (Ok(()), None) => match &pending.tag {
-                None => Ok(()),
-                Some(notice) => socket::send(&shared.socket, notice, &[])
-                .map_err(|e| {
-                    let error = Error::PeerDisconnected {
-                        peer: shared.peer.clone(),
-                        reason: format!("the arrival notice could not be sent over the NVLink side channel ({e}); the bytes were written"),
-                    };
-                    shared.break_with(error.clone(), false);
-                    error
-                }),
-            },
+            (Ok(()), None) => Ok(()),
         };
-        let Pending { slot, done, .. } = pending;
-        lock(&shared.submitter).free.push(slot);
-        shared.slot_freed.notify_one();
-        match outcome {
-            Ok(()) => {
+        match (landed, tag) {
+            (Err(error), _) => fail(done, error),
+            (Ok(()), tag) if acked => shared.ask_answer(done, tag.as_deref()),
+            (Ok(()), None) => {
                 let _ = done.send(Ok(()));
             }
-            Err(error) => fail(done, error),
+            (Ok(()), Some(notice)) => match shared.send(Message::Notice(&notice)) {
+                Ok(()) => {
+                    let _ = done.send(Ok(()));
+                }
+                Err(error) => fail(done, error),
+            },
         }
         lock(&shared.queue).in_flight -= 1;
         shared.queue_changed.notify_all();
     }
 }
 
-/// Reads the side channel until it ends: the acceptor sends nothing after its table, so
-/// the end (or an error) means its process is gone (or it closed the connection).
-fn watch(shared: &Shared, mut socket: UnixStream) {
-    let mut byte = [0u8; 1];
-    while let Ok(n) = socket.read(&mut byte) {
-        if n == 0 {
-            break;
+/// Reads the side channel until it ends: after its table the acceptor sends only answers
+/// to acked jobs, so the end (or an error, or a message that is no answer) means its
+/// process is gone (or it closed the connection).
+fn watch(shared: &Shared, socket: UnixStream) {
+    while let Ok(Some((bytes, _))) = socket::receive(&socket) {
+        match Message::decode(&bytes) {
+            Some(Message::Answer { seq }) => shared.answered(seq),
+            _ => {
+                crate::log::debug!(
+                    "nvlink to {}: a side-channel message that is no answer",
+                    shared.peer
+                );
+                break;
+            }
         }
     }
     if shared.closing.load(Ordering::SeqCst) {
@@ -340,6 +403,7 @@ impl Link for NvlinkLink {
                     slot,
                     done: job.done,
                     tag: job.plan.notice,
+                    acked: job.plan.acked,
                 });
                 queue.in_flight += 1;
                 drop(queue);
@@ -390,6 +454,13 @@ impl Link for NvlinkLink {
 
     fn kind(&self) -> TransportKind {
         TransportKind::Nvlink
+    }
+
+    fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
+        crate::transport::ReceiverChecks {
+            verifies_checksums: false,
+            answers_acked_calls: true,
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 mod endpoint;
 mod link;
 mod memory;
+mod message;
 mod server;
 mod socket;
 

@@ -1,8 +1,10 @@
 //! The acceptor's side channel: an abstract Unix socket that admits one connection per
 //! session the handshake granted, hands the writer the memory table (and the descriptors of
-//! shareable allocations), then receives the writer's arrival notices until it goes away.
+//! shareable allocations), then receives the writer's arrival notices until it goes away,
+//! answering the calls that ask for it (`message.rs`).
 
 use super::memory::Exports;
+use super::message::Message;
 use super::socket::{self, MAX_FDS_PER_MESSAGE};
 use crate::transport::{Arrival, ArrivalSink, ChecksumCheck};
 use crate::wire::Notice;
@@ -157,13 +159,10 @@ fn serve(stream: &UnixStream, shared: &Shared) {
     );
     loop {
         match socket::receive(stream) {
-            Ok(Some((notice, _))) => {
-                let Some(arrival) = decode_notice(&peer, &notice) else {
-                    crate::log::debug!("nvlink: a malformed notice from {peer}; connection closed");
+            Ok(Some((bytes, _))) => {
+                if let Err(why) = take(stream, &peer, &bytes, shared) {
+                    crate::log::debug!("nvlink: side channel of {peer}: {why}; connection closed");
                     return;
-                };
-                if let Some(sink) = &shared.arrivals {
-                    sink(arrival);
                 }
             }
             Ok(None) => {
@@ -176,6 +175,27 @@ fn serve(stream: &UnixStream, shared: &Shared) {
             }
         }
     }
+}
+
+/// Takes one message from `peer`: hands its notice to the arrival sink, then answers a
+/// call that asked for it (so the writer's call resolves only after the arrival was taken).
+fn take(stream: &UnixStream, peer: &str, bytes: &[u8], shared: &Shared) -> Result<(), String> {
+    let (notice, answer) = match Message::decode(bytes) {
+        Some(Message::Notice(notice)) => (Some(notice), None),
+        Some(Message::Acked { seq, notice }) => (notice, Some(seq)),
+        Some(Message::Answer { .. }) | None => return Err("a malformed message".into()),
+    };
+    if let Some(notice) = notice {
+        let arrival = decode_notice(peer, notice).ok_or("a malformed notice")?;
+        if let Some(sink) = &shared.arrivals {
+            sink(arrival);
+        }
+    }
+    if let Some(seq) = answer {
+        socket::send(stream, &Message::Answer { seq }.encode(), &[])
+            .map_err(|e| format!("answering call {seq}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn send_exports(stream: &UnixStream, exports: &Exports) -> std::io::Result<()> {
