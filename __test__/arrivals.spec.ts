@@ -14,6 +14,7 @@ import {
   eventually,
   makePrefill,
   ms,
+  quietMs,
   spawnPeer,
   sleep,
   type Arrival,
@@ -85,7 +86,7 @@ test.serial('waitForArrival resolves only when every requested layer arrived', a
     done = true
     return o
   })
-  await sleep(ms(500))
+  await sleep(quietMs(500))
   t.false(done, 'layer 1 has not arrived yet')
   await prefill.comm.writeCache(HOST, peer.port, [3, 4], [3, 4], 1, { tag })
   mirror.apply(1, [3, 4], [3, 4])
@@ -179,7 +180,7 @@ test.serial("'arrival' events fire exactly once per tagged call, none for untagg
   await prefill.comm.writeCache(HOST, peer.port, [8, 9], [8, 9], 2)
   await prefill.comm.writeCache(HOST, peer.port, [10], [10], 0, {})
   t.true(await eventually(async () => (await peer.events()).length >= calls.length, ms(10_000)), 'all events arrive')
-  await sleep(ms(500)) // room for duplicates to show up
+  await sleep(quietMs(500)) // room for duplicates to show up
   const events = await peer.events()
   const key = (e: { layer: number; tag: bigint | string; blocks: number }) =>
     `${typeof e.tag}:${String(e.tag)}:${e.layer}:${e.blocks}`
@@ -278,7 +279,7 @@ test.serial(
     }
     t.true(await eventually(() => events.length === tags.length, ms(10_000)), 'the listener heard every notice')
     t.true(await eventually(() => unheard.metrics().noticesDropped === 4, ms(10_000)), 'nobody consumed 4 of 6')
-    await sleep(ms(200))
+    await sleep(quietMs(200))
     // Six notices and room for two in each: four evicted from each communicator.
     t.is(unheard.metrics().noticesDropped, 4, 'no listener, no wait: the 4 evicted notices were dropped')
     t.is(heard.metrics().noticesDropped, 0, 'the listener consumed what was evicted')

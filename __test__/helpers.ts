@@ -7,6 +7,8 @@
  *   KVTRANSFER_TEST_TRANSPORT      transport of both sides (default 'tcp'; 'rdma' in the Soft-RoCE VM)
  *   KVTRANSFER_TEST_HOST           address the prefill side connects to (default 127.0.0.1)
  *   KVTRANSFER_TEST_TIMEOUT_SCALE  multiplies every waiting bound (default 1; e.g. 10 in a slow VM)
+ *   KVTRANSFER_TEST_QUIET_SCALE    multiplies every wait for something that must not happen
+ *                                  (`quietMs`; default: the timeout scale)
  */
 import { fork, type ChildProcess } from 'node:child_process'
 import { createHash } from 'node:crypto'
@@ -26,6 +28,13 @@ export const HOST = process.env.KVTRANSFER_TEST_HOST || '127.0.0.1'
 export const SCALE = Math.max(1, Number(process.env.KVTRANSFER_TEST_TIMEOUT_SCALE || 1))
 /** A waiting bound scaled for slow machines. */
 export const ms = (base: number): number => Math.round(base * SCALE)
+const QUIET_SCALE = Math.max(1, Number(process.env.KVTRANSFER_TEST_QUIET_SCALE || SCALE))
+/**
+ * How long to wait for something that must NOT happen (a second event, a wait that must time
+ * out): it is always waited out whole, so it is scaled apart from the bounds, which cost
+ * only on failure. A slow VM scales it with its CPU (~5x), not with its process start.
+ */
+export const quietMs = (base: number): number => Math.round(base * QUIET_SCALE)
 
 const REPO_ROOT = fileURLToPath(new URL('..', import.meta.url))
 const PEER_SCRIPT = fileURLToPath(new URL('./fixtures/decode-peer.ts', import.meta.url))

@@ -16,6 +16,7 @@ import {
   expectKvError,
   makePrefill,
   ms,
+  quietMs,
   pick,
   sleep,
   spawnPeer,
@@ -52,7 +53,7 @@ tcpOnly(
     await prefill.comm.writeCache(HOST, other.port, [1], [2], 0)
     // The stalled peer resumes: whatever of the call reached its socket must not be applied.
     peer.child.kill('SIGCONT')
-    await sleep(ms(1000))
+    await sleep(quietMs(1000))
     const zero = new Mirror(prefill, BIG.blockNumber)
     await assertPeerMatches(t, peer, zero, 'memory of the peer after the timed-out call')
     // Reconnecting works and writes land again.
@@ -83,7 +84,7 @@ tcpOnly('aborting a writeCache (AbortSignal) rejects every pending call of that 
     'ERR_ABORTED',
   )
   peer.child.kill('SIGCONT')
-  await sleep(ms(500))
+  await sleep(quietMs(500))
   await assertPeerMatches(t, peer, new Mirror(prefill, BIG.blockNumber), 'memory of the peer after the abort')
 })
 

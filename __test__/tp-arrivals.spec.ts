@@ -8,7 +8,7 @@
  */
 import { randomFillSync } from 'node:crypto'
 import test, { type ExecutionContext } from 'ava'
-import { HOST, RDMACommunicator, TRANSPORT, ms, spawnPeer } from './helpers.js'
+import { HOST, RDMACommunicator, TRANSPORT, ms, quietMs, spawnPeer } from './helpers.js'
 
 /** Checksums are verified over TCP only (README "Checksums"): skipped on other transports. */
 const tcpOnly = TRANSPORT === 'tcp' ? test.serial : test.serial.skip
@@ -73,7 +73,7 @@ async function run(t: ExecutionContext, c: Case) {
     }
   }
   for (const rank of c.writing) await write(rank)
-  const partial = await (await peer.startWait('req', { layers: LAYERS, timeoutMs: ms(1_500) })).finish()
+  const partial = await (await peer.startWait('req', { layers: LAYERS, timeoutMs: quietMs(1_500) })).finish()
   t.false(partial.ok, 'a responsible writer has not written: the wait must not resolve')
   t.is(partial.error?.code, 'ERR_TIMEOUT')
   t.regex(partial.error!.message, c.missing)

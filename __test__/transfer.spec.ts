@@ -15,6 +15,7 @@ import {
   freePort,
   makePrefill,
   ms,
+  quietMs,
   pick,
   sleep,
   spawnPeer,
@@ -148,7 +149,7 @@ test.serial('connect waits for a peer that starts later', async (t) => {
     () => (settled = true),
     () => (settled = true),
   )
-  await sleep(ms(1000))
+  await sleep(quietMs(1000))
   t.false(settled, 'connect must still be waiting while nobody listens')
   t.false(prefill.comm.isConnected(HOST, port))
   const peer = await spawnPeer(t, { layers: 2, blockNumber: 8, blockBytes, port })

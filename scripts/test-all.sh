@@ -9,7 +9,16 @@ cd "$(dirname "$0")/.."
 LOG=${KVTRANSFER_TEST_LOG:-$(mktemp -d /tmp/kvtransfer-test.XXXXXX)}
 mkdir -p "$LOG"
 passed=0 failed=0 skipped=0
-step() { echo; echo "=== $* ==="; }
+# Each step's elapsed seconds: printed when the next step starts, and as a table at the end.
+step_name='' step_start=$SECONDS step_times=()
+step_end() {
+  [[ -n $step_name ]] || return 0
+  local took=$((SECONDS - step_start))
+  echo "--- ${took}s: $step_name"
+  step_times+=("$(printf '%6ss  %s' "$took" "$step_name")")
+  step_name=''
+}
+step() { step_end; echo; echo "=== $* ==="; step_name=$*; step_start=$SECONDS; }
 ok() { passed=$((passed + ${2:-1})); echo "ok: $1"; }
 bad() { failed=$((failed + ${2:-1})); echo "FAILED: $1"; }
 
@@ -97,7 +106,9 @@ fi
 step "TCP and registry liveness with a silently vanished peer host (network namespaces, root)"
 if [[ $(id -u) == 0 ]] && command -v ip >/dev/null; then
   # Already part of cargo test; run it once more, required, to report the measured times.
-  if KVTRANSFER_REQUIRE_NETNS=1 cargo test --release -p kvtransfer-engine --test netns_silent_peer -- --nocapture >"$LOG/netns.log" 2>&1; then
+  # --workspace, not -p: a package subset resolves other features (napi's turn on
+  # futures-channel's `sink`), so `-p` would compile the engine a second time.
+  if KVTRANSFER_REQUIRE_NETNS=1 cargo test --release --workspace --test netns_silent_peer -- --nocapture >"$LOG/netns.log" 2>&1; then
     ok "netns silent peer: $(grep -o 'pending call rejected after [^ ]*' "$LOG/netns.log"), $(grep -o 'idle link disconnected after [^ ]*' "$LOG/netns.log")"
   else tail -30 "$LOG/netns.log"; bad "netns silent peer"; fi
   # The registry case: the vanished host's etcd lease expires (needs etcd: setup-debian.sh).
@@ -168,7 +179,10 @@ if [[ -x scripts/pack-test.sh ]]; then
   if scripts/pack-test.sh >"$LOG/pack.log" 2>&1; then ok "pack-test"; else tail -40 "$LOG/pack.log"; bad "pack-test"; fi
 fi
 
+step_end
 echo
+echo "time per step (${SECONDS}s in all):"
+printf '%s\n' "${step_times[@]}"
 echo "logs: $LOG"
 echo "$passed passed, $failed failed, $skipped skipped"
 ((failed == 0))

@@ -48,14 +48,17 @@ mkdir -p "$out"
 list=$out/tests.list
 extra=$out/extra-cmds
 read -r -a pkgs <<< "${RDMA_TEST_PACKAGES:-kvtransfer-verbs kvtransfer-engine}"
-pargs=()
-for p in "${pkgs[@]}"; do pargs+=(-p "$p"); done
 
-echo "[rdma] building test binaries: ${pkgs[*]}" >&2
-cargo test --release "${pargs[@]}" --no-run --message-format=json > "$out/build.json"
-python3 - "$out/build.json" "${RDMA_TEST_BINS:-}" > "$list" <<'PY'
+# Built for the whole workspace, then picked by package: a `-p` subset resolves other
+# features (napi turns on futures-channel's `sink`), gets other unit hashes and would compile
+# the engine again instead of reusing what `cargo test --workspace --release` built.
+echo "[rdma] building test binaries (--workspace; then picking ${pkgs[*]})" >&2
+t0=$SECONDS
+cargo test --release --workspace --no-run --message-format=json > "$out/build.json"
+echo "[rdma] test binaries built in $((SECONDS - t0))s" >&2
+python3 - "$out/build.json" "${RDMA_TEST_BINS:-}" "${pkgs[@]}" > "$list" <<'PY'
 import json, os, re, sys
-path, pat = sys.argv[1], sys.argv[2]
+path, pat, pkgs = sys.argv[1], sys.argv[2], set(sys.argv[3:])
 seen = set()
 for line in open(path):
     try:
@@ -68,6 +71,13 @@ for line in open(path):
     if not exe or exe in seen:
         continue
     seen.add(exe)
+    # package_id: "path+file:///dir#name@1.0" (cargo >= 1.77) or "name 1.0 (path+file:///dir)"
+    pid = m.get("package_id", "")
+    pkg = pid.split(" ")[0] if " " in pid else pid.rsplit("#", 1)[-1].split("@")[0]
+    if "#" in pid and "@" not in pid.rsplit("#", 1)[-1]:
+        pkg = os.path.basename(pid.rsplit("#", 1)[0])  # "path+file:///dir/name#1.0"
+    if pkg not in pkgs:
+        continue
     name = m["target"]["name"]
     if pat and not re.search(pat, name):
         continue
