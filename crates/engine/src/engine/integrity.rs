@@ -34,11 +34,11 @@ impl Engine {
     ) -> Result<Option<Vec<u8>>> {
         let checks = peer.link.receiver_checks();
         let transport = peer.link.kind().name();
-        if integrity.acked && !checks.answers_every_call {
+        if integrity.acked && !checks.answers_acked_calls {
             return Err(Error::Unsupported {
                 what: "delivery: 'acked'",
                 reason: format!(
-                    "over {transport} (to {}): its writes are one-sided and its receiver does not answer them; use transport 'tcp', whose receiver answers every call",
+                    "over {transport} (to {}): its writes are one-sided and its receiver does not answer them; use transport 'tcp' or 'rdma', whose receivers answer acked calls",
                     peer.key
                 ),
             });

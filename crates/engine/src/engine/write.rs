@@ -358,6 +358,7 @@ impl Engine {
                 blocks: prepared.blocks,
                 shard: peer.shard,
                 notice,
+                acked: integrity.acked,
             },
             peer,
         })
@@ -494,6 +495,7 @@ impl Engine {
                 blocks,
                 shard: peer.shard,
                 notice,
+                acked: integrity.acked,
             },
             peer,
         })

@@ -150,8 +150,9 @@ pub trait Link: Send + Sync {
         u64::MAX
     }
     /// What the receiving side of this link does beyond one-sided delivery: whether it
-    /// verifies a notice's checksum against its memory, and whether a call completes only
-    /// once the receiving engine took the call's notice and answered.
+    /// verifies a notice's checksum against its memory, and whether a call that asks for it
+    /// (`JobPlan::acked`) completes only once the receiving engine took the call's notice
+    /// and answered.
     fn receiver_checks(&self) -> ReceiverChecks {
         ReceiverChecks::default()
     }
@@ -184,9 +185,10 @@ pub struct Resources {
 pub struct ReceiverChecks {
     /// The receiver verifies checksums of host regions before it reports the arrival.
     pub verifies_checksums: bool,
-    /// Every call completes only after the receiving engine answered it (after it took
-    /// the notice, for a tagged call).
-    pub answers_every_call: bool,
+    /// A call with `JobPlan::acked` completes only after the receiving engine answered it
+    /// (after it took the notice, for a tagged call). TCP answers every call anyway; RDMA
+    /// answers only the calls that ask, so a plain call stays one-sided.
+    pub answers_acked_calls: bool,
 }
 
 /// One rail of a link: a local NIC paired with one of the peer's, or a local NIC that the
@@ -222,6 +224,10 @@ pub struct RailReport {
     pub quarantines: u64,
     /// Times it came back after a quarantine.
     pub rejoins: u64,
+    /// Answers to acked calls (`delivery: 'acked'`) received on this rail.
+    pub answers: u64,
+    /// Answers received on this rail that named no call waiting for one (ignored).
+    pub stray_answers: u64,
     /// Why it is refused or quarantined, if it is.
     pub reason: Option<String>,
 }

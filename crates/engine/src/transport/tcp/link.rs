@@ -470,7 +470,7 @@ impl Link for TcpLink {
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
-            answers_every_call: true,
+            answers_acked_calls: true,
         }
     }
 }
