@@ -178,7 +178,7 @@ export type Checksum = 'crc32c' | 'none'
 
 /**
  * `'acked'`: the call resolves only after the receiving engine took it and answered
- * (TCP, NVLink; `ERR_UNSUPPORTED` where the transport cannot: README "What a resolved call promises").
+ * (TCP, RDMA, NVLink; `ERR_UNSUPPORTED` where a transport cannot: README "What a resolved call promises").
  * `'default'`: what the transport promises by itself.
  */
 export type Delivery = 'acked' | 'default'

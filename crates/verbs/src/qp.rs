@@ -427,6 +427,30 @@ impl QueuePair {
         post_result("ibv_post_send", rc, index, count)
     }
 
+    /// Posts one zero-byte SEND WITH IMMEDIATE carrying `imm` (the peer gets a `RECV`
+    /// completion with it, consuming one posted receive). Safe: the request references
+    /// no memory. The caller keeps outstanding send requests ≤ [`QpCaps::max_send_wr`]
+    /// (else the post fails) and signals at least every `max_send_wr`.
+    pub fn post_send_zero_with_imm(
+        &self,
+        wr_id: u64,
+        imm: u32,
+        signaled: bool,
+    ) -> Result<(), PostError> {
+        let mut batch = SendBatch::with_capacity(1);
+        let none = LocalBuf {
+            addr: 0,
+            len: 0,
+            lkey: 0,
+        };
+        if let Err(e) = batch.push_send_with_imm(wr_id, none, imm, signaled) {
+            unreachable!("a batch of one takes one request: {e}");
+        }
+        // SAFETY: the one request carries no scatter entry (length 0): it reads no local
+        // memory and names no remote range.
+        unsafe { self.post_send(&mut batch) }
+    }
+
     /// Posts one zero-byte receive to this QP's own receive queue (QPs
     /// created without an SRQ). Safe: the receive references no memory.
     pub fn post_recv_zero(&self, wr_id: u64) -> Result<(), PostError> {
@@ -641,6 +665,26 @@ impl SendBatch {
             wr_id,
             local,
             remote,
+            imm,
+            signaled,
+        )
+    }
+
+    /// Appends a SEND WITH IMMEDIATE of `local` (`local.len` may be 0): the peer gets a
+    /// `RECV` completion carrying `imm`, consuming one posted receive (the receive's
+    /// buffer must hold `local.len` bytes; a zero-byte send fits a zero-byte receive).
+    pub fn push_send_with_imm(
+        &mut self,
+        wr_id: u64,
+        local: LocalBuf,
+        imm: u32,
+        signaled: bool,
+    ) -> Result<()> {
+        self.push(
+            ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+            wr_id,
+            local,
+            RemoteBuf { addr: 0, rkey: 0 },
             imm,
             signaled,
         )

@@ -244,6 +244,10 @@ pub struct ProcessSettings {
     /// `KVCACHE_TEST_CORRUPT_RECEIVE`, for tests only: the receiver flips one byte of every
     /// checksummed call it lands before verifying it, so a test sees the mismatch.
     pub test_corrupt_receive: bool,
+    /// `KVCACHE_TEST_WRONG_ANSWER`, for tests only: an RDMA receiver answers every acked
+    /// call with an immediate no writer waits for (and never with the right one), so a test
+    /// sees the writer ignore and count it and the call fail by its timeout.
+    pub test_wrong_answer: bool,
 }
 
 impl ProcessSettings {
@@ -255,6 +259,7 @@ impl ProcessSettings {
             cuda_copy_kernel: flag("KVCACHE_CUDA_COPY_KERNEL")?.unwrap_or(true),
             cuda_batch_copy: flag("KVCACHE_CUDA_BATCH_COPY")?.unwrap_or(true),
             test_corrupt_receive: flag("KVCACHE_TEST_CORRUPT_RECEIVE")?.unwrap_or(false),
+            test_wrong_answer: flag("KVCACHE_TEST_WRONG_ANSWER")?.unwrap_or(false),
         })
     }
 }
@@ -277,6 +282,7 @@ pub fn process() -> &'static ProcessSettings {
             cuda_copy_kernel: true,
             cuda_batch_copy: true,
             test_corrupt_receive: false,
+            test_wrong_answer: false,
         })
     })
 }
@@ -515,6 +521,11 @@ const VARIABLES: &[(&str, &str, Check)] = &[
         "KVCACHE_TEST_CORRUPT_RECEIVE",
         "TESTS ONLY: corrupt one received byte of each checksummed call",
         || valid(flag("KVCACHE_TEST_CORRUPT_RECEIVE")),
+    ),
+    (
+        "KVCACHE_TEST_WRONG_ANSWER",
+        "TESTS ONLY: an RDMA receiver answers acked calls with a wrong call number",
+        || valid(flag("KVCACHE_TEST_WRONG_ANSWER")),
     ),
     (
         "KVCACHE_LOG_LEVEL",

@@ -186,8 +186,8 @@ pub struct ReceiverChecks {
     /// The receiver verifies checksums of host regions before it reports the arrival.
     pub verifies_checksums: bool,
     /// A call with `JobPlan::acked` completes only after the receiving engine answered it
-    /// (after it took the notice, for a tagged call). TCP answers every call anyway; NVLink
-    /// answers only the calls that ask, so a plain call stays one-sided.
+    /// (after it took the notice, for a tagged call). TCP answers every call anyway; RDMA and
+    /// NVLink answer only the calls that ask, so a plain call stays one-sided.
     pub answers_acked_calls: bool,
 }
 
@@ -224,6 +224,10 @@ pub struct RailReport {
     pub quarantines: u64,
     /// Times it came back after a quarantine.
     pub rejoins: u64,
+    /// Answers to acked calls (`delivery: 'acked'`) received on this rail.
+    pub answers: u64,
+    /// Answers received on this rail that named no call waiting for one (ignored).
+    pub stray_answers: u64,
     /// Why it is refused or quarantined, if it is.
     pub reason: Option<String>,
 }

@@ -2,7 +2,7 @@
 //! arrival notice; and failing a link on a bad completion or post.
 
 use super::doorbell::Doorbell;
-use super::notice::encode_slot;
+use super::notice::{encode_slot, notice_imm};
 use super::state::{
     ActiveJob, Chain, ChainKind, ChainProgress, Phase, RailState, SendRail, SenderLink, Shared,
     CHAIN_BYTES, MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
@@ -14,15 +14,16 @@ use kvtransfer_verbs::{LocalBuf, MemoryRegion, RemoteBuf, SendBatch};
 use std::sync::atomic::Ordering;
 
 /// Moves a job whose posted requests all completed to its next phase: flush read, then
-/// notice, then done.
+/// notice (a tagged or acked call), then done (an acked call once the receiver answered).
 pub(super) fn finish_phase(link: &mut SenderLink, position: usize, gdr_flush: bool) {
     let active = &mut link.jobs[position];
     if active.chains_outstanding > 0 || !active.posted_all {
         return;
     }
+    let plan = &active.job.plan;
     let next = match active.phase {
         Phase::Data if gdr_flush => Some(Phase::Flush),
-        Phase::Data | Phase::Flush if active.job.plan.notice.is_some() => Some(Phase::Notice),
+        Phase::Data | Phase::Flush if plan.notice.is_some() || plan.acked => Some(Phase::Notice),
         _ => None,
     };
     match next {
@@ -30,6 +31,8 @@ pub(super) fn finish_phase(link: &mut SenderLink, position: usize, gdr_flush: bo
             active.phase = phase;
             link.control.push_back(active.seq);
         }
+        // Its notice landed; the receiving engine has not answered yet.
+        None if plan.acked && !active.answered => {}
         None => {
             if let Some(done) = link.jobs.remove(position) {
                 let _ = done.job.done.send(Ok(()));
@@ -82,6 +85,7 @@ pub(super) fn break_link(
         fail(active.job.done, this);
     }
     link.control.clear();
+    link.awaiting.clear();
 }
 
 /// Posts what fits of a link's pending work. Returns whether anything was posted.
@@ -371,21 +375,36 @@ pub(super) fn post_control(
             ChainKind::Flush
         }
         Phase::Notice => {
+            let acked = link.jobs[position].job.plan.acked;
             if notice_ring.2 == 0 {
-                // A peer without a notice ring cannot be told; the data is there: finish.
+                // A peer without a notice ring cannot be told; the data is there: finish,
+                // unless the call waits for an answer it cannot get.
                 if let Some(active) = link.jobs.remove(position) {
-                    let _ = active.job.done.send(Ok(()));
+                    let outcome = match acked {
+                        false => Ok(()),
+                        true => Err(Error::protocol(
+                            link.peer.clone(),
+                            "its RDMA endpoint has no notice ring, so it cannot answer an acked call",
+                        )),
+                    };
+                    let _ = active.job.done.send(outcome);
                 }
                 return Ok(true);
             }
             if link.notices_in_flight >= NOTICE_STAGING_SLOTS {
                 return Ok(false);
             }
-            let notice = link.next_notice;
+            let number = link.next_notice;
+            let remote_slot = (number % u64::from(notice_ring.2)) as u32;
+            let imm = notice_imm(remote_slot, number, acked);
+            if acked && link.awaiting.contains_key(&imm) {
+                // The call 2^15 notices back still waits for the same answer: hold this one.
+                return Ok(false);
+            }
             link.next_notice += 1;
-            let staging_slot = (notice % NOTICE_STAGING_SLOTS as u64) as usize;
-            let remote_slot = (notice % u64::from(notice_ring.2)) as u32;
+            let staging_slot = (number % NOTICE_STAGING_SLOTS as u64) as usize;
             let active = &link.jobs[position];
+            // An acked call without a tag sends an empty record: the receiver only answers.
             let notice = active.job.plan.notice.as_deref().unwrap_or(&[]);
             let start = staging_slot * NOTICE_SLOT_BYTES;
             let len = encode_slot(&mut link.staging[start..start + NOTICE_SLOT_BYTES], notice);
@@ -398,8 +417,11 @@ pub(super) fn post_control(
                 addr: notice_ring.0 + u64::from(remote_slot) * NOTICE_SLOT_BYTES as u64,
                 rkey: notice_ring.1,
             };
-            let _ = batch.push_write_with_imm(chain_id, local, remote, remote_slot, true);
+            let _ = batch.push_write_with_imm(chain_id, local, remote, imm, true);
             link.notices_in_flight += 1;
+            if acked {
+                link.awaiting.insert(imm, seq);
+            }
             ChainKind::Notice { staging_slot }
         }
         Phase::Data => return Ok(true),

@@ -407,6 +407,8 @@ impl RdmaDevice {
             .send(Command::AddReceiver(Box::new(ReceiverLink {
                 peer_name: peer_name.to_string(),
                 instance: peer_instance,
+                answering: vec![0; qps_kept.len()],
+                unsent: Default::default(),
                 qps: qps_kept,
                 _ring_mrs: ring_mrs,
                 ring,
@@ -559,6 +561,7 @@ impl RdmaDevice {
             rails,
             next_notice: 0,
             notices_in_flight: 0,
+            awaiting: Default::default(),
             staging,
             scratch,
             jobs: VecDeque::new(),

@@ -75,6 +75,15 @@ impl Link for RdmaLink {
         self.held
     }
 
+    /// The receiver answers a call that asks (`answer.rs`); it cannot see which bytes a
+    /// call wrote, so it verifies no checksum.
+    fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
+        crate::transport::ReceiverChecks {
+            verifies_checksums: false,
+            answers_acked_calls: true,
+        }
+    }
+
     fn rails(&self) -> Vec<RailReport> {
         let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
         let mut out: Vec<RailReport> = self
@@ -98,6 +107,8 @@ impl Link for RdmaLink {
                     failures: load(&c.failures),
                     quarantines: load(&c.quarantines),
                     rejoins: load(&c.rejoins),
+                    answers: load(&c.answers),
+                    stray_answers: load(&c.stray_answers),
                     reason: c.reason(),
                 }
             })
@@ -117,6 +128,8 @@ impl Link for RdmaLink {
             failures: 0,
             quarantines: 0,
             rejoins: 0,
+            answers: 0,
+            stray_answers: 0,
             reason: Some(why.clone()),
         }));
         out

@@ -12,8 +12,11 @@
 //! After a call's data: with `KVCACHE_GDRCOPY_FLUSH_ENABLE`, an RDMA READ of the last
 //! written remote bytes (the call completes after it); with a tag, a WRITE WITH IMMEDIATE
 //! that puts the arrival notice into the peer's notice ring and raises a receive
-//! completion there. The progress thread blocks on the completion channel when idle.
+//! completion there; an acked call (`delivery: 'acked'`) completes only once the receiving
+//! engine answered that notice (`answer.rs`). The progress thread blocks on the completion
+//! channel when idle.
 
+mod answer;
 mod chain;
 mod details;
 mod device;

@@ -1,11 +1,12 @@
 //! The progress thread: takes commands, posts chains, reaps completions, delivers notices.
 
+use super::answer;
 use super::chain::{break_link, finish_phase, post_link};
 use super::doorbell::Doorbell;
 use super::health::{
     check_ports, judge, quarantine, rail_of_qp, rejoin, try_rejoin, Verdict, PORT_CHECK,
 };
-use super::notice::decode_notice;
+use super::notice::{decode_notice, slot_of, wants_answer};
 use super::state::{
     tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink, SenderLink, Shared,
     NOTICE_SLOTS, NOTICE_SLOT_BYTES,
@@ -159,6 +160,7 @@ impl Worker {
                         posted_all: false,
                         chains_outstanding: 0,
                         phase: Phase::Data,
+                        answered: false,
                     });
                 }
                 Some(link) => fail(
@@ -390,7 +392,7 @@ impl Worker {
     fn on_send_completion(&mut self, local_rail: usize, wc: &WorkCompletion) {
         let Some(&(link_id, rail_index, qp_index)) = self.send_qps.get(&(local_rail, wc.qp_num))
         else {
-            return;
+            return self.answer_sent(local_rail, wc);
         };
         let Some(link) = self.senders.get_mut(&link_id) else {
             return;
@@ -475,6 +477,41 @@ impl Worker {
         finish_phase(link, position, self.shared.settings.gdr_flush);
     }
 
+    /// An answer to an acked call came in on a queue pair of sending link `link`.
+    fn take_answer(&mut self, link: u64, rail: usize, wc: &WorkCompletion) {
+        if let Some(link) = self.senders.get_mut(&link) {
+            answer::take_answer(link, rail, wc, self.shared.settings.gdr_flush);
+        }
+    }
+
+    /// Answers the acked call whose notice came in on queue pair `qp_num` of local rail
+    /// `rail`, from receiver `index`.
+    fn answer(&mut self, rail: usize, index: usize, qp_num: u32, imm: u32) {
+        let receiver = &mut self.receivers[index];
+        let position = receiver
+            .qps
+            .iter()
+            .position(|(r, qp)| *r == rail && qp.qp_num() == qp_num);
+        if let Some(qp) = position {
+            answer::answer(receiver, qp, imm);
+        }
+    }
+
+    /// A send completion of no sending link: an answer this side posted as a receiver.
+    fn answer_sent(&mut self, rail: usize, wc: &WorkCompletion) {
+        let Some(&index) = self.recv_qps.get(&(rail, wc.qp_num)) else {
+            return;
+        };
+        let receiver = &mut self.receivers[index];
+        let position = receiver
+            .qps
+            .iter()
+            .position(|(r, qp)| *r == rail && qp.qp_num() == wc.qp_num);
+        if let Some(qp) = position {
+            answer::answer_sent(receiver, qp, wc);
+        }
+    }
+
     fn poll_recv(&mut self) -> bool {
         let mut any = false;
         for rail in 0..self.shared.rails.len() {
@@ -489,7 +526,12 @@ impl Worker {
             return; // a receive queue being torn down
         }
         if wc.is_success() {
-            self.deliver_notice(rail, wc);
+            if let Some(&(link, rail_index, _)) = self.send_qps.get(&(rail, wc.qp_num)) {
+                // On a queue pair this side writes through: the receiver's answer.
+                self.take_answer(link, rail_index, wc);
+            } else if let Some((receiver, imm)) = self.deliver_notice(rail, wc) {
+                self.answer(rail, receiver, wc.qp_num, imm);
+            }
         } else {
             crate::log::log_error!(
                 "rdma: notice receive failed: {} (status {})",
@@ -503,18 +545,20 @@ impl Worker {
         }
     }
 
-    fn deliver_notice(&self, rail: usize, wc: &WorkCompletion) {
-        let Some(&index) = self.recv_qps.get(&(rail, wc.qp_num)) else {
-            return;
-        };
-        let Some(slot) = wc.imm_data else { return };
+    /// Hands a notice's arrival to the sink; returns (receiver index, immediate) when the
+    /// writer waits for an answer (an acked call: its notice, or its empty record when it
+    /// has no tag, was taken).
+    fn deliver_notice(&self, rail: usize, wc: &WorkCompletion) -> Option<(usize, u32)> {
+        let &index = self.recv_qps.get(&(rail, wc.qp_num))?;
+        let imm = wc.imm_data?;
+        let slot = slot_of(imm);
         let receiver = &self.receivers[index];
         if slot >= NOTICE_SLOTS {
             crate::log::log_error!(
                 "rdma: notice from {} names slot {slot} outside its ring",
                 receiver.peer_name
             );
-            return;
+            return None;
         }
         let mut record = [0u8; NOTICE_SLOT_BYTES];
         // SAFETY: the slot lies inside the ring (slot < NOTICE_SLOTS); the NIC finished
@@ -531,6 +575,12 @@ impl Worker {
                 NOTICE_SLOT_BYTES,
             )
         };
+        let answer = wants_answer(imm).then_some((index, imm));
+        match decode_notice(&record) {
+            // An acked call without a tag: nothing to deliver, only to answer.
+            Some([]) if answer.is_some() => return answer,
+            _ => {}
+        }
         match decode_notice(&record).map(Notice::decode) {
             Some(Ok(notice)) => {
                 if let Some(sink) = &self.shared.arrivals {
@@ -542,8 +592,13 @@ impl Worker {
                     };
                     sink(Arrival::of(&receiver.peer_name, &notice, check));
                 }
+                answer
             }
-            _ => crate::log::log_error!("rdma: malformed notice from {}", receiver.peer_name),
+            _ => {
+                // Not answered: the writer's call fails by its timeout, never resolves OK.
+                crate::log::log_error!("rdma: malformed notice from {}", receiver.peer_name);
+                None
+            }
         }
     }
 }

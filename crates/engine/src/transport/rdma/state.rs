@@ -268,6 +268,9 @@ pub(super) struct ActiveJob {
     pub(super) posted_all: bool,
     pub(super) chains_outstanding: u32,
     pub(super) phase: Phase,
+    /// An acked call (`JobPlan::acked`): whether the receiver's answer came (it may come
+    /// before the notice's own completion is polled).
+    pub(super) answered: bool,
 }
 
 /// A rail's health as the writer sees it.
@@ -306,6 +309,10 @@ pub(crate) struct RailCounters {
     pub(crate) failures: AtomicU64,
     pub(crate) quarantines: AtomicU64,
     pub(crate) rejoins: AtomicU64,
+    /// Answers to acked calls that came in on this rail and completed a call.
+    pub(crate) answers: AtomicU64,
+    /// Answers that came in on this rail and named no call waiting for one (ignored).
+    pub(crate) stray_answers: AtomicU64,
     state: AtomicU8,
     reason: Mutex<Option<String>>,
 }
@@ -373,6 +380,9 @@ pub(super) struct SenderLink {
     pub(super) rails: Vec<SendRail>,
     pub(super) next_notice: u64,
     pub(super) notices_in_flight: usize,
+    /// Acked calls whose notice was posted and whose answer has not come: the notice's
+    /// immediate (what the answer carries back) → the job's seq (`notice.rs`).
+    pub(super) awaiting: std::collections::HashMap<u32, u64>,
     pub(super) staging: Box<[u8]>,
     pub(super) scratch: Box<[u8]>,
     pub(super) jobs: VecDeque<ActiveJob>,
@@ -403,6 +413,10 @@ pub(super) struct ReceiverLink {
     pub(super) instance: u64,
     /// (local rail index, queue pair).
     pub(super) qps: Vec<(usize, QueuePair)>,
+    /// Answers posted on each of `qps` (by index) and not yet completed.
+    pub(super) answering: Vec<u32>,
+    /// Answers waiting for send-queue room: (index into `qps`, immediate).
+    pub(super) unsent: VecDeque<(usize, u32)>,
     /// The ring registered under the other rails' devices (only held: dropped before
     /// `ring`, whose bytes they register).
     pub(super) _ring_mrs: Vec<MemoryRegion>,
