@@ -475,6 +475,10 @@ export interface NativeRail {
   failures: number
   quarantines: number
   rejoins: number
+  /** Answers to acked calls (`delivery: 'acked'`) received on this rail. */
+  answers: number
+  /** Answers received on this rail that named no call waiting for one (ignored). */
+  strayAnswers: number
   /** Why it is refused or out of service (null while healthy). */
   reason?: string
 }

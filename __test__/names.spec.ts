@@ -105,6 +105,8 @@ test('the Prometheus text escapes label values (backslash, double quote, newline
                 failures: 1,
                 quarantines: 1,
                 rejoins: 0,
+                answers: 0,
+                strayAnswers: 0,
                 reason: 'a work request failed',
               },
             ],

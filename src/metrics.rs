@@ -92,6 +92,10 @@ pub struct NativeRail {
     pub failures: f64,
     pub quarantines: f64,
     pub rejoins: f64,
+    /// Answers to acked calls (`delivery: 'acked'`) received on this rail.
+    pub answers: f64,
+    /// Answers received on this rail that named no call waiting for one (ignored).
+    pub stray_answers: f64,
     /// Why it is refused or out of service (null while healthy).
     pub reason: Option<String>,
 }
@@ -114,6 +118,8 @@ pub(crate) fn rails(reports: &[RailReport]) -> Vec<NativeRail> {
             failures: r.failures as f64,
             quarantines: r.quarantines as f64,
             rejoins: r.rejoins as f64,
+            answers: r.answers as f64,
+            stray_answers: r.stray_answers as f64,
             reason: r.reason.clone(),
         })
         .collect()

@@ -174,13 +174,15 @@ const COUNTERS: Array<[CounterField, string, string]> = [
 ]
 
 /** Per-rail counters exposed as `kvtransfer_rdma_rail_<name>_total`, by field. */
-type RailField = 'bytes' | 'wrs' | 'failures' | 'quarantines' | 'rejoins'
+type RailField = 'bytes' | 'wrs' | 'failures' | 'quarantines' | 'rejoins' | 'answers' | 'strayAnswers'
 const RAIL_COUNTERS: Array<[RailField, string, string]> = [
   ['bytes', 'bytes', 'Bytes of the work requests completed on an RDMA rail (data, flush reads, notices).'],
   ['wrs', 'work_requests', 'Work requests completed on an RDMA rail.'],
   ['failures', 'failures', 'Failed work requests and posts on an RDMA rail, and its port seen down.'],
   ['quarantines', 'quarantines', 'Times an RDMA rail was quarantined (taken out of service for a cooldown).'],
   ['rejoins', 'rejoins', 'Times a quarantined RDMA rail came back after a successful probe.'],
+  ['answers', 'answers', "Answers to acked calls (delivery: 'acked') received on an RDMA rail."],
+  ['strayAnswers', 'stray_answers', 'Answers received on an RDMA rail that named no waiting call (ignored).'],
 ]
 
 /** One series per paired rail of every tracked peer, with `rail` (device) and `port` labels. */
@@ -271,7 +273,7 @@ function seriesOf(sources: MetricsSource[]): Series[] {
  * them counts calls to peers it does not track (never connected; beyond 4096), so that
  * `sum by (local)` gives each communicator's totals. RDMA links add, per tracked peer and
  * paired rail (labels `peer`, `rail`: the local device, `port`), the counters
- * `kvtransfer_rdma_rail_{bytes,work_requests,failures,quarantines,rejoins}_total` and the
+ * `kvtransfer_rdma_rail_{bytes,work_requests,failures,quarantines,rejoins,answers,stray_answers}_total` and the
  * gauge `kvtransfer_rdma_rail_healthy` (at most 8 rails a peer, 4096 peers). A communicator
  * listed twice is rendered once.
  */

@@ -290,8 +290,8 @@ export interface PeerInfo {
 /**
  * One rail of an RDMA link: the binding's generated `NativeRail` (device, port, peer
  * device, state `healthy` / `quarantined` / `failed` / `refused`, GID index, GID and
- * why, peer GID, speed, and bytes, work requests, failures, quarantines and rejoins since
- * the link was opened).
+ * why, peer GID, speed, and bytes, work requests, failures, quarantines, rejoins, answers
+ * to acked calls and stray answers (ignored) since the link was opened).
  */
 export type Rail = NativeRail
 
