@@ -24,6 +24,7 @@ mod receiver_tests;
 mod sender;
 mod server;
 pub(crate) mod sockopt;
+mod spin;
 pub(crate) mod staging;
 mod state;
 

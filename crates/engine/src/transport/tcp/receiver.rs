@@ -434,6 +434,9 @@ impl Conn {
         // GPU copies are not queued and no arrival notice is delivered for it.
         sockopt::check_not_reset(self.fd())
             .map_err(|e| format!("the writer reset the connection: {e}"))?;
+        // It also serves the copies that follow within the interval (the next call's, at
+        // one small call per round trip): one `getsockopt` per call instead of two.
+        self.reset_checked = Some(Instant::now());
         // Staged GPU copies land before the notice and the ACK (no-op for hosts).
         if let Err(staging::RecvError::Gpu(reason)) = self.device.flush() {
             return self.refuse(reason);

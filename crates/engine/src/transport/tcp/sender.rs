@@ -95,8 +95,9 @@ impl SendLoop {
 
 fn run(mut poll: Poll, sources: &Sources, closed: &AtomicBool) {
     let mut events = Events::with_capacity(256);
+    let mut spin = super::spin::Spin::new();
     while !closed.load(Ordering::SeqCst) {
-        if let Err(e) = poll.poll(&mut events, None) {
+        if let Err(e) = poll.poll(&mut events, spin.timeout(None)) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
@@ -111,6 +112,7 @@ fn run(mut poll: Poll, sources: &Sources, closed: &AtomicBool) {
                 continue;
             };
             if event.is_readable() || event.is_read_closed() || event.is_error() {
+                spin.busy();
                 owner.readable();
             }
             if event.is_writable() || event.is_error() {

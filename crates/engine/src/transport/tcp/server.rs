@@ -205,13 +205,16 @@ fn run_receive_loop(state: &ServerState, mut poll: Poll, listener: &TcpListener)
     // Connections that stopped at their turn's end with bytes left: served again after
     // the events of the next poll, which then does not wait.
     let mut again: Vec<usize> = Vec::new();
+    let mut spin = super::spin::Spin::new();
     while !state.closed.load(Ordering::SeqCst) {
         // Wake up now and then while a connection owes its hello.
         let timeout = if again.is_empty() {
-            conns
-                .values()
-                .any(Conn::in_hello)
-                .then_some(Duration::from_millis(250))
+            spin.timeout(
+                conns
+                    .values()
+                    .any(Conn::in_hello)
+                    .then_some(Duration::from_millis(250)),
+            )
         } else {
             Some(Duration::ZERO)
         };
@@ -238,6 +241,7 @@ fn run_receive_loop(state: &ServerState, mut poll: Poll, listener: &TcpListener)
                         && (event.is_readable() || event.is_read_closed() || event.is_error())
                         && !again.contains(&token)
                     {
+                        spin.busy();
                         outcome = conn.readable(state, &mut buffer);
                     }
                     match outcome {
