@@ -11,6 +11,7 @@
 //! (Context ← PD ← MR/SRQ, Context ← channel ← CQ, PD/CQ/SRQ ← QP), so
 //! destruction always runs children first.
 
+mod batch;
 mod cq;
 mod device;
 mod error;
@@ -18,6 +19,7 @@ mod library;
 mod mr;
 mod qp;
 
+pub use batch::{LocalBuf, RemoteBuf, SendBatch};
 pub use cq::{
     wc_status_text, CompletionChannel, CompletionQueue, CqId, WorkCompletion, WC_OPCODE_RDMA_READ,
     WC_OPCODE_RDMA_WRITE, WC_OPCODE_RECV, WC_OPCODE_RECV_RDMA_WITH_IMM, WC_STATUS_REM_ACCESS_ERR,
@@ -30,10 +32,7 @@ pub use device::{
 pub use error::{PostError, Result, VerbsError};
 pub use library::{Library, LIBIBVERBS_SONAME};
 pub use mr::{Access, MemoryRegion};
-pub use qp::{
-    Dest, LocalBuf, QpCaps, QueuePair, RemoteBuf, RtrParams, RtsParams, SendBatch,
-    SharedReceiveQueue,
-};
+pub use qp::{Dest, QpCaps, QueuePair, RtrParams, RtsParams, SharedReceiveQueue};
 
 #[cfg(test)]
 mod tests {
