@@ -57,6 +57,16 @@ export declare class NativeCommunicator {
    */
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
   /**
+   * Writing side: the proof to send with `listen` (its name) to the peer whose handshake
+   * reply is `reply`; empty without an auth token.
+   */
+  listenProof(reply: Buffer, name: string): Buffer
+  /**
+   * Receiving side: throws `ERR_AUTH` (naming why) unless `proof` registers writer
+   * `name` for fences under a handshake this side accepted from it (each once).
+   */
+  checkListen(name: string, proof: Buffer): void
+  /**
    * Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
    * be swapped: a region not imported as host memory, or a transport other than TCP.
    */
@@ -525,6 +535,7 @@ export interface NativeStats {
   receivers: number
   registeredRegions: number
   rememberedHellos: number
+  openFenceGrants: number
   timedCalls: number
   processThreads: number
 }

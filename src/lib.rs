@@ -19,6 +19,7 @@ mod doctor;
 pub use doctor::native_doctor;
 mod errors;
 mod fence;
+mod listen_auth;
 mod metrics;
 mod prepared;
 mod regions;
@@ -256,6 +257,7 @@ pub struct NativeStats {
     pub receivers: u32,
     pub registered_regions: u32,
     pub remembered_hellos: u32,
+    pub open_fence_grants: u32,
     pub timed_calls: u32,
     pub process_threads: u32,
 }
@@ -560,6 +562,7 @@ impl NativeCommunicator {
             receivers: n(s.receivers),
             registered_regions: n(s.registered_regions),
             remembered_hellos: n(s.remembered_hellos),
+            open_fence_grants: n(s.open_fence_grants),
             timed_calls: n(s.timed_calls),
             process_threads: n(s.process_threads),
         }

@@ -303,9 +303,9 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
     } catch (error) {
       throw this.startError ? this.startFailure() : fromNative(error)
     }
-    const address = await this.connector.open({ host: ip, port: peerPort, dstTpSize, timeoutMs, signal })
+    const { ip: address, reply } = await this.connector.open({ host: ip, port: peerPort, dstTpSize, timeoutMs, signal })
     const key = `${address}:${peerPort}`
-    await this.fences.follow(address, peerPort, key, timeoutMs)
+    await this.fences.follow(address, peerPort, key, reply, timeoutMs)
     const handle = native(() => this.native.peer(key))
     this.peers.remember(Peer.of(address, peerPort, handle, this), ip)
     return true

@@ -26,6 +26,12 @@ export interface ConnectAttempt {
   signal: AbortSignal | undefined
 }
 
+/** A connection opened: the peer's address and its handshake reply. */
+export interface Opened {
+  ip: string
+  reply: Buffer
+}
+
 export class Connector {
   /**
    * Data connections that a `connect` gave up on at its deadline while the engine was still
@@ -41,11 +47,12 @@ export class Connector {
 
   /**
    * Resolves `host`, handshakes with the communicator listening on that address and `port`
-   * and opens the data path; resolves with the address once the engine registered the peer
+   * and opens the data path; resolves with the address and the acceptor's reply (the fence
+   * registration proves it came from this handshake) once the engine registered the peer
    * under `address:port`. Rejects with `ERR_TIMEOUT` or `ERR_ABORTED` at the call's
    * deadline, or with why the peer refused.
    */
-  async open({ host, port, dstTpSize, timeoutMs, signal }: ConnectAttempt): Promise<string> {
+  async open({ host, port, dstTpSize, timeoutMs, signal }: ConnectAttempt): Promise<Opened> {
     const started = Date.now()
     // What is left of the timeout (at least 1 ms); undefined: none.
     const left = () =>
@@ -79,7 +86,7 @@ export class Connector {
       ...expired,
       abandon: (reason) => this.abandon(key, opening, reason, timeoutMs),
     })
-    return ip
+    return { ip, reply }
   }
 
   /**

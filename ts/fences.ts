@@ -18,7 +18,7 @@ import { randomUUID } from 'node:crypto'
 import * as zmq from 'zeromq'
 import type { NativeCommunicator } from '../index.js'
 import { CONTROL_PROTOCOL, type ControlServer } from './control'
-import { KvTransferError, describeValue, fromNative, invalidArgument, nativeAsync } from './errors'
+import { KvTransferError, describeValue, fromNative, invalidArgument, native, nativeAsync } from './errors'
 import { type FenceOptions, checkNonNegativeInteger } from './options'
 import { type RequestTag, encodeTag } from './tags'
 
@@ -99,8 +99,8 @@ export class FenceHub {
   ) {}
 
   /** Writing side: opens the fence channel to the peer `key` (replacing an earlier one). */
-  async follow(host: string, port: number, key: string, timeoutMs: number | undefined): Promise<void> {
-    const channel = await FenceListener.open(this.engine, host, port, key, timeoutMs, (c) => this.linksOf(c))
+  async follow(host: string, port: number, key: string, reply: Buffer, timeoutMs: number | undefined): Promise<void> {
+    const channel = await FenceListener.open(this.engine, host, port, key, reply, timeoutMs, (c) => this.linksOf(c))
     void this.channels.get(key)?.closed()
     this.channels.set(key, channel)
   }
@@ -128,10 +128,17 @@ export class FenceHub {
     return [...this.listeners.keys()]
   }
 
-  /** `listen`: the writer `name` takes fences on connection `identity`. */
+  /**
+   * `listen`: the writer `name` takes fences on connection `identity`. The body is the name,
+   * then a zero byte and the proof that it registers for its own handshake (checked by the
+   * engine when this side has an auth token: `ERR_AUTH` otherwise, and nothing changes).
+   */
   listen(body: Buffer, identity: Buffer): Buffer {
-    const name = body.toString('utf8')
+    const end = body.indexOf(0)
+    const name = body.subarray(0, end < 0 ? body.length : end).toString('utf8')
+    const proof = end < 0 ? Buffer.alloc(0) : body.subarray(end + 1)
     if (name.length === 0 || name.length > 255) throw new KvTransferError('ERR_PROTOCOL', 'listen: bad writer name')
+    native(() => this.engine.checkListen(name, proof))
     this.listeners.set(name, Buffer.from(identity))
     return Buffer.from(this.id)
   }
@@ -227,12 +234,13 @@ export class FenceListener {
     host: string,
     port: number,
     key: string,
+    reply: Buffer,
     timeoutMs: number | undefined,
     links: (channel: FenceListener) => string[],
   ): Promise<FenceListener> {
     const listener = new FenceListener(engine, key, links)
     try {
-      await listener.start(host, port, engine.metrics().name, timeoutMs)
+      await listener.start(host, port, engine.metrics().name, reply, timeoutMs)
     } catch (error) {
       await nativeAsync(engine.cancelPeer(key, 'abort', undefined, true)).catch(() => undefined)
       throw error
@@ -240,18 +248,34 @@ export class FenceListener {
     return listener
   }
 
-  /** Registers this writer (`name`) with the peer at `host:port`; resolves once it listens. */
-  private async start(host: string, port: number, name: string, timeoutMs: number | undefined): Promise<void> {
+  /**
+   * Registers this writer (`name`) with the peer at `host:port`, with the proof that the
+   * registration belongs to the handshake that peer answered with `reply`; resolves once it
+   * listens, rejects with the peer's refusal (e.g. `ERR_AUTH`).
+   */
+  private async start(
+    host: string,
+    port: number,
+    name: string,
+    reply: Buffer,
+    timeoutMs: number | undefined,
+  ): Promise<void> {
     this.dealer.receiveTimeout = timeoutMs ?? -1
     this.dealer.connect(`tcp://${host}:${port}`)
     try {
-      await this.dealer.send([Buffer.from(CONTROL_PROTOCOL), Buffer.from('listen'), Buffer.from(name)])
-      const [protocol, kind, body] = await this.dealer.receive()
+      const proof = native(() => this.engine.listenProof(reply, name))
+      const body = Buffer.concat([Buffer.from(name), Buffer.alloc(1), proof])
+      await this.dealer.send([Buffer.from(CONTROL_PROTOCOL), Buffer.from('listen'), body])
+      const [protocol, kind, answer, message] = await this.dealer.receive()
+      if (protocol?.toString() === CONTROL_PROTOCOL && kind?.toString() === 'refused' && message !== undefined) {
+        const code = answer.toString() as KvTransferError['code']
+        throw new KvTransferError(code, `${this.key} refused this writer's fence registration: ${message.toString()}`)
+      }
       if (protocol?.toString() !== CONTROL_PROTOCOL || kind?.toString() !== 'listening') {
         throw new KvTransferError('ERR_PROTOCOL', `${this.key} did not take this writer's fences (${kind?.toString()})`)
       }
       // A hub id is a UUID; anything longer is not one (the channel then covers its own link).
-      const receiver = body?.toString('utf8') ?? ''
+      const receiver = answer?.toString('utf8') ?? ''
       this.receiver = receiver.length <= 64 ? receiver : ''
     } catch (error) {
       this.close()

@@ -15,6 +15,10 @@
 //!    decodes the descriptor, creates queue pairs or admits a TCP session.
 //! 4. acceptor → connector, `Envelope` (reply): the same nonces, mac over "kvt-reply" ‖
 //!    nonces ‖ reply descriptor; checked before the connector uses the reply.
+//! 5. connector → acceptor, on the fence channel (`listen`): the writer's name, nonce_a and
+//!    HMAC(token, "kvt-listen" ‖ nonce_c ‖ nonce_a ‖ name). The acceptor takes it once per
+//!    accepted hello, for the name that hello's descriptor carried (`engine/listen_auth.rs`),
+//!    so no one without the token can take (and falsely acknowledge) a writer's fences.
 
 use crate::wire::{DecodeError, MAX_DESCRIPTOR_BYTES};
 use hmac::{Hmac, Mac};
@@ -94,6 +98,7 @@ const LABEL_CHALLENGE: &str = "kvt-challenge";
 pub const LABEL_ACCEPTOR: &str = "kvt-acceptor";
 pub const LABEL_HELLO: &str = "kvt-hello";
 pub const LABEL_REPLY: &str = "kvt-reply";
+pub const LABEL_LISTEN: &str = "kvt-listen";
 
 /// Message 1, connector → acceptor: opens an authenticated handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -563,3 +563,40 @@ fn a_flood_of_challenges_does_not_crowd_out_a_genuine_connect() {
         .unwrap();
     assert!(prefill.engine.is_connected("d"));
 }
+
+#[test]
+fn a_fence_registration_is_taken_once_for_the_writer_whose_handshake_it_was() {
+    let prefill = authed(Role::Prefill, Some("k"));
+    let decode = authed(Role::Decode, Some("k"));
+    let hello = hello(&prefill, &decode, "d").unwrap();
+    let reply = decode.engine.accept(&hello).unwrap();
+    assert_eq!(decode.engine.stats().open_fence_grants, 1);
+    let proof = prefill.engine.listen_proof(&reply, "prefill-test").unwrap();
+    // Another name with this handshake's proof: refused, and the grant stays for the writer.
+    let err = decode.engine.check_listen("intruder", &proof).unwrap_err();
+    assert_eq!(err.code(), "ERR_AUTH");
+    assert!(
+        err.to_string().contains("came from \"prefill-test\""),
+        "{err}"
+    );
+    // A proof made without the token.
+    let wrong = authed(Role::Prefill, Some("guess"));
+    let forged = wrong.engine.listen_proof(&reply, "prefill-test").unwrap();
+    let err = decode
+        .engine
+        .check_listen("prefill-test", &forged)
+        .unwrap_err();
+    assert!(err.to_string().contains("MAC does not match"), "{err}");
+    // The genuine one, once; its replay is refused.
+    decode.engine.check_listen("prefill-test", &proof).unwrap();
+    assert_eq!(decode.engine.stats().open_fence_grants, 0);
+    let err = decode
+        .engine
+        .check_listen("prefill-test", &proof)
+        .unwrap_err();
+    assert!(err.to_string().contains("already used"), "{err}");
+    // Without a token there is nothing to prove.
+    let open = side(Role::Decode, 1, 8, 256);
+    assert!(prefill.engine.listen_proof(&reply, "x").unwrap().len() == 64);
+    open.engine.check_listen("anyone", &[]).unwrap();
+}

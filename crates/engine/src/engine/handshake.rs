@@ -251,6 +251,7 @@ impl Engine {
             transport.kind().name()
         );
         let reply = reply.encode();
+        self.grant_listen(envelope.nonce_c, envelope.nonce_a, &peer_name);
         let mac = token.map_or([0; auth::MAC_BYTES], |token| {
             auth::mac(
                 token,

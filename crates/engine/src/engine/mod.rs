@@ -8,6 +8,7 @@ mod handshake;
 mod in_flight;
 mod integrity;
 mod left;
+mod listen_auth;
 mod peers;
 mod submitter;
 mod swap;
@@ -114,6 +115,8 @@ pub struct EngineStats {
     pub registered_regions: usize,
     /// Hellos accepted within the challenge lifetime, remembered to refuse replays.
     pub remembered_hellos: usize,
+    /// Fence registrations accepted hellos may still make (with an auth token).
+    pub open_fence_grants: usize,
     /// Calls with a deadline the watchdog still tracks (completed ones are swept lazily).
     pub timed_calls: usize,
     /// Threads of the whole process.
@@ -203,6 +206,8 @@ struct EngineInner {
     /// Accepting side: nonce_a of every hello accepted within the challenge lifetime
     /// (single use). Only hellos with a valid MAC get here, so only token holders fill it.
     used_nonces: Mutex<HashMap<Nonce, Instant>>,
+    /// Accepting side: the fence registration each accepted hello may make (`listen_auth.rs`).
+    listen_grants: listen_auth::Grants,
     watchdog: Arc<Watchdog>,
     /// Hands checked calls to their links, off the callers' threads (`submitter.rs`).
     submitter: submitter::Submitter<write::QueuedCall>,
@@ -323,6 +328,7 @@ impl Engine {
             challenge_key: auth::random_nonce(),
             started: Instant::now(),
             used_nonces: Mutex::new(HashMap::new()),
+            listen_grants: Default::default(),
             watchdog: Arc::default(),
             submitter: Default::default(),
             metrics,
@@ -513,6 +519,7 @@ impl Engine {
             receivers: self.inner.transports.iter().map(|t| t.receivers()).sum(),
             registered_regions: self.inner.table.regions().len(),
             remembered_hellos: crate::util::lock(&self.inner.used_nonces).len(),
+            open_fence_grants: self.inner.listen_grants.len(),
             timed_calls: self.inner.watchdog.tracked(),
             process_threads: std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()),
             nic: self.inner.transports.iter().map(|t| t.resources()).fold(
