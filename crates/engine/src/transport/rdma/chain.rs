@@ -132,15 +132,32 @@ pub(super) fn post_link(
         let limit = room.min(batch.capacity());
         let active = &mut link.jobs[job_index];
         let before = active.progress.bytes;
+        let mrs = crate::util::read(&shared.rails[rail.local].region_mrs);
+        if mrs.is_parked() {
+            // No worker owns the regions (warm re-attach): nothing may read them.
+            drop(mrs);
+            let error = super::keys::parked_error("a write from this communicator");
+            let (seq, untouched) = (active.seq, before == 0 && active.chains_outstanding == 0);
+            if !untouched {
+                break_link(doorbell, link, Some(seq), error, "the regions were parked");
+                return true;
+            }
+            if let Some(parked) = link.jobs.remove(job_index) {
+                fail(parked.job.done, error);
+            }
+            progressed = true;
+            continue;
+        }
         let finished = fill_chain(
             table,
-            &shared.rails[rail.local].region_mrs,
+            &mrs.mrs,
             &rail.remote_regions,
             active,
             batch,
             chain_id,
             limit,
         );
+        drop(mrs);
         if batch.is_empty() {
             // Nothing (more) to write: e.g. a notice-only call.
             active.posted_all = true;
