@@ -14,7 +14,8 @@ use napi_derive::napi;
 #[napi]
 impl NativeCommunicator {
     /// Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
-    /// be swapped: a region not imported as host memory, or a transport other than TCP.
+    /// be swapped: a region not imported as host memory, or a transport that cannot follow
+    /// a swap (NVLink).
     #[napi]
     pub fn check_swappable(&self) -> Result<(), Code> {
         match self.engine.swap_refusal() {
