@@ -170,8 +170,10 @@ pub(super) fn post_link(
         let seq = active.seq;
         let thread = rail_index * rail.qps.len() + qp_index;
         // SAFETY: every request reads a registered local region (lkey of its MR under this
-        // rail's device) that stays valid until the engine closes (and its posting threads
-        // are joined); remote ranges were bounds-checked by the planner against the peer's
+        // rail's device) whose address range stays mapped until the engine closes (and its
+        // posting threads are joined): a warm re-attach replaces its pages in place, and a
+        // request whose MR it released meanwhile fails with a protection error, reading
+        // nothing; remote ranges were bounds-checked by the planner against the peer's
         // layout; `room` keeps outstanding ≤ max_send_wr, counted from the hand-off on.
         let posted = unsafe { doorbell.ring(link.id, seq, thread, &rail.qps[qp_index].qp, batch) };
         if let Err(error) = posted {
