@@ -62,8 +62,16 @@ test('rekey: a writer takes the keys and answers; one that cannot, or stays sile
   const refused = await fences.rekey(['prefill-test'], [{ transport: 'warp', keys: Buffer.from([1]) }], ms(5000))
   t.deepEqual(refused, { acknowledged: [], cutOff: ['prefill-test'] })
   t.deepEqual(warm(decode).writers, [])
-  t.true(
-    await eventually(() => !prefill.comm.isConnected(HOST, decode.port), ms(10_000)),
-    'the cut-off writer lost its link',
+  // TCP: the cut closed its connection. RDMA: its queue pairs here are in the error state,
+  // so its next write fails.
+  const lost = await eventually(
+    async () =>
+      !prefill.comm.isConnected(HOST, decode.port) ||
+      prefill.comm.writeCache(HOST, decode.port, [2], [3], 0, { timeoutMs: ms(5000) }).then(
+        () => false,
+        () => true,
+      ),
+    ms(20_000),
   )
+  t.true(lost, 'the cut-off writer lost its link')
 })
