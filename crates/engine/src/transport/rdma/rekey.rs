@@ -20,7 +20,7 @@
 //! thread that reads them, so no chain filled after the answer carries an old key.
 
 use super::keys::{RailKeys, RegionKeys, RegionMrs};
-use super::state::{rdma_err, RdmaDevice, SenderLink};
+use super::state::{RdmaDevice, SenderLink};
 use crate::error::{Error, Result};
 
 impl RdmaDevice {
@@ -32,14 +32,16 @@ impl RdmaDevice {
     }
 
     /// Registers every region again on every rail, over the pages mapped now (the old
-    /// registrations are released first). A rail whose registration fails stays parked.
+    /// registrations are released first). A rail whose registration fails stays parked
+    /// (the error is the registration's, as at open). The rail's lock is held meanwhile:
+    /// only this engine's own writes wait for it (none while parked), not its receiving.
     pub fn register_regions_again(&self) -> Result<()> {
         let shared = &self.shared;
         for rail in &shared.rails {
             let mut mrs = crate::util::write(&rail.region_mrs);
             *mrs = RegionMrs::parked();
-            *mrs = RegionMrs::register(&rail.pd, &shared.table, shared.region_access, &shared.live)
-                .map_err(|e| rdma_err("ibv_reg_mr (re-registering a swapped region)", e))?;
+            *mrs =
+                RegionMrs::register(&rail.pd, &shared.table, shared.region_access, &shared.live)?;
         }
         Ok(())
     }
