@@ -58,7 +58,8 @@ export declare class NativeCommunicator {
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
   /**
    * Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
-   * be swapped: a region not imported as host memory, or a transport other than TCP.
+   * be swapped: a region not imported as host memory, or a transport that cannot follow
+   * a swap (NVLink).
    */
   checkSwappable(): void
   /**
