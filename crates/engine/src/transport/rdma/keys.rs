@@ -149,6 +149,48 @@ impl RegionKeys {
     }
 }
 
+/// One rail pair of a writer's link, as it knows the peer's end from the handshake.
+pub(super) struct RailPair<'a> {
+    /// The peer's device.
+    pub(super) device: &'a str,
+    /// The peer's GID this pair writes to.
+    pub(super) gid: [u8; 16],
+    /// Regions the peer announced.
+    pub(super) regions: usize,
+}
+
+/// The peer's new keys for each of `pairs`: those of the rail with the pair's device name
+/// that lists the GID it writes to. All or nothing: a pair without keys, or keys for another
+/// number of regions, is refused (the sentence says which).
+pub(super) fn keys_for_pairs<'k, 'p>(
+    keys: &'k RegionKeys,
+    pairs: impl Iterator<Item = RailPair<'p>>,
+) -> std::result::Result<Vec<&'k [(u64, u32)]>, String> {
+    pairs
+        .map(|pair| {
+            let found = keys
+                .rails
+                .iter()
+                .find(|k| k.device == pair.device && k.gids.contains(&pair.gid))
+                .ok_or_else(|| {
+                    format!(
+                        "its new region keys name no rail {} with the GID this side writes to",
+                        pair.device
+                    )
+                })?;
+            if found.regions.len() != pair.regions {
+                return Err(format!(
+                    "its new region keys list {} regions on {}; it announced {} at the handshake",
+                    found.regions.len(),
+                    pair.device,
+                    pair.regions
+                ));
+            }
+            Ok(found.regions.as_slice())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +232,41 @@ mod tests {
         empty.rails[1].regions.clear();
         let error = RegionKeys::decode(&empty.encode()).unwrap_err();
         assert!(error.0.contains("0 regions"), "{}", error.0);
+    }
+
+    fn pair(device: &str, gid: u8, regions: usize) -> RailPair<'_> {
+        RailPair {
+            device,
+            gid: [gid; 16],
+            regions,
+        }
+    }
+
+    #[test]
+    fn each_rail_pair_takes_the_keys_of_its_peer_rail() {
+        let keys = sample();
+        // Pairs in the other order than the keys; the first rail matched by its second GID.
+        let chosen = keys_for_pairs(&keys, [pair("rxe1", 3, 2), pair("rxe0", 2, 2)].into_iter());
+        assert_eq!(
+            chosen.unwrap(),
+            vec![
+                &[(0x1000, 9), (0x2000, 10)][..],
+                &[(0x1000, 7), (0x2000, 8)][..]
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_that_miss_a_rail_pair_or_its_regions_are_refused() {
+        let keys = sample();
+        let gid = keys_for_pairs(&keys, [pair("rxe0", 1, 2), pair("rxe1", 9, 2)].into_iter());
+        assert!(gid.unwrap_err().contains("no rail rxe1"));
+        let device = keys_for_pairs(&keys, [pair("mlx5_0", 1, 2)].into_iter());
+        assert!(device.unwrap_err().contains("no rail mlx5_0"));
+        let count = keys_for_pairs(&keys, [pair("rxe0", 1, 3)].into_iter()).unwrap_err();
+        assert!(
+            count.contains("2 regions on rxe0; it announced 3"),
+            "{count}"
+        );
     }
 }

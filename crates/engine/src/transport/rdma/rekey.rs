@@ -19,7 +19,7 @@
 //! replaces the keys of each rail pair on the progress thread (`Command::Rekey`), the only
 //! thread that reads them, so no chain filled after the answer carries an old key.
 
-use super::keys::{RailKeys, RegionKeys, RegionMrs};
+use super::keys::{keys_for_pairs, RailKeys, RailPair, RegionKeys, RegionMrs};
 use super::state::{RdmaDevice, SenderLink};
 use crate::error::{Error, Result};
 
@@ -62,9 +62,8 @@ impl RdmaDevice {
 }
 
 /// Writing side, on the progress thread: replaces the peer's region keys on every rail
-/// pair of `link` with `keys` (the pair's peer rail is the one with its device name that
-/// lists the GID it writes to). All or nothing: a rail pair without keys, or keys for a
-/// different number of regions, changes nothing. Returns the rail pairs updated.
+/// pair of `link` with `keys` ([`keys_for_pairs`]: all or nothing). Returns the rail pairs
+/// updated.
 pub(super) fn apply(link: &mut SenderLink, keys: &RegionKeys) -> Result<usize> {
     if let Some(reason) = &link.broken {
         return Err(Error::PeerDisconnected {
@@ -72,33 +71,16 @@ pub(super) fn apply(link: &mut SenderLink, keys: &RegionKeys) -> Result<usize> {
             reason: reason.clone(),
         });
     }
-    let mut chosen = Vec::with_capacity(link.rails.len());
-    for rail in &link.rails {
-        let found = keys
-            .rails
-            .iter()
-            .find(|k| k.device == rail.remote_device && k.gids.contains(&rail.remote_gid))
-            .ok_or_else(|| {
-                Error::protocol(
-                    &link.peer,
-                    format!(
-                        "its new region keys name no rail {} (the rail this side writes to)",
-                        rail.remote_device
-                    ),
-                )
-            })?;
-        if found.regions.len() != rail.remote_regions.len() {
-            return Err(Error::protocol(
-                &link.peer,
-                format!(
-                    "its new region keys list {} regions; it announced {} at the handshake",
-                    found.regions.len(),
-                    rail.remote_regions.len()
-                ),
-            ));
-        }
-        chosen.push(found.regions.clone());
-    }
+    let pairs = link.rails.iter().map(|rail| RailPair {
+        device: &rail.remote_device,
+        gid: rail.remote_gid,
+        regions: rail.remote_regions.len(),
+    });
+    let chosen: Vec<Vec<(u64, u32)>> = keys_for_pairs(keys, pairs)
+        .map_err(|reason| Error::protocol(&link.peer, reason))?
+        .into_iter()
+        .map(<[(u64, u32)]>::to_vec)
+        .collect();
     for (rail, regions) in link.rails.iter_mut().zip(chosen) {
         rail.remote_regions = regions;
     }
