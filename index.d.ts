@@ -68,7 +68,8 @@ export declare class NativeCommunicator {
   checkListen(name: string, proof: Buffer): void
   /**
    * Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
-   * be swapped: a region not imported as host memory, or a transport other than TCP.
+   * be swapped: a region not imported as host memory, or a transport that cannot follow
+   * a swap (NVLink).
    */
   checkSwappable(): void
   /**
@@ -82,6 +83,19 @@ export declare class NativeCommunicator {
    * Everything is checked before anything is mapped.
    */
   swapImports(localKeyCache: Array<ImportedRegion>, localValueCache: Array<ImportedRegion>, keyScaleCache: Array<ImportedRegion>, valueScaleCache: Array<ImportedRegion>): void
+  /**
+   * Receiving side, after `swapImports`: what the writers need to reach the new memory,
+   * per transport that needs anything (RDMA: every rail's new region keys); empty for
+   * TCP, and while parked.
+   */
+  regionKeys(): Array<NativeRegionKeys>
+  /**
+   * Writing side: the receiver `peerKey` swapped its memory and sent `keys` for
+   * `transport` (its `regionKeys`): the link to it takes them before its fence is lifted.
+   * Resolves with how many rail pairs were updated (0: no such link, or one that needs
+   * no keys); rejects typed when the link cannot take them (it keeps its old keys).
+   */
+  rekey(peerKey: string, transport: string, keys: Buffer): Promise<number>
   constructor(options: NativeOptions, onCallSettled: (callId: number, error?: Error | null) => void, onArrival?: ((arg: ArrivalNotice) => void) | undefined | null, onPeerLeft?: ((arg: PeerLeftNotice) => void) | undefined | null)
   /**
    * The transport this side prefers ("nvlink", "rdma" or "tcp"): the one `auto` picks
@@ -491,6 +505,14 @@ export interface NativeRail {
   strayAnswers: number
   /** Why it is refused or out of service (null while healthy). */
   reason?: string
+}
+
+/** What a transport's writers need after a swap (see `regionKeys`). */
+export interface NativeRegionKeys {
+  /** The transport's name (`rdma`). */
+  transport: string
+  /** Its keys, as that transport encodes them. */
+  keys: Buffer
 }
 
 /** NIC resources held (RDMA; zero for other transports). */

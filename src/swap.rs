@@ -1,17 +1,21 @@
 //! Warm re-attach (the sidecar): a restarted worker's shared memory replaces the old one
 //! under the same communicator, so its links to peers stay up. The engine does the work
-//! (`Engine::swap_imports`); this converts the regions as the constructor does.
+//! (`Engine::swap_imports`); this converts the regions as the constructor does, and carries
+//! the new region keys (RDMA) from the receiving engine to its writers' engines.
 
+use crate::errors::invalid;
 use crate::errors::{to_js_error, Code};
 use crate::regions::{import_spec, ImportedRegion};
-use crate::NativeCommunicator;
+use crate::{on_thread, NativeCommunicator};
+use kvtransfer_engine::TransportKind;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 
 #[napi]
 impl NativeCommunicator {
     /// Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
-    /// be swapped: a region not imported as host memory, or a transport other than TCP.
+    /// be swapped: a region not imported as host memory, or a transport that cannot follow
+    /// a swap (NVLink).
     #[napi]
     pub fn check_swappable(&self) -> Result<(), Code> {
         match self.engine.swap_refusal() {
@@ -52,5 +56,58 @@ impl NativeCommunicator {
         }
         self.engine.swap_imports(specs).map_err(to_js_error)?;
         Ok(())
+    }
+}
+
+/// What a transport's writers need after a swap (see `regionKeys`).
+#[napi(object)]
+pub struct NativeRegionKeys {
+    /// The transport's name (`rdma`).
+    pub transport: String,
+    /// Its keys, as that transport encodes them.
+    pub keys: Buffer,
+}
+
+#[napi]
+impl NativeCommunicator {
+    /// Receiving side, after `swapImports`: what the writers need to reach the new memory,
+    /// per transport that needs anything (RDMA: every rail's new region keys); empty for
+    /// TCP, and while parked.
+    #[napi]
+    pub fn region_keys(&self) -> Vec<NativeRegionKeys> {
+        self.engine
+            .region_keys()
+            .into_iter()
+            .map(|(kind, keys)| NativeRegionKeys {
+                transport: kind.name().to_string(),
+                keys: keys.into(),
+            })
+            .collect()
+    }
+
+    /// Writing side: the receiver `peerKey` swapped its memory and sent `keys` for
+    /// `transport` (its `regionKeys`): the link to it takes them before its fence is lifted.
+    /// Resolves with how many rail pairs were updated (0: no such link, or one that needs
+    /// no keys); rejects typed when the link cannot take them (it keeps its old keys).
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn rekey<'env>(
+        &self,
+        env: &'env Env,
+        peer_key: String,
+        transport: String,
+        keys: Buffer,
+    ) -> Result<PromiseRaw<'env, u32>, Code> {
+        let kind = TransportKind::parse(&transport).ok_or_else(|| {
+            invalid(
+                "transport",
+                format!("\"{transport}\" is not a transport this build knows (tcp, rdma, nvlink)"),
+            )
+        })?;
+        let keys = keys.to_vec();
+        let engine = self.engine.clone();
+        on_thread(env, "kvt-rekey", peer_key.clone(), move || {
+            let updated = engine.rekey(&peer_key, kind, &keys)?;
+            Ok(u32::try_from(updated).unwrap_or(u32::MAX))
+        })
     }
 }

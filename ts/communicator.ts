@@ -239,9 +239,9 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
     return new KvTransferError(start.code, start.message, { cause: start.cause })
   }
 
-  /** @internal The sidecar's warm re-attach (sidecar/warm.ts): the engine, the writers that take this side's fences. */
-  warmAccess(): { native: NativeCommunicator; writers: string[] } {
-    return { native: this.native, writers: this.fences.writers() }
+  /** @internal The sidecar's warm re-attach (sidecar/warm.ts): the engine, the writers that take this side's fences, the hub (rekey). */
+  warmAccess(): { native: NativeCommunicator; writers: string[]; fences: FenceHub } {
+    return { native: this.native, writers: this.fences.writers(), fences: this.fences }
   }
 
   /** The control-plane port (the bound one when constructed with port 0). */

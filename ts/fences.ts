@@ -13,6 +13,13 @@
  * A writer may reach one receiver by several keys (two of its addresses: two links, two
  * channels). The receiver knows a writer by its name and sends the fence on the channel
  * that listened last; the writer fences every link whose channel reached the same hub id.
+ *
+ * A warm re-attach (sidecar/warm.ts) also sends `rekey` on the channel: the receiver's new
+ * region keys after a swap (RDMA registers the new pages again), which the writer applies
+ * to every link to that receiver (`NativeCommunicator.rekey`) before it answers, while its
+ * fence still holds. The answer travels as `fenced` too (`{ id, rekeyed }`), matched by id.
+ * A writer that does not answer (or cannot take the keys) is cut off: it stays fenced and
+ * connects again, getting the keys with the handshake.
  */
 import { randomUUID } from 'node:crypto'
 import * as zmq from 'zeromq'
@@ -40,11 +47,24 @@ interface FenceRequest {
   holdMs: number
 }
 
-/** A writer's answer: how many pending calls it fenced, or why it could not. */
+/** A rekey request as sent: its id and, per transport, the new keys (base64). */
+interface RekeyRequest {
+  id: number
+  keys: { transport: string; keys: string }[]
+}
+
+/** A writer's answer: how many pending calls it fenced (or rail pairs it rekeyed), or why it could not. */
 interface FenceAnswer {
   id: number
   fenced?: number
+  rekeyed?: number
   error?: { code: string; message: string }
+}
+
+/** A transport's new region keys after a swap (`NativeCommunicator.regionKeys`). */
+export interface RegionKeys {
+  transport: string
+  keys: Buffer
 }
 
 const MAX_WAIT_MS = 3_600_000
@@ -162,7 +182,7 @@ export class FenceHub {
   async fence(target: FenceTarget, waitMs: number, holdMs: number): Promise<FenceResult> {
     const tag = 'tag' in target ? encodeTag(target.tag).toString('base64') : null
     const writers = 'tag' in target ? [...this.listeners.keys()] : [target.peer].filter((w) => this.listeners.has(w))
-    const answers = await Promise.all(writers.map((writer) => this.ask(writer, tag, holdMs, waitMs)))
+    const answers = await Promise.all(writers.map((writer) => this.fenceOne(writer, tag, holdMs, waitMs)))
     const result: FenceResult = { acknowledged: [], cutOff: [] }
     const silent: string[] = []
     writers.forEach((writer, i) => (answers[i] !== undefined ? result.acknowledged : silent).push(writer))
@@ -183,26 +203,66 @@ export class FenceHub {
     return result
   }
 
+  /**
+   * Warm re-attach: sends `keys` (this side's new region keys) to each of `writers` and
+   * resolves once each applied them to its links to this side, or was cut off: it did not
+   * answer within `waitMs`, or could not take them (it stays fenced and connects again).
+   */
+  async rekey(writers: string[], keys: RegionKeys[], waitMs: number): Promise<FenceResult> {
+    const body = keys.map((k) => ({ transport: k.transport, keys: k.keys.toString('base64') }))
+    const answers = await Promise.all(
+      writers.map((writer) =>
+        this.ask(writer, 'rekey', (id) => ({ id, keys: body }) satisfies RekeyRequest, waitMs).then((answer) =>
+          answer?.error === undefined && typeof answer?.rekeyed === 'number' ? answer.rekeyed : undefined,
+        ),
+      ),
+    )
+    const result: FenceResult = { acknowledged: [], cutOff: [] }
+    for (const [i, writer] of writers.entries()) {
+      if (answers[i] !== undefined) {
+        result.acknowledged.push(writer)
+        continue
+      }
+      this.listeners.delete(writer)
+      await nativeAsync(this.engine.cutOff(writer, waitMs)).catch(() => 0)
+      result.cutOff.push(writer)
+    }
+    return result
+  }
+
   /** Asks `writer` to fence; resolves with how many calls it fenced, undefined without an answer within `waitMs`. */
-  private ask(writer: string, tag: string | null, holdMs: number, waitMs: number): Promise<number | undefined> {
+  private async fenceOne(
+    writer: string,
+    tag: string | null,
+    holdMs: number,
+    waitMs: number,
+  ): Promise<number | undefined> {
+    const answer = await this.ask(writer, 'fence', (id) => ({ id, tag, holdMs }) satisfies FenceRequest, waitMs)
+    return answer?.error === undefined && typeof answer?.fenced === 'number' ? answer.fenced : undefined
+  }
+
+  /** Sends `writer` a `kind` request (built around its id); resolves with its answer, undefined without one within `waitMs`. */
+  private ask(
+    writer: string,
+    kind: 'fence' | 'rekey',
+    request: (id: number) => { id: number },
+    waitMs: number,
+  ): Promise<FenceAnswer | undefined> {
     const identity = this.listeners.get(writer)
     if (!identity) return Promise.resolve(undefined)
     const id = this.nextId++
-    const request: FenceRequest = { id, tag, holdMs }
-    return new Promise<number | undefined>((resolve) => {
+    return new Promise<FenceAnswer | undefined>((resolve) => {
       const timer = setTimeout(() => done(undefined), Math.min(waitMs, MAX_WAIT_MS))
-      const done = (fenced: number | undefined) => {
+      const done = (answer: FenceAnswer | undefined) => {
         clearTimeout(timer)
         this.waiting.delete(id)
-        resolve(fenced)
+        resolve(answer)
       }
-      this.waiting.set(id, (answer) =>
-        done(answer.error === undefined && typeof answer.fenced === 'number' ? answer.fenced : undefined),
-      )
+      this.waiting.set(id, done)
       void this.control().sendTo(identity, [
         Buffer.from(CONTROL_PROTOCOL),
-        Buffer.from('fence'),
-        Buffer.from(JSON.stringify(request)),
+        Buffer.from(kind),
+        Buffer.from(JSON.stringify(request(id))),
       ])
     })
   }
@@ -296,9 +356,35 @@ export class FenceListener {
         return // closed
       }
       const [protocol, kind, body] = frames
-      if (frames.length !== 3 || protocol.toString() !== CONTROL_PROTOCOL || kind.toString() !== 'fence') continue
-      void this.answer(body)
+      if (frames.length !== 3 || protocol.toString() !== CONTROL_PROTOCOL) continue
+      if (kind.toString() === 'fence') void this.answer(body)
+      else if (kind.toString() === 'rekey') void this.rekey(body)
     }
+  }
+
+  /** `rekey`: the receiver swapped its memory; every link to it takes the new keys, then this answers. */
+  private async rekey(body: Buffer): Promise<void> {
+    let request: RekeyRequest
+    try {
+      request = JSON.parse(body.toString('utf8')) as RekeyRequest
+      if (typeof request.id !== 'number' || !Array.isArray(request.keys)) return
+    } catch {
+      return
+    }
+    let answer: FenceAnswer
+    try {
+      let rekeyed = 0
+      for (const key of this.links(this)) {
+        for (const k of request.keys) {
+          rekeyed += await this.engine.rekey(key, String(k.transport), Buffer.from(String(k.keys), 'base64'))
+        }
+      }
+      answer = { id: request.id, rekeyed }
+    } catch (error) {
+      const e = fromNative(error)
+      answer = { id: request.id, error: { code: e.code, message: e.message } }
+    }
+    await this.send(answer)
   }
 
   private async answer(body: Buffer): Promise<void> {
@@ -318,6 +404,11 @@ export class FenceListener {
       const e = fromNative(error)
       answer = { id: request.id, error: { code: e.code, message: e.message } }
     }
+    await this.send(answer)
+  }
+
+  /** Sends an answer (`fenced`, for a fence or a rekey), after those before it. */
+  private async send(answer: FenceAnswer): Promise<void> {
     const frames = [Buffer.from(CONTROL_PROTOCOL), Buffer.from('fenced'), Buffer.from(JSON.stringify(answer))]
     this.sending = this.sending.then(() => this.dealer.send(frames).catch(() => undefined))
     await this.sending

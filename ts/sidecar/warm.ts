@@ -5,8 +5,13 @@
  * regions swapped to its own memory at the same addresses (`NativeCommunicator.swapImports`).
  *
  * While parked: this side's own calls in flight were failed (they read the worker's
- * memory), the regions lie on anonymous pages (nothing lands in the old worker's memory),
- * and every writer that takes this side's fences refuses new calls with `ERR_FENCED`.
+ * memory), the regions lie on anonymous pages (nothing lands in the old worker's memory;
+ * over RDMA they are not registered either), and every writer that takes this side's
+ * fences refuses new calls with `ERR_FENCED`.
+ *
+ * Over RDMA the swap registers the regions again, with new keys: each writer takes them
+ * over its fence channel (`rekey`) before its fence is lifted. A writer that does not
+ * answer in time is cut off (it stays fenced and connects again, as after a timeout).
  */
 import type { RDMACommunicator } from '../communicator'
 import { KvTransferError, describeValue, invalidArgument, native, nativeAsync } from '../errors'
@@ -17,6 +22,8 @@ import type { Request } from './protocol'
 export const DEFAULT_WARM_GRACE_MS = 30_000
 /** Fences on writers outlast the grace period by this much (released at re-attach). */
 const HOLD_MARGIN_MS = 5_000
+/** How long a writer has to take the new region keys at a re-attach (RDMA). */
+const REKEY_WAIT_MS = 5_000
 /** The longest grace period (a writer's fence holds at most an hour). */
 export const MAX_WARM_GRACE_MS = 3_600_000 - HOLD_MARGIN_MS
 
@@ -82,7 +89,7 @@ export class WarmSlots {
 
   /**
    * Why `comm` cannot be parked for a warm re-attach (`ERR_UNSUPPORTED`: a region not
-   * shared as host memory, a transport other than TCP), or undefined when it can.
+   * shared as host memory, NVLink), or undefined when it can.
    */
   refusal(comm: RDMACommunicator): KvTransferError | undefined {
     if (this.graceMs === 0) return new KvTransferError('ERR_UNSUPPORTED', 'warm re-attach is off (grace period 0)')
@@ -142,6 +149,10 @@ export class WarmSlots {
       await comm.close().catch(() => undefined)
       throw error
     }
+    // RDMA registered the new pages: the writers take the new keys while still fenced.
+    const { native: engine, fences } = comm.warmAccess()
+    const keys = engine.regionKeys()
+    if (keys.length > 0) await fences.rekey(parked.writers, keys, REKEY_WAIT_MS)
     // Writers may write again: their fences end now.
     await Promise.all(parked.writers.map((peer) => comm.fence({ peer }, { holdMs: 0 }).catch(() => undefined)))
     this.counters.reattached++

@@ -84,7 +84,7 @@ def attach(
             gets that communicator back (``Worker.reattached``), with its regions swapped to
             this process's memory. A different layout is refused with ``LayoutMismatch``
             (``ERR_LAYOUT_MISMATCH``, naming the field) and the kept communicator is closed.
-            Host-memory regions over TCP only (``Worker.warm`` says whether it applies).
+            Host-memory regions over TCP or RDMA (``Worker.warm`` says whether it applies).
         tp_size, tp_rank: this side's tensor-parallel size and rank.
         transport: ``"auto"``, ``"nvlink"``, ``"rdma"`` or ``"tcp"`` (default: the sidecar's
             ``KVCACHE_TRANSPORT``, else auto).

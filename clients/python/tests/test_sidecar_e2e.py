@@ -410,7 +410,7 @@ class SidecarTest(unittest.TestCase):
 
     # -- (e) a decode worker SIGKILLed and restarted: warm re-attach ----------------------------
 
-    @unittest.skipUnless(TEST_TRANSPORT == "tcp", "warm re-attach swaps regions over TCP only (RDMA/NVLink refuse it)")
+    @unittest.skipUnless(TEST_TRANSPORT in ("tcp", "rdma"), "warm re-attach swaps host regions over TCP and RDMA only (NVLink refuses it)")
     def test_decode_restarted_reattaches_warm(self) -> None:
         a = self.sidecar("a.sock")
         metrics_port = _free_port()

@@ -3,7 +3,7 @@
 //! land byte for byte in the new file and never again in the old one.
 
 use futures_executor::block_on;
-use kvtransfer_engine::{BlockIds, Engine, Role};
+use kvtransfer_engine::{BlockIds, Engine, Role, TransportKind};
 
 mod common;
 use common::imported::{decode_over, Shared, BLOCKS, BLOCK_BYTES};
@@ -78,6 +78,15 @@ fn swapped_regions_take_the_next_writes_and_the_old_file_none() {
         .swap_imports(vec![("localKeyCache", 0, new.spec(whole))])
         .unwrap();
     assert!(prefill.engine.is_connected("decode:1"));
+    // TCP resolves every address at each frame: no keys to hand the writers, none to take.
+    assert!(decode.region_keys().is_empty());
+    assert_eq!(
+        prefill
+            .engine
+            .rekey("decode:1", TransportKind::Tcp, &[1, 2, 3])
+            .unwrap(),
+        0
+    );
     write(&prefill.engine, &[6, 7, 8], &[6, 7, 3]);
     assert_eq!(new.block(6), pattern(0, 0, 6, BLOCK_BYTES));
     assert_eq!(new.block(7), pattern(0, 0, 7, BLOCK_BYTES));

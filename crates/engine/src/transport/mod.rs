@@ -110,6 +110,19 @@ pub(crate) trait Transport: Send + Sync {
             self.kind().label()
         ))
     }
+    /// Follows a park (`parked`) or a swap of the memory under this side's imported host
+    /// regions (`Engine::park_imports`, `swap_imports`), for a transport whose NIC holds a
+    /// translation of the pages: parked, it releases it; swapped, it translates the new
+    /// pages (the writers then need [`Transport::region_keys`]). Others have nothing to do.
+    fn follow_pages(&self, _parked: bool) -> Result<()> {
+        Ok(())
+    }
+    /// What this side's writers need to reach its regions again after a swap (RDMA: the
+    /// new keys of every rail), for [`Link::rekey`] on their side; `None`: nothing (or
+    /// parked).
+    fn region_keys(&self) -> Option<Vec<u8>> {
+        None
+    }
     /// Connections this side receives on (for leak checks).
     fn receivers(&self) -> usize {
         0
@@ -145,6 +158,13 @@ pub trait Link: Send + Sync {
     /// are destroyed), and every pending job has failed with `error`.
     fn cancel(&self, error: Error);
     fn kind(&self) -> TransportKind;
+    /// Takes the peer's new region keys after its warm re-attach swapped its memory (what
+    /// its [`Transport::region_keys`] gave): once this returns, no later write uses an old
+    /// one. Returns how many rail pairs were updated; 0 where a link reads nothing of the
+    /// peer's keys (TCP, NVLink).
+    fn rekey(&self, _keys: &[u8]) -> Result<usize> {
+        Ok(0)
+    }
     /// Longest run one job may carry (the planner splits longer ones).
     fn max_run_bytes(&self) -> u64 {
         u64::MAX

@@ -132,15 +132,32 @@ pub(super) fn post_link(
         let limit = room.min(batch.capacity());
         let active = &mut link.jobs[job_index];
         let before = active.progress.bytes;
+        let mrs = crate::util::read(&shared.rails[rail.local].region_mrs);
+        if mrs.is_parked() {
+            // No worker owns the regions (warm re-attach): nothing may read them.
+            drop(mrs);
+            let error = super::keys::parked_error("a write from this communicator");
+            let (seq, untouched) = (active.seq, before == 0 && active.chains_outstanding == 0);
+            if !untouched {
+                break_link(doorbell, link, Some(seq), error, "the regions were parked");
+                return true;
+            }
+            if let Some(parked) = link.jobs.remove(job_index) {
+                fail(parked.job.done, error);
+            }
+            progressed = true;
+            continue;
+        }
         let finished = fill_chain(
             table,
-            &shared.rails[rail.local].region_mrs,
+            &mrs.mrs,
             &rail.remote_regions,
             active,
             batch,
             chain_id,
             limit,
         );
+        drop(mrs);
         if batch.is_empty() {
             // Nothing (more) to write: e.g. a notice-only call.
             active.posted_all = true;
@@ -153,8 +170,10 @@ pub(super) fn post_link(
         let seq = active.seq;
         let thread = rail_index * rail.qps.len() + qp_index;
         // SAFETY: every request reads a registered local region (lkey of its MR under this
-        // rail's device) that stays valid until the engine closes (and its posting threads
-        // are joined); remote ranges were bounds-checked by the planner against the peer's
+        // rail's device) whose address range stays mapped until the engine closes (and its
+        // posting threads are joined): a warm re-attach replaces its pages in place, and a
+        // request whose MR it released meanwhile fails with a protection error, reading
+        // nothing; remote ranges were bounds-checked by the planner against the peer's
         // layout; `room` keeps outstanding ≤ max_send_wr, counted from the hand-off on.
         let posted = unsafe { doorbell.ring(link.id, seq, thread, &rail.qps[qp_index].qp, batch) };
         if let Err(error) = posted {

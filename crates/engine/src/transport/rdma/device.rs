@@ -73,6 +73,7 @@ impl RdmaDevice {
             rails,
             settings,
             table,
+            region_access: access,
             commands: Mutex::new(VecDeque::new()),
             wake_fd,
             next_link: AtomicU64::new(1),
@@ -196,9 +197,11 @@ impl RdmaDevice {
         })
     }
 
-    fn rail_endpoint(&self, rail: usize, qps: &[(QueuePair, u32)]) -> RailEndpoint {
+    /// One rail's part of an endpoint; refused typed while the regions are parked.
+    fn rail_endpoint(&self, rail: usize, qps: &[(QueuePair, u32)]) -> Result<RailEndpoint> {
         let r = &self.shared.rails[rail];
-        RailEndpoint {
+        let regions = crate::util::read(&r.region_mrs).keys()?;
+        Ok(RailEndpoint {
             device: r.name().to_string(),
             peer_rail: rail as u8,
             lid: r.lid,
@@ -207,26 +210,22 @@ impl RdmaDevice {
             infiniband: r.infiniband,
             speed_mbps: r.speed_mbps,
             qps: qps.iter().map(|(qp, psn)| endpoint_of(qp, *psn)).collect(),
-            regions: r
-                .region_mrs
-                .iter()
-                .map(|mr| (mr.addr(), mr.rkey()))
-                .collect(),
+            regions,
             notice_ring: (0, 0, 0),
-        }
+        })
     }
 
     /// The connector's offer: every rail, with all its GID candidates.
-    pub fn offer(&self, pending: &PendingQps) -> RdmaEndpoint {
-        RdmaEndpoint {
+    pub fn offer(&self, pending: &PendingQps) -> Result<RdmaEndpoint> {
+        Ok(RdmaEndpoint {
             rails: pending
                 .rails
                 .iter()
                 .enumerate()
                 .map(|(r, qps)| self.rail_endpoint(r, qps))
-                .collect(),
+                .collect::<Result<_>>()?,
             refused: Vec::new(),
-        }
+        })
     }
 
     fn rail_gids(&self) -> Vec<RailGids<'_>> {
@@ -384,7 +383,7 @@ impl RdmaDevice {
                 ring_mrs.push(mr);
                 rkey
             };
-            let mut endpoint = self.rail_endpoint(pair.ours, &qps);
+            let mut endpoint = self.rail_endpoint(pair.ours, &qps)?;
             endpoint.peer_rail = pair.theirs as u8;
             endpoint.gids = vec![our_gid.candidate, their_gid];
             endpoint.notice_ring = (ring.addr(), ring_rkey, NOTICE_SLOTS);
@@ -522,6 +521,8 @@ impl RdmaDevice {
                 cooldown: BASE_COOLDOWN,
                 next_qp: 0,
                 remote_regions: theirs.regions.clone(),
+                remote_device: theirs.device.clone(),
+                remote_gid: their_gid.gid,
                 notice_ring: theirs.notice_ring,
                 weight: u64::from(speed),
                 posted: 0,

@@ -14,10 +14,10 @@ pub const MAX_RAILS: usize = crate::config::MAX_RDMA_DEVICES;
 /// GID candidates one rail may announce.
 pub const MAX_GIDS: usize = 16;
 /// Longest device name and refusal reason carried.
-const MAX_DEVICE_BYTES: usize = 64;
+pub(super) const MAX_DEVICE_BYTES: usize = 64;
 const MAX_REASON_BYTES: usize = 512;
 /// Regions one endpoint may announce (MAX_LAYERS × K and V).
-const MAX_REGIONS: usize = 2 * crate::layout::MAX_LAYERS as usize;
+pub(super) const MAX_REGIONS: usize = 2 * crate::layout::MAX_LAYERS as usize;
 
 /// One RC queue pair's connection data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub struct RdmaEndpoint {
     pub refused: Vec<(u8, String)>,
 }
 
-fn put_str(out: &mut Vec<u8>, text: &str, max: usize) {
+pub(super) fn put_str(out: &mut Vec<u8>, text: &str, max: usize) {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
@@ -85,7 +85,7 @@ fn put_str(out: &mut Vec<u8>, text: &str, max: usize) {
     out.extend_from_slice(&text.as_bytes()[..end]);
 }
 
-fn get_str(r: &mut Reader<'_>, what: &str, max: usize) -> Result<String, DecodeError> {
+pub(super) fn get_str(r: &mut Reader<'_>, what: &str, max: usize) -> Result<String, DecodeError> {
     let len = r.u16(what)? as usize;
     if len > max {
         return Err(DecodeError(format!("{what} of {len} bytes exceeds {max}")));

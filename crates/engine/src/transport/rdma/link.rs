@@ -1,5 +1,6 @@
 //! The engine-facing handle of a sending connection.
 
+use super::keys::RegionKeys;
 use super::state::{Command, RailInfo, Shared};
 use crate::error::Error;
 use crate::transport::{fail, Link, RailReport, Resources, TransportKind, WriteJob};
@@ -69,6 +70,22 @@ impl Link for RdmaLink {
 
     fn kind(&self) -> TransportKind {
         TransportKind::Rdma
+    }
+
+    /// Replaces the peer's region keys on every rail pair (`rekey.rs`), on the progress
+    /// thread: once this returns, every chain filled carries the new keys.
+    fn rekey(&self, keys: &[u8]) -> crate::error::Result<usize> {
+        let keys = RegionKeys::decode(keys)
+            .map_err(|e| Error::protocol(&self.peer, format!("its new region keys: {}", e.0)))?;
+        if !self.alive.load(Ordering::SeqCst) {
+            return Err(Error::PeerDisconnected {
+                peer: self.peer.clone(),
+                reason: "the RDMA connection is broken; connect again".into(),
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        self.shared.send(Command::Rekey(self.id, keys, tx));
+        rx.recv().unwrap_or(Err(Error::Closed))
     }
 
     fn resources(&self) -> Resources {

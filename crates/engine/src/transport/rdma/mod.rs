@@ -25,11 +25,13 @@ mod endpoint;
 mod gpu_mr;
 mod health;
 pub(crate) mod inventory;
+mod keys;
 mod link;
 pub(crate) mod locality;
 mod notice;
 mod progress;
 mod rail;
+mod rekey;
 mod route;
 mod state;
 mod tally;
@@ -84,7 +86,7 @@ impl Transport for RdmaTransport {
 
     fn offer(&self, peer_key: &str) -> Result<Vec<u8>> {
         let pending = self.device.create_qps()?;
-        let endpoint = self.device.offer(&pending).encode();
+        let endpoint = self.device.offer(&pending)?.encode();
         self.offered().insert(peer_key.to_string(), pending);
         Ok(endpoint)
     }
@@ -135,6 +137,24 @@ impl Transport for RdmaTransport {
 
     fn isolate(&self, peer_name: &str) -> std::result::Result<usize, String> {
         Ok(self.device.isolate(peer_name))
+    }
+
+    /// Swaps are followed by registering the regions again (`rekey.rs`).
+    fn swap_refusal(&self) -> Option<String> {
+        None
+    }
+
+    fn follow_pages(&self, parked: bool) -> Result<()> {
+        if parked {
+            self.device.park_regions();
+            Ok(())
+        } else {
+            self.device.register_regions_again()
+        }
+    }
+
+    fn region_keys(&self) -> Option<Vec<u8>> {
+        self.device.region_keys().map(|keys| keys.encode())
     }
 
     fn resources(&self) -> super::Resources {

@@ -198,6 +198,13 @@ impl Worker {
             Command::Isolate(writer, done) => {
                 let _ = done.send(self.isolate(&writer));
             }
+            Command::Rekey(id, keys, done) => {
+                let result = match self.senders.get_mut(&id) {
+                    Some(link) => super::rekey::apply(link, &keys),
+                    None => Err(Error::Closed),
+                };
+                let _ = done.send(result);
+            }
             Command::Shutdown => return false,
         }
         true
@@ -255,6 +262,9 @@ impl Worker {
                 }
                 Command::Isolate(_, done) => {
                     let _ = done.send(0);
+                }
+                Command::Rekey(_, _, done) => {
+                    let _ = done.send(Err(Error::Closed));
                 }
                 _ => {}
             }

@@ -3,7 +3,7 @@
 //! completion queues and shared receive queue.
 
 use super::endpoint::{GidCandidate, MAX_RAILS};
-use super::gpu_mr;
+use super::keys::RegionMrs;
 use super::locality;
 use super::route::{describe, interface_prefixes, prefix_of, rank, LocalGid};
 use super::state::{rdma_err, Rail, NOTICE_RECEIVES};
@@ -257,8 +257,7 @@ pub(super) fn open_rail(
     let infiniband = port_info.link_layer_is_infiniband;
     let (gids, gid_reason) = gid_candidates(&context, port, infiniband, settings.gid_index)?;
     let pd = ProtectionDomain::new(&context).map_err(|e| rdma_err("ibv_alloc_pd", e))?;
-    // Host regions: ibv_reg_mr; GPU regions: dma-buf, else nvidia-peermem (gpu_mr.rs).
-    let region_mrs = gpu_mr::register_regions(&pd, table, access)?;
+    let region_mrs = RegionMrs::register(&pd, table, access, live)?;
     let attrs = *context.attrs();
     let channel =
         CompletionChannel::new(&context).map_err(|e| rdma_err("ibv_create_comp_channel", e))?;
@@ -274,13 +273,12 @@ pub(super) fn open_rail(
             .map_err(|e| rdma_err("ibv_post_srq_recv", e))?;
     }
     let speed_mbps = port_speed_mbps(context.name(), port);
-    let region_mrs_bytes: u64 = region_mrs.iter().map(|mr| mr.len() as u64).sum();
     crate::log::debug!(
         "rdma: rail {} port {port} ({}, {speed_mbps} Mb/s), GID {gid_reason}, MTU code {}, {} regions registered",
         context.name(),
         if infiniband { "InfiniBand" } else { "RoCE" },
         port_info.active_mtu,
-        region_mrs.len(),
+        region_mrs.mrs.len(),
     );
     Ok(Rail {
         forced_gid: settings.gid_index.is_some(),
@@ -293,7 +291,7 @@ pub(super) fn open_rail(
         speed_mbps,
         gids,
         gid_reason,
-        region_mrs,
+        region_mrs: std::sync::RwLock::new(region_mrs),
         send_cq,
         recv_cq,
         srq,
@@ -303,7 +301,7 @@ pub(super) fn open_rail(
             Resources {
                 queue_pairs: 0,
                 completion_queues: 2,
-                registered_bytes: region_mrs_bytes,
+                registered_bytes: 0,
             },
         ),
     })

@@ -134,7 +134,10 @@ pub(super) struct Rail {
     pub(super) forced_gid: bool,
     /// Why the first GID is preferred (for the doctor and the decision log).
     pub(super) gid_reason: String,
-    pub(super) region_mrs: Vec<MemoryRegion>,
+    /// The cache regions registered under this rail's device (re-registered by a warm
+    /// re-attach's swap, released while parked: `rekey.rs`); the progress thread reads
+    /// their local keys for each chain.
+    pub(super) region_mrs: std::sync::RwLock<super::keys::RegionMrs>,
     pub(super) send_cq: Arc<CompletionQueue>,
     pub(super) recv_cq: Arc<CompletionQueue>,
     pub(super) srq: Arc<SharedReceiveQueue>,
@@ -153,6 +156,8 @@ pub(super) struct Shared {
     pub(super) rails: Vec<Rail>,
     pub(super) settings: RdmaSettings,
     pub(super) table: Arc<RegionTable>,
+    /// The access the cache regions are registered with.
+    pub(super) region_access: Access,
     pub(super) commands: Mutex<VecDeque<Command>>,
     pub(super) wake_fd: libc::c_int,
     pub(super) next_link: AtomicU64,
@@ -180,6 +185,9 @@ pub(super) enum Command {
     /// Receiving side, for a fence: moves the queue pairs of every receiver link of the
     /// named writer to the error state and destroys them, then answers how many links.
     Isolate(String, mpsc::Sender<usize>),
+    /// Writing side, for a warm re-attach of the peer: replaces the link's keys of the
+    /// peer's regions (`rekey.rs`), then answers how many rail pairs were updated.
+    Rekey(u64, super::keys::RegionKeys, mpsc::Sender<Result<usize>>),
     Shutdown,
 }
 
@@ -357,6 +365,10 @@ pub(super) struct SendRail {
     pub(super) qps: Vec<QpState>,
     pub(super) next_qp: usize,
     pub(super) remote_regions: Vec<(u64, u32)>,
+    /// The peer's device and the GID this pair writes to: what names the pair in the peer's
+    /// new keys after a warm re-attach (`rekey.rs`).
+    pub(super) remote_device: String,
+    pub(super) remote_gid: [u8; 16],
     pub(super) notice_ring: (u64, u32, u32),
     /// Share weight (the slower port's speed of the pair).
     pub(super) weight: u64,
