@@ -38,6 +38,16 @@ export declare class NativeCommunicator {
    * cannot stop it from this side (NVLink).
    */
   cutOff(writer: string, waitedMs: number): Promise<number>
+  /**
+   * Writing side: the proof to send with `listen` (its name) to the peer whose handshake
+   * reply is `reply`; empty without an auth token.
+   */
+  listenProof(reply: Buffer, name: string): Buffer
+  /**
+   * Receiving side: throws `ERR_AUTH` (naming why) unless `proof` registers writer
+   * `name` for fences under a handshake this side accepted from it (each once).
+   */
+  checkListen(name: string, proof: Buffer): void
   /** The transports this side opened, most preferred first, each with its summary. */
   offers(): Array<NativeOffer>
   /** The transport of a peer this side connected to, and why; null for others. */
@@ -56,16 +66,6 @@ export declare class NativeCommunicator {
    * bad or the peer is not connected).
    */
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
-  /**
-   * Writing side: the proof to send with `listen` (its name) to the peer whose handshake
-   * reply is `reply`; empty without an auth token.
-   */
-  listenProof(reply: Buffer, name: string): Buffer
-  /**
-   * Receiving side: throws `ERR_AUTH` (naming why) unless `proof` registers writer
-   * `name` for fences under a handshake this side accepted from it (each once).
-   */
-  checkListen(name: string, proof: Buffer): void
   /**
    * Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
    * be swapped: a region not imported as host memory, or a transport that cannot follow
