@@ -11,7 +11,8 @@ mod common;
 
 use common::{assert_written, connect, settle, Side, SideSpec};
 use kvtransfer_engine::{
-    Arrival, BlockIds, ChecksumCheck, Integrity, RdmaSettings, Role, WriteCall,
+    Arrival, BlockIds, BlockOrder, ChecksumCheck, Integrity, RdmaSettings, Role, TpOptions,
+    WriteCall,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -252,4 +253,53 @@ fn rdma_a_landing_too_long_for_a_notice_is_refused_and_nothing_is_sent() {
     assert_written(&prefill, &decode, 0, &ids, &ids);
     prefill.engine.close();
     decode.engine.close();
+}
+
+#[test]
+#[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
+fn rdma_checksummed_tensor_parallel_shards_verify() {
+    let dev = device("rdma_checksummed_tensor_parallel_shards_verify");
+    // (writer tpSize/rank and block bytes, receiver tpSize/rank and block bytes), head- and
+    // token-major: a writer with more ranks writes part of each receiver block (per token
+    // row), a receiver with more ranks takes part of each writer block.
+    let cases = [((2, 1, 512), (1, 0, 1024)), ((1, 0, 1024), (2, 1, 512))];
+    for tokens in [0, 16] {
+        for ((ws, wr, wb), (vs, vr, vb)) in cases {
+            let tp = |size, rank| TpOptions {
+                size,
+                rank,
+                replicated: false,
+                order: BlockOrder::from_tokens_per_block(tokens),
+            };
+            let log: Log = Arc::default();
+            let sink = Arc::clone(&log);
+            let spec = |role, bytes: usize, tp| SideSpec {
+                transport: "rdma",
+                rdma: Some(settings(&dev)),
+                scale_block_bytes: 64 * if bytes == 512 { 1 } else { 2 },
+                tp,
+                ..SideSpec::new(role, 1, 256, bytes)
+            };
+            let prefill = spec(Role::Prefill, wb, tp(ws, wr)).build();
+            let decode = SideSpec {
+                arrivals: Some(Arc::new(move |a| sink.lock().unwrap().push(a))),
+                ..spec(Role::Decode, vb, tp(vs, vr))
+            }
+            .build();
+            connect(&prefill, &decode, "decode");
+            let local = scattered(3, 256, 100);
+            let remote = scattered(4, 256, 100);
+            settle(&prefill, call(&local, &remote, 0, &[b'p'; 255], SUM))
+                .unwrap()
+                .unwrap();
+            let seen = arrivals(&log, 1);
+            assert_eq!(
+                seen[0].checksum,
+                ChecksumCheck::Verified,
+                "writer {ws}/{wr}, receiver {vs}/{vr}, {tokens} tokens per block"
+            );
+            prefill.engine.close();
+            decode.engine.close();
+        }
+    }
 }
