@@ -35,6 +35,7 @@ mod rekey;
 mod route;
 mod state;
 mod tally;
+mod verify;
 
 pub use chain::{fill_write_chain, lightest_rail, ChainTarget};
 pub use details::{RdmaDetails, RdmaRailDetails};
