@@ -120,17 +120,17 @@ fn arrivals(log: &Log, n: usize) -> Vec<Arrival> {
 #[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_checksummed_calls_verify_over_scattered_lists_and_long_tags() {
     let dev = device("rdma_checksummed_calls_verify_over_scattered_lists_and_long_tags");
-    let (prefill, decode, log) = pair(&dev, 1024, 1024);
-    let calls = 48u64;
+    let (prefill, decode, log) = pair(&dev, 2048, 1024);
+    let calls = 50u64;
     for i in 0..calls {
-        // From one contiguous block to 400 scattered ones (landings of a few bytes up to
-        // several extension slots), tags up to the longest, acked and not, both layers.
-        let n = [1usize, 7, 60, 400][i as usize % 4];
-        let local = scattered(i, 1024, n);
+        // From one contiguous block to 1538 scattered ones (landings of a few bytes up to
+        // most extension slots), tags up to the longest, acked and not, both layers.
+        let n = [1usize, 7, 60, 400, 1538][i as usize % 5];
+        let local = scattered(i, 2048, n);
         let remote = if n == 1 {
-            vec![(i * 13 % 1024) as u32]
+            vec![(i * 13 % 2048) as u32]
         } else {
-            scattered(i + 1000, 1024, n)
+            scattered(i + 1000, 2048, n)
         };
         let mut tag = format!("req-{i}-").into_bytes();
         tag.resize(if i % 2 == 0 { 255 } else { 20 }, b'x');
@@ -234,7 +234,7 @@ fn rdma_a_landing_too_long_for_a_notice_is_refused_and_nothing_is_sent() {
     let text = err.to_string();
     assert!(
         text.contains("3000 blocks make 3000 runs")
-            && text.contains("a notice carries at most 3570"),
+            && text.contains("a notice carries at most 7650"),
         "{text}"
     );
     // Nothing was written or announced; the link still carries calls.

@@ -238,6 +238,26 @@ mod tests {
     }
 
     #[test]
+    fn a_scattered_list_of_1538_blocks_takes_under_4700_bytes() {
+        // What `rdma::notice::MAX_LANDING_BYTES` is sized for: a prepared list of 1538
+        // scattered ids (a permutation, so almost every block is its own run).
+        let layout = CacheLayout::new(1, true, 1538, 65_536).unwrap();
+        let shard = Shard::whole(&layout);
+        let mut ids: Vec<u32> = (0..1538).collect();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for i in (1..ids.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ids.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let runs: Vec<Run> = ids.iter().map(|&id| run(id, id, 1)).collect();
+        let bytes = encoded(&shard, 4, &runs);
+        assert!(bytes.len() < 4700, "{} bytes", bytes.len());
+        assert_eq!(Landing::decode(&bytes).unwrap().runs.len(), 1538);
+    }
+
+    #[test]
     fn landings_round_trip_and_a_contiguous_list_is_a_few_bytes() {
         let layout = CacheLayout::new(1, true, 1 << 20, 65_536).unwrap();
         let shard = Shard::whole(&layout);

@@ -32,8 +32,10 @@ pub(super) const NOTICE_SLOT_BYTES: usize = 512;
 // A slot holds an encoded notice behind its length, and the length of the landing's tail
 // after it (`notice.rs`).
 const _: () = assert!(crate::wire::MAX_NOTICE_BYTES + 4 <= NOTICE_SLOT_BYTES);
-/// Slots one notice spans at most: its extension slots and its head (`notice.rs`).
-pub const MAX_NOTICE_SLOTS: usize = 8;
+/// Slots one notice spans at most: its extension slots and its head (`notice.rs`). Its 15
+/// extension slots carry the landing of 1538 scattered blocks (under 4.7 KB, a test in
+/// `wire/landing.rs`) with room to spare.
+pub const MAX_NOTICE_SLOTS: usize = 16;
 /// Notice slots a sender keeps in flight (its staging slots; a checksummed notice may span
 /// several, `notice.rs`).
 pub(super) const NOTICE_STAGING_SLOTS: usize = 128;
