@@ -7,8 +7,9 @@
 use super::peers::Peer;
 use super::Engine;
 use crate::error::{Error, Result};
+use crate::plan::Run;
 use crate::transport::{sum_call, JobPlan};
-use crate::wire::{set_checksum, Notice};
+use crate::wire::{set_checksum, Landing, Notice};
 
 /// What a call asks beyond one-sided delivery (`checksum`, `delivery` in the API).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -21,17 +22,23 @@ pub struct Integrity {
     pub acked: bool,
 }
 
+/// A call's encoded notice (tagged calls) and landing (checksummed calls to a receiver that
+/// finds the bytes from it), as `JobPlan` carries them.
+pub(super) type NoticeBytes = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 impl Engine {
     /// Checks `integrity` against `peer`'s link and the layer's memory, and encodes the
-    /// call's notice (the checksum is filled in by [`Engine::seal`]).
+    /// call's notice (the checksum is filled in by [`Engine::seal`]) and, for a checksummed
+    /// call to a receiver that finds the bytes from it, its landing (refused, typed, when it
+    /// is longer than the link carries).
     pub(super) fn notice_for(
         &self,
         peer: &Peer,
         layer: u32,
-        blocks: u32,
+        (blocks, runs): (u32, &[Run]),
         tag: Option<&[u8]>,
         integrity: Integrity,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<NoticeBytes> {
         let checks = peer.link.receiver_checks();
         let transport = peer.link.kind().name();
         if integrity.acked && !checks.answers_acked_calls {
@@ -70,7 +77,31 @@ impl Engine {
                 });
             }
         }
-        Ok(tag.map(|tag| {
+        let landing = match checks.landing_limit {
+            Some(limit) if integrity.checksum => {
+                let mut landing = Vec::new();
+                Landing::encode(
+                    &peer.shard,
+                    self.inner.table.layout.kinds(),
+                    runs,
+                    &mut landing,
+                );
+                if landing.len() > limit {
+                    return Err(Error::Unsupported {
+                        what: "checksum: 'crc32c'",
+                        reason: format!(
+                            "for this call over {transport} (to {}): its {blocks} blocks make {} runs, whose landing (where the receiver finds the bytes) takes {} bytes; a notice carries at most {limit}. Split the call, or list blocks in fewer contiguous runs",
+                            peer.key,
+                            runs.len(),
+                            landing.len()
+                        ),
+                    });
+                }
+                Some(landing)
+            }
+            _ => None,
+        };
+        let notice = tag.map(|tag| {
             Notice {
                 layer,
                 blocks,
@@ -79,7 +110,8 @@ impl Engine {
                 tag,
             }
             .encode()
-        }))
+        });
+        Ok((notice, landing))
     }
 
     /// Fills in the checksum of a checksummed call's notice: CRC-32C of every byte it moves.

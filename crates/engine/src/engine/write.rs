@@ -349,7 +349,13 @@ impl Engine {
             }
             _ => self.refit(peer_key, prepared)?,
         };
-        let notice = self.notice_for(&peer, layer, prepared.blocks, tag.as_deref(), integrity)?;
+        let (notice, landing) = self.notice_for(
+            &peer,
+            layer,
+            (prepared.blocks, &prepared.runs[..]),
+            tag.as_deref(),
+            integrity,
+        )?;
         Ok(PreparedWrite {
             bytes_per_block,
             plan: JobPlan {
@@ -358,6 +364,7 @@ impl Engine {
                 blocks: prepared.blocks,
                 shard: peer.shard,
                 notice,
+                landing,
                 acked: integrity.acked,
             },
             peer,
@@ -486,7 +493,8 @@ impl Engine {
         plan::plan_runs(local, remote, limits, &mut runs)?;
         let runs = self.inner.run_pool.pooled(runs);
         let blocks = u32::try_from(local.len()).unwrap_or(u32::MAX);
-        let notice = self.notice_for(&peer, layer, blocks, tag.as_deref(), integrity)?;
+        let (notice, landing) =
+            self.notice_for(&peer, layer, (blocks, &runs[..]), tag.as_deref(), integrity)?;
         Ok(PreparedWrite {
             bytes_per_block: peer.shard.bytes_per_block(&layout),
             plan: JobPlan {
@@ -495,6 +503,7 @@ impl Engine {
                 blocks,
                 shard: peer.shard,
                 notice,
+                landing,
                 acked: integrity.acked,
             },
             peer,

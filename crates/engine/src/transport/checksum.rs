@@ -167,6 +167,7 @@ mod tests {
             blocks: 2,
             shard: Shard::whole(&table.layout),
             notice: None,
+            landing: None,
             acked: false,
         };
         let sum = sum_call(&table, &plan);

@@ -80,6 +80,9 @@ pub struct JobPlan {
     /// cover, the checksum): when present the receiver gets it after the bytes. Transports
     /// carry it as it is.
     pub notice: Option<Vec<u8>>,
+    /// A checksummed call's landing (`wire::Landing`), for links whose receiver finds the
+    /// call's bytes from it (`ReceiverChecks::landing_limit`); carried with the notice.
+    pub landing: Option<Vec<u8>>,
     /// `delivery: 'acked'`: the job completes only once the receiving engine answered it
     /// (after it took the notice, for a tagged call). Set only where the link's
     /// `receiver_checks().answers_acked_calls` says it can.

@@ -11,6 +11,7 @@ mod checksum;
 mod completion;
 mod explanation;
 mod job;
+mod landing;
 pub(crate) mod nvlink;
 pub(crate) mod rdma;
 mod registry;
@@ -28,6 +29,7 @@ pub use job::{
     copy_op, fail, for_each_copy, Arrival, ArrivalSink, ChecksumCheck, JobPlan, JobView, WriteJob,
     MAX_TAG_BYTES,
 };
+pub(crate) use landing::record_landing;
 pub use registry::TransportDetails;
 pub(crate) use registry::{open_transports, probe, OpenContext, Unusable};
 
@@ -189,6 +191,11 @@ pub struct ReceiverChecks {
     /// (after it took the notice, for a tagged call). TCP answers every call anyway; RDMA and
     /// NVLink answer only the calls that ask, so a plain call stays one-sided.
     pub answers_acked_calls: bool,
+    /// A checksummed call's notice carries its landing (`wire::Landing`: where its bytes
+    /// land in the receiver's memory), of at most this many bytes: a one-sided receiver
+    /// does not see which bytes a call wrote and finds them from it. `None`: the receiver
+    /// records where the bytes land as they come (TCP).
+    pub landing_limit: Option<usize>,
 }
 
 /// One rail of a link: a local NIC paired with one of the peer's, or a local NIC that the

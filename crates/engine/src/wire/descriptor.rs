@@ -357,11 +357,12 @@ mod tests {
             assert!(Descriptor::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         let mut bad = bytes.clone();
-        bad[4] = 9;
+        let newer = PROTOCOL_VERSION + 1;
+        bad[4..6].copy_from_slice(&newer.to_le_bytes());
         assert!(Descriptor::decode(&bad)
             .unwrap_err()
             .0
-            .contains("version 9"));
+            .contains(&format!("version {newer}")));
         let mut long = bytes.clone();
         long.push(0);
         assert!(Descriptor::decode(&long).is_err());

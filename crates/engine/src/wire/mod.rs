@@ -1,12 +1,15 @@
 //! Wire formats shared by the engine and its transports: the handshake descriptor exchanged
-//! on the control plane and a bounded reader for every decoder. Every decoder is
+//! on the control plane, the arrival notice, a checksummed call's landing, and a bounded
+//! reader for every decoder. Every decoder is
 //! length-checked: malformed input is an error, never a panic or an unbounded allocation.
 //! Each transport encodes its own endpoint (`transport/*/endpoint.rs`).
 
 mod descriptor;
+mod landing;
 mod notice;
 
 pub use descriptor::{Declined, Descriptor, Endpoint};
+pub use landing::{Landing, Reach};
 pub use notice::{notice_tag, set_checksum, Notice, MAX_NOTICE_BYTES, MAX_NOTICE_TAG_BYTES};
 
 /// Magic + version at the start of every descriptor.
@@ -18,8 +21,10 @@ pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
 /// incompatible 6s, never released together); 7: both, RDMA endpoints carry rails (several
 /// NICs, each with its GID candidates and port speed) and arrival notices carry the writer's
 /// shard cover and an optional checksum (`notice.rs`); 8: the NVLink side channel's messages
-/// carry their kind, and acked calls are answered (`transport/nvlink/message.rs`).
-pub const PROTOCOL_VERSION: u16 = 8;
+/// carry their kind, and acked calls are answered (`transport/nvlink/message.rs`); 9: an RDMA
+/// checksummed notice carries the call's landing (`landing.rs`) and may span several ring
+/// slots (`transport/rdma/notice.rs`).
+pub const PROTOCOL_VERSION: u16 = 9;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).

@@ -460,6 +460,7 @@ impl Link for NvlinkLink {
         crate::transport::ReceiverChecks {
             verifies_checksums: false,
             answers_acked_calls: true,
+            landing_limit: None,
         }
     }
 }

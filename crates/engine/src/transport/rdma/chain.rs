@@ -2,10 +2,10 @@
 //! arrival notice; and failing a link on a bad completion or post.
 
 use super::doorbell::Doorbell;
-use super::notice::{encode_slot, notice_imm};
+use super::notice::{encode_slot, extension_imm, extension_slots, notice_imm, split_landing};
 use super::state::{
-    ActiveJob, Chain, ChainKind, ChainProgress, Phase, RailState, SendRail, SenderLink, Shared,
-    CHAIN_BYTES, MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
+    tuning, ActiveJob, Chain, ChainKind, ChainProgress, Phase, RailState, SendRail, SenderLink,
+    Shared, CHAIN_BYTES, MAX_WRITE_BYTES, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
 };
 use crate::error::Error;
 use crate::layout::RegionTable;
@@ -129,7 +129,7 @@ pub(super) fn post_link(
         let chain_id = link.next_chain;
         link.next_chain += 1;
         batch.clear();
-        let limit = room.min(batch.capacity());
+        let limit = room.min(tuning().chain_wrs);
         let active = &mut link.jobs[job_index];
         let before = active.progress.bytes;
         let finished = fill_chain(
@@ -344,9 +344,20 @@ pub(super) fn post_control(
     // by waiting for it).
     let rail_index = link.control_rail();
     let qp_index = 0;
+    let phase = link.jobs[position].phase;
+    // A notice's slots: its head, and the extension slots of a long landing (`notice.rs`).
+    let slots = match (phase, &link.jobs[position].job.plan) {
+        (Phase::Notice, plan) => match (&plan.notice, &plan.landing) {
+            (Some(notice), Some(landing)) => {
+                1 + extension_slots(split_landing(notice.len(), landing).0).len()
+            }
+            _ => 1,
+        },
+        _ => 1,
+    };
     {
         let qp = &link.rails[rail_index].qps[qp_index];
-        if qp.outstanding >= qp.qp.caps().max_send_wr {
+        if qp.outstanding as usize + slots > qp.qp.caps().max_send_wr as usize {
             return Ok(false);
         }
     }
@@ -355,7 +366,6 @@ pub(super) fn post_control(
         (rail.staging_mr.lkey(), rail.scratch_mr.lkey())
     };
     let notice_ring = link.rails[rail_index].notice_ring;
-    let phase = link.jobs[position].phase;
     let chain_id = link.next_chain;
     batch.clear();
     let kind = match phase {
@@ -391,38 +401,43 @@ pub(super) fn post_control(
                 }
                 return Ok(true);
             }
-            if link.notices_in_flight >= NOTICE_STAGING_SLOTS {
+            if link.notices_in_flight + slots > NOTICE_STAGING_SLOTS {
                 return Ok(false);
             }
-            let number = link.next_notice;
-            let remote_slot = (number % u64::from(notice_ring.2)) as u32;
-            let imm = notice_imm(remote_slot, number, acked);
+            let ring_slot = |number: u64| (number % u64::from(notice_ring.2)) as u32;
+            let head = link.next_notice + slots as u64 - 1;
+            let imm = notice_imm(ring_slot(head), head, acked);
             if acked && link.awaiting.contains_key(&imm) {
                 // The call 2^15 notices back still waits for the same answer: hold this one.
                 return Ok(false);
             }
-            link.next_notice += 1;
-            let staging_slot = (number % NOTICE_STAGING_SLOTS as u64) as usize;
-            let active = &link.jobs[position];
+            let plan = &link.jobs[position].job.plan;
             // An acked call without a tag sends an empty record: the receiver only answers.
-            let notice = active.job.plan.notice.as_deref().unwrap_or(&[]);
-            let start = staging_slot * NOTICE_SLOT_BYTES;
-            let len = encode_slot(&mut link.staging[start..start + NOTICE_SLOT_BYTES], notice);
-            let local = LocalBuf {
-                addr: link.staging.as_ptr() as u64 + start as u64,
-                len: len as u32,
+            let notice = plan.notice.as_deref().unwrap_or(&[]);
+            let (extension, tail) = match plan.landing.as_deref() {
+                Some(landing) => {
+                    let (extension, tail) = split_landing(notice.len(), landing);
+                    (extension, Some(tail))
+                }
+                None => (&[][..], None),
+            };
+            let mut staging = StagingSlots {
+                bytes: &mut link.staging,
                 lkey: staging_lkey,
+                ring: notice_ring,
             };
-            let remote = RemoteBuf {
-                addr: notice_ring.0 + u64::from(remote_slot) * NOTICE_SLOT_BYTES as u64,
-                rkey: notice_ring.1,
-            };
-            let _ = batch.push_write_with_imm(chain_id, local, remote, imm, true);
-            link.notices_in_flight += 1;
+            for (i, part) in extension_slots(extension).enumerate() {
+                let number = link.next_notice + i as u64;
+                let slot = (part, None, extension_imm(ring_slot(number)), false);
+                staging.push(number, slot, chain_id, batch);
+            }
+            staging.push(head, (notice, tail, imm, true), chain_id, batch);
+            link.next_notice += slots as u64;
+            link.notices_in_flight += slots;
             if acked {
                 link.awaiting.insert(imm, seq);
             }
-            ChainKind::Notice { staging_slot }
+            ChainKind::Notice { slots }
         }
         Phase::Data => return Ok(true),
     };
@@ -447,16 +462,57 @@ pub(super) fn post_control(
         return Err((seq, error, status));
     }
     let qp = &mut link.rails[rail_index].qps[qp_index];
-    qp.outstanding += 1;
+    qp.outstanding += slots as u32;
     qp.chains.push_back(Chain {
         id: chain_id,
-        wrs: 1,
+        wrs: slots as u32,
         bytes: 0,
         job: seq,
         kind,
     });
     link.jobs[position].chains_outstanding += 1;
     Ok(true)
+}
+
+/// A link's notice staging slots, registered under `lkey`, and the peer's ring they are
+/// written to: (address, rkey, slots).
+struct StagingSlots<'a> {
+    bytes: &'a mut [u8],
+    lkey: u32,
+    ring: (u64, u32, u32),
+}
+
+impl StagingSlots<'_> {
+    /// Stages notice slot `number` (`record` and `tail` as `notice::encode_slot` takes them)
+    /// and appends its WRITE WITH IMMEDIATE `imm` to the ring slot the number maps to.
+    fn push(
+        &mut self,
+        number: u64,
+        (record, tail, imm, signaled): (&[u8], Option<&[u8]>, u32, bool),
+        chain_id: u64,
+        batch: &mut SendBatch,
+    ) {
+        // Free: at most NOTICE_STAGING_SLOTS slots are in flight, each until its chain's
+        // completion.
+        let start = (number % NOTICE_STAGING_SLOTS as u64) as usize * NOTICE_SLOT_BYTES;
+        let len = encode_slot(
+            &mut self.bytes[start..start + NOTICE_SLOT_BYTES],
+            record,
+            tail,
+        );
+        let local = LocalBuf {
+            addr: self.bytes.as_ptr() as u64 + start as u64,
+            len: len as u32,
+            lkey: self.lkey,
+        };
+        let slot = number % u64::from(self.ring.2);
+        let remote = RemoteBuf {
+            addr: self.ring.0 + slot * NOTICE_SLOT_BYTES as u64,
+            rkey: self.ring.1,
+        };
+        // The batch holds MAX_NOTICE_SLOTS requests (`Worker::new`).
+        let _ = batch.push_write_with_imm(chain_id, local, remote, imm, signaled);
+    }
 }
 
 #[cfg(test)]

@@ -408,6 +408,7 @@ impl RdmaDevice {
                 peer_name: peer_name.to_string(),
                 instance: peer_instance,
                 answering: vec![0; qps_kept.len()],
+                assembly: vec![Vec::new(); qps_kept.len()],
                 unsent: Default::default(),
                 qps: qps_kept,
                 _ring_mrs: ring_mrs,

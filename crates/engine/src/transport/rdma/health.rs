@@ -121,8 +121,8 @@ pub(super) fn quarantine(
         state.outstanding = 0;
     }
     for chain in dropped {
-        if let ChainKind::Notice { .. } = chain.kind {
-            link.notices_in_flight -= 1;
+        if let ChainKind::Notice { slots } = chain.kind {
+            link.notices_in_flight -= slots;
         }
         let Some(position) = link.jobs.iter().position(|j| j.seq == chain.job) else {
             continue;

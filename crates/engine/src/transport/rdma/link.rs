@@ -75,12 +75,14 @@ impl Link for RdmaLink {
         self.held
     }
 
-    /// The receiver answers a call that asks (`answer.rs`); it cannot see which bytes a
-    /// call wrote, so it verifies no checksum.
+    /// The receiver answers a call that asks (`answer.rs`). It cannot see which bytes a
+    /// call wrote: a checksummed call's notice carries its landing (`notice.rs`), from
+    /// which the receiver finds and sums them (`verify.rs`).
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
         crate::transport::ReceiverChecks {
-            verifies_checksums: false,
+            verifies_checksums: true,
             answers_acked_calls: true,
+            landing_limit: Some(super::notice::MAX_LANDING_BYTES),
         }
     }
 

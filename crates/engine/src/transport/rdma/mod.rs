@@ -33,6 +33,7 @@ mod rail;
 mod route;
 mod state;
 mod tally;
+mod verify;
 
 pub use chain::{fill_write_chain, lightest_rail, ChainTarget};
 pub use details::{RdmaDetails, RdmaRailDetails};

@@ -6,11 +6,12 @@ use super::doorbell::Doorbell;
 use super::health::{
     check_ports, judge, quarantine, rail_of_qp, rejoin, try_rejoin, Verdict, PORT_CHECK,
 };
-use super::notice::{decode_notice, slot_of, wants_answer};
+use super::notice::{decode_notice, is_extension, slot_of, wants_answer, MAX_NOTICE_SLOTS};
 use super::state::{
     tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink, SenderLink, Shared,
     NOTICE_SLOTS, NOTICE_SLOT_BYTES,
 };
+use super::verify;
 use crate::error::Error;
 use crate::transport::{fail, Arrival, ChecksumCheck};
 use crate::wire::Notice;
@@ -45,7 +46,8 @@ impl Worker {
             receivers: Vec::new(),
             send_qps: HashMap::new(),
             recv_qps: HashMap::new(),
-            batch: SendBatch::with_capacity(tuning().chain_wrs),
+            // Room for a data chain, and for a notice's slots whatever the tuning.
+            batch: SendBatch::with_capacity(tuning().chain_wrs.max(MAX_NOTICE_SLOTS)),
             completions: vec![WorkCompletion::default(); 64],
             last_check: std::time::Instant::now(),
             doorbell,
@@ -466,7 +468,7 @@ impl Worker {
             .wrs
             .fetch_add(u64::from(chain.wrs), Ordering::Relaxed);
         match chain.kind {
-            ChainKind::Notice { .. } => link.notices_in_flight -= 1,
+            ChainKind::Notice { slots } => link.notices_in_flight -= slots,
             ChainKind::Probe => return rejoin(link, rail_index),
             _ => {}
         }
@@ -545,14 +547,15 @@ impl Worker {
         }
     }
 
-    /// Hands a notice's arrival to the sink; returns (receiver index, immediate) when the
-    /// writer waits for an answer (an acked call: its notice, or its empty record when it
-    /// has no tag, was taken).
-    fn deliver_notice(&self, rail: usize, wc: &WorkCompletion) -> Option<(usize, u32)> {
+    /// Hands a notice's arrival to the sink, after checking a checksummed call's bytes
+    /// (`verify.rs`), or keeps an extension slot's part of a landing; returns (receiver
+    /// index, immediate) when the writer waits for an answer (an acked call: its notice, or
+    /// its empty record when it has no tag, was taken).
+    fn deliver_notice(&mut self, rail: usize, wc: &WorkCompletion) -> Option<(usize, u32)> {
         let &index = self.recv_qps.get(&(rail, wc.qp_num))?;
         let imm = wc.imm_data?;
         let slot = slot_of(imm);
-        let receiver = &self.receivers[index];
+        let receiver = &mut self.receivers[index];
         if slot >= NOTICE_SLOTS {
             crate::log::log_error!(
                 "rdma: notice from {} names slot {slot} outside its ring",
@@ -575,6 +578,19 @@ impl Worker {
                 NOTICE_SLOT_BYTES,
             )
         };
+        // The queue pair's index in the receiver (its extension slots are kept per pair).
+        let qp = || {
+            receiver
+                .qps
+                .iter()
+                .position(|(r, qp)| *r == rail && qp.qp_num() == wc.qp_num)
+                .unwrap_or(usize::MAX)
+        };
+        if is_extension(imm) {
+            let qp = qp();
+            verify::take_extension(receiver, qp, &record);
+            return None;
+        }
         let answer = wants_answer(imm).then_some((index, imm));
         match decode_notice(&record) {
             // An acked call without a tag: nothing to deliver, only to answer.
@@ -583,13 +599,16 @@ impl Worker {
         }
         match decode_notice(&record).map(Notice::decode) {
             Some(Ok(notice)) => {
+                // A plain notice costs nothing more; a checksummed one has its bytes summed
+                // here, before anyone learns of the arrival.
+                let check = match notice.checksum {
+                    None if receiver.assembly.iter().all(Vec::is_empty) => ChecksumCheck::Absent,
+                    _ => {
+                        let qp = qp();
+                        verify::check(&self.shared.table, receiver, qp, &notice, &record)
+                    }
+                };
                 if let Some(sink) = &self.shared.arrivals {
-                    // One-sided: this side cannot tell which bytes the call wrote, so a
-                    // checksum is reported unchecked (writers refuse `checksum` on RDMA).
-                    let check = match notice.checksum {
-                        Some(_) => ChecksumCheck::Unchecked,
-                        None => ChecksumCheck::Absent,
-                    };
                     sink(Arrival::of(&receiver.peer_name, &notice, check));
                 }
                 answer

@@ -29,9 +29,11 @@ pub(super) const NOTICE_RECEIVES: u32 = 256;
 pub const NOTICE_SLOTS: u32 = NOTICE_RECEIVES;
 /// Bytes per notice slot: the encoded notice behind its length (`notice.rs`).
 pub(super) const NOTICE_SLOT_BYTES: usize = 512;
-// A slot holds an encoded notice behind its length (`notice.rs`).
-const _: () = assert!(crate::wire::MAX_NOTICE_BYTES + 2 <= NOTICE_SLOT_BYTES);
-/// Notices a sender keeps in flight (bounded by its staging slots).
+// A slot holds an encoded notice behind its length, and the length of the landing's tail
+// after it (`notice.rs`).
+const _: () = assert!(crate::wire::MAX_NOTICE_BYTES + 4 <= NOTICE_SLOT_BYTES);
+/// Notice slots a sender keeps in flight (its staging slots; a checksummed notice may span
+/// several, `notice.rs`).
 pub(super) const NOTICE_STAGING_SLOTS: usize = 128;
 /// Largest RDMA WRITE per work request: longer runs are split, so that one large run can be
 /// spread over a peer's queue pairs (256 KiB WRITEs still run at line rate on a NIC).
@@ -231,8 +233,9 @@ pub(super) struct Chain {
 pub(super) enum ChainKind {
     Data,
     Flush,
+    /// A notice's WRITEs WITH IMMEDIATE: its extension slots and its head.
     Notice {
-        staging_slot: usize,
+        slots: usize,
     },
     /// The READ that tries a quarantined rail's next queue pairs before it rejoins.
     Probe,
@@ -417,6 +420,9 @@ pub(super) struct ReceiverLink {
     pub(super) answering: Vec<u32>,
     /// Answers waiting for send-queue room: (index into `qps`, immediate).
     pub(super) unsent: VecDeque<(usize, u32)>,
+    /// Per queue pair (by index into `qps`): the landing bytes of the extension slots that
+    /// came in since its last notice head (`verify.rs`).
+    pub(super) assembly: Vec<Vec<u8>>,
     /// The ring registered under the other rails' devices (only held: dropped before
     /// `ring`, whose bytes they register).
     pub(super) _ring_mrs: Vec<MemoryRegion>,

@@ -471,6 +471,7 @@ impl Link for TcpLink {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
             answers_acked_calls: true,
+            landing_limit: None,
         }
     }
 }
