@@ -66,13 +66,12 @@ impl Engine {
                     ),
                 });
             }
-            let table = &self.inner.table;
-            let kinds = table.layout.kinds();
-            if (layer * kinds..(layer + 1) * kinds).any(|region| table.memory(region).is_device()) {
+            if self.layer_on_gpu(layer) && !checks.sums_gpu_memory {
                 return Err(Error::Unsupported {
                     what: "checksum: 'crc32c'",
                     reason: format!(
-                        "for layer {layer}: its regions are GPU memory, which this build sums on the CPU only for host regions"
+                        "for layer {layer} over {transport} (to {}): its regions are GPU memory, which only NVLink sums (with the CRC-32C kernel); over this transport checksums cover host regions",
+                        peer.key
                     ),
                 });
             }
@@ -114,9 +113,18 @@ impl Engine {
         Ok((notice, landing))
     }
 
+    /// Whether any region of `layer` is GPU memory.
+    fn layer_on_gpu(&self, layer: u32) -> bool {
+        let table = &self.inner.table;
+        let kinds = table.layout.kinds();
+        (layer * kinds..(layer + 1) * kinds).any(|region| table.memory(region).is_device())
+    }
+
     /// Fills in the checksum of a checksummed call's notice: CRC-32C of every byte it moves.
+    /// For GPU regions the link does it on the GPU (`ReceiverChecks::sums_gpu_memory`,
+    /// checked by [`Engine::notice_for`]): the notice keeps its placeholder until then.
     pub(super) fn seal(&self, plan: &mut JobPlan, integrity: Integrity) {
-        if !integrity.checksum {
+        if !integrity.checksum || self.layer_on_gpu(plan.layer) {
             return;
         }
         let sum = sum_call(&self.inner.table, plan);

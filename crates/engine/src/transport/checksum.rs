@@ -30,25 +30,50 @@ impl Crc32c {
     }
 }
 
-/// CRC-32C of the bytes `plan` moves from host regions of `table`. The caller checked that
-/// the layer's regions are host memory.
-pub(crate) fn sum_call(table: &RegionTable, plan: &JobPlan) -> u32 {
-    let mut crc = Crc32c::new();
+/// Calls `visit(address, length)` for the source ranges of every byte `plan` moves from
+/// `table`'s regions, in the order the copies move them (what the checksum covers).
+fn for_each_source_range(table: &RegionTable, plan: &JobPlan, mut visit: impl FnMut(u64, u64)) {
     for_each_copy(table, &plan.shard, plan.layer, &plan.runs, |op| {
         let mut done = 0;
         while done < op.len {
             let (local, _, contiguous) = op.at(done);
             let len = contiguous.min(op.len - done);
-            // SAFETY: the planner checked every block id against this side's regions, so
-            // `local..local+len` lies inside a registered host region, which the engine keeps
-            // valid while the call is pending; it is only read.
-            let bytes =
-                unsafe { std::slice::from_raw_parts(local as usize as *const u8, len as usize) };
-            crc.update(bytes);
+            visit(local, len);
             done += len;
         }
     });
+}
+
+/// CRC-32C of the bytes `plan` moves from host regions of `table`. The caller checked that
+/// the layer's regions are host memory.
+pub(crate) fn sum_call(table: &RegionTable, plan: &JobPlan) -> u32 {
+    let mut crc = Crc32c::new();
+    for_each_source_range(table, plan, |local, len| {
+        // SAFETY: the planner checked every block id against this side's regions, so
+        // `local..local+len` lies inside a registered host region, which the engine keeps
+        // valid while the call is pending; it is only read.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(local as usize as *const u8, len as usize) };
+        crc.update(bytes);
+    });
     crc.sum()
+}
+
+/// Adds the bytes `plan` moves from `table`'s regions (GPU memory) to `sum`, in the order
+/// the copies move them, for the CRC-32C kernel to sum (the GPU side of [`sum_call`]).
+pub(crate) fn push_call(
+    sum: &mut kvtransfer_cuda::Crc32cSum,
+    table: &RegionTable,
+    plan: &JobPlan,
+) -> Result<(), kvtransfer_cuda::CudaError> {
+    sum.clear();
+    let mut pushed = Ok(());
+    for_each_source_range(table, plan, |local, len| {
+        if pushed.is_ok() {
+            pushed = sum.push(local, len);
+        }
+    });
+    pushed
 }
 
 /// Where the bytes of the call being received landed, in the order they came (a receiver

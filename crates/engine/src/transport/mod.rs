@@ -18,7 +18,7 @@ mod registry;
 pub(crate) mod tcp;
 
 pub use crate::transport_kind::TransportKind;
-pub(crate) use checksum::{sum_call, Landed};
+pub(crate) use checksum::{push_call, sum_call, Landed};
 pub(crate) use completion::Accounting;
 pub use completion::{
     CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
@@ -29,7 +29,7 @@ pub use job::{
     copy_op, fail, for_each_copy, Arrival, ArrivalSink, ChecksumCheck, JobPlan, JobView, WriteJob,
     MAX_TAG_BYTES,
 };
-pub(crate) use landing::record_landing;
+pub(crate) use landing::{land, record_landing};
 pub use registry::TransportDetails;
 pub(crate) use registry::{open_transports, probe, OpenContext, Unusable};
 
@@ -187,6 +187,10 @@ pub struct Resources {
 pub struct ReceiverChecks {
     /// The receiver verifies checksums of host regions before it reports the arrival.
     pub verifies_checksums: bool,
+    /// Checksums of GPU regions too: the link's writer sums a checksummed call's GPU
+    /// sources itself (the CRC-32C kernel, on its stream, filling in the notice's
+    /// checksum), and its receiver sums its GPU memory before it reports the arrival.
+    pub sums_gpu_memory: bool,
     /// A call with `JobPlan::acked` completes only after the receiving engine answered it
     /// (after it took the notice, for a tagged call). TCP answers every call anyway; RDMA and
     /// NVLink answer only the calls that ask, so a plain call stays one-sided.

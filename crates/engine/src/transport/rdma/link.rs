@@ -81,6 +81,7 @@ impl Link for RdmaLink {
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
+            sums_gpu_memory: false,
             answers_acked_calls: true,
             landing_limit: Some(super::notice::MAX_LANDING_BYTES),
         }

@@ -470,6 +470,7 @@ impl Link for TcpLink {
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
+            sums_gpu_memory: false,
             answers_acked_calls: true,
             landing_limit: None,
         }
