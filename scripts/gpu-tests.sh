@@ -33,7 +33,7 @@ if [ "$build" = 1 ]; then
   # keeps its host path; doctor: what `kvtransfer doctor` reports of the GPUs.
   # nvlink_peer: the decode process of the NVLink tests (gpu_nvlink spawns it).
   { cargo test --release -p kvtransfer-engine --no-run --message-format=json \
-      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink --test gpu_fence --test gpu_acked --test gpu_crc32c --test doctor
+      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink --test gpu_fence --test gpu_acked --test gpu_crc32c --test gpu_checksum --test doctor
     cargo build --release -p kvtransfer-engine --message-format=json --example nvlink_peer; } \
     | python3 -c '
 import json, sys, shutil
@@ -83,6 +83,9 @@ timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
 timeout 300 "$out/gpu_fence" --ignored --nocapture --test-threads=1
 # delivery: 'acked' over NVLink: resolved means the receiving engine took the arrival.
 timeout 120 "$out/gpu_acked" --ignored --nocapture --test-threads=1
+# checksum: 'crc32c' over NVLink: verified arrivals, a corrupted byte seen (a child
+# process with the receiver's test hook), and the cost side by side with plain calls.
+timeout 300 "$out/gpu_checksum" --ignored --nocapture --test-threads=1
 KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
 KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 \
   timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
