@@ -326,4 +326,126 @@ mod tests {
         let source = include_str!("crc32c.cu");
         assert!(source.contains(&format!("#define X4096 0x{:08x}u", x_to(4096))));
     }
+
+    /// The standard CRC-32C, bit by bit (the reference).
+    fn crc32c(parts: &[&[u8]]) -> u32 {
+        let mut crc = !0u32;
+        for part in parts {
+            for &b in *part {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = times_x(crc);
+                }
+            }
+        }
+        !crc
+    }
+
+    /// The kernel's arithmetic on the CPU, lane by lane as `crc32c.cu` does it: chunks cut
+    /// as `Crc32cSum::push` cuts them, 16-byte units interleaved over 32 lanes with the
+    /// x^4096 step, each lane's term shifted by the units after its last one, the chunk's
+    /// term by x^(8·(after − padding)), the init term at the end. Addresses are offsets
+    /// into `memory`.
+    fn kernel_model(memory: &[u8], segments: &[(u64, u64)]) -> u32 {
+        let (p8, inv8, lane_f) = (
+            table("kvt_crc_p8"),
+            table("kvt_crc_inv8"),
+            table("kvt_crc_lane"),
+        );
+        let x4096 = x_to(4096);
+        let t0: Vec<u32> = (0..256u32)
+            .map(|b| (0..8).fold(b, |c, _| times_x(c)))
+            .collect();
+        let mut t = vec![t0.clone()];
+        for j in 1..16 {
+            let prev: &Vec<u32> = &t[j - 1];
+            t.push(
+                prev.iter()
+                    .map(|&v| (v >> 8) ^ t0[(v & 255) as usize])
+                    .collect(),
+            );
+        }
+        let raw16 = |u: &[u8; 16]| (0..16).fold(0, |r, i| r ^ t[15 - i][u[i] as usize]);
+        let power8 = |e: u64| {
+            (0..64)
+                .filter(|j| e >> j & 1 == 1)
+                .fold(ONE, |v, j| mulmod(v, p8[j]))
+        };
+        let mut chunks = Vec::new();
+        let mut total = 0u64;
+        for &(addr, len) in segments {
+            let (mut at, end) = (addr, addr + len);
+            while at < end {
+                let next =
+                    end.min((at / super::CRC32C_CHUNK_BYTES + 1) * super::CRC32C_CHUNK_BYTES);
+                chunks.push((at, total));
+                total += next - at;
+                at = next;
+            }
+        }
+        let mut acc = 0u32;
+        for (c, &(addr, pos)) in chunks.iter().enumerate() {
+            let next = chunks.get(c + 1).map_or(total, |&(_, p)| p);
+            let (len, after) = (next - pos, total - next);
+            let (start, end) = (addr & !15, (addr + len + 15) & !15);
+            let units = (end - start) / 16;
+            let pad = end - (addr + len);
+            let mut r = 0;
+            for lane in 0..32u64 {
+                let mut s = 0u32;
+                let mut i = lane;
+                while i < units {
+                    let mut unit = [0u8; 16];
+                    for (k, byte) in unit.iter_mut().enumerate() {
+                        let a = start + 16 * i + k as u64;
+                        if a >= addr && a < addr + len {
+                            *byte = memory[a as usize];
+                        }
+                    }
+                    s = mulmod(s, x4096) ^ raw16(&unit);
+                    i += 32;
+                }
+                if lane < units {
+                    let last = lane + ((units - 1 - lane) >> 5 << 5);
+                    r ^= mulmod(lane_f[(units - 1 - last) as usize], s);
+                }
+            }
+            let f = if after >= pad {
+                power8(after - pad)
+            } else {
+                inv8[(pad - after) as usize]
+            };
+            acc ^= mulmod(f, r);
+        }
+        acc ^ mulmod(!0, power8(total)) ^ !0
+    }
+
+    #[test]
+    fn the_kernel_arithmetic_is_crc32c() {
+        let memory: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let c = super::CRC32C_CHUNK_BYTES;
+        let cases: Vec<Vec<(u64, u64)>> = vec![
+            vec![],
+            vec![(5, 0)],
+            vec![(0, 9)],
+            vec![(3, 1), (17, 2), (100, 15), (1000, 16), (2001, 17)],
+            vec![(c - 3, 7), (2 * c + 5, c + 40), (7, 513)],
+            vec![(1, 3 * c), (0, 16 * 33 + 5)],
+            vec![(c, 2 * c), (13, 511), (9, 0), (40_001, 70_000)],
+        ];
+        for segments in &cases {
+            let parts: Vec<&[u8]> = segments
+                .iter()
+                .map(|&(a, l)| &memory[a as usize..(a + l) as usize])
+                .collect();
+            assert_eq!(
+                kernel_model(&memory, segments),
+                crc32c(&parts),
+                "{segments:?}"
+            );
+        }
+        assert_eq!(crc32c(&[b"123456789"]), 0xE306_9283);
+    }
 }
