@@ -83,8 +83,9 @@ timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
 timeout 300 "$out/gpu_fence" --ignored --nocapture --test-threads=1
 # delivery: 'acked' over NVLink: resolved means the receiving engine took the arrival.
 timeout 120 "$out/gpu_acked" --ignored --nocapture --test-threads=1
-# checksum: 'crc32c' over NVLink: verified arrivals, a corrupted byte seen (a child
-# process with the receiver's test hook), and the cost side by side with plain calls.
+# checksum: 'crc32c' between GPU regions over NVLink and TCP: verified arrivals, a
+# corrupted byte seen (a child process with the receiver's test hook), and the cost side by
+# side with plain calls.
 timeout 300 "$out/gpu_checksum" --ignored --nocapture --test-threads=1
 KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_nvlink" --ignored --nocapture --exact nvlink_bench_grid
 KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 \

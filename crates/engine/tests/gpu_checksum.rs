@@ -1,6 +1,8 @@
-//! `checksum: 'crc32c'` over NVLink (two engines in one process, GPU 0 writing into the
-//! last GPU, or within GPU 0): the writer sums its GPU sources with the CRC-32C kernel, the
-//! receiver sums the landed bytes in its GPU memory with it before it reports the arrival.
+//! `checksum: 'crc32c'` between GPU regions over NVLink and over TCP (two engines in one
+//! process, GPU 0 writing into the last GPU, or within GPU 0): the writer sums its GPU
+//! sources with the CRC-32C kernel (NVLink: on its copy stream; TCP: the engine, before it
+//! hands the call over), the receiver sums the landed bytes in its GPU memory with it
+//! before it reports the arrival.
 //! Scattered block lists over two layers, plain, acked and untagged neighbours: every
 //! checksummed arrival is verified and the bytes are the writer's. The same test, run again
 //! in a child process with `KVCACHE_TEST_CORRUPT_RECEIVE=1` (the receiver flips one landed
@@ -40,7 +42,7 @@ struct Pair {
     arrivals: Arc<Mutex<Vec<Arrival>>>,
 }
 
-fn pair(test: &str) -> Pair {
+fn pair(test: &str, transport: &str) -> Pair {
     let gpu = require_gpu(test);
     let cuda = kvtransfer_cuda::Cuda::get().unwrap();
     let decode_gpu = cuda.gpu(cuda.device_count().unwrap() - 1).unwrap();
@@ -60,7 +62,7 @@ fn pair(test: &str) -> Pair {
             addrs,
             BLOCKS,
             BLOCK_BYTES,
-            Some("nvlink"),
+            Some(transport),
         )
     };
     let prefill = Engine::new(options(
@@ -141,9 +143,39 @@ fn arrival(pair: &Pair, tag: &[u8]) -> Arrival {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
-fn nvlink_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch() {
+fn gpu_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch() {
     let corrupt = std::env::var(CORRUPT).is_ok_and(|v| v == "1");
-    let pair = pair("nvlink_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch");
+    for transport in ["nvlink", "tcp"] {
+        calls_are_checked(transport, corrupt);
+    }
+    if !corrupt {
+        // The same calls again with the receiver's test hook on, in a child process.
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "gpu_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CORRUPT, "1")
+            .status()
+            .expect("run the corrupting child");
+        assert!(
+            status.success(),
+            "the child with {CORRUPT}=1 failed: {status}"
+        );
+    }
+}
+
+/// Checksummed calls between GPU regions over `transport`, each followed by a plain and an
+/// untagged call of the same blocks: verified (or, with `corrupt`, mismatches), counted,
+/// and the bytes are the writer's.
+fn calls_are_checked(transport: &str, corrupt: bool) {
+    let pair = pair(
+        "gpu_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch",
+        transport,
+    );
     let mut expected: Vec<Vec<u8>> = vec![vec![0; BLOCKS * BLOCK_BYTES]; 2 * LAYERS];
     let mut summed = 0u64;
     for call in 0..40u64 {
@@ -161,17 +193,21 @@ fn nvlink_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch() {
             acked: call % 3 == 0,
         };
         write(&pair, layer, &local, &remote, Some(tag.clone()), integrity)
-            .unwrap_or_else(|e| panic!("call {call}: {e}"));
+            .unwrap_or_else(|e| panic!("{transport} call {call}: {e}"));
         let got = arrival(&pair, &tag);
         assert_eq!((got.layer, got.blocks), (layer as u32, count as u32));
         if corrupt {
             assert!(
                 matches!(got.checksum, ChecksumCheck::Mismatch { expected, actual } if expected != actual),
-                "call {call}: {:?} with a corrupted byte",
+                "{transport} call {call}: {:?} with a corrupted byte",
                 got.checksum
             );
         } else {
-            assert_eq!(got.checksum, ChecksumCheck::Verified, "call {call}");
+            assert_eq!(
+                got.checksum,
+                ChecksumCheck::Verified,
+                "{transport} call {call}"
+            );
         }
         for kind in 0..2 {
             let r = layer * 2 + kind;
@@ -202,7 +238,7 @@ fn nvlink_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch() {
         let got = pair.regions[2 * LAYERS + r].read();
         assert!(
             &got == want,
-            "decode region {r} differs from what was written"
+            "{transport}: decode region {r} differs from what was written"
         );
     }
     let mismatches = pair.decode.metrics().total.checksum_mismatches;
@@ -217,32 +253,13 @@ fn nvlink_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch() {
     pair.prefill.close();
     pair.decode.close();
     note(&format!(
-        "nvlink checksums: {summed} checksummed calls {}",
+        "{transport} checksums between GPU regions: {summed} checksummed calls {}",
         if corrupt {
             "each seen as ERR_CHECKSUM_MISMATCH with a corrupted byte, all counted"
         } else {
             "verified by the receiver's GPU sum"
         }
     ));
-
-    if !corrupt {
-        // The same calls again with the receiver's test hook on, in a child process.
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "nvlink_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CORRUPT, "1")
-            .status()
-            .expect("run the corrupting child");
-        assert!(
-            status.success(),
-            "the child with {CORRUPT}=1 failed: {status}"
-        );
-    }
 }
 
 /// What the checksum costs per call: sequential tagged calls of 1 and of 64 blocks of 64 KiB
@@ -250,8 +267,15 @@ fn nvlink_checksums_are_verified_and_a_corrupt_byte_is_a_mismatch() {
 /// calls (8 in flight), GB/s of each (printed; a report, not a check).
 #[test]
 #[ignore = "needs an NVIDIA GPU: run scripts/gpu-tests.sh --run on a GPU machine"]
-fn nvlink_checksum_cost() {
-    let pair = pair("nvlink_checksum_cost");
+fn gpu_checksum_cost() {
+    for transport in ["nvlink", "tcp"] {
+        cost(transport);
+    }
+}
+
+fn cost(transport: &str) {
+    let pair = pair("gpu_checksum_cost", transport);
+    let per_round = if transport == "tcp" { 20 } else { 100 };
     let p50 = |mut us: Vec<f64>| {
         us.sort_by(f64::total_cmp);
         us[us.len() / 2]
@@ -262,7 +286,7 @@ fn nvlink_checksum_cost() {
         let mut times = [Vec::new(), Vec::new()];
         for round in 0..8 {
             for (which, integrity) in kinds.into_iter().enumerate() {
-                for _ in 0..100 {
+                for _ in 0..per_round {
                     let started = Instant::now();
                     write(&pair, 0, &ids, &ids, Some(b"cost".to_vec()), integrity).unwrap();
                     if round > 0 {
@@ -274,7 +298,7 @@ fn nvlink_checksum_cost() {
         let [plain, summed] = times;
         let (plain, summed) = (p50(plain), p50(summed));
         note(&format!(
-            "nvlink checksum cost, {blocks} × {} KiB blocks per call (K+V), sequential: p50 plain {plain:.1} µs, crc32c {summed:.1} µs (+{:.1} µs, {:.0} %)",
+            "{transport} checksum cost, {blocks} × {} KiB GPU blocks per call (K+V), sequential: p50 plain {plain:.1} µs, crc32c {summed:.1} µs (+{:.1} µs, {:.0} %)",
             BLOCK_BYTES >> 10,
             summed - plain,
             (summed / plain - 1.0) * 100.0
@@ -286,7 +310,7 @@ fn nvlink_checksum_cost() {
     let mut rates = [Vec::new(), Vec::new()];
     for round in 0..6 {
         for (which, integrity) in kinds.into_iter().enumerate() {
-            let calls = 200;
+            let calls = 2 * per_round;
             let (sender, outcomes) = channel();
             let started = Instant::now();
             for _ in 0..calls {
@@ -320,7 +344,7 @@ fn nvlink_checksum_cost() {
     }
     let [plain, summed] = rates.map(p50);
     note(&format!(
-        "nvlink checksum cost, pipelined {BLOCKS} × {} KiB calls (K+V): p50 plain {plain:.1} GB/s, crc32c {summed:.1} GB/s ({:.0} % of plain)",
+        "{transport} checksum cost, pipelined {BLOCKS} × {} KiB GPU calls (K+V): p50 plain {plain:.1} GB/s, crc32c {summed:.1} GB/s ({:.0} % of plain)",
         BLOCK_BYTES >> 10,
         summed / plain * 100.0
     ));

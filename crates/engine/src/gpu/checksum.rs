@@ -55,8 +55,10 @@ pub struct GpuSummer {
 }
 
 impl GpuSummer {
-    /// A summer on a new stream of `kernel`'s GPU (makes its context current).
+    /// A summer on a new stream of `kernel`'s GPU.
+    /// Restores the calling thread's context afterwards (it may be the application's).
     pub fn new(kernel: &CrcKernel) -> Result<GpuSummer, CudaError> {
+        let _current = kernel.gpu().scoped()?;
         let kernel = Arc::clone(kernel.get()?);
         let stream = kernel.gpu().stream()?;
         Ok(GpuSummer {

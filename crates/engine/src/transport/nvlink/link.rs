@@ -507,6 +507,7 @@ impl Link for NvlinkLink {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
             sums_gpu_memory: true,
+            link_sums_gpu_sources: true,
             answers_acked_calls: true,
             landing_limit: Some(super::message::MAX_LANDING_BYTES),
         }

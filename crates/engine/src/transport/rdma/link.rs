@@ -82,6 +82,7 @@ impl Link for RdmaLink {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
             sums_gpu_memory: false,
+            link_sums_gpu_sources: false,
             answers_acked_calls: true,
             landing_limit: Some(super::notice::MAX_LANDING_BYTES),
         }
