@@ -10,8 +10,8 @@ import { randomFillSync } from 'node:crypto'
 import test, { type ExecutionContext } from 'ava'
 import { HOST, RDMACommunicator, TRANSPORT, ms, quietMs, spawnPeer } from './helpers.js'
 
-/** Checksums are verified over TCP only (README "Checksums"): skipped on other transports. */
-const tcpOnly = TRANSPORT === 'tcp' ? test.serial : test.serial.skip
+/** Checksums are verified over TCP and RDMA (README "Checksums"): skipped on NVLink. */
+const summing = TRANSPORT === 'tcp' || TRANSPORT === 'rdma' ? test.serial : test.serial.skip
 
 const LAYERS = 2
 const BLOCKS = 8
@@ -141,7 +141,7 @@ test.serial(
   },
 )
 
-tcpOnly('checksum: a byte corrupted on the receiving side is a typed mismatch, counted', async (t) => {
+summing('checksum: a byte corrupted on the receiving side is a typed mismatch, counted', async (t) => {
   const peer = await spawnPeer(t, {
     layers: LAYERS,
     blockNumber: BLOCKS,
@@ -164,7 +164,7 @@ tcpOnly('checksum: a byte corrupted on the receiving side is a typed mismatch, c
   t.is(metrics.checksumMismatches, 1)
 })
 
-tcpOnly('checksum: without corruption the arrival is verified; refusals are typed', async (t) => {
+summing('checksum: without corruption the arrival is verified; refusals are typed', async (t) => {
   const peer = await spawnPeer(t, { layers: LAYERS, blockNumber: BLOCKS, blockBytes: DECODE_BLOCK })
   const comm = prefillRank(t, { prefill: 1, decode: 1, decodeRank: 0, connected: [0], writing: [], missing: /./ }, 0)
   t.true(await comm.connect(HOST, peer.port, { timeoutMs: ms(30_000) }))

@@ -81,5 +81,5 @@ pub mod internals {
     pub use crate::transport::tcp::{FrameBatch, TcpEndpoint, MAX_FRAME_PAYLOAD};
     pub use crate::transport::JobView;
     pub use crate::util::scattered_ids;
-    pub use crate::wire::{Declined, Descriptor, Endpoint, Notice};
+    pub use crate::wire::{Declined, Descriptor, Endpoint, Landing, Notice};
 }

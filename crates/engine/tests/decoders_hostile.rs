@@ -3,7 +3,7 @@
 //! and whatever decodes re-encodes to the same bytes.
 
 use kvtransfer_engine::internals::{
-    decode_notice, frame, Descriptor, Endpoint, GidCandidate, Notice, NvlinkEndpoint,
+    decode_notice, frame, Descriptor, Endpoint, GidCandidate, Landing, Notice, NvlinkEndpoint,
     NvlinkMemoryTable, QpEndpoint, RailEndpoint, RdmaEndpoint, TcpEndpoint,
 };
 use kvtransfer_engine::internals::{Challenge, Envelope, Response};
@@ -180,6 +180,11 @@ fn check_all(data: &[u8]) {
     if let Ok(notice) = Notice::decode(data) {
         assert_eq!(notice.encode(), data);
     }
+    if let Ok(landing) = Landing::decode(data) {
+        // Varints may come overlong: stable, not always byte-identical.
+        assert_eq!(Landing::decode(&landing.to_bytes()).unwrap(), landing);
+        assert!(landing.runs.len() <= data.len() / 2);
+    }
     for chunk in data.chunks_exact(frame::HEADER_BYTES) {
         let bytes: &[u8; frame::HEADER_BYTES] = chunk.try_into().unwrap();
         if let Ok(h) = frame::Header::decode(bytes) {
@@ -256,6 +261,10 @@ fn mutated_valid_messages_never_panic_any_decoder() {
         }
         .encode(),
     );
+    let mut landing = vec![2u8, 0, 128, 2, 1, 128, 2, 0, 8, 1, 8, 3];
+    landing.extend([14, 0, 5, 2, 1, 0]);
+    assert!(Landing::decode(&landing).is_ok());
+    seeds.push(landing);
     for seed in &seeds {
         check_all(seed);
         for _ in 0..5_000 {

@@ -67,21 +67,21 @@ impl Landing {
     /// Appends the landing of a call moving `runs` with `shard` (`kinds` kinds per layer) to
     /// `out`. The writer's planner checked the runs; nothing here can fail.
     pub fn encode(shard: &Shard, kinds: u32, runs: &[Run], out: &mut Vec<u8>) {
-        out.push(kinds as u8);
-        for reach in [Reach::of(&shard.kv), Reach::of(&shard.scale)] {
-            put_varint(out, reach.offset);
-            put_varint(out, reach.piece);
-            put_varint(out, u64::from(reach.pieces));
-            put_varint(out, reach.stride);
-        }
-        put_varint(out, runs.len() as u64);
-        let mut end = 0i64;
-        for run in runs {
-            let start = i64::from(run.remote_block);
-            put_varint(out, zigzag(start - end));
-            put_varint(out, u64::from(run.blocks.saturating_sub(1)));
-            end = start + i64::from(run.blocks);
-        }
+        let reaches = [Reach::of(&shard.kv), Reach::of(&shard.scale)];
+        let runs = runs.iter().map(|run| (run.remote_block, run.blocks));
+        put(out, kinds, reaches, runs);
+    }
+
+    /// The wire form of a decoded landing (what fuzzing and the decoder tests re-encode).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put(
+            &mut out,
+            self.kinds,
+            [self.kv, self.scale],
+            self.runs.iter().copied(),
+        );
+        out
     }
 
     /// Parses a landing, refusing truncation, trailing bytes, overlong varints, a kind count
@@ -152,6 +152,29 @@ impl Landing {
     /// Blocks the runs cover.
     pub fn blocks(&self) -> u64 {
         self.runs.iter().map(|&(_, n)| u64::from(n)).sum()
+    }
+}
+
+fn put(
+    out: &mut Vec<u8>,
+    kinds: u32,
+    reaches: [Reach; 2],
+    runs: impl ExactSizeIterator<Item = (u32, u32)>,
+) {
+    out.push(kinds as u8);
+    for reach in reaches {
+        put_varint(out, reach.offset);
+        put_varint(out, reach.piece);
+        put_varint(out, u64::from(reach.pieces));
+        put_varint(out, reach.stride);
+    }
+    put_varint(out, runs.len() as u64);
+    let mut end = 0i64;
+    for (start, blocks) in runs {
+        let start = i64::from(start);
+        put_varint(out, zigzag(start - end));
+        put_varint(out, u64::from(blocks.saturating_sub(1)));
+        end = start + i64::from(blocks);
     }
 }
 
@@ -239,6 +262,7 @@ mod tests {
         let back: Vec<(u32, u32)> = runs.iter().map(|r| (r.remote_block, r.blocks)).collect();
         assert_eq!(decoded.runs, back);
         assert_eq!((decoded.kinds, decoded.blocks()), (4, 6));
+        assert_eq!(decoded.to_bytes(), encoded(&shard, 4, &runs));
         let empty = Landing::decode(&encoded(&shard, 1, &[])).unwrap();
         assert!(empty.runs.is_empty());
     }

@@ -10,9 +10,10 @@ use super::progress::Worker;
 use super::rail::{choose_ports, open_rail};
 use super::route::{describe, gid_reason, pair_rails, RailGids};
 use super::state::{
-    endpoint_of, rdma_err, register_buffer, tuning, Command, OwnedRegion, PendingQps, QpState,
-    Rail, RailCounters, RailInfo, RailState, RdmaDevice, ReceiverLink, SendRail, SenderLink,
-    Shared, NOTICE_SLOTS, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS, TRANSPORT_RETRY_COUNT,
+    batch_capacity, endpoint_of, rdma_err, register_buffer, tuning, Command, OwnedRegion,
+    PendingQps, QpState, Rail, RailCounters, RailInfo, RailState, RdmaDevice, ReceiverLink,
+    SendRail, SenderLink, Shared, NOTICE_SLOTS, NOTICE_SLOT_BYTES, NOTICE_STAGING_SLOTS,
+    TRANSPORT_RETRY_COUNT,
 };
 use super::tally::{Live, Tally};
 use crate::config::RdmaSettings;
@@ -95,7 +96,7 @@ impl RdmaDevice {
             crate::log::debug!("rdma: {post_threads} posting threads (software provider)");
             Doorbell::Threads(PostingThreads::start(
                 post_threads as usize,
-                tuning().chain_wrs,
+                batch_capacity(),
                 shared.wake_fd,
             )?)
         };

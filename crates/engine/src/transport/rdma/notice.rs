@@ -17,15 +17,13 @@
 //! first and each takes a receive: the receiver copies each out before it reposts that
 //! receive, which keeps the ring's flow control per slot (`state.rs`).
 
-use super::state::NOTICE_SLOT_BYTES;
+use super::state::{MAX_NOTICE_SLOTS, NOTICE_SLOT_BYTES};
 
 /// Bit 31 of a notice's immediate: the writer waits for the receiver's answer.
 pub(super) const ANSWER_WANTED: u32 = 1 << 31;
 /// Bit 30 of an immediate without [`ANSWER_WANTED`]: an extension slot of the notice that
 /// follows on the same queue pair.
 const EXTENSION: u32 = 1 << 30;
-/// Slots one notice spans at most: its extension slots and its head.
-pub const MAX_NOTICE_SLOTS: usize = 8;
 /// Landing bytes one extension slot carries (behind their length).
 const EXTENSION_BYTES: usize = NOTICE_SLOT_BYTES - 2;
 /// Longest landing a notice carries: what its extension slots hold. The head's room after

@@ -6,10 +6,10 @@ use super::doorbell::Doorbell;
 use super::health::{
     check_ports, judge, quarantine, rail_of_qp, rejoin, try_rejoin, Verdict, PORT_CHECK,
 };
-use super::notice::{decode_notice, is_extension, slot_of, wants_answer, MAX_NOTICE_SLOTS};
+use super::notice::{decode_notice, is_extension, slot_of, wants_answer};
 use super::state::{
-    tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink, SenderLink, Shared,
-    NOTICE_SLOTS, NOTICE_SLOT_BYTES,
+    batch_capacity, tuning, ActiveJob, ChainKind, ChainProgress, Command, Phase, ReceiverLink,
+    SenderLink, Shared, NOTICE_SLOTS, NOTICE_SLOT_BYTES,
 };
 use super::verify;
 use crate::error::Error;
@@ -46,8 +46,7 @@ impl Worker {
             receivers: Vec::new(),
             send_qps: HashMap::new(),
             recv_qps: HashMap::new(),
-            // Room for a data chain, and for a notice's slots whatever the tuning.
-            batch: SendBatch::with_capacity(tuning().chain_wrs.max(MAX_NOTICE_SLOTS)),
+            batch: SendBatch::with_capacity(batch_capacity()),
             completions: vec![WorkCompletion::default(); 64],
             last_check: std::time::Instant::now(),
             doorbell,

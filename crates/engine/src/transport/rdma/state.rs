@@ -32,6 +32,8 @@ pub(super) const NOTICE_SLOT_BYTES: usize = 512;
 // A slot holds an encoded notice behind its length, and the length of the landing's tail
 // after it (`notice.rs`).
 const _: () = assert!(crate::wire::MAX_NOTICE_BYTES + 4 <= NOTICE_SLOT_BYTES);
+/// Slots one notice spans at most: its extension slots and its head (`notice.rs`).
+pub const MAX_NOTICE_SLOTS: usize = 8;
 /// Notice slots a sender keeps in flight (its staging slots; a checksummed notice may span
 /// several, `notice.rs`).
 pub(super) const NOTICE_STAGING_SLOTS: usize = 128;
@@ -70,6 +72,12 @@ pub fn tuning() -> Tuning {
         idle_spins: t.idle_spins.unwrap_or(IDLE_SPINS),
         post_threads: t.post_threads,
     }
+}
+
+/// Work requests a send batch holds: a data chain's, and a notice's slots whatever the
+/// tuning.
+pub(super) fn batch_capacity() -> usize {
+    tuning().chain_wrs.max(MAX_NOTICE_SLOTS)
 }
 
 pub(super) fn rdma_err(op: &'static str, e: impl std::fmt::Display) -> Error {
