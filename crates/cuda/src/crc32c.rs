@@ -25,9 +25,38 @@ const WARPS: u64 = 8;
 const BLOCKS_PER_SM: u32 = 4;
 /// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
 const ATTRIBUTE_MULTIPROCESSOR_COUNT: i32 = 16;
-/// Bytes of a chunk at most: segments are cut at multiples of it in the address space, so
-/// a long segment is shared by many warps and each warp's chunk costs about the same.
+/// Bytes of a chunk at most: segments are cut at multiples of the chunk size in the address
+/// space, so a long segment is shared by many warps and each warp's chunk costs about the
+/// same. Small sums use smaller chunks ([`chunk_bytes`]), down to [`MIN_CHUNK_BYTES`].
 pub const CRC32C_CHUNK_BYTES: u64 = 16 << 10;
+/// Bytes of a chunk at least (two 16-byte units per lane of a warp).
+const MIN_CHUNK_BYTES: u64 = 1 << 10;
+
+/// The chunk size for a sum of `total` bytes on a GPU of `sms` SMs: about one chunk per
+/// warp of every SM (a small sum is spread over the GPU rather than queued on a few
+/// warps), a power of two within [`MIN_CHUNK_BYTES`]..=[`CRC32C_CHUNK_BYTES`].
+pub fn chunk_bytes(total: u64, sms: u32) -> u64 {
+    let per_warp = total / (u64::from(sms.max(1)) * WARPS).max(1);
+    per_warp
+        .next_power_of_two()
+        .clamp(MIN_CHUNK_BYTES, CRC32C_CHUNK_BYTES)
+}
+
+/// Cuts `segments` into chunks of at most `chunk` bytes (a power of two) at multiples of
+/// `chunk` in the address space; `visit(address, position)` for each, in order, where the
+/// position is the number of bytes before the chunk.
+fn cut(segments: &[(u64, u64)], chunk: u64, mut visit: impl FnMut(u64, u64)) {
+    let mut pos = 0;
+    for &(addr, len) in segments {
+        let (mut at, end) = (addr, addr + len);
+        while at < end {
+            let next = end.min((at / chunk + 1) * chunk);
+            visit(at, pos);
+            pos += next - at;
+            at = next;
+        }
+    }
+}
 /// Chunks a new [`Crc32cSum`] has room for (the table grows when a sum needs more).
 const INITIAL_CHUNKS: usize = 4096;
 
@@ -90,6 +119,7 @@ impl Crc32cKernel {
         // SAFETY: 4 bytes of host memory this value owns, not in use by any launch yet.
         unsafe { out.as_mut_ptr().cast::<u32>().write_volatile(0) };
         Ok(Crc32cSum {
+            segments: Vec::new(),
             table: self.gpu.pinned(16 * INITIAL_CHUNKS)?,
             capacity: INITIAL_CHUNKS,
             chunks: 0,
@@ -112,6 +142,7 @@ impl Crc32cKernel {
     /// stream. `sum` must come from this kernel ([`Crc32cKernel::sum_buffers`]). The stream
     /// must belong to this kernel's context, which must be current.
     pub unsafe fn launch(&self, stream: &Stream, sum: &mut Crc32cSum) -> Result<(), CudaError> {
+        sum.cut(self.max_blocks / BLOCKS_PER_SM)?;
         let n = u32::try_from(sum.chunks)
             .map_err(|_| CudaError::other("cuLaunchKernel", "more than 2^32 chunks to sum"))?;
         let blocks = (sum.chunks as u64)
@@ -164,12 +195,13 @@ impl Drop for Crc32cKernel {
     }
 }
 
-/// One sum: the segments to sum, cut into chunks of at most [`CRC32C_CHUNK_BYTES`] (their
-/// addresses and positions in a table of mapped pinned memory), the kernel's partial sums
-/// and ticket (device memory), and the result (mapped pinned memory). Refill it only once
-/// the launch that read it has completed: keep one per launch in flight.
+/// One sum: the segments to sum (cut into chunks at launch: their addresses and positions in
+/// a table of mapped pinned memory), the kernel's partial sums and ticket (device memory),
+/// and the result (mapped pinned memory). Refill it only once the launch that read it has
+/// completed: keep one per launch in flight.
 pub struct Crc32cSum {
     // Field order: the memory drops before the context's last reference here.
+    segments: Vec<(u64, u64)>,
     table: PinnedBuffer,
     /// Chunks `table` has room for.
     capacity: usize,
@@ -185,6 +217,7 @@ pub struct Crc32cSum {
 impl Crc32cSum {
     /// Forgets the segments pushed so far (the next sum starts empty).
     pub fn clear(&mut self) {
+        self.segments.clear();
         self.chunks = 0;
         self.total = 0;
     }
@@ -194,42 +227,41 @@ impl Crc32cSum {
         self.total
     }
 
-    /// Appends `len` bytes at `addr` to the sum. Grows the chunk table (pinned memory, in
-    /// the context of the kernel this sum came from, which it makes current) when full.
+    /// Appends `len` bytes at `addr` to the sum.
     pub fn push(&mut self, addr: u64, len: u64) -> Result<(), CudaError> {
-        let end = addr
-            .checked_add(len)
+        addr.checked_add(len)
             .ok_or_else(|| CudaError::other("crc32c", "a segment past the address space"))?;
-        let mut at = addr;
-        while at < end {
-            let next = end.min((at / CRC32C_CHUNK_BYTES + 1) * CRC32C_CHUNK_BYTES);
-            if self.chunks == self.capacity {
-                self.grow()?;
-            }
-            // SAFETY: `table` holds `capacity` pairs of u64 (16-byte aligned pinned memory)
-            // and chunks < capacity; no launch reads it now (the launch's contract).
-            unsafe {
-                let entry = self.table.as_mut_ptr().cast::<u64>().add(2 * self.chunks);
-                entry.write(at);
-                entry.add(1).write(self.total);
-            }
-            self.chunks += 1;
-            self.total += next - at;
-            at = next;
+        if len > 0 {
+            self.segments.push((addr, len));
+            self.total += len;
         }
         Ok(())
     }
 
-    fn grow(&mut self) -> Result<(), CudaError> {
-        let capacity = self.capacity * 2;
-        let mut table = self.gpu.pinned(16 * capacity)?;
-        // SAFETY: both tables are this value's host memory; the old one holds `chunks`
-        // entries of 16 bytes, the new one room for twice as many.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.table.as_ptr(), table.as_mut_ptr(), 16 * self.chunks)
-        };
-        self.table = table;
-        self.capacity = capacity;
+    /// Writes the chunk table for a GPU of `sms` SMs, growing it (pinned memory, in the
+    /// kernel's context, which is current) when it has no room; no launch reads it now
+    /// (the launch's contract).
+    fn cut(&mut self, sms: u32) -> Result<(), CudaError> {
+        let chunk = chunk_bytes(self.total, sms);
+        let mut count = 0usize;
+        cut(&self.segments, chunk, |_, _| count += 1);
+        if count > self.capacity {
+            let capacity = count.next_power_of_two();
+            self.table = self.gpu.pinned(16 * capacity)?;
+            self.capacity = capacity;
+        }
+        let table = self.table.as_mut_ptr().cast::<u64>();
+        let mut i = 0;
+        cut(&self.segments, chunk, |at, pos| {
+            // SAFETY: `table` holds `capacity` ≥ `count` pairs of u64 (16-byte aligned
+            // pinned memory) and i < count; no launch reads it now (the launch's contract).
+            unsafe {
+                table.add(2 * i).write(at);
+                table.add(2 * i + 1).write(pos);
+            }
+            i += 1;
+        });
+        self.chunks = count;
         Ok(())
     }
 
@@ -241,7 +273,7 @@ impl Crc32cSum {
         unsafe { self.out.as_ptr().cast::<u32>().read_volatile() }
     }
 
-    /// Blocks the next launch uses (for tests of the reduction).
+    /// Blocks the last launch used (for tests of the reduction).
     pub fn blocks(&self) -> u32 {
         ((self.chunks as u64).div_ceil(WARPS)).clamp(1, u64::from(self.max_blocks)) as u32
     }
@@ -346,7 +378,7 @@ mod tests {
     /// x^4096 step, each lane's term shifted by the units after its last one, the chunk's
     /// term by x^(8·(after − padding)), the init term at the end. Addresses are offsets
     /// into `memory`.
-    fn kernel_model(memory: &[u8], segments: &[(u64, u64)]) -> u32 {
+    fn kernel_model(memory: &[u8], segments: &[(u64, u64)], chunk: u64) -> u32 {
         let (p8, inv8, lane_f) = (
             table("kvt_crc_p8"),
             table("kvt_crc_inv8"),
@@ -372,17 +404,8 @@ mod tests {
                 .fold(ONE, |v, j| mulmod(v, p8[j]))
         };
         let mut chunks = Vec::new();
-        let mut total = 0u64;
-        for &(addr, len) in segments {
-            let (mut at, end) = (addr, addr + len);
-            while at < end {
-                let next =
-                    end.min((at / super::CRC32C_CHUNK_BYTES + 1) * super::CRC32C_CHUNK_BYTES);
-                chunks.push((at, total));
-                total += next - at;
-                at = next;
-            }
-        }
+        super::cut(segments, chunk, |at, pos| chunks.push((at, pos)));
+        let total: u64 = segments.iter().map(|&(_, len)| len).sum();
         let mut acc = 0u32;
         for (c, &(addr, pos)) in chunks.iter().enumerate() {
             let next = chunks.get(c + 1).map_or(total, |&(_, p)| p);
@@ -440,12 +463,24 @@ mod tests {
                 .iter()
                 .map(|&(a, l)| &memory[a as usize..(a + l) as usize])
                 .collect();
-            assert_eq!(
-                kernel_model(&memory, segments),
-                crc32c(&parts),
-                "{segments:?}"
-            );
+            for chunk in [super::MIN_CHUNK_BYTES, 4096, c] {
+                assert_eq!(
+                    kernel_model(&memory, segments, chunk),
+                    crc32c(&parts),
+                    "{segments:?} in chunks of {chunk}"
+                );
+            }
         }
         assert_eq!(crc32c(&[b"123456789"]), 0xE306_9283);
+    }
+
+    #[test]
+    fn small_sums_take_small_chunks() {
+        use super::{chunk_bytes, CRC32C_CHUNK_BYTES, MIN_CHUNK_BYTES};
+        assert_eq!(chunk_bytes(0, 132), MIN_CHUNK_BYTES);
+        assert_eq!(chunk_bytes(128 << 10, 132), MIN_CHUNK_BYTES);
+        assert_eq!(chunk_bytes(8 << 20, 132), 8 << 10);
+        assert_eq!(chunk_bytes(512 << 20, 132), CRC32C_CHUNK_BYTES);
+        assert_eq!(chunk_bytes(1 << 20, 0), CRC32C_CHUNK_BYTES);
     }
 }
