@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU tests of the engine: the NVLink transport between two processes, device regions
+# GPU tests of the engine: the CRC-32C kernel, the NVLink transport between two processes, device regions
 # over TCP (pinned staging), detection at
 # registration, dma-buf export, and the device-vs-host throughput grid.
 #
@@ -33,7 +33,7 @@ if [ "$build" = 1 ]; then
   # keeps its host path; doctor: what `kvtransfer doctor` reports of the GPUs.
   # nvlink_peer: the decode process of the NVLink tests (gpu_nvlink spawns it).
   { cargo test --release -p kvtransfer-engine --no-run --message-format=json \
-      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink --test gpu_nvlink_bench --test gpu_fence --test gpu_acked --test doctor
+      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink --test gpu_nvlink_bench --test gpu_fence --test gpu_acked --test gpu_crc32c --test gpu_checksum --test doctor
     cargo build --release -p kvtransfer-engine --message-format=json --example nvlink_peer; } \
     | python3 -c '
 import json, sys, shutil
@@ -68,6 +68,8 @@ fi
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 export KVT_GPU_BENCH_OUT="${KVT_GPU_BENCH_OUT:-${OUT:-/tmp}/gpu-bench.md}"
+# The CRC-32C kernel alone: its sums equal the CPU's, and its throughput.
+timeout 300 "$out/gpu_crc32c" --ignored --nocapture --test-threads=1
 timeout 300 "$out/gpu_tcp" --ignored --nocapture --test-threads=1
 # The same checks on the copy engines alone (no copy kernel), and one copy per block.
 KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_tcp" --ignored --test-threads=1 -q
@@ -81,6 +83,10 @@ timeout 300 "$out/gpu_nvlink_bench" --ignored --nocapture --test-threads=1
 timeout 300 "$out/gpu_fence" --ignored --nocapture --test-threads=1
 # delivery: 'acked' over NVLink: resolved means the receiving engine took the arrival.
 timeout 120 "$out/gpu_acked" --ignored --nocapture --test-threads=1
+# checksum: 'crc32c' between GPU regions over NVLink and TCP: verified arrivals, a
+# corrupted byte seen (a child process with the receiver's test hook), and the cost side by
+# side with plain calls.
+timeout 300 "$out/gpu_checksum" --ignored --nocapture --test-threads=1
 KVCACHE_CUDA_COPY_KERNEL=0 timeout 300 "$out/gpu_nvlink_bench" --ignored --nocapture --exact nvlink_bench_grid
 KVCACHE_CUDA_COPY_KERNEL=0 KVCACHE_CUDA_BATCH_COPY=0 \
   timeout 300 "$out/gpu_nvlink_bench" --ignored --nocapture --exact nvlink_bench_grid

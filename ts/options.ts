@@ -171,7 +171,8 @@ export interface CommunicatorOptions {
  * `'crc32c'`: the writer computes a CRC-32C of the bytes the call moves, its arrival notice
  * carries it, and the receiver verifies its memory against it before it reports the
  * arrival (`Arrival.verified`; a mismatch rejects the receiver's `waitForArrival` with
- * `ERR_CHECKSUM_MISMATCH`). Needs a `tag`; TCP or RDMA, host regions (README "Checksums").
+ * `ERR_CHECKSUM_MISMATCH`). Needs a `tag`; host regions over TCP and RDMA, GPU regions
+ * over NVLink and TCP (with a CRC-32C kernel; README "Checksums").
  * `'none'`: no checksum.
  */
 export type Checksum = 'crc32c' | 'none'

@@ -13,6 +13,8 @@
 //! - [`Stream`], [`Event`] (`stream.rs`): asynchronous copies, single or batched;
 //! - [`CopyKernel`] (`kernel.rs`): the segment-copy kernel (hand-written PTX) that moves
 //!   many small segments in one launch;
+//! - [`Crc32cKernel`], [`Crc32cSum`] (`crc32c.rs`): the CRC-32C kernel (PTX from
+//!   `crc32c.cu`) that sums a list of segments as one buffer in one launch;
 //! - [`PointerInfo`] (`pointer.rs`): what the driver knows about an address;
 //! - dma-buf export of device memory (`dmabuf.rs`);
 //! - sharing memory between processes (legacy IPC, `cuMemCreate` allocations as POSIX file
@@ -27,6 +29,7 @@
 //! primary context is released only after them.
 
 mod context;
+mod crc32c;
 mod dmabuf;
 mod error;
 mod inventory;
@@ -39,6 +42,7 @@ mod stream;
 mod sys;
 
 pub use context::{CurrentGuard, Gpu};
+pub use crc32c::{Crc32cKernel, Crc32cSum, CRC32C_CHUNK_BYTES};
 pub use dmabuf::DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED;
 pub use error::{CudaError, LoadError};
 pub use inventory::{uuid_text, DeviceReport};

@@ -53,7 +53,7 @@ impl Gpu {
     /// # Safety
     /// `dst..dst + data.len()` must be device memory (or mapped memory) this context can
     /// write, not in use by queued work.
-    pub(crate) unsafe fn copy_htod(&self, dst: DevicePtr, data: &[u8]) -> Result<(), CudaError> {
+    pub unsafe fn copy_htod(&self, dst: DevicePtr, data: &[u8]) -> Result<(), CudaError> {
         let _current = self.scoped()?;
         // SAFETY: the destination is the caller's contract, the source lies inside `data`.
         self.cuda.check("cuMemcpyHtoD", unsafe {
@@ -73,7 +73,7 @@ impl Gpu {
     /// # Safety
     /// `src..src + out.len()` must be device memory (or mapped memory) this context can
     /// read.
-    pub(crate) unsafe fn copy_dtoh(&self, out: &mut [u8], src: DevicePtr) -> Result<(), CudaError> {
+    pub unsafe fn copy_dtoh(&self, out: &mut [u8], src: DevicePtr) -> Result<(), CudaError> {
         let _current = self.scoped()?;
         // SAFETY: the source is the caller's contract, the destination lies inside `out`.
         self.cuda.check("cuMemcpyDtoH", unsafe {

@@ -7,8 +7,9 @@
 use super::peers::Peer;
 use super::Engine;
 use crate::error::{Error, Result};
+use crate::gpu::checksum::{CrcKernel, GpuSummer};
 use crate::plan::Run;
-use crate::transport::{sum_call, JobPlan};
+use crate::transport::{source_ranges, sum_call, JobPlan};
 use crate::wire::{set_checksum, Landing, Notice};
 
 /// What a call asks beyond one-sided delivery (`checksum`, `delivery` in the API).
@@ -66,15 +67,29 @@ impl Engine {
                     ),
                 });
             }
-            let table = &self.inner.table;
-            let kinds = table.layout.kinds();
-            if (layer * kinds..(layer + 1) * kinds).any(|region| table.memory(region).is_device()) {
-                return Err(Error::Unsupported {
-                    what: "checksum: 'crc32c'",
-                    reason: format!(
-                        "for layer {layer}: its regions are GPU memory, which this build sums on the CPU only for host regions"
-                    ),
-                });
+            if self.layer_on_gpu(layer) {
+                let table = &self.inner.table;
+                let kinds = table.layout.kinds();
+                let host = (layer * kinds..(layer + 1) * kinds)
+                    .filter(|&region| !table.memory(region).is_device())
+                    .count();
+                if host > 0 {
+                    return Err(Error::Unsupported {
+                        what: "checksum: 'crc32c'",
+                        reason: format!(
+                            "for layer {layer}: {host} of its {kinds} regions are host memory and the others GPU memory; a checksum covers a layer whose regions are all host or all GPU memory"
+                        ),
+                    });
+                }
+                if !checks.sums_gpu_memory {
+                    return Err(Error::Unsupported {
+                        what: "checksum: 'crc32c'",
+                        reason: format!(
+                            "for layer {layer} over {transport} (to {}): its regions are GPU memory, which this transport's receiver does not sum; TCP and NVLink do (with the CRC-32C kernel)",
+                            peer.key
+                        ),
+                    });
+                }
             }
         }
         let landing = match checks.landing_limit {
@@ -114,14 +129,50 @@ impl Engine {
         Ok((notice, landing))
     }
 
-    /// Fills in the checksum of a checksummed call's notice: CRC-32C of every byte it moves.
-    pub(super) fn seal(&self, plan: &mut JobPlan, integrity: Integrity) {
+    /// Whether any region of `layer` is GPU memory.
+    fn layer_on_gpu(&self, layer: u32) -> bool {
+        let table = &self.inner.table;
+        let kinds = table.layout.kinds();
+        (layer * kinds..(layer + 1) * kinds).any(|region| table.memory(region).is_device())
+    }
+
+    /// Fills in the checksum of a checksummed call's notice: CRC-32C of every byte it moves,
+    /// on the CPU for host regions. GPU regions are summed by the CRC-32C kernel: by the
+    /// link where it does that itself (`ReceiverChecks::link_sums_gpu_sources`: the notice
+    /// keeps its placeholder until then), else here, on the engine's GPU summer, waiting
+    /// for it (a CUDA failure fails the call, nothing sent).
+    pub(super) fn seal(&self, peer: &Peer, plan: &mut JobPlan, integrity: Integrity) -> Result<()> {
         if !integrity.checksum {
-            return;
+            return Ok(());
         }
-        let sum = sum_call(&self.inner.table, plan);
+        let sum = if self.layer_on_gpu(plan.layer) {
+            if peer.link.receiver_checks().link_sums_gpu_sources {
+                return Ok(());
+            }
+            self.sum_on_gpu(plan)?
+        } else {
+            sum_call(&self.inner.table, plan)
+        };
         if let Some(notice) = plan.notice.as_mut() {
             set_checksum(notice, sum);
         }
+        Ok(())
+    }
+
+    /// CRC-32C of the bytes `plan` moves from GPU regions (the layer's regions are all GPU
+    /// memory of the GPU whose context copies them: `notice_for` refused the rest).
+    fn sum_on_gpu(&self, plan: &JobPlan) -> Result<u32> {
+        let table = &self.inner.table;
+        let mut summer = crate::util::lock(&self.inner.gpu_summer);
+        if summer.is_none() {
+            let gpu = crate::gpu::driver()?.gpu(table.gpu().unwrap_or(0))?;
+            *summer = Some(GpuSummer::new(&CrcKernel::new(gpu))?);
+        }
+        let summer = summer.as_mut().expect("made above");
+        let mut ranges = Vec::new();
+        source_ranges(table, plan, |addr, len| ranges.push((addr, len)));
+        // SAFETY: the planner checked every block id against this side's regions, so each
+        // range lies in a registered device region, valid while the engine lives; only read.
+        Ok(unsafe { summer.sum(ranges) }?)
     }
 }

@@ -177,6 +177,9 @@ pub struct PeerInfo {
 struct EngineInner {
     /// Recycled buffers for planned runs.
     run_pool: Arc<RunPool>,
+    /// Sums checksummed calls' GPU sources where the link does not (`integrity.rs`), made
+    /// for the first such call.
+    gpu_summer: Mutex<Option<crate::gpu::checksum::GpuSummer>>,
     role: Role,
     /// The name given at construction; see `name()`.
     name: String,
@@ -310,6 +313,7 @@ impl Engine {
         )?;
         let inner = EngineInner {
             run_pool: Arc::default(),
+            gpu_summer: Mutex::new(None),
             role: options.role,
             name: options.name,
             late_name: std::sync::OnceLock::new(),

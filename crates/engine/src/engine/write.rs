@@ -248,7 +248,10 @@ impl Engine {
         let mut write = prepared.inspect_err(|error| {
             self.inner.metrics.peer(peer.key()).failed(error);
         })?;
-        self.seal(&mut write.plan, integrity);
+        if let Err(error) = self.seal(&write.peer, &mut write.plan, integrity) {
+            self.inner.metrics.peer(peer.key()).failed(&error);
+            return Err(error);
+        }
         self.dispatch(write, on_done, timeout, abort);
         Ok(())
     }

@@ -125,6 +125,11 @@ impl CopyQueue {
         &self.gpu
     }
 
+    /// The queue's stream (other work ordered with its copies, e.g. a checksum's kernel).
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
     /// How submissions are queued, for the log.
     pub fn describe(&self) -> &'static str {
         match (self.kernel.is_some(), self.batch_api) {

@@ -3,10 +3,12 @@
 //! - [`DeviceMemory`]: GPU memory for demos, benchmarks and tests;
 //! - [`copy`]: queues of host↔device copies on a stream, batched, by the copy kernel or
 //!   the copy engines, for any transport (TCP staging uses them);
+//! - [`checksum`]: CRC-32C of GPU memory with the CRC-32C kernel, for any transport;
 //! - [`inventory`]: the driver's view of this host's GPUs, for `kvtransfer doctor`.
 //!
 //! The driver crate knows nothing of the engine; its errors become [`Error::Cuda`] here.
 
+pub mod checksum;
 pub mod copy;
 pub mod inventory;
 mod memory;

@@ -30,25 +30,50 @@ impl Crc32c {
     }
 }
 
-/// CRC-32C of the bytes `plan` moves from host regions of `table`. The caller checked that
-/// the layer's regions are host memory.
-pub(crate) fn sum_call(table: &RegionTable, plan: &JobPlan) -> u32 {
-    let mut crc = Crc32c::new();
+/// Calls `visit(address, length)` for the source ranges of every byte `plan` moves from
+/// `table`'s regions, in the order the copies move them (what the checksum covers).
+pub(crate) fn source_ranges(table: &RegionTable, plan: &JobPlan, mut visit: impl FnMut(u64, u64)) {
     for_each_copy(table, &plan.shard, plan.layer, &plan.runs, |op| {
         let mut done = 0;
         while done < op.len {
             let (local, _, contiguous) = op.at(done);
             let len = contiguous.min(op.len - done);
-            // SAFETY: the planner checked every block id against this side's regions, so
-            // `local..local+len` lies inside a registered host region, which the engine keeps
-            // valid while the call is pending; it is only read.
-            let bytes =
-                unsafe { std::slice::from_raw_parts(local as usize as *const u8, len as usize) };
-            crc.update(bytes);
+            visit(local, len);
             done += len;
         }
     });
+}
+
+/// CRC-32C of the bytes `plan` moves from host regions of `table`. The caller checked that
+/// the layer's regions are host memory.
+pub(crate) fn sum_call(table: &RegionTable, plan: &JobPlan) -> u32 {
+    let mut crc = Crc32c::new();
+    source_ranges(table, plan, |local, len| {
+        // SAFETY: the planner checked every block id against this side's regions, so
+        // `local..local+len` lies inside a registered host region, which the engine keeps
+        // valid while the call is pending; it is only read.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(local as usize as *const u8, len as usize) };
+        crc.update(bytes);
+    });
     crc.sum()
+}
+
+/// Adds the bytes `plan` moves from `table`'s regions (GPU memory) to `sum`, in the order
+/// the copies move them, for the CRC-32C kernel to sum (the GPU side of [`sum_call`]).
+pub(crate) fn push_call(
+    sum: &mut kvtransfer_cuda::Crc32cSum,
+    table: &RegionTable,
+    plan: &JobPlan,
+) -> Result<(), kvtransfer_cuda::CudaError> {
+    sum.clear();
+    let mut pushed = Ok(());
+    source_ranges(table, plan, |local, len| {
+        if pushed.is_ok() {
+            pushed = sum.push(local, len);
+        }
+    });
+    pushed
 }
 
 /// Where the bytes of the call being received landed, in the order they came (a receiver
@@ -56,9 +81,16 @@ pub(crate) fn sum_call(table: &RegionTable, plan: &JobPlan) -> u32 {
 #[derive(Debug, Default)]
 pub(crate) struct Landed {
     ranges: Vec<(u64, usize)>,
+    /// Ranges of GPU memory, for a receiver that sums them on the GPU
+    /// ([`Landed::check_with_gpu`]).
+    gpu: Vec<(u64, u64)>,
     /// Some bytes went to GPU memory, which this side does not sum on the CPU.
     device: bool,
 }
+
+/// Sums ranges of GPU memory (a receiver's GPU summer): the ranges, and whether to flip
+/// one byte first (`KVCACHE_TEST_CORRUPT_RECEIVE`); an error says why it could not sum.
+pub(crate) type SumOnGpu<'a> = &'a mut dyn FnMut(&[(u64, u64)], bool) -> Result<u32, String>;
 
 impl Landed {
     /// `len` bytes landed at host address `addr`.
@@ -71,6 +103,48 @@ impl Landed {
     #[inline]
     pub(crate) fn device(&mut self) {
         self.device = true;
+    }
+
+    /// `len` bytes landed at GPU address `addr` (summed only by [`Landed::check_with_gpu`]).
+    #[inline]
+    pub(crate) fn device_range(&mut self, addr: u64, len: u64) {
+        self.device = true;
+        self.gpu.push((addr, len));
+    }
+
+    /// [`Landed::check`] for a receiver that can sum GPU memory with `sum_on_gpu`: a call
+    /// whose bytes all landed in GPU memory is summed there; one that also wrote host
+    /// memory is reported unchecked (its bytes are not summed on one side).
+    pub(crate) fn check_with_gpu(
+        &mut self,
+        expected: Option<u32>,
+        sum_on_gpu: SumOnGpu<'_>,
+    ) -> ChecksumCheck {
+        let check = match expected {
+            Some(expected) if self.device && self.ranges.is_empty() && !self.gpu.is_empty() => {
+                let corrupt = crate::config::process().test_corrupt_receive;
+                match sum_on_gpu(&self.gpu, corrupt) {
+                    Ok(actual) if actual == expected => Some(ChecksumCheck::Verified),
+                    Ok(actual) => Some(ChecksumCheck::Mismatch { expected, actual }),
+                    Err(why) => {
+                        crate::log::log_warn!(
+                            "summing a call's GPU bytes failed ({why}); reported unverified"
+                        );
+                        Some(ChecksumCheck::Unchecked)
+                    }
+                }
+            }
+            _ => None,
+        };
+        match check {
+            Some(check) => {
+                self.ranges.clear();
+                self.gpu.clear();
+                self.device = false;
+                check
+            }
+            None => self.check(expected),
+        }
     }
 
     /// Checks the recorded bytes against the notice's `expected` sum and forgets them (the
@@ -102,6 +176,7 @@ impl Landed {
             }
         };
         self.ranges.clear();
+        self.gpu.clear();
         self.device = false;
         check
     }

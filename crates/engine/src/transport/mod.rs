@@ -18,7 +18,7 @@ mod registry;
 pub(crate) mod tcp;
 
 pub use crate::transport_kind::TransportKind;
-pub(crate) use checksum::{sum_call, Landed};
+pub(crate) use checksum::{push_call, source_ranges, sum_call, Landed};
 pub(crate) use completion::Accounting;
 pub use completion::{
     CallSink, Completion, CompletionCallback, Done, DoneSlot, OnDone, PooledRuns, RunPool,
@@ -29,7 +29,7 @@ pub use job::{
     copy_op, fail, for_each_copy, Arrival, ArrivalSink, ChecksumCheck, JobPlan, JobView, WriteJob,
     MAX_TAG_BYTES,
 };
-pub(crate) use landing::record_landing;
+pub(crate) use landing::{land, record_landing};
 pub use registry::TransportDetails;
 pub(crate) use registry::{open_transports, probe, OpenContext, Unusable};
 
@@ -207,6 +207,13 @@ pub struct Resources {
 pub struct ReceiverChecks {
     /// The receiver verifies checksums of host regions before it reports the arrival.
     pub verifies_checksums: bool,
+    /// Checksums of GPU regions too: the receiver sums its GPU memory (the CRC-32C kernel)
+    /// before it reports the arrival.
+    pub sums_gpu_memory: bool,
+    /// The link's writer sums a checksummed call's GPU sources itself (NVLink: on its
+    /// stream, behind the copy, filling in the notice's checksum); otherwise the engine
+    /// sums them with the kernel before it hands the call over.
+    pub link_sums_gpu_sources: bool,
     /// A call with `JobPlan::acked` completes only after the receiving engine answered it
     /// (after it took the notice, for a tagged call). TCP answers every call anyway; RDMA and
     /// NVLink answer only the calls that ask, so a plain call stays one-sided.

@@ -10,7 +10,9 @@ mod notice;
 
 pub use descriptor::{Declined, Descriptor, Endpoint};
 pub use landing::{Landing, Reach};
-pub use notice::{notice_tag, set_checksum, Notice, MAX_NOTICE_BYTES, MAX_NOTICE_TAG_BYTES};
+pub use notice::{
+    notice_has_checksum, notice_tag, set_checksum, Notice, MAX_NOTICE_BYTES, MAX_NOTICE_TAG_BYTES,
+};
 
 /// Magic + version at the start of every descriptor.
 pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
@@ -23,8 +25,9 @@ pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
 /// shard cover and an optional checksum (`notice.rs`); 8: the NVLink side channel's messages
 /// carry their kind, and acked calls are answered (`transport/nvlink/message.rs`); 9: an RDMA
 /// checksummed notice carries the call's landing (`landing.rs`) and may span several ring
-/// slots (`transport/rdma/notice.rs`).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// slots (`transport/rdma/notice.rs`); 10: the NVLink side channel's notices carry their
+/// length and a checksummed call's landing (`transport/nvlink/message.rs`).
+pub const PROTOCOL_VERSION: u16 = 10;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).

@@ -110,6 +110,14 @@ pub fn notice_tag(encoded: &[u8]) -> &[u8] {
     encoded.get(FIXED_BYTES..).unwrap_or(&[])
 }
 
+/// Whether an encoded notice made by [`Notice::encode`] asks for a checksum (its flag is
+/// set; the sum may still be the placeholder).
+pub fn notice_has_checksum(encoded: &[u8]) -> bool {
+    encoded
+        .get(FLAGS_AT)
+        .is_some_and(|flags| flags & HAS_CHECKSUM != 0)
+}
+
 /// Writes `checksum` into an encoded notice (made with a placeholder before the bytes were
 /// summed).
 pub fn set_checksum(encoded: &mut [u8], checksum: u32) {

@@ -7,6 +7,11 @@
 //! and its end means the acceptor's process is gone, and then pending jobs fail and the
 //! imports are released.
 //!
+//! A checksummed call (`checksum: 'crc32c'`) also launches the CRC-32C kernel over its
+//! source bytes on the same stream, behind its copy: when the event has passed, the sum
+//! is in the slot's result word, and the completion thread writes it into the notice
+//! before sending it.
+//!
 //! Up to [`SLOTS`] jobs are in flight (one descriptor table and event each), so layer-wise
 //! calls pipeline; a further submit waits for the oldest.
 
@@ -14,10 +19,14 @@ use super::memory::Imports;
 use super::message::Message;
 use super::socket;
 use crate::error::Error;
+use crate::gpu::checksum::CrcKernel;
 use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors};
 use crate::layout::RegionTable;
-use crate::transport::{fail, for_each_copy, BreakHook, Done, Link, TransportKind, WriteJob};
-use kvtransfer_cuda::{Event, Gpu, RunKinds};
+use crate::transport::{
+    fail, for_each_copy, push_call, BreakHook, Done, Link, TransportKind, WriteJob,
+};
+use crate::wire::{notice_has_checksum, set_checksum};
+use kvtransfer_cuda::{Crc32cSum, Event, Gpu, RunKinds};
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +46,8 @@ use crate::util::lock;
 struct Slot {
     desc: Descriptors,
     event: Event,
+    /// The CRC-32C kernel's buffers, made for the slot's first checksummed call.
+    sum: Option<Crc32cSum>,
 }
 
 struct Pending {
@@ -46,6 +57,10 @@ struct Pending {
     tag: Option<Vec<u8>>,
     /// Completes on the acceptor's answer, not when the bytes landed.
     acked: bool,
+    /// The slot's sum holds the call's checksum once its event passed.
+    summed: bool,
+    /// A checksummed call's landing (`wire::Landing`), sent with its notice; else empty.
+    landing: Vec<u8>,
 }
 
 struct Submitter {
@@ -65,6 +80,8 @@ struct Shared {
     table: Arc<RegionTable>,
     gpu: Arc<Gpu>,
     bases: Arc<[u64]>,
+    /// The CRC-32C kernel of `gpu`, loaded for the first checksummed call.
+    crc: Arc<CrcKernel>,
     submitter: Mutex<Submitter>,
     slot_freed: Condvar,
     queue: Mutex<Queue>,
@@ -93,6 +110,7 @@ impl NvlinkLink {
         gpu: Arc<Gpu>,
         imports: Imports,
         socket: UnixStream,
+        crc: Arc<CrcKernel>,
         on_break: BreakHook,
     ) -> crate::error::Result<NvlinkLink> {
         let _current = gpu.scoped()?;
@@ -106,6 +124,7 @@ impl NvlinkLink {
             free.push(Slot {
                 desc: copies.descriptors()?,
                 event: gpu.event()?,
+                sum: None,
             });
         }
         let watch_socket = socket
@@ -116,6 +135,7 @@ impl NvlinkLink {
             table,
             gpu,
             bases: Arc::clone(&imports.bases),
+            crc,
             submitter: Mutex::new(Submitter { copies, free }),
             slot_freed: Condvar::new(),
             queue: Mutex::new(Queue::default()),
@@ -196,10 +216,14 @@ impl Shared {
 
     /// Asks the acceptor to answer a job whose bytes landed; `done` completes on the answer
     /// (the watch thread) or with the link's failure.
-    fn ask_answer(&self, done: Done, notice: Option<&[u8]>) {
+    fn ask_answer(&self, done: Done, notice: Option<&[u8]>, landing: &[u8]) {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         lock(&self.awaiting).insert(seq, done);
-        let sent = self.send(Message::Acked { seq, notice });
+        let sent = self.send(Message::Acked {
+            seq,
+            notice,
+            landing,
+        });
         // A break that came before the insert did not sweep this job: fail it here (unless
         // a later sweep already did).
         if let Some(error) = sent.err().or_else(|| self.failure()) {
@@ -263,9 +287,14 @@ fn complete_loop(shared: &Shared) {
         let Pending {
             slot,
             done,
-            tag,
+            mut tag,
             acked,
+            summed,
+            landing,
         } = pending;
+        if let (true, Ok(()), Some(notice), Some(sum)) = (summed, &landed, &mut tag, &slot.sum) {
+            set_checksum(notice, sum.value());
+        }
         lock(&shared.submitter).free.push(slot);
         shared.slot_freed.notify_one();
         let landed = match (landed, shared.failure()) {
@@ -279,11 +308,14 @@ fn complete_loop(shared: &Shared) {
         };
         match (landed, tag) {
             (Err(error), _) => fail(done, error),
-            (Ok(()), tag) if acked => shared.ask_answer(done, tag.as_deref()),
+            (Ok(()), tag) if acked => shared.ask_answer(done, tag.as_deref(), &landing),
             (Ok(()), None) => {
                 let _ = done.send(Ok(()));
             }
-            (Ok(()), Some(notice)) => match shared.send(Message::Notice(&notice)) {
+            (Ok(()), Some(notice)) => match shared.send(Message::Notice {
+                notice: &notice,
+                landing: &landing,
+            }) {
                 Ok(()) => {
                     let _ = done.send(Ok(()));
                 }
@@ -350,6 +382,7 @@ impl Link for NvlinkLink {
         // (different allocations, or distinct blocks). The slot's table is free: its
         // previous launch's event completed before the slot was returned. The context is
         // current.
+        let summed = job.plan.notice.as_deref().is_some_and(notice_has_checksum);
         let submitted = (|| {
             let _current = shared.gpu.scoped()?;
             let copies = &mut submitter.copies;
@@ -394,6 +427,18 @@ impl Link for NvlinkLink {
                 // SAFETY: the copy contract above.
                 unsafe { copies.submit(&mut slot.desc) }?;
             }
+            if summed {
+                let kernel = shared.crc.get()?;
+                let sum = match &mut slot.sum {
+                    Some(sum) => sum,
+                    empty => empty.insert(kernel.sum_buffers()?),
+                };
+                push_call(sum, table, &job.plan)?;
+                // SAFETY: the sources are this engine's registered device regions (valid
+                // while it lives, only read); the slot's sum is refilled only after its
+                // event passed; the stream is the kernel's GPU's, whose context is current.
+                unsafe { kernel.launch(copies.stream(), sum) }?;
+            }
             copies.record(&slot.event)
         })();
         match submitted {
@@ -404,6 +449,8 @@ impl Link for NvlinkLink {
                     done: job.done,
                     tag: job.plan.notice,
                     acked: job.plan.acked,
+                    summed,
+                    landing: job.plan.landing.unwrap_or_default(),
                 });
                 queue.in_flight += 1;
                 drop(queue);
@@ -458,9 +505,11 @@ impl Link for NvlinkLink {
 
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
         crate::transport::ReceiverChecks {
-            verifies_checksums: false,
+            verifies_checksums: true,
+            sums_gpu_memory: true,
+            link_sums_gpu_sources: true,
             answers_acked_calls: true,
-            landing_limit: None,
+            landing_limit: Some(super::message::MAX_LANDING_BYTES),
         }
     }
 }

@@ -1,32 +1,55 @@
 //! The messages of the NVLink side channel after the memory table: the writer sends a
 //! tagged call's arrival notice once its bytes landed, or, for a call that asks for an
 //! answer (`delivery: 'acked'`), its sequence number and its notice if it has one; the
-//! acceptor answers such a call once it took it. Each is one `socket` message whose first
+//! acceptor answers such a call once it took it. A checksummed call's notice comes with
+//! its landing (`wire::Landing`: where its bytes are in the acceptor's memory, which the
+//! acceptor sums before it reports the arrival). Each is one `socket` message whose first
 //! byte says which it is.
+
+/// Longest landing a message carries (a checksummed call of more runs is refused, typed,
+/// before anything is sent: `ReceiverChecks::landing_limit`).
+pub(crate) const MAX_LANDING_BYTES: usize = 1 << 20;
 
 const NOTICE: u8 = 1;
 const ACKED: u8 = 2;
 const ANSWER: u8 = 3;
 
-/// One side-channel message (borrowing the notice bytes it carries).
+/// One side-channel message (borrowing the notice and landing bytes it carries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Message<'a> {
-    /// A tagged call's encoded arrival notice (`wire::Notice`).
-    Notice(&'a [u8]),
-    /// A call that waits for the acceptor's answer: its sequence number on this link and
-    /// its notice (none for an untagged call).
-    Acked { seq: u64, notice: Option<&'a [u8]> },
+    /// A tagged call's encoded arrival notice (`wire::Notice`) and its encoded landing
+    /// (`wire::Landing`; empty unless the call is checksummed).
+    Notice { notice: &'a [u8], landing: &'a [u8] },
+    /// A call that waits for the acceptor's answer: its sequence number on this link, its
+    /// notice (none for an untagged call) and landing (empty unless checksummed).
+    Acked {
+        seq: u64,
+        notice: Option<&'a [u8]>,
+        landing: &'a [u8],
+    },
     /// The acceptor took call `seq` (and handed its notice to its arrival sink).
     Answer { seq: u64 },
 }
 
 impl Message<'_> {
+    /// Wire form: the kind byte, then NOTICE: notice length u16, notice, landing (the rest);
+    /// ACKED: seq u64, notice length u16 (0: none), notice, landing; ANSWER: seq u64.
     pub(crate) fn encode(&self) -> Vec<u8> {
+        let with = |head: &[u8], notice: &[u8], landing: &[u8]| {
+            let len = u16::try_from(notice.len()).expect("a notice is at most 275 bytes");
+            [head, &len.to_le_bytes(), notice, landing].concat()
+        };
         match *self {
-            Message::Notice(notice) => [&[NOTICE][..], notice].concat(),
-            Message::Acked { seq, notice } => {
-                [&[ACKED][..], &seq.to_le_bytes(), notice.unwrap_or(&[])].concat()
-            }
+            Message::Notice { notice, landing } => with(&[NOTICE], notice, landing),
+            Message::Acked {
+                seq,
+                notice,
+                landing,
+            } => with(
+                &[&[ACKED][..], &seq.to_le_bytes()].concat(),
+                notice.unwrap_or(&[]),
+                landing,
+            ),
             Message::Answer { seq } => [&[ANSWER][..], &seq.to_le_bytes()].concat(),
         }
     }
@@ -34,17 +57,32 @@ impl Message<'_> {
     /// `None` for an unknown kind or a truncated message (the caller closes the channel).
     pub(crate) fn decode(bytes: &[u8]) -> Option<Message<'_>> {
         let (&kind, rest) = bytes.split_first()?;
-        let seq = || -> Option<u64> { Some(u64::from_le_bytes(rest.get(..8)?.try_into().ok()?)) };
+        let seq =
+            |at: &[u8]| -> Option<u64> { Some(u64::from_le_bytes(at.get(..8)?.try_into().ok()?)) };
         match kind {
-            NOTICE => Some(Message::Notice(rest)),
-            ACKED => Some(Message::Acked {
-                seq: seq()?,
-                notice: Some(&rest[8..]).filter(|n| !n.is_empty()),
-            }),
-            ANSWER if rest.len() == 8 => Some(Message::Answer { seq: seq()? }),
+            NOTICE => {
+                let (notice, landing) = split(rest)?;
+                Some(Message::Notice { notice, landing })
+            }
+            ACKED => {
+                let (notice, landing) = split(rest.get(8..)?)?;
+                Some(Message::Acked {
+                    seq: seq(rest)?,
+                    notice: Some(notice).filter(|n| !n.is_empty()),
+                    landing,
+                })
+            }
+            ANSWER if rest.len() == 8 => Some(Message::Answer { seq: seq(rest)? }),
             _ => None,
         }
     }
+}
+
+/// A notice (u16 length, then its bytes) and the landing after it, from `at`.
+fn split(at: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = usize::from(u16::from_le_bytes(at.get(..2)?.try_into().ok()?));
+    let body = at.get(2..)?;
+    (body.len() >= len).then(|| body.split_at(len))
 }
 
 #[cfg(test)]
@@ -54,15 +92,30 @@ mod tests {
     #[test]
     fn every_message_round_trips_and_bad_ones_are_refused() {
         let notice = [9u8; 30];
+        let landing = [7u8; 12];
         for message in [
-            Message::Notice(&notice),
+            Message::Notice {
+                notice: &notice,
+                landing: &[],
+            },
+            Message::Notice {
+                notice: &notice,
+                landing: &landing,
+            },
             Message::Acked {
                 seq: 7,
                 notice: Some(&notice),
+                landing: &landing,
+            },
+            Message::Acked {
+                seq: 8,
+                notice: Some(&notice),
+                landing: &[],
             },
             Message::Acked {
                 seq: u64::MAX,
                 notice: None,
+                landing: &[],
             },
             Message::Answer { seq: 42 },
         ] {
@@ -71,6 +124,16 @@ mod tests {
         assert_eq!(Message::decode(&[]), None);
         assert_eq!(Message::decode(&[0, 1, 2]), None);
         assert_eq!(Message::decode(&[2, 1, 2, 3]), None, "truncated sequence");
+        assert_eq!(
+            Message::decode(&[2, 1, 2, 3, 4, 5, 6, 7, 8, 1]),
+            None,
+            "truncated length"
+        );
+        assert_eq!(
+            Message::decode(&[1, 5, 0, 1, 2]),
+            None,
+            "notice past the end"
+        );
         assert_eq!(Message::decode(&[3; 10]), None, "trailing bytes");
     }
 }

@@ -28,6 +28,7 @@ use super::{
     AcceptingPeer, ConnectTarget, Explanation, Link, Transport, TransportDetails, TransportKind,
 };
 use crate::error::{Error, Result};
+use crate::gpu::checksum::CrcKernel;
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
 use endpoint::{host_identity, network_namespace, process_token, uuid_text};
@@ -65,6 +66,9 @@ pub(crate) struct NvlinkTransport {
     /// GPUs `gpu` can access (itself included), by UUID.
     reachable: Vec<[u8; 16]>,
     server: NvlinkServer,
+    /// The CRC-32C kernel of `gpu` (checksummed calls: the writer's sums and the
+    /// receiver's), loaded on first use.
+    crc: Arc<CrcKernel>,
     /// This side's regions as shared with writers; made on first use (only acceptors
     /// need it), or why they cannot be shared.
     exports: OnceLock<std::result::Result<Arc<Exports>, String>>,
@@ -107,7 +111,8 @@ impl NvlinkTransport {
                 reachable.push(other.uuid()?);
             }
         }
-        let server = NvlinkServer::bind(arrivals)
+        let crc = Arc::new(CrcKernel::new(Arc::clone(&gpu)));
+        let server = NvlinkServer::bind(Arc::clone(&table), Arc::clone(&crc), arrivals)
             .map_err(|e| unavailable(format!("cannot listen on an abstract Unix socket ({e})")))?;
         crate::log::debug!(
             "nvlink: GPU {gpu_idx} ({}) reaches {} GPUs; side channel @{}",
@@ -121,6 +126,7 @@ impl NvlinkTransport {
             uuid,
             reachable,
             server,
+            crc,
             exports: OnceLock::new(),
         })
     }
@@ -266,6 +272,7 @@ impl Transport for NvlinkTransport {
             Arc::clone(&self.gpu),
             imports,
             stream,
+            Arc::clone(&self.crc),
             Arc::clone(target.on_break),
         )?))
     }

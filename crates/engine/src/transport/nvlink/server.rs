@@ -1,13 +1,17 @@
 //! The acceptor's side channel: an abstract Unix socket that admits one connection per
 //! session the handshake granted, hands the writer the memory table (and the descriptors of
 //! shareable allocations), then receives the writer's arrival notices until it goes away,
-//! answering the calls that ask for it (`message.rs`).
+//! answering the calls that ask for it (`message.rs`). A checksummed call's notice comes
+//! with its landing: the ranges of this side's GPU memory the call wrote, which the
+//! connection's thread sums with the CRC-32C kernel before it reports the arrival.
 
 use super::memory::Exports;
-use super::message::Message;
+use super::message::{Message, MAX_LANDING_BYTES};
 use super::socket::{self, MAX_FDS_PER_MESSAGE};
-use crate::transport::{Arrival, ArrivalSink, ChecksumCheck};
-use crate::wire::Notice;
+use crate::gpu::checksum::{CrcKernel, GpuSummer};
+use crate::layout::{MemoryKind, RegionTable};
+use crate::transport::{land, Arrival, ArrivalSink, ChecksumCheck};
+use crate::wire::{Landing, Notice};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
@@ -29,6 +33,10 @@ struct Shared {
     connections: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
     closing: AtomicBool,
     arrivals: Option<ArrivalSink>,
+    /// This side's regions: where a checksummed call's landing points.
+    table: Arc<RegionTable>,
+    /// The CRC-32C kernel of the transport's GPU, which sums them.
+    crc: Arc<CrcKernel>,
 }
 
 pub(crate) struct NvlinkServer {
@@ -39,7 +47,11 @@ pub(crate) struct NvlinkServer {
 
 impl NvlinkServer {
     /// Listens on a fresh abstract socket name.
-    pub fn bind(arrivals: Option<ArrivalSink>) -> std::io::Result<NvlinkServer> {
+    pub fn bind(
+        table: Arc<RegionTable>,
+        crc: Arc<CrcKernel>,
+        arrivals: Option<ArrivalSink>,
+    ) -> std::io::Result<NvlinkServer> {
         let name = format!(
             "kvtransfer-nvlink-{}-{:016x}",
             std::process::id(),
@@ -51,6 +63,8 @@ impl NvlinkServer {
             connections: Mutex::new(Vec::new()),
             closing: AtomicBool::new(false),
             arrivals,
+            table,
+            crc,
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -157,10 +171,12 @@ fn serve(stream: &UnixStream, shared: &Shared) {
         exports.table.pieces.len(),
         exports.fds.len()
     );
+    // Made for the connection's first checksummed call.
+    let mut summer = None;
     loop {
         match socket::receive(stream) {
             Ok(Some((bytes, _))) => {
-                if let Err(why) = take(stream, &peer, &bytes, shared) {
+                if let Err(why) = take(stream, &peer, &bytes, shared, &mut summer) {
                     crate::log::debug!("nvlink: side channel of {peer}: {why}; connection closed");
                     return;
                 }
@@ -177,18 +193,33 @@ fn serve(stream: &UnixStream, shared: &Shared) {
     }
 }
 
-/// Takes one message from `peer`: hands its notice to the arrival sink, then answers a
-/// call that asked for it (so the writer's call resolves only after the arrival was taken).
-fn take(stream: &UnixStream, peer: &str, bytes: &[u8], shared: &Shared) -> Result<(), String> {
-    let (notice, answer) = match Message::decode(bytes) {
-        Some(Message::Notice(notice)) => (Some(notice), None),
-        Some(Message::Acked { seq, notice }) => (notice, Some(seq)),
+/// Takes one message from `peer`: checks a checksummed call's bytes, hands its notice to
+/// the arrival sink, then answers a call that asked for it (so the writer's call resolves
+/// only after the arrival was taken).
+fn take(
+    stream: &UnixStream,
+    peer: &str,
+    bytes: &[u8],
+    shared: &Shared,
+    summer: &mut Option<GpuSummer>,
+) -> Result<(), String> {
+    let (notice, landing, answer) = match Message::decode(bytes) {
+        Some(Message::Notice { notice, landing }) => (Some(notice), landing, None),
+        Some(Message::Acked {
+            seq,
+            notice,
+            landing,
+        }) => (notice, landing, Some(seq)),
         Some(Message::Answer { .. }) | None => return Err("a malformed message".into()),
     };
     if let Some(notice) = notice {
-        let arrival = decode_notice(peer, notice).ok_or("a malformed notice")?;
+        let notice = Notice::decode(notice).map_err(|e| format!("a malformed notice: {e}"))?;
+        let check = match notice.checksum {
+            None => ChecksumCheck::Absent,
+            Some(expected) => verify(shared, summer, peer, &notice, expected, landing),
+        };
         if let Some(sink) = &shared.arrivals {
-            sink(arrival);
+            sink(Arrival::of(peer, &notice, check));
         }
     }
     if let Some(seq) = answer {
@@ -207,33 +238,87 @@ fn send_exports(stream: &UnixStream, exports: &Exports) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The arrival a notice from `peer` reports (`None`: malformed). The copy kernel moved the
-/// bytes, so a checksum is reported unchecked (writers refuse `checksum` on NVLink).
-fn decode_notice(peer: &str, bytes: &[u8]) -> Option<Arrival> {
-    let notice = Notice::decode(bytes).ok()?;
-    let check = match notice.checksum {
-        Some(_) => ChecksumCheck::Unchecked,
-        None => ChecksumCheck::Absent,
+/// Sums the bytes a checksummed call wrote (the ranges its `landing` names, checked
+/// against this side's regions) with the CRC-32C kernel and compares them with the
+/// writer's `expected` sum. With `KVCACHE_TEST_CORRUPT_RECEIVE` set (tests only), one byte
+/// is flipped in GPU memory first, as a bit flip on the way would have. A landing this side
+/// cannot follow is a mismatch (nothing summed: the sum of no bytes, 0), logged with why.
+fn verify(
+    shared: &Shared,
+    summer: &mut Option<GpuSummer>,
+    peer: &str,
+    notice: &Notice<'_>,
+    expected: u32,
+    landing: &[u8],
+) -> ChecksumCheck {
+    let table = &shared.table;
+    let layer = notice.layer;
+    let ranges = (|| {
+        if landing.len() > MAX_LANDING_BYTES {
+            return Err(format!(
+                "its landing takes {} bytes; at most {MAX_LANDING_BYTES}",
+                landing.len()
+            ));
+        }
+        let landing = Landing::decode(landing).map_err(|e| e.0)?;
+        if landing.blocks() != u64::from(notice.blocks) {
+            return Err(format!(
+                "its landing names {} blocks but the notice {}",
+                landing.blocks(),
+                notice.blocks
+            ));
+        }
+        let mut ranges = Vec::new();
+        land(table, layer, &landing, |range| {
+            ranges.push((range.addr, range.len))
+        })?;
+        Ok(ranges)
+    })();
+    let ranges = match ranges {
+        Ok(ranges) => ranges,
+        Err(why) => {
+            crate::log::log_error!(
+                "nvlink: checksummed notice from {peer} for layer {layer} ({} blocks): {why}; reported as a checksum mismatch",
+                notice.blocks
+            );
+            return ChecksumCheck::Mismatch {
+                expected,
+                actual: 0,
+            };
+        }
     };
-    Some(Arrival::of(peer, &notice, check))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::shard::Cover;
-
-    #[test]
-    fn notices_decode_and_bad_ones_are_refused() {
-        let notice = Notice {
-            layer: 3,
-            blocks: 1538,
-            cover: Cover::WHOLE,
-            checksum: None,
-            tag: b"req-7",
-        };
-        let arrival = decode_notice("p", &notice.encode()).unwrap();
-        assert_eq!(arrival, Arrival::of("p", &notice, ChecksumCheck::Absent));
-        assert!(decode_notice("p", &[0; 7]).is_none());
+    // The kernel runs on this transport's GPU: it sums regions there only.
+    let ordinal = shared.crc.gpu().ordinal();
+    let kinds = table.layout.kinds();
+    let here = (layer * kinds..(layer + 1) * kinds)
+        .all(|region| table.memory(region) == MemoryKind::Device { ordinal });
+    if !here {
+        return ChecksumCheck::Unchecked;
+    }
+    let summed = (|| {
+        if summer.is_none() {
+            *summer = Some(GpuSummer::new(&shared.crc)?);
+        }
+        let summer = summer.as_mut().expect("made above");
+        if crate::config::process().test_corrupt_receive {
+            if let Some(&(addr, _)) = ranges.iter().find(|(_, len)| *len > 0) {
+                // SAFETY: a byte of this side's device region that the call just wrote
+                // (checked against the region table by `land`).
+                unsafe { summer.flip_byte(addr) }?;
+            }
+        }
+        // SAFETY: the ranges lie in this side's registered device regions on the kernel's
+        // GPU (checked above), valid while the transport lives; only read.
+        unsafe { summer.sum(ranges.iter().copied()) }
+    })();
+    match summed {
+        Ok(actual) if actual == expected => ChecksumCheck::Verified,
+        Ok(actual) => ChecksumCheck::Mismatch { expected, actual },
+        Err(e) => {
+            crate::log::log_warn!(
+                "nvlink: summing {peer}'s call on the GPU failed ({e}); reported unverified"
+            );
+            ChecksumCheck::Unchecked
+        }
     }
 }

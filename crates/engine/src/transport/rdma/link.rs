@@ -98,6 +98,8 @@ impl Link for RdmaLink {
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
+            sums_gpu_memory: false,
+            link_sums_gpu_sources: false,
             answers_acked_calls: true,
             landing_limit: Some(super::notice::MAX_LANDING_BYTES),
         }

@@ -470,6 +470,8 @@ impl Link for TcpLink {
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {
         crate::transport::ReceiverChecks {
             verifies_checksums: true,
+            sums_gpu_memory: true,
+            link_sums_gpu_sources: false,
             answers_acked_calls: true,
             landing_limit: None,
         }

@@ -14,6 +14,7 @@ use super::frame::{self, Header};
 use super::io::wait_for;
 use super::state::{Admission, ServerState};
 use super::{lock, sockopt, staging};
+use crate::gpu::checksum::GpuSummer;
 use crate::metrics::CallCounters;
 use crate::transport::{Arrival, Landed};
 use crate::wire::Notice;
@@ -78,6 +79,8 @@ pub(super) struct Conn {
     device: staging::RecvStaging,
     /// Where the current call's bytes landed, for its checksum (transport/checksum.rs).
     landed: Landed,
+    /// Sums the landed bytes of GPU regions (made for the first checksummed call into them).
+    summer: Option<GpuSummer>,
 }
 
 /// Bytes of the shared buffer being parsed.
@@ -123,6 +126,7 @@ impl Conn {
             out: Vec::new(),
             device: staging::RecvStaging::new(),
             landed: Landed::default(),
+            summer: None,
         }
     }
 
@@ -418,7 +422,7 @@ impl Conn {
         self.stage = Stage::Header { got: 0 };
         match received {
             Ok(()) => {
-                self.landed.device();
+                self.landed.device_range(addr, u64::from(len));
                 if let Some((_, counters)) = &self.admission {
                     counters.received(u64::from(len));
                 }
@@ -448,7 +452,12 @@ impl Conn {
                 Ok(notice) => notice,
                 Err(e) => return self.refuse(format!("bad arrival notice: {e}")),
             };
-            let checked = self.landed.check(notice.checksum);
+            let summer = &mut self.summer;
+            let checked = self
+                .landed
+                .check_with_gpu(notice.checksum, &mut |ranges, corrupt| {
+                    staging::sum_landed(state, summer, ranges, corrupt)
+                });
             if let (Some(sink), Some((admission, _))) = (&state.arrivals, &self.admission) {
                 sink(Arrival::of(&admission.peer_name, &notice, checked));
             }

@@ -51,6 +51,7 @@ fn fixture(len: usize) -> Fixture {
         prefault: Mutex::new(None),
         isolations: Mutex::new(Vec::new()),
         loop_ended: AtomicBool::new(false),
+        crc: std::sync::OnceLock::new(),
     };
     Fixture {
         keys,

@@ -58,6 +58,7 @@ impl TcpServer {
             prefault: Mutex::new(None),
             isolations: Mutex::new(Vec::new()),
             loop_ended: AtomicBool::new(false),
+            crc: std::sync::OnceLock::new(),
         });
         let receive_loop = {
             let state = Arc::clone(&state);

@@ -20,8 +20,10 @@
 //! the table marks as device memory, and CUDA resources are made on first use.
 
 use super::frame::{self, Header};
+use super::state::ServerState;
 use super::MAX_FRAME_PAYLOAD;
 use crate::error::{Error, Result};
+use crate::gpu::checksum::{CrcKernel, GpuSummer};
 use crate::gpu::copy::{CopyQueue, CopySettings, Descriptors, MAX_COPIES_PER_SUBMIT};
 use crate::layout::RegionTable;
 use crate::plan::Run;
@@ -439,4 +441,40 @@ impl RecvStaging {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// CRC-32C of a call's landed `ranges` of device regions, with the CRC-32C kernel of the
+/// GPU whose context copies them (`state.crc`, loaded once per transport; `summer` once
+/// per connection), after flipping one byte when `corrupt` (the test hook). Call it after
+/// [`RecvStaging::flush`]: the staged copies have landed.
+pub(super) fn sum_landed(
+    state: &ServerState,
+    summer: &mut Option<GpuSummer>,
+    ranges: &[(u64, u64)],
+    corrupt: bool,
+) -> Result<u32, String> {
+    if summer.is_none() {
+        let kernel = state.crc.get_or_init(|| {
+            let ordinal = state.table.gpu().unwrap_or(0);
+            let gpu = crate::gpu::driver()
+                .and_then(|cuda| cuda.gpu(ordinal))
+                .map_err(|e| e.to_string())?;
+            Ok(std::sync::Arc::new(CrcKernel::new(gpu)))
+        });
+        let kernel = kernel.as_ref().map_err(Clone::clone)?;
+        *summer = Some(GpuSummer::new(kernel).map_err(|e| e.to_string())?);
+    }
+    let Some(summer) = summer.as_mut() else {
+        return Err("no GPU summer".into());
+    };
+    if corrupt {
+        if let Some(&(addr, _)) = ranges.iter().find(|(_, len)| *len > 0) {
+            // SAFETY: a byte of a registered device region this call just wrote (its frame
+            // was checked against the region table before it landed).
+            unsafe { summer.flip_byte(addr) }.map_err(|e| e.to_string())?;
+        }
+    }
+    // SAFETY: every range was checked against this side's registered device regions before
+    // its bytes landed; the engine keeps them valid while the transport lives; only read.
+    unsafe { summer.sum(ranges.iter().copied()) }.map_err(|e| e.to_string())
 }

@@ -2,11 +2,12 @@
 //! handshakes and the server's state. A leaf, so that the listener (which starts
 //! receivers) and the receivers (which read it) do not import each other.
 
+use crate::gpu::checksum::CrcKernel;
 use crate::layout::RegionTable;
 use crate::transport::ArrivalSink;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 /// A session token handed out in a handshake reply, admitting one data connection.
@@ -31,6 +32,9 @@ pub(super) struct ServerState {
     pub(super) isolations: Mutex<Vec<Isolation>>,
     /// The receive loop has closed every connection and returned.
     pub(super) loop_ended: AtomicBool,
+    /// The CRC-32C kernel of the GPU whose context copies device regions, made for the
+    /// first checksummed call into them (or why it cannot be).
+    pub(super) crc: OnceLock<Result<Arc<CrcKernel>, String>>,
 }
 
 /// A request to the receive loop (`fence.rs`): close `writer`'s connections and report how
