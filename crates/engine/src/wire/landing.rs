@@ -116,11 +116,13 @@ impl Landing {
         let mut runs = Vec::with_capacity(count as usize);
         let mut end = 0i64;
         for _ in 0..count {
-            let start = end + unzigzag(varint(&mut r, "landing run start")?);
+            let delta = unzigzag(varint(&mut r, "landing run start")?);
             let blocks = varint(&mut r, "landing run length")?.saturating_add(1);
+            // A start or end past i64 is as far outside blocks 0..2^32 as any (no overflow).
+            let start = end.checked_add(delta).unwrap_or(-1);
             let last = start.checked_add(i64::try_from(blocks).unwrap_or(i64::MAX));
             match last {
-                Some(last) if start >= 0 && last <= 1 << 32 => {
+                Some(last) if start >= 0 && last <= 1 << 32 && blocks <= u64::from(u32::MAX) => {
                     runs.push((start as u32, blocks as u32));
                     end = last;
                 }
@@ -343,6 +345,37 @@ mod tests {
             i64::MAX,
         ] {
             assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz_regressions {
+    use super::*;
+
+    /// Inputs fuzzing found (`fuzz/fuzz_targets/notice.rs`): each is refused or re-encodes
+    /// to itself, and none panics.
+    #[test]
+    fn run_starts_past_i64_and_runs_of_2_pow_32_blocks_are_refused() {
+        // A run start delta that overflows i64 from the previous run's end.
+        let overflow: &[u8] = &[
+            0x03, 0x9c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x80, 0x03, 0xee, 0x01, 0x03, 0x00,
+            0xfe, 0x53, 0x9c, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0xb9, 0x02,
+            0x02, 0x02, 0x02, 0xae, 0x02, 0x02, 0x02, 0x02, 0xae, 0x23, 0x04, 0x09,
+        ];
+        assert!(Landing::decode(overflow).is_err());
+        // One run of 2^32 blocks from block 0 (length varint 2^32 - 1): it would not fit u32.
+        let mut whole = vec![1u8];
+        whole.extend_from_slice(&[0; 8]); // both reaches: zeros
+        whole.push(1); // one run
+        whole.push(0); // start delta 0
+        whole.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // length - 1 = 2^32 - 1
+        let err = Landing::decode(&whole).unwrap_err();
+        assert!(err.0.contains("outside blocks"), "{}", err.0);
+        for data in [overflow, &whole[..]] {
+            if let Ok(landing) = Landing::decode(data) {
+                assert_eq!(Landing::decode(&landing.to_bytes()).unwrap(), landing);
+            }
         }
     }
 }
