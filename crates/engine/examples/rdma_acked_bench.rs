@@ -5,8 +5,9 @@
 //! and 2,000 calls with up to 16 in flight (calls per second). Prints one line per round
 //! and the medians; on Soft-RoCE the figures are CPU-bound (the kernel does the NIC's work).
 
-use common::{connect, SideSpec};
-use kvtransfer_engine::{BlockIds, Integrity, OnDone, RdmaSettings, Role, WriteCall};
+use common::rdma::settings;
+use common::SideSpec;
+use kvtransfer_engine::{BlockIds, Integrity, OnDone, Role, WriteCall};
 use std::io::Write;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -16,23 +17,6 @@ mod common;
 
 const BLOCKS: usize = 64;
 const BLOCK_BYTES: usize = 16 * 1024;
-
-fn side(role: Role, device: &str) -> common::Side {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device.to_string()],
-            devices: None,
-            gid_index: None,
-            ib_timeout: 14,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-        }),
-        ..SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES)
-    }
-    .build()
-}
 
 /// `calls` calls with at most `depth` in flight; returns the elapsed time.
 fn run(prefill: &common::Side, acked: bool, calls: usize, depth: usize) -> Duration {
@@ -89,9 +73,8 @@ fn main() {
         .get(1)
         .expect("usage: rdma_acked_bench <device> [rounds]");
     let rounds: usize = args.get(2).map_or(5, |r| r.parse().expect("rounds"));
-    let prefill = side(Role::Prefill, device);
-    let decode = side(Role::Decode, device);
-    connect(&prefill, &decode, "decode");
+    let spec = |role| SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES).over_rdma(settings(device));
+    let (prefill, decode) = common::pair(spec(Role::Prefill), spec(Role::Decode));
     run(&prefill, false, 200, 16); // warm-up
     run(&prefill, true, 200, 16);
     let mut out = std::io::stdout().lock();

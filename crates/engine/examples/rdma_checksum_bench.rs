@@ -7,8 +7,9 @@
 //! block) so each call's landing holds 8 runs. Prints one line per round and the medians;
 //! on Soft-RoCE the figures are CPU-bound (the kernel does the NIC's work).
 
-use common::{connect, SideSpec};
-use kvtransfer_engine::{BlockIds, Integrity, OnDone, RdmaSettings, Role, WriteCall};
+use common::rdma::settings;
+use common::SideSpec;
+use kvtransfer_engine::{BlockIds, Integrity, OnDone, Role, WriteCall};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -23,33 +24,18 @@ const PER_CALL: usize = 8;
 const CALLS: usize = 300;
 const DEPTH: usize = 16;
 
-fn side(role: Role, device: &str, arrived: Option<Arc<AtomicU64>>) -> common::Side {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device.to_string()],
-            devices: None,
-            gid_index: None,
-            ib_timeout: 14,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-        }),
-        arrivals: arrived.map(|n| -> kvtransfer_engine::ArrivalSink {
-            Arc::new(move |a: kvtransfer_engine::Arrival| {
-                assert!(
-                    !matches!(
-                        a.checksum,
-                        kvtransfer_engine::ChecksumCheck::Mismatch { .. }
-                    ),
-                    "a mismatch in the bench"
-                );
-                n.fetch_add(1, Ordering::SeqCst);
-            })
-        }),
-        ..SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES)
-    }
-    .build()
+/// The decode side's sink: counts arrivals into `arrived`, and panics on a mismatch.
+fn counting(arrived: Arc<AtomicU64>) -> kvtransfer_engine::ArrivalSink {
+    Arc::new(move |a: kvtransfer_engine::Arrival| {
+        assert!(
+            !matches!(
+                a.checksum,
+                kvtransfer_engine::ChecksumCheck::Mismatch { .. }
+            ),
+            "a mismatch in the bench"
+        );
+        arrived.fetch_add(1, Ordering::SeqCst);
+    })
 }
 
 /// `CALLS` calls with at most `DEPTH` in flight, until every arrival was reported; returns
@@ -113,9 +99,14 @@ fn main() {
         .expect("usage: rdma_checksum_bench <device> [rounds]");
     let rounds: usize = args.get(2).map_or(5, |r| r.parse().expect("rounds"));
     let arrived = Arc::new(AtomicU64::new(0));
-    let prefill = side(Role::Prefill, device, None);
-    let decode = side(Role::Decode, device, Some(Arc::clone(&arrived)));
-    connect(&prefill, &decode, "decode");
+    let spec = |role| SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES).over_rdma(settings(device));
+    let (prefill, decode) = common::pair(
+        spec(Role::Prefill),
+        SideSpec {
+            arrivals: Some(counting(Arc::clone(&arrived))),
+            ..spec(Role::Decode)
+        },
+    );
     run(&prefill, &arrived, false); // warm-up
     run(&prefill, &arrived, true);
     let mut out = std::io::stdout().lock();

@@ -6,8 +6,9 @@
 //! answers one line per command: `respond <hex>` and `accept <hex>` (the handshake; hex, or
 //! `error <code> <message>`), `arrivals` (the count so far), `exit`.
 
+use common::rdma::settings;
 use common::SideSpec;
-use kvtransfer_engine::{RdmaSettings, Role};
+use kvtransfer_engine::Role;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,16 +34,6 @@ fn main() {
     let arrivals = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&arrivals);
     let side = SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device.clone()],
-            devices: None,
-            gid_index: None,
-            ib_timeout: 14,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-        }),
         arrivals: Some(Arc::new(move |_| {
             counted.fetch_add(1, Ordering::SeqCst);
         })),
@@ -53,6 +44,7 @@ fn main() {
             blocks.parse().expect("blocks"),
             block_bytes.parse().expect("block_bytes"),
         )
+        .over_rdma(settings(device))
     }
     .build();
     let stdout = std::io::stdout();
