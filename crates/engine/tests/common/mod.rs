@@ -167,16 +167,34 @@ pub fn pair(prefill: SideSpec, decode: SideSpec) -> (Side, Side) {
 
 /// The handshake's first three steps: the hello `decode` would be sent.
 pub fn hello(prefill: &Side, decode: &Side, key: &str) -> kvtransfer_engine::Result<Vec<u8>> {
-    let challenge = prefill.engine.auth_challenge(key)?;
-    let response = decode.engine.auth_respond(&challenge)?;
-    prefill.engine.hello(key, &response)
+    hello_between(&prefill.engine, &decode.engine, key)
 }
 
 /// The whole handshake, returning the first error.
 pub fn try_connect(prefill: &Side, decode: &Side, key: &str) -> kvtransfer_engine::Result<()> {
-    let hello = hello(prefill, decode, key)?;
-    let reply = decode.engine.accept(&hello)?;
-    prefill.engine.finish_connect(key, "127.0.0.1", &reply)
+    connect_between(&prefill.engine, &decode.engine, key)
+}
+
+/// [`hello`] between two engines (a decode engine need not be a [`Side`]).
+pub fn hello_between(
+    prefill: &Engine,
+    decode: &Engine,
+    key: &str,
+) -> kvtransfer_engine::Result<Vec<u8>> {
+    let challenge = prefill.auth_challenge(key)?;
+    let response = decode.auth_respond(&challenge)?;
+    prefill.hello(key, &response)
+}
+
+/// [`try_connect`] between two engines.
+pub fn connect_between(
+    prefill: &Engine,
+    decode: &Engine,
+    key: &str,
+) -> kvtransfer_engine::Result<()> {
+    let hello = hello_between(prefill, decode, key)?;
+    let reply = decode.accept(&hello)?;
+    prefill.finish_connect(key, "127.0.0.1", &reply)
 }
 
 /// Asserts that decode block `remote[i]` equals prefill block `local[i]` (K, V and their
