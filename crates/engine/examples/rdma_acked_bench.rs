@@ -7,64 +7,38 @@
 
 use common::rdma::settings;
 use common::SideSpec;
-use kvtransfer_engine::{BlockIds, Integrity, OnDone, Role, WriteCall};
+use kvtransfer_engine::{Integrity, Role};
 use std::io::Write;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use support::median;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 const BLOCKS: usize = 64;
 const BLOCK_BYTES: usize = 16 * 1024;
 
-/// `calls` calls with at most `depth` in flight; returns the elapsed time.
+/// `calls` calls of 4 blocks with at most `depth` in flight; returns the elapsed time.
 fn run(prefill: &common::Side, acked: bool, calls: usize, depth: usize) -> Duration {
-    let (done, finished) = mpsc::channel::<kvtransfer_engine::Result<()>>();
     let integrity = Integrity {
         checksum: false,
         acked,
     };
     let started = Instant::now();
-    let mut in_flight = 0;
-    for i in 0..calls {
-        if in_flight == depth {
-            finished.recv().unwrap().unwrap();
-            in_flight -= 1;
-        }
-        let base = (i * 4 % BLOCKS) as u32;
-        let ids = [base, base + 1, base + 2, base + 3];
-        let done = done.clone();
-        prefill
-            .engine
-            .write(
-                WriteCall {
-                    timeout: Some(Duration::from_secs(30)),
-                    integrity,
-                    ..WriteCall::ids(
-                        "decode",
-                        BlockIds::U32(&ids),
-                        BlockIds::U32(&ids),
-                        0.0,
-                        Some(format!("c{i}").into_bytes()),
-                    )
-                },
-                OnDone::Callback(Box::new(move |r| {
-                    let _ = done.send(r);
-                })),
-            )
-            .unwrap();
-        in_flight += 1;
-    }
-    for _ in 0..in_flight {
-        finished.recv().unwrap().unwrap();
-    }
+    support::calls(
+        prefill,
+        calls,
+        depth,
+        integrity,
+        Duration::from_secs(30),
+        |i| {
+            let base = (i * 4 % BLOCKS) as u32;
+            vec![base, base + 1, base + 2, base + 3]
+        },
+    );
     started.elapsed()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

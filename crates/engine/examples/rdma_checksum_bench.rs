@@ -9,14 +9,17 @@
 
 use common::rdma::settings;
 use common::SideSpec;
-use kvtransfer_engine::{BlockIds, Integrity, OnDone, Role, WriteCall};
+use kvtransfer_engine::{Integrity, Role};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::median;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 const BLOCKS: usize = 128;
 const BLOCK_BYTES: usize = 64 * 1024;
@@ -41,55 +44,27 @@ fn counting(arrived: Arc<AtomicU64>) -> kvtransfer_engine::ArrivalSink {
 /// `CALLS` calls with at most `DEPTH` in flight, until every arrival was reported; returns
 /// the elapsed time.
 fn run(prefill: &common::Side, arrived: &AtomicU64, checksum: bool) -> Duration {
-    let (done, finished) = mpsc::channel::<kvtransfer_engine::Result<()>>();
     let integrity = Integrity {
         checksum,
         acked: false,
     };
     let before = arrived.load(Ordering::SeqCst);
     let started = Instant::now();
-    let mut in_flight = 0;
-    for i in 0..CALLS {
-        if in_flight == DEPTH {
-            finished.recv().unwrap().unwrap();
-            in_flight -= 1;
-        }
-        let first = i * 2 * PER_CALL % BLOCKS;
-        let ids: Vec<u32> = (0..PER_CALL).map(|k| (first + 2 * k) as u32).collect();
-        let done = done.clone();
-        prefill
-            .engine
-            .write(
-                WriteCall {
-                    timeout: Some(Duration::from_secs(60)),
-                    integrity,
-                    ..WriteCall::ids(
-                        "decode",
-                        BlockIds::U32(&ids),
-                        BlockIds::U32(&ids),
-                        0.0,
-                        Some(format!("c{i}").into_bytes()),
-                    )
-                },
-                OnDone::Callback(Box::new(move |r| {
-                    let _ = done.send(r);
-                })),
-            )
-            .unwrap();
-        in_flight += 1;
-    }
-    for _ in 0..in_flight {
-        finished.recv().unwrap().unwrap();
-    }
+    support::calls(
+        prefill,
+        CALLS,
+        DEPTH,
+        integrity,
+        Duration::from_secs(60),
+        |i| {
+            let first = i * 2 * PER_CALL % BLOCKS;
+            (0..PER_CALL).map(|k| (first + 2 * k) as u32).collect()
+        },
+    );
     while arrived.load(Ordering::SeqCst) < before + CALLS as u64 {
         std::thread::yield_now();
     }
     started.elapsed()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {
