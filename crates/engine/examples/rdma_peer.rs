@@ -6,6 +6,7 @@
 //! answers one line per command: `respond <hex>` and `accept <hex>` (the handshake; hex, or
 //! `error <code> <message>`), `arrivals` (the count so far), `exit`.
 
+use common::hex::{hex, unhex};
 use common::rdma::settings;
 use common::SideSpec;
 use kvtransfer_engine::Role;
@@ -15,16 +16,6 @@ use std::sync::Arc;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len() / 2)
-        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
-        .collect()
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::hex::{hex, unhex};
 use common::rdma::{device, settings};
 use common::{arrival_log, assert_written, Side, SideSpec};
 use kvtransfer_engine::{BlockIds, Integrity, OnDone, RailReport, Role, WriteCall};
@@ -222,12 +223,9 @@ impl Peer {
     }
 
     fn handshake(&mut self, command: &str, bytes: &[u8]) -> Vec<u8> {
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let answer = self.ask(&format!("{command} {hex}"));
+        let answer = self.ask(&format!("{command} {}", hex(bytes)));
         assert!(!answer.starts_with("error"), "{command}: {answer}");
-        (0..answer.len() / 2)
-            .map(|i| u8::from_str_radix(&answer[2 * i..2 * i + 2], 16).unwrap())
-            .collect()
+        unhex(&answer)
     }
 
     /// `prefill` connects to this process as `key`.

@@ -5,6 +5,7 @@
     reason = "each test binary uses a different part of the shared fixtures"
 )]
 
+pub mod hex;
 pub mod imported;
 pub mod rdma;
 
