@@ -9,25 +9,14 @@ import {
   NativeCommunicator,
   type PeerLeftNotice,
   checkDstTpSize as checkDstTpSizeNative,
-  writeCache as nativeWriteCache,
-  writePrepared as nativeWritePrepared,
 } from '../index.js'
 import { type Arrival, Arrivals, type WaitOptions, arrivalOf, waitSpec } from './arrivals'
-import { type CallAbortHandle, PendingCalls, countRefused } from './calls'
+import { PendingCalls } from './calls'
 import { Connector } from './connecting'
 import { ControlServer } from './control'
 import { type DeadlineOptions, withDeadline } from './deadline'
 import { Hosts } from './hosts'
-import {
-  KvTransferError,
-  type KvTransferErrorCode,
-  abortError,
-  describeValue,
-  fromNative,
-  invalidArgument,
-  native,
-  nativeAsync,
-} from './errors'
+import { KvTransferError, type KvTransferErrorCode, abortError, fromNative, native, nativeAsync } from './errors'
 import type { CommunicatorEvent, CommunicatorEventArgs } from './events'
 import { type FenceResult, type FenceTarget, FenceHub, checkFenceOptions, checkFenceTarget } from './fences'
 import {
@@ -48,7 +37,6 @@ import {
   toBlockIds,
   toDeadline,
   toHost,
-  toIntegrity,
   toOptions,
   toPort,
   toTimeout,
@@ -67,13 +55,11 @@ import type { Instance, InstanceFilter } from './registry'
 import { instanceOf } from './registry/entry'
 import { Names } from './registry/names'
 import { type RequestTag, encodeTag } from './tags'
+import { Writes } from './writes'
 
 // `await using` looks `Symbol.asyncDispose` up; Node 20 before 20.4 lacks it. Node's own
 // is this registered symbol, so both agree where it exists.
 ;(Symbol as { asyncDispose?: symbol }).asyncDispose ??= Symbol.for('nodejs.asyncDispose')
-
-/** The options of a `writeCache` given none (shared: no object per call). */
-const NO_OPTIONS: WriteOptions = Object.freeze({})
 
 /**
  * A KV-cache communicator (the seed's `RDMACommunicator`), usable as prefill (writer) or
@@ -116,13 +102,13 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
   private readonly connectTimeoutMs: number | undefined
   /** Undefined: none. */
   private readonly writeTimeoutMs: number | undefined
-  /** The default `checksum` / `delivery` of calls (integrity bits). */
-  private readonly integrity: number
   /** Layers of the local cache (what `waitForArrival` may wait for). */
   private readonly layerCount: number
   private readonly arrivals: Arrivals
   /** The `writeCache` calls the engine has not settled yet. */
   private readonly calls = new PendingCalls()
+  /** `writeCache` from its arguments to the engine (writes.ts). */
+  private readonly writes: Writes
   /** Arrival notices evicted unconsumed (beyond `maxPendingArrivals`), per writer. */
   private readonly droppedNotices: DroppedNotices = new Map()
   /** The handshakes of `connect`, and the attempts a deadline gave up on. */
@@ -158,7 +144,6 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
     this.blockBytes = settings.blockBytes
     this.connectTimeoutMs = settings.connectTimeoutMs
     this.writeTimeoutMs = settings.writeTimeoutMs
-    this.integrity = settings.integrity
     this.layerCount = settings.native.localKeyCache.length
     this.arrivals = new Arrivals(settings.maxPendingArrivals, (arrival) =>
       this.droppedNotices.set(arrival.peer, (this.droppedNotices.get(arrival.peer) ?? 0) + 1),
@@ -183,6 +168,18 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
         if (!this.closing) this.native.cancelPeer(`${host}:${port}`, 'lease').catch(() => undefined)
         this.emit('instance-left', left)
       },
+    })
+    this.writes = new Writes({
+      owner: this,
+      checkOpen: () => this.checkOpen(),
+      peer: (ip, port) => this.peer(ip, port),
+      native: this.native,
+      calls: this.calls,
+      peers: this.peers,
+      hosts: this.hosts,
+      names: this.names,
+      writeTimeoutMs: this.writeTimeoutMs,
+      integrity: settings.integrity,
     })
     this.control = new ControlServer(
       settings.host,
@@ -381,7 +378,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
   prepareBlocks(peerOrIp: Peer | string, a: number | string | BlockIds, b: BlockIds, c?: BlockIds): PreparedBlocks {
     this.checkOpen()
     const byPeer = peerOrIp instanceof Peer
-    const key = byPeer ? this.own(peerOrIp).key : this.keyOf(peerOrIp, a)
+    const key = byPeer ? this.writes.own(peerOrIp).key : this.keyOf(peerOrIp, a)
     const local = toBlockIds('localBlockIds', (byPeer ? a : b) as BlockIds)
     const remote = toBlockIds('remoteBlockIds', (byPeer ? b : c) as BlockIds)
     return PreparedBlocks.of(native(() => this.native.prepareBlocks(key, local, remote)))
@@ -441,120 +438,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
     e?: WriteOptions,
   ): Promise<void> {
     // Not `async`: that would add a Promise and a resolution step to every call.
-    if (typeof peerOrIp === 'string' && (Array.isArray(a) || ArrayBuffer.isView(a) || a instanceof PreparedBlocks)) {
-      try {
-        this.checkOpen()
-        peerOrIp = this.names.peer(peerOrIp)
-      } catch (error) {
-        countRefused(this.native, peerOrIp as string, error)
-        return Promise.reject(error)
-      }
-    }
-    if (peerOrIp instanceof Peer) {
-      return a instanceof PreparedBlocks
-        ? this.submit(peerOrIp, a, undefined, b as number, c as WriteOptions | undefined)
-        : this.submit(peerOrIp, a as BlockIds, b as BlockIds, c as number, d as WriteOptions | undefined)
-    }
-    const peer = this.peers.find(peerOrIp, a)
-    if (!peer && typeof peerOrIp === 'string' && peerOrIp !== '' && this.hosts.known(peerOrIp) === undefined) {
-      // A name not looked up yet: once (asynchronously), then as any other call. One that
-      // does not resolve stays unknown, and the call reports it not connected.
-      return this.hosts
-        .lookup(peerOrIp)
-        .catch(() => undefined)
-        .then(() => this.writeByHost(peerOrIp, a, b, c, d, e))
-    }
-    return this.writeByHost(peerOrIp, a, b, c, d, e, peer)
-  }
-
-  /** `writeCache(ip, port, …)` once `ip` needs no lookup (`peer`: already found). */
-  private writeByHost(
-    host: string,
-    a: number | string | BlockIds | PreparedBlocks,
-    b?: BlockIds | PreparedBlocks | number,
-    c?: BlockIds | number | WriteOptions,
-    d?: number | WriteOptions,
-    e?: WriteOptions,
-    peer?: Peer,
-  ): Promise<void> {
-    try {
-      this.checkOpen()
-      peer ??= this.peer(host, a as number | string)
-    } catch (error) {
-      countRefused(this.native, `${this.hosts.known(String(host)) ?? String(host)}:${String(a)}`, error)
-      return Promise.reject(error)
-    }
-    return b instanceof PreparedBlocks
-      ? this.submit(peer, b, undefined, c as number, d as WriteOptions | undefined)
-      : this.submit(peer, b as BlockIds, c as BlockIds, d as number, e)
-  }
-
-  /**
-   * What every `writeCache` form shares: the checks before the engine (the ids' form, the
-   * layer's type, the tag, the timeout, the signal; refusals counted here, the engine
-   * counts its own), a call id, the native call and the call's Promise. `remoteBlockIds`
-   * is undefined for a prepared list. (No closure or object per call: this is the hot
-   * path of every layer.)
-   */
-  private submit(
-    peer: Peer,
-    blocks: BlockIds | PreparedBlocks,
-    remoteBlockIds: BlockIds | undefined,
-    layerIdx: number,
-    options: WriteOptions = NO_OPTIONS,
-  ): Promise<void> {
-    let local: ReturnType<typeof toBlockIds> | undefined
-    let remote: ReturnType<typeof toBlockIds> | undefined
-    let tag: Buffer | undefined
-    let timeoutMs: number | undefined
-    let signal: AbortSignal | undefined
-    let integrity = this.integrity
-    try {
-      this.checkOpen()
-      this.own(peer)
-      if (!(blocks instanceof PreparedBlocks)) {
-        local = toBlockIds('localBlockIds', blocks)
-        remote = toBlockIds('remoteBlockIds', remoteBlockIds as BlockIds)
-      }
-      if (typeof layerIdx !== 'number')
-        throw invalidArgument('layerIdx', `expected a number, got ${describeValue(layerIdx)}`)
-      if (options !== NO_OPTIONS) toOptions('options', options)
-      tag = options.tag === undefined ? undefined : encodeTag(options.tag)
-      timeoutMs = options.timeoutMs === undefined ? this.writeTimeoutMs : toTimeout('timeoutMs', options.timeoutMs)
-      signal = checkSignal('signal', options.signal)
-      integrity = toIntegrity(options.checksum, options.delivery, integrity)
-      if (signal?.aborted) throw abortError(`writeCache to ${peer.key}`)
-    } catch (error) {
-      countRefused(this.native, peer.key, error)
-      return Promise.reject(error)
-    }
-    const callId = this.calls.nextId()
-    // With a signal, the engine hands out the call's abort (none is made otherwise).
-    const abortable = signal !== undefined || undefined
-    const rest = [layerIdx, tag, timeoutMs, abortable, integrity] as const
-    let abort: CallAbortHandle | null
-    try {
-      abort =
-        local === undefined
-          ? nativeWritePrepared(peer.native, callId, (blocks as PreparedBlocks).list, ...rest)
-          : nativeWriteCache(peer.native, callId, local, remote!, ...rest)
-    } catch (error) {
-      return Promise.reject(fromNative(error))
-    }
-    return this.calls.track(callId, signal, abort)
-  }
-
-  /**
-   * `peer`, when this communicator connected it. The engine refuses another engine's
-   * handle in the same words; here it must be caught first, because the native handle
-   * would run the call on the communicator that made it.
-   */
-  private own(peer: Peer): Peer {
-    if (peer.owner === this) return peer
-    throw invalidArgument(
-      'peer',
-      `the handle on ${peer.key} belongs to another communicator; use the one its connect returned`,
-    )
+    return this.writes.write(peerOrIp, a, b, c, d, e)
   }
 
   /**

@@ -10,7 +10,7 @@
 //! `error <code> <message>`), `dump <path>` (every region, in order, into a file), `arrivals`
 //! (`<count> <tag,tag,...>`), `exit`.
 
-use gpu_support::{hex, unhex};
+use gpu_support::hex::{hex, unhex};
 use kvtransfer_cuda::{Allocation, Cuda, DeviceBuffer, Mapping, ShareableBuffer};
 use kvtransfer_engine::{Arrival, Engine, Role};
 use std::io::{BufRead, Write};

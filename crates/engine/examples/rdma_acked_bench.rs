@@ -5,82 +5,40 @@
 //! and 2,000 calls with up to 16 in flight (calls per second). Prints one line per round
 //! and the medians; on Soft-RoCE the figures are CPU-bound (the kernel does the NIC's work).
 
-use common::{connect, SideSpec};
-use kvtransfer_engine::{BlockIds, Integrity, OnDone, RdmaSettings, Role, WriteCall};
+use common::rdma::settings;
+use common::SideSpec;
+use kvtransfer_engine::{Integrity, Role};
 use std::io::Write;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use support::median;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 const BLOCKS: usize = 64;
 const BLOCK_BYTES: usize = 16 * 1024;
 
-fn side(role: Role, device: &str) -> common::Side {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device.to_string()],
-            devices: None,
-            gid_index: None,
-            ib_timeout: 14,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-        }),
-        ..SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES)
-    }
-    .build()
-}
-
-/// `calls` calls with at most `depth` in flight; returns the elapsed time.
+/// `calls` calls of 4 blocks with at most `depth` in flight; returns the elapsed time.
 fn run(prefill: &common::Side, acked: bool, calls: usize, depth: usize) -> Duration {
-    let (done, finished) = mpsc::channel::<kvtransfer_engine::Result<()>>();
     let integrity = Integrity {
         checksum: false,
         acked,
     };
     let started = Instant::now();
-    let mut in_flight = 0;
-    for i in 0..calls {
-        if in_flight == depth {
-            finished.recv().unwrap().unwrap();
-            in_flight -= 1;
-        }
-        let base = (i * 4 % BLOCKS) as u32;
-        let ids = [base, base + 1, base + 2, base + 3];
-        let done = done.clone();
-        prefill
-            .engine
-            .write(
-                WriteCall {
-                    timeout: Some(Duration::from_secs(30)),
-                    integrity,
-                    ..WriteCall::ids(
-                        "decode",
-                        BlockIds::U32(&ids),
-                        BlockIds::U32(&ids),
-                        0.0,
-                        Some(format!("c{i}").into_bytes()),
-                    )
-                },
-                OnDone::Callback(Box::new(move |r| {
-                    let _ = done.send(r);
-                })),
-            )
-            .unwrap();
-        in_flight += 1;
-    }
-    for _ in 0..in_flight {
-        finished.recv().unwrap().unwrap();
-    }
+    support::calls(
+        prefill,
+        calls,
+        depth,
+        integrity,
+        Duration::from_secs(30),
+        |i| {
+            let base = (i * 4 % BLOCKS) as u32;
+            vec![base, base + 1, base + 2, base + 3]
+        },
+    );
     started.elapsed()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -89,9 +47,8 @@ fn main() {
         .get(1)
         .expect("usage: rdma_acked_bench <device> [rounds]");
     let rounds: usize = args.get(2).map_or(5, |r| r.parse().expect("rounds"));
-    let prefill = side(Role::Prefill, device);
-    let decode = side(Role::Decode, device);
-    connect(&prefill, &decode, "decode");
+    let spec = |role| SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES).over_rdma(settings(device));
+    let (prefill, decode) = common::pair(spec(Role::Prefill), spec(Role::Decode));
     run(&prefill, false, 200, 16); // warm-up
     run(&prefill, true, 200, 16);
     let mut out = std::io::stdout().lock();

@@ -7,15 +7,19 @@
 //! block) so each call's landing holds 8 runs. Prints one line per round and the medians;
 //! on Soft-RoCE the figures are CPU-bound (the kernel does the NIC's work).
 
-use common::{connect, SideSpec};
-use kvtransfer_engine::{BlockIds, Integrity, OnDone, RdmaSettings, Role, WriteCall};
+use common::rdma::settings;
+use common::SideSpec;
+use kvtransfer_engine::{Integrity, Role};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::median;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 const BLOCKS: usize = 128;
 const BLOCK_BYTES: usize = 64 * 1024;
@@ -23,87 +27,44 @@ const PER_CALL: usize = 8;
 const CALLS: usize = 300;
 const DEPTH: usize = 16;
 
-fn side(role: Role, device: &str, arrived: Option<Arc<AtomicU64>>) -> common::Side {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device.to_string()],
-            devices: None,
-            gid_index: None,
-            ib_timeout: 14,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-        }),
-        arrivals: arrived.map(|n| -> kvtransfer_engine::ArrivalSink {
-            Arc::new(move |a: kvtransfer_engine::Arrival| {
-                assert!(
-                    !matches!(
-                        a.checksum,
-                        kvtransfer_engine::ChecksumCheck::Mismatch { .. }
-                    ),
-                    "a mismatch in the bench"
-                );
-                n.fetch_add(1, Ordering::SeqCst);
-            })
-        }),
-        ..SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES)
-    }
-    .build()
+/// The decode side's sink: counts arrivals into `arrived`, and panics on a mismatch.
+fn counting(arrived: Arc<AtomicU64>) -> kvtransfer_engine::ArrivalSink {
+    Arc::new(move |a: kvtransfer_engine::Arrival| {
+        assert!(
+            !matches!(
+                a.checksum,
+                kvtransfer_engine::ChecksumCheck::Mismatch { .. }
+            ),
+            "a mismatch in the bench"
+        );
+        arrived.fetch_add(1, Ordering::SeqCst);
+    })
 }
 
 /// `CALLS` calls with at most `DEPTH` in flight, until every arrival was reported; returns
 /// the elapsed time.
 fn run(prefill: &common::Side, arrived: &AtomicU64, checksum: bool) -> Duration {
-    let (done, finished) = mpsc::channel::<kvtransfer_engine::Result<()>>();
     let integrity = Integrity {
         checksum,
         acked: false,
     };
     let before = arrived.load(Ordering::SeqCst);
     let started = Instant::now();
-    let mut in_flight = 0;
-    for i in 0..CALLS {
-        if in_flight == DEPTH {
-            finished.recv().unwrap().unwrap();
-            in_flight -= 1;
-        }
-        let first = i * 2 * PER_CALL % BLOCKS;
-        let ids: Vec<u32> = (0..PER_CALL).map(|k| (first + 2 * k) as u32).collect();
-        let done = done.clone();
-        prefill
-            .engine
-            .write(
-                WriteCall {
-                    timeout: Some(Duration::from_secs(60)),
-                    integrity,
-                    ..WriteCall::ids(
-                        "decode",
-                        BlockIds::U32(&ids),
-                        BlockIds::U32(&ids),
-                        0.0,
-                        Some(format!("c{i}").into_bytes()),
-                    )
-                },
-                OnDone::Callback(Box::new(move |r| {
-                    let _ = done.send(r);
-                })),
-            )
-            .unwrap();
-        in_flight += 1;
-    }
-    for _ in 0..in_flight {
-        finished.recv().unwrap().unwrap();
-    }
+    support::calls(
+        prefill,
+        CALLS,
+        DEPTH,
+        integrity,
+        Duration::from_secs(60),
+        |i| {
+            let first = i * 2 * PER_CALL % BLOCKS;
+            (0..PER_CALL).map(|k| (first + 2 * k) as u32).collect()
+        },
+    );
     while arrived.load(Ordering::SeqCst) < before + CALLS as u64 {
         std::thread::yield_now();
     }
     started.elapsed()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -113,9 +74,14 @@ fn main() {
         .expect("usage: rdma_checksum_bench <device> [rounds]");
     let rounds: usize = args.get(2).map_or(5, |r| r.parse().expect("rounds"));
     let arrived = Arc::new(AtomicU64::new(0));
-    let prefill = side(Role::Prefill, device, None);
-    let decode = side(Role::Decode, device, Some(Arc::clone(&arrived)));
-    connect(&prefill, &decode, "decode");
+    let spec = |role| SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES).over_rdma(settings(device));
+    let (prefill, decode) = common::pair(
+        spec(Role::Prefill),
+        SideSpec {
+            arrivals: Some(counting(Arc::clone(&arrived))),
+            ..spec(Role::Decode)
+        },
+    );
     run(&prefill, &arrived, false); // warm-up
     run(&prefill, &arrived, true);
     let mut out = std::io::stdout().lock();

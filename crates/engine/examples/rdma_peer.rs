@@ -6,24 +6,16 @@
 //! answers one line per command: `respond <hex>` and `accept <hex>` (the handshake; hex, or
 //! `error <code> <message>`), `arrivals` (the count so far), `exit`.
 
+use common::hex::{hex, unhex};
+use common::rdma::settings;
 use common::SideSpec;
-use kvtransfer_engine::{RdmaSettings, Role};
+use kvtransfer_engine::Role;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len() / 2)
-        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
-        .collect()
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -33,16 +25,6 @@ fn main() {
     let arrivals = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&arrivals);
     let side = SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device.clone()],
-            devices: None,
-            gid_index: None,
-            ib_timeout: 14,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-        }),
         arrivals: Some(Arc::new(move |_| {
             counted.fetch_add(1, Ordering::SeqCst);
         })),
@@ -53,6 +35,7 @@ fn main() {
             blocks.parse().expect("blocks"),
             block_bytes.parse().expect("block_bytes"),
         )
+        .over_rdma(settings(device))
     }
     .build();
     let stdout = std::io::stdout();

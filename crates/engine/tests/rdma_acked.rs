@@ -9,14 +9,14 @@
 
 mod common;
 
-use common::{assert_written, connect, Side, SideSpec};
-use kvtransfer_engine::{
-    Arrival, BlockIds, Integrity, OnDone, RailReport, RdmaSettings, Role, WriteCall,
-};
+use common::hex::{hex, unhex};
+use common::rdma::{device, settings};
+use common::{arrival_log, assert_written, Side, SideSpec};
+use kvtransfer_engine::{BlockIds, Integrity, OnDone, RailReport, Role, WriteCall};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BLOCKS: usize = 32;
@@ -26,37 +26,9 @@ const ACKED: Integrity = Integrity {
     acked: true,
 };
 
-/// The RDMA device named by `KVTRANSFER_RDMA_DEVICE`. The tests that need one are
-/// `#[ignore]`d; run explicitly (`--ignored`) without a device they fail, never pass.
-fn device(test: &str) -> String {
-    std::env::var("KVTRANSFER_RDMA_DEVICE").unwrap_or_else(|_| {
-        panic!(
-            "{test} needs an RDMA device but KVTRANSFER_RDMA_DEVICE is unset \
-             (run scripts/rxe-vm/run-rdma-tests.sh)"
-        )
-    })
-}
-
-fn settings(device: &str) -> RdmaSettings {
-    RdmaSettings {
-        nics: vec![device.to_string()],
-        devices: None,
-        gid_index: None,
-        ib_timeout: 14,
-        relaxed_ordering: false,
-        gdr_flush: false,
-        qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-    }
-}
-
-fn side(role: Role, device: &str, arrivals: Option<kvtransfer_engine::ArrivalSink>) -> Side {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(settings(device)),
-        arrivals,
-        ..SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES)
-    }
-    .build()
+/// A side of one layer over RDMA on `device`.
+fn side(role: Role, device: &str) -> SideSpec {
+    SideSpec::new(role, 1, BLOCKS, BLOCK_BYTES).over_rdma(settings(device))
 }
 
 /// Starts a call of `ids` (to the same ids) and returns where its outcome comes.
@@ -106,15 +78,14 @@ fn answers(prefill: &Side, peer: &str) -> (u64, u64) {
 #[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_an_acked_call_resolves_after_the_receivers_arrival() {
     let dev = device("rdma_an_acked_call_resolves_after_the_receivers_arrival");
-    let log: Arc<Mutex<Vec<Arrival>>> = Arc::default();
-    let sink = Arc::clone(&log);
-    let prefill = side(Role::Prefill, &dev, None);
-    let decode = side(
-        Role::Decode,
-        &dev,
-        Some(Arc::new(move |a| sink.lock().unwrap().push(a))),
+    let (log, sink) = arrival_log();
+    let (prefill, decode) = common::pair(
+        side(Role::Prefill, &dev),
+        SideSpec {
+            arrivals: Some(sink),
+            ..side(Role::Decode, &dev)
+        },
     );
-    connect(&prefill, &decode, "decode");
     let calls = 40u32;
     let (seen, outcomes) = mpsc::channel();
     for i in 0..calls {
@@ -252,12 +223,9 @@ impl Peer {
     }
 
     fn handshake(&mut self, command: &str, bytes: &[u8]) -> Vec<u8> {
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let answer = self.ask(&format!("{command} {hex}"));
+        let answer = self.ask(&format!("{command} {}", hex(bytes)));
         assert!(!answer.starts_with("error"), "{command}: {answer}");
-        (0..answer.len() / 2)
-            .map(|i| u8::from_str_radix(&answer[2 * i..2 * i + 2], 16).unwrap())
-            .collect()
+        unhex(&answer)
     }
 
     /// `prefill` connects to this process as `key`.
@@ -300,7 +268,7 @@ const DEAD_RECEIVER_CODES: [&str; 3] = [
 #[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_an_acked_call_to_a_stopped_or_killed_receiver_fails_typed() {
     let dev = device("rdma_an_acked_call_to_a_stopped_or_killed_receiver_fails_typed");
-    let prefill = side(Role::Prefill, &dev, None);
+    let prefill = side(Role::Prefill, &dev).build();
     let ids: Vec<u32> = (0..8).collect();
     let timeout = Duration::from_millis(1500);
 
@@ -370,7 +338,7 @@ fn rdma_an_acked_call_to_a_stopped_or_killed_receiver_fails_typed() {
 #[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_a_wrong_answer_is_ignored_and_counted() {
     let dev = device("rdma_a_wrong_answer_is_ignored_and_counted");
-    let prefill = side(Role::Prefill, &dev, None);
+    let prefill = side(Role::Prefill, &dev).build();
     let ids: Vec<u32> = (0..8).collect();
     // A receiver that answers every acked call with a call number no one waits for.
     let mut peer = Peer::spawn(&dev, &[("KVCACHE_TEST_WRONG_ANSWER", "1")]);

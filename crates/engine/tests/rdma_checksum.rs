@@ -9,12 +9,11 @@
 
 mod common;
 
-use common::{assert_written, connect, settle, Side, SideSpec};
+use common::rdma::{device, settings};
+use common::{arrival_log, assert_written, settle, Log, Side, SideSpec};
 use kvtransfer_engine::{
-    Arrival, BlockIds, BlockOrder, ChecksumCheck, Integrity, RdmaSettings, Role, TpOptions,
-    WriteCall,
+    Arrival, BlockIds, BlockOrder, ChecksumCheck, Integrity, Role, TpOptions, WriteCall,
 };
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SUM: Integrity = Integrity {
@@ -22,49 +21,21 @@ const SUM: Integrity = Integrity {
     acked: false,
 };
 
-/// The RDMA device named by `KVTRANSFER_RDMA_DEVICE`. The tests that need one are
-/// `#[ignore]`d; run explicitly (`--ignored`) without a device they fail, never pass.
-fn device(test: &str) -> String {
-    std::env::var("KVTRANSFER_RDMA_DEVICE").unwrap_or_else(|_| {
-        panic!(
-            "{test} needs an RDMA device but KVTRANSFER_RDMA_DEVICE is unset \
-             (run scripts/rxe-vm/run-rdma-tests.sh)"
-        )
-    })
-}
-
-fn settings(device: &str) -> RdmaSettings {
-    RdmaSettings {
-        nics: vec![device.to_string()],
-        devices: None,
-        gid_index: None,
-        ib_timeout: 14,
-        relaxed_ordering: false,
-        gdr_flush: false,
-        qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-    }
-}
-
-type Log = Arc<Mutex<Vec<Arrival>>>;
-
 /// A prefill and a decode over RDMA with K, V and scales, connected; the decode's arrivals
 /// go to the returned log.
 fn pair(dev: &str, blocks: usize, block_bytes: usize) -> (Side, Side, Log) {
-    let log: Log = Arc::default();
-    let sink = Arc::clone(&log);
+    let (log, sink) = arrival_log();
     let spec = |role| SideSpec {
-        transport: "rdma",
-        rdma: Some(settings(dev)),
         scale_block_bytes: 64,
-        ..SideSpec::new(role, 2, blocks, block_bytes)
+        ..SideSpec::new(role, 2, blocks, block_bytes).over_rdma(settings(dev))
     };
-    let prefill = spec(Role::Prefill).build();
-    let decode = SideSpec {
-        arrivals: Some(Arc::new(move |a| sink.lock().unwrap().push(a))),
-        ..spec(Role::Decode)
-    }
-    .build();
-    connect(&prefill, &decode, "decode");
+    let (prefill, decode) = common::pair(
+        spec(Role::Prefill),
+        SideSpec {
+            arrivals: Some(sink),
+            ..spec(Role::Decode)
+        },
+    );
     (prefill, decode, log)
 }
 
@@ -271,22 +242,19 @@ fn rdma_checksummed_tensor_parallel_shards_verify() {
                 replicated: false,
                 order: BlockOrder::from_tokens_per_block(tokens),
             };
-            let log: Log = Arc::default();
-            let sink = Arc::clone(&log);
+            let (log, sink) = arrival_log();
             let spec = |role, bytes: usize, tp| SideSpec {
-                transport: "rdma",
-                rdma: Some(settings(&dev)),
                 scale_block_bytes: 64 * if bytes == 512 { 1 } else { 2 },
                 tp,
-                ..SideSpec::new(role, 1, 256, bytes)
+                ..SideSpec::new(role, 1, 256, bytes).over_rdma(settings(&dev))
             };
-            let prefill = spec(Role::Prefill, wb, tp(ws, wr)).build();
-            let decode = SideSpec {
-                arrivals: Some(Arc::new(move |a| sink.lock().unwrap().push(a))),
-                ..spec(Role::Decode, vb, tp(vs, vr))
-            }
-            .build();
-            connect(&prefill, &decode, "decode");
+            let (prefill, decode) = common::pair(
+                spec(Role::Prefill, wb, tp(ws, wr)),
+                SideSpec {
+                    arrivals: Some(sink),
+                    ..spec(Role::Decode, vb, tp(vs, vr))
+                },
+            );
             let local = scattered(3, 256, 100);
             let remote = scattered(4, 256, 100);
             settle(&prefill, call(&local, &remote, 0, &[b'p'; 255], SUM))

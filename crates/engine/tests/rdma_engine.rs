@@ -5,54 +5,27 @@
 
 mod common;
 
-use common::{assert_written, connect, Side, SideSpec};
+use common::rdma::{self, device};
+use common::{assert_written, connect, write, Side, SideSpec};
 use futures_executor::block_on;
 use kvtransfer_engine::internals::{Descriptor, Envelope, RdmaEndpoint};
 use kvtransfer_engine::{Arrival, BlockIds, RdmaSettings, Role, TransportDetails, TransportKind};
 use std::sync::{Arc, Mutex};
 
-/// The RDMA device named by `KVTRANSFER_RDMA_DEVICE`. The tests that need one are
-/// `#[ignore]`d; run explicitly (`--ignored`) without a device they fail, never pass.
-fn device(test: &str) -> String {
-    std::env::var("KVTRANSFER_RDMA_DEVICE").unwrap_or_else(|_| {
-        panic!(
-            "{test} needs an RDMA device but KVTRANSFER_RDMA_DEVICE is unset \
-             (run scripts/rxe-vm/run-rdma-tests.sh)"
-        )
-    })
-}
-
+/// One queue pair per peer unless a test says otherwise.
 fn settings(device: &str) -> RdmaSettings {
     RdmaSettings {
-        nics: vec![device.to_string()],
-        devices: None,
-        gid_index: None,
-        ib_timeout: 14,
-        relaxed_ordering: false,
-        gdr_flush: false,
         qps_per_peer: 1,
+        ..rdma::settings(device)
     }
 }
 
-fn rdma_side(
-    role: Role,
-    layers: usize,
-    blocks: usize,
-    block_bytes: usize,
-    rdma: RdmaSettings,
-) -> SideSpec {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(rdma),
-        ..SideSpec::new(role, layers, blocks, block_bytes)
-    }
-}
-
+/// Connected sides; the decode side has 3 blocks more.
 fn pair(layers: usize, blocks: usize, block_bytes: usize, rdma: RdmaSettings) -> (Side, Side) {
-    let prefill = rdma_side(Role::Prefill, layers, blocks, block_bytes, rdma.clone()).build();
-    let decode = rdma_side(Role::Decode, layers, blocks + 3, block_bytes, rdma).build();
-    connect(&prefill, &decode, "decode");
-    (prefill, decode)
+    common::pair(
+        SideSpec::new(Role::Prefill, layers, blocks, block_bytes).over_rdma(rdma.clone()),
+        SideSpec::new(Role::Decode, layers, blocks + 3, block_bytes).over_rdma(rdma),
+    )
 }
 
 /// A scattered permutation-like id list (deterministic).
@@ -69,23 +42,6 @@ fn scattered(count: usize, modulo: usize, seed: usize) -> Vec<u32> {
     }
     ids.truncate(count);
     ids
-}
-
-fn write(
-    side: &Side,
-    local: &[u32],
-    remote: &[u32],
-    layer: usize,
-    tag: Option<&[u8]>,
-) -> kvtransfer_engine::Result<()> {
-    let completion = side.engine.write_cache(
-        "decode",
-        BlockIds::U32(local),
-        BlockIds::U32(remote),
-        layer as f64,
-        tag.map(<[u8]>::to_vec),
-    )?;
-    block_on(completion).expect("completion dropped")
 }
 
 #[test]
@@ -125,7 +81,9 @@ fn rdma_writes_exact_bytes_from_1k_to_256k_blocks() {
 #[ignore = "needs an RDMA device: run in the Soft-RoCE VM (scripts/rxe-vm/run-rdma-tests.sh)"]
 fn rdma_selects_the_roce_v2_gid_and_refuses_a_wrong_explicit_index() {
     let dev = device("rdma_selects_the_roce_v2_gid_and_refuses_a_wrong_explicit_index");
-    let side = rdma_side(Role::Decode, 1, 4, 1024, settings(&dev)).build();
+    let side = SideSpec::new(Role::Decode, 1, 4, 1024)
+        .over_rdma(settings(&dev))
+        .build();
     let explanation = side
         .engine
         .transport_explanation(TransportKind::Rdma)
@@ -142,7 +100,8 @@ fn rdma_selects_the_roce_v2_gid_and_refuses_a_wrong_explicit_index() {
         gid_index: Some(3),
         ..settings(&dev)
     };
-    let err = rdma_side(Role::Decode, 1, 4, 1024, wrong)
+    let err = SideSpec::new(Role::Decode, 1, 4, 1024)
+        .over_rdma(wrong)
         .try_build()
         .err()
         .expect("explicit wrong GID index must fail");
@@ -157,7 +116,8 @@ fn rdma_selects_the_roce_v2_gid_and_refuses_a_wrong_explicit_index() {
         devices: None,
         ..settings(&dev)
     };
-    let err = rdma_side(Role::Decode, 1, 4, 1024, unknown)
+    let err = SideSpec::new(Role::Decode, 1, 4, 1024)
+        .over_rdma(unknown)
         .try_build()
         .err()
         .expect("unknown NIC must fail");
@@ -177,8 +137,12 @@ fn rdma_remote_access_error_fails_the_call_and_breaks_the_link() {
             qps_per_peer: qps,
             ..settings(&dev)
         };
-        let prefill = rdma_side(Role::Prefill, 1, 16, 1024, rdma.clone()).build();
-        let decode = rdma_side(Role::Decode, 1, 16, 1024, rdma.clone()).build();
+        let prefill = SideSpec::new(Role::Prefill, 1, 16, 1024)
+            .over_rdma(rdma.clone())
+            .build();
+        let decode = SideSpec::new(Role::Decode, 1, 16, 1024)
+            .over_rdma(rdma.clone())
+            .build();
         let hello = common::hello(&prefill, &decode, "decode").unwrap();
         let mut envelope = Envelope::decode(&decode.engine.accept(&hello).unwrap()).unwrap();
         let mut reply = Descriptor::decode(&envelope.descriptor).unwrap();
@@ -265,7 +229,9 @@ fn rdma_arrival_notices_follow_the_data() {
     let checked = Arc::clone(&decode_keys);
     let mismatches = Arc::new(Mutex::new(0usize));
     let bad = Arc::clone(&mismatches);
-    let prefill = rdma_side(Role::Prefill, 60, 64, 1024, settings(&dev)).build();
+    let prefill = SideSpec::new(Role::Prefill, 60, 64, 1024)
+        .over_rdma(settings(&dev))
+        .build();
     let decode = SideSpec {
         arrivals: Some(Arc::new(move |a: Arrival| {
             // Verify on receipt: the block of this layer must already be in memory.
@@ -281,7 +247,7 @@ fn rdma_arrival_notices_follow_the_data() {
             }
             log.lock().unwrap().push(a);
         })),
-        ..rdma_side(Role::Decode, 60, 64, 1024, settings(&dev))
+        ..SideSpec::new(Role::Decode, 60, 64, 1024).over_rdma(settings(&dev))
     }
     .build();
     // All 60 key regions are separate vectors; record them in one table for the check.

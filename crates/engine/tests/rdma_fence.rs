@@ -7,24 +7,10 @@
 mod common;
 mod fence_support;
 
-use kvtransfer_engine::RdmaSettings;
+use common::rdma::{device, settings};
 
 fn rdma(spec: common::SideSpec) -> common::SideSpec {
-    let device = std::env::var("KVTRANSFER_RDMA_DEVICE")
-        .expect("needs an RDMA device: KVTRANSFER_RDMA_DEVICE is unset (run scripts/rxe-vm/run-rdma-tests.sh)");
-    common::SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device],
-            devices: None,
-            gid_index: None,
-            ib_timeout: 14,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            qps_per_peer: 2,
-        }),
-        ..spec
-    }
+    spec.over_rdma(settings(&device("the RDMA fence tests")))
 }
 
 #[test]

@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{assert_written, connect, hello, Side, SideSpec};
+use common::rdma::settings;
+use common::{assert_written, connect, hello, write, Side, SideSpec};
 use futures_executor::block_on;
 use kvtransfer_engine::internals::{Descriptor, Envelope, GidCandidate, RdmaEndpoint};
 use kvtransfer_engine::{
@@ -36,41 +37,8 @@ fn devices(test: &str) -> (String, String) {
     )
 }
 
-fn settings(nics: &str) -> RdmaSettings {
-    RdmaSettings {
-        nics: vec![nics.to_string()],
-        devices: None,
-        gid_index: None,
-        ib_timeout: 14,
-        relaxed_ordering: false,
-        gdr_flush: false,
-        qps_per_peer: 2,
-    }
-}
-
-fn side(role: Role, blocks: usize, block_bytes: usize, rdma: RdmaSettings) -> Side {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(rdma),
-        ..SideSpec::new(role, 2, blocks, block_bytes)
-    }
-    .build()
-}
-
-fn write(
-    side: &Side,
-    local: &[u32],
-    remote: &[u32],
-    layer: usize,
-) -> kvtransfer_engine::Result<()> {
-    let completion = side.engine.write_cache(
-        "decode",
-        BlockIds::U32(local),
-        BlockIds::U32(remote),
-        layer as f64,
-        None,
-    )?;
-    block_on(completion).expect("completion dropped")
+fn spec(role: Role, blocks: usize, block_bytes: usize, rdma: RdmaSettings) -> SideSpec {
+    SideSpec::new(role, 2, blocks, block_bytes).over_rdma(rdma)
 }
 
 fn rails(side: &Side) -> Vec<RailReport> {
@@ -98,7 +66,7 @@ fn rdma_the_rdma_devices_option_wins_over_kvcache_rdma_nics() {
     let named = settings(&a)
         .with_devices(Some(vec![b.clone()]))
         .expect("a valid list");
-    let chosen = side(Role::Decode, 4, 1024, named);
+    let chosen = spec(Role::Decode, 4, 1024, named).build();
     let explanation = chosen
         .engine
         .transport_explanation(TransportKind::Rdma)
@@ -115,7 +83,7 @@ fn rdma_the_rdma_devices_option_wins_over_kvcache_rdma_nics() {
         )
     );
     // Without the option, the variable's entry.
-    let by_variable = side(Role::Decode, 4, 1024, settings(&a));
+    let by_variable = spec(Role::Decode, 4, 1024, settings(&a)).build();
     let explanation = by_variable
         .engine
         .transport_explanation(TransportKind::Rdma)
@@ -132,7 +100,7 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
     let _turn = one_at_a_time();
     let (a, b) = devices("rdma_two_rails_split_a_calls_bytes_and_every_byte_lands");
     // Unset NICs: every active port is a rail.
-    let auto = side(
+    let auto = spec(
         Role::Decode,
         4,
         1024,
@@ -141,7 +109,8 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
             devices: None,
             ..settings("")
         },
-    );
+    )
+    .build();
     let explanation = auto
         .engine
         .transport_explanation(TransportKind::Rdma)
@@ -160,9 +129,10 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
 
     let both = format!("{a}+{b}");
     let block_bytes = 16 * 1024;
-    let prefill = side(Role::Prefill, 512, block_bytes, settings(&both));
-    let decode = side(Role::Decode, 515, block_bytes, settings(&both));
-    connect(&prefill, &decode, "decode");
+    let (prefill, decode) = common::pair(
+        spec(Role::Prefill, 512, block_bytes, settings(&both)),
+        spec(Role::Decode, 515, block_bytes, settings(&both)),
+    );
     let report = rails(&prefill);
     assert_eq!(report.len(), 2, "{report:?}");
     assert!(report.iter().all(|r| r.state == "healthy"), "{report:?}");
@@ -191,7 +161,7 @@ fn rdma_two_rails_split_a_calls_bytes_and_every_byte_lands() {
         remote.dedup();
         let local = &local[..remote.len()];
         let layer = (call % 2) as usize;
-        write(&prefill, local, &remote, layer).unwrap();
+        write(&prefill, local, &remote, layer, None).unwrap();
         assert_written(&prefill, &decode, layer, local, &remote);
         total += 2 * local.len() as u64 * block_bytes as u64;
         // Clean the layer so the next call's check sees only its own blocks.
@@ -278,8 +248,8 @@ fn rdma_a_gid_outside_the_peers_subnet_is_not_chosen() {
     let (a, b) = devices("rdma_a_gid_outside_the_peers_subnet_is_not_chosen");
     let both = format!("{a}+{b}");
     // rxe1 prefers 10.78.0.1 (first IPv4 GID), but the peer's rail is only in 10.99.0.0/24.
-    let prefill = side(Role::Prefill, 16, 1024, settings(&both));
-    let decode = side(Role::Decode, 16, 1024, settings(&both));
+    let prefill = spec(Role::Prefill, 16, 1024, settings(&both)).build();
+    let decode = spec(Role::Decode, 16, 1024, settings(&both)).build();
     let reply = connect_with_rail1_gids(&prefill, &decode, vec![v4_gid([10, 99, 0, 1], 24)]);
     assert_eq!(reply.rails.len(), 2, "{reply:?}");
     let pair = reply.rails.iter().find(|r| r.peer_rail == 1).unwrap();
@@ -288,7 +258,7 @@ fn rdma_a_gid_outside_the_peers_subnet_is_not_chosen() {
         v4_gid([10, 99, 0, 1], 24),
         "the acceptor's GID"
     );
-    write(&prefill, &[1, 2, 3], &[4, 5, 6], 0).unwrap();
+    write(&prefill, &[1, 2, 3], &[4, 5, 6], 0, None).unwrap();
     assert_written(&prefill, &decode, 0, &[1, 2, 3], &[4, 5, 6]);
     let report = rails(&prefill);
     let second = report.iter().find(|r| r.local == b).unwrap();
@@ -298,8 +268,8 @@ fn rdma_a_gid_outside_the_peers_subnet_is_not_chosen() {
 
     // The peer's second NIC is in 10.50.0.0/24 only: no GID here reaches it; the rail is
     // refused, the reason is visible, and the link runs on the first rail.
-    let prefill = side(Role::Prefill, 16, 1024, settings(&both));
-    let decode = side(Role::Decode, 16, 1024, settings(&both));
+    let prefill = spec(Role::Prefill, 16, 1024, settings(&both)).build();
+    let decode = spec(Role::Decode, 16, 1024, settings(&both)).build();
     let reply = connect_with_rail1_gids(&prefill, &decode, vec![v4_gid([10, 50, 0, 1], 24)]);
     assert_eq!(reply.rails.len(), 1, "{reply:?}");
     assert_eq!(reply.refused.len(), 1, "{reply:?}");
@@ -320,7 +290,7 @@ fn rdma_a_gid_outside_the_peers_subnet_is_not_chosen() {
         "{why}"
     );
     for layer in 0..2 {
-        write(&prefill, &[7, 8], &[9, 10], layer).unwrap();
+        write(&prefill, &[7, 8], &[9, 10], layer, None).unwrap();
         assert_written(&prefill, &decode, layer, &[7, 8], &[9, 10]);
     }
     let used = report.iter().find(|r| r.state == "healthy").unwrap();
@@ -422,9 +392,10 @@ fn rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins() {
     let (a, b) = devices("rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins");
     watchdog(240);
     let both = format!("{a}+{b}");
-    let prefill = side(Role::Prefill, 256, 8192, settings(&both));
-    let decode = side(Role::Decode, 800, 8192, settings(&both));
-    connect(&prefill, &decode, "decode");
+    let (prefill, decode) = common::pair(
+        spec(Role::Prefill, 256, 8192, settings(&both)),
+        spec(Role::Decode, 800, 8192, settings(&both)),
+    );
     let _up = UpAgain;
     let (ok, failed) = calls_across_a_link_down(&prefill, &decode);
     eprintln!("two rails, interface down: {ok} verified, {failed} failed typed");
@@ -440,7 +411,7 @@ fn rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins() {
     );
     // Later calls run on the remaining rail.
     for call in 0..20u32 {
-        write(&prefill, &[call], &[call + 1], 1).unwrap();
+        write(&prefill, &[call], &[call + 1], 1, None).unwrap();
         assert!(block_equal(&prefill, &decode, 1, call, call + 1));
     }
     let after = rails(&prefill);
@@ -464,7 +435,7 @@ fn rdma_a_rail_whose_interface_goes_down_is_quarantined_and_rejoins() {
     for call in 0..40u32 {
         let local: Vec<u32> = (0..16).map(|i| (call * 16 + i) % 256).collect();
         let remote: Vec<u32> = (0..16).map(|i| 400 + i).collect();
-        write(&prefill, &local, &remote, 1).unwrap();
+        write(&prefill, &local, &remote, 1, None).unwrap();
         for (l, r) in local.iter().zip(&remote) {
             assert!(block_equal(&prefill, &decode, 1, *l, *r));
         }
@@ -484,9 +455,10 @@ fn rdma_one_rail_whose_interface_goes_down_fails_typed_and_reconnects() {
     let _turn = one_at_a_time();
     let (_, b) = devices("rdma_one_rail_whose_interface_goes_down_fails_typed_and_reconnects");
     watchdog(240);
-    let prefill = side(Role::Prefill, 256, 8192, settings(&b));
-    let decode = side(Role::Decode, 800, 8192, settings(&b));
-    connect(&prefill, &decode, "decode");
+    let (prefill, decode) = common::pair(
+        spec(Role::Prefill, 256, 8192, settings(&b)),
+        spec(Role::Decode, 800, 8192, settings(&b)),
+    );
     let _up = UpAgain;
     let (ok, failed) = calls_across_a_link_down(&prefill, &decode);
     eprintln!("one rail, interface down: {ok} verified, {failed} failed typed");
@@ -496,6 +468,6 @@ fn rdma_one_rail_whose_interface_goes_down_fails_typed_and_reconnects() {
     if !prefill.engine.is_connected("decode") {
         connect(&prefill, &decode, "decode");
     }
-    write(&prefill, &[1, 2], &[3, 4], 1).unwrap();
+    write(&prefill, &[1, 2], &[3, 4], 1, None).unwrap();
     assert!(block_equal(&prefill, &decode, 1, 1, 3) && block_equal(&prefill, &decode, 1, 2, 4));
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::rdma::{device, settings};
 use common::{assert_written, connect, try_connect, Side, SideSpec};
 use futures_executor::block_on;
 use kvtransfer_engine::BlockIds;
@@ -15,32 +16,14 @@ use std::time::{Duration, Instant};
 const IB_TIMEOUT: u8 = 14;
 const RETRY_CNT: u32 = kvtransfer_engine::internals::TRANSPORT_RETRY_COUNT as u32;
 
-/// The RDMA device named by `KVTRANSFER_RDMA_DEVICE`. The tests that need one are
-/// `#[ignore]`d; run explicitly (`--ignored`) without a device they fail, never pass.
-fn device(test: &str) -> String {
-    std::env::var("KVTRANSFER_RDMA_DEVICE").unwrap_or_else(|_| {
-        panic!(
-            "{test} needs an RDMA device but KVTRANSFER_RDMA_DEVICE is unset \
-             (run scripts/rxe-vm/run-rdma-tests.sh)"
-        )
-    })
-}
-
 fn side(role: Role, device: &str, token: Option<&'static str>) -> Side {
     SideSpec {
-        transport: "rdma",
-        rdma: Some(RdmaSettings {
-            nics: vec![device.to_string()],
-            devices: None,
-            gid_index: None,
-            ib_timeout: IB_TIMEOUT,
-            relaxed_ordering: false,
-            gdr_flush: false,
-            // The default: on Soft-RoCE, chains go through posting threads.
-            qps_per_peer: kvtransfer_engine::DEFAULT_QPS_PER_PEER,
-        }),
         auth_token: token,
-        ..SideSpec::new(role, 1, 32, 64 * 1024)
+        // The default queue pairs: on Soft-RoCE, chains go through posting threads.
+        ..SideSpec::new(role, 1, 32, 64 * 1024).over_rdma(RdmaSettings {
+            ib_timeout: IB_TIMEOUT,
+            ..settings(device)
+        })
     }
     .build()
 }

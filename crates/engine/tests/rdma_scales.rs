@@ -6,28 +6,24 @@
 
 mod common;
 
-use common::{assert_written, connect, try_connect, SideSpec};
+use common::rdma;
+use common::{assert_written, try_connect, SideSpec};
 use futures_executor::block_on;
 use kvtransfer_engine::{BlockIds, RdmaSettings, Role};
 
-fn settings(device: &str, gdr_flush: bool, qps_per_peer: u16) -> RdmaSettings {
-    RdmaSettings {
-        nics: vec![device.to_string()],
-        devices: None,
-        gid_index: None,
-        ib_timeout: 14,
-        relaxed_ordering: false,
-        gdr_flush,
-        qps_per_peer,
+fn spec(role: Role, blocks: usize, scale_block_bytes: usize, rdma: RdmaSettings) -> SideSpec {
+    SideSpec {
+        scale_block_bytes,
+        ..SideSpec::new(role, 3, blocks, 2048).over_rdma(rdma)
     }
 }
 
-fn spec(role: Role, blocks: usize, scale_block_bytes: usize, rdma: RdmaSettings) -> SideSpec {
-    SideSpec {
-        transport: "rdma",
-        rdma: Some(rdma),
-        scale_block_bytes,
-        ..SideSpec::new(role, 3, blocks, 2048)
+/// Settings over `device` with the GDR flush on or off and `qps_per_peer` queue pairs.
+fn settings(device: &str, gdr_flush: bool, qps_per_peer: u16) -> RdmaSettings {
+    RdmaSettings {
+        gdr_flush,
+        qps_per_peer,
+        ..rdma::settings(device)
     }
 }
 
@@ -38,21 +34,11 @@ fn rdma_writes_key_value_and_scale_blocks_byte_for_byte() {
         return;
     };
     for (flush, qps, scale_block_bytes) in [(true, 1, 64), (false, 2, 16), (true, 3, 4096)] {
-        let prefill = spec(
-            Role::Prefill,
-            300,
-            scale_block_bytes,
-            settings(&dev, flush, qps),
-        )
-        .build();
-        let decode = spec(
-            Role::Decode,
-            310,
-            scale_block_bytes,
-            settings(&dev, flush, qps),
-        )
-        .build();
-        connect(&prefill, &decode, "decode");
+        let rdma = settings(&dev, flush, qps);
+        let (prefill, decode) = common::pair(
+            spec(Role::Prefill, 300, scale_block_bytes, rdma.clone()),
+            spec(Role::Decode, 310, scale_block_bytes, rdma),
+        );
         assert_eq!(prefill.engine.transport_name(), "rdma");
         let local: Vec<u32> = (0..250).map(|i| (i * 7) % 300).collect();
         let remote: Vec<u32> = (0..250).map(|i| (i * 11 + 3) % 310).collect();

@@ -11,7 +11,7 @@ use kvtransfer_engine::{BlockIds, Engine, RdmaSettings, Role, TransportKind};
 
 mod common;
 use common::imported::{decode_over, Shared, BLOCKS, BLOCK_BYTES};
-use common::{pattern, SideSpec};
+use common::{connect_between, hello_between, pattern, rdma, SideSpec};
 
 /// Every device of the VM (`rxe0`, and `rxe1` where it has two), joined as one rail set.
 fn settings() -> (RdmaSettings, usize) {
@@ -22,13 +22,8 @@ fn settings() -> (RdmaSettings, usize) {
         Err(_) => (device, 1),
     };
     let settings = RdmaSettings {
-        nics: vec![nics],
-        devices: None,
-        gid_index: None,
-        ib_timeout: 14,
-        relaxed_ordering: false,
-        gdr_flush: false,
         qps_per_peer: 1,
+        ..rdma::settings(&nics)
     };
     (settings, rails)
 }
@@ -53,25 +48,10 @@ fn rdma_swapped_regions_are_registered_again_and_the_writer_takes_the_new_keys()
     assert!(decode.swap_refusal().is_none(), "RDMA follows a swap");
     let prefill = SideSpec {
         with_values: false,
-        transport: "rdma",
-        rdma: Some(rdma),
-        ..SideSpec::new(Role::Prefill, 1, BLOCKS, BLOCK_BYTES)
+        ..SideSpec::new(Role::Prefill, 1, BLOCKS, BLOCK_BYTES).over_rdma(rdma)
     }
     .build();
-    let hello = prefill
-        .engine
-        .hello(
-            "decode:1",
-            &decode
-                .auth_respond(&prefill.engine.auth_challenge("decode:1").unwrap())
-                .unwrap(),
-        )
-        .unwrap();
-    let reply = decode.accept(&hello).unwrap();
-    prefill
-        .engine
-        .finish_connect("decode:1", "127.0.0.1", &reply)
-        .unwrap();
+    connect_between(&prefill.engine, &decode, "decode:1").unwrap();
     assert_eq!(
         prefill.engine.peer_info("decode:1").unwrap().transport,
         TransportKind::Rdma
@@ -158,20 +138,10 @@ fn rdma_swapped_regions_are_registered_again_and_the_writer_takes_the_new_keys()
     // A connect while parked is refused typed (no keys to offer).
     let again = SideSpec {
         with_values: false,
-        transport: "rdma",
-        rdma: Some(settings().0),
-        ..SideSpec::new(Role::Prefill, 1, BLOCKS, BLOCK_BYTES)
+        ..SideSpec::new(Role::Prefill, 1, BLOCKS, BLOCK_BYTES).over_rdma(settings().0)
     }
     .build();
-    let hello = again
-        .engine
-        .hello(
-            "decode:1",
-            &decode
-                .auth_respond(&again.engine.auth_challenge("decode:1").unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+    let hello = hello_between(&again.engine, &decode, "decode:1").unwrap();
     let err = decode.accept(&hello).unwrap_err();
     assert_eq!(err.code(), "ERR_UNSUPPORTED", "{err}");
     assert!(err.to_string().contains("parked"), "{err}");

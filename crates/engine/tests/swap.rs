@@ -7,7 +7,7 @@ use kvtransfer_engine::{BlockIds, Engine, Role, TransportKind};
 
 mod common;
 use common::imported::{decode_over, Shared, BLOCKS, BLOCK_BYTES};
-use common::{pattern, SideSpec};
+use common::{connect_between, pattern, SideSpec};
 
 fn write(prefill: &Engine, local: &[u32], remote: &[u32]) {
     block_on(
@@ -34,20 +34,7 @@ fn swapped_regions_take_the_next_writes_and_the_old_file_none() {
         ..SideSpec::new(Role::Prefill, 1, BLOCKS, BLOCK_BYTES)
     }
     .build();
-    let hello = prefill
-        .engine
-        .hello(
-            "decode:1",
-            &decode
-                .auth_respond(&prefill.engine.auth_challenge("decode:1").unwrap())
-                .unwrap(),
-        )
-        .unwrap();
-    let reply = decode.accept(&hello).unwrap();
-    prefill
-        .engine
-        .finish_connect("decode:1", "127.0.0.1", &reply)
-        .unwrap();
+    connect_between(&prefill.engine, &decode, "decode:1").unwrap();
     assert!(decode.swap_refusal().is_none());
 
     write(&prefill.engine, &[1, 2], &[3, 4]);

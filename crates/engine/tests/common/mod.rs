@@ -5,10 +5,13 @@
     reason = "each test binary uses a different part of the shared fixtures"
 )]
 
+pub mod hex;
 pub mod imported;
+pub mod rdma;
 
 use kvtransfer_engine::RdmaSettings;
-use kvtransfer_engine::{ArrivalSink, Engine, EngineOptions, Role, TpOptions};
+use kvtransfer_engine::{Arrival, ArrivalSink, Engine, EngineOptions, Role, TpOptions};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct Side {
@@ -20,6 +23,16 @@ pub struct Side {
     pub value_scales: Vec<Vec<u8>>,
     pub block_bytes: usize,
     pub scale_block_bytes: usize,
+}
+
+/// The arrivals a side reported, in order.
+pub type Log = Arc<Mutex<Vec<Arrival>>>;
+
+/// An empty log and the sink (`SideSpec::arrivals`) that fills it.
+pub fn arrival_log() -> (Log, ArrivalSink) {
+    let log: Log = Arc::default();
+    let sink = Arc::clone(&log);
+    (log, Arc::new(move |a| sink.lock().unwrap().push(a)))
 }
 
 /// Deterministic content of a prefill block, distinct per layer, kind and block.
@@ -146,18 +159,43 @@ pub fn connect(prefill: &Side, decode: &Side, key: &str) {
     try_connect(prefill, decode, key).unwrap();
 }
 
+/// Builds both sides and connects `prefill` to `decode` as `"decode"`.
+pub fn pair(prefill: SideSpec, decode: SideSpec) -> (Side, Side) {
+    let (prefill, decode) = (prefill.build(), decode.build());
+    connect(&prefill, &decode, "decode");
+    (prefill, decode)
+}
+
 /// The handshake's first three steps: the hello `decode` would be sent.
 pub fn hello(prefill: &Side, decode: &Side, key: &str) -> kvtransfer_engine::Result<Vec<u8>> {
-    let challenge = prefill.engine.auth_challenge(key)?;
-    let response = decode.engine.auth_respond(&challenge)?;
-    prefill.engine.hello(key, &response)
+    hello_between(&prefill.engine, &decode.engine, key)
 }
 
 /// The whole handshake, returning the first error.
 pub fn try_connect(prefill: &Side, decode: &Side, key: &str) -> kvtransfer_engine::Result<()> {
-    let hello = hello(prefill, decode, key)?;
-    let reply = decode.engine.accept(&hello)?;
-    prefill.engine.finish_connect(key, "127.0.0.1", &reply)
+    connect_between(&prefill.engine, &decode.engine, key)
+}
+
+/// [`hello`] between two engines (a decode engine need not be a [`Side`]).
+pub fn hello_between(
+    prefill: &Engine,
+    decode: &Engine,
+    key: &str,
+) -> kvtransfer_engine::Result<Vec<u8>> {
+    let challenge = prefill.auth_challenge(key)?;
+    let response = decode.auth_respond(&challenge)?;
+    prefill.hello(key, &response)
+}
+
+/// [`try_connect`] between two engines.
+pub fn connect_between(
+    prefill: &Engine,
+    decode: &Engine,
+    key: &str,
+) -> kvtransfer_engine::Result<()> {
+    let hello = hello_between(prefill, decode, key)?;
+    let reply = decode.accept(&hello)?;
+    prefill.finish_connect(key, "127.0.0.1", &reply)
 }
 
 /// Asserts that decode block `remote[i]` equals prefill block `local[i]` (K, V and their
@@ -207,6 +245,25 @@ pub fn assert_written(prefill: &Side, decode: &Side, layer: usize, local: &[u32]
             }
         }
     }
+}
+
+/// Writes `local` blocks of `layer` to `remote` blocks of the peer `"decode"` and waits for
+/// the call's outcome.
+pub fn write(
+    side: &Side,
+    local: &[u32],
+    remote: &[u32],
+    layer: usize,
+    tag: Option<&[u8]>,
+) -> kvtransfer_engine::Result<()> {
+    let completion = side.engine.write_cache(
+        "decode",
+        kvtransfer_engine::BlockIds::U32(local),
+        kvtransfer_engine::BlockIds::U32(remote),
+        layer as f64,
+        tag.map(<[u8]>::to_vec),
+    )?;
+    futures_executor::block_on(completion).expect("completion dropped")
 }
 
 /// Makes `call` from `side` and waits for its outcome: `Err` on the outer level is a

@@ -9,6 +9,9 @@
     reason = "each GPU test binary uses a different part of the shared fixtures"
 )]
 
+#[path = "../common/hex.rs"]
+pub mod hex;
+
 use kvtransfer_cuda::{Cuda, DeviceBuffer, Gpu};
 use kvtransfer_engine::{Engine, EngineOptions, Role};
 use std::io::Write;
@@ -161,16 +164,6 @@ pub fn engine_options(
         tp: kvtransfer_engine::TpOptions::default(),
         imports: Vec::new(),
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len() / 2)
-        .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex"))
-        .collect()
 }
 
 pub fn connect(prefill: &Side, decode: &Side, key: &str) {

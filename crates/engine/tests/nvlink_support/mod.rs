@@ -6,7 +6,8 @@
     reason = "each NVLink test binary uses a different part of the shared fixtures"
 )]
 
-use crate::gpu_support::{engine_options, hex, pattern, permutation, unhex, Mem};
+use crate::gpu_support::hex::{hex, unhex};
+use crate::gpu_support::{engine_options, pattern, permutation, Mem};
 use futures_executor::block_on;
 use kvtransfer_engine::{BlockIds, Engine, Role};
 use std::io::{BufRead, BufReader, Write};
