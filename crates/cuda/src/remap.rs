@@ -55,10 +55,9 @@ impl Allocation {
         let api = self.cuda.sharing()?;
         let mut prop: MemAllocationProp = device_prop(0, 0);
         // SAFETY: valid out-pointer to a property struct the driver fills; live handle.
+        let rc = unsafe { (api.mem_get_allocation_properties_from_handle)(&mut prop, self.handle) };
         self.cuda
-            .check("cuMemGetAllocationPropertiesFromHandle", unsafe {
-                (api.mem_get_allocation_properties_from_handle)(&mut prop, self.handle)
-            })?;
+            .check("cuMemGetAllocationPropertiesFromHandle", rc)?;
         Ok((prop.location.kind == CU_MEM_LOCATION_TYPE_DEVICE)
             .then(|| u32::try_from(prop.location.id).ok())
             .flatten())
