@@ -206,3 +206,25 @@ pub(crate) fn ipc_refusal(what: &str) -> Error {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ipc_refusal;
+
+    #[test]
+    fn a_legacy_ipc_region_is_refused_saying_why_and_what_to_do() {
+        let error = ipc_refusal("localKeyCache region 3");
+        assert_eq!(error.code(), "ERR_UNSUPPORTED");
+        let text = error.to_string();
+        for needle in [
+            "localKeyCache region 3",
+            "legacy CUDA IPC handle",
+            "an address of its choosing",
+            "cudaVmmFds",
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+            "attach anew",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+    }
+}

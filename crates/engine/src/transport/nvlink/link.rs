@@ -542,8 +542,7 @@ impl Link for NvlinkLink {
     /// `keys`: the number of the acceptor's memory table after its warm re-attach (its
     /// `region_keys`); returns once this link opened that table (1), or fails typed: the
     /// link broke (it could not open it, or the acceptor went away), or it did not come in
-    /// time (the link then holds no mapping of the acceptor's memory; the caller cuts it
-    /// off and it connects again).
+    /// time (the link then breaks, and the writer connects again).
     fn rekey(&self, keys: &[u8]) -> crate::error::Result<usize> {
         self.shared.wait_reopened(keys)
     }

@@ -91,7 +91,8 @@ impl Shared {
         Ok(())
     }
 
-    /// `rekey`'s wait: until table `keys` (8 bytes, little endian) was opened.
+    /// `rekey`'s wait: until table `keys` (8 bytes, little endian) was opened. Not in time:
+    /// the link breaks (it connects again, as after a timeout).
     pub(super) fn wait_reopened(&self, keys: &[u8]) -> Result<usize> {
         let generation = <[u8; 8]>::try_from(keys)
             .map(u64::from_le_bytes)
@@ -115,13 +116,19 @@ impl Shared {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::Timeout {
+                let error = Error::Timeout {
                     ms: REOPEN_WAIT.as_millis() as u64,
                     what: format!(
-                        "waiting for {}'s memory table {generation} after its warm re-attach over the NVLink side channel (this link opened {}); it maps none of that memory, and stays fenced",
+                        "waiting for {}'s memory table {generation} after its warm re-attach over the NVLink side channel (this link opened {}); the link is closed and connects again",
                         self.peer, *reopened
                     ),
-                });
+                };
+                drop(reopened);
+                // A link that may never get the table would refuse every call: it breaks,
+                // so the writer connects again (and gets the table with the handshake).
+                self.break_with(error.clone(), false);
+                let _ = self.socket.shutdown(std::net::Shutdown::Both);
+                return Err(error);
             }
             reopened = crate::util::wait_timeout(&self.reopened_changed, reopened, left);
         }
