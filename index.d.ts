@@ -68,25 +68,26 @@ export declare class NativeCommunicator {
   prepareBlocks(peerKey: string, localBlockIds: Uint32Array | Int32Array | Float64Array, remoteBlockIds: Uint32Array | Int32Array | Float64Array): NativePreparedBlocks
   /**
    * Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
-   * be swapped: a region not imported as host memory, or a transport that cannot follow
-   * a swap (NVLink).
+   * be swapped: a region not imported (host or cuMem GPU descriptors), one shared as a
+   * legacy CUDA IPC handle, or a transport that cannot follow a swap (RDMA over GPU
+   * regions).
    */
   checkSwappable(): void
   /**
-   * Parks every imported region on anonymous pages at the same address: the owner's
-   * memory is released and nothing lands in it any more.
+   * Parks every imported region at the same address (anonymous pages; GPU regions: one
+   * filler granule): the owner's memory is released and nothing lands in it any more.
    */
   parkImports(): void
   /**
-   * Maps the given regions (host descriptors, in the constructor's order: keys, values,
+   * Maps the given regions (host or cuMem descriptors, in the constructor's order: keys, values,
    * key scales, value scales) under the communicator's regions, at their addresses.
    * Everything is checked before anything is mapped.
    */
   swapImports(localKeyCache: Array<ImportedRegion>, localValueCache: Array<ImportedRegion>, keyScaleCache: Array<ImportedRegion>, valueScaleCache: Array<ImportedRegion>): void
   /**
    * Receiving side, after `swapImports`: what the writers need to reach the new memory,
-   * per transport that needs anything (RDMA: every rail's new region keys); empty for
-   * TCP, and while parked.
+   * per transport that needs anything (RDMA: every rail's new region keys; NVLink: the
+   * number of the memory table it sent them); empty for TCP, and while parked.
    */
   regionKeys(): Array<NativeRegionKeys>
   /**
@@ -509,7 +510,7 @@ export interface NativeRail {
 
 /** What a transport's writers need after a swap (see `regionKeys`). */
 export interface NativeRegionKeys {
-  /** The transport's name (`rdma`). */
+  /** The transport's name (`rdma`, `nvlink`). */
   transport: string
   /** Its keys, as that transport encodes them. */
   keys: Buffer

@@ -10,6 +10,14 @@ writes scattered blocks of every layer: prefill → sidecar A → NVLink or TCP 
 decode, and the decode worker checks every moved block with ``torch.equal`` (and that no
 other block changed). Then it times sequential per-layer calls with a prepared list.
 
+The warm cases (``*-warm``: expandable segments, so the cache is shared as cuMem fds) test a
+warm re-attach of the decode side: the decode worker attaches with a ``slot``, takes the
+prefill's writes and is SIGKILLed; while its communicator is parked the prefill's writes
+are refused (``ERR_FENCED``); a new decode worker process attaches with the same slot and
+gets the parked communicator (same port) with its new tensors swapped in, and the
+prefill's next calls, on the same peer handle with no reconnect, land in the new worker's
+tensors (``torch.equal``; every other block still zero).
+
     python3 scripts/gpu-sidecar-test.py --node NODE --cli lib/cli.js [--json OUT]
 
 Exit status 0 when every case verified.
@@ -45,7 +53,10 @@ CASES = {
     "fp8-scales-ipc-tcp": ("fp8", True, "tcp", False),
     "bf16-vmm-nvlink": ("bf16", False, "nvlink", True),
     "bf16-vmm-tcp": ("bf16", False, "tcp", True),
+    "bf16-vmm-nvlink-warm": ("bf16", False, "nvlink", True),
+    "bf16-vmm-tcp-warm": ("bf16", False, "tcp", True),
 }
+WARM_SLOT = "decode/warm"
 
 
 def block_lists():
@@ -79,7 +90,7 @@ def make_cache(torch, dtype_name, scales, filled):
     return kv, key_scales, value_scales
 
 
-def attach_worker(kvtransfer, torch_regions, socket, role, case, kv, key_scales, value_scales):
+def attach_worker(kvtransfer, torch_regions, socket, role, case, kv, key_scales, value_scales, slot=None):
     _dtype, scales, transport, _expandable = CASES[case]
     layout = torch_regions.cache_layout(kv)
     extra = {}
@@ -89,7 +100,17 @@ def attach_worker(kvtransfer, torch_regions, socket, role, case, kv, key_scales,
             "value_scale_cache": [torch_regions.region_of(s) for s in value_scales],
             "scale_block_bytes": KV_HEADS * BLOCK_SIZE * 4,
         }
-    return kvtransfer.attach(socket, role=role, gpu_idx=0, transport=transport, **layout, **extra)
+    if slot is None:
+        return kvtransfer.attach(socket, role=role, gpu_idx=0, transport=transport, **layout, **extra)
+    # The killed predecessor holds the slot until its sidecar has parked its communicator.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return kvtransfer.attach(socket, role=role, gpu_idx=0, transport=transport, slot=slot, **layout, **extra)
+        except kvtransfer.InvalidArgument as error:
+            if "held" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def bytes_view(torch, t):
@@ -174,6 +195,141 @@ def run_prefill(args):
     worker.detach()
 
 
+def verify_moved(torch, kv, src, local, remote):
+    """Mismatches: a moved block that differs from its source, or any other block not zero."""
+    mismatches = []
+    for layer in range(LAYERS):
+        for l, r in zip(local, remote):
+            for kind in (0, 1):
+                if not torch.equal(bytes_view(torch, kv[layer][kind, r]), bytes_view(torch, src[layer][kind, l])):
+                    mismatches.append(f"layer {layer} {'KV'[kind]} block {l}->{r}")
+        untouched = [b for b in range(NUM_BLOCKS) if b not in set(remote)]
+        if bytes_view(torch, kv[layer][:, untouched]).any():
+            mismatches.append(f"layer {layer}: a block no call named changed")
+    return mismatches
+
+
+def warm_lists(round_):
+    """The blocks moved in round 0 (before the kill) and round 1 (into the new worker)."""
+    rng = random.Random(70 + round_)
+    return rng.sample(range(NUM_BLOCKS), MOVED), rng.sample(range(NUM_BLOCKS), MOVED)
+
+
+def run_decode_warm(args):
+    """A decode worker of a warm case: attaches with the slot, verifies round ``--round``."""
+    import torch
+    import kvtransfer
+    from kvtransfer import torch_regions
+
+    dtype, scales, _transport, _exp = CASES[args.case]
+    kv, ks, vs = make_cache(torch, dtype, scales, filled=False)
+    worker = attach_worker(kvtransfer, torch_regions, args.socket, "decode", args.case, kv, ks, vs, slot=WARM_SLOT)
+    print(json.dumps({"port": worker.port, "reattached": worker.reattached, "transport": worker.transport}), flush=True)
+    arrivals = worker.wait_for_arrival(f"{args.tag}-{args.round}", layers=LAYERS, timeout=120)
+    torch.cuda.synchronize()
+    src, _sks, _svs = make_cache(torch, dtype, scales, filled=True)
+    local, remote = warm_lists(args.round)
+    mismatches = verify_moved(torch, kv, src, local, remote)
+    print(json.dumps({"arrivals": len(arrivals), "mismatches": mismatches[:20], "mismatch_count": len(mismatches)}), flush=True)
+    sys.stdin.readline()  # killed here (round 0), or told to go (round 1)
+    worker.detach()
+
+
+def run_prefill_warm(args):
+    """The prefill of a warm case: round 0, a write while the decode is parked, round 1."""
+    import torch
+    import kvtransfer
+    from kvtransfer import torch_regions
+
+    dtype, scales, _transport, _exp = CASES[args.case]
+    kv, ks, vs = make_cache(torch, dtype, scales, filled=True)
+    worker = attach_worker(kvtransfer, torch_regions, args.socket, "prefill", args.case, kv, ks, vs)
+    peer = worker.connect("127.0.0.1", args.peer_port, timeout=60)
+    report = {"transport": getattr(worker.peer_info("127.0.0.1", args.peer_port), "transport", None)}
+    for round_ in (0, 1):
+        if round_ == 1:
+            sys.stdin.readline()  # the decode was killed and its communicator parked
+            try:
+                local, remote = warm_lists(0)
+                worker.write_cache_sync(peer, local, remote, 0, tag="parked", timeout=60)
+                report["parked_write"] = "landed (expected ERR_FENCED)"
+            except kvtransfer.KvTransferError as error:
+                report["parked_write"] = error.code
+            print("parked-checked", flush=True)
+            sys.stdin.readline()  # the new decode worker re-attached
+        local, remote = warm_lists(round_)
+        for layer in range(LAYERS):
+            worker.write_cache_sync(peer, local, remote, layer, tag=f"{args.tag}-{round_}", timeout=60)
+        print(f"round-{round_}", flush=True)
+    report["reconnects"] = worker.metrics().get("reconnects")
+    print(json.dumps(report), flush=True)
+    worker.detach()
+
+
+def metrics(port):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def orchestrate_warm(args, case, env, sockets, metrics_port):
+    """A warm case; returns its entry (``passed`` says whether every check held)."""
+    me = [sys.executable, os.path.abspath(__file__)]
+    tag = f"req-{case}"
+    pipes = dict(env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    entry = {}
+
+    def decode(round_):
+        proc = subprocess.Popen(me + ["decode-warm", "--case", case, "--socket", sockets[1], "--tag", tag, "--round", str(round_)], **pipes)
+        return proc, json.loads(proc.stdout.readline())
+
+    def tell(proc, line="go"):
+        proc.stdin.write(line + "\n")
+        proc.stdin.flush()
+
+    first, entry["first_attach"] = decode(0)
+    prefill = subprocess.Popen(
+        me + ["prefill-warm", "--case", case, "--socket", sockets[0], "--tag", tag, "--peer-port", str(entry["first_attach"]["port"])],
+        **pipes,
+    )
+    try:
+        entry["round_0_sent"] = prefill.stdout.readline().strip()
+        entry["first_verified"] = json.loads(first.stdout.readline())
+        first.kill()
+        first.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while "kvtransfer_sidecar_parked 1" not in metrics(metrics_port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the killed decode's communicator was not parked in 30 s")
+            time.sleep(0.05)
+        tell(prefill)
+        entry["parked"] = prefill.stdout.readline().strip()
+        second, entry["second_attach"] = decode(1)
+        tell(prefill)
+        entry["round_1_sent"] = prefill.stdout.readline().strip()
+        entry["second_verified"] = json.loads(second.stdout.readline())
+        tell(second)
+        second.wait(timeout=60)
+        entry["prefill"] = json.loads(prefill.stdout.readline())
+        prefill.wait(timeout=60)
+    except (ValueError, RuntimeError, subprocess.TimeoutExpired) as error:
+        entry["error"] = repr(error)
+        prefill.kill()
+        entry["prefill_stderr"] = prefill.communicate()[1] if prefill.stderr else None
+        return entry
+    entry["passed"] = (
+        entry["first_verified"]["mismatch_count"] == 0
+        and entry["second_verified"]["mismatch_count"] == 0
+        and entry["second_attach"]["reattached"] is True
+        and entry["second_attach"]["port"] == entry["first_attach"]["port"]
+        and entry["prefill"]["parked_write"] == "ERR_FENCED"
+        and entry["prefill"]["reconnects"] == 0
+        and entry["prefill"]["transport"] == CASES[case][2]
+    )
+    return entry
+
+
 def share_records():
     """The raw `_share_cuda_()` records of both allocators (for the closing note)."""
     code = (
@@ -194,8 +350,10 @@ def orchestrate(args):
     print(json.dumps(results["records"]), flush=True)
     tmp = tempfile.mkdtemp(prefix="kvt-gpu-sidecar-")
     sockets = [os.path.join(tmp, "a.sock"), os.path.join(tmp, "b.sock")]
+    metrics_port = free_port()
     sidecars = [
-        subprocess.Popen([args.node, args.cli, "serve", "--socket", s], stdout=subprocess.PIPE, text=True) for s in sockets
+        subprocess.Popen([args.node, args.cli, "serve", "--socket", s] + extra, stdout=subprocess.PIPE, text=True)
+        for s, extra in zip(sockets, ([], ["--metrics-port", str(metrics_port)]))
     ]
     for sidecar in sidecars:
         print(sidecar.stdout.readline().strip(), flush=True)
@@ -204,6 +362,13 @@ def orchestrate(args):
         for case in args.cases or CASES:
             expandable = CASES[case][3]
             env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True" if expandable else "")
+            if case.endswith("-warm"):
+                entry = orchestrate_warm(args, case, env, sockets, metrics_port)
+                entry["passed"] = entry.get("passed", False)
+                ok = ok and entry["passed"]
+                results["cases"][case] = entry
+                print(case, "PASS" if entry["passed"] else "FAIL", json.dumps(entry), flush=True)
+                continue
             me = [sys.executable, os.path.abspath(__file__)]
             tag = f"req-{case}"
             decode = subprocess.Popen(
@@ -249,9 +414,17 @@ def orchestrate(args):
     return 0 if ok else 1
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="run", choices=["run", "decode", "prefill"])
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "decode", "prefill", "decode-warm", "prefill-warm"])
     parser.add_argument("--node", default="node")
     parser.add_argument("--cli", default=os.path.join(ROOT, "lib", "cli.js"))
     parser.add_argument("--json")
@@ -260,7 +433,12 @@ def main():
     parser.add_argument("--socket")
     parser.add_argument("--tag")
     parser.add_argument("--peer-port", type=int)
+    parser.add_argument("--round", type=int, default=0)
     args = parser.parse_args()
+    if args.mode == "decode-warm":
+        return run_decode_warm(args)
+    if args.mode == "prefill-warm":
+        return run_prefill_warm(args)
     if args.mode == "decode":
         return run_decode(args)
     if args.mode == "prefill":

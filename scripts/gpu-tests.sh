@@ -33,7 +33,7 @@ if [ "$build" = 1 ]; then
   # keeps its host path; doctor: what `kvtransfer doctor` reports of the GPUs.
   # nvlink_peer: the decode process of the NVLink tests (gpu_nvlink spawns it).
   { cargo test --release -p kvtransfer-engine --no-run --message-format=json \
-      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink --test gpu_nvlink_bench --test gpu_fence --test gpu_acked --test gpu_crc32c --test gpu_checksum --test doctor
+      --test gpu_tcp --test gpu_bench --test tcp --test gpu_nvlink --test gpu_nvlink_bench --test gpu_fence --test gpu_acked --test gpu_crc32c --test gpu_checksum --test gpu_warm --test doctor
     cargo build --release -p kvtransfer-engine --message-format=json --example nvlink_peer; } \
     | python3 -c '
 import json, sys, shutil
@@ -78,6 +78,8 @@ timeout 120 "$out/tcp" --test-threads=2
 # NVLink between two processes (decode on the last GPU: GPU 1 on a 2-GPU host), then
 # its grid: the default copy path, the copy engines alone, and one copy per block.
 timeout 300 "$out/gpu_nvlink" --ignored --nocapture --test-threads=1
+# Warm re-attach of cuMem regions (imported as the sidecar imports them) over NVLink and TCP.
+timeout 300 "$out/gpu_warm" --ignored --nocapture --test-threads=1
 timeout 300 "$out/gpu_nvlink_bench" --ignored --nocapture --test-threads=1
 # Fences over NVLink: fenced writes never land after the writer's acknowledgement.
 timeout 300 "$out/gpu_fence" --ignored --nocapture --test-threads=1

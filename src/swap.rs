@@ -14,8 +14,9 @@ use napi_derive::napi;
 #[napi]
 impl NativeCommunicator {
     /// Throws `ERR_UNSUPPORTED` (naming why) when this communicator's region memory cannot
-    /// be swapped: a region not imported as host memory, or a transport that cannot follow
-    /// a swap (NVLink).
+    /// be swapped: a region not imported (host or cuMem GPU descriptors), one shared as a
+    /// legacy CUDA IPC handle, or a transport that cannot follow a swap (RDMA over GPU
+    /// regions).
     #[napi]
     pub fn check_swappable(&self) -> Result<(), Code> {
         match self.engine.swap_refusal() {
@@ -24,15 +25,15 @@ impl NativeCommunicator {
         }
     }
 
-    /// Parks every imported region on anonymous pages at the same address: the owner's
-    /// memory is released and nothing lands in it any more.
+    /// Parks every imported region at the same address (anonymous pages; GPU regions: one
+    /// filler granule): the owner's memory is released and nothing lands in it any more.
     #[napi]
     pub fn park_imports(&self) -> Result<(), Code> {
         self.engine.park_imports().map_err(to_js_error)?;
         Ok(())
     }
 
-    /// Maps the given regions (host descriptors, in the constructor's order: keys, values,
+    /// Maps the given regions (host or cuMem descriptors, in the constructor's order: keys, values,
     /// key scales, value scales) under the communicator's regions, at their addresses.
     /// Everything is checked before anything is mapped.
     #[napi]
@@ -62,7 +63,7 @@ impl NativeCommunicator {
 /// What a transport's writers need after a swap (see `regionKeys`).
 #[napi(object)]
 pub struct NativeRegionKeys {
-    /// The transport's name (`rdma`).
+    /// The transport's name (`rdma`, `nvlink`).
     pub transport: String,
     /// Its keys, as that transport encodes them.
     pub keys: Buffer,
@@ -71,8 +72,8 @@ pub struct NativeRegionKeys {
 #[napi]
 impl NativeCommunicator {
     /// Receiving side, after `swapImports`: what the writers need to reach the new memory,
-    /// per transport that needs anything (RDMA: every rail's new region keys); empty for
-    /// TCP, and while parked.
+    /// per transport that needs anything (RDMA: every rail's new region keys; NVLink: the
+    /// number of the memory table it sent them); empty for TCP, and while parked.
     #[napi]
     pub fn region_keys(&self) -> Vec<NativeRegionKeys> {
         self.engine

@@ -4,14 +4,21 @@
  * A worker attaching with the same slot and the same layout takes it over, with the
  * regions swapped to its own memory at the same addresses (`NativeCommunicator.swapImports`).
  *
- * While parked: this side's own calls in flight were failed (they read the worker's
- * memory), the regions lie on anonymous pages (nothing lands in the old worker's memory;
- * over RDMA they are not registered either), and every writer that takes this side's
- * fences refuses new calls with `ERR_FENCED`.
+ * Regions shared as host descriptors (fd) or as cuMem GPU descriptors (cudaVmmFds: PyTorch's
+ * expandable segments) can be swapped; legacy CUDA IPC handles cannot (`ERR_UNSUPPORTED`).
  *
- * Over RDMA the swap registers the regions again, with new keys: each writer takes them
- * over its fence channel (`rekey`) before its fence is lifted. A writer that does not
- * answer in time is cut off (it stays fenced and connects again, as after a timeout).
+ * While parked: this side's own calls in flight were failed (they read the worker's
+ * memory), every writer that takes this side's fences refuses new calls with `ERR_FENCED`
+ * (fenced before the park: a GPU region is remapped piece by piece, so no copy may touch
+ * it meanwhile), and the regions lie on anonymous pages or, GPU regions, on one filler
+ * granule (nothing lands in the old worker's memory; over RDMA they are not registered
+ * either; over NVLink the writers dropped their mappings of it).
+ *
+ * Over RDMA the swap registers the regions again, with new keys; over NVLink the writers
+ * get the new memory table and descriptors over the side channel, and the keys name that
+ * table: each writer takes them over its fence channel (`rekey`, answered once its link
+ * holds the new memory) before its fence is lifted. A writer that does not answer in time
+ * is cut off (it stays fenced and connects again, as after a timeout).
  */
 import type { RDMACommunicator } from '../communicator'
 import { KvTransferError, describeValue, invalidArgument, native, nativeAsync } from '../errors'
@@ -88,8 +95,8 @@ export class WarmSlots {
   }
 
   /**
-   * Why `comm` cannot be parked for a warm re-attach (`ERR_UNSUPPORTED`: a region not
-   * shared as host memory, NVLink), or undefined when it can.
+   * Why `comm` cannot be parked for a warm re-attach (`ERR_UNSUPPORTED`: a region shared as
+   * a legacy CUDA IPC handle, GPU regions over RDMA), or undefined when it can.
    */
   refusal(comm: RDMACommunicator): KvTransferError | undefined {
     if (this.graceMs === 0) return new KvTransferError('ERR_UNSUPPORTED', 'warm re-attach is off (grace period 0)')
@@ -107,13 +114,16 @@ export class WarmSlots {
     const { native: engine, writers } = comm.warmAccess()
     // This side's calls in flight read the worker's memory: none may read the parked pages.
     for (const peer of comm.metrics().peers) await nativeAsync(engine.fenceWrites(peer.peer, null, 0)).catch(() => 0)
+    // Writers are fenced before the memory is parked: nothing of theirs is in flight while
+    // it is replaced (GPU regions are unmapped and mapped piece by piece).
+    const holdMs = this.graceMs + HOLD_MARGIN_MS
+    await Promise.all(writers.map((peer) => comm.fence({ peer }, { holdMs }).catch(() => undefined)))
     try {
       native(() => engine.parkImports())
     } catch {
+      await Promise.all(writers.map((peer) => comm.fence({ peer }, { holdMs: 0 }).catch(() => undefined)))
       return false
     }
-    const holdMs = this.graceMs + HOLD_MARGIN_MS
-    await Promise.all(writers.map((peer) => comm.fence({ peer }, { holdMs }).catch(() => undefined)))
     const timer = setTimeout(() => void this.expire(slot), this.graceMs)
     timer.unref()
     this.parked.set(slot, { comm, options, writers, timer })
@@ -149,7 +159,8 @@ export class WarmSlots {
       await comm.close().catch(() => undefined)
       throw error
     }
-    // RDMA registered the new pages: the writers take the new keys while still fenced.
+    // RDMA registered the new pages, NVLink sent the new memory table: the writers take
+    // the new keys while still fenced.
     const { native: engine, fences } = comm.warmAccess()
     const keys = engine.regionKeys()
     if (keys.length > 0) await fences.rekey(parked.writers, keys, REKEY_WAIT_MS)
@@ -180,7 +191,14 @@ function shared(regions: CacheRegion[] | undefined): SharedRegion[] {
   return (regions ?? []) as SharedRegion[]
 }
 
-function checkSameLayout(slot: string, kept: CommunicatorOptions, given: CommunicatorOptions): void {
+/** How a region is shared: a host descriptor, cuMem GPU descriptors, or a legacy CUDA IPC handle. */
+export function form(region: SharedRegion): 'fd' | 'cudaVmmFds' | 'cudaIpcHandle' {
+  if ('cudaVmmFds' in region) return 'cudaVmmFds'
+  if ('cudaIpcHandle' in region) return 'cudaIpcHandle'
+  return 'fd'
+}
+
+export function checkSameLayout(slot: string, kept: CommunicatorOptions, given: CommunicatorOptions): void {
   const differ = (field: string, was: unknown, now: unknown) =>
     new KvTransferError(
       'ERR_LAYOUT_MISMATCH',
@@ -193,6 +211,7 @@ function checkSameLayout(slot: string, kept: CommunicatorOptions, given: Communi
     const now = shared(given[list])
     if (was.length !== now.length) throw differ(`the number of ${list} regions`, was.length, now.length)
     now.forEach((region, i) => {
+      if (form(region) !== form(was[i])) throw differ(`${list}[${i}]'s form`, form(was[i]), form(region))
       if (region.bytes !== was[i].bytes) throw differ(`${list}[${i}].bytes`, was[i].bytes, region.bytes)
     })
   }

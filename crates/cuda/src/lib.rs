@@ -37,6 +37,7 @@ mod kernel;
 mod library;
 mod memory;
 mod pointer;
+mod remap;
 mod sharing;
 mod stream;
 mod sys;

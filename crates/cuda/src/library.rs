@@ -72,6 +72,11 @@ unsafe fn load_sharing(lib: &Library, s: &str) -> Result<SharingApi, LoadError> 
             mem_import_from_shareable_handle: symbol(lib, s, &["cuMemImportFromShareableHandle"])?,
             mem_create: symbol(lib, s, &["cuMemCreate"])?,
             mem_release: symbol(lib, s, &["cuMemRelease"])?,
+            mem_get_allocation_properties_from_handle: symbol(
+                lib,
+                s,
+                &["cuMemGetAllocationPropertiesFromHandle"],
+            )?,
             mem_get_allocation_granularity: symbol(lib, s, &["cuMemGetAllocationGranularity"])?,
             mem_address_reserve: symbol(lib, s, &["cuMemAddressReserve"])?,
             mem_address_free: symbol(lib, s, &["cuMemAddressFree"])?,

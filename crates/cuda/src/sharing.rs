@@ -95,8 +95,8 @@ impl Cuda {
 /// A virtual-memory allocation handle (`CUmemGenericAllocationHandle`), released on drop
 /// (the memory lives on while it is mapped anywhere).
 pub struct Allocation {
-    cuda: &'static Cuda,
-    handle: MemHandle,
+    pub(crate) cuda: &'static Cuda,
+    pub(crate) handle: MemHandle,
 }
 
 impl std::fmt::Debug for Allocation {
@@ -177,9 +177,12 @@ unsafe impl Sync for IpcMapping {}
 /// Allocations mapped one after the other into a reserved range of this process's
 /// address space, readable and writable by one GPU; unmapped and freed on drop.
 pub struct Mapping {
-    gpu: Arc<Gpu>,
-    ptr: DevicePtr,
-    len: usize,
+    pub(crate) gpu: Arc<Gpu>,
+    pub(crate) ptr: DevicePtr,
+    pub(crate) len: usize,
+    /// What is mapped in the range now: (offset, bytes) of each `cuMemMap`, in address
+    /// order (`remap` replaces them; each is unmapped whole, as the driver requires).
+    pub(crate) chunks: std::sync::Mutex<Vec<(usize, usize)>>,
 }
 
 impl Mapping {
@@ -200,10 +203,13 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         let _current = self.gpu.scoped();
         if let Ok(api) = self.gpu.cuda.sharing() {
-            // SAFETY: the range was reserved and mapped by map_allocations, undone once;
-            // its users synchronized their streams before dropping it.
+            let chunks = std::mem::take(self.chunks.get_mut().unwrap_or_else(|p| p.into_inner()));
+            // SAFETY: each chunk was mapped by map_allocations or remap in the range they
+            // reserved, undone once; its users synchronized their streams before dropping it.
             unsafe {
-                (api.mem_unmap)(self.ptr, self.len);
+                for (offset, bytes) in chunks {
+                    (api.mem_unmap)(self.ptr + offset as u64, bytes);
+                }
                 (api.mem_address_free)(self.ptr, self.len);
             }
         }
@@ -256,7 +262,7 @@ impl ShareableBuffer {
     }
 }
 
-fn device_prop(ordinal: u32, handle_types: c_int) -> MemAllocationProp {
+pub(crate) fn device_prop(ordinal: u32, handle_types: c_int) -> MemAllocationProp {
     MemAllocationProp {
         kind: CU_MEM_ALLOCATION_TYPE_PINNED,
         requested_handle_types: handle_types,
@@ -408,6 +414,7 @@ impl Gpu {
             gpu: Arc::clone(self),
             ptr,
             len: 0,
+            chunks: std::sync::Mutex::new(Vec::with_capacity(pieces.len())),
         };
         let mut at = 0usize;
         for &(allocation, size) in pieces {
@@ -428,6 +435,11 @@ impl Gpu {
                 std::mem::forget(mapping);
                 return Err(e);
             }
+            mapping
+                .chunks
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((at, size));
             at += size;
         }
         mapping.len = len;

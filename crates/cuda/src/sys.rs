@@ -149,6 +149,8 @@ pub(crate) struct SharingApi {
         c_ulonglong,
     ) -> CUresult,
     pub mem_release: unsafe extern "C" fn(MemHandle) -> CUresult,
+    pub mem_get_allocation_properties_from_handle:
+        unsafe extern "C" fn(*mut MemAllocationProp, MemHandle) -> CUresult,
     pub mem_get_allocation_granularity:
         unsafe extern "C" fn(*mut usize, *const MemAllocationProp, c_int) -> CUresult,
     pub mem_address_reserve:

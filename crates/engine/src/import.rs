@@ -10,14 +10,18 @@
 //! the region table, so no transport thread can outlive them.
 
 use crate::error::{Error, Result};
-use kvtransfer_cuda::{Cuda, Gpu, IpcMapping, Mapping, IPC_HANDLE_BYTES};
+use device_swap::{Filler, VmmImport};
+use kvtransfer_cuda::{Cuda, Gpu, IpcMapping, IPC_HANDLE_BYTES};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use swap::HostPages;
 
+mod device_swap;
 mod swap;
+
+pub(crate) use swap::ipc_refusal;
 
 /// PyTorch's record around a CUDA IPC handle (`_share_cuda_()`): a version byte, a type
 /// byte, then the handle.
@@ -83,7 +87,8 @@ pub fn parse_cuda_ipc_handle(name: &'static str, bytes: &[u8]) -> Result<[u8; IP
 enum Keep {
     Host(#[expect(dead_code, reason = "held only to keep the pages mapped")] memmap2::MmapRaw),
     Ipc(#[expect(dead_code, reason = "held only to keep the handle open")] Arc<IpcMapping>),
-    Vmm(#[expect(dead_code, reason = "held only to keep the allocations mapped")] Mapping),
+    /// cuMem imports: their mapping lives in `ImportedMemory::vmm` (swapped in place).
+    Vmm,
 }
 
 /// A region of another process's memory, mapped into this one until dropped.
@@ -95,11 +100,11 @@ pub struct ImportedMemory {
     /// from a handle cannot be exported again; a transport that shares it (NVLink) passes
     /// this handle on instead.
     ipc: Option<([u8; IPC_HANDLE_BYTES], u64)>,
-    /// A cuMem import: each segment's base here and the owner's descriptor for it. An
-    /// imported allocation cannot be exported again; a transport that shares it (NVLink)
-    /// passes a duplicate of the owner's descriptor on instead.
-    segments: Vec<(u64, OwnedFd)>,
-    segment_bytes: u64,
+    /// A cuMem import: its reserved range, what is mapped there (each segment's base here
+    /// and the owner's descriptor for it: an imported allocation cannot be exported
+    /// again; a transport that shares it (NVLink) passes a duplicate of the owner's
+    /// descriptor on instead), swapped in place at a warm re-attach.
+    vmm: Option<VmmImport>,
     /// A host import: the page-aligned range its mapping covers (what [`swap`] replaces).
     host_pages: Option<HostPages>,
     _keep: Keep,
@@ -143,10 +148,13 @@ impl ImportedMemory {
     /// The cuMem segment that holds address `at` here, when this region was imported from
     /// cuMem descriptors: its base here, its size, and a duplicate of the owner's descriptor.
     pub(crate) fn segment_at(&self, at: u64) -> Option<(u64, u64, std::io::Result<OwnedFd>)> {
-        self.segments
-            .iter()
-            .find(|&&(base, _)| base <= at && at - base < self.segment_bytes)
-            .map(|(base, fd)| (*base, self.segment_bytes, fd.try_clone()))
+        self.vmm.as_ref()?.segment_at(at)
+    }
+
+    /// Whether this region was imported from a legacy CUDA IPC handle (mapped where the
+    /// driver chooses, so it cannot be swapped in place).
+    pub(crate) fn is_ipc(&self) -> bool {
+        self.ipc.is_some()
     }
 }
 
@@ -156,6 +164,9 @@ pub struct Importer {
     gpu_idx: u32,
     gpu: Option<Arc<Gpu>>,
     opened: HashMap<[u8; IPC_HANDLE_BYTES], Arc<IpcMapping>>,
+    /// The one allocation that parked cuMem imports map at every granule, made at the
+    /// first park.
+    filler: Arc<Filler>,
 }
 
 impl Importer {
@@ -165,6 +176,7 @@ impl Importer {
             gpu_idx,
             gpu: None,
             opened: HashMap::new(),
+            filler: Arc::default(),
         }
     }
 
@@ -219,8 +231,7 @@ impl Importer {
                     bytes: spec.bytes,
                     host: true,
                     ipc: None,
-                    segments: Vec::new(),
-                    segment_bytes: 0,
+                    vmm: None,
                     host_pages: Some(HostPages {
                         base: map.as_mut_ptr() as u64 - slack,
                         len: len + slack as usize,
@@ -255,8 +266,7 @@ impl Importer {
                     bytes: spec.bytes,
                     host: false,
                     ipc: Some((handle, mapping.ptr())),
-                    segments: Vec::new(),
-                    segment_bytes: 0,
+                    vmm: None,
                     host_pages: None,
                     _keep: Keep::Ipc(mapping),
                 })
@@ -289,20 +299,25 @@ impl Importer {
                         format!("region {index}: the segments cannot be mapped as {} × {segment_bytes} bytes ({} {}): is segmentBytes each allocation's size?", fds.len(), e.op, e.name),
                     )
                 })?;
-                let segments = fds
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, fd)| (mapping.ptr() + i as u64 * segment_bytes, fd))
-                    .collect();
+                let device = allocations[0].device_ordinal().ok().flatten();
+                let address = mapping.ptr() + spec.offset;
+                let vmm = VmmImport::new(
+                    gpu,
+                    mapping,
+                    spec.offset,
+                    device,
+                    fds,
+                    segment_bytes,
+                    Arc::clone(&self.filler),
+                );
                 Ok(ImportedMemory {
-                    address: mapping.ptr() + spec.offset,
+                    address,
                     bytes: spec.bytes,
                     host: false,
                     ipc: None,
-                    segments,
-                    segment_bytes,
+                    vmm: Some(vmm),
                     host_pages: None,
-                    _keep: Keep::Vmm(mapping),
+                    _keep: Keep::Vmm,
                 })
             }
         }

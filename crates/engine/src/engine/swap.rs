@@ -1,9 +1,10 @@
-//! Warm re-attach (the sidecar): the memory under this engine's imported host regions is
-//! parked while no worker owns it and swapped for a restarted worker's, at the same
-//! addresses, so the engine's links and peers stay as they are. A transport whose NIC
-//! translated the old pages follows (`Transport::follow_pages`: RDMA registers the regions
-//! again); its writers then take the new keys (`region_keys` here, `rekey` on their side)
-//! before their fences are lifted.
+//! Warm re-attach (the sidecar): the memory under this engine's imported regions (host
+//! descriptors, cuMem GPU descriptors) is parked while no worker owns it and swapped for a
+//! restarted worker's, at the same addresses, so the engine's links and peers stay as they
+//! are. A transport whose peers translated the old memory follows
+//! (`Transport::follow_pages`: RDMA registers the regions again; NVLink has its writers
+//! drop their mappings and hands them the new descriptors); its writers then take what
+//! they need (`region_keys` here, `rekey` on their side) before their fences are lifted.
 
 use super::Engine;
 use crate::error::{Error, Result};
@@ -13,41 +14,47 @@ use std::sync::atomic::Ordering;
 
 impl Engine {
     /// Why this engine's region memory cannot be swapped (`ERR_UNSUPPORTED`): a region
-    /// that was not imported as host memory, or a transport whose peers hold translations
-    /// of the pages that it cannot renew (NVLink's mappings). `None`: it can.
+    /// that was not imported (host memory or cuMem descriptors), one imported from a
+    /// legacy CUDA IPC handle (mapped where the driver chooses), or a transport that
+    /// cannot follow (RDMA over GPU regions). `None`: it can.
     pub fn swap_refusal(&self) -> Option<Error> {
         let imports = self.inner.table.imports();
         let regions = self.inner.table.regions().len();
-        if imports.len() != regions || imports.iter().any(|i| !i.is_host()) {
+        if imports.len() != regions {
             return Some(Error::Unsupported {
                 what: "a warm re-attach",
                 reason: format!(
-                    "here: {} of {regions} regions are imported host memory; every region must be shared as a host-memory descriptor (fd)",
-                    imports.iter().filter(|i| i.is_host()).count()
+                    "here: {} of {regions} regions are imported; every region must be shared with the sidecar (a host-memory descriptor, or cuMem descriptors for GPU memory)",
+                    imports.len()
                 ),
             });
         }
+        let ipc = imports.iter().filter(|i| i.is_ipc()).count();
+        if ipc > 0 {
+            return Some(crate::import::ipc_refusal(&format!(
+                "{ipc} of {regions} regions"
+            )));
+        }
+        let device = imports.iter().any(|i| !i.is_host());
         let refusals: Vec<String> = self
             .inner
             .transports
             .iter()
-            .filter_map(|t| t.swap_refusal())
+            .filter_map(|t| t.swap_refusal(device))
             .collect();
         if refusals.is_empty() {
             return None;
         }
         Some(Error::Unsupported {
             what: "a warm re-attach",
-            reason: format!(
-                "{} (use transport 'tcp' or 'rdma' for warm re-attach)",
-                refusals.join("; ")
-            ),
+            reason: refusals.join("; "),
         })
     }
 
-    /// Parks every imported region on private anonymous pages (zeros) at the same
-    /// address: the owner's memory is released, and nothing lands in it any more (a
-    /// transport's registrations of the old pages are released first).
+    /// Parks every imported region at the same address (host: private anonymous pages;
+    /// cuMem: one filler granule mapped all over): the owner's memory is released, and
+    /// nothing lands in it any more (a transport's registrations or peers' mappings of the
+    /// old memory are released first).
     pub fn park_imports(&self) -> Result<()> {
         if let Some(refusal) = self.swap_refusal() {
             return Err(refusal);

@@ -3,7 +3,9 @@
 //! reads) keeps its addresses. The new pages replace the old with one `mmap(MAP_FIXED)`,
 //! atomically for every thread: a store before it lands in the old pages, a store after
 //! it in the new ones. While no worker owns the region, it is parked on private anonymous
-//! pages, so nothing can land in the memory of a worker that is gone.
+//! pages, so nothing can land in the memory of a worker that is gone. cuMem (VMM) GPU
+//! imports swap what is mapped under their reserved range instead (`device_swap.rs`);
+//! legacy CUDA IPC imports cannot (the driver maps a handle where it chooses).
 
 use super::{ImportSource, ImportSpec, ImportedMemory};
 use crate::error::{Error, Result};
@@ -21,7 +23,13 @@ pub(super) struct HostPages {
 }
 
 /// A region's new memory, checked: mapped by [`ImportedMemory::swap`].
-pub(crate) struct CheckedSwap {
+pub(crate) enum CheckedSwap {
+    Host(HostSwap),
+    Device(super::device_swap::DeviceSwap),
+}
+
+/// A host region's new descriptor, checked.
+pub(crate) struct HostSwap {
     name: &'static str,
     index: usize,
     file: std::fs::File,
@@ -36,25 +44,27 @@ pub(super) fn page_size() -> u64 {
 }
 
 impl ImportedMemory {
-    /// The pages of a host import; `Unsupported` for GPU memory (its mapping belongs to
-    /// the driver, and a transport may have shared it onwards).
+    /// The pages of a host import; `Unsupported` for a legacy CUDA IPC import (the driver
+    /// maps a handle at an address of its choosing, so it cannot be swapped in place).
     fn host_pages(&self, name: &'static str, index: usize) -> Result<HostPages> {
-        self.host_pages.ok_or_else(|| Error::Unsupported {
-            what: "a warm re-attach",
-            reason: format!(
-                "for GPU memory ({name} region {index}): only regions shared as a host-memory descriptor can be swapped; attach anew instead"
-            ),
-        })
+        self.host_pages
+            .ok_or_else(|| ipc_refusal(&format!("{name} region {index}")))
     }
 
-    /// Checks `spec` as this region's new memory (a host descriptor: same length, same
-    /// offset within its page, inside its object) without mapping anything.
+    /// Checks `spec` as this region's new memory without mapping anything: a host
+    /// descriptor (same length, same offset within its page, inside its object), or cuMem
+    /// descriptors for a cuMem import (`device_swap.rs`).
     pub(crate) fn check_swap(
         &self,
         name: &'static str,
         index: usize,
         spec: ImportSpec,
     ) -> Result<CheckedSwap> {
+        if let Some(vmm) = &self.vmm {
+            return vmm
+                .check_swap(name, index, self.bytes, spec)
+                .map(CheckedSwap::Device);
+        }
         let pages = self.host_pages(name, index)?;
         let ImportSource::HostFd(fd) = spec.source else {
             return Err(Error::invalid(
@@ -101,16 +111,26 @@ impl ImportedMemory {
                 format!("region {index}: offset {} is too large", spec.offset),
             )
         })?;
-        Ok(CheckedSwap {
+        Ok(CheckedSwap::Host(HostSwap {
             name,
             index,
             file,
             file_offset,
-        })
+        }))
     }
 
-    /// Maps a checked swap over this region's pages, at the same address.
+    /// Maps a checked swap under this region, at the same address.
     pub(crate) fn swap(&self, checked: CheckedSwap) -> Result<()> {
+        let checked = match (checked, &self.vmm) {
+            (CheckedSwap::Device(checked), Some(vmm)) => return vmm.swap(checked),
+            (CheckedSwap::Host(checked), None) => checked,
+            (CheckedSwap::Device(checked), None) => {
+                return Err(Error::invalid(checked.name(), "not a GPU region"))
+            }
+            (CheckedSwap::Host(checked), Some(_)) => {
+                return Err(Error::invalid(checked.name, "not a host region"))
+            }
+        };
         let Some(pages) = self.host_pages else {
             return Err(Error::invalid(checked.name, "not a host region"));
         };
@@ -144,13 +164,14 @@ impl ImportedMemory {
 
     /// Replaces this host region's pages with private anonymous ones (zeros), at the same
     /// address: the owner's memory is released, and a late store lands nowhere it could
-    /// be seen. GPU imports are left as they are (`Unsupported`).
+    /// be seen. A cuMem import maps one filler granule all over its range instead; a legacy
+    /// CUDA IPC import is left as it is (`Unsupported`).
     pub(crate) fn park(&self) -> Result<()> {
+        if let Some(vmm) = &self.vmm {
+            return vmm.park();
+        }
         let Some(pages) = self.host_pages else {
-            return Err(Error::Unsupported {
-                what: "parking a region",
-                reason: "for GPU memory".to_string(),
-            });
+            return Err(ipc_refusal("a region"));
         };
         // SAFETY: as in `swap`: our own mapping's exact range, replaced in place.
         let mapped = unsafe {
@@ -172,5 +193,38 @@ impl ImportedMemory {
             });
         }
         Ok(())
+    }
+}
+
+/// Why a region imported from a legacy CUDA IPC handle (`what`) cannot be parked or
+/// swapped, and what to do instead.
+pub(crate) fn ipc_refusal(what: &str) -> Error {
+    Error::Unsupported {
+        what: "a warm re-attach",
+        reason: format!(
+            "for {what}: it was shared as a legacy CUDA IPC handle, which the driver maps only at an address of its choosing, so its memory cannot be swapped in place; share the cache as cuMem descriptors (cudaVmmFds; PyTorch: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) or attach anew"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ipc_refusal;
+
+    #[test]
+    fn a_legacy_ipc_region_is_refused_saying_why_and_what_to_do() {
+        let error = ipc_refusal("localKeyCache region 3");
+        assert_eq!(error.code(), "ERR_UNSUPPORTED");
+        let text = error.to_string();
+        for needle in [
+            "localKeyCache region 3",
+            "legacy CUDA IPC handle",
+            "an address of its choosing",
+            "cudaVmmFds",
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+            "attach anew",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
     }
 }

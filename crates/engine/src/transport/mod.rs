@@ -102,20 +102,24 @@ pub(crate) trait Transport: Send + Sync {
     /// What this side uses (a summary and typed details) and why `auto` takes it: the
     /// engine's decision sentences and every report are built from it.
     fn explain(&self) -> Explanation;
-    /// Why the memory under this side's imported host regions cannot be swapped while its
-    /// links live (a NIC or GPU holds a translation of the old pages), or `None` when this
-    /// transport reads every address from the region table at each copy, so a swap at the
-    /// same address is followed at once (`Engine::swap_imports`).
-    fn swap_refusal(&self) -> Option<String> {
+    /// Why the memory under this side's imported regions cannot be swapped while its
+    /// links live (a NIC or GPU holds a translation of the old memory that this transport
+    /// cannot renew), or `None` when it follows a swap at the same address
+    /// (`Engine::swap_imports`): TCP reads every address from the region table at each
+    /// copy; RDMA registers host pages again; NVLink hands its writers the new
+    /// descriptors. `device`: some regions are GPU memory.
+    fn swap_refusal(&self, _device: bool) -> Option<String> {
         Some(format!(
-            "on {}: its peers hold translations of the old pages",
+            "on {}: its peers hold translations of the old memory",
             self.kind().label()
         ))
     }
-    /// Follows a park (`parked`) or a swap of the memory under this side's imported host
-    /// regions (`Engine::park_imports`, `swap_imports`), for a transport whose NIC holds a
-    /// translation of the pages: parked, it releases it; swapped, it translates the new
-    /// pages (the writers then need [`Transport::region_keys`]). Others have nothing to do.
+    /// Follows a park (`parked`) or a swap of the memory under this side's imported
+    /// regions (`Engine::park_imports`, `swap_imports`), for a transport whose NIC or
+    /// peers hold a translation of it: parked, it releases it (NVLink: its writers drop
+    /// their mappings); swapped, it translates the new memory (RDMA: registers it; NVLink:
+    /// sends its writers the new memory table and descriptors), and the writers then need
+    /// [`Transport::region_keys`]. Others have nothing to do.
     fn follow_pages(&self, _parked: bool) -> Result<()> {
         Ok(())
     }

@@ -26,8 +26,10 @@ pub const DESCRIPTOR_MAGIC: [u8; 4] = *b"KVTX";
 /// carry their kind, and acked calls are answered (`transport/nvlink/message.rs`); 9: an RDMA
 /// checksummed notice carries the call's landing (`landing.rs`) and may span several ring
 /// slots (`transport/rdma/notice.rs`); 10: the NVLink side channel's notices carry their
-/// length and a checksummed call's landing (`transport/nvlink/message.rs`).
-pub const PROTOCOL_VERSION: u16 = 10;
+/// length and a checksummed call's landing (`transport/nvlink/message.rs`); 11: the NVLink
+/// side channel carries the acceptor's warm re-attach (release, a new memory table and its
+/// descriptors; `transport/nvlink/message.rs`).
+pub const PROTOCOL_VERSION: u16 = 11;
 /// Largest descriptor accepted (regions of MAX_LAYERS × 2 plus QPs fit well within it).
 pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024;
 /// Endpoints one descriptor may offer (one per transport kind).

@@ -14,6 +14,10 @@
 //!
 //! Up to [`SLOTS`] jobs are in flight (one descriptor table and event each), so layer-wise
 //! calls pipeline; a further submit waits for the oldest.
+//!
+//! The acceptor's warm re-attach reaches the link over the side channel (`reopen.rs`): at
+//! its park the link drops its mappings (writes fail `ERR_FENCED` meanwhile), and after
+//! its swap it opens the new memory table, which [`Link::rekey`] waits for.
 
 use super::memory::Imports;
 use super::message::Message;
@@ -32,6 +36,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+
+mod reopen;
 
 /// Jobs in flight per link at most.
 pub(crate) const SLOTS: usize = 8;
@@ -66,6 +72,9 @@ struct Pending {
 struct Submitter {
     copies: CopyQueue,
     free: Vec<Slot>,
+    /// The acceptor's regions as mapped here, per region; `None` while its memory is
+    /// parked (warm re-attach): calls then fail unsent.
+    bases: Option<Arc<[u64]>>,
 }
 
 #[derive(Default)]
@@ -79,7 +88,8 @@ struct Shared {
     peer: String,
     table: Arc<RegionTable>,
     gpu: Arc<Gpu>,
-    bases: Arc<[u64]>,
+    /// The acceptor runs in this process (its addresses are used as they are).
+    same_process: bool,
     /// The CRC-32C kernel of `gpu`, loaded for the first checksummed call.
     crc: Arc<CrcKernel>,
     submitter: Mutex<Submitter>,
@@ -96,6 +106,10 @@ struct Shared {
     next_seq: AtomicU64,
     /// Told when the link breaks on its own (the peer's process went away, a copy failed).
     on_break: BreakHook,
+    /// The number of the last memory table opened after a warm re-attach of the acceptor
+    /// (0: the handshake's), which `rekey` waits for.
+    reopened: Mutex<u64>,
+    reopened_changed: Condvar,
 }
 
 pub(crate) struct NvlinkLink {
@@ -133,10 +147,14 @@ impl NvlinkLink {
         let shared = Arc::new(Shared {
             peer: peer.to_string(),
             table,
+            same_process: imports.same_process,
             gpu,
-            bases: Arc::clone(&imports.bases),
             crc,
-            submitter: Mutex::new(Submitter { copies, free }),
+            submitter: Mutex::new(Submitter {
+                copies,
+                free,
+                bases: Some(Arc::clone(&imports.bases)),
+            }),
             slot_freed: Condvar::new(),
             queue: Mutex::new(Queue::default()),
             queue_changed: Condvar::new(),
@@ -147,6 +165,8 @@ impl NvlinkLink {
             awaiting: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(0),
             on_break,
+            reopened: Mutex::new(0),
+            reopened_changed: Condvar::new(),
         });
         let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -192,8 +212,10 @@ impl Shared {
         if first && !replace && !self.closing.load(Ordering::SeqCst) {
             (self.on_break)(&error);
         }
-        // Submitters waiting for a slot see the failure.
+        // Submitters waiting for a slot, and `rekey` waiting for a table, see the failure.
         self.slot_freed.notify_all();
+        drop(lock(&self.reopened));
+        self.reopened_changed.notify_all();
         // No answer can come any more.
         let failure = self.failure().unwrap_or(error);
         let waiting: Vec<Done> = lock(&self.awaiting).drain().map(|(_, done)| done).collect();
@@ -327,22 +349,31 @@ fn complete_loop(shared: &Shared) {
     }
 }
 
-/// Reads the side channel until it ends: after its table the acceptor sends only answers
-/// to acked jobs, so the end (or an error, or a message that is no answer) means its
-/// process is gone (or it closed the connection).
+/// Reads the side channel until it ends: after its table the acceptor sends answers to
+/// acked jobs and, at a warm re-attach, `Release` and a new `Table`; the end (or an error,
+/// or another message) means its process is gone (or it closed the connection).
 fn watch(shared: &Shared, socket: UnixStream) {
-    while let Ok(Some((bytes, _))) = socket::receive(&socket) {
+    let ended = loop {
+        let Ok(Some((bytes, _))) = socket::receive(&socket) else {
+            break None;
+        };
         match Message::decode(&bytes) {
             Some(Message::Answer { seq }) => shared.answered(seq),
+            Some(Message::Release) => shared.park(),
+            Some(Message::Table { generation, table }) => {
+                if let Err(error) = shared.reopen(&socket, generation, table) {
+                    break Some(error);
+                }
+            }
             _ => {
                 crate::log::debug!(
                     "nvlink to {}: a side-channel message that is no answer",
                     shared.peer
                 );
-                break;
+                break None;
             }
         }
-    }
+    };
     if shared.closing.load(Ordering::SeqCst) {
         return;
     }
@@ -351,12 +382,13 @@ fn watch(shared: &Shared, socket: UnixStream) {
         shared.peer
     );
     shared.break_with(
-        Error::PeerDisconnected {
+        ended.unwrap_or_else(|| Error::PeerDisconnected {
             peer: shared.peer.clone(),
             reason: "the peer's process closed the NVLink side channel (it exited or closed its communicator); its memory is no longer written".into(),
-        },
+        }),
         false,
     );
+    let _ = socket.shutdown(std::net::Shutdown::Both);
     shared.release_imports();
 }
 
@@ -368,6 +400,10 @@ impl Link for NvlinkLink {
             if let Some(error) = shared.failure() {
                 drop(submitter);
                 return fail(job.done, error);
+            }
+            if submitter.bases.is_none() {
+                drop(submitter);
+                return fail(job.done, reopen::parked(&shared.peer));
             }
             if let Some(slot) = submitter.free.pop() {
                 break slot;
@@ -385,6 +421,7 @@ impl Link for NvlinkLink {
         let summed = job.plan.notice.as_deref().is_some_and(notice_has_checksum);
         let submitted = (|| {
             let _current = shared.gpu.scoped()?;
+            let bases = Arc::clone(submitter.bases.as_ref().expect("checked above"));
             let copies = &mut submitter.copies;
             let table = &shared.table;
             let kinds = table.layout.kinds();
@@ -399,13 +436,12 @@ impl Link for NvlinkLink {
                     let region = (job.plan.layer * kinds + kind) as usize;
                     let k = kind as usize;
                     places.local[k] = table.regions()[region].addr;
-                    places.remote[k] = shared.bases[region];
+                    places.remote[k] = bases[region];
                     places.block_bytes[k] = table.layout.kind_block_bytes(kind);
                 }
                 // SAFETY: the copy contract above.
                 unsafe { copies.launch_runs(&mut slot.desc, &job.plan.runs, kinds, &places) }?;
             } else {
-                let bases = &shared.bases;
                 for_each_copy(
                     table,
                     &job.plan.shard,
@@ -501,6 +537,14 @@ impl Link for NvlinkLink {
 
     fn kind(&self) -> TransportKind {
         TransportKind::Nvlink
+    }
+
+    /// `keys`: the number of the acceptor's memory table after its warm re-attach (its
+    /// `region_keys`); returns once this link opened that table (1), or fails typed: the
+    /// link broke (it could not open it, or the acceptor went away), or it did not come in
+    /// time (the link then breaks, and the writer connects again).
+    fn rekey(&self, keys: &[u8]) -> crate::error::Result<usize> {
+        self.shared.wait_reopened(keys)
     }
 
     fn receiver_checks(&self) -> crate::transport::ReceiverChecks {

@@ -291,6 +291,8 @@ impl Exports {
 /// every copy into them).
 pub(crate) struct Imports {
     pub bases: Arc<[u64]>,
+    /// The acceptor runs in this process (its addresses are used as they are).
+    pub same_process: bool,
     // Field order: mappings are unmapped before the allocations are released.
     _mappings: Vec<Mapping>,
     _allocations: Vec<Allocation>,
@@ -309,6 +311,7 @@ impl Imports {
     ) -> Result<Imports> {
         let mut imports = Imports {
             bases: Arc::from(Vec::new()),
+            same_process,
             _mappings: Vec::new(),
             _allocations: Vec::new(),
             _ipc: Vec::new(),

@@ -5,6 +5,12 @@
 //! its landing (`wire::Landing`: where its bytes are in the acceptor's memory, which the
 //! acceptor sums before it reports the arrival). Each is one `socket` message whose first
 //! byte says which it is.
+//!
+//! A warm re-attach of the acceptor (its worker restarted, `Transport::follow_pages`) adds
+//! two messages from the acceptor: `Release` when it parks (the writer drops its mappings
+//! of the old memory), and `Table` when it swapped in new memory (the new memory table,
+//! numbered; its descriptors follow in `Fds` messages, as `SCM_RIGHTS`, like the first
+//! table's), which the writer opens before its fence is lifted.
 
 /// Longest landing a message carries (a checksummed call of more runs is refused, typed,
 /// before anything is sent: `ReceiverChecks::landing_limit`).
@@ -13,6 +19,9 @@ pub(crate) const MAX_LANDING_BYTES: usize = 1 << 20;
 const NOTICE: u8 = 1;
 const ACKED: u8 = 2;
 const ANSWER: u8 = 3;
+const RELEASE: u8 = 4;
+const TABLE: u8 = 5;
+const FDS: u8 = 6;
 
 /// One side-channel message (borrowing the notice and landing bytes it carries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,11 +38,20 @@ pub(crate) enum Message<'a> {
     },
     /// The acceptor took call `seq` (and handed its notice to its arrival sink).
     Answer { seq: u64 },
+    /// The acceptor parked its memory (warm re-attach): the writer drops its mappings of
+    /// it, and writes fail until a `Table` came.
+    Release,
+    /// The acceptor's new memory after a warm re-attach: its encoded `MemoryTable`, the
+    /// `generation`-th since the transport opened (what `Transport::region_keys` names).
+    Table { generation: u64, table: &'a [u8] },
+    /// `count` descriptors of the last `Table` ride with this message.
+    Fds { count: u32 },
 }
 
 impl Message<'_> {
     /// Wire form: the kind byte, then NOTICE: notice length u16, notice, landing (the rest);
-    /// ACKED: seq u64, notice length u16 (0: none), notice, landing; ANSWER: seq u64.
+    /// ACKED: seq u64, notice length u16 (0: none), notice, landing; ANSWER: seq u64;
+    /// RELEASE: nothing; TABLE: generation u64, table (the rest); FDS: count u32.
     pub(crate) fn encode(&self) -> Vec<u8> {
         let with = |head: &[u8], notice: &[u8], landing: &[u8]| {
             let len = u16::try_from(notice.len()).expect("a notice is at most 275 bytes");
@@ -51,6 +69,11 @@ impl Message<'_> {
                 landing,
             ),
             Message::Answer { seq } => [&[ANSWER][..], &seq.to_le_bytes()].concat(),
+            Message::Release => vec![RELEASE],
+            Message::Table { generation, table } => {
+                [&[TABLE][..], &generation.to_le_bytes(), table].concat()
+            }
+            Message::Fds { count } => [&[FDS][..], &count.to_le_bytes()].concat(),
         }
     }
 
@@ -73,6 +96,14 @@ impl Message<'_> {
                 })
             }
             ANSWER if rest.len() == 8 => Some(Message::Answer { seq: seq(rest)? }),
+            RELEASE if rest.is_empty() => Some(Message::Release),
+            TABLE => Some(Message::Table {
+                generation: seq(rest)?,
+                table: rest.get(8..)?,
+            }),
+            FDS if rest.len() == 4 => Some(Message::Fds {
+                count: u32::from_le_bytes(rest.try_into().ok()?),
+            }),
             _ => None,
         }
     }
@@ -118,6 +149,16 @@ mod tests {
                 landing: &[],
             },
             Message::Answer { seq: 42 },
+            Message::Release,
+            Message::Table {
+                generation: 3,
+                table: &landing,
+            },
+            Message::Table {
+                generation: 1,
+                table: &[],
+            },
+            Message::Fds { count: 17 },
         ] {
             assert_eq!(Message::decode(&message.encode()), Some(message));
         }
@@ -135,5 +176,9 @@ mod tests {
             "notice past the end"
         );
         assert_eq!(Message::decode(&[3; 10]), None, "trailing bytes");
+        assert_eq!(Message::decode(&[4, 0]), None, "a release with a body");
+        assert_eq!(Message::decode(&[5, 1, 2, 3]), None, "truncated generation");
+        assert_eq!(Message::decode(&[6, 1, 0, 0]), None, "truncated count");
+        assert_eq!(Message::decode(&[6, 1, 0, 0, 0, 0]), None, "trailing bytes");
     }
 }

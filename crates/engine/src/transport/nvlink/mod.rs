@@ -34,11 +34,11 @@ use crate::transport::ArrivalSink;
 use endpoint::{host_identity, network_namespace, process_token, uuid_text};
 use kvtransfer_cuda::Gpu;
 use link::NvlinkLink;
-use memory::{Exports, Imports, MemoryTable};
+use memory::{Imports, MemoryTable};
 use server::NvlinkServer;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// What the NVLink transport uses on this side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,9 +69,6 @@ pub(crate) struct NvlinkTransport {
     /// The CRC-32C kernel of `gpu` (checksummed calls: the writer's sums and the
     /// receiver's), loaded on first use.
     crc: Arc<CrcKernel>,
-    /// This side's regions as shared with writers; made on first use (only acceptors
-    /// need it), or why they cannot be shared.
-    exports: OnceLock<std::result::Result<Arc<Exports>, String>>,
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
@@ -127,15 +124,7 @@ impl NvlinkTransport {
             reachable,
             server,
             crc,
-            exports: OnceLock::new(),
         })
-    }
-
-    fn exports(&self) -> std::result::Result<&Arc<Exports>, String> {
-        self.exports
-            .get_or_init(|| Exports::of(&self.table).map(Arc::new))
-            .as_ref()
-            .map_err(Clone::clone)
     }
 
     fn endpoint(&self, gpus: Vec<[u8; 16]>, socket: String, session: u64) -> NvlinkEndpoint {
@@ -175,7 +164,7 @@ impl Transport for NvlinkTransport {
         if theirs.netns != network_namespace() {
             return Err("the peer runs in another network namespace, so it cannot reach this side's abstract Unix socket".into());
         }
-        let exports = self.exports()?;
+        let exports = self.server.exports()?;
         for gpu in &exports.gpus {
             if !theirs.gpus.contains(gpu) {
                 return Err(format!(
@@ -189,8 +178,8 @@ impl Transport for NvlinkTransport {
     }
 
     fn accept(&self, peer: AcceptingPeer<'_>, _theirs: &[u8]) -> Result<Vec<u8>> {
-        let exports = Arc::clone(self.exports().map_err(unavailable)?);
-        let session = self.server.admit(peer.name, Arc::clone(&exports));
+        let exports = self.server.exports().map_err(unavailable)?;
+        let session = self.server.admit(peer.name);
         Ok(self
             .endpoint(
                 exports.gpus.clone(),
@@ -278,6 +267,20 @@ impl Transport for NvlinkTransport {
     }
 
     fn forget(&self, _peer_key: &str) {}
+
+    /// Follows a swap of cuMem imports: writers drop their mappings at the park and are
+    /// handed the new table and descriptors after the swap (`server::follow`).
+    fn swap_refusal(&self, _device: bool) -> Option<String> {
+        None
+    }
+
+    fn follow_pages(&self, parked: bool) -> Result<()> {
+        self.server.follow(parked)
+    }
+
+    fn region_keys(&self) -> Option<Vec<u8>> {
+        self.server.region_keys()
+    }
 
     fn explain(&self) -> Explanation {
         let name = self.gpu.name().unwrap_or_default();

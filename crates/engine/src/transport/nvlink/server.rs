@@ -4,10 +4,16 @@
 //! answering the calls that ask for it (`message.rs`). A checksummed call's notice comes
 //! with its landing: the ranges of this side's GPU memory the call wrote, which the
 //! connection's thread sums with the CRC-32C kernel before it reports the arrival.
+//!
+//! A warm re-attach (`follow`): at a park every connected writer is told to release its
+//! mappings, and sessions not yet used are withdrawn (a connect while parked is refused);
+//! after the swap the regions are exported again and every writer gets the new table and
+//! descriptors, numbered, so its engine can tell when it has them (`region_keys`).
 
 use super::memory::Exports;
 use super::message::{Message, MAX_LANDING_BYTES};
 use super::socket::{self, MAX_FDS_PER_MESSAGE};
+use crate::error::{Error, Result};
 use crate::gpu::checksum::{CrcKernel, GpuSummer};
 use crate::layout::{MemoryKind, RegionTable};
 use crate::transport::{land, Arrival, ArrivalSink, ChecksumCheck};
@@ -26,9 +32,69 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 use crate::util::lock;
 
+/// One writer connected to the side channel.
+struct Writer {
+    peer: String,
+    stream: UnixStream,
+    /// Held while a message is sent: answers (the connection's thread) and warm re-attach
+    /// messages (the thread that swaps) never interleave.
+    send: Mutex<()>,
+}
+
+impl Writer {
+    fn send(&self, payload: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]) -> std::io::Result<()> {
+        let _one = lock(&self.send);
+        socket::send(&self.stream, payload, fds)
+    }
+
+    /// Sends `exports`: their table (`generation` 0: the first, as the handshake sends
+    /// it; else as a `Message::Table`), then their descriptors in batches.
+    fn send_exports(&self, exports: &Exports, generation: u64) -> std::io::Result<()> {
+        let _one = lock(&self.send);
+        let table = exports.table.encode();
+        if generation == 0 {
+            socket::send(&self.stream, &table, &[])?;
+        } else {
+            let message = Message::Table {
+                generation,
+                table: &table,
+            };
+            socket::send(&self.stream, &message.encode(), &[])?;
+        }
+        for batch in exports.fds.chunks(MAX_FDS_PER_MESSAGE) {
+            let fds: Vec<_> = batch.iter().map(AsFd::as_fd).collect();
+            let payload = if generation == 0 {
+                (fds.len() as u32).to_le_bytes().to_vec()
+            } else {
+                Message::Fds {
+                    count: fds.len() as u32,
+                }
+                .encode()
+            };
+            socket::send(&self.stream, &payload, &fds)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the side channel shares now.
+#[derive(Default)]
+struct Sharing {
+    /// This side's regions as shared with writers; made on first use (only acceptors need
+    /// it), or why they cannot be shared. `None` while parked or not made yet.
+    exports: Option<std::result::Result<Arc<Exports>, String>>,
+    /// Parked by a warm re-attach: nothing is shared.
+    parked: bool,
+    /// Tables sent after swaps so far.
+    generation: u64,
+    /// Writers that got the table.
+    writers: Vec<Arc<Writer>>,
+}
+
 struct Shared {
-    /// Session → (peer name, what to share with it).
-    admissions: Mutex<HashMap<u64, (String, Arc<Exports>)>>,
+    /// Session → peer name.
+    admissions: Mutex<HashMap<u64, String>>,
+    sharing: Mutex<Sharing>,
     /// Open connections (a clone of each stream, to shut it down) and their threads.
     connections: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
     closing: AtomicBool,
@@ -60,6 +126,7 @@ impl NvlinkServer {
         let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
         let shared = Arc::new(Shared {
             admissions: Mutex::new(HashMap::new()),
+            sharing: Mutex::new(Sharing::default()),
             connections: Mutex::new(Vec::new()),
             closing: AtomicBool::new(false),
             arrivals,
@@ -83,16 +150,79 @@ impl NvlinkServer {
         &self.name
     }
 
-    /// A session admitting `peer` once, to be given `exports`.
-    pub fn admit(&self, peer: &str, exports: Arc<Exports>) -> u64 {
+    /// This side's regions as shared with writers (exported on first use), or why they
+    /// cannot be (a sentence), e.g. while parked.
+    pub fn exports(&self) -> std::result::Result<Arc<Exports>, String> {
+        let mut sharing = lock(&self.shared.sharing);
+        if sharing.parked {
+            return Err("this side's memory is parked (its worker is restarting: warm re-attach); connect again once it re-attached".into());
+        }
+        sharing
+            .exports
+            .get_or_insert_with(|| Exports::of(&self.shared.table).map(Arc::new))
+            .clone()
+    }
+
+    /// A session admitting `peer` once.
+    pub fn admit(&self, peer: &str) -> u64 {
         let session = crate::util::random_u64() | 1;
-        lock(&self.shared.admissions).insert(session, (peer.to_string(), exports));
+        lock(&self.shared.admissions).insert(session, peer.to_string());
         session
     }
 
     /// Withdraws the unused admissions of `peer` (a fence cutting it off).
     pub fn withdraw(&self, peer: &str) {
-        lock(&self.shared.admissions).retain(|_, (name, _)| name != peer);
+        lock(&self.shared.admissions).retain(|_, name| name != peer);
+    }
+
+    /// Follows a warm re-attach of this side's memory. `parked`: every writer is told to
+    /// release its mappings of the old memory, and unused sessions are withdrawn. Else (the
+    /// new memory is mapped): the regions are exported again and every writer gets the new
+    /// table with its descriptors; a writer that cannot be sent them is disconnected.
+    pub fn follow(&self, parked: bool) -> Result<()> {
+        let mut sharing = lock(&self.shared.sharing);
+        if parked {
+            sharing.parked = true;
+            sharing.exports = None;
+            lock(&self.shared.admissions).clear();
+            for writer in &sharing.writers {
+                if let Err(e) = writer.send(&Message::Release.encode(), &[]) {
+                    crate::log::debug!("nvlink: telling {} to release: {e}", writer.peer);
+                }
+            }
+            return Ok(());
+        }
+        sharing.parked = false;
+        let exports = Exports::of(&self.shared.table).map(Arc::new);
+        sharing.exports = Some(exports.clone());
+        let exports = exports.map_err(|why| Error::Unsupported {
+            what: "a warm re-attach over NVLink",
+            reason: format!("the new memory cannot be shared with writers: {why}"),
+        })?;
+        sharing.generation += 1;
+        let generation = sharing.generation;
+        sharing
+            .writers
+            .retain(|writer| match writer.send_exports(&exports, generation) {
+                Ok(()) => true,
+                Err(e) => {
+                    crate::log::debug!(
+                        "nvlink: sending {} the new memory table: {e}; disconnected",
+                        writer.peer
+                    );
+                    let _ = writer.stream.shutdown(std::net::Shutdown::Both);
+                    false
+                }
+            });
+        Ok(())
+    }
+
+    /// What writers need after a swap: the number of the table sent to them (8 bytes,
+    /// little endian), which their link waits for; `None` while parked or before any swap.
+    pub fn region_keys(&self) -> Option<Vec<u8>> {
+        let sharing = lock(&self.shared.sharing);
+        (!sharing.parked && sharing.generation > 0)
+            .then(|| sharing.generation.to_le_bytes().to_vec())
     }
 
     pub fn connections(&self) -> usize {
@@ -157,14 +287,33 @@ fn serve(stream: &UnixStream, shared: &Shared) {
     else {
         return;
     };
-    let Some((peer, exports)) = lock(&shared.admissions).remove(&session) else {
+    let Some(peer) = lock(&shared.admissions).remove(&session) else {
         crate::log::debug!("nvlink: a connection presented an unknown session; closed");
         return;
     };
-    if let Err(e) = send_exports(stream, &exports) {
-        crate::log::debug!("nvlink: sending the memory table to {peer} failed: {e}");
+    let Ok(clone) = stream.try_clone() else {
         return;
-    }
+    };
+    let writer = Arc::new(Writer {
+        peer: peer.clone(),
+        stream: clone,
+        send: Mutex::new(()),
+    });
+    // The table now shared, sent under the sharing lock: a park or swap reaches this
+    // writer only after it (and a park before it withdrew the session).
+    let exports = {
+        let mut sharing = lock(&shared.sharing);
+        let Some(Ok(exports)) = sharing.exports.clone().filter(|_| !sharing.parked) else {
+            crate::log::debug!("nvlink: {peer} connected while this side is parked; closed");
+            return;
+        };
+        if let Err(e) = writer.send_exports(&exports, 0) {
+            crate::log::debug!("nvlink: sending the memory table to {peer} failed: {e}");
+            return;
+        }
+        sharing.writers.push(Arc::clone(&writer));
+        exports
+    };
     let _ = stream.set_read_timeout(None);
     crate::log::debug!(
         "nvlink: {peer} opened {} allocations ({} by descriptor)",
@@ -176,29 +325,31 @@ fn serve(stream: &UnixStream, shared: &Shared) {
     loop {
         match socket::receive(stream) {
             Ok(Some((bytes, _))) => {
-                if let Err(why) = take(stream, &peer, &bytes, shared, &mut summer) {
+                if let Err(why) = take(&writer, &bytes, shared, &mut summer) {
                     crate::log::debug!("nvlink: side channel of {peer}: {why}; connection closed");
-                    return;
+                    break;
                 }
             }
             Ok(None) => {
                 crate::log::debug!("nvlink: {peer} closed its side channel");
-                return;
+                break;
             }
             Err(e) => {
                 crate::log::debug!("nvlink: side channel of {peer}: {e}");
-                return;
+                break;
             }
         }
     }
+    lock(&shared.sharing)
+        .writers
+        .retain(|w| !Arc::ptr_eq(w, &writer));
 }
 
 /// Takes one message from `peer`: checks a checksummed call's bytes, hands its notice to
 /// the arrival sink, then answers a call that asked for it (so the writer's call resolves
 /// only after the arrival was taken).
 fn take(
-    stream: &UnixStream,
-    peer: &str,
+    writer: &Writer,
     bytes: &[u8],
     shared: &Shared,
     summer: &mut Option<GpuSummer>,
@@ -210,8 +361,9 @@ fn take(
             notice,
             landing,
         }) => (notice, landing, Some(seq)),
-        Some(Message::Answer { .. }) | None => return Err("a malformed message".into()),
+        _ => return Err("a malformed message".into()),
     };
+    let peer = writer.peer.as_str();
     if let Some(notice) = notice {
         let notice = Notice::decode(notice).map_err(|e| format!("a malformed notice: {e}"))?;
         let check = match notice.checksum {
@@ -223,17 +375,9 @@ fn take(
         }
     }
     if let Some(seq) = answer {
-        socket::send(stream, &Message::Answer { seq }.encode(), &[])
+        writer
+            .send(&Message::Answer { seq }.encode(), &[])
             .map_err(|e| format!("answering call {seq}: {e}"))?;
-    }
-    Ok(())
-}
-
-fn send_exports(stream: &UnixStream, exports: &Exports) -> std::io::Result<()> {
-    socket::send(stream, &exports.table.encode(), &[])?;
-    for batch in exports.fds.chunks(MAX_FDS_PER_MESSAGE) {
-        let fds: Vec<_> = batch.iter().map(AsFd::as_fd).collect();
-        socket::send(stream, &(fds.len() as u32).to_le_bytes(), &fds)?;
     }
     Ok(())
 }

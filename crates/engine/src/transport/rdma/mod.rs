@@ -141,8 +141,12 @@ impl Transport for RdmaTransport {
     }
 
     /// Swaps are followed by registering the regions again (`rekey.rs`).
-    fn swap_refusal(&self) -> Option<String> {
-        None
+    fn swap_refusal(&self, device: bool) -> Option<String> {
+        // GPU regions are dma-buf registrations: re-registering them after a swap is
+        // untested anywhere (no GPU in the RDMA test VM), so it is refused.
+        device.then(|| {
+            "on RDMA with GPU regions: a dma-buf registration cannot be followed to new GPU memory here (untested, so refused); use transport 'nvlink' or 'tcp' for a warm re-attach of GPU regions, or attach anew".to_string()
+        })
     }
 
     fn follow_pages(&self, parked: bool) -> Result<()> {

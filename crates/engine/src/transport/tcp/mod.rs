@@ -139,7 +139,7 @@ impl Transport for TcpTransport {
     /// Both directions take every address from the region table at each frame (the
     /// receiver resolves a frame's region and offset locally; the sender builds its iovecs
     /// at hand-off), so a swap at the same address needs nothing here.
-    fn swap_refusal(&self) -> Option<String> {
+    fn swap_refusal(&self, _device: bool) -> Option<String> {
         None
     }
 
