@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 mod gpu_support;
 mod nvlink_support;
-use gpu_support::{hex, note, permutation, require_gpu, unhex};
+use gpu_support::hex::{hex, unhex};
+use gpu_support::{note, permutation, require_gpu};
 use nvlink_support::*;
 
 const LAYERS: usize = 2;
