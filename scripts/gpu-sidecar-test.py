@@ -56,7 +56,6 @@ CASES = {
     "bf16-vmm-nvlink-warm": ("bf16", False, "nvlink", True),
     "bf16-vmm-tcp-warm": ("bf16", False, "tcp", True),
 }
-WARM_SLOT = "decode/warm"
 
 
 def block_lists():
@@ -223,7 +222,7 @@ def run_decode_warm(args):
 
     dtype, scales, _transport, _exp = CASES[args.case]
     kv, ks, vs = make_cache(torch, dtype, scales, filled=False)
-    worker = attach_worker(kvtransfer, torch_regions, args.socket, "decode", args.case, kv, ks, vs, slot=WARM_SLOT)
+    worker = attach_worker(kvtransfer, torch_regions, args.socket, "decode", args.case, kv, ks, vs, slot=f"decode/{args.case}")
     print(json.dumps({"port": worker.port, "reattached": worker.reattached, "transport": worker.transport}), flush=True)
     arrivals = worker.wait_for_arrival(f"{args.tag}-{args.round}", layers=LAYERS, timeout=120)
     torch.cuda.synchronize()

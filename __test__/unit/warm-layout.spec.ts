@@ -59,3 +59,14 @@ test('a region shared another way, or of another size, is a layout mismatch nami
     }
   }
 })
+
+test('a re-attach asking for another transport is a layout mismatch naming both', (t) => {
+  const kept = { ...options([gpu(4 << 20)], []), transport: 'nvlink' } as CommunicatorOptions
+  const given = { ...options([gpu(4 << 20)], []), transport: 'tcp' } as CommunicatorOptions
+  const error = t.throws(() => checkSameLayout('decode/tp0', kept, given), { instanceOf: KvTransferError })
+  t.is(error?.code, 'ERR_LAYOUT_MISMATCH')
+  for (const mention of ['transport', '"nvlink"', '"tcp"', 'decode/tp0']) {
+    t.true(error?.message.includes(mention), `${error?.message} should mention ${mention}`)
+  }
+  t.notThrows(() => checkSameLayout('decode/tp0', kept, { ...given, transport: 'nvlink' }))
+})

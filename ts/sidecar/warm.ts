@@ -37,6 +37,7 @@ export const MAX_WARM_GRACE_MS = 3_600_000 - HOLD_MARGIN_MS
 /** Attach options a re-attach must repeat (besides the regions' count and sizes). */
 const SAME = [
   'role',
+  'transport',
   'gpuIdx',
   'blockNumber',
   'blockBytes',
