@@ -108,6 +108,8 @@ interface SidecarCounters {
 /** A running sidecar. */
 export class Sidecar {
   private readonly workers = new Map<number, Worker>()
+  /** Workers being ended (their communicators closing or being parked). */
+  private readonly ending = new Set<Promise<void>>()
   private readonly counters: SidecarCounters = { attaches: 0, detaches: 0 }
   private readonly started = Date.now()
   private metricsServer: MetricsServer | undefined
@@ -191,6 +193,8 @@ export class Sidecar {
     this.closing ??= (async () => {
       this.native.close()
       await Promise.all([...this.workers.values()].map((w) => this.detach(w)))
+      // A worker that ended just before may still be parking its communicator.
+      await Promise.all(this.ending)
       await this.warm.closeAll()
       await this.metricsServer?.close()
     })()
@@ -452,8 +456,19 @@ export class Sidecar {
     return comm.peer(key.slice(0, colon), key.slice(colon + 1))
   }
 
-  /** Ends a worker: its communicator closes (its calls fail), its imports are released. */
-  private async detach(worker: Worker): Promise<void> {
+  /**
+   * Ends a worker: its communicator closes (its calls fail), its imports are released.
+   * `close` awaits every end in progress, so a communicator being parked is closed too.
+   */
+  private detach(worker: Worker): Promise<void> {
+    const ending = this.end(worker)
+    this.ending.add(ending)
+    const done = () => this.ending.delete(ending)
+    ending.then(done, done)
+    return ending
+  }
+
+  private async end(worker: Worker): Promise<void> {
     if (this.workers.get(worker.conn) !== worker) return
     this.workers.delete(worker.conn)
     this.native.unroute(worker.conn)

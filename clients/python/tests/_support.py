@@ -208,13 +208,16 @@ class Sidecar:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(scaled(10))
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10) -> None:
+        """SIGTERM; a sidecar that has not exited within ``timeout_s`` fails the test (killed)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(scaled(10))
+                self.proc.wait(scaled(timeout_s))
             except subprocess.TimeoutExpired:
                 self.kill()
+                self._log.close()
+                raise AssertionError(f"the sidecar did not exit within {scaled(timeout_s)} s of SIGTERM:\n{self.log()}")
         self._log.close()
 
 

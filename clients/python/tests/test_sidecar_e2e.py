@@ -14,6 +14,7 @@ import functools
 import os
 import random
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -486,6 +487,28 @@ class SidecarTest(unittest.TestCase):
         with kvtransfer.attach(b.path, role="decode", slot="decode/tp0", transport=TEST_TRANSPORT,
                                timeout=CONNECT_TIMEOUT, **other.attach_args()) as fresh:
             self.assertFalse(fresh.reattached)
+
+    @unittest.skipUnless(TEST_TRANSPORT in ("tcp", "rdma"), "warm re-attach swaps host regions over TCP and RDMA only (NVLink refuses it)")
+    def test_sidecar_stopped_while_parking_exits(self) -> None:
+        # The decode worker dies while its writer does not answer the park's fence (its
+        # sidecar is stopped): SIGTERM during the park must still close the communicator
+        # being parked, and the sidecar exits.
+        a = self.sidecar("a.sock")
+        b = Sidecar(os.path.join(self.dir, "b.sock"))
+        self.addCleanup(b.stop)
+        decode, info = self.decode_helper_slot(b, "decode/tp0")
+        self.addCleanup(_unlink_shm, info["shm"])
+        src = self.cache("random")
+        prefill = self.attach(a, src, name="stalled-prefill")
+        peer = prefill.connect(TEST_HOST, info["port"], timeout=CONNECT_TIMEOUT)
+        prefill.write_cache_sync(peer, [0], [0], 0, tag="before", timeout=IO_TIMEOUT)
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            decode.kill()
+            time.sleep(scaled(0.5))  # the sidecar saw the death and is parking (fencing the stalled writer)
+            b.stop(timeout_s=30)
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
 
     def attach_slot(self, sidecar: Sidecar, cache: HostCache, slot: str, **kwargs: Any) -> kvtransfer.Worker:
         """Attaches with ``slot`` once the sidecar has parked its predecessor's communicator."""
