@@ -123,6 +123,14 @@ export class FenceHub {
     const channel = await FenceListener.open(this.engine, host, port, key, reply, timeoutMs, (c) => this.linksOf(c))
     void this.channels.get(key)?.closed()
     this.channels.set(key, channel)
+    // Channels of links that are gone (a receiver restarted on another port) end here, as
+    // the engine releases those links at a connect: each would reconnect to a dead port.
+    for (const [other, stale] of this.channels) {
+      if (other !== key && !this.engine.isConnected(other)) {
+        this.channels.delete(other)
+        void stale.closed()
+      }
+    }
   }
 
   /**

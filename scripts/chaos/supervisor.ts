@@ -5,7 +5,7 @@
  * tallies what it sees (tally.ts). Samples every process's fds, RSS and threads from /proc.
  */
 import { type ChildProcess, fork } from 'node:child_process'
-import { readFileSync, readdirSync } from 'node:fs'
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
 import type { Transport } from '../../lib/index.js'
@@ -81,15 +81,43 @@ function sample(pid: number | undefined): Sample | undefined {
   try {
     const status = readFileSync(`/proc/${pid}/status`, 'utf8')
     const kb = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0)
+    const fds = readdirSync(`/proc/${pid}/fd`)
     return {
       at: now(),
-      fds: readdirSync(`/proc/${pid}/fd`).length,
+      fds: fds.length,
+      fdKinds: fdKinds(pid, fds),
       rssMiB: kb('VmRSS') / 1024,
       threads: kb('Threads'),
     }
   } catch {
     return undefined
   }
+}
+
+/** Counts `fds` of process `pid` by kind: what a socket, pipe or anonymous inode is, or `file`. */
+function fdKinds(pid: number, fds: string[]): Record<string, number> {
+  const kinds: Record<string, number> = {}
+  for (const fd of fds) {
+    let target: string
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${fd}`)
+    } catch {
+      continue // closed meanwhile
+    }
+    const kind = /^(socket|pipe):/.exec(target)?.[1] ?? (target.startsWith('anon_inode:') ? target : 'file')
+    kinds[kind] = (kinds[kind] ?? 0) + 1
+  }
+  return kinds
+}
+
+/** Per kind, `last` less `first`; kinds that did not change are left out. */
+function kindGrowth(first: Record<string, number>, last: Record<string, number>): Record<string, number> {
+  const growth: Record<string, number> = {}
+  for (const kind of new Set([...Object.keys(first), ...Object.keys(last)])) {
+    const change = (last[kind] ?? 0) - (first[kind] ?? 0)
+    if (change !== 0) growth[kind] = change
+  }
+  return growth
 }
 
 export class Supervisor {
@@ -368,6 +396,7 @@ export class Supervisor {
         rssMiB: Math.round((p.last.rssMiB - p.baseline.rssMiB) * 10) / 10,
         threads: p.last.threads - p.baseline.threads,
         peerRestarts: p.peerRestartsSinceBaseline,
+        fdKindGrowth: kindGrowth(p.baseline.fdKinds, p.last.fdKinds),
       })
     }
     await this.shutdown()

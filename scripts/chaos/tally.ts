@@ -10,6 +10,8 @@ export type Role = 'prefill' | 'decode'
 export interface Sample {
   at: number
   fds: number
+  /** Open fds by kind (`socket`, `pipe`, `anon_inode:[eventfd]`, `file`). */
+  fdKinds: Record<string, number>
   rssMiB: number
   threads: number
 }
@@ -23,6 +25,8 @@ export interface Growth {
   threads: number
   /** Restarts of other processes it lived through after its baseline. */
   peerRestarts: number
+  /** How the count of each kind of fd changed (kinds that did not change are left out). */
+  fdKindGrowth: Record<string, number>
 }
 
 const percentile = (sorted: number[], p: number): number =>
