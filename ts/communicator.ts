@@ -459,7 +459,7 @@ export class RDMACommunicator extends EventEmitter<CommunicatorEventArgs> {
 
   /** Live native resources: peers, links, receiving connections, regions, threads. */
   stats(): CommunicatorStats {
-    return { ...this.native.stats() }
+    return { ...this.native.stats(), fenceChannels: this.fences.channelCount }
   }
 
   /**

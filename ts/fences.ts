@@ -118,6 +118,11 @@ export class FenceHub {
     private readonly control: () => ControlServer,
   ) {}
 
+  /** Writing side: the fence channels open now. */
+  get channelCount(): number {
+    return this.channels.size
+  }
+
   /** Writing side: opens the fence channel to the peer `key` (replacing an earlier one). */
   async follow(host: string, port: number, key: string, reply: Buffer, timeoutMs: number | undefined): Promise<void> {
     const channel = await FenceListener.open(this.engine, host, port, key, reply, timeoutMs, (c) => this.linksOf(c))

@@ -296,8 +296,11 @@ export interface PeerInfo {
  */
 export type Rail = NativeRail
 
-/** Live native resources (leak checks): the binding's generated `NativeStats`, as is. */
-export type CommunicatorStats = NativeStats
+/** Live resources (leak checks): the binding's generated `NativeStats`, and the fence channels. */
+export type CommunicatorStats = NativeStats & {
+  /** Writing side: open fence channels, one per receiver whose link is up (a connect closes those of links that are gone). */
+  fenceChannels: number
+}
 
 /** The largest timeout Node's timers take (ms). */
 export const MAX_TIMEOUT_MS = 0x7fff_ffff
